@@ -1,0 +1,482 @@
+//! Envelope framing: `[version u8][kind u8][meta_len u32 BE][meta JSON][body]`.
+
+use bytes::{BufMut, Bytes};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The envelope format version this crate writes and reads.
+pub const VERSION: u8 = 1;
+/// Kind byte of a request envelope (`'Q'`).
+pub const KIND_REQUEST: u8 = b'Q';
+/// Kind byte of a response envelope (`'R'`).
+pub const KIND_RESPONSE: u8 = b'R';
+
+const PREFIX_LEN: usize = 6;
+
+/// Header fields in order, duplicates kept: (lower-case name, raw value bytes).
+pub type HeaderList = Vec<(String, Bytes)>;
+
+/// Why bytes could not be decoded into an envelope.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The input ends before the framing says it should.
+    #[error("envelope is truncated: {needed} bytes needed, {available} available")]
+    Truncated {
+        /// Bytes the framing requires.
+        needed: usize,
+        /// Bytes present.
+        available: usize,
+    },
+    /// The version byte names a format this crate does not know.
+    #[error("unsupported envelope version {0}")]
+    UnsupportedVersion(u8),
+    /// A request was expected and a response found, or the other way round.
+    #[error("expected a {expected} envelope, found kind byte {found:#04x}")]
+    WrongKind {
+        /// The kind wanted.
+        expected: &'static str,
+        /// The kind byte found.
+        found: u8,
+    },
+    /// The JSON metadata is malformed or misses a field.
+    #[error("invalid envelope metadata")]
+    Meta(#[source] serde_json::Error),
+    /// The body is not as long as the metadata declares.
+    #[error("body length mismatch: metadata declares {declared} bytes, {actual} follow")]
+    BodyLength {
+        /// `body_len` from the metadata.
+        declared: u64,
+        /// Bytes after the metadata.
+        actual: usize,
+    },
+}
+
+/// The HTTP version a request arrived with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum HttpVersion {
+    /// HTTP/0.9
+    #[serde(rename = "HTTP/0.9")]
+    Http09,
+    /// HTTP/1.0
+    #[serde(rename = "HTTP/1.0")]
+    Http10,
+    /// HTTP/1.1
+    #[serde(rename = "HTTP/1.1")]
+    Http11,
+    /// HTTP/2
+    #[serde(rename = "HTTP/2")]
+    Http2,
+    /// HTTP/3
+    #[serde(rename = "HTTP/3")]
+    Http3,
+}
+
+/// One HTTP request waiting in the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestEnvelope {
+    /// Unique id chosen by the producer; the reply carries the same id.
+    pub id: String,
+    /// Request method, e.g. `GET`.
+    pub method: String,
+    /// Request target in origin form (`/path?query`).
+    pub uri: String,
+    /// HTTP version the client used.
+    pub version: HttpVersion,
+    /// Header fields in order, duplicates kept, values as raw bytes.
+    pub headers: HeaderList,
+    /// Body bytes, exact.
+    pub body: Bytes,
+    /// Redis key (a list) the response must be pushed to. Opaque to dispatchers.
+    pub reply_to: String,
+    /// Address of the client that sent the request, if known.
+    pub client_addr: Option<String>,
+    /// When the request was enqueued, in Unix milliseconds.
+    pub enqueued_at_ms: u64,
+    /// After this instant (Unix milliseconds) the request must not be executed.
+    pub deadline_ms: u64,
+}
+
+/// One HTTP response on its way back to a proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseEnvelope {
+    /// The id of the request this answers.
+    pub id: String,
+    /// HTTP status code (100..=999).
+    pub status: u16,
+    /// Header fields in order, duplicates kept, values as raw bytes.
+    pub headers: HeaderList,
+    /// Body bytes, exact.
+    pub body: Bytes,
+}
+
+/// Header values travel as JSON strings whose code points are the bytes
+/// (ISO-8859-1, as WSGI does), so any byte sequence round-trips exactly.
+struct Latin1<'a>(&'a [u8]);
+
+impl Serialize for Latin1<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_ascii() {
+            // ASCII bytes are valid UTF-8; no conversion needed.
+            let text = std::str::from_utf8(self.0).map_err(serde::ser::Error::custom)?;
+            s.serialize_str(text)
+        } else {
+            let text: String = self.0.iter().map(|&b| char::from(b)).collect();
+            s.serialize_str(&text)
+        }
+    }
+}
+
+fn latin1_to_bytes<E: serde::de::Error>(text: String) -> Result<Bytes, E> {
+    if text.is_ascii() {
+        return Ok(Bytes::from(text.into_bytes()));
+    }
+    text.chars()
+        .map(|c| {
+            u8::try_from(u32::from(c)).map_err(|_| {
+                E::custom(format!(
+                    "header value has code point U+{:04X}, above U+00FF",
+                    u32::from(c)
+                ))
+            })
+        })
+        .collect::<Result<Vec<u8>, E>>()
+        .map(Bytes::from)
+}
+
+struct HeadersRef<'a>(&'a [(String, Bytes)]);
+
+impl Serialize for HeadersRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(n, v)| (n.as_str(), Latin1(v))))
+    }
+}
+
+fn de_headers<'de, D: Deserializer<'de>>(d: D) -> Result<HeaderList, D::Error> {
+    let raw: Vec<(String, String)> = Vec::deserialize(d)?;
+    raw.into_iter()
+        .map(|(name, value)| Ok((name, latin1_to_bytes::<D::Error>(value)?)))
+        .collect()
+}
+
+#[derive(Serialize)]
+struct RequestMetaRef<'a> {
+    id: &'a str,
+    method: &'a str,
+    uri: &'a str,
+    version: HttpVersion,
+    headers: HeadersRef<'a>,
+    reply_to: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_addr: Option<&'a str>,
+    enqueued_at_ms: u64,
+    deadline_ms: u64,
+    body_len: u64,
+}
+
+#[derive(Deserialize)]
+struct RequestMeta {
+    id: String,
+    method: String,
+    uri: String,
+    version: HttpVersion,
+    #[serde(deserialize_with = "de_headers")]
+    headers: HeaderList,
+    reply_to: String,
+    #[serde(default)]
+    client_addr: Option<String>,
+    enqueued_at_ms: u64,
+    deadline_ms: u64,
+    body_len: u64,
+}
+
+#[derive(Serialize)]
+struct ResponseMetaRef<'a> {
+    id: &'a str,
+    status: u16,
+    headers: HeadersRef<'a>,
+    body_len: u64,
+}
+
+#[derive(Deserialize)]
+struct ResponseMeta {
+    id: String,
+    status: u16,
+    #[serde(deserialize_with = "de_headers")]
+    headers: HeaderList,
+    body_len: u64,
+}
+
+fn frame(kind: u8, meta: &impl Serialize, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PREFIX_LEN + 256 + body.len());
+    out.push(VERSION);
+    out.push(kind);
+    out.put_u32(0);
+    // Serializing these plain structs into a Vec cannot fail: every map key
+    // is a string and writing to a Vec performs no I/O.
+    serde_json::to_writer(&mut out, meta).expect("envelope metadata serializes");
+    let meta_len = u32::try_from(out.len() - PREFIX_LEN).unwrap_or(u32::MAX);
+    out[2..PREFIX_LEN].copy_from_slice(&meta_len.to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Splits a frame into (metadata bytes, body) after checking version and kind.
+fn unframe(buf: &Bytes, kind: u8, kind_name: &'static str) -> Result<(Bytes, Bytes), DecodeError> {
+    if buf.len() < PREFIX_LEN {
+        return Err(DecodeError::Truncated {
+            needed: PREFIX_LEN,
+            available: buf.len(),
+        });
+    }
+    if buf[0] != VERSION {
+        return Err(DecodeError::UnsupportedVersion(buf[0]));
+    }
+    if buf[1] != kind {
+        return Err(DecodeError::WrongKind {
+            expected: kind_name,
+            found: buf[1],
+        });
+    }
+    let meta_len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
+    let meta_end = PREFIX_LEN.saturating_add(meta_len);
+    if buf.len() < meta_end {
+        return Err(DecodeError::Truncated {
+            needed: meta_end,
+            available: buf.len(),
+        });
+    }
+    Ok((buf.slice(PREFIX_LEN..meta_end), buf.slice(meta_end..)))
+}
+
+fn check_body(declared: u64, body: &Bytes) -> Result<(), DecodeError> {
+    if declared != body.len() as u64 {
+        return Err(DecodeError::BodyLength {
+            declared,
+            actual: body.len(),
+        });
+    }
+    Ok(())
+}
+
+impl RequestEnvelope {
+    /// Encodes the envelope into its wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = RequestMetaRef {
+            id: &self.id,
+            method: &self.method,
+            uri: &self.uri,
+            version: self.version,
+            headers: HeadersRef(&self.headers),
+            reply_to: &self.reply_to,
+            client_addr: self.client_addr.as_deref(),
+            enqueued_at_ms: self.enqueued_at_ms,
+            deadline_ms: self.deadline_ms,
+            body_len: self.body.len() as u64,
+        };
+        frame(KIND_REQUEST, &meta, &self.body)
+    }
+
+    /// Decodes a request envelope. The body is a zero-copy slice of `buf`.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        let (meta, body) = unframe(&buf, KIND_REQUEST, "request")?;
+        let meta: RequestMeta = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
+        check_body(meta.body_len, &body)?;
+        Ok(Self {
+            id: meta.id,
+            method: meta.method,
+            uri: meta.uri,
+            version: meta.version,
+            headers: meta.headers,
+            body,
+            reply_to: meta.reply_to,
+            client_addr: meta.client_addr,
+            enqueued_at_ms: meta.enqueued_at_ms,
+            deadline_ms: meta.deadline_ms,
+        })
+    }
+
+    /// True when the deadline has passed at `now_ms` (Unix milliseconds).
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        now_ms >= self.deadline_ms
+    }
+}
+
+impl ResponseEnvelope {
+    /// Encodes the envelope into its wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = ResponseMetaRef {
+            id: &self.id,
+            status: self.status,
+            headers: HeadersRef(&self.headers),
+            body_len: self.body.len() as u64,
+        };
+        frame(KIND_RESPONSE, &meta, &self.body)
+    }
+
+    /// Decodes a response envelope. The body is a zero-copy slice of `buf`.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        let (meta, body) = unframe(&buf, KIND_RESPONSE, "response")?;
+        let meta: ResponseMeta = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
+        check_body(meta.body_len, &body)?;
+        Ok(Self {
+            id: meta.id,
+            status: meta.status,
+            headers: meta.headers,
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> RequestEnvelope {
+        RequestEnvelope {
+            id: "0193e3c2-7f4e-7a52-9d1c-6b0f2f1c9a11".into(),
+            method: "POST".into(),
+            uri: "/orders?x=1".into(),
+            version: HttpVersion::Http11,
+            headers: vec![
+                ("host".into(), Bytes::from_static(b"example.com")),
+                ("x-dup".into(), Bytes::from_static(b"one")),
+                ("x-dup".into(), Bytes::from_static(b"two")),
+                ("x-bin".into(), Bytes::from_static(b"caf\xe9\xff")),
+            ],
+            body: Bytes::from_static(b"\x00\x01binary\xff"),
+            reply_to: "anteroom:{default}:replies:p1".into(),
+            client_addr: Some("127.0.0.1:5000".into()),
+            enqueued_at_ms: 1_700_000_000_000,
+            deadline_ms: 1_700_000_030_000,
+        }
+    }
+
+    #[test]
+    fn request_round_trip_keeps_bytes() {
+        let env = sample();
+        let back = RequestEnvelope::decode(Bytes::from(env.encode())).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn layout_is_as_documented() {
+        let env = sample();
+        let wire = env.encode();
+        assert_eq!(wire[0], VERSION);
+        assert_eq!(wire[1], b'Q');
+        let meta_len = u32::from_be_bytes([wire[2], wire[3], wire[4], wire[5]]) as usize;
+        let meta: serde_json::Value = serde_json::from_slice(&wire[6..6 + meta_len]).unwrap();
+        assert_eq!(meta["method"], "POST");
+        assert_eq!(meta["body_len"], env.body.len());
+        assert_eq!(meta["headers"][3][1], "caf\u{e9}\u{ff}");
+        assert_eq!(&wire[6 + meta_len..], &env.body[..]);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let wire = sample().encode();
+        for n in 0..wire.len() {
+            let err = RequestEnvelope::decode(Bytes::copy_from_slice(&wire[..n]));
+            assert!(err.is_err(), "prefix of {n} bytes decoded");
+        }
+    }
+
+    #[test]
+    fn unknown_version_and_wrong_kind_are_typed() {
+        let mut wire = sample().encode();
+        wire[0] = 9;
+        assert!(matches!(
+            RequestEnvelope::decode(Bytes::from(wire.clone())),
+            Err(DecodeError::UnsupportedVersion(9))
+        ));
+        wire[0] = VERSION;
+        assert!(matches!(
+            ResponseEnvelope::decode(Bytes::from(wire)),
+            Err(DecodeError::WrongKind { found: b'Q', .. })
+        ));
+    }
+
+    #[test]
+    fn code_points_above_latin1_are_rejected() {
+        let meta = br#"{"id":"a","status":200,"headers":[["x","\u0100"]],"body_len":0}"#;
+        let mut wire = vec![VERSION, KIND_RESPONSE];
+        wire.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        wire.extend_from_slice(meta);
+        assert!(matches!(
+            ResponseEnvelope::decode(Bytes::from(wire)),
+            Err(DecodeError::Meta(_))
+        ));
+    }
+
+    fn arb_headers() -> impl Strategy<Value = HeaderList> {
+        prop::collection::vec(
+            (
+                "[a-z][a-z0-9-]{0,20}",
+                prop::collection::vec(any::<u8>(), 0..40).prop_map(Bytes::from),
+            ),
+            0..12,
+        )
+    }
+
+    fn arb_version() -> impl Strategy<Value = HttpVersion> {
+        prop_oneof![
+            Just(HttpVersion::Http09),
+            Just(HttpVersion::Http10),
+            Just(HttpVersion::Http11),
+            Just(HttpVersion::Http2),
+            Just(HttpVersion::Http3),
+        ]
+    }
+
+    prop_compose! {
+        fn arb_request()(
+            id in "\\PC{0,40}",
+            method in "[A-Z]{1,10}",
+            uri in "\\PC{0,80}",
+            version in arb_version(),
+            headers in arb_headers(),
+            body in prop::collection::vec(any::<u8>(), 0..2048),
+            reply_to in "\\PC{0,60}",
+            client_addr in prop::option::of("\\PC{0,30}"),
+            enqueued_at_ms in any::<u64>(),
+            deadline_ms in any::<u64>(),
+        ) -> RequestEnvelope {
+            RequestEnvelope { id, method, uri, version, headers, body: Bytes::from(body), reply_to, client_addr, enqueued_at_ms, deadline_ms }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn request_decode_inverts_encode(env in arb_request()) {
+            let back = RequestEnvelope::decode(Bytes::from(env.encode())).unwrap();
+            prop_assert_eq!(back, env);
+        }
+
+        #[test]
+        fn response_decode_inverts_encode(
+            id in "\\PC{0,40}",
+            status in 100u16..1000,
+            headers in arb_headers(),
+            body in prop::collection::vec(any::<u8>(), 0..2048),
+        ) {
+            let env = ResponseEnvelope { id, status, headers, body: Bytes::from(body) };
+            let back = ResponseEnvelope::decode(Bytes::from(env.encode())).unwrap();
+            prop_assert_eq!(back, env);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = RequestEnvelope::decode(Bytes::from(bytes.clone()));
+            let _ = ResponseEnvelope::decode(Bytes::from(bytes));
+        }
+
+        #[test]
+        fn corrupted_envelopes_never_panic(env in arb_request(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut wire = env.encode();
+            let i = pos.index(wire.len());
+            wire[i] = byte;
+            let _ = RequestEnvelope::decode(Bytes::from(wire));
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! The one table of broker failures and the HTTP status each becomes.
+
+use bytes::Bytes;
+
+use crate::ResponseEnvelope;
+
+/// A failure of the broker rather than of the application, as the client sees it.
+///
+/// Proxies and dispatchers both answer failures through this table, so a
+/// status means the same thing whichever side produced it. Messages are
+/// deliberately generic: details go to logs, not to clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// The request is malformed (400).
+    BadRequest,
+    /// The request body is larger than the configured limit (413).
+    BodyTooLarge,
+    /// The hold budget passed before a dispatcher answered (504).
+    HoldExpired,
+    /// Redis cannot be reached, or the component is shutting down (503).
+    Unavailable,
+    /// The handler or upstream failed, or returned something unusable (502).
+    HandlerFailed,
+}
+
+impl Failure {
+    /// The HTTP status code for this failure.
+    pub fn status(self) -> u16 {
+        match self {
+            Failure::BadRequest => 400,
+            Failure::BodyTooLarge => 413,
+            Failure::HoldExpired => 504,
+            Failure::Unavailable => 503,
+            Failure::HandlerFailed => 502,
+        }
+    }
+
+    /// The plain-text body sent to the client.
+    pub fn message(self) -> &'static str {
+        match self {
+            Failure::BadRequest => "bad request\n",
+            Failure::BodyTooLarge => "request body too large\n",
+            Failure::HoldExpired => "no response within the hold budget\n",
+            Failure::Unavailable => "service temporarily unavailable\n",
+            Failure::HandlerFailed => "the backend failed to handle the request\n",
+        }
+    }
+
+    /// A response envelope carrying this failure for request `id`.
+    pub fn to_envelope(self, id: &str) -> ResponseEnvelope {
+        ResponseEnvelope {
+            id: id.to_owned(),
+            status: self.status(),
+            headers: vec![(
+                "content-type".to_owned(),
+                Bytes::from_static(b"text/plain; charset=utf-8"),
+            )],
+            body: Bytes::from_static(self.message().as_bytes()),
+        }
+    }
+}

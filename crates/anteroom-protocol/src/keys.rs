@@ -1,0 +1,116 @@
+//! Redis key names. Every key of a queue carries the queue name as a Redis
+//! Cluster hash tag (`{queue}`), so all of a queue's keys live in one slot.
+
+/// Longest queue name or component id accepted.
+const MAX_NAME_LEN: usize = 64;
+
+/// A queue name or id that cannot be used in a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {name:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ -")]
+pub struct NameError {
+    what: &'static str,
+    name: String,
+}
+
+fn validate(what: &'static str, name: &str) -> Result<(), NameError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError {
+            what,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Checks a proxy or dispatcher id for use in key names.
+pub fn validate_id(id: &str) -> Result<(), NameError> {
+    validate("id", id)
+}
+
+/// The key names of one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    queue: String,
+    prefix: String,
+}
+
+impl Keys {
+    /// Key names for `queue`, which must be 1 to 64 characters of `[A-Za-z0-9._-]`.
+    pub fn new(queue: &str) -> Result<Self, NameError> {
+        validate("queue name", queue)?;
+        Ok(Self {
+            queue: queue.to_owned(),
+            prefix: format!("anteroom:{{{queue}}}:"),
+        })
+    }
+
+    /// The queue name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// `anteroom:{q}:requests`: the list requests wait in (LPUSH in, pop from the right).
+    pub fn requests(&self) -> String {
+        format!("{}requests", self.prefix)
+    }
+
+    /// `anteroom:{q}:processing:<dispatcher>`: requests one dispatcher holds.
+    pub fn processing(&self, dispatcher_id: &str) -> String {
+        format!("{}processing:{dispatcher_id}", self.prefix)
+    }
+
+    /// `anteroom:{q}:replies:<proxy>`: the reply list of one proxy.
+    pub fn replies(&self, proxy_id: &str) -> String {
+        format!("{}replies:{proxy_id}", self.prefix)
+    }
+
+    /// `anteroom:{q}:dispatcher:<id>`: a dispatcher's heartbeat (a string with a TTL).
+    pub fn dispatcher(&self, dispatcher_id: &str) -> String {
+        format!("{}dispatcher:{dispatcher_id}", self.prefix)
+    }
+
+    /// `anteroom:{q}:proxy:<id>`: a proxy's heartbeat (a string with a TTL).
+    pub fn proxy(&self, proxy_id: &str) -> String {
+        format!("{}proxy:{proxy_id}", self.prefix)
+    }
+
+    /// `anteroom:{q}:paused`: present while the queue is paused.
+    pub fn paused(&self) -> String {
+        format!("{}paused", self.prefix)
+    }
+
+    /// `anteroom:{q}:dead`: envelopes that could not be decoded.
+    pub fn dead(&self) -> String {
+        format!("{}dead", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_hash_tag() {
+        let k = Keys::new("billing").unwrap();
+        assert_eq!(k.requests(), "anteroom:{billing}:requests");
+        assert_eq!(k.processing("d1"), "anteroom:{billing}:processing:d1");
+        assert_eq!(k.replies("p1"), "anteroom:{billing}:replies:p1");
+        assert_eq!(k.dispatcher("d1"), "anteroom:{billing}:dispatcher:d1");
+        assert_eq!(k.paused(), "anteroom:{billing}:paused");
+        assert_eq!(k.dead(), "anteroom:{billing}:dead");
+    }
+
+    #[test]
+    fn names_that_would_break_the_tag_are_refused() {
+        for bad in ["", "a}b", "a{b", "with space", "x:y", &"a".repeat(65)] {
+            assert!(Keys::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Keys::new("api-v2.orders_1").is_ok());
+    }
+}

@@ -1,0 +1,38 @@
+//! The wire contract between Anteroom proxies and dispatchers.
+//!
+//! A proxy turns each HTTP request into a [`RequestEnvelope`], encodes it with
+//! [`RequestEnvelope::encode`] and pushes it onto the queue's requests list
+//! (see [`Keys`]). A dispatcher moves it into its own processing list, decodes
+//! it, runs it, and pushes an encoded [`ResponseEnvelope`] onto the list named
+//! by `reply_to`. The proxy reads its reply list and hands each response to the
+//! waiting request by id.
+//!
+//! Both envelopes share one framing: a version byte, a kind byte, a
+//! length-prefixed JSON metadata block and the raw body bytes. Decoding never
+//! panics; bad input gives a [`DecodeError`]. [`Failure`] is the one table that
+//! maps broker failures to HTTP statuses. `docs/protocol.md` specifies all of
+//! this for implementers in other languages.
+//!
+//! This crate has no async runtime dependency.
+
+mod convert;
+mod envelope;
+mod failure;
+mod keys;
+
+pub use convert::{ConvertError, headers_from_map, strip_hop_by_hop};
+pub use envelope::{
+    DecodeError, HeaderList, HttpVersion, KIND_REQUEST, KIND_RESPONSE, RequestEnvelope,
+    ResponseEnvelope, VERSION,
+};
+pub use failure::Failure;
+pub use keys::{Keys, NameError, validate_id};
+
+/// Milliseconds since the Unix epoch, the time unit of every deadline on the wire.
+pub fn now_ms() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
