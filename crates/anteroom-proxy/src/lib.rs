@@ -1,1 +1,28 @@
-//! stub
+//! Anteroom's front proxy.
+//!
+//! [`serve`] accepts HTTP/1.1 and h2c connections on a listener the caller
+//! bound. For each request the handler reads the body (up to a limit),
+//! encodes a [`RequestEnvelope`](anteroom_protocol::RequestEnvelope) naming
+//! this proxy's reply list in `reply_to`, and LPUSHes it onto the queue's
+//! requests list over one shared, pipelined Redis connection. It then waits,
+//! at most the hold budget, for its reply.
+//!
+//! A single reply reader per proxy blocks on the reply list with BLMPOP on a
+//! dedicated connection and hands each response to the waiting request by id
+//! (the demultiplexer), so the proxy holds a constant handful of Redis
+//! connections however many requests wait. Failures become HTTP statuses in
+//! one place ([`anteroom_protocol::Failure`], through `error.rs`).
+//!
+//! Shutdown: stop accepting, let in-flight requests finish within the grace
+//! period, then stop the reply reader and heartbeat.
+
+mod config;
+mod error;
+mod handler;
+mod redis_conn;
+mod replies;
+mod server;
+
+pub use config::ProxyConfig;
+pub use error::ServeError;
+pub use server::serve;

@@ -1,0 +1,219 @@
+//! Configuration and the public entry points.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anteroom_protocol::{Keys, validate_id};
+use bytes::Bytes;
+use http::{Request, Response};
+use tower::Service;
+
+use crate::error::{BoxError, DispatcherError};
+use crate::{Body, worker};
+
+/// Builds a [`Dispatcher`].
+#[derive(Debug, Clone)]
+pub struct DispatcherBuilder {
+    redis: Option<redis::Client>,
+    redis_url: Option<String>,
+    queue: Option<String>,
+    pub(crate) settings: Settings,
+}
+
+/// Tunables, all with defaults.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) concurrency: usize,
+    pub(crate) grace: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) heartbeat_ttl: Duration,
+    pub(crate) reply_ttl: Duration,
+    pub(crate) max_response_body: usize,
+    pub(crate) redis_timeout: Duration,
+    pub(crate) id: Option<String>,
+    pub(crate) label: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            grace: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            heartbeat_ttl: Duration::from_secs(10),
+            reply_ttl: Duration::from_secs(60),
+            max_response_body: 64 * 1024 * 1024,
+            redis_timeout: Duration::from_secs(2),
+            id: None,
+            label: String::new(),
+        }
+    }
+}
+
+impl DispatcherBuilder {
+    /// The Redis server, as a URL (`redis://HOST:PORT/DB`, `rediss://`, `unix://`).
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = Some(url.into());
+        self
+    }
+
+    /// The Redis server, as a client you already built.
+    pub fn redis_client(mut self, client: redis::Client) -> Self {
+        self.redis = Some(client);
+        self
+    }
+
+    /// The queue to serve (1 to 64 characters of `[A-Za-z0-9._-]`).
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// How many requests run at once (default 16). The dispatcher never
+    /// holds more than this many requests in its processing list.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.settings.concurrency = n;
+        self
+    }
+
+    /// How long shutdown waits for in-flight requests (default 30 s).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.settings.grace = grace;
+        self
+    }
+
+    /// How long one blocking pull waits before checking for shutdown
+    /// (default 1 s). Bounds how quickly an idle dispatcher stops.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.settings.poll_interval = interval;
+        self
+    }
+
+    /// Lifetime of the heartbeat key (default 10 s); refreshed every third of it.
+    pub fn heartbeat_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.heartbeat_ttl = ttl;
+        self
+    }
+
+    /// How long an unread reply list lives after the last reply (default 60 s),
+    /// so replies to a proxy that died do not pile up.
+    pub fn reply_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.reply_ttl = ttl;
+        self
+    }
+
+    /// Largest response body passed back (default 64 MiB); larger is a 502.
+    pub fn max_response_body(mut self, bytes: usize) -> Self {
+        self.settings.max_response_body = bytes;
+        self
+    }
+
+    /// Connect and response timeout for Redis commands (default 2 s).
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.redis_timeout = timeout;
+        self
+    }
+
+    /// This dispatcher's id (names its processing list); random by default.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.settings.id = Some(id.into());
+        self
+    }
+
+    /// A free-form version label shown in the heartbeat (e.g. a git sha).
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.settings.label = label.into();
+        self
+    }
+
+    /// Checks the configuration and builds the dispatcher. Does not connect.
+    pub fn build(self) -> Result<Dispatcher, DispatcherError> {
+        let client = match (self.redis, self.redis_url) {
+            (Some(client), _) => client,
+            (None, Some(url)) => {
+                redis::Client::open(url.as_str()).map_err(DispatcherError::RedisUrl)?
+            }
+            (None, None) => return Err(DispatcherError::MissingRedis),
+        };
+        let queue = self.queue.ok_or(DispatcherError::MissingQueue)?;
+        let keys = Keys::new(&queue)?;
+        if self.settings.concurrency == 0 {
+            return Err(DispatcherError::ZeroConcurrency);
+        }
+        let id = match &self.settings.id {
+            Some(id) => {
+                validate_id(id)?;
+                id.clone()
+            }
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        Ok(Dispatcher {
+            client,
+            keys,
+            id,
+            settings: self.settings,
+        })
+    }
+}
+
+/// A configured dispatcher, ready to serve a handler.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    pub(crate) client: redis::Client,
+    pub(crate) keys: Keys,
+    pub(crate) id: String,
+    pub(crate) settings: Settings,
+}
+
+impl Dispatcher {
+    /// Starts building a dispatcher.
+    pub fn builder() -> DispatcherBuilder {
+        DispatcherBuilder {
+            redis: None,
+            redis_url: None,
+            queue: None,
+            settings: Settings::default(),
+        }
+    }
+
+    /// This dispatcher's id, as it appears in its processing list and heartbeat keys.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Serves `service` until `shutdown` completes, then drains.
+    ///
+    /// A service error, a panic, or a response body over the limit answers
+    /// the client with 502; the dispatcher carries on. Returns an error only
+    /// when Redis cannot be reached at startup.
+    pub async fn serve<S, B>(
+        self,
+        service: S,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DispatcherError>
+    where
+        S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        worker::run(self, service, shutdown).await
+    }
+
+    /// Serves an async function, as [`serve`](Self::serve) does a service.
+    pub async fn serve_fn<F, Fut, B, E>(
+        self,
+        handler: F,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DispatcherError>
+    where
+        F: Fn(Request<Body>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = Result<Response<B>, E>> + Send + 'static,
+        E: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.serve(tower::service_fn(handler), shutdown).await
+    }
+}

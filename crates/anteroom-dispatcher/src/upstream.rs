@@ -1,0 +1,114 @@
+//! Forwarding to an existing HTTP server over a pooled keep-alive client.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tower::Service;
+
+use crate::Body;
+use crate::error::UpstreamError;
+
+/// A `tower::Service` that sends each request to an upstream HTTP/1.1 server.
+///
+/// The request keeps its method, path, query, headers (including `Host`)
+/// and body; only the scheme and authority change. An upstream that cannot
+/// be reached gives an error, which the dispatcher answers with 502.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    authority: Authority,
+    prefix: String,
+}
+
+impl Upstream {
+    /// An upstream at `url` (`http://HOST:PORT`, optionally with a path
+    /// prefix that is prepended to every request path).
+    pub fn new(url: &str) -> Result<Self, UpstreamError> {
+        let uri: Uri = url.parse().map_err(|_| UpstreamError::Url(url.to_owned()))?;
+        if uri.scheme() != Some(&Scheme::HTTP) {
+            return Err(UpstreamError::Url(url.to_owned()));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| UpstreamError::Url(url.to_owned()))?;
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Self {
+            client,
+            authority,
+            prefix,
+        })
+    }
+
+    fn target(&self, original: &Uri) -> Result<Uri, UpstreamError> {
+        let path = original.path_and_query().map_or("/", PathAndQuery::as_str);
+        let path_and_query = if self.prefix.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{}{}", self.prefix, path)
+        };
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(UpstreamError::Uri)
+    }
+}
+
+impl Service<Request<Body>> for Upstream {
+    type Response = Response<Incoming>;
+    type Error = UpstreamError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let target = self.target(req.uri());
+        let client = self.client.clone();
+        Box::pin(async move {
+            *req.uri_mut() = target?;
+            // The pool speaks HTTP/1.1 whatever version the client used.
+            *req.version_mut() = Version::HTTP_11;
+            client.request(req).await.map_err(UpstreamError::Request)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_prefix_and_keeps_query() {
+        let up = Upstream::new("http://127.0.0.1:3000/app/").unwrap();
+        let t = up.target(&"/orders?id=7".parse().unwrap()).unwrap();
+        assert_eq!(t.to_string(), "http://127.0.0.1:3000/app/orders?id=7");
+        let up = Upstream::new("http://backend:80").unwrap();
+        let t = up.target(&"/".parse().unwrap()).unwrap();
+        assert_eq!(t.to_string(), "http://backend:80/");
+    }
+
+    #[test]
+    fn rejects_non_http_urls() {
+        for bad in ["https://x:1", "backend:80", "/path", "ftp://x"] {
+            assert!(Upstream::new(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Proxy errors, and the one place they become HTTP responses.
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::Full;
+
+use anteroom_protocol::{Failure, NameError};
+
+/// Why [`serve`](crate::serve) could not start or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The queue name or proxy id cannot be used in Redis keys.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The Redis URL does not parse.
+    #[error("invalid redis url")]
+    RedisUrl(#[source] redis::RedisError),
+    /// Redis did not answer at startup.
+    #[error("cannot connect to redis")]
+    RedisConnect(#[source] redis::RedisError),
+}
+
+/// Why one request failed inside the proxy. Logged in full; the client only
+/// sees the [`Failure`] it maps to.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyError {
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("could not read the request body")]
+    BodyRead(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("could not enqueue the request")]
+    Enqueue(#[source] redis::RedisError),
+    #[error("no reply within the hold budget")]
+    HoldExpired,
+    #[error("the reply reader stopped")]
+    ReaderGone,
+    #[error("the reply is not a valid HTTP response")]
+    BadReply(#[source] anteroom_protocol::ConvertError),
+}
+
+impl ProxyError {
+    pub(crate) fn failure(&self) -> Failure {
+        match self {
+            ProxyError::BodyTooLarge { .. } => Failure::BodyTooLarge,
+            ProxyError::BodyRead(_) => Failure::BadRequest,
+            ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
+            ProxyError::HoldExpired => Failure::HoldExpired,
+            ProxyError::BadReply(_) => Failure::HandlerFailed,
+        }
+    }
+}
+
+/// The response a client gets for a broker failure.
+pub(crate) fn failure_response(failure: Failure) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(failure.message().as_bytes())));
+    *resp.status_mut() =
+        StatusCode::from_u16(failure.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

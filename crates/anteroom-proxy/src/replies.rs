@@ -1,0 +1,144 @@
+//! The demultiplexer: one reader pops this proxy's reply list and wakes the
+//! request waiting for each reply's id.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anteroom_protocol::ResponseEnvelope;
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::redis_conn;
+
+/// How long one BLMPOP blocks before the reader loops (and checks for stop).
+const BLOCK: Duration = Duration::from_secs(1);
+/// Replies taken per round trip.
+const BATCH: usize = 256;
+
+type Waiters = HashMap<String, oneshot::Sender<ResponseEnvelope>>;
+
+/// Requests waiting for replies, by envelope id.
+#[derive(Debug, Default)]
+pub(crate) struct Demux {
+    waiters: Mutex<Waiters>,
+}
+
+/// A registered wait. Dropping it (the client went away, or the hold budget
+/// passed) removes the entry, so a late reply is discarded.
+pub(crate) struct Waiter {
+    demux: Arc<Demux>,
+    id: String,
+    pub(crate) rx: oneshot::Receiver<ResponseEnvelope>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.demux.lock().remove(&self.id);
+    }
+}
+
+impl Demux {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers interest in the reply to `id`; call before enqueueing.
+    pub(crate) fn register(self: &Arc<Self>, id: &str) -> Waiter {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(id.to_owned(), tx);
+        Waiter {
+            demux: Arc::clone(self),
+            id: id.to_owned(),
+            rx,
+        }
+    }
+
+    /// How many requests are waiting.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn deliver(&self, raw: Bytes) {
+        let reply = match ResponseEnvelope::decode(raw) {
+            Ok(reply) => reply,
+            Err(err) => {
+                tracing::warn!(error = %err, "discarding a reply that does not decode");
+                return;
+            }
+        };
+        let waiter = self.lock().remove(&reply.id);
+        match waiter {
+            Some(tx) => {
+                // The receiver may have just given up; then the reply is late.
+                if tx.send(reply).is_err() {
+                    tracing::debug!("reply arrived as its request gave up");
+                }
+            }
+            None => tracing::debug!(id = %reply.id, "late reply for a request no longer waiting"),
+        }
+    }
+}
+
+/// Reads the reply list until `stop` is cancelled, reconnecting with backoff.
+pub(crate) async fn run(
+    demux: Arc<Demux>,
+    client: redis::Client,
+    key: String,
+    connect_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(50);
+    'connect: while !stop.is_cancelled() {
+        let mut conn = match redis_conn::blocking(&client, connect_timeout, BLOCK).await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "reply reader cannot connect to redis; retrying");
+                if sleep_or_stop(&stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        loop {
+            let mut cmd = redis::cmd("BLMPOP");
+            cmd.arg(BLOCK.as_secs_f64())
+                .arg(1)
+                .arg(&key)
+                .arg("LEFT")
+                .arg("COUNT")
+                .arg(BATCH);
+            let pop = cmd.query_async::<Option<(String, Vec<Bytes>)>>(&mut conn);
+            let result = tokio::select! {
+                r = pop => r,
+                () = stop.cancelled() => return,
+            };
+            match result {
+                Ok(Some((_, replies))) => {
+                    for raw in replies {
+                        demux.deliver(raw);
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "reply reader lost redis; reconnecting");
+                    if sleep_or_stop(&stop, backoff).await {
+                        return;
+                    }
+                    continue 'connect;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps for `d`; returns true when stopped first.
+async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        () = stop.cancelled() => true,
+    }
+}

@@ -1,0 +1,170 @@
+//! The accept loop, Redis setup, heartbeat and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anteroom_protocol::{Keys, validate_id};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ProxyConfig;
+use crate::error::ServeError;
+use crate::handler::{self, State};
+use crate::redis_conn;
+use crate::replies::{self, Demux};
+
+/// How often the proxy refreshes its heartbeat key, and the key's lifetime.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+
+/// Runs the proxy on `listener` until `shutdown` completes, then drains.
+///
+/// Connects to Redis first and fails if it cannot. After `shutdown` fires,
+/// no new connection is accepted; requests already in flight get up to
+/// `config.grace` to be answered before the function returns.
+pub async fn serve(
+    listener: TcpListener,
+    config: ProxyConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let keys = Keys::new(&config.queue)?;
+    let proxy_id = match &config.proxy_id {
+        Some(id) => {
+            validate_id(id)?;
+            id.clone()
+        }
+        None => uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let client = redis::Client::open(config.redis_url.as_str()).map_err(ServeError::RedisUrl)?;
+    let conn = redis_conn::shared(&client, config.redis_timeout)
+        .await
+        .map_err(ServeError::RedisConnect)?;
+
+    let demux = Arc::new(Demux::default());
+    let state = Arc::new(State {
+        queue: keys.queue().to_owned(),
+        requests_key: keys.requests(),
+        reply_key: keys.replies(&proxy_id),
+        conn,
+        demux: Arc::clone(&demux),
+        config,
+    });
+    let local = listener.local_addr().ok();
+    tracing::info!(
+        listen = ?local,
+        queue = %state.queue,
+        proxy_id = %proxy_id,
+        hold = ?state.config.hold,
+        "proxy ready"
+    );
+
+    let stop_background = CancellationToken::new();
+    let reader = tokio::spawn(replies::run(
+        Arc::clone(&demux),
+        client,
+        state.reply_key.clone(),
+        state.config.redis_timeout,
+        stop_background.clone(),
+    ));
+    let heartbeat = tokio::spawn(heartbeat(
+        Arc::clone(&state),
+        keys.proxy(&proxy_id),
+        proxy_id,
+        stop_background.clone(),
+    ));
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // e.g. EMFILE: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let service = service_fn(move |req| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, Infallible>(handler::handle(state, req, peer).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, %peer, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    let grace = state.config.grace;
+    tracing::info!(waiting = demux.len(), ?grace, "shutting down: draining connections");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(waiting = demux.len(), "grace period over; closing with requests still waiting");
+        }
+    }
+    stop_background.cancel();
+    let _ = reader.await;
+    let _ = heartbeat.await;
+    Ok(())
+}
+
+/// Keeps `anteroom:{q}:proxy:<id>` alive while the proxy runs; deletes it on stop.
+async fn heartbeat(state: Arc<State>, key: String, proxy_id: String, stop: CancellationToken) {
+    let host = hostname();
+    let mut conn = state.conn.clone();
+    loop {
+        let info = serde_json::json!({
+            "id": proxy_id,
+            "host": host,
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "waiting": state.demux.len(),
+        });
+        let result = redis::cmd("SET")
+            .arg(&key)
+            .arg(info.to_string())
+            .arg("PX")
+            .arg(HEARTBEAT_TTL.as_millis() as u64)
+            .query_async::<()>(&mut conn)
+            .await;
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "proxy heartbeat failed");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    let _ = redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn).await;
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}

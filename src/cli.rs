@@ -1,0 +1,154 @@
+//! Command-line interface: `anteroom <command> [flags]`.
+//!
+//! Every flag can also be set with the environment variable named in its
+//! help; a flag on the command line wins over the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Anteroom: HTTP requests wait in Redis until a dispatcher calls them in.
+///
+/// Stop every dispatcher and traffic is suspended, not failed: clients see a
+/// few seconds of delay during a deploy or a database failover instead of
+/// errors.
+#[derive(Debug, Parser)]
+#[command(name = "anteroom", version, about, long_about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log format on stderr. Filter with RUST_LOG (default: info).
+    #[arg(long, global = true, env = "ANTEROOM_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the front proxy: queue each HTTP request in Redis and answer with its reply.
+    Proxy(ProxyArgs),
+    /// Run a dispatcher that forwards queued requests to an upstream HTTP server.
+    Dispatch(DispatchArgs),
+    /// Try Anteroom on this machine: a proxy, a dispatcher and a demo backend,
+    /// with a private redis-server when --redis is not given.
+    Demo(DemoArgs),
+}
+
+/// Flags of `anteroom proxy`.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Address to accept HTTP/1.1 and h2c connections on.
+    #[arg(long, env = "ANTEROOM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.
+    #[arg(long, env = "ANTEROOM_REDIS", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    pub redis: String,
+
+    /// Queue to put requests on (1-64 characters of A-Z a-z 0-9 . _ -).
+    #[arg(long, env = "ANTEROOM_QUEUE", default_value = "default")]
+    pub queue: String,
+
+    /// Hold budget: how long a request may wait for its response before the
+    /// client gets 504 (e.g. 30s, 500ms, 2m).
+    #[arg(long, env = "ANTEROOM_HOLD", default_value = "30s", value_parser = parse_duration)]
+    pub hold: Duration,
+
+    /// Largest request body accepted; larger bodies get 413 (e.g. 8MiB, 512KiB).
+    #[arg(long, env = "ANTEROOM_MAX_BODY", default_value = "8MiB", value_parser = parse_size)]
+    pub max_body: usize,
+
+    /// On SIGINT or SIGTERM, how long to let waiting requests finish.
+    #[arg(long, env = "ANTEROOM_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+}
+
+/// Flags of `anteroom dispatch`.
+#[derive(Debug, Args)]
+pub struct DispatchArgs {
+    /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.
+    #[arg(long, env = "ANTEROOM_REDIS", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    pub redis: String,
+
+    /// Queue to take requests from.
+    #[arg(long, env = "ANTEROOM_QUEUE", default_value = "default")]
+    pub queue: String,
+
+    /// Upstream HTTP server to forward each request to: http://HOST:PORT[/PREFIX].
+    #[arg(long, env = "ANTEROOM_UPSTREAM")]
+    pub upstream: String,
+
+    /// How many requests to run at once.
+    #[arg(long, env = "ANTEROOM_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+
+    /// On SIGINT or SIGTERM, how long to let in-flight requests finish.
+    #[arg(long, env = "ANTEROOM_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Version label shown in this dispatcher's heartbeat (e.g. a release or git sha).
+    #[arg(long, env = "ANTEROOM_LABEL", default_value = "")]
+    pub label: String,
+}
+
+/// Flags of `anteroom demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Address the demo proxy listens on.
+    #[arg(long, env = "ANTEROOM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL to use; when absent, a private redis-server is started from PATH.
+    #[arg(long, env = "ANTEROOM_REDIS", hide_env_values = true)]
+    pub redis: Option<String>,
+
+    /// Queue name.
+    #[arg(long, env = "ANTEROOM_QUEUE", default_value = "demo")]
+    pub queue: String,
+}
+
+/// Parses a duration such as `30s`, `500ms` or `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 500ms, 2m)"))
+}
+
+/// Parses a size such as `8MiB`, `512KiB`, `1000000` (bytes).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let size: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e} (examples: 8MiB, 512KiB, 1048576)"))?;
+    usize::try_from(size.as_u64()).map_err(|_| format!("{s} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_and_durations_parse() {
+        assert_eq!(parse_size("8MiB").unwrap(), 8 * 1024 * 1024);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! `anteroom demo`: proxy, dispatcher and a small backend in one process.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use anyhow::Context;
+use anteroom_dispatcher::{Body, Dispatcher};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::DemoArgs;
+use crate::commands::shutdown_signal;
+use crate::local_redis::LocalRedis;
+
+pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let (redis_url, _private_redis) = match args.redis {
+        Some(url) => (url, None),
+        None => {
+            let redis = tokio::task::spawn_blocking(LocalRedis::start)
+                .await
+                .context("starting redis-server")??;
+            tracing::info!(port = redis.port(), "started a private redis-server");
+            (redis.url(), Some(redis))
+        }
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+
+    let stop = CancellationToken::new();
+    let mut config = anteroom_proxy::ProxyConfig::new(redis_url.clone(), args.queue.clone());
+    config.grace = Duration::from_secs(5);
+    let proxy_stop = stop.clone();
+    let proxy = tokio::spawn(anteroom_proxy::serve(listener, config, async move {
+        proxy_stop.cancelled().await
+    }));
+    let dispatcher = Dispatcher::builder()
+        .redis_url(redis_url)
+        .queue(args.queue)
+        .concurrency(32)
+        .grace(Duration::from_secs(5))
+        .label("demo")
+        .build()?;
+    let dispatcher_stop = stop.clone();
+    let dispatcher = tokio::spawn(
+        dispatcher.serve_fn(backend, async move { dispatcher_stop.cancelled().await }),
+    );
+
+    println!("Anteroom demo is up: http://{addr}/");
+    println!("  curl http://{addr}/hello");
+    println!("  curl -d 'any bytes' http://{addr}/echo");
+    println!("  curl 'http://{addr}/slow?ms=2000'");
+    println!("Each request waits in Redis until the dispatcher takes it. Ctrl-C stops.");
+
+    let parts = async { tokio::try_join!(proxy, dispatcher) };
+    let mut parts = std::pin::pin!(parts);
+    let early = tokio::select! {
+        () = shutdown_signal() => None,
+        result = &mut parts => Some(result),
+    };
+    if let Some(result) = early {
+        // Either part ending on its own is a failure; report it.
+        let (proxy, dispatcher) = result?;
+        proxy?;
+        dispatcher?;
+        anyhow::bail!("demo stopped unexpectedly");
+    }
+    stop.cancel();
+    let (proxy, dispatcher) = parts.await?;
+    proxy?;
+    dispatcher?;
+    Ok(())
+}
+
+/// The demo backend: `/hello`, `/echo` (returns the body) and `/slow?ms=N`.
+async fn backend(req: Request<Body>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    let path = req.uri().path().to_owned();
+    Ok(match path.as_str() {
+        "/" | "/hello" => text(
+            StatusCode::OK,
+            format!(
+                "Hello from Anteroom! This {} {} travelled through Redis.\n",
+                req.method(),
+                path
+            ),
+        ),
+        "/echo" => {
+            let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+            let mut resp = Response::new(req.into_body());
+            if let Some(ct) = content_type {
+                resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            resp
+        }
+        "/slow" => {
+            let ms = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1000)
+                .min(10_000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            text(StatusCode::OK, format!("slept {ms} ms\n"))
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    })
+}

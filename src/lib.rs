@@ -1,0 +1,15 @@
+//! The `anteroom` command: glue between the command line and the libraries.
+//!
+//! [`cli`] defines the commands and their flags (each also an `ANTEROOM_*`
+//! environment variable); [`run`] carries one out. `proxy` runs
+//! [`anteroom_proxy::serve`], `dispatch` runs an [`anteroom_dispatcher::Dispatcher`]
+//! in front of an [`anteroom_dispatcher::Upstream`], and `demo` runs both
+//! with a built-in backend, starting a private `redis-server`
+//! ([`local_redis`]) when no Redis URL is given.
+
+pub mod cli;
+mod commands;
+mod demo;
+pub mod local_redis;
+
+pub use commands::run;
