@@ -21,7 +21,12 @@ pub struct Cli {
     pub command: Command,
 
     /// Log format on stderr. Filter with RUST_LOG (default: info).
-    #[arg(long, global = true, env = "ANTEROOM_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "ANTEROOM_LOG_FORMAT",
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -54,7 +59,12 @@ pub struct ProxyArgs {
     pub listen: SocketAddr,
 
     /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.
-    #[arg(long, env = "ANTEROOM_REDIS", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ANTEROOM_REDIS",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis: String,
 
     /// Queue to put requests on (1-64 characters of A-Z a-z 0-9 . _ -).
@@ -79,7 +89,12 @@ pub struct ProxyArgs {
 #[derive(Debug, Args)]
 pub struct DispatchArgs {
     /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.
-    #[arg(long, env = "ANTEROOM_REDIS", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "ANTEROOM_REDIS",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis: String,
 
     /// Queue to take requests from.

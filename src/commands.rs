@@ -1,8 +1,8 @@
 //! Carrying out each command.
 
-use anyhow::Context;
 use anteroom_dispatcher::{Dispatcher, Upstream};
 use anteroom_proxy::ProxyConfig;
+use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::cli::{Cli, Command, DispatchArgs, LogFormat, ProxyArgs};

@@ -3,8 +3,8 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use anyhow::Context;
 use anteroom_dispatcher::{Body, Dispatcher};
+use anyhow::Context;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -50,11 +50,15 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         dispatcher.serve_fn(backend, async move { dispatcher_stop.cancelled().await }),
     );
 
-    println!("Anteroom demo is up: http://{addr}/");
-    println!("  curl http://{addr}/hello");
-    println!("  curl -d 'any bytes' http://{addr}/echo");
-    println!("  curl 'http://{addr}/slow?ms=2000'");
-    println!("Each request waits in Redis until the dispatcher takes it. Ctrl-C stops.");
+    // Written at once, and a closed stdout (e.g. `| head -1`) is not an error.
+    let banner = format!(
+        "Anteroom demo is up: http://{addr}/\n  curl http://{addr}/hello\n  curl -d 'any bytes' http://{addr}/echo\n  curl 'http://{addr}/slow?ms=2000'\nEach request waits in Redis until the dispatcher takes it. Ctrl-C stops.\n"
+    );
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
+    }
 
     let parts = async { tokio::try_join!(proxy, dispatcher) };
     let mut parts = std::pin::pin!(parts);

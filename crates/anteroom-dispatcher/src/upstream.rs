@@ -32,7 +32,9 @@ impl Upstream {
     /// An upstream at `url` (`http://HOST:PORT`, optionally with a path
     /// prefix that is prepended to every request path).
     pub fn new(url: &str) -> Result<Self, UpstreamError> {
-        let uri: Uri = url.parse().map_err(|_| UpstreamError::Url(url.to_owned()))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| UpstreamError::Url(url.to_owned()))?;
         if uri.scheme() != Some(&Scheme::HTTP) {
             return Err(UpstreamError::Url(url.to_owned()));
         }

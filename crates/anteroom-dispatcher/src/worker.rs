@@ -83,11 +83,15 @@ where
     let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), stop_heartbeat.clone()));
 
     let tracker = TaskTracker::new();
-    pull_loop(&shared, &client, &service, &tracker, &stop).await;
+    pull_loop(&shared, &client, service, &tracker, &stop).await;
 
     tracker.close();
     let grace = shared.settings.grace;
-    tracing::info!(in_flight = shared.in_flight(), ?grace, "stopping: finishing in-flight requests");
+    tracing::info!(
+        in_flight = shared.in_flight(),
+        ?grace,
+        "stopping: finishing in-flight requests"
+    );
     tokio::select! {
         () = tracker.wait() => tracing::info!("in-flight requests finished"),
         () = tokio::time::sleep(grace) => tracing::warn!(
@@ -106,7 +110,7 @@ where
 async fn pull_loop<S, B>(
     shared: &Arc<Shared>,
     client: &redis::Client,
-    service: &S,
+    service: S,
     tracker: &TaskTracker,
     stop: &CancellationToken,
 ) where

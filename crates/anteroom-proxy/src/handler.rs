@@ -174,10 +174,7 @@ fn prepare_forwarded_headers(
 ) {
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     let ip = client.ip().to_string();
-    let forwarded_for = match headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
         _ => ip,
     };

@@ -119,7 +119,11 @@ pub async fn serve(
 
     drop(listener);
     let grace = state.config.grace;
-    tracing::info!(waiting = demux.len(), ?grace, "shutting down: draining connections");
+    tracing::info!(
+        waiting = demux.len(),
+        ?grace,
+        "shutting down: draining connections"
+    );
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => {
@@ -159,7 +163,10 @@ async fn heartbeat(state: Arc<State>, key: String, proxy_id: String, stop: Cance
             () = stop.cancelled() => break,
         }
     }
-    let _ = redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn).await;
+    let _ = redis::cmd("DEL")
+        .arg(&key)
+        .query_async::<()>(&mut conn)
+        .await;
 }
 
 fn hostname() -> String {

@@ -1,0 +1,235 @@
+//! The `anteroom` binary as users run it: real processes, real signals.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anteroom::local_redis::free_port;
+use anteroom_protocol::Keys;
+use http::StatusCode;
+
+use crate::support::app::{Upstream, test_app};
+use crate::support::bin::{BinProcess, command};
+use crate::support::web::{self, client};
+use crate::support::{TestDispatcher, eventually, keys, llen, redis_conn, start_redis};
+
+const READY: Duration = Duration::from_secs(15);
+
+async fn wait_for_listener(port: u16) {
+    eventually("the proxy to listen", READY, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_and_upstream_dispatcher_processes_round_trip() {
+    let redis = start_redis();
+    let upstream = Upstream::start().await;
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let _proxy = BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &listen,
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "cli",
+        "--hold",
+        "10s",
+    ]);
+    // Configured through the environment instead of flags.
+    let _dispatcher = BinProcess::spawn_cmd(
+        command()
+            .arg("dispatch")
+            .env("ANTEROOM_REDIS", redis.url())
+            .env("ANTEROOM_QUEUE", "cli")
+            .env("ANTEROOM_UPSTREAM", upstream.url())
+            .env("ANTEROOM_CONCURRENCY", "4")
+            .stdout(Stdio::null()),
+    );
+    wait_for_listener(port).await;
+    let c = client();
+    let r = web::post(
+        &c,
+        &format!("http://{listen}/echo"),
+        "through two processes",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "through two processes");
+    let mut conn = redis_conn(&redis).await;
+    let live = keys(&mut conn, "anteroom:{cli}:dispatcher:*").await;
+    assert_eq!(live.len(), 1);
+    let hb: String = redis::cmd("GET")
+        .arg(&live[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let hb: serde_json::Value = serde_json::from_str(&hb).unwrap();
+    assert_eq!(hb["concurrency"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_waiting_request_finish_then_exits_zero() {
+    let redis = start_redis();
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut proxy = BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &listen,
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "term",
+        "--grace",
+        "20s",
+    ]);
+    wait_for_listener(port).await;
+
+    // A request waits in Redis: no dispatcher yet.
+    let c = client();
+    let url = format!("http://{listen}/echo");
+    let waiting = tokio::spawn({
+        let c = c.clone();
+        async move { web::post(&c, &url, "patience").await }
+    });
+    let requests = Keys::new("term").unwrap().requests();
+    let mut conn = redis_conn(&redis).await;
+    eventually("the request to be queued", READY, || {
+        let (mut conn, key) = (conn.clone(), requests.clone());
+        async move { llen(&mut conn, &key).await == 1 }
+    })
+    .await;
+
+    proxy.terminate();
+    // The proxy stops accepting new connections...
+    eventually("the listener to close", READY, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(
+        proxy.child().try_wait().unwrap().is_none(),
+        "exited with a request waiting"
+    );
+    // ...but the waiting request is answered once a dispatcher appears.
+    let dispatcher = TestDispatcher::start(&redis, "term", test_app());
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "patience");
+    let status = proxy.wait(READY).await;
+    assert!(status.success(), "proxy exited with {status}");
+    dispatcher.stop().await;
+    assert_eq!(llen(&mut conn, &requests).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_sigterm_finishes_in_flight_work() {
+    let redis = start_redis();
+    let upstream = Upstream::start().await;
+    let proxy = crate::support::TestProxy::start(&redis, "drain").await;
+    let mut dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "drain",
+        "--upstream",
+        &upstream.url(),
+    ]);
+    let c = client();
+    let slow = tokio::spawn({
+        let (c, url) = (c.clone(), proxy.url("/slow?ms=1500"));
+        async move { web::get(&c, &url).await }
+    });
+    // Wait until the dispatcher holds the request, then stop it.
+    let mut conn = redis_conn(&redis).await;
+    eventually("the dispatcher to take the request", READY, || {
+        let mut conn = conn.clone();
+        async move {
+            let held = keys(&mut conn, "anteroom:{drain}:processing:*").await;
+            !held.is_empty()
+        }
+    })
+    .await;
+    dispatcher.terminate();
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "done\n");
+    let status = dispatcher.wait(READY).await;
+    assert!(status.success(), "dispatcher exited with {status}");
+    // Clean exit: heartbeat and processing list gone.
+    assert!(
+        keys(&mut conn, "anteroom:{drain}:dispatcher:*")
+            .await
+            .is_empty()
+    );
+    assert!(
+        keys(&mut conn, "anteroom:{drain}:processing:*")
+            .await
+            .is_empty()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_the_quickstart_requests() {
+    let port = free_port().unwrap();
+    let mut demo = BinProcess::spawn_cmd(
+        command()
+            .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::piped()),
+    );
+    let stdout = demo.child().stdout.take().unwrap();
+    let first_line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        first_line.trim(),
+        format!("Anteroom demo is up: http://127.0.0.1:{port}/")
+    );
+    let c = client();
+    let r = web::get(&c, &format!("http://127.0.0.1:{port}/hello")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.text().contains("travelled through Redis"), "{}", r.text());
+    let r = web::post(&c, &format!("http://127.0.0.1:{port}/echo"), "ping").await;
+    assert_eq!(r.text(), "ping");
+    demo.terminate();
+    let status = demo.wait(READY).await;
+    assert!(status.success(), "demo exited with {status}");
+}
+
+#[test]
+fn invalid_flags_are_refused_with_usage() {
+    let out = command()
+        .args(["proxy", "--hold", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--hold"), "{err}");
+
+    let out = command()
+        .args([
+            "dispatch",
+            "--queue",
+            "no{braces}",
+            "--upstream",
+            "http://127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid queue name"), "{err}");
+}

@@ -1,0 +1,10 @@
+//! Integration tests: real redis-server processes, real HTTP servers and
+//! clients, and the `anteroom` binary run as a real process. One binary so
+//! everything links once.
+
+mod cli;
+mod compose;
+mod failures;
+mod load;
+mod round_trip;
+mod support;

@@ -1,0 +1,176 @@
+//! Requests through proxy + dispatcher, embedded and upstream, byte-exact.
+
+use anteroom_dispatcher::Upstream as UpstreamService;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode};
+use http_body_util::Full;
+
+use crate::support::app::{Upstream, test_app};
+use crate::support::web::{self, Reply, client, h2c_client, send};
+use crate::support::{TestDispatcher, TestProxy, start_redis};
+
+/// The two ways a backend sits behind Anteroom.
+enum Backend {
+    Embedded,
+    Upstream,
+}
+
+/// Starts redis, a proxy, and a dispatcher of the given kind; runs `check`.
+async fn with_stack<F, Fut>(backend: Backend, check: F)
+where
+    F: FnOnce(TestProxy) -> Fut,
+    Fut: std::future::Future<Output = TestProxy>,
+{
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "rt").await;
+    let upstream;
+    let dispatcher = match backend {
+        Backend::Embedded => TestDispatcher::start(&redis, "rt", test_app()),
+        Backend::Upstream => {
+            upstream = Upstream::start().await;
+            TestDispatcher::start(&redis, "rt", UpstreamService::new(&upstream.url()).unwrap())
+        }
+    };
+    let proxy = check(proxy).await;
+    dispatcher.stop().await;
+    proxy.stop().await;
+}
+
+async fn methods(proxy: &TestProxy) {
+    let c = client();
+    for method in [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+    ] {
+        let body = format!("body of {method}");
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(proxy.url("/echo/items/7?q=a%20b&x=1"))
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
+        let r = send(&c, req).await;
+        assert_eq!(r.status, StatusCode::OK, "{method}: {}", r.text());
+        assert_eq!(r.headers["x-method"], method.as_str());
+        assert_eq!(r.headers["x-path"], "/echo/items/7?q=a%20b&x=1");
+        assert_eq!(r.headers["content-type"], "text/plain");
+        assert_eq!(r.text(), body);
+    }
+    // Application statuses pass through untouched.
+    let r = web::get(&c, &proxy.url("/status/418")).await;
+    assert_eq!(r.status, StatusCode::IM_A_TEAPOT);
+    let r = web::get(&c, &proxy.url("/nowhere")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_through_embedded_dispatcher() {
+    with_stack(Backend::Embedded, |proxy| async move {
+        methods(&proxy).await;
+        proxy
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_through_upstream_dispatcher() {
+    with_stack(Backend::Upstream, |proxy| async move {
+        methods(&proxy).await;
+        proxy
+    })
+    .await;
+}
+
+/// 1 MiB of every byte value, both ways, and non-UTF-8 / duplicate headers.
+async fn exact_bytes(proxy: &TestProxy) {
+    let c = client();
+    let body: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 256) as u8).collect();
+    let req = Request::post(proxy.url("/echo"))
+        .header("content-type", "application/octet-stream")
+        .header("x-test-dup", "first")
+        .header("x-test-dup", "second")
+        .header(
+            "x-test-bin",
+            HeaderValue::from_bytes(b"caf\xe9 \xff\x80").unwrap(),
+        )
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let r: Reply = send(&c, req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body.len(), body.len());
+    assert!(r.body == body, "body changed in transit");
+    let dups: Vec<_> = r.headers.get_all("x-test-dup").iter().collect();
+    assert_eq!(dups, ["first", "second"]);
+    assert_eq!(r.headers["x-test-bin"].as_bytes(), b"caf\xe9 \xff\x80");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_body_and_raw_headers_embedded() {
+    with_stack(Backend::Embedded, |proxy| async move {
+        exact_bytes(&proxy).await;
+        proxy
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_body_and_raw_headers_upstream() {
+    with_stack(Backend::Upstream, |proxy| async move {
+        exact_bytes(&proxy).await;
+        proxy
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_and_request_id() {
+    with_stack(Backend::Upstream, |proxy| async move {
+        let c = client();
+        // No request id: the proxy makes one, sends it on and returns it.
+        let req = Request::get(proxy.url("/echo"))
+            .header("connection", "keep-alive, x-secret")
+            .header("x-secret", "hop-by-hop")
+            .header("x-forwarded-for", "203.0.113.9")
+            .body(Full::default())
+            .unwrap();
+        let r = send(&c, req).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let id = r.headers["x-request-id"].to_str().unwrap().to_owned();
+        assert!(id.len() >= 32, "generated id {id:?}");
+        assert_eq!(r.headers["x-saw-request-id"], id.as_str());
+        assert_eq!(r.headers["x-saw-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(r.headers["x-saw-forwarded-proto"], "http");
+        assert_eq!(r.headers["x-saw-host"], proxy.addr.to_string().as_str());
+        assert!(!r.headers.contains_key("x-test-secret"));
+        // A client's own request id is kept.
+        let req = Request::get(proxy.url("/echo"))
+            .header("x-request-id", "client-chosen-42")
+            .body(Full::default())
+            .unwrap();
+        let r = send(&c, req).await;
+        assert_eq!(r.headers["x-request-id"], "client-chosen-42");
+        assert_eq!(r.headers["x-saw-request-id"], "client-chosen-42");
+        proxy
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_clients_are_served() {
+    with_stack(Backend::Embedded, |proxy| async move {
+        let c = h2c_client();
+        let req = Request::post(proxy.url("/echo"))
+            .body(Full::new(Bytes::from_static(b"over h2c")))
+            .unwrap();
+        let r = send(&c, req).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.text(), "over h2c");
+        // HTTP/2 has no Host header; the proxy supplies it from :authority.
+        assert_eq!(r.headers["x-method"], "POST");
+        proxy
+    })
+    .await;
+}

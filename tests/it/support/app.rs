@@ -1,0 +1,97 @@
+//! The backend used in tests, both embedded and as a real upstream server.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Routes:
+/// - `/echo`: the body back; `x-method`, `x-path`; every `x-test-*` request
+///   header copied to the response (duplicates and raw bytes kept); the
+///   forwarding headers it saw as `x-saw-*`.
+/// - `/slow?ms=N`: sleeps, then 200.
+/// - `/status/N`: answers status N.
+pub fn test_app() -> Router {
+    Router::new()
+        .route("/echo", any(echo))
+        .route("/echo/{*rest}", any(echo))
+        .route("/slow", any(slow))
+        .route("/status/{code}", any(status))
+        .layer(DefaultBodyLimit::disable())
+}
+
+async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let mut resp = body.into_response();
+    let h = resp.headers_mut();
+    h.insert("x-method", HeaderValue::from_str(method.as_str()).unwrap());
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    h.insert("x-path", HeaderValue::from_str(path).unwrap());
+    for (name, value) in &headers {
+        if name.as_str().starts_with("x-test-") {
+            h.append(name.clone(), value.clone());
+        }
+    }
+    for (seen, saw) in [
+        ("x-forwarded-for", "x-saw-forwarded-for"),
+        ("x-forwarded-proto", "x-saw-forwarded-proto"),
+        ("x-request-id", "x-saw-request-id"),
+        ("host", "x-saw-host"),
+        ("connection", "x-saw-connection"),
+    ] {
+        if let Some(v) = headers.get(seen) {
+            h.insert(saw, v.clone());
+        }
+    }
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        h.insert(header::CONTENT_TYPE, ct.clone());
+    }
+    resp
+}
+
+async fn slow(uri: Uri) -> &'static str {
+    let ms = uri
+        .query()
+        .and_then(|q| q.strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    "done\n"
+}
+
+async fn status(axum::extract::Path(code): axum::extract::Path<u16>) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
+}
+
+/// `test_app()` served over real HTTP on a port-0 listener.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    handle: JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = tokio::spawn(async move {
+            axum::serve(listener, test_app()).await.unwrap();
+        });
+        Self { addr, handle }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}

@@ -1,0 +1,68 @@
+//! The `anteroom` binary as a real child process, killed when dropped.
+
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct BinProcess {
+    child: Child,
+}
+
+pub fn command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_anteroom"));
+    cmd.env("RUST_LOG", "warn")
+        .env_remove("ANTEROOM_REDIS")
+        .env_remove("ANTEROOM_QUEUE")
+        .stdin(Stdio::null());
+    cmd
+}
+
+impl BinProcess {
+    pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_cmd(command().args(args).stdout(Stdio::null()))
+    }
+
+    pub fn spawn_cmd(cmd: &mut Command) -> Self {
+        Self {
+            child: cmd.spawn().expect("spawn anteroom"),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Sends SIGTERM (through `kill`, to keep `unsafe` out of the tests).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "process did not exit within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for BinProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

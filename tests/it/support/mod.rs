@@ -1,0 +1,175 @@
+//! Test fixtures, one per real component, each stopped when dropped.
+
+#![allow(dead_code, unreachable_pub)]
+
+pub mod app;
+pub mod bin;
+pub mod web;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anteroom::local_redis::LocalRedis;
+use anteroom_dispatcher::{Body, BoxError, Dispatcher, DispatcherBuilder};
+use anteroom_proxy::ProxyConfig;
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A private redis-server for one test.
+pub fn start_redis() -> LocalRedis {
+    LocalRedis::start().expect("start redis-server (is it installed?)")
+}
+
+/// A plain connection for inspecting queue state.
+pub async fn redis_conn(redis: &LocalRedis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+pub async fn llen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> usize {
+    redis::cmd("LLEN").arg(key).query_async(conn).await.unwrap()
+}
+
+/// Keys matching `pattern` (tests only; KEYS is fine on a private server).
+pub async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+/// Polls `check` every 10 ms until it is true; panics after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A proxy served in-process on a port-0 listener.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    handle: JoinHandle<Result<(), anteroom_proxy::ServeError>>,
+}
+
+impl TestProxy {
+    pub async fn start(redis: &LocalRedis, queue: &str) -> Self {
+        Self::start_with(redis, queue, |_| {}).await
+    }
+
+    pub async fn start_with(
+        redis: &LocalRedis,
+        queue: &str,
+        configure: impl FnOnce(&mut ProxyConfig),
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = ProxyConfig::new(redis.url(), queue);
+        config.grace = Duration::from_secs(5);
+        configure(&mut config);
+        let id = config
+            .proxy_id
+            .get_or_insert_with(|| format!("test-{}", addr.port()))
+            .clone();
+        let heartbeat = anteroom_protocol::Keys::new(queue).unwrap().proxy(&id);
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let handle = tokio::spawn(anteroom_proxy::serve(listener, config, async move {
+            token.cancelled().await
+        }));
+        // Ready once it has connected to Redis and written its heartbeat.
+        let conn = redis_conn(redis).await;
+        eventually("the proxy heartbeat", Duration::from_secs(10), || {
+            let (mut conn, key) = (conn.clone(), heartbeat.clone());
+            async move {
+                redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async::<bool>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        })
+        .await;
+        Self { addr, stop, handle }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+/// A dispatcher served in-process.
+pub struct TestDispatcher {
+    pub id: String,
+    stop: CancellationToken,
+    handle: JoinHandle<Result<(), anteroom_dispatcher::DispatcherError>>,
+}
+
+pub fn dispatcher_builder(redis: &LocalRedis, queue: &str) -> DispatcherBuilder {
+    Dispatcher::builder()
+        .redis_url(redis.url())
+        .queue(queue)
+        .concurrency(8)
+        .poll_interval(Duration::from_millis(200))
+        .grace(Duration::from_secs(5))
+}
+
+impl TestDispatcher {
+    /// Serves `service` on `queue` with the test defaults.
+    pub fn start<S, B>(redis: &LocalRedis, queue: &str, service: S) -> Self
+    where
+        S: tower::Service<::http::Request<Body>, Response = ::http::Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self::start_built(dispatcher_builder(redis, queue).build().unwrap(), service)
+    }
+
+    pub fn start_built<S, B>(dispatcher: Dispatcher, service: S) -> Self
+    where
+        S: tower::Service<::http::Request<Body>, Response = ::http::Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let id = dispatcher.id().to_owned();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let handle =
+            tokio::spawn(dispatcher.serve(service, async move { token.cancelled().await }));
+        Self { id, stop, handle }
+    }
+
+    /// Stops pulling, waits for in-flight requests, returns when done.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
