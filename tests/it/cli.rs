@@ -233,3 +233,16 @@ fn invalid_flags_are_refused_with_usage() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid queue name"), "{err}");
 }
+
+#[test]
+fn demo_without_redis_server_says_what_to_install() {
+    let out = command()
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("redis-server was not found on PATH"), "{err}");
+    assert!(err.contains("apt-get install redis-server"), "{err}");
+}

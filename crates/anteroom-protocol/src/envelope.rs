@@ -373,6 +373,24 @@ mod tests {
         assert_eq!(&wire[6 + meta_len..], &env.body[..]);
     }
 
+    /// The example in docs/protocol.md, byte for byte.
+    #[test]
+    fn documented_example_decodes() {
+        let meta = br#"{"id":"01a20140-78af-77c4-9604-bc4b35fb5daf","method":"POST","uri":"/echo","version":"HTTP/1.1","headers":[["host","localhost"],["content-length","2"]],"reply_to":"anteroom:{default}:replies:p1","enqueued_at_ms":1700000000000,"deadline_ms":1700000030000,"body_len":2}"#;
+        let mut wire = vec![0x01, 0x51, 0x00, 0x00, 0x01, 0x0b];
+        assert_eq!(meta.len(), 0x010b);
+        wire.extend_from_slice(meta);
+        wire.extend_from_slice(b"hi");
+        let env = RequestEnvelope::decode(Bytes::from(wire)).unwrap();
+        assert_eq!(env.method, "POST");
+        assert_eq!(
+            env.headers[1],
+            ("content-length".into(), Bytes::from_static(b"2"))
+        );
+        assert_eq!(env.client_addr, None);
+        assert_eq!(&env.body[..], b"hi");
+    }
+
     #[test]
     fn every_truncation_is_an_error() {
         let wire = sample().encode();
