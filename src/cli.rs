@@ -51,13 +51,9 @@ pub enum Command {
     Demo(DemoArgs),
 }
 
-/// Flags of `anteroom proxy`.
+/// The Redis server and queue, shared by every command that uses a queue.
 #[derive(Debug, Args)]
-pub struct ProxyArgs {
-    /// Address to accept HTTP/1.1 and h2c connections on.
-    #[arg(long, env = "ANTEROOM_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-
+pub struct QueueArgs {
     /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.
     #[arg(
         long,
@@ -67,9 +63,21 @@ pub struct ProxyArgs {
     )]
     pub redis: String,
 
-    /// Queue to put requests on (1-64 characters of A-Z a-z 0-9 . _ -).
+    /// Queue name (1-64 characters of A-Z a-z 0-9 . _ -).
     #[arg(long, env = "ANTEROOM_QUEUE", default_value = "default")]
     pub queue: String,
+}
+
+/// Flags of `anteroom proxy`.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Address to accept HTTP/1.1 and h2c connections on.
+    #[arg(long, env = "ANTEROOM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Where the queue lives.
+    #[command(flatten)]
+    pub target: QueueArgs,
 
     /// Hold budget: how long a request may wait for its response before the
     /// client gets 504 (e.g. 30s, 500ms, 2m).
@@ -88,18 +96,9 @@ pub struct ProxyArgs {
 /// Flags of `anteroom dispatch`.
 #[derive(Debug, Args)]
 pub struct DispatchArgs {
-    /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.
-    #[arg(
-        long,
-        env = "ANTEROOM_REDIS",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    pub redis: String,
-
-    /// Queue to take requests from.
-    #[arg(long, env = "ANTEROOM_QUEUE", default_value = "default")]
-    pub queue: String,
+    /// Where the queue lives.
+    #[command(flatten)]
+    pub target: QueueArgs,
 
     /// Upstream HTTP server to forward each request to: http://HOST:PORT[/PREFIX].
     #[arg(long, env = "ANTEROOM_UPSTREAM")]

@@ -31,8 +31,8 @@ fn init_tracing(format: LogFormat) {
     };
 }
 
-pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
-    let mut config = ProxyConfig::new(args.redis.clone(), args.queue.clone());
+fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
+    let mut config = ProxyConfig::new(args.target.redis.clone(), args.target.queue.clone());
     config.hold = args.hold;
     config.max_body = args.max_body;
     config.grace = args.grace;
@@ -52,8 +52,8 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
 async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let upstream = Upstream::new(&args.upstream)?;
     let dispatcher = Dispatcher::builder()
-        .redis_url(args.redis)
-        .queue(args.queue)
+        .redis_url(args.target.redis)
+        .queue(args.target.queue)
         .concurrency(args.concurrency)
         .grace(args.grace)
         .label(args.label)

@@ -18,7 +18,6 @@
 
 mod builder;
 mod error;
-mod redis_conn;
 mod upstream;
 mod worker;
 

@@ -15,9 +15,39 @@ use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
+use crate::Body;
 use crate::builder::{Dispatcher, Settings};
 use crate::error::{BoxError, DispatcherError};
-use crate::{Body, redis_conn};
+use anteroom_redis::{Backoff, sleep_or_stop};
+
+/// The bounds [`Dispatcher::serve`] documents, named once for the internals.
+pub(crate) trait HttpService<B>:
+    Service<Request<Body>, Response = Response<B>, Error: Into<BoxError>, Future: Send + 'static>
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S
+where
+    S: Service<Request<Body>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+}
+
+/// A response body the dispatcher can collect.
+pub(crate) trait ResponseBody:
+    http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static
+{
+}
+
+impl<B> ResponseBody for B
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+}
 
 /// State every request task shares.
 struct Shared {
@@ -42,11 +72,8 @@ pub(crate) async fn run<S, B>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DispatcherError>
 where
-    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService<B> + Clone,
+    B: ResponseBody,
 {
     let Dispatcher {
         client,
@@ -54,7 +81,7 @@ where
         id,
         settings,
     } = dispatcher;
-    let conn = redis_conn::shared(&client, settings.redis_timeout)
+    let conn = anteroom_redis::shared(&client, settings.redis_timeout)
         .await
         .map_err(DispatcherError::RedisConnect)?;
     let shared = Arc::new(Shared {
@@ -114,14 +141,11 @@ async fn pull_loop<S, B>(
     tracker: &TaskTracker,
     stop: &CancellationToken,
 ) where
-    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService<B> + Clone,
+    B: ResponseBody,
 {
     let mut blocking: Option<MultiplexedConnection> = None;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new();
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&shared.permits).acquire_owned() => match permit {
@@ -136,7 +160,7 @@ async fn pull_loop<S, B>(
         let conn = match &mut blocking {
             Some(conn) => conn,
             None => {
-                match redis_conn::blocking(
+                match anteroom_redis::blocking(
                     client,
                     shared.settings.redis_timeout,
                     shared.settings.poll_interval,
@@ -146,10 +170,9 @@ async fn pull_loop<S, B>(
                     Ok(conn) => blocking.insert(conn),
                     Err(err) => {
                         tracing::warn!(error = %err, "cannot connect to redis; retrying");
-                        if sleep_or_stop(stop, backoff).await {
+                        if sleep_or_stop(stop, backoff.next_delay()).await {
                             return;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;
                     }
                 }
@@ -165,7 +188,7 @@ async fn pull_loop<S, B>(
             .await;
         match pulled {
             Ok(Some(raw)) => {
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 let task = handle(Arc::clone(shared), service.clone(), raw, permit);
                 tracker.spawn(task);
             }
@@ -173,10 +196,9 @@ async fn pull_loop<S, B>(
             Err(err) => {
                 tracing::warn!(error = %err, "pull from redis failed; reconnecting");
                 blocking = None;
-                if sleep_or_stop(stop, backoff).await {
+                if sleep_or_stop(stop, backoff.next_delay()).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
     }
@@ -185,11 +207,8 @@ async fn pull_loop<S, B>(
 /// One request, from raw envelope to completion. Holds its permit throughout.
 async fn handle<S, B>(shared: Arc<Shared>, service: S, raw: Bytes, _permit: OwnedSemaphorePermit)
 where
-    S: Service<Request<Body>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ResponseBody,
 {
     let envelope = match RequestEnvelope::decode(raw.clone()) {
         Ok(envelope) => envelope,
@@ -239,11 +258,8 @@ async fn execute<S, B>(
     budget: Duration,
 ) -> ResponseEnvelope
 where
-    S: Service<Request<Body>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: ResponseBody,
 {
     let request = match envelope.to_http() {
         Ok(request) => request.map(Full::new),
@@ -353,7 +369,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let ttl = shared.settings.heartbeat_ttl;
     let every = (ttl / 3).max(Duration::from_millis(100));
     let started_at_ms = now_ms();
-    let host = hostname();
+    let host = anteroom_redis::hostname();
     let mut conn = shared.conn.clone();
     loop {
         let info = serde_json::json!({
@@ -383,19 +399,4 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         .arg(&key)
         .query_async::<()>(&mut conn)
         .await;
-}
-
-/// Sleeps for `d`; returns true when stopped first.
-async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(d) => false,
-        () = stop.cancelled() => true,
-    }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown".to_owned())
 }

@@ -19,7 +19,6 @@
 mod config;
 mod error;
 mod handler;
-mod redis_conn;
 mod replies;
 mod server;
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::redis_conn;
+use anteroom_redis::{Backoff, sleep_or_stop};
 
 /// How long one BLMPOP blocks before the reader loops (and checks for stop).
 const BLOCK: Duration = Duration::from_secs(1);
@@ -89,20 +89,19 @@ pub(crate) async fn run(
     connect_timeout: Duration,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new();
     'connect: while !stop.is_cancelled() {
-        let mut conn = match redis_conn::blocking(&client, connect_timeout, BLOCK).await {
+        let mut conn = match anteroom_redis::blocking(&client, connect_timeout, BLOCK).await {
             Ok(conn) => conn,
             Err(err) => {
                 tracing::warn!(error = %err, "reply reader cannot connect to redis; retrying");
-                if sleep_or_stop(&stop, backoff).await {
+                if sleep_or_stop(&stop, backoff.next_delay()).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        backoff.reset();
         loop {
             let mut cmd = redis::cmd("BLMPOP");
             cmd.arg(BLOCK.as_secs_f64())
@@ -125,20 +124,12 @@ pub(crate) async fn run(
                 Ok(None) => {}
                 Err(err) => {
                     tracing::warn!(error = %err, "reply reader lost redis; reconnecting");
-                    if sleep_or_stop(&stop, backoff).await {
+                    if sleep_or_stop(&stop, backoff.next_delay()).await {
                         return;
                     }
                     continue 'connect;
                 }
             }
         }
-    }
-}
-
-/// Sleeps for `d`; returns true when stopped first.
-async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(d) => false,
-        () = stop.cancelled() => true,
     }
 }

@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ProxyConfig;
 use crate::error::ServeError;
 use crate::handler::{self, State};
-use crate::redis_conn;
 use crate::replies::{self, Demux};
 
 /// How often the proxy refreshes its heartbeat key, and the key's lifetime.
@@ -42,7 +41,7 @@ pub async fn serve(
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
     let client = redis::Client::open(config.redis_url.as_str()).map_err(ServeError::RedisUrl)?;
-    let conn = redis_conn::shared(&client, config.redis_timeout)
+    let conn = anteroom_redis::shared(&client, config.redis_timeout)
         .await
         .map_err(ServeError::RedisConnect)?;
 
@@ -138,7 +137,7 @@ pub async fn serve(
 
 /// Keeps `anteroom:{q}:proxy:<id>` alive while the proxy runs; deletes it on stop.
 async fn heartbeat(state: Arc<State>, key: String, proxy_id: String, stop: CancellationToken) {
-    let host = hostname();
+    let host = anteroom_redis::hostname();
     let mut conn = state.conn.clone();
     loop {
         let info = serde_json::json!({
@@ -167,11 +166,4 @@ async fn heartbeat(state: Arc<State>, key: String, proxy_id: String, stop: Cance
         .arg(&key)
         .query_async::<()>(&mut conn)
         .await;
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown".to_owned())
 }

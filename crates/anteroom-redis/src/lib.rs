@@ -1,0 +1,113 @@
+//! Redis connection handling shared by every Anteroom component.
+//!
+//! Two kinds of connection, and the rule that separates them:
+//!
+//! - [`shared`]: one pipelined connection per component for ordinary
+//!   commands. Concurrent callers share it (redis-rs multiplexes), it has a
+//!   response timeout, and it reconnects by itself after an error.
+//! - [`blocking`]: a dedicated connection for one blocking command at a time
+//!   (`BLMOVE`, `BLMPOP`). A blocking command stalls everything behind it on
+//!   its connection, so it never shares; and its response timeout must outlast
+//!   the block time, or redis-rs's default 500 ms would cut every idle wait
+//!   short.
+//!
+//! [`Backoff`] paces reconnect attempts; [`sleep_or_stop`] waits in a way a
+//! shutdown can interrupt.
+
+use std::time::Duration;
+
+use redis::AsyncConnectionConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use tokio_util::sync::CancellationToken;
+
+/// Opens the shared, self-reconnecting connection; `timeout` bounds both
+/// connecting and each command.
+pub async fn shared(
+    client: &redis::Client,
+    timeout: Duration,
+) -> redis::RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_with_config(client.clone(), config).await
+}
+
+/// Opens a connection for blocking commands that block at most `block`.
+pub async fn blocking(
+    client: &redis::Client,
+    connect_timeout: Duration,
+    block: Duration,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(connect_timeout))
+        .set_response_timeout(Some(block + connect_timeout + Duration::from_secs(1)));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// Exponential backoff between reconnect attempts: 50 ms doubling to 2 s.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_secs(2);
+
+    /// A backoff at its first, shortest delay.
+    pub fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// The delay to wait now; the next one is twice as long, up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        delay
+    }
+
+    /// Back to the shortest delay, after a success.
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Sleeps for `duration`; returns true when `stop` was cancelled first.
+pub async fn sleep_or_stop(stop: &CancellationToken, duration: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(duration) => false,
+        () = stop.cancelled() => true,
+    }
+}
+
+/// This machine's host name, for heartbeats.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets() {
+        let mut b = Backoff::new();
+        let delays: Vec<_> = (0..8).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(50));
+    }
+}
