@@ -15,7 +15,7 @@ struct Compose {
 #[derive(Debug, Deserialize)]
 struct Service {
     image: Option<String>,
-    build: Option<serde_yaml::Value>,
+    build: Option<serde_json::Value>,
     #[serde(default)]
     command: Vec<String>,
     #[serde(default)]
@@ -27,7 +27,7 @@ struct Service {
 fn load() -> Compose {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.yml"))
         .expect("docker-compose.yml");
-    serde_yaml::from_str(&text).expect("valid compose YAML")
+    serde_saphyr::from_str(&text).expect("valid compose YAML")
 }
 
 fn parse(service: &Service) -> Command {

@@ -128,3 +128,63 @@ async fn stopping_every_dispatcher_suspends_traffic_without_errors() {
     second.stop().await;
     Arc::try_unwrap(proxy).ok().unwrap().stop().await;
 }
+
+/// Redis clients connected right now, other than the test harness's own.
+async fn other_clients(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let harness = format!("name={}", crate::support::HARNESS_CLIENT);
+    list.lines().filter(|l| !l.contains(&harness)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_do_not_add_redis_connections() {
+    const WAITING: usize = 300;
+    let redis = start_redis();
+    let mut conn = crate::support::redis_conn(&redis).await;
+    let proxy = Arc::new(TestProxy::start(&redis, "hold").await);
+    let idle = other_clients(&mut conn).await;
+
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..WAITING {
+        let (c, url) = (c.clone(), proxy.url("/echo"));
+        tasks.push(tokio::spawn(async move {
+            let req = Request::post(url)
+                .body(Full::new(Bytes::from(i.to_string())))
+                .unwrap();
+            let r = send(&c, req).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(r.text(), i.to_string());
+        }));
+    }
+    let requests = anteroom_protocol::Keys::new("hold").unwrap().requests();
+    crate::support::eventually(
+        "every request to be queued",
+        Duration::from_secs(20),
+        || {
+            let (mut conn, key) = (conn.clone(), requests.clone());
+            async move { crate::support::llen(&mut conn, &key).await == WAITING }
+        },
+    )
+    .await;
+    let holding = other_clients(&mut conn).await;
+    println!(
+        "redis clients: {idle} with the proxy idle, {holding} with {WAITING} requests waiting"
+    );
+    assert!(
+        (1..=3).contains(&idle),
+        "an idle proxy uses {idle} connections"
+    );
+    assert_eq!(holding, idle, "waiting requests opened Redis connections");
+
+    let dispatcher = TestDispatcher::start(&redis, "hold", test_app());
+    for t in tasks {
+        t.await.unwrap();
+    }
+    dispatcher.stop().await;
+    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
+}

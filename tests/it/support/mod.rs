@@ -23,13 +23,24 @@ pub fn start_redis() -> LocalRedis {
     LocalRedis::start().expect("start redis-server (is it installed?)")
 }
 
-/// A plain connection for inspecting queue state.
+/// Client name of the harness's own connections, so tests can tell them
+/// apart from the connections of the components under test.
+pub const HARNESS_CLIENT: &str = "anteroom-test-harness";
+
+/// A plain connection for inspecting queue state, named [`HARNESS_CLIENT`].
 pub async fn redis_conn(redis: &LocalRedis) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis.url())
+    let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
-        .unwrap()
+        .unwrap();
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(HARNESS_CLIENT)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    conn
 }
 
 pub async fn llen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> usize {
