@@ -61,7 +61,21 @@ impl BinProcess {
 }
 
 impl Drop for BinProcess {
+    /// SIGTERM first, so the process can stop what it started (the demo's
+    /// private redis-server); SIGKILL if it has not exited within 5 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.pid().to_string()])
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
