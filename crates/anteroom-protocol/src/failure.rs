@@ -22,6 +22,9 @@ pub enum Failure {
     Unavailable,
     /// The handler or upstream failed, or returned something unusable (502).
     HandlerFailed,
+    /// Too many requests are waiting in this proxy; retry shortly (503 with
+    /// `Retry-After`).
+    Overloaded,
 }
 
 impl Failure {
@@ -31,7 +34,7 @@ impl Failure {
             Failure::BadRequest => 400,
             Failure::BodyTooLarge => 413,
             Failure::HoldExpired => 504,
-            Failure::Unavailable => 503,
+            Failure::Unavailable | Failure::Overloaded => 503,
             Failure::HandlerFailed => 502,
         }
     }
@@ -44,6 +47,15 @@ impl Failure {
             Failure::HoldExpired => "no response within the hold budget\n",
             Failure::Unavailable => "service temporarily unavailable\n",
             Failure::HandlerFailed => "the backend failed to handle the request\n",
+            Failure::Overloaded => "too many requests waiting; retry shortly\n",
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, for failures worth retrying soon.
+    pub fn retry_after_secs(self) -> Option<u32> {
+        match self {
+            Failure::Overloaded => Some(1),
+            _ => None,
         }
     }
 

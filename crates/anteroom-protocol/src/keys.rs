@@ -1,6 +1,10 @@
 //! Redis key names. Every key of a queue carries the queue name as a Redis
 //! Cluster hash tag (`{queue}`), so all of a queue's keys live in one slot.
 
+/// A set of every queue name that a proxy or dispatcher has served. The one
+/// key without a queue hash tag (on Redis Cluster it lives in its own slot).
+pub const QUEUES_KEY: &str = "anteroom:queues";
+
 /// Longest queue name or component id accepted.
 const MAX_NAME_LEN: usize = 64;
 
@@ -80,6 +84,22 @@ impl Keys {
         format!("{}proxy:{proxy_id}", self.prefix)
     }
 
+    /// `anteroom:{q}:dispatchers`: sorted set of dispatcher ids, scored by
+    /// the Unix milliseconds of their last heartbeat.
+    pub fn dispatchers(&self) -> String {
+        format!("{}dispatchers", self.prefix)
+    }
+
+    /// `anteroom:{q}:proxies`: sorted set of proxy ids, scored like `dispatchers`.
+    pub fn proxies(&self) -> String {
+        format!("{}proxies", self.prefix)
+    }
+
+    /// `anteroom:{q}:control`: pub/sub channel announcing pause and resume.
+    pub fn control(&self) -> String {
+        format!("{}control", self.prefix)
+    }
+
     /// `anteroom:{q}:paused`: present while the queue is paused.
     pub fn paused(&self) -> String {
         format!("{}paused", self.prefix)
@@ -104,6 +124,9 @@ mod tests {
         assert_eq!(k.dispatcher("d1"), "anteroom:{billing}:dispatcher:d1");
         assert_eq!(k.paused(), "anteroom:{billing}:paused");
         assert_eq!(k.dead(), "anteroom:{billing}:dead");
+        assert_eq!(k.dispatchers(), "anteroom:{billing}:dispatchers");
+        assert_eq!(k.proxies(), "anteroom:{billing}:proxies");
+        assert_eq!(k.control(), "anteroom:{billing}:control");
     }
 
     #[test]

@@ -18,6 +18,7 @@
 mod convert;
 mod envelope;
 mod failure;
+mod heartbeat;
 mod keys;
 
 pub use convert::{ConvertError, headers_from_map, strip_hop_by_hop};
@@ -26,7 +27,8 @@ pub use envelope::{
     ResponseEnvelope, VERSION,
 };
 pub use failure::Failure;
-pub use keys::{Keys, NameError, validate_id};
+pub use heartbeat::{DispatcherHeartbeat, PauseRecord, ProxyHeartbeat};
+pub use keys::{Keys, NameError, QUEUES_KEY, validate_id};
 
 /// Milliseconds since the Unix epoch, the time unit of every deadline on the wire.
 pub fn now_ms() -> u64 {

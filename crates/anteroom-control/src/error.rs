@@ -1,0 +1,43 @@
+//! Control errors.
+
+use std::time::Duration;
+
+use anteroom_protocol::NameError;
+
+/// Why a control operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The queue name cannot be used in Redis keys.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The Redis URL does not parse.
+    #[error("invalid redis url")]
+    RedisUrl(#[source] redis::RedisError),
+    /// Redis did not answer when connecting.
+    #[error("cannot connect to redis")]
+    RedisConnect(#[source] redis::RedisError),
+    /// A command failed.
+    #[error("redis command failed")]
+    Redis(#[from] redis::RedisError),
+    /// The queue was already paused by someone else.
+    #[error("queue {queue:?} is already paused (by {by:?}); resume it first")]
+    AlreadyPaused {
+        /// The queue.
+        queue: String,
+        /// Who holds the pause.
+        by: String,
+    },
+    /// Dispatchers still held requests when the timeout passed.
+    #[error(
+        "queue {queue:?} did not become quiet within {timeout:?}: {busy} dispatcher(s) still busy"
+    )]
+    NotQuiescent {
+        /// The queue.
+        queue: String,
+        /// How long was waited.
+        timeout: Duration,
+        /// Dispatchers still busy at the end.
+        busy: usize,
+    },
+}

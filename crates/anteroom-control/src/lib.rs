@@ -1,0 +1,80 @@
+//! The state of a queue in Redis, beyond the requests themselves: whether it
+//! is paused, who is serving it, and whether it is quiet.
+//!
+//! - [`Queue::pause`] / [`Queue::resume`] set or clear `anteroom:{q}:paused`
+//!   and announce the change on the `anteroom:{q}:control` channel. A pause
+//!   may carry a TTL: a lease that a holder such as `anteroom window` keeps
+//!   renewing, so a holder that dies cannot leave the queue paused forever.
+//! - [`watch_pause`] is the dispatcher's side: a task that follows the pause
+//!   flag through pub/sub, re-reading the key on every message and polling it
+//!   as a fallback, so a missed message cannot leave a dispatcher running.
+//! - [`presence`] keeps each proxy's and dispatcher's heartbeat and its entry
+//!   in the queue's registry (sorted sets scored by last heartbeat).
+//! - [`Queue::status`] reads everything at once; [`Queue::wait_quiescent`]
+//!   waits until every live dispatcher has acknowledged a pause and holds
+//!   nothing.
+
+mod error;
+mod pause;
+pub mod presence;
+mod status;
+
+pub use error::ControlError;
+pub use pause::{HeldPause, PauseWatch, watch_pause};
+pub use status::{
+    DispatcherStatus, OrphanStatus, PauseStatus, ProxyStatus, Quiescence, QueueStatus,
+    known_queues,
+};
+
+use std::time::Duration;
+
+use anteroom_protocol::Keys;
+use redis::aio::ConnectionManager;
+
+/// One queue's control operations over a shared Redis connection.
+#[derive(Clone)]
+pub struct Queue {
+    keys: Keys,
+    conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("queue", &self.keys.queue()).finish()
+    }
+}
+
+impl Queue {
+    /// Connects to Redis at `redis_url` for operations on `queue`.
+    pub async fn connect(
+        redis_url: &str,
+        queue: &str,
+        timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        let keys = Keys::new(queue)?;
+        let client = redis::Client::open(redis_url).map_err(ControlError::RedisUrl)?;
+        let conn = anteroom_redis::shared(&client, timeout)
+            .await
+            .map_err(ControlError::RedisConnect)?;
+        Ok(Self { keys, conn })
+    }
+
+    /// Operations on `keys`' queue over an existing connection.
+    pub fn with_connection(keys: Keys, conn: ConnectionManager) -> Self {
+        Self { keys, conn }
+    }
+
+    /// The queue's key names.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The queue name.
+    pub fn name(&self) -> &str {
+        self.keys.queue()
+    }
+
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}

@@ -1,0 +1,95 @@
+//! Heartbeats and registries: how proxies and dispatchers say they are alive.
+
+use std::time::Duration;
+
+use anteroom_protocol::{Keys, QUEUES_KEY, now_ms};
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+
+/// Which registry a component belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A proxy: `anteroom:{q}:proxy:<id>` in `anteroom:{q}:proxies`.
+    Proxy,
+    /// A dispatcher: `anteroom:{q}:dispatcher:<id>` in `anteroom:{q}:dispatchers`.
+    Dispatcher,
+}
+
+/// One component's place in the registry.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    key: String,
+    registry: String,
+    queue: String,
+    id: String,
+    ttl: Duration,
+}
+
+impl Presence {
+    /// The presence of component `id` with `role` on `keys`' queue.
+    pub fn new(keys: &Keys, role: Role, id: &str, ttl: Duration) -> Self {
+        let (key, registry) = match role {
+            Role::Proxy => (keys.proxy(id), keys.proxies()),
+            Role::Dispatcher => (keys.dispatcher(id), keys.dispatchers()),
+        };
+        Self {
+            key,
+            registry,
+            queue: keys.queue().to_owned(),
+            id: id.to_owned(),
+            ttl,
+        }
+    }
+
+    /// Adds the queue to the global list of known queues.
+    pub async fn register_queue(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        redis::cmd("SADD")
+            .arg(QUEUES_KEY)
+            .arg(&self.queue)
+            .query_async(conn)
+            .await
+    }
+
+    /// Writes the heartbeat (with its TTL) and refreshes the registry entry.
+    pub async fn beat(
+        &self,
+        conn: &mut ConnectionManager,
+        heartbeat: &impl Serialize,
+    ) -> redis::RedisResult<()> {
+        let json = serde_json::to_string(heartbeat).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "heartbeat does not serialize",
+                e.to_string(),
+            ))
+        })?;
+        redis::pipe()
+            .cmd("SET")
+            .arg(&self.key)
+            .arg(json)
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64)
+            .ignore()
+            .cmd("ZADD")
+            .arg(&self.registry)
+            .arg(now_ms())
+            .arg(&self.id)
+            .ignore()
+            .query_async(conn)
+            .await
+    }
+
+    /// Removes the heartbeat and the registry entry (on a clean stop).
+    pub async fn leave(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        redis::pipe()
+            .cmd("DEL")
+            .arg(&self.key)
+            .ignore()
+            .cmd("ZREM")
+            .arg(&self.registry)
+            .arg(&self.id)
+            .ignore()
+            .query_async(conn)
+            .await
+    }
+}

@@ -1,0 +1,287 @@
+//! What a queue looks like right now, and whether it is quiet.
+
+use std::time::{Duration, Instant};
+
+use anteroom_protocol::{
+    DispatcherHeartbeat, PauseRecord, ProxyHeartbeat, QUEUES_KEY, RequestEnvelope, now_ms,
+};
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use crate::{ControlError, Queue};
+
+/// Everything `anteroom status` reports about one queue. Serialized as the
+/// JSON documented in docs/operations.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStatus {
+    /// The queue name.
+    pub queue: String,
+    /// When this was read, Unix milliseconds.
+    pub checked_at_ms: u64,
+    /// The pause, when the queue is paused.
+    pub pause: Option<PauseStatus>,
+    /// Requests waiting to be taken.
+    pub waiting: u64,
+    /// How long the oldest waiting request has waited, in milliseconds.
+    pub oldest_wait_ms: Option<u64>,
+    /// Envelopes in the dead-letter list.
+    pub dead_letters: u64,
+    /// Live dispatchers, by id.
+    pub dispatchers: Vec<DispatcherStatus>,
+    /// Dispatchers whose heartbeat has expired while they still hold requests.
+    pub orphaned: Vec<OrphanStatus>,
+    /// Live proxies, by id.
+    pub proxies: Vec<ProxyStatus>,
+}
+
+/// A pause in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseStatus {
+    /// The pause record.
+    #[serde(flatten)]
+    pub record: PauseRecord,
+    /// Milliseconds until the pause lapses; `None` for a pause without expiry.
+    pub expires_in_ms: Option<u64>,
+}
+
+/// One live dispatcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatcherStatus {
+    /// What its heartbeat says.
+    #[serde(flatten)]
+    pub heartbeat: DispatcherHeartbeat,
+    /// Requests in its processing list, read from Redis.
+    pub held: u64,
+    /// Its last heartbeat, Unix milliseconds.
+    pub last_seen_ms: u64,
+}
+
+/// A dispatcher that stopped heartbeating with requests still in its list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrphanStatus {
+    /// Its id.
+    pub id: String,
+    /// Requests left in its processing list.
+    pub held: u64,
+    /// Its last heartbeat, Unix milliseconds.
+    pub last_seen_ms: u64,
+}
+
+/// One live proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    /// What its heartbeat says.
+    #[serde(flatten)]
+    pub heartbeat: ProxyHeartbeat,
+    /// Its last heartbeat, Unix milliseconds.
+    pub last_seen_ms: u64,
+}
+
+/// Whether a paused queue has gone quiet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quiescence {
+    /// True when paused and no live dispatcher is pulling or holding work.
+    pub quiescent: bool,
+    /// The status it was judged on.
+    pub status: QueueStatus,
+}
+
+impl Quiescence {
+    /// Live dispatchers that have not yet acknowledged the pause or still
+    /// hold requests.
+    pub fn busy(&self) -> Vec<&DispatcherStatus> {
+        let pause_id = self.status.pause.as_ref().map(|p| &p.record.id);
+        self.status
+            .dispatchers
+            .iter()
+            .filter(|d| d.held > 0 || d.heartbeat.pause_id.as_ref() != pause_id)
+            .collect()
+    }
+}
+
+/// Queue names that proxies and dispatchers have registered.
+pub async fn known_queues(conn: &mut ConnectionManager) -> Result<Vec<String>, ControlError> {
+    let mut queues: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(QUEUES_KEY)
+        .query_async(conn)
+        .await?;
+    queues.sort();
+    Ok(queues)
+}
+
+fn parse_heartbeat<T: for<'de> Deserialize<'de>>(raw: Option<String>) -> Option<T> {
+    raw.and_then(|raw| serde_json::from_str(&raw).ok())
+}
+
+impl Queue {
+    /// Reads the queue's whole state. Registry entries of components that
+    /// are gone and hold nothing are pruned on the way.
+    pub async fn status(&self) -> Result<QueueStatus, ControlError> {
+        let keys = &self.keys;
+        let mut conn = self.conn();
+        let (pause_raw, pttl, waiting, oldest, dead_letters, dispatcher_ids, proxy_ids): (
+            Option<String>,
+            i64,
+            u64,
+            Option<Bytes>,
+            u64,
+            Vec<(String, u64)>,
+            Vec<(String, u64)>,
+        ) = redis::pipe()
+            .cmd("GET")
+            .arg(keys.paused())
+            .cmd("PTTL")
+            .arg(keys.paused())
+            .cmd("LLEN")
+            .arg(keys.requests())
+            .cmd("LINDEX")
+            .arg(keys.requests())
+            .arg(-1)
+            .cmd("LLEN")
+            .arg(keys.dead())
+            .cmd("ZRANGE")
+            .arg(keys.dispatchers())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .cmd("ZRANGE")
+            .arg(keys.proxies())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
+        let now = now_ms();
+
+        let mut pipe = redis::pipe();
+        for (id, _) in &dispatcher_ids {
+            pipe.cmd("GET").arg(keys.dispatcher(id));
+            pipe.cmd("LLEN").arg(keys.processing(id));
+        }
+        for (id, _) in &proxy_ids {
+            pipe.cmd("GET").arg(keys.proxy(id));
+        }
+        let values: Vec<redis::Value> = if dispatcher_ids.is_empty() && proxy_ids.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await?
+        };
+        let mut values = values.into_iter();
+
+        let mut dispatchers = Vec::new();
+        let mut orphaned = Vec::new();
+        let mut gone = Vec::new();
+        for (id, last_seen_ms) in dispatcher_ids {
+            let raw: Option<String> = values
+                .next()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .flatten();
+            let held: u64 = values
+                .next()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or(0);
+            match parse_heartbeat::<DispatcherHeartbeat>(raw) {
+                Some(heartbeat) => dispatchers.push(DispatcherStatus {
+                    heartbeat,
+                    held,
+                    last_seen_ms,
+                }),
+                None if held > 0 => orphaned.push(OrphanStatus {
+                    id,
+                    held,
+                    last_seen_ms,
+                }),
+                None => gone.push(id),
+            }
+        }
+        let mut proxies = Vec::new();
+        let mut gone_proxies = Vec::new();
+        for (id, last_seen_ms) in proxy_ids {
+            let raw: Option<String> = values
+                .next()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .flatten();
+            match parse_heartbeat::<ProxyHeartbeat>(raw) {
+                Some(heartbeat) => proxies.push(ProxyStatus {
+                    heartbeat,
+                    last_seen_ms,
+                }),
+                None => gone_proxies.push(id),
+            }
+        }
+        self.prune(&mut conn, &gone, &gone_proxies).await;
+
+        let oldest_wait_ms = oldest
+            .and_then(|raw| RequestEnvelope::decode(raw).ok())
+            .map(|env| now.saturating_sub(env.enqueued_at_ms));
+        Ok(QueueStatus {
+            queue: keys.queue().to_owned(),
+            checked_at_ms: now,
+            pause: pause_raw.map(|raw| PauseStatus {
+                record: crate::pause::parse_record(&raw),
+                expires_in_ms: u64::try_from(pttl).ok(),
+            }),
+            waiting,
+            oldest_wait_ms,
+            dead_letters,
+            dispatchers,
+            orphaned,
+            proxies,
+        })
+    }
+
+    /// Drops registry entries of components that left without a trace.
+    async fn prune(&self, conn: &mut ConnectionManager, dispatchers: &[String], proxies: &[String]) {
+        if dispatchers.is_empty() && proxies.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for id in dispatchers {
+            pipe.cmd("ZREM").arg(self.keys.dispatchers()).arg(id).ignore();
+        }
+        for id in proxies {
+            pipe.cmd("ZREM").arg(self.keys.proxies()).arg(id).ignore();
+        }
+        if let Err(err) = pipe.query_async::<()>(conn).await {
+            tracing::debug!(error = %err, "pruning the registry failed");
+        }
+    }
+
+    /// Judges whether the queue is paused and quiet now.
+    pub async fn quiescence(&self) -> Result<Quiescence, ControlError> {
+        let status = self.status().await?;
+        let mut q = Quiescence {
+            quiescent: false,
+            status,
+        };
+        q.quiescent = q.status.pause.is_some() && q.busy().is_empty();
+        Ok(q)
+    }
+
+    /// Waits until [`quiescence`](Self::quiescence) says quiet, checking
+    /// every 50 ms and calling `progress` after each check. Fails with
+    /// [`ControlError::NotQuiescent`] after `timeout`.
+    pub async fn wait_quiescent(
+        &self,
+        timeout: Duration,
+        mut progress: impl FnMut(&Quiescence),
+    ) -> Result<Quiescence, ControlError> {
+        let start = Instant::now();
+        loop {
+            let q = self.quiescence().await?;
+            progress(&q);
+            if q.quiescent {
+                return Ok(q);
+            }
+            if start.elapsed() >= timeout {
+                return Err(ControlError::NotQuiescent {
+                    queue: self.name().to_owned(),
+                    timeout,
+                    busy: q.busy().len(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Heartbeats: what each live proxy and dispatcher says about itself.
+//!
+//! Each is a JSON string at `anteroom:{q}:dispatcher:<id>` or
+//! `anteroom:{q}:proxy:<id>` with a TTL, refreshed while the component runs;
+//! the id is also in the queue's `dispatchers` or `proxies` sorted set with
+//! the time of the last refresh as its score.
+
+use serde::{Deserialize, Serialize};
+
+/// A dispatcher's heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatcherHeartbeat {
+    /// The dispatcher id (names its processing list).
+    pub id: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// Free-form version label (e.g. a release or git sha).
+    #[serde(default)]
+    pub label: String,
+    /// Requests it runs at once at most.
+    pub concurrency: usize,
+    /// Requests it is running now.
+    pub in_flight: usize,
+    /// True once it has seen the queue's pause and stopped pulling.
+    #[serde(default)]
+    pub paused: bool,
+    /// The `id` of the pause it has stopped for (see [`PauseRecord`]), so a
+    /// stale acknowledgement of an earlier pause is not mistaken for this one.
+    #[serde(default)]
+    pub pause_id: Option<String>,
+    /// When it started, Unix milliseconds.
+    pub started_at_ms: u64,
+}
+
+/// A proxy's heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyHeartbeat {
+    /// The proxy id (names its reply list).
+    pub id: String,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// Anteroom version.
+    pub version: String,
+    /// Requests waiting in this proxy for a reply.
+    pub waiting: usize,
+    /// When it started, Unix milliseconds.
+    pub started_at_ms: u64,
+}
+
+/// The value of `anteroom:{q}:paused` while the queue is paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseRecord {
+    /// Unique id of this pause.
+    pub id: String,
+    /// When the pause began, Unix milliseconds.
+    pub since_ms: u64,
+    /// Who paused: free text such as `cli@host` or `admin@proxy-host`.
+    #[serde(default)]
+    pub by: String,
+}
