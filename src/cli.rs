@@ -46,9 +46,81 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Run a dispatcher that forwards queued requests to an upstream HTTP server.
     Dispatch(DispatchArgs),
+    /// Pause a queue: dispatchers stop taking requests, which wait in Redis.
+    Pause(PauseArgs),
+    /// Resume a paused queue: waiting requests are released oldest first.
+    Resume(QueueArgs),
+    /// Show each queue's pause state, waiting requests, dispatchers and proxies.
+    Status(StatusArgs),
+    /// Pause, wait until no request is in flight, run COMMAND, then resume
+    /// (also when COMMAND fails or is interrupted); exits with COMMAND's status.
+    Window(WindowArgs),
     /// Try Anteroom on this machine: a proxy, a dispatcher and a demo backend,
     /// with a private redis-server when --redis is not given.
     Demo(DemoArgs),
+}
+
+/// Flags of `anteroom pause`.
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// Where the queue lives.
+    #[command(flatten)]
+    pub target: QueueArgs,
+
+    /// Return only when every live dispatcher has stopped and holds nothing.
+    #[arg(long)]
+    pub wait: bool,
+
+    /// With --wait: give up (exit 1, queue stays paused) after this long.
+    #[arg(long, env = "ANTEROOM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Let the pause lapse by itself after this long (default: until resumed).
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+}
+
+/// Flags of `anteroom status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.
+    #[arg(
+        long,
+        env = "ANTEROOM_REDIS",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis: String,
+
+    /// Only this queue (default: every queue a proxy or dispatcher has registered).
+    #[arg(long, env = "ANTEROOM_QUEUE")]
+    pub queue: Option<String>,
+
+    /// Print JSON (schema in docs/operations.md) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `anteroom window`.
+#[derive(Debug, Args)]
+pub struct WindowArgs {
+    /// Where the queue lives.
+    #[command(flatten)]
+    pub target: QueueArgs,
+
+    /// How long to wait for in-flight requests before giving up (the queue is
+    /// resumed and COMMAND is not run).
+    #[arg(long, env = "ANTEROOM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// The pause is a lease renewed while the window runs; if this process
+    /// dies, the queue resumes by itself after this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub lease: Duration,
+
+    /// The command to run while the queue is quiet, after `--`.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }
 
 /// The Redis server and queue, shared by every command that uses a queue.
@@ -91,6 +163,23 @@ pub struct ProxyArgs {
     /// On SIGINT or SIGTERM, how long to let waiting requests finish.
     #[arg(long, env = "ANTEROOM_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub grace: Duration,
+
+    /// Most requests waiting in this proxy at once; beyond it, 503 with Retry-After.
+    #[arg(long, env = "ANTEROOM_MAX_WAITING", default_value_t = 20_000)]
+    pub max_waiting: usize,
+
+    /// Most request body bytes waiting in this proxy at once; beyond it, 503.
+    #[arg(long, env = "ANTEROOM_MAX_WAITING_BYTES", default_value = "512MiB", value_parser = parse_size)]
+    pub max_waiting_bytes: usize,
+
+    /// Address for the admin endpoint (GET /healthz, GET /status, POST /pause,
+    /// POST /resume); off when not given.
+    #[arg(long, env = "ANTEROOM_ADMIN")]
+    pub admin: Option<SocketAddr>,
+
+    /// Bearer token the admin endpoint requires (all but /healthz).
+    #[arg(long, env = "ANTEROOM_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// Flags of `anteroom dispatch`.

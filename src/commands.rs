@@ -1,20 +1,29 @@
 //! Carrying out each command.
 
 use anteroom_dispatcher::{Dispatcher, Upstream};
-use anteroom_proxy::ProxyConfig;
+use std::process::ExitCode;
+
+use anteroom_proxy::{AdminConfig, ProxyConfig, serve_admin};
+use tokio_util::sync::CancellationToken;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::cli::{Cli, Command, DispatchArgs, LogFormat, ProxyArgs};
+use crate::ops;
 
 /// Runs the command `cli` names until it finishes or a SIGINT/SIGTERM
 /// arrives and its shutdown completes.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_tracing(cli.log_format);
+    let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
-        Command::Proxy(args) => proxy(args).await,
-        Command::Dispatch(args) => dispatch(args).await,
-        Command::Demo(args) => crate::demo::run(args).await,
+        Command::Proxy(args) => done(proxy(args).await),
+        Command::Dispatch(args) => done(dispatch(args).await),
+        Command::Pause(args) => ops::pause(args).await,
+        Command::Resume(args) => ops::resume(args).await,
+        Command::Status(args) => ops::status(args).await,
+        Command::Window(args) => ops::window(args).await,
+        Command::Demo(args) => done(crate::demo::run(args).await),
     }
 }
 
@@ -36,6 +45,8 @@ fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.hold = args.hold;
     config.max_body = args.max_body;
     config.grace = args.grace;
+    config.max_waiting = args.max_waiting;
+    config.max_waiting_bytes = args.max_waiting_bytes;
     config
 }
 
@@ -43,10 +54,34 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin_stop = CancellationToken::new();
+    let admin = match args.admin {
+        Some(addr) => {
+            let admin_listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the admin endpoint"))?;
+            let mut admin_config =
+                AdminConfig::new(args.target.redis.clone(), args.target.queue.clone());
+            admin_config.token = args.admin_token.clone().filter(|t| !t.is_empty());
+            if admin_config.token.is_none() && !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "admin endpoint on a non-loopback address without --admin-token");
+            }
+            let stop = admin_stop.clone();
+            Some(tokio::spawn(serve_admin(admin_listener, admin_config, async move {
+                stop.cancelled().await
+            })))
+        }
+        None => None,
+    };
     let config = proxy_config(&args);
-    anteroom_proxy::serve(listener, config, shutdown_signal())
+    let served = anteroom_proxy::serve(listener, config, shutdown_signal())
         .await
-        .context("proxy failed")
+        .context("proxy failed");
+    admin_stop.cancel();
+    if let Some(admin) = admin {
+        admin.await?.context("admin endpoint failed")?;
+    }
+    served
 }
 
 async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {

@@ -11,5 +11,7 @@ pub mod cli;
 mod commands;
 mod demo;
 pub mod local_redis;
+mod ops;
+mod status_view;
 
 pub use commands::run;

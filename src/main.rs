@@ -15,7 +15,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(anteroom::run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE

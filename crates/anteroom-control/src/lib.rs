@@ -23,7 +23,7 @@ pub use error::ControlError;
 pub use pause::{HeldPause, PauseWatch, watch_pause};
 pub use status::{
     DispatcherStatus, OrphanStatus, PauseStatus, ProxyStatus, Quiescence, QueueStatus,
-    known_queues,
+    StatusReport, known_queues,
 };
 
 use std::time::Duration;

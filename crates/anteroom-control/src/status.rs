@@ -11,6 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ControlError, Queue};
 
+/// The JSON document of `anteroom status --json` and the admin `GET /status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// One entry per queue, by name.
+    pub queues: Vec<QueueStatus>,
+}
+
 /// Everything `anteroom status` reports about one queue. Serialized as the
 /// JSON documented in docs/operations.md.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -26,6 +26,7 @@ pub(crate) struct Settings {
     pub(crate) concurrency: usize,
     pub(crate) grace: Duration,
     pub(crate) poll_interval: Duration,
+    pub(crate) pause_poll: Duration,
     pub(crate) heartbeat_ttl: Duration,
     pub(crate) reply_ttl: Duration,
     pub(crate) max_response_body: usize,
@@ -40,6 +41,7 @@ impl Default for Settings {
             concurrency: 16,
             grace: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
+            pause_poll: Duration::from_secs(1),
             heartbeat_ttl: Duration::from_secs(10),
             reply_ttl: Duration::from_secs(60),
             max_response_body: 64 * 1024 * 1024,
@@ -86,6 +88,13 @@ impl DispatcherBuilder {
     /// (default 1 s). Bounds how quickly an idle dispatcher stops.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.settings.poll_interval = interval;
+        self
+    }
+
+    /// How often the pause flag is re-read in case a pause announcement was
+    /// missed (default 1 s). Announcements themselves act within milliseconds.
+    pub fn pause_poll(mut self, interval: Duration) -> Self {
+        self.settings.pause_poll = interval;
         self
     }
 

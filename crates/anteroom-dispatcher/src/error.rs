@@ -27,6 +27,9 @@ pub enum DispatcherError {
     /// Redis did not answer at startup.
     #[error("cannot connect to redis")]
     RedisConnect(#[source] redis::RedisError),
+    /// The pause flag could not be read at startup.
+    #[error("cannot read the queue's pause flag")]
+    Control(#[source] anteroom_control::ControlError),
 }
 
 /// Why the upstream client could not be built or a forwarded request failed.

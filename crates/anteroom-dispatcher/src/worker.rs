@@ -4,12 +4,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anteroom_protocol::{Failure, Keys, RequestEnvelope, ResponseEnvelope, now_ms};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use anteroom_control::PauseWatch;
+use anteroom_control::presence::{Presence, Role};
+use anteroom_protocol::{
+    DispatcherHeartbeat, Failure, Keys, RequestEnvelope, ResponseEnvelope, now_ms,
+};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use redis::aio::{ConnectionManager, MultiplexedConnection};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
@@ -58,11 +65,70 @@ struct Shared {
     conn: ConnectionManager,
     settings: Settings,
     permits: Arc<Semaphore>,
+    /// The queue's pause flag, as followed by [`anteroom_control::watch_pause`].
+    pause: PauseWatch,
+    /// The pause the pull loop has stopped for (no pull outstanding).
+    acknowledged: Mutex<Option<String>>,
+    /// Redis client id of the connection a pull may be blocked on (0: none).
+    pull_client_id: AtomicU64,
+    /// Wakes the heartbeat to report a change at once.
+    beat_now: Notify,
+    /// Requests being handled now.
+    running: AtomicUsize,
+}
+
+/// Counts one request as running for as long as it lives.
+struct Running(Arc<Shared>);
+
+impl Running {
+    fn start(shared: &Arc<Shared>) -> Self {
+        shared.running.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(shared))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
     fn in_flight(&self) -> usize {
-        self.settings.concurrency - self.permits.available_permits()
+        self.running.load(Ordering::Acquire)
+    }
+
+    fn acknowledge(&self, pause_id: Option<String>) {
+        let mut ack = self.acknowledged.lock().unwrap_or_else(PoisonError::into_inner);
+        if *ack != pause_id {
+            *ack = pause_id;
+            drop(ack);
+            self.beat_now.notify_one();
+        }
+    }
+
+    fn acknowledged(&self) -> Option<String> {
+        self.acknowledged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Returns a blocked pull at once (as if it had timed out).
+    async fn unblock_pull(&self) {
+        let id = self.pull_client_id.load(Ordering::Acquire);
+        if id == 0 {
+            return;
+        }
+        let result = redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(id)
+            .arg("TIMEOUT")
+            .query_async::<i64>(&mut self.conn.clone())
+            .await;
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "cannot unblock the pull");
+        }
     }
 }
 
@@ -84,6 +150,17 @@ where
     let conn = anteroom_redis::shared(&client, settings.redis_timeout)
         .await
         .map_err(DispatcherError::RedisConnect)?;
+    let stop_background = CancellationToken::new();
+    let pause = anteroom_control::watch_pause(
+        client.clone(),
+        conn.clone(),
+        keys.clone(),
+        settings.pause_poll,
+        settings.redis_timeout,
+        stop_background.clone(),
+    )
+    .await
+    .map_err(DispatcherError::Control)?;
     let shared = Arc::new(Shared {
         requests_key: keys.requests(),
         processing_key: keys.processing(&id),
@@ -92,22 +169,32 @@ where
         id,
         conn,
         settings,
+        pause,
+        acknowledged: Mutex::new(None),
+        pull_client_id: AtomicU64::new(0),
+        beat_now: Notify::new(),
+        running: AtomicUsize::new(0),
     });
     tracing::info!(
         queue = %shared.keys.queue(),
         dispatcher_id = %shared.id,
         concurrency = shared.settings.concurrency,
+        paused = shared.pause.borrow().is_some(),
         "dispatcher ready"
     );
 
     let stop = CancellationToken::new();
+    let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), stop_background.clone()));
+    let nudger = tokio::spawn(nudge_pulls(
+        Arc::clone(&shared),
+        stop.clone(),
+        stop_background.clone(),
+    ));
     let stop_on_signal = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
         stop_on_signal.cancel();
     });
-    let stop_heartbeat = CancellationToken::new();
-    let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), stop_heartbeat.clone()));
 
     let tracker = TaskTracker::new();
     pull_loop(&shared, &client, service, &tracker, &stop).await;
@@ -126,14 +213,46 @@ where
             "grace period over; stopping with requests unfinished (they stay in the processing list)"
         ),
     }
-    stop_heartbeat.cancel();
+    stop_background.cancel();
     let _ = heartbeat.await;
+    let _ = nudger.await;
     Ok(())
 }
 
-/// Takes a permit, then one request, until stopped. A pull already sent to
-/// Redis is always awaited (it returns within the poll interval), so a
-/// request moved into the processing list is never abandoned by a stop.
+/// Cuts a blocked pull short when a pause or a stop arrives, and keeps doing
+/// so every 50 ms until the pull loop has acknowledged the pause or exited
+/// (a pull sent just after one nudge would otherwise block a whole poll
+/// interval).
+async fn nudge_pulls(shared: Arc<Shared>, stop: CancellationToken, done: CancellationToken) {
+    let mut pause = shared.pause.clone();
+    'state: loop {
+        let paused = pause.borrow_and_update().as_ref().map(|p| p.id.clone());
+        let stopping = stop.is_cancelled();
+        let pulling = || shared.pull_client_id.load(Ordering::Acquire) != 0;
+        while (stopping && pulling()) || (paused.is_some() && shared.acknowledged() != paused) {
+            shared.unblock_pull().await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                changed = pause.changed() => match changed {
+                    Ok(()) => continue 'state,
+                    Err(_) => return,
+                },
+                () = stop.cancelled(), if !stopping => continue 'state,
+                () = done.cancelled() => return,
+            }
+        }
+        tokio::select! {
+            changed = pause.changed() => if changed.is_err() { return },
+            () = stop.cancelled(), if !stopping => {}
+            () = done.cancelled() => return,
+        }
+    }
+}
+
+/// Takes a permit, then one request, until stopped; while the queue is
+/// paused, takes nothing. A pull already sent to Redis is always awaited (a
+/// pause or stop cuts it short with CLIENT UNBLOCK), so a request moved into
+/// the processing list is never abandoned.
 async fn pull_loop<S, B>(
     shared: &Arc<Shared>,
     client: &redis::Client,
@@ -146,38 +265,53 @@ async fn pull_loop<S, B>(
 {
     let mut blocking: Option<MultiplexedConnection> = None;
     let mut backoff = Backoff::new();
+    let mut pause = shared.pause.clone();
     loop {
+        if stop.is_cancelled() {
+            break;
+        }
+        let paused = pause.borrow_and_update().as_ref().map(|p| p.id.clone());
+        if let Some(pause_id) = paused {
+            // Nothing is being pulled now: say so, then wait for a change.
+            tracing::info!(in_flight = shared.in_flight(), "queue paused; not pulling");
+            shared.acknowledge(Some(pause_id));
+            tokio::select! {
+                _ = pause.changed() => {}
+                () = stop.cancelled() => break,
+            }
+            continue;
+        }
+        if shared.acknowledged().is_some() {
+            tracing::info!("queue resumed; pulling again");
+            shared.acknowledge(None);
+        }
         let permit = tokio::select! {
             permit = Arc::clone(&shared.permits).acquire_owned() => match permit {
                 Ok(permit) => permit,
-                Err(_) => return,
+                Err(_) => break,
             },
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break,
+            _ = pause.changed() => continue,
         };
-        if stop.is_cancelled() {
-            return;
-        }
-        let conn = match &mut blocking {
-            Some(conn) => conn,
-            None => {
-                match anteroom_redis::blocking(
-                    client,
-                    shared.settings.redis_timeout,
-                    shared.settings.poll_interval,
-                )
-                .await
-                {
-                    Ok(conn) => blocking.insert(conn),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "cannot connect to redis; retrying");
-                        if sleep_or_stop(stop, backoff.next_delay()).await {
-                            return;
-                        }
-                        continue;
+        if blocking.is_none() {
+            match connect_pull(shared, client).await {
+                Ok(conn) => blocking = Some(conn),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot connect to redis; retrying");
+                    if sleep_or_stop(stop, backoff.next_delay()).await {
+                        break;
                     }
+                    continue;
                 }
             }
+        }
+        let Some(conn) = blocking.as_mut() else {
+            continue;
         };
+        // A pause or stop that arrived while we waited for the permit.
+        if stop.is_cancelled() || pause.borrow().is_some() {
+            continue;
+        }
         let pulled = redis::cmd("BLMOVE")
             .arg(&shared.requests_key)
             .arg(&shared.processing_key)
@@ -196,12 +330,30 @@ async fn pull_loop<S, B>(
             Err(err) => {
                 tracing::warn!(error = %err, "pull from redis failed; reconnecting");
                 blocking = None;
+                shared.pull_client_id.store(0, Ordering::Release);
                 if sleep_or_stop(stop, backoff.next_delay()).await {
-                    return;
+                    break;
                 }
             }
         }
     }
+    shared.pull_client_id.store(0, Ordering::Release);
+}
+
+/// Opens the pull connection and records its client id for CLIENT UNBLOCK.
+async fn connect_pull(
+    shared: &Shared,
+    client: &redis::Client,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let mut conn = anteroom_redis::blocking(
+        client,
+        shared.settings.redis_timeout,
+        shared.settings.poll_interval,
+    )
+    .await?;
+    let id: u64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await?;
+    shared.pull_client_id.store(id, Ordering::Release);
+    Ok(conn)
 }
 
 /// One request, from raw envelope to completion. Holds its permit throughout.
@@ -210,6 +362,7 @@ where
     S: HttpService<B>,
     B: ResponseBody,
 {
+    let _running = Running::start(&shared);
     let envelope = match RequestEnvelope::decode(raw.clone()) {
         Ok(envelope) => envelope,
         Err(err) => {
@@ -363,40 +516,41 @@ async fn run_with_retries(shared: &Shared, pipe: &redis::Pipeline, what: &str) {
     }
 }
 
-/// Keeps `anteroom:{q}:dispatcher:<id>` alive; deletes it on stop.
+/// Keeps the heartbeat and registry entry fresh, at once after a pause is
+/// acknowledged or lifted; removes both on stop.
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
-    let key = shared.keys.dispatcher(&shared.id);
     let ttl = shared.settings.heartbeat_ttl;
     let every = (ttl / 3).max(Duration::from_millis(100));
+    let presence = Presence::new(&shared.keys, Role::Dispatcher, &shared.id, ttl);
     let started_at_ms = now_ms();
     let host = anteroom_redis::hostname();
     let mut conn = shared.conn.clone();
+    if let Err(err) = presence.register_queue(&mut conn).await {
+        tracing::debug!(error = %err, "cannot register the queue");
+    }
     loop {
-        let info = serde_json::json!({
-            "id": shared.id,
-            "host": host,
-            "pid": std::process::id(),
-            "label": shared.settings.label,
-            "concurrency": shared.settings.concurrency,
-            "in_flight": shared.in_flight(),
-            "started_at_ms": started_at_ms,
-        });
-        let result = redis::cmd("SET")
-            .arg(&key)
-            .arg(info.to_string())
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async::<()>(&mut conn)
-            .await;
-        if let Err(err) = result {
+        let pause_id = shared.acknowledged();
+        let beat = DispatcherHeartbeat {
+            id: shared.id.clone(),
+            host: host.clone(),
+            pid: std::process::id(),
+            label: shared.settings.label.clone(),
+            concurrency: shared.settings.concurrency,
+            in_flight: shared.in_flight(),
+            paused: pause_id.is_some(),
+            pause_id,
+            started_at_ms,
+        };
+        if let Err(err) = presence.beat(&mut conn, &beat).await {
             tracing::debug!(error = %err, "dispatcher heartbeat failed");
         }
-        if sleep_or_stop(&stop, every).await {
-            break;
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shared.beat_now.notified() => {}
+            () = stop.cancelled() => break,
         }
     }
-    let _ = redis::cmd("DEL")
-        .arg(&key)
-        .query_async::<()>(&mut conn)
-        .await;
+    if let Err(err) = presence.leave(&mut conn).await {
+        tracing::debug!(error = %err, "cannot remove the heartbeat");
+    }
 }

@@ -20,13 +20,18 @@ pub struct ProxyConfig {
     pub redis_timeout: Duration,
     /// How long a client may take to send the request head.
     pub header_read_timeout: Duration,
+    /// Most requests that may wait in this proxy at once; more get 503.
+    pub max_waiting: usize,
+    /// Most request body bytes that may wait in this proxy at once; more get 503.
+    pub max_waiting_bytes: usize,
     /// This proxy's id (names its reply list); a random one when `None`.
     pub proxy_id: Option<String>,
 }
 
 impl ProxyConfig {
     /// A configuration with the documented defaults: hold 30 s, body limit
-    /// 8 MiB, grace 30 s, Redis timeout 2 s, header read timeout 30 s.
+    /// 8 MiB, grace 30 s, Redis timeout 2 s, header read timeout 30 s, at most
+    /// 20,000 requests and 512 MiB of bodies waiting.
     pub fn new(redis_url: impl Into<String>, queue: impl Into<String>) -> Self {
         Self {
             redis_url: redis_url.into(),
@@ -36,6 +41,8 @@ impl ProxyConfig {
             grace: Duration::from_secs(30),
             redis_timeout: Duration::from_secs(2),
             header_read_timeout: Duration::from_secs(30),
+            max_waiting: 20_000,
+            max_waiting_bytes: 512 * 1024 * 1024,
             proxy_id: None,
         }
     }

@@ -19,6 +19,9 @@ pub enum ServeError {
     /// Redis did not answer at startup.
     #[error("cannot connect to redis")]
     RedisConnect(#[source] redis::RedisError),
+    /// The admin endpoint could not reach the queue's state.
+    #[error("admin endpoint cannot reach the queue")]
+    Control(#[source] anteroom_control::ControlError),
 }
 
 /// Why one request failed inside the proxy. Logged in full; the client only
@@ -33,6 +36,8 @@ pub(crate) enum ProxyError {
     Enqueue(#[source] redis::RedisError),
     #[error("no reply within the hold budget")]
     HoldExpired,
+    #[error("waiting limit reached: {waiting} requests, {bytes} bytes")]
+    Overloaded { waiting: usize, bytes: usize },
     #[error("the reply reader stopped")]
     ReaderGone,
     #[error("the reply is not a valid HTTP response")]
@@ -46,6 +51,7 @@ impl ProxyError {
             ProxyError::BodyRead(_) => Failure::BadRequest,
             ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
             ProxyError::HoldExpired => Failure::HoldExpired,
+            ProxyError::Overloaded { .. } => Failure::Overloaded,
             ProxyError::BadReply(_) => Failure::HandlerFailed,
         }
     }
@@ -60,5 +66,9 @@ pub(crate) fn failure_response(failure: Failure) -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if let Some(secs) = failure.retry_after_secs() {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    }
     resp
 }

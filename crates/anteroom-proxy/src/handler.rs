@@ -32,6 +32,7 @@ pub(crate) struct State {
     pub(crate) reply_key: String,
     pub(crate) conn: ConnectionManager,
     pub(crate) demux: Arc<Demux>,
+    pub(crate) budget: Arc<crate::budget::Budget>,
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -61,7 +62,10 @@ pub(crate) async fn handle(
             Err(err) => {
                 let failure = err.failure();
                 match failure {
-                    Failure::BadRequest | Failure::BodyTooLarge | Failure::HoldExpired => {
+                    Failure::BadRequest
+                    | Failure::BodyTooLarge
+                    | Failure::HoldExpired
+                    | Failure::Overloaded => {
                         tracing::info!(error = %err, "request failed")
                     }
                     _ => tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "request failed"),
@@ -140,6 +144,10 @@ async fn forward(
     };
     let deadline = tokio::time::Instant::now() + hold;
 
+    let _reservation = state
+        .budget
+        .reserve(envelope.body.len())
+        .map_err(|(waiting, bytes)| ProxyError::Overloaded { waiting, bytes })?;
     // Register before enqueueing: a fast dispatcher may answer at once.
     let waiter = state.demux.register(id);
     let mut conn = state.conn.clone();

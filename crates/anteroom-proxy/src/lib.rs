@@ -16,12 +16,15 @@
 //! Shutdown: stop accepting, let in-flight requests finish within the grace
 //! period, then stop the reply reader and heartbeat.
 
+mod admin;
+mod budget;
 mod config;
 mod error;
 mod handler;
 mod replies;
 mod server;
 
+pub use admin::{AdminConfig, serve_admin};
 pub use config::ProxyConfig;
 pub use error::ServeError;
 pub use server::serve;

@@ -5,7 +5,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anteroom_protocol::{Keys, validate_id};
+use anteroom_control::presence::{Presence, Role};
+use anteroom_protocol::{Keys, ProxyHeartbeat, validate_id};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -13,6 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::config::ProxyConfig;
 use crate::error::ServeError;
 use crate::handler::{self, State};
@@ -52,6 +54,7 @@ pub async fn serve(
         reply_key: keys.replies(&proxy_id),
         conn,
         demux: Arc::clone(&demux),
+        budget: Arc::new(Budget::new(config.max_waiting, config.max_waiting_bytes)),
         config,
     });
     let local = listener.local_addr().ok();
@@ -73,7 +76,7 @@ pub async fn serve(
     ));
     let heartbeat = tokio::spawn(heartbeat(
         Arc::clone(&state),
-        keys.proxy(&proxy_id),
+        Presence::new(&keys, Role::Proxy, &proxy_id, HEARTBEAT_TTL),
         proxy_id,
         stop_background.clone(),
     ));
@@ -135,26 +138,24 @@ pub async fn serve(
     Ok(())
 }
 
-/// Keeps `anteroom:{q}:proxy:<id>` alive while the proxy runs; deletes it on stop.
-async fn heartbeat(state: Arc<State>, key: String, proxy_id: String, stop: CancellationToken) {
+/// Keeps the proxy's heartbeat and registry entry fresh; removes both on stop.
+async fn heartbeat(state: Arc<State>, presence: Presence, proxy_id: String, stop: CancellationToken) {
     let host = anteroom_redis::hostname();
+    let started_at_ms = anteroom_protocol::now_ms();
     let mut conn = state.conn.clone();
+    if let Err(err) = presence.register_queue(&mut conn).await {
+        tracing::debug!(error = %err, "cannot register the queue");
+    }
     loop {
-        let info = serde_json::json!({
-            "id": proxy_id,
-            "host": host,
-            "pid": std::process::id(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "waiting": state.demux.len(),
-        });
-        let result = redis::cmd("SET")
-            .arg(&key)
-            .arg(info.to_string())
-            .arg("PX")
-            .arg(HEARTBEAT_TTL.as_millis() as u64)
-            .query_async::<()>(&mut conn)
-            .await;
-        if let Err(err) = result {
+        let beat = ProxyHeartbeat {
+            id: proxy_id.clone(),
+            host: host.clone(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            waiting: state.budget.waiting(),
+            started_at_ms,
+        };
+        if let Err(err) = presence.beat(&mut conn, &beat).await {
             tracing::debug!(error = %err, "proxy heartbeat failed");
         }
         tokio::select! {
@@ -162,8 +163,7 @@ async fn heartbeat(state: Arc<State>, key: String, proxy_id: String, stop: Cance
             () = stop.cancelled() => break,
         }
     }
-    let _ = redis::cmd("DEL")
-        .arg(&key)
-        .query_async::<()>(&mut conn)
-        .await;
+    if let Err(err) = presence.leave(&mut conn).await {
+        tracing::debug!(error = %err, "cannot remove the heartbeat");
+    }
 }

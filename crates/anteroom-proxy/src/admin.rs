@@ -1,0 +1,209 @@
+//! The admin endpoint, on an address of its own: `GET /healthz`,
+//! `GET /status`, `POST /pause`, `POST /resume`, in the spirit of
+//! Intermission's enable/disable/status. Everything but `/healthz` requires
+//! `Authorization: Bearer <token>` when a token is configured.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use anteroom_control::{Queue, StatusReport};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::error::ServeError;
+
+/// What [`serve_admin`] needs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AdminConfig {
+    /// Redis URL.
+    pub redis_url: String,
+    /// The queue this proxy serves.
+    pub queue: String,
+    /// Bearer token required for `/status`, `/pause` and `/resume`; none when `None`.
+    pub token: Option<String>,
+    /// Connect and command timeout for Redis.
+    pub redis_timeout: Duration,
+}
+
+impl AdminConfig {
+    /// An admin configuration without a token and with a 2 s Redis timeout.
+    pub fn new(redis_url: impl Into<String>, queue: impl Into<String>) -> Self {
+        Self {
+            redis_url: redis_url.into(),
+            queue: queue.into(),
+            token: None,
+            redis_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown` completes.
+pub async fn serve_admin(
+    listener: TcpListener,
+    config: AdminConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let queue = Queue::connect(&config.redis_url, &config.queue, config.redis_timeout)
+        .await
+        .map_err(ServeError::Control)?;
+    let admin = std::sync::Arc::new(Admin {
+        queue,
+        token: config.token,
+        host: anteroom_redis::hostname(),
+    });
+    tracing::info!(listen = ?listener.local_addr().ok(), "admin endpoint ready");
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    tracing::warn!(error = %err, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = std::sync::Arc::clone(&admin);
+        let service = service_fn(move |req| {
+            let admin = std::sync::Arc::clone(&admin);
+            async move { Ok::<_, Infallible>(admin.handle(req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+struct Admin {
+    queue: Queue,
+    token: Option<String>,
+    host: String,
+}
+
+impl Admin {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_owned();
+        let method = req.method().clone();
+        let allowed = match path.as_str() {
+            "/healthz" | "/status" => Method::GET,
+            "/pause" | "/resume" => Method::POST,
+            _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+        };
+        if method != allowed && !(allowed == Method::GET && method == Method::HEAD) {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            resp.headers_mut().insert(
+                header::ALLOW,
+                header::HeaderValue::from_str(allowed.as_str())
+                    .unwrap_or(header::HeaderValue::from_static("GET")),
+            );
+            return resp;
+        }
+        if path == "/healthz" {
+            return text(StatusCode::OK, "ok\n");
+        }
+        if !self.authorized(&req) {
+            let mut resp = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"anteroom\""),
+            );
+            return resp;
+        }
+        let action = match path.as_str() {
+            "/pause" => {
+                let by = format!("admin@{}", self.host);
+                self.queue.pause(&by, None, false).await.map(|_| ())
+            }
+            "/resume" => self.queue.resume().await.map(|_| ()),
+            _ => Ok(()),
+        };
+        if let Err(err) = action {
+            tracing::warn!(error = %err, %path, "admin action failed");
+            return text(StatusCode::SERVICE_UNAVAILABLE, "redis unavailable\n");
+        }
+        if path != "/status" {
+            tracing::info!(%path, queue = %self.queue.name(), "admin action");
+        }
+        match self.queue.status().await {
+            Ok(status) => {
+                let report = StatusReport {
+                    queues: vec![status],
+                };
+                let body = serde_json::to_vec_pretty(&report).unwrap_or_default();
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                resp
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "admin status failed");
+                text(StatusCode::SERVICE_UNAVAILABLE, "redis unavailable\n")
+            }
+        }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(presented.as_bytes(), token.as_bytes())
+    }
+}
+
+/// Compares without stopping at the first difference, so response time does
+/// not reveal how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"secret-longer", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(!constant_time_eq(b"secret", b""));
+    }
+}

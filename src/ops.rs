@@ -1,0 +1,225 @@
+//! `pause`, `resume`, `status` and `window`: operating a queue.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use anteroom_control::{ControlError, Queue, Quiescence, StatusReport, known_queues};
+
+use crate::cli::{PauseArgs, QueueArgs, StatusArgs, WindowArgs};
+use crate::status_view;
+
+/// Connect and command timeout for operator commands.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn connect(target: &QueueArgs) -> anyhow::Result<Queue> {
+    Queue::connect(&target.redis, &target.queue, REDIS_TIMEOUT)
+        .await
+        .context("cannot reach the queue")
+}
+
+fn who(what: &str) -> String {
+    format!("{what}@{}", anteroom_redis::hostname())
+}
+
+pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
+    let queue = connect(&args.target).await?;
+    queue.pause(&who("cli"), args.ttl, false).await?;
+    println!("paused queue {:?}", queue.name());
+    if args.wait {
+        match queue.wait_quiescent(args.timeout, progress_printer()).await {
+            Ok(q) => println!(
+                "queue {:?} is quiet: {} dispatcher(s) paused, none holding requests",
+                queue.name(),
+                q.status.dispatchers.len()
+            ),
+            Err(err @ ControlError::NotQuiescent { .. }) => {
+                if let Ok(q) = queue.quiescence().await {
+                    eprint!("{}", status_view::busy_lines(&q));
+                }
+                return Err(anyhow::Error::new(err).context(
+                    "the queue stays paused; run `anteroom resume` to release it",
+                ));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn resume(args: QueueArgs) -> anyhow::Result<ExitCode> {
+    let queue = connect(&args).await?;
+    let state = queue.pause_state().await?;
+    if queue.resume().await? {
+        let since = state.map(|(p, _)| p.since_ms).unwrap_or(0);
+        let paused_for = anteroom_protocol::now_ms().saturating_sub(since);
+        println!(
+            "resumed queue {:?} (paused for {})",
+            queue.name(),
+            status_view::duration_ms(paused_for)
+        );
+    } else {
+        println!("queue {:?} was not paused", queue.name());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = redis::Client::open(args.redis.as_str()).context("invalid redis url")?;
+    let mut conn = anteroom_redis::shared(&client, REDIS_TIMEOUT)
+        .await
+        .context("cannot connect to redis")?;
+    let names = match args.queue {
+        Some(name) => vec![name],
+        None => known_queues(&mut conn).await?,
+    };
+    let mut report = StatusReport { queues: Vec::new() };
+    for name in names {
+        let keys = anteroom_protocol::Keys::new(&name)?;
+        let queue = Queue::with_connection(keys, conn.clone());
+        report.queues.push(queue.status().await?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.queues.is_empty() {
+        println!("no queues yet: start a proxy or dispatcher, or pass --queue");
+    } else {
+        print!("{}", status_view::render(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// On a terminal, says once what `--wait` is waiting for.
+fn progress_printer() -> impl FnMut(&Quiescence) {
+    let tty = std::io::stderr().is_terminal();
+    let mut said = false;
+    move |q: &Quiescence| {
+        if tty && !said && !q.quiescent {
+            said = true;
+            eprint!("waiting for in-flight requests to finish...\n{}", status_view::busy_lines(q));
+        }
+    }
+}
+
+pub(crate) async fn window(args: WindowArgs) -> anyhow::Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed before anything else: from here on SIGINT and SIGTERM no
+    // longer kill this process, so the queue is always resumed.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+
+    let queue = connect(&args.target).await?;
+    let held = queue
+        .pause(&who("window"), Some(args.lease), true)
+        .await
+        .context("cannot open the window")?;
+    let stop_renewing = tokio_util::sync::CancellationToken::new();
+    let renewer = tokio::spawn(renew_lease(
+        queue.clone(),
+        held.clone(),
+        args.lease,
+        stop_renewing.clone(),
+    ));
+
+    let quiet = tokio::select! {
+        q = queue.wait_quiescent(args.timeout, progress_printer()) => q.map_err(anyhow::Error::from),
+        _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted while waiting for the queue to become quiet")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated while waiting for the queue to become quiet")),
+    };
+    let outcome = match quiet {
+        Err(err) => Err(err.context("the command was not run")),
+        Ok(_) => run_command(&args.command, &mut interrupt, &mut terminate).await,
+    };
+    stop_renewing.cancel();
+    let _ = renewer.await;
+    release(&queue, &held, args.lease).await;
+    outcome
+}
+
+async fn renew_lease(
+    queue: Queue,
+    held: anteroom_control::HeldPause,
+    lease: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let every = (lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        match queue.renew(&held, lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!("the pause was lifted by someone else: traffic is flowing during the window");
+                return;
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot renew the pause lease; retrying"),
+        }
+    }
+}
+
+/// Runs the command with inherited stdio; forwards SIGTERM, and waits for it
+/// on SIGINT (a terminal's Ctrl-C reaches the whole process group).
+async fn run_command(
+    command: &[String],
+    interrupt: &mut tokio::signal::unix::Signal,
+    terminate: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<ExitCode> {
+    let (program, rest) = command.split_first().context("no command given")?;
+    eprintln!("queue is quiet; running: {}", command.join(" "));
+    let mut child = tokio::process::Command::new(program)
+        .args(rest)
+        .spawn()
+        .with_context(|| format!("cannot run {program:?}"))?;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = interrupt.recv() => tracing::info!("interrupt: waiting for the command to exit"),
+            _ = terminate.recv() => {
+                if let Some(pid) = child.id() {
+                    let _ = tokio::process::Command::new("kill")
+                        .args(["-TERM", &pid.to_string()])
+                        .status()
+                        .await;
+                }
+            }
+        }
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    if code != 0 {
+        eprintln!("command exited with status {code}");
+    }
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// Resumes, retrying for a while: a window must not leave the queue paused.
+async fn release(queue: &Queue, held: &anteroom_control::HeldPause, lease: Duration) {
+    let mut backoff = anteroom_redis::Backoff::new();
+    for attempt in 1..=8 {
+        match queue.resume_held(held).await {
+            Ok(true) => {
+                eprintln!("resumed queue {:?}", queue.name());
+                return;
+            }
+            Ok(false) => {
+                eprintln!("queue {:?} was already resumed", queue.name());
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, attempt, "cannot resume the queue; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+    eprintln!(
+        "error: could not resume queue {:?}; its pause lapses by itself within {}",
+        queue.name(),
+        status_view::duration_ms(lease.as_millis() as u64)
+    );
+}

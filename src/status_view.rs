@@ -1,0 +1,113 @@
+//! The human-readable form of `anteroom status`.
+
+use std::fmt::Write;
+
+use anteroom_control::{Quiescence, StatusReport};
+
+/// `1234` -> `1.2s`, `75000` -> `1m15s`.
+pub(crate) fn duration_ms(ms: u64) -> String {
+    if ms < 1_000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// The whole report as aligned text.
+pub(crate) fn render(report: &StatusReport) -> String {
+    let mut out = String::new();
+    for q in &report.queues {
+        let state = match &q.pause {
+            None => "running".to_owned(),
+            Some(p) => {
+                let ago = duration_ms(q.checked_at_ms.saturating_sub(p.record.since_ms));
+                let lease = p
+                    .expires_in_ms
+                    .map(|ms| format!(", lapses in {}", duration_ms(ms)))
+                    .unwrap_or_default();
+                format!("PAUSED {ago} ago by {}{lease}", p.record.by)
+            }
+        };
+        let _ = writeln!(out, "queue {}: {state}", q.queue);
+        let oldest = q
+            .oldest_wait_ms
+            .map(|ms| format!(", oldest {}", duration_ms(ms)))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  waiting       {}{oldest}", q.waiting);
+        let _ = writeln!(out, "  dead letters  {}", q.dead_letters);
+        let _ = writeln!(out, "  dispatchers   {} live", q.dispatchers.len());
+        if !q.dispatchers.is_empty() {
+            let _ = writeln!(
+                out,
+                "    {:<12}  {:<16}  {:<10}  {:>9}  {:>4}  state",
+                "id", "host", "label", "in-flight", "held"
+            );
+            for d in &q.dispatchers {
+                let hb = &d.heartbeat;
+                let _ = writeln!(
+                    out,
+                    "    {:<12}  {:<16}  {:<10}  {:>9}  {:>4}  {}",
+                    short(&hb.id),
+                    hb.host,
+                    hb.label,
+                    format!("{}/{}", hb.in_flight, hb.concurrency),
+                    d.held,
+                    if hb.paused { "paused" } else { "pulling" }
+                );
+            }
+        }
+        for o in &q.orphaned {
+            let _ = writeln!(
+                out,
+                "    {:<12}  heartbeat lost {} ago, {} request(s) left in its processing list",
+                short(&o.id),
+                duration_ms(q.checked_at_ms.saturating_sub(o.last_seen_ms)),
+                o.held
+            );
+        }
+        let _ = writeln!(out, "  proxies       {} live", q.proxies.len());
+        for p in &q.proxies {
+            let hb = &p.heartbeat;
+            let _ = writeln!(
+                out,
+                "    {:<12}  {:<16}  {} waiting",
+                short(&hb.id),
+                hb.host,
+                hb.waiting
+            );
+        }
+    }
+    out
+}
+
+/// One line per dispatcher that keeps a pause from being quiet.
+pub(crate) fn busy_lines(q: &Quiescence) -> String {
+    let mut out = String::new();
+    for d in q.busy() {
+        let why = if d.held > 0 {
+            format!("holds {} request(s)", d.held)
+        } else {
+            "has not stopped pulling yet".to_owned()
+        };
+        let _ = writeln!(out, "  dispatcher {} on {}: {why}", short(&d.heartbeat.id), d.heartbeat.host);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration_ms;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration_ms(250), "250ms");
+        assert_eq!(duration_ms(1234), "1.2s");
+        assert_eq!(duration_ms(75_000), "1m15s");
+    }
+}
