@@ -4,9 +4,9 @@ use anteroom_dispatcher::{Dispatcher, Upstream};
 use std::process::ExitCode;
 
 use anteroom_proxy::{AdminConfig, ProxyConfig, serve_admin};
-use tokio_util::sync::CancellationToken;
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, DispatchArgs, LogFormat, ProxyArgs};
 use crate::ops;
@@ -67,9 +67,11 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
                 tracing::warn!(%addr, "admin endpoint on a non-loopback address without --admin-token");
             }
             let stop = admin_stop.clone();
-            Some(tokio::spawn(serve_admin(admin_listener, admin_config, async move {
-                stop.cancelled().await
-            })))
+            Some(tokio::spawn(serve_admin(
+                admin_listener,
+                admin_config,
+                async move { stop.cancelled().await },
+            )))
         }
         None => None,
     };

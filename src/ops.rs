@@ -4,8 +4,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use anteroom_control::{ControlError, Queue, Quiescence, StatusReport, known_queues};
+use anyhow::Context;
 
 use crate::cli::{PauseArgs, QueueArgs, StatusArgs, WindowArgs};
 use crate::status_view;
@@ -38,9 +38,8 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
                 if let Ok(q) = queue.quiescence().await {
                     eprint!("{}", status_view::busy_lines(&q));
                 }
-                return Err(anyhow::Error::new(err).context(
-                    "the queue stays paused; run `anteroom resume` to release it",
-                ));
+                return Err(anyhow::Error::new(err)
+                    .context("the queue stays paused; run `anteroom resume` to release it"));
             }
             Err(err) => return Err(err.into()),
         }
@@ -97,7 +96,10 @@ fn progress_printer() -> impl FnMut(&Quiescence) {
     move |q: &Quiescence| {
         if tty && !said && !q.quiescent {
             said = true;
-            eprint!("waiting for in-flight requests to finish...\n{}", status_view::busy_lines(q));
+            eprint!(
+                "waiting for in-flight requests to finish...\n{}",
+                status_view::busy_lines(q)
+            );
         }
     }
 }
@@ -152,7 +154,9 @@ async fn renew_lease(
         match queue.renew(&held, lease).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::error!("the pause was lifted by someone else: traffic is flowing during the window");
+                tracing::error!(
+                    "the pause was lifted by someone else: traffic is flowing during the window"
+                );
                 return;
             }
             Err(err) => tracing::warn!(error = %err, "cannot renew the pause lease; retrying"),

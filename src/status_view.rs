@@ -95,7 +95,12 @@ pub(crate) fn busy_lines(q: &Quiescence) -> String {
         } else {
             "has not stopped pulling yet".to_owned()
         };
-        let _ = writeln!(out, "  dispatcher {} on {}: {why}", short(&d.heartbeat.id), d.heartbeat.host);
+        let _ = writeln!(
+            out,
+            "  dispatcher {} on {}: {why}",
+            short(&d.heartbeat.id),
+            d.heartbeat.host
+        );
     }
     out
 }

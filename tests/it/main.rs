@@ -6,5 +6,7 @@ mod cli;
 mod compose;
 mod failures;
 mod load;
+mod operations;
+mod pause;
 mod round_trip;
 mod support;

@@ -22,7 +22,7 @@ mod status;
 pub use error::ControlError;
 pub use pause::{HeldPause, PauseWatch, watch_pause};
 pub use status::{
-    DispatcherStatus, OrphanStatus, PauseStatus, ProxyStatus, Quiescence, QueueStatus,
+    DispatcherStatus, OrphanStatus, PauseStatus, ProxyStatus, QueueStatus, Quiescence,
     StatusReport, known_queues,
 };
 
@@ -40,7 +40,9 @@ pub struct Queue {
 
 impl std::fmt::Debug for Queue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queue").field("queue", &self.keys.queue()).finish()
+        f.debug_struct("Queue")
+            .field("queue", &self.keys.queue())
+            .finish()
     }
 }
 

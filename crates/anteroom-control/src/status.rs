@@ -117,6 +117,18 @@ pub async fn known_queues(conn: &mut ConnectionManager) -> Result<Vec<String>, C
     Ok(queues)
 }
 
+/// The first round trip of [`Queue::status`]: pause (value, PTTL), waiting
+/// count, oldest envelope, dead letters, dispatcher and proxy registries.
+type Overview = (
+    Option<String>,
+    i64,
+    u64,
+    Option<Bytes>,
+    u64,
+    Vec<(String, u64)>,
+    Vec<(String, u64)>,
+);
+
 fn parse_heartbeat<T: for<'de> Deserialize<'de>>(raw: Option<String>) -> Option<T> {
     raw.and_then(|raw| serde_json::from_str(&raw).ok())
 }
@@ -127,38 +139,31 @@ impl Queue {
     pub async fn status(&self) -> Result<QueueStatus, ControlError> {
         let keys = &self.keys;
         let mut conn = self.conn();
-        let (pause_raw, pttl, waiting, oldest, dead_letters, dispatcher_ids, proxy_ids): (
-            Option<String>,
-            i64,
-            u64,
-            Option<Bytes>,
-            u64,
-            Vec<(String, u64)>,
-            Vec<(String, u64)>,
-        ) = redis::pipe()
-            .cmd("GET")
-            .arg(keys.paused())
-            .cmd("PTTL")
-            .arg(keys.paused())
-            .cmd("LLEN")
-            .arg(keys.requests())
-            .cmd("LINDEX")
-            .arg(keys.requests())
-            .arg(-1)
-            .cmd("LLEN")
-            .arg(keys.dead())
-            .cmd("ZRANGE")
-            .arg(keys.dispatchers())
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .cmd("ZRANGE")
-            .arg(keys.proxies())
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
-            .await?;
+        let (pause_raw, pttl, waiting, oldest, dead_letters, dispatcher_ids, proxy_ids): Overview =
+            redis::pipe()
+                .cmd("GET")
+                .arg(keys.paused())
+                .cmd("PTTL")
+                .arg(keys.paused())
+                .cmd("LLEN")
+                .arg(keys.requests())
+                .cmd("LINDEX")
+                .arg(keys.requests())
+                .arg(-1)
+                .cmd("LLEN")
+                .arg(keys.dead())
+                .cmd("ZRANGE")
+                .arg(keys.dispatchers())
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .cmd("ZRANGE")
+                .arg(keys.proxies())
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await?;
         let now = now_ms();
 
         let mut pipe = redis::pipe();
@@ -239,13 +244,21 @@ impl Queue {
     }
 
     /// Drops registry entries of components that left without a trace.
-    async fn prune(&self, conn: &mut ConnectionManager, dispatchers: &[String], proxies: &[String]) {
+    async fn prune(
+        &self,
+        conn: &mut ConnectionManager,
+        dispatchers: &[String],
+        proxies: &[String],
+    ) {
         if dispatchers.is_empty() && proxies.is_empty() {
             return;
         }
         let mut pipe = redis::pipe();
         for id in dispatchers {
-            pipe.cmd("ZREM").arg(self.keys.dispatchers()).arg(id).ignore();
+            pipe.cmd("ZREM")
+                .arg(self.keys.dispatchers())
+                .arg(id)
+                .ignore();
         }
         for id in proxies {
             pipe.cmd("ZREM").arg(self.keys.proxies()).arg(id).ignore();

@@ -99,7 +99,10 @@ impl Shared {
     }
 
     fn acknowledge(&self, pause_id: Option<String>) {
-        let mut ack = self.acknowledged.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ack = self
+            .acknowledged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if *ack != pause_id {
             *ack = pause_id;
             drop(ack);
@@ -351,7 +354,10 @@ async fn connect_pull(
         shared.settings.poll_interval,
     )
     .await?;
-    let id: u64 = redis::cmd("CLIENT").arg("ID").query_async(&mut conn).await?;
+    let id: u64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn)
+        .await?;
     shared.pull_client_id.store(id, Ordering::Release);
     Ok(conn)
 }

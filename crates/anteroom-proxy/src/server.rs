@@ -139,7 +139,12 @@ pub async fn serve(
 }
 
 /// Keeps the proxy's heartbeat and registry entry fresh; removes both on stop.
-async fn heartbeat(state: Arc<State>, presence: Presence, proxy_id: String, stop: CancellationToken) {
+async fn heartbeat(
+    state: Arc<State>,
+    presence: Presence,
+    proxy_id: String,
+    stop: CancellationToken,
+) {
     let host = anteroom_redis::hostname();
     let started_at_ms = anteroom_protocol::now_ms();
     let mut conn = state.conn.clone();
