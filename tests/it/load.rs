@@ -2,14 +2,14 @@
 //! suspends traffic instead of failing it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
 use crate::support::app::test_app;
+use crate::support::load::Load;
 use crate::support::web::{client, send};
 use crate::support::{TestDispatcher, TestProxy, start_redis};
 
@@ -46,45 +46,16 @@ async fn concurrent_requests_each_get_their_own_response() {
     Arc::try_unwrap(proxy).ok().unwrap().stop().await;
 }
 
-/// Outcome of one request made by the load generator.
-struct Sample {
-    status: StatusCode,
-    intact: bool,
-    latency: Duration,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_every_dispatcher_suspends_traffic_without_errors() {
     const CLIENTS: usize = 16;
     let gap = Duration::from_secs(3);
     let redis = start_redis();
-    let proxy = Arc::new(TestProxy::start(&redis, "suspend").await);
+    let proxy = TestProxy::start(&redis, "suspend").await;
     let first = TestDispatcher::start(&redis, "suspend", test_app());
-
-    let running = Arc::new(AtomicBool::new(true));
-    let mut workers = Vec::new();
-    for w in 0..CLIENTS {
-        let (c, proxy, running) = (client(), Arc::clone(&proxy), Arc::clone(&running));
-        workers.push(tokio::spawn(async move {
-            let mut samples = Vec::new();
-            let mut n = 0u64;
-            while running.load(Ordering::Relaxed) {
-                n += 1;
-                let body = format!("worker {w} request {n}");
-                let req = Request::post(proxy.url("/echo"))
-                    .body(Full::new(Bytes::from(body.clone())))
-                    .unwrap();
-                let start = Instant::now();
-                let r = send(&c, req).await;
-                samples.push(Sample {
-                    status: r.status,
-                    intact: r.body == body.as_bytes(),
-                    latency: start.elapsed(),
-                });
-            }
-            samples
-        }));
-    }
+    let load = Load::start(CLIENTS, proxy.url("/echo"), |w, n| {
+        format!("worker {w} request {n}")
+    });
 
     // Steady traffic, then no dispatcher at all for `gap`, then a new one.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -92,28 +63,21 @@ async fn stopping_every_dispatcher_suspends_traffic_without_errors() {
     tokio::time::sleep(gap).await;
     let second = TestDispatcher::start(&redis, "suspend", test_app());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    running.store(false, Ordering::Relaxed);
+    let summary = load.finish().await;
 
-    let mut samples = Vec::new();
-    for w in workers {
-        samples.extend(w.await.unwrap());
-    }
-    let failed = samples
-        .iter()
-        .filter(|s| s.status != StatusCode::OK)
-        .count();
-    let mangled = samples.iter().filter(|s| !s.intact).count();
-    let longest = samples.iter().map(|s| s.latency).max().unwrap();
-    println!(
-        "suspend test: {} requests, {failed} failed, longest wait {longest:?} for a {gap:?} gap",
-        samples.len()
+    summary.report("suspend test", |s| s == StatusCode::OK);
+    let mangled = summary.samples.iter().filter(|s| s.body != s.sent).count();
+    let longest = summary.longest();
+    assert_eq!(
+        summary.failed(|s| s == StatusCode::OK),
+        0,
+        "requests failed during the suspension"
     );
-    assert_eq!(failed, 0, "requests failed during the suspension");
     assert_eq!(mangled, 0, "responses crossed between clients");
     assert!(
-        samples.len() > CLIENTS * 4,
+        summary.samples.len() > CLIENTS * 4,
         "too little traffic: {}",
-        samples.len()
+        summary.samples.len()
     );
     // Requests that arrived just after the stop waited out the whole gap...
     assert!(
@@ -126,7 +90,7 @@ async fn stopping_every_dispatcher_suspends_traffic_without_errors() {
         "waited too long: {longest:?}"
     );
     second.stop().await;
-    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
+    proxy.stop().await;
 }
 
 /// Redis clients connected right now, other than the test harness's own.

@@ -8,5 +8,6 @@ mod failures;
 mod load;
 mod operations;
 mod pause;
+mod playbooks;
 mod round_trip;
 mod support;

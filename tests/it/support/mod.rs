@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod bin;
+pub mod load;
 pub mod web;
 
 use std::future::Future;

@@ -1,0 +1,442 @@
+//! The deploy playbooks in examples/, run as written under steady load:
+//! a rolling deploy, "stop all, deploy, start all", and a database failover
+//! window with real PostgreSQL. Each asserts 0 failed requests and reports
+//! the longest wait.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anteroom::local_redis::LocalRedis;
+use anteroom_control::Queue;
+use axum::Router;
+use axum::routing::any;
+use http::StatusCode;
+
+use crate::support::bin::BinProcess;
+use crate::support::load::Load;
+use crate::support::{TestProxy, eventually, start_redis};
+
+const READY: Duration = Duration::from_secs(20);
+const BIN: &str = env!("CARGO_BIN_EXE_anteroom");
+
+fn example(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(path)
+}
+
+/// An upstream app that answers every request with its version.
+async fn version_upstream(version: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = Router::new().fallback(any(move || async move { version }));
+    let handle = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, handle)
+}
+
+fn dispatch_args(redis: &LocalRedis, queue: &str, upstream: &str, label: &str) -> Vec<String> {
+    [
+        "dispatch",
+        "--redis",
+        &redis.url(),
+        "--queue",
+        queue,
+        "--upstream",
+        upstream,
+        "--label",
+        label,
+        "--concurrency",
+        "4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Runs a playbook script with the anteroom environment set.
+async fn run_script(
+    redis: &LocalRedis,
+    queue: &str,
+    script: PathBuf,
+    args: Vec<String>,
+    extra_env: Vec<(&'static str, String)>,
+) -> Output {
+    let (url, queue) = (redis.url(), queue.to_owned());
+    tokio::task::spawn_blocking(move || {
+        Command::new(script)
+            .args(args)
+            .env("ANTEROOM", BIN)
+            .env("ANTEROOM_REDIS", url)
+            .env("ANTEROOM_QUEUE", queue)
+            .env("RUST_LOG", "warn")
+            .envs(extra_env)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The last line of a script's output: the pid of what it started.
+fn started_pid(out: &Output) -> u32 {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in {stdout:?}"))
+}
+
+async fn stop_pid(queue: &Queue, pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    eventually("the dispatcher to leave", READY, || async {
+        !queue
+            .status()
+            .await
+            .unwrap()
+            .dispatchers
+            .iter()
+            .any(|d| d.heartbeat.pid == pid)
+    })
+    .await;
+}
+
+async fn live_labels(queue: &Queue) -> Vec<String> {
+    let mut labels: Vec<String> = queue
+        .status()
+        .await
+        .unwrap()
+        .dispatchers
+        .into_iter()
+        .map(|d| d.heartbeat.label)
+        .collect();
+    labels.sort();
+    labels
+}
+
+fn spawn_dispatcher(args: &[String]) -> BinProcess {
+    BinProcess::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_deploy_under_load_fails_nothing() {
+    let redis = start_redis();
+    let (v1_url, _v1) = version_upstream("v1").await;
+    let (v2_url, _v2) = version_upstream("v2").await;
+    let proxy = TestProxy::start(&redis, "roll").await;
+    let queue = Queue::connect(&redis.url(), "roll", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let mut v1 = spawn_dispatcher(&dispatch_args(&redis, "roll", &v1_url, "v1"));
+    eventually("v1 to be live", READY, || async {
+        live_labels(&queue).await == ["v1"]
+    })
+    .await;
+
+    let load = Load::start(8, proxy.url("/"), |w, n| format!("{w}-{n}"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut args = vec![v1.pid().to_string(), "v2".into(), "--".into(), BIN.into()];
+    args.extend(dispatch_args(&redis, "roll", &v2_url, "v2"));
+    let out = run_script(&redis, "roll", example("deploy/rolling.sh"), args, vec![]).await;
+    assert!(
+        out.status.success(),
+        "rolling.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v2_pid = started_pid(&out);
+    let rolled = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let summary = load.finish().await;
+
+    summary.report("rolling deploy", |s| s == StatusCode::OK);
+    assert_eq!(summary.failed(|s| s == StatusCode::OK), 0);
+    let served_by = |v: &str| summary.samples.iter().filter(|s| s.body == v).count();
+    assert!(
+        served_by("v1") > 0 && served_by("v2") > 0,
+        "v1 {} v2 {}",
+        served_by("v1"),
+        served_by("v2")
+    );
+    assert!(
+        summary
+            .samples
+            .iter()
+            .filter(|s| s.started > rolled)
+            .all(|s| s.body == "v2"),
+        "v1 served after it was stopped"
+    );
+    let status = v1.wait(READY).await;
+    assert!(status.success(), "v1 exited with {status}");
+    assert_eq!(live_labels(&queue).await, ["v2"]);
+    stop_pid(&queue, v2_pid).await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_all_deploy_start_all_under_load_fails_nothing() {
+    let redis = start_redis();
+    let (v1_url, _v1) = version_upstream("v1").await;
+    let (v2_url, _v2) = version_upstream("v2").await;
+    let proxy = TestProxy::start(&redis, "all").await;
+    let queue = Queue::connect(&redis.url(), "all", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let mut a = spawn_dispatcher(&dispatch_args(&redis, "all", &v1_url, "v1"));
+    let mut b = spawn_dispatcher(&dispatch_args(&redis, "all", &v1_url, "v1"));
+    eventually("both v1 to be live", READY, || async {
+        live_labels(&queue).await == ["v1", "v1"]
+    })
+    .await;
+
+    let load = Load::start(8, proxy.url("/"), |w, n| format!("{w}-{n}"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deploy = Duration::from_secs(1);
+    let mut args = vec![format!("{} {}", a.pid(), b.pid()), "--".into(), BIN.into()];
+    args.extend(dispatch_args(&redis, "all", &v2_url, "v2"));
+    let out = run_script(
+        &redis,
+        "all",
+        example("deploy/stop_all.sh"),
+        args,
+        vec![("DEPLOY", format!("sleep {}", deploy.as_secs()))],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "stop_all.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v2_pid = started_pid(&out);
+    eventually("v2 to be live", READY, || async {
+        live_labels(&queue).await == ["v2"]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let summary = load.finish().await;
+
+    summary.report("stop all, deploy, start all", |s| s == StatusCode::OK);
+    assert_eq!(summary.failed(|s| s == StatusCode::OK), 0);
+    // Requests waited through the deploy rather than failing.
+    assert!(
+        summary.longest() >= deploy,
+        "nothing waited: {:?}",
+        summary.longest()
+    );
+    assert!(
+        summary.longest() < deploy + Duration::from_secs(5),
+        "{:?}",
+        summary.longest()
+    );
+    assert!(summary.samples.iter().any(|s| s.body == "v2"));
+    assert!(a.wait(READY).await.success());
+    assert!(b.wait(READY).await.success());
+    stop_pid(&queue, v2_pid).await;
+    proxy.stop().await;
+}
+
+/// The test's own PostgreSQL databases, dropped at the end.
+struct Databases {
+    admin: tokio_postgres::Client,
+    names: [String; 2],
+}
+
+const PG: &str = "host=127.0.0.1 port=5432 user=postgres";
+
+fn pg_dsn() -> String {
+    std::env::var("ANTEROOM_TEST_PG").unwrap_or_else(|_| PG.to_owned())
+}
+
+impl Databases {
+    async fn create(tag: &str) -> Self {
+        let (admin, connection) = tokio_postgres::connect(
+            &format!("{} dbname=postgres", pg_dsn()),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (trust auth), or set ANTEROOM_TEST_PG");
+        tokio::spawn(connection);
+        let names = ["a", "b"].map(|s| format!("anteroom_{tag}_{}_{s}", std::process::id()));
+        for name in &names {
+            admin
+                .batch_execute(&format!("drop database if exists {name} with (force)"))
+                .await
+                .unwrap();
+            admin
+                .batch_execute(&format!("create database {name}"))
+                .await
+                .unwrap();
+            let (db, connection) =
+                tokio_postgres::connect(&Self::dsn_of(name), tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            let task = tokio::spawn(connection);
+            db.batch_execute(
+                "create table orders (id bigserial primary key, note text not null unique)",
+            )
+            .await
+            .unwrap();
+            drop(db);
+            let _ = task.await;
+        }
+        Self { admin, names }
+    }
+
+    fn dsn_of(name: &str) -> String {
+        format!("{} dbname={name}", pg_dsn())
+    }
+
+    fn dsn(&self, i: usize) -> String {
+        Self::dsn_of(&self.names[i])
+    }
+
+    async fn notes(&self, i: usize) -> Vec<String> {
+        let (db, connection) = tokio_postgres::connect(&self.dsn(i), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let rows = db
+            .query("select note from orders order by id", &[])
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get(0)).collect()
+    }
+
+    async fn drop_all(self) {
+        for name in &self.names {
+            let _ = self
+                .admin
+                .batch_execute(&format!("drop database if exists {name} with (force)"))
+                .await;
+        }
+    }
+}
+
+/// The example binary the test runs, built by `cargo test` beside this one.
+fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run the tests with `cargo test`",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_failover_window_under_load_fails_nothing() {
+    let dbs = Databases::create("failover").await;
+    let redis = start_redis();
+    let dsn_file = std::env::temp_dir().join(format!("anteroom-dsn-{}", std::process::id()));
+    std::fs::write(&dsn_file, dbs.dsn(0)).unwrap();
+    let proxy = TestProxy::start(&redis, "fo").await;
+    let queue = Queue::connect(&redis.url(), "fo", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let mut backend = BinProcess::spawn_cmd(
+        Command::new(example_binary("failover_backend"))
+            .env("ANTEROOM_REDIS", redis.url())
+            .env("ANTEROOM_QUEUE", "fo")
+            .env("DSN_FILE", &dsn_file)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    eventually("the backend to be live", READY, || async {
+        live_labels(&queue).await == ["failover-backend"]
+    })
+    .await;
+
+    let load = Load::start(8, proxy.url("/orders"), |w, n| format!("order {w}-{n}"));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let window_started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking({
+        let (url, a, b, file) = (redis.url(), dbs.dsn(0), dbs.dsn(1), dsn_file.clone());
+        move || {
+            Command::new(BIN)
+                .args([
+                    "window",
+                    "--redis",
+                    &url,
+                    "--queue",
+                    "fo",
+                    "--timeout",
+                    "10s",
+                    "--",
+                ])
+                .arg(example("failover/switch_primary.sh"))
+                .args([a, b])
+                .arg(file)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let window = window_started.elapsed();
+    assert!(
+        out.status.success(),
+        "window failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let summary = load.finish().await;
+
+    summary.report("failover window", |s| s == StatusCode::CREATED);
+    println!("the window (pause, quiet, switch, resume) took {window:?}");
+    assert_eq!(summary.failed(|s| s == StatusCode::CREATED), 0);
+    assert!(
+        summary.longest() <= window + Duration::from_secs(1),
+        "{:?}",
+        summary.longest()
+    );
+    let db_of = |s: &crate::support::load::Sample| {
+        String::from_utf8_lossy(&s.body)
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (a_name, b_name) = (&dbs.names[0], &dbs.names[1]);
+    assert!(
+        summary.samples.iter().any(|s| db_of(s) == *a_name),
+        "nothing went to the old primary"
+    );
+    assert!(
+        summary.samples.iter().any(|s| db_of(s) == *b_name),
+        "nothing went to the new primary"
+    );
+    // Every acknowledged order is in the new primary exactly once.
+    let in_b = dbs.notes(1).await;
+    let mut acknowledged: Vec<String> = summary
+        .samples
+        .iter()
+        .map(|s| String::from_utf8_lossy(&s.sent).into_owned())
+        .collect();
+    acknowledged.sort();
+    let mut in_b_sorted = in_b.clone();
+    in_b_sorted.sort();
+    assert_eq!(
+        in_b_sorted, acknowledged,
+        "the new primary does not hold exactly the acknowledged orders"
+    );
+    // The old primary got nothing after the switch.
+    let in_a = dbs.notes(0).await;
+    assert!(in_a.len() < in_b.len());
+    assert_eq!(in_a[..], in_b[..in_a.len()], "the old primary diverged");
+
+    backend.terminate();
+    assert!(backend.wait(READY).await.success());
+    proxy.stop().await;
+    let _ = std::fs::remove_file(&dsn_file);
+    dbs.drop_all().await;
+}
