@@ -60,6 +60,28 @@ fn sleepy() -> impl tower::Service<
     })
 }
 
+/// Sends a request the `sleepy` handler takes `ms` to answer, and returns
+/// once a dispatcher holds it.
+async fn hold_slow_request(
+    proxy: &TestProxy,
+    queue: &Queue,
+    ms: u64,
+) -> tokio::task::JoinHandle<crate::support::web::Reply> {
+    let (c, url) = (client(), proxy.url(&format!("/?{ms}")));
+    let slow = tokio::spawn(async move { web::get(&c, &url).await });
+    eventually("the slow request to be held", READY, || async {
+        queue
+            .status()
+            .await
+            .unwrap()
+            .dispatchers
+            .iter()
+            .any(|d| d.held == 1)
+    })
+    .await;
+    slow
+}
+
 async fn control(redis: &LocalRedis, queue: &str) -> Queue {
     Queue::connect(&redis.url(), queue, Duration::from_secs(2))
         .await
@@ -130,21 +152,7 @@ async fn pause_wait_fails_clearly_when_work_does_not_finish_in_time() {
     let proxy = TestProxy::start(&redis, "stuck").await;
     let d = TestDispatcher::start(&redis, "stuck", sleepy());
     let queue = control(&redis, "stuck").await;
-    let c = client();
-    let slow = tokio::spawn({
-        let (c, url) = (c.clone(), proxy.url("/?3000"));
-        async move { web::get(&c, &url).await }
-    });
-    eventually("the slow request to be held", READY, || async {
-        queue
-            .status()
-            .await
-            .unwrap()
-            .dispatchers
-            .iter()
-            .any(|d| d.held == 1)
-    })
-    .await;
+    let slow = hold_slow_request(&proxy, &queue, 3000).await;
     let out = anteroom(args(
         &redis,
         "stuck",
@@ -257,21 +265,7 @@ async fn window_that_cannot_get_quiet_does_not_run_the_command() {
     let proxy = TestProxy::start(&redis, "busy").await;
     let d = TestDispatcher::start(&redis, "busy", sleepy());
     let queue = control(&redis, "busy").await;
-    let c = client();
-    let slow = tokio::spawn({
-        let (c, url) = (c.clone(), proxy.url("/?3000"));
-        async move { web::get(&c, &url).await }
-    });
-    eventually("the slow request to be held", READY, || async {
-        queue
-            .status()
-            .await
-            .unwrap()
-            .dispatchers
-            .iter()
-            .any(|d| d.held == 1)
-    })
-    .await;
+    let slow = hold_slow_request(&proxy, &queue, 3000).await;
     let marker = std::env::temp_dir().join(format!("anteroom-ran-{}", free_port().unwrap()));
     let out = anteroom(args(
         &redis,
@@ -523,6 +517,21 @@ async fn admin_endpoint_pauses_and_resumes_under_load_and_reports_the_truth() {
     assert!(s.pause.is_some());
     assert_eq!(s.dispatchers.len(), 1);
     assert!(s.dispatchers[0].heartbeat.paused && s.dispatchers[0].held == 0);
+    // `anteroom status` tells the same story as the admin endpoint.
+    let out = anteroom(args(&redis, "adm", &["status", "--json"])).await;
+    let cli = &serde_json::from_slice::<StatusReport>(&out.stdout)
+        .unwrap()
+        .queues[0];
+    assert_eq!(cli.waiting, 8);
+    assert_eq!(
+        cli.pause.as_ref().map(|p| &p.record.id),
+        s.pause.as_ref().map(|p| &p.record.id)
+    );
+    assert!(
+        cli.dispatchers
+            .iter()
+            .all(|d| d.heartbeat.paused && d.held == 0)
+    );
     // Health is answered by the proxy itself while paused.
     assert_eq!(
         admin_call(&c, "GET", &format!("{admin}/healthz"), None)
