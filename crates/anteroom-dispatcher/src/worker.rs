@@ -279,7 +279,10 @@ async fn pull_loop<S, B>(
             tracing::info!(in_flight = shared.in_flight(), "queue paused; not pulling");
             shared.acknowledge(Some(pause_id));
             tokio::select! {
-                _ = pause.changed() => {}
+                changed = pause.changed() => if changed.is_err() {
+                    tracing::error!("lost the pause watcher; stopping");
+                    break;
+                },
                 () = stop.cancelled() => break,
             }
             continue;
@@ -294,7 +297,13 @@ async fn pull_loop<S, B>(
                 Err(_) => break,
             },
             () = stop.cancelled() => break,
-            _ = pause.changed() => continue,
+            changed = pause.changed() => {
+                if changed.is_err() {
+                    tracing::error!("lost the pause watcher; stopping");
+                    break;
+                }
+                continue;
+            }
         };
         if blocking.is_none() {
             match connect_pull(shared, client).await {
