@@ -52,6 +52,10 @@ pub enum Command {
     Resume(QueueArgs),
     /// Show each queue's pause state, waiting requests, dispatchers and proxies.
     Status(StatusArgs),
+    /// Settle the requests of dispatchers that died holding them: safe ones
+    /// back to the front of the queue, others answered 502. Every dispatcher
+    /// also does this by itself every --reap-every.
+    Reap(QueueArgs),
     /// Pause, wait until no request is in flight, run COMMAND, then resume
     /// (also when COMMAND fails or is interrupted); exits with COMMAND's status.
     Window(WindowArgs),
@@ -209,6 +213,15 @@ pub struct DispatchArgs {
     /// Version label shown in this dispatcher's heartbeat (e.g. a release or git sha).
     #[arg(long, env = "ANTEROOM_LABEL", default_value = "")]
     pub label: String,
+
+    /// Heartbeat lifetime: a dispatcher silent this long counts as dead and
+    /// the requests it held are reaped.
+    #[arg(long, env = "ANTEROOM_HEARTBEAT_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_ttl: Duration,
+
+    /// How often to look for dead dispatchers and reap their requests (0s: never).
+    #[arg(long, env = "ANTEROOM_REAP_EVERY", default_value = "5s", value_parser = parse_duration)]
+    pub reap_every: Duration,
 }
 
 /// Flags of `anteroom demo`.

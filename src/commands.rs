@@ -22,6 +22,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(args) => ops::pause(args).await,
         Command::Resume(args) => ops::resume(args).await,
         Command::Status(args) => ops::status(args).await,
+        Command::Reap(args) => ops::reap(args).await,
         Command::Window(args) => ops::window(args).await,
         Command::Demo(args) => done(crate::demo::run(args).await),
     }
@@ -94,6 +95,8 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         .concurrency(args.concurrency)
         .grace(args.grace)
         .label(args.label)
+        .heartbeat_ttl(args.heartbeat_ttl)
+        .reap_interval(Some(args.reap_every).filter(|d| !d.is_zero()))
         .build()?;
     tracing::info!(upstream = %args.upstream, "forwarding to upstream");
     dispatcher

@@ -89,6 +89,43 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub(crate) async fn reap(args: QueueArgs) -> anyhow::Result<ExitCode> {
+    use anteroom_control::presence::{Presence, Role};
+    let queue = connect(&args).await?;
+    let client = redis::Client::open(args.redis.as_str()).context("invalid redis url")?;
+    let mut conn = anteroom_redis::shared(&client, REDIS_TIMEOUT).await?;
+    // Claimed requests pass through a processing list of our own, covered by
+    // a heartbeat: if this process dies mid-way, they are reaped in turn.
+    let id = format!("reaper-{}", uuid::Uuid::new_v4().simple());
+    let ttl = Duration::from_secs(30);
+    let presence = Presence::new(queue.keys(), Role::Dispatcher, &id, ttl);
+    let beat = anteroom_protocol::DispatcherHeartbeat {
+        id: id.clone(),
+        host: anteroom_redis::hostname(),
+        pid: std::process::id(),
+        label: "reaper".to_owned(),
+        concurrency: 0,
+        in_flight: 0,
+        paused: false,
+        pause_id: None,
+        started_at_ms: anteroom_protocol::now_ms(),
+    };
+    presence.beat(&mut conn, &beat).await?;
+    let result = queue.reap(&id, Duration::from_secs(60)).await;
+    presence.leave(&mut conn).await?;
+    let report = result?;
+    println!(
+        "queue {:?}: {} dead dispatcher(s) reaped; {} request(s) re-queued, {} answered 502, {} past their deadline dropped, {} dead-lettered",
+        queue.name(),
+        report.dispatchers,
+        report.requeued,
+        report.answered,
+        report.expired,
+        report.dead_lettered
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// On a terminal, says once what `--wait` is waiting for.
 fn progress_printer() -> impl FnMut(&Quiescence) {
     let tty = std::io::stderr().is_terminal();

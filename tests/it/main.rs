@@ -9,5 +9,6 @@ mod load;
 mod operations;
 mod pause;
 mod playbooks;
+mod reliability;
 mod round_trip;
 mod support;

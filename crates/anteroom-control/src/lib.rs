@@ -10,6 +10,8 @@
 //!   as a fallback, so a missed message cannot leave a dispatcher running.
 //! - [`presence`] keeps each proxy's and dispatcher's heartbeat and its entry
 //!   in the queue's registry (sorted sets scored by last heartbeat).
+//! - [`Queue::reap`] settles the requests of dispatchers that died holding
+//!   them: safe ones back to the front of the queue, others answered 502.
 //! - [`Queue::status`] reads everything at once; [`Queue::wait_quiescent`]
 //!   waits until every live dispatcher has acknowledged a pause and holds
 //!   nothing.
@@ -17,10 +19,12 @@
 mod error;
 mod pause;
 pub mod presence;
+mod reaper;
 mod status;
 
 pub use error::ControlError;
 pub use pause::{HeldPause, PauseWatch, watch_pause};
+pub use reaper::{ReapReport, dead_letter};
 pub use status::{
     DispatcherStatus, OrphanStatus, PauseStatus, ProxyStatus, QueueStatus, Quiescence,
     StatusReport, known_queues,

@@ -27,6 +27,7 @@ pub(crate) struct Settings {
     pub(crate) grace: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) pause_poll: Duration,
+    pub(crate) reap_interval: Option<Duration>,
     pub(crate) heartbeat_ttl: Duration,
     pub(crate) reply_ttl: Duration,
     pub(crate) max_response_body: usize,
@@ -42,6 +43,7 @@ impl Default for Settings {
             grace: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             pause_poll: Duration::from_secs(1),
+            reap_interval: Some(Duration::from_secs(5)),
             heartbeat_ttl: Duration::from_secs(10),
             reply_ttl: Duration::from_secs(60),
             max_response_body: 64 * 1024 * 1024,
@@ -95,6 +97,13 @@ impl DispatcherBuilder {
     /// missed (default 1 s). Announcements themselves act within milliseconds.
     pub fn pause_poll(mut self, interval: Duration) -> Self {
         self.settings.pause_poll = interval;
+        self
+    }
+
+    /// How often this dispatcher looks for dispatchers that died holding
+    /// requests and settles those requests (default 5 s; `None` disables).
+    pub fn reap_interval(mut self, interval: Option<Duration>) -> Self {
+        self.settings.reap_interval = interval;
         self
     }
 

@@ -188,6 +188,7 @@ where
 
     let stop = CancellationToken::new();
     let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), stop_background.clone()));
+    let reaper = tokio::spawn(reap(Arc::clone(&shared), stop_background.clone()));
     let nudger = tokio::spawn(nudge_pulls(
         Arc::clone(&shared),
         stop.clone(),
@@ -219,6 +220,7 @@ where
     stop_background.cancel();
     let _ = heartbeat.await;
     let _ = nudger.await;
+    let _ = reaper.await;
     Ok(())
 }
 
@@ -381,8 +383,21 @@ where
     let envelope = match RequestEnvelope::decode(raw.clone()) {
         Ok(envelope) => envelope,
         Err(err) => {
-            tracing::error!(error = %err, queue = %shared.keys.queue(), "undecodable envelope; moving it to the dead-letter list");
-            dead_letter(&shared, &raw).await;
+            let reason = format!("does not decode: {err}");
+            tracing::error!(queue = %shared.keys.queue(), %reason, "moving an envelope to the dead-letter list");
+            let mut conn = shared.conn.clone();
+            if let Err(err) = anteroom_control::dead_letter(
+                &mut conn,
+                &shared.keys,
+                &shared.processing_key,
+                &raw,
+                &reason,
+                &shared.id,
+            )
+            .await
+            {
+                tracing::error!(error = %err, "dead-lettering failed; the envelope stays in the processing list");
+            }
             return;
         }
     };
@@ -497,22 +512,6 @@ async fn discard(shared: &Shared, raw: &Bytes) {
     run_with_retries(shared, &pipe, "discard").await;
 }
 
-/// Moves an undecodable envelope to the dead-letter list.
-async fn dead_letter(shared: &Shared, raw: &Bytes) {
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("LPUSH")
-        .arg(shared.keys.dead())
-        .arg(raw.as_ref())
-        .ignore()
-        .cmd("LREM")
-        .arg(&shared.processing_key)
-        .arg(1)
-        .arg(raw.as_ref())
-        .ignore();
-    run_with_retries(shared, &pipe, "dead-letter").await;
-}
-
 async fn run_with_retries(shared: &Shared, pipe: &redis::Pipeline, what: &str) {
     let mut conn = shared.conn.clone();
     let mut delay = Duration::from_millis(50);
@@ -527,6 +526,32 @@ async fn run_with_retries(shared: &Shared, pipe: &redis::Pipeline, what: &str) {
             Err(err) => {
                 tracing::error!(error = %err, "{what} failed; the request stays in the processing list");
             }
+        }
+    }
+}
+
+/// Every `reap_interval`, settles the requests of dispatchers that died
+/// holding them (see [`anteroom_control::Queue::reap`]).
+async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(every) = shared.settings.reap_interval else {
+        return;
+    };
+    let queue = anteroom_control::Queue::with_connection(shared.keys.clone(), shared.conn.clone());
+    loop {
+        if sleep_or_stop(&stop, every).await {
+            return;
+        }
+        match queue.reap(&shared.id, shared.settings.reply_ttl).await {
+            Ok(report) if report.dispatchers > 0 => tracing::warn!(
+                dead_dispatchers = report.dispatchers,
+                requeued = report.requeued,
+                answered_502 = report.answered,
+                expired = report.expired,
+                dead_lettered = report.dead_lettered,
+                "reaped"
+            ),
+            Ok(_) => {}
+            Err(err) => tracing::debug!(error = %err, "reaping failed; will retry"),
         }
     }
 }

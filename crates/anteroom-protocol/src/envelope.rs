@@ -9,6 +9,8 @@ pub const VERSION: u8 = 1;
 pub const KIND_REQUEST: u8 = b'Q';
 /// Kind byte of a response envelope (`'R'`).
 pub const KIND_RESPONSE: u8 = b'R';
+/// Kind byte of a dead letter (`'D'`).
+pub const KIND_DEAD_LETTER: u8 = b'D';
 
 const PREFIX_LEN: usize = 6;
 
@@ -107,6 +109,63 @@ pub struct ResponseEnvelope {
     pub headers: HeaderList,
     /// Body bytes, exact.
     pub body: Bytes,
+}
+
+/// Something that could not be processed, kept with the reason, in the
+/// queue's dead-letter list. The body is the original bytes, exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Why it was set aside.
+    pub reason: String,
+    /// When, Unix milliseconds.
+    pub at_ms: u64,
+    /// The dispatcher (or reaper) that set it aside.
+    pub by: String,
+    /// The bytes as they were found.
+    pub original: Bytes,
+}
+
+#[derive(Serialize)]
+struct DeadMetaRef<'a> {
+    reason: &'a str,
+    at_ms: u64,
+    by: &'a str,
+    body_len: u64,
+}
+
+#[derive(Deserialize)]
+struct DeadMeta {
+    reason: String,
+    at_ms: u64,
+    #[serde(default)]
+    by: String,
+    body_len: u64,
+}
+
+impl DeadLetter {
+    /// Encodes the dead letter into its wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = DeadMetaRef {
+            reason: &self.reason,
+            at_ms: self.at_ms,
+            by: &self.by,
+            body_len: self.original.len() as u64,
+        };
+        frame(KIND_DEAD_LETTER, &meta, &self.original)
+    }
+
+    /// Decodes a dead letter; `original` is a zero-copy slice of `buf`.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        let (meta, body) = unframe(&buf, KIND_DEAD_LETTER, "dead letter")?;
+        let meta: DeadMeta = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
+        check_body(meta.body_len, &body)?;
+        Ok(Self {
+            reason: meta.reason,
+            at_ms: meta.at_ms,
+            by: meta.by,
+            original: body,
+        })
+    }
 }
 
 /// Header values travel as JSON strings whose code points are the bytes
@@ -295,6 +354,17 @@ impl RequestEnvelope {
         })
     }
 
+    /// True when running the request twice does no harm: a safe method
+    /// (GET, HEAD, OPTIONS) or an `Idempotency-Key` header. The reaper
+    /// re-queues such requests; others are answered instead.
+    pub fn is_safe_to_repeat(&self) -> bool {
+        matches!(self.method.as_str(), "GET" | "HEAD" | "OPTIONS")
+            || self
+                .headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case("idempotency-key"))
+    }
+
     /// True when the deadline has passed at `now_ms` (Unix milliseconds).
     pub fn is_expired(&self, now_ms: u64) -> bool {
         now_ms >= self.deadline_ms
@@ -392,6 +462,26 @@ mod tests {
     }
 
     #[test]
+    fn safe_to_repeat_means_safe_method_or_idempotency_key() {
+        let mut env = sample();
+        assert!(!env.is_safe_to_repeat(), "POST without a key");
+        env.headers
+            .push(("idempotency-key".into(), Bytes::from_static(b"k1")));
+        assert!(env.is_safe_to_repeat());
+        for (method, safe) in [
+            ("GET", true),
+            ("HEAD", true),
+            ("OPTIONS", true),
+            ("PUT", false),
+            ("DELETE", false),
+        ] {
+            let mut env = sample();
+            env.method = method.into();
+            assert_eq!(env.is_safe_to_repeat(), safe, "{method}");
+        }
+    }
+
+    #[test]
     fn every_truncation_is_an_error() {
         let wire = sample().encode();
         for n in 0..wire.len() {
@@ -413,6 +503,20 @@ mod tests {
             ResponseEnvelope::decode(Bytes::from(wire)),
             Err(DecodeError::WrongKind { found: b'Q', .. })
         ));
+    }
+
+    #[test]
+    fn dead_letters_keep_the_original_bytes() {
+        let dead = DeadLetter {
+            reason: "unsupported envelope version 9".into(),
+            at_ms: 7,
+            by: "d1".into(),
+            original: Bytes::from_static(b"\x09garbage\xff"),
+        };
+        assert_eq!(
+            DeadLetter::decode(Bytes::from(dead.encode())).unwrap(),
+            dead
+        );
     }
 
     #[test]

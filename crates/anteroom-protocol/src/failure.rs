@@ -25,6 +25,11 @@ pub enum Failure {
     /// Too many requests are waiting in this proxy; retry shortly (503 with
     /// `Retry-After`).
     Overloaded,
+    /// The dispatcher running a request that is not safe to repeat stopped
+    /// (crashed) before answering; it may or may not have run (502).
+    Interrupted,
+    /// The client did not send its request body in time (408).
+    ClientTimeout,
 }
 
 impl Failure {
@@ -35,7 +40,8 @@ impl Failure {
             Failure::BodyTooLarge => 413,
             Failure::HoldExpired => 504,
             Failure::Unavailable | Failure::Overloaded => 503,
-            Failure::HandlerFailed => 502,
+            Failure::HandlerFailed | Failure::Interrupted => 502,
+            Failure::ClientTimeout => 408,
         }
     }
 
@@ -48,6 +54,10 @@ impl Failure {
             Failure::Unavailable => "service temporarily unavailable\n",
             Failure::HandlerFailed => "the backend failed to handle the request\n",
             Failure::Overloaded => "too many requests waiting; retry shortly\n",
+            Failure::Interrupted => {
+                "the backend stopped while handling this request; it may or may not have been carried out\n"
+            }
+            Failure::ClientTimeout => "request body not received in time\n",
         }
     }
 

@@ -23,8 +23,8 @@ mod keys;
 
 pub use convert::{ConvertError, headers_from_map, strip_hop_by_hop};
 pub use envelope::{
-    DecodeError, HeaderList, HttpVersion, KIND_REQUEST, KIND_RESPONSE, RequestEnvelope,
-    ResponseEnvelope, VERSION,
+    DeadLetter, DecodeError, HeaderList, HttpVersion, KIND_DEAD_LETTER, KIND_REQUEST,
+    KIND_RESPONSE, RequestEnvelope, ResponseEnvelope, VERSION,
 };
 pub use failure::Failure;
 pub use heartbeat::{DispatcherHeartbeat, PauseRecord, ProxyHeartbeat};

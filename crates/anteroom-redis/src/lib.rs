@@ -48,7 +48,8 @@ pub async fn blocking(
         .await
 }
 
-/// Exponential backoff between reconnect attempts: 50 ms doubling to 2 s.
+/// Exponential backoff between reconnect attempts: 50 ms doubling to 1 s
+/// (capped low so service resumes within about a second of Redis returning).
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next: Duration,
@@ -56,7 +57,7 @@ pub struct Backoff {
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(50);
-    const MAX: Duration = Duration::from_secs(2);
+    const MAX: Duration = Duration::from_secs(1);
 
     /// A backoff at its first, shortest delay.
     pub fn new() -> Self {
@@ -106,7 +107,7 @@ mod tests {
     fn backoff_doubles_to_a_cap_and_resets() {
         let mut b = Backoff::new();
         let delays: Vec<_> = (0..8).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(delays, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(50));
     }
