@@ -37,6 +37,8 @@ pub enum StartError {
 pub struct LocalRedis {
     child: Child,
     port: u16,
+    binary: PathBuf,
+    extra: Vec<String>,
 }
 
 impl LocalRedis {
@@ -47,23 +49,34 @@ impl LocalRedis {
     }
 
     /// Like [`start`](Self::start), with extra `redis-server` arguments.
+    /// Extra arguments come last, so they override the defaults (e.g.
+    /// `--appendonly yes` for a server whose data survives a restart).
     pub fn start_with_args(extra: &[&str]) -> Result<Self, StartError> {
         let binary = find_on_path("redis-server").ok_or(StartError::NotInstalled)?;
         let port = free_port().map_err(StartError::Spawn)?;
-        let child = Command::new(binary)
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--daemonize", "no", "--protected-mode", "yes"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(StartError::Spawn)?;
-        let mut server = Self { child, port };
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        let child = spawn(&binary, port, &extra)?;
+        let mut server = Self {
+            child,
+            port,
+            binary,
+            extra,
+        };
         server.wait_ready()?;
         Ok(server)
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same arguments.
+    pub fn start_again(&mut self) -> Result<(), StartError> {
+        self.kill();
+        self.child = spawn(&self.binary, self.port, &self.extra)?;
+        self.wait_ready()
     }
 
     /// The port it listens on.
@@ -104,6 +117,20 @@ impl Drop for LocalRedis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn spawn(binary: &PathBuf, port: u16, extra: &[String]) -> Result<Child, StartError> {
+    Command::new(binary)
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--daemonize", "no", "--protected-mode", "yes"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(StartError::Spawn)
 }
 
 fn ping(port: u16) -> std::io::Result<()> {

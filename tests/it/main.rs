@@ -7,6 +7,7 @@ mod compose;
 mod failures;
 mod load;
 mod operations;
+mod outages;
 mod pause;
 mod playbooks;
 mod reliability;

@@ -427,7 +427,14 @@ where
         let budget = Duration::from_millis(envelope.deadline_ms - now);
         let reply = execute(&shared, service, &envelope, budget).await;
         tracing::info!(status = reply.status, waited_ms, "handled");
-        complete(&shared, &envelope.reply_to, reply.encode(), &raw).await;
+        complete(
+            &shared,
+            &envelope.reply_to,
+            reply.encode(),
+            &raw,
+            envelope.deadline_ms,
+        )
+        .await;
     }
     .instrument(span)
     .await;
@@ -482,7 +489,7 @@ where
 
 /// Pushes the reply and removes the request from the processing list in one
 /// MULTI (both keys share the queue's hash slot). Retried a few times.
-async fn complete(shared: &Shared, reply_to: &str, reply: Vec<u8>, raw: &Bytes) {
+async fn complete(shared: &Shared, reply_to: &str, reply: Vec<u8>, raw: &Bytes, deadline_ms: u64) {
     let mut pipe = redis::pipe();
     pipe.atomic()
         .cmd("RPUSH")
@@ -498,7 +505,7 @@ async fn complete(shared: &Shared, reply_to: &str, reply: Vec<u8>, raw: &Bytes) 
         .arg(1)
         .arg(raw.as_ref())
         .ignore();
-    run_with_retries(shared, &pipe, "complete").await;
+    run_with_retries(shared, &pipe, "complete", deadline_ms).await;
 }
 
 /// Removes an expired request from the processing list without replying.
@@ -509,24 +516,36 @@ async fn discard(shared: &Shared, raw: &Bytes) {
         .arg(1)
         .arg(raw.as_ref())
         .ignore();
-    run_with_retries(shared, &pipe, "discard").await;
+    // Dropping an expired request is housekeeping: a minute of retries is plenty.
+    run_with_retries(shared, &pipe, "discard", now_ms() + 60_000).await;
 }
 
-async fn run_with_retries(shared: &Shared, pipe: &redis::Pipeline, what: &str) {
+/// Runs `pipe`, retrying with backoff (a Redis restart takes a moment) until
+/// it succeeds or `until_ms` (Unix milliseconds) passes: past a request's
+/// deadline its reply is worth nothing. Whatever is left over stays in the
+/// processing list, where a reaper finds it if this dispatcher dies.
+async fn run_with_retries(shared: &Shared, pipe: &redis::Pipeline, what: &str, until_ms: u64) {
     let mut conn = shared.conn.clone();
-    let mut delay = Duration::from_millis(50);
-    for attempt in 1..=4 {
-        match pipe.query_async::<()>(&mut conn).await {
-            Ok(()) => return,
-            Err(err) if attempt < 4 => {
-                tracing::warn!(error = %err, attempt, "{what} failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+    let mut backoff = Backoff::new();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let err = match pipe.query_async::<()>(&mut conn).await {
+            Ok(()) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "{what} succeeded after retrying");
+                }
+                return;
             }
-            Err(err) => {
-                tracing::error!(error = %err, "{what} failed; the request stays in the processing list");
-            }
+            Err(err) => err,
+        };
+        let delay = backoff.next_delay();
+        if now_ms().saturating_add(delay.as_millis() as u64) >= until_ms {
+            tracing::error!(error = %err, attempt, "{what} failed; giving up at the deadline (the request stays in the processing list)");
+            return;
         }
+        tracing::warn!(error = %err, attempt, "{what} failed; retrying");
+        tokio::time::sleep(delay).await;
     }
 }
 

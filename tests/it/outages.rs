@@ -1,0 +1,257 @@
+//! Crashes around the dispatchers: a proxy killed mid-request, and
+//! redis-server killed and restarted under load, with real processes.
+
+use std::time::{Duration, Instant};
+
+use anteroom::local_redis::{LocalRedis, free_port};
+use anteroom_control::Queue;
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+
+use crate::support::app::Upstream;
+use crate::support::bin::BinProcess;
+use crate::support::load::Load;
+use crate::support::web::{self, client};
+use crate::support::{
+    TestDispatcher, TestProxy, dispatcher_builder, eventually, keys, redis_conn, start_redis,
+};
+
+const READY: Duration = Duration::from_secs(20);
+
+async fn wait_for_port(port: u16) {
+    eventually("the proxy to listen", READY, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_to_a_dead_proxy_expire_and_dispatchers_carry_on() {
+    let redis = start_redis();
+    let dispatcher = dispatcher_builder(&redis, "pc")
+        .reply_ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let d = TestDispatcher::start_built(
+        dispatcher,
+        tower::service_fn(|_req: Request<anteroom_dispatcher::Body>| async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                b"late",
+            ))))
+        }),
+    );
+    let port = free_port().unwrap();
+    let mut proxy = BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "pc",
+    ]);
+    wait_for_port(port).await;
+    let c = client();
+    let doomed = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.request(
+                Request::get(format!("http://127.0.0.1:{port}/"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+        }
+    });
+    let queue = Queue::connect(&redis.url(), "pc", Duration::from_secs(2))
+        .await
+        .unwrap();
+    eventually("the dispatcher to hold the request", READY, || async {
+        queue
+            .status()
+            .await
+            .unwrap()
+            .dispatchers
+            .iter()
+            .any(|d| d.held == 1)
+    })
+    .await;
+    proxy.child().kill().unwrap();
+    proxy.child().wait().unwrap();
+    assert!(
+        doomed.await.unwrap().is_err(),
+        "the client of a killed proxy got an answer"
+    );
+
+    // The reply lands in the dead proxy's list, which then expires.
+    let mut conn = redis_conn(&redis).await;
+    eventually("the reply to arrive", READY, || {
+        let mut conn = conn.clone();
+        async move { !keys(&mut conn, "anteroom:{pc}:replies:*").await.is_empty() }
+    })
+    .await;
+    let reply_list = keys(&mut conn, "anteroom:{pc}:replies:*").await.remove(0);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&reply_list)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 1000, "reply list TTL {ttl} ms");
+    eventually("the dead proxy's reply list to expire", READY, || {
+        let (mut conn, key) = (conn.clone(), reply_list.clone());
+        async move {
+            !redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async::<bool>(&mut conn)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+
+    // Dispatchers are unaffected: a live proxy is served.
+    let live = TestProxy::start(&redis, "pc").await;
+    let r = web::get(&c, &live.url("/")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "late");
+    d.stop().await;
+    live.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load() {
+    let dir = std::env::temp_dir().join(format!("anteroom-aof-{}", free_port().unwrap()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Appendonly with fsync always: what was queued survives the crash.
+    let mut redis = LocalRedis::start_with_args(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        dir.to_str().unwrap(),
+    ])
+    .unwrap();
+    let upstream = Upstream::start().await;
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let _proxy = BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &listen,
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "out",
+        "--hold",
+        "15s",
+    ]);
+    let _dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "out",
+        "--upstream",
+        &upstream.url(),
+    ]);
+    wait_for_port(port).await;
+    let c = client();
+    eventually("the first answer", READY, || async {
+        web::post(&c, &format!("http://{listen}/echo"), "warm")
+            .await
+            .status
+            == StatusCode::OK
+    })
+    .await;
+
+    let load = Load::start(8, format!("http://{listen}/echo"), |w, n| {
+        format!("{w}-{n}")
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    let killed = Instant::now();
+
+    // While Redis is down, a new request is refused quickly, not left hanging.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    let r = web::post(&c, &format!("http://{listen}/echo"), "during the outage").await;
+    let refused_in = start.elapsed();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
+    assert!(
+        refused_in < Duration::from_secs(3),
+        "503 took {refused_in:?}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(killed.elapsed())).await;
+    redis.start_again().unwrap();
+    let restarted = Instant::now();
+    // Serving again: a fresh request succeeds.
+    let recovered_in = loop {
+        let req = Request::post(format!("http://{listen}/echo"))
+            .body(Full::new(Bytes::from_static(b"back")))
+            .unwrap();
+        let r = web::send(&c, req).await;
+        if r.status == StatusCode::OK {
+            break restarted.elapsed();
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "not serving 10 s after restart: {}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let summary = load.finish().await;
+
+    let count = |code: StatusCode| summary.samples.iter().filter(|s| s.status == code).count();
+    println!(
+        "redis outage of {:?}: 503 in {refused_in:?}; serving again {recovered_in:?} after restart; load: {} requests, {} ok, {} 503, {} 504, longest {:?}",
+        restarted - killed,
+        summary.samples.len(),
+        count(StatusCode::OK),
+        count(StatusCode::SERVICE_UNAVAILABLE),
+        count(StatusCode::GATEWAY_TIMEOUT),
+        summary.longest()
+    );
+    assert!(
+        recovered_in < Duration::from_secs(2),
+        "serving again took {recovered_in:?}"
+    );
+    // Every request got an answer: success, refusal while down, or the hold
+    // budget's 504; none hung (each is bounded by the client's timeout) and
+    // none got a body meant for another.
+    for s in &summary.samples {
+        assert!(
+            [
+                StatusCode::OK,
+                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::GATEWAY_TIMEOUT
+            ]
+            .contains(&s.status),
+            "{}",
+            s.status
+        );
+        if s.status == StatusCode::OK {
+            assert_eq!(s.body, s.sent);
+        }
+        assert!(s.latency <= Duration::from_secs(16), "{:?}", s.latency);
+    }
+    assert!(count(StatusCode::OK) > 0);
+    let after: Vec<_> = summary
+        .samples
+        .iter()
+        .filter(|s| s.started > restarted + recovered_in)
+        .collect();
+    assert!(
+        !after.is_empty() && after.iter().all(|s| s.status == StatusCode::OK),
+        "failures after recovery"
+    );
+    drop(redis);
+    let _ = std::fs::remove_dir_all(&dir);
+}
