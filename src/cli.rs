@@ -181,6 +181,27 @@ pub struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_MAX_WAITING_BYTES", default_value = "512MiB", value_parser = parse_size)]
     pub max_waiting_bytes: usize,
 
+    /// Most client connections open at once; further ones are closed at once.
+    #[arg(long, env = "ANTEROOM_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Most header fields in one request; more get 431.
+    #[arg(long, env = "ANTEROOM_MAX_HEADERS", default_value_t = 100)]
+    pub max_headers: usize,
+
+    /// Most bytes in one request head (request line and headers); more get 431.
+    #[arg(long, env = "ANTEROOM_MAX_HEAD", default_value = "64KiB", value_parser = parse_size)]
+    pub max_head: usize,
+
+    /// How long a client may take to send the request head; then the
+    /// connection is closed (slow clients cannot hold connections open).
+    #[arg(long, env = "ANTEROOM_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long a client may take to send the request body; then 408.
+    #[arg(long, env = "ANTEROOM_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
     /// Address for the admin endpoint (GET /healthz, GET /status, POST /pause,
     /// POST /resume); off when not given.
     #[arg(long, env = "ANTEROOM_ADMIN")]

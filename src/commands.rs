@@ -48,6 +48,11 @@ fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.grace = args.grace;
     config.max_waiting = args.max_waiting;
     config.max_waiting_bytes = args.max_waiting_bytes;
+    config.max_connections = args.max_connections;
+    config.max_headers = args.max_headers;
+    config.max_head_bytes = args.max_head;
+    config.header_read_timeout = args.header_timeout;
+    config.body_read_timeout = args.body_timeout;
     config
 }
 

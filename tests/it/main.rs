@@ -5,6 +5,7 @@
 mod cli;
 mod compose;
 mod failures;
+mod hostile;
 mod load;
 mod operations;
 mod outages;

@@ -20,6 +20,15 @@ pub struct ProxyConfig {
     pub redis_timeout: Duration,
     /// How long a client may take to send the request head.
     pub header_read_timeout: Duration,
+    /// How long a client may take to send the request body (over it: 408).
+    pub body_read_timeout: Duration,
+    /// Most header fields in one request (over it: 431).
+    pub max_headers: usize,
+    /// Most bytes in one request head, request line and headers (over it:
+    /// 431). At least 8 KiB.
+    pub max_head_bytes: usize,
+    /// Most client connections open at once; more are closed on accept.
+    pub max_connections: usize,
     /// Most requests that may wait in this proxy at once; more get 503.
     pub max_waiting: usize,
     /// Most request body bytes that may wait in this proxy at once; more get 503.
@@ -30,8 +39,9 @@ pub struct ProxyConfig {
 
 impl ProxyConfig {
     /// A configuration with the documented defaults: hold 30 s, body limit
-    /// 8 MiB, grace 30 s, Redis timeout 2 s, header read timeout 30 s, at most
-    /// 20,000 requests and 512 MiB of bodies waiting.
+    /// 8 MiB, grace 30 s, Redis timeout 2 s, head and body read timeouts
+    /// 30 s each, 100 headers and 64 KiB of head per request, 10,000
+    /// connections, at most 20,000 requests and 512 MiB of bodies waiting.
     pub fn new(redis_url: impl Into<String>, queue: impl Into<String>) -> Self {
         Self {
             redis_url: redis_url.into(),
@@ -41,6 +51,10 @@ impl ProxyConfig {
             grace: Duration::from_secs(30),
             redis_timeout: Duration::from_secs(2),
             header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            max_headers: 100,
+            max_head_bytes: 64 * 1024,
+            max_connections: 10_000,
             max_waiting: 20_000,
             max_waiting_bytes: 512 * 1024 * 1024,
             proxy_id: None,

@@ -32,6 +32,8 @@ pub(crate) enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("could not read the request body")]
     BodyRead(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("could not enqueue the request")]
     Enqueue(#[source] redis::RedisError),
     #[error("no reply within the hold budget")]
@@ -49,6 +51,7 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. } => Failure::BodyTooLarge,
             ProxyError::BodyRead(_) => Failure::BadRequest,
+            ProxyError::BodyTimeout(_) => Failure::ClientTimeout,
             ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
             ProxyError::HoldExpired => Failure::HoldExpired,
             ProxyError::Overloaded { .. } => Failure::Overloaded,

@@ -63,6 +63,7 @@ pub(crate) async fn handle(
                 let failure = err.failure();
                 match failure {
                     Failure::BadRequest
+                    | Failure::ClientTimeout
                     | Failure::BodyTooLarge
                     | Failure::HoldExpired
                     | Failure::Overloaded => {
@@ -107,9 +108,10 @@ async fn forward(
         return Err(ProxyError::BodyTooLarge { limit });
     }
     let (parts, body) = req.into_parts();
-    let body = Limited::new(body, limit)
-        .collect()
+    let body_timeout = state.config.body_read_timeout;
+    let body = tokio::time::timeout(body_timeout, Limited::new(body, limit).collect())
         .await
+        .map_err(|_| ProxyError::BodyTimeout(body_timeout))?
         .map_err(|err| {
             if err.downcast_ref::<LengthLimitError>().is_some() {
                 ProxyError::BodyTooLarge { limit }

@@ -85,7 +85,15 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_read_timeout);
+        .header_read_timeout(state.config.header_read_timeout)
+        .max_headers(state.config.max_headers)
+        .max_buf_size(state.config.max_head_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(state.config.max_head_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    let connections = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -102,6 +110,11 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(slot) = Arc::clone(&connections).try_acquire_owned() else {
+            tracing::debug!(%peer, max = state.config.max_connections, "connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         let service = service_fn(move |req| {
@@ -116,6 +129,7 @@ pub async fn serve(
             if let Err(err) = conn.await {
                 tracing::debug!(error = %err, %peer, "connection ended with an error");
             }
+            drop(slot);
         });
     }
 
