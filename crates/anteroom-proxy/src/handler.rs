@@ -86,7 +86,7 @@ pub(crate) async fn handle(
     .await
 }
 
-fn usable_request_id(v: &HeaderValue) -> bool {
+pub(crate) fn usable_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
 }
@@ -121,29 +121,21 @@ async fn forward(
         })?
         .to_bytes();
 
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    prepare_forwarded_headers(&mut headers, &parts.uri, client, request_id);
     let head_request = parts.method == Method::HEAD;
-
     let hold = state.config.hold;
     let now = now_ms();
-    let envelope = RequestEnvelope {
-        id: id.to_owned(),
-        method: parts.method.as_str().to_owned(),
-        uri: parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned(),
-        version: parts.version.into(),
-        headers: anteroom_protocol::headers_from_map(&headers),
+    let envelope = envelope_for(
+        parts,
         body,
-        reply_to: state.reply_key.clone(),
-        client_addr: Some(client.to_string()),
-        enqueued_at_ms: now,
-        deadline_ms: now.saturating_add(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX)),
-    };
+        Route {
+            client,
+            id,
+            request_id,
+            reply_to: &state.reply_key,
+            now_ms: now,
+            hold,
+        },
+    );
     let deadline = tokio::time::Instant::now() + hold;
 
     let _reservation = state
@@ -171,6 +163,47 @@ async fn forward(
 
 async fn wait(mut waiter: crate::replies::Waiter) -> Result<ResponseEnvelope, ProxyError> {
     (&mut waiter.rx).await.map_err(|_| ProxyError::ReaderGone)
+}
+
+/// Where a request goes and on whose behalf: everything besides the
+/// request itself that its envelope records.
+pub(crate) struct Route<'a> {
+    pub(crate) client: SocketAddr,
+    pub(crate) id: &'a str,
+    pub(crate) request_id: &'a HeaderValue,
+    pub(crate) reply_to: &'a str,
+    pub(crate) now_ms: u64,
+    pub(crate) hold: Duration,
+}
+
+/// The envelope for a request: hop-by-hop headers removed, forwarding
+/// headers set, deadline `hold` from now. Pure, so it can be fuzzed.
+pub(crate) fn envelope_for(
+    parts: http::request::Parts,
+    body: Bytes,
+    route: Route<'_>,
+) -> RequestEnvelope {
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    prepare_forwarded_headers(&mut headers, &parts.uri, route.client, route.request_id);
+    RequestEnvelope {
+        id: route.id.to_owned(),
+        method: parts.method.as_str().to_owned(),
+        uri: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned(),
+        version: parts.version.into(),
+        headers: anteroom_protocol::headers_from_map(&headers),
+        body,
+        reply_to: route.reply_to.to_owned(),
+        client_addr: Some(route.client.to_string()),
+        enqueued_at_ms: route.now_ms,
+        deadline_ms: route
+            .now_ms
+            .saturating_add(u64::try_from(route.hold.as_millis()).unwrap_or(u64::MAX)),
+    }
 }
 
 /// Sets `X-Request-Id`, appends the client to `X-Forwarded-For`, sets
@@ -202,7 +235,7 @@ fn prepare_forwarded_headers(
     }
 }
 
-fn build_response(
+pub(crate) fn build_response(
     reply: &ResponseEnvelope,
     head_request: bool,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {

@@ -20,6 +20,8 @@ mod admin;
 mod budget;
 mod config;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handler;
 mod replies;
 mod server;
