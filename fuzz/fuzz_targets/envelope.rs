@@ -10,17 +10,22 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let buf = Bytes::copy_from_slice(data);
     if let Ok(req) = RequestEnvelope::decode(buf.clone()) {
-        let again = RequestEnvelope::decode(Bytes::from(req.encode())).expect("re-encoded request decodes");
+        let again =
+            RequestEnvelope::decode(Bytes::from(req.encode())).expect("re-encoded request decodes");
         assert_eq!(again, req);
         let _ = req.to_http();
         let _ = req.is_safe_to_repeat();
     }
     if let Ok(resp) = ResponseEnvelope::decode(buf.clone()) {
-        let again = ResponseEnvelope::decode(Bytes::from(resp.encode())).expect("re-encoded response decodes");
+        let again = ResponseEnvelope::decode(Bytes::from(resp.encode()))
+            .expect("re-encoded response decodes");
         assert_eq!(again, resp);
         let _ = resp.to_http();
     }
     if let Ok(dead) = DeadLetter::decode(buf) {
-        assert_eq!(DeadLetter::decode(Bytes::from(dead.encode())).unwrap(), dead);
+        assert_eq!(
+            DeadLetter::decode(Bytes::from(dead.encode())).unwrap(),
+            dead
+        );
     }
 });

@@ -31,10 +31,16 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 
 async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
-    let Ok(Ok(collected)) =
-        tokio::time::timeout(Duration::from_millis(50), Limited::new(body, 64 * 1024).collect()).await
+    let Ok(Ok(collected)) = tokio::time::timeout(
+        Duration::from_millis(50),
+        Limited::new(body, 64 * 1024).collect(),
+    )
+    .await
     else {
-        return Ok(Response::builder().status(StatusCode::PAYLOAD_TOO_LARGE).body(Full::default()).unwrap());
+        return Ok(Response::builder()
+            .status(StatusCode::PAYLOAD_TOO_LARGE)
+            .body(Full::default())
+            .unwrap());
     };
     let head = parts.method == Method::HEAD;
     let client_id = parts.headers.get("x-request-id").cloned();
@@ -44,10 +50,13 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         "192.0.2.1:4000".parse().unwrap(),
         client_id.as_ref(),
     );
-    let decoded = RequestEnvelope::decode(Bytes::from(envelope.encode())).expect("own envelope decodes");
+    let decoded =
+        RequestEnvelope::decode(Bytes::from(envelope.encode())).expect("own envelope decodes");
     assert_eq!(decoded, envelope);
     // The dispatcher's side; a request hyper accepted must still be valid HTTP.
-    let request = decoded.to_http().expect("an accepted request converts back");
+    let request = decoded
+        .to_http()
+        .expect("an accepted request converts back");
     // Echo the request's headers as the reply, the worst a handler can send.
     let reply = ResponseEnvelope::from_http(
         &decoded.id,
@@ -56,7 +65,8 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         request.body().clone(),
     );
     let reply = ResponseEnvelope::decode(Bytes::from(reply.encode())).expect("own reply decodes");
-    let response = anteroom_proxy::fuzzing::response_for(&reply, head).expect("echoed reply is valid HTTP");
+    let response =
+        anteroom_proxy::fuzzing::response_for(&reply, head).expect("echoed reply is valid HTTP");
     Ok(response)
 }
 
