@@ -13,4 +13,5 @@ mod pause;
 mod playbooks;
 mod reliability;
 mod round_trip;
+mod security;
 mod support;

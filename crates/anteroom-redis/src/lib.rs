@@ -11,6 +11,10 @@
 //!   the block time, or redis-rs's default 500 ms would cut every idle wait
 //!   short.
 //!
+//! `rediss://` URLs use TLS (rustls with the ring provider), verifying the
+//! server against the system's roots, or those in `SSL_CERT_FILE` /
+//! `SSL_CERT_DIR`; `rediss://...#insecure` skips verification.
+//!
 //! [`Backoff`] paces reconnect attempts; [`sleep_or_stop`] waits in a way a
 //! shutdown can interrupt.
 
@@ -19,6 +23,10 @@ use std::time::Duration;
 use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use tokio_util::sync::CancellationToken;
+
+// rustls is a dependency only to choose its crypto provider (ring) for the
+// TLS connections redis-rs makes.
+use rustls as _;
 
 /// Opens the shared, self-reconnecting connection; `timeout` bounds both
 /// connecting and each command.
