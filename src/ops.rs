@@ -65,8 +65,8 @@ pub(crate) async fn resume(args: QueueArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let client = redis::Client::open(args.redis.as_str()).context("invalid redis url")?;
-    let mut conn = anteroom_redis::shared(&client, REDIS_TIMEOUT)
+    let target = anteroom_redis::Target::parse(&args.redis)?;
+    let mut conn = anteroom_redis::shared(&target, REDIS_TIMEOUT)
         .await
         .context("cannot connect to redis")?;
     let names = match args.queue {
@@ -92,8 +92,8 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 pub(crate) async fn reap(args: QueueArgs) -> anyhow::Result<ExitCode> {
     use anteroom_control::presence::{Presence, Role};
     let queue = connect(&args).await?;
-    let client = redis::Client::open(args.redis.as_str()).context("invalid redis url")?;
-    let mut conn = anteroom_redis::shared(&client, REDIS_TIMEOUT).await?;
+    let target = anteroom_redis::Target::parse(&args.redis)?;
+    let mut conn = anteroom_redis::shared(&target, REDIS_TIMEOUT).await?;
     // Claimed requests pass through a processing list of our own, covered by
     // a heartbeat: if this process dies mid-way, they are reaped in turn.
     let id = format!("reaper-{}", uuid::Uuid::new_v4().simple());

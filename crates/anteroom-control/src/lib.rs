@@ -33,13 +33,13 @@ pub use status::{
 use std::time::Duration;
 
 use anteroom_protocol::Keys;
-use redis::aio::ConnectionManager;
+use anteroom_redis::{SharedConnection, Target};
 
 /// One queue's control operations over a shared Redis connection.
 #[derive(Clone)]
 pub struct Queue {
     keys: Keys,
-    conn: ConnectionManager,
+    conn: SharedConnection,
 }
 
 impl std::fmt::Debug for Queue {
@@ -58,15 +58,15 @@ impl Queue {
         timeout: Duration,
     ) -> Result<Self, ControlError> {
         let keys = Keys::new(queue)?;
-        let client = redis::Client::open(redis_url).map_err(ControlError::RedisUrl)?;
-        let conn = anteroom_redis::shared(&client, timeout)
+        let target = Target::parse(redis_url)?;
+        let conn = anteroom_redis::shared(&target, timeout)
             .await
             .map_err(ControlError::RedisConnect)?;
         Ok(Self { keys, conn })
     }
 
     /// Operations on `keys`' queue over an existing connection.
-    pub fn with_connection(keys: Keys, conn: ConnectionManager) -> Self {
+    pub fn with_connection(keys: Keys, conn: SharedConnection) -> Self {
         Self { keys, conn }
     }
 
@@ -80,7 +80,7 @@ impl Queue {
         self.keys.queue()
     }
 
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> SharedConnection {
         self.conn.clone()
     }
 }

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use anteroom_protocol::{Keys, PauseRecord, now_ms};
+use anteroom_redis::{SharedConnection, Target};
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, PubSub};
+use redis::aio::PubSub;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -162,8 +163,8 @@ pub type PauseWatch = watch::Receiver<Option<PauseRecord>>;
 /// key is also re-read every `poll`, so a lost message or a lapsed lease is
 /// noticed within `poll`.
 pub async fn watch_pause(
-    client: redis::Client,
-    conn: ConnectionManager,
+    target: Target,
+    conn: SharedConnection,
     keys: Keys,
     poll: Duration,
     connect_timeout: Duration,
@@ -178,7 +179,7 @@ pub async fn watch_pause(
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if subscription.is_none() {
-                subscription = subscribe(&client, &reader.keys, connect_timeout).await;
+                subscription = subscribe(&target, &reader.keys, connect_timeout).await;
             }
             let message = async {
                 match subscription.as_mut() {
@@ -212,7 +213,7 @@ pub async fn watch_pause(
 }
 
 struct Reader {
-    conn: ConnectionManager,
+    conn: SharedConnection,
     keys: Keys,
 }
 
@@ -226,9 +227,9 @@ impl Reader {
     }
 }
 
-async fn subscribe(client: &redis::Client, keys: &Keys, timeout: Duration) -> Option<PubSub> {
+async fn subscribe(target: &Target, keys: &Keys, timeout: Duration) -> Option<PubSub> {
     let attempt = async {
-        let mut pubsub = client.get_async_pubsub().await?;
+        let mut pubsub = target.client().await?.get_async_pubsub().await?;
         pubsub.subscribe(keys.control()).await?;
         Ok::<_, redis::RedisError>(pubsub)
     };

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anteroom_protocol::{Keys, QUEUES_KEY, now_ms};
-use redis::aio::ConnectionManager;
+use anteroom_redis::SharedConnection;
 use serde::Serialize;
 
 /// Which registry a component belongs to.
@@ -42,7 +42,7 @@ impl Presence {
     }
 
     /// Adds the queue to the global list of known queues.
-    pub async fn register_queue(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+    pub async fn register_queue(&self, conn: &mut SharedConnection) -> redis::RedisResult<()> {
         redis::cmd("SADD")
             .arg(QUEUES_KEY)
             .arg(&self.queue)
@@ -53,7 +53,7 @@ impl Presence {
     /// Writes the heartbeat (with its TTL) and refreshes the registry entry.
     pub async fn beat(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut SharedConnection,
         heartbeat: &impl Serialize,
     ) -> redis::RedisResult<()> {
         let json = serde_json::to_string(heartbeat).map_err(|e| {
@@ -80,7 +80,7 @@ impl Presence {
     }
 
     /// Removes the heartbeat and the registry entry (on a clean stop).
-    pub async fn leave(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+    pub async fn leave(&self, conn: &mut SharedConnection) -> redis::RedisResult<()> {
         redis::pipe()
             .cmd("DEL")
             .arg(&self.key)

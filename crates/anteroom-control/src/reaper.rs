@@ -15,8 +15,8 @@
 use std::time::Duration;
 
 use anteroom_protocol::{DeadLetter, Failure, Keys, RequestEnvelope, now_ms};
+use anteroom_redis::SharedConnection;
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 
 use crate::{ControlError, Queue};
 
@@ -106,7 +106,7 @@ impl Queue {
 }
 
 async fn settle(
-    conn: &mut ConnectionManager,
+    conn: &mut SharedConnection,
     keys: &Keys,
     claim_list: &str,
     claimer: &str,
@@ -158,7 +158,7 @@ async fn settle(
 /// Moves `raw` from `list` to the queue's dead-letter list, with the reason,
 /// in one MULTI.
 pub async fn dead_letter(
-    conn: &mut ConnectionManager,
+    conn: &mut SharedConnection,
     keys: &Keys,
     list: &str,
     raw: &Bytes,

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anteroom_protocol::{
     DispatcherHeartbeat, PauseRecord, ProxyHeartbeat, QUEUES_KEY, RequestEnvelope, now_ms,
 };
+use anteroom_redis::SharedConnection;
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use crate::{ControlError, Queue};
@@ -108,7 +108,7 @@ impl Quiescence {
 }
 
 /// Queue names that proxies and dispatchers have registered.
-pub async fn known_queues(conn: &mut ConnectionManager) -> Result<Vec<String>, ControlError> {
+pub async fn known_queues(conn: &mut SharedConnection) -> Result<Vec<String>, ControlError> {
     let mut queues: Vec<String> = redis::cmd("SMEMBERS")
         .arg(QUEUES_KEY)
         .query_async(conn)
@@ -244,12 +244,7 @@ impl Queue {
     }
 
     /// Drops registry entries of components that left without a trace.
-    async fn prune(
-        &self,
-        conn: &mut ConnectionManager,
-        dispatchers: &[String],
-        proxies: &[String],
-    ) {
+    async fn prune(&self, conn: &mut SharedConnection, dispatchers: &[String], proxies: &[String]) {
         if dispatchers.is_empty() && proxies.is_empty() {
             return;
         }

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use anteroom_protocol::{Keys, validate_id};
+use anteroom_redis::Target;
 use bytes::Bytes;
 use http::{Request, Response};
 use tower::Service;
@@ -14,7 +15,7 @@ use crate::{Body, worker};
 /// Builds a [`Dispatcher`].
 #[derive(Debug, Clone)]
 pub struct DispatcherBuilder {
-    redis: Option<redis::Client>,
+    redis: Option<Target>,
     redis_url: Option<String>,
     queue: Option<String>,
     pub(crate) settings: Settings,
@@ -61,9 +62,9 @@ impl DispatcherBuilder {
         self
     }
 
-    /// The Redis server, as a client you already built.
-    pub fn redis_client(mut self, client: redis::Client) -> Self {
-        self.redis = Some(client);
+    /// The Redis server, as a [`Target`] you already parsed.
+    pub fn redis_target(mut self, target: Target) -> Self {
+        self.redis = Some(target);
         self
     }
 
@@ -148,9 +149,7 @@ impl DispatcherBuilder {
     pub fn build(self) -> Result<Dispatcher, DispatcherError> {
         let client = match (self.redis, self.redis_url) {
             (Some(client), _) => client,
-            (None, Some(url)) => {
-                redis::Client::open(url.as_str()).map_err(DispatcherError::RedisUrl)?
-            }
+            (None, Some(url)) => Target::parse(&url)?,
             (None, None) => return Err(DispatcherError::MissingRedis),
         };
         let queue = self.queue.ok_or(DispatcherError::MissingQueue)?;
@@ -177,7 +176,7 @@ impl DispatcherBuilder {
 /// A configured dispatcher, ready to serve a handler.
 #[derive(Debug, Clone)]
 pub struct Dispatcher {
-    pub(crate) client: redis::Client,
+    pub(crate) client: Target,
     pub(crate) keys: Keys,
     pub(crate) id: String,
     pub(crate) settings: Settings,

@@ -12,10 +12,11 @@ use anteroom_control::presence::{Presence, Role};
 use anteroom_protocol::{
     DispatcherHeartbeat, Failure, Keys, RequestEnvelope, ResponseEnvelope, now_ms,
 };
+use anteroom_redis::{SharedConnection, Target};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -62,7 +63,7 @@ struct Shared {
     id: String,
     requests_key: String,
     processing_key: String,
-    conn: ConnectionManager,
+    conn: SharedConnection,
     settings: Settings,
     permits: Arc<Semaphore>,
     /// The queue's pause flag, as followed by [`anteroom_control::watch_pause`].
@@ -260,7 +261,7 @@ async fn nudge_pulls(shared: Arc<Shared>, stop: CancellationToken, done: Cancell
 /// the processing list is never abandoned.
 async fn pull_loop<S, B>(
     shared: &Arc<Shared>,
-    client: &redis::Client,
+    client: &Target,
     service: S,
     tracker: &TaskTracker,
     stop: &CancellationToken,
@@ -357,7 +358,7 @@ async fn pull_loop<S, B>(
 /// Opens the pull connection and records its client id for CLIENT UNBLOCK.
 async fn connect_pull(
     shared: &Shared,
-    client: &redis::Client,
+    client: &Target,
 ) -> redis::RedisResult<MultiplexedConnection> {
     let mut conn = anteroom_redis::blocking(
         client,

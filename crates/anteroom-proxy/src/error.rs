@@ -14,8 +14,8 @@ pub enum ServeError {
     #[error(transparent)]
     Name(#[from] NameError),
     /// The Redis URL does not parse.
-    #[error("invalid redis url")]
-    RedisUrl(#[source] redis::RedisError),
+    #[error(transparent)]
+    RedisUrl(#[from] anteroom_redis::TargetError),
     /// Redis did not answer at startup.
     #[error("cannot connect to redis")]
     RedisConnect(#[source] redis::RedisError),

@@ -10,7 +10,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use redis::aio::ConnectionManager;
 use tracing::Instrument;
 
 use crate::config::ProxyConfig;
@@ -30,7 +29,7 @@ pub(crate) struct State {
     pub(crate) queue: String,
     pub(crate) requests_key: String,
     pub(crate) reply_key: String,
-    pub(crate) conn: ConnectionManager,
+    pub(crate) conn: anteroom_redis::SharedConnection,
     pub(crate) demux: Arc<Demux>,
     pub(crate) budget: Arc<crate::budget::Budget>,
 }

@@ -84,14 +84,14 @@ impl Demux {
 /// Reads the reply list until `stop` is cancelled, reconnecting with backoff.
 pub(crate) async fn run(
     demux: Arc<Demux>,
-    client: redis::Client,
+    target: anteroom_redis::Target,
     key: String,
     connect_timeout: Duration,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
     'connect: while !stop.is_cancelled() {
-        let mut conn = match anteroom_redis::blocking(&client, connect_timeout, BLOCK).await {
+        let mut conn = match anteroom_redis::blocking(&target, connect_timeout, BLOCK).await {
             Ok(conn) => conn,
             Err(err) => {
                 tracing::warn!(error = %err, "reply reader cannot connect to redis; retrying");

@@ -42,8 +42,8 @@ pub async fn serve(
         }
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
-    let client = redis::Client::open(config.redis_url.as_str()).map_err(ServeError::RedisUrl)?;
-    let conn = anteroom_redis::shared(&client, config.redis_timeout)
+    let target = anteroom_redis::Target::parse(&config.redis_url)?;
+    let conn = anteroom_redis::shared(&target, config.redis_timeout)
         .await
         .map_err(ServeError::RedisConnect)?;
 
@@ -69,7 +69,7 @@ pub async fn serve(
     let stop_background = CancellationToken::new();
     let reader = tokio::spawn(replies::run(
         Arc::clone(&demux),
-        client,
+        target,
         state.reply_key.clone(),
         state.config.redis_timeout,
         stop_background.clone(),

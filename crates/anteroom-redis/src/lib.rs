@@ -3,13 +3,18 @@
 //! Two kinds of connection, and the rule that separates them:
 //!
 //! - [`shared`]: one pipelined connection per component for ordinary
-//!   commands. Concurrent callers share it (redis-rs multiplexes), it has a
-//!   response timeout, and it reconnects by itself after an error.
+//!   commands ([`SharedConnection`]). Concurrent callers share it (redis-rs
+//!   multiplexes), it has a response timeout, and it reconnects by itself
+//!   after an error.
 //! - [`blocking`]: a dedicated connection for one blocking command at a time
 //!   (`BLMOVE`, `BLMPOP`). A blocking command stalls everything behind it on
 //!   its connection, so it never shares; and its response timeout must outlast
 //!   the block time, or redis-rs's default 500 ms would cut every idle wait
 //!   short.
+//!
+//! Every connection is made to a [`Target`]: one server by URL, or the
+//! primary that Redis Sentinel names (`redis+sentinel://`), asked again on
+//! every reconnect so that a failover is followed.
 //!
 //! `rediss://` URLs use TLS (rustls with the ring provider), verifying the
 //! server against the system's roots, or those in `SSL_CERT_FILE` /
@@ -18,42 +23,52 @@
 //! [`Backoff`] paces reconnect attempts; [`sleep_or_stop`] waits in a way a
 //! shutdown can interrupt.
 
+mod shared;
+mod target;
+
+pub use shared::{SharedConnection, needs_reconnect};
+pub use target::{Target, TargetError};
+
 use std::time::Duration;
 
 use redis::AsyncConnectionConfig;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 // rustls is a dependency only to choose its crypto provider (ring) for the
 // TLS connections redis-rs makes.
 use rustls as _;
 
-/// Opens the shared, self-reconnecting connection; `timeout` bounds both
+/// Opens the shared, self-healing connection to `target`; `timeout` bounds
 /// connecting and each command.
-pub async fn shared(
-    client: &redis::Client,
-    timeout: Duration,
-) -> redis::RedisResult<ConnectionManager> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    ConnectionManager::new_with_config(client.clone(), config).await
+pub async fn shared(target: &Target, timeout: Duration) -> redis::RedisResult<SharedConnection> {
+    SharedConnection::connect(target, timeout).await
 }
 
-/// Opens a connection for blocking commands that block at most `block`.
+/// Opens a connection for blocking commands that block at most `block`,
+/// to the server `target` names now.
 pub async fn blocking(
-    client: &redis::Client,
+    target: &Target,
     connect_timeout: Duration,
     block: Duration,
 ) -> redis::RedisResult<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(connect_timeout))
         .set_response_timeout(Some(block + connect_timeout + Duration::from_secs(1)));
-    client
-        .get_multiplexed_async_connection_with_config(&config)
+    let attempt = async {
+        let client = target.client().await?;
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    };
+    tokio::time::timeout(connect_timeout, attempt)
         .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "connecting to redis timed out",
+            )))
+        })
 }
 
 /// Exponential backoff between reconnect attempts: 50 ms doubling to 1 s
