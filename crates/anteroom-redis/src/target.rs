@@ -30,7 +30,7 @@ pub struct Target {
 
 #[derive(Clone)]
 enum Kind {
-    Direct(redis::Client),
+    Direct(Box<redis::Client>),
     Sentinel {
         client: Arc<Mutex<SentinelClient>>,
         master: String,
@@ -60,7 +60,7 @@ impl Target {
         }
         let client = redis::Client::open(url).map_err(|e| TargetError::new(e.to_string()))?;
         Ok(Self {
-            kind: Kind::Direct(client),
+            kind: Kind::Direct(Box::new(client)),
         })
     }
 
@@ -116,7 +116,7 @@ impl Target {
     /// A client for the server to use now (for Sentinel: the current primary).
     pub async fn client(&self) -> RedisResult<redis::Client> {
         match &self.kind {
-            Kind::Direct(client) => Ok(client.clone()),
+            Kind::Direct(client) => Ok((**client).clone()),
             Kind::Sentinel { client, .. } => client.lock().await.async_get_client().await,
         }
     }
