@@ -202,6 +202,21 @@ pub struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
+    /// While Redis is unreachable, keep trying to enqueue for this long
+    /// before answering 503 (0s: answer at once). Requests that are not safe
+    /// to repeat are retried only when nothing was sent.
+    #[arg(long, env = "ANTEROOM_ENQUEUE_TIMEOUT", default_value = "0s", value_parser = parse_duration)]
+    pub enqueue_timeout: Duration,
+
+    /// After each enqueue, wait (WAIT 1) for a replica to have it, so an
+    /// accepted request survives the loss of the primary.
+    #[arg(long, env = "ANTEROOM_DURABLE")]
+    pub durable: bool,
+
+    /// With --durable: how long to wait for the replica.
+    #[arg(long, env = "ANTEROOM_DURABLE_WAIT", default_value = "250ms", value_parser = parse_duration)]
+    pub durable_wait: Duration,
+
     /// Address for the admin endpoint (GET /healthz, GET /status, POST /pause,
     /// POST /resume); off when not given.
     #[arg(long, env = "ANTEROOM_ADMIN")]
@@ -243,6 +258,15 @@ pub struct DispatchArgs {
     /// How often to look for dead dispatchers and reap their requests (0s: never).
     #[arg(long, env = "ANTEROOM_REAP_EVERY", default_value = "5s", value_parser = parse_duration)]
     pub reap_every: Duration,
+
+    /// Wait (WAIT 1) for a replica after taking and after completing each
+    /// request, so a failover neither hands a request out twice nor loses a reply.
+    #[arg(long, env = "ANTEROOM_DURABLE")]
+    pub durable: bool,
+
+    /// With --durable: how long to wait for the replica.
+    #[arg(long, env = "ANTEROOM_DURABLE_WAIT", default_value = "250ms", value_parser = parse_duration)]
+    pub durable_wait: Duration,
 }
 
 /// Flags of `anteroom demo`.

@@ -53,6 +53,8 @@ fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.max_head_bytes = args.max_head;
     config.header_read_timeout = args.header_timeout;
     config.body_read_timeout = args.body_timeout;
+    config.enqueue_timeout = args.enqueue_timeout;
+    config.durable = args.durable.then_some(args.durable_wait);
     config
 }
 
@@ -102,6 +104,7 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         .label(args.label)
         .heartbeat_ttl(args.heartbeat_ttl)
         .reap_interval(Some(args.reap_every).filter(|d| !d.is_zero()))
+        .durable(args.durable.then_some(args.durable_wait))
         .build()?;
     tracing::info!(upstream = %args.upstream, "forwarding to upstream");
     dispatcher

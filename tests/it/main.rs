@@ -14,4 +14,5 @@ mod playbooks;
 mod reliability;
 mod round_trip;
 mod security;
+mod sentinel;
 mod support;

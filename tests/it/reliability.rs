@@ -108,6 +108,7 @@ fn envelope(id: usize, method: &str, reply_to: &str) -> RequestEnvelope {
         client_addr: None,
         enqueued_at_ms: now_ms(),
         deadline_ms: now_ms() + 60_000,
+        dedupe: false,
     }
 }
 

@@ -133,6 +133,8 @@ async fn settle(
             .arg(keys.requests())
             .arg(raw.as_ref())
             .ignore();
+        // Release the dead dispatcher's claim, or the repeat would be skipped.
+        pipe.cmd("DEL").arg(keys.claimed(&envelope.id)).ignore();
         report.requeued += 1;
     } else {
         let reply = Failure::Interrupted.to_envelope(&envelope.id);

@@ -29,6 +29,7 @@ pub(crate) struct Settings {
     pub(crate) poll_interval: Duration,
     pub(crate) pause_poll: Duration,
     pub(crate) reap_interval: Option<Duration>,
+    pub(crate) durable: Option<Duration>,
     pub(crate) heartbeat_ttl: Duration,
     pub(crate) reply_ttl: Duration,
     pub(crate) max_response_body: usize,
@@ -45,6 +46,7 @@ impl Default for Settings {
             poll_interval: Duration::from_secs(1),
             pause_poll: Duration::from_secs(1),
             reap_interval: Some(Duration::from_secs(5)),
+            durable: None,
             heartbeat_ttl: Duration::from_secs(10),
             reply_ttl: Duration::from_secs(60),
             max_response_body: 64 * 1024 * 1024,
@@ -105,6 +107,14 @@ impl DispatcherBuilder {
     /// requests and settles those requests (default 5 s; `None` disables).
     pub fn reap_interval(mut self, interval: Option<Duration>) -> Self {
         self.settings.reap_interval = interval;
+        self
+    }
+
+    /// `Some(t)`: `WAIT 1 t` for a replica after taking a request (before
+    /// running it) and after completing it, so neither step is undone by the
+    /// loss of the primary (default `None`).
+    pub fn durable(mut self, wait: Option<Duration>) -> Self {
+        self.settings.durable = wait;
         self
     }
 

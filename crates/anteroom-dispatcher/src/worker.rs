@@ -76,6 +76,8 @@ struct Shared {
     beat_now: Notify,
     /// Requests being handled now.
     running: AtomicUsize,
+    /// With `durable`: whether and how long to WAIT for a replica.
+    durability: Option<Arc<anteroom_redis::Durability>>,
 }
 
 /// Counts one request as running for as long as it lives.
@@ -155,6 +157,8 @@ where
         .await
         .map_err(DispatcherError::RedisConnect)?;
     let stop_background = CancellationToken::new();
+    let settings_durable = settings.durable;
+    let conn_for_durability = conn.clone();
     let pause = anteroom_control::watch_pause(
         client.clone(),
         conn.clone(),
@@ -178,6 +182,9 @@ where
         pull_client_id: AtomicU64::new(0),
         beat_now: Notify::new(),
         running: AtomicUsize::new(0),
+        durability: settings_durable.map(|wait| {
+            anteroom_redis::Durability::spawn(conn_for_durability, wait, stop_background.clone())
+        }),
     });
     tracing::info!(
         queue = %shared.keys.queue(),
@@ -424,6 +431,17 @@ where
             discard(&shared, &raw).await;
             return;
         }
+        if envelope.dedupe && !claim(&shared, &envelope, now).await {
+            tracing::info!("already claimed by an earlier delivery; not executed again");
+            discard(&shared, &raw).await;
+            return;
+        }
+        if let Some(wait) = shared.durability.as_ref().and_then(|d| d.wait()) {
+            // The move into our processing list (and the claim) must survive
+            // a failover before the request runs, or a new primary would
+            // hand it out again.
+            replicate(&shared, wait).await;
+        }
         let waited_ms = now.saturating_sub(envelope.enqueued_at_ms);
         let budget = Duration::from_millis(envelope.deadline_ms - now);
         let reply = execute(&shared, service, &envelope, budget).await;
@@ -507,6 +525,49 @@ async fn complete(shared: &Shared, reply_to: &str, reply: Vec<u8>, raw: &Bytes, 
         .arg(raw.as_ref())
         .ignore();
     run_with_retries(shared, &pipe, "complete", deadline_ms).await;
+    if let Some(wait) = shared.durability.as_ref().and_then(|d| d.wait()) {
+        replicate(shared, wait).await;
+    }
+}
+
+/// Claims a `dedupe` request before running it: false when another delivery
+/// of the same envelope already did. The claim lives until the deadline plus
+/// the reply TTL. A Redis error counts as claimed, so the request still runs.
+async fn claim(shared: &Shared, envelope: &RequestEnvelope, now: u64) -> bool {
+    let ttl =
+        envelope.deadline_ms.saturating_sub(now) + shared.settings.reply_ttl.as_millis() as u64;
+    let set: redis::RedisResult<Option<String>> = redis::cmd("SET")
+        .arg(shared.keys.claimed(&envelope.id))
+        .arg(&shared.id)
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl.max(1))
+        .query_async(&mut shared.conn.clone())
+        .await;
+    match set {
+        Ok(claimed) => claimed.is_some(),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot claim the request; running it");
+            true
+        }
+    }
+}
+
+/// `WAIT 1 wait`: lets a replica catch up with what this connection wrote.
+async fn replicate(shared: &Shared, wait: Duration) {
+    let result = redis::cmd("WAIT")
+        .arg(1)
+        .arg(wait.as_millis() as u64)
+        .query_async::<i64>(&mut shared.conn.clone())
+        .await;
+    if let (Ok(n), Some(d)) = (&result, &shared.durability) {
+        d.observed(*n);
+    }
+    match result {
+        Ok(n) if n >= 1 => {}
+        Ok(_) => tracing::warn!(?wait, "no replica acknowledged in time"),
+        Err(err) => tracing::warn!(error = %err, "WAIT failed"),
+    }
 }
 
 /// Removes an expired request from the processing list without replying.

@@ -180,6 +180,7 @@ mod tests {
             client_addr: None,
             enqueued_at_ms: 0,
             deadline_ms: 0,
+            dedupe: false,
         };
         assert!(matches!(env.to_http(), Err(ConvertError::HeaderValue(_))));
         let mut bad_method = env.clone();

@@ -96,6 +96,10 @@ pub struct RequestEnvelope {
     pub enqueued_at_ms: u64,
     /// After this instant (Unix milliseconds) the request must not be executed.
     pub deadline_ms: u64,
+    /// The producer may have pushed this envelope more than once (it retries
+    /// ambiguous enqueues): a dispatcher must claim the id before running it
+    /// and skip it when the claim exists (see docs/protocol.md).
+    pub dedupe: bool,
 }
 
 /// One HTTP response on its way back to a proxy.
@@ -229,6 +233,8 @@ struct RequestMetaRef<'a> {
     client_addr: Option<&'a str>,
     enqueued_at_ms: u64,
     deadline_ms: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    dedupe: bool,
     body_len: u64,
 }
 
@@ -245,6 +251,8 @@ struct RequestMeta {
     client_addr: Option<String>,
     enqueued_at_ms: u64,
     deadline_ms: u64,
+    #[serde(default)]
+    dedupe: bool,
     body_len: u64,
 }
 
@@ -330,6 +338,7 @@ impl RequestEnvelope {
             client_addr: self.client_addr.as_deref(),
             enqueued_at_ms: self.enqueued_at_ms,
             deadline_ms: self.deadline_ms,
+            dedupe: self.dedupe,
             body_len: self.body.len() as u64,
         };
         frame(KIND_REQUEST, &meta, &self.body)
@@ -351,6 +360,7 @@ impl RequestEnvelope {
             client_addr: meta.client_addr,
             enqueued_at_ms: meta.enqueued_at_ms,
             deadline_ms: meta.deadline_ms,
+            dedupe: meta.dedupe,
         })
     }
 
@@ -419,6 +429,7 @@ mod tests {
             client_addr: Some("127.0.0.1:5000".into()),
             enqueued_at_ms: 1_700_000_000_000,
             deadline_ms: 1_700_000_030_000,
+            dedupe: false,
         }
     }
 
@@ -563,8 +574,9 @@ mod tests {
             client_addr in prop::option::of("\\PC{0,30}"),
             enqueued_at_ms in any::<u64>(),
             deadline_ms in any::<u64>(),
+            dedupe in any::<bool>(),
         ) -> RequestEnvelope {
-            RequestEnvelope { id, method, uri, version, headers, body: Bytes::from(body), reply_to, client_addr, enqueued_at_ms, deadline_ms }
+            RequestEnvelope { id, method, uri, version, headers, body: Bytes::from(body), reply_to, client_addr, enqueued_at_ms, deadline_ms, dedupe }
         }
     }
 

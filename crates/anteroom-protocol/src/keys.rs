@@ -100,6 +100,12 @@ impl Keys {
         format!("{}control", self.prefix)
     }
 
+    /// `anteroom:{q}:claimed:<request-id>`: a dispatcher's claim on a request
+    /// marked `dedupe`, so a duplicate delivery is not run again.
+    pub fn claimed(&self, request_id: &str) -> String {
+        format!("{}claimed:{request_id}", self.prefix)
+    }
+
     /// `anteroom:{q}:paused`: present while the queue is paused.
     pub fn paused(&self) -> String {
         format!("{}paused", self.prefix)

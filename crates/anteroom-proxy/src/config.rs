@@ -33,6 +33,12 @@ pub struct ProxyConfig {
     pub max_waiting: usize,
     /// Most request body bytes that may wait in this proxy at once; more get 503.
     pub max_waiting_bytes: usize,
+    /// When Redis cannot be reached, how long to keep trying to enqueue
+    /// before answering 503 (default zero: answer at once). Capped by `hold`.
+    pub enqueue_timeout: Duration,
+    /// `Some(t)`: after each enqueue, `WAIT 1 t` for a replica, so an
+    /// accepted request survives the loss of the primary.
+    pub durable: Option<Duration>,
     /// This proxy's id (names its reply list); a random one when `None`.
     pub proxy_id: Option<String>,
 }
@@ -57,6 +63,8 @@ impl ProxyConfig {
             max_connections: 10_000,
             max_waiting: 20_000,
             max_waiting_bytes: 512 * 1024 * 1024,
+            enqueue_timeout: Duration::ZERO,
+            durable: None,
             proxy_id: None,
         }
     }

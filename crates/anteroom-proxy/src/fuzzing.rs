@@ -32,6 +32,7 @@ pub fn envelope_for(
             reply_to: "anteroom:{fuzz}:replies:p",
             now_ms: 1,
             hold: Duration::from_secs(30),
+            dedupe: true,
         },
     )
 }

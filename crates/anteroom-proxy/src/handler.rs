@@ -32,6 +32,7 @@ pub(crate) struct State {
     pub(crate) conn: anteroom_redis::SharedConnection,
     pub(crate) demux: Arc<Demux>,
     pub(crate) budget: Arc<crate::budget::Budget>,
+    pub(crate) durability: Option<Arc<anteroom_redis::Durability>>,
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -133,6 +134,7 @@ async fn forward(
             reply_to: &state.reply_key,
             now_ms: now,
             hold,
+            dedupe: !state.config.enqueue_timeout.is_zero(),
         },
     );
     let deadline = tokio::time::Instant::now() + hold;
@@ -143,13 +145,7 @@ async fn forward(
         .map_err(|(waiting, bytes)| ProxyError::Overloaded { waiting, bytes })?;
     // Register before enqueueing: a fast dispatcher may answer at once.
     let waiter = state.demux.register(id);
-    let mut conn = state.conn.clone();
-    redis::cmd("LPUSH")
-        .arg(&state.requests_key)
-        .arg(envelope.encode())
-        .query_async::<i64>(&mut conn)
-        .await
-        .map_err(ProxyError::Enqueue)?;
+    enqueue(state, &envelope).await?;
     drop(envelope);
 
     let reply = match tokio::time::timeout_at(deadline, wait(waiter)).await {
@@ -158,6 +154,70 @@ async fn forward(
     };
     tracing::debug!(waited = ?Duration::from_millis(now_ms().saturating_sub(now)), "reply received");
     build_response(&reply, head_request)
+}
+
+/// LPUSHes the envelope (then `WAIT`s for a replica when durable). While
+/// Redis is away, retries for up to the enqueue timeout: always when no
+/// connection could be made (nothing was sent), and after an ambiguous
+/// failure (the push may have happened) only for requests safe to repeat,
+/// so an unsafe request is never queued twice.
+async fn enqueue(state: &State, envelope: &RequestEnvelope) -> Result<(), ProxyError> {
+    let payload = envelope.encode();
+    let give_up = tokio::time::Instant::now() + state.config.enqueue_timeout.min(state.config.hold);
+    let mut backoff = anteroom_redis::Backoff::new();
+    loop {
+        let mut conn = state.conn.clone();
+        let (err, never_sent) = match conn.ensure_connected().await {
+            Err(err) => (err, true),
+            Ok(()) => match push(state, &mut conn, &payload).await {
+                Ok(()) => return Ok(()),
+                Err(err) => (err, false),
+            },
+        };
+        let delay = backoff.next_delay();
+        // A repeated push of a `dedupe` envelope runs at most once.
+        let may_retry = never_sent || envelope.dedupe || envelope.is_safe_to_repeat();
+        if !may_retry || tokio::time::Instant::now() + delay >= give_up {
+            return Err(ProxyError::Enqueue(err));
+        }
+        tracing::debug!(error = %err, "enqueue failed; retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn push(
+    state: &State,
+    conn: &mut anteroom_redis::SharedConnection,
+    payload: &[u8],
+) -> redis::RedisResult<()> {
+    let durability = state.durability.as_ref();
+    let Some(wait) = durability.and_then(|d| d.wait()) else {
+        return redis::cmd("LPUSH")
+            .arg(&state.requests_key)
+            .arg(payload)
+            .query_async::<i64>(conn)
+            .await
+            .map(drop);
+    };
+    let (_, replicas): (i64, i64) = redis::pipe()
+        .cmd("LPUSH")
+        .arg(&state.requests_key)
+        .arg(payload)
+        .cmd("WAIT")
+        .arg(1)
+        .arg(wait.as_millis() as u64)
+        .query_async(conn)
+        .await?;
+    if let Some(d) = durability {
+        d.observed(replicas);
+    }
+    if replicas < 1 {
+        tracing::warn!(
+            ?wait,
+            "no replica acknowledged the request in time; it may not survive a failover"
+        );
+    }
+    Ok(())
 }
 
 async fn wait(mut waiter: crate::replies::Waiter) -> Result<ResponseEnvelope, ProxyError> {
@@ -173,6 +233,8 @@ pub(crate) struct Route<'a> {
     pub(crate) reply_to: &'a str,
     pub(crate) now_ms: u64,
     pub(crate) hold: Duration,
+    /// Whether enqueues may be repeated (see `RequestEnvelope::dedupe`).
+    pub(crate) dedupe: bool,
 }
 
 /// The envelope for a request: hop-by-hop headers removed, forwarding
@@ -202,6 +264,7 @@ pub(crate) fn envelope_for(
         deadline_ms: route
             .now_ms
             .saturating_add(u64::try_from(route.hold.as_millis()).unwrap_or(u64::MAX)),
+        dedupe: route.dedupe,
     }
 }
 

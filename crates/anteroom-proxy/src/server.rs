@@ -48,6 +48,10 @@ pub async fn serve(
         .map_err(ServeError::RedisConnect)?;
 
     let demux = Arc::new(Demux::default());
+    let stop_background = CancellationToken::new();
+    let durability = config
+        .durable
+        .map(|wait| anteroom_redis::Durability::spawn(conn.clone(), wait, stop_background.clone()));
     let state = Arc::new(State {
         queue: keys.queue().to_owned(),
         requests_key: keys.requests(),
@@ -55,6 +59,7 @@ pub async fn serve(
         conn,
         demux: Arc::clone(&demux),
         budget: Arc::new(Budget::new(config.max_waiting, config.max_waiting_bytes)),
+        durability,
         config,
     });
     let local = listener.local_addr().ok();
@@ -66,7 +71,6 @@ pub async fn serve(
         "proxy ready"
     );
 
-    let stop_background = CancellationToken::new();
     let reader = tokio::spawn(replies::run(
         Arc::clone(&demux),
         target,

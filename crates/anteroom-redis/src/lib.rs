@@ -23,9 +23,11 @@
 //! [`Backoff`] paces reconnect attempts; [`sleep_or_stop`] waits in a way a
 //! shutdown can interrupt.
 
+mod durable;
 mod shared;
 mod target;
 
+pub use durable::Durability;
 pub use shared::{SharedConnection, needs_reconnect};
 pub use target::{Target, TargetError};
 
