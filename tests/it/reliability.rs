@@ -417,3 +417,53 @@ async fn anteroom_reap_settles_a_dead_dispatchers_requests() {
     d.stop().await;
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedupe_envelope_delivered_twice_runs_once() {
+    let redis = start_redis();
+    let runs = Arc::new(Mutex::new(0usize));
+    let counter = Arc::clone(&runs);
+    let d = TestDispatcher::start(
+        &redis,
+        "dup",
+        tower::service_fn(move |_req: Request<anteroom_dispatcher::Body>| {
+            *counter.lock().unwrap() += 1;
+            async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                    Bytes::from_static(b"ran"),
+                )))
+            }
+        }),
+    );
+    let keys = Keys::new("dup").unwrap();
+    let mut conn = redis_conn(&redis).await;
+    let mut env = envelope(1, "POST", "anteroom:{dup}:replies:p");
+    env.dedupe = true;
+    // The same envelope twice, as a proxy retrying an ambiguous push may leave it.
+    for _ in 0..2 {
+        redis::cmd("LPUSH")
+            .arg(keys.requests())
+            .arg(env.encode())
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    eventually("both deliveries handled", READY, || {
+        let mut conn = conn.clone();
+        let keys = keys.clone();
+        async move {
+            llen(&mut conn, &keys.requests()).await == 0
+                && crate::support::keys(&mut conn, "anteroom:{dup}:processing:*")
+                    .await
+                    .is_empty()
+        }
+    })
+    .await;
+    assert_eq!(*runs.lock().unwrap(), 1, "a duplicate delivery ran again");
+    assert_eq!(
+        llen(&mut conn, "anteroom:{dup}:replies:p").await,
+        1,
+        "exactly one reply"
+    );
+    d.stop().await;
+}
