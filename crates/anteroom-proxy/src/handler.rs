@@ -250,11 +250,7 @@ pub(crate) fn envelope_for(
     RequestEnvelope {
         id: route.id.to_owned(),
         method: parts.method.as_str().to_owned(),
-        uri: parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned(),
+        uri: origin_form(&parts.uri),
         version: parts.version.into(),
         headers: anteroom_protocol::headers_from_map(&headers),
         body,
@@ -265,6 +261,19 @@ pub(crate) fn envelope_for(
             .now_ms
             .saturating_add(u64::try_from(route.hold.as_millis()).unwrap_or(u64::MAX)),
         dedupe: route.dedupe,
+    }
+}
+
+/// The request target in origin form: the path (`/` when empty, as in the
+/// absolute-form `http://host?x`) and the query.
+fn origin_form(uri: &http::Uri) -> String {
+    let path = match uri.path() {
+        "" => "/",
+        path => path,
+    };
+    match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
     }
 }
 
@@ -335,6 +344,27 @@ mod tests {
         prepare_forwarded_headers(&mut h, &uri, "[::1]:4000".parse().unwrap(), &rid);
         assert_eq!(h["host"], "example.org:8080");
         assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    /// Found by the `proxy_request` fuzz target: absolute-form with an
+    /// empty path used to give the envelope the target `?b=1`.
+    #[test]
+    fn targets_are_always_origin_form() {
+        for (target, expected) in [
+            ("st://a?b=1", "/?b=1"),
+            ("http://example.com", "/"),
+            ("http://example.com/x/y?z", "/x/y?z"),
+            ("/plain?q=1", "/plain?q=1"),
+            ("*", "*"),
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            let origin = origin_form(&uri);
+            assert_eq!(origin, expected, "{target}");
+            assert!(
+                origin.parse::<http::Uri>().is_ok(),
+                "{origin} does not parse"
+            );
+        }
     }
 
     #[test]
