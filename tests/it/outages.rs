@@ -255,3 +255,71 @@ async fn redis_killed_and_restarted_under_load() {
     drop(redis);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_while_waiting_costs_nothing() {
+    let redis = start_redis();
+    let proxy = TestProxy::start_with(&redis, "gone", |c| c.max_waiting = 1).await;
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&runs);
+    let d = TestDispatcher::start(
+        &redis,
+        "gone",
+        tower::service_fn(move |_req: Request<anteroom_dispatcher::Body>| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                    Bytes::from_static(b"done"),
+                )))
+            }
+        }),
+    );
+    let queue = Queue::connect(&redis.url(), "gone", Duration::from_secs(2))
+        .await
+        .unwrap();
+    // A raw client sends a request and hangs up before the answer.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+    )
+    .await
+    .unwrap();
+    eventually("the dispatcher to hold it", READY, || async {
+        queue
+            .status()
+            .await
+            .unwrap()
+            .dispatchers
+            .iter()
+            .any(|d| d.held == 1)
+    })
+    .await;
+    drop(stream);
+    // The proxy's only waiting slot (max_waiting = 1) is freed by the hang-up,
+    // not by the reply: a new request is accepted while the first still runs.
+    let held_since = Instant::now();
+    let c = client();
+    let r = web::get(&c, &proxy.url("/after")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert!(
+        held_since.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        held_since.elapsed()
+    );
+    // The abandoned request still ran exactly once; its reply was discarded.
+    eventually("the abandoned request to finish", READY, || async {
+        queue
+            .status()
+            .await
+            .unwrap()
+            .dispatchers
+            .iter()
+            .all(|d| d.held == 0)
+    })
+    .await;
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+    d.stop().await;
+    proxy.stop().await;
+}
