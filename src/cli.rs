@@ -87,7 +87,8 @@ pub struct PauseArgs {
 /// Flags of `anteroom status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.
+    /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss://... for TLS,
+    /// or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] for Sentinel.
     #[arg(
         long,
         env = "ANTEROOM_REDIS",
@@ -135,7 +136,8 @@ pub struct WindowArgs {
 /// The Redis server and queue, shared by every command that uses a queue.
 #[derive(Debug, Args)]
 pub struct QueueArgs {
-    /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.
+    /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss://... for TLS,
+    /// or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] for Sentinel.
     #[arg(
         long,
         env = "ANTEROOM_REDIS",
