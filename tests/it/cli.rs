@@ -10,19 +10,11 @@ use http::StatusCode;
 
 use crate::support::app::{Upstream, test_app};
 use crate::support::bin::{BinProcess, command};
+use crate::support::wait_for_port as wait_for_listener;
 use crate::support::web::{self, client};
 use crate::support::{TestDispatcher, eventually, keys, llen, redis_conn, start_redis};
 
 const READY: Duration = Duration::from_secs(15);
-
-async fn wait_for_listener(port: u16) {
-    eventually("the proxy to listen", READY, || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_and_upstream_dispatcher_processes_round_trip() {

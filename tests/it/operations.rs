@@ -16,6 +16,7 @@ use http_body_util::Full;
 
 use crate::support::app::test_app;
 use crate::support::bin::{BinProcess, command};
+use crate::support::control;
 use crate::support::web::{self, client, send};
 use crate::support::{TestDispatcher, TestProxy, dispatcher_builder, eventually, start_redis};
 
@@ -69,23 +70,8 @@ async fn hold_slow_request(
 ) -> tokio::task::JoinHandle<crate::support::web::Reply> {
     let (c, url) = (client(), proxy.url(&format!("/?{ms}")));
     let slow = tokio::spawn(async move { web::get(&c, &url).await });
-    eventually("the slow request to be held", READY, || async {
-        queue
-            .status()
-            .await
-            .unwrap()
-            .dispatchers
-            .iter()
-            .any(|d| d.held == 1)
-    })
-    .await;
+    crate::support::until_held(queue, 1).await;
     slow
-}
-
-async fn control(redis: &LocalRedis, queue: &str) -> Queue {
-    Queue::connect(&redis.url(), queue, Duration::from_secs(2))
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,16 +88,7 @@ async fn pause_wait_returns_once_in_flight_work_is_done() {
             (r.status, Instant::now())
         }
     });
-    eventually("the slow request to be held", READY, || async {
-        queue
-            .status()
-            .await
-            .unwrap()
-            .dispatchers
-            .iter()
-            .any(|d| d.held == 1)
-    })
-    .await;
+    crate::support::until_held(&queue, 1).await;
     let out = anteroom(args(&redis, "pw", &["pause", "--wait", "--timeout", "10s"])).await;
     let returned = Instant::now();
     assert!(out.status.success(), "{}", text(&out.stderr));

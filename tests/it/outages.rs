@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use anteroom::local_redis::{LocalRedis, free_port};
-use anteroom_control::Queue;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
@@ -12,21 +11,13 @@ use http_body_util::Full;
 use crate::support::app::Upstream;
 use crate::support::bin::BinProcess;
 use crate::support::load::Load;
+use crate::support::wait_for_port;
 use crate::support::web::{self, client};
 use crate::support::{
     TestDispatcher, TestProxy, dispatcher_builder, eventually, keys, redis_conn, start_redis,
 };
 
 const READY: Duration = Duration::from_secs(20);
-
-async fn wait_for_port(port: u16) {
-    eventually("the proxy to listen", READY, || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_to_a_dead_proxy_expire_and_dispatchers_carry_on() {
@@ -67,19 +58,8 @@ async fn replies_to_a_dead_proxy_expire_and_dispatchers_carry_on() {
             .await
         }
     });
-    let queue = Queue::connect(&redis.url(), "pc", Duration::from_secs(2))
-        .await
-        .unwrap();
-    eventually("the dispatcher to hold the request", READY, || async {
-        queue
-            .status()
-            .await
-            .unwrap()
-            .dispatchers
-            .iter()
-            .any(|d| d.held == 1)
-    })
-    .await;
+    let queue = crate::support::control(&redis, "pc").await;
+    crate::support::until_held(&queue, 1).await;
     proxy.child().kill().unwrap();
     proxy.child().wait().unwrap();
     assert!(
@@ -275,9 +255,7 @@ async fn a_client_that_disconnects_while_waiting_costs_nothing() {
             }
         }),
     );
-    let queue = Queue::connect(&redis.url(), "gone", Duration::from_secs(2))
-        .await
-        .unwrap();
+    let queue = crate::support::control(&redis, "gone").await;
     // A raw client sends a request and hangs up before the answer.
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(
@@ -286,16 +264,7 @@ async fn a_client_that_disconnects_while_waiting_costs_nothing() {
     )
     .await
     .unwrap();
-    eventually("the dispatcher to hold it", READY, || async {
-        queue
-            .status()
-            .await
-            .unwrap()
-            .dispatchers
-            .iter()
-            .any(|d| d.held == 1)
-    })
-    .await;
+    crate::support::until_held(&queue, 1).await;
     drop(stream);
     // The proxy's only waiting slot (max_waiting = 1) is freed by the hang-up,
     // not by the reply: a new request is accepted while the first still runs.

@@ -5,7 +5,6 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anteroom_control::Queue;
 use anteroom_dispatcher::Body;
 use anteroom_protocol::Keys;
 use bytes::Bytes;
@@ -13,16 +12,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::support::app::test_app;
+use crate::support::control;
 use crate::support::web::{self, client, send};
 use crate::support::{
     TestDispatcher, TestProxy, dispatcher_builder, eventually, llen, redis_conn, start_redis,
 };
-
-async fn control(redis: &anteroom::local_redis::LocalRedis, queue: &str) -> Queue {
-    Queue::connect(&redis.url(), queue, Duration::from_secs(2))
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_stops_every_dispatcher_promptly_through_the_announcement() {

@@ -130,9 +130,7 @@ async fn rolling_deploy_under_load_fails_nothing() {
     let (v1_url, _v1) = version_upstream("v1").await;
     let (v2_url, _v2) = version_upstream("v2").await;
     let proxy = TestProxy::start(&redis, "roll").await;
-    let queue = Queue::connect(&redis.url(), "roll", Duration::from_secs(2))
-        .await
-        .unwrap();
+    let queue = crate::support::control(&redis, "roll").await;
     let mut v1 = spawn_dispatcher(&dispatch_args(&redis, "roll", &v1_url, "v1"));
     eventually("v1 to be live", READY, || async {
         live_labels(&queue).await == ["v1"]
@@ -184,9 +182,7 @@ async fn stop_all_deploy_start_all_under_load_fails_nothing() {
     let (v1_url, _v1) = version_upstream("v1").await;
     let (v2_url, _v2) = version_upstream("v2").await;
     let proxy = TestProxy::start(&redis, "all").await;
-    let queue = Queue::connect(&redis.url(), "all", Duration::from_secs(2))
-        .await
-        .unwrap();
+    let queue = crate::support::control(&redis, "all").await;
     let mut a = spawn_dispatcher(&dispatch_args(&redis, "all", &v1_url, "v1"));
     let mut b = spawn_dispatcher(&dispatch_args(&redis, "all", &v1_url, "v1"));
     eventually("both v1 to be live", READY, || async {
@@ -337,9 +333,7 @@ async fn database_failover_window_under_load_fails_nothing() {
     let dsn_file = std::env::temp_dir().join(format!("anteroom-dsn-{}", std::process::id()));
     std::fs::write(&dsn_file, dbs.dsn(0)).unwrap();
     let proxy = TestProxy::start(&redis, "fo").await;
-    let queue = Queue::connect(&redis.url(), "fo", Duration::from_secs(2))
-        .await
-        .unwrap();
+    let queue = crate::support::control(&redis, "fo").await;
     let mut backend = BinProcess::spawn_cmd(
         Command::new(example_binary("failover_backend"))
             .env("ANTEROOM_REDIS", redis.url())

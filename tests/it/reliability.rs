@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anteroom_control::Queue;
 use anteroom_protocol::{DeadLetter, HttpVersion, Keys, RequestEnvelope, now_ms};
 use axum::Router;
 use axum::http::HeaderMap;
@@ -16,20 +15,11 @@ use http_body_util::Full;
 
 use crate::support::app::test_app;
 use crate::support::bin::BinProcess;
+use crate::support::control;
 use crate::support::web::{self, client, send};
 use crate::support::{TestDispatcher, TestProxy, eventually, llen, redis_conn, start_redis};
 
 const READY: Duration = Duration::from_secs(20);
-
-fn control_url(redis: &anteroom::local_redis::LocalRedis) -> String {
-    redis.url()
-}
-
-async fn control(redis: &anteroom::local_redis::LocalRedis, queue: &str) -> Queue {
-    Queue::connect(&control_url(redis), queue, Duration::from_secs(2))
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_envelopes_go_to_the_dead_letter_list_with_the_reason() {
@@ -362,16 +352,7 @@ async fn anteroom_reap_settles_a_dead_dispatchers_requests() {
     };
     let get = send_one("GET", "safe");
     let post = send_one("POST", "unsafe");
-    eventually("the victim to hold both", READY, || async {
-        queue
-            .status()
-            .await
-            .unwrap()
-            .dispatchers
-            .iter()
-            .any(|d| d.held == 2)
-    })
-    .await;
+    crate::support::until_held(&queue, 2).await;
     victim.child().kill().unwrap();
     victim.child().wait().unwrap();
     eventually("the heartbeat to expire", READY, || async {

@@ -185,3 +185,42 @@ impl TestDispatcher {
         self.handle.await.unwrap().unwrap();
     }
 }
+
+/// Control operations on `queue` of this test's Redis.
+pub async fn control(redis: &LocalRedis, queue: &str) -> anteroom_control::Queue {
+    anteroom_control::Queue::connect(&redis.url(), queue, Duration::from_secs(2))
+        .await
+        .unwrap()
+}
+
+/// Waits until some live dispatcher of `queue` holds exactly `n` requests.
+pub async fn until_held(queue: &anteroom_control::Queue, n: u64) {
+    eventually(
+        "a dispatcher to hold the requests",
+        Duration::from_secs(20),
+        || async {
+            queue
+                .status()
+                .await
+                .unwrap()
+                .dispatchers
+                .iter()
+                .any(|d| d.held == n)
+        },
+    )
+    .await;
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub async fn wait_for_port(port: u16) {
+    eventually(
+        "the port to accept connections",
+        Duration::from_secs(20),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}
