@@ -11,12 +11,9 @@ pub enum ControlError {
     /// The queue name cannot be used in Redis keys.
     #[error(transparent)]
     Name(#[from] NameError),
-    /// The Redis URL does not parse.
+    /// Redis cannot be reached (or its URL is invalid).
     #[error(transparent)]
-    RedisUrl(#[from] anteroom_redis::TargetError),
-    /// Redis did not answer when connecting.
-    #[error("cannot connect to redis")]
-    RedisConnect(#[source] redis::RedisError),
+    Connect(#[from] anteroom_redis::ConnectError),
     /// A command failed.
     #[error("redis command failed")]
     Redis(#[from] redis::RedisError),

@@ -33,7 +33,7 @@ pub use status::{
 use std::time::Duration;
 
 use anteroom_protocol::Keys;
-use anteroom_redis::{SharedConnection, Target};
+use anteroom_redis::SharedConnection;
 
 /// One queue's control operations over a shared Redis connection.
 #[derive(Clone)]
@@ -58,10 +58,7 @@ impl Queue {
         timeout: Duration,
     ) -> Result<Self, ControlError> {
         let keys = Keys::new(queue)?;
-        let target = Target::parse(redis_url)?;
-        let conn = anteroom_redis::shared(&target, timeout)
-            .await
-            .map_err(ControlError::RedisConnect)?;
+        let (_, conn) = anteroom_redis::connect(redis_url, timeout).await?;
         Ok(Self { keys, conn })
     }
 

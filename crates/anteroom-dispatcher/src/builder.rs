@@ -159,7 +159,7 @@ impl DispatcherBuilder {
     pub fn build(self) -> Result<Dispatcher, DispatcherError> {
         let client = match (self.redis, self.redis_url) {
             (Some(client), _) => client,
-            (None, Some(url)) => Target::parse(&url)?,
+            (None, Some(url)) => Target::parse(&url).map_err(anteroom_redis::ConnectError::from)?,
             (None, None) => return Err(DispatcherError::MissingRedis),
         };
         let queue = self.queue.ok_or(DispatcherError::MissingQueue)?;

@@ -21,12 +21,9 @@ pub enum DispatcherError {
     /// The queue name or dispatcher id cannot be used in Redis keys.
     #[error(transparent)]
     Name(#[from] NameError),
-    /// The Redis URL does not parse.
+    /// Redis cannot be reached (or its URL is invalid).
     #[error(transparent)]
-    RedisUrl(#[from] anteroom_redis::TargetError),
-    /// Redis did not answer at startup.
-    #[error("cannot connect to redis")]
-    RedisConnect(#[source] redis::RedisError),
+    Redis(#[from] anteroom_redis::ConnectError),
     /// The pause flag could not be read at startup.
     #[error("cannot read the queue's pause flag")]
     Control(#[source] anteroom_control::ControlError),

@@ -155,7 +155,7 @@ where
     } = dispatcher;
     let conn = anteroom_redis::shared(&client, settings.redis_timeout)
         .await
-        .map_err(DispatcherError::RedisConnect)?;
+        .map_err(|e| DispatcherError::Redis(anteroom_redis::ConnectError::Connect(e)))?;
     let stop_background = CancellationToken::new();
     let settings_durable = settings.durable;
     let conn_for_durability = conn.clone();

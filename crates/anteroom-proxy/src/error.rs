@@ -13,12 +13,9 @@ pub enum ServeError {
     /// The queue name or proxy id cannot be used in Redis keys.
     #[error(transparent)]
     Name(#[from] NameError),
-    /// The Redis URL does not parse.
+    /// Redis cannot be reached (or its URL is invalid).
     #[error(transparent)]
-    RedisUrl(#[from] anteroom_redis::TargetError),
-    /// Redis did not answer at startup.
-    #[error("cannot connect to redis")]
-    RedisConnect(#[source] redis::RedisError),
+    Redis(#[from] anteroom_redis::ConnectError),
     /// The admin endpoint could not reach the queue's state.
     #[error("admin endpoint cannot reach the queue")]
     Control(#[source] anteroom_control::ControlError),

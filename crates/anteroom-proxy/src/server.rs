@@ -42,10 +42,7 @@ pub async fn serve(
         }
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
-    let target = anteroom_redis::Target::parse(&config.redis_url)?;
-    let conn = anteroom_redis::shared(&target, config.redis_timeout)
-        .await
-        .map_err(ServeError::RedisConnect)?;
+    let (target, conn) = anteroom_redis::connect(&config.redis_url, config.redis_timeout).await?;
 
     let demux = Arc::new(Demux::default());
     let stop_background = CancellationToken::new();

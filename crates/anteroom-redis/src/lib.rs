@@ -41,6 +41,30 @@ use tokio_util::sync::CancellationToken;
 // TLS connections redis-rs makes.
 use rustls as _;
 
+/// Why a component could not reach Redis at startup.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The URL cannot be used.
+    #[error(transparent)]
+    Url(#[from] TargetError),
+    /// The server did not answer.
+    #[error("cannot connect to redis")]
+    Connect(#[source] redis::RedisError),
+}
+
+/// Parses `url` and opens the shared connection to it.
+pub async fn connect(
+    url: &str,
+    timeout: Duration,
+) -> Result<(Target, SharedConnection), ConnectError> {
+    let target = Target::parse(url)?;
+    let conn = shared(&target, timeout)
+        .await
+        .map_err(ConnectError::Connect)?;
+    Ok((target, conn))
+}
+
 /// Opens the shared, self-healing connection to `target`; `timeout` bounds
 /// connecting and each command.
 pub async fn shared(target: &Target, timeout: Duration) -> redis::RedisResult<SharedConnection> {
