@@ -1,0 +1,85 @@
+//! `anteroom-bench`: Anteroom beside nginx in one run.
+//!
+//! Starts its own redis-server, a small upstream HTTP server, nginx as a
+//! keep-alive reverse proxy to that upstream, and Anteroom in two modes
+//! (proxy + dispatcher with an in-process handler; proxy + dispatcher
+//! forwarding to the same upstream). Drives each with wrk for the same
+//! duration and connection count and prints requests/s, p50, p99, errors,
+//! and the ratio to nginx. A benchmark, not a test: nothing asserts speed.
+//!
+//! Run with: `cargo run --release -p anteroom-bench -- --duration 10s --connections 64`
+//! (needs redis-server, nginx and wrk: `sudo apt-get install redis-server nginx-light wrk`).
+
+mod setups;
+mod wrk;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// Compares Anteroom with nginx as a reverse proxy, side by side.
+#[derive(Debug, Parser)]
+#[command(name = "anteroom-bench", version, about)]
+struct Args {
+    /// How long each setup is driven.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+
+    /// Concurrent connections of the load generator.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+
+    /// wrk threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+
+    /// Also measure at one connection (latency added over the upstream).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    single: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let anteroom = setups::build_anteroom().context("building the anteroom binary")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let upstream = runtime.block_on(setups::start_upstream())?;
+    let redis = anteroom::local_redis::LocalRedis::start().context("starting redis-server")?;
+    let nginx = setups::Nginx::start(upstream).context("starting nginx")?;
+    let inprocess = setups::InProcess::start(&anteroom, &redis)?;
+    let forwarding = setups::Forwarding::start(&anteroom, &redis, upstream)?;
+
+    let targets = [
+        ("upstream (direct)", format!("http://{upstream}/hello")),
+        ("nginx -> upstream", nginx.url("/hello")),
+        ("anteroom, in-process handler", inprocess.url("/hello")),
+        ("anteroom -> upstream", forwarding.url("/hello")),
+    ];
+    for (_, url) in &targets {
+        wrk::warm_up(url)?;
+    }
+    let mut runs = vec![(args.connections, Vec::new())];
+    if args.single {
+        runs.push((1, Vec::new()));
+    }
+    for (connections, results) in &mut runs {
+        for (name, url) in &targets {
+            let threads = args.threads.min(*connections);
+            let figures = wrk::run(url, threads, *connections, args.duration)
+                .with_context(|| format!("driving {name}"))?;
+            results.push((*name, figures));
+        }
+    }
+    println!(
+        "\nAnteroom beside nginx: {} per setup, wrk, one machine, everything on loopback",
+        humantime::format_duration(args.duration)
+    );
+    for (connections, results) in &runs {
+        wrk::print_table(*connections, results);
+    }
+    drop((inprocess, forwarding, nginx, redis));
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! The processes under test, each stopped when dropped.
+
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anteroom::local_redis::{LocalRedis, free_port};
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+/// Builds the release `anteroom` binary (a no-op when up to date) and returns its path.
+pub(crate) fn build_anteroom() -> anyhow::Result<PathBuf> {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "anteroom",
+            "--bin",
+            "anteroom",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .status()?;
+    if !status.success() {
+        bail!("cargo build --release --bin anteroom failed");
+    }
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name("anteroom");
+    anyhow::ensure!(path.exists(), "{} not found", path.display());
+    Ok(path)
+}
+
+/// A minimal keep-alive HTTP/1.1 server answering `hello` to everything.
+pub(crate) async fn start_upstream() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(|_req| async {
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                        b"hello\n",
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A child process killed on drop.
+pub(crate) struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command) -> anyhow::Result<Proc> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    Ok(Proc(child))
+}
+
+/// Waits until `GET path` on `port` answers 200.
+fn wait_ready(port: u16, path: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut buf = [0u8; 12];
+            if s.write_all(req.as_bytes()).is_ok()
+                && s.read_exact(&mut buf).is_ok()
+                && buf.ends_with(b"200")
+            {
+                return Ok(());
+            }
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("nothing answers 200 on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// nginx reverse-proxying to the upstream with keep-alive connections.
+pub(crate) struct Nginx {
+    _proc: Proc,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    pub(crate) fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("anteroom-bench-nginx-{port}"));
+        std::fs::create_dir_all(&dir)?;
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, nginx_conf(&dir, port, upstream))?;
+        let proc = spawn(
+            Command::new("nginx")
+                .arg("-c")
+                .arg(&conf)
+                .arg("-p")
+                .arg(&dir),
+        )
+        .context("nginx (install: sudo apt-get install nginx-light)")?;
+        wait_ready(port, "/hello")?;
+        Ok(Self {
+            _proc: proc,
+            port,
+            dir,
+        })
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           upstream app {{ server {upstream}; keepalive 128; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://app;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+    )
+}
+
+/// `anteroom demo`: proxy, dispatcher and an in-process handler, one process.
+pub(crate) struct InProcess {
+    _proc: Proc,
+    port: u16,
+}
+
+impl InProcess {
+    pub(crate) fn start(anteroom: &Path, redis: &LocalRedis) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let proc = spawn(
+            Command::new(anteroom)
+                .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--redis", &redis.url(), "--queue", "bench-inproc"])
+                .env("RUST_LOG", "error"),
+        )?;
+        wait_ready(port, "/hello")?;
+        Ok(Self { _proc: proc, port })
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// `anteroom proxy` and `anteroom dispatch --upstream`: two processes.
+pub(crate) struct Forwarding {
+    _proxy: Proc,
+    _dispatcher: Proc,
+    port: u16,
+}
+
+impl Forwarding {
+    pub(crate) fn start(
+        anteroom: &Path,
+        redis: &LocalRedis,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let proxy = spawn(
+            Command::new(anteroom)
+                .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--redis", &redis.url(), "--queue", "bench-fwd"])
+                .env("RUST_LOG", "error"),
+        )?;
+        let dispatcher = spawn(
+            Command::new(anteroom)
+                .args(["dispatch", "--redis", &redis.url(), "--queue", "bench-fwd"])
+                .args([
+                    "--upstream",
+                    &format!("http://{upstream}"),
+                    "--concurrency",
+                    "64",
+                ])
+                .env("RUST_LOG", "error"),
+        )?;
+        wait_ready(port, "/hello")?;
+        Ok(Self {
+            _proxy: proxy,
+            _dispatcher: dispatcher,
+            port,
+        })
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
