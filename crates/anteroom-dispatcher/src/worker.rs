@@ -57,6 +57,25 @@ where
 {
 }
 
+/// Most requests taken in one round trip.
+const MAX_BATCH: usize = 64;
+
+/// Moves up to ARGV[1] requests from the queue (KEYS[1]) into the
+/// processing list (KEYS[2]), oldest first, atomically; returns them. The
+/// same move BLMOVE makes, for many items at once.
+static MOVE_BATCH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local items = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not item then break end
+  items[#items + 1] = item
+end
+return items",
+    )
+});
+
 /// State every request task shares.
 struct Shared {
     keys: Keys,
@@ -334,21 +353,51 @@ async fn pull_loop<S, B>(
         if stop.is_cancelled() || pause.borrow().is_some() {
             continue;
         }
-        let pulled = redis::cmd("BLMOVE")
-            .arg(&shared.requests_key)
-            .arg(&shared.processing_key)
-            .arg("RIGHT")
-            .arg("LEFT")
-            .arg(shared.settings.poll_interval.as_secs_f64())
-            .query_async::<Option<Bytes>>(conn)
-            .await;
-        match pulled {
-            Ok(Some(raw)) => {
-                backoff.reset();
-                let task = handle(Arc::clone(shared), service.clone(), raw, permit);
-                tracker.spawn(task);
+        // A deep queue: take as many requests as there are free permits in
+        // one round trip. An empty one: block for the next.
+        let mut permit = permit;
+        let spare = shared.permits.available_permits().min(MAX_BATCH - 1);
+        if spare > 0 {
+            if let Ok(more) = Arc::clone(&shared.permits).try_acquire_many_owned(spare as u32) {
+                permit.merge(more);
             }
-            Ok(None) => {}
+        }
+        let batch = MOVE_BATCH
+            .key(&shared.requests_key)
+            .key(&shared.processing_key)
+            .arg(permit.num_permits())
+            .invoke_async::<Vec<Bytes>>(conn)
+            .await;
+        let pulled = match batch {
+            Ok(items) if !items.is_empty() => Ok(items),
+            Ok(_) => {
+                // Keep one permit for the blocking pull; give the rest back.
+                if let Some(one) = permit.split(1) {
+                    drop(std::mem::replace(&mut permit, one));
+                }
+                redis::cmd("BLMOVE")
+                    .arg(&shared.requests_key)
+                    .arg(&shared.processing_key)
+                    .arg("RIGHT")
+                    .arg("LEFT")
+                    .arg(shared.settings.poll_interval.as_secs_f64())
+                    .query_async::<Option<Bytes>>(conn)
+                    .await
+                    .map(|item| item.into_iter().collect())
+            }
+            Err(err) => Err(err),
+        };
+        match pulled {
+            Ok(items) => {
+                if !items.is_empty() {
+                    backoff.reset();
+                }
+                for raw in items {
+                    let Some(one) = permit.split(1) else { break };
+                    let task = handle(Arc::clone(shared), service.clone(), raw, one);
+                    tracker.spawn(task);
+                }
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "pull from redis failed; reconnecting");
                 blocking = None;
