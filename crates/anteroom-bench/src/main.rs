@@ -10,6 +10,7 @@
 //! Run with: `cargo run --release -p anteroom-bench -- --duration 10s --connections 64`
 //! (needs redis-server, nginx and wrk: `sudo apt-get install redis-server nginx-light wrk`).
 
+mod hold;
 mod setups;
 mod wrk;
 
@@ -37,6 +38,25 @@ struct Args {
     /// Also measure at one connection (latency added over the upstream).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     single: bool,
+
+    /// Which scenarios to run.
+    #[arg(long, value_enum, default_value = "all")]
+    scenario: Scenario,
+
+    /// Requests to hold in the hold-capacity scenario.
+    #[arg(long, default_value_t = 50_000)]
+    hold_requests: usize,
+}
+
+/// The benchmark's scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Requests/s and latency beside nginx.
+    Compare,
+    /// Many requests held with no dispatcher, then drained.
+    Hold,
+    /// Both.
+    All,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +68,14 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let upstream = runtime.block_on(setups::start_upstream())?;
     let redis = anteroom::local_redis::LocalRedis::start().context("starting redis-server")?;
+    if args.scenario != Scenario::Compare {
+        let figures =
+            runtime.block_on(hold::run(&anteroom, &redis, upstream, args.hold_requests))?;
+        hold::print(&figures);
+        if args.scenario == Scenario::Hold {
+            return Ok(());
+        }
+    }
     let nginx = setups::Nginx::start(upstream).context("starting nginx")?;
     let inprocess = setups::InProcess::start(&anteroom, &redis)?;
     let forwarding = setups::Forwarding::start(&anteroom, &redis, upstream)?;

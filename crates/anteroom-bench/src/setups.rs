@@ -65,6 +65,12 @@ pub(crate) async fn start_upstream() -> anyhow::Result<SocketAddr> {
 /// A child process killed on drop.
 pub(crate) struct Proc(Child);
 
+impl Proc {
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -72,7 +78,7 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(cmd: &mut Command) -> anyhow::Result<Proc> {
+pub(crate) fn spawn(cmd: &mut Command) -> anyhow::Result<Proc> {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())

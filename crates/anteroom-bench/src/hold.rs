@@ -1,0 +1,220 @@
+//! The hold-capacity scenario: with no dispatcher running, hold many
+//! concurrent requests in one proxy, then start a dispatcher and drain.
+//!
+//! Clients are h2c connections carrying 250 streams each (one loopback
+//! address has too few ports for 50,000 HTTP/1.1 connections). Reported:
+//! Redis connections of the proxy (sampled throughout), the proxy's RSS idle
+//! and at peak, the memory per waiting request, the drain time and rate, and
+//! errors.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anteroom::local_redis::{LocalRedis, free_port};
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::setups::{Proc, spawn};
+
+/// Streams per h2c connection (the proxy allows 256).
+const STREAMS_PER_CONNECTION: usize = 250;
+const QUEUE: &str = "bench-hold";
+
+/// What the scenario measured.
+#[derive(Debug)]
+pub(crate) struct HoldFigures {
+    pub(crate) held: usize,
+    pub(crate) redis_connections_max: usize,
+    pub(crate) rss_idle_kib: u64,
+    pub(crate) rss_peak_kib: u64,
+    pub(crate) drain: Duration,
+    pub(crate) errors: usize,
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
+}
+
+/// Redis clients other than the bench's own (named `anteroom-bench`).
+async fn proxy_clients(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<usize> {
+    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(conn).await?;
+    Ok(list
+        .lines()
+        .filter(|l| !l.contains("name=anteroom-bench"))
+        .count())
+}
+
+pub(crate) async fn run(
+    anteroom: &Path,
+    redis: &LocalRedis,
+    upstream: SocketAddr,
+    total: usize,
+) -> anyhow::Result<HoldFigures> {
+    let port = free_port()?;
+    let proxy: Proc = spawn(
+        Command::new(anteroom)
+            .args([
+                "proxy",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--redis",
+                &redis.url(),
+            ])
+            .args([
+                "--queue",
+                QUEUE,
+                "--hold",
+                "300s",
+                "--max-waiting",
+                &(total + 1000).to_string(),
+            ])
+            .args(["--max-waiting-bytes", "2GiB"])
+            .env("RUST_LOG", "error"),
+    )?;
+    let mut conn = redis::Client::open(redis.url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg("anteroom-bench")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("the proxy did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = proxy.pid();
+    let rss_idle_kib = rss_kib(pid)?;
+    let mut redis_connections_max = proxy_clients(&mut conn).await?;
+
+    // Open the connections and send every request; none can be answered yet.
+    let done = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..total.div_ceil(STREAMS_PER_CONNECTION) {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await?;
+        tokio::spawn(connection);
+        for _ in 0..STREAMS_PER_CONNECTION {
+            if tasks.len() == total {
+                break;
+            }
+            let mut sender = sender.clone();
+            let (done, errors) = (Arc::clone(&done), Arc::clone(&errors));
+            let uri = format!("http://127.0.0.1:{port}/hello");
+            tasks.push(tokio::spawn(async move {
+                let req = http::Request::get(uri)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap_or_default();
+                let ok = match sender.send_request(req).await {
+                    Ok(resp) => resp.status() == 200 && resp.into_body().collect().await.is_ok(),
+                    Err(_) => false,
+                };
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+    }
+    // Wait until every request waits in Redis, sampling as we go.
+    let queued_by = Instant::now();
+    let mut rss_peak_kib = rss_idle_kib;
+    loop {
+        let waiting: usize = redis::cmd("LLEN")
+            .arg(format!("anteroom:{{{QUEUE}}}:requests"))
+            .query_async(&mut conn)
+            .await?;
+        redis_connections_max = redis_connections_max.max(proxy_clients(&mut conn).await?);
+        rss_peak_kib = rss_peak_kib.max(rss_kib(pid)?);
+        if waiting >= total {
+            break;
+        }
+        if queued_by.elapsed() > Duration::from_secs(120) || done.load(Ordering::Relaxed) > 0 {
+            bail!("only {waiting} of {total} requests got queued");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Settled: sample once more while all of them wait.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rss_peak_kib = rss_peak_kib.max(rss_kib(pid)?);
+    redis_connections_max = redis_connections_max.max(proxy_clients(&mut conn).await?);
+
+    let drain_start = Instant::now();
+    let _dispatcher = spawn(
+        Command::new(anteroom)
+            .args(["dispatch", "--redis", &redis.url(), "--queue", QUEUE])
+            .args([
+                "--upstream",
+                &format!("http://{upstream}"),
+                "--concurrency",
+                "64",
+            ])
+            .env("RUST_LOG", "error"),
+    )?;
+    while done.load(Ordering::Relaxed) < total {
+        if drain_start.elapsed() > Duration::from_secs(300) {
+            bail!(
+                "drain did not finish: {} of {total}",
+                done.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drain = drain_start.elapsed();
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(proxy);
+    Ok(HoldFigures {
+        held: total,
+        redis_connections_max,
+        rss_idle_kib,
+        rss_peak_kib,
+        drain,
+        errors: errors.load(Ordering::Relaxed),
+    })
+}
+
+pub(crate) fn print(f: &HoldFigures) {
+    let per_request = (f.rss_peak_kib.saturating_sub(f.rss_idle_kib) * 1024) as f64 / f.held as f64;
+    println!(
+        "\nHold capacity: {} requests waiting in one proxy, then drained by one dispatcher",
+        f.held
+    );
+    println!(
+        "  redis connections of the proxy (max seen while holding)  {}",
+        f.redis_connections_max
+    );
+    println!(
+        "  proxy RSS idle / peak                       {} KiB / {} KiB",
+        f.rss_idle_kib, f.rss_peak_kib
+    );
+    println!("  memory per waiting request                  {per_request:.0} bytes");
+    println!(
+        "  drain                                       {:.2} s, {:.0} requests/s",
+        f.drain.as_secs_f64(),
+        f.held as f64 / f.drain.as_secs_f64()
+    );
+    println!("  errors                                      {}", f.errors);
+}
