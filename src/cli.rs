@@ -87,15 +87,9 @@ pub struct PauseArgs {
 /// Flags of `anteroom status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss://... for TLS,
-    /// or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] for Sentinel.
-    #[arg(
-        long,
-        env = "ANTEROOM_REDIS",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    pub redis: String,
+    /// The Redis server.
+    #[command(flatten)]
+    pub redis: RedisArg,
 
     /// Only this queue (default: every queue a proxy or dispatcher has registered).
     #[arg(long, env = "ANTEROOM_QUEUE")]
@@ -133,18 +127,26 @@ pub struct WindowArgs {
     pub command: Vec<String>,
 }
 
-/// The Redis server and queue, shared by every command that uses a queue.
+/// `--redis`, shared by every command that talks to Redis.
 #[derive(Debug, Args)]
-pub struct QueueArgs {
+pub struct RedisArg {
     /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss://... for TLS,
     /// or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] for Sentinel.
     #[arg(
-        long,
+        long = "redis",
         env = "ANTEROOM_REDIS",
         default_value = "redis://127.0.0.1:6379",
         hide_env_values = true
     )]
-    pub redis: String,
+    pub url: String,
+}
+
+/// The Redis server and queue, shared by every command that uses a queue.
+#[derive(Debug, Args)]
+pub struct QueueArgs {
+    /// The Redis server.
+    #[command(flatten)]
+    pub redis: RedisArg,
 
     /// Queue name (1-64 characters of A-Z a-z 0-9 . _ -).
     #[arg(long, env = "ANTEROOM_QUEUE", default_value = "default")]

@@ -42,7 +42,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
-    let mut config = ProxyConfig::new(args.target.redis.clone(), args.target.queue.clone());
+    let mut config = ProxyConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
     config.hold = args.hold;
     config.max_body = args.max_body;
     config.grace = args.grace;
@@ -69,7 +69,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {addr} for the admin endpoint"))?;
             let mut admin_config =
-                AdminConfig::new(args.target.redis.clone(), args.target.queue.clone());
+                AdminConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
             admin_config.token = args.admin_token.clone().filter(|t| !t.is_empty());
             if admin_config.token.is_none() && !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "admin endpoint on a non-loopback address without --admin-token");
@@ -97,7 +97,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
 async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let upstream = Upstream::new(&args.upstream)?;
     let dispatcher = Dispatcher::builder()
-        .redis_url(args.target.redis)
+        .redis_url(args.target.redis.url)
         .queue(args.target.queue)
         .concurrency(args.concurrency)
         .grace(args.grace)

@@ -14,7 +14,7 @@ use crate::status_view;
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn connect(target: &QueueArgs) -> anyhow::Result<Queue> {
-    Queue::connect(&target.redis, &target.queue, REDIS_TIMEOUT)
+    Queue::connect(&target.redis.url, &target.queue, REDIS_TIMEOUT)
         .await
         .context("cannot reach the queue")
 }
@@ -65,7 +65,7 @@ pub(crate) async fn resume(args: QueueArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let target = anteroom_redis::Target::parse(&args.redis)?;
+    let target = anteroom_redis::Target::parse(&args.redis.url)?;
     let mut conn = anteroom_redis::shared(&target, REDIS_TIMEOUT)
         .await
         .context("cannot connect to redis")?;
@@ -92,7 +92,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 pub(crate) async fn reap(args: QueueArgs) -> anyhow::Result<ExitCode> {
     use anteroom_control::presence::{Presence, Role};
     let queue = connect(&args).await?;
-    let target = anteroom_redis::Target::parse(&args.redis)?;
+    let target = anteroom_redis::Target::parse(&args.redis.url)?;
     let mut conn = anteroom_redis::shared(&target, REDIS_TIMEOUT).await?;
     // Claimed requests pass through a processing list of our own, covered by
     // a heartbeat: if this process dies mid-way, they are reaped in turn.

@@ -68,9 +68,12 @@ fn compose_services_agree_with_the_cli() {
         panic!("dispatcher service does not run `anteroom dispatch`")
     };
     // Both talk to the redis service on Redis's default port.
-    assert_eq!(host_port(&proxy.target.redis), ("redis".to_owned(), 6379));
     assert_eq!(
-        host_port(&dispatch.target.redis),
+        host_port(&proxy.target.redis.url),
+        ("redis".to_owned(), 6379)
+    );
+    assert_eq!(
+        host_port(&dispatch.target.redis.url),
         ("redis".to_owned(), 6379)
     );
     assert_eq!(proxy.target.queue, dispatch.target.queue);
