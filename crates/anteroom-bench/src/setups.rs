@@ -72,7 +72,22 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that a process can stop what it started (nginx's
+    /// master takes its workers down; SIGKILL would orphan them), then
+    /// SIGKILL after 5 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
