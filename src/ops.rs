@@ -92,8 +92,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 pub(crate) async fn reap(args: QueueArgs) -> anyhow::Result<ExitCode> {
     use anteroom_control::presence::{Presence, Role};
     let queue = connect(&args).await?;
-    let target = anteroom_redis::Target::parse(&args.redis.url)?;
-    let mut conn = anteroom_redis::shared(&target, REDIS_TIMEOUT).await?;
+    let mut conn = queue.connection();
     // Claimed requests pass through a processing list of our own, covered by
     // a heartbeat: if this process dies mid-way, they are reaped in turn.
     let id = format!("reaper-{}", uuid::Uuid::new_v4().simple());

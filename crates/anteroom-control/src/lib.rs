@@ -77,6 +77,11 @@ impl Queue {
         self.keys.queue()
     }
 
+    /// The shared connection these operations use, for commands of your own.
+    pub fn connection(&self) -> SharedConnection {
+        self.conn.clone()
+    }
+
     pub(crate) fn conn(&self) -> SharedConnection {
         self.conn.clone()
     }

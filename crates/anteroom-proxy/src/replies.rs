@@ -55,11 +55,6 @@ impl Demux {
         }
     }
 
-    /// How many requests are waiting.
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
-    }
-
     fn deliver(&self, raw: Bytes) {
         let reply = match ResponseEnvelope::decode(raw) {
             Ok(reply) => reply,

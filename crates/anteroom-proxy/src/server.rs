@@ -137,14 +137,14 @@ pub async fn serve(
     drop(listener);
     let grace = state.config.grace;
     tracing::info!(
-        waiting = demux.len(),
+        waiting = state.budget.waiting(),
         ?grace,
         "shutting down: draining connections"
     );
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => {
-            tracing::warn!(waiting = demux.len(), "grace period over; closing with requests still waiting");
+            tracing::warn!(waiting = state.budget.waiting(), "grace period over; closing with requests still waiting");
         }
     }
     stop_background.cancel();
