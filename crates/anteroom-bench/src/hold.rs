@@ -20,7 +20,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::setups::{Proc, spawn};
+use crate::setups::{Proc, spawn, spawn_dispatcher};
 
 /// Streams per h2c connection (the proxy allows 256).
 const STREAMS_PER_CONNECTION: usize = 250;
@@ -161,17 +161,7 @@ pub(crate) async fn run(
     redis_connections_max = redis_connections_max.max(proxy_clients(&mut conn).await?);
 
     let drain_start = Instant::now();
-    let _dispatcher = spawn(
-        Command::new(anteroom)
-            .args(["dispatch", "--redis", &redis.url(), "--queue", QUEUE])
-            .args([
-                "--upstream",
-                &format!("http://{upstream}"),
-                "--concurrency",
-                "64",
-            ])
-            .env("RUST_LOG", "error"),
-    )?;
+    let _dispatcher = spawn_dispatcher(anteroom, redis, QUEUE, upstream)?;
     while done.load(Ordering::Relaxed) < total {
         if drain_start.elapsed() > Duration::from_secs(300) {
             bail!(

@@ -179,6 +179,26 @@ fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
     )
 }
 
+/// `anteroom dispatch` forwarding `queue` to `upstream`, concurrency 64.
+pub(crate) fn spawn_dispatcher(
+    anteroom: &Path,
+    redis: &LocalRedis,
+    queue: &str,
+    upstream: SocketAddr,
+) -> anyhow::Result<Proc> {
+    spawn(
+        Command::new(anteroom)
+            .args(["dispatch", "--redis", &redis.url(), "--queue", queue])
+            .args([
+                "--upstream",
+                &format!("http://{upstream}"),
+                "--concurrency",
+                "64",
+            ])
+            .env("RUST_LOG", "error"),
+    )
+}
+
 /// `anteroom demo`: proxy, dispatcher and an in-process handler, one process.
 pub(crate) struct InProcess {
     _proc: Proc,
@@ -223,17 +243,7 @@ impl Forwarding {
                 .args(["--redis", &redis.url(), "--queue", "bench-fwd"])
                 .env("RUST_LOG", "error"),
         )?;
-        let dispatcher = spawn(
-            Command::new(anteroom)
-                .args(["dispatch", "--redis", &redis.url(), "--queue", "bench-fwd"])
-                .args([
-                    "--upstream",
-                    &format!("http://{upstream}"),
-                    "--concurrency",
-                    "64",
-                ])
-                .env("RUST_LOG", "error"),
-        )?;
+        let dispatcher = spawn_dispatcher(anteroom, redis, "bench-fwd", upstream)?;
         wait_ready(port, "/hello")?;
         Ok(Self {
             _proxy: proxy,
