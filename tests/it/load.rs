@@ -11,12 +11,18 @@ use http_body_util::Full;
 use crate::support::app::test_app;
 use crate::support::load::Load;
 use crate::support::web::{client, send};
-use crate::support::{TestDispatcher, TestProxy, start_redis};
+use crate::support::{TestDispatcher, TestProxy, keys, llen, redis_conn, start_redis};
 
+/// Two proxies and two dispatchers on one queue. Each dispatcher completes
+/// concurrent requests in batches (one MULTI for replies to both proxies),
+/// so this also checks that a batch routes every reply to its own proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_each_get_their_own_response() {
     let redis = start_redis();
-    let proxy = Arc::new(TestProxy::start(&redis, "many").await);
+    let proxies = Arc::new([
+        TestProxy::start(&redis, "many").await,
+        TestProxy::start(&redis, "many").await,
+    ]);
     // Two dispatchers competing for the same queue.
     let d1 = TestDispatcher::start(&redis, "many", test_app());
     let d2 = TestDispatcher::start(&redis, "many", test_app());
@@ -24,7 +30,7 @@ async fn concurrent_requests_each_get_their_own_response() {
     let mut tasks = Vec::new();
     for i in 0..300u32 {
         let c = c.clone();
-        let url = proxy.url(&format!("/echo?n={i}"));
+        let url = proxies[i as usize % 2].url(&format!("/echo?n={i}"));
         tasks.push(tokio::spawn(async move {
             let body = format!("request number {i} {}", "x".repeat((i % 50) as usize));
             let req = Request::post(url)
@@ -41,9 +47,17 @@ async fn concurrent_requests_each_get_their_own_response() {
     for t in tasks {
         t.await.unwrap();
     }
+    // Every completion also removed its request from a processing list.
+    let mut conn = redis_conn(&redis).await;
+    let processing = keys(&mut conn, "anteroom:{many}:processing:*").await;
+    for key in processing {
+        assert_eq!(llen(&mut conn, &key).await, 0, "{key} still holds requests");
+    }
     d1.stop().await;
     d2.stop().await;
-    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
+    let [p1, p2] = Arc::try_unwrap(proxies).ok().unwrap();
+    p1.stop().await;
+    p2.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

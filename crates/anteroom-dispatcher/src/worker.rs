@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use redis::aio::MultiplexedConnection;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
@@ -60,6 +60,9 @@ where
 /// Most requests taken in one round trip.
 const MAX_BATCH: usize = 64;
 
+/// Most completions written in one round trip.
+const MAX_COMPLETIONS: usize = 128;
+
 /// Moves up to ARGV[1] requests from the queue (KEYS[1]) into the
 /// processing list (KEYS[2]), oldest first, atomically; returns them. The
 /// same move BLMOVE makes, for many items at once.
@@ -97,6 +100,19 @@ struct Shared {
     running: AtomicUsize,
     /// With `durable`: whether and how long to WAIT for a replica.
     durability: Option<Arc<anteroom_redis::Durability>>,
+    /// Finished requests on their way to [`completer`].
+    completions: mpsc::Sender<Completion>,
+}
+
+/// A finished request: its reply, to be pushed, and its envelope, to be
+/// removed from the processing list.
+struct Completion {
+    reply_to: String,
+    reply: Vec<u8>,
+    raw: Bytes,
+    deadline_ms: u64,
+    /// Sent once the completion is in Redis; dropped if it never got there.
+    done: oneshot::Sender<()>,
 }
 
 /// Counts one request as running for as long as it lives.
@@ -188,7 +204,11 @@ where
     )
     .await
     .map_err(DispatcherError::Control)?;
+    // Every running request holds a permit and sends at most one
+    // completion, so this channel never makes a request wait.
+    let (completions, completions_rx) = mpsc::channel(settings.concurrency.max(1));
     let shared = Arc::new(Shared {
+        completions,
         requests_key: keys.requests(),
         processing_key: keys.processing(&id),
         permits: Arc::new(Semaphore::new(settings.concurrency)),
@@ -216,6 +236,11 @@ where
     let stop = CancellationToken::new();
     let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), stop_background.clone()));
     let reaper = tokio::spawn(reap(Arc::clone(&shared), stop_background.clone()));
+    let completer = tokio::spawn(completer(
+        Arc::clone(&shared),
+        completions_rx,
+        stop_background.clone(),
+    ));
     let nudger = tokio::spawn(nudge_pulls(
         Arc::clone(&shared),
         stop.clone(),
@@ -248,6 +273,7 @@ where
     let _ = heartbeat.await;
     let _ = nudger.await;
     let _ = reaper.await;
+    let _ = completer.await;
     Ok(())
 }
 
@@ -495,14 +521,20 @@ where
         let budget = Duration::from_millis(envelope.deadline_ms - now);
         let reply = execute(&shared, service, &envelope, budget).await;
         tracing::info!(status = reply.status, waited_ms, "handled");
-        complete(
-            &shared,
-            &envelope.reply_to,
-            reply.encode(),
-            &raw,
-            envelope.deadline_ms,
-        )
-        .await;
+        let (done, completed) = oneshot::channel();
+        let completion = Completion {
+            reply_to: envelope.reply_to.clone(),
+            reply: reply.encode(),
+            raw,
+            deadline_ms: envelope.deadline_ms,
+            done,
+        };
+        if shared.completions.send(completion).await.is_err() || completed.await.is_err() {
+            tracing::error!(
+                "reply not delivered: redis unreachable until the deadline, or stopping \
+                 (the request stays in the processing list)"
+            );
+        }
     }
     .instrument(span)
     .await;
@@ -555,28 +587,101 @@ where
     }
 }
 
-/// Pushes the reply and removes the request from the processing list in one
-/// MULTI (both keys share the queue's hash slot). Retried a few times.
-async fn complete(shared: &Shared, reply_to: &str, reply: Vec<u8>, raw: &Bytes, deadline_ms: u64) {
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("RPUSH")
-        .arg(reply_to)
-        .arg(reply)
-        .ignore()
-        .cmd("PEXPIRE")
-        .arg(reply_to)
-        .arg(shared.settings.reply_ttl.as_millis() as u64)
-        .ignore()
-        .cmd("LREM")
-        .arg(&shared.processing_key)
-        .arg(1)
-        .arg(raw.as_ref())
-        .ignore();
-    run_with_retries(shared, &pipe, "complete", deadline_ms).await;
-    if let Some(wait) = shared.durability.as_ref().and_then(|d| d.wait()) {
-        replicate(shared, wait).await;
+/// Writes completions to Redis in batches: whatever finished while the
+/// previous batch was on the wire goes in the next, so under load one round
+/// trip completes many requests. Each batch is one MULTI that pushes every
+/// reply (one RPUSH per reply list), refreshes the reply lists' TTL and
+/// removes each request from the processing list: every completion stays
+/// atomic. A failed batch is retried with backoff, each completion until its
+/// request's deadline (past it the reply is worth nothing, and the request
+/// stays in the processing list for a reaper). Runs until `stop`.
+async fn completer(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Completion>,
+    stop: CancellationToken,
+) {
+    let mut conn = shared.conn.clone();
+    let mut batch: Vec<Completion> = Vec::with_capacity(MAX_COMPLETIONS);
+    loop {
+        let first = tokio::select! {
+            next = rx.recv() => match next {
+                Some(completion) => completion,
+                None => return,
+            },
+            () = stop.cancelled() => return,
+        };
+        batch.push(first);
+        let mut backoff = Backoff::new();
+        let mut attempt = 0u32;
+        while !batch.is_empty() {
+            while batch.len() < MAX_COMPLETIONS {
+                match rx.try_recv() {
+                    Ok(completion) => batch.push(completion),
+                    Err(_) => break,
+                }
+            }
+            attempt += 1;
+            let err = match completion_pipe(&shared, &batch)
+                .query_async::<()>(&mut conn)
+                .await
+            {
+                Ok(()) => {
+                    if attempt > 1 {
+                        tracing::info!(attempt, "completion succeeded after retrying");
+                    }
+                    if let Some(wait) = shared.durability.as_ref().and_then(|d| d.wait()) {
+                        replicate(&shared, wait).await;
+                    }
+                    for completion in batch.drain(..) {
+                        let _ = completion.done.send(());
+                    }
+                    break;
+                }
+                Err(err) => err,
+            };
+            let delay = backoff.next_delay();
+            let next_try = now_ms().saturating_add(delay.as_millis() as u64);
+            let before = batch.len();
+            // Dropping a completion's `done` tells its request it gave up.
+            batch.retain(|c| c.deadline_ms > next_try);
+            if batch.len() < before {
+                tracing::error!(error = %err, attempt, given_up = before - batch.len(), "completion failed; giving up on requests past their deadline");
+            }
+            if batch.is_empty() {
+                break;
+            }
+            tracing::warn!(error = %err, attempt, pending = batch.len(), "completion failed; retrying");
+            if sleep_or_stop(&stop, delay).await {
+                return;
+            }
+        }
     }
+}
+
+/// The MULTI that completes `batch` (see [`completer`]).
+fn completion_pipe(shared: &Shared, batch: &[Completion]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let ttl_ms = shared.settings.reply_ttl.as_millis() as u64;
+    let mut lists: Vec<&str> = batch.iter().map(|c| c.reply_to.as_str()).collect();
+    lists.sort_unstable();
+    lists.dedup();
+    for list in lists {
+        let push = pipe.cmd("RPUSH").arg(list);
+        for completion in batch.iter().filter(|c| c.reply_to == list) {
+            push.arg(&completion.reply);
+        }
+        push.ignore();
+        pipe.cmd("PEXPIRE").arg(list).arg(ttl_ms).ignore();
+    }
+    for completion in batch {
+        pipe.cmd("LREM")
+            .arg(&shared.processing_key)
+            .arg(1)
+            .arg(completion.raw.as_ref())
+            .ignore();
+    }
+    pipe
 }
 
 /// Claims a `dedupe` request before running it: false when another delivery
