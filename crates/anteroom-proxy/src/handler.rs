@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tracing::Instrument;
 
 use crate::config::ProxyConfig;
+use crate::enqueue::{Enqueuer, PushError};
 use crate::error::{ProxyError, failure_response};
 use crate::replies::Demux;
 
@@ -27,12 +28,11 @@ const MAX_REQUEST_ID_LEN: usize = 200;
 pub(crate) struct State {
     pub(crate) config: ProxyConfig,
     pub(crate) queue: String,
-    pub(crate) requests_key: String,
     pub(crate) reply_key: String,
     pub(crate) conn: anteroom_redis::SharedConnection,
     pub(crate) demux: Arc<Demux>,
     pub(crate) budget: Arc<crate::budget::Budget>,
-    pub(crate) durability: Option<Arc<anteroom_redis::Durability>>,
+    pub(crate) enqueuer: Enqueuer,
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -156,68 +156,30 @@ async fn forward(
     build_response(&reply, head_request)
 }
 
-/// LPUSHes the envelope (then `WAIT`s for a replica when durable). While
-/// Redis is away, retries for up to the enqueue timeout: always when no
-/// connection could be made (nothing was sent), and after an ambiguous
-/// failure (the push may have happened) only for requests safe to repeat,
-/// so an unsafe request is never queued twice.
+/// Pushes the envelope through the enqueuer (one LPUSH per batch, then
+/// `WAIT` for a replica when durable). While Redis is away, retries for up
+/// to the enqueue timeout: always when no connection could be made (nothing
+/// was sent), and after an ambiguous failure (the push may have happened)
+/// only for requests safe to repeat, so an unsafe request is never queued
+/// twice.
 async fn enqueue(state: &State, envelope: &RequestEnvelope) -> Result<(), ProxyError> {
-    let payload = envelope.encode();
+    let payload = Bytes::from(envelope.encode());
     let give_up = tokio::time::Instant::now() + state.config.enqueue_timeout.min(state.config.hold);
     let mut backoff = anteroom_redis::Backoff::new();
     loop {
-        let mut conn = state.conn.clone();
-        let (err, never_sent) = match conn.ensure_connected().await {
-            Err(err) => (err, true),
-            Ok(()) => match push(state, &mut conn, &payload).await {
-                Ok(()) => return Ok(()),
-                Err(err) => (err, false),
-            },
+        let PushError { error, never_sent } = match state.enqueuer.push(payload.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
         };
         let delay = backoff.next_delay();
         // A repeated push of a `dedupe` envelope runs at most once.
         let may_retry = never_sent || envelope.dedupe || envelope.is_safe_to_repeat();
         if !may_retry || tokio::time::Instant::now() + delay >= give_up {
-            return Err(ProxyError::Enqueue(err));
+            return Err(ProxyError::Enqueue(error));
         }
-        tracing::debug!(error = %err, "enqueue failed; retrying");
+        tracing::debug!(%error, "enqueue failed; retrying");
         tokio::time::sleep(delay).await;
     }
-}
-
-async fn push(
-    state: &State,
-    conn: &mut anteroom_redis::SharedConnection,
-    payload: &[u8],
-) -> redis::RedisResult<()> {
-    let durability = state.durability.as_ref();
-    let Some(wait) = durability.and_then(|d| d.wait()) else {
-        return redis::cmd("LPUSH")
-            .arg(&state.requests_key)
-            .arg(payload)
-            .query_async::<i64>(conn)
-            .await
-            .map(drop);
-    };
-    let (_, replicas): (i64, i64) = redis::pipe()
-        .cmd("LPUSH")
-        .arg(&state.requests_key)
-        .arg(payload)
-        .cmd("WAIT")
-        .arg(1)
-        .arg(wait.as_millis() as u64)
-        .query_async(conn)
-        .await?;
-    if let Some(d) = durability {
-        d.observed(replicas);
-    }
-    if replicas < 1 {
-        tracing::warn!(
-            ?wait,
-            "no replica acknowledged the request in time; it may not survive a failover"
-        );
-    }
-    Ok(())
 }
 
 async fn wait(mut waiter: crate::replies::Waiter) -> Result<ResponseEnvelope, ProxyError> {

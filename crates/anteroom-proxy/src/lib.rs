@@ -4,8 +4,9 @@
 //! bound. For each request the handler reads the body (up to a limit),
 //! encodes a [`RequestEnvelope`](anteroom_protocol::RequestEnvelope) naming
 //! this proxy's reply list in `reply_to`, and LPUSHes it onto the queue's
-//! requests list over one shared, pipelined Redis connection. It then waits,
-//! at most the hold budget, for its reply.
+//! requests list over one shared, pipelined Redis connection; envelopes
+//! that arrive together go in one LPUSH (`enqueue.rs`). It then waits, at
+//! most the hold budget, for its reply.
 //!
 //! A single reply reader per proxy blocks on the reply list with BLMPOP on a
 //! dedicated connection and hands each response to the waiting request by id
@@ -19,6 +20,7 @@
 mod admin;
 mod budget;
 mod config;
+mod enqueue;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;

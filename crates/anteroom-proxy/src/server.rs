@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
 use crate::config::ProxyConfig;
+use crate::enqueue::Enqueuer;
 use crate::error::ServeError;
 use crate::handler::{self, State};
 use crate::replies::{self, Demux};
@@ -51,12 +52,11 @@ pub async fn serve(
         .map(|wait| anteroom_redis::Durability::spawn(conn.clone(), wait, stop_background.clone()));
     let state = Arc::new(State {
         queue: keys.queue().to_owned(),
-        requests_key: keys.requests(),
         reply_key: keys.replies(&proxy_id),
+        enqueuer: Enqueuer::spawn(conn.clone(), keys.requests(), durability),
         conn,
         demux: Arc::clone(&demux),
         budget: Arc::new(Budget::new(config.max_waiting, config.max_waiting_bytes)),
-        durability,
         config,
     });
     let local = listener.local_addr().ok();

@@ -1,0 +1,149 @@
+//! Group commit of enqueues: envelopes that arrive while one LPUSH is on the
+//! wire go together in the next, as one LPUSH with many values.
+//!
+//! Under load this turns one Redis command per request into one per batch;
+//! with a single request in flight it costs one extra task hop. The order of
+//! arrival is kept (LPUSH `a b c` leaves `a` oldest, taken first). Whether a
+//! failed push may be repeated stays the request's decision
+//! (`handler::enqueue`), so the batcher reports each outcome to every
+//! request in the batch and never retries by itself.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use redis::RedisError;
+use tokio::sync::{mpsc, oneshot};
+
+use anteroom_redis::{Durability, SharedConnection};
+
+/// Most envelopes in one LPUSH.
+const MAX_BATCH: usize = 256;
+/// A batch stops growing once it holds this many bytes (it always takes one).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Envelopes waiting for the batcher before `push` waits for room.
+const QUEUE: usize = 4096;
+
+/// Why a push did not happen, and whether Redis may have received it.
+#[derive(Debug)]
+pub(crate) struct PushError {
+    pub(crate) error: RedisError,
+    /// True when nothing was sent (no connection could be made): always
+    /// safe to try again.
+    pub(crate) never_sent: bool,
+}
+
+struct Pending {
+    payload: Bytes,
+    done: oneshot::Sender<Result<(), PushError>>,
+}
+
+/// The handle requests push through; the batcher stops when it is dropped.
+#[derive(Debug)]
+pub(crate) struct Enqueuer {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Enqueuer {
+    /// Starts the batcher for `requests_key` on `conn`.
+    pub(crate) fn spawn(
+        conn: SharedConnection,
+        requests_key: String,
+        durability: Option<Arc<Durability>>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(conn, requests_key, durability, rx));
+        Self { tx }
+    }
+
+    /// LPUSHes `payload` (in the next batch), then `WAIT`s for a replica
+    /// when durable.
+    pub(crate) async fn push(&self, payload: Bytes) -> Result<(), PushError> {
+        let (done, outcome) = oneshot::channel();
+        let stopped = || PushError {
+            error: RedisError::from((redis::ErrorKind::Io, "the proxy's enqueuer stopped")),
+            never_sent: false,
+        };
+        self.tx
+            .send(Pending { payload, done })
+            .await
+            .map_err(|_| stopped())?;
+        outcome.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+async fn run(
+    mut conn: SharedConnection,
+    key: String,
+    durability: Option<Arc<Durability>>,
+    mut rx: mpsc::Receiver<Pending>,
+) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.payload.len();
+        batch.push(first);
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(next) => {
+                    bytes += next.payload.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcome = push_batch(&mut conn, &key, durability.as_deref(), &batch).await;
+        for pending in batch.drain(..) {
+            let result = match &outcome {
+                Ok(()) => Ok(()),
+                Err(err) => Err(PushError {
+                    error: err.error.clone(),
+                    never_sent: err.never_sent,
+                }),
+            };
+            // The request may have given up meanwhile; nothing to tell it.
+            let _ = pending.done.send(result);
+        }
+    }
+}
+
+async fn push_batch(
+    conn: &mut SharedConnection,
+    key: &str,
+    durability: Option<&Durability>,
+    batch: &[Pending],
+) -> Result<(), PushError> {
+    conn.ensure_connected().await.map_err(|error| PushError {
+        error,
+        never_sent: true,
+    })?;
+    let sent = |error| PushError {
+        error,
+        never_sent: false,
+    };
+    let mut lpush = redis::cmd("LPUSH");
+    lpush.arg(key);
+    for pending in batch {
+        lpush.arg(pending.payload.as_ref());
+    }
+    let Some(wait) = durability.and_then(Durability::wait) else {
+        return lpush.query_async::<i64>(conn).await.map(drop).map_err(sent);
+    };
+    let (_, replicas): (i64, i64) = redis::pipe()
+        .add_command(lpush)
+        .cmd("WAIT")
+        .arg(1)
+        .arg(wait.as_millis() as u64)
+        .query_async(conn)
+        .await
+        .map_err(sent)?;
+    if let Some(d) = durability {
+        d.observed(replicas);
+    }
+    if replicas < 1 {
+        tracing::warn!(
+            ?wait,
+            requests = batch.len(),
+            "no replica acknowledged the requests in time; they may not survive a failover"
+        );
+    }
+    Ok(())
+}
