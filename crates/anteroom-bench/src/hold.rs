@@ -33,6 +33,8 @@ pub(crate) struct HoldFigures {
     pub(crate) redis_connections_max: usize,
     pub(crate) rss_idle_kib: u64,
     pub(crate) rss_peak_kib: u64,
+    /// RSS once every request waits (after the burst of arrivals).
+    pub(crate) rss_settled_kib: u64,
     pub(crate) drain: Duration,
     pub(crate) errors: usize,
 }
@@ -157,7 +159,8 @@ pub(crate) async fn run(
     }
     // Settled: sample once more while all of them wait.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    rss_peak_kib = rss_peak_kib.max(rss_kib(pid)?);
+    let rss_settled_kib = rss_kib(pid)?;
+    rss_peak_kib = rss_peak_kib.max(rss_settled_kib);
     redis_connections_max = redis_connections_max.max(proxy_clients(&mut conn).await?);
 
     let drain_start = Instant::now();
@@ -181,6 +184,7 @@ pub(crate) async fn run(
         redis_connections_max,
         rss_idle_kib,
         rss_peak_kib,
+        rss_settled_kib,
         drain,
         errors: errors.load(Ordering::Relaxed),
     })
@@ -200,7 +204,12 @@ pub(crate) fn print(f: &HoldFigures) {
         "  proxy RSS idle / peak                       {} KiB / {} KiB",
         f.rss_idle_kib, f.rss_peak_kib
     );
-    println!("  memory per waiting request                  {per_request:.0} bytes");
+    let settled = (f.rss_settled_kib.saturating_sub(f.rss_idle_kib) * 1024) as f64 / f.held as f64;
+    println!("  memory per waiting request (peak)           {per_request:.0} bytes");
+    println!(
+        "  memory per waiting request (all queued)     {settled:.0} bytes ({} KiB RSS)",
+        f.rss_settled_kib
+    );
     println!(
         "  drain                                       {:.2} s, {:.0} requests/s",
         f.drain.as_secs_f64(),

@@ -1,5 +1,6 @@
 //! One request: read the body, enqueue the envelope, wait for the reply.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,6 +9,7 @@ use anteroom_protocol::{Failure, RequestEnvelope, ResponseEnvelope, now_ms, stri
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tracing::Instrument;
@@ -36,11 +38,18 @@ pub(crate) struct State {
 }
 
 /// Serves one request; never fails (errors become responses).
-pub(crate) async fn handle(
+///
+/// Not an `async fn`: the request is moved at once into the boxed first
+/// phase ([`submit`]), so the returned future, which lives as long as the
+/// request waits, holds none of it. Reading and enqueueing need large
+/// futures (the request, the body, the envelope, the push); waiting needs
+/// little, and a proxy holding 50,000 waiting requests pays for the waiting
+/// state only (docs/performance.md: memory per waiting request).
+pub(crate) fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     client: SocketAddr,
-) -> Response<Full<Bytes>> {
+) -> impl Future<Output = Response<Full<Bytes>>> + Send + 'static {
     let id = uuid::Uuid::now_v7().to_string();
     let request_id = req
         .headers()
@@ -55,9 +64,17 @@ pub(crate) async fn handle(
         method = %req.method(),
         path = %req.uri().path(),
     );
+    let submission = Box::pin(submit(state, req, client, id, request_id.clone()));
     async move {
         let started = Instant::now();
-        let mut resp = match forward(&state, req, client, &id, &request_id).await {
+        // A statement of its own, so the box is freed before the wait (in a
+        // `match` scrutinee it would live until the match ends).
+        let submitted = submission.await;
+        let result = match submitted {
+            Ok(submitted) => wait_for_reply(submitted).await,
+            Err(err) => Err(err),
+        };
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(err) => {
                 let failure = err.failure();
@@ -83,7 +100,6 @@ pub(crate) async fn handle(
         resp
     }
     .instrument(span)
-    .await
 }
 
 pub(crate) fn usable_request_id(v: &HeaderValue) -> bool {
@@ -91,13 +107,43 @@ pub(crate) fn usable_request_id(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-async fn forward(
-    state: &State,
+/// The second phase: waits for the reply until the hold deadline.
+async fn wait_for_reply(submitted: Submitted) -> Result<Response<Full<Bytes>>, ProxyError> {
+    let Submitted {
+        mut waiter,
+        reservation,
+        deadline,
+        head_request,
+        enqueued_ms,
+    } = submitted;
+    let reply = match tokio::time::timeout_at(deadline, waiter.recv()).await {
+        Ok(reply) => reply.ok_or(ProxyError::ReaderGone)?,
+        Err(_) => return Err(ProxyError::HoldExpired),
+    };
+    drop(reservation);
+    tracing::debug!(waited = ?Duration::from_millis(now_ms().saturating_sub(enqueued_ms)), "reply received");
+    build_response(&reply, head_request)
+}
+
+/// A request in the queue, waiting for its reply.
+struct Submitted {
+    waiter: crate::replies::Waiter,
+    /// Its share of the waiting budget, held until the reply arrives.
+    reservation: crate::budget::Reservation,
+    deadline: tokio::time::Instant,
+    head_request: bool,
+    enqueued_ms: u64,
+}
+
+/// Reads the body, builds the envelope, reserves budget, registers the
+/// waiter and enqueues.
+async fn submit(
+    state: Arc<State>,
     req: Request<Incoming>,
     client: SocketAddr,
-    id: &str,
-    request_id: &HeaderValue,
-) -> Result<Response<Full<Bytes>>, ProxyError> {
+    id: String,
+    request_id: HeaderValue,
+) -> Result<Submitted, ProxyError> {
     let limit = state.config.max_body;
     let declared = req
         .headers()
@@ -108,18 +154,13 @@ async fn forward(
         return Err(ProxyError::BodyTooLarge { limit });
     }
     let (parts, body) = req.into_parts();
-    let body_timeout = state.config.body_read_timeout;
-    let body = tokio::time::timeout(body_timeout, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| ProxyError::BodyTimeout(body_timeout))?
-        .map_err(|err| {
-            if err.downcast_ref::<LengthLimitError>().is_some() {
-                ProxyError::BodyTooLarge { limit }
-            } else {
-                ProxyError::BodyRead(err)
-            }
-        })?
-        .to_bytes();
+    let body = if body.is_end_stream() {
+        // No body (most GETs): nothing to read or time.
+        Bytes::new()
+    } else {
+        // Boxed: only requests with a body pay for the reading state.
+        Box::pin(read_body(body, limit, state.config.body_read_timeout)).await?
+    };
 
     let head_request = parts.method == Method::HEAD;
     let hold = state.config.hold;
@@ -129,8 +170,8 @@ async fn forward(
         body,
         Route {
             client,
-            id,
-            request_id,
+            id: &id,
+            request_id: &request_id,
             reply_to: &state.reply_key,
             now_ms: now,
             hold,
@@ -139,51 +180,75 @@ async fn forward(
     );
     let deadline = tokio::time::Instant::now() + hold;
 
-    let _reservation = state
+    let reservation = state
         .budget
         .reserve(envelope.body.len())
         .map_err(|(waiting, bytes)| ProxyError::Overloaded { waiting, bytes })?;
     // Register before enqueueing: a fast dispatcher may answer at once.
-    let waiter = state.demux.register(id);
-    enqueue(state, &envelope).await?;
-    drop(envelope);
-
-    let reply = match tokio::time::timeout_at(deadline, wait(waiter)).await {
-        Ok(reply) => reply?,
-        Err(_) => return Err(ProxyError::HoldExpired),
+    let waiter = state.demux.register(&id);
+    let pending = Enqueue {
+        payload: Bytes::from(envelope.encode()),
+        may_repeat: envelope.dedupe || envelope.is_safe_to_repeat(),
     };
-    tracing::debug!(waited = ?Duration::from_millis(now_ms().saturating_sub(now)), "reply received");
-    build_response(&reply, head_request)
+    // Only the encoded bytes wait for the enqueuer (under a burst of
+    // arrivals, thousands may), not the envelope's parsed headers.
+    drop(envelope);
+    enqueue(&state, pending).await?;
+    Ok(Submitted {
+        waiter,
+        reservation,
+        deadline,
+        head_request,
+        enqueued_ms: now,
+    })
+}
+
+/// The body, read within `timeout` and at most `limit` bytes.
+async fn read_body(body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, ProxyError> {
+    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| ProxyError::BodyTimeout(timeout))?
+        .map_err(|err| {
+            if err.downcast_ref::<LengthLimitError>().is_some() {
+                ProxyError::BodyTooLarge { limit }
+            } else {
+                ProxyError::BodyRead(err)
+            }
+        })?;
+    Ok(collected.to_bytes())
+}
+
+/// An encoded envelope on its way into the queue.
+struct Enqueue {
+    payload: Bytes,
+    /// Whether pushing it twice is harmless: the envelope is `dedupe`, or
+    /// the request is safe to repeat.
+    may_repeat: bool,
 }
 
 /// Pushes the envelope through the enqueuer (one LPUSH per batch, then
 /// `WAIT` for a replica when durable). While Redis is away, retries for up
 /// to the enqueue timeout: always when no connection could be made (nothing
 /// was sent), and after an ambiguous failure (the push may have happened)
-/// only for requests safe to repeat, so an unsafe request is never queued
-/// twice.
-async fn enqueue(state: &State, envelope: &RequestEnvelope) -> Result<(), ProxyError> {
-    let payload = Bytes::from(envelope.encode());
+/// only when pushing twice is harmless, so an unsafe request is never
+/// queued twice.
+async fn enqueue(state: &State, pending: Enqueue) -> Result<(), ProxyError> {
     let give_up = tokio::time::Instant::now() + state.config.enqueue_timeout.min(state.config.hold);
     let mut backoff = anteroom_redis::Backoff::new();
     loop {
-        let PushError { error, never_sent } = match state.enqueuer.push(payload.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(err) => err,
-        };
+        let PushError { error, never_sent } =
+            match state.enqueuer.push(pending.payload.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
         let delay = backoff.next_delay();
         // A repeated push of a `dedupe` envelope runs at most once.
-        let may_retry = never_sent || envelope.dedupe || envelope.is_safe_to_repeat();
-        if !may_retry || tokio::time::Instant::now() + delay >= give_up {
+        if !(never_sent || pending.may_repeat) || tokio::time::Instant::now() + delay >= give_up {
             return Err(ProxyError::Enqueue(error));
         }
         tracing::debug!(%error, "enqueue failed; retrying");
         tokio::time::sleep(delay).await;
     }
-}
-
-async fn wait(mut waiter: crate::replies::Waiter) -> Result<ResponseEnvelope, ProxyError> {
-    (&mut waiter.rx).await.map_err(|_| ProxyError::ReaderGone)
 }
 
 /// Where a request goes and on whose behalf: everything besides the

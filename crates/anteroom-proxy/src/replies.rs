@@ -30,7 +30,14 @@ pub(crate) struct Demux {
 pub(crate) struct Waiter {
     demux: Arc<Demux>,
     id: String,
-    pub(crate) rx: oneshot::Receiver<ResponseEnvelope>,
+    rx: oneshot::Receiver<ResponseEnvelope>,
+}
+
+impl Waiter {
+    /// The reply; `None` if the reader stopped.
+    pub(crate) async fn recv(&mut self) -> Option<ResponseEnvelope> {
+        (&mut self.rx).await.ok()
+    }
 }
 
 impl Drop for Waiter {

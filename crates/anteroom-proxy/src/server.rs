@@ -119,8 +119,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         let service = service_fn(move |req| {
-            let state = Arc::clone(&state);
-            async move { Ok::<_, Infallible>(handler::handle(state, req, peer).await) }
+            // Built here, not inside the async block, so the request is not
+            // kept in the future while it waits (see `handler::handle`).
+            let answer = handler::handle(Arc::clone(&state), req, peer);
+            async move { Ok::<_, Infallible>(answer.await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
