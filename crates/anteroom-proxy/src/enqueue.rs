@@ -20,8 +20,6 @@ use anteroom_redis::{Durability, SharedConnection};
 const MAX_BATCH: usize = 256;
 /// A batch stops growing once it holds this many bytes (it always takes one).
 const MAX_BATCH_BYTES: usize = 1 << 20;
-/// Envelopes waiting for the batcher before `push` waits for room.
-const QUEUE: usize = 4096;
 
 /// Why a push did not happen, and whether Redis may have received it.
 #[derive(Debug)]
@@ -40,7 +38,11 @@ struct Pending {
 /// The handle requests push through; the batcher stops when it is dropped.
 #[derive(Debug)]
 pub(crate) struct Enqueuer {
-    tx: mpsc::Sender<Pending>,
+    /// Unbounded as a channel, bounded by the proxy's waiting budget: a
+    /// request reserves its share before it pushes, so no more than
+    /// `max_waiting` envelopes are ever in here. (A bounded channel's send
+    /// is a future of its own, kept by every request while it waits.)
+    tx: mpsc::UnboundedSender<Pending>,
 }
 
 impl Enqueuer {
@@ -50,7 +52,7 @@ impl Enqueuer {
         requests_key: String,
         durability: Option<Arc<Durability>>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(conn, requests_key, durability, rx));
         Self { tx }
     }
@@ -65,7 +67,6 @@ impl Enqueuer {
         };
         self.tx
             .send(Pending { payload, done })
-            .await
             .map_err(|_| stopped())?;
         outcome.await.unwrap_or_else(|_| Err(stopped()))
     }
@@ -75,7 +76,7 @@ async fn run(
     mut conn: SharedConnection,
     key: String,
     durability: Option<Arc<Durability>>,
-    mut rx: mpsc::Receiver<Pending>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {

@@ -2,7 +2,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use anteroom_protocol::{Failure, RequestEnvelope, ResponseEnvelope, now_ms, strip_hop_by_hop};
@@ -39,24 +41,30 @@ pub(crate) struct State {
 
 /// Serves one request; never fails (errors become responses).
 ///
-/// Not an `async fn`: the request is moved at once into the boxed first
-/// phase ([`submit`]), so the returned future, which lives as long as the
-/// request waits, holds none of it. Reading and enqueueing need large
-/// futures (the request, the body, the envelope, the push); waiting needs
-/// little, and a proxy holding 50,000 waiting requests pays for the waiting
-/// state only (docs/performance.md: memory per waiting request).
+/// Everything that needs the request itself is done here, synchronously
+/// (for a request with a body, in a boxed future that reads it), and the
+/// returned [`Handling`] is a small state machine rather than an async
+/// block: a waiting request then holds only what waiting needs. A proxy
+/// holding 50,000 waiting requests pays for that state only
+/// (docs/performance.md: memory per waiting request).
 pub(crate) fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     client: SocketAddr,
-) -> impl Future<Output = Response<Full<Bytes>>> + Send + 'static {
-    let id = uuid::Uuid::now_v7().to_string();
+) -> tracing::instrument::Instrumented<Handling> {
+    let id = uuid::Uuid::now_v7();
     let request_id = req
         .headers()
         .get(&X_REQUEST_ID)
         .filter(|v| usable_request_id(v))
         .cloned()
-        .unwrap_or_else(|| HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("-")));
+        .unwrap_or_else(|| {
+            let text = id
+                .hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .to_owned();
+            HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("-"))
+        });
     let span = tracing::info_span!(
         "request",
         request_id = %String::from_utf8_lossy(request_id.as_bytes()),
@@ -64,40 +72,16 @@ pub(crate) fn handle(
         method = %req.method(),
         path = %req.uri().path(),
     );
-    let submission = Box::pin(submit(state, req, client, id, request_id.clone()));
-    async move {
-        let started = Instant::now();
-        // A statement of its own, so the box is freed before the wait (in a
-        // `match` scrutinee it would live until the match ends).
-        let submitted = submission.await;
-        let result = match submitted {
-            Ok(submitted) => wait_for_reply(submitted).await,
-            Err(err) => Err(err),
-        };
-        let mut resp = match result {
-            Ok(resp) => resp,
-            Err(err) => {
-                let failure = err.failure();
-                match failure {
-                    Failure::BadRequest
-                    | Failure::ClientTimeout
-                    | Failure::BodyTooLarge
-                    | Failure::HoldExpired
-                    | Failure::Overloaded => {
-                        tracing::info!(error = %err, "request failed")
-                    }
-                    _ => tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "request failed"),
-                }
-                failure_response(failure)
-            }
-        };
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-        tracing::info!(
-            status = resp.status().as_u16(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "answered"
-        );
-        resp
+    let phase = match arrive(&state, req, client, id, &request_id) {
+        Arrival::Ready(Ok(prepared)) => Phase::enqueueing(&state, prepared),
+        Arrival::Ready(Err(err)) => Phase::Failed(Some(err)),
+        Arrival::Reading(reading) => Phase::Reading(reading),
+    };
+    Handling {
+        state,
+        request_id,
+        started: Instant::now(),
+        phase,
     }
     .instrument(span)
 }
@@ -107,43 +91,143 @@ pub(crate) fn usable_request_id(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-/// The second phase: waits for the reply until the hold deadline.
-async fn wait_for_reply(submitted: Submitted) -> Result<Response<Full<Bytes>>, ProxyError> {
-    let Submitted {
-        mut waiter,
-        reservation,
-        deadline,
-        head_request,
-        enqueued_ms,
-    } = submitted;
-    let reply = match tokio::time::timeout_at(deadline, waiter.recv()).await {
-        Ok(reply) => reply.ok_or(ProxyError::ReaderGone)?,
-        Err(_) => return Err(ProxyError::HoldExpired),
-    };
-    drop(reservation);
-    tracing::debug!(waited = ?Duration::from_millis(now_ms().saturating_sub(enqueued_ms)), "reply received");
-    build_response(&reply, head_request)
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// One request from arrival to response; see [`handle`].
+pub(crate) struct Handling {
+    state: Arc<State>,
+    request_id: HeaderValue,
+    started: Instant,
+    phase: Phase,
 }
 
-/// A request in the queue, waiting for its reply.
-struct Submitted {
+enum Phase {
+    /// Reading the body, then preparing the envelope.
+    Reading(BoxFuture<Result<Prepared, ProxyError>>),
+    /// Pushing the encoded envelope.
+    Enqueueing(BoxFuture<Result<(), ProxyError>>, Waiting),
+    /// In the queue until the reply or the hold deadline.
+    Waiting(Waiting, Pin<Box<tokio::time::Sleep>>),
+    /// Failed before reaching the queue.
+    Failed(Option<ProxyError>),
+    /// Answered.
+    Done,
+}
+
+/// What waiting for the reply takes.
+struct Waiting {
     waiter: crate::replies::Waiter,
-    /// Its share of the waiting budget, held until the reply arrives.
-    reservation: crate::budget::Reservation,
+    /// The request's share of the waiting budget, held until it is answered.
+    _reservation: crate::budget::Reservation,
     deadline: tokio::time::Instant,
     head_request: bool,
     enqueued_ms: u64,
 }
 
-/// Reads the body, builds the envelope, reserves budget, registers the
-/// waiter and enqueues.
-async fn submit(
-    state: Arc<State>,
+impl Phase {
+    fn enqueueing(state: &Arc<State>, prepared: Prepared) -> Self {
+        let Prepared {
+            payload,
+            may_repeat,
+            waiting,
+        } = prepared;
+        let push = Box::pin(enqueue(Arc::clone(state), payload, may_repeat));
+        Phase::Enqueueing(push, waiting)
+    }
+}
+
+impl Future for Handling {
+    type Output = Response<Full<Bytes>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let result = loop {
+            match &mut this.phase {
+                Phase::Reading(reading) => match ready!(reading.as_mut().poll(cx)) {
+                    Ok(prepared) => this.phase = Phase::enqueueing(&this.state, prepared),
+                    Err(err) => break Err(err),
+                },
+                Phase::Enqueueing(push, _) => match ready!(push.as_mut().poll(cx)) {
+                    Ok(()) => {
+                        let Phase::Enqueueing(_, waiting) =
+                            std::mem::replace(&mut this.phase, Phase::Done)
+                        else {
+                            unreachable!("matched above")
+                        };
+                        let timer = Box::pin(tokio::time::sleep_until(waiting.deadline));
+                        this.phase = Phase::Waiting(waiting, timer);
+                    }
+                    Err(err) => break Err(err),
+                },
+                Phase::Waiting(waiting, timer) => {
+                    if let Poll::Ready(reply) = waiting.waiter.poll_recv(cx) {
+                        tracing::debug!(waited = ?Duration::from_millis(now_ms().saturating_sub(waiting.enqueued_ms)), "reply received");
+                        break reply
+                            .ok_or(ProxyError::ReaderGone)
+                            .and_then(|reply| build_response(&reply, waiting.head_request));
+                    }
+                    ready!(timer.as_mut().poll(cx));
+                    break Err(ProxyError::HoldExpired);
+                }
+                Phase::Failed(err) => break Err(err.take().unwrap_or(ProxyError::ReaderGone)),
+                // Never polled again once it has answered (hyper drops it).
+                Phase::Done => return Poll::Pending,
+            }
+        };
+        // Gives back the budget reservation and the waiter at once.
+        this.phase = Phase::Done;
+        Poll::Ready(finish(result, this.request_id.clone(), this.started))
+    }
+}
+
+/// The response for `result`, with the request id; logs the outcome.
+fn finish(
+    result: Result<Response<Full<Bytes>>, ProxyError>,
+    request_id: HeaderValue,
+    started: Instant,
+) -> Response<Full<Bytes>> {
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(err) => {
+            let failure = err.failure();
+            match failure {
+                Failure::BadRequest
+                | Failure::ClientTimeout
+                | Failure::BodyTooLarge
+                | Failure::HoldExpired
+                | Failure::Overloaded => {
+                    tracing::info!(error = %err, "request failed")
+                }
+                _ => {
+                    tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "request failed")
+                }
+            }
+            failure_response(failure)
+        }
+    };
+    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    tracing::info!(
+        status = resp.status().as_u16(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "answered"
+    );
+    resp
+}
+
+/// A request turned into what the proxy keeps of it: at once when it has
+/// no body, after reading the body otherwise.
+enum Arrival {
+    Ready(Result<Prepared, ProxyError>),
+    Reading(BoxFuture<Result<Prepared, ProxyError>>),
+}
+
+fn arrive(
+    state: &Arc<State>,
     req: Request<Incoming>,
     client: SocketAddr,
-    id: String,
-    request_id: HeaderValue,
-) -> Result<Submitted, ProxyError> {
+    id: uuid::Uuid,
+    request_id: &HeaderValue,
+) -> Arrival {
     let limit = state.config.max_body;
     let declared = req
         .headers()
@@ -151,17 +235,42 @@ async fn submit(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ProxyError::BodyTooLarge { limit });
+        return Arrival::Ready(Err(ProxyError::BodyTooLarge { limit }));
     }
     let (parts, body) = req.into_parts();
-    let body = if body.is_end_stream() {
+    if body.is_end_stream() {
         // No body (most GETs): nothing to read or time.
-        Bytes::new()
-    } else {
-        // Boxed: only requests with a body pay for the reading state.
-        Box::pin(read_body(body, limit, state.config.body_read_timeout)).await?
-    };
+        return Arrival::Ready(prepare(state, parts, Bytes::new(), client, id, request_id));
+    }
+    let (state, request_id) = (Arc::clone(state), request_id.clone());
+    Arrival::Reading(Box::pin(async move {
+        let body = read_body(body, limit, state.config.body_read_timeout).await?;
+        prepare(&state, parts, body, client, id, &request_id)
+    }))
+}
 
+/// A request ready for the queue: its encoded envelope, and what waiting
+/// for the reply takes.
+struct Prepared {
+    payload: Bytes,
+    /// Whether pushing it twice is harmless: the envelope is `dedupe`, or
+    /// the request is safe to repeat.
+    may_repeat: bool,
+    waiting: Waiting,
+}
+
+/// Builds and encodes the envelope, reserves budget and registers the
+/// waiter. Synchronous: nothing here waits.
+fn prepare(
+    state: &State,
+    parts: http::request::Parts,
+    body: Bytes,
+    client: SocketAddr,
+    id: uuid::Uuid,
+    request_id: &HeaderValue,
+) -> Result<Prepared, ProxyError> {
+    let mut id_buf = uuid::Uuid::encode_buffer();
+    let id_text: &str = id.hyphenated().encode_lower(&mut id_buf);
     let head_request = parts.method == Method::HEAD;
     let hold = state.config.hold;
     let now = now_ms();
@@ -170,36 +279,29 @@ async fn submit(
         body,
         Route {
             client,
-            id: &id,
-            request_id: &request_id,
+            id: id_text,
+            request_id,
             reply_to: &state.reply_key,
             now_ms: now,
             hold,
             dedupe: !state.config.enqueue_timeout.is_zero(),
         },
     );
-    let deadline = tokio::time::Instant::now() + hold;
-
     let reservation = state
         .budget
         .reserve(envelope.body.len())
         .map_err(|(waiting, bytes)| ProxyError::Overloaded { waiting, bytes })?;
-    // Register before enqueueing: a fast dispatcher may answer at once.
-    let waiter = state.demux.register(&id);
-    let pending = Enqueue {
+    Ok(Prepared {
         payload: Bytes::from(envelope.encode()),
         may_repeat: envelope.dedupe || envelope.is_safe_to_repeat(),
-    };
-    // Only the encoded bytes wait for the enqueuer (under a burst of
-    // arrivals, thousands may), not the envelope's parsed headers.
-    drop(envelope);
-    enqueue(&state, pending).await?;
-    Ok(Submitted {
-        waiter,
-        reservation,
-        deadline,
-        head_request,
-        enqueued_ms: now,
+        waiting: Waiting {
+            // Registered before enqueueing: a fast dispatcher may answer at once.
+            waiter: state.demux.register(id),
+            _reservation: reservation,
+            deadline: tokio::time::Instant::now() + hold,
+            head_request,
+            enqueued_ms: now,
+        },
     })
 }
 
@@ -218,36 +320,27 @@ async fn read_body(body: Incoming, limit: usize, timeout: Duration) -> Result<By
     Ok(collected.to_bytes())
 }
 
-/// An encoded envelope on its way into the queue.
-struct Enqueue {
-    payload: Bytes,
-    /// Whether pushing it twice is harmless: the envelope is `dedupe`, or
-    /// the request is safe to repeat.
-    may_repeat: bool,
-}
-
 /// Pushes the envelope through the enqueuer (one LPUSH per batch, then
 /// `WAIT` for a replica when durable). While Redis is away, retries for up
 /// to the enqueue timeout: always when no connection could be made (nothing
 /// was sent), and after an ambiguous failure (the push may have happened)
-/// only when pushing twice is harmless, so an unsafe request is never
-/// queued twice.
-async fn enqueue(state: &State, pending: Enqueue) -> Result<(), ProxyError> {
+/// only when `may_repeat`, so an unsafe request is never queued twice.
+async fn enqueue(state: Arc<State>, payload: Bytes, may_repeat: bool) -> Result<(), ProxyError> {
     let give_up = tokio::time::Instant::now() + state.config.enqueue_timeout.min(state.config.hold);
     let mut backoff = anteroom_redis::Backoff::new();
     loop {
-        let PushError { error, never_sent } =
-            match state.enqueuer.push(pending.payload.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(err) => err,
-            };
+        let PushError { error, never_sent } = match state.enqueuer.push(payload.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
         let delay = backoff.next_delay();
         // A repeated push of a `dedupe` envelope runs at most once.
-        if !(never_sent || pending.may_repeat) || tokio::time::Instant::now() + delay >= give_up {
+        if !(never_sent || may_repeat) || tokio::time::Instant::now() + delay >= give_up {
             return Err(ProxyError::Enqueue(error));
         }
         tracing::debug!(%error, "enqueue failed; retrying");
-        tokio::time::sleep(delay).await;
+        // Boxed: only a retrying request pays for a timer.
+        Box::pin(tokio::time::sleep(delay)).await;
     }
 }
 

@@ -2,7 +2,10 @@
 //! request waiting for each reply's id.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anteroom_protocol::ResponseEnvelope;
@@ -17,7 +20,9 @@ const BLOCK: Duration = Duration::from_secs(1);
 /// Replies taken per round trip.
 const BATCH: usize = 256;
 
-type Waiters = HashMap<String, oneshot::Sender<ResponseEnvelope>>;
+/// Keyed by the id's 128 bits rather than its text: a waiting request then
+/// costs the map no allocation of its own.
+type Waiters = HashMap<u128, oneshot::Sender<ResponseEnvelope>>;
 
 /// Requests waiting for replies, by envelope id.
 #[derive(Debug, Default)]
@@ -29,14 +34,14 @@ pub(crate) struct Demux {
 /// passed) removes the entry, so a late reply is discarded.
 pub(crate) struct Waiter {
     demux: Arc<Demux>,
-    id: String,
+    id: u128,
     rx: oneshot::Receiver<ResponseEnvelope>,
 }
 
 impl Waiter {
     /// The reply; `None` if the reader stopped.
-    pub(crate) async fn recv(&mut self) -> Option<ResponseEnvelope> {
-        (&mut self.rx).await.ok()
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<ResponseEnvelope>> {
+        Pin::new(&mut self.rx).poll(cx).map(Result::ok)
     }
 }
 
@@ -52,12 +57,13 @@ impl Demux {
     }
 
     /// Registers interest in the reply to `id`; call before enqueueing.
-    pub(crate) fn register(self: &Arc<Self>, id: &str) -> Waiter {
+    pub(crate) fn register(self: &Arc<Self>, id: uuid::Uuid) -> Waiter {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(id.to_owned(), tx);
+        let id = id.as_u128();
+        self.lock().insert(id, tx);
         Waiter {
             demux: Arc::clone(self),
-            id: id.to_owned(),
+            id,
             rx,
         }
     }
@@ -70,7 +76,10 @@ impl Demux {
                 return;
             }
         };
-        let waiter = self.lock().remove(&reply.id);
+        // Ids this proxy gave out are UUIDs; anything else waits for nothing here.
+        let waiter = uuid::Uuid::try_parse(&reply.id)
+            .ok()
+            .and_then(|id| self.lock().remove(&id.as_u128()));
         match waiter {
             Some(tx) => {
                 // The receiver may have just given up; then the reply is late.
