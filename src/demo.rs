@@ -41,7 +41,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dispatcher = Dispatcher::builder()
         .redis_url(redis_url)
         .queue(args.queue)
-        .concurrency(32)
+        .concurrency(64)
         .grace(Duration::from_secs(5))
         .label("demo")
         .build()?;

@@ -492,18 +492,25 @@ where
             return;
         }
     };
-    let request_id = envelope
-        .headers
-        .iter()
-        .find(|(name, _)| name == "x-request-id")
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        .unwrap_or_else(|| envelope.id.clone());
     let span = tracing::info_span!(
         "request",
-        request_id = %request_id,
+        request_id = tracing::field::Empty,
         queue = %shared.keys.queue(),
         method = %envelope.method,
     );
+    if !span.is_disabled() {
+        // Looked up only when the span is recorded: most requests of a
+        // quiet log level never need it.
+        let request_id = envelope
+            .headers
+            .iter()
+            .find(|(name, _)| name == "x-request-id")
+            .map_or(
+                std::borrow::Cow::Borrowed(envelope.id.as_str()),
+                |(_, v)| String::from_utf8_lossy(v),
+            );
+        span.record("request_id", request_id.as_ref());
+    }
     async move {
         let now = now_ms();
         if envelope.is_expired(now) {
