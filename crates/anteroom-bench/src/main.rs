@@ -8,10 +8,12 @@
 //! and the ratio to nginx. A benchmark, not a test: nothing asserts speed.
 //!
 //! Run with: `cargo run --release -p anteroom-bench -- --duration 10s --connections 64`
-//! (needs redis-server, nginx and wrk: `sudo apt-get install redis-server nginx-light wrk`).
+//! (drives redis-server, nginx and wrk; installs whichever is missing from
+//! the distribution's packages unless `--install false`).
 
 mod hold;
 mod setups;
+mod tools;
 mod wrk;
 
 use std::time::Duration;
@@ -46,6 +48,11 @@ struct Args {
     /// Requests to hold in the hold-capacity scenario.
     #[arg(long, default_value_t = 50_000)]
     hold_requests: usize,
+
+    /// Install missing redis-server, nginx and wrk with apt-get (through
+    /// sudo when not root). With false, a missing program is an error.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    install: bool,
 }
 
 /// The benchmark's scenarios.
@@ -61,6 +68,7 @@ enum Scenario {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    tools::ensure(args.install)?;
     let anteroom = setups::build_anteroom().context("building the anteroom binary")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -140,7 +140,7 @@ impl Nginx {
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, nginx_conf(&dir, port, upstream))?;
         let proc = spawn(
-            Command::new("nginx")
+            Command::new(crate::tools::find("nginx").unwrap_or_else(|| "nginx".into()))
                 .arg("-c")
                 .arg(&conf)
                 .arg("-p")
