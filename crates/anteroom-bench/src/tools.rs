@@ -61,7 +61,8 @@ pub(crate) fn ensure(install: bool) -> anyhow::Result<()> {
     let mut install_args = vec!["install", "-y", "-q"];
     install_args.extend(&missing);
     // A fresh machine's package lists may be empty: update, then retry.
-    if !apt(&install_args) && !(apt(&["update", "-q"]) && apt(&install_args)) {
+    let installed = apt(&install_args) || (apt(&["update", "-q"]) && apt(&install_args));
+    if !installed {
         bail!(
             "could not install {}; install them with: {hint}",
             missing.join(", ")
