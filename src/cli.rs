@@ -221,8 +221,8 @@ pub struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_DURABLE_WAIT", default_value = "250ms", value_parser = parse_duration)]
     pub durable_wait: Duration,
 
-    /// Address for the admin endpoint (GET /healthz, GET /status, POST /pause,
-    /// POST /resume); off when not given.
+    /// Address for the admin endpoint (GET /healthz, GET /status, GET
+    /// /metrics for Prometheus, POST /pause, POST /resume); off when not given.
     #[arg(long, env = "ANTEROOM_ADMIN")]
     pub admin: Option<SocketAddr>,
 
@@ -271,6 +271,10 @@ pub struct DispatchArgs {
     /// With --durable: how long to wait for the replica.
     #[arg(long, env = "ANTEROOM_DURABLE_WAIT", default_value = "250ms", value_parser = parse_duration)]
     pub durable_wait: Duration,
+
+    /// Address to serve Prometheus metrics on (GET /metrics); off when not given.
+    #[arg(long, env = "ANTEROOM_METRICS")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Flags of `anteroom demo`.

@@ -63,6 +63,9 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let admin_stop = CancellationToken::new();
+    let mut registry = anteroom_metrics::Registry::default();
+    let metrics = anteroom_metrics::ProxyMetrics::register(&mut registry);
+    let registry = std::sync::Arc::new(registry);
     let admin = match args.admin {
         Some(addr) => {
             let admin_listener = TcpListener::bind(addr)
@@ -71,6 +74,7 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
             let mut admin_config =
                 AdminConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
             admin_config.token = args.admin_token.clone().filter(|t| !t.is_empty());
+            admin_config.registry = Some(std::sync::Arc::clone(&registry));
             if admin_config.token.is_none() && !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "admin endpoint on a non-loopback address without --admin-token");
             }
@@ -83,7 +87,8 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let config = proxy_config(&args);
+    let mut config = proxy_config(&args);
+    config.metrics = metrics;
     let served = anteroom_proxy::serve(listener, config, shutdown_signal())
         .await
         .context("proxy failed");
@@ -96,6 +101,8 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
 
 async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let upstream = Upstream::new(&args.upstream)?;
+    let mut registry = anteroom_metrics::Registry::default();
+    let metrics = anteroom_metrics::DispatcherMetrics::register(&mut registry);
     let dispatcher = Dispatcher::builder()
         .redis_url(args.target.redis.url)
         .queue(args.target.queue)
@@ -105,12 +112,33 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         .heartbeat_ttl(args.heartbeat_ttl)
         .reap_interval(Some(args.reap_every).filter(|d| !d.is_zero()))
         .durable(args.durable.then_some(args.durable_wait))
+        .metrics(metrics)
         .build()?;
+    let metrics_stop = CancellationToken::new();
+    let metrics_endpoint = match args.metrics {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+            let stop = metrics_stop.clone();
+            Some(tokio::spawn(anteroom_metrics::serve(
+                listener,
+                std::sync::Arc::new(registry),
+                async move { stop.cancelled().await },
+            )))
+        }
+        None => None,
+    };
     tracing::info!(upstream = %args.upstream, "forwarding to upstream");
-    dispatcher
+    let served = dispatcher
         .serve(upstream, shutdown_signal())
         .await
-        .context("dispatcher failed")
+        .context("dispatcher failed");
+    metrics_stop.cancel();
+    if let Some(endpoint) = metrics_endpoint {
+        endpoint.await?;
+    }
+    served
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -3,6 +3,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use anteroom_metrics::DispatcherMetrics;
+
 use anteroom_protocol::{Keys, validate_id};
 use anteroom_redis::Target;
 use bytes::Bytes;
@@ -36,6 +38,7 @@ pub(crate) struct Settings {
     pub(crate) redis_timeout: Duration,
     pub(crate) id: Option<String>,
     pub(crate) label: String,
+    pub(crate) metrics: DispatcherMetrics,
 }
 
 impl Default for Settings {
@@ -53,6 +56,7 @@ impl Default for Settings {
             redis_timeout: Duration::from_secs(2),
             id: None,
             label: String::new(),
+            metrics: DispatcherMetrics::default(),
         }
     }
 }
@@ -115,6 +119,15 @@ impl DispatcherBuilder {
     /// loss of the primary (default `None`).
     pub fn durable(mut self, wait: Option<Duration>) -> Self {
         self.settings.durable = wait;
+        self
+    }
+
+    /// Where the dispatcher counts requests (see
+    /// [`DispatcherMetrics::register`]); by default into series no registry
+    /// holds. Serve the registry with [`anteroom_metrics::serve`] or from
+    /// the application's own endpoint with [`anteroom_metrics::encode`].
+    pub fn metrics(mut self, metrics: DispatcherMetrics) -> Self {
+        self.settings.metrics = metrics;
         self
     }
 

@@ -102,6 +102,7 @@ struct Shared {
     durability: Option<Arc<anteroom_redis::Durability>>,
     /// Finished requests on their way to [`completer`].
     completions: mpsc::Sender<Completion>,
+    metrics: anteroom_metrics::DispatcherQueueMetrics,
 }
 
 /// A finished request: its reply, to be pushed, and its envelope, to be
@@ -121,6 +122,7 @@ struct Running(Arc<Shared>);
 impl Running {
     fn start(shared: &Arc<Shared>) -> Self {
         shared.running.fetch_add(1, Ordering::AcqRel);
+        shared.metrics.in_flight(1);
         Self(Arc::clone(shared))
     }
 }
@@ -128,6 +130,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.in_flight(-1);
     }
 }
 
@@ -208,6 +211,7 @@ where
     // completion, so this channel never makes a request wait.
     let (completions, completions_rx) = mpsc::channel(settings.concurrency.max(1));
     let shared = Arc::new(Shared {
+        metrics: settings.metrics.queue(keys.queue()),
         completions,
         requests_key: keys.requests(),
         processing_key: keys.processing(&id),
@@ -476,6 +480,7 @@ where
         Err(err) => {
             let reason = format!("does not decode: {err}");
             tracing::error!(queue = %shared.keys.queue(), %reason, "moving an envelope to the dead-letter list");
+            shared.metrics.dead_lettered();
             let mut conn = shared.conn.clone();
             if let Err(err) = anteroom_control::dead_letter(
                 &mut conn,
@@ -513,7 +518,11 @@ where
     }
     async move {
         let now = now_ms();
+        shared.metrics.taken(Duration::from_millis(
+            now.saturating_sub(envelope.enqueued_at_ms),
+        ));
         if envelope.is_expired(now) {
+            shared.metrics.expired();
             tracing::info!(
                 late_ms = now - envelope.deadline_ms,
                 "deadline passed while queued; not executed"
@@ -534,7 +543,9 @@ where
         }
         let waited_ms = now.saturating_sub(envelope.enqueued_at_ms);
         let budget = Duration::from_millis(envelope.deadline_ms - now);
+        let started = std::time::Instant::now();
         let reply = execute(&shared, service, &envelope, budget).await;
+        shared.metrics.handled(reply.status, started.elapsed());
         tracing::info!(status = reply.status, waited_ms, "handled");
         let (done, completed) = oneshot::channel();
         let completion = Completion {

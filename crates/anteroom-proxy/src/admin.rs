@@ -1,13 +1,17 @@
 //! The admin endpoint, on an address of its own: `GET /healthz`,
-//! `GET /status`, `POST /pause`, `POST /resume`, in the spirit of
-//! Intermission's enable/disable/status. Everything but `/healthz` requires
-//! `Authorization: Bearer <token>` when a token is configured.
+//! `GET /status`, `GET /metrics` (Prometheus), `POST /pause`,
+//! `POST /resume`, in the spirit of Intermission's enable/disable/status.
+//! Everything but `/healthz` requires `Authorization: Bearer <token>` when a
+//! token is configured (Prometheus sends one with `authorization:` in its
+//! scrape config).
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anteroom_control::{Queue, StatusReport};
+use anteroom_metrics::Registry;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -31,6 +35,10 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Connect and command timeout for Redis.
     pub redis_timeout: Duration,
+    /// The registry `GET /metrics` serves (the proxy's
+    /// [`ProxyMetrics`](anteroom_metrics::ProxyMetrics) registered in it);
+    /// `/metrics` answers 404 when `None`.
+    pub registry: Option<Arc<Registry>>,
 }
 
 impl AdminConfig {
@@ -41,6 +49,7 @@ impl AdminConfig {
             queue: queue.into(),
             token: None,
             redis_timeout: Duration::from_secs(2),
+            registry: None,
         }
     }
 }
@@ -56,6 +65,7 @@ pub async fn serve_admin(
         .map_err(ServeError::Control)?;
     let admin = std::sync::Arc::new(Admin {
         queue,
+        registry: config.registry,
         token: config.token,
         host: anteroom_redis::hostname(),
     });
@@ -92,6 +102,7 @@ pub async fn serve_admin(
 
 struct Admin {
     queue: Queue,
+    registry: Option<Arc<Registry>>,
     token: Option<String>,
     host: String,
 }
@@ -101,7 +112,7 @@ impl Admin {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
         let allowed = match path.as_str() {
-            "/healthz" | "/status" => Method::GET,
+            "/healthz" | "/status" | "/metrics" => Method::GET,
             "/pause" | "/resume" => Method::POST,
             _ => return text(StatusCode::NOT_FOUND, "not found\n"),
         };
@@ -124,6 +135,12 @@ impl Admin {
                 header::HeaderValue::from_static("Bearer realm=\"anteroom\""),
             );
             return resp;
+        }
+        if path == "/metrics" {
+            return match &self.registry {
+                Some(registry) => anteroom_metrics::response(registry),
+                None => text(StatusCode::NOT_FOUND, "no metrics registry configured\n"),
+            };
         }
         let action = match path.as_str() {
             "/pause" => {

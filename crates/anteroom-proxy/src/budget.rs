@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use anteroom_metrics::ProxyQueueMetrics;
+
 /// Counts what waits; hands out reservations that give it back on drop.
 #[derive(Debug)]
 pub(crate) struct Budget {
@@ -10,6 +12,8 @@ pub(crate) struct Budget {
     max_bytes: usize,
     count: AtomicUsize,
     bytes: AtomicUsize,
+    /// Follows `count` as the `anteroom_proxy_waiting_requests` gauge.
+    metrics: ProxyQueueMetrics,
 }
 
 /// One waiting request's share of the budget.
@@ -22,16 +26,18 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.count.fetch_sub(1, Ordering::AcqRel);
         self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.metrics.waiting(-1);
     }
 }
 
 impl Budget {
-    pub(crate) fn new(max_count: usize, max_bytes: usize) -> Self {
+    pub(crate) fn new(max_count: usize, max_bytes: usize, metrics: ProxyQueueMetrics) -> Self {
         Self {
             max_count,
             max_bytes,
             count: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
+            metrics,
         }
     }
 
@@ -39,15 +45,17 @@ impl Budget {
     pub(crate) fn reserve(self: &Arc<Self>, bytes: usize) -> Result<Reservation, (usize, usize)> {
         let count = self.count.fetch_add(1, Ordering::AcqRel) + 1;
         let total = self.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        let reservation = Reservation {
-            budget: Arc::clone(self),
-            bytes,
-        };
         if count > self.max_count || total > self.max_bytes {
-            drop(reservation);
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.metrics.shed();
             return Err((count - 1, total - bytes));
         }
-        Ok(reservation)
+        self.metrics.waiting(1);
+        Ok(Reservation {
+            budget: Arc::clone(self),
+            bytes,
+        })
     }
 
     /// Requests waiting now.
@@ -62,7 +70,11 @@ mod tests {
 
     #[test]
     fn count_and_bytes_are_capped_and_returned() {
-        let budget = Arc::new(Budget::new(2, 100));
+        let budget = Arc::new(Budget::new(
+            2,
+            100,
+            anteroom_metrics::ProxyMetrics::default().queue("q"),
+        ));
         let a = budget.reserve(60).unwrap();
         assert!(budget.reserve(50).is_err(), "bytes over the cap");
         let b = budget.reserve(40).unwrap();

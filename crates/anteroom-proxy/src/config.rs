@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use anteroom_metrics::ProxyMetrics;
+
 /// Everything [`serve`](crate::serve) needs to know.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -41,6 +43,10 @@ pub struct ProxyConfig {
     pub durable: Option<Duration>,
     /// This proxy's id (names its reply list); a random one when `None`.
     pub proxy_id: Option<String>,
+    /// Where the proxy counts requests. The default counts into series no
+    /// registry holds; use [`ProxyMetrics::register`] to scrape them (the
+    /// admin endpoint serves `/metrics` given the registry).
+    pub metrics: ProxyMetrics,
 }
 
 impl ProxyConfig {
@@ -66,6 +72,7 @@ impl ProxyConfig {
             enqueue_timeout: Duration::ZERO,
             durable: None,
             proxy_id: None,
+            metrics: ProxyMetrics::default(),
         }
     }
 }

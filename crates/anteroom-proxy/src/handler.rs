@@ -37,6 +37,7 @@ pub(crate) struct State {
     pub(crate) demux: Arc<Demux>,
     pub(crate) budget: Arc<crate::budget::Budget>,
     pub(crate) enqueuer: Enqueuer,
+    pub(crate) metrics: anteroom_metrics::ProxyQueueMetrics,
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -176,12 +177,18 @@ impl Future for Handling {
         };
         // Gives back the budget reservation and the waiter at once.
         this.phase = Phase::Done;
-        Poll::Ready(finish(result, this.request_id.clone(), this.started))
+        Poll::Ready(finish(
+            &this.state,
+            result,
+            this.request_id.clone(),
+            this.started,
+        ))
     }
 }
 
 /// The response for `result`, with the request id; logs the outcome.
 fn finish(
+    state: &State,
     result: Result<Response<Full<Bytes>>, ProxyError>,
     request_id: HeaderValue,
     started: Instant,
@@ -190,6 +197,9 @@ fn finish(
         Ok(resp) => resp,
         Err(err) => {
             let failure = err.failure();
+            if failure == Failure::HoldExpired {
+                state.metrics.expired();
+            }
             match failure {
                 Failure::BadRequest
                 | Failure::ClientTimeout
@@ -206,9 +216,11 @@ fn finish(
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    let elapsed = started.elapsed();
+    state.metrics.answered(resp.status().as_u16(), elapsed);
     tracing::info!(
         status = resp.status().as_u16(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
+        elapsed_ms = elapsed.as_millis() as u64,
         "answered"
     );
     resp

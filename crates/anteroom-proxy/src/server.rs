@@ -50,13 +50,19 @@ pub async fn serve(
     let durability = config
         .durable
         .map(|wait| anteroom_redis::Durability::spawn(conn.clone(), wait, stop_background.clone()));
+    let metrics = config.metrics.queue(keys.queue());
     let state = Arc::new(State {
         queue: keys.queue().to_owned(),
         reply_key: keys.replies(&proxy_id),
         enqueuer: Enqueuer::spawn(conn.clone(), keys.requests(), durability),
         conn,
         demux: Arc::clone(&demux),
-        budget: Arc::new(Budget::new(config.max_waiting, config.max_waiting_bytes)),
+        budget: Arc::new(Budget::new(
+            config.max_waiting,
+            config.max_waiting_bytes,
+            metrics.clone(),
+        )),
+        metrics,
         config,
     });
     let local = listener.local_addr().ok();
