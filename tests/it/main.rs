@@ -12,6 +12,7 @@ mod operations;
 mod outages;
 mod pause;
 mod playbooks;
+mod python;
 mod reliability;
 mod round_trip;
 mod security;
