@@ -7,6 +7,7 @@ mod compose;
 mod failures;
 mod hostile;
 mod load;
+mod logs;
 mod metrics;
 mod operations;
 mod outages;
