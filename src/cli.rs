@@ -82,6 +82,11 @@ pub struct PauseArgs {
     /// Let the pause lapse by itself after this long (default: until resumed).
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<Duration>,
+
+    /// With --wait: do not show which dispatchers are still busy (shown only
+    /// on a terminal anyway).
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
 /// Flags of `anteroom status`.
@@ -111,6 +116,11 @@ pub struct WindowArgs {
     /// resumed and COMMAND is not run).
     #[arg(long, env = "ANTEROOM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// Do not show which dispatchers are still busy while waiting (shown
+    /// only on a terminal anyway).
+    #[arg(long, short)]
+    pub quiet: bool,
 
     /// The pause is a lease renewed while the window runs; if this process
     /// dies, the queue resumes by itself after this long.

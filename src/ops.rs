@@ -28,7 +28,10 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
     queue.pause(&who("cli"), args.ttl, false).await?;
     println!("paused queue {:?}", queue.name());
     if args.wait {
-        match queue.wait_quiescent(args.timeout, progress_printer()).await {
+        match queue
+            .wait_quiescent(args.timeout, progress_printer(args.quiet))
+            .await
+        {
             Ok(q) => println!(
                 "queue {:?} is quiet: {} dispatcher(s) paused, none holding requests",
                 queue.name(),
@@ -125,17 +128,25 @@ pub(crate) async fn reap(args: QueueArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// On a terminal, says once what `--wait` is waiting for.
-fn progress_printer() -> impl FnMut(&Quiescence) {
-    let tty = std::io::stderr().is_terminal();
-    let mut said = false;
+/// On a terminal (and without `--quiet`), shows what a wait is waiting
+/// for: each busy dispatcher with its in-flight and held requests, printed
+/// again whenever that changes. Silent when stderr is not a terminal.
+fn progress_printer(quiet: bool) -> impl FnMut(&Quiescence) {
+    let show = !quiet && std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    let mut last = String::new();
     move |q: &Quiescence| {
-        if tty && !said && !q.quiescent {
-            said = true;
+        if !show || q.quiescent {
+            return;
+        }
+        let lines = status_view::busy_lines(q);
+        if lines != last {
             eprint!(
-                "waiting for in-flight requests to finish...\n{}",
-                status_view::busy_lines(q)
+                "[{:>5.1}s] waiting for {} dispatcher(s):\n{lines}",
+                started.elapsed().as_secs_f64(),
+                q.busy().len()
             );
+            last = lines;
         }
     }
 }
@@ -161,7 +172,7 @@ pub(crate) async fn window(args: WindowArgs) -> anyhow::Result<ExitCode> {
     ));
 
     let quiet = tokio::select! {
-        q = queue.wait_quiescent(args.timeout, progress_printer()) => q.map_err(anyhow::Error::from),
+        q = queue.wait_quiescent(args.timeout, progress_printer(args.quiet)) => q.map_err(anyhow::Error::from),
         _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted while waiting for the queue to become quiet")),
         _ = terminate.recv() => Err(anyhow::anyhow!("terminated while waiting for the queue to become quiet")),
     };

@@ -91,7 +91,7 @@ pub(crate) fn busy_lines(q: &Quiescence) -> String {
     let mut out = String::new();
     for d in q.busy() {
         let why = if d.held > 0 {
-            format!("holds {} request(s)", d.held)
+            format!("{} in flight, {} held", d.heartbeat.in_flight, d.held)
         } else {
             "has not stopped pulling yet".to_owned()
         };

@@ -540,3 +540,103 @@ async fn admin_endpoint_pauses_and_resumes_under_load_and_reports_the_truth() {
     assert!(total > 16);
     d.stop().await;
 }
+
+/// Runs `anteroom ARGS` under a pseudo-terminal (`script`), as an operator
+/// would; returns what the terminal showed.
+async fn on_a_terminal(args: &[&str]) -> String {
+    let cmdline = std::iter::once(env!("CARGO_BIN_EXE_anteroom"))
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = tokio::process::Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("script (util-linux) runs commands under a pseudo-terminal");
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).replace('\r', "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_wait_shows_busy_dispatchers_on_a_terminal_only() {
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "tty").await;
+    let dispatcher = TestDispatcher::start(&redis, "tty", test_app());
+    let queue = control(&redis, "tty").await;
+    let url = redis.url();
+    let c = client();
+    // Each round: a slow request in flight, then `pause --wait` as given.
+    let mut seen = Vec::new();
+    for quiet in [false, true] {
+        let slow = tokio::spawn({
+            let (c, url) = (c.clone(), proxy.url("/slow?ms=1500"));
+            async move { web::get(&c, &url).await.status }
+        });
+        eventually(
+            "the slow request to be held",
+            Duration::from_secs(10),
+            || async {
+                queue
+                    .status()
+                    .await
+                    .unwrap()
+                    .dispatchers
+                    .first()
+                    .is_some_and(|d| d.held == 1)
+            },
+        )
+        .await;
+        let mut args = vec!["pause", "--wait", "--redis", &url, "--queue", "tty"];
+        if quiet {
+            args.push("--quiet");
+        }
+        seen.push(on_a_terminal(&args).await);
+        assert_eq!(slow.await.unwrap(), StatusCode::OK);
+        queue.resume().await.unwrap();
+    }
+    let (shown, quiet) = (&seen[0], &seen[1]);
+    assert!(shown.contains("waiting for 1 dispatcher(s)"), "{shown}");
+    assert!(shown.contains("1 in flight, 1 held"), "{shown}");
+    assert!(shown.contains("is quiet"), "{shown}");
+    assert!(
+        !quiet.contains("waiting for"),
+        "--quiet still showed:\n{quiet}"
+    );
+    assert!(quiet.contains("is quiet"), "{quiet}");
+
+    // Not a terminal: no progress either.
+    let slow = tokio::spawn({
+        let (c, url) = (c.clone(), proxy.url("/slow?ms=1000"));
+        async move { web::get(&c, &url).await.status }
+    });
+    eventually(
+        "the slow request to be held",
+        Duration::from_secs(10),
+        || async {
+            queue
+                .status()
+                .await
+                .unwrap()
+                .dispatchers
+                .first()
+                .is_some_and(|d| d.held == 1)
+        },
+    )
+    .await;
+    let out = command()
+        .args(["pause", "--wait", "--redis", &url, "--queue", "tty"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("waiting for"),
+        "progress on a pipe:\n{stderr}"
+    );
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    queue.resume().await.unwrap();
+    dispatcher.stop().await;
+    proxy.stop().await;
+}
