@@ -16,6 +16,7 @@ mod playbooks;
 mod python;
 mod reliability;
 mod round_trip;
+mod routing;
 mod security;
 mod sentinel;
 mod support;

@@ -139,7 +139,7 @@ async fn pause_wait_fails_clearly_when_work_does_not_finish_in_time() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("did not become quiet within 300ms"), "{err}");
-    assert!(err.contains("holds 1 request(s)"), "{err}");
+    assert!(err.contains("1 in flight, 1 held"), "{err}");
     assert!(err.contains("anteroom resume"), "{err}");
     assert!(
         queue.status().await.unwrap().pause.is_some(),

@@ -30,6 +30,9 @@ pub enum Failure {
     Interrupted,
     /// The client did not send its request body in time (408).
     ClientTimeout,
+    /// No route of the proxy matches the request's host and path, and the
+    /// proxy has no default queue (404).
+    NoRoute,
 }
 
 impl Failure {
@@ -42,6 +45,7 @@ impl Failure {
             Failure::Unavailable | Failure::Overloaded => 503,
             Failure::HandlerFailed | Failure::Interrupted => 502,
             Failure::ClientTimeout => 408,
+            Failure::NoRoute => 404,
         }
     }
 
@@ -58,6 +62,7 @@ impl Failure {
                 "the backend stopped while handling this request; it may or may not have been carried out\n"
             }
             Failure::ClientTimeout => "request body not received in time\n",
+            Failure::NoRoute => "no queue serves this host and path on this proxy\n",
         }
     }
 

@@ -10,8 +10,15 @@ use anteroom_metrics::ProxyMetrics;
 pub struct ProxyConfig {
     /// Redis URL (`redis://`, `rediss://`, `unix://`).
     pub redis_url: String,
-    /// Queue the requests go to.
+    /// Queue the requests go to when no route matches (see `routes` and
+    /// `default_queue`).
     pub queue: String,
+    /// Routes to other queues, tried in order before the default queue;
+    /// the first whose host and path prefix match wins.
+    pub routes: Vec<RouteConfig>,
+    /// Whether requests that match no route go to `queue` (the default);
+    /// false answers them 404.
+    pub default_queue: bool,
     /// How long a request may wait for its response before it gets 504.
     pub hold: Duration,
     /// Largest request body accepted; larger ones get 413.
@@ -58,6 +65,8 @@ impl ProxyConfig {
         Self {
             redis_url: redis_url.into(),
             queue: queue.into(),
+            routes: Vec::new(),
+            default_queue: true,
             hold: Duration::from_secs(30),
             max_body: 8 * 1024 * 1024,
             grace: Duration::from_secs(30),
@@ -74,5 +83,52 @@ impl ProxyConfig {
             proxy_id: None,
             metrics: ProxyMetrics::default(),
         }
+    }
+}
+
+/// One route: requests whose host and path match go to `queue`, with the
+/// route's own hold budget and waiting caps (the proxy's when `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouteConfig {
+    /// The `Host` (or HTTP/2 authority) to match, without port, compared
+    /// case-insensitively; any host when `None`.
+    pub host: Option<String>,
+    /// A prefix the path must start with (`/api/`); any path when `None`.
+    pub path_prefix: Option<String>,
+    /// The queue matching requests go to.
+    pub queue: String,
+    /// This route's hold budget.
+    pub hold: Option<Duration>,
+    /// Most requests of this route waiting at once (over it: 503).
+    pub max_waiting: Option<usize>,
+    /// Most body bytes of this route waiting at once (over it: 503).
+    pub max_waiting_bytes: Option<usize>,
+}
+
+impl RouteConfig {
+    /// A route to `queue` matching every request; narrow it with `host`
+    /// and `path_prefix`.
+    pub fn new(queue: impl Into<String>) -> Self {
+        Self {
+            host: None,
+            path_prefix: None,
+            queue: queue.into(),
+            hold: None,
+            max_waiting: None,
+            max_waiting_bytes: None,
+        }
+    }
+
+    /// Matches only requests for `host` (port ignored, case-insensitive).
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = Some(host.into().to_ascii_lowercase());
+        self
+    }
+
+    /// Matches only paths that start with `prefix`.
+    pub fn path_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.path_prefix = Some(prefix.into());
+        self
     }
 }

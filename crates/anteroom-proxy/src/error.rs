@@ -16,6 +16,9 @@ pub enum ServeError {
     /// Redis cannot be reached (or its URL is invalid).
     #[error(transparent)]
     Redis(#[from] anteroom_redis::ConnectError),
+    /// Routes only, no default queue, and no route: nothing to serve.
+    #[error("no queue to serve: no routes and no default queue")]
+    NoQueue,
     /// The admin endpoint could not reach the queue's state.
     #[error("admin endpoint cannot reach the queue")]
     Control(#[source] anteroom_control::ControlError),

@@ -28,12 +28,14 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 /// Longest client-supplied `X-Request-Id` kept; longer or non-visible ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 200;
 
-/// What every request handler shares.
+/// What the requests of one route share: its queue, budget and metrics,
+/// and the proxy-wide configuration and reply table.
 pub(crate) struct State {
-    pub(crate) config: ProxyConfig,
+    pub(crate) config: Arc<ProxyConfig>,
     pub(crate) queue: String,
+    /// This route's hold budget.
+    pub(crate) hold: Duration,
     pub(crate) reply_key: String,
-    pub(crate) conn: anteroom_redis::SharedConnection,
     pub(crate) demux: Arc<Demux>,
     pub(crate) budget: Arc<crate::budget::Budget>,
     pub(crate) enqueuer: Enqueuer,
@@ -284,7 +286,7 @@ fn prepare(
     let mut id_buf = uuid::Uuid::encode_buffer();
     let id_text: &str = id.hyphenated().encode_lower(&mut id_buf);
     let head_request = parts.method == Method::HEAD;
-    let hold = state.config.hold;
+    let hold = state.hold;
     let now = now_ms();
     let envelope = envelope_for(
         parts,
@@ -338,7 +340,7 @@ async fn read_body(body: Incoming, limit: usize, timeout: Duration) -> Result<By
 /// was sent), and after an ambiguous failure (the push may have happened)
 /// only when `may_repeat`, so an unsafe request is never queued twice.
 async fn enqueue(state: Arc<State>, payload: Bytes, may_repeat: bool) -> Result<(), ProxyError> {
-    let give_up = tokio::time::Instant::now() + state.config.enqueue_timeout.min(state.config.hold);
+    let give_up = tokio::time::Instant::now() + state.config.enqueue_timeout.min(state.hold);
     let mut backoff = anteroom_redis::Backoff::new();
     loop {
         let PushError { error, never_sent } = match state.enqueuer.push(payload.clone()).await {

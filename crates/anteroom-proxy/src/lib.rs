@@ -26,9 +26,10 @@ mod error;
 pub mod fuzzing;
 mod handler;
 mod replies;
+mod router;
 mod server;
 
 pub use admin::{AdminConfig, serve_admin};
-pub use config::ProxyConfig;
+pub use config::{ProxyConfig, RouteConfig};
 pub use error::ServeError;
 pub use server::serve;

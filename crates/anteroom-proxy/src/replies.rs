@@ -92,11 +92,12 @@ impl Demux {
     }
 }
 
-/// Reads the reply list until `stop` is cancelled, reconnecting with backoff.
+/// Reads the reply lists (one per queue this proxy serves) until `stop` is
+/// cancelled, reconnecting with backoff. One `BLMPOP` names them all.
 pub(crate) async fn run(
     demux: Arc<Demux>,
     target: anteroom_redis::Target,
-    key: String,
+    keys: Vec<String>,
     connect_timeout: Duration,
     stop: CancellationToken,
 ) {
@@ -116,8 +117,8 @@ pub(crate) async fn run(
         loop {
             let mut cmd = redis::cmd("BLMPOP");
             cmd.arg(BLOCK.as_secs_f64())
-                .arg(1)
-                .arg(&key)
+                .arg(keys.len())
+                .arg(&keys)
                 .arg("LEFT")
                 .arg("COUNT")
                 .arg(BATCH);

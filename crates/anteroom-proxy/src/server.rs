@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anteroom_control::presence::{Presence, Role};
-use anteroom_protocol::{Keys, ProxyHeartbeat, validate_id};
+use anteroom_protocol::{Failure, Keys, ProxyHeartbeat, validate_id};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -18,8 +18,10 @@ use crate::budget::Budget;
 use crate::config::ProxyConfig;
 use crate::enqueue::Enqueuer;
 use crate::error::ServeError;
+use crate::error::failure_response;
 use crate::handler::{self, State};
 use crate::replies::{self, Demux};
+use crate::router::Router;
 
 /// How often the proxy refreshes its heartbeat key, and the key's lifetime.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
@@ -35,7 +37,6 @@ pub async fn serve(
     config: ProxyConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let keys = Keys::new(&config.queue)?;
     let proxy_id = match &config.proxy_id {
         Some(id) => {
             validate_id(id)?;
@@ -43,6 +44,13 @@ pub async fn serve(
         }
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
+    // Every queue name is checked before anything connects.
+    let default_keys = Keys::new(&config.queue)?;
+    let route_keys = config
+        .routes
+        .iter()
+        .map(|route| Keys::new(&route.queue))
+        .collect::<Result<Vec<_>, _>>()?;
     let (target, conn) = anteroom_redis::connect(&config.redis_url, config.redis_timeout).await?;
 
     let demux = Arc::new(Demux::default());
@@ -50,57 +58,97 @@ pub async fn serve(
     let durability = config
         .durable
         .map(|wait| anteroom_redis::Durability::spawn(conn.clone(), wait, stop_background.clone()));
-    let metrics = config.metrics.queue(keys.queue());
-    let state = Arc::new(State {
-        queue: keys.queue().to_owned(),
-        reply_key: keys.replies(&proxy_id),
-        enqueuer: Enqueuer::spawn(conn.clone(), keys.requests(), durability),
-        conn,
-        demux: Arc::clone(&demux),
-        budget: Arc::new(Budget::new(
+    let config = Arc::new(config);
+    let state_for = |keys: &Keys, hold: Duration, max_waiting: usize, max_bytes: usize| {
+        let metrics = config.metrics.queue(keys.queue());
+        Arc::new(State {
+            config: Arc::clone(&config),
+            queue: keys.queue().to_owned(),
+            hold,
+            reply_key: keys.replies(&proxy_id),
+            enqueuer: Enqueuer::spawn(conn.clone(), keys.requests(), durability.clone()),
+            demux: Arc::clone(&demux),
+            budget: Arc::new(Budget::new(max_waiting, max_bytes, metrics.clone())),
+            metrics,
+        })
+    };
+    let default = config.default_queue.then(|| {
+        state_for(
+            &default_keys,
+            config.hold,
             config.max_waiting,
             config.max_waiting_bytes,
-            metrics.clone(),
-        )),
-        metrics,
-        config,
+        )
     });
-    let local = listener.local_addr().ok();
+    let mut router = Router::new(default);
+    for (route, keys) in config.routes.iter().zip(&route_keys) {
+        let state = state_for(
+            keys,
+            route.hold.unwrap_or(config.hold),
+            route.max_waiting.unwrap_or(config.max_waiting),
+            route.max_waiting_bytes.unwrap_or(config.max_waiting_bytes),
+        );
+        router.add(route.host.clone(), route.path_prefix.clone(), state);
+    }
+    let router = Arc::new(router);
+    // One reply list and one heartbeat per queue served.
+    let mut queues: Vec<Keys> = Vec::new();
+    for state in router.states() {
+        if !queues.iter().any(|k| k.queue() == state.queue) {
+            queues.push(Keys::new(&state.queue)?);
+        }
+    }
+    if queues.is_empty() {
+        return Err(ServeError::NoQueue);
+    }
     tracing::info!(
-        listen = ?local,
-        queue = %state.queue,
+        listen = ?listener.local_addr().ok(),
+        queues = ?queues.iter().map(Keys::queue).collect::<Vec<_>>(),
+        routes = config.routes.len(),
+        default_queue = config.default_queue,
         proxy_id = %proxy_id,
-        hold = ?state.config.hold,
+        hold = ?config.hold,
         "proxy ready"
     );
 
     let reader = tokio::spawn(replies::run(
         Arc::clone(&demux),
         target,
-        state.reply_key.clone(),
-        state.config.redis_timeout,
+        queues.iter().map(|k| k.replies(&proxy_id)).collect(),
+        config.redis_timeout,
         stop_background.clone(),
     ));
-    let heartbeat = tokio::spawn(heartbeat(
-        Arc::clone(&state),
-        Presence::new(&keys, Role::Proxy, &proxy_id, HEARTBEAT_TTL),
-        proxy_id,
-        stop_background.clone(),
-    ));
+    let heartbeats: Vec<_> = queues
+        .iter()
+        .map(|keys| {
+            tokio::spawn(heartbeat(
+                conn.clone(),
+                Arc::clone(&router),
+                keys.queue().to_owned(),
+                Presence::new(keys, Role::Proxy, &proxy_id, HEARTBEAT_TTL),
+                proxy_id.clone(),
+                stop_background.clone(),
+            ))
+        })
+        .collect();
+    let waiting = {
+        let router = Arc::clone(&router);
+        move || router.states().map(|s| s.budget.waiting()).sum::<usize>()
+    };
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_read_timeout)
-        .max_headers(state.config.max_headers)
-        .max_buf_size(state.config.max_head_bytes.max(8192));
+        .header_read_timeout(config.header_read_timeout)
+        .max_headers(config.max_headers)
+        .max_buf_size(config.max_head_bytes.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(state.config.max_head_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(config.max_head_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(256);
-    let connections = Arc::new(tokio::sync::Semaphore::new(state.config.max_connections));
+    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -118,17 +166,32 @@ pub async fn serve(
             }
         };
         let Ok(slot) = Arc::clone(&connections).try_acquire_owned() else {
-            tracing::debug!(%peer, max = state.config.max_connections, "connection limit reached; closing");
+            tracing::debug!(%peer, max = config.max_connections, "connection limit reached; closing");
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let state = Arc::clone(&state);
-        let service = service_fn(move |req| {
+        let router = Arc::clone(&router);
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             // Built here, not inside the async block, so the request is not
             // kept in the future while it waits (see `handler::handle`).
-            let answer = handler::handle(Arc::clone(&state), req, peer);
-            async move { Ok::<_, Infallible>(answer.await) }
+            let answer = match router.pick(&req) {
+                Some(state) => Ok(handler::handle(Arc::clone(state), req, peer)),
+                None => {
+                    tracing::info!(
+                        host = ?req.headers().get(http::header::HOST),
+                        path = %req.uri().path(),
+                        "no route; 404"
+                    );
+                    Err(failure_response(Failure::NoRoute))
+                }
+            };
+            async move {
+                Ok::<_, Infallible>(match answer {
+                    Ok(handling) => handling.await,
+                    Err(resp) => resp,
+                })
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -143,34 +206,38 @@ pub async fn serve(
     }
 
     drop(listener);
-    let grace = state.config.grace;
+    let grace = config.grace;
     tracing::info!(
-        waiting = state.budget.waiting(),
+        waiting = waiting(),
         ?grace,
         "shutting down: draining connections"
     );
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => {
-            tracing::warn!(waiting = state.budget.waiting(), "grace period over; closing with requests still waiting");
+            tracing::warn!(waiting = waiting(), "grace period over; closing with requests still waiting");
         }
     }
     stop_background.cancel();
     let _ = reader.await;
-    let _ = heartbeat.await;
+    for heartbeat in heartbeats {
+        let _ = heartbeat.await;
+    }
     Ok(())
 }
 
-/// Keeps the proxy's heartbeat and registry entry fresh; removes both on stop.
+/// Keeps the proxy's heartbeat and registry entry for `queue` fresh;
+/// removes both on stop.
 async fn heartbeat(
-    state: Arc<State>,
+    mut conn: anteroom_redis::SharedConnection,
+    router: Arc<Router>,
+    queue: String,
     presence: Presence,
     proxy_id: String,
     stop: CancellationToken,
 ) {
     let host = anteroom_redis::hostname();
     let started_at_ms = anteroom_protocol::now_ms();
-    let mut conn = state.conn.clone();
     if let Err(err) = presence.register_queue(&mut conn).await {
         tracing::debug!(error = %err, "cannot register the queue");
     }
@@ -180,7 +247,11 @@ async fn heartbeat(
             host: host.clone(),
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            waiting: state.budget.waiting(),
+            waiting: router
+                .states()
+                .filter(|s| s.queue == queue)
+                .map(|s| s.budget.waiting())
+                .sum(),
             started_at_ms,
         };
         if let Err(err) = presence.beat(&mut conn, &beat).await {

@@ -96,7 +96,13 @@ impl TestProxy {
             .proxy_id
             .get_or_insert_with(|| format!("test-{}", addr.port()))
             .clone();
-        let heartbeat = anteroom_protocol::Keys::new(queue).unwrap().proxy(&id);
+        // The first queue it serves: the default one, or its first route's.
+        let served = if config.default_queue {
+            queue
+        } else {
+            &config.routes[0].queue
+        };
+        let heartbeat = anteroom_protocol::Keys::new(served).unwrap().proxy(&id);
         let stop = CancellationToken::new();
         let token = stop.clone();
         let handle = tokio::spawn(anteroom_proxy::serve(listener, config, async move {
