@@ -28,6 +28,11 @@ pub struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+
+    /// Configuration file (TOML): flag > environment > file > default. See
+    /// docs/configuration.md.
+    #[arg(long, global = true, env = "ANTEROOM_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// Log output formats.
@@ -239,6 +244,16 @@ pub struct ProxyArgs {
     /// Bearer token the admin endpoint requires (all but /healthz).
     #[arg(long, env = "ANTEROOM_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// Whether requests that match no route (`[[proxy.routes]]` in the
+    /// configuration file) go to --queue; false answers them 404.
+    #[arg(long, env = "ANTEROOM_DEFAULT_QUEUE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub default_queue: bool,
+
+    /// Check the configuration (flags, environment, file, routes), print
+    /// what would run, and exit: 0 when valid, 2 otherwise. Nothing connects.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// Flags of `anteroom dispatch`.

@@ -13,11 +13,29 @@ use crate::ops;
 
 /// Runs the command `cli` names until it finishes or a SIGINT/SIGTERM
 /// arrives and its shutdown completes.
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+///
+/// `file` is the configuration file the command line was parsed with
+/// ([`crate::config::parse`]); the proxy takes its routes from it.
+pub async fn run(cli: Cli, file: Option<crate::config::ConfigFile>) -> anyhow::Result<ExitCode> {
     init_tracing(cli.log_format);
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
-        Command::Proxy(args) => done(proxy(args).await),
+        Command::Proxy(args) => {
+            let routes = match file.as_ref().map(crate::config::ConfigFile::routes) {
+                Some(Ok(routes)) => routes,
+                Some(Err(err)) => {
+                    eprintln!("error: configuration file {err}");
+                    return Ok(ExitCode::from(2));
+                }
+                None => Vec::new(),
+            };
+            let mut config = proxy_config(&args);
+            config.routes = routes;
+            if args.check_config {
+                return Ok(check_config(&args, &config));
+            }
+            done(proxy(args, config).await)
+        }
         Command::Dispatch(args) => done(dispatch(args).await),
         Command::Pause(args) => ops::pause(args).await,
         Command::Resume(args) => ops::resume(args).await,
@@ -41,8 +59,68 @@ fn init_tracing(format: LogFormat) {
     };
 }
 
+/// `proxy --check-config`: validates what the libraries would refuse at
+/// start, prints what would run, exits 0 (valid) or 2.
+fn check_config(args: &ProxyArgs, config: &ProxyConfig) -> ExitCode {
+    let mut problems = Vec::new();
+    if let Err(err) = anteroom_redis::Target::parse(&config.redis_url) {
+        problems.push(format!("redis: {err}"));
+    }
+    if let Err(err) = anteroom_protocol::Keys::new(&config.queue) {
+        problems.push(format!("queue: {err}"));
+    }
+    if !config.default_queue && config.routes.is_empty() {
+        problems.push("default_queue is false and there are no routes: nothing to serve".into());
+    }
+    if !problems.is_empty() {
+        for problem in problems {
+            eprintln!("error: {problem}");
+        }
+        return ExitCode::from(2);
+    }
+    println!("configuration is valid");
+    println!("  listen    {}", args.listen);
+    println!("  redis     {}", redact(&config.redis_url));
+    println!(
+        "  admin     {}",
+        args.admin.map_or("off".into(), |a| a.to_string())
+    );
+    for (i, route) in config.routes.iter().enumerate() {
+        println!(
+            "  route {}   host {} path {} -> queue {} (hold {:?}, max waiting {})",
+            i + 1,
+            route.host.as_deref().unwrap_or("*"),
+            route.path_prefix.as_deref().unwrap_or("*"),
+            route.queue,
+            route.hold.unwrap_or(config.hold),
+            route.max_waiting.unwrap_or(config.max_waiting)
+        );
+    }
+    if config.default_queue {
+        println!(
+            "  default   -> queue {} (hold {:?}, max waiting {})",
+            config.queue, config.hold, config.max_waiting
+        );
+    } else {
+        println!("  default   none: unrouted requests get 404");
+    }
+    ExitCode::SUCCESS
+}
+
+/// A Redis URL without its password.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     let mut config = ProxyConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
+    config.default_queue = args.default_queue;
     config.hold = args.hold;
     config.max_body = args.max_body;
     config.grace = args.grace;
@@ -58,7 +136,7 @@ fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config
 }
 
-async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
+async fn proxy(args: ProxyArgs, mut config: ProxyConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -87,7 +165,6 @@ async fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut config = proxy_config(&args);
     config.metrics = metrics;
     let served = anteroom_proxy::serve(listener, config, shutdown_signal())
         .await

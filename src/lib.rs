@@ -9,6 +9,7 @@
 
 pub mod cli;
 mod commands;
+pub mod config;
 mod demo;
 pub mod local_redis;
 mod ops;

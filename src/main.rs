@@ -1,14 +1,12 @@
 //! The `anteroom` binary. See `anteroom --help`.
 
-use clap::Parser;
-
 /// mimalloc instead of the system allocator: glibc malloc and free were
 /// about 18% of the CPU time of a loaded proxy (docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = anteroom::cli::Cli::parse();
+    let (cli, file) = anteroom::config::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -19,7 +17,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(anteroom::run(cli)) {
+    match runtime.block_on(anteroom::run(cli, file)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");

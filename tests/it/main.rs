@@ -4,6 +4,7 @@
 
 mod cli;
 mod compose;
+mod config;
 mod failures;
 mod hostile;
 mod load;

@@ -1,0 +1,151 @@
+//! The configuration file through the real binary: precedence flag >
+//! environment > file > default, `--check-config`, errors that name the key,
+//! and a proxy whose routes come from the file.
+
+use std::path::PathBuf;
+
+use anteroom::local_redis::free_port;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+
+use crate::support::app::Upstream;
+use crate::support::bin::{BinProcess, command};
+use crate::support::start_redis;
+use crate::support::wait_for_port;
+use crate::support::web::{client, send};
+
+/// Writes `text` to a fresh file and returns its path.
+fn config_file(text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "anteroom-config-{}-{}.toml",
+        std::process::id(),
+        free_port().unwrap()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn check(path: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = command()
+        .args(["proxy", "--check-config", "--config"])
+        .arg(path)
+        .args(args)
+        .env_remove("ANTEROOM_HOLD")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn flag_beats_environment_beats_file_beats_default() {
+    let path = config_file(
+        "redis = \"redis://:hunter2@127.0.0.1:6390\"\nqueue = \"from-file\"\n\
+         [proxy]\nhold = \"45s\"\nmax_waiting = 9\n",
+    );
+    let (code, out, err) = check(&path, &[], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("queue from-file (hold 45s, max waiting 9)"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2"), "the password is printed:\n{out}");
+    let (_, out, _) = check(&path, &[], &[("ANTEROOM_HOLD", "7s")]);
+    assert!(out.contains("(hold 7s,"), "environment over file:\n{out}");
+    let (_, out, _) = check(&path, &["--hold", "5s"], &[("ANTEROOM_HOLD", "7s")]);
+    assert!(out.contains("(hold 5s,"), "flag over environment:\n{out}");
+    let path = config_file("queue = \"q\"\n");
+    let (_, out, _) = check(&path, &[], &[]);
+    assert!(
+        out.contains("(hold 30s, max waiting 20000)"),
+        "defaults:\n{out}"
+    );
+}
+
+#[test]
+fn a_bad_file_is_refused_naming_the_key() {
+    for (text, expected) in [
+        (
+            "[proxy]\nhold = \"3 fortnights\"\n",
+            "[proxy] hold = \"3 fortnights\": invalid value",
+        ),
+        (
+            "[proxy]\nmax_wating = 3\n",
+            "[proxy] max_wating: unknown key",
+        ),
+        ("[proxy\n", "not valid TOML"),
+        (
+            "[[proxy.routes]]\nqueue = \"no spaces allowed\"\n",
+            "[[proxy.routes]] #1 queue",
+        ),
+        (
+            "[proxy]\ndefault_queue = false\n",
+            "no routes: nothing to serve",
+        ),
+    ] {
+        let path = config_file(text);
+        let (code, _, err) = check(&path, &[], &[]);
+        assert_eq!(code, 2, "{text:?}: {err}");
+        assert!(err.contains(expected), "{text:?} gave:\n{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_routes_as_its_file_says() {
+    let redis = start_redis();
+    let upstream = Upstream::start().await;
+    let port = free_port().unwrap();
+    let path = config_file(&format!(
+        "redis = \"{}\"\nqueue = \"unused\"\n\
+         [proxy]\nlisten = \"127.0.0.1:{port}\"\ndefault_queue = false\n\
+         [[proxy.routes]]\npath_prefix = \"/echo\"\nqueue = \"echoes\"\n\
+         [dispatch]\nqueue = \"echoes\"\nupstream = \"{}\"\n",
+        redis.url(),
+        upstream.url()
+    ));
+    let config = path.to_str().unwrap();
+    let _proxy = BinProcess::spawn(&["proxy", "--config", config]);
+    let _dispatcher = BinProcess::spawn(&["dispatch", "--config", config]);
+    wait_for_port(port).await;
+    let c = client();
+    let req = Request::post(format!("http://127.0.0.1:{port}/echo"))
+        .body(Full::new(bytes::Bytes::from_static(b"routed by the file")))
+        .unwrap();
+    let r = send(&c, req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "routed by the file");
+    let req = Request::get(format!("http://127.0.0.1:{port}/other"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&c, req).await.status, StatusCode::NOT_FOUND);
+}
+
+/// The documented example (docs/configuration.md) is a valid file.
+#[test]
+fn the_documented_example_is_valid() {
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/anteroom.toml"
+    ));
+    let (code, out, err) = check(&path, &[], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("route 1   host api.example.com path * -> queue api (hold 10s"),
+        "{out}"
+    );
+    assert!(out.contains("default   -> queue web"), "{out}");
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
+    let example = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        docs.contains(example.trim()),
+        "docs/configuration.md must quote examples/anteroom.toml as it is"
+    );
+}
