@@ -153,6 +153,8 @@ async fn proxy(args: ProxyArgs, mut config: ProxyConfig) -> anyhow::Result<()> {
                 AdminConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
             admin_config.token = args.admin_token.clone().filter(|t| !t.is_empty());
             admin_config.registry = Some(std::sync::Arc::clone(&registry));
+            admin_config.metrics = Some(metrics.clone());
+            admin_config.more_queues = config.routes.iter().map(|r| r.queue.clone()).collect();
             if admin_config.token.is_none() && !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "admin endpoint on a non-loopback address without --admin-token");
             }

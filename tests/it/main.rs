@@ -20,4 +20,5 @@ mod round_trip;
 mod routing;
 mod security;
 mod sentinel;
+mod status_page;
 mod support;

@@ -19,7 +19,8 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -66,6 +67,8 @@ fn latencies() -> Latencies {
 /// What a proxy counts. Cloning shares the series.
 #[derive(Clone, Debug)]
 pub struct ProxyMetrics {
+    /// Responses per queue, for the status page's throughput chart.
+    totals: Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>,
     requests: Family<StatusLabels, Counter>,
     duration: Latencies,
     waiting: Family<QueueLabel, Gauge>,
@@ -76,6 +79,7 @@ pub struct ProxyMetrics {
 impl Default for ProxyMetrics {
     fn default() -> Self {
         Self {
+            totals: Arc::default(),
             requests: Family::default(),
             duration: latencies(),
             waiting: Family::default(),
@@ -130,7 +134,15 @@ impl ProxyMetrics {
     /// through it needs no label lookup.
     pub fn queue(&self, queue: &str) -> ProxyQueueMetrics {
         let label = queue_label(queue);
+        let answered_total = Arc::clone(
+            self.totals
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(queue.to_owned())
+                .or_default(),
+        );
         ProxyQueueMetrics {
+            answered_total,
             requests: StatusCounters::new(queue, &self.requests),
             duration: self.duration.get_or_create(&label).clone(),
             waiting: self.waiting.get_or_create(&label).clone(),
@@ -140,9 +152,21 @@ impl ProxyMetrics {
     }
 }
 
+impl ProxyMetrics {
+    /// Responses sent for `queue` so far (all statuses).
+    pub fn answered_total(&self, queue: &str) -> u64 {
+        self.totals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(queue)
+            .map_or(0, |total| total.load(Ordering::Relaxed))
+    }
+}
+
 /// One queue's series of [`ProxyMetrics`].
 #[derive(Clone, Debug)]
 pub struct ProxyQueueMetrics {
+    answered_total: Arc<AtomicU64>,
     requests: StatusCounters,
     duration: Histogram,
     waiting: Gauge,
@@ -153,6 +177,7 @@ pub struct ProxyQueueMetrics {
 impl ProxyQueueMetrics {
     /// Counts a response with `status` that took `elapsed`.
     pub fn answered(&self, status: u16, elapsed: Duration) {
+        self.answered_total.fetch_add(1, Ordering::Relaxed);
         self.requests.inc(status);
         self.duration.observe(elapsed.as_secs_f64());
     }

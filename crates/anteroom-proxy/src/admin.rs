@@ -1,6 +1,7 @@
-//! The admin endpoint, on an address of its own: `GET /healthz`,
-//! `GET /status`, `GET /metrics` (Prometheus), `POST /pause`,
-//! `POST /resume`, in the spirit of Intermission's enable/disable/status.
+//! The admin endpoint, on an address of its own: `GET /` (the live status
+//! page, `status_page.rs`), `GET /healthz`, `GET /status`, `GET /metrics`
+//! (Prometheus), `POST /pause`, `POST /resume` (each with an optional
+//! `?queue=`), in the spirit of Intermission's enable/disable/status.
 //! Everything but `/healthz` requires `Authorization: Bearer <token>` when a
 //! token is configured (Prometheus sends one with `authorization:` in its
 //! scrape config).
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anteroom_control::{Queue, StatusReport};
-use anteroom_metrics::Registry;
+use anteroom_metrics::{ProxyMetrics, Registry};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -22,6 +23,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::error::ServeError;
+use crate::status_page::{self, Board};
 
 /// What [`serve_admin`] needs.
 #[derive(Debug, Clone)]
@@ -39,6 +41,11 @@ pub struct AdminConfig {
     /// [`ProxyMetrics`](anteroom_metrics::ProxyMetrics) registered in it);
     /// `/metrics` answers 404 when `None`.
     pub registry: Option<Arc<Registry>>,
+    /// Queues besides `queue` that the page shows and `?queue=` accepts
+    /// (the proxy's routed queues).
+    pub more_queues: Vec<String>,
+    /// The proxy's metrics, for the page's throughput charts.
+    pub metrics: Option<ProxyMetrics>,
 }
 
 impl AdminConfig {
@@ -50,6 +57,8 @@ impl AdminConfig {
             token: None,
             redis_timeout: Duration::from_secs(2),
             registry: None,
+            more_queues: Vec::new(),
+            metrics: None,
         }
     }
 }
@@ -63,8 +72,21 @@ pub async fn serve_admin(
     let queue = Queue::connect(&config.redis_url, &config.queue, config.redis_timeout)
         .await
         .map_err(ServeError::Control)?;
+    let mut queues = vec![queue];
+    for name in &config.more_queues {
+        if queues.iter().any(|q| q.name() == name) {
+            continue;
+        }
+        let keys = anteroom_protocol::Keys::new(name)?;
+        queues.push(Queue::with_connection(keys, queues[0].connection()));
+    }
+    let board = Board::new(queues);
+    let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let _stop_on_return = stop_sampling.clone().drop_guard();
+    tokio::spawn(Arc::clone(&board).sample(config.metrics.clone(), stop_sampling.clone()));
     let admin = std::sync::Arc::new(Admin {
-        queue,
+        board,
+        metrics: config.metrics,
         registry: config.registry,
         token: config.token,
         host: anteroom_redis::hostname(),
@@ -101,7 +123,8 @@ pub async fn serve_admin(
 }
 
 struct Admin {
-    queue: Queue,
+    board: Arc<Board>,
+    metrics: Option<ProxyMetrics>,
     registry: Option<Arc<Registry>>,
     token: Option<String>,
     host: String,
@@ -112,7 +135,7 @@ impl Admin {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
         let allowed = match path.as_str() {
-            "/healthz" | "/status" | "/metrics" => Method::GET,
+            "/" | "/ui" | "/healthz" | "/status" | "/metrics" => Method::GET,
             "/pause" | "/resume" => Method::POST,
             _ => return text(StatusCode::NOT_FOUND, "not found\n"),
         };
@@ -128,6 +151,12 @@ impl Admin {
         if path == "/healthz" {
             return text(StatusCode::OK, "ok\n");
         }
+        if path == "/" {
+            // The page itself; its data comes with it only when no token
+            // is needed (a browser sends none on navigation).
+            let content = self.token.is_none().then(|| self.board.render(true));
+            return html(status_page::page(content.as_deref()));
+        }
         if !self.authorized(&req) {
             let mut resp = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
             resp.headers_mut().insert(
@@ -136,6 +165,25 @@ impl Admin {
             );
             return resp;
         }
+        if path == "/ui" {
+            return html(self.board.render(true));
+        }
+        let named = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("queue=")));
+        let queue = match named {
+            Some(name) => match self.board.queue(name) {
+                Some(queue) => queue,
+                None => {
+                    return text(
+                        StatusCode::NOT_FOUND,
+                        "this proxy does not serve that queue\n",
+                    );
+                }
+            },
+            None => self.board.first(),
+        };
         if path == "/metrics" {
             return match &self.registry {
                 Some(registry) => anteroom_metrics::response(registry),
@@ -145,9 +193,9 @@ impl Admin {
         let action = match path.as_str() {
             "/pause" => {
                 let by = format!("admin@{}", self.host);
-                self.queue.pause(&by, None, false).await.map(|_| ())
+                queue.pause(&by, None, false).await.map(|_| ())
             }
-            "/resume" => self.queue.resume().await.map(|_| ()),
+            "/resume" => queue.resume().await.map(|_| ()),
             _ => Ok(()),
         };
         if let Err(err) = action {
@@ -155,9 +203,11 @@ impl Admin {
             return text(StatusCode::SERVICE_UNAVAILABLE, "redis unavailable\n");
         }
         if path != "/status" {
-            tracing::info!(%path, queue = %self.queue.name(), "admin action");
+            tracing::info!(%path, queue = %queue.name(), "admin action");
+            // So the page shows the change at its next refresh.
+            self.board.sample_once(self.metrics.as_ref()).await;
         }
-        match self.queue.status().await {
+        match queue.status().await {
             Ok(status) => {
                 let report = StatusReport {
                     queues: vec![status],
@@ -199,6 +249,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= usize::from(x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));
     }
     diff == 0
+}
+
+fn html(body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

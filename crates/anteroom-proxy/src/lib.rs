@@ -28,6 +28,7 @@ mod handler;
 mod replies;
 mod router;
 mod server;
+mod status_page;
 
 pub use admin::{AdminConfig, serve_admin};
 pub use config::{ProxyConfig, RouteConfig};
