@@ -73,6 +73,27 @@ fn depth_line_extent(png_path: &Path) -> usize {
         .count()
 }
 
+/// A proxy process serving `queue` with an admin address; returns the
+/// process, its port and the admin address, both accepting.
+async fn proxy_with_admin(
+    redis: &anteroom::local_redis::LocalRedis,
+    queue: &str,
+    extra: &[&str],
+) -> (BinProcess, u16, String) {
+    let (port, admin_port) = (free_port().unwrap(), free_port().unwrap());
+    let admin = format!("127.0.0.1:{admin_port}");
+    let listen = format!("127.0.0.1:{port}");
+    let url = redis.url();
+    let mut args = vec![
+        "proxy", "--listen", &listen, "--admin", &admin, "--redis", &url, "--queue", queue,
+    ];
+    args.extend_from_slice(extra);
+    let proxy = BinProcess::spawn(&args);
+    wait_for_port(port).await;
+    wait_for_port(admin_port).await;
+    (proxy, port, admin)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_a_paused_queues_depth_rising() {
     let Some(browser) = chromium() else {
@@ -80,27 +101,11 @@ async fn the_status_page_shows_a_paused_queues_depth_rising() {
         return;
     };
     let redis = start_redis();
-    let (port, admin_port) = (free_port().unwrap(), free_port().unwrap());
-    let admin = format!("127.0.0.1:{admin_port}");
-    let _proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--admin",
-        &admin,
-        "--redis",
-        &redis.url(),
-        "--queue",
-        "shop",
-        "--hold",
-        "60s",
-    ]);
-    wait_for_port(port).await;
-    wait_for_port(admin_port).await;
+    let (_proxy, port, admin) = proxy_with_admin(&redis, "shop", &["--hold", "60s"]).await;
     let queue = control(&redis, "shop").await;
     queue.pause("test", None, false).await.unwrap();
     let page = format!("http://{admin}/");
-    let dir = std::env::temp_dir().join(format!("anteroom-page-{admin_port}"));
+    let dir = std::env::temp_dir().join(format!("anteroom-page-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let (before, after) = (dir.join("before.png"), dir.join("after.png"));
     // Give the sampler (one sample a second) time to record the pause.
@@ -167,7 +172,7 @@ async fn the_status_page_shows_a_paused_queues_depth_rising() {
     assert_eq!(send(&c, req).await.status, StatusCode::NOT_FOUND);
     assert!(queue.status().await.unwrap().pause.is_none());
     for w in waiting {
-        // No dispatcher: they wait out their hold once resumed... so stop here.
+        // No dispatcher serves them; the proxy stops with the test.
         w.abort();
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -176,22 +181,8 @@ async fn the_status_page_shows_a_paused_queues_depth_rising() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_the_page_carries_no_data_until_given_one() {
     let redis = start_redis();
-    let (port, admin_port) = (free_port().unwrap(), free_port().unwrap());
-    let admin = format!("127.0.0.1:{admin_port}");
-    let _proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--admin",
-        &admin,
-        "--admin-token",
-        "page-token",
-        "--redis",
-        &redis.url(),
-        "--queue",
-        "private",
-    ]);
-    wait_for_port(admin_port).await;
+    let (_proxy, _, admin) =
+        proxy_with_admin(&redis, "private", &["--admin-token", "page-token"]).await;
     let c = client();
     let page = web::get(&c, &format!("http://{admin}/")).await;
     assert_eq!(page.status, StatusCode::OK);
