@@ -9,6 +9,7 @@ mod failures;
 mod hostile;
 mod load;
 mod logs;
+mod many;
 mod metrics;
 mod operations;
 mod outages;
