@@ -12,6 +12,7 @@
 //! the distribution's packages unless `--install false`).
 
 mod hold;
+mod scale;
 mod setups;
 mod tools;
 mod wrk;
@@ -62,7 +63,9 @@ enum Scenario {
     Compare,
     /// Many requests held with no dispatcher, then drained.
     Hold,
-    /// Both.
+    /// Two queues on one Redis against two queues on two Redis instances.
+    Scale,
+    /// Every scenario.
     All,
 }
 
@@ -76,13 +79,17 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let upstream = runtime.block_on(setups::start_upstream())?;
     let redis = anteroom::local_redis::LocalRedis::start().context("starting redis-server")?;
-    if args.scenario != Scenario::Compare {
+    if matches!(args.scenario, Scenario::Hold | Scenario::All) {
         let figures =
             runtime.block_on(hold::run(&anteroom, &redis, upstream, args.hold_requests))?;
         hold::print(&figures);
-        if args.scenario == Scenario::Hold {
-            return Ok(());
-        }
+    }
+    if matches!(args.scenario, Scenario::Scale | Scenario::All) {
+        let figures = scale::run(&anteroom, args.duration, args.connections)?;
+        scale::print(&figures);
+    }
+    if !matches!(args.scenario, Scenario::Compare | Scenario::All) {
+        return Ok(());
     }
     let nginx = setups::Nginx::start(upstream).context("starting nginx")?;
     let inprocess = setups::InProcess::start(&anteroom, &redis)?;

@@ -207,11 +207,16 @@ pub(crate) struct InProcess {
 
 impl InProcess {
     pub(crate) fn start(anteroom: &Path, redis: &LocalRedis) -> anyhow::Result<Self> {
+        Self::start_on(anteroom, redis, "bench-inproc")
+    }
+
+    /// Like [`start`](Self::start), on `queue`.
+    pub(crate) fn start_on(anteroom: &Path, redis: &LocalRedis, queue: &str) -> anyhow::Result<Self> {
         let port = free_port()?;
         let proc = spawn(
             Command::new(anteroom)
                 .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
-                .args(["--redis", &redis.url(), "--queue", "bench-inproc"])
+                .args(["--redis", &redis.url(), "--queue", queue])
                 .env("RUST_LOG", "error"),
         )?;
         wait_ready(port, "/hello")?;
