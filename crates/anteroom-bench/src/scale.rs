@@ -70,7 +70,10 @@ fn drive(
             .map(|url| scope.spawn(move || wrk::run(url, 1, per_side, duration)))
             .collect();
         runs.into_iter()
-            .map(|run| run.join().unwrap_or_else(|_| anyhow::bail!("a wrk thread panicked")))
+            .map(|run| {
+                run.join()
+                    .unwrap_or_else(|_| anyhow::bail!("a wrk thread panicked"))
+            })
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
     Ok(Total {

@@ -211,7 +211,11 @@ impl InProcess {
     }
 
     /// Like [`start`](Self::start), on `queue`.
-    pub(crate) fn start_on(anteroom: &Path, redis: &LocalRedis, queue: &str) -> anyhow::Result<Self> {
+    pub(crate) fn start_on(
+        anteroom: &Path,
+        redis: &LocalRedis,
+        queue: &str,
+    ) -> anyhow::Result<Self> {
         let port = free_port()?;
         let proc = spawn(
             Command::new(anteroom)
