@@ -3,6 +3,7 @@
 //! everything links once.
 
 mod cli;
+mod cluster;
 mod compose;
 mod config;
 mod failures;

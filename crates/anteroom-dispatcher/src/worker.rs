@@ -454,8 +454,9 @@ async fn connect_pull(
     shared: &Shared,
     client: &Target,
 ) -> redis::RedisResult<MultiplexedConnection> {
-    let mut conn = anteroom_redis::blocking(
+    let mut conn = anteroom_redis::blocking_for(
         client,
+        &shared.requests_key,
         shared.settings.redis_timeout,
         shared.settings.poll_interval,
     )

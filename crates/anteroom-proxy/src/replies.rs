@@ -92,33 +92,35 @@ impl Demux {
     }
 }
 
-/// Reads the reply lists (one per queue this proxy serves) until `stop` is
-/// cancelled, reconnecting with backoff. One `BLMPOP` names them all.
+/// Reads one reply list until `stop` is cancelled, reconnecting with
+/// backoff. A proxy runs one per queue it serves: on Redis Cluster the
+/// queues' reply lists live on different nodes.
 pub(crate) async fn run(
     demux: Arc<Demux>,
     target: anteroom_redis::Target,
-    keys: Vec<String>,
+    key: String,
     connect_timeout: Duration,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::new();
     'connect: while !stop.is_cancelled() {
-        let mut conn = match anteroom_redis::blocking(&target, connect_timeout, BLOCK).await {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::warn!(error = %err, "reply reader cannot connect to redis; retrying");
-                if sleep_or_stop(&stop, backoff.next_delay()).await {
-                    return;
+        let mut conn =
+            match anteroom_redis::blocking_for(&target, &key, connect_timeout, BLOCK).await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    tracing::warn!(error = %err, "reply reader cannot connect to redis; retrying");
+                    if sleep_or_stop(&stop, backoff.next_delay()).await {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         backoff.reset();
         loop {
             let mut cmd = redis::cmd("BLMPOP");
             cmd.arg(BLOCK.as_secs_f64())
-                .arg(keys.len())
-                .arg(&keys)
+                .arg(1)
+                .arg(&key)
                 .arg("LEFT")
                 .arg("COUNT")
                 .arg(BATCH);

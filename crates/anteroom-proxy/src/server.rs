@@ -111,13 +111,18 @@ pub async fn serve(
         "proxy ready"
     );
 
-    let reader = tokio::spawn(replies::run(
-        Arc::clone(&demux),
-        target,
-        queues.iter().map(|k| k.replies(&proxy_id)).collect(),
-        config.redis_timeout,
-        stop_background.clone(),
-    ));
+    let readers: Vec<_> = queues
+        .iter()
+        .map(|keys| {
+            tokio::spawn(replies::run(
+                Arc::clone(&demux),
+                target.clone(),
+                keys.replies(&proxy_id),
+                config.redis_timeout,
+                stop_background.clone(),
+            ))
+        })
+        .collect();
     let heartbeats: Vec<_> = queues
         .iter()
         .map(|keys| {
@@ -219,7 +224,9 @@ pub async fn serve(
         }
     }
     stop_background.cancel();
-    let _ = reader.await;
+    for reader in readers {
+        let _ = reader.await;
+    }
     for heartbeat in heartbeats {
         let _ = heartbeat.await;
     }

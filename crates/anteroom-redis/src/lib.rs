@@ -29,7 +29,7 @@ mod target;
 
 pub use durable::Durability;
 pub use shared::{SharedConnection, needs_reconnect};
-pub use target::{Target, TargetError};
+pub use target::{Target, TargetError, key_slot};
 
 use std::time::Duration;
 
@@ -72,9 +72,31 @@ pub async fn shared(target: &Target, timeout: Duration) -> redis::RedisResult<Sh
 }
 
 /// Opens a connection for blocking commands that block at most `block`,
-/// to the server `target` names now.
+/// to the server `target` names now (for a cluster: its first seed node;
+/// use [`blocking_for`] for commands on a key).
 pub async fn blocking(
     target: &Target,
+    connect_timeout: Duration,
+    block: Duration,
+) -> redis::RedisResult<MultiplexedConnection> {
+    blocking_on(target, None, connect_timeout, block).await
+}
+
+/// Like [`blocking`], to the server that holds `key` (for a cluster, the
+/// primary owning its hash slot now; after a failover or a slot move the
+/// next blocking command fails and the caller connects again).
+pub async fn blocking_for(
+    target: &Target,
+    key: &str,
+    connect_timeout: Duration,
+    block: Duration,
+) -> redis::RedisResult<MultiplexedConnection> {
+    blocking_on(target, Some(key), connect_timeout, block).await
+}
+
+async fn blocking_on(
+    target: &Target,
+    key: Option<&str>,
     connect_timeout: Duration,
     block: Duration,
 ) -> redis::RedisResult<MultiplexedConnection> {
@@ -82,7 +104,14 @@ pub async fn blocking(
         .set_connection_timeout(Some(connect_timeout))
         .set_response_timeout(Some(block + connect_timeout + Duration::from_secs(1)));
     let attempt = async {
-        let client = target.client().await?;
+        let client = match key {
+            Some(key) => {
+                target
+                    .client_for_key(key.as_bytes(), connect_timeout)
+                    .await?
+            }
+            None => target.client().await?,
+        };
         client
             .get_multiplexed_async_connection_with_config(&config)
             .await

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use redis::{
     AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
     ServerErrorKind, Value,
@@ -40,7 +41,7 @@ enum State {
     Idle,
     Connected {
         generation: u64,
-        conn: MultiplexedConnection,
+        conn: Conn,
     },
     Failed {
         at: Instant,
@@ -86,7 +87,7 @@ impl SharedConnection {
     }
 
     /// The open connection, or a fresh one.
-    async fn current(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+    async fn current(&self) -> RedisResult<(u64, Conn)> {
         if let Some(found) = self.usable()? {
             return Ok(found);
         }
@@ -103,6 +104,9 @@ impl SharedConnection {
         };
         let timeout = self.inner.timeout;
         let attempt = async {
+            if let Some(cluster) = self.inner.target.cluster_client(timeout) {
+                return cluster?.get_async_connection().await.map(Conn::Cluster);
+            }
             let client = self.inner.target.client().await?;
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(timeout))
@@ -110,6 +114,7 @@ impl SharedConnection {
             client
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
+                .map(Conn::Single)
         };
         let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
@@ -139,7 +144,7 @@ impl SharedConnection {
 
     /// The connection if open; an error if a connect failed a moment ago;
     /// `None` when a connect should be tried.
-    fn usable(&self) -> RedisResult<Option<(u64, MultiplexedConnection)>> {
+    fn usable(&self) -> RedisResult<Option<(u64, Conn)>> {
         match &*self.lock() {
             State::Connected { generation, conn } => Ok(Some((*generation, conn.clone()))),
             State::Failed { at, error, .. } if at.elapsed() < FAIL_FAST_FOR => Err(
@@ -158,6 +163,34 @@ impl SharedConnection {
         if matches!(&*state, State::Connected { generation: g, .. } if *g == generation) {
             tracing::debug!(error = %err, "redis connection dropped; the next command reconnects");
             *state = State::Idle;
+        }
+    }
+}
+
+/// One server's pipelined connection, or a cluster's.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn req_packed_command(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd).await,
+            Conn::Cluster(conn) => conn.req_packed_command(cmd).await,
+        }
+    }
+
+    async fn req_packed_commands(
+        &mut self,
+        pipeline: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count).await,
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count).await,
         }
     }
 }

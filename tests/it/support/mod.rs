@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod bin;
+pub mod cluster;
 pub mod load;
 pub mod web;
 
