@@ -53,6 +53,10 @@ async fn queues_on_three_shards_survive_a_primary_failover() {
                 &format!("127.0.0.1:{port}"),
                 "--hold",
                 "20s",
+                // As for Sentinel (docs/operations.md): a push cut off by the
+                // failover is retried, at most once run thanks to `dedupe`.
+                "--enqueue-timeout",
+                "10s",
             ])
         })
         .collect();
@@ -155,6 +159,13 @@ async fn queues_on_three_shards_survive_a_primary_failover() {
         other_summary.samples.len(),
         killed_at.elapsed()
     );
+    for failure in victim_summary.samples.iter().filter(|s| !ok(s.status)) {
+        println!(
+            "failed on the failed shard: {} {:?}",
+            failure.status,
+            String::from_utf8_lossy(&failure.body)
+        );
+    }
     // Served again after the failover: the last requests succeeded.
     let tail = &victim_summary.samples[victim_summary.samples.len().saturating_sub(4)..];
     assert!(
@@ -162,4 +173,7 @@ async fn queues_on_three_shards_survive_a_primary_failover() {
         "not served again after the failover"
     );
     assert_eq!(other_summary.failed(ok), 0, "another shard's queue failed");
+    // Replication is asynchronous: a push or move the dead primary had not
+    // yet passed on can be lost (that request then gets its 504). Seen: 0.
+    assert!(failed <= 5, "{failed} requests failed on the failed shard");
 }
