@@ -94,14 +94,9 @@ impl ConfigFile {
         // Flags of `anteroom` itself (`log_format`), from top-level keys.
         let mut global = Vec::new();
         for (key, value) in &self.table {
-            let Some(arg) = find_arg(&cmd, key) else {
-                continue;
-            };
-            let text = scalar(value)
-                .ok_or_else(|| self.error(format!("{key}: must be a string, number or boolean")))?;
-            check_value(arg, &text)
-                .map_err(|detail| self.error(format!("{key} = {value}: {detail}")))?;
-            global.push((arg.get_id().clone(), text));
+            if let Some(arg) = find_arg(&cmd, key) {
+                global.push(self.checked(arg, value, key)?);
+            }
         }
         for (id, text) in global {
             cmd = cmd.mut_arg(id, |arg| arg.default_value(text));
@@ -124,16 +119,10 @@ impl ConfigFile {
             {
                 let sc = cmd.find_subcommand(&name).expect("listed above");
                 for (key, value, location) in values {
-                    let Some(arg) = find_arg(sc, &key) else {
-                        continue; // a top-level key for other commands
-                    };
-                    let text = scalar(value).ok_or_else(|| {
-                        self.error(format!("{location}: must be a string, number or boolean"))
-                    })?;
-                    if let Err(detail) = check_value(arg, &text) {
-                        return Err(self.error(format!("{location} = {value}: {detail}")));
+                    // A top-level key may be for other commands only.
+                    if let Some(arg) = find_arg(sc, &key) {
+                        checked.push(self.checked(arg, value, &location)?);
                     }
-                    checked.push((arg.get_id().clone(), text));
                 }
             }
             cmd = cmd.mut_subcommand(&name, |mut sc| {
@@ -145,6 +134,22 @@ impl ConfigFile {
             });
         }
         Ok(cmd)
+    }
+
+    /// `value` as the text of `arg`, checked by the flag's own parser;
+    /// errors name `location` (`key` or `[command] key`).
+    fn checked(
+        &self,
+        arg: &clap::Arg,
+        value: &toml::Value,
+        location: &str,
+    ) -> Result<(clap::Id, String), ConfigError> {
+        let text = scalar(value).ok_or_else(|| {
+            self.error(format!("{location}: must be a string, number or boolean"))
+        })?;
+        check_value(arg, &text)
+            .map_err(|detail| self.error(format!("{location} = {value}: {detail}")))?;
+        Ok((arg.get_id().clone(), text))
     }
 
     /// `[[proxy.routes]]`, checked.
