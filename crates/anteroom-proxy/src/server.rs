@@ -92,10 +92,11 @@ pub async fn serve(
     }
     let router = Arc::new(router);
     // One reply list and one heartbeat per queue served.
-    let mut queues: Vec<Keys> = Vec::new();
-    for state in router.states() {
-        if !queues.iter().any(|k| k.queue() == state.queue) {
-            queues.push(Keys::new(&state.queue)?);
+    let mut queues: Vec<&Keys> = Vec::new();
+    let served = config.default_queue.then_some(&default_keys);
+    for keys in served.into_iter().chain(&route_keys) {
+        if !queues.iter().any(|k| k.queue() == keys.queue()) {
+            queues.push(keys);
         }
     }
     if queues.is_empty() {
@@ -103,7 +104,7 @@ pub async fn serve(
     }
     tracing::info!(
         listen = ?listener.local_addr().ok(),
-        queues = ?queues.iter().map(Keys::queue).collect::<Vec<_>>(),
+        queues = ?queues.iter().map(|k| k.queue()).collect::<Vec<_>>(),
         routes = config.routes.len(),
         default_queue = config.default_queue,
         proxy_id = %proxy_id,
