@@ -11,8 +11,8 @@ use crate::support::app::Upstream;
 use crate::support::bin::BinProcess;
 use crate::support::cluster::{LocalCluster, queues_on_three_shards};
 use crate::support::load::Load;
-use crate::support::wait_for_port;
 use crate::support::web::{self, client};
+use crate::support::{config_file, wait_for_port};
 
 /// A configuration file routing `/echo/<queue>/` to each queue.
 fn routes_file(url: &str, queues: &[String]) -> std::path::PathBuf {
@@ -25,12 +25,7 @@ fn routes_file(url: &str, queues: &[String]) -> std::path::PathBuf {
             "[[proxy.routes]]\npath_prefix = \"/echo/{q}/\"\nqueue = \"{q}\"\n"
         ));
     }
-    let path = std::env::temp_dir().join(format!(
-        "anteroom-cluster-routes-{}.toml",
-        free_port().unwrap()
-    ));
-    std::fs::write(&path, text).unwrap();
-    path
+    config_file(&text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

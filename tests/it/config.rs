@@ -10,20 +10,9 @@ use http_body_util::Full;
 
 use crate::support::app::Upstream;
 use crate::support::bin::{BinProcess, command};
-use crate::support::start_redis;
 use crate::support::wait_for_port;
 use crate::support::web::{client, send};
-
-/// Writes `text` to a fresh file and returns its path.
-fn config_file(text: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "anteroom-config-{}-{}.toml",
-        std::process::id(),
-        free_port().unwrap()
-    ));
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use crate::support::{config_file, start_redis};
 
 fn check(path: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = command()

@@ -17,7 +17,7 @@ use http_body_util::Full;
 use crate::support::app::test_app;
 use crate::support::bin::{BinProcess, command};
 use crate::support::control;
-use crate::support::web::{self, client, send};
+use crate::support::web::{self, TestClient, client, send};
 use crate::support::{TestDispatcher, TestProxy, dispatcher_builder, eventually, start_redis};
 
 const READY: Duration = Duration::from_secs(15);
@@ -559,6 +559,35 @@ async fn on_a_terminal(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).replace('\r', "")
 }
 
+/// Sends a request that takes `ms` and waits until the (one) dispatcher
+/// holds it; the task answers its status.
+async fn hold_a_slow_request(
+    c: &TestClient,
+    proxy: &TestProxy,
+    queue: &Queue,
+    ms: u64,
+) -> tokio::task::JoinHandle<StatusCode> {
+    let slow = tokio::spawn({
+        let (c, url) = (c.clone(), proxy.url(&format!("/slow?ms={ms}")));
+        async move { web::get(&c, &url).await.status }
+    });
+    eventually(
+        "the slow request to be held",
+        Duration::from_secs(10),
+        || async {
+            queue
+                .status()
+                .await
+                .unwrap()
+                .dispatchers
+                .first()
+                .is_some_and(|d| d.held == 1)
+        },
+    )
+    .await;
+    slow
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_wait_shows_busy_dispatchers_on_a_terminal_only() {
     let redis = start_redis();
@@ -570,24 +599,7 @@ async fn pause_wait_shows_busy_dispatchers_on_a_terminal_only() {
     // Each round: a slow request in flight, then `pause --wait` as given.
     let mut seen = Vec::new();
     for quiet in [false, true] {
-        let slow = tokio::spawn({
-            let (c, url) = (c.clone(), proxy.url("/slow?ms=1500"));
-            async move { web::get(&c, &url).await.status }
-        });
-        eventually(
-            "the slow request to be held",
-            Duration::from_secs(10),
-            || async {
-                queue
-                    .status()
-                    .await
-                    .unwrap()
-                    .dispatchers
-                    .first()
-                    .is_some_and(|d| d.held == 1)
-            },
-        )
-        .await;
+        let slow = hold_a_slow_request(&c, &proxy, &queue, 1500).await;
         let mut args = vec!["pause", "--wait", "--redis", &url, "--queue", "tty"];
         if quiet {
             args.push("--quiet");
@@ -607,24 +619,7 @@ async fn pause_wait_shows_busy_dispatchers_on_a_terminal_only() {
     assert!(quiet.contains("is quiet"), "{quiet}");
 
     // Not a terminal: no progress either.
-    let slow = tokio::spawn({
-        let (c, url) = (c.clone(), proxy.url("/slow?ms=1000"));
-        async move { web::get(&c, &url).await.status }
-    });
-    eventually(
-        "the slow request to be held",
-        Duration::from_secs(10),
-        || async {
-            queue
-                .status()
-                .await
-                .unwrap()
-                .dispatchers
-                .first()
-                .is_some_and(|d| d.held == 1)
-        },
-    )
-    .await;
+    let slow = hold_a_slow_request(&c, &proxy, &queue, 1000).await;
     let out = command()
         .args(["pause", "--wait", "--redis", &url, "--queue", "tty"])
         .output()

@@ -231,3 +231,14 @@ pub async fn wait_for_port(port: u16) {
     )
     .await;
 }
+
+/// Writes `text` to a fresh configuration file and returns its path.
+pub fn config_file(text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "anteroom-config-{}-{}.toml",
+        std::process::id(),
+        anteroom::local_redis::free_port().unwrap()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
