@@ -300,6 +300,23 @@ pub struct DispatchArgs {
     /// Address to serve Prometheus metrics on (GET /metrics); off when not given.
     #[arg(long, env = "ANTEROOM_METRICS")]
     pub metrics: Option<SocketAddr>,
+
+    /// Health check path on the upstream (e.g. /up): take no request until
+    /// GET PATH answers 2xx, and none while it fails. Without it, a failed
+    /// connection stops taking requests until a plain TCP connection to the
+    /// upstream opens again. Either way requests the upstream never
+    /// received go back to the front of the queue instead of failing.
+    #[arg(long, env = "ANTEROOM_HEALTH_PATH", value_name = "PATH")]
+    pub health_path: Option<String>,
+
+    /// How often to check the upstream: every interval for --health-path;
+    /// while unhealthy, first after 50ms, doubling up to the interval.
+    #[arg(long, env = "ANTEROOM_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// How long one health check may take before it counts as failed.
+    #[arg(long, env = "ANTEROOM_HEALTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub health_timeout: Duration,
 }
 
 /// Flags of `anteroom demo`.

@@ -180,6 +180,10 @@ async fn proxy(args: ProxyArgs, mut config: ProxyConfig) -> anyhow::Result<()> {
 
 async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let upstream = Upstream::new(&args.upstream)?;
+    let health_check = upstream
+        .health_check(args.health_path.as_deref())?
+        .interval(args.health_interval)
+        .timeout(args.health_timeout);
     let mut registry = anteroom_metrics::Registry::default();
     let metrics = anteroom_metrics::DispatcherMetrics::register(&mut registry);
     let dispatcher = Dispatcher::builder()
@@ -192,6 +196,7 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         .reap_interval(Some(args.reap_every).filter(|d| !d.is_zero()))
         .durable(args.durable.then_some(args.durable_wait))
         .metrics(metrics)
+        .health_check(health_check)
         .build()?;
     let metrics_stop = CancellationToken::new();
     let metrics_endpoint = match args.metrics {
@@ -208,7 +213,11 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    tracing::info!(upstream = %args.upstream, "forwarding to upstream");
+    tracing::info!(
+        upstream = %args.upstream,
+        health_path = args.health_path.as_deref().unwrap_or("(none: a TCP connect after a failure)"),
+        "forwarding to upstream"
+    );
     let served = dispatcher
         .serve(upstream, shutdown_signal())
         .await

@@ -111,6 +111,7 @@ pub(crate) async fn reap(args: QueueArgs) -> anyhow::Result<ExitCode> {
         paused: false,
         pause_id: None,
         started_at_ms: anteroom_protocol::now_ms(),
+        unhealthy: None,
     };
     presence.beat(&mut conn, &beat).await?;
     let result = queue.reap(&id, Duration::from_secs(60)).await;

@@ -58,7 +58,7 @@ pub(crate) fn render(report: &StatusReport) -> String {
                     hb.label,
                     format!("{}/{}", hb.in_flight, hb.concurrency),
                     d.held,
-                    if hb.paused { "paused" } else { "pulling" }
+                    dispatcher_state(hb, q.checked_at_ms)
                 );
             }
         }
@@ -84,6 +84,20 @@ pub(crate) fn render(report: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// `pulling`, `paused`, or why it takes nothing:
+/// `upstream unhealthy for 3.2s (connection refused)`.
+fn dispatcher_state(hb: &anteroom_protocol::DispatcherHeartbeat, now_ms: u64) -> String {
+    match (&hb.unhealthy, hb.paused) {
+        (_, true) => "paused".to_owned(),
+        (Some(u), false) => format!(
+            "upstream unhealthy for {} ({})",
+            duration_ms(now_ms.saturating_sub(u.since_ms)),
+            u.reason
+        ),
+        (None, false) => "pulling".to_owned(),
+    }
 }
 
 /// One line per dispatcher that keeps a pause from being quiet.

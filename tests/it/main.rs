@@ -18,6 +18,7 @@ mod pause;
 mod playbooks;
 mod python;
 mod reliability;
+mod restarts;
 mod round_trip;
 mod routing;
 mod security;

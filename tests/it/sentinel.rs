@@ -199,7 +199,7 @@ async fn primary_killed_under_load_service_resumes_on_the_replica() {
         summary
             .samples
             .iter()
-            .filter(|s| s.status == StatusCode::OK)
+            .filter(|s| s.status == Some(StatusCode::OK))
             .all(|s| s.body == s.sent)
     );
     // With --durable and a hold budget longer than the failover, the target

@@ -128,14 +128,10 @@ async fn settle(
     if envelope.is_expired(now_ms()) {
         report.expired += 1;
     } else if envelope.is_safe_to_repeat() {
-        // The right end is where dispatchers pull from: the front of the line.
-        pipe.cmd("RPUSH")
-            .arg(keys.requests())
-            .arg(raw.as_ref())
-            .ignore();
-        // Release the dead dispatcher's claim, or the repeat would be skipped.
-        pipe.cmd("DEL").arg(keys.claimed(&envelope.id)).ignore();
+        requeue_into(&mut pipe, keys, claim_list, &raw, &envelope.id);
+        pipe.query_async::<()>(conn).await?;
         report.requeued += 1;
+        return Ok(());
     } else {
         let reply = Failure::Interrupted.to_envelope(&envelope.id);
         pipe.cmd("RPUSH")
@@ -155,6 +151,38 @@ async fn settle(
         .ignore();
     pipe.query_async::<()>(conn).await?;
     Ok(())
+}
+
+/// The MULTI that puts a request back at the front of its queue, taking it
+/// out of `list` (the processing list that held it): RPUSH onto the
+/// requests list (the right end is where dispatchers pull from, so it is
+/// next in line), DEL of its `dedupe` claim (or the repeat would be skipped
+/// as already claimed), LREM from `list`.
+///
+/// The one owner of a requeue: the reaper uses it for safe requests of dead
+/// dispatchers, a dispatcher for requests its upstream never received.
+/// Run it with `query_async::<()>`; if it fails, nothing moved.
+pub fn requeue(keys: &Keys, list: &str, raw: &Bytes, request_id: &str) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    requeue_into(&mut pipe, keys, list, raw, request_id);
+    pipe
+}
+
+/// The commands of [`requeue`], added to an atomic `pipe`.
+fn requeue_into(pipe: &mut redis::Pipeline, keys: &Keys, list: &str, raw: &Bytes, request_id: &str) {
+    pipe.cmd("RPUSH")
+        .arg(keys.requests())
+        .arg(raw.as_ref())
+        .ignore()
+        .cmd("DEL")
+        .arg(keys.claimed(request_id))
+        .ignore()
+        .cmd("LREM")
+        .arg(list)
+        .arg(1)
+        .arg(raw.as_ref())
+        .ignore();
 }
 
 /// Moves `raw` from `list` to the queue's dead-letter list, with the reason,

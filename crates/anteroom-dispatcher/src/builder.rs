@@ -12,7 +12,7 @@ use http::{Request, Response};
 use tower::Service;
 
 use crate::error::{BoxError, DispatcherError};
-use crate::{Body, worker};
+use crate::{Body, HealthCheck, worker};
 
 /// Builds a [`Dispatcher`].
 #[derive(Debug, Clone)]
@@ -39,6 +39,7 @@ pub(crate) struct Settings {
     pub(crate) id: Option<String>,
     pub(crate) label: String,
     pub(crate) metrics: DispatcherMetrics,
+    pub(crate) health_check: Option<HealthCheck>,
 }
 
 impl Default for Settings {
@@ -57,6 +58,7 @@ impl Default for Settings {
             id: None,
             label: String::new(),
             metrics: DispatcherMetrics::default(),
+            health_check: None,
         }
     }
 }
@@ -162,6 +164,17 @@ impl DispatcherBuilder {
         self
     }
 
+    /// How to tell that the upstream can take requests (see
+    /// [`Upstream::health_check`](crate::Upstream::health_check)). With
+    /// one, the dispatcher takes no request until the check passes, and
+    /// after a failed delivery takes none until it passes again; requests
+    /// wait in the queue meanwhile. Without one (the default), a failed
+    /// delivery holds pulling back for 1 s.
+    pub fn health_check(mut self, check: HealthCheck) -> Self {
+        self.settings.health_check = Some(check);
+        self
+    }
+
     /// A free-form version label shown in the heartbeat (e.g. a git sha).
     pub fn label(mut self, label: impl Into<String>) -> Self {
         self.settings.label = label.into();
@@ -224,8 +237,17 @@ impl Dispatcher {
     /// Serves `service` until `shutdown` completes, then drains.
     ///
     /// A service error, a panic, or a response body over the limit answers
-    /// the client with 502; the dispatcher carries on. Returns an error only
-    /// when Redis cannot be reached at startup.
+    /// the client with 502; the dispatcher carries on. An error that is (or
+    /// has as a `source()`) an [`UpstreamError`](crate::UpstreamError) of a
+    /// failed connection is handled as the upstream's failure instead: a
+    /// request the upstream never received goes back to the front of the
+    /// queue, as does one that may have reached it but is safe to repeat
+    /// (GET, HEAD, OPTIONS or an `Idempotency-Key`); any other gets 502
+    /// "may or may not have been carried out". Either way pulling stops
+    /// until the upstream is healthy again (see
+    /// [`health_check`](DispatcherBuilder::health_check)).
+    ///
+    /// Returns an error only when Redis cannot be reached at startup.
     pub async fn serve<S, B>(
         self,
         service: S,

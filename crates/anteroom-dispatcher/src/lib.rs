@@ -15,14 +15,22 @@
 //! key with a TTL says the dispatcher is alive. Envelopes that do not decode
 //! go to the dead-letter list. Shutdown: stop pulling, let in-flight work
 //! finish within the grace period, delete the heartbeat.
+//!
+//! In front of an upstream server, a request the upstream never received
+//! (connect failed, connection closed before it was written) goes back to
+//! the front of the queue instead of failing, and the dispatcher stops
+//! pulling until a [`HealthCheck`] passes (`health.rs`); meanwhile requests
+//! wait in the queue as during a pause.
 
 mod builder;
 mod error;
+mod health;
 mod upstream;
 mod worker;
 
 pub use builder::{Dispatcher, DispatcherBuilder};
 pub use error::{BoxError, DispatcherError, UpstreamError};
+pub use health::HealthCheck;
 pub use upstream::Upstream;
 
 /// The request body type handlers receive: the whole body, already read.

@@ -15,12 +15,15 @@ use tower::Service;
 
 use crate::Body;
 use crate::error::UpstreamError;
+use crate::health::HealthCheck;
 
 /// A `tower::Service` that sends each request to an upstream HTTP/1.1 server.
 ///
 /// The request keeps its method, path, query, headers (including `Host`)
-/// and body; only the scheme and authority change. An upstream that cannot
-/// be reached gives an error, which the dispatcher answers with 502.
+/// and body; only the scheme and authority change. A failure gives an
+/// [`UpstreamError`]: the dispatcher puts a request the upstream never
+/// received back at the front of the queue, and stops taking requests until
+/// the [`health_check`](Self::health_check) passes again.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
@@ -54,6 +57,42 @@ impl Upstream {
             authority,
             prefix,
         })
+    }
+
+    /// How a dispatcher finds this upstream healthy again after a failure
+    /// (pass it to
+    /// [`DispatcherBuilder::health_check`](crate::DispatcherBuilder::health_check)):
+    ///
+    /// - `Some(path)`: `GET path` on the upstream server (the path as given,
+    ///   not joined to the URL's prefix) must answer 2xx. It is checked
+    ///   every interval, and the dispatcher takes no request before the
+    ///   first check passes.
+    /// - `None`: a TCP connection to the upstream must open; tried only
+    ///   after a request failed to reach it.
+    ///
+    /// Errors: [`UpstreamError::HealthPath`] when `path` is not an absolute
+    /// path (`/up`, `/healthz?full=1`).
+    pub fn health_check(&self, path: Option<&str>) -> Result<HealthCheck, UpstreamError> {
+        match path {
+            Some(path) => {
+                let bad = || UpstreamError::HealthPath(path.to_owned());
+                if !path.starts_with('/') {
+                    return Err(bad());
+                }
+                let path: PathAndQuery = path.parse().map_err(|_| bad())?;
+                let uri = Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(self.authority.clone())
+                    .path_and_query(path)
+                    .build()
+                    .map_err(|_| bad())?;
+                Ok(HealthCheck::get(uri))
+            }
+            None => Ok(HealthCheck::connect(
+                self.authority.host().to_owned(),
+                self.authority.port_u16().unwrap_or(80),
+            )),
+        }
     }
 
     fn target(&self, original: &Uri) -> Result<Uri, UpstreamError> {
@@ -105,6 +144,20 @@ mod tests {
         let up = Upstream::new("http://backend:80").unwrap();
         let t = up.target(&"/".parse().unwrap()).unwrap();
         assert_eq!(t.to_string(), "http://backend:80/");
+    }
+
+    #[test]
+    fn health_paths_must_be_absolute() {
+        let up = Upstream::new("http://127.0.0.1:3000/app").unwrap();
+        assert!(up.health_check(Some("/up")).is_ok());
+        assert!(up.health_check(Some("/healthz?full=1")).is_ok());
+        assert!(up.health_check(None).is_ok());
+        for bad in ["up", "", "http://x/up", "/a b"] {
+            assert!(
+                matches!(up.health_check(Some(bad)), Err(UpstreamError::HealthPath(_))),
+                "{bad:?} accepted"
+            );
+        }
     }
 
     #[test]

@@ -26,7 +26,8 @@ use tracing::Instrument;
 
 use crate::Body;
 use crate::builder::{Dispatcher, Settings};
-use crate::error::{BoxError, DispatcherError};
+use crate::error::{BoxError, DispatcherError, UpstreamError, sources, transport_reason};
+use crate::health::{self, Gate};
 use anteroom_redis::{Backoff, sleep_or_stop};
 
 /// The bounds [`Dispatcher::serve`] documents, named once for the internals.
@@ -103,6 +104,8 @@ struct Shared {
     /// Finished requests on their way to [`completer`].
     completions: mpsc::Sender<Completion>,
     metrics: anteroom_metrics::DispatcherQueueMetrics,
+    /// Open while the upstream is healthy; the pull loop waits while closed.
+    gate: Arc<Gate>,
 }
 
 /// A finished request: its reply, to be pushed, and its envelope, to be
@@ -210,8 +213,12 @@ where
     // Every running request holds a permit and sends at most one
     // completion, so this channel never makes a request wait.
     let (completions, completions_rx) = mpsc::channel(settings.concurrency.max(1));
+    let metrics = settings.metrics.queue(keys.queue());
+    let gate = Arc::new(Gate::new(settings.health_check.is_some(), metrics.clone()));
+    let health_check = settings.health_check.clone();
     let shared = Arc::new(Shared {
-        metrics: settings.metrics.queue(keys.queue()),
+        gate: Arc::clone(&gate),
+        metrics,
         completions,
         requests_key: keys.requests(),
         processing_key: keys.processing(&id),
@@ -234,12 +241,14 @@ where
         dispatcher_id = %shared.id,
         concurrency = shared.settings.concurrency,
         paused = shared.pause.borrow().is_some(),
+        health_checked = health_check.is_some(),
         "dispatcher ready"
     );
 
     let stop = CancellationToken::new();
     let heartbeat = tokio::spawn(heartbeat(Arc::clone(&shared), stop_background.clone()));
     let reaper = tokio::spawn(reap(Arc::clone(&shared), stop_background.clone()));
+    let checker = tokio::spawn(health::run(gate, health_check, stop_background.clone()));
     let completer = tokio::spawn(completer(
         Arc::clone(&shared),
         completions_rx,
@@ -277,25 +286,34 @@ where
     let _ = heartbeat.await;
     let _ = nudger.await;
     let _ = reaper.await;
+    let _ = checker.await;
     let _ = completer.await;
     Ok(())
 }
 
-/// Cuts a blocked pull short when a pause or a stop arrives, and keeps doing
-/// so every 50 ms until the pull loop has acknowledged the pause or exited
-/// (a pull sent just after one nudge would otherwise block a whole poll
-/// interval).
+/// Cuts a blocked pull short when a pause or a stop arrives or the upstream
+/// turns unhealthy, and keeps doing so every 50 ms until the pull loop has
+/// acknowledged the pause, stopped pulling, or exited (a pull sent just
+/// after one nudge would otherwise block a whole poll interval).
 async fn nudge_pulls(shared: Arc<Shared>, stop: CancellationToken, done: CancellationToken) {
     let mut pause = shared.pause.clone();
+    let mut health = shared.gate.subscribe();
     'state: loop {
         let paused = pause.borrow_and_update().as_ref().map(|p| p.id.clone());
+        let unhealthy = health.borrow_and_update().is_some();
         let stopping = stop.is_cancelled();
         let pulling = || shared.pull_client_id.load(Ordering::Acquire) != 0;
-        while (stopping && pulling()) || (paused.is_some() && shared.acknowledged() != paused) {
+        while ((stopping || unhealthy) && pulling())
+            || (paused.is_some() && shared.acknowledged() != paused)
+        {
             shared.unblock_pull().await;
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 changed = pause.changed() => match changed {
+                    Ok(()) => continue 'state,
+                    Err(_) => return,
+                },
+                changed = health.changed() => match changed {
                     Ok(()) => continue 'state,
                     Err(_) => return,
                 },
@@ -305,6 +323,7 @@ async fn nudge_pulls(shared: Arc<Shared>, stop: CancellationToken, done: Cancell
         }
         tokio::select! {
             changed = pause.changed() => if changed.is_err() { return },
+            changed = health.changed() => if changed.is_err() { return },
             () = stop.cancelled(), if !stopping => {}
             () = done.cancelled() => return,
         }
@@ -312,7 +331,7 @@ async fn nudge_pulls(shared: Arc<Shared>, stop: CancellationToken, done: Cancell
 }
 
 /// Takes a permit, then one request, until stopped; while the queue is
-/// paused, takes nothing. A pull already sent to Redis is always awaited (a
+/// paused or the upstream unhealthy, takes nothing. A pull already sent to Redis is always awaited (a
 /// pause or stop cuts it short with CLIENT UNBLOCK), so a request moved into
 /// the processing list is never abandoned.
 async fn pull_loop<S, B>(
@@ -329,6 +348,7 @@ async fn pull_loop<S, B>(
     let mut backoff = Backoff::new();
     let mut pull_hint = MIN_PULL_HINT;
     let mut pause = shared.pause.clone();
+    let mut health = shared.gate.subscribe();
     loop {
         if stop.is_cancelled() {
             break;
@@ -351,6 +371,18 @@ async fn pull_loop<S, B>(
             tracing::info!("queue resumed; pulling again");
             shared.acknowledge(None);
         }
+        if health.borrow_and_update().is_some() {
+            // The gate logs the change; requests wait in the queue.
+            tokio::select! {
+                changed = health.changed() => if changed.is_err() { break },
+                changed = pause.changed() => if changed.is_err() {
+                    tracing::error!("lost the pause watcher; stopping");
+                    break;
+                },
+                () = stop.cancelled() => break,
+            }
+            continue;
+        }
         let permit = tokio::select! {
             permit = Arc::clone(&shared.permits).acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -360,6 +392,12 @@ async fn pull_loop<S, B>(
             changed = pause.changed() => {
                 if changed.is_err() {
                     tracing::error!("lost the pause watcher; stopping");
+                    break;
+                }
+                continue;
+            }
+            changed = health.changed() => {
+                if changed.is_err() {
                     break;
                 }
                 continue;
@@ -380,8 +418,8 @@ async fn pull_loop<S, B>(
         let Some(conn) = blocking.as_mut() else {
             continue;
         };
-        // A pause or stop that arrived while we waited for the permit.
-        if stop.is_cancelled() || pause.borrow().is_some() {
+        // A pause, stop or failure that arrived while we waited for the permit.
+        if stop.is_cancelled() || pause.borrow().is_some() || !shared.gate.is_open() {
             continue;
         }
         // A deep queue: take as many requests as there are free permits in
@@ -531,6 +569,12 @@ where
             discard(&shared, &raw).await;
             return;
         }
+        if !shared.gate.is_open() {
+            // Taken just as the upstream failed: it never saw this one.
+            tracing::debug!("upstream unhealthy; back to the front of the queue unsent");
+            requeue(&shared, &raw, &envelope).await;
+            return;
+        }
         if envelope.dedupe && !claim(&shared, &envelope, now).await {
             tracing::info!("already claimed by an earlier delivery; not executed again");
             discard(&shared, &raw).await;
@@ -545,7 +589,13 @@ where
         let waited_ms = now.saturating_sub(envelope.enqueued_at_ms);
         let budget = Duration::from_millis(envelope.deadline_ms - now);
         let started = std::time::Instant::now();
-        let reply = execute(&shared, service, &envelope, budget).await;
+        let reply = match execute(&shared, service, &envelope, budget).await {
+            Outcome::Reply(reply) => reply,
+            Outcome::Requeue => {
+                requeue(&shared, &raw, &envelope).await;
+                return;
+            }
+        };
         shared.metrics.handled(reply.status, started.elapsed());
         tracing::info!(status = reply.status, waited_ms, "handled");
         let (done, completed) = oneshot::channel();
@@ -567,13 +617,23 @@ where
     .await;
 }
 
-/// Runs the handler within `budget`; every failure becomes a reply.
+/// What became of a request the handler was given.
+enum Outcome {
+    /// Answer the client with this.
+    Reply(ResponseEnvelope),
+    /// Put it back at the front of the queue: the upstream never received
+    /// it, or failed on a request that is safe to repeat.
+    Requeue,
+}
+
+/// Runs the handler within `budget`; every failure becomes a reply, except
+/// an upstream's transport failure (see [`upstream_failure`]).
 async fn execute<S, B>(
     shared: &Shared,
     service: S,
     envelope: &RequestEnvelope,
     budget: Duration,
-) -> ResponseEnvelope
+) -> Outcome
 where
     S: HttpService<B>,
     B: ResponseBody,
@@ -582,7 +642,7 @@ where
         Ok(request) => request.map(Full::new),
         Err(err) => {
             tracing::warn!(error = %err, "envelope is not a valid HTTP request");
-            return Failure::BadRequest.to_envelope(&envelope.id);
+            return Outcome::Reply(Failure::BadRequest.to_envelope(&envelope.id));
         }
     };
     let limit = shared.settings.max_response_body;
@@ -596,14 +656,29 @@ where
     })
     .catch_unwind();
     // At the deadline the handler's future is dropped, which cancels it.
-    match tokio::time::timeout(budget, run).await {
+    let reply = match tokio::time::timeout(budget, run).await {
         Ok(Ok(Ok((parts, body)))) => {
             ResponseEnvelope::from_http(&envelope.id, parts.status, &parts.headers, body)
         }
-        Ok(Ok(Err(err))) => {
-            tracing::warn!(error = %err, "handler failed");
-            Failure::HandlerFailed.to_envelope(&envelope.id)
-        }
+        Ok(Ok(Err(err))) => match upstream_failure(&*err) {
+            Some((delivered, reason)) => {
+                shared.gate.failed(&reason);
+                if !delivered {
+                    tracing::info!(reason, "the upstream never received the request; back to the front of the queue");
+                    return Outcome::Requeue;
+                }
+                if envelope.is_safe_to_repeat() {
+                    tracing::warn!(reason, "upstream failed after receiving the request; safe to repeat, back to the front of the queue");
+                    return Outcome::Requeue;
+                }
+                tracing::warn!(reason, "upstream failed after receiving the request; not safe to repeat: 502");
+                Failure::Interrupted.to_envelope(&envelope.id)
+            }
+            None => {
+                tracing::warn!(error = %err, "handler failed");
+                Failure::HandlerFailed.to_envelope(&envelope.id)
+            }
+        },
         Ok(Err(panic)) => {
             let message = panic
                 .downcast_ref::<&str>()
@@ -617,7 +692,31 @@ where
             tracing::warn!("handler still running at the deadline; abandoned");
             Failure::HoldExpired.to_envelope(&envelope.id)
         }
+    };
+    Outcome::Reply(reply)
+}
+
+/// Whether a handler error is a failure of the connection to an upstream,
+/// and if so whether the request may have been delivered, and why it
+/// failed. An [`UpstreamError`] says both; a hyper error elsewhere in the
+/// chain (the response body broke off) came after delivery.
+fn upstream_failure(err: &(dyn std::error::Error + 'static)) -> Option<(bool, String)> {
+    if let Some(upstream) = sources(err).find_map(|e| e.downcast_ref::<UpstreamError>()) {
+        return upstream
+            .is_transport()
+            .then(|| (!upstream.is_not_delivered(), upstream.reason()));
     }
+    sources(err)
+        .any(|e| e.is::<hyper::Error>())
+        .then(|| (true, transport_reason(err)))
+}
+
+/// Puts a taken request back at the front of the queue (see
+/// [`anteroom_control::requeue`]), retrying until its deadline.
+async fn requeue(shared: &Shared, raw: &Bytes, envelope: &RequestEnvelope) {
+    shared.metrics.requeued();
+    let pipe = anteroom_control::requeue(&shared.keys, &shared.processing_key, raw, &envelope.id);
+    run_with_retries(shared, &pipe, "requeue", envelope.deadline_ms).await;
 }
 
 /// Writes completions to Redis in batches: whatever finished while the
@@ -825,7 +924,8 @@ async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Keeps the heartbeat and registry entry fresh, at once after a pause is
-/// acknowledged or lifted; removes both on stop.
+/// acknowledged or lifted or the upstream's health changes; removes both on
+/// stop.
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let ttl = shared.settings.heartbeat_ttl;
     let every = (ttl / 3).max(Duration::from_millis(100));
@@ -833,11 +933,13 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let started_at_ms = now_ms();
     let host = anteroom_redis::hostname();
     let mut conn = shared.conn.clone();
+    let mut health = shared.gate.subscribe();
     if let Err(err) = presence.register_queue(&mut conn).await {
         tracing::debug!(error = %err, "cannot register the queue");
     }
     loop {
         let pause_id = shared.acknowledged();
+        let unhealthy = health.borrow_and_update().clone();
         let beat = DispatcherHeartbeat {
             id: shared.id.clone(),
             host: host.clone(),
@@ -848,6 +950,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             paused: pause_id.is_some(),
             pause_id,
             started_at_ms,
+            unhealthy,
         };
         if let Err(err) = presence.beat(&mut conn, &beat).await {
             tracing::debug!(error = %err, "dispatcher heartbeat failed");
@@ -855,6 +958,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = shared.beat_now.notified() => {}
+            changed = health.changed() => if changed.is_err() { break },
             () = stop.cancelled() => break,
         }
     }

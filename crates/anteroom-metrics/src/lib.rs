@@ -53,6 +53,13 @@ struct StatusLabels {
     status: u16,
 }
 
+/// Labels of per-queue, per-reason series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    queue: String,
+    reason: String,
+}
+
 /// Latency buckets: 0.5 ms doubling to about 33 s (a hold budget's range).
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 17))
@@ -246,6 +253,10 @@ pub struct DispatcherMetrics {
     in_flight: Family<QueueLabel, Gauge>,
     expired: Family<QueueLabel, Counter>,
     dead_lettered: Family<QueueLabel, Counter>,
+    requeued: Family<QueueLabel, Counter>,
+    upstream_healthy: Family<QueueLabel, Gauge>,
+    upstream_changed: Family<QueueLabel, Gauge<f64, AtomicU64>>,
+    upstream_failures: Family<ReasonLabels, Counter>,
 }
 
 impl Default for DispatcherMetrics {
@@ -257,6 +268,10 @@ impl Default for DispatcherMetrics {
             in_flight: Family::default(),
             expired: Family::default(),
             dead_lettered: Family::default(),
+            requeued: Family::default(),
+            upstream_healthy: Family::default(),
+            upstream_changed: Family::default(),
+            upstream_failures: Family::default(),
         }
     }
 }
@@ -272,6 +287,10 @@ impl DispatcherMetrics {
     /// | `anteroom_dispatcher_in_flight_requests{queue}` | gauge | requests being handled now |
     /// | `anteroom_dispatcher_expired_total{queue}` | counter | requests taken after their deadline, not run |
     /// | `anteroom_dispatcher_dead_lettered_total{queue}` | counter | envelopes that did not decode, set aside |
+    /// | `anteroom_dispatcher_requeued_total{queue}` | counter | requests put back at the front of the queue (the upstream never got them, or failed on a request safe to repeat) |
+    /// | `anteroom_dispatcher_upstream_healthy{queue}` | gauge | 1 while taking requests, 0 while held back by an unhealthy upstream |
+    /// | `anteroom_dispatcher_upstream_health_changed_timestamp_seconds{queue}` | gauge | when the upstream last became healthy or unhealthy (Unix seconds) |
+    /// | `anteroom_dispatcher_upstream_failures_total{queue,reason}` | counter | failed deliveries and checks: `refused`, `timeout`, `reset`, `closed`, `status_NNN`, `other` |
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
@@ -304,6 +323,26 @@ impl DispatcherMetrics {
             "Envelopes that did not decode, moved to the dead-letter list",
             metrics.dead_lettered.clone(),
         );
+        registry.register(
+            "anteroom_dispatcher_requeued",
+            "Requests put back at the front of the queue instead of answered",
+            metrics.requeued.clone(),
+        );
+        registry.register(
+            "anteroom_dispatcher_upstream_healthy",
+            "1 while the dispatcher takes requests, 0 while its upstream is unhealthy",
+            metrics.upstream_healthy.clone(),
+        );
+        registry.register(
+            "anteroom_dispatcher_upstream_health_changed_timestamp_seconds",
+            "When the upstream last became healthy or unhealthy, Unix seconds",
+            metrics.upstream_changed.clone(),
+        );
+        registry.register(
+            "anteroom_dispatcher_upstream_failures",
+            "Failed deliveries to and health checks of the upstream, by reason",
+            metrics.upstream_failures.clone(),
+        );
         metrics
     }
 
@@ -319,6 +358,11 @@ impl DispatcherMetrics {
             in_flight: self.in_flight.get_or_create(&label).clone(),
             expired: self.expired.get_or_create(&label).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
+            requeued: self.requeued.get_or_create(&label).clone(),
+            upstream_healthy: self.upstream_healthy.get_or_create(&label).clone(),
+            upstream_changed: self.upstream_changed.get_or_create(&label).clone(),
+            upstream_failures: self.upstream_failures.clone(),
+            queue: queue.to_owned(),
         }
     }
 }
@@ -332,6 +376,11 @@ pub struct DispatcherQueueMetrics {
     in_flight: Gauge,
     expired: Counter,
     dead_lettered: Counter,
+    requeued: Counter,
+    upstream_healthy: Gauge,
+    upstream_changed: Gauge<f64, AtomicU64>,
+    upstream_failures: Family<ReasonLabels, Counter>,
+    queue: String,
 }
 
 impl DispatcherQueueMetrics {
@@ -360,6 +409,51 @@ impl DispatcherQueueMetrics {
     pub fn dead_lettered(&self) {
         self.dead_lettered.inc();
     }
+
+    /// A request was put back at the front of the queue.
+    pub fn requeued(&self) {
+        self.requeued.inc();
+    }
+
+    /// The upstream became healthy (`true`) or unhealthy at `at_ms` (Unix
+    /// milliseconds).
+    pub fn upstream_health(&self, healthy: bool, at_ms: u64) {
+        self.upstream_healthy.set(i64::from(healthy));
+        self.upstream_changed.set(at_ms as f64 / 1000.0);
+    }
+
+    /// A delivery to or a check of the upstream failed; `reason` as the
+    /// dispatcher words it (`connection refused`, `status 503`...), counted
+    /// under a bounded label (`refused`, `status_503`...).
+    pub fn upstream_failure(&self, reason: &str) {
+        self.upstream_failures
+            .get_or_create(&ReasonLabels {
+                queue: self.queue.clone(),
+                reason: reason_label(reason),
+            })
+            .inc();
+    }
+}
+
+/// The bounded label value of a failure reason.
+fn reason_label(reason: &str) -> String {
+    if let Some(code) = reason.strip_prefix("status ") {
+        if code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()) {
+            return format!("status_{code}");
+        }
+    }
+    let class = if reason.contains("refused") {
+        "refused"
+    } else if reason.contains("timeout") || reason.contains("timed out") {
+        "timeout"
+    } else if reason.contains("reset") || reason.contains("aborted") || reason.contains("broken pipe") {
+        "reset"
+    } else if reason.contains("closed") {
+        "closed"
+    } else {
+        "other"
+    };
+    class.to_owned()
 }
 
 fn queue_label(queue: &str) -> QueueLabel {
@@ -457,6 +551,11 @@ mod tests {
         proxy.answered(200, Duration::from_millis(5));
         proxy.waiting(1);
         dispatcher.handled(404, Duration::from_millis(1));
+        dispatcher.upstream_health(false, 1_700_000_000_500);
+        dispatcher.upstream_failure("connection refused");
+        dispatcher.upstream_failure("status 503");
+        dispatcher.upstream_failure("status 503");
+        dispatcher.requeued();
         let text = encode(&registry);
         for line in [
             "anteroom_proxy_requests_total{queue=\"web\",status=\"200\"} 2",
@@ -466,12 +565,32 @@ mod tests {
             "anteroom_proxy_shed_total{queue=\"web\"} 0",
             "anteroom_dispatcher_dead_lettered_total{queue=\"web\"} 0",
             "anteroom_dispatcher_in_flight_requests{queue=\"web\"} 0",
+            "anteroom_dispatcher_requeued_total{queue=\"web\"} 1",
+            "anteroom_dispatcher_upstream_healthy{queue=\"web\"} 0",
+            "anteroom_dispatcher_upstream_health_changed_timestamp_seconds{queue=\"web\"} 1700000000.5",
+            "anteroom_dispatcher_upstream_failures_total{queue=\"web\",reason=\"refused\"} 1",
+            "anteroom_dispatcher_upstream_failures_total{queue=\"web\",reason=\"status_503\"} 2",
             "# EOF",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "{line:?} missing in:\n{text}"
             );
+        }
+    }
+
+    #[test]
+    fn failure_reasons_map_to_few_labels() {
+        for (reason, label) in [
+            ("connection refused", "refused"),
+            ("timeout", "timeout"),
+            ("connection reset", "reset"),
+            ("connection closed before the response", "closed"),
+            ("status 500", "status_500"),
+            ("status 5000", "other"),
+            ("something new", "other"),
+        ] {
+            assert_eq!(reason_label(reason), label, "{reason}");
         }
     }
 }

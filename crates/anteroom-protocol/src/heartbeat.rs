@@ -32,6 +32,22 @@ pub struct DispatcherHeartbeat {
     pub pause_id: Option<String>,
     /// When it started, Unix milliseconds.
     pub started_at_ms: u64,
+    /// Set while it takes no requests because its upstream is unhealthy
+    /// (unreachable, or failing its health check); absent while healthy.
+    /// Dispatchers without an upstream never set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<Unhealthy>,
+}
+
+/// Why and since when a dispatcher takes no requests from its queue:
+/// its upstream failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unhealthy {
+    /// When the upstream was first found unhealthy, Unix milliseconds.
+    pub since_ms: u64,
+    /// The latest failure, short and for people: `connection refused`,
+    /// `timeout`, `status 503`, `not checked yet`.
+    pub reason: String,
 }
 
 /// A proxy's heartbeat.

@@ -27,7 +27,7 @@ pub use envelope::{
     KIND_RESPONSE, RequestEnvelope, ResponseEnvelope, VERSION,
 };
 pub use failure::Failure;
-pub use heartbeat::{DispatcherHeartbeat, PauseRecord, ProxyHeartbeat};
+pub use heartbeat::{DispatcherHeartbeat, PauseRecord, ProxyHeartbeat, Unhealthy};
 pub use keys::{Keys, NameError, QUEUES_KEY, validate_id};
 
 /// Milliseconds since the Unix epoch, the time unit of every deadline on the wire.

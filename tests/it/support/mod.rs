@@ -6,6 +6,7 @@ pub mod app;
 pub mod bin;
 pub mod cluster;
 pub mod load;
+pub mod orders;
 pub mod web;
 
 use std::future::Future;

@@ -38,15 +38,30 @@ impl Reply {
 }
 
 pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Reply {
+    try_send(client, req).await.expect("request failed")
+}
+
+/// Sends `req`; `Err` describes a failed connection (with its causes).
+/// Panics if no answer comes within [`REQUEST_TIMEOUT`].
+pub async fn try_send(client: &TestClient, req: Request<Full<Bytes>>) -> Result<Reply, String> {
+    let describe = |err: &dyn std::error::Error| {
+        let mut text = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    };
     let fut = async {
-        let resp = client.request(req).await.expect("request failed");
+        let resp = client.request(req).await.map_err(|e| describe(&e))?;
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.expect("body failed").to_bytes();
-        Reply {
+        let body = body.collect().await.map_err(|e| describe(&e))?.to_bytes();
+        Ok(Reply {
             status: parts.status,
             headers: parts.headers,
             body,
-        }
+        })
     };
     tokio::time::timeout(REQUEST_TIMEOUT, fut)
         .await

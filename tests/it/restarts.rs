@@ -1,0 +1,293 @@
+//! The application behind `anteroom dispatch --upstream` restarts, crashes
+//! or is not up yet: requests wait in the queue instead of failing. Real
+//! processes throughout: redis-server, the `anteroom` binary (proxy and
+//! dispatcher), and a Python app server (tests/apps/orders_app.py) that
+//! records each order it carries out in a file.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anteroom::local_redis::free_port;
+use anteroom_control::Queue;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+
+use crate::support::load::{Load, Summary};
+use crate::support::orders::{App, start_dispatcher, start_proxy};
+use crate::support::web::{client, get, send};
+use crate::support::{control, eventually, start_redis};
+
+const READY: Duration = Duration::from_secs(20);
+
+/// Waits until one dispatcher serves `queue` and is `healthy` (or not).
+async fn until_dispatcher_healthy(queue: &Queue, healthy: bool) {
+    eventually("the dispatcher's upstream health", READY, || async {
+        queue
+            .status()
+            .await
+            .unwrap()
+            .dispatchers
+            .iter()
+            .any(|d| d.heartbeat.unhealthy.is_none() == healthy)
+    })
+    .await;
+}
+
+/// Mixed traffic: each client alternates a GET and a POST of an order with
+/// an `Idempotency-Key` (`{client}-{n}`), as a payment or checkout API does.
+fn mixed_load(base: &str) -> Load {
+    let base = base.to_owned();
+    Load::start_with(8, move |w, n| {
+        if n % 2 == 0 {
+            Request::get(format!("{base}/items/{w}-{n}"))
+                .body(Full::default())
+                .unwrap()
+        } else {
+            let key = format!("{w}-{n}");
+            Request::post(format!("{base}/orders"))
+                .header("idempotency-key", &key)
+                .body(Full::new(Bytes::from(key)))
+                .unwrap()
+        }
+    })
+}
+
+/// Every acknowledged order was carried out exactly once, and nothing else
+/// was: the app's own record against the clients' acknowledgements.
+fn assert_orders_exactly_once(summary: &Summary, app: &App) {
+    let mut carried_out: HashMap<String, usize> = HashMap::new();
+    for order in app.orders() {
+        *carried_out.entry(order).or_default() += 1;
+    }
+    let twice: Vec<_> = carried_out.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "orders carried out twice: {twice:?}");
+    let acknowledged: Vec<String> = summary
+        .samples
+        .iter()
+        .filter(|s| s.method == Method::POST && s.status.is_some_and(|s| s.is_success()))
+        .map(|s| String::from_utf8_lossy(&s.sent).into_owned())
+        .collect();
+    assert!(!acknowledged.is_empty(), "no order was acknowledged");
+    for order in &acknowledged {
+        assert!(
+            carried_out.contains_key(order),
+            "order {order} acknowledged but never carried out"
+        );
+    }
+    assert_eq!(
+        carried_out.len(),
+        acknowledged.len(),
+        "the app carried out orders no client saw acknowledged"
+    );
+}
+
+/// The headline: the app is SIGKILLed under load and started again 2 s
+/// later, and nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn app_killed_and_restarted_under_load_fails_nothing() {
+    let redis = start_redis();
+    let mut app = App::new();
+    app.start(Duration::ZERO).await;
+    let (_proxy, base) = start_proxy(&redis, "orders", "30s").await;
+    let _dispatcher = start_dispatcher(&redis, "orders", &app, &[]);
+    let queue = control(&redis, "orders").await;
+    until_dispatcher_healthy(&queue, true).await;
+
+    let load = mixed_load(&base);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.kill();
+    let killed = Instant::now();
+    // While it is down the dispatcher says why.
+    until_dispatcher_healthy(&queue, false).await;
+    let status = queue.status().await.unwrap();
+    let reason = status.dispatchers[0]
+        .heartbeat
+        .unhealthy
+        .as_ref()
+        .unwrap()
+        .reason
+        .clone();
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(killed.elapsed())).await;
+    app.start(Duration::ZERO).await;
+    let gap = killed.elapsed();
+    until_dispatcher_healthy(&queue, true).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let summary = load.finish().await;
+
+    summary.report("app killed and restarted", |s| s.is_success());
+    println!(
+        "app down for {gap:?}; the dispatcher said: {reason}; {} orders carried out",
+        app.orders().len()
+    );
+    assert_eq!(reason, "connection refused");
+    assert_eq!(summary.failed(|s| s.is_success()), 0, "requests failed");
+    assert_orders_exactly_once(&summary, &app);
+    // Requests ran after the restart too.
+    assert!(
+        summary
+            .samples
+            .iter()
+            .any(|s| s.started > killed + gap && s.status.is_some_and(|s| s.is_success()))
+    );
+    // The longest wait is about the gap, not a hold budget.
+    assert!(
+        summary.longest() < gap + Duration::from_secs(3),
+        "longest wait {:?} for a gap of {gap:?}",
+        summary.longest()
+    );
+}
+
+/// With `--health-path`, a restarted app that answers its health path 503
+/// while it warms up gets no request until it answers 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_app_gets_no_request_until_healthy() {
+    let redis = start_redis();
+    let mut app = App::new();
+    app.start(Duration::ZERO).await;
+    let (_proxy, base) = start_proxy(&redis, "warm", "30s").await;
+    let _dispatcher = start_dispatcher(
+        &redis,
+        "warm",
+        &app,
+        &["--health-path", "/health", "--health-interval", "250ms"],
+    );
+    let queue = control(&redis, "warm").await;
+    until_dispatcher_healthy(&queue, true).await;
+
+    let load = mixed_load(&base);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    app.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    app.start(Duration::from_secs(1)).await;
+    // Warming up: up, but its health path says 503, and the status says so.
+    eventually("the status to show the warm-up", READY, || async {
+        queue.status().await.unwrap().dispatchers[0]
+            .heartbeat
+            .unhealthy
+            .as_ref()
+            .is_some_and(|u| u.reason == "status 503")
+    })
+    .await;
+    until_dispatcher_healthy(&queue, true).await;
+    let back = killed.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let summary = load.finish().await;
+
+    summary.report("app restarted with a warm-up", |s| s.is_success());
+    println!("healthy again {back:?} after the kill");
+    assert_eq!(summary.failed(|s| s.is_success()), 0, "requests failed");
+    assert_eq!(
+        app.early_requests(),
+        Vec::<String>::new(),
+        "requests reached the app while it was warming up"
+    );
+    assert!(
+        back >= Duration::from_secs(3),
+        "taken back after {back:?}, before the warm-up ended"
+    );
+    assert_orders_exactly_once(&summary, &app);
+}
+
+/// A dispatcher started before its app: requests wait until the app is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dispatcher_started_before_its_app_holds_requests_until_it_is_up() {
+    let redis = start_redis();
+    let mut app = App::new();
+    let (_proxy, base) = start_proxy(&redis, "early", "30s").await;
+    let _dispatcher = start_dispatcher(&redis, "early", &app, &[]);
+    let queue = control(&redis, "early").await;
+    until_dispatcher_healthy(&queue, false).await;
+
+    let started = Instant::now();
+    let requests: Vec<_> = (0..6)
+        .map(|i| {
+            let (c, base) = (client(), base.clone());
+            tokio::spawn(async move {
+                let req = if i % 2 == 0 {
+                    Request::get(format!("{base}/items/{i}"))
+                        .body(Full::default())
+                        .unwrap()
+                } else {
+                    Request::post(format!("{base}/orders"))
+                        .body(Full::new(Bytes::from(format!("plain-{i}"))))
+                        .unwrap()
+                };
+                send(&c, req).await
+            })
+        })
+        .collect();
+    eventually("the requests to wait in the queue", READY, || async {
+        queue.status().await.unwrap().waiting == 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.start(Duration::ZERO).await;
+    let up = started.elapsed();
+    for request in requests {
+        let reply = request.await.unwrap();
+        assert!(reply.status.is_success(), "{} {}", reply.status, reply.text());
+    }
+    println!(
+        "6 requests sent before the app was up ({up:?}) all answered after {:?}",
+        started.elapsed()
+    );
+    // POSTs without a key were never sent before the app was up, so each
+    // ran exactly once.
+    let mut orders = app.orders();
+    orders.sort();
+    assert_eq!(orders, ["plain-1", "plain-3", "plain-5"]);
+}
+
+/// An app that stays down: requests get 504 at their hold budget (not 502),
+/// and the status and the metrics say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn app_that_stays_down_gives_504_and_the_status_says_why() {
+    let redis = start_redis();
+    let app = App::new();
+    let (_proxy, base) = start_proxy(&redis, "down", "1s").await;
+    let metrics_port = free_port().unwrap();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let _dispatcher = start_dispatcher(&redis, "down", &app, &["--metrics", &metrics]);
+    let queue = control(&redis, "down").await;
+    until_dispatcher_healthy(&queue, false).await;
+
+    let c = client();
+    let started = Instant::now();
+    let reply = get(&c, &format!("{base}/items/1")).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let reply = crate::support::web::post(&c, &format!("{base}/orders"), "x").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+
+    let json = Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .args(["status", "--json", "--redis", &redis.url(), "--queue", "down"])
+        .output()
+        .unwrap();
+    assert!(json.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let unhealthy = &report["queues"][0]["dispatchers"][0]["unhealthy"];
+    assert_eq!(unhealthy["reason"], "connection refused", "{report}");
+    assert!(unhealthy["since_ms"].as_u64().unwrap() > 0);
+
+    let text = Command::new(env!("CARGO_BIN_EXE_anteroom"))
+        .args(["status", "--redis", &redis.url(), "--queue", "down"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    println!("{text}");
+    assert!(
+        text.contains("upstream unhealthy") && text.contains("connection refused"),
+        "{text}"
+    );
+
+    let scraped = get(&c, &format!("http://{metrics}/metrics")).await.text();
+    for line in [
+        "anteroom_dispatcher_upstream_healthy{queue=\"down\"} 0",
+        "anteroom_dispatcher_upstream_failures_total{queue=\"down\",reason=\"refused\"}",
+    ] {
+        assert!(scraped.contains(line), "{line} missing in:\n{scraped}");
+    }
+}
