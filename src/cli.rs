@@ -171,7 +171,9 @@ pub struct QueueArgs {
 /// Flags of `anteroom proxy`.
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// Address to accept HTTP/1.1 and h2c connections on.
+    /// Address to accept HTTP/1.1 and h2c connections on, bound with
+    /// SO_REUSEPORT so a new proxy can start on it before the old one stops.
+    /// Not used when systemd passes a socket (LISTEN_FDS).
     #[arg(long, env = "ANTEROOM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
@@ -191,6 +193,12 @@ pub struct ProxyArgs {
     /// On SIGINT or SIGTERM, how long to let waiting requests finish.
     #[arg(long, env = "ANTEROOM_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub grace: Duration,
+
+    /// On SIGINT or SIGTERM (which stop accepting at once), how long idle
+    /// keep-alive connections stay open so each client's next request is
+    /// answered, with Connection: close, instead of meeting a closed socket.
+    #[arg(long, env = "ANTEROOM_DRAIN", default_value = "2s", value_parser = parse_duration)]
+    pub drain: Duration,
 
     /// Most requests waiting in this proxy at once; beyond it, 503 with Retry-After.
     #[arg(long, env = "ANTEROOM_MAX_WAITING", default_value_t = 20_000)]

@@ -16,7 +16,14 @@ use crate::ops;
 ///
 /// `file` is the configuration file the command line was parsed with
 /// ([`crate::config::parse`]); the proxy takes its routes from it.
-pub async fn run(cli: Cli, file: Option<crate::config::ConfigFile>) -> anyhow::Result<ExitCode> {
+/// `inherited` is a listening socket from socket activation
+/// ([`crate::listen::take_inherited`]), which the proxy uses instead of
+/// binding `--listen`.
+pub async fn run(
+    cli: Cli,
+    file: Option<crate::config::ConfigFile>,
+    inherited: Option<std::net::TcpListener>,
+) -> anyhow::Result<ExitCode> {
     init_tracing(cli.log_format);
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
@@ -34,7 +41,7 @@ pub async fn run(cli: Cli, file: Option<crate::config::ConfigFile>) -> anyhow::R
             if args.check_config {
                 return Ok(check_config(&args, &config));
             }
-            done(proxy(args, config).await)
+            done(proxy(args, config, inherited).await)
         }
         Command::Dispatch(args) => done(dispatch(args).await),
         Command::Pause(args) => ops::pause(args).await,
@@ -124,6 +131,7 @@ fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.hold = args.hold;
     config.max_body = args.max_body;
     config.grace = args.grace;
+    config.drain = args.drain;
     config.max_waiting = args.max_waiting;
     config.max_waiting_bytes = args.max_waiting_bytes;
     config.max_connections = args.max_connections;
@@ -136,10 +144,26 @@ fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config
 }
 
-async fn proxy(args: ProxyArgs, mut config: ProxyConfig) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+async fn proxy(
+    args: ProxyArgs,
+    mut config: ProxyConfig,
+    inherited: Option<std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    let listener = match inherited {
+        Some(listener) => {
+            listener
+                .set_nonblocking(true)
+                .context("cannot use the socket passed by socket activation")?;
+            tracing::info!(
+                addr = ?listener.local_addr().ok(),
+                "listening on the socket passed by socket activation (LISTEN_FDS); --listen is not used"
+            );
+            listener
+        }
+        None => crate::listen::bind_shared(args.listen)
+            .with_context(|| format!("cannot listen on {}", args.listen))?,
+    };
+    let listener = TcpListener::from_std(listener).context("cannot register the listener")?;
     let admin_stop = CancellationToken::new();
     let mut registry = anteroom_metrics::Registry::default();
     let metrics = anteroom_metrics::ProxyMetrics::register(&mut registry);

@@ -5,12 +5,14 @@
 //! [`anteroom_proxy::serve`], `dispatch` runs an [`anteroom_dispatcher::Dispatcher`]
 //! in front of an [`anteroom_dispatcher::Upstream`], and `demo` runs both
 //! with a built-in backend, starting a private `redis-server`
-//! ([`local_redis`]) when no Redis URL is given.
+//! ([`local_redis`]) when no Redis URL is given. [`listen`] makes the
+//! proxy's listening socket (socket activation or `SO_REUSEPORT`).
 
 pub mod cli;
 mod commands;
 pub mod config;
 mod demo;
+pub mod listen;
 pub mod local_redis;
 mod ops;
 mod status_view;

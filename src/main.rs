@@ -7,6 +7,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let (cli, file) = anteroom::config::parse();
+    // Before any thread starts: taking the socket unsets LISTEN_FDS.
+    let inherited = match anteroom::listen::take_inherited() {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("error: the socket passed by socket activation (LISTEN_FDS) is unusable: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -17,7 +25,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(anteroom::run(cli, file)) {
+    match runtime.block_on(anteroom::run(cli, file, inherited)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");

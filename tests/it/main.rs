@@ -24,4 +24,5 @@ mod routing;
 mod security;
 mod sentinel;
 mod status_page;
+mod upgrade;
 mod support;

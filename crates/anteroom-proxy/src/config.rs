@@ -25,6 +25,11 @@ pub struct ProxyConfig {
     pub max_body: usize,
     /// How long shutdown waits for in-flight requests.
     pub grace: Duration,
+    /// After shutdown begins, how long idle keep-alive connections stay
+    /// open (within `grace`), so that a client's next request on one is
+    /// answered, with `Connection: close`, instead of meeting a socket
+    /// closed under it. HTTP/2 connections get GOAWAY after it.
+    pub drain: Duration,
     /// Connect and response timeout for Redis commands (blocking reads excepted).
     pub redis_timeout: Duration,
     /// How long a client may take to send the request head.
@@ -58,7 +63,7 @@ pub struct ProxyConfig {
 
 impl ProxyConfig {
     /// A configuration with the documented defaults: hold 30 s, body limit
-    /// 8 MiB, grace 30 s, Redis timeout 2 s, head and body read timeouts
+    /// 8 MiB, grace 30 s, drain 2 s, Redis timeout 2 s, head and body read timeouts
     /// 30 s each, 100 headers and 64 KiB of head per request, 10,000
     /// connections, at most 20,000 requests and 512 MiB of bodies waiting.
     pub fn new(redis_url: impl Into<String>, queue: impl Into<String>) -> Self {
@@ -70,6 +75,7 @@ impl ProxyConfig {
             hold: Duration::from_secs(30),
             max_body: 8 * 1024 * 1024,
             grace: Duration::from_secs(30),
+            drain: Duration::from_secs(2),
             redis_timeout: Duration::from_secs(2),
             header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(30),

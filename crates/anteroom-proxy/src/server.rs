@@ -2,7 +2,9 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anteroom_control::presence::{Presence, Role};
@@ -11,8 +13,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::budget::Budget;
 use crate::config::ProxyConfig;
@@ -29,9 +32,15 @@ const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
 
 /// Runs the proxy on `listener` until `shutdown` completes, then drains.
 ///
-/// Connects to Redis first and fails if it cannot. After `shutdown` fires,
-/// no new connection is accepted; requests already in flight get up to
-/// `config.grace` to be answered before the function returns.
+/// Connects to Redis first and fails if it cannot. When `shutdown` fires:
+/// 1. the listener is closed at once, after serving the connections the
+///    kernel had already completed on it (which closing would reset);
+/// 2. every HTTP/1 response from then on says `Connection: close`, and idle
+///    keep-alive connections stay open up to `config.drain` so that each
+///    client's next request is answered rather than cut off;
+/// 3. then idle connections close, HTTP/2 ones get GOAWAY, and requests
+///    still waiting get the rest of `config.grace` to be answered (their
+///    replies still come to this proxy's reply list) before it returns.
 pub async fn serve(
     listener: TcpListener,
     config: ProxyConfig,
@@ -156,29 +165,18 @@ pub async fn serve(
         .max_concurrent_streams(256);
     let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                // e.g. EMFILE: back off instead of spinning.
-                tracing::warn!(error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let tracker = TaskTracker::new();
+    let draining = Arc::new(AtomicBool::new(false));
+    let accept = |stream: TcpStream, peer: SocketAddr| {
         let Ok(slot) = Arc::clone(&connections).try_acquire_owned() else {
             tracing::debug!(%peer, max = config.max_connections, "connection limit reached; closing");
-            drop(stream);
-            continue;
+            return;
         };
         let _ = stream.set_nodelay(true);
         let router = Arc::clone(&router);
+        let draining = Arc::clone(&draining);
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let http1 = req.version() < http::Version::HTTP_2;
             // Built here, not inside the async block, so the request is not
             // kept in the future while it waits (see `handler::handle`).
             let answer = match router.pick(&req) {
@@ -192,35 +190,99 @@ pub async fn serve(
                     Err(failure_response(Failure::NoRoute))
                 }
             };
+            let draining = Arc::clone(&draining);
             async move {
-                Ok::<_, Infallible>(match answer {
+                let mut response = match answer {
                     Ok(handling) => handling.await,
                     Err(resp) => resp,
-                })
+                };
+                // Shutting down: the client's next request goes to a new
+                // connection (RFC 9112 section 9.6), not to a socket that
+                // closes under it.
+                if http1 && draining.load(Ordering::Acquire) {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
             }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             if let Err(err) = conn.await {
                 tracing::debug!(error = %err, %peer, "connection ended with an error");
             }
             drop(slot);
         });
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => accept(stream, peer),
+            Err(err) => {
+                // e.g. EMFILE: back off instead of spinning.
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
-    drop(listener);
-    let grace = config.grace;
+    // Stop accepting at once. Connections the kernel already completed
+    // would be reset when the socket closes (another proxy sharing the
+    // address with SO_REUSEPORT cannot take them over), so serve them too.
+    let grace_ends = tokio::time::Instant::now() + config.grace;
+    let mut taken_over = 0usize;
+    match listener.into_std() {
+        Ok(listener) => loop {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let stream = stream
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpStream::from_std(stream));
+                    match stream {
+                        Ok(stream) => {
+                            taken_over += 1;
+                            accept(stream, peer);
+                        }
+                        Err(err) => tracing::debug!(error = %err, "cannot serve a pending connection"),
+                    }
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(err) => {
+                    tracing::debug!(error = %err, "accepting pending connections stopped");
+                    break;
+                }
+            }
+        },
+        Err(err) => tracing::debug!(error = %err, "cannot take pending connections"),
+    }
+    draining.store(true, Ordering::Release);
+    tracker.close();
+    let drain = config.drain.min(config.grace);
     tracing::info!(
         waiting = waiting(),
-        ?grace,
-        "shutting down: draining connections"
+        pending_connections_served = taken_over,
+        ?drain,
+        grace = ?config.grace,
+        "shutting down: no longer accepting; answering what is held, closing connections"
     );
+    // Let keep-alive clients send their next request (answered with
+    // `Connection: close`) before idle connections are closed.
+    tokio::select! {
+        () = tracker.wait() => {}
+        () = tokio::time::sleep(drain) => {}
+    }
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(grace) => {
+        () = tokio::time::sleep_until(grace_ends) => {
             tracing::warn!(waiting = waiting(), "grace period over; closing with requests still waiting");
         }
     }
