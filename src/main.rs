@@ -11,7 +11,9 @@ fn main() -> std::process::ExitCode {
     let inherited = match anteroom::listen::take_inherited() {
         Ok(listener) => listener,
         Err(err) => {
-            eprintln!("error: the socket passed by socket activation (LISTEN_FDS) is unusable: {err}");
+            eprintln!(
+                "error: the socket passed by socket activation (LISTEN_FDS) is unusable: {err}"
+            );
             return std::process::ExitCode::FAILURE;
         }
     };

@@ -163,19 +163,28 @@ async fn handler_errors_and_panics_are_502_and_the_dispatcher_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_down_is_502_and_the_dispatcher_goes_on() {
+async fn upstream_down_is_504_at_the_hold_budget_and_the_dispatcher_goes_on() {
     let redis = start_redis();
-    let proxy = TestProxy::start(&redis, "down").await;
+    let proxy = TestProxy::start_with(&redis, "down", |c| {
+        c.hold = Duration::from_millis(800);
+    })
+    .await;
     let nothing_listens = format!("http://127.0.0.1:{}", free_port().unwrap());
+    // Embedded without a health check: after a refused connection the
+    // request goes back to the queue and pulling pauses for a second.
     let dispatcher = TestDispatcher::start(
         &redis,
         "down",
         UpstreamService::new(&nothing_listens).unwrap(),
     );
     let c = client();
-    for _ in 0..3 {
+    for _ in 0..2 {
+        let started = Instant::now();
         let r = web::get(&c, &proxy.url("/echo")).await;
-        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
+        assert!(started.elapsed() >= Duration::from_millis(800));
+        let r = web::post(&c, &proxy.url("/echo"), "not carried out").await;
+        assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text());
     }
     let mut conn = redis_conn(&redis).await;
     let live = keys(&mut conn, "anteroom:{down}:dispatcher:*").await;

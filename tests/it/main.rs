@@ -24,5 +24,5 @@ mod routing;
 mod security;
 mod sentinel;
 mod status_page;
-mod upgrade;
 mod support;
+mod upgrade;

@@ -189,11 +189,13 @@ async fn redis_killed_and_restarted_under_load() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let summary = load.finish().await;
 
-    let count = |code: StatusCode| summary
-        .samples
-        .iter()
-        .filter(|s| s.status == Some(code))
-        .count();
+    let count = |code: StatusCode| {
+        summary
+            .samples
+            .iter()
+            .filter(|s| s.status == Some(code))
+            .count()
+    };
     println!(
         "redis outage of {:?}: 503 in {refused_in:?}; serving again {recovered_in:?} after restart; load: {} requests, {} ok, {} 503, {} 504, longest {:?}",
         restarted - killed,

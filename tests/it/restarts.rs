@@ -99,16 +99,17 @@ async fn app_killed_and_restarted_under_load_fails_nothing() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     app.kill();
     let killed = Instant::now();
-    // While it is down the dispatcher says why.
-    until_dispatcher_healthy(&queue, false).await;
-    let status = queue.status().await.unwrap();
-    let reason = status.dispatchers[0]
-        .heartbeat
-        .unhealthy
-        .as_ref()
-        .unwrap()
-        .reason
-        .clone();
+    // While it is down the dispatcher says why (the first failure may be
+    // a request cut off in the app; then its checks are refused).
+    eventually("the status to say the app is down", READY, || async {
+        queue.status().await.unwrap().dispatchers[0]
+            .heartbeat
+            .unhealthy
+            .as_ref()
+            .is_some_and(|u| u.reason == "connection refused")
+    })
+    .await;
+    let noticed = killed.elapsed();
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(killed.elapsed())).await;
     app.start(Duration::ZERO).await;
     let gap = killed.elapsed();
@@ -118,10 +119,9 @@ async fn app_killed_and_restarted_under_load_fails_nothing() {
 
     summary.report("app killed and restarted", |s| s.is_success());
     println!(
-        "app down for {gap:?}; the dispatcher said: {reason}; {} orders carried out",
+        "app down for {gap:?}; the status said \"connection refused\" {noticed:?} after the kill; {} orders carried out",
         app.orders().len()
     );
-    assert_eq!(reason, "connection refused");
     assert_eq!(summary.failed(|s| s.is_success()), 0, "requests failed");
     assert_orders_exactly_once(&summary, &app);
     // Requests ran after the restart too.
@@ -139,27 +139,25 @@ async fn app_killed_and_restarted_under_load_fails_nothing() {
     );
 }
 
-/// With `--health-path`, a restarted app that answers its health path 503
-/// while it warms up gets no request until it answers 200.
+/// The "restart the app, nothing else" playbook of docs/operations.md, as
+/// written: the dispatcher runs with `--health-path` (default interval and
+/// timeout) and the app is restarted as `systemctl restart` does (SIGTERM,
+/// start). The restarted app answers its health path 503 for 1 s while it
+/// warms up, and gets no request until it answers 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_app_gets_no_request_until_healthy() {
     let redis = start_redis();
     let mut app = App::new();
     app.start(Duration::ZERO).await;
     let (_proxy, base) = start_proxy(&redis, "warm", "30s").await;
-    let _dispatcher = start_dispatcher(
-        &redis,
-        "warm",
-        &app,
-        &["--health-path", "/health", "--health-interval", "250ms"],
-    );
+    let _dispatcher = start_dispatcher(&redis, "warm", &app, &["--health-path", "/health"]);
     let queue = control(&redis, "warm").await;
     until_dispatcher_healthy(&queue, true).await;
 
     let load = mixed_load(&base);
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    app.kill();
     let killed = Instant::now();
+    app.terminate();
     tokio::time::sleep(Duration::from_secs(2)).await;
     app.start(Duration::from_secs(1)).await;
     // Warming up: up, but its health path says 503, and the status says so.
@@ -228,7 +226,12 @@ async fn dispatcher_started_before_its_app_holds_requests_until_it_is_up() {
     let up = started.elapsed();
     for request in requests {
         let reply = request.await.unwrap();
-        assert!(reply.status.is_success(), "{} {}", reply.status, reply.text());
+        assert!(
+            reply.status.is_success(),
+            "{} {}",
+            reply.status,
+            reply.text()
+        );
     }
     println!(
         "6 requests sent before the app was up ({up:?}) all answered after {:?}",
@@ -263,7 +266,14 @@ async fn app_that_stays_down_gives_504_and_the_status_says_why() {
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
 
     let json = Command::new(env!("CARGO_BIN_EXE_anteroom"))
-        .args(["status", "--json", "--redis", &redis.url(), "--queue", "down"])
+        .args([
+            "status",
+            "--json",
+            "--redis",
+            &redis.url(),
+            "--queue",
+            "down",
+        ])
         .output()
         .unwrap();
     assert!(json.status.success());

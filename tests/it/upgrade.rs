@@ -20,7 +20,7 @@ use crate::support::app::test_app;
 use crate::support::bin::BinProcess;
 use crate::support::load::{Load, Summary};
 use crate::support::web::{client, get};
-use crate::support::{TestDispatcher, control, eventually, start_redis, wait_for_port};
+use crate::support::{TestDispatcher, start_redis, wait_for_port};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -43,7 +43,11 @@ fn echo_load(base: &str) -> Load {
 /// connection.
 fn assert_nothing_failed(summary: &Summary) {
     assert_eq!(summary.connection_errors(), 0, "connection errors");
-    assert_eq!(summary.failed(|s| s == StatusCode::OK), 0, "failed requests");
+    assert_eq!(
+        summary.failed(|s| s == StatusCode::OK),
+        0,
+        "failed requests"
+    );
     for s in &summary.samples {
         assert_eq!(s.body, s.sent, "a reply meant for another request");
     }
@@ -55,8 +59,11 @@ fn proxy_args<'a>(redis_url: &'a str, listen: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// The "upgrade the proxy" playbook of docs/operations.md, as written:
+/// examples/deploy/upgrade_proxy.sh starts the new proxy on the old one's
+/// address, waits until it is live, and stops the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn new_proxy_on_the_same_address_then_sigterm_to_the_old_fails_nothing() {
+async fn upgrade_proxy_playbook_under_load_fails_nothing() {
     let redis = start_redis();
     let _dispatcher = TestDispatcher::start(&redis, "up", test_app());
     let port = free_port().unwrap();
@@ -64,34 +71,68 @@ async fn new_proxy_on_the_same_address_then_sigterm_to_the_old_fails_nothing() {
     let url = redis.url();
     let mut old = BinProcess::spawn(&proxy_args(&url, &listen));
     wait_for_port(port).await;
-    let queue = control(&redis, "up").await;
 
     let load = echo_load(&format!("http://{listen}"));
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    // The new proxy binds the address the old one still serves.
-    let _new = BinProcess::spawn(&proxy_args(&url, &listen));
-    eventually("both proxies to be up", READY, || async {
-        queue.status().await.unwrap().proxies.len() == 2
-    })
-    .await;
-    let stopping = Instant::now();
-    old.terminate();
-    let status = old.wait(Duration::from_secs(20)).await;
-    let old_took = stopping.elapsed();
+    let started = Instant::now();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/deploy/upgrade_proxy.sh");
+    let mut command = tokio::process::Command::new(script);
+    command
+        .arg(old.pid().to_string())
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_anteroom"))
+        .args(proxy_args(&url, &listen))
+        .env("ANTEROOM", env!("CARGO_BIN_EXE_anteroom"))
+        .env("ANTEROOM_REDIS", &url)
+        .env("ANTEROOM_QUEUE", "up")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the playbook finishes")
+        .unwrap();
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let _new = KillOnDrop(stdout.lines().last().unwrap_or_default().to_owned());
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status = old.wait(Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let summary = load.finish().await;
 
     summary.report("proxy upgrade (SO_REUSEPORT)", |s| s == StatusCode::OK);
-    println!("the old proxy exited {status} after {old_took:?}");
+    println!("the playbook took {took:?}; the old proxy exited with {status}");
     assert!(status.success(), "old proxy: {status}");
     assert_nothing_failed(&summary);
     // The new proxy alone served the last second.
     let after: Vec<_> = summary
         .samples
         .iter()
-        .filter(|s| s.started > stopping + old_took)
+        .filter(|s| s.started > started + took)
         .collect();
-    assert!(after.len() > 10, "only {} requests after the old proxy left", after.len());
+    assert!(
+        after.len() > 10,
+        "only {} requests after the old proxy left",
+        after.len()
+    );
+}
+
+/// A process the test did not start itself, stopped with SIGTERM when
+/// dropped (by pid).
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.0])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }
 
 /// `socket_activate.py` driven from a test: the socket it holds and the
@@ -101,7 +142,7 @@ struct Activator {
     stdin: ChildStdin,
     lines: Lines<BufReader<ChildStdout>>,
     port: u16,
-    pids: Vec<String>,
+    proxies: Vec<KillOnDrop>,
 }
 
 impl Activator {
@@ -128,7 +169,7 @@ impl Activator {
             stdin,
             lines,
             port,
-            pids: Vec::new(),
+            proxies: Vec::new(),
         }
     }
 
@@ -149,7 +190,7 @@ impl Activator {
 
     async fn start_proxy(&mut self) {
         let pid = self.say("start").await;
-        self.pids.push(pid);
+        self.proxies.push(KillOnDrop(pid));
     }
 
     async fn stop_proxy(&mut self) -> String {
@@ -159,12 +200,7 @@ impl Activator {
 
 impl Drop for Activator {
     fn drop(&mut self) {
-        for pid in &self.pids {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", pid])
-                .stderr(Stdio::null())
-                .status();
-        }
+        self.proxies.clear();
         let _ = self.child.start_kill();
     }
 }
@@ -194,9 +230,7 @@ async fn proxy_restarted_on_a_socket_activation_socket_fails_nothing() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let summary = load.finish().await;
 
-    summary.report("proxy restart (socket activation)", |s| {
-        s == StatusCode::OK
-    });
+    summary.report("proxy restart (socket activation)", |s| s == StatusCode::OK);
     println!("the old proxy took {gap:?} to stop (exit status {stopped})");
     assert_eq!(stopped, "0", "old proxy's exit status");
     assert_nothing_failed(&summary);
@@ -206,5 +240,9 @@ async fn proxy_restarted_on_a_socket_activation_socket_fails_nothing() {
     );
     // Nobody listens on --listen: the proxy never bound it.
     let port: u16 = unused.rsplit_once(':').unwrap().1.parse().unwrap();
-    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    );
 }

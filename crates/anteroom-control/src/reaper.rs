@@ -170,7 +170,13 @@ pub fn requeue(keys: &Keys, list: &str, raw: &Bytes, request_id: &str) -> redis:
 }
 
 /// The commands of [`requeue`], added to an atomic `pipe`.
-fn requeue_into(pipe: &mut redis::Pipeline, keys: &Keys, list: &str, raw: &Bytes, request_id: &str) {
+fn requeue_into(
+    pipe: &mut redis::Pipeline,
+    keys: &Keys,
+    list: &str,
+    raw: &Bytes,
+    request_id: &str,
+) {
     pipe.cmd("RPUSH")
         .arg(keys.requests())
         .arg(raw.as_ref())

@@ -50,7 +50,10 @@ pub struct HealthCheck {
 #[derive(Debug, Clone)]
 enum Probe {
     /// `GET uri` must answer 2xx.
-    Get { uri: Uri, client: Client<HttpConnector, Empty<bytes::Bytes>> },
+    Get {
+        uri: Uri,
+        client: Box<Client<HttpConnector, Empty<bytes::Bytes>>>,
+    },
     /// A TCP connection to `host:port` must open.
     Connect { host: String, port: u16 },
 }
@@ -66,7 +69,10 @@ impl HealthCheck {
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)
             .build(connector);
-        Self::with_probe(Probe::Get { uri, client })
+        Self::with_probe(Probe::Get {
+            uri,
+            client: Box::new(client),
+        })
     }
 
     /// Checks that a TCP connection to `host:port` opens.
@@ -172,11 +178,17 @@ impl Gate {
     /// The upstream failed (a request or a check): close, or keep closed
     /// with the new reason. Logs only when something changed.
     pub(crate) fn failed(&self, reason: &str) {
-        *self.failed_at.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        *self
+            .failed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
         self.metrics.upstream_failure(reason);
         self.state.send_if_modified(|state| match state {
             None => {
-                tracing::warn!(reason, "upstream unhealthy; taking no requests until it recovers");
+                tracing::warn!(
+                    reason,
+                    "upstream unhealthy; taking no requests until it recovers"
+                );
                 let since_ms = now_ms();
                 self.metrics.upstream_health(false, since_ms);
                 *state = Some(Unhealthy {
@@ -197,7 +209,12 @@ impl Gate {
     /// A check that began at `checked_at` passed: open, unless a failure
     /// was reported since it began.
     fn recovered(&self, checked_at: Instant) {
-        if *self.failed_at.lock().unwrap_or_else(PoisonError::into_inner) > checked_at {
+        if *self
+            .failed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            > checked_at
+        {
             return;
         }
         self.state.send_if_modified(|state| match state.take() {

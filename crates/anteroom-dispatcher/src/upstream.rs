@@ -154,7 +154,10 @@ mod tests {
         assert!(up.health_check(None).is_ok());
         for bad in ["up", "", "http://x/up", "/a b"] {
             assert!(
-                matches!(up.health_check(Some(bad)), Err(UpstreamError::HealthPath(_))),
+                matches!(
+                    up.health_check(Some(bad)),
+                    Err(UpstreamError::HealthPath(_))
+                ),
                 "{bad:?} accepted"
             );
         }

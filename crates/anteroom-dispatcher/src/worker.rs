@@ -664,14 +664,23 @@ where
             Some((delivered, reason)) => {
                 shared.gate.failed(&reason);
                 if !delivered {
-                    tracing::info!(reason, "the upstream never received the request; back to the front of the queue");
+                    tracing::info!(
+                        reason,
+                        "the upstream never received the request; back to the front of the queue"
+                    );
                     return Outcome::Requeue;
                 }
                 if envelope.is_safe_to_repeat() {
-                    tracing::warn!(reason, "upstream failed after receiving the request; safe to repeat, back to the front of the queue");
+                    tracing::warn!(
+                        reason,
+                        "upstream failed after receiving the request; safe to repeat, back to the front of the queue"
+                    );
                     return Outcome::Requeue;
                 }
-                tracing::warn!(reason, "upstream failed after receiving the request; not safe to repeat: 502");
+                tracing::warn!(
+                    reason,
+                    "upstream failed after receiving the request; not safe to repeat: 502"
+                );
                 Failure::Interrupted.to_envelope(&envelope.id)
             }
             None => {

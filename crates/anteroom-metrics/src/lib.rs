@@ -446,7 +446,10 @@ fn reason_label(reason: &str) -> String {
         "refused"
     } else if reason.contains("timeout") || reason.contains("timed out") {
         "timeout"
-    } else if reason.contains("reset") || reason.contains("aborted") || reason.contains("broken pipe") {
+    } else if reason.contains("reset")
+        || reason.contains("aborted")
+        || reason.contains("broken pipe")
+    {
         "reset"
     } else if reason.contains("closed") {
         "closed"

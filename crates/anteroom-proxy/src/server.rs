@@ -252,7 +252,9 @@ pub async fn serve(
                             taken_over += 1;
                             accept(stream, peer);
                         }
-                        Err(err) => tracing::debug!(error = %err, "cannot serve a pending connection"),
+                        Err(err) => {
+                            tracing::debug!(error = %err, "cannot serve a pending connection")
+                        }
                     }
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,

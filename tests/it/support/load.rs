@@ -57,8 +57,7 @@ impl Load {
         let request = Arc::new(request);
         let workers = (0..clients)
             .map(|w| {
-                let (c, running, request) =
-                    (client(), Arc::clone(&running), Arc::clone(&request));
+                let (c, running, request) = (client(), Arc::clone(&running), Arc::clone(&request));
                 tokio::spawn(async move {
                     let mut samples = Vec::new();
                     let mut n = 0;

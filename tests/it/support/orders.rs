@@ -22,10 +22,8 @@ impl App {
     /// started.
     pub fn new() -> Self {
         let port = free_port().unwrap();
-        let data = std::env::temp_dir().join(format!(
-            "anteroom-orders-{}-{port}",
-            std::process::id()
-        ));
+        let data =
+            std::env::temp_dir().join(format!("anteroom-orders-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(&data).unwrap();
         Self {
@@ -55,6 +53,19 @@ impl App {
             .expect("python3 runs the test app");
         self.child = Some(child);
         wait_for_port(self.port).await;
+    }
+
+    /// SIGTERM, as `systemctl stop` or a container runtime does, and waits
+    /// for it to exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            child.wait().unwrap();
+        }
     }
 
     /// SIGKILL, as a crash or an impatient supervisor does.
@@ -125,4 +136,3 @@ pub fn start_dispatcher(redis: &LocalRedis, queue: &str, app: &App, extra: &[&st
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     BinProcess::spawn(&args)
 }
-
