@@ -180,12 +180,20 @@ fn render_queue(out: &mut String, name: &str, view: &QueueView, with_buttons: bo
     out.push_str("<div class=\"charts\">");
     chart(out, "waiting depth, last 5 min", "depth", &depth);
     chart(out, "responses/s, last 5 min", "rate", &rate);
-    out.push_str("</div><table><tr><th>dispatcher</th><th>host</th><th>label</th><th>in flight</th><th>held</th><th>pause</th></tr>");
+    out.push_str("</div><table><tr><th>dispatcher</th><th>host</th><th>label</th><th>in flight</th><th>held</th><th>pause</th><th>upstream</th></tr>");
     for d in &status.dispatchers {
         let hb = &d.heartbeat;
+        let upstream = match &hb.unhealthy {
+            Some(u) => format!(
+                "<span class=\"badge paused unhealthy\">unhealthy</span> for {} ({})",
+                seconds(status.checked_at_ms.saturating_sub(u.since_ms)),
+                escape(&u.reason)
+            ),
+            None => "healthy".to_owned(),
+        };
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td><td>{upstream}</td></tr>",
             escape(&hb.id),
             escape(&hb.host),
             escape(&hb.label),
@@ -196,7 +204,7 @@ fn render_queue(out: &mut String, name: &str, view: &QueueView, with_buttons: bo
         );
     }
     if status.dispatchers.is_empty() {
-        out.push_str("<tr><td colspan=\"6\">no live dispatcher</td></tr>");
+        out.push_str("<tr><td colspan=\"7\">no live dispatcher</td></tr>");
     }
     out.push_str("</table></section>");
 }
@@ -318,6 +326,57 @@ mod tests {
             escape("<script>alert('x')&\"</script>"),
             "&lt;script&gt;alert(&#39;x&#39;)&amp;&quot;&lt;/script&gt;"
         );
+    }
+
+    #[test]
+    fn an_unhealthy_upstream_shows_since_when_and_why() {
+        let heartbeat = |id: &str, unhealthy| anteroom_protocol::DispatcherHeartbeat {
+            id: id.to_owned(),
+            host: "app-1".to_owned(),
+            pid: 1,
+            label: String::new(),
+            concurrency: 16,
+            in_flight: 0,
+            paused: false,
+            pause_id: None,
+            started_at_ms: 0,
+            unhealthy,
+        };
+        let dispatcher = |hb| anteroom_control::DispatcherStatus {
+            heartbeat: hb,
+            held: 0,
+            last_seen_ms: 10_000,
+        };
+        let view = QueueView {
+            status: Some(QueueStatus {
+                queue: "web".to_owned(),
+                checked_at_ms: 10_000,
+                pause: None,
+                waiting: 3,
+                oldest_wait_ms: Some(2_500),
+                dead_letters: 0,
+                dispatchers: vec![
+                    dispatcher(heartbeat(
+                        "down",
+                        Some(anteroom_protocol::Unhealthy {
+                            since_ms: 7_500,
+                            reason: "status <503>".to_owned(),
+                        }),
+                    )),
+                    dispatcher(heartbeat("up", None)),
+                ],
+                orphaned: Vec::new(),
+                proxies: Vec::new(),
+            }),
+            ..QueueView::default()
+        };
+        let mut out = String::new();
+        render_queue(&mut out, "web", &view, false);
+        assert!(
+            out.contains("unhealthy</span> for 2.5 s (status &lt;503&gt;)</td>"),
+            "{out}"
+        );
+        assert!(out.contains("<td>healthy</td>"), "{out}");
     }
 
     #[test]
