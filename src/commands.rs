@@ -170,8 +170,9 @@ async fn proxy(
     let registry = std::sync::Arc::new(registry);
     let admin = match args.admin {
         Some(addr) => {
-            let admin_listener = TcpListener::bind(addr)
-                .await
+            // Shared like --listen, so a new proxy can start beside this one.
+            let admin_listener = crate::listen::bind_shared(addr)
+                .and_then(TcpListener::from_std)
                 .with_context(|| format!("cannot listen on {addr} for the admin endpoint"))?;
             let mut admin_config =
                 AdminConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
@@ -225,8 +226,10 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let metrics_stop = CancellationToken::new();
     let metrics_endpoint = match args.metrics {
         Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
+            // Shared, so a new dispatcher can start beside this one (a
+            // rolling deploy on one host).
+            let listener = crate::listen::bind_shared(addr)
+                .and_then(TcpListener::from_std)
                 .with_context(|| format!("cannot listen on {addr} for metrics"))?;
             let stop = metrics_stop.clone();
             Some(tokio::spawn(anteroom_metrics::serve(

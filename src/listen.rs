@@ -9,7 +9,9 @@
 //!   (Linux, `socket(7)`): a new proxy binds the address while the old one
 //!   still runs, and the kernel spreads new connections over both until the
 //!   old one closes its socket on SIGTERM. Only processes of the same user
-//!   can join the address.
+//!   can join the address. The proxy's `--admin` and a dispatcher's
+//!   `--metrics` address are bound the same way, or the new process could
+//!   not start beside the old one.
 
 use std::io;
 use std::net::SocketAddr;

@@ -131,7 +131,13 @@ async fn rolling_deploy_under_load_fails_nothing() {
     let (v2_url, _v2) = version_upstream("v2").await;
     let proxy = TestProxy::start(&redis, "roll").await;
     let queue = crate::support::control(&redis, "roll").await;
-    let mut v1 = spawn_dispatcher(&dispatch_args(&redis, "roll", &v1_url, "v1"));
+    // Both versions serve metrics on one address, as on one host.
+    let metrics = format!("127.0.0.1:{}", anteroom::local_redis::free_port().unwrap());
+    let with_metrics = |mut args: Vec<String>| {
+        args.extend(["--metrics".to_owned(), metrics.clone()]);
+        args
+    };
+    let mut v1 = spawn_dispatcher(&with_metrics(dispatch_args(&redis, "roll", &v1_url, "v1")));
     eventually("v1 to be live", READY, || async {
         live_labels(&queue).await == ["v1"]
     })
@@ -140,7 +146,7 @@ async fn rolling_deploy_under_load_fails_nothing() {
     let load = Load::start(8, proxy.url("/"), |w, n| format!("{w}-{n}"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut args = vec![v1.pid().to_string(), "v2".into(), "--".into(), BIN.into()];
-    args.extend(dispatch_args(&redis, "roll", &v2_url, "v2"));
+    args.extend(with_metrics(dispatch_args(&redis, "roll", &v2_url, "v2")));
     let out = run_script(&redis, "roll", example("deploy/rolling.sh"), args, vec![]).await;
     assert!(
         out.status.success(),

@@ -53,9 +53,10 @@ fn assert_nothing_failed(summary: &Summary) {
     }
 }
 
-fn proxy_args<'a>(redis_url: &'a str, listen: &'a str) -> Vec<&'a str> {
+fn proxy_args<'a>(redis_url: &'a str, listen: &'a str, admin: &'a str) -> Vec<&'a str> {
     vec![
-        "proxy", "--listen", listen, "--redis", redis_url, "--queue", "up", "--hold", "20s",
+        "proxy", "--listen", listen, "--admin", admin, "--redis", redis_url, "--queue", "up",
+        "--hold", "20s",
     ]
 }
 
@@ -68,8 +69,10 @@ async fn upgrade_proxy_playbook_under_load_fails_nothing() {
     let _dispatcher = TestDispatcher::start(&redis, "up", test_app());
     let port = free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
+    // Both proxies serve the admin endpoint on one address too.
+    let admin = format!("127.0.0.1:{}", free_port().unwrap());
     let url = redis.url();
-    let mut old = BinProcess::spawn(&proxy_args(&url, &listen));
+    let mut old = BinProcess::spawn(&proxy_args(&url, &listen, &admin));
     wait_for_port(port).await;
 
     let load = echo_load(&format!("http://{listen}"));
@@ -81,7 +84,7 @@ async fn upgrade_proxy_playbook_under_load_fails_nothing() {
         .arg(old.pid().to_string())
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_anteroom"))
-        .args(proxy_args(&url, &listen))
+        .args(proxy_args(&url, &listen, &admin))
         .env("ANTEROOM", env!("CARGO_BIN_EXE_anteroom"))
         .env("ANTEROOM_REDIS", &url)
         .env("ANTEROOM_QUEUE", "up")
@@ -103,6 +106,9 @@ async fn upgrade_proxy_playbook_under_load_fails_nothing() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let summary = load.finish().await;
 
+    // The admin endpoint is served throughout.
+    let healthz = get(&client(), &format!("http://{admin}/healthz")).await;
+    assert_eq!(healthz.status, StatusCode::OK);
     summary.report("proxy upgrade (SO_REUSEPORT)", |s| s == StatusCode::OK);
     println!("the playbook took {took:?}; the old proxy exited with {status}");
     assert!(status.success(), "old proxy: {status}");
@@ -212,7 +218,8 @@ async fn proxy_restarted_on_a_socket_activation_socket_fails_nothing() {
     let url = redis.url();
     // --listen names a port nobody serves: the proxy must use fd 3.
     let unused = format!("127.0.0.1:{}", free_port().unwrap());
-    let mut activator = Activator::start(&proxy_args(&url, &unused)).await;
+    let admin = format!("127.0.0.1:{}", free_port().unwrap());
+    let mut activator = Activator::start(&proxy_args(&url, &unused, &admin)).await;
     let base = format!("http://127.0.0.1:{}", activator.port);
     activator.start_proxy().await;
     // The socket accepts before the proxy runs; ready once it answers.
