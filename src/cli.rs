@@ -322,6 +322,11 @@ pub struct DispatchArgs {
     #[arg(long, env = "ANTEROOM_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub health_interval: Duration,
 
+    /// How long an idle keep-alive connection to the upstream is kept; keep
+    /// it below the app's own keep-alive timeout (gunicorn 2s, Node 5s).
+    #[arg(long, env = "ANTEROOM_UPSTREAM_IDLE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
     /// How long one health check may take before it counts as failed.
     #[arg(long, env = "ANTEROOM_HEALTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub health_timeout: Duration,

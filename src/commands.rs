@@ -204,7 +204,7 @@ async fn proxy(
 }
 
 async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
-    let upstream = Upstream::new(&args.upstream)?;
+    let upstream = Upstream::new(&args.upstream)?.idle_timeout(args.upstream_idle_timeout);
     let health_check = upstream
         .health_check(args.health_path.as_deref())?
         .interval(args.health_interval)

@@ -7,15 +7,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let (cli, file) = anteroom::config::parse();
-    // Before any thread starts: taking the socket unsets LISTEN_FDS.
-    let inherited = match anteroom::listen::take_inherited() {
-        Ok(listener) => listener,
-        Err(err) => {
-            eprintln!(
-                "error: the socket passed by socket activation (LISTEN_FDS) is unusable: {err}"
-            );
-            return std::process::ExitCode::FAILURE;
+    // Before any thread starts: taking the socket unsets LISTEN_FDS. Only
+    // the proxy listens.
+    let inherited = if matches!(cli.command, anteroom::cli::Command::Proxy(_)) {
+        match anteroom::listen::take_inherited() {
+            Ok(listener) => listener,
+            Err(err) => {
+                eprintln!(
+                    "error: the socket passed by socket activation (LISTEN_FDS) is unusable: {err}"
+                );
+                return std::process::ExitCode::FAILURE;
+            }
         }
+    } else {
+        None
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -8,7 +8,8 @@ Usage: orders_app.py PORT DATA_DIR [--warmup SECONDS]
   DATA_DIR/orders.log (read again at start, so a restarted app remembers what
   it carried out, as a database would) and answers 201; a repeated key
   answers 200 with the original order, carrying nothing out again. Without
-  a key, the body is recorded as the order.
+  a key, the body is recorded as the order. Every POST that arrives is also
+  written to DATA_DIR/arrivals.log before anything else, repeats included.
 - GET /health answers 503 for --warmup seconds after start (warming up), then
   200. Any other request that arrives while warming up is also written to
   DATA_DIR/early.log, so a test can show that none arrived.
@@ -31,6 +32,7 @@ WARMUP = float(sys.argv[sys.argv.index("--warmup") + 1]) if "--warmup" in sys.ar
 STARTED = time.monotonic()
 ORDERS = os.path.join(DATA, "orders.log")
 EARLY = os.path.join(DATA, "early.log")
+ARRIVALS = os.path.join(DATA, "arrivals.log")
 
 lock = threading.Lock()
 seen = set()
@@ -77,6 +79,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length).decode("utf-8", "replace")
         self.note_early()
         key = self.headers.get("Idempotency-Key") or body
+        with lock, open(ARRIVALS, "a", encoding="utf-8") as f:
+            f.write(key + "\n")
         with lock:
             if key in seen:
                 self.answer(200, {"order": key, "repeat": True})

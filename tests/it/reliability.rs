@@ -448,3 +448,111 @@ async fn a_dedupe_envelope_delivered_twice_runs_once() {
     );
     d.stop().await;
 }
+
+/// `anteroom_control::requeue` against a real redis-server: guarded by its
+/// LREM (run again after a lost answer, it queues no second copy), releases
+/// only the claim its caller names, and counts repeats of requests that may
+/// have run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_is_guarded_releases_only_its_own_claim_and_counts_repeats() {
+    use anteroom_control::{Attempt, MAX_REPEATS, Requeued, requeue};
+    let redis = start_redis();
+    let queue = control(&redis, "rq").await;
+    let mut shared = queue.connection();
+    let keys = Keys::new("rq").unwrap();
+    let mut conn = redis_conn(&redis).await;
+    let list = keys.processing("d1");
+    let raw = Bytes::from(envelope(1, "GET", "anteroom:{rq}:replies:p").encode());
+    let take = |mut conn: redis::aio::MultiplexedConnection, list: String| async move {
+        redis::cmd("LMOVE")
+            .arg(Keys::new("rq").unwrap().requests())
+            .arg(list)
+            .arg("RIGHT")
+            .arg("LEFT")
+            .query_async::<Option<Vec<u8>>>(&mut conn)
+            .await
+            .unwrap()
+            .expect("a request to take")
+    };
+    let set_claim = |mut conn: redis::aio::MultiplexedConnection, owner: &'static str| async move {
+        redis::cmd("SET")
+            .arg(Keys::new("rq").unwrap().claimed("req-1"))
+            .arg(owner)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    };
+    let claim = |mut conn: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("GET")
+            .arg(Keys::new("rq").unwrap().claimed("req-1"))
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .unwrap()
+    };
+    redis::cmd("RPUSH")
+        .arg(&list)
+        .arg(raw.as_ref())
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+
+    // Never started: back in the queue, someone else's claim untouched.
+    set_claim(conn.clone(), "d2").await;
+    let done = requeue(
+        &mut shared,
+        &keys,
+        &list,
+        &raw,
+        "req-1",
+        Attempt::NotStarted,
+    )
+    .await;
+    assert_eq!(done.unwrap(), Requeued::Requeued);
+    // The same call again, as after a lost answer: no second copy.
+    let again = requeue(
+        &mut shared,
+        &keys,
+        &list,
+        &raw,
+        "req-1",
+        Attempt::NotStarted,
+    )
+    .await;
+    assert_eq!(again.unwrap(), Requeued::NotHeld);
+    assert_eq!(llen(&mut conn, &keys.requests()).await, 1);
+    assert_eq!(llen(&mut conn, &list).await, 0);
+    assert_eq!(claim(conn.clone()).await.as_deref(), Some("d2"));
+
+    // May have run: counted; the claim released only when d1 holds it.
+    let may_have_run = Attempt::MayHaveRun {
+        claimed_by: "d1",
+        ttl: Duration::from_secs(60),
+    };
+    for round in 1..=MAX_REPEATS {
+        assert_eq!(take(conn.clone(), list.clone()).await, raw.to_vec());
+        set_claim(conn.clone(), if round == 1 { "d2" } else { "d1" }).await;
+        let done = requeue(&mut shared, &keys, &list, &raw, "req-1", may_have_run).await;
+        assert_eq!(done.unwrap(), Requeued::Requeued, "repeat {round}");
+        let expected = if round == 1 { Some("d2") } else { None };
+        assert_eq!(
+            claim(conn.clone()).await.as_deref(),
+            expected,
+            "repeat {round}"
+        );
+    }
+    assert_eq!(take(conn.clone(), list.clone()).await, raw.to_vec());
+    let done = requeue(&mut shared, &keys, &list, &raw, "req-1", may_have_run).await;
+    assert_eq!(done.unwrap(), Requeued::TooManyRepeats);
+    // Nothing moved: the caller answers it from its list.
+    assert_eq!(llen(&mut conn, &list).await, 1);
+    assert_eq!(llen(&mut conn, &keys.requests()).await, 0);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(keys.repeats("req-1"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 0 && ttl <= 60_000,
+        "the count expires with the request: {ttl}"
+    );
+}

@@ -55,8 +55,27 @@ fn mixed_load(base: &str) -> Load {
 }
 
 /// Every acknowledged order was carried out exactly once, and nothing else
-/// was: the app's own record against the clients' acknowledgements.
+/// was: the app's own record against the clients' acknowledgements. And
+/// Anteroom repeated only what the app may have been running when it died:
+/// each order reached the app at most `1 + MAX_REPEATS` times, and few were
+/// repeated at all (at most the dispatcher's concurrency per failure).
 fn assert_orders_exactly_once(summary: &Summary, app: &App) {
+    let mut arrived: HashMap<String, usize> = HashMap::new();
+    for order in app.arrivals() {
+        *arrived.entry(order).or_default() += 1;
+    }
+    let repeated: Vec<_> = arrived.iter().filter(|(_, n)| **n > 1).collect();
+    println!(
+        "{} orders reached the app, {} of them more than once",
+        arrived.len(),
+        repeated.len()
+    );
+    let limit = 1 + anteroom_control::MAX_REPEATS as usize;
+    assert!(
+        repeated.iter().all(|(_, n)| **n <= limit),
+        "delivered too often: {repeated:?}"
+    );
+    assert!(repeated.len() <= 8, "too many repeats: {repeated:?}");
     let mut carried_out: HashMap<String, usize> = HashMap::new();
     for order in app.orders() {
         *carried_out.entry(order).or_default() += 1;
@@ -142,7 +161,7 @@ async fn app_killed_and_restarted_under_load_fails_nothing() {
 /// The "restart the app, nothing else" playbook of docs/operations.md, as
 /// written: the dispatcher runs with `--health-path` (default interval and
 /// timeout) and the app is restarted as `systemctl restart` does (SIGTERM,
-/// start). The restarted app answers its health path 503 for 1 s while it
+/// start). The restarted app answers its health path 503 for 3 s while it
 /// warms up, and gets no request until it answers 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarted_app_gets_no_request_until_healthy() {
@@ -159,7 +178,7 @@ async fn restarted_app_gets_no_request_until_healthy() {
     let killed = Instant::now();
     app.terminate();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    app.start(Duration::from_secs(1)).await;
+    app.start(Duration::from_secs(3)).await;
     // Warming up: up, but its health path says 503, and the status says so.
     eventually("the status to show the warm-up", READY, || async {
         queue.status().await.unwrap().dispatchers[0]
@@ -183,7 +202,7 @@ async fn restarted_app_gets_no_request_until_healthy() {
         "requests reached the app while it was warming up"
     );
     assert!(
-        back >= Duration::from_secs(3),
+        back >= Duration::from_secs(5),
         "taken back after {back:?}, before the warm-up ended"
     );
     assert_orders_exactly_once(&summary, &app);
@@ -242,6 +261,9 @@ async fn dispatcher_started_before_its_app_holds_requests_until_it_is_up() {
     let mut orders = app.orders();
     orders.sort();
     assert_eq!(orders, ["plain-1", "plain-3", "plain-5"]);
+    let mut arrivals = app.arrivals();
+    arrivals.sort();
+    assert_eq!(arrivals, orders, "each POST reached the app once");
 }
 
 /// An app that stays down: requests get 504 at their hold budget (not 502),
@@ -300,4 +322,71 @@ async fn app_that_stays_down_gives_504_and_the_status_says_why() {
     ] {
         assert!(scraped.contains(line), "{line} missing in:\n{scraped}");
     }
+}
+
+/// A request that breaks the app's connection every time (a poison request,
+/// or a front that accepts connections for a dead app) is not retried until
+/// its deadline: a GET is delivered 1 + MAX_REPEATS times, then 502; a POST
+/// gets 502 at once. Each delivery is counted by the upstream itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_that_breaks_the_connection_every_time_gets_502_after_a_few_tries() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncReadExt;
+
+    let redis = start_redis();
+    let proxy = crate::support::TestProxy::start(&redis, "rude").await;
+    // Reads each request, then closes the connection without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let deliveries = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&deliveries);
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let upstream = anteroom_dispatcher::Upstream::new(&url).unwrap();
+    // A plain TCP check, which this server passes every time.
+    let check = upstream.health_check(None).unwrap();
+    let dispatcher = crate::support::TestDispatcher::start_built(
+        crate::support::dispatcher_builder(&redis, "rude")
+            .health_check(check)
+            .build()
+            .unwrap(),
+        upstream,
+    );
+
+    let c = client();
+    let started = Instant::now();
+    let reply = get(&c, &proxy.url("/poison")).await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert!(reply.text().contains("may or may not"), "{}", reply.text());
+    let tries = 1 + anteroom_control::MAX_REPEATS as usize;
+    assert_eq!(deliveries.load(Ordering::SeqCst), tries);
+    println!("a poison GET: {tries} deliveries, 502 after {took:?}");
+
+    let reply = crate::support::web::post(&c, &proxy.url("/poison"), "x").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert_eq!(
+        deliveries.load(Ordering::SeqCst),
+        tries + 1,
+        "a POST is not repeated"
+    );
+    dispatcher.stop().await;
+    proxy.stop().await;
+    server.abort();
 }

@@ -24,7 +24,7 @@ mod status;
 
 pub use error::ControlError;
 pub use pause::{HeldPause, PauseWatch, watch_pause};
-pub use reaper::{ReapReport, dead_letter, requeue};
+pub use reaper::{Attempt, MAX_REPEATS, ReapReport, Requeued, dead_letter, requeue};
 pub use status::{
     DispatcherStatus, OrphanStatus, PauseStatus, ProxyStatus, QueueStatus, Quiescence,
     StatusReport, known_queues,

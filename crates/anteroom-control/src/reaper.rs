@@ -8,7 +8,7 @@
 //! that is reaped in turn. Each claimed request is then:
 //! - past its deadline: dropped (the client already has its 504);
 //! - safe to repeat (GET, HEAD, OPTIONS, or an `Idempotency-Key`): put back
-//!   at the front of the queue;
+//!   at the front of the queue ([`requeue`]), at most [`MAX_REPEATS`] times;
 //! - otherwise: answered with 502 ([`Failure::Interrupted`]), because it may
 //!   or may not have run.
 
@@ -88,107 +88,198 @@ impl Queue {
                 requests = items.len(),
                 "reaping the requests of a dispatcher whose heartbeat expired"
             );
+            let reaping = Reaping {
+                keys,
+                claim_list: &claim_list,
+                claimer,
+                dead: id,
+                reply_ttl,
+            };
             for raw in items {
-                settle(
-                    &mut conn,
-                    keys,
-                    &claim_list,
-                    claimer,
-                    raw,
-                    reply_ttl,
-                    &mut report,
-                )
-                .await?;
+                reaping.settle(&mut conn, raw, &mut report).await?;
             }
         }
         Ok(report)
     }
 }
 
-async fn settle(
-    conn: &mut SharedConnection,
-    keys: &Keys,
-    claim_list: &str,
-    claimer: &str,
-    raw: Bytes,
+/// One dead dispatcher's list, being settled by `claimer`.
+struct Reaping<'a> {
+    keys: &'a Keys,
+    /// The claimer's processing list, where the claimed items are now.
+    claim_list: &'a str,
+    claimer: &'a str,
+    /// The dead dispatcher's id (its `dedupe` claims hold it).
+    dead: &'a str,
     reply_ttl: Duration,
-    report: &mut ReapReport,
-) -> Result<(), ControlError> {
-    let envelope = match RequestEnvelope::decode(raw.clone()) {
-        Ok(envelope) => envelope,
-        Err(err) => {
-            let reason = format!("found in a dead dispatcher's list and does not decode: {err}");
-            dead_letter(conn, keys, claim_list, &raw, &reason, claimer).await?;
-            report.dead_lettered += 1;
-            return Ok(());
-        }
-    };
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    if envelope.is_expired(now_ms()) {
-        report.expired += 1;
-    } else if envelope.is_safe_to_repeat() {
-        requeue_into(&mut pipe, keys, claim_list, &raw, &envelope.id);
-        pipe.query_async::<()>(conn).await?;
-        report.requeued += 1;
-        return Ok(());
-    } else {
-        let reply = Failure::Interrupted.to_envelope(&envelope.id);
-        pipe.cmd("RPUSH")
-            .arg(&envelope.reply_to)
-            .arg(reply.encode())
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&envelope.reply_to)
-            .arg(reply_ttl.as_millis() as u64)
-            .ignore();
-        report.answered += 1;
-    }
-    pipe.cmd("LREM")
-        .arg(claim_list)
-        .arg(1)
-        .arg(raw.as_ref())
-        .ignore();
-    pipe.query_async::<()>(conn).await?;
-    Ok(())
 }
 
-/// The MULTI that puts a request back at the front of its queue, taking it
-/// out of `list` (the processing list that held it): RPUSH onto the
-/// requests list (the right end is where dispatchers pull from, so it is
-/// next in line), DEL of its `dedupe` claim (or the repeat would be skipped
-/// as already claimed), LREM from `list`.
+impl Reaping<'_> {
+    /// Drops, requeues, answers or dead-letters one claimed item.
+    async fn settle(
+        &self,
+        conn: &mut SharedConnection,
+        raw: Bytes,
+        report: &mut ReapReport,
+    ) -> Result<(), ControlError> {
+        let Self {
+            keys,
+            claim_list,
+            claimer,
+            dead,
+            reply_ttl,
+        } = *self;
+        let envelope = match RequestEnvelope::decode(raw.clone()) {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                let reason =
+                    format!("found in a dead dispatcher's list and does not decode: {err}");
+                dead_letter(conn, keys, claim_list, &raw, &reason, claimer).await?;
+                report.dead_lettered += 1;
+                return Ok(());
+            }
+        };
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if envelope.is_safe_to_repeat() && !envelope.is_expired(now) {
+            let attempt = Attempt::MayHaveRun {
+                claimed_by: dead,
+                ttl: Duration::from_millis(envelope.deadline_ms - now),
+            };
+            match requeue(conn, keys, claim_list, &raw, &envelope.id, attempt).await? {
+                Requeued::Requeued => {
+                    report.requeued += 1;
+                    return Ok(());
+                }
+                Requeued::NotHeld => return Ok(()),
+                // Answered below, as an unsafe request is.
+                Requeued::TooManyRepeats => {}
+            }
+        }
+        if envelope.is_expired(now) {
+            report.expired += 1;
+        } else {
+            let reply = Failure::Interrupted.to_envelope(&envelope.id);
+            pipe.cmd("RPUSH")
+                .arg(&envelope.reply_to)
+                .arg(reply.encode())
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&envelope.reply_to)
+                .arg(reply_ttl.as_millis() as u64)
+                .ignore();
+            report.answered += 1;
+        }
+        pipe.cmd("LREM")
+            .arg(claim_list)
+            .arg(1)
+            .arg(raw.as_ref())
+            .ignore();
+        pipe.query_async::<()>(conn).await?;
+        Ok(())
+    }
+}
+
+/// Most times a request that may already have run is put back in the queue
+/// (so it is delivered at most `1 + MAX_REPEATS` times). Past it the client
+/// gets 502 ([`Failure::Interrupted`]): a request that kills whatever runs
+/// it must not be retried until its deadline. Requests that never started
+/// are not counted.
+pub const MAX_REPEATS: u32 = 2;
+
+/// Puts a request back at the front of its queue; see [`requeue`].
+const REQUEUE: &str = r"
+if ARGV[3] ~= '-1' then
+  local n = redis.call('INCR', KEYS[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+  if n > tonumber(ARGV[3]) then return 2 end
+end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) == ARGV[2] then
+  redis.call('DEL', KEYS[3])
+end
+return 0";
+
+/// What [`requeue`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeued {
+    /// Back at the front of the queue.
+    Requeued,
+    /// Not in the list any more (an earlier attempt whose answer was lost
+    /// moved it, or a reaper took the list): nothing done.
+    NotHeld,
+    /// It may have run and was repeated [`MAX_REPEATS`] times already:
+    /// nothing done; answer it instead.
+    TooManyRepeats,
+}
+
+/// Why a request goes back to the queue.
+#[derive(Debug, Clone, Copy)]
+pub enum Attempt<'a> {
+    /// Its handler never started it (the upstream never received it): put
+    /// back whatever its method, not counted.
+    NotStarted,
+    /// It may have run (a dispatcher or an upstream died while running it);
+    /// only requests safe to repeat are put back, counted against
+    /// [`MAX_REPEATS`] for `ttl` (until its deadline). `claimed_by` is the
+    /// dispatcher whose `dedupe` claim to release, so the repeat can run.
+    MayHaveRun {
+        /// The id the claim holds when this dispatcher claimed it.
+        claimed_by: &'a str,
+        /// How long to remember the count.
+        ttl: Duration,
+    },
+}
+
+/// Puts a request back at the front of its queue, taking it out of `list`
+/// (the processing list that held it), in one Lua script: `LREM` from
+/// `list`, and only if that removed it, `RPUSH` onto the requests list (the
+/// right end is where dispatchers pull from: next in line) and, for
+/// [`Attempt::MayHaveRun`], `DEL` of the `dedupe` claim if `claimed_by`
+/// holds it. Guarded by the `LREM`, so running it again after an answer was
+/// lost cannot queue a second copy. [`Attempt::MayHaveRun`] first counts
+/// the repeat (`INCR anteroom:{q}:repeats:<id>`).
 ///
 /// The one owner of a requeue: the reaper uses it for safe requests of dead
-/// dispatchers, a dispatcher for requests its upstream never received.
-/// Run it with `query_async::<()>`; if it fails, nothing moved.
-pub fn requeue(keys: &Keys, list: &str, raw: &Bytes, request_id: &str) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    requeue_into(&mut pipe, keys, list, raw, request_id);
-    pipe
-}
-
-/// The commands of [`requeue`], added to an atomic `pipe`.
-fn requeue_into(
-    pipe: &mut redis::Pipeline,
+/// dispatchers, a dispatcher for requests its upstream never received or
+/// failed on. Errors: the script failed (it may or may not have run; run it
+/// again, the guard makes that safe).
+pub async fn requeue(
+    conn: &mut SharedConnection,
     keys: &Keys,
     list: &str,
     raw: &Bytes,
     request_id: &str,
-) {
-    pipe.cmd("RPUSH")
-        .arg(keys.requests())
-        .arg(raw.as_ref())
-        .ignore()
-        .cmd("DEL")
-        .arg(keys.claimed(request_id))
-        .ignore()
-        .cmd("LREM")
+    attempt: Attempt<'_>,
+) -> Result<Requeued, ControlError> {
+    let (owner, max, ttl_ms) = match attempt {
+        Attempt::NotStarted => ("", -1_i64, 0_u64),
+        Attempt::MayHaveRun { claimed_by, ttl } => (
+            claimed_by,
+            i64::from(MAX_REPEATS),
+            (ttl.as_millis() as u64).max(1),
+        ),
+    };
+    let code: i64 = redis::cmd("EVAL")
+        .arg(REQUEUE)
+        .arg(4)
         .arg(list)
-        .arg(1)
+        .arg(keys.requests())
+        .arg(keys.claimed(request_id))
+        .arg(keys.repeats(request_id))
         .arg(raw.as_ref())
-        .ignore();
+        .arg(owner)
+        .arg(max)
+        .arg(ttl_ms)
+        .query_async(conn)
+        .await?;
+    Ok(match code {
+        0 => Requeued::Requeued,
+        2 => Requeued::TooManyRepeats,
+        _ => Requeued::NotHeld,
+    })
 }
 
 /// Moves `raw` from `list` to the queue's dead-letter list, with the reason,

@@ -56,86 +56,223 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// True when the upstream certainly never received the request:
-    /// connecting failed (refused, timed out, unreachable), or
-    /// the connection closed before any byte of the request was written.
+    /// connecting failed (refused, timed out, unreachable), or the
+    /// connection closed before any byte of the request was written.
     ///
     /// The last case is hyper's "canceled" error, which hyper gives only for
-    /// a request it hands back unsent (`hyper::Error::is_canceled`; the
-    /// pooled client retries such a request once on a fresh connection
-    /// before giving up). Everything else after connecting may have reached
-    /// the upstream.
+    /// a request it hands back unsent (`hyper::Error::is_canceled`); the
+    /// pooled client itself sends such a request again on a fresh
+    /// connection when the closed one came from the pool, and reports it
+    /// only when a fresh connection failed too. Everything else after
+    /// connecting may have reached the upstream.
     pub fn is_not_delivered(&self) -> bool {
-        match self {
-            Self::Request(err) => {
-                err.is_connect()
-                    || sources(err).any(|e| {
-                        e.downcast_ref::<hyper::Error>()
-                            .is_some_and(hyper::Error::is_canceled)
-                    })
-            }
-            Self::Url(_) | Self::HealthPath(_) | Self::Uri(_) => false,
-        }
+        matches!(classify_upstream(self), Some(Transport::NotDelivered(_)))
     }
 
-    /// True for a failure of the connection to the upstream (delivered or
-    /// not), as opposed to a request that could not be built.
+    /// True for a failure of the connection to the upstream, delivered or
+    /// not: connect errors, I/O errors, a connection closed before the
+    /// response. Not for a response hyper could not parse, or a request that
+    /// could not be built: those are the app's or the caller's faults, and
+    /// get 502 without holding the dispatcher back.
     pub fn is_transport(&self) -> bool {
-        matches!(self, Self::Request(_))
+        classify_upstream(self).is_some()
     }
 
-    /// A short reason for people: `connection refused`, `timeout`,
-    /// `connection reset`, `connection closed before the response`...
-    pub fn reason(&self) -> String {
+    /// Why it failed, for people and for metrics; [`FailureReason::Other`]
+    /// for what is not a transport failure.
+    pub fn reason(&self) -> FailureReason {
         match self {
-            Self::Request(err) => transport_reason(err),
-            other => other.to_string(),
+            Self::Request(err) => reason_of(err),
+            other => FailureReason::Other(other.to_string()),
         }
     }
 }
 
+/// Why an upstream failed a delivery or a health check, in a few words
+/// (`Display`: `connection refused`, `status 503`...). [`label`](Self::label)
+/// is its class as a metric label, from a fixed set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureReason {
+    /// The upstream refused the connection (nothing listens).
+    Refused,
+    /// Connecting, or the health check, took too long.
+    Timeout,
+    /// The connection was reset or aborted.
+    Reset,
+    /// The connection closed before the response (after the request).
+    Closed,
+    /// The connection closed before the request was written.
+    ClosedBeforeSent,
+    /// No route to the upstream's host or network.
+    Unreachable,
+    /// The health path answered this status (not 2xx).
+    Status(u16),
+    /// Anything else, as its error says it.
+    Other(String),
+}
+
+impl FailureReason {
+    /// The metric label of this reason: `refused`, `timeout`, `reset`,
+    /// `closed`, `unreachable`, `status_NNN` or `other`.
+    pub fn label(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Self::Refused => "refused".into(),
+            Self::Timeout => "timeout".into(),
+            Self::Reset => "reset".into(),
+            Self::Closed | Self::ClosedBeforeSent => "closed".into(),
+            Self::Unreachable => "unreachable".into(),
+            Self::Status(code) => format!("status_{code}").into(),
+            Self::Other(_) => "other".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused => f.write_str("connection refused"),
+            Self::Timeout => f.write_str("timeout"),
+            Self::Reset => f.write_str("connection reset"),
+            Self::Closed => f.write_str("connection closed before the response"),
+            Self::ClosedBeforeSent => f.write_str("connection closed before the request was sent"),
+            Self::Unreachable => f.write_str("unreachable"),
+            Self::Status(code) => write!(f, "status {code}"),
+            Self::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+/// A transport failure of an upstream, by whether the request may have
+/// reached it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// The upstream never received the request.
+    NotDelivered(FailureReason),
+    /// The connection failed after the request was (or may have been)
+    /// written.
+    MayHaveRun(FailureReason),
+}
+
 /// `err` and its chain of sources.
-pub(crate) fn sources<'a>(
+fn sources<'a>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(err), |e| e.source())
 }
 
+/// Whether a handler's error is an upstream's transport failure, and of
+/// which kind: an [`UpstreamError`] anywhere in the chain decides; without
+/// one, a hyper transport error in the chain (a response body that broke
+/// off) came after delivery. `None`: an ordinary handler failure.
+pub(crate) fn classify(err: &(dyn std::error::Error + 'static)) -> Option<Transport> {
+    if let Some(upstream) = sources(err).find_map(|e| e.downcast_ref::<UpstreamError>()) {
+        return classify_upstream(upstream);
+    }
+    sources(err)
+        .filter_map(|e| e.downcast_ref::<hyper::Error>())
+        .any(is_transport_hyper)
+        .then(|| Transport::MayHaveRun(reason_of(err)))
+}
+
+fn classify_upstream(err: &UpstreamError) -> Option<Transport> {
+    let UpstreamError::Request(err) = err else {
+        return None;
+    };
+    if err.is_connect() {
+        return Some(Transport::NotDelivered(reason_of(err)));
+    }
+    let hyper = sources(err).find_map(|e| e.downcast_ref::<hyper::Error>())?;
+    if hyper.is_canceled() {
+        Some(Transport::NotDelivered(FailureReason::ClosedBeforeSent))
+    } else if is_transport_hyper(hyper) {
+        Some(Transport::MayHaveRun(reason_of(err)))
+    } else {
+        None
+    }
+}
+
+/// A hyper error of the connection (I/O, closed, timed out), not of the
+/// message (parse errors, a misused API).
+fn is_transport_hyper(err: &hyper::Error) -> bool {
+    err.is_incomplete_message()
+        || err.is_closed()
+        || err.is_canceled()
+        || err.is_timeout()
+        || sources(err).any(|e| e.is::<std::io::Error>())
+}
+
 /// The reason of a transport failure, from the innermost I/O error or
 /// hyper's own kinds.
-pub(crate) fn transport_reason(err: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn reason_of(err: &(dyn std::error::Error + 'static)) -> FailureReason {
     use std::io::ErrorKind;
     for e in sources(err) {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return match io.kind() {
-                ErrorKind::ConnectionRefused => "connection refused".to_owned(),
-                ErrorKind::ConnectionReset => "connection reset".to_owned(),
-                ErrorKind::ConnectionAborted => "connection aborted".to_owned(),
-                ErrorKind::TimedOut => "timeout".to_owned(),
-                ErrorKind::BrokenPipe => "connection closed (broken pipe)".to_owned(),
+                ErrorKind::ConnectionRefused => FailureReason::Refused,
+                ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe => FailureReason::Reset,
+                ErrorKind::TimedOut => FailureReason::Timeout,
                 ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => {
-                    "unreachable".to_owned()
+                    FailureReason::Unreachable
                 }
-                _ => io.to_string(),
+                ErrorKind::UnexpectedEof => FailureReason::Closed,
+                _ => FailureReason::Other(io.to_string()),
             };
         }
         if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
-            if hyper.is_incomplete_message() {
-                return "connection closed before the response".to_owned();
+            if hyper.is_incomplete_message() || hyper.is_closed() {
+                return FailureReason::Closed;
             }
             if hyper.is_canceled() {
-                return "connection closed before the request was sent".to_owned();
+                return FailureReason::ClosedBeforeSent;
             }
             if hyper.is_timeout() {
-                return "timeout".to_owned();
-            }
-            if hyper.is_parse() {
-                return "invalid response".to_owned();
+                return FailureReason::Timeout;
             }
         }
     }
-    let mut text = err.to_string();
-    if let Some(inner) = sources(err).last() {
-        text = inner.to_string();
+    let innermost = sources(err).last().unwrap_or(err);
+    FailureReason::Other(innermost.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_name_their_reason() {
+        use std::io::{Error, ErrorKind};
+        for (kind, reason, label) in [
+            (
+                ErrorKind::ConnectionRefused,
+                "connection refused",
+                "refused",
+            ),
+            (ErrorKind::ConnectionReset, "connection reset", "reset"),
+            (ErrorKind::BrokenPipe, "connection reset", "reset"),
+            (ErrorKind::TimedOut, "timeout", "timeout"),
+            (ErrorKind::HostUnreachable, "unreachable", "unreachable"),
+        ] {
+            let err = Error::from(kind);
+            let got = reason_of(&err);
+            assert_eq!(got.to_string(), reason, "{kind:?}");
+            assert_eq!(got.label(), label, "{kind:?}");
+        }
+        assert_eq!(FailureReason::Status(503).to_string(), "status 503");
+        assert_eq!(FailureReason::Status(503).label(), "status_503");
     }
-    text
+
+    #[test]
+    fn only_transport_errors_hold_the_dispatcher_back() {
+        // An ordinary handler error is not the upstream's.
+        let plain: BoxError = "the handler gave up".into();
+        assert_eq!(classify(&*plain), None);
+        // Nor is a request that could not be built.
+        let bad = UpstreamError::Url("x".into());
+        assert!(!bad.is_transport() && !bad.is_not_delivered());
+        let boxed: BoxError = Box::new(bad);
+        assert_eq!(classify(&*boxed), None);
+    }
 }

@@ -29,7 +29,7 @@ mod upstream;
 mod worker;
 
 pub use builder::{Dispatcher, DispatcherBuilder};
-pub use error::{BoxError, DispatcherError, UpstreamError};
+pub use error::{BoxError, DispatcherError, FailureReason, UpstreamError};
 pub use health::HealthCheck;
 pub use upstream::Upstream;
 

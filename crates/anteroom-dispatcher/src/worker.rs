@@ -4,11 +4,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use anteroom_control::PauseWatch;
 use anteroom_control::presence::{Presence, Role};
+use anteroom_control::{Attempt, PauseWatch, Requeued};
 use anteroom_protocol::{
     DispatcherHeartbeat, Failure, Keys, RequestEnvelope, ResponseEnvelope, now_ms,
 };
@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::Body;
 use crate::builder::{Dispatcher, Settings};
-use crate::error::{BoxError, DispatcherError, UpstreamError, sources, transport_reason};
+use crate::error::{BoxError, DispatcherError, Transport, classify};
 use crate::health::{self, Gate};
 use anteroom_redis::{Backoff, sleep_or_stop};
 
@@ -95,6 +95,8 @@ struct Shared {
     acknowledged: Mutex<Option<String>>,
     /// Redis client id of the connection a pull may be blocked on (0: none).
     pull_client_id: AtomicU64,
+    /// True while a pull is sent and not yet answered.
+    pull_outstanding: AtomicBool,
     /// Wakes the heartbeat to report a change at once.
     beat_now: Notify,
     /// Requests being handled now.
@@ -230,6 +232,7 @@ where
         pause,
         acknowledged: Mutex::new(None),
         pull_client_id: AtomicU64::new(0),
+        pull_outstanding: AtomicBool::new(false),
         beat_now: Notify::new(),
         running: AtomicUsize::new(0),
         durability: settings_durable.map(|wait| {
@@ -300,10 +303,12 @@ async fn nudge_pulls(shared: Arc<Shared>, stop: CancellationToken, done: Cancell
     let mut health = shared.gate.subscribe();
     'state: loop {
         let paused = pause.borrow_and_update().as_ref().map(|p| p.id.clone());
-        let unhealthy = health.borrow_and_update().is_some();
+        let unhealthy = health.borrow_and_update().unhealthy.is_some();
         let stopping = stop.is_cancelled();
         let pulling = || shared.pull_client_id.load(Ordering::Acquire) != 0;
-        while ((stopping || unhealthy) && pulling())
+        let blocked = || shared.pull_outstanding.load(Ordering::Acquire);
+        while (stopping && pulling())
+            || (unhealthy && blocked())
             || (paused.is_some() && shared.acknowledged() != paused)
         {
             shared.unblock_pull().await;
@@ -371,7 +376,7 @@ async fn pull_loop<S, B>(
             tracing::info!("queue resumed; pulling again");
             shared.acknowledge(None);
         }
-        if health.borrow_and_update().is_some() {
+        if health.borrow_and_update().unhealthy.is_some() {
             // The gate logs the change; requests wait in the queue.
             tokio::select! {
                 changed = health.changed() => if changed.is_err() { break },
@@ -451,7 +456,8 @@ async fn pull_loop<S, B>(
                 if let Some(one) = permit.split(1) {
                     drop(std::mem::replace(&mut permit, one));
                 }
-                redis::cmd("BLMOVE")
+                shared.pull_outstanding.store(true, Ordering::Release);
+                let pulled = redis::cmd("BLMOVE")
                     .arg(&shared.requests_key)
                     .arg(&shared.processing_key)
                     .arg("RIGHT")
@@ -459,7 +465,9 @@ async fn pull_loop<S, B>(
                     .arg(shared.settings.poll_interval.as_secs_f64())
                     .query_async::<Option<Bytes>>(conn)
                     .await
-                    .map(|item| item.into_iter().collect())
+                    .map(|item| item.into_iter().collect());
+                shared.pull_outstanding.store(false, Ordering::Release);
+                pulled
             }
             Err(err) => Err(err),
         };
@@ -572,7 +580,7 @@ where
         if !shared.gate.is_open() {
             // Taken just as the upstream failed: it never saw this one.
             tracing::debug!("upstream unhealthy; back to the front of the queue unsent");
-            requeue(&shared, &raw, &envelope).await;
+            requeue(&shared, &raw, &envelope, Attempt::NotStarted).await;
             return;
         }
         if envelope.dedupe && !claim(&shared, &envelope, now).await {
@@ -591,9 +599,25 @@ where
         let started = std::time::Instant::now();
         let reply = match execute(&shared, service, &envelope, budget).await {
             Outcome::Reply(reply) => reply,
-            Outcome::Requeue => {
-                requeue(&shared, &raw, &envelope).await;
-                return;
+            Outcome::Requeue(started) => {
+                let attempt = if started {
+                    Attempt::MayHaveRun {
+                        claimed_by: &shared.id,
+                        ttl: Duration::from_millis(envelope.deadline_ms.saturating_sub(now_ms())),
+                    }
+                } else {
+                    Attempt::NotStarted
+                };
+                match requeue(&shared, &raw, &envelope, attempt).await {
+                    Requeued::TooManyRepeats => {
+                        tracing::warn!(
+                            repeats = anteroom_control::MAX_REPEATS,
+                            "repeated too often after failures that may have run it: 502"
+                        );
+                        Failure::Interrupted.to_envelope(&envelope.id)
+                    }
+                    Requeued::Requeued | Requeued::NotHeld => return,
+                }
             }
         };
         shared.metrics.handled(reply.status, started.elapsed());
@@ -622,12 +646,14 @@ enum Outcome {
     /// Answer the client with this.
     Reply(ResponseEnvelope),
     /// Put it back at the front of the queue: the upstream never received
-    /// it, or failed on a request that is safe to repeat.
-    Requeue,
+    /// it (`false`), or failed on a request that is safe to repeat after it
+    /// may have started it (`true`).
+    Requeue(bool),
 }
 
 /// Runs the handler within `budget`; every failure becomes a reply, except
-/// an upstream's transport failure (see [`upstream_failure`]).
+/// an upstream's transport failure (see [`classify`]), which also closes
+/// the gate.
 async fn execute<S, B>(
     shared: &Shared,
     service: S,
@@ -658,27 +684,29 @@ where
     // At the deadline the handler's future is dropped, which cancels it.
     let reply = match tokio::time::timeout(budget, run).await {
         Ok(Ok(Ok((parts, body)))) => {
+            shared.gate.delivered();
             ResponseEnvelope::from_http(&envelope.id, parts.status, &parts.headers, body)
         }
-        Ok(Ok(Err(err))) => match upstream_failure(&*err) {
-            Some((delivered, reason)) => {
+        Ok(Ok(Err(err))) => match classify(&*err) {
+            Some(Transport::NotDelivered(reason)) => {
                 shared.gate.failed(&reason);
-                if !delivered {
-                    tracing::info!(
-                        reason,
-                        "the upstream never received the request; back to the front of the queue"
-                    );
-                    return Outcome::Requeue;
-                }
+                tracing::info!(
+                    %reason,
+                    "the upstream never received the request; back to the front of the queue"
+                );
+                return Outcome::Requeue(false);
+            }
+            Some(Transport::MayHaveRun(reason)) => {
+                shared.gate.failed(&reason);
                 if envelope.is_safe_to_repeat() {
                     tracing::warn!(
-                        reason,
+                        %reason,
                         "upstream failed after receiving the request; safe to repeat, back to the front of the queue"
                     );
-                    return Outcome::Requeue;
+                    return Outcome::Requeue(true);
                 }
                 tracing::warn!(
-                    reason,
+                    %reason,
                     "upstream failed after receiving the request; not safe to repeat: 502"
                 );
                 Failure::Interrupted.to_envelope(&envelope.id)
@@ -705,27 +733,45 @@ where
     Outcome::Reply(reply)
 }
 
-/// Whether a handler error is a failure of the connection to an upstream,
-/// and if so whether the request may have been delivered, and why it
-/// failed. An [`UpstreamError`] says both; a hyper error elsewhere in the
-/// chain (the response body broke off) came after delivery.
-fn upstream_failure(err: &(dyn std::error::Error + 'static)) -> Option<(bool, String)> {
-    if let Some(upstream) = sources(err).find_map(|e| e.downcast_ref::<UpstreamError>()) {
-        return upstream
-            .is_transport()
-            .then(|| (!upstream.is_not_delivered(), upstream.reason()));
-    }
-    sources(err)
-        .any(|e| e.is::<hyper::Error>())
-        .then(|| (true, transport_reason(err)))
-}
-
 /// Puts a taken request back at the front of the queue (see
-/// [`anteroom_control::requeue`]), retrying until its deadline.
-async fn requeue(shared: &Shared, raw: &Bytes, envelope: &RequestEnvelope) {
-    shared.metrics.requeued();
-    let pipe = anteroom_control::requeue(&shared.keys, &shared.processing_key, raw, &envelope.id);
-    run_with_retries(shared, &pipe, "requeue", envelope.deadline_ms).await;
+/// [`anteroom_control::requeue`]), retrying with backoff until its deadline
+/// (the script is guarded, so a retry after a lost answer is safe). Given
+/// up, the request stays in the processing list.
+async fn requeue(
+    shared: &Shared,
+    raw: &Bytes,
+    envelope: &RequestEnvelope,
+    attempt: Attempt<'_>,
+) -> Requeued {
+    let mut conn = shared.conn.clone();
+    let mut backoff = Backoff::new();
+    loop {
+        let result = anteroom_control::requeue(
+            &mut conn,
+            &shared.keys,
+            &shared.processing_key,
+            raw,
+            &envelope.id,
+            attempt,
+        )
+        .await;
+        let err = match result {
+            Ok(requeued) => {
+                if requeued == Requeued::Requeued {
+                    shared.metrics.requeued();
+                }
+                return requeued;
+            }
+            Err(err) => err,
+        };
+        let delay = backoff.next_delay();
+        if now_ms().saturating_add(delay.as_millis() as u64) >= envelope.deadline_ms {
+            tracing::error!(error = %err, "requeue failed; giving up at the deadline (the request stays in the processing list)");
+            return Requeued::NotHeld;
+        }
+        tracing::warn!(error = %err, "requeue failed; retrying");
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// Writes completions to Redis in batches: whatever finished while the
@@ -948,7 +994,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     }
     loop {
         let pause_id = shared.acknowledged();
-        let unhealthy = health.borrow_and_update().clone();
+        let unhealthy = health.borrow_and_update().unhealthy.clone();
         let beat = DispatcherHeartbeat {
             id: shared.id.clone(),
             host: host.clone(),

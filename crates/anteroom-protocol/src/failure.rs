@@ -25,8 +25,10 @@ pub enum Failure {
     /// Too many requests are waiting in this proxy; retry shortly (503 with
     /// `Retry-After`).
     Overloaded,
-    /// The dispatcher running a request that is not safe to repeat stopped
-    /// (crashed) before answering; it may or may not have run (502).
+    /// What was running a request stopped before answering: the dispatcher
+    /// crashed, or the upstream's connection failed after the request was
+    /// written. It may or may not have run, and it is not repeated: it is
+    /// not safe to repeat, or was repeated as often as allowed already (502).
     Interrupted,
     /// The client did not send its request body in time (408).
     ClientTimeout,

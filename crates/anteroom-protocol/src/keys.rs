@@ -106,6 +106,13 @@ impl Keys {
         format!("{}claimed:{request_id}", self.prefix)
     }
 
+    /// `anteroom:{q}:repeats:<request-id>`: how often a request that may
+    /// already have run was put back in the queue (see
+    /// `anteroom_control::requeue`); expires with the request.
+    pub fn repeats(&self, request_id: &str) -> String {
+        format!("{}repeats:{request_id}", self.prefix)
+    }
+
     /// `anteroom:{q}:paused`: present while the queue is paused.
     pub fn paused(&self) -> String {
         format!("{}paused", self.prefix)
@@ -126,6 +133,7 @@ mod tests {
         let k = Keys::new("billing").unwrap();
         assert_eq!(k.requests(), "anteroom:{billing}:requests");
         assert_eq!(k.processing("d1"), "anteroom:{billing}:processing:d1");
+        assert_eq!(k.repeats("r1"), "anteroom:{billing}:repeats:r1");
         assert_eq!(k.replies("p1"), "anteroom:{billing}:replies:p1");
         assert_eq!(k.dispatcher("d1"), "anteroom:{billing}:dispatcher:d1");
         assert_eq!(k.paused(), "anteroom:{billing}:paused");

@@ -81,6 +81,11 @@ impl App {
         read_lines(&self.data.join("orders.log"))
     }
 
+    /// Every POST that reached the app, repeats included, in order.
+    pub fn arrivals(&self) -> Vec<String> {
+        read_lines(&self.data.join("arrivals.log"))
+    }
+
     /// Requests that reached the app while it was still warming up.
     pub fn early_requests(&self) -> Vec<String> {
         read_lines(&self.data.join("early.log"))
