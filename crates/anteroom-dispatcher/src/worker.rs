@@ -336,9 +336,10 @@ async fn nudge_pulls(shared: Arc<Shared>, stop: CancellationToken, done: Cancell
 }
 
 /// Takes a permit, then one request, until stopped; while the queue is
-/// paused or the upstream unhealthy, takes nothing. A pull already sent to Redis is always awaited (a
-/// pause or stop cuts it short with CLIENT UNBLOCK), so a request moved into
-/// the processing list is never abandoned.
+/// paused or the upstream unhealthy, takes nothing. A pull already sent to
+/// Redis is always awaited (a pause, a stop or a failing upstream cuts it
+/// short with CLIENT UNBLOCK), so a request moved into the processing list
+/// is never abandoned.
 async fn pull_loop<S, B>(
     shared: &Arc<Shared>,
     client: &Target,
