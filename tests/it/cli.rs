@@ -20,19 +20,7 @@ const READY: Duration = Duration::from_secs(15);
 async fn proxy_and_upstream_dispatcher_processes_round_trip() {
     let redis = start_redis();
     let upstream = Upstream::start().await;
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let _proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &listen,
-        "--redis",
-        &redis.url(),
-        "--queue",
-        "cli",
-        "--hold",
-        "10s",
-    ]);
+    let (_proxy, base) = crate::support::bin::start_proxy(&redis, "cli", "10s").await;
     // Configured through the environment instead of flags.
     let _dispatcher = BinProcess::spawn_cmd(
         command()
@@ -43,14 +31,8 @@ async fn proxy_and_upstream_dispatcher_processes_round_trip() {
             .env("ANTEROOM_CONCURRENCY", "4")
             .stdout(Stdio::null()),
     );
-    wait_for_listener(port).await;
     let c = client();
-    let r = web::post(
-        &c,
-        &format!("http://{listen}/echo"),
-        "through two processes",
-    )
-    .await;
+    let r = web::post(&c, &format!("{base}/echo"), "through two processes").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text(), "through two processes");
     let mut conn = redis_conn(&redis).await;

@@ -117,19 +117,8 @@ async fn redis_killed_and_restarted_under_load() {
     ])
     .unwrap();
     let upstream = Upstream::start().await;
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let _proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &listen,
-        "--redis",
-        &redis.url(),
-        "--queue",
-        "out",
-        "--hold",
-        "15s",
-    ]);
+    let (_proxy, base) = crate::support::bin::start_proxy(&redis, "out", "15s").await;
+    let listen = base.trim_start_matches("http://").to_owned();
     let _dispatcher = BinProcess::spawn(&[
         "dispatch",
         "--redis",
@@ -139,7 +128,6 @@ async fn redis_killed_and_restarted_under_load() {
         "--upstream",
         &upstream.url(),
     ]);
-    wait_for_port(port).await;
     let c = client();
     eventually("the first answer", READY, || async {
         web::post(&c, &format!("http://{listen}/echo"), "warm")

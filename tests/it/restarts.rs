@@ -14,8 +14,9 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 
+use crate::support::bin::start_proxy;
 use crate::support::load::{Load, Summary};
-use crate::support::orders::{App, start_dispatcher, start_proxy};
+use crate::support::orders::{App, start_dispatcher};
 use crate::support::web::{client, get, send};
 use crate::support::{control, eventually, start_redis};
 

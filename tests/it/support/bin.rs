@@ -3,6 +3,8 @@
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use anteroom::local_redis::{LocalRedis, free_port};
+
 pub struct BinProcess {
     child: Child,
 }
@@ -79,4 +81,24 @@ impl Drop for BinProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `anteroom proxy` for `queue` on a free port, ready when it accepts
+/// connections; returns it and its base URL (`http://127.0.0.1:PORT`).
+pub async fn start_proxy(redis: &LocalRedis, queue: &str, hold: &str) -> (BinProcess, String) {
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let proxy = BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &listen,
+        "--redis",
+        &redis.url(),
+        "--queue",
+        queue,
+        "--hold",
+        hold,
+    ]);
+    super::wait_for_port(port).await;
+    (proxy, format!("http://{listen}"))
 }

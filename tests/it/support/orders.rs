@@ -105,25 +105,6 @@ fn read_lines(path: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `anteroom proxy` on a free port, ready when it accepts connections.
-pub async fn start_proxy(redis: &LocalRedis, queue: &str, hold: &str) -> (BinProcess, String) {
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &listen,
-        "--redis",
-        &redis.url(),
-        "--queue",
-        queue,
-        "--hold",
-        hold,
-    ]);
-    wait_for_port(port).await;
-    (proxy, format!("http://{listen}"))
-}
-
 /// `anteroom dispatch --upstream APP` with `extra` flags.
 pub fn start_dispatcher(redis: &LocalRedis, queue: &str, app: &App, extra: &[&str]) -> BinProcess {
     let mut args = vec![
