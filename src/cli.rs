@@ -80,9 +80,10 @@ pub struct PauseArgs {
     #[arg(long)]
     pub wait: bool,
 
-    /// With --wait: give up (exit 1, queue stays paused) after this long.
-    #[arg(long, env = "ANTEROOM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub timeout: Duration,
+    /// With --wait: give up (exit 1, queue stays paused) after this long
+    /// [default: 30s].
+    #[arg(long, env = "ANTEROOM_TIMEOUT", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
 
     /// Let the pause lapse by itself after this long (default: until resumed).
     #[arg(long, value_parser = parse_duration)]
@@ -90,8 +91,13 @@ pub struct PauseArgs {
 
     /// With --wait: do not show which dispatchers are still busy (shown only
     /// on a terminal anyway).
-    #[arg(long, short)]
+    #[arg(long, short, requires = "wait")]
     pub quiet: bool,
+
+    /// With --wait: pause even when no proxy or no dispatcher serves the
+    /// queue (otherwise refused: most often a wrong --queue or --redis).
+    #[arg(long, requires = "wait")]
+    pub force: bool,
 }
 
 /// Flags of `anteroom status`.
@@ -126,6 +132,11 @@ pub struct WindowArgs {
     /// only on a terminal anyway).
     #[arg(long, short)]
     pub quiet: bool,
+
+    /// Open the window even when no proxy or no dispatcher serves the queue
+    /// (otherwise refused: most often a wrong --queue or --redis).
+    #[arg(long)]
+    pub force: bool,
 
     /// The pause is a lease renewed while the window runs; if this process
     /// dies, the queue resumes by itself after this long.

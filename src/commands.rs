@@ -87,7 +87,7 @@ fn check_config(args: &ProxyArgs, config: &ProxyConfig) -> ExitCode {
     }
     println!("configuration is valid");
     println!("  listen    {}", args.listen);
-    println!("  redis     {}", redact(&config.redis_url));
+    println!("  redis     {}", crate::ops::redact(&config.redis_url));
     println!(
         "  admin     {}",
         args.admin.map_or("off".into(), |a| a.to_string())
@@ -112,17 +112,6 @@ fn check_config(args: &ProxyArgs, config: &ProxyConfig) -> ExitCode {
         println!("  default   none: unrouted requests get 404");
     }
     ExitCode::SUCCESS
-}
-
-/// A Redis URL without its password.
-fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }
 
 fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
@@ -195,7 +184,12 @@ async fn proxy(
     config.metrics = metrics;
     let served = anteroom_proxy::serve(listener, config, shutdown_signal())
         .await
-        .context("proxy failed");
+        .with_context(|| {
+            format!(
+                "proxy failed (redis {} from --redis or ANTEROOM_REDIS)",
+                crate::ops::redact(&args.target.redis.url)
+            )
+        });
     admin_stop.cancel();
     if let Some(admin) = admin {
         admin.await?.context("admin endpoint failed")?;
@@ -211,6 +205,7 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         .timeout(args.health_timeout);
     let mut registry = anteroom_metrics::Registry::default();
     let metrics = anteroom_metrics::DispatcherMetrics::register(&mut registry);
+    let redis_url = args.target.redis.url.clone();
     let dispatcher = Dispatcher::builder()
         .redis_url(args.target.redis.url)
         .queue(args.target.queue)
@@ -248,7 +243,12 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let served = dispatcher
         .serve(upstream, shutdown_signal())
         .await
-        .context("dispatcher failed");
+        .with_context(|| {
+            format!(
+                "dispatcher failed (redis {} from --redis or ANTEROOM_REDIS)",
+                crate::ops::redact(&redis_url)
+            )
+        });
     metrics_stop.cancel();
     if let Some(endpoint) = metrics_endpoint {
         endpoint.await?;

@@ -18,3 +18,21 @@ mod ops;
 mod status_view;
 
 pub use commands::run;
+
+/// `err` and its causes as one line, `outer: cause: cause`, each cause
+/// once: some libraries (redis-rs) print their source in their own message
+/// too, which `{:#}` would repeat.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}

@@ -35,7 +35,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(anteroom::run(cli, file, inherited)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", anteroom::error_chain(&err));
             std::process::ExitCode::FAILURE
         }
     }

@@ -4,11 +4,14 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anteroom_control::{ControlError, Queue, Quiescence, StatusReport, known_queues};
+use anteroom_control::{ControlError, Queue, QueueStatus, Quiescence, StatusReport, known_queues};
 use anyhow::Context;
 
 use crate::cli::{PauseArgs, QueueArgs, StatusArgs, WindowArgs};
 use crate::status_view;
+
+/// How long `pause --wait` waits by default.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connect and command timeout for operator commands.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -16,7 +19,72 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 async fn connect(target: &QueueArgs) -> anyhow::Result<Queue> {
     Queue::connect(&target.redis.url, &target.queue, REDIS_TIMEOUT)
         .await
-        .context("cannot reach the queue")
+        .with_context(|| {
+            format!(
+                "cannot reach redis at {} (set by --redis or ANTEROOM_REDIS)",
+                redact(&target.redis.url)
+            )
+        })
+}
+
+/// A Redis URL without its password, for messages.
+pub(crate) fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Says which Redis and queue a command acts on and who serves the queue
+/// (on stdout: it is part of the command's answer); returns the status.
+async fn serving(queue: &Queue, url: &str) -> anyhow::Result<QueueStatus> {
+    let status = queue.status().await?;
+    println!(
+        "queue {:?} on {}: {} proxy(ies) and {} dispatcher(s) serve it",
+        queue.name(),
+        redact(url),
+        status.proxies.len(),
+        status.dispatchers.len()
+    );
+    Ok(status)
+}
+
+/// A pause that nothing would notice (no proxy queues requests there, or
+/// no dispatcher takes them) is almost always a wrong `--queue` or
+/// `--redis`. Refuses, unless `force`, naming the queues this Redis has.
+async fn refuse_unserved(
+    queue: &Queue,
+    status: &QueueStatus,
+    url: &str,
+    force: bool,
+) -> anyhow::Result<()> {
+    let missing = match (status.proxies.is_empty(), status.dispatchers.is_empty()) {
+        (false, false) => return Ok(()),
+        (true, true) => "no proxy and no dispatcher serve",
+        (true, false) => "no proxy serves",
+        (false, true) => "no dispatcher serves",
+    };
+    let problem = format!("{missing} queue {:?} on {}", queue.name(), redact(url));
+    if force {
+        eprintln!("warning: {problem}; pausing anyway (--force)");
+        return Ok(());
+    }
+    let known = known_queues(&mut queue.connection())
+        .await
+        .unwrap_or_default();
+    let known = if known.is_empty() {
+        "none".to_owned()
+    } else {
+        known.join(", ")
+    };
+    anyhow::bail!(
+        "{problem}, so pausing it would hold nothing back. Check --queue and --redis \
+         (ANTEROOM_QUEUE, ANTEROOM_REDIS); queues known on this redis: {known}. \
+         Pass --force to pause it anyway"
+    )
 }
 
 fn who(what: &str) -> String {
@@ -25,11 +93,30 @@ fn who(what: &str) -> String {
 
 pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
     let queue = connect(&args.target).await?;
+    let url = &args.target.redis.url;
+    let status = serving(&queue, url).await?;
+    if args.timeout.is_some() && !args.wait {
+        eprintln!("warning: --timeout (or ANTEROOM_TIMEOUT) applies only with --wait; ignored");
+    }
+    if args.wait {
+        refuse_unserved(&queue, &status, url, args.force).await?;
+    } else if status.proxies.is_empty() || status.dispatchers.is_empty() {
+        eprintln!(
+            "warning: {} proxy(ies) and {} dispatcher(s) serve queue {:?} on {}: check --queue and --redis",
+            status.proxies.len(),
+            status.dispatchers.len(),
+            queue.name(),
+            redact(url)
+        );
+    }
     queue.pause(&who("cli"), args.ttl, false).await?;
     println!("paused queue {:?}", queue.name());
     if args.wait {
         match queue
-            .wait_quiescent(args.timeout, progress_printer(args.quiet))
+            .wait_quiescent(
+                args.timeout.unwrap_or(PAUSE_TIMEOUT),
+                progress_printer(args.quiet),
+            )
             .await
         {
             Ok(q) => println!(
@@ -52,6 +139,7 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
 
 pub(crate) async fn resume(args: QueueArgs) -> anyhow::Result<ExitCode> {
     let queue = connect(&args).await?;
+    serving(&queue, &args.redis.url).await?;
     let state = queue.pause_state().await?;
     if queue.resume().await? {
         let since = state.map(|(p, _)| p.since_ms).unwrap_or(0);
@@ -71,7 +159,12 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let target = anteroom_redis::Target::parse(&args.redis.url)?;
     let mut conn = anteroom_redis::shared(&target, REDIS_TIMEOUT)
         .await
-        .context("cannot connect to redis")?;
+        .with_context(|| {
+            format!(
+                "cannot reach redis at {} (set by --redis or ANTEROOM_REDIS)",
+                redact(&args.redis.url)
+            )
+        })?;
     let names = match args.queue {
         Some(name) => vec![name],
         None => known_queues(&mut conn).await?,
@@ -85,8 +178,13 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.queues.is_empty() {
-        println!("no queues yet: start a proxy or dispatcher, or pass --queue");
+        println!(
+            "redis {}: no queues yet: start a proxy or dispatcher, or pass --queue \
+             (is --redis or ANTEROOM_REDIS the one they use?)",
+            redact(&args.redis.url)
+        );
     } else {
+        println!("redis {}", redact(&args.redis.url));
         print!("{}", status_view::render(&report));
     }
     Ok(ExitCode::SUCCESS)
@@ -95,6 +193,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 pub(crate) async fn reap(args: QueueArgs) -> anyhow::Result<ExitCode> {
     use anteroom_control::presence::{Presence, Role};
     let queue = connect(&args).await?;
+    serving(&queue, &args.redis.url).await?;
     let mut conn = queue.connection();
     // Claimed requests pass through a processing list of our own, covered by
     // a heartbeat: if this process dies mid-way, they are reaped in turn.
@@ -160,6 +259,11 @@ pub(crate) async fn window(args: WindowArgs) -> anyhow::Result<ExitCode> {
     let mut terminate = signal(SignalKind::terminate())?;
 
     let queue = connect(&args.target).await?;
+    let status = serving(&queue, &args.target.redis.url).await?;
+    refuse_unserved(&queue, &status, &args.target.redis.url, args.force)
+        .await
+        .context("the window was not opened and the command was not run")?;
+    let opened = std::time::Instant::now();
     let held = queue
         .pause(&who("window"), Some(args.lease), true)
         .await
@@ -184,6 +288,10 @@ pub(crate) async fn window(args: WindowArgs) -> anyhow::Result<ExitCode> {
     stop_renewing.cancel();
     let _ = renewer.await;
     release(&queue, &held, args.lease).await;
+    eprintln!(
+        "the window lasted {}",
+        status_view::duration_ms(opened.elapsed().as_millis() as u64)
+    );
     outcome
 }
 

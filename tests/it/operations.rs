@@ -208,6 +208,7 @@ async fn window_runs_the_command_while_quiet_and_resumes_after_it_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_interrupted_stops_the_command_and_resumes() {
     let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "intr").await;
     let d = TestDispatcher::start(&redis, "intr", test_app());
     let queue = control(&redis, "intr").await;
     let mut window = BinProcess::spawn(
@@ -234,6 +235,108 @@ async fn window_interrupted_stops_the_command_and_resumes() {
     assert_eq!(status.code(), Some(128 + 15), "exit status {status}");
     assert!(queue.status().await.unwrap().pause.is_none(), "left paused");
     d.stop().await;
+    proxy.stop().await;
+}
+
+/// A window or `pause --wait` pointed at a queue nobody serves (a typo, or
+/// the wrong Redis) refuses instead of running the command while traffic
+/// flows; every control command names the Redis and queue it acts on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_commands_refuse_a_queue_nobody_serves_and_name_their_target() {
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "web").await;
+    let d = TestDispatcher::start(&redis, "web", test_app());
+    let typo = control(&redis, "wbe").await;
+    let marker = std::env::temp_dir().join(format!("anteroom-typo-{}", free_port().unwrap()));
+    let touch = ["window", "--", "touch", marker.to_str().unwrap()];
+
+    let out = anteroom(args(&redis, "wbe", &touch)).await;
+    assert_eq!(out.status.code(), Some(1));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "queue \"wbe\" on {}: 0 proxy(ies) and 0 dispatcher(s)",
+            redis.url()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("no proxy and no dispatcher serve queue \"wbe\"")
+            && stderr.contains("queues known on this redis: web")
+            && stderr.contains("the command was not run")
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "the command ran against nothing");
+    assert!(typo.status().await.unwrap().pause.is_none());
+
+    let out = anteroom(args(&redis, "wbe", &["pause", "--wait"])).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        typo.status().await.unwrap().pause.is_none(),
+        "paused anyway"
+    );
+
+    // --force does it anyway, with a warning, and says how long it took.
+    let mut forced = args(&redis, "wbe", &["window", "--force"]);
+    forced.extend(touch[1..].iter().map(|s| s.to_string()));
+    let out = anteroom(forced).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(marker.exists());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("pausing anyway (--force)"), "{stderr}");
+    assert!(stderr.contains("the window lasted"), "{stderr}");
+    let _ = std::fs::remove_file(&marker);
+
+    // The served queue: each command says what it acts on.
+    let out = anteroom(args(&redis, "web", &["pause"])).await;
+    assert!(
+        text(&out.stdout).contains("1 proxy(ies) and 1 dispatcher(s) serve it"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = anteroom(args(&redis, "web", &["resume"])).await;
+    assert!(
+        text(&out.stdout).contains(&redis.url()),
+        "{}",
+        text(&out.stdout)
+    );
+    // --timeout without --wait is not silently dropped.
+    let out = anteroom(args(&redis, "web", &["pause", "--timeout", "5s"])).await;
+    assert!(
+        text(&out.stderr).contains("applies only with --wait"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = anteroom(args(&redis, "web", &["resume"])).await;
+    let out = anteroom(vec!["status".into(), "--redis".into(), redis.url()]).await;
+    assert!(
+        text(&out.stdout).starts_with(&format!("redis {}\n", redis.url())),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // An unreachable Redis: its address (no password), the cause once, and
+    // what sets it.
+    let port = free_port().unwrap();
+    let out = anteroom(vec![
+        "status".into(),
+        "--redis".into(),
+        format!("redis://:hunter2@127.0.0.1:{port}"),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "redis://***@127.0.0.1:{port} (set by --redis or ANTEROOM_REDIS)"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert_eq!(stderr.matches("Connection refused").count(), 1, "{stderr}");
+    d.stop().await;
+    proxy.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

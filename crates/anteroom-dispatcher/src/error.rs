@@ -154,6 +154,22 @@ pub(crate) enum Transport {
     MayHaveRun(FailureReason),
 }
 
+/// `err` and its causes on one line, each cause once (some libraries repeat
+/// their source in their own message).
+pub(crate) fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    for cause in sources(err) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
 /// `err` and its chain of sources.
 fn sources<'a>(
     err: &'a (dyn std::error::Error + 'static),

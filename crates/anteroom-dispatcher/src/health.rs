@@ -114,6 +114,14 @@ impl HealthCheck {
         self
     }
 
+    /// What is checked, for log lines: the URI, or `host:port`.
+    fn target(&self) -> String {
+        match &self.probe {
+            Probe::Get { uri, .. } => uri.to_string(),
+            Probe::Connect { host, port } => format!("{host}:{port}"),
+        }
+    }
+
     /// Whether checks run while healthy too (an HTTP check does; a plain
     /// connect is tried only after a failure).
     fn is_periodic(&self) -> bool {
@@ -158,6 +166,9 @@ impl HealthCheck {
     }
 }
 
+/// The reason a gate gives before its first check.
+const NOT_CHECKED: &str = "not checked yet";
+
 /// Shortest interval and timeout of a [`HealthCheck`].
 const MIN_TIME: Duration = Duration::from_millis(10);
 /// First re-check after a failure.
@@ -188,15 +199,17 @@ pub(crate) struct Gate {
     /// Mirrors `strikes != 0`, so a success costs one atomic load.
     struck: AtomicBool,
     metrics: DispatcherQueueMetrics,
+    /// What is checked, for log lines.
+    target: String,
 }
 
 impl Gate {
     /// Open (no health check: nothing to wait for), or closed until the
     /// first check passes.
-    pub(crate) fn new(checked: bool, metrics: DispatcherQueueMetrics) -> Self {
-        let unhealthy = checked.then(|| Unhealthy {
+    pub(crate) fn new(check: Option<&HealthCheck>, metrics: DispatcherQueueMetrics) -> Self {
+        let unhealthy = check.map(|_| Unhealthy {
             since_ms: now_ms(),
-            reason: "not checked yet".to_owned(),
+            reason: NOT_CHECKED.to_owned(),
         });
         metrics.upstream_health(unhealthy.is_none(), now_ms());
         let now = Instant::now();
@@ -209,6 +222,7 @@ impl Gate {
             }),
             struck: AtomicBool::new(false),
             metrics,
+            target: check.map_or_else(|| "the service".to_owned(), HealthCheck::target),
         }
     }
 
@@ -233,7 +247,7 @@ impl Gate {
                     state.strikes += 1;
                     self.struck.store(true, Ordering::Relaxed);
                     state.closed_at = now;
-                    tracing::warn!(reason = %text, "upstream unhealthy; taking no requests until it recovers");
+                    tracing::warn!(upstream = %self.target, reason = %text, "upstream unhealthy; taking no requests until it recovers");
                     let since_ms = now_ms();
                     self.metrics.upstream_health(false, since_ms);
                     state.unhealthy = Some(Unhealthy {
@@ -243,7 +257,11 @@ impl Gate {
                     true
                 }
                 Some(unhealthy) if unhealthy.reason != text => {
-                    tracing::info!(reason = %text, "upstream still unhealthy");
+                    if unhealthy.reason == NOT_CHECKED {
+                        tracing::warn!(upstream = %self.target, reason = %text, "upstream not reachable at start; taking no requests until it is");
+                    } else {
+                        tracing::info!(upstream = %self.target, reason = %text, "upstream still unhealthy");
+                    }
                     unhealthy.reason = text;
                     true
                 }
@@ -274,7 +292,7 @@ impl Gate {
             match state.unhealthy.take() {
                 Some(unhealthy) => {
                     let down_ms = now_ms().saturating_sub(unhealthy.since_ms);
-                    tracing::info!(down_ms, "upstream healthy; taking requests");
+                    tracing::info!(upstream = %self.target, down_ms, "upstream healthy; taking requests");
                     self.metrics.upstream_health(true, now_ms());
                     true
                 }

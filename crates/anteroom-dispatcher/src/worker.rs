@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::Body;
 use crate::builder::{Dispatcher, Settings};
-use crate::error::{BoxError, DispatcherError, Transport, classify};
+use crate::error::{BoxError, DispatcherError, Transport, classify, describe};
 use crate::health::{self, Gate};
 use anteroom_redis::{Backoff, sleep_or_stop};
 
@@ -216,7 +216,7 @@ where
     // completion, so this channel never makes a request wait.
     let (completions, completions_rx) = mpsc::channel(settings.concurrency.max(1));
     let metrics = settings.metrics.queue(keys.queue());
-    let gate = Arc::new(Gate::new(settings.health_check.is_some(), metrics.clone()));
+    let gate = Arc::new(Gate::new(settings.health_check.as_ref(), metrics.clone()));
     let health_check = settings.health_check.clone();
     let shared = Arc::new(Shared {
         gate: Arc::clone(&gate),
@@ -571,7 +571,7 @@ where
         ));
         if envelope.is_expired(now) {
             shared.metrics.expired();
-            tracing::info!(
+            tracing::debug!(
                 late_ms = now - envelope.deadline_ms,
                 "deadline passed while queued; not executed"
             );
@@ -622,7 +622,7 @@ where
             }
         };
         shared.metrics.handled(reply.status, started.elapsed());
-        tracing::info!(status = reply.status, waited_ms, "handled");
+        tracing::debug!(status = reply.status, waited_ms, "handled");
         let (done, completed) = oneshot::channel();
         let completion = Completion {
             reply_to: envelope.reply_to.clone(),
@@ -691,7 +691,7 @@ where
         Ok(Ok(Err(err))) => match classify(&*err) {
             Some(Transport::NotDelivered(reason)) => {
                 shared.gate.failed(&reason);
-                tracing::info!(
+                tracing::debug!(
                     %reason,
                     "the upstream never received the request; back to the front of the queue"
                 );
@@ -713,7 +713,7 @@ where
                 Failure::Interrupted.to_envelope(&envelope.id)
             }
             None => {
-                tracing::warn!(error = %err, "handler failed");
+                tracing::warn!(error = %describe(&*err), "handler failed");
                 Failure::HandlerFailed.to_envelope(&envelope.id)
             }
         },

@@ -208,7 +208,9 @@ fn finish(
                 | Failure::BodyTooLarge
                 | Failure::HoldExpired
                 | Failure::Overloaded => {
-                    tracing::info!(error = %err, "request failed")
+                    // The client's doing or the hold budget: per request,
+                    // so DEBUG (the metrics count them).
+                    tracing::debug!(error = %err, "request failed")
                 }
                 _ => {
                     tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "request failed")
@@ -220,7 +222,7 @@ fn finish(
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
     let elapsed = started.elapsed();
     state.metrics.answered(resp.status().as_u16(), elapsed);
-    tracing::info!(
+    tracing::debug!(
         status = resp.status().as_u16(),
         elapsed_ms = elapsed.as_millis() as u64,
         "answered"

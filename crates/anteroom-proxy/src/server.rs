@@ -182,7 +182,7 @@ pub async fn serve(
             let answer = match router.pick(&req) {
                 Some(state) => Ok(handler::handle(Arc::clone(state), req, peer)),
                 None => {
-                    tracing::info!(
+                    tracing::debug!(
                         host = ?req.headers().get(http::header::HOST),
                         path = %req.uri().path(),
                         "no route; 404"
