@@ -39,22 +39,33 @@ pub(crate) fn render(report: &StatusReport) -> String {
             .oldest_wait_ms
             .map(|ms| format!(", oldest {}", duration_ms(ms)))
             .unwrap_or_default();
-        let _ = writeln!(out, "  waiting       {}{oldest}", q.waiting);
+        let expired = match (q.expired, q.expired_capped) {
+            (0, _) => String::new(),
+            (n, capped) => format!(
+                " ({}{n} past their hold budget: their clients got 504; they will not run)",
+                if capped { "at least " } else { "" }
+            ),
+        };
+        let _ = writeln!(out, "  waiting       {}{expired}{oldest}", q.waiting);
+        if let Some(hold) = q.proxies.iter().filter_map(|p| p.heartbeat.hold_ms).max() {
+            let _ = writeln!(out, "  hold budget   {}", duration_ms(hold));
+        }
         let _ = writeln!(out, "  dead letters  {}", q.dead_letters);
         let _ = writeln!(out, "  dispatchers   {} live", q.dispatchers.len());
         if !q.dispatchers.is_empty() {
             let _ = writeln!(
                 out,
-                "    {:<12}  {:<16}  {:<10}  {:>9}  {:>4}  state",
-                "id", "host", "label", "in-flight", "held"
+                "    {:<12}  {:<16}  {:>7}  {:<10}  {:>9}  {:>4}  state",
+                "id", "host", "pid", "label", "in-flight", "held"
             );
             for d in &q.dispatchers {
                 let hb = &d.heartbeat;
                 let _ = writeln!(
                     out,
-                    "    {:<12}  {:<16}  {:<10}  {:>9}  {:>4}  {}",
+                    "    {:<12}  {:<16}  {:>7}  {:<10}  {:>9}  {:>4}  {}",
                     short(&hb.id),
                     hb.host,
+                    hb.pid,
                     hb.label,
                     format!("{}/{}", hb.in_flight, hb.concurrency),
                     d.held,
@@ -65,10 +76,15 @@ pub(crate) fn render(report: &StatusReport) -> String {
         for o in &q.orphaned {
             let _ = writeln!(
                 out,
-                "    {:<12}  heartbeat lost {} ago, {} request(s) left in its processing list",
+                "    {:<12}  heartbeat lost {} ago, {} request(s) left in its processing list: {}",
                 short(&o.id),
                 duration_ms(q.checked_at_ms.saturating_sub(o.last_seen_ms)),
-                o.held
+                o.held,
+                if q.dispatchers.is_empty() {
+                    "no live dispatcher will reap them; run `anteroom reap`"
+                } else {
+                    "the live dispatchers reap them within their --reap-every, or run `anteroom reap`"
+                }
             );
         }
         let _ = writeln!(out, "  proxies       {} live", q.proxies.len());
@@ -76,9 +92,10 @@ pub(crate) fn render(report: &StatusReport) -> String {
             let hb = &p.heartbeat;
             let _ = writeln!(
                 out,
-                "    {:<12}  {:<16}  {} waiting",
+                "    {:<12}  {:<16}  {:>7}  {} waiting",
                 short(&hb.id),
                 hb.host,
+                hb.pid,
                 hb.waiting
             );
         }

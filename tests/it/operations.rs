@@ -738,3 +738,76 @@ async fn pause_wait_shows_busy_dispatchers_on_a_terminal_only() {
     dispatcher.stop().await;
     proxy.stop().await;
 }
+
+/// `status` tells the requests whose clients already got 504 from the live
+/// ones, shows the hold budget and each process's pid, and says who will
+/// settle what a dead dispatcher left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_expired_requests_apart_and_says_what_to_do() {
+    let redis = start_redis();
+    let short = TestProxy::start_with(&redis, "exp", |c| c.hold = Duration::from_millis(300)).await;
+    let long = TestProxy::start_with(&redis, "exp", |c| {
+        c.hold = Duration::from_secs(30);
+        c.proxy_id = Some("long".into());
+    })
+    .await;
+    let queue = control(&redis, "exp").await;
+    queue.pause("test", None, false).await.unwrap();
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(
+            web::get(&c, &short.url("/echo")).await.status,
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+    let live: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, url) = (c.clone(), long.url("/echo"));
+            tokio::spawn(async move { web::get(&c, &url).await })
+        })
+        .collect();
+    eventually("five requests waiting", READY, || async {
+        queue.status().await.unwrap().waiting == 5
+    })
+    .await;
+    // A dispatcher that died holding a request: registered, no heartbeat.
+    let keys = anteroom_protocol::Keys::new("exp").unwrap();
+    let mut conn = crate::support::redis_conn(&redis).await;
+    redis::pipe()
+        .cmd("ZADD")
+        .arg(keys.dispatchers())
+        .arg(1)
+        .arg("deadbeef0000")
+        .cmd("RPUSH")
+        .arg(keys.processing("deadbeef0000"))
+        .arg("x")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+
+    let s = queue.status().await.unwrap();
+    assert_eq!((s.waiting, s.expired, s.expired_capped), (5, 3, false));
+    let out = anteroom(args(&redis, "exp", &["status"])).await;
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("waiting       5 (3 past their hold budget"),
+        "{table}"
+    );
+    assert!(table.contains("hold budget   30.0s"), "{table}");
+    assert!(
+        table.contains(&format!("  {}  ", std::process::id())),
+        "no pid column:\n{table}"
+    );
+    assert!(
+        table.contains("1 request(s) left in its processing list: no live dispatcher will reap them; run `anteroom reap`"),
+        "{table}"
+    );
+    queue.resume().await.unwrap();
+    let d = TestDispatcher::start(&redis, "exp", test_app());
+    for w in live {
+        assert_eq!(w.await.unwrap().status, StatusCode::OK);
+    }
+    d.stop().await;
+    short.stop().await;
+    long.stop().await;
+}

@@ -26,8 +26,8 @@ pub use error::ControlError;
 pub use pause::{HeldPause, PauseWatch, watch_pause};
 pub use reaper::{Attempt, MAX_REPEATS, ReapReport, Requeued, dead_letter, requeue};
 pub use status::{
-    DispatcherStatus, OrphanStatus, PauseStatus, ProxyStatus, QueueStatus, Quiescence,
-    StatusReport, known_queues,
+    DispatcherStatus, EXPIRED_SCAN, OrphanStatus, PauseStatus, ProxyStatus, QueueStatus,
+    Quiescence, StatusReport, known_queues,
 };
 
 use std::time::Duration;

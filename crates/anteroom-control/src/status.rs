@@ -28,8 +28,16 @@ pub struct QueueStatus {
     pub checked_at_ms: u64,
     /// The pause, when the queue is paused.
     pub pause: Option<PauseStatus>,
-    /// Requests waiting to be taken.
+    /// Requests waiting to be taken, `expired` ones included.
     pub waiting: u64,
+    /// Of those, the ones past their deadline: their clients already got
+    /// 504, and no dispatcher will run them (counted from the oldest end,
+    /// at most [`EXPIRED_SCAN`]; see `expired_capped`).
+    #[serde(default)]
+    pub expired: u64,
+    /// True when the count stopped at [`EXPIRED_SCAN`]: at least that many.
+    #[serde(default)]
+    pub expired_capped: bool,
     /// How long the oldest waiting request has waited, in milliseconds.
     pub oldest_wait_ms: Option<u64>,
     /// Envelopes in the dead-letter list.
@@ -116,6 +124,37 @@ pub async fn known_queues(conn: &mut SharedConnection) -> Result<Vec<String>, Co
     queues.sort();
     Ok(queues)
 }
+
+/// Most waiting requests [`Queue::status`] looks at to count the expired.
+pub const EXPIRED_SCAN: u64 = 10_000;
+
+/// Counts the expired requests at the oldest end of a requests list, in
+/// chunks of 100 from the right (where the oldest wait), reading only each
+/// envelope's metadata (`[version][kind][u32 BE meta_len][meta JSON]`,
+/// docs/protocol.md); stops at the first live or unreadable one, or after
+/// ARGV[2]. Returns `{expired, capped}`.
+const COUNT_EXPIRED: &str = r"
+local now = tonumber(ARGV[1])
+local most = tonumber(ARGV[2])
+local expired, scanned = 0, 0
+while scanned < most do
+  local items = redis.call('LRANGE', KEYS[1], -(scanned + 100), -(scanned + 1))
+  if #items == 0 then return {expired, 0} end
+  for i = #items, 1, -1 do
+    local item = items[i]
+    local ok, deadline = pcall(function()
+      local len = struct.unpack('>I4', item, 3)
+      return cjson.decode(string.sub(item, 7, 6 + len))['deadline_ms']
+    end)
+    if not ok or type(deadline) ~= 'number' or deadline > now then
+      return {expired, 0}
+    end
+    expired = expired + 1
+    scanned = scanned + 1
+  end
+  if #items < 100 then return {expired, 0} end
+end
+return {expired, 1}";
 
 /// The first round trip of [`Queue::status`]: pause (value, PTTL), waiting
 /// count, oldest envelope, dead letters, dispatcher and proxy registries.
@@ -227,6 +266,18 @@ impl Queue {
         let oldest_wait_ms = oldest
             .and_then(|raw| RequestEnvelope::decode(raw).ok())
             .map(|env| now.saturating_sub(env.enqueued_at_ms));
+        let (expired, capped): (u64, u64) = if waiting == 0 {
+            (0, 0)
+        } else {
+            redis::cmd("EVAL")
+                .arg(COUNT_EXPIRED)
+                .arg(1)
+                .arg(keys.requests())
+                .arg(now)
+                .arg(EXPIRED_SCAN)
+                .query_async(&mut conn)
+                .await?
+        };
         Ok(QueueStatus {
             queue: keys.queue().to_owned(),
             checked_at_ms: now,
@@ -235,6 +286,8 @@ impl Queue {
                 expires_in_ms: u64::try_from(pttl).ok(),
             }),
             waiting,
+            expired,
+            expired_capped: capped == 1,
             oldest_wait_ms,
             dead_letters,
             dispatchers,

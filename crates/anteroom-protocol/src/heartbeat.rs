@@ -63,6 +63,10 @@ pub struct ProxyHeartbeat {
     pub version: String,
     /// Requests waiting in this proxy for a reply.
     pub waiting: usize,
+    /// This proxy's hold budget for the queue, milliseconds (the longest
+    /// of its routes to it); absent from proxies before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_ms: Option<u64>,
     /// When it started, Unix milliseconds.
     pub started_at_ms: u64,
 }

@@ -324,6 +324,11 @@ async fn heartbeat(
                 .filter(|s| s.queue == queue)
                 .map(|s| s.budget.waiting())
                 .sum(),
+            hold_ms: router
+                .states()
+                .filter(|s| s.queue == queue)
+                .map(|s| s.hold.as_millis() as u64)
+                .max(),
             started_at_ms,
         };
         if let Err(err) = presence.beat(&mut conn, &beat).await {

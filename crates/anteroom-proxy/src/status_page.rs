@@ -164,11 +164,24 @@ fn render_queue(out: &mut String, name: &str, view: &QueueView, with_buttons: bo
     }
     out.push_str("</p>");
     let throughput = view.history.back().map_or(0.0, |s| s.throughput);
+    let hold = status
+        .proxies
+        .iter()
+        .filter_map(|p| p.heartbeat.hold_ms)
+        .max()
+        .map_or_else(|| "-".to_owned(), seconds);
     let _ = write!(
         out,
-        "<p class=\"numbers\"><span class=\"waiting\">{} waiting</span> · \
-         oldest {} · {:.1} responses/s · {} dead letters</p>",
+        "<p class=\"numbers\"><span class=\"waiting\">{} waiting</span> \
+         ({}{} past their hold budget) · oldest {} · hold budget {hold} · \
+         {:.1} responses/s · {} dead letters</p>",
         status.waiting,
+        if status.expired_capped {
+            "at least "
+        } else {
+            ""
+        },
+        status.expired,
         status
             .oldest_wait_ms
             .map_or_else(|| "-".to_owned(), seconds),
@@ -205,6 +218,22 @@ fn render_queue(out: &mut String, name: &str, view: &QueueView, with_buttons: bo
     }
     if status.dispatchers.is_empty() {
         out.push_str("<tr><td colspan=\"7\">no live dispatcher</td></tr>");
+    }
+    out.push_str("</table><table><tr><th>proxy</th><th>host</th><th>version</th><th>waiting</th><th>hold budget</th></tr>");
+    for p in &status.proxies {
+        let hb = &p.heartbeat;
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&hb.id),
+            escape(&hb.host),
+            escape(&hb.version),
+            hb.waiting,
+            hb.hold_ms.map_or_else(|| "-".to_owned(), seconds)
+        );
+    }
+    if status.proxies.is_empty() {
+        out.push_str("<tr><td colspan=\"5\">no live proxy</td></tr>");
     }
     out.push_str("</table></section>");
 }
@@ -353,6 +382,8 @@ mod tests {
                 checked_at_ms: 10_000,
                 pause: None,
                 waiting: 3,
+                expired: 1,
+                expired_capped: false,
                 oldest_wait_ms: Some(2_500),
                 dead_letters: 0,
                 dispatchers: vec![
@@ -377,6 +408,8 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("<td>healthy</td>"), "{out}");
+        assert!(out.contains("(1 past their hold budget)"), "{out}");
+        assert!(out.contains("no live proxy"), "{out}");
     }
 
     #[test]
