@@ -112,8 +112,14 @@ pub struct StatusArgs {
     pub queue: Option<String>,
 
     /// Print JSON (schema in docs/operations.md) instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "lines")]
     pub json: bool,
+
+    /// For scripts: one tab-separated line per live component,
+    /// `dispatcher QUEUE ID HOST PID LABEL STATE` (STATE: pulling, paused
+    /// or unhealthy) and `proxy QUEUE ID HOST PID`.
+    #[arg(long)]
+    pub lines: bool,
 }
 
 /// Flags of `anteroom window`.

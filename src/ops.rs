@@ -177,6 +177,8 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if args.lines {
+        print!("{}", status_view::lines(&report));
     } else if report.queues.is_empty() {
         println!(
             "redis {}: no queues yet: start a proxy or dispatcher, or pass --queue \

@@ -103,6 +103,45 @@ pub(crate) fn render(report: &StatusReport) -> String {
     out
 }
 
+/// `status --lines`: one tab-separated line per live component, for
+/// scripts (docs/operations.md); tabs and line breaks in free text become
+/// spaces.
+pub(crate) fn lines(report: &StatusReport) -> String {
+    let clean = |text: &str| text.replace(['\t', '\n', '\r'], " ");
+    let mut out = String::new();
+    for q in &report.queues {
+        for d in &q.dispatchers {
+            let hb = &d.heartbeat;
+            let state = match (&hb.unhealthy, hb.paused) {
+                (_, true) => "paused",
+                (Some(_), false) => "unhealthy",
+                (None, false) => "pulling",
+            };
+            let _ = writeln!(
+                out,
+                "dispatcher\t{}\t{}\t{}\t{}\t{}\t{state}",
+                q.queue,
+                hb.id,
+                clean(&hb.host),
+                hb.pid,
+                clean(&hb.label)
+            );
+        }
+        for p in &q.proxies {
+            let hb = &p.heartbeat;
+            let _ = writeln!(
+                out,
+                "proxy\t{}\t{}\t{}\t{}",
+                q.queue,
+                hb.id,
+                clean(&hb.host),
+                hb.pid
+            );
+        }
+    }
+    out
+}
+
 /// `pulling`, `paused`, or why it takes nothing:
 /// `upstream unhealthy for 3.2s (connection refused)`.
 fn dispatcher_state(hb: &anteroom_protocol::DispatcherHeartbeat, now_ms: u64) -> String {

@@ -3,25 +3,44 @@
 # Redis instead of failing; the new release starts and drains them in order.
 #
 # Usage: stop_all.sh "OLD_PID..." -- NEW_DISPATCHER_COMMAND...
-# Environment: ANTEROOM, ANTEROOM_REDIS, ANTEROOM_QUEUE, LOG as for
-# rolling.sh; DEPLOY (a shell command run while nothing is running, e.g.
-# installing the new release). Prints the new dispatcher's pid last.
+# OLD_PID: the old dispatchers' pids on this host. The new command must be
+# the dispatcher itself (exec it from a wrapper): its pid is how the script
+# finds it live. Environment: ANTEROOM, ANTEROOM_REDIS, ANTEROOM_QUEUE, LOG,
+# READY_WAIT and STOP_WAIT as for rolling.sh; DEPLOY (a shell command run
+# while nothing is running, e.g. installing the new release).
+# Prints the new dispatcher's pid last.
 set -euo pipefail
-ANTEROOM=${ANTEROOM:-anteroom}
+. "$(dirname "$0")/lib.sh"
 old_pids=$1
 shift
 [ "${1:-}" = "--" ] && shift
 
-live() { "$ANTEROOM" status --json | grep -q "$1"; }
+new_command="$*"
+# Said whenever the script fails after stopping everything.
+nothing_serves() {
+  echo "$SCRIPT: $1" >&2
+  echo "$SCRIPT: NO DISPATCHER SERVES queue ${ANTEROOM_QUEUE:-default} now: requests wait in Redis and get 504 once their hold budget passes." >&2
+  echo "$SCRIPT: to recover, start a dispatcher (the old release, or the new one fixed): $new_command" >&2
+  exit 1
+}
 
 for pid in $old_pids; do kill -TERM "$pid"; done
 for pid in $old_pids; do
-  while live "\"pid\": $pid,"; do sleep 0.1; done
+  wait_for "${STOP_WAIT:-60}" "the old dispatcher (pid $pid) stopping" not dispatcher_live "$pid"
 done
-echo "stop_all: every old dispatcher stopped; requests are waiting in Redis"
+echo "$SCRIPT: every old dispatcher stopped; requests are waiting in Redis"
 
-if [ -n "${DEPLOY:-}" ]; then sh -c "$DEPLOY"; fi
+if [ -n "${DEPLOY:-}" ] && ! sh -c "$DEPLOY"; then
+  nothing_serves "the deploy step failed: $DEPLOY"
+fi
 
 "$@" </dev/null >>"${LOG:-/dev/null}" 2>&1 &
-echo "stop_all: started the new release"
-echo "$!"
+new_pid=$!
+new_ready() {
+  alive "$new_pid" || nothing_serves "the new dispatcher exited (see LOG)"
+  dispatcher_ready "$new_pid"
+}
+wait_for "${READY_WAIT:-30}" "the new dispatcher taking requests" new_ready ||
+  nothing_serves "the new dispatcher is not taking requests (see LOG; pid $new_pid left running)"
+echo "$SCRIPT: the new release is live and taking requests"
+echo "$new_pid"

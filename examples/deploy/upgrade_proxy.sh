@@ -10,34 +10,34 @@
 #
 # Usage: upgrade_proxy.sh OLD_PID -- NEW_PROXY_COMMAND...
 #   e.g. upgrade_proxy.sh 4242 -- /opt/anteroom-v2/anteroom proxy --listen 0.0.0.0:8080
-# Environment: ANTEROOM (path to the anteroom binary), ANTEROOM_REDIS,
-# ANTEROOM_QUEUE, LOG (where the new proxy's output goes; /dev/null).
+# OLD_PID is the old proxy's pid on this host. Environment: ANTEROOM (path
+# to the anteroom binary), ANTEROOM_REDIS, ANTEROOM_QUEUE, LOG (where the
+# new proxy's output goes; /dev/null), READY_WAIT (30 s) and STOP_WAIT
+# (60 s: above the old proxy's --grace).
 # Prints the new proxy's pid on its last line.
 set -euo pipefail
-ANTEROOM=${ANTEROOM:-anteroom}
+. "$(dirname "$0")/lib.sh"
 old_pid=$1
 shift
 [ "${1:-}" = "--" ] && shift
 
-live() { "$ANTEROOM" status --json | grep -q "\"pid\": $1,"; }
-
 "$@" </dev/null >>"${LOG:-/dev/null}" 2>&1 &
 new_pid=$!
 
-deadline=$((SECONDS + 30))
-until live "$new_pid"; do
-  if ! kill -0 "$new_pid" 2>/dev/null; then echo "upgrade: the new proxy exited" >&2; exit 1; fi
-  if [ "$SECONDS" -ge "$deadline" ]; then
-    echo "upgrade: the new proxy is not live after 30s; stopping it" >&2
-    kill -TERM "$new_pid"; exit 1
-  fi
-  sleep 0.1
-done
-echo "upgrade: the new proxy is live (pid $new_pid); stopping pid $old_pid"
+new_live() {
+  alive "$new_pid" || { echo "$SCRIPT: the new proxy exited (see LOG)" >&2; exit 1; }
+  proxy_live "$new_pid"
+}
+if ! wait_for "${READY_WAIT:-30}" "the new proxy live" new_live; then
+  echo "$SCRIPT: stopping the new proxy; the old one still serves" >&2
+  kill -TERM "$new_pid"
+  exit 1
+fi
+echo "$SCRIPT: the new proxy is live (pid $new_pid); stopping pid $old_pid"
 
 kill -TERM "$old_pid"
 # The old proxy removes its heartbeat once it has answered what it held
 # (at most its --grace).
-while live "$old_pid"; do sleep 0.1; done
-echo "upgrade: done"
+wait_for "${STOP_WAIT:-60}" "the old proxy (pid $old_pid) stopping" not proxy_live "$old_pid"
+echo "$SCRIPT: done"
 echo "$new_pid"

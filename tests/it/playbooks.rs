@@ -242,6 +242,57 @@ async fn stop_all_deploy_start_all_under_load_fails_nothing() {
     proxy.stop().await;
 }
 
+/// stop_all.sh fails loudly, saying that nothing serves the queue and how
+/// to recover, when the deploy step fails or the new release never takes
+/// requests (here: a typo in its command); it never reports success then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_all_says_when_nothing_serves_the_queue() {
+    let redis = start_redis();
+    let (v1_url, _v1) = version_upstream("v1").await;
+    let queue = crate::support::control(&redis, "fail").await;
+    for (deploy, typo) in [("false", false), ("true", true)] {
+        let mut old = spawn_dispatcher(&dispatch_args(&redis, "fail", &v1_url, "v1"));
+        eventually("v1 to be live", READY, || async {
+            live_labels(&queue).await == ["v1"]
+        })
+        .await;
+        let mut args = vec![old.pid().to_string(), "--".into(), BIN.into()];
+        let mut new = dispatch_args(&redis, "fail", &v1_url, "v2");
+        if typo {
+            new[5] = "--upstrem".into();
+        }
+        args.extend(new);
+        let out = run_script(
+            &redis,
+            "fail",
+            example("deploy/stop_all.sh"),
+            args,
+            vec![("DEPLOY", deploy.to_owned())],
+        )
+        .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let why = if typo {
+            "the new dispatcher exited"
+        } else {
+            "the deploy step failed: false"
+        };
+        assert!(stderr.contains(why), "{stderr}");
+        assert!(
+            stderr.contains("NO DISPATCHER SERVES queue fail now")
+                && stderr.contains("get 504 once their hold budget passes")
+                && stderr.contains("to recover, start a dispatcher"),
+            "{stderr}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("is live"),
+            "reported success"
+        );
+        assert!(old.wait(READY).await.success());
+        assert!(live_labels(&queue).await.is_empty());
+    }
+}
+
 /// The test's own PostgreSQL databases, dropped at the end.
 struct Databases {
     admin: tokio_postgres::Client,
