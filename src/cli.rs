@@ -33,6 +33,16 @@ pub struct Cli {
     /// docs/configuration.md.
     #[arg(long, global = true, env = "ANTEROOM_CONFIG", value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
+
+    /// Check the configuration (flags, environment, file), print every
+    /// setting with where it came from, warn about contradictions, and exit:
+    /// 0 when valid, 2 otherwise. Nothing connects or starts.
+    #[arg(long, global = true)]
+    pub check_config: bool,
+
+    /// Every setting and its source, filled in for --check-config.
+    #[arg(skip)]
+    pub settings: Vec<crate::config::Setting>,
 }
 
 /// Log output formats.
@@ -274,11 +284,6 @@ pub struct ProxyArgs {
     /// configuration file) go to --queue; false answers them 404.
     #[arg(long, env = "ANTEROOM_DEFAULT_QUEUE", default_value_t = true, action = clap::ArgAction::Set)]
     pub default_queue: bool,
-
-    /// Check the configuration (flags, environment, file, routes), print
-    /// what would run, and exit: 0 when valid, 2 otherwise. Nothing connects.
-    #[arg(long)]
-    pub check_config: bool,
 }
 
 /// Flags of `anteroom dispatch`.

@@ -24,6 +24,9 @@ pub async fn run(
     file: Option<crate::config::ConfigFile>,
     inherited: Option<std::net::TcpListener>,
 ) -> anyhow::Result<ExitCode> {
+    if cli.check_config {
+        return Ok(crate::check::check(&cli, file.as_ref()));
+    }
     init_tracing(cli.log_format);
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
@@ -38,9 +41,6 @@ pub async fn run(
             };
             let mut config = proxy_config(&args);
             config.routes = routes;
-            if args.check_config {
-                return Ok(check_config(&args, &config));
-            }
             done(proxy(args, config, inherited).await)
         }
         Command::Dispatch(args) => done(dispatch(args).await),
@@ -66,55 +66,7 @@ fn init_tracing(format: LogFormat) {
     };
 }
 
-/// `proxy --check-config`: validates what the libraries would refuse at
-/// start, prints what would run, exits 0 (valid) or 2.
-fn check_config(args: &ProxyArgs, config: &ProxyConfig) -> ExitCode {
-    let mut problems = Vec::new();
-    if let Err(err) = anteroom_redis::Target::parse(&config.redis_url) {
-        problems.push(format!("redis: {err}"));
-    }
-    if let Err(err) = anteroom_protocol::Keys::new(&config.queue) {
-        problems.push(format!("queue: {err}"));
-    }
-    if !config.default_queue && config.routes.is_empty() {
-        problems.push("default_queue is false and there are no routes: nothing to serve".into());
-    }
-    if !problems.is_empty() {
-        for problem in problems {
-            eprintln!("error: {problem}");
-        }
-        return ExitCode::from(2);
-    }
-    println!("configuration is valid");
-    println!("  listen    {}", args.listen);
-    println!("  redis     {}", crate::ops::redact(&config.redis_url));
-    println!(
-        "  admin     {}",
-        args.admin.map_or("off".into(), |a| a.to_string())
-    );
-    for (i, route) in config.routes.iter().enumerate() {
-        println!(
-            "  route {}   host {} path {} -> queue {} (hold {:?}, max waiting {})",
-            i + 1,
-            route.host.as_deref().unwrap_or("*"),
-            route.path_prefix.as_deref().unwrap_or("*"),
-            route.queue,
-            route.hold.unwrap_or(config.hold),
-            route.max_waiting.unwrap_or(config.max_waiting)
-        );
-    }
-    if config.default_queue {
-        println!(
-            "  default   -> queue {} (hold {:?}, max waiting {})",
-            config.queue, config.hold, config.max_waiting
-        );
-    } else {
-        println!("  default   none: unrouted requests get 404");
-    }
-    ExitCode::SUCCESS
-}
-
-fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
+pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     let mut config = ProxyConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
     config.default_queue = args.default_queue;
     config.hold = args.hold;
@@ -198,26 +150,10 @@ async fn proxy(
 }
 
 async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
-    let upstream = Upstream::new(&args.upstream)?.idle_timeout(args.upstream_idle_timeout);
-    let health_check = upstream
-        .health_check(args.health_path.as_deref())?
-        .interval(args.health_interval)
-        .timeout(args.health_timeout);
     let mut registry = anteroom_metrics::Registry::default();
     let metrics = anteroom_metrics::DispatcherMetrics::register(&mut registry);
     let redis_url = args.target.redis.url.clone();
-    let dispatcher = Dispatcher::builder()
-        .redis_url(args.target.redis.url)
-        .queue(args.target.queue)
-        .concurrency(args.concurrency)
-        .grace(args.grace)
-        .label(args.label)
-        .heartbeat_ttl(args.heartbeat_ttl)
-        .reap_interval(Some(args.reap_every).filter(|d| !d.is_zero()))
-        .durable(args.durable.then_some(args.durable_wait))
-        .metrics(metrics)
-        .health_check(health_check)
-        .build()?;
+    let (dispatcher, upstream) = dispatcher_for(&args, metrics)?;
     let metrics_stop = CancellationToken::new();
     let metrics_endpoint = match args.metrics {
         Some(addr) => {
@@ -254,6 +190,32 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         endpoint.await?;
     }
     served
+}
+
+/// The dispatcher and upstream `anteroom dispatch` runs, built and checked
+/// without connecting (also what `--check-config` checks).
+pub(crate) fn dispatcher_for(
+    args: &DispatchArgs,
+    metrics: anteroom_metrics::DispatcherMetrics,
+) -> anyhow::Result<(Dispatcher, Upstream)> {
+    let upstream = Upstream::new(&args.upstream)?.idle_timeout(args.upstream_idle_timeout);
+    let health_check = upstream
+        .health_check(args.health_path.as_deref())?
+        .interval(args.health_interval)
+        .timeout(args.health_timeout);
+    let dispatcher = Dispatcher::builder()
+        .redis_url(args.target.redis.url.clone())
+        .queue(args.target.queue.clone())
+        .concurrency(args.concurrency)
+        .grace(args.grace)
+        .label(args.label.clone())
+        .heartbeat_ttl(args.heartbeat_ttl)
+        .reap_interval(Some(args.reap_every).filter(|d| !d.is_zero()))
+        .durable(args.durable.then_some(args.durable_wait))
+        .metrics(metrics)
+        .health_check(health_check)
+        .build()?;
+    Ok((dispatcher, upstream))
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -277,6 +277,91 @@ fn config_path(args: &[OsString]) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// One setting of a command as it will run, for `--check-config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Setting {
+    /// The long flag, without dashes (`hold`).
+    pub name: String,
+    /// Its value as given (secrets masked); empty when not set.
+    pub value: String,
+    /// Where it came from: `flag`, `env NAME`, `file`, `default`, or
+    /// `not set`.
+    pub source: String,
+}
+
+/// Every flag of the command `matches` ran, with its effective value and
+/// where it came from; the Redis password and the admin token masked.
+fn settings(
+    cmd: &clap::Command,
+    matches: &clap::ArgMatches,
+    file: Option<&ConfigFile>,
+) -> Vec<Setting> {
+    use clap::parser::ValueSource;
+    let Some((name, sub)) = matches.subcommand() else {
+        return Vec::new();
+    };
+    let Some(sub_cmd) = cmd.find_subcommand(name) else {
+        return Vec::new();
+    };
+    let in_file = |key: &str| {
+        file.is_some_and(|f| {
+            f.table.get(key).is_some_and(|v| !v.is_table())
+                || f.table
+                    .get(name)
+                    .and_then(toml::Value::as_table)
+                    .is_some_and(|t| t.contains_key(key))
+        })
+    };
+    // In the order `--help` lists them (file values were moved last).
+    let order: Vec<String> = Cli::command()
+        .find_subcommand(name)
+        .map(|c| c.get_arguments().map(|a| a.get_id().to_string()).collect())
+        .unwrap_or_default();
+    let mut args: Vec<&clap::Arg> = sub_cmd.get_arguments().collect();
+    args.sort_by_key(|a| {
+        order
+            .iter()
+            .position(|id| id == a.get_id().as_str())
+            .unwrap_or(usize::MAX)
+    });
+    let mut out = Vec::new();
+    for arg in args {
+        let Some(long) = arg.get_long() else { continue };
+        if matches!(long, "help" | "version" | "check-config" | "config") {
+            continue;
+        }
+        let id = arg.get_id().as_str();
+        let key = long.replace('-', "_");
+        let raw: Vec<String> = sub
+            .get_raw(id)
+            .map(|values| values.map(|v| v.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let mut value = raw.join(" ");
+        if long == "redis" {
+            value = crate::ops::redact(&value);
+        } else if long == "admin-token" && !value.is_empty() {
+            value = "***".to_owned();
+        }
+        let source = match sub.value_source(id) {
+            Some(ValueSource::CommandLine) => "flag".to_owned(),
+            Some(ValueSource::EnvVariable) => format!(
+                "env {}",
+                arg.get_env()
+                    .map_or_else(String::new, |e| e.to_string_lossy().into_owned())
+            ),
+            Some(ValueSource::DefaultValue) if in_file(&key) => "file".to_owned(),
+            Some(_) => "default".to_owned(),
+            None => "not set".to_owned(),
+        };
+        out.push(Setting {
+            name: long.to_owned(),
+            value,
+            source,
+        });
+    }
+    out
+}
+
 /// Parses the command line with the configuration file, if any, in effect.
 /// Exits with clap's message and status 2 on bad flags or a bad file.
 pub fn parse() -> (Cli, Option<ConfigFile>) {
@@ -289,8 +374,14 @@ pub fn parse() -> (Cli, Option<ConfigFile>) {
             .unwrap_or_else(|err| usage_error(&err.to_string())),
         None => Cli::command(),
     };
-    let matches = cmd.try_get_matches_from(&args).unwrap_or_else(|e| e.exit());
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let matches = cmd
+        .clone()
+        .try_get_matches_from(&args)
+        .unwrap_or_else(|e| e.exit());
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if cli.check_config {
+        cli.settings = settings(&cmd, &matches, file.as_ref());
+    }
     (cli, file)
 }
 

@@ -8,6 +8,7 @@
 //! ([`local_redis`]) when no Redis URL is given. [`listen`] makes the
 //! proxy's listening socket (socket activation or `SO_REUSEPORT`).
 
+mod check;
 pub mod cli;
 mod commands;
 pub mod config;

@@ -138,3 +138,92 @@ fn the_documented_example_is_valid() {
         "docs/configuration.md must quote examples/anteroom.toml as it is"
     );
 }
+
+/// `--check-config` works for every command: it builds what the command
+/// would run without connecting, lists every setting with its source
+/// (secrets masked), and warns about settings that contradict each other.
+#[test]
+fn every_command_checks_its_configuration() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = command()
+            .arg(args[0])
+            .arg("--check-config")
+            .args(&args[1..])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(
+        &[
+            "dispatch",
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--label",
+            "v2",
+        ],
+        &[("ANTEROOM_REDIS", "redis://:hunter2@10.0.0.5:6379")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("command   dispatch"), "{out}");
+    assert!(
+        out.contains("redis://***@10.0.0.5:6379  (env ANTEROOM_REDIS)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("--label") && out.contains("v2  (flag)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("--health-interval") && out.contains("1s  (default)"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter2") && !err.contains("hunter2"));
+
+    let (code, _, err) = run(
+        &[
+            "dispatch",
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--health-path",
+            "up",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid health check path \"up\""), "{err}");
+    let (code, _, err) = run(&["dispatch", "--upstream", "ftp://x"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid upstream url"), "{err}");
+
+    let (code, out, err) = run(
+        &["proxy", "--admin-token", "s3cret", "--durable-wait", "1s"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("--admin-token is set but --admin is not"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--durable-wait is set but --durable is not"),
+        "{err}"
+    );
+    assert!(!out.contains("s3cret"), "{out}");
+
+    let (code, _, err) = run(&["pause", "--queue", "no spaces"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("queue:"), "{err}");
+    let (code, out, _) = run(&["window", "--", "true"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("command   window") && out.contains("--lease"),
+        "{out}"
+    );
+    let (code, _, err) = run(&["status", "--redis", "http://nope"], &[]);
+    assert_eq!(code, 2, "{err}");
+}

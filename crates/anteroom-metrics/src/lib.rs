@@ -214,11 +214,19 @@ struct StatusCounters {
 }
 
 impl StatusCounters {
+    /// The counters of `queue`; the one for 200 is created at zero at once,
+    /// so the series exists (and `rate()` works) before the first response.
     fn new(queue: &str, family: &Family<StatusLabels, Counter>) -> Self {
+        let ok = family
+            .get_or_create(&StatusLabels {
+                queue: queue.to_owned(),
+                status: 200,
+            })
+            .clone();
         Self {
             queue: queue.to_owned(),
             family: family.clone(),
-            cached: Arc::default(),
+            cached: Arc::new(RwLock::new(HashMap::from([(200, ok)]))),
         }
     }
 
@@ -545,6 +553,7 @@ mod tests {
             "anteroom_dispatcher_dead_lettered_total{queue=\"web\"} 0",
             "anteroom_dispatcher_in_flight_requests{queue=\"web\"} 0",
             "anteroom_dispatcher_requeued_total{queue=\"web\"} 1",
+            "anteroom_dispatcher_requests_total{queue=\"web\",status=\"200\"} 0",
             "anteroom_dispatcher_upstream_healthy{queue=\"web\"} 0",
             "anteroom_dispatcher_upstream_health_changed_timestamp_seconds{queue=\"web\"} 1700000000.5",
             "anteroom_dispatcher_upstream_failures_total{queue=\"web\",reason=\"refused\"} 1",
