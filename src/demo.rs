@@ -39,8 +39,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         proxy_stop.cancelled().await
     }));
     let dispatcher = Dispatcher::builder()
-        .redis_url(redis_url)
-        .queue(args.queue)
+        .redis_url(redis_url.clone())
+        .queue(args.queue.clone())
         .concurrency(64)
         .grace(Duration::from_secs(5))
         .label("demo")
@@ -51,8 +51,16 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     // Written at once, and a closed stdout (e.g. `| head -1`) is not an error.
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "anteroom".to_owned());
+    let target = format!(
+        "--redis {} --queue {queue}",
+        crate::ops::redact(&redis_url),
+        queue = args.queue
+    );
     let banner = format!(
-        "Anteroom demo is up: http://{addr}/\n  curl http://{addr}/hello\n  curl -d 'any bytes' http://{addr}/echo\n  curl 'http://{addr}/slow?ms=2000'\nEach request waits in Redis until the dispatcher takes it. Ctrl-C stops.\n"
+        "Anteroom demo is up: http://{addr}/\n  curl http://{addr}/hello\n  curl -d 'any bytes' http://{addr}/echo\n  curl 'http://{addr}/slow?ms=2000'\nEach request waits in Redis until the dispatcher takes it. Ctrl-C stops.\nIts queue, from another terminal:\n  {exe} status {target}\n  {exe} pause {target}\n  {exe} resume {target}\n"
     );
     {
         use std::io::Write;

@@ -161,17 +161,38 @@ async fn demo_serves_the_quickstart_requests() {
             .stdout(Stdio::piped()),
     );
     let stdout = demo.child().stdout.take().unwrap();
-    let first_line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
+    let banner = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        let mut reader = BufReader::new(stdout);
+        // Up to the last line, `... resume --redis URL --queue demo`.
+        while !lines.last().is_some_and(|l: &String| l.contains(" resume ")) {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            lines.push(line);
+        }
+        lines
     })
     .await
     .unwrap();
     assert_eq!(
-        first_line.trim(),
+        banner[0].trim(),
         format!("Anteroom demo is up: http://127.0.0.1:{port}/")
     );
+    // The printed status line works as pasted, on the demo's own Redis.
+    let status_line = banner
+        .iter()
+        .find(|l| l.contains(" status --redis "))
+        .expect("a ready-to-paste status line");
+    let words: Vec<&str> = status_line.split_whitespace().collect();
+    let out = std::process::Command::new(words[0])
+        .args(&words[1..])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{status_line}");
+    assert!(text.contains("queue demo: running"), "{text}");
     let c = client();
     let r = web::get(&c, &format!("http://127.0.0.1:{port}/hello")).await;
     assert_eq!(r.status, StatusCode::OK);
