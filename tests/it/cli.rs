@@ -165,7 +165,10 @@ async fn demo_serves_the_quickstart_requests() {
         let mut lines = Vec::new();
         let mut reader = BufReader::new(stdout);
         // Up to the last line, `... resume --redis URL --queue demo`.
-        while !lines.last().is_some_and(|l: &String| l.contains(" resume ")) {
+        while !lines
+            .last()
+            .is_some_and(|l: &String| l.contains(" resume "))
+        {
             let mut line = String::new();
             if reader.read_line(&mut line).unwrap() == 0 {
                 break;

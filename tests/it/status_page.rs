@@ -186,11 +186,23 @@ async fn with_a_token_the_page_carries_no_data_until_given_one() {
     let c = client();
     let page = web::get(&c, &format!("http://{admin}/")).await;
     assert_eq!(page.status, StatusCode::OK);
-    assert!(page.text().contains("admin token"));
+    assert!(page.text().contains("This page needs the admin token"));
     assert!(
         !page.text().contains("data-queue=\"private\""),
         "data without the token"
     );
+    // In a browser: a labelled token box and a sentence saying what it
+    // needs, not a "loading" that never ends.
+    if let Some(browser) = chromium() {
+        let dom = headless(&browser, &["--dump-dom"], &format!("http://{admin}/")).await;
+        let dom = String::from_utf8_lossy(&dom);
+        assert!(
+            dom.contains("This page needs the admin token")
+                && dom.contains("<label for=\"token-input\">Admin token</label>")
+                && !dom.contains("loading"),
+            "{dom}"
+        );
+    }
     let ui = web::get(&c, &format!("http://{admin}/ui")).await;
     assert_eq!(ui.status, StatusCode::UNAUTHORIZED);
     let req = Request::get(format!("http://{admin}/ui"))

@@ -191,8 +191,8 @@ fn render_queue(out: &mut String, name: &str, view: &QueueView, with_buttons: bo
     let depth: Vec<f64> = view.history.iter().map(|s| s.waiting as f64).collect();
     let rate: Vec<f64> = view.history.iter().map(|s| s.throughput).collect();
     out.push_str("<div class=\"charts\">");
-    chart(out, "waiting depth, last 5 min", "depth", &depth);
-    chart(out, "responses/s, last 5 min", "rate", &rate);
+    chart(out, "requests waiting in the queue", "depth", &depth);
+    chart(out, "responses per second", "rate", &rate);
     out.push_str("</div><table><tr><th>dispatcher</th><th>host</th><th>label</th><th>in flight</th><th>held</th><th>pause</th><th>upstream</th></tr>");
     for d in &status.dispatchers {
         let hb = &d.heartbeat;
@@ -256,13 +256,17 @@ fn chart(out: &mut String, title: &str, class: &str, values: &[f64]) {
             )
         })
         .collect();
+    // Axes as HTML around the plot: the value scale on the left (0 to the
+    // maximum), time below (five minutes ago to now).
     let _ = write!(
         out,
-        "<figure><svg class=\"{class}\" viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"{title}\">\
-         <rect width=\"{W}\" height=\"{H}\" class=\"bg\"/><polyline points=\"{}\"/></svg>\
-         <figcaption>{title} (max {})</figcaption></figure>",
-        points.join(" "),
-        max.round()
+        "<figure><div class=\"plot\"><div class=\"axis y\"><span>{}</span><span>0</span></div>\
+         <svg class=\"{class}\" viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" role=\"img\" aria-label=\"{title}\">\
+         <rect width=\"{W}\" height=\"{H}\" class=\"bg\"/><polyline points=\"{}\"/></svg></div>\
+         <div class=\"axis x\"><span>5 min ago</span><span>now</span></div>\
+         <figcaption>{title}</figcaption></figure>",
+        max.round(),
+        points.join(" ")
     );
 }
 
@@ -293,17 +297,25 @@ fn escape(text: &str) -> String {
 /// The whole page. `content` is the server-rendered cards, or `None` when a
 /// token is needed first.
 pub(crate) fn page(content: Option<&str>) -> String {
-    let body = match content {
-        Some(content) => format!("<main id=\"content\">{content}</main>"),
-        None => "<main id=\"content\"><p>loading…</p></main>".to_owned(),
+    let (body, hidden) = match content {
+        Some(content) => (format!("<main id=\"content\">{content}</main>"), " hidden"),
+        None => (
+            "<main id=\"content\"><p id=\"needs-token\">This page needs the admin token: \
+             the proxy's <code>--admin-token</code> (<code>ANTEROOM_ADMIN_TOKEN</code>). \
+             Enter it above; it is kept in this browser tab only.</p></main>"
+                .to_owned(),
+            "",
+        ),
     };
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>Anteroom status</title><style>{STYLE}</style></head><body>\
-         <header><h1>Anteroom</h1><form id=\"token\" hidden>\
-         <input type=\"password\" name=\"token\" placeholder=\"admin token\" autocomplete=\"off\">\
-         <button>Use token</button></form></header>{body}<script>{SCRIPT}</script></body></html>"
+         <header><h1>Anteroom</h1><form id=\"token\"{hidden}>\
+         <label for=\"token-input\">Admin token</label> \
+         <input id=\"token-input\" type=\"password\" name=\"token\" placeholder=\"admin token\" autocomplete=\"off\">\
+         <button>Use token</button> <span id=\"token-refused\" class=\"error\" hidden>this token was refused</span>\
+         </form></header>{body}<script>{SCRIPT}</script></body></html>"
     )
 }
 
@@ -315,7 +327,10 @@ h1{font-size:1.3em;margin:0 0 .5em}h2{margin:.2em 0}\
 figcaption{font-size:12px;color:#555}svg .bg{fill:#f8f9fa}\
 svg polyline{fill:none;stroke-width:2}svg.depth polyline{stroke:#e8590c}svg.rate polyline{stroke:#1971c2}\
 table{border-collapse:collapse;margin-top:.6em}td,th{border-bottom:1px solid #eee;padding:.2em .8em;text-align:left}\
-.error{color:#c92a2a}button{cursor:pointer}";
+.error{color:#c92a2a}button{cursor:pointer}\
+.plot{display:flex}.axis{font-size:11px;color:#555}\
+.axis.y{display:flex;flex-direction:column;justify-content:space-between;text-align:right;min-width:2.5em;padding-right:4px}\
+.axis.x{display:flex;justify-content:space-between;margin-left:calc(2.5em + 4px)}";
 
 const SCRIPT: &str = r#"
 const store = window.sessionStorage;
@@ -324,7 +339,11 @@ const form = document.getElementById('token');
 async function refresh() {
   try {
     const r = await fetch('/ui', {headers: auth()});
-    if (r.status === 401) { form.hidden = false; return; }
+    if (r.status === 401) {
+      form.hidden = false;
+      document.getElementById('token-refused').hidden = !store.getItem('anteroom-token');
+      return;
+    }
     form.hidden = true;
     if (r.ok) document.getElementById('content').innerHTML = await r.text();
   } catch (e) { /* the proxy is restarting: try again next tick */ }
