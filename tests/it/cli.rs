@@ -244,3 +244,54 @@ fn demo_without_redis_server_says_what_to_install() {
     assert!(err.contains("redis-server was not found on PATH"), "{err}");
     assert!(err.contains("apt-get install redis-server"), "{err}");
 }
+
+/// The README's control examples, run as written against a queue a proxy
+/// and a dispatcher serve: only the Redis address (the `export` line), the
+/// binary's path and the window's script are this test's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_control_examples_run_as_written() {
+    let redis = start_redis();
+    let proxy = crate::support::TestProxy::start(&redis, "web").await;
+    let dispatcher = TestDispatcher::start(&redis, "web", crate::support::app::test_app());
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("```sh\n")
+        .find(|b| b.starts_with("export ANTEROOM_REDIS="))
+        .and_then(|b| b.split("```").next())
+        .expect("the README's control examples");
+    let mut ran = 0;
+    for line in block.lines().filter(|l| l.starts_with("anteroom ")) {
+        let example = line.split(" #").next().unwrap().trim();
+        let words: Vec<&str> = example
+            .split_whitespace()
+            .skip(1)
+            .map(|w| {
+                if w == "./switch-db-primary.sh" {
+                    "true"
+                } else {
+                    w
+                }
+            })
+            .collect();
+        let out = command()
+            .args(&words)
+            .env("ANTEROOM_REDIS", redis.url())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{example}: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&redis.url()),
+            "{example} did not name its redis:\n{stdout}"
+        );
+        ran += 1;
+    }
+    assert_eq!(ran, 4, "{block}");
+    dispatcher.stop().await;
+    proxy.stop().await;
+}

@@ -391,3 +391,44 @@ async fn a_request_that_breaks_the_connection_every_time_gets_502_after_a_few_tr
     proxy.stop().await;
     server.abort();
 }
+
+/// A dispatcher whose upstream is not there says so at start, once, with
+/// the upstream's address and the cause; not one line per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_reported_once_with_its_address() {
+    let redis = start_redis();
+    let app = App::new();
+    let log = std::env::temp_dir().join(format!("anteroom-dispatch-{}.log", free_port().unwrap()));
+    let mut dispatcher = crate::support::bin::BinProcess::spawn_cmd(
+        crate::support::bin::command()
+            .args(["dispatch", "--redis", &redis.url(), "--queue", "gone"])
+            .args(["--upstream", &app.url()])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let queue = control(&redis, "gone").await;
+    until_dispatcher_healthy(&queue, false).await;
+    eventually("the start-up warning", READY, || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("not reachable at start"))
+    })
+    .await;
+    dispatcher.terminate();
+    dispatcher.wait(READY).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let address = app.url().trim_start_matches("http://").to_owned();
+    let warning = text
+        .lines()
+        .find(|l| l.contains("not reachable at start"))
+        .unwrap();
+    assert!(
+        warning.contains(&address) && warning.contains("connection refused"),
+        "{warning}"
+    );
+    assert_eq!(
+        text.matches("connection refused").count(),
+        1,
+        "repeated while nothing changed:\n{text}"
+    );
+}
