@@ -19,26 +19,45 @@ dispatcher_live() { status_has "\$1 == \"dispatcher\" && \$4 == host && \$5 == \
 dispatcher_ready() {
   status_has "\$1 == \"dispatcher\" && \$4 == host && \$5 == \"$1\" && (\$7 == \"pulling\" || \$7 == \"paused\")"
 }
-# A dispatcher with this label (any host) takes requests.
-label_ready() {
-  status_has "\$1 == \"dispatcher\" && \$6 == \"$1\" && (\$7 == \"pulling\" || \$7 == \"paused\")"
-}
 # A proxy on this host with this pid is live.
 proxy_live() { status_has "\$1 == \"proxy\" && \$4 == host && \$5 == \"$1\""; }
 
+# Where started processes' output goes: LOG, or a fresh file named in
+# every failure message.
+LOG=${LOG:-$(mktemp -t anteroom-deploy.XXXXXX)}
+
+# now_ms: milliseconds since the epoch.
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+
 # wait_for SECONDS WHAT COMMAND...: runs COMMAND every 0.1 s until it
-# succeeds; after SECONDS says WHAT did not happen and fails.
+# succeeds; after SECONDS (measured in milliseconds) says WHAT did not
+# happen and fails.
 wait_for() {
   local seconds=$1 what=$2
   shift 2
-  local deadline=$((SECONDS + seconds))
+  local deadline=$(($(now_ms) + seconds * 1000))
   until "$@"; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
+    if [ "$(now_ms)" -ge "$deadline" ]; then
       echo "$SCRIPT: $what: not after ${seconds}s" >&2
       return 1
     fi
     sleep 0.1
   done
+}
+
+# require_dispatcher PID / require_proxy PID: fail unless PID is a live
+# dispatcher (proxy) of the queue on this host, before anything is touched.
+require_dispatcher() {
+  dispatcher_live "$1" || {
+    echo "$SCRIPT: pid $1 is not a live dispatcher of queue ${ANTEROOM_QUEUE:-default} on $HOST (see \`$ANTEROOM status\`); nothing done" >&2
+    exit 1
+  }
+}
+require_proxy() {
+  proxy_live "$1" || {
+    echo "$SCRIPT: pid $1 is not a live proxy of queue ${ANTEROOM_QUEUE:-default} on $HOST (see \`$ANTEROOM status\`); nothing done" >&2
+    exit 1
+  }
 }
 
 # not COMMAND...: succeeds when COMMAND fails.

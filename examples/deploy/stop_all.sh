@@ -24,6 +24,7 @@ nothing_serves() {
   exit 1
 }
 
+for pid in $old_pids; do require_dispatcher "$pid"; done
 for pid in $old_pids; do kill -TERM "$pid"; done
 for pid in $old_pids; do
   wait_for "${STOP_WAIT:-60}" "the old dispatcher (pid $pid) stopping" not dispatcher_live "$pid"
@@ -34,13 +35,13 @@ if [ -n "${DEPLOY:-}" ] && ! sh -c "$DEPLOY"; then
   nothing_serves "the deploy step failed: $DEPLOY"
 fi
 
-"$@" </dev/null >>"${LOG:-/dev/null}" 2>&1 &
+"$@" </dev/null >>"$LOG" 2>&1 &
 new_pid=$!
 new_ready() {
-  alive "$new_pid" || nothing_serves "the new dispatcher exited (see LOG)"
+  alive "$new_pid" || nothing_serves "the new dispatcher exited (its output: $LOG)"
   dispatcher_ready "$new_pid"
 }
 wait_for "${READY_WAIT:-30}" "the new dispatcher taking requests" new_ready ||
-  nothing_serves "the new dispatcher is not taking requests (see LOG; pid $new_pid left running)"
+  nothing_serves "the new dispatcher is not taking requests (its output: $LOG; pid $new_pid left running)"
 echo "$SCRIPT: the new release is live and taking requests"
 echo "$new_pid"

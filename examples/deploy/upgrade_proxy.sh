@@ -12,7 +12,8 @@
 #   e.g. upgrade_proxy.sh 4242 -- /opt/anteroom-v2/anteroom proxy --listen 0.0.0.0:8080
 # OLD_PID is the old proxy's pid on this host. Environment: ANTEROOM (path
 # to the anteroom binary), ANTEROOM_REDIS, ANTEROOM_QUEUE, LOG (where the
-# new proxy's output goes; /dev/null), READY_WAIT (30 s) and STOP_WAIT
+# new proxy's output goes; a fresh temporary file by default), READY_WAIT
+# (30 s) and STOP_WAIT
 # (60 s: above the old proxy's --grace).
 # Prints the new proxy's pid on its last line.
 set -euo pipefail
@@ -21,11 +22,12 @@ old_pid=$1
 shift
 [ "${1:-}" = "--" ] && shift
 
-"$@" </dev/null >>"${LOG:-/dev/null}" 2>&1 &
+require_proxy "$old_pid"
+"$@" </dev/null >>"$LOG" 2>&1 &
 new_pid=$!
 
 new_live() {
-  alive "$new_pid" || { echo "$SCRIPT: the new proxy exited (see LOG)" >&2; exit 1; }
+  alive "$new_pid" || { echo "$SCRIPT: the new proxy exited (its output: $LOG)" >&2; exit 1; }
   proxy_live "$new_pid"
 }
 if ! wait_for "${READY_WAIT:-30}" "the new proxy live" new_live; then

@@ -293,6 +293,66 @@ async fn stop_all_says_when_nothing_serves_the_queue() {
     }
 }
 
+/// rolling.sh stops nothing until the new dispatcher itself takes requests
+/// (a live dispatcher with the same label does not count), and touches
+/// nothing when OLD_PID is not a live dispatcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_keeps_the_old_dispatcher_unless_the_new_one_is_ready() {
+    let redis = start_redis();
+    let (v1_url, _v1) = version_upstream("v1").await;
+    let queue = crate::support::control(&redis, "keep").await;
+    let mut old = spawn_dispatcher(&dispatch_args(&redis, "keep", &v1_url, "v1"));
+    eventually("v1 to be live", READY, || async {
+        live_labels(&queue).await == ["v1"]
+    })
+    .await;
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        anteroom::local_redis::free_port().unwrap()
+    );
+    // The same label, an upstream that is not there.
+    let mut args = vec![old.pid().to_string(), "v1".into(), "--".into(), BIN.into()];
+    args.extend(dispatch_args(&redis, "keep", &dead, "v1"));
+    args.extend(["--health-path".into(), "/up".into()]);
+    let out = run_script(
+        &redis,
+        "keep",
+        example("deploy/rolling.sh"),
+        args,
+        vec![("READY_WAIT", "2".to_owned())],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("taking requests: not after 2s")
+            && stderr.contains("the old one still serves the queue"),
+        "{stderr}"
+    );
+    eventually("only v1 left", READY, || async {
+        live_labels(&queue).await == ["v1"]
+    })
+    .await;
+    assert!(
+        old.child().try_wait().unwrap().is_none(),
+        "the old dispatcher was stopped"
+    );
+
+    // A pid that is no dispatcher: nothing started, nothing stopped.
+    let mut args = vec!["999999".to_owned(), "v2".into(), "--".into(), BIN.into()];
+    args.extend(dispatch_args(&redis, "keep", &v1_url, "v2"));
+    let out = run_script(&redis, "keep", example("deploy/rolling.sh"), args, vec![]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("pid 999999 is not a live dispatcher"),
+        "{stderr}"
+    );
+    assert_eq!(live_labels(&queue).await, ["v1"]);
+    old.terminate();
+    assert!(old.wait(READY).await.success());
+}
+
 /// The test's own PostgreSQL databases, dropped at the end.
 struct Databases {
     admin: tokio_postgres::Client,
