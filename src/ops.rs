@@ -21,7 +21,7 @@ async fn connect(target: &QueueArgs) -> anyhow::Result<Queue> {
         .await
         .with_context(|| {
             format!(
-                "cannot reach redis at {} (set by --redis or ANTEROOM_REDIS)",
+                "cannot use redis at {} (set by --redis or ANTEROOM_REDIS)",
                 redact(&target.redis.url)
             )
         })
@@ -109,6 +109,25 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
             redact(url)
         );
     }
+    match queue.pause_state().await? {
+        // A lease (a window's, or another `pause --ttl`): joining it would
+        // end with it, so an indefinite pause would be silently lifted.
+        Some((record, Some(left_ms))) if args.ttl.is_none() => anyhow::bail!(
+            "queue {:?} is already paused by {} with a lease that lapses in {} \
+             (a window resumes it when it ends), and this pause would be lifted with it; \
+             pause again once it has ended, or give --ttl",
+            queue.name(),
+            record.by,
+            status_view::duration_ms(left_ms)
+        ),
+        Some((record, _)) => println!(
+            "queue {:?} was already paused by {} {} ago; it stays paused",
+            queue.name(),
+            record.by,
+            status_view::duration_ms(anteroom_protocol::now_ms().saturating_sub(record.since_ms))
+        ),
+        None => {}
+    }
     queue.pause(&who("cli"), args.ttl, false).await?;
     println!("paused queue {:?}", queue.name());
     if args.wait {
@@ -128,8 +147,11 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
                 if let Ok(q) = queue.quiescence().await {
                     eprint!("{}", status_view::busy_lines(&q));
                 }
-                return Err(anyhow::Error::new(err)
-                    .context("the queue stays paused; run `anteroom resume` to release it"));
+                return Err(anyhow::Error::new(err).context(format!(
+                    "the queue stays paused; run `anteroom resume --queue {}` with the same \
+                     --redis to release it",
+                    queue.name()
+                )));
             }
             Err(err) => return Err(err.into()),
         }
@@ -161,7 +183,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| {
             format!(
-                "cannot reach redis at {} (set by --redis or ANTEROOM_REDIS)",
+                "cannot use redis at {} (set by --redis or ANTEROOM_REDIS)",
                 redact(&args.redis.url)
             )
         })?;

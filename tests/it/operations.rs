@@ -811,3 +811,82 @@ async fn status_counts_expired_requests_apart_and_says_what_to_do() {
     short.stop().await;
     long.stop().await;
 }
+
+/// A Redis that needs a password, given none: every command stops at once
+/// naming the Redis and NOAUTH, instead of a proxy that says "ready" and
+/// then answers 503 while its reader retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_redis_password_stops_every_command_at_once() {
+    let redis =
+        anteroom::local_redis::LocalRedis::start_with_args(&["--requirepass", "s3cret"]).unwrap();
+    let url = format!("redis://127.0.0.1:{}", redis.port());
+    let port = free_port().unwrap();
+    for cmd in [
+        vec![
+            "proxy".to_owned(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        vec![
+            "dispatch".into(),
+            "--upstream".into(),
+            "http://127.0.0.1:9".into(),
+        ],
+        vec!["status".into()],
+        vec!["pause".into(), "--queue".into(), "web".into()],
+    ] {
+        let mut cmd = cmd.clone();
+        cmd.extend(["--redis".into(), url.clone()]);
+        let started = Instant::now();
+        let out = anteroom(cmd.clone()).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cmd:?}: {stderr}");
+        assert!(
+            stderr.contains(&url) && stderr.contains("NOAUTH"),
+            "{cmd:?}: {stderr}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "{cmd:?}");
+    }
+}
+
+/// `pause` during a window does not silently join the window's lease (and
+/// vanish when the window resumes): it refuses and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_during_a_window_refuses_instead_of_vanishing_with_it() {
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "lease").await;
+    let d = TestDispatcher::start(&redis, "lease", test_app());
+    let queue = control(&redis, "lease").await;
+    let mut window = BinProcess::spawn(
+        &args(&redis, "lease", &["window", "--", "sleep", "30"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    eventually("the window to pause the queue", READY, || async {
+        queue.status().await.unwrap().pause.is_some()
+    })
+    .await;
+    let out = anteroom(args(&redis, "lease", &["pause"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("already paused by window@") && stderr.contains("would be lifted with it"),
+        "{stderr}"
+    );
+    window.terminate();
+    window.wait(READY).await;
+    assert!(queue.status().await.unwrap().pause.is_none());
+    // A plain pause held by someone else is joined, and says so.
+    queue.pause("operator", None, false).await.unwrap();
+    let out = anteroom(args(&redis, "lease", &["pause"])).await;
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("was already paused by operator"),
+        "{}",
+        text(&out.stdout)
+    );
+    queue.resume().await.unwrap();
+    d.stop().await;
+    proxy.stop().await;
+}

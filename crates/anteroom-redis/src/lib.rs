@@ -66,9 +66,14 @@ pub async fn connect(
 }
 
 /// Opens the shared, self-healing connection to `target`; `timeout` bounds
-/// connecting and each command.
+/// connecting and each command. A `PING` checks that the server takes
+/// commands from this client: a server with `requirepass` accepts the
+/// connection of a client without a password, then answers every command
+/// `NOAUTH`, which would otherwise surface later, once per command.
 pub async fn shared(target: &Target, timeout: Duration) -> redis::RedisResult<SharedConnection> {
-    SharedConnection::connect(target, timeout).await
+    let mut conn = SharedConnection::connect(target, timeout).await?;
+    redis::cmd("PING").query_async::<()>(&mut conn).await?;
+    Ok(conn)
 }
 
 /// Opens a connection for blocking commands that block at most `block`,
