@@ -33,6 +33,15 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
                 warnings
                     .push("--durable-wait is set but --durable is not: it has no effect".into());
             }
+            if args.health_timeout > args.health_interval && args.health_path.is_some() {
+                warnings.push(format!(
+                    "--health-timeout ({:?}) is longer than --health-interval ({:?}): checks overlap",
+                    args.health_timeout, args.health_interval
+                ));
+            }
+            if args.durable && args.target.redis.url.starts_with("redis+cluster://") {
+                problems.push("--durable (WAIT) is not supported on a Redis Cluster".into());
+            }
             if args.health_path.is_none() {
                 summary.push(
                     "without --health-path, a TCP connect decides when a failed upstream is back"
@@ -41,10 +50,18 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
             }
             ("dispatch", Some(&args.target))
         }
-        Command::Pause(args) => ("pause", Some(&args.target)),
+        Command::Pause(args) => {
+            if args.timeout.is_some() && !args.wait {
+                warnings.push("--timeout (or ANTEROOM_TIMEOUT) applies only with --wait".into());
+            }
+            ("pause", Some(&args.target))
+        }
         Command::Resume(args) => ("resume", Some(args)),
         Command::Reap(args) => ("reap", Some(args)),
-        Command::Window(args) => ("window", Some(&args.target)),
+        Command::Window(args) => {
+            summary.push(format!("runs      {}", args.command.join(" ")));
+            ("window", Some(&args.target))
+        }
         Command::Status(args) => {
             if let Err(err) = anteroom_redis::Target::parse(&args.redis.url) {
                 problems.push(format!("redis: {err}"));
@@ -140,6 +157,29 @@ fn proxy(
     }
     if args.admin.is_some_and(|a| !a.ip().is_loopback()) && args.admin_token.is_none() {
         warnings.push("--admin listens beyond loopback without --admin-token".into());
+    }
+    if args.hold.is_zero()
+        || config
+            .routes
+            .iter()
+            .any(|r| r.hold.is_some_and(|h| h.is_zero()))
+    {
+        problems.push(anteroom_proxy::ServeError::ZeroHold.to_string());
+    }
+    if args.max_body > args.max_waiting_bytes {
+        warnings.push(format!(
+            "--max-body ({}) is above --max-waiting-bytes ({}): bodies between the two get 503, not 413",
+            args.max_body, args.max_waiting_bytes
+        ));
+    }
+    if args.enqueue_timeout > args.hold {
+        warnings.push(format!(
+            "--enqueue-timeout ({:?}) is longer than --hold ({:?}): the hold budget cuts it short",
+            args.enqueue_timeout, args.hold
+        ));
+    }
+    if args.durable && args.target.redis.url.starts_with("redis+cluster://") {
+        problems.push("--durable (WAIT) is not supported on a Redis Cluster".into());
     }
     if args.drain > args.grace {
         warnings.push(format!(

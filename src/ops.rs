@@ -187,7 +187,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 redact(&args.redis.url)
             )
         })?;
-    let names = match args.queue {
+    let names = match args.queue.clone() {
         Some(name) => vec![name],
         None => known_queues(&mut conn).await?,
     };
@@ -210,6 +210,19 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("redis {}", redact(&args.redis.url));
         print!("{}", status_view::render(&report));
+        if let Some(name) = &args.queue {
+            let known = known_queues(&mut conn).await?;
+            if !known.contains(name) {
+                println!(
+                    "(no proxy or dispatcher has registered queue {name:?} on this redis; known queues: {})",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -353,10 +366,19 @@ async fn run_command(
 ) -> anyhow::Result<ExitCode> {
     let (program, rest) = command.split_first().context("no command given")?;
     eprintln!("queue is quiet; running: {}", command.join(" "));
-    let mut child = tokio::process::Command::new(program)
-        .args(rest)
-        .spawn()
-        .with_context(|| format!("cannot run {program:?}"))?;
+    let mut child = match tokio::process::Command::new(program).args(rest).spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            // The shell's statuses: 127 not found, 126 found but not runnable.
+            eprintln!("error: cannot run {program:?}: {err}");
+            let code = if err.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            return Ok(ExitCode::from(code));
+        }
+    };
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,
@@ -376,8 +398,10 @@ async fn run_command(
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(1);
-    if code != 0 {
-        eprintln!("command exited with status {code}");
+    match status.signal() {
+        Some(signal) => eprintln!("command killed by signal {signal} (status {code})"),
+        None if code != 0 => eprintln!("command exited with status {code}"),
+        None => {}
     }
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }

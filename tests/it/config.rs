@@ -215,6 +215,27 @@ fn every_command_checks_its_configuration() {
     );
     assert!(!out.contains("s3cret"), "{out}");
 
+    let (code, _, err) = run(&["proxy", "--hold", "0s"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("the hold budget must be above zero"), "{err}");
+    let (code, _, err) = run(
+        &[
+            "dispatch",
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--heartbeat-ttl",
+            "100ms",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("heartbeat ttl must be at least 300ms"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["pause", "--timeout", "5s"], &[]);
+    assert_eq!(code, 0);
+    assert!(err.contains("applies only with --wait"), "{err}");
     let (code, _, err) = run(&["pause", "--queue", "no spaces"], &[]);
     assert_eq!(code, 2);
     assert!(err.contains("queue:"), "{err}");
@@ -224,6 +245,7 @@ fn every_command_checks_its_configuration() {
         out.contains("command   window") && out.contains("--lease"),
         "{out}"
     );
+    assert!(out.contains("runs      true"), "{out}");
     let (code, _, err) = run(&["status", "--redis", "http://nope"], &[]);
     assert_eq!(code, 2, "{err}");
 }

@@ -316,6 +316,33 @@ async fn control_commands_refuse_a_queue_nobody_serves_and_name_their_target() {
         text(&out.stdout)
     );
 
+    // A typo'd queue in status says which queues exist.
+    let out = anteroom(args(&redis, "wbe", &["status"])).await;
+    assert!(
+        text(&out.stdout).contains(
+            "no proxy or dispatcher has registered queue \"wbe\" on this redis; known queues: web"
+        ),
+        "{}",
+        text(&out.stdout)
+    );
+    // A window whose command does not exist: the shell's 127, resumed.
+    let out = anteroom(args(
+        &redis,
+        "web",
+        &["window", "--", "/nonexistent/command"],
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out.stderr));
+    assert!(
+        control(&redis, "web")
+            .await
+            .status()
+            .await
+            .unwrap()
+            .pause
+            .is_none()
+    );
+
     // An unreachable Redis: its address (no password), the cause once, and
     // what sets it.
     let port = free_port().unwrap();

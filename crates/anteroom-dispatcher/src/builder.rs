@@ -193,6 +193,9 @@ impl DispatcherBuilder {
         if self.settings.concurrency == 0 {
             return Err(DispatcherError::ZeroConcurrency);
         }
+        if self.settings.heartbeat_ttl < Duration::from_millis(300) {
+            return Err(DispatcherError::HeartbeatTtl);
+        }
         let id = match &self.settings.id {
             Some(id) => {
                 validate_id(id)?;

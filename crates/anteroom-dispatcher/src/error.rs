@@ -18,6 +18,10 @@ pub enum DispatcherError {
     /// Concurrency must be at least 1.
     #[error("concurrency must be at least 1")]
     ZeroConcurrency,
+    /// The heartbeat TTL is below 300 ms: refreshed every third of it (at
+    /// least every 100 ms), the heartbeat would keep lapsing.
+    #[error("the heartbeat ttl must be at least 300ms")]
+    HeartbeatTtl,
     /// The queue name or dispatcher id cannot be used in Redis keys.
     #[error(transparent)]
     Name(#[from] NameError),

@@ -290,6 +290,11 @@ impl Gate {
                 return false;
             }
             match state.unhealthy.take() {
+                Some(unhealthy) if unhealthy.reason == NOT_CHECKED => {
+                    tracing::info!(upstream = %self.target, "upstream healthy at start; taking requests");
+                    self.metrics.upstream_health(true, now_ms());
+                    true
+                }
                 Some(unhealthy) => {
                     let down_ms = now_ms().saturating_sub(unhealthy.since_ms);
                     tracing::info!(upstream = %self.target, down_ms, "upstream healthy; taking requests");

@@ -19,6 +19,10 @@ pub enum ServeError {
     /// Routes only, no default queue, and no route: nothing to serve.
     #[error("no queue to serve: no routes and no default queue")]
     NoQueue,
+    /// A hold budget of zero (the proxy's or a route's): every request
+    /// would get 504 at once.
+    #[error("the hold budget must be above zero")]
+    ZeroHold,
     /// The admin endpoint could not reach the queue's state.
     #[error("admin endpoint cannot reach the queue")]
     Control(#[source] anteroom_control::ControlError),

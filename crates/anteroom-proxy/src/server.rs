@@ -53,6 +53,14 @@ pub async fn serve(
         }
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
+    if config.hold.is_zero()
+        || config
+            .routes
+            .iter()
+            .any(|r| r.hold.is_some_and(|h| h.is_zero()))
+    {
+        return Err(ServeError::ZeroHold);
+    }
     // Every queue name is checked before anything connects.
     let default_keys = Keys::new(&config.queue)?;
     let route_keys = config

@@ -9,7 +9,10 @@ use tokio::sync::Mutex;
 
 /// A Redis URL that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid redis url: {reason}")]
+#[error(
+    "invalid redis url: {reason} (expected redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss://..., \
+     redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER or redis+cluster://HOST:PORT[,...])"
+)]
 pub struct TargetError {
     reason: String,
 }
