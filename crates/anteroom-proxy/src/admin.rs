@@ -91,7 +91,9 @@ pub async fn serve_admin(
         token: config.token,
         host: anteroom_redis::hostname(),
     });
-    tracing::info!(listen = ?listener.local_addr().ok(), "admin endpoint ready");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "admin endpoint ready");
+    }
     let builder = auto::Builder::new(TokioExecutor::new());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

@@ -213,7 +213,11 @@ fn finish(
                     tracing::debug!(error = %err, "request failed")
                 }
                 _ => {
-                    tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "request failed")
+                    tracing::warn!(
+                        error = %err,
+                        cause = std::error::Error::source(&err).map_or_else(String::new, ToString::to_string),
+                        "request failed"
+                    )
                 }
             }
             failure_response(failure)

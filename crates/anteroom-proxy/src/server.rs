@@ -120,7 +120,9 @@ pub async fn serve(
         return Err(ServeError::NoQueue);
     }
     tracing::info!(
-        listen = ?listener.local_addr().ok(),
+        listen = %listener
+            .local_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string()),
         queues = ?queues.iter().map(|k| k.queue()).collect::<Vec<_>>(),
         routes = config.routes.len(),
         default_queue = config.default_queue,
