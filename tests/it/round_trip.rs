@@ -158,6 +158,46 @@ async fn forwarding_headers_and_request_id() {
     .await;
 }
 
+/// Headers the proxy edits keep every line a client or a load balancer
+/// sent (RFC 9110 §5.3), and HTTP/2 cookie fields reach an HTTP/1.1 app as
+/// one `Cookie` (RFC 9113 §8.2.3); through a real upstream server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_forwarding_lines_and_h2_cookies_reach_the_app_whole() {
+    with_stack(Backend::Upstream, |proxy| async move {
+        let lines = |r: &Reply, name: &str| -> Vec<String> {
+            r.headers
+                .get_all(name)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect()
+        };
+        for (c, h2) in [(client(), false), (h2c_client(), true)] {
+            let req = Request::get(proxy.url("/echo"))
+                .header("x-forwarded-for", "198.51.100.1")
+                .header("x-forwarded-for", "203.0.113.2")
+                .header("cookie", "a=1")
+                .header("cookie", "b=2")
+                .body(Full::default())
+                .unwrap();
+            let r = send(&c, req).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(
+                lines(&r, "x-saw-forwarded-for"),
+                ["198.51.100.1, 203.0.113.2, 127.0.0.1"]
+            );
+            let cookies = lines(&r, "x-saw-cookie");
+            if h2 {
+                assert_eq!(cookies, ["a=1; b=2"]);
+            } else {
+                // HTTP/1.1 carries what the client sent.
+                assert_eq!(cookies, ["a=1", "b=2"]);
+            }
+        }
+        proxy
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_clients_are_served() {
     with_stack(Backend::Embedded, |proxy| async move {

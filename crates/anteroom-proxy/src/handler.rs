@@ -386,6 +386,9 @@ pub(crate) fn envelope_for(
 ) -> RequestEnvelope {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    if parts.version >= http::Version::HTTP_2 {
+        join_cookies(&mut headers);
+    }
     prepare_forwarded_headers(&mut headers, &parts.uri, route.client, route.request_id);
     RequestEnvelope {
         id: route.id.to_owned(),
@@ -417,6 +420,25 @@ fn origin_form(uri: &http::Uri) -> String {
     }
 }
 
+/// HTTP/2 may split `cookie` into one field per pair (RFC 9113 §8.2.3);
+/// forwarded as HTTP/1.1 they must be one field again, joined with `"; "`,
+/// or an app that joins repeated fields with `","` (RFC 9110 §5.3) reads
+/// `a=1,b=2` as one cookie.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// Sets `X-Request-Id`, appends the client to `X-Forwarded-For`, sets
 /// `X-Forwarded-Proto` to this hop's scheme, and fills in `Host` from the
 /// authority of HTTP/2 requests.
@@ -427,11 +449,19 @@ fn prepare_forwarded_headers(
     request_id: &HeaderValue,
 ) {
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    // Every prior line, in order (a load balancer may add its own line
+    // rather than append to the client's: RFC 9110 §5.3 makes them one
+    // list), then this hop's client.
     let ip = client.ip().to_string();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
-    };
+    let mut hops: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    hops.push(&ip);
+    let forwarded_for = hops.join(", ");
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
@@ -474,6 +504,40 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-request-id"], "abc");
+    }
+
+    #[test]
+    fn every_prior_forwarded_for_line_is_kept_in_order() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "198.51.100.1".parse().unwrap());
+        h.append(
+            "x-forwarded-for",
+            "203.0.113.2, 203.0.113.3".parse().unwrap(),
+        );
+        h.append("x-forwarded-for", " ".parse().unwrap());
+        let uri: http::Uri = "/".parse().unwrap();
+        let rid = HeaderValue::from_static("abc");
+        prepare_forwarded_headers(&mut h, &uri, "192.0.2.7:4000".parse().unwrap(), &rid);
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(
+            h["x-forwarded-for"],
+            "198.51.100.1, 203.0.113.2, 203.0.113.3, 192.0.2.7"
+        );
+    }
+
+    #[test]
+    fn h2_cookie_fields_become_one() {
+        let mut h = HeaderMap::new();
+        join_cookies(&mut h);
+        assert!(h.get("cookie").is_none());
+        h.append("cookie", "a=1".parse().unwrap());
+        join_cookies(&mut h);
+        assert_eq!(h["cookie"], "a=1");
+        h.append("cookie", "b=2".parse().unwrap());
+        h.append("cookie", "c=3; d=4".parse().unwrap());
+        join_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h["cookie"], "a=1; b=2; c=3; d=4");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 /// Routes:
 /// - `/echo`: the body back; `x-method`, `x-path`; every `x-test-*` request
 ///   header copied to the response (duplicates and raw bytes kept); the
-///   forwarding headers it saw as `x-saw-*`.
+///   forwarding headers and cookies it saw as `x-saw-*` (one line each).
 /// - `/slow?ms=N`: sleeps, then 200.
 /// - `/status/N`: answers status N.
 pub fn test_app() -> Router {
@@ -38,15 +38,17 @@ async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Resp
             h.append(name.clone(), value.clone());
         }
     }
+    // Every line of each, so a test sees how many arrived.
     for (seen, saw) in [
         ("x-forwarded-for", "x-saw-forwarded-for"),
         ("x-forwarded-proto", "x-saw-forwarded-proto"),
         ("x-request-id", "x-saw-request-id"),
         ("host", "x-saw-host"),
         ("connection", "x-saw-connection"),
+        ("cookie", "x-saw-cookie"),
     ] {
-        if let Some(v) = headers.get(seen) {
-            h.insert(saw, v.clone());
+        for v in headers.get_all(seen) {
+            h.append(saw, v.clone());
         }
     }
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
