@@ -349,6 +349,10 @@ pub struct DispatchArgs {
     #[arg(long, env = "ANTEROOM_UPSTREAM_IDLE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
 
+    /// Most header fields in one response from the upstream; more is a 502.
+    #[arg(long, env = "ANTEROOM_UPSTREAM_MAX_HEADERS", default_value_t = anteroom_dispatcher::DEFAULT_MAX_HEADERS)]
+    pub upstream_max_headers: usize,
+
     /// How long one health check may take before it counts as failed.
     #[arg(long, env = "ANTEROOM_HEALTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub health_timeout: Duration,

@@ -198,7 +198,9 @@ pub(crate) fn dispatcher_for(
     args: &DispatchArgs,
     metrics: anteroom_metrics::DispatcherMetrics,
 ) -> anyhow::Result<(Dispatcher, Upstream)> {
-    let upstream = Upstream::new(&args.upstream)?.idle_timeout(args.upstream_idle_timeout);
+    let upstream = Upstream::new(&args.upstream)?
+        .idle_timeout(args.upstream_idle_timeout)
+        .max_headers(args.upstream_max_headers);
     let health_check = upstream
         .health_check(args.health_path.as_deref())?
         .interval(args.health_interval)

@@ -198,6 +198,25 @@ async fn repeated_forwarding_lines_and_h2_cookies_reach_the_app_whole() {
     .await;
 }
 
+/// An app answering with more header fields than hyper's default of 100
+/// (many `Set-Cookie` lines, say) is passed through whole, as nginx does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_with_many_header_fields_pass_through() {
+    with_stack(Backend::Upstream, |proxy| async move {
+        // A client that itself accepts that many.
+        let c: crate::support::web::TestClient =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http1_max_headers(1000)
+                .build_http();
+        let r = web::get(&c, &proxy.url("/headers/110")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert!((0..110).all(|i| r.headers.contains_key(format!("x-h-{i}").as_str())));
+        assert_eq!(r.text(), "many headers");
+        proxy
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_clients_are_served() {
     with_stack(Backend::Embedded, |proxy| async move {

@@ -31,7 +31,7 @@ mod worker;
 pub use builder::{Dispatcher, DispatcherBuilder};
 pub use error::{BoxError, DispatcherError, FailureReason, UpstreamError};
 pub use health::HealthCheck;
-pub use upstream::Upstream;
+pub use upstream::{DEFAULT_MAX_HEADERS, Upstream};
 
 /// The request body type handlers receive: the whole body, already read.
 pub type Body = http_body_util::Full<bytes::Bytes>;

@@ -20,13 +20,20 @@ use crate::health::HealthCheck;
 /// Default of [`Upstream::idle_timeout`].
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The pooled keep-alive client: 5 s to connect, no Nagle delay.
-fn client(idle_timeout: Duration) -> Client<HttpConnector, Body> {
+/// Default of [`Upstream::max_headers`]: well above hyper's 100, since nginx
+/// limits an upstream's response head only by its size (`proxy_buffer_size`,
+/// 4 or 8 KiB) and apps with many `Set-Cookie` or CSP fields exceed 100.
+pub const DEFAULT_MAX_HEADERS: usize = 500;
+
+/// The pooled keep-alive client: 5 s to connect, no Nagle delay, at most
+/// `max_headers` header fields in a response head.
+fn client(idle_timeout: Duration, max_headers: usize) -> Client<HttpConnector, Body> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
     connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(idle_timeout)
+        .http1_max_headers(max_headers)
         .build(connector)
 }
 
@@ -40,6 +47,8 @@ fn client(idle_timeout: Duration) -> Client<HttpConnector, Body> {
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
+    idle_timeout: Duration,
+    max_headers: usize,
     authority: Authority,
     prefix: String,
 }
@@ -60,7 +69,9 @@ impl Upstream {
             .ok_or_else(|| UpstreamError::Url(url.to_owned()))?;
         let prefix = uri.path().trim_end_matches('/').to_owned();
         Ok(Self {
-            client: client(DEFAULT_IDLE_TIMEOUT),
+            client: client(DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_headers: DEFAULT_MAX_HEADERS,
             authority,
             prefix,
         })
@@ -72,7 +83,17 @@ impl Upstream {
     /// request written just as the upstream closes an idle connection may
     /// have been read, so only a request safe to repeat could be retried.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.client = client(timeout);
+        self.idle_timeout = timeout;
+        self.client = client(self.idle_timeout, self.max_headers);
+        self
+    }
+
+    /// Most header fields in a response head from the upstream (default
+    /// [`DEFAULT_MAX_HEADERS`]); more is a 502. The whole head is also
+    /// bounded by hyper's read buffer (about 400 KB).
+    pub fn max_headers(mut self, max: usize) -> Self {
+        self.max_headers = max.max(1);
+        self.client = client(self.idle_timeout, self.max_headers);
         self
     }
 

@@ -18,12 +18,14 @@ use tokio::task::JoinHandle;
 ///   forwarding headers and cookies it saw as `x-saw-*` (one line each).
 /// - `/slow?ms=N`: sleeps, then 200.
 /// - `/status/N`: answers status N.
+/// - `/headers/N`: answers with N header fields `x-h-0`...
 pub fn test_app() -> Router {
     Router::new()
         .route("/echo", any(echo))
         .route("/echo/{*rest}", any(echo))
         .route("/slow", any(slow))
         .route("/status/{code}", any(status))
+        .route("/headers/{count}", any(many_headers))
         .layer(DefaultBodyLimit::disable())
 }
 
@@ -65,6 +67,19 @@ async fn slow(uri: Uri) -> &'static str {
         .unwrap_or(500);
     tokio::time::sleep(Duration::from_millis(ms)).await;
     "done\n"
+}
+
+/// A response with `count` header fields `x-h-0`..., as an app with many
+/// `Set-Cookie` or policy fields sends.
+async fn many_headers(axum::extract::Path(count): axum::extract::Path<usize>) -> Response {
+    let mut resp = "many headers".into_response();
+    for i in 0..count {
+        resp.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(format!("x-h-{i}").as_bytes()).unwrap(),
+            HeaderValue::from_static("v"),
+        );
+    }
+    resp
 }
 
 async fn status(axum::extract::Path(code): axum::extract::Path<u16>) -> StatusCode {
