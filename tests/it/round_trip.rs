@@ -233,3 +233,50 @@ async fn h2c_clients_are_served() {
     })
     .await;
 }
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or with two, or with
+/// one that is not `host[:port]`, gets 400 and never reaches the app;
+/// HTTP/1.0 may omit it; with an absolute-form target the target's
+/// authority is the host (§3.2.2). Raw bytes on a real socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_fields_follow_rfc_9112() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    with_stack(Backend::Upstream, |proxy| async move {
+        let raw = |request: &'static str| {
+            let addr = proxy.addr;
+            async move {
+                let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+                socket.write_all(request.as_bytes()).await.unwrap();
+                let mut answer = Vec::new();
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    socket.read_to_end(&mut answer),
+                )
+                .await
+                .expect("the proxy answered and closed")
+                .unwrap();
+                String::from_utf8_lossy(&answer).into_owned()
+            }
+        };
+        for bad in [
+            "GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /echo HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+            "GET /echo HTTP/1.1\r\nHost: user@a.example\r\nConnection: close\r\n\r\n",
+            "GET /echo HTTP/1.1\r\nHost: a.example/x\r\nConnection: close\r\n\r\n",
+        ] {
+            let answer = raw(bad).await;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{bad:?} got {answer}");
+            assert!(!answer.contains("x-saw-host"), "reached the app: {answer}");
+        }
+        let answer = raw("GET /echo HTTP/1.0\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+        let answer = raw(
+            "GET http://example.org/echo HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("x-saw-host: example.org\r\n"), "{answer}");
+        proxy
+    })
+    .await;
+}

@@ -48,13 +48,15 @@ pub(crate) enum ProxyError {
     ReaderGone,
     #[error("the reply is not a valid HTTP response")]
     BadReply(#[source] anteroom_protocol::ConvertError),
+    #[error("{0} (RFC 9112 section 3.2)")]
+    BadHost(&'static str),
 }
 
 impl ProxyError {
     pub(crate) fn failure(&self) -> Failure {
         match self {
             ProxyError::BodyTooLarge { .. } => Failure::BodyTooLarge,
-            ProxyError::BodyRead(_) => Failure::BadRequest,
+            ProxyError::BodyRead(_) | ProxyError::BadHost(_) => Failure::BadRequest,
             ProxyError::BodyTimeout(_) => Failure::ClientTimeout,
             ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
             ProxyError::HoldExpired => Failure::HoldExpired,

@@ -248,6 +248,9 @@ fn arrive(
     id: uuid::Uuid,
     request_id: &HeaderValue,
 ) -> Arrival {
+    if let Err(problem) = check_host(&req) {
+        return Arrival::Ready(Err(ProxyError::BadHost(problem)));
+    }
     let limit = state.config.max_body;
     let declared = req
         .headers()
@@ -267,6 +270,44 @@ fn arrive(
         let body = read_body(body, limit, state.config.body_read_timeout).await?;
         prepare(&state, parts, body, client, id, &request_id)
     }))
+}
+
+/// RFC 9112 §3.2: a server answers 400 to an HTTP/1.1 request without a
+/// `Host` field, and to any request with more than one `Host` line or a
+/// `Host` that is not `host[:port]` (an empty value is allowed, for targets
+/// without an authority). HTTP/1.0 may omit it; HTTP/2 carries
+/// `:authority` instead and may omit it too.
+fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err("more than one Host field"),
+        (None, _) if req.version() == http::Version::HTTP_11 => {
+            Err("HTTP/1.1 request without a Host field")
+        }
+        (Some(host), None) => {
+            let valid = host.is_empty()
+                || host
+                    .to_str()
+                    .ok()
+                    .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                    .is_some_and(|a| {
+                        // host [ ":" port ], port = *DIGIT (RFC 3986 §3.2.3)
+                        let port = a.as_str().strip_prefix(a.host());
+                        !a.as_str().contains('@')
+                            && port.is_some_and(|p| {
+                                p.is_empty()
+                                    || p.strip_prefix(':')
+                                        .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                            })
+                    });
+            if valid {
+                Ok(())
+            } else {
+                Err("invalid Host field")
+            }
+        }
+        (None, _) => Ok(()),
+    }
 }
 
 /// A request ready for the queue: its encoded envelope, and what waiting
@@ -388,6 +429,17 @@ pub(crate) fn envelope_for(
     strip_hop_by_hop(&mut headers);
     if parts.version >= http::Version::HTTP_2 {
         join_cookies(&mut headers);
+    }
+    if parts.version < http::Version::HTTP_2 {
+        // RFC 9112 §3.2.2: with an absolute-form target, the target's
+        // authority is the host; a Host field that disagrees is ignored.
+        if let Some(value) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            headers.insert(header::HOST, value);
+        }
     }
     prepare_forwarded_headers(&mut headers, &parts.uri, route.client, route.request_id);
     RequestEnvelope {
@@ -523,6 +575,38 @@ mod tests {
             h["x-forwarded-for"],
             "198.51.100.1, 203.0.113.2, 203.0.113.3, 192.0.2.7"
         );
+    }
+
+    #[test]
+    fn host_rules_of_rfc_9112() {
+        let req = |version, hosts: &[&str]| {
+            let mut b = Request::get("/x").version(version);
+            for h in hosts {
+                b = b.header("host", *h);
+            }
+            b.body(()).unwrap()
+        };
+        use http::Version;
+        assert!(check_host(&req(Version::HTTP_11, &["example.org"])).is_ok());
+        assert!(check_host(&req(Version::HTTP_11, &["example.org:8080"])).is_ok());
+        assert!(check_host(&req(Version::HTTP_11, &["[::1]:80"])).is_ok());
+        assert!(check_host(&req(Version::HTTP_11, &[""])).is_ok());
+        assert!(check_host(&req(Version::HTTP_10, &[])).is_ok());
+        assert!(check_host(&req(Version::HTTP_2, &[])).is_ok());
+        for (version, hosts) in [
+            (Version::HTTP_11, &[][..]),
+            (Version::HTTP_11, &["a.example", "b.example"][..]),
+            (Version::HTTP_10, &["a.example", "a.example"][..]),
+            (Version::HTTP_11, &["a b"][..]),
+            (Version::HTTP_11, &["user@a.example"][..]),
+            (Version::HTTP_11, &["a.example/path"][..]),
+            (Version::HTTP_11, &["a.example:port"][..]),
+        ] {
+            assert!(
+                check_host(&req(version, hosts)).is_err(),
+                "{version:?} {hosts:?}"
+            );
+        }
     }
 
     #[test]
