@@ -18,10 +18,13 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
     let (name, target) = match &cli.command {
         Command::Proxy(args) => {
             proxy(args, file, &mut problems, &mut warnings, &mut summary);
-            if given(cli, "durable-wait") && !args.durable {
-                warnings
-                    .push("--durable-wait is set but --durable is not: it has no effect".into());
-            }
+            durability(
+                cli,
+                args.durable,
+                &args.target,
+                &mut problems,
+                &mut warnings,
+            );
             ("proxy", Some(&args.target))
         }
         Command::Dispatch(args) => {
@@ -29,18 +32,18 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
             if let Err(err) = crate::commands::dispatcher_for(args, metrics) {
                 problems.push(crate::error_chain(&err));
             }
-            if given(cli, "durable-wait") && !args.durable {
-                warnings
-                    .push("--durable-wait is set but --durable is not: it has no effect".into());
-            }
+            durability(
+                cli,
+                args.durable,
+                &args.target,
+                &mut problems,
+                &mut warnings,
+            );
             if args.health_timeout > args.health_interval && args.health_path.is_some() {
                 warnings.push(format!(
                     "--health-timeout ({:?}) is longer than --health-interval ({:?}): checks overlap",
                     args.health_timeout, args.health_interval
                 ));
-            }
-            if args.durable && args.target.redis.url.starts_with("redis+cluster://") {
-                problems.push("--durable (WAIT) is not supported on a Redis Cluster".into());
             }
             if args.health_path.is_none() {
                 summary.push(
@@ -125,6 +128,24 @@ fn given(cli: &Cli, name: &str) -> bool {
         .any(|s| s.name == name && !matches!(s.source.as_str(), "default" | "not set"))
 }
 
+/// `--durable` and `--durable-wait`, which the proxy and the dispatcher
+/// share: a wait without `--durable` does nothing, and `WAIT` does not
+/// exist on a cluster.
+fn durability(
+    cli: &Cli,
+    durable: bool,
+    target: &QueueArgs,
+    problems: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) {
+    if given(cli, "durable-wait") && !durable {
+        warnings.push("--durable-wait is set but --durable is not: it has no effect".into());
+    }
+    if durable && target.redis.url.starts_with("redis+cluster://") {
+        problems.push("--durable (WAIT) is not supported on a Redis Cluster".into());
+    }
+}
+
 /// The Redis URL and queue name every queue command uses.
 fn queue_target(target: &QueueArgs, problems: &mut Vec<String>) {
     if let Err(err) = anteroom_redis::Target::parse(&target.redis.url) {
@@ -177,9 +198,6 @@ fn proxy(
             "--enqueue-timeout ({:?}) is longer than --hold ({:?}): the hold budget cuts it short",
             args.enqueue_timeout, args.hold
         ));
-    }
-    if args.durable && args.target.redis.url.starts_with("redis+cluster://") {
-        problems.push("--durable (WAIT) is not supported on a Redis Cluster".into());
     }
     if args.drain > args.grace {
         warnings.push(format!(

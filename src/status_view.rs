@@ -112,11 +112,7 @@ pub(crate) fn lines(report: &StatusReport) -> String {
     for q in &report.queues {
         for d in &q.dispatchers {
             let hb = &d.heartbeat;
-            let state = match (&hb.unhealthy, hb.paused) {
-                (_, true) => "paused",
-                (Some(_), false) => "unhealthy",
-                (None, false) => "pulling",
-            };
+            let state = state_word(hb);
             let _ = writeln!(
                 out,
                 "dispatcher\t{}\t{}\t{}\t{}\t{}\t{state}",
@@ -145,14 +141,23 @@ pub(crate) fn lines(report: &StatusReport) -> String {
 /// `pulling`, `paused`, or why it takes nothing:
 /// `upstream unhealthy for 3.2s (connection refused)`.
 fn dispatcher_state(hb: &anteroom_protocol::DispatcherHeartbeat, now_ms: u64) -> String {
-    match (&hb.unhealthy, hb.paused) {
-        (_, true) => "paused".to_owned(),
-        (Some(u), false) => format!(
+    match (&hb.unhealthy, state_word(hb)) {
+        (Some(u), "unhealthy") => format!(
             "upstream unhealthy for {} ({})",
             duration_ms(now_ms.saturating_sub(u.since_ms)),
             u.reason
         ),
-        (None, false) => "pulling".to_owned(),
+        (_, word) => word.to_owned(),
+    }
+}
+
+/// A dispatcher's state in one word: `paused` (it acknowledged the queue's
+/// pause), `unhealthy` (its upstream is), or `pulling`.
+fn state_word(hb: &anteroom_protocol::DispatcherHeartbeat) -> &'static str {
+    match (&hb.unhealthy, hb.paused) {
+        (_, true) => "paused",
+        (Some(_), false) => "unhealthy",
+        (None, false) => "pulling",
     }
 }
 

@@ -205,14 +205,14 @@ async fn window_runs_the_command_while_quiet_and_resumes_after_it_fails() {
     proxy.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn window_interrupted_stops_the_command_and_resumes() {
-    let redis = start_redis();
-    let proxy = TestProxy::start(&redis, "intr").await;
-    let d = TestDispatcher::start(&redis, "intr", test_app());
-    let queue = control(&redis, "intr").await;
-    let mut window = BinProcess::spawn(
-        &args(&redis, "intr", &["window", "--", "sleep", "30"])
+/// `anteroom window -- sleep 30` on `name`, once it has paused the queue.
+async fn open_window(
+    redis: &LocalRedis,
+    name: &str,
+    queue: &anteroom_control::Queue,
+) -> BinProcess {
+    let window = BinProcess::spawn(
+        &args(redis, name, &["window", "--", "sleep", "30"])
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -221,6 +221,16 @@ async fn window_interrupted_stops_the_command_and_resumes() {
         queue.status().await.unwrap().pause.is_some()
     })
     .await;
+    window
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_interrupted_stops_the_command_and_resumes() {
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "intr").await;
+    let d = TestDispatcher::start(&redis, "intr", test_app());
+    let queue = control(&redis, "intr").await;
+    let mut window = open_window(&redis, "intr", &queue).await;
     // Give it time to reach the command, then stop it as a supervisor would.
     eventually("the command to start", READY, || async {
         std::process::Command::new("pgrep")
@@ -884,16 +894,7 @@ async fn pause_during_a_window_refuses_instead_of_vanishing_with_it() {
     let proxy = TestProxy::start(&redis, "lease").await;
     let d = TestDispatcher::start(&redis, "lease", test_app());
     let queue = control(&redis, "lease").await;
-    let mut window = BinProcess::spawn(
-        &args(&redis, "lease", &["window", "--", "sleep", "30"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    eventually("the window to pause the queue", READY, || async {
-        queue.status().await.unwrap().pause.is_some()
-    })
-    .await;
+    let mut window = open_window(&redis, "lease", &queue).await;
     let out = anteroom(args(&redis, "lease", &["pause"])).await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);

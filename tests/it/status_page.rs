@@ -96,10 +96,9 @@ async fn proxy_with_admin(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_a_paused_queues_depth_rising() {
-    let Some(browser) = chromium() else {
-        eprintln!("SKIPPED: no chromium on this machine (.ci/run installs Debian's chromium)");
-        return;
-    };
+    let browser = chromium().expect(
+        "no chromium on this machine: this test needs it (.ci/run installs Debian's chromium)",
+    );
     let redis = start_redis();
     let (_proxy, port, admin) = proxy_with_admin(&redis, "shop", &["--hold", "60s"]).await;
     let queue = control(&redis, "shop").await;
@@ -193,7 +192,10 @@ async fn with_a_token_the_page_carries_no_data_until_given_one() {
     );
     // In a browser: a labelled token box and a sentence saying what it
     // needs, not a "loading" that never ends.
-    if let Some(browser) = chromium() {
+    {
+        let browser = chromium().expect(
+            "no chromium on this machine: this test needs it (.ci/run installs Debian's chromium)",
+        );
         let dom = headless(&browser, &["--dump-dom"], &format!("http://{admin}/")).await;
         let dom = String::from_utf8_lossy(&dom);
         assert!(
