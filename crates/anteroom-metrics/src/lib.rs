@@ -53,6 +53,12 @@ struct StatusLabels {
     status: u16,
 }
 
+/// Labels of proxy-wide, per-reason series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    reason: &'static str,
+}
+
 /// Labels of per-queue, per-reason series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -81,6 +87,7 @@ pub struct ProxyMetrics {
     waiting: Family<QueueLabel, Gauge>,
     shed: Family<QueueLabel, Counter>,
     expired: Family<QueueLabel, Counter>,
+    refused: Family<RefusedLabels, Counter>,
 }
 
 impl Default for ProxyMetrics {
@@ -92,6 +99,7 @@ impl Default for ProxyMetrics {
             waiting: Family::default(),
             shed: Family::default(),
             expired: Family::default(),
+            refused: Family::default(),
         }
     }
 }
@@ -106,6 +114,7 @@ impl ProxyMetrics {
     /// | `anteroom_proxy_waiting_requests{queue}` | gauge | requests in this proxy waiting for a reply |
     /// | `anteroom_proxy_shed_total{queue}` | counter | requests refused with 503 because the waiting limits were reached |
     /// | `anteroom_proxy_expired_total{queue}` | counter | requests answered 504 because the hold budget ran out |
+    /// | `anteroom_proxy_refused_total{reason}` | counter | requests the HTTP parser refused before routing (400, 414, 431, or a header timeout), by `reason`: `target`, `target_too_long`, `head_too_large`, `header`, `framing`, `method`, `version`, `header_timeout` |
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
@@ -133,7 +142,20 @@ impl ProxyMetrics {
             "Requests answered 504 because their hold budget ran out",
             metrics.expired.clone(),
         );
+        registry.register(
+            "anteroom_proxy_refused",
+            "Requests the HTTP parser refused before they could be routed, by reason",
+            metrics.refused.clone(),
+        );
         metrics
+    }
+
+    /// Counts a request the HTTP parser refused for `reason` (a label
+    /// listed in [`register`](Self::register)).
+    pub fn refused(&self, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
     }
 
     /// The series of `queue`, created at zero so they are scraped (and

@@ -35,6 +35,10 @@ pub enum Failure {
     /// No route of the proxy matches the request's host and path, and the
     /// proxy has no default queue (404).
     NoRoute,
+    /// The request needs something the proxy does not implement: a
+    /// transfer coding other than `chunked` (RFC 9112 §6.1), or the
+    /// `CONNECT` method, which is for forward proxies (501).
+    NotImplemented,
 }
 
 impl Failure {
@@ -48,6 +52,7 @@ impl Failure {
             Failure::HandlerFailed | Failure::Interrupted => 502,
             Failure::ClientTimeout => 408,
             Failure::NoRoute => 404,
+            Failure::NotImplemented => 501,
         }
     }
 
@@ -65,6 +70,7 @@ impl Failure {
             }
             Failure::ClientTimeout => "request body not received in time\n",
             Failure::NoRoute => "no queue serves this host and path on this proxy\n",
+            Failure::NotImplemented => "not implemented by this proxy\n",
         }
     }
 

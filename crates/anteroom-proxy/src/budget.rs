@@ -22,6 +22,27 @@ pub(crate) struct Reservation {
     bytes: usize,
 }
 
+impl Reservation {
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Holds `more` bytes too, or says what is in use (and holds no more)
+    /// when that would pass the cap.
+    pub(crate) fn grow(&mut self, more: usize) -> Result<(), (usize, usize)> {
+        let budget = &self.budget;
+        let total = budget.bytes.fetch_add(more, Ordering::AcqRel) + more;
+        if total > budget.max_bytes {
+            budget.bytes.fetch_sub(more, Ordering::AcqRel);
+            budget.metrics.shed();
+            return Err((budget.count.load(Ordering::Acquire), total - more));
+        }
+        self.bytes += more;
+        Ok(())
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         self.budget.count.fetch_sub(1, Ordering::AcqRel);
@@ -58,7 +79,7 @@ impl Budget {
         })
     }
 
-    /// Requests waiting now.
+    /// Requests waiting now (their bodies read or still arriving).
     pub(crate) fn waiting(&self) -> usize {
         self.count.load(Ordering::Acquire)
     }
@@ -83,6 +104,13 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(budget.waiting(), 0);
-        let _c = budget.reserve(100).unwrap();
+        let mut c = budget.reserve(10).unwrap();
+        c.grow(80).unwrap();
+        assert_eq!(c.bytes(), 90);
+        assert!(c.grow(11).is_err(), "growing past the byte cap");
+        assert_eq!(c.bytes(), 90, "a refused growth holds nothing more");
+        c.grow(10).unwrap();
+        drop(c);
+        let _d = budget.reserve(100).unwrap();
     }
 }

@@ -50,13 +50,22 @@ pub(crate) enum ProxyError {
     BadReply(#[source] anteroom_protocol::ConvertError),
     #[error("{0} (RFC 9112 section 3.2)")]
     BadHost(&'static str),
+    #[error("chunked applied more than once (RFC 9112 section 6.1)")]
+    ChunkedTwice,
+    #[error("transfer coding {0:?} not implemented (RFC 9112 section 6.1)")]
+    UnsupportedCoding(String),
+    #[error("CONNECT is for forward proxies (RFC 9110 section 9.3.6)")]
+    Connect,
 }
 
 impl ProxyError {
     pub(crate) fn failure(&self) -> Failure {
         match self {
             ProxyError::BodyTooLarge { .. } => Failure::BodyTooLarge,
-            ProxyError::BodyRead(_) | ProxyError::BadHost(_) => Failure::BadRequest,
+            ProxyError::BodyRead(_) | ProxyError::BadHost(_) | ProxyError::ChunkedTwice => {
+                Failure::BadRequest
+            }
+            ProxyError::UnsupportedCoding(_) | ProxyError::Connect => Failure::NotImplemented,
             ProxyError::BodyTimeout(_) => Failure::ClientTimeout,
             ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
             ProxyError::HoldExpired => Failure::HoldExpired,
@@ -64,6 +73,40 @@ impl ProxyError {
             ProxyError::BadReply(_) => Failure::HandlerFailed,
         }
     }
+}
+
+/// Why hyper refused a request before the proxy saw it, as the
+/// `anteroom_proxy_refused_total` reason, or `None` when `err` is no such
+/// refusal (a client that went away, an I/O error). hyper answers these
+/// itself: 400 for a request line or header field it cannot parse
+/// (RFC 9112 §3, §5) or faulty framing (§6.3), 414 for a target over
+/// 64 KiB, 431 for a head over `--max-head` or `--max-headers`, and it
+/// closes a connection whose head is not complete within the header
+/// timeout. hyper's error kinds are private; its messages name them.
+pub(crate) fn refused_reason(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let err = err.downcast_ref::<hyper::Error>()?;
+    if err.is_timeout() {
+        return Some("header_timeout");
+    }
+    if !err.is_parse() {
+        return None;
+    }
+    let text = err.to_string();
+    Some(if text.contains("URI too long") {
+        "target_too_long"
+    } else if err.is_parse_too_large() {
+        "head_too_large"
+    } else if text.contains("URI") {
+        "target"
+    } else if text.contains("content-length") || text.contains("transfer-encoding") {
+        "framing"
+    } else if text.contains("method") {
+        "method"
+    } else if text.contains("version") {
+        "version"
+    } else {
+        "header"
+    })
 }
 
 /// The response a client gets for a broker failure.

@@ -12,13 +12,15 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
 use crate::config::ProxyConfig;
 use crate::enqueue::{Enqueuer, PushError};
+use crate::budget::Reservation;
 use crate::error::{ProxyError, failure_response};
+use crate::linger::Answer;
 use crate::replies::Demux;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -75,15 +77,17 @@ pub(crate) fn handle(
         method = %req.method(),
         path = %req.uri().path(),
     );
+    let version = req.version();
     let phase = match arrive(&state, req, client, id, &request_id) {
         Arrival::Ready(Ok(prepared)) => Phase::enqueueing(&state, prepared),
-        Arrival::Ready(Err(err)) => Phase::Failed(Some(err)),
+        Arrival::Ready(Err(refused)) => Phase::Failed(Some(refused)),
         Arrival::Reading(reading) => Phase::Reading(reading),
     };
     Handling {
         state,
         request_id,
         started: Instant::now(),
+        version,
         phase,
     }
     .instrument(span)
@@ -101,18 +105,45 @@ pub(crate) struct Handling {
     state: Arc<State>,
     request_id: HeaderValue,
     started: Instant,
+    version: http::Version,
     phase: Phase,
+}
+
+/// Why a request is answered by the proxy itself, and the part of its body
+/// not read when that was decided (kept until the answer is sent; see
+/// [`Answer::early`]).
+struct Refused {
+    error: ProxyError,
+    unread: Option<Incoming>,
+}
+
+impl Refused {
+    fn early(error: ProxyError, unread: Incoming) -> Self {
+        Self {
+            error,
+            unread: Some(unread),
+        }
+    }
+}
+
+impl From<ProxyError> for Refused {
+    fn from(error: ProxyError) -> Self {
+        Self {
+            error,
+            unread: None,
+        }
+    }
 }
 
 enum Phase {
     /// Reading the body, then preparing the envelope.
-    Reading(BoxFuture<Result<Prepared, ProxyError>>),
+    Reading(BoxFuture<Result<Prepared, Refused>>),
     /// Pushing the encoded envelope.
     Enqueueing(BoxFuture<Result<(), ProxyError>>, Waiting),
     /// In the queue until the reply or the hold deadline.
     Waiting(Waiting, Pin<Box<tokio::time::Sleep>>),
     /// Failed before reaching the queue.
-    Failed(Option<ProxyError>),
+    Failed(Option<Refused>),
     /// Answered.
     Done,
 }
@@ -140,7 +171,7 @@ impl Phase {
 }
 
 impl Future for Handling {
-    type Output = Response<Full<Bytes>>;
+    type Output = Response<Answer>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -148,7 +179,7 @@ impl Future for Handling {
             match &mut this.phase {
                 Phase::Reading(reading) => match ready!(reading.as_mut().poll(cx)) {
                     Ok(prepared) => this.phase = Phase::enqueueing(&this.state, prepared),
-                    Err(err) => break Err(err),
+                    Err(refused) => break Err(refused),
                 },
                 Phase::Enqueueing(push, _) => match ready!(push.as_mut().poll(cx)) {
                     Ok(()) => {
@@ -160,19 +191,24 @@ impl Future for Handling {
                         let timer = Box::pin(tokio::time::sleep_until(waiting.deadline));
                         this.phase = Phase::Waiting(waiting, timer);
                     }
-                    Err(err) => break Err(err),
+                    Err(err) => break Err(err.into()),
                 },
                 Phase::Waiting(waiting, timer) => {
                     if let Poll::Ready(reply) = waiting.waiter.poll_recv(cx) {
                         tracing::debug!(waited = ?Duration::from_millis(now_ms().saturating_sub(waiting.enqueued_ms)), "reply received");
                         break reply
                             .ok_or(ProxyError::ReaderGone)
-                            .and_then(|reply| build_response(&reply, waiting.head_request));
+                            .and_then(|reply| build_response(&reply, waiting.head_request))
+                            .map_err(Refused::from);
                     }
                     ready!(timer.as_mut().poll(cx));
-                    break Err(ProxyError::HoldExpired);
+                    break Err(ProxyError::HoldExpired.into());
                 }
-                Phase::Failed(err) => break Err(err.take().unwrap_or(ProxyError::ReaderGone)),
+                Phase::Failed(refused) => {
+                    break Err(refused
+                        .take()
+                        .unwrap_or_else(|| ProxyError::ReaderGone.into()));
+                }
                 // Never polled again once it has answered (hyper drops it).
                 Phase::Done => return Poll::Pending,
             }
@@ -184,6 +220,7 @@ impl Future for Handling {
             result,
             this.request_id.clone(),
             this.started,
+            this.version,
         ))
     }
 }
@@ -191,19 +228,21 @@ impl Future for Handling {
 /// The response for `result`, with the request id; logs the outcome.
 fn finish(
     state: &State,
-    result: Result<Response<Full<Bytes>>, ProxyError>,
+    result: Result<Response<Full<Bytes>>, Refused>,
     request_id: HeaderValue,
     started: Instant,
-) -> Response<Full<Bytes>> {
+    version: http::Version,
+) -> Response<Answer> {
     let mut resp = match result {
-        Ok(resp) => resp,
-        Err(err) => {
+        Ok(resp) => Answer::complete(resp),
+        Err(Refused { error: err, unread }) => {
             let failure = err.failure();
             if failure == Failure::HoldExpired {
                 state.metrics.expired();
             }
             match failure {
                 Failure::BadRequest
+                | Failure::NotImplemented
                 | Failure::ClientTimeout
                 | Failure::BodyTooLarge
                 | Failure::HoldExpired
@@ -220,7 +259,11 @@ fn finish(
                     )
                 }
             }
-            failure_response(failure)
+            let resp = failure_response(failure);
+            match unread {
+                Some(body) => Answer::early(resp, body, version),
+                None => Answer::complete(resp),
+            }
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
@@ -237,8 +280,8 @@ fn finish(
 /// A request turned into what the proxy keeps of it: at once when it has
 /// no body, after reading the body otherwise.
 enum Arrival {
-    Ready(Result<Prepared, ProxyError>),
-    Reading(BoxFuture<Result<Prepared, ProxyError>>),
+    Ready(Result<Prepared, Refused>),
+    Reading(BoxFuture<Result<Prepared, Refused>>),
 }
 
 fn arrive(
@@ -248,27 +291,71 @@ fn arrive(
     id: uuid::Uuid,
     request_id: &HeaderValue,
 ) -> Arrival {
-    if let Err(problem) = check_host(&req) {
-        return Arrival::Ready(Err(ProxyError::BadHost(problem)));
+    let (parts, body) = req.into_parts();
+    if let Err(problem) = check_host(&parts.headers, parts.version) {
+        return Arrival::Ready(Err(Refused::early(ProxyError::BadHost(problem), body)));
+    }
+    if let Err(err) = check_transfer_coding(&parts.headers) {
+        return Arrival::Ready(Err(Refused::early(err, body)));
+    }
+    if parts.method == Method::CONNECT {
+        return Arrival::Ready(Err(Refused::early(ProxyError::Connect, body)));
     }
     let limit = state.config.max_body;
-    let declared = req
-        .headers()
+    let declared = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Arrival::Ready(Err(ProxyError::BodyTooLarge { limit }));
+        return Arrival::Ready(Err(Refused::early(
+            ProxyError::BodyTooLarge { limit },
+            body,
+        )));
     }
-    let (parts, body) = req.into_parts();
+    // The waiting budget is reserved on arrival, for the declared length
+    // (at most `limit`), and charged as bytes arrive when there is none
+    // (chunked): over it, 503 before the body is read, not after.
+    let reservation = match state.budget.reserve(declared.unwrap_or(0) as usize) {
+        Ok(reservation) => reservation,
+        Err((waiting, bytes)) => {
+            return Arrival::Ready(Err(Refused::early(
+                ProxyError::Overloaded { waiting, bytes },
+                body,
+            )));
+        }
+    };
     if body.is_end_stream() {
         // No body (most GETs): nothing to read or time.
-        return Arrival::Ready(prepare(state, parts, Bytes::new(), client, id, request_id));
+        return Arrival::Ready(Ok(prepare(
+            state,
+            parts,
+            Bytes::new(),
+            reservation,
+            client,
+            id,
+            request_id,
+        )));
     }
     let (state, request_id) = (Arc::clone(state), request_id.clone());
     Arrival::Reading(Box::pin(async move {
-        let body = read_body(body, limit, state.config.body_read_timeout).await?;
-        prepare(&state, parts, body, client, id, &request_id)
+        let mut reservation = reservation;
+        let body = read_body(
+            body,
+            limit,
+            state.config.body_read_timeout,
+            &mut reservation,
+        )
+        .await?;
+        Ok(prepare(
+            &state,
+            parts,
+            body,
+            reservation,
+            client,
+            id,
+            &request_id,
+        ))
     }))
 }
 
@@ -277,11 +364,11 @@ fn arrive(
 /// `Host` that is not `host[:port]` (an empty value is allowed, for targets
 /// without an authority). HTTP/1.0 may omit it; HTTP/2 carries
 /// `:authority` instead and may omit it too.
-fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
+fn check_host(headers: &HeaderMap, version: http::Version) -> Result<(), &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => Err("more than one Host field"),
-        (None, _) if req.version() == http::Version::HTTP_11 => {
+        (None, _) if version == http::Version::HTTP_11 => {
             Err("HTTP/1.1 request without a Host field")
         }
         (Some(host), None) => {
@@ -310,6 +397,30 @@ fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
     }
 }
 
+/// RFC 9112 §6.1: `chunked` is the only transfer coding the proxy
+/// implements, so any other gets 501, and `chunked` applied twice gets
+/// 400. hyper has already refused (400) a `Transfer-Encoding` whose last
+/// coding is not `chunked`, and one in an HTTP/1.0 request, and dropped a
+/// `Content-Length` sent beside it (§6.3; such a connection is closed after
+/// the response). HTTP/2 has no `Transfer-Encoding` (RFC 9113 §8.2.2).
+fn check_transfer_coding(headers: &HeaderMap) -> Result<(), ProxyError> {
+    let codings: Vec<String> = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|c| String::from_utf8_lossy(c).trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let Some((_last, before)) = codings.split_last() else {
+        return Ok(());
+    };
+    match before.iter().find(|c| c.as_str() != "chunked") {
+        Some(other) => Err(ProxyError::UnsupportedCoding(other.clone())),
+        None if !before.is_empty() => Err(ProxyError::ChunkedTwice),
+        None => Ok(()),
+    }
+}
+
 /// A request ready for the queue: its encoded envelope, and what waiting
 /// for the reply takes.
 struct Prepared {
@@ -320,16 +431,18 @@ struct Prepared {
     waiting: Waiting,
 }
 
-/// Builds and encodes the envelope, reserves budget and registers the
-/// waiter. Synchronous: nothing here waits.
+/// Builds and encodes the envelope and registers the waiter; the request
+/// keeps `reservation` until it is answered. Synchronous: nothing here
+/// waits.
 fn prepare(
     state: &State,
     parts: http::request::Parts,
     body: Bytes,
+    reservation: Reservation,
     client: SocketAddr,
     id: uuid::Uuid,
     request_id: &HeaderValue,
-) -> Result<Prepared, ProxyError> {
+) -> Prepared {
     let mut id_buf = uuid::Uuid::encode_buffer();
     let id_text: &str = id.hyphenated().encode_lower(&mut id_buf);
     let head_request = parts.method == Method::HEAD;
@@ -348,11 +461,7 @@ fn prepare(
             dedupe: !state.config.enqueue_timeout.is_zero(),
         },
     );
-    let reservation = state
-        .budget
-        .reserve(envelope.body.len())
-        .map_err(|(waiting, bytes)| ProxyError::Overloaded { waiting, bytes })?;
-    Ok(Prepared {
+    Prepared {
         payload: Bytes::from(envelope.encode()),
         may_repeat: envelope.dedupe || envelope.is_safe_to_repeat(),
         waiting: Waiting {
@@ -363,22 +472,50 @@ fn prepare(
             head_request,
             enqueued_ms: now,
         },
-    })
+    }
 }
 
-/// The body, read within `timeout` and at most `limit` bytes.
-async fn read_body(body: Incoming, limit: usize, timeout: Duration) -> Result<Bytes, ProxyError> {
-    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| ProxyError::BodyTimeout(timeout))?
-        .map_err(|err| {
-            if err.downcast_ref::<LengthLimitError>().is_some() {
-                ProxyError::BodyTooLarge { limit }
-            } else {
-                ProxyError::BodyRead(err)
+/// The body, read within `timeout` (in all) and at most `limit` bytes,
+/// each byte charged to `reservation` beyond what it already holds.
+/// Trailers are dropped: the envelope carries none. Refused with what is
+/// left of the body when the time, the limit or the budget runs out.
+async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    timeout: Duration,
+    reservation: &mut Reservation,
+) -> Result<Bytes, Refused> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut received = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(Refused::early(ProxyError::BodyTimeout(timeout), body)),
+            Ok(None) => break,
+            Ok(Some(Err(err))) => return Err(ProxyError::BodyRead(Box::new(err)).into()),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received += data.len();
+        if received > limit {
+            return Err(Refused::early(ProxyError::BodyTooLarge { limit }, body));
+        }
+        if let Some(more) = received.checked_sub(reservation.bytes()).filter(|n| *n > 0) {
+            if let Err((waiting, bytes)) = reservation.grow(more) {
+                return Err(Refused::early(
+                    ProxyError::Overloaded { waiting, bytes },
+                    body,
+                ));
             }
-        })?;
-    Ok(collected.to_bytes())
+        }
+        chunks.push(data);
+    }
+    Ok(match chunks.len() {
+        1 => chunks.swap_remove(0),
+        _ => Bytes::from(chunks.concat()),
+    })
 }
 
 /// Pushes the envelope through the enqueuer (one LPUSH per batch, then
@@ -587,12 +724,13 @@ mod tests {
             b.body(()).unwrap()
         };
         use http::Version;
-        assert!(check_host(&req(Version::HTTP_11, &["example.org"])).is_ok());
-        assert!(check_host(&req(Version::HTTP_11, &["example.org:8080"])).is_ok());
-        assert!(check_host(&req(Version::HTTP_11, &["[::1]:80"])).is_ok());
-        assert!(check_host(&req(Version::HTTP_11, &[""])).is_ok());
-        assert!(check_host(&req(Version::HTTP_10, &[])).is_ok());
-        assert!(check_host(&req(Version::HTTP_2, &[])).is_ok());
+        let check_host = |r: Request<()>| check_host(r.headers(), r.version());
+        assert!(check_host(req(Version::HTTP_11, &["example.org"])).is_ok());
+        assert!(check_host(req(Version::HTTP_11, &["example.org:8080"])).is_ok());
+        assert!(check_host(req(Version::HTTP_11, &["[::1]:80"])).is_ok());
+        assert!(check_host(req(Version::HTTP_11, &[""])).is_ok());
+        assert!(check_host(req(Version::HTTP_10, &[])).is_ok());
+        assert!(check_host(req(Version::HTTP_2, &[])).is_ok());
         for (version, hosts) in [
             (Version::HTTP_11, &[][..]),
             (Version::HTTP_11, &["a.example", "b.example"][..]),
@@ -603,10 +741,40 @@ mod tests {
             (Version::HTTP_11, &["a.example:port"][..]),
         ] {
             assert!(
-                check_host(&req(version, hosts)).is_err(),
+                check_host(req(version, hosts)).is_err(),
                 "{version:?} {hosts:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_chunked_is_implemented() {
+        let with = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, v.parse().unwrap());
+            }
+            check_transfer_coding(&h)
+        };
+        assert!(with(&[]).is_ok());
+        assert!(with(&["chunked"]).is_ok());
+        assert!(with(&["Chunked"]).is_ok());
+        assert!(matches!(
+            with(&["gzip, chunked"]),
+            Err(ProxyError::UnsupportedCoding(c)) if c == "gzip"
+        ));
+        assert!(matches!(
+            with(&["deflate", "chunked"]),
+            Err(ProxyError::UnsupportedCoding(c)) if c == "deflate"
+        ));
+        assert!(matches!(
+            with(&["chunked", "chunked"]),
+            Err(ProxyError::ChunkedTwice)
+        ));
+        assert!(matches!(
+            with(&["chunked, gzip, chunked"]),
+            Err(ProxyError::UnsupportedCoding(c)) if c == "gzip"
+        ));
     }
 
     #[test]

@@ -21,8 +21,9 @@ use crate::budget::Budget;
 use crate::config::ProxyConfig;
 use crate::enqueue::Enqueuer;
 use crate::error::ServeError;
-use crate::error::failure_response;
+use crate::error::{failure_response, refused_reason};
 use crate::handler::{self, State};
+use crate::linger::{Answer, Lingering};
 use crate::replies::{self, Demux};
 use crate::router::Router;
 
@@ -186,7 +187,8 @@ pub async fn serve(
         let router = Arc::clone(&router);
         let draining = Arc::clone(&draining);
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let http1 = req.version() < http::Version::HTTP_2;
+            let version = req.version();
+            let http1 = version < http::Version::HTTP_2;
             // Built here, not inside the async block, so the request is not
             // kept in the future while it waits (see `handler::handle`).
             let answer = match router.pick(&req) {
@@ -197,7 +199,11 @@ pub async fn serve(
                         path = %req.uri().path(),
                         "no route; 404"
                     );
-                    Err(failure_response(Failure::NoRoute))
+                    Err(Answer::early(
+                        failure_response(Failure::NoRoute),
+                        req.into_body(),
+                        version,
+                    ))
                 }
             };
             let draining = Arc::clone(&draining);
@@ -219,14 +225,24 @@ pub async fn serve(
             }
         });
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(Lingering::new(stream, slot)), service)
             .into_owned();
         let conn = graceful.watch(conn);
+        let metrics = config.metrics.clone();
         tracker.spawn(async move {
             if let Err(err) = conn.await {
-                tracing::debug!(error = %err, %peer, "connection ended with an error");
+                match refused_reason(&*err) {
+                    Some(reason) => {
+                        // Answered by hyper, never seen by the handler:
+                        // logged here so a 400 is never silent.
+                        metrics.refused(reason);
+                        tracing::info!(%peer, reason, error = %err, "request refused by the HTTP parser");
+                    }
+                    None => {
+                        tracing::debug!(error = %err, %peer, "connection ended with an error")
+                    }
+                }
             }
-            drop(slot);
         });
     };
     let mut shutdown = std::pin::pin!(shutdown);
