@@ -240,7 +240,7 @@ pub struct ProxyArgs {
     pub max_connections: usize,
 
     /// Most header fields in one request; more get 431.
-    #[arg(long, env = "ANTEROOM_MAX_HEADERS", default_value_t = 100)]
+    #[arg(long, env = "ANTEROOM_MAX_HEADERS", default_value_t = anteroom_proxy::DEFAULT_MAX_HEADERS)]
     pub max_headers: usize,
 
     /// Most bytes in one request head (request line and headers); more get 431.

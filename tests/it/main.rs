@@ -8,6 +8,7 @@ mod compose;
 mod config;
 mod failures;
 mod hostile;
+mod httpbin;
 mod load;
 mod logs;
 mod many;

@@ -153,9 +153,7 @@ impl ProxyMetrics {
     /// Counts a request the HTTP parser refused for `reason` (a label
     /// listed in [`register`](Self::register)).
     pub fn refused(&self, reason: &'static str) {
-        self.refused
-            .get_or_create(&RefusedLabels { reason })
-            .inc();
+        self.refused.get_or_create(&RefusedLabels { reason }).inc();
     }
 
     /// The series of `queue`, created at zero so they are scraped (and

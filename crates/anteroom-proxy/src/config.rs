@@ -4,6 +4,13 @@ use std::time::Duration;
 
 use anteroom_metrics::ProxyMetrics;
 
+/// Default of [`ProxyConfig::max_headers`]: 500, well above hyper's 100.
+/// nginx has no count limit, only sizes (`large_client_header_buffers 4
+/// 8k`: 8 KiB a line, 32 KiB in all), so a browser with many cookies or a
+/// chain of load balancers adding fields passes nginx with more than 100;
+/// the head's size stays bounded by [`ProxyConfig::max_head_bytes`].
+pub const DEFAULT_MAX_HEADERS: usize = 500;
+
 /// Everything [`serve`](crate::serve) needs to know.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -36,7 +43,8 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     /// How long a client may take to send the request body (over it: 408).
     pub body_read_timeout: Duration,
-    /// Most header fields in one request (over it: 431).
+    /// Most header fields in one request (over it: 431); default
+    /// [`DEFAULT_MAX_HEADERS`].
     pub max_headers: usize,
     /// Most bytes in one request head, request line and headers (over it:
     /// 431). At least 8 KiB.
@@ -79,7 +87,7 @@ impl ProxyConfig {
             redis_timeout: Duration::from_secs(2),
             header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(30),
-            max_headers: 100,
+            max_headers: DEFAULT_MAX_HEADERS,
             max_head_bytes: 64 * 1024,
             max_connections: 10_000,
             max_waiting: 20_000,

@@ -16,9 +16,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use crate::budget::Reservation;
 use crate::config::ProxyConfig;
 use crate::enqueue::{Enqueuer, PushError};
-use crate::budget::Reservation;
 use crate::error::{ProxyError, failure_response};
 use crate::linger::Answer;
 use crate::replies::Demux;

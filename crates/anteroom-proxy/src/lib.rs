@@ -32,6 +32,6 @@ mod server;
 mod status_page;
 
 pub use admin::{AdminConfig, serve_admin};
-pub use config::{ProxyConfig, RouteConfig};
+pub use config::{DEFAULT_MAX_HEADERS, ProxyConfig, RouteConfig};
 pub use error::ServeError;
 pub use server::serve;

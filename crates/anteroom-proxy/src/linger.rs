@@ -164,7 +164,9 @@ enum Unread {
     Held { _body: Incoming },
     /// HTTP/2: a task drains it; dropping this tells the task the answer
     /// has been sent.
-    Draining { _answering: tokio::sync::oneshot::Sender<()> },
+    Draining {
+        _answering: tokio::sync::oneshot::Sender<()>,
+    },
 }
 
 impl Answer {

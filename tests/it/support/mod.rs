@@ -5,8 +5,10 @@
 pub mod app;
 pub mod bin;
 pub mod cluster;
+pub mod httpbin;
 pub mod load;
 pub mod orders;
+pub mod venv;
 pub mod web;
 
 use std::future::Future;

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a Debian or Ubuntu machine that has Rust.
+#
+# First installs what the tests need and the machine lacks:
+#   - system packages through apt-get (sudo when not root): redis-server,
+#     openssl, curl, PostgreSQL (started, trust auth for 127.0.0.1),
+#     chromium, python3 with venv;
+#   - Python packages from tests/requirements.txt into the project's own
+#     virtual environment, .venv (never into the system Python).
+# Then runs `cargo test` with any arguments given here, e.g.
+#   bash scripts/test.sh round_trip
+# A test whose prerequisite is still missing fails and names it; none is
+# skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "test.sh: $*"; }
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# System packages, by the command (or check) that shows each is present.
+packages=()
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
+command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+  || packages+=(chromium)
+command -v python3 >/dev/null 2>&1 || packages+=(python3)
+# Debian splits venv and ensurepip out of python3.
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  packages+=(python3-venv)
+fi
+pg_ready() { command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; }
+pg_installed=false
+ls /etc/postgresql/*/main >/dev/null 2>&1 && pg_installed=true
+if [ -z "${ANTEROOM_TEST_PG:-}" ] && ! pg_ready && [ "$pg_installed" = false ]; then
+  packages+=(postgresql)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
+  say "installing ${packages[*]} (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -q
+  as_root apt-get install -y -q --no-install-recommends "${packages[@]}"
+fi
+
+# The failover playbook test needs PostgreSQL on 127.0.0.1:5432 with trust
+# auth for local TCP (or a DSN prefix in ANTEROOM_TEST_PG).
+if [ -z "${ANTEROOM_TEST_PG:-}" ] && ! pg_ready; then
+  if [ "$pg_installed" = false ]; then
+    for hba in /etc/postgresql/*/main/pg_hba.conf; do
+      as_root sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    done
+  fi
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  say "starting PostgreSQL $version"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  for _ in $(seq 1 50); do
+    pg_ready && break
+    sleep 0.2
+  done
+fi
+
+# The project's virtual environment, rebuilt when the requirements change.
+venv=.venv
+stamp="$venv/.requirements.sha256"
+want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing tests/requirements.txt into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+  echo "$want" > "$stamp"
+fi
+export ANTEROOM_TEST_VENV="$PWD/$venv"
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "test.sh: cargo is missing; install Rust (https://rustup.rs) first" >&2
+  exit 1
+fi
+say "$(cargo --version); $(redis-server --version | cut -d' ' -f1-3); $("$venv/bin/python" --version)"
+exec cargo test "$@"

@@ -1,0 +1,81 @@
+"""Real HTTP clients for the proxy tests, driven from the command line.
+
+    clients.py upload URL SIZE [--chunked] [--header NAME:VALUE]...
+        POSTs SIZE bytes with Python's http.client, which writes the whole
+        body before it reads the answer (as Node's fetch and browsers do).
+        --chunked sends it chunked instead of with a Content-Length.
+    clients.py h2-upload URL SIZE
+        The same over HTTP/2 (h2c with prior knowledge) with httpx.
+
+Prints one JSON object: {"status", "version", "connection", "retry_after",
+"body"}, or {"error": "..."} when no response could be read.
+"""
+
+import http.client
+import json
+import sys
+import urllib.parse
+
+
+def upload(url, size, chunked, headers):
+    target = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+    path = target.path or "/"
+    if chunked:
+        def chunks():
+            left = size
+            while left > 0:
+                n = min(left, 65536)
+                left -= n
+                yield b"u" * n
+        conn.request("POST", path, body=chunks(), headers=headers, encode_chunked=True)
+    else:
+        conn.request("POST", path, body=b"u" * size, headers=headers)
+    resp = conn.getresponse()
+    return {
+        "status": resp.status,
+        "version": "HTTP/1.1" if resp.version == 11 else "HTTP/1.0",
+        "connection": resp.getheader("connection"),
+        "retry_after": resp.getheader("retry-after"),
+        "body": resp.read().decode("utf-8", "replace"),
+    }
+
+
+def h2_upload(url, size):
+    import httpx
+
+    with httpx.Client(http1=False, http2=True, timeout=30) as client:
+        resp = client.post(url, content=b"u" * size)
+        return {
+            "status": resp.status_code,
+            "version": resp.http_version,
+            "connection": resp.headers.get("connection"),
+            "retry_after": resp.headers.get("retry-after"),
+            "body": resp.text,
+        }
+
+
+def main(argv):
+    command, url, size = argv[0], argv[1], int(argv[2])
+    rest = argv[3:]
+    try:
+        if command == "upload":
+            headers = {}
+            for i, arg in enumerate(rest):
+                if arg == "--header":
+                    name, _, value = rest[i + 1].partition(":")
+                    headers[name] = value
+            result = upload(url, size, "--chunked" in rest, headers)
+        elif command == "h2-upload":
+            result = h2_upload(url, size)
+        else:
+            raise SystemExit(f"unknown command {command}")
+    except (OSError, http.client.HTTPException, ImportError) as err:
+        result = {"error": f"{type(err).__name__}: {err}"}
+    except Exception as err:  # httpx's and h2's own errors
+        result = {"error": f"{type(err).__name__}: {err}"}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
