@@ -11,23 +11,12 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 
 use crate::support::web::{self, client, send};
-use crate::support::{TestProxy, control, eventually, llen, redis_conn, start_redis};
+use crate::support::{TestProxy, control, eventually, llen, redis_conn, start_redis, venv};
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/examples/python_dispatcher/dispatcher.py"
 );
-
-/// Whether `python3` runs here; the test needs it (and redis-py, which
-/// `.ci/run` installs).
-fn python_present() -> bool {
-    Command::new("python3")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 /// The Python dispatcher as a child process, stopped with SIGTERM on drop.
 struct PythonDispatcher(std::process::Child);
@@ -43,21 +32,18 @@ impl Drop for PythonDispatcher {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_dispatcher_serves_the_rust_proxy() {
-    assert!(
-        python_present(),
-        "python3 is not on this machine: the Python dispatcher test needs it (.ci/run installs what is missing)"
-    );
-    let has_redis_py = Command::new("python3")
+    let python = venv::bin("python");
+    let has_redis_py = Command::new(&python)
         .args(["-c", "import redis"])
         .status()
         .is_ok_and(|s| s.success());
     assert!(
         has_redis_py,
-        "python3 is present but redis-py is not: pip install redis (.ci/run does)"
+        "redis-py is missing from the project's virtual environment: `bash scripts/test.sh` installs tests/requirements.txt"
     );
     let redis = start_redis();
     let proxy = TestProxy::start(&redis, "py").await;
-    let child = Command::new("python3")
+    let child = Command::new(&python)
         .args([SCRIPT, &redis.url(), "py"])
         .stdin(Stdio::null())
         .spawn()

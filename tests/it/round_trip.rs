@@ -276,6 +276,22 @@ async fn host_fields_follow_rfc_9112() {
         .await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("x-saw-host: example.org\r\n"), "{answer}");
+
+        // HTTP/2: a Host beside an :authority naming another host is
+        // malformed (RFC 9113 §8.3.1); the same host passes.
+        let c = h2c_client();
+        let authority = proxy.addr.to_string();
+        for (host, status) in [
+            ("other.example", StatusCode::BAD_REQUEST),
+            (authority.as_str(), StatusCode::OK),
+        ] {
+            let req = Request::get(proxy.url("/echo"))
+                .header("host", host)
+                .body(Full::default())
+                .unwrap();
+            let r = send(&c, req).await;
+            assert_eq!(r.status, status, "Host {host} with :authority {authority}");
+        }
         proxy
     })
     .await;

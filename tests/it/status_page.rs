@@ -97,7 +97,7 @@ async fn proxy_with_admin(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_a_paused_queues_depth_rising() {
     let browser = chromium().expect(
-        "no chromium on this machine: this test needs it (.ci/run installs Debian's chromium)",
+        "no chromium on this machine: this test needs it (`bash scripts/test.sh` installs Debian's chromium)",
     );
     let redis = start_redis();
     let (_proxy, port, admin) = proxy_with_admin(&redis, "shop", &["--hold", "60s"]).await;
@@ -194,7 +194,7 @@ async fn with_a_token_the_page_carries_no_data_until_given_one() {
     // needs, not a "loading" that never ends.
     {
         let browser = chromium().expect(
-            "no chromium on this machine: this test needs it (.ci/run installs Debian's chromium)",
+            "no chromium on this machine: this test needs it (`bash scripts/test.sh` installs Debian's chromium)",
         );
         let dom = headless(&browser, &["--dump-dom"], &format!("http://{admin}/")).await;
         let dom = String::from_utf8_lossy(&dom);

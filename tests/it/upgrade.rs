@@ -154,7 +154,7 @@ struct Activator {
 impl Activator {
     async fn start(command: &[&str]) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/apps/socket_activate.py");
-        let mut child = tokio::process::Command::new("python3")
+        let mut child = tokio::process::Command::new(crate::support::venv::bin("python"))
             .arg(script)
             .arg("0")
             .arg("--")
@@ -165,7 +165,7 @@ impl Activator {
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .expect("python3 runs socket_activate.py");
+            .expect("the project's Python runs socket_activate.py");
         let stdin = child.stdin.take().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let first = lines.next_line().await.unwrap().unwrap();

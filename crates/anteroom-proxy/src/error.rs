@@ -48,7 +48,7 @@ pub(crate) enum ProxyError {
     ReaderGone,
     #[error("the reply is not a valid HTTP response")]
     BadReply(#[source] anteroom_protocol::ConvertError),
-    #[error("{0} (RFC 9112 section 3.2)")]
+    #[error("{0}")]
     BadHost(&'static str),
     #[error("chunked applied more than once (RFC 9112 section 6.1)")]
     ChunkedTwice,

@@ -292,7 +292,7 @@ fn arrive(
     request_id: &HeaderValue,
 ) -> Arrival {
     let (parts, body) = req.into_parts();
-    if let Err(problem) = check_host(&parts.headers, parts.version) {
+    if let Err(problem) = check_host(&parts.headers, parts.version, &parts.uri) {
         return Arrival::Ready(Err(Refused::early(ProxyError::BadHost(problem), body)));
     }
     if let Err(err) = check_transfer_coding(&parts.headers) {
@@ -363,13 +363,27 @@ fn arrive(
 /// `Host` field, and to any request with more than one `Host` line or a
 /// `Host` that is not `host[:port]` (an empty value is allowed, for targets
 /// without an authority). HTTP/1.0 may omit it; HTTP/2 carries
-/// `:authority` instead and may omit it too.
-fn check_host(headers: &HeaderMap, version: http::Version) -> Result<(), &'static str> {
+/// `:authority` instead and may omit it too, but a `Host` beside an
+/// `:authority` that names another host is malformed (RFC 9113 §8.3.1).
+fn check_host(
+    headers: &HeaderMap,
+    version: http::Version,
+    uri: &http::Uri,
+) -> Result<(), &'static str> {
     let mut hosts = headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
-        (Some(_), Some(_)) => Err("more than one Host field"),
+        (Some(_), Some(_)) => Err("more than one Host field (RFC 9112 section 3.2)"),
+        (Some(host), None)
+            if version >= http::Version::HTTP_2
+                && uri.authority().is_some_and(|a| {
+                    !a.as_str()
+                        .eq_ignore_ascii_case(&String::from_utf8_lossy(host.as_bytes()))
+                }) =>
+        {
+            Err("Host differs from :authority (RFC 9113 section 8.3.1)")
+        }
         (None, _) if version == http::Version::HTTP_11 => {
-            Err("HTTP/1.1 request without a Host field")
+            Err("HTTP/1.1 request without a Host field (RFC 9112 section 3.2)")
         }
         (Some(host), None) => {
             let valid = host.is_empty()
@@ -390,7 +404,7 @@ fn check_host(headers: &HeaderMap, version: http::Version) -> Result<(), &'stati
             if valid {
                 Ok(())
             } else {
-                Err("invalid Host field")
+                Err("invalid Host field (RFC 9112 section 3.2)")
             }
         }
         (None, _) => Ok(()),
@@ -724,13 +738,25 @@ mod tests {
             b.body(()).unwrap()
         };
         use http::Version;
-        let check_host = |r: Request<()>| check_host(r.headers(), r.version());
-        assert!(check_host(req(Version::HTTP_11, &["example.org"])).is_ok());
-        assert!(check_host(req(Version::HTTP_11, &["example.org:8080"])).is_ok());
-        assert!(check_host(req(Version::HTTP_11, &["[::1]:80"])).is_ok());
-        assert!(check_host(req(Version::HTTP_11, &[""])).is_ok());
-        assert!(check_host(req(Version::HTTP_10, &[])).is_ok());
-        assert!(check_host(req(Version::HTTP_2, &[])).is_ok());
+        let check = |r: Request<()>| check_host(r.headers(), r.version(), r.uri());
+        assert!(check(req(Version::HTTP_11, &["example.org"])).is_ok());
+        assert!(check(req(Version::HTTP_11, &["example.org:8080"])).is_ok());
+        assert!(check(req(Version::HTTP_11, &["[::1]:80"])).is_ok());
+        assert!(check(req(Version::HTTP_11, &[""])).is_ok());
+        assert!(check(req(Version::HTTP_10, &[])).is_ok());
+        assert!(check(req(Version::HTTP_2, &[])).is_ok());
+        let h2 = |authority: &str, host: &str| {
+            let r = Request::get(format!("http://{authority}/x"))
+                .version(Version::HTTP_2)
+                .header("host", host)
+                .body(())
+                .unwrap();
+            check_host(r.headers(), r.version(), r.uri())
+        };
+        assert!(h2("example.org", "example.org").is_ok());
+        assert!(h2("example.org:8080", "Example.ORG:8080").is_ok());
+        assert!(h2("example.org", "other.example").is_err());
+        assert!(h2("example.org", "example.org:81").is_err());
         for (version, hosts) in [
             (Version::HTTP_11, &[][..]),
             (Version::HTTP_11, &["a.example", "b.example"][..]),
@@ -740,10 +766,7 @@ mod tests {
             (Version::HTTP_11, &["a.example/path"][..]),
             (Version::HTTP_11, &["a.example:port"][..]),
         ] {
-            assert!(
-                check_host(req(version, hosts)).is_err(),
-                "{version:?} {hosts:?}"
-            );
+            assert!(check(req(version, hosts)).is_err(), "{version:?} {hosts:?}");
         }
     }
 

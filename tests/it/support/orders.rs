@@ -42,7 +42,7 @@ impl App {
     pub async fn start(&mut self, warmup: Duration) {
         assert!(self.child.is_none(), "already running");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/apps/orders_app.py");
-        let child = Command::new("python3")
+        let child = Command::new(super::venv::bin("python"))
             .arg(script)
             .arg(self.port.to_string())
             .arg(&self.data)
@@ -50,7 +50,7 @@ impl App {
             .arg(warmup.as_secs_f64().to_string())
             .stdin(Stdio::null())
             .spawn()
-            .expect("python3 runs the test app");
+            .expect("the project's Python runs the test app");
         self.child = Some(child);
         wait_for_port(self.port).await;
     }
