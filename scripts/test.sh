@@ -6,7 +6,8 @@
 #     openssl, curl, PostgreSQL (started, trust auth for 127.0.0.1),
 #     chromium, python3 with venv;
 #   - Python packages from tests/requirements.txt into the project's own
-#     virtual environment, .venv (never into the system Python).
+#     virtual environment, .venv (never into the system Python; set
+#     ANTEROOM_TEST_VENV to keep it elsewhere).
 # Then runs `cargo test` with any arguments given here, e.g.
 #   bash scripts/test.sh round_trip
 # A test whose prerequisite is still missing fails and names it; none is
@@ -16,7 +17,17 @@ cd "$(dirname "$0")/.."
 
 say() { echo "test.sh: $*"; }
 as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    echo "test.sh: installing needs root and there is no sudo: run as root, or install: $*" >&2
+    return 1
+  fi
+}
+apt_install() {
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
 }
 
 # System packages, by the command (or check) that shows each is present.
@@ -24,37 +35,51 @@ packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
-command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
-  || packages+=(chromium)
+browser=false
+for name in chromium chromium-browser google-chrome; do
+  command -v "$name" >/dev/null 2>&1 && browser=true
+done
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 # Debian splits venv and ensurepip out of python3.
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   packages+=(python3-venv)
 fi
 pg_ready() { command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; }
-pg_installed=false
-ls /etc/postgresql/*/main >/dev/null 2>&1 && pg_installed=true
-if [ -z "${ANTEROOM_TEST_PG:-}" ] && ! pg_ready && [ "$pg_installed" = false ]; then
+pg_fresh=false
+if [ -z "${ANTEROOM_TEST_PG:-}" ] && ! pg_ready && ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
   packages+=(postgresql)
+  pg_fresh=true
 fi
+updated=false
 if [ ${#packages[@]} -gt 0 ]; then
   say "installing ${packages[*]} (apt-get)"
-  export DEBIAN_FRONTEND=noninteractive
   as_root apt-get update -q
-  as_root apt-get install -y -q --no-install-recommends "${packages[@]}"
+  updated=true
+  apt_install "${packages[@]}"
+fi
+# Debian packages the browser as chromium; Ubuntu as chromium-browser (a
+# snap wrapper). Without one, only the status page tests fail, naming it.
+if [ "$browser" = false ]; then
+  say "installing a headless browser for the status page tests (apt-get)"
+  [ "$updated" = true ] || as_root apt-get update -q || true
+  apt_install chromium || apt_install chromium-browser \
+    || say "no chromium could be installed; the status page tests will fail saying so"
 fi
 
 # The failover playbook test needs PostgreSQL on 127.0.0.1:5432 with trust
-# auth for local TCP (or a DSN prefix in ANTEROOM_TEST_PG).
-if [ -z "${ANTEROOM_TEST_PG:-}" ] && ! pg_ready; then
-  if [ "$pg_installed" = false ]; then
-    for hba in /etc/postgresql/*/main/pg_hba.conf; do
-      as_root sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
-    done
-  fi
+# auth for local TCP (or a DSN prefix in ANTEROOM_TEST_PG). A cluster this
+# script installed gets that rule, whether or not the package started it.
+if [ -z "${ANTEROOM_TEST_PG:-}" ] && { [ "$pg_fresh" = true ] || ! pg_ready; }; then
   version=$(ls /etc/postgresql | sort -V | tail -1)
+  if [ "$pg_fresh" = true ]; then
+    as_root sed -i '1i host all all 127.0.0.1/32 trust' "/etc/postgresql/$version/main/pg_hba.conf"
+  fi
   say "starting PostgreSQL $version"
-  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  if pg_ready; then
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload || true
+  else
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  fi
   for _ in $(seq 1 50); do
     pg_ready && break
     sleep 0.2
@@ -62,7 +87,7 @@ if [ -z "${ANTEROOM_TEST_PG:-}" ] && ! pg_ready; then
 fi
 
 # The project's virtual environment, rebuilt when the requirements change.
-venv=.venv
+venv=${ANTEROOM_TEST_VENV:-$PWD/.venv}
 stamp="$venv/.requirements.sha256"
 want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
@@ -71,7 +96,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/requirements.txt
   echo "$want" > "$stamp"
 fi
-export ANTEROOM_TEST_VENV="$PWD/$venv"
+export ANTEROOM_TEST_VENV="$venv"
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "test.sh: cargo is missing; install Rust (https://rustup.rs) first" >&2

@@ -79,6 +79,7 @@ async fn early_answers_reach_clients_still_sending() {
     // the answer before sending it; without it, it sends at once.
     let file = std::env::temp_dir().join(format!("anteroom-16mib-{}", std::process::id()));
     std::fs::write(&file, vec![b'c'; 16 * MIB]).unwrap();
+    let mut outputs = Vec::new();
     for expect in ["Expect: 100-continue", "Expect:"] {
         let out = tokio::process::Command::new("curl")
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", expect])
@@ -86,15 +87,18 @@ async fn early_answers_reach_clients_still_sending() {
             .arg(format!("@{}", file.display()))
             .arg(&url)
             .output()
-            .await
-            .expect("curl runs");
+            .await;
+        outputs.push((expect, out));
+    }
+    let _ = std::fs::remove_file(&file);
+    for (expect, out) in outputs {
+        let out = out.expect("curl runs");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
             "413",
             "curl with {expect:?}: {out:?}"
         );
     }
-    let _ = std::fs::remove_file(&file);
 
     // And the proxy goes on serving.
     let r = web::get(&client(), &url).await;
@@ -156,7 +160,7 @@ async fn a_spent_waiting_budget_answers_503_before_the_body() {
         assert_eq!(status_of(&answer), 503, "{answer}");
     }
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(20),
         "{:?}",
         started.elapsed()
     );
@@ -383,4 +387,96 @@ async fn request_targets_reach_the_app_as_sent_or_are_refused_visibly() {
         "{log}"
     );
     assert!(log.contains("reason=\"target\""), "{log}");
+}
+
+/// Only a connection that answered early lingers: others close at once and
+/// give back their `--max-connections` slot; a small refused body is read
+/// and discarded so its connection stays open; an idle keep-alive
+/// connection closed at the header timeout is not counted as refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_proxy_closes_are_not_held() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = HttpbinStack::start(
+        "closes",
+        &[
+            "--max-connections",
+            "3",
+            "--header-timeout",
+            "1s",
+            "--max-body",
+            "16",
+        ],
+    )
+    .await;
+    // Three clients whose `Connection: close` requests were answered and
+    // which keep their end open, as an idle pool does.
+    let mut kept = Vec::new();
+    for _ in 0..3 {
+        let mut socket = tokio::net::TcpStream::connect(stack.proxy_addr)
+            .await
+            .unwrap();
+        socket
+            .write_all(b"GET /anything HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+            .await
+            .expect("answered and closed")
+            .unwrap();
+        assert_eq!(status_of(&String::from_utf8_lossy(&answer)), 200);
+        kept.push(socket);
+    }
+    // Their slots are free: a fourth client is served at once.
+    let answer = raw(
+        stack.proxy_addr,
+        b"GET /anything HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    drop(kept);
+
+    // A small body over --max-body is read and discarded: 413, and the
+    // same connection serves the next request.
+    let mut socket = tokio::net::TcpStream::connect(stack.proxy_addr)
+        .await
+        .unwrap();
+    socket
+        .write_all(
+            b"POST /anything HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n01234567890123456789\
+              GET /anything HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+        .await
+        .expect("both answered")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("too large\nHTTP/1.1 200"), "{answer}");
+
+    // An idle keep-alive connection is closed at the header timeout, but
+    // that is not a refused request.
+    let mut socket = tokio::net::TcpStream::connect(stack.proxy_addr)
+        .await
+        .unwrap();
+    socket
+        .write_all(b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+        .await
+        .expect("closed at the header timeout")
+        .unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&answer)), 200);
+    let metrics = stack.metrics().await;
+    assert!(
+        !metrics.contains("anteroom_proxy_refused_total{"),
+        "{metrics}"
+    );
+    let log = stack.proxy_log();
+    assert!(!log.contains("request refused"), "{log}");
 }

@@ -111,10 +111,10 @@ impl ProxyMetrics {
     /// |---|---|---|
     /// | `anteroom_proxy_requests_total{queue,status}` | counter | responses sent, by HTTP status |
     /// | `anteroom_proxy_request_duration_seconds{queue}` | histogram | arrival to response, waiting included |
-    /// | `anteroom_proxy_waiting_requests{queue}` | gauge | requests in this proxy waiting for a reply |
+    /// | `anteroom_proxy_waiting_requests{queue}` | gauge | requests in this proxy waiting for a reply, or still sending their body |
     /// | `anteroom_proxy_shed_total{queue}` | counter | requests refused with 503 because the waiting limits were reached |
     /// | `anteroom_proxy_expired_total{queue}` | counter | requests answered 504 because the hold budget ran out |
-    /// | `anteroom_proxy_refused_total{reason}` | counter | requests the HTTP parser refused before routing (400, 414, 431, or a header timeout), by `reason`: `target`, `target_too_long`, `head_too_large`, `header`, `framing`, `method`, `version`, `header_timeout` |
+    /// | `anteroom_proxy_refused_total{reason}` | counter | requests the HTTP parser refused before routing (400, 414, 431), by `reason`: `target`, `target_too_long`, `head_too_large`, `header`, `framing`, `method`, `version` |
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
@@ -129,7 +129,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "anteroom_proxy_waiting_requests",
-            "Requests in this proxy waiting for their reply",
+            "Requests in this proxy waiting for their reply, or still sending their body",
             metrics.waiting.clone(),
         );
         registry.register(

@@ -80,14 +80,12 @@ impl ProxyError {
 /// refusal (a client that went away, an I/O error). hyper answers these
 /// itself: 400 for a request line or header field it cannot parse
 /// (RFC 9112 §3, §5) or faulty framing (§6.3), 414 for a target over
-/// 64 KiB, 431 for a head over `--max-head` or `--max-headers`, and it
-/// closes a connection whose head is not complete within the header
-/// timeout. hyper's error kinds are private; its messages name them.
+/// 64 KiB (when `--max-head` allows one that long), and 431 for a head
+/// over `--max-head` or `--max-headers`. The header timeout is not a
+/// refusal: hyper applies it to idle keep-alive connections too. hyper's
+/// error kinds are private; its messages name them.
 pub(crate) fn refused_reason(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     let err = err.downcast_ref::<hyper::Error>()?;
-    if err.is_timeout() {
-        return Some("header_timeout");
-    }
     if !err.is_parse() {
         return None;
     }

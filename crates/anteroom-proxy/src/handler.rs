@@ -292,14 +292,15 @@ fn arrive(
     request_id: &HeaderValue,
 ) -> Arrival {
     let (parts, body) = req.into_parts();
+    let refuse = |error, body| refuse(error, body, parts.version, state.config.body_read_timeout);
     if let Err(problem) = check_host(&parts.headers, parts.version, &parts.uri) {
-        return Arrival::Ready(Err(Refused::early(ProxyError::BadHost(problem), body)));
+        return refuse(ProxyError::BadHost(problem), body);
     }
     if let Err(err) = check_transfer_coding(&parts.headers) {
-        return Arrival::Ready(Err(Refused::early(err, body)));
+        return refuse(err, body);
     }
     if parts.method == Method::CONNECT {
-        return Arrival::Ready(Err(Refused::early(ProxyError::Connect, body)));
+        return refuse(ProxyError::Connect, body);
     }
     let limit = state.config.max_body;
     let declared = parts
@@ -308,22 +309,14 @@ fn arrive(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Arrival::Ready(Err(Refused::early(
-            ProxyError::BodyTooLarge { limit },
-            body,
-        )));
+        return refuse(ProxyError::BodyTooLarge { limit }, body);
     }
     // The waiting budget is reserved on arrival, for the declared length
     // (at most `limit`), and charged as bytes arrive when there is none
     // (chunked): over it, 503 before the body is read, not after.
     let reservation = match state.budget.reserve(declared.unwrap_or(0) as usize) {
         Ok(reservation) => reservation,
-        Err((waiting, bytes)) => {
-            return Arrival::Ready(Err(Refused::early(
-                ProxyError::Overloaded { waiting, bytes },
-                body,
-            )));
-        }
+        Err((waiting, bytes)) => return refuse(ProxyError::Overloaded { waiting, bytes }, body),
     };
     if body.is_end_stream() {
         // No body (most GETs): nothing to read or time.
@@ -359,6 +352,55 @@ fn arrive(
     }))
 }
 
+/// Whether `host` names the same host and port as `authority`, after RFC
+/// 3986 §6.2 normalisation: case, a trailing dot, the scheme's default port.
+fn same_origin_host(authority: &http::uri::Authority, host: &HeaderValue, uri: &http::Uri) -> bool {
+    let Some(host) = host
+        .to_str()
+        .ok()
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+    else {
+        return false;
+    };
+    let default_port = if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let name = |a: &http::uri::Authority| a.host().trim_end_matches('.').to_ascii_lowercase();
+    name(authority) == name(&host)
+        && authority.port_u16().unwrap_or(default_port) == host.port_u16().unwrap_or(default_port)
+}
+
+/// Most body bytes read and discarded to answer a refused HTTP/1 request
+/// on a connection that then stays open (as nginx discards a body before
+/// an error page). A larger or chunked body is left unread and the
+/// connection closed after the answer, lingering (`linger.rs`).
+const DISCARD_MAX: u64 = 64 * 1024;
+
+/// Refuses a request with `error`. Over HTTP/1 a body of known length up
+/// to [`DISCARD_MAX`] is read and discarded first (within `timeout`, as a
+/// body is read), so a client with a small `POST` keeps its connection;
+/// otherwise the answer is early (see [`Answer::early`]).
+fn refuse(error: ProxyError, body: Incoming, version: http::Version, timeout: Duration) -> Arrival {
+    let small = body.size_hint().upper().is_some_and(|n| n <= DISCARD_MAX);
+    if version >= http::Version::HTTP_2 || body.is_end_stream() || !small {
+        return Arrival::Ready(Err(Refused::early(error, body)));
+    }
+    Arrival::Reading(Box::pin(async move {
+        let mut body = body;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(Some(Ok(_))) => {}
+                // All read, or the connection is broken (hyper closes it).
+                Ok(None | Some(Err(_))) => return Err(Refused::from(error)),
+                Err(_) => return Err(Refused::early(error, body)),
+            }
+        }
+    }))
+}
+
 /// RFC 9112 §3.2: a server answers 400 to an HTTP/1.1 request without a
 /// `Host` field, and to any request with more than one `Host` line or a
 /// `Host` that is not `host[:port]` (an empty value is allowed, for targets
@@ -375,10 +417,9 @@ fn check_host(
         (Some(_), Some(_)) => Err("more than one Host field (RFC 9112 section 3.2)"),
         (Some(host), None)
             if version >= http::Version::HTTP_2
-                && uri.authority().is_some_and(|a| {
-                    !a.as_str()
-                        .eq_ignore_ascii_case(&String::from_utf8_lossy(host.as_bytes()))
-                }) =>
+                && uri
+                    .authority()
+                    .is_some_and(|a| !same_origin_host(a, host, uri)) =>
         {
             Err("Host differs from :authority (RFC 9113 section 8.3.1)")
         }
@@ -757,6 +798,9 @@ mod tests {
         assert!(h2("example.org:8080", "Example.ORG:8080").is_ok());
         assert!(h2("example.org", "other.example").is_err());
         assert!(h2("example.org", "example.org:81").is_err());
+        assert!(h2("example.org:80", "example.org").is_ok());
+        assert!(h2("example.org", "EXAMPLE.org.:80").is_ok());
+        assert!(h2("example.org", "a b").is_err());
         for (version, hosts) in [
             (Version::HTTP_11, &[][..]),
             (Version::HTTP_11, &["a.example", "b.example"][..]),

@@ -13,15 +13,17 @@
 //! "broken pipe" instead of the answer.
 //!
 //! So, as nginx does (`lingering_close`, `lingering_time 30s`,
-//! `lingering_timeout 5s`), the socket of a connection the proxy closes is
-//! shut down for writing (the client reads the answer, then end of
-//! stream), and what the client still sends is read and discarded for at
-//! most [`LINGER_TIME`], giving up after [`LINGER_TIMEOUT`] without a byte
-//! or after [`LINGER_BYTES`]. A client that has already closed its side
-//! costs one non-blocking read.
+//! `lingering_timeout 5s`), when a connection closes after an early answer,
+//! or with client bytes still unread, its socket is shut down for writing
+//! (the client reads the answer, then end of stream) and what the client
+//! still sends is read and discarded for at most [`LINGER_TIME`], giving up
+//! after [`LINGER_TIMEOUT`] without a byte or after [`LINGER_BYTES`].
+//! Every other close is immediate: it costs one non-blocking read.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,21 +45,30 @@ pub(crate) const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
 /// upload refused with 413: such a client still reads its answer.
 pub(crate) const LINGER_BYTES: u64 = 128 * 1024 * 1024;
 
-/// A client connection that lingers when dropped (see the module docs).
-/// Reads and writes go straight to the socket.
+/// A client connection that lingers when dropped, if it must (see the
+/// module docs). Reads and writes go straight to the socket.
 #[derive(Debug)]
 pub(crate) struct Lingering {
     stream: Option<TcpStream>,
     /// Held until the lingering ends, so a lingering socket still counts
     /// against `--max-connections`.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Set once the connection has sent an early answer ([`Answer::lingers`]).
+    wanted: Arc<AtomicBool>,
 }
 
 impl Lingering {
-    pub(crate) fn new(stream: TcpStream, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+    /// `stream`, lingering when dropped if `wanted` is set by then or
+    /// client bytes are unread.
+    pub(crate) fn new(
+        stream: TcpStream,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        wanted: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             stream: Some(stream),
             slot: Some(slot),
+            wanted,
         }
     }
 
@@ -111,9 +122,17 @@ impl Drop for Lingering {
         let (Some(stream), slot) = (self.stream.take(), self.slot.take()) else {
             return;
         };
-        // The common case: the client closed first and nothing is unread.
+        // Nothing unread, and no early answer that the client may still be
+        // sending a body after (the client closed first, or a keep-alive
+        // connection closed idle): close at once.
         let mut probe = [0u8; 1];
-        if matches!(stream.try_read(&mut probe), Ok(0)) {
+        let unread = match stream.try_read(&mut probe) {
+            Ok(n) => n > 0,
+            Err(err) => {
+                err.kind() == io::ErrorKind::WouldBlock && self.wanted.load(Ordering::Acquire)
+            }
+        };
+        if !unread {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -156,17 +175,11 @@ async fn linger(mut stream: TcpStream) {
 /// the answer has been sent.
 pub(crate) struct Answer {
     bytes: Full<Bytes>,
-    _unread: Option<Unread>,
-}
-
-enum Unread {
-    /// HTTP/1: dropped with the answer.
-    Held { _body: Incoming },
-    /// HTTP/2: a task drains it; dropping this tells the task the answer
-    /// has been sent.
-    Draining {
-        _answering: tokio::sync::oneshot::Sender<()>,
-    },
+    /// HTTP/1: the connection closes after this answer, lingering.
+    lingers: bool,
+    /// HTTP/2: a task drains the unread body; dropping this tells it the
+    /// answer has been sent.
+    _draining: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Answer {
@@ -174,35 +187,43 @@ impl Answer {
     pub(crate) fn complete(resp: Response<Full<Bytes>>) -> Response<Answer> {
         resp.map(|bytes| Answer {
             bytes,
-            _unread: None,
+            lingers: false,
+            _draining: None,
         })
     }
 
     /// `resp` as an early answer, sent while `unread` may still be
     /// arriving. Over HTTP/1 it says `Connection: close` (RFC 9112 §9.6):
-    /// what follows on the connection is the rest of a body nobody reads.
+    /// what follows on the connection is the rest of a body nobody reads,
+    /// and the connection lingers when it closes.
     pub(crate) fn early(
         mut resp: Response<Full<Bytes>>,
         unread: Incoming,
         version: http::Version,
     ) -> Response<Answer> {
-        let unread = if unread.is_end_stream() {
-            Unread::Held { _body: unread }
-        } else if version < http::Version::HTTP_2 {
-            resp.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-            Unread::Held { _body: unread }
-        } else {
-            Unread::Draining {
-                _answering: drain(unread),
+        let (mut lingers, mut draining) = (false, None);
+        if !unread.is_end_stream() {
+            if version < http::Version::HTTP_2 {
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+                lingers = true;
+            } else {
+                draining = Some(drain(unread));
             }
-        };
+        }
         resp.map(|bytes| Answer {
             bytes,
-            _unread: Some(unread),
+            lingers,
+            _draining: draining,
         })
+    }
+
+    /// Whether the connection must linger when it closes (HTTP/1, an early
+    /// answer with the body unread).
+    pub(crate) fn lingers(&self) -> bool {
+        self.lingers
     }
 }
 

@@ -186,6 +186,8 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let router = Arc::clone(&router);
         let draining = Arc::clone(&draining);
+        let linger = Arc::new(AtomicBool::new(false));
+        let lingering = Lingering::new(stream, slot, Arc::clone(&linger));
         let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let version = req.version();
             let http1 = version < http::Version::HTTP_2;
@@ -207,11 +209,15 @@ pub async fn serve(
                 }
             };
             let draining = Arc::clone(&draining);
+            let linger = Arc::clone(&linger);
             async move {
                 let mut response = match answer {
                     Ok(handling) => handling.await,
                     Err(resp) => resp,
                 };
+                if response.body().lingers() {
+                    linger.store(true, Ordering::Release);
+                }
                 // Shutting down: the client's next request goes to a new
                 // connection (RFC 9112 section 9.6), not to a socket that
                 // closes under it.
@@ -225,7 +231,7 @@ pub async fn serve(
             }
         });
         let conn = builder
-            .serve_connection(TokioIo::new(Lingering::new(stream, slot)), service)
+            .serve_connection(TokioIo::new(lingering), service)
             .into_owned();
         let conn = graceful.watch(conn);
         let metrics = config.metrics.clone();
@@ -235,8 +241,8 @@ pub async fn serve(
                     Some(reason) => {
                         // Answered by hyper, never seen by the handler:
                         // logged here so a 400 is never silent.
-                        metrics.refused(reason);
                         tracing::info!(%peer, reason, error = %err, "request refused by the HTTP parser");
+                        metrics.refused(reason);
                     }
                     None => {
                         tracing::debug!(error = %err, %peer, "connection ended with an error")

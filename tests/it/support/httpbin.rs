@@ -14,7 +14,6 @@ use super::bin::{self, BinProcess};
 use super::{start_redis, venv, wait_for_port};
 
 pub struct HttpbinStack {
-    pub redis: LocalRedis,
     pub queue: String,
     /// The app itself, without Anteroom: `http://127.0.0.1:PORT`.
     pub direct: String,
@@ -29,6 +28,7 @@ pub struct HttpbinStack {
     _proxy: BinProcess,
     _dispatcher: BinProcess,
     _gunicorn: BinProcess,
+    pub redis: LocalRedis,
 }
 
 impl HttpbinStack {
