@@ -8,6 +8,7 @@ mod compose;
 mod config;
 mod failures;
 mod hostile;
+mod hostile_inputs;
 mod httpbin;
 mod load;
 mod logs;

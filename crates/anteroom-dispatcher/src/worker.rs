@@ -526,25 +526,14 @@ where
     let envelope = match RequestEnvelope::decode(raw.clone()) {
         Ok(envelope) => envelope,
         Err(err) => {
-            let reason = format!("does not decode: {err}");
-            tracing::error!(queue = %shared.keys.queue(), %reason, "moving an envelope to the dead-letter list");
-            shared.metrics.dead_lettered();
-            let mut conn = shared.conn.clone();
-            if let Err(err) = anteroom_control::dead_letter(
-                &mut conn,
-                &shared.keys,
-                &shared.processing_key,
-                &raw,
-                &reason,
-                &shared.id,
-            )
-            .await
-            {
-                tracing::error!(error = %err, "dead-lettering failed; the envelope stays in the processing list");
-            }
+            set_aside(&shared, &raw, &format!("does not decode: {err}")).await;
             return;
         }
     };
+    if let Err(reason) = check_envelope(&shared.keys, &envelope, now_ms()) {
+        set_aside(&shared, &raw, &reason).await;
+        return;
+    }
     let span = tracing::info_span!(
         "request",
         request_id = tracing::field::Empty,
@@ -600,6 +589,11 @@ where
         let started = std::time::Instant::now();
         let reply = match execute(&shared, service, &envelope, budget).await {
             Outcome::Reply(reply) => reply,
+            Outcome::Invalid(err) => {
+                // Kept for inspection; the client still gets its answer.
+                set_aside(&shared, &raw, &format!("not a valid HTTP request: {err}")).await;
+                Failure::HandlerFailed.to_envelope(&envelope.id)
+            }
             Outcome::Requeue(started) => {
                 let attempt = if started {
                     Attempt::MayHaveRun {
@@ -642,10 +636,61 @@ where
     .await;
 }
 
+/// Moves `raw` from the processing list to the dead-letter list, saying
+/// why (see `anteroom_control::dead_letter`).
+async fn set_aside(shared: &Shared, raw: &Bytes, reason: &str) {
+    tracing::error!(queue = %shared.keys.queue(), %reason, "moving an envelope to the dead-letter list");
+    shared.metrics.dead_lettered();
+    let mut conn = shared.conn.clone();
+    if let Err(err) = anteroom_control::dead_letter(
+        &mut conn,
+        &shared.keys,
+        &shared.processing_key,
+        raw,
+        reason,
+        &shared.id,
+    )
+    .await
+    {
+        tracing::error!(error = %err, "dead-lettering failed; the envelope stays in the processing list");
+    }
+}
+
+/// Longest a deadline may lie ahead of the dispatcher's clock. A proxy's
+/// hold budget is seconds or minutes; an envelope claiming more was not
+/// written by one, and would hold a concurrency slot that long.
+const MAX_DEADLINE_AHEAD: Duration = Duration::from_secs(24 * 3600);
+
+/// Why an envelope that decodes was not written by a proxy of this queue,
+/// if it was not: its `reply_to` is not one of this queue's reply lists
+/// (the dispatcher would write to, and set a TTL on, any key it named), or
+/// its deadline lies more than [`MAX_DEADLINE_AHEAD`] ahead.
+fn check_envelope(keys: &Keys, envelope: &RequestEnvelope, now: u64) -> Result<(), String> {
+    if !keys.is_replies(&envelope.reply_to) {
+        return Err(format!(
+            "reply_to {:?} is not a reply list of queue {}",
+            envelope.reply_to.escape_debug().to_string(),
+            keys.queue()
+        ));
+    }
+    let ahead = envelope.deadline_ms.saturating_sub(now);
+    if ahead > MAX_DEADLINE_AHEAD.as_millis() as u64 {
+        return Err(format!(
+            "deadline {} ms ahead, more than {} s",
+            ahead,
+            MAX_DEADLINE_AHEAD.as_secs()
+        ));
+    }
+    Ok(())
+}
+
 /// What became of a request the handler was given.
 enum Outcome {
     /// Answer the client with this.
     Reply(ResponseEnvelope),
+    /// The envelope is not a valid HTTP request (never written by a
+    /// proxy): set aside, and the client answered 502.
+    Invalid(anteroom_protocol::ConvertError),
     /// Put it back at the front of the queue: the upstream never received
     /// it (`false`), or failed on a request that is safe to repeat after it
     /// may have started it (`true`).
@@ -667,10 +712,7 @@ where
 {
     let request = match envelope.to_http() {
         Ok(request) => request.map(Full::new),
-        Err(err) => {
-            tracing::warn!(error = %err, "envelope is not a valid HTTP request");
-            return Outcome::Reply(Failure::BadRequest.to_envelope(&envelope.id));
-        }
+        Err(err) => return Outcome::Invalid(err),
     };
     let limit = shared.settings.max_response_body;
     // A panicking handler becomes a 502 (caught here rather than by running
@@ -825,6 +867,18 @@ async fn completer(
                     }
                     break;
                 }
+                Err(err) if batch.len() > 1 && !is_transport(&err) => {
+                    // Redis refused a command (a reply list that is not a
+                    // list, say): one completion's fault must not hold the
+                    // others back, so each is tried alone.
+                    batch = complete_one_by_one(&shared, &mut conn, batch).await;
+                    continue;
+                }
+                Err(err) if !is_transport(&err) => {
+                    tracing::error!(error = %err, reply_to = %batch[0].reply_to.escape_debug(), "completion refused by redis; giving it up");
+                    batch.clear();
+                    break;
+                }
                 Err(err) => err,
             };
             let delay = backoff.next_delay();
@@ -844,6 +898,39 @@ async fn completer(
             }
         }
     }
+}
+
+/// Whether `err` says nothing reached Redis or its answer was lost (worth
+/// retrying), rather than that Redis refused a command.
+fn is_transport(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+}
+
+/// Completes each of `batch` in a MULTI of its own. Those Redis refuses
+/// are given up (their requests stay in the processing list for a
+/// reaper); those that fail in transport are returned, to be retried.
+async fn complete_one_by_one(
+    shared: &Shared,
+    conn: &mut SharedConnection,
+    batch: Vec<Completion>,
+) -> Vec<Completion> {
+    let mut retry = Vec::new();
+    for completion in batch {
+        let one = std::slice::from_ref(&completion);
+        match completion_pipe(shared, one).query_async::<()>(conn).await {
+            Ok(()) => {
+                let _ = completion.done.send(());
+            }
+            Err(err) if is_transport(&err) => retry.push(completion),
+            Err(err) => {
+                tracing::error!(error = %err, reply_to = %completion.reply_to.escape_debug(), "completion refused by redis; giving it up");
+            }
+        }
+    }
+    retry
 }
 
 /// The MULTI that completes `batch` (see [`completer`]).

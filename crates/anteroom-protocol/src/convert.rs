@@ -25,7 +25,18 @@ pub enum ConvertError {
     /// The status is outside 100..=999.
     #[error("invalid status {0}")]
     Status(u16),
+    /// More header fields than [`MAX_HEADER_FIELDS`].
+    #[error("{0} header fields, more than the {MAX_HEADER_FIELDS} an envelope may carry")]
+    TooManyHeaders(usize),
 }
+
+/// Most header fields an envelope may carry into an `http` message: far
+/// above what a proxy forwards (`--max-headers`, 500 by default) or an
+/// upstream may answer with (`--upstream-max-headers`), and below the
+/// 32,768 at which `http::HeaderMap` panics. An envelope over it was not
+/// written by a proxy or dispatcher: conversion fails with
+/// [`ConvertError::TooManyHeaders`].
+pub const MAX_HEADER_FIELDS: usize = 10_000;
 
 /// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -72,6 +83,9 @@ pub fn headers_from_map(headers: &HeaderMap) -> HeaderList {
 }
 
 fn headers_to_map(list: &HeaderList) -> Result<HeaderMap, ConvertError> {
+    if list.len() > MAX_HEADER_FIELDS {
+        return Err(ConvertError::TooManyHeaders(list.len()));
+    }
     let mut map = HeaderMap::with_capacity(list.len());
     for (name, value) in list {
         let name = HeaderName::from_bytes(name.as_bytes())
@@ -152,6 +166,33 @@ impl ResponseEnvelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_many_header_fields_are_an_error_not_a_panic() {
+        // 40,000 fields: past the 32,768 at which HeaderMap panics.
+        for n in [MAX_HEADER_FIELDS + 1, 40_000] {
+            let headers: HeaderList = (0..n)
+                .map(|i| (format!("x-h{i}"), Bytes::from_static(b"v")))
+                .collect();
+            let resp = ResponseEnvelope {
+                id: "r".into(),
+                status: 200,
+                headers: headers.clone(),
+                body: Bytes::new(),
+            };
+            assert!(matches!(resp.to_http(), Err(ConvertError::TooManyHeaders(m)) if m == n));
+        }
+        let headers: HeaderList = (0..MAX_HEADER_FIELDS)
+            .map(|_| ("x-same".to_owned(), Bytes::from_static(b"v")))
+            .collect();
+        let resp = ResponseEnvelope {
+            id: "r".into(),
+            status: 200,
+            headers,
+            body: Bytes::new(),
+        };
+        assert_eq!(resp.to_http().unwrap().headers().len(), MAX_HEADER_FIELDS);
+    }
 
     #[test]
     fn strips_standard_and_connection_named_headers() {

@@ -74,6 +74,15 @@ impl Keys {
         format!("{}replies:{proxy_id}", self.prefix)
     }
 
+    /// Whether `key` is a reply list of this queue: `anteroom:{q}:replies:<id>`
+    /// with an `id` that [`validate_id`] accepts. A dispatcher writes only
+    /// to such keys, whatever an envelope's `reply_to` says.
+    pub fn is_replies(&self, key: &str) -> bool {
+        key.strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix("replies:"))
+            .is_some_and(|id| validate_id(id).is_ok())
+    }
+
     /// `anteroom:{q}:dispatcher:<id>`: a dispatcher's heartbeat (a string with a TTL).
     pub fn dispatcher(&self, dispatcher_id: &str) -> String {
         format!("{}dispatcher:{dispatcher_id}", self.prefix)
@@ -127,6 +136,23 @@ impl Keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_this_queues_reply_lists_are_reply_lists() {
+        let k = Keys::new("billing").unwrap();
+        assert!(k.is_replies(&k.replies("p1")));
+        for key in [
+            "anteroom:{billing}:replies:",
+            "anteroom:{billing}:replies:a b",
+            "anteroom:{billing}:replies:p1:x",
+            "anteroom:{other}:replies:p1",
+            "anteroom:{billing}:requests",
+            "anteroom:{billing}:paused",
+            "session:42",
+        ] {
+            assert!(!k.is_replies(key), "{key}");
+        }
+    }
 
     #[test]
     fn keys_carry_the_hash_tag() {

@@ -21,7 +21,7 @@ mod failure;
 mod heartbeat;
 mod keys;
 
-pub use convert::{ConvertError, headers_from_map, strip_hop_by_hop};
+pub use convert::{ConvertError, MAX_HEADER_FIELDS, headers_from_map, strip_hop_by_hop};
 pub use envelope::{
     DeadLetter, DecodeError, HeaderList, HttpVersion, KIND_DEAD_LETTER, KIND_REQUEST,
     KIND_RESPONSE, RequestEnvelope, ResponseEnvelope, VERSION,
