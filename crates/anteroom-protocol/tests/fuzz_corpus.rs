@@ -1,0 +1,39 @@
+//! The `envelope` fuzz target's checks, run on its seed corpus
+//! (`fuzz/corpus/envelope`, including the regression inputs with extreme
+//! header counts and sizes) on the stable toolchain, so CI covers what
+//! the fuzzer found.
+
+use anteroom_protocol::{DeadLetter, RequestEnvelope, ResponseEnvelope};
+use bytes::Bytes;
+
+#[test]
+fn every_seed_decodes_or_fails_without_panicking() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/envelope");
+    let mut seeds = 0;
+    let mut converted = 0;
+    for entry in std::fs::read_dir(&dir).expect("the fuzz corpus is in the repository") {
+        let path = entry.unwrap().path();
+        let buf = Bytes::from(std::fs::read(&path).unwrap());
+        seeds += 1;
+        if let Ok(req) = RequestEnvelope::decode(buf.clone()) {
+            let again = RequestEnvelope::decode(Bytes::from(req.encode())).unwrap();
+            assert_eq!(again, req, "{}", path.display());
+            converted += usize::from(req.to_http().is_ok());
+        }
+        if let Ok(resp) = ResponseEnvelope::decode(buf.clone()) {
+            let again = ResponseEnvelope::decode(Bytes::from(resp.encode())).unwrap();
+            assert_eq!(again, resp, "{}", path.display());
+            converted += usize::from(resp.to_http().is_ok());
+        }
+        if let Ok(dead) = DeadLetter::decode(buf) {
+            assert_eq!(
+                DeadLetter::decode(Bytes::from(dead.encode())).unwrap(),
+                dead
+            );
+        }
+    }
+    assert!(seeds >= 6, "{seeds} seeds in {}", dir.display());
+    // The plain request and response, and the 256 KiB value, convert; the
+    // 40,000- and 33,000-field ones are refused.
+    assert_eq!(converted, 3);
+}
