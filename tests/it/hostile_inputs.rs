@@ -210,3 +210,104 @@ async fn hostile_envelopes_are_set_aside_and_nothing_stalls() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     monitor.check(Duration::from_secs(2)).await;
 }
+
+/// Limits and header rules hold on both protocols and cannot be talked
+/// around: `--max-headers` over HTTP/2 as over HTTP/1, `Connection: host`
+/// does not strip `Host`, forwarding headers the proxy does not set are
+/// removed, and routes see the normalised path (and the target's
+/// authority over `Host`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_routes_hold_on_both_protocols() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Requests routed to `admin` find no dispatcher there: 504 after 300 ms.
+    let config = crate::support::config_file(
+        "[[proxy.routes]]\npath_prefix = \"/admin/\"\nqueue = \"admin\"\nhold = \"300ms\"\n\n\
+         [[proxy.routes]]\nhost = \"admin.example\"\nqueue = \"admin\"\nhold = \"300ms\"\n",
+    );
+    let stack = HttpbinStack::start("limits", &["--config", config.to_str().unwrap()]).await;
+    let _ = std::fs::remove_file(&config);
+    let monitor = Monitor::start(format!("{}/anything", stack.url));
+
+    // 600 fields, over the default 500: 431 on both protocols.
+    for (c, what) in [
+        (client(), "HTTP/1.1"),
+        (crate::support::web::h2c_client(), "HTTP/2"),
+    ] {
+        let mut req = http::Request::get(format!("{}/anything", stack.url));
+        for i in 0..600 {
+            req = req.header(format!("x-f{i}"), "v");
+        }
+        let r = web::try_send(&c, req.body(Default::default()).unwrap()).await;
+        let status = r
+            .map(|r| r.status)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(
+            status,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "{what}"
+        );
+    }
+
+    let raw = |request: String| {
+        let addr = stack.proxy_addr;
+        async move {
+            let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+            socket.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+                .await
+                .expect("answered and closed")
+                .unwrap();
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    // Connection: host keeps Host; spoofable forwarding headers are gone.
+    let answer = raw(
+        "GET /headers HTTP/1.1\r\nHost: app.example\r\nConnection: host, close\r\n\
+         Forwarded: for=10.0.0.1;host=evil.example\r\nX-Forwarded-Host: evil.example\r\n\
+         X-Forwarded-Port: 1\r\nX-Forwarded-Prefix: /evil\r\nX-Real-IP: 10.0.0.1\r\n\r\n"
+            .into(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"Host\": \"app.example\""), "{answer}");
+    for spoofed in [
+        "Forwarded",
+        "X-Forwarded-Host",
+        "X-Forwarded-Port",
+        "X-Forwarded-Prefix",
+        "X-Real-Ip",
+    ] {
+        assert!(
+            !answer.contains(&format!("\"{spoofed}\"")),
+            "{spoofed} passed: {answer}"
+        );
+    }
+
+    // Routes match the normalised path, whatever spelling reaches them,
+    // and the absolute-form authority, not a disagreeing Host.
+    for target in [
+        "/admin/x",
+        "/anything/../admin/x",
+        "/%61dmin/x",
+        "//admin/x",
+        "/anything/%2e%2e/admin/x",
+        "http://admin.example/anything",
+    ] {
+        let answer = raw(format!(
+            "GET {target} HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 504"),
+            "{target} was not routed to admin: {answer}"
+        );
+    }
+    let answer = raw(
+        "GET /anything/admin/x HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n".into(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    monitor.check(Duration::from_secs(2)).await;
+}

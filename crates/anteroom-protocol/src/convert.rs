@@ -51,7 +51,10 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Removes hop-by-hop headers, including every header the `Connection`
-/// header names, and `Upgrade` (a queued request cannot switch protocols).
+/// header names (RFC 9110 §7.6.1), and `Upgrade` (a queued request cannot
+/// switch protocols). `Host` stays even when `Connection` names it: it is
+/// never hop-by-hop, and a client naming it would have the request routed
+/// by one host and reach the app with none.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -59,6 +62,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| name != http::header::HOST)
         .collect();
     for name in named {
         headers.remove(name);
@@ -192,6 +196,17 @@ mod tests {
             body: Bytes::new(),
         };
         assert_eq!(resp.to_http().unwrap().headers().len(), MAX_HEADER_FIELDS);
+    }
+
+    #[test]
+    fn connection_cannot_strip_host() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "host, x-private".parse().unwrap());
+        h.insert("host", "app.example".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["host"], "app.example");
+        assert!(!h.contains_key("x-private"));
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub enum Failure {
     /// transfer coding other than `chunked` (RFC 9112 §6.1), or the
     /// `CONNECT` method, which is for forward proxies (501).
     NotImplemented,
+    /// More request header fields than the proxy's `--max-headers`, over
+    /// HTTP/2 (hyper answers HTTP/1 itself) (431).
+    HeaderFieldsTooLarge,
 }
 
 impl Failure {
@@ -53,6 +56,7 @@ impl Failure {
             Failure::ClientTimeout => 408,
             Failure::NoRoute => 404,
             Failure::NotImplemented => 501,
+            Failure::HeaderFieldsTooLarge => 431,
         }
     }
 
@@ -71,6 +75,7 @@ impl Failure {
             Failure::ClientTimeout => "request body not received in time\n",
             Failure::NoRoute => "no queue serves this host and path on this proxy\n",
             Failure::NotImplemented => "not implemented by this proxy\n",
+            Failure::HeaderFieldsTooLarge => "too many request header fields\n",
         }
     }
 

@@ -56,6 +56,8 @@ pub(crate) enum ProxyError {
     UnsupportedCoding(String),
     #[error("CONNECT is for forward proxies (RFC 9110 section 9.3.6)")]
     Connect,
+    #[error("{0} header fields, over the limit of {1}")]
+    TooManyFields(usize, usize),
 }
 
 impl ProxyError {
@@ -66,6 +68,7 @@ impl ProxyError {
                 Failure::BadRequest
             }
             ProxyError::UnsupportedCoding(_) | ProxyError::Connect => Failure::NotImplemented,
+            ProxyError::TooManyFields(..) => Failure::HeaderFieldsTooLarge,
             ProxyError::BodyTimeout(_) => Failure::ClientTimeout,
             ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
             ProxyError::HoldExpired => Failure::HoldExpired,

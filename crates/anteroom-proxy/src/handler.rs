@@ -27,6 +27,18 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// Forwarding headers the proxy does not set, removed from requests: a
+/// client could otherwise claim another host, port, path prefix or address
+/// to an app that trusts its proxy. (`X-Forwarded-For` is appended to and
+/// `X-Forwarded-Proto` replaced; see docs/behaviour.md.)
+const UNTRUSTED_FORWARDING: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+];
+
 /// Longest client-supplied `X-Request-Id` kept; longer or non-visible ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 200;
 
@@ -243,6 +255,7 @@ fn finish(
             match failure {
                 Failure::BadRequest
                 | Failure::NotImplemented
+                | Failure::HeaderFieldsTooLarge
                 | Failure::ClientTimeout
                 | Failure::BodyTooLarge
                 | Failure::HoldExpired
@@ -293,6 +306,12 @@ fn arrive(
 ) -> Arrival {
     let (parts, body) = req.into_parts();
     let refuse = |error, body| refuse(error, body, parts.version, state.config.body_read_timeout);
+    // hyper enforces --max-headers on HTTP/1 heads; HTTP/2 only bounds
+    // their size.
+    if parts.headers.len() > state.config.max_headers {
+        let fields = ProxyError::TooManyFields(parts.headers.len(), state.config.max_headers);
+        return refuse(fields, body);
+    }
     if let Err(problem) = check_host(&parts.headers, parts.version, &parts.uri) {
         return refuse(ProxyError::BadHost(problem), body);
     }
@@ -619,6 +638,9 @@ pub(crate) fn envelope_for(
 ) -> RequestEnvelope {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    for name in UNTRUSTED_FORWARDING {
+        headers.remove(name);
+    }
     if parts.version >= http::Version::HTTP_2 {
         join_cookies(&mut headers);
     }

@@ -1,6 +1,7 @@
 //! Which queue a request goes to: the routes in order (host, then path
 //! prefix; the first match wins), then the default queue if there is one.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::Request;
@@ -49,10 +50,13 @@ impl Router {
             .chain(self.default.as_ref())
     }
 
-    /// The state serving `req`, or `None` (answer 404).
+    /// The state serving `req`, or `None` (answer 404). Path prefixes are
+    /// matched against the normalised path ([`normalize_path`]), so
+    /// `/public/../admin/` is routed as `/admin/`, as the app will read
+    /// it; the request goes on with its target as sent.
     pub(crate) fn pick<B>(&self, req: &Request<B>) -> Option<&Arc<State>> {
         let host = request_host(req);
-        let path = req.uri().path();
+        let path = normalize_path(req.uri().path());
         self.routes
             .iter()
             .find(|route| {
@@ -70,15 +74,70 @@ impl Router {
     }
 }
 
-/// The request's host without port: the `Host` header, or the authority
-/// of an HTTP/2 (or absolute-form) request.
+/// The request's host without port: the target's authority (an HTTP/2
+/// `:authority`, or an absolute-form target, which replaces `Host`: RFC
+/// 9112 §3.2.2), else the `Host` header; the same host the app is given.
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    let raw = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))?;
+    let raw = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+        req.headers()
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+    })?;
     Some(strip_port(raw))
+}
+
+/// `path` as routes see it: percent-encoded unreserved characters decoded
+/// and hex digits upper-cased (RFC 3986 §6.2.2), `.` and `..` segments
+/// removed (§5.2.4), runs of `/` merged (as nginx's `merge_slashes`).
+/// Borrowed when there is nothing to do.
+pub(crate) fn normalize_path(path: &str) -> Cow<'_, str> {
+    if !path.contains(['%', '.']) && !path.contains("//") {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded: Vec<u8> = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = (hi * 16 + lo) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(c);
+                } else {
+                    decoded.push(b'%');
+                    decoded.extend(bytes[i + 1..i + 3].iter().map(u8::to_ascii_uppercase));
+                }
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    // Only ASCII was decoded and non-ASCII bytes were copied whole.
+    let decoded = String::from_utf8(decoded).unwrap_or_else(|_| path.to_owned());
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in decoded.split('/') {
+        trailing_slash = matches!(segment, "" | "." | "..");
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            segment => segments.push(segment),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing_slash || segments.is_empty() {
+        out.push('/');
+    }
+    Cow::Owned(out)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -93,7 +152,31 @@ fn strip_port(host: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_port;
+    use super::{normalize_path, strip_port};
+
+    #[test]
+    fn paths_are_normalised_for_routing() {
+        for (raw, normal) in [
+            ("/api/x", "/api/x"),
+            ("/public/../admin/x", "/admin/x"),
+            ("/public/./../admin/", "/admin/"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/../../admin", "/admin"),
+            ("//admin///x", "/admin/x"),
+            ("/%61dmin/x", "/admin/x"),
+            ("/%2e%2E/admin", "/admin"),
+            ("/public/%2e%2e/admin", "/admin"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/caf\u{e9}/../x", "/x"),
+            ("/x%", "/x%"),
+            ("/x%4", "/x%4"),
+            ("/x%zz", "/x%zz"),
+            ("/.hidden/file.txt", "/.hidden/file.txt"),
+        ] {
+            assert_eq!(normalize_path(raw), normal, "{raw}");
+        }
+    }
 
     #[test]
     fn ports_are_ignored() {
