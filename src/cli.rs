@@ -256,6 +256,11 @@ pub struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
+    /// How long an answer may make no progress because the client reads
+    /// nothing; then its connection is dropped and its memory freed.
+    #[arg(long, env = "ANTEROOM_SEND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub send_timeout: Duration,
+
     /// While Redis is unreachable, keep trying to enqueue for this long
     /// before answering 503 (0s: answer at once). Requests that are not safe
     /// to repeat are retried only when nothing was sent.

@@ -80,6 +80,7 @@ pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.max_head_bytes = args.max_head;
     config.header_read_timeout = args.header_timeout;
     config.body_read_timeout = args.body_timeout;
+    config.send_timeout = args.send_timeout;
     config.enqueue_timeout = args.enqueue_timeout;
     config.durable = args.durable.then_some(args.durable_wait);
     config

@@ -27,16 +27,7 @@ async fn connect(target: &QueueArgs) -> anyhow::Result<Queue> {
         })
 }
 
-/// A Redis URL without its password, for messages.
-pub(crate) fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
+pub(crate) use anteroom_redis::redact_url as redact;
 
 /// Says which Redis and queue a command acts on and who serves the queue
 /// (on stdout: it is part of the command's answer); returns the status.

@@ -196,6 +196,22 @@ fn every_command_checks_its_configuration() {
     );
     assert_eq!(code, 2);
     assert!(err.contains("invalid health check path \"up\""), "{err}");
+    // Credentials in the upstream URL are refused, and never echoed.
+    let (code, out, err) = run(
+        &[
+            "dispatch",
+            "--upstream",
+            "http://app:s3cret@127.0.0.1:3000/x",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("http://***@127.0.0.1:3000/x"), "{err}");
+    assert!(err.contains("carries credentials"), "{err}");
+    assert!(
+        !out.contains("s3cret") && !err.contains("s3cret"),
+        "{out}{err}"
+    );
     let (code, _, err) = run(&["dispatch", "--upstream", "ftp://x"], &[]);
     assert_eq!(code, 2);
     assert!(err.contains("invalid upstream url"), "{err}");

@@ -44,9 +44,17 @@ pub enum DispatcherError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpstreamError {
-    /// The upstream URL is not an absolute `http://` URL.
+    /// The upstream URL is not an absolute `http://` URL (credentials in
+    /// it shown as `***`).
     #[error("invalid upstream url {0:?}: expected http://HOST:PORT[/PREFIX]")]
     Url(String),
+    /// The upstream URL carries credentials (`user:password@`), which the
+    /// dispatcher would not send; refused rather than kept in memory and
+    /// logs. The URL is given with them shown as `***`.
+    #[error(
+        "upstream url {0:?} carries credentials, which the dispatcher does not send; give the app's credentials another way"
+    )]
+    Credentials(String),
     /// A health check path that is not an absolute path (`/up`).
     #[error("invalid health check path {0:?}: expected an absolute path such as /up")]
     HealthPath(String),

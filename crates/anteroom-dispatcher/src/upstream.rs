@@ -57,16 +57,15 @@ impl Upstream {
     /// An upstream at `url` (`http://HOST:PORT`, optionally with a path
     /// prefix that is prepended to every request path).
     pub fn new(url: &str) -> Result<Self, UpstreamError> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| UpstreamError::Url(url.to_owned()))?;
+        let invalid = || UpstreamError::Url(anteroom_redis::redact_url(url));
+        let uri: Uri = url.parse().map_err(|_| invalid())?;
         if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(UpstreamError::Url(url.to_owned()));
+            return Err(invalid());
         }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| UpstreamError::Url(url.to_owned()))?;
+        let authority = uri.authority().cloned().ok_or_else(invalid)?;
+        if authority.as_str().contains('@') {
+            return Err(UpstreamError::Credentials(anteroom_redis::redact_url(url)));
+        }
         let prefix = uri.path().trim_end_matches('/').to_owned();
         Ok(Self {
             client: client(DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS),

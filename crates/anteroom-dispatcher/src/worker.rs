@@ -867,14 +867,14 @@ async fn completer(
                     }
                     break;
                 }
-                Err(err) if batch.len() > 1 && !is_transport(&err) => {
+                Err(err) if batch.len() > 1 && refused_for_good(&err) => {
                     // Redis refused a command (a reply list that is not a
                     // list, say): one completion's fault must not hold the
                     // others back, so each is tried alone.
                     batch = complete_one_by_one(&shared, &mut conn, batch).await;
                     continue;
                 }
-                Err(err) if !is_transport(&err) => {
+                Err(err) if refused_for_good(&err) => {
                     tracing::error!(error = %err, reply_to = %batch[0].reply_to.escape_debug(), "completion refused by redis; giving it up");
                     batch.clear();
                     break;
@@ -900,18 +900,20 @@ async fn completer(
     }
 }
 
-/// Whether `err` says nothing reached Redis or its answer was lost (worth
-/// retrying), rather than that Redis refused a command.
-fn is_transport(err: &redis::RedisError) -> bool {
-    err.is_io_error()
-        || err.is_timeout()
-        || err.is_connection_dropped()
-        || err.is_connection_refusal()
+/// Whether Redis refused a command in a way retrying cannot mend: a key
+/// of the wrong type (a reply list that holds a string), or an ACL that
+/// forbids it. Everything else (a lost connection, a cluster moving or
+/// failing over, `OOM`, `READONLY` during a failover) is retried until the
+/// deadline. redis-rs reports errors inside a MULTI as text, so the codes
+/// are looked for there.
+fn refused_for_good(err: &redis::RedisError) -> bool {
+    let text = err.to_string();
+    text.contains("WRONGTYPE") || text.contains("NOPERM")
 }
 
 /// Completes each of `batch` in a MULTI of its own. Those Redis refuses
-/// are given up (their requests stay in the processing list for a
-/// reaper); those that fail in transport are returned, to be retried.
+/// for good are given up (their requests stay in the processing list for
+/// a reaper); those that fail otherwise are returned, to be retried.
 async fn complete_one_by_one(
     shared: &Shared,
     conn: &mut SharedConnection,
@@ -924,10 +926,10 @@ async fn complete_one_by_one(
             Ok(()) => {
                 let _ = completion.done.send(());
             }
-            Err(err) if is_transport(&err) => retry.push(completion),
-            Err(err) => {
+            Err(err) if refused_for_good(&err) => {
                 tracing::error!(error = %err, reply_to = %completion.reply_to.escape_debug(), "completion refused by redis; giving it up");
             }
+            Err(_) => retry.push(completion),
         }
     }
     retry

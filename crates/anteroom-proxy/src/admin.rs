@@ -18,8 +18,6 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::error::ServeError;
@@ -94,34 +92,12 @@ pub async fn serve_admin(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, "admin endpoint ready");
     }
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(err) => {
-                    tracing::warn!(error = %err, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let service = service_fn(move |req| {
         let admin = std::sync::Arc::clone(&admin);
-        let service = service_fn(move |req| {
-            let admin = std::sync::Arc::clone(&admin);
-            async move { Ok::<_, Infallible>(admin.handle(req).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(error = %err, "admin connection ended with an error");
-            }
-        });
-    }
+        async move { Ok::<_, Infallible>(admin.handle(req).await) }
+    });
+    anteroom_metrics::serve_side(listener, "admin", service, shutdown).await;
+    Ok(())
 }
 
 struct Admin {

@@ -45,6 +45,10 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     /// How long a client may take to send the request body (over it: 408).
     pub body_read_timeout: Duration,
+    /// How long an answer being sent may make no progress (the client
+    /// reads nothing) before its connection is dropped, as nginx's
+    /// `send_timeout` (60 s).
+    pub send_timeout: Duration,
     /// Most header fields in one request (over it: 431); default
     /// [`DEFAULT_MAX_HEADERS`].
     pub max_headers: usize,
@@ -88,6 +92,7 @@ impl ProxyConfig {
             drain: Duration::from_secs(2),
             redis_timeout: Duration::from_secs(2),
             header_read_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(30),
             max_headers: DEFAULT_MAX_HEADERS,
             max_head_bytes: 64 * 1024,

@@ -23,7 +23,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -45,30 +45,114 @@ pub(crate) const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
 /// upload refused with 413: such a client still reads its answer.
 pub(crate) const LINGER_BYTES: u64 = 128 * 1024 * 1024;
 
+/// What one client connection is doing, for its watchdog (`server.rs`):
+/// when bytes last moved, how many requests it has in hand, how many
+/// answers are being sent, and whether it must linger when it closes.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    started: std::time::Instant,
+    /// Milliseconds after `started` when a read or write last moved bytes.
+    last_ms: AtomicU64,
+    /// Requests from arrival until their answer has been sent.
+    in_flight: AtomicUsize,
+    /// Answers being sent (hyper holds their body).
+    sending: AtomicUsize,
+    /// Set once the connection has sent an early answer ([`Answer::lingers`]).
+    linger: AtomicBool,
+    /// Woken when an answer starts or ends being sent.
+    changed: tokio::sync::Notify,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            started: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            sending: AtomicUsize::new(0),
+            linger: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Completes when an answer has started or ended being sent since the
+    /// last call.
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    fn moved(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long since bytes last moved either way.
+    pub(crate) fn quiet_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    /// Requests in hand (arrived, and not yet answered to the end).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Answers being sent now.
+    pub(crate) fn sending(&self) -> usize {
+        self.sending.load(Ordering::Acquire)
+    }
+
+    /// Counts a request until the returned guard is dropped.
+    pub(crate) fn request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight {
+            activity: Arc::clone(self),
+            sending: false,
+        }
+    }
+}
+
+/// One request of a connection, counted in [`Activity`] until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    activity: Arc<Activity>,
+    sending: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.sending {
+            self.activity.sending.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.activity.changed.notify_one();
+    }
+}
+
 /// A client connection that lingers when dropped, if it must (see the
-/// module docs). Reads and writes go straight to the socket.
+/// module docs). Reads and writes go straight to the socket; each that
+/// moves bytes is noted in the connection's [`Activity`].
 #[derive(Debug)]
 pub(crate) struct Lingering {
     stream: Option<TcpStream>,
     /// Held until the lingering ends, so a lingering socket still counts
     /// against `--max-connections`.
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Set once the connection has sent an early answer ([`Answer::lingers`]).
-    wanted: Arc<AtomicBool>,
+    activity: Arc<Activity>,
 }
 
 impl Lingering {
-    /// `stream`, lingering when dropped if `wanted` is set by then or
-    /// client bytes are unread.
+    /// `stream`, lingering when dropped if an early answer was sent on it
+    /// or client bytes are unread.
     pub(crate) fn new(
         stream: TcpStream,
         slot: tokio::sync::OwnedSemaphorePermit,
-        wanted: Arc<AtomicBool>,
+        activity: Arc<Activity>,
     ) -> Self {
         Self {
             stream: Some(stream),
             slot: Some(slot),
-            wanted,
+            activity,
         }
     }
 
@@ -83,7 +167,12 @@ impl AsyncRead for Lingering {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.stream().poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = self.stream().poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.moved();
+        }
+        polled
     }
 }
 
@@ -93,7 +182,11 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write(cx, buf)
+        let polled = self.stream().poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.moved();
+        }
+        polled
     }
 
     fn poll_write_vectored(
@@ -101,7 +194,11 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write_vectored(cx, bufs)
+        let polled = self.stream().poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.moved();
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -129,7 +226,8 @@ impl Drop for Lingering {
         let unread = match stream.try_read(&mut probe) {
             Ok(n) => n > 0,
             Err(err) => {
-                err.kind() == io::ErrorKind::WouldBlock && self.wanted.load(Ordering::Acquire)
+                err.kind() == io::ErrorKind::WouldBlock
+                    && self.activity.linger.load(Ordering::Acquire)
             }
         };
         if !unread {
@@ -177,6 +275,9 @@ pub(crate) struct Answer {
     bytes: Full<Bytes>,
     /// HTTP/1: the connection closes after this answer, lingering.
     lingers: bool,
+    /// The request, counted as in flight and sending until the answer has
+    /// been sent ([`Answer::sent_for`]).
+    request: Option<InFlight>,
     /// HTTP/2: a task drains the unread body; dropping this tells it the
     /// answer has been sent.
     _draining: Option<tokio::sync::oneshot::Sender<()>>,
@@ -188,6 +289,7 @@ impl Answer {
         resp.map(|bytes| Answer {
             bytes,
             lingers: false,
+            request: None,
             _draining: None,
         })
     }
@@ -216,14 +318,22 @@ impl Answer {
         resp.map(|bytes| Answer {
             bytes,
             lingers,
+            request: None,
             _draining: draining,
         })
     }
 
-    /// Whether the connection must linger when it closes (HTTP/1, an early
-    /// answer with the body unread).
-    pub(crate) fn lingers(&self) -> bool {
-        self.lingers
+    /// Ties this answer to `request` of a connection: it counts as being
+    /// sent until hyper drops it, and an early answer makes the connection
+    /// linger when it closes.
+    pub(crate) fn sent_for(&mut self, mut request: InFlight) {
+        if self.lingers {
+            request.activity.linger.store(true, Ordering::Release);
+        }
+        request.activity.sending.fetch_add(1, Ordering::AcqRel);
+        request.activity.changed.notify_one();
+        request.sending = true;
+        self.request = Some(request);
     }
 }
 

@@ -12,7 +12,6 @@ use anteroom_protocol::{Failure, Keys, ProxyHeartbeat, validate_id};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,7 +22,7 @@ use crate::enqueue::Enqueuer;
 use crate::error::ServeError;
 use crate::error::{failure_response, refused_reason};
 use crate::handler::{self, State};
-use crate::linger::{Answer, Lingering};
+use crate::linger::{Activity, Answer, Lingering};
 use crate::replies::{self, Demux};
 use crate::router::Router;
 
@@ -173,9 +172,13 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_head_bytes).unwrap_or(u32::MAX))
+        // Dead peers are found by PING (RFC 9113 §6.7); idle live ones by
+        // the watchdog.
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(256);
     let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
-    let graceful = GracefulShutdown::new();
+    let closing = CancellationToken::new();
     let tracker = TaskTracker::new();
     let draining = Arc::new(AtomicBool::new(false));
     let accept = |stream: TcpStream, peer: SocketAddr| {
@@ -186,57 +189,66 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let router = Arc::clone(&router);
         let draining = Arc::clone(&draining);
-        let linger = Arc::new(AtomicBool::new(false));
-        let lingering = Lingering::new(stream, slot, Arc::clone(&linger));
-        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            let version = req.version();
-            let http1 = version < http::Version::HTTP_2;
-            // Built here, not inside the async block, so the request is not
-            // kept in the future while it waits (see `handler::handle`).
-            let answer = match router.pick(&req) {
-                Some(state) => Ok(handler::handle(Arc::clone(state), req, peer)),
-                None => {
-                    tracing::debug!(
-                        host = ?req.headers().get(http::header::HOST),
-                        path = %req.uri().path(),
-                        "no route; 404"
-                    );
-                    Err(Answer::early(
-                        failure_response(Failure::NoRoute),
-                        req.into_body(),
-                        version,
-                    ))
-                }
-            };
-            let draining = Arc::clone(&draining);
-            let linger = Arc::clone(&linger);
-            async move {
-                let mut response = match answer {
-                    Ok(handling) => handling.await,
-                    Err(resp) => resp,
+        let activity = Activity::new();
+        let service = service_fn({
+            let activity = Arc::clone(&activity);
+            move |req: http::Request<hyper::body::Incoming>| {
+                let request = activity.request();
+                let version = req.version();
+                let http1 = version < http::Version::HTTP_2;
+                // Built here, not inside the async block, so the request is not
+                // kept in the future while it waits (see `handler::handle`).
+                let answer = match router.pick(&req) {
+                    Some(state) => Ok(handler::handle(Arc::clone(state), req, peer)),
+                    None => {
+                        tracing::debug!(
+                            host = ?req.headers().get(http::header::HOST),
+                            path = %req.uri().path(),
+                            "no route; 404"
+                        );
+                        Err(Answer::early(
+                            failure_response(Failure::NoRoute),
+                            req.into_body(),
+                            version,
+                        ))
+                    }
                 };
-                if response.body().lingers() {
-                    linger.store(true, Ordering::Release);
+                let draining = Arc::clone(&draining);
+                async move {
+                    let mut response = match answer {
+                        Ok(handling) => handling.await,
+                        Err(resp) => resp,
+                    };
+                    response.body_mut().sent_for(request);
+                    // Shutting down: the client's next request goes to a new
+                    // connection (RFC 9112 section 9.6), not to a socket that
+                    // closes under it.
+                    if http1 && draining.load(Ordering::Acquire) {
+                        response.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, Infallible>(response)
                 }
-                // Shutting down: the client's next request goes to a new
-                // connection (RFC 9112 section 9.6), not to a socket that
-                // closes under it.
-                if http1 && draining.load(Ordering::Acquire) {
-                    response.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                }
-                Ok::<_, Infallible>(response)
             }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(lingering), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
         let metrics = config.metrics.clone();
+        let limits = Watchdog {
+            idle: config.header_read_timeout,
+            send: config.send_timeout,
+        };
+        let closing = closing.clone();
         tracker.spawn(async move {
-            if let Err(err) = conn.await {
+            // hyper times nothing until it knows the protocol.
+            if !anteroom_metrics::request_started(&stream, limits.idle).await {
+                tracing::debug!(%peer, "nothing received within the header timeout; closing");
+                return;
+            }
+            let io = TokioIo::new(Lingering::new(stream, slot, Arc::clone(&activity)));
+            let conn = builder.serve_connection(io, service);
+            if let Err(err) = limits.run(conn, &activity, &closing, peer).await {
                 match refused_reason(&*err) {
                     Some(reason) => {
                         // Answered by hyper, never seen by the handler:
@@ -314,8 +326,9 @@ pub async fn serve(
         () = tracker.wait() => {}
         () = tokio::time::sleep(drain) => {}
     }
+    closing.cancel();
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tracker.wait() => tracing::info!("all connections closed"),
         () = tokio::time::sleep_until(grace_ends) => {
             tracing::warn!(waiting = waiting(), "grace period over; closing with requests still waiting");
         }
@@ -373,5 +386,91 @@ async fn heartbeat(
     }
     if let Err(err) = presence.leave(&mut conn).await {
         tracing::debug!(error = %err, "cannot remove the heartbeat");
+    }
+}
+
+/// The limits a connection's watchdog enforces (see [`Watchdog::run`]).
+#[derive(Debug, Clone, Copy)]
+struct Watchdog {
+    /// Nothing in hand and no bytes either way this long: closed
+    /// gracefully (`--header-timeout`; HTTP/2 has no idle timer of its own,
+    /// HTTP/1's header timer does the same between requests).
+    idle: Duration,
+    /// An answer being sent and no bytes moving this long: the client is
+    /// not reading (an HTTP/2 window kept at 0, a socket never read), and
+    /// the connection is dropped with what it holds (`--send-timeout`).
+    send: Duration,
+}
+
+impl Watchdog {
+    /// Runs `conn` to its end under these limits, closing it gracefully
+    /// when `closing` fires (the proxy is shutting down).
+    async fn run<C, E>(
+        self,
+        conn: C,
+        activity: &Activity,
+        closing: &CancellationToken,
+        peer: SocketAddr,
+    ) -> Result<(), E>
+    where
+        C: Future<Output = Result<(), E>> + GracefulClose,
+    {
+        let mut conn = std::pin::pin!(conn);
+        let mut winding_down = false;
+        loop {
+            let limit = if activity.sending() > 0 {
+                self.send
+            } else if activity.in_flight() == 0 {
+                self.idle
+            } else {
+                // Requests waiting for their reply: the hold budget bounds them.
+                Duration::from_secs(3600)
+            };
+            let wake = limit.saturating_sub(activity.quiet_for());
+            tokio::select! {
+                result = conn.as_mut() => return result,
+                () = closing.cancelled(), if !winding_down => {
+                    winding_down = true;
+                    conn.as_mut().close_gracefully();
+                }
+                () = activity.changed() => {}
+                () = tokio::time::sleep(wake) => {
+                    let quiet = activity.quiet_for();
+                    if activity.sending() > 0 && quiet >= self.send {
+                        tracing::info!(%peer, ?quiet, "client not reading its answer within the send timeout; connection dropped");
+                        return Ok(());
+                    }
+                    if activity.in_flight() == 0 && quiet >= self.idle {
+                        if winding_down {
+                            return Ok(());
+                        }
+                        tracing::debug!(%peer, ?quiet, "idle connection closed");
+                        winding_down = true;
+                        conn.as_mut().close_gracefully();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A connection that can be asked to finish what it has in hand and close
+/// (hyper's `graceful_shutdown`).
+trait GracefulClose {
+    fn close_gracefully(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E, B> GracefulClose for auto::Connection<'_, I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn close_gracefully(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
     }
 }

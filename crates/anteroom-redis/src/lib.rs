@@ -195,3 +195,40 @@ mod tests {
         assert_eq!(b.next_delay(), Duration::from_millis(50));
     }
 }
+
+/// `url` with its credentials (user and password) replaced by `***`, for
+/// logs and messages: `redis://:secret@host:6379` becomes
+/// `redis://***@host:6379`. A URL without them is returned as is.
+pub fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            // The authority ends at the first `/`, `?` or `#`.
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..end].rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://***@{host}{}", &rest[end..]),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn credentials_are_hidden() {
+        assert_eq!(
+            redact_url("redis://:s3cret@10.0.0.5:6379/0"),
+            "redis://***@10.0.0.5:6379/0"
+        );
+        assert_eq!(
+            redact_url("http://user:pw@app:3000/x?a=b@c"),
+            "http://***@app:3000/x?a=b@c"
+        );
+        assert_eq!(redact_url("http://app:3000/x@y"), "http://app:3000/x@y");
+        assert_eq!(redact_url("redis://10.0.0.5"), "redis://10.0.0.5");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+}
