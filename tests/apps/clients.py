@@ -6,6 +6,11 @@
         --chunked sends it chunked instead of with a Content-Length.
     clients.py h2-upload URL SIZE
         The same over HTTP/2 (h2c with prior knowledge) with httpx.
+    clients.py h2-stall URL 0
+        Opens an HTTP/2 connection with a flow-control window of 0, asks
+        for URL and never reads the answer (never sends WINDOW_UPDATE);
+        prints {"closed_after": SECONDS} once the server closes it, or
+        {"error": ...} if it is still open after 30 s.
 
 Prints one JSON object: {"status", "version", "connection", "retry_after",
 "body"}, or {"error": "..."} when no response could be read.
@@ -55,6 +60,47 @@ def h2_upload(url, size):
         }
 
 
+def h2_stall(url):
+    import socket
+    import time
+    import urllib.parse
+
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    target = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((target.hostname, target.port))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    conn.send_headers(1, [
+        (":method", "GET"), (":path", target.path or "/"),
+        (":scheme", "http"), (":authority", target.netloc),
+    ], end_stream=True)
+    sock.sendall(conn.data_to_send())
+    started = time.monotonic()
+    sock.settimeout(30)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            # Answer PINGs and SETTINGS, but never open the window.
+            try:
+                conn.receive_data(data)
+            except Exception:
+                pass
+            out = conn.data_to_send()
+            if out:
+                sock.sendall(out)
+    except socket.timeout:
+        return {"error": "still open after 30 s"}
+    except ConnectionResetError:
+        pass
+    return {"closed_after": round(time.monotonic() - started, 2)}
+
+
 def main(argv):
     command, url, size = argv[0], argv[1], int(argv[2])
     rest = argv[3:]
@@ -68,6 +114,8 @@ def main(argv):
             result = upload(url, size, "--chunked" in rest, headers)
         elif command == "h2-upload":
             result = h2_upload(url, size)
+        elif command == "h2-stall":
+            result = h2_stall(url)
         else:
             raise SystemExit(f"unknown command {command}")
     except (OSError, http.client.HTTPException, ImportError) as err:

@@ -311,3 +311,92 @@ async fn limits_and_routes_hold_on_both_protocols() {
 
     monitor.check(Duration::from_secs(2)).await;
 }
+
+/// Connections that hold a slot without doing anything are closed: one
+/// that sends nothing, one that sends half the HTTP/2 preface, an HTTP/2
+/// connection idle after its preface (at the header timeout); and clients
+/// that do not read their answer (an HTTP/1 socket never read, an HTTP/2
+/// window kept at 0) lose their connection at the send timeout. With the
+/// connection cap at 8, ordinary requests get through afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_non_reading_clients_lose_their_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = HttpbinStack::start(
+        "silent",
+        &[
+            "--max-connections",
+            "8",
+            "--header-timeout",
+            "1s",
+            "--send-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let closes = |mut socket: tokio::net::TcpStream| async move {
+        let started = Instant::now();
+        let mut sink = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(15), socket.read(&mut sink)).await {
+                Ok(Ok(0) | Err(_)) => return started.elapsed(),
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("still open after 15 s"),
+            }
+        }
+    };
+    let mut held = Vec::new();
+    for opening in [
+        &b""[..],
+        &b""[..],
+        &b""[..],
+        &b""[..],
+        &b""[..],
+        b"PRI * HTTP/2.0\r\n",
+        // The whole preface and an empty SETTINGS frame, then nothing.
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(stack.proxy_addr)
+            .await
+            .unwrap();
+        socket.write_all(opening).await.unwrap();
+        held.push(tokio::spawn(closes(socket)));
+    }
+    for closed in held {
+        let after = closed.await.unwrap();
+        assert!(after < Duration::from_secs(10), "closed after {after:?}");
+    }
+    let r = web::get(&client(), &format!("{}/anything", stack.url)).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    let monitor = Monitor::start(format!("{}/anything", stack.url));
+    // HTTP/1: 100 pipelined requests for 100 KB each, from a client with a
+    // 4 KiB receive buffer that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut socket = socket.connect(stack.proxy_addr).await.unwrap();
+    socket
+        .write_all(&b"GET /bytes/102400 HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100))
+        .await
+        .unwrap();
+    eventually(
+        "the stalled answer to be dropped",
+        Duration::from_secs(20),
+        || {
+            let stack = &stack;
+            async move { stack.proxy_log().contains("client not reading its answer") }
+        },
+    )
+    .await;
+    drop(socket);
+    // HTTP/2: a window of 0, never opened.
+    let r = crate::support::httpbin::python_client(&[
+        "h2-stall",
+        &format!("{}/bytes/1000", stack.url),
+        "0",
+    ])
+    .await;
+    let after = r["closed_after"].as_f64().unwrap_or_else(|| panic!("{r}"));
+    assert!(after < 10.0, "{r}");
+    monitor.check(Duration::from_secs(2)).await;
+}

@@ -102,6 +102,46 @@ fn envelope(id: usize, method: &str, reply_to: &str) -> RequestEnvelope {
     }
 }
 
+/// A reaper answers only reply lists of its queue: a dead dispatcher's
+/// list holding envelopes whose `reply_to` names another key (a POST,
+/// answered 502 otherwise; a GET, requeued otherwise) has them
+/// dead-lettered, and the key is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reaper_writes_only_to_reply_lists_of_its_queue() {
+    let redis = start_redis();
+    let keys = Keys::new("rq2").unwrap();
+    let mut conn = redis_conn(&redis).await;
+    for (i, method) in ["POST", "GET"].into_iter().enumerate() {
+        redis::cmd("LPUSH")
+            .arg(keys.processing("dead"))
+            .arg(envelope(i, method, "session:42").encode())
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    redis::cmd("ZADD")
+        .arg(keys.dispatchers())
+        .arg(1)
+        .arg("dead")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let queue = control(&redis, "rq2").await;
+    let report = queue.reap("reaper", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        (report.dead_lettered, report.answered, report.requeued),
+        (2, 0, 0)
+    );
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg("session:42")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "the reaper wrote to a foreign key");
+    assert_eq!(llen(&mut conn, &keys.dead()).await, 2);
+    assert_eq!(llen(&mut conn, &keys.requests()).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_reaper_wins_each_list() {
     const HELD: usize = 50;

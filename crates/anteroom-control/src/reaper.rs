@@ -139,6 +139,18 @@ impl Reaping<'_> {
                 return Ok(());
             }
         };
+        if !keys.is_replies(&envelope.reply_to) {
+            // Not written by a proxy of this queue: no reply is pushed to
+            // the key it names (see the dispatcher's own check).
+            let reason = format!(
+                "found in a dead dispatcher's list; reply_to {:?} is not a reply list of queue {}",
+                envelope.reply_to.escape_debug().to_string(),
+                keys.queue()
+            );
+            dead_letter(conn, keys, claim_list, &raw, &reason, claimer).await?;
+            report.dead_lettered += 1;
+            return Ok(());
+        }
         let now = now_ms();
         let mut pipe = redis::pipe();
         pipe.atomic();

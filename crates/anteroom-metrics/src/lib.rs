@@ -574,7 +574,9 @@ pub async fn serve_side<S>(
                     tracing::debug!(error = %err, endpoint = name, "connection ended with an error")
                 }
                 Ok(Ok(())) => {}
-                Err(_) => tracing::debug!(endpoint = name, %peer, "connection closed at its lifetime"),
+                Err(_) => {
+                    tracing::debug!(endpoint = name, %peer, "connection closed at its lifetime")
+                }
             }
             drop(slot);
         });

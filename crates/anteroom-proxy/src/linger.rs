@@ -53,6 +53,12 @@ pub(crate) struct Activity {
     started: std::time::Instant,
     /// Milliseconds after `started` when a read or write last moved bytes.
     last_ms: AtomicU64,
+    /// Milliseconds after `started` when a write first found the socket
+    /// full, plus one; 0 while writes go through.
+    blocked_ms: AtomicU64,
+    /// Milliseconds after `started` when an answer was last handed to
+    /// hyper or taken by it.
+    answered_ms: AtomicU64,
     /// Requests from arrival until their answer has been sent.
     in_flight: AtomicUsize,
     /// Answers being sent (hyper holds their body).
@@ -68,6 +74,8 @@ impl Activity {
         Arc::new(Self {
             started: std::time::Instant::now(),
             last_ms: AtomicU64::new(0),
+            blocked_ms: AtomicU64::new(0),
+            answered_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             sending: AtomicUsize::new(0),
             linger: AtomicBool::new(false),
@@ -81,9 +89,50 @@ impl Activity {
         self.changed.notified().await;
     }
 
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     fn moved(&self) {
-        let now = self.started.elapsed().as_millis() as u64;
-        self.last_ms.store(now, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.moved();
+                self.blocked_ms.store(0, Ordering::Relaxed);
+            }
+            Poll::Pending => {
+                let now = self.now_ms() + 1;
+                let _ =
+                    self.blocked_ms
+                        .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    fn answered(&self) {
+        self.answered_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    /// How long the client has not read: since a write first found the
+    /// socket full, or, with answers waiting to be sent, since hyper last
+    /// took one (an HTTP/2 window kept at 0 blocks no write). `None` while
+    /// neither holds.
+    pub(crate) fn unread_for(&self) -> Option<std::time::Duration> {
+        let now = self.now_ms();
+        let blocked = self.blocked_ms.load(Ordering::Relaxed);
+        let since = if blocked > 0 {
+            Some(blocked - 1)
+        } else if self.sending() > 0 {
+            Some(self.answered_ms.load(Ordering::Relaxed))
+        } else {
+            None
+        };
+        since.map(|t| std::time::Duration::from_millis(now.saturating_sub(t)))
     }
 
     /// How long since bytes last moved either way.
@@ -125,7 +174,7 @@ impl Drop for InFlight {
         if self.sending {
             self.activity.sending.fetch_sub(1, Ordering::AcqRel);
         }
-        self.activity.changed.notify_one();
+        self.activity.answered();
     }
 }
 
@@ -183,9 +232,7 @@ impl AsyncWrite for Lingering {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = self.stream().poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.moved();
-        }
+        self.activity.wrote(&polled);
         polled
     }
 
@@ -195,9 +242,7 @@ impl AsyncWrite for Lingering {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = self.stream().poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.moved();
-        }
+        self.activity.wrote(&polled);
         polled
     }
 
@@ -331,7 +376,7 @@ impl Answer {
             request.activity.linger.store(true, Ordering::Release);
         }
         request.activity.sending.fetch_add(1, Ordering::AcqRel);
-        request.activity.changed.notify_one();
+        request.activity.answered();
         request.sending = true;
         self.request = Some(request);
     }

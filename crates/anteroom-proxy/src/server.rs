@@ -418,15 +418,13 @@ impl Watchdog {
         let mut conn = std::pin::pin!(conn);
         let mut winding_down = false;
         loop {
-            let limit = if activity.sending() > 0 {
-                self.send
-            } else if activity.in_flight() == 0 {
-                self.idle
-            } else {
-                // Requests waiting for their reply: the hold budget bounds them.
-                Duration::from_secs(3600)
+            let wake = match activity.unread_for() {
+                Some(unread) => self.send.saturating_sub(unread),
+                None if activity.in_flight() == 0 => self.idle.saturating_sub(activity.quiet_for()),
+                // Requests waiting for their reply: the hold budget bounds
+                // them; a write or an answer wakes this loop.
+                None => Duration::from_secs(1),
             };
-            let wake = limit.saturating_sub(activity.quiet_for());
             tokio::select! {
                 result = conn.as_mut() => return result,
                 () = closing.cancelled(), if !winding_down => {
@@ -435,11 +433,11 @@ impl Watchdog {
                 }
                 () = activity.changed() => {}
                 () = tokio::time::sleep(wake) => {
-                    let quiet = activity.quiet_for();
-                    if activity.sending() > 0 && quiet >= self.send {
-                        tracing::info!(%peer, ?quiet, "client not reading its answer within the send timeout; connection dropped");
+                    if let Some(unread) = activity.unread_for().filter(|u| *u >= self.send) {
+                        tracing::info!(%peer, ?unread, "client not reading its answer within the send timeout; connection dropped");
                         return Ok(());
                     }
+                    let quiet = activity.quiet_for();
                     if activity.in_flight() == 0 && quiet >= self.idle {
                         if winding_down {
                             return Ok(());
