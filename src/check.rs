@@ -176,8 +176,13 @@ fn proxy(
     if args.admin_token.is_some() && args.admin.is_none() {
         warnings.push("--admin-token is set but --admin is not: there is no admin endpoint".into());
     }
-    if args.admin.is_some_and(|a| !a.ip().is_loopback()) && args.admin_token.is_none() {
-        warnings.push("--admin listens beyond loopback without --admin-token".into());
+    if let Some(addr) = args.admin {
+        let mut admin = anteroom_proxy::AdminConfig::new("", "");
+        admin.token = args.admin_token.clone();
+        admin.without_token_beyond_loopback = args.admin_without_token;
+        if let Err(err) = admin.check(addr) {
+            problems.push(err.to_string());
+        }
     }
     if args.hold.is_zero()
         || config

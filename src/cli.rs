@@ -281,9 +281,15 @@ pub struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_ADMIN")]
     pub admin: Option<SocketAddr>,
 
-    /// Bearer token the admin endpoint requires (all but /healthz).
+    /// Bearer token the admin endpoint requires (all but /healthz). Better
+    /// in the environment than on the command line, where ps shows it.
     #[arg(long, env = "ANTEROOM_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// Allow --admin on an address beyond loopback without --admin-token
+    /// (refused otherwise: anyone who reaches it could pause the queue).
+    #[arg(long, env = "ANTEROOM_ADMIN_WITHOUT_TOKEN")]
+    pub admin_without_token: bool,
 
     /// Whether requests that match no route (`[[proxy.routes]]` in the
     /// configuration file) go to --queue; false answers them 404.

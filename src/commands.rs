@@ -118,13 +118,12 @@ async fn proxy(
                 .with_context(|| format!("cannot listen on {addr} for the admin endpoint"))?;
             let mut admin_config =
                 AdminConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
-            admin_config.token = args.admin_token.clone().filter(|t| !t.is_empty());
+            admin_config.token = args.admin_token.clone();
+            admin_config.without_token_beyond_loopback = args.admin_without_token;
+            admin_config.check(addr)?;
             admin_config.registry = Some(std::sync::Arc::clone(&registry));
             admin_config.metrics = Some(metrics.clone());
             admin_config.more_queues = config.routes.iter().map(|r| r.queue.clone()).collect();
-            if admin_config.token.is_none() && !addr.ip().is_loopback() {
-                tracing::warn!(%addr, "admin endpoint on a non-loopback address without --admin-token");
-            }
             let stop = admin_stop.clone();
             Some(tokio::spawn(serve_admin(
                 admin_listener,

@@ -400,3 +400,116 @@ async fn silent_and_non_reading_clients_lose_their_connections() {
     assert!(after < 10.0, "{r}");
     monitor.check(Duration::from_secs(2)).await;
 }
+
+/// The admin endpoint without a token answers only to IP-address or
+/// localhost `Host`s (DNS rebinding), refuses cross-site and form POSTs,
+/// forbids framing, and holds at most 64 connections, which silent clients
+/// lose after 10 s; an empty token, or no token beyond loopback, is
+/// refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_resists_browsers_and_idle_sockets() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = HttpbinStack::start("adm", &[]).await;
+    let admin: std::net::SocketAddr = stack.admin.trim_start_matches("http://").parse().unwrap();
+    let exchange = |request: String| async move {
+        let mut socket = tokio::net::TcpStream::connect(admin).await.unwrap();
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let queue = crate::support::control(&stack.redis, "adm").await;
+    for (what, extra) in [
+        (
+            "a cross-site form",
+            "Origin: http://evil.example\r\nSec-Fetch-Site: cross-site\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 0\r\n",
+        ),
+        ("a foreign Origin", "Origin: http://evil.example\r\n"),
+        (
+            "a form content type",
+            "Content-Type: text/plain\r\nContent-Length: 0\r\n",
+        ),
+    ] {
+        let answer = exchange(format!(
+            "POST /pause HTTP/1.1\r\nHost: {admin}\r\n{extra}Connection: close\r\n\r\n"
+        ))
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{what}: {answer}");
+        assert!(
+            queue.pause_state().await.unwrap().is_none(),
+            "{what} paused the queue"
+        );
+    }
+    let answer = exchange(
+        "GET /status HTTP/1.1\r\nHost: evil.example:9180\r\nConnection: close\r\n\r\n".into(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let answer = exchange(format!(
+        "GET / HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.contains("x-frame-options: deny"), "{answer}");
+    assert!(lower.contains("frame-ancestors 'none'"), "{answer}");
+    // What curl sends still works; the page's own fetch (same origin) too.
+    let answer = exchange(format!(
+        "POST /pause HTTP/1.1\r\nHost: {admin}\r\nOrigin: http://{admin}\r\nSec-Fetch-Site: same-origin\r\nConnection: close\r\n\r\n"
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(queue.pause_state().await.unwrap().is_some());
+    queue.resume().await.unwrap();
+
+    // 64 silent sockets fill the admin endpoint; the proxy itself is not
+    // affected, and they are closed after 10 s.
+    let mut silent = Vec::new();
+    for _ in 0..64 {
+        silent.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let r = web::get(&client(), &format!("{}/anything", stack.url)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let started = Instant::now();
+    for mut socket in silent {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buf))
+            .await
+            .expect("a silent admin socket was closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let r = web::get(&client(), &format!("{}/healthz", stack.admin)).await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // Refused at start: an empty token; no token beyond loopback, unless
+    // said so.
+    let check = |args: &[&str]| {
+        let out = crate::support::bin::command()
+            .args(["proxy", "--check-config", "--admin"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check(&["127.0.0.1:9180", "--admin-token", ""]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("admin token is empty"), "{err}");
+    let (code, err) = check(&["0.0.0.0:9180"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--admin-without-token"), "{err}");
+    let (code, err) = check(&["0.0.0.0:9180", "--admin-without-token"]);
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -44,6 +44,9 @@ pub struct AdminConfig {
     pub more_queues: Vec<String>,
     /// The proxy's metrics, for the page's throughput charts.
     pub metrics: Option<ProxyMetrics>,
+    /// Serve without a token on an address beyond loopback (refused
+    /// otherwise; see [`AdminConfig::check`]).
+    pub without_token_beyond_loopback: bool,
 }
 
 impl AdminConfig {
@@ -57,6 +60,22 @@ impl AdminConfig {
             registry: None,
             more_queues: Vec::new(),
             metrics: None,
+            without_token_beyond_loopback: false,
+        }
+    }
+
+    /// Whether this configuration may serve on `addr`: an empty token is
+    /// an error ([`ServeError::EmptyAdminToken`]), and so is no token on an
+    /// address beyond loopback unless
+    /// [`without_token_beyond_loopback`](Self::without_token_beyond_loopback)
+    /// ([`ServeError::OpenAdmin`]).
+    pub fn check(&self, addr: std::net::SocketAddr) -> Result<(), ServeError> {
+        match &self.token {
+            Some(token) if token.is_empty() => Err(ServeError::EmptyAdminToken),
+            None if !addr.ip().is_loopback() && !self.without_token_beyond_loopback => {
+                Err(ServeError::OpenAdmin(addr))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -67,6 +86,9 @@ pub async fn serve_admin(
     config: AdminConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    if let Ok(addr) = listener.local_addr() {
+        config.check(addr)?;
+    }
     let queue = Queue::connect(&config.redis_url, &config.queue, config.redis_timeout)
         .await
         .map_err(ServeError::Control)?;
@@ -109,7 +131,94 @@ struct Admin {
 }
 
 impl Admin {
+    /// Answers `req`, with headers that keep every answer out of frames and
+    /// content sniffing.
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let mut resp = match self.refuse(&req) {
+            Some(refusal) => text(StatusCode::FORBIDDEN, refusal),
+            None => self.answer(req).await,
+        };
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::X_FRAME_OPTIONS,
+            header::HeaderValue::from_static("DENY"),
+        );
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            header::HeaderValue::from_static("frame-ancestors 'none'"),
+        );
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            header::HeaderValue::from_static("nosniff"),
+        );
+        headers.insert(
+            header::REFERRER_POLICY,
+            header::HeaderValue::from_static("no-referrer"),
+        );
+        resp
+    }
+
+    /// Why `req` is refused before anything else, if it is:
+    /// - without a token, a `Host` that is not an IP address or
+    ///   `localhost`: a page on another site that made its name resolve to
+    ///   this address (DNS rebinding) would be served;
+    /// - a `POST` a browser sent from another site (`Sec-Fetch-Site`, or an
+    ///   `Origin` that is not this host) or as a form (a content type a
+    ///   cross-site form can send without asking): cross-site request
+    ///   forgery. curl and scripts send none of these.
+    fn refuse(&self, req: &Request<Incoming>) -> Option<&'static str> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if self.token.is_none() && !host.is_empty() && !local_host(host) {
+            return Some("Host not allowed: without a token the admin endpoint answers only to an IP address or localhost
+");
+        }
+        if req.method() != Method::POST {
+            return None;
+        }
+        let headers = req.headers();
+        let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+        if site.is_some_and(|s| s != "same-origin" && s != "none") {
+            return Some(
+                "cross-site request refused
+",
+            );
+        }
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if origin.is_some_and(|o| o.split_once("://").map(|(_, a)| a) != Some(host)) {
+            return Some(
+                "cross-site request refused
+",
+            );
+        }
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        if content_type.is_some_and(|t| {
+            matches!(
+                t.as_str(),
+                "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain"
+            )
+        }) {
+            return Some(
+                "form posts refused: POST with no body, or a JSON one
+",
+            );
+        }
+        None
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
         let allowed = match path.as_str() {
@@ -219,6 +328,27 @@ impl Admin {
     }
 }
 
+/// Whether `host` (a `Host` value) is an IP address or `localhost`, with
+/// or without a port: names an attacker cannot make resolve here.
+fn local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => {
+            return rest
+                .split(']')
+                .next()
+                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
 /// Compares without stopping at the first difference, so response time does
 /// not reveal how much of a guessed token was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -254,7 +384,30 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, local_host};
+
+    #[test]
+    fn local_hosts() {
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9180",
+            "localhost:9180",
+            "LOCALHOST",
+            "[::1]:9180",
+            "10.0.0.5",
+        ] {
+            assert!(local_host(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9180",
+            "127.0.0.1.evil.example",
+            "[evil]:1",
+            "localhost.evil.example",
+        ] {
+            assert!(!local_host(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn token_comparison() {

@@ -26,6 +26,15 @@ pub enum ServeError {
     /// The admin endpoint could not reach the queue's state.
     #[error("admin endpoint cannot reach the queue")]
     Control(#[source] anteroom_control::ControlError),
+    /// An admin token that is empty: it would silently mean no token.
+    #[error("the admin token is empty (unset it to run without one)")]
+    EmptyAdminToken,
+    /// An admin endpoint beyond loopback without a token: anyone who can
+    /// reach it could pause the queue.
+    #[error(
+        "the admin endpoint on {0} is not loopback and has no token: set --admin-token (ANTEROOM_ADMIN_TOKEN), or --admin-without-token to allow it"
+    )]
+    OpenAdmin(std::net::SocketAddr),
 }
 
 /// Why one request failed inside the proxy. Logged in full; the client only
