@@ -108,13 +108,13 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
              (a window resumes it when it ends), and this pause would be lifted with it; \
              pause again once it has ended, or give --ttl",
             queue.name(),
-            record.by,
+            anteroom_protocol::printable(&record.by),
             status_view::duration_ms(left_ms)
         ),
         Some((record, _)) => println!(
             "queue {:?} was already paused by {} {} ago; it stays paused",
             queue.name(),
-            record.by,
+            anteroom_protocol::printable(&record.by),
             status_view::duration_ms(anteroom_protocol::now_ms().saturating_sub(record.since_ms))
         ),
         None => {}

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use anteroom_control::{Quiescence, StatusReport};
+use anteroom_protocol::printable;
 
 /// `1234` -> `1.2s`, `75000` -> `1m15s`.
 pub(crate) fn duration_ms(ms: u64) -> String {
@@ -31,7 +32,7 @@ pub(crate) fn render(report: &StatusReport) -> String {
                     .expires_in_ms
                     .map(|ms| format!(", lapses in {}", duration_ms(ms)))
                     .unwrap_or_default();
-                format!("PAUSED {ago} ago by {}{lease}", p.record.by)
+                format!("PAUSED {ago} ago by {}{lease}", printable(&p.record.by))
             }
         };
         let _ = writeln!(out, "queue {}: {state}", q.queue);
@@ -64,9 +65,9 @@ pub(crate) fn render(report: &StatusReport) -> String {
                     out,
                     "    {:<12}  {:<16}  {:>7}  {:<10}  {:>9}  {:>4}  {}",
                     short(&hb.id),
-                    hb.host,
+                    printable(&hb.host),
                     hb.pid,
-                    hb.label,
+                    printable(&hb.label),
                     format!("{}/{}", hb.in_flight, hb.concurrency),
                     d.held,
                     dispatcher_state(hb, q.checked_at_ms)
@@ -94,7 +95,7 @@ pub(crate) fn render(report: &StatusReport) -> String {
                 out,
                 "    {:<12}  {:<16}  {:>7}  {} waiting",
                 short(&hb.id),
-                hb.host,
+                printable(&hb.host),
                 hb.pid,
                 hb.waiting
             );
@@ -104,10 +105,11 @@ pub(crate) fn render(report: &StatusReport) -> String {
 }
 
 /// `status --lines`: one tab-separated line per live component, for
-/// scripts (docs/operations.md); tabs and line breaks in free text become
-/// spaces.
+/// scripts (docs/operations.md); control characters in free text (tabs
+/// and line breaks included) are escaped as `\u{..}`.
 pub(crate) fn lines(report: &StatusReport) -> String {
-    let clean = |text: &str| text.replace(['\t', '\n', '\r'], " ");
+    // Tabs and line breaks escaped too, so each line stays one record.
+    let clean = |text: &str| printable(text).to_string();
     let mut out = String::new();
     for q in &report.queues {
         for d in &q.dispatchers {
@@ -174,7 +176,7 @@ pub(crate) fn busy_lines(q: &Quiescence) -> String {
             out,
             "  dispatcher {} on {}: {why}",
             short(&d.heartbeat.id),
-            d.heartbeat.host
+            printable(&d.heartbeat.host)
         );
     }
     out

@@ -513,3 +513,83 @@ async fn the_admin_endpoint_resists_browsers_and_idle_sockets() {
     let (code, err) = check(&["0.0.0.0:9180", "--admin-without-token"]);
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// Text from envelopes and heartbeats reaches logs and terminals escaped:
+/// a CR LF in an envelope's method cannot forge a dispatcher log line, and
+/// escape sequences in a dispatcher's label reach `anteroom status` (table
+/// and `--lines`) as `\u{1b}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_never_reach_logs_or_terminals_raw() {
+    use crate::support::bin::{BinProcess, command};
+    let redis = crate::support::start_redis();
+    let keys = Keys::new("esc").unwrap();
+    let upstream = crate::support::app::Upstream::start().await;
+    let log = std::env::temp_dir().join(format!("anteroom-esc-{}.log", std::process::id()));
+    let _dispatcher = BinProcess::spawn_cmd(
+        command()
+            .args(["dispatch", "--redis", &redis.url(), "--queue", "esc"])
+            .args([
+                "--upstream",
+                &upstream.url(),
+                "--label",
+                "evil\u{1b}[2J\r\nforged",
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let queue = crate::support::control(&redis, "esc").await;
+    eventually(
+        "the dispatcher's heartbeat",
+        Duration::from_secs(20),
+        || async { queue.status().await.unwrap().dispatchers.len() == 1 },
+    )
+    .await;
+    let mut conn = redis_conn(&redis).await;
+    let mut forged = envelope("forged", &keys.replies("p"));
+    forged.method = "GET\r\n2026-11-29T00:00:00Z  INFO forged line".into();
+    let _: () = redis::cmd("LPUSH")
+        .arg(keys.requests())
+        .arg(forged.encode())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    eventually("the envelope set aside", Duration::from_secs(20), || {
+        let (mut conn, key) = (conn.clone(), keys.dead());
+        async move {
+            redis::cmd("LLEN")
+                .arg(key)
+                .query_async::<usize>(&mut conn)
+                .await
+                .unwrap()
+                == 1
+        }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(text.contains("GET\\u{d}\\u{a}"), "{text}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("2026-11-29T00:00:00Z")),
+        "a forged log line: {text}"
+    );
+
+    for args in [&["status"][..], &["status", "--lines"][..]] {
+        let out = command()
+            .args(args)
+            .args(["--redis", &redis.url(), "--queue", "esc"])
+            .output()
+            .unwrap();
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shown}");
+        assert!(
+            !shown.contains('\u{1b}'),
+            "raw escape in {args:?}: {shown:?}"
+        );
+        assert!(
+            shown.contains("evil\\u{1b}[2J\\u{d}\\u{a}forged"),
+            "{shown}"
+        );
+        assert!(!shown.lines().any(|l| l.starts_with("forged")), "{shown}");
+    }
+}

@@ -538,7 +538,7 @@ where
         "request",
         request_id = tracing::field::Empty,
         queue = %shared.keys.queue(),
-        method = %envelope.method,
+        method = %anteroom_protocol::printable(&envelope.method),
     );
     if !span.is_disabled() {
         // Looked up only when the span is recorded: most requests of a
@@ -551,7 +551,10 @@ where
                 std::borrow::Cow::Borrowed(envelope.id.as_str()),
                 |(_, v)| String::from_utf8_lossy(v),
             );
-        span.record("request_id", request_id.as_ref());
+        span.record(
+            "request_id",
+            anteroom_protocol::printable(&request_id).to_string(),
+        );
     }
     async move {
         let now = now_ms();

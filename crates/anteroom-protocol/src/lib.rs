@@ -20,6 +20,7 @@ mod envelope;
 mod failure;
 mod heartbeat;
 mod keys;
+mod printable;
 
 pub use convert::{ConvertError, MAX_HEADER_FIELDS, headers_from_map, strip_hop_by_hop};
 pub use envelope::{
@@ -29,6 +30,7 @@ pub use envelope::{
 pub use failure::Failure;
 pub use heartbeat::{DispatcherHeartbeat, PauseRecord, ProxyHeartbeat, Unhealthy};
 pub use keys::{Keys, NameError, QUEUES_KEY, validate_id};
+pub use printable::{Printable, printable};
 
 /// Milliseconds since the Unix epoch, the time unit of every deadline on the wire.
 pub fn now_ms() -> u64 {

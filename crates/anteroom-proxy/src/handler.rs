@@ -87,7 +87,7 @@ pub(crate) fn handle(
         request_id = %String::from_utf8_lossy(request_id.as_bytes()),
         queue = %state.queue,
         method = %req.method(),
-        path = %req.uri().path(),
+        path = %anteroom_protocol::printable(req.uri().path()),
     );
     let version = req.version();
     let phase = match arrive(&state, req, client, id, &request_id) {

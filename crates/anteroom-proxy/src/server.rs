@@ -203,7 +203,7 @@ pub async fn serve(
                     None => {
                         tracing::debug!(
                             host = ?req.headers().get(http::header::HOST),
-                            path = %req.uri().path(),
+                            path = %anteroom_protocol::printable(req.uri().path()),
                             "no route; 404"
                         );
                         Err(Answer::early(
