@@ -11,6 +11,11 @@
         for URL and never reads the answer (never sends WINDOW_UPDATE);
         prints {"closed_after": SECONDS} once the server closes it, or
         {"error": ...} if it is still open after 30 s.
+    clients.py h2-resets URL N
+        On one HTTP/2 connection, opens N GET streams ten at a time and
+        resets each batch (RST_STREAM CANCEL) 50 ms after opening it;
+        prints {"opened": K, "goaway": true|false} once the server sends
+        GOAWAY or all N are done.
 
 Prints one JSON object: {"status", "version", "connection", "retry_after",
 "body"}, or {"error": "..."} when no response could be read.
@@ -101,6 +106,68 @@ def h2_stall(url):
     return {"closed_after": round(time.monotonic() - started, 2)}
 
 
+def h2_resets(url, n):
+    import socket
+    import time
+    import urllib.parse
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    target = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((target.hostname, target.port))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    sock.setblocking(False)
+    opened, goaway = 0, False
+
+    def pump():
+        nonlocal goaway
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    goaway = True
+                    return
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        goaway = True
+        except (BlockingIOError, InterruptedError):
+            pass
+        except Exception:
+            goaway = True
+
+    while opened < n and not goaway:
+        batch = []
+        for _ in range(min(10, n - opened)):
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [
+                (":method", "GET"), (":path", target.path or "/"),
+                (":scheme", "http"), (":authority", target.netloc),
+            ], end_stream=True)
+            batch.append(sid)
+            opened += 1
+        sock.sendall(conn.data_to_send())
+        time.sleep(0.05)
+        pump()
+        if goaway:
+            break
+        for sid in batch:
+            try:
+                conn.reset_stream(sid, error_code=8)
+            except Exception:
+                pass
+        try:
+            sock.sendall(conn.data_to_send())
+        except OSError:
+            goaway = True
+    time.sleep(0.2)
+    pump()
+    return {"opened": opened, "goaway": goaway}
+
+
 def main(argv):
     command, url, size = argv[0], argv[1], int(argv[2])
     rest = argv[3:]
@@ -116,6 +183,8 @@ def main(argv):
             result = h2_upload(url, size)
         elif command == "h2-stall":
             result = h2_stall(url)
+        elif command == "h2-resets":
+            result = h2_resets(url, size)
         else:
             raise SystemExit(f"unknown command {command}")
     except (OSError, http.client.HTTPException, ImportError) as err:

@@ -593,3 +593,76 @@ async fn control_characters_never_reach_logs_or_terminals_raw() {
         assert!(!shown.lines().any(|l| l.starts_with("forged")), "{shown}");
     }
 }
+
+/// Requests whose clients hang up still wait in Redis until their
+/// deadline, so they keep their share of the waiting budget until then:
+/// 40 clients that send a 1 MiB POST and hang up leave at most
+/// `--max-waiting` envelopes in Redis, not 40. A client resetting HTTP/2
+/// streams faster than they are answered loses its connection after 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_requests_keep_their_budget_and_resets_are_capped() {
+    use tokio::io::AsyncWriteExt;
+    let stack = HttpbinStack::start("gone", &["--max-waiting", "10", "--hold", "3s"]).await;
+    let keys = Keys::new("gone").unwrap();
+    let queue = crate::support::control(&stack.redis, "gone").await;
+    queue.pause("test", None, false).await.unwrap();
+    let conn = redis_conn(&stack.redis).await;
+    let body = vec![b'g'; 1 << 20];
+    for _ in 0..40 {
+        let mut socket = tokio::net::TcpStream::connect(stack.proxy_addr)
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /anything HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket.write_all(&body).await.unwrap();
+        // Give the proxy the time to queue it, then hang up.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        drop(socket);
+    }
+    let waiting = r#"anteroom_proxy_waiting_requests{queue="gone"}"#;
+    let queued = || {
+        let (mut conn, key) = (conn.clone(), keys.requests());
+        async move {
+            redis::cmd("LLEN")
+                .arg(key)
+                .query_async::<usize>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        queued().await <= 10,
+        "{} envelopes in Redis",
+        queued().await
+    );
+    assert_eq!(stack.metric(waiting).await, 10.0, "budget given back early");
+    // At the deadline the budget comes back.
+    eventually(
+        "the budget back at the deadline",
+        Duration::from_secs(10),
+        || {
+            let stack = &stack;
+            async move { stack.metric(waiting).await == 0.0 }
+        },
+    )
+    .await;
+    queue.resume().await.unwrap();
+
+    // With room in the budget (the default), resets are what stops them.
+    let stack = HttpbinStack::start("resets", &["--hold", "3s"]).await;
+    let queue = crate::support::control(&stack.redis, "resets").await;
+    queue.pause("test", None, false).await.unwrap();
+    let r = crate::support::httpbin::python_client(&[
+        "h2-resets",
+        &format!("{}/anything", stack.url),
+        "400",
+    ])
+    .await;
+    assert_eq!(r["goaway"], true, "{r}");
+    let opened = r["opened"].as_u64().unwrap();
+    assert!(opened < 400, "{r}");
+    queue.resume().await.unwrap();
+}

@@ -164,7 +164,7 @@ enum Phase {
 struct Waiting {
     waiter: crate::replies::Waiter,
     /// The request's share of the waiting budget, held until it is answered.
-    _reservation: crate::budget::Reservation,
+    reservation: crate::budget::Reservation,
     deadline: tokio::time::Instant,
     head_request: bool,
     enqueued_ms: u64,
@@ -234,6 +234,33 @@ impl Future for Handling {
             this.started,
             this.version,
         ))
+    }
+}
+
+/// A request whose client went away (closed the connection, reset the
+/// stream) after it was queued: its envelope still waits in Redis until
+/// its deadline, so it keeps its share of the waiting budget until then.
+/// Otherwise a client could fill Redis past `--max-waiting` and
+/// `--max-waiting-bytes` by hanging up and coming back.
+impl Drop for Handling {
+    fn drop(&mut self) {
+        let (Phase::Enqueueing(_, waiting) | Phase::Waiting(waiting, _)) =
+            std::mem::replace(&mut self.phase, Phase::Done)
+        else {
+            return;
+        };
+        let Waiting {
+            reservation,
+            deadline,
+            ..
+        } = waiting;
+        tracing::debug!("client gone; its share of the budget is kept until the deadline");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                tokio::time::sleep_until(deadline).await;
+                drop(reservation);
+            });
+        }
     }
 }
 
@@ -541,7 +568,7 @@ fn prepare(
         waiting: Waiting {
             // Registered before enqueueing: a fast dispatcher may answer at once.
             waiter: state.demux.register(id),
-            _reservation: reservation,
+            reservation,
             deadline: tokio::time::Instant::now() + hold,
             head_request,
             enqueued_ms: now,

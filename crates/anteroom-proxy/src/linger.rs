@@ -63,6 +63,10 @@ pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// Answers being sent (hyper holds their body).
     sending: AtomicUsize,
+    /// Requests answered, and requests whose client gave up before their
+    /// answer (a reset stream, mostly).
+    answered: AtomicUsize,
+    abandoned: AtomicUsize,
     /// Set once the connection has sent an early answer ([`Answer::lingers`]).
     linger: AtomicBool,
     /// Woken when an answer starts or ends being sent.
@@ -78,6 +82,8 @@ impl Activity {
             answered_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             sending: AtomicUsize::new(0),
+            answered: AtomicUsize::new(0),
+            abandoned: AtomicUsize::new(0),
             linger: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
         })
@@ -151,6 +157,16 @@ impl Activity {
         self.sending.load(Ordering::Acquire)
     }
 
+    /// Whether the client has given up on more than
+    /// [`MAX_ABANDONED`] requests, and on more than it let be answered:
+    /// opening and resetting HTTP/2 streams faster than answers come, each
+    /// reset request still costing a place in the queue (the slow form of
+    /// the rapid-reset attack, which hyper's own guard does not see).
+    pub(crate) fn abandons_too_many(&self) -> bool {
+        let abandoned = self.abandoned.load(Ordering::Acquire);
+        abandoned > MAX_ABANDONED && abandoned > self.answered.load(Ordering::Acquire)
+    }
+
     /// Counts a request until the returned guard is dropped.
     pub(crate) fn request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -173,10 +189,18 @@ impl Drop for InFlight {
         self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
         if self.sending {
             self.activity.sending.fetch_sub(1, Ordering::AcqRel);
+            self.activity.answered.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.activity.abandoned.fetch_add(1, Ordering::AcqRel);
         }
         self.activity.answered();
     }
 }
+
+/// Requests a connection's client may give up on before the proxy closes
+/// it, when it has given up on more than it let be answered (see
+/// [`Activity::abandons_too_many`]).
+pub(crate) const MAX_ABANDONED: usize = 100;
 
 /// A client connection that lingers when dropped, if it must (see the
 /// module docs). Reads and writes go straight to the socket; each that

@@ -431,7 +431,13 @@ impl Watchdog {
                     winding_down = true;
                     conn.as_mut().close_gracefully();
                 }
-                () = activity.changed() => {}
+                () = activity.changed() => {
+                    if activity.abandons_too_many() && !winding_down {
+                        tracing::info!(%peer, "client gave up on more requests than it let be answered; closing its connection");
+                        winding_down = true;
+                        conn.as_mut().close_gracefully();
+                    }
+                }
                 () = tokio::time::sleep(wake) => {
                     if let Some(unread) = activity.unread_for().filter(|u| *u >= self.send) {
                         tracing::info!(%peer, ?unread, "client not reading its answer within the send timeout; connection dropped");
