@@ -115,6 +115,9 @@ async fn a_spent_waiting_budget_answers_503_before_the_body() {
         &["--max-waiting", "2", "--max-waiting-bytes", "9MiB"],
     )
     .await;
+    // Ordinary traffic on another proxy of the same app is not affected.
+    let other = HttpbinStack::start("shed-monitor", &[]).await;
+    let monitor = crate::support::monitor::Monitor::start(format!("{}/anything", other.url));
     let queue = control(&stack.redis, "shed").await;
     queue.pause("test", None, false).await.unwrap();
     let url = format!("{}/anything", stack.url);
@@ -194,6 +197,7 @@ async fn a_spent_waiting_budget_answers_503_before_the_body() {
     let echoed: Value = serde_json::from_slice(&held.body).unwrap();
     assert_eq!(echoed["data"].as_str().map(str::len), Some(5 * MIB));
     assert_eq!(second.await.unwrap().status, StatusCode::OK);
+    monitor.check(Duration::from_secs(2)).await;
 }
 
 /// RFC 9112 §6: message framing, each case on a raw socket through the

@@ -238,10 +238,11 @@ impl Future for Handling {
 }
 
 /// A request whose client went away (closed the connection, reset the
-/// stream) after it was queued: its envelope still waits in Redis until
-/// its deadline, so it keeps its share of the waiting budget until then.
-/// Otherwise a client could fill Redis past `--max-waiting` and
-/// `--max-waiting-bytes` by hanging up and coming back.
+/// stream) after it was queued: its envelope still waits in Redis, so it
+/// keeps its share of the waiting budget until it has been answered (its
+/// reply comes back and is discarded) or its deadline passes. Otherwise a
+/// client could fill Redis past `--max-waiting` and `--max-waiting-bytes`
+/// by hanging up and coming back.
 impl Drop for Handling {
     fn drop(&mut self) {
         let (Phase::Enqueueing(_, waiting) | Phase::Waiting(waiting, _)) =
@@ -250,14 +251,16 @@ impl Drop for Handling {
             return;
         };
         let Waiting {
+            mut waiter,
             reservation,
             deadline,
             ..
         } = waiting;
-        tracing::debug!("client gone; its share of the budget is kept until the deadline");
+        tracing::debug!("client gone; its share of the budget is kept until it is answered");
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                tokio::time::sleep_until(deadline).await;
+                let answered = std::future::poll_fn(|cx| waiter.poll_recv(cx));
+                let _ = tokio::time::timeout_at(deadline, answered).await;
                 drop(reservation);
             });
         }

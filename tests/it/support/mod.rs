@@ -7,6 +7,7 @@ pub mod bin;
 pub mod cluster;
 pub mod httpbin;
 pub mod load;
+pub mod monitor;
 pub mod orders;
 pub mod venv;
 pub mod web;
