@@ -184,13 +184,8 @@ fn proxy(
             problems.push(err.to_string());
         }
     }
-    if args.hold.is_zero()
-        || config
-            .routes
-            .iter()
-            .any(|r| r.hold.is_some_and(|h| h.is_zero()))
-    {
-        problems.push(anteroom_proxy::ServeError::ZeroHold.to_string());
+    if let Err(err) = config.check_holds() {
+        problems.push(err.to_string());
     }
     if args.max_body > args.max_waiting_bytes {
         warnings.push(format!(

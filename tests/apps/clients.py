@@ -11,6 +11,11 @@
         for URL and never reads the answer (never sends WINDOW_UPDATE);
         prints {"closed_after": SECONDS} once the server closes it, or
         {"error": ...} if it is still open after 30 s.
+    clients.py h2-idle-pings URL 0
+        Asks for URL over HTTP/2, reads the answer, then stays idle but for
+        a PING every 200 ms (as an HTTP/2 library answering the server's
+        PINGs keeps bytes moving); prints {"closed_after": SECONDS} once
+        the server closes the connection, or {"error": ...} after 30 s.
     clients.py h2-resets URL N
         On one HTTP/2 connection, opens N GET streams ten at a time and
         resets each batch (RST_STREAM CANCEL) 50 ms after opening it;
@@ -106,6 +111,57 @@ def h2_stall(url):
     return {"closed_after": round(time.monotonic() - started, 2)}
 
 
+def h2_idle_pings(url):
+    import socket
+    import time
+    import urllib.parse
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+
+    target = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((target.hostname, target.port))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [
+        (":method", "GET"), (":path", target.path or "/"),
+        (":scheme", "http"), (":authority", target.netloc),
+    ], end_stream=True)
+    sock.sendall(conn.data_to_send())
+    sock.settimeout(0.2)
+    answered = None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+            if not data:
+                break
+            events = conn.receive_data(data)
+            if any(isinstance(e, h2.events.StreamEnded) for e in events):
+                answered = time.monotonic()
+            if any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+                break  # GOAWAY: the server is closing it
+        except socket.timeout:
+            pass
+        except (ConnectionResetError, BrokenPipeError):
+            break
+        except h2.exceptions.ProtocolError:
+            break  # frames after the server's GOAWAY: it is closing
+        if answered is not None:
+            conn.ping(b"12345678")
+        try:
+            sock.sendall(conn.data_to_send())
+        except OSError:
+            break
+    else:
+        return {"error": "still open after 30 s"}
+    if answered is None:
+        return {"error": "no answer"}
+    return {"closed_after": round(time.monotonic() - answered, 2)}
+
+
 def h2_resets(url, n):
     import socket
     import time
@@ -183,6 +239,8 @@ def main(argv):
             result = h2_upload(url, size)
         elif command == "h2-stall":
             result = h2_stall(url)
+        elif command == "h2-idle-pings":
+            result = h2_idle_pings(url)
         elif command == "h2-resets":
             result = h2_resets(url, size)
         else:

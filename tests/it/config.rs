@@ -196,6 +196,10 @@ fn every_command_checks_its_configuration() {
     );
     assert_eq!(code, 2);
     assert!(err.contains("invalid health check path \"up\""), "{err}");
+    // A hold budget dispatchers would refuse is refused at once.
+    let (code, _, err) = run(&["proxy", "--hold", "25h"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at most 24h"), "{err}");
     // Credentials in the upstream URL are refused, and never echoed.
     let (code, out, err) = run(
         &[

@@ -659,10 +659,8 @@ async fn set_aside(shared: &Shared, raw: &Bytes, reason: &str) {
     }
 }
 
-/// Longest a deadline may lie ahead of the dispatcher's clock. A proxy's
-/// hold budget is seconds or minutes; an envelope claiming more was not
-/// written by one, and would hold a concurrency slot that long.
-const MAX_DEADLINE_AHEAD: Duration = Duration::from_secs(24 * 3600);
+/// Longest a deadline may lie ahead of the dispatcher's clock.
+const MAX_DEADLINE_AHEAD: Duration = anteroom_protocol::MAX_HOLD;
 
 /// Why an envelope that decodes was not written by a proxy of this queue,
 /// if it was not: its `reply_to` is not one of this queue's reply lists
@@ -927,6 +925,9 @@ async fn complete_one_by_one(
         let one = std::slice::from_ref(&completion);
         match completion_pipe(shared, one).query_async::<()>(conn).await {
             Ok(()) => {
+                if let Some(wait) = shared.durability.as_ref().and_then(|d| d.wait()) {
+                    replicate(shared, wait).await;
+                }
                 let _ = completion.done.send(());
             }
             Err(err) if refused_for_good(&err) => {

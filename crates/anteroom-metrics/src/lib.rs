@@ -569,14 +569,21 @@ pub async fn serve_side<S>(
                 return;
             }
             let conn = builder.serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(SIDE_CONNECTION_LIFETIME, conn).await {
-                Ok(Err(err)) => {
-                    tracing::debug!(error = %err, endpoint = name, "connection ended with an error")
-                }
-                Ok(Ok(())) => {}
+            let mut conn = std::pin::pin!(conn);
+            let ended = match tokio::time::timeout(SIDE_CONNECTION_LIFETIME, conn.as_mut()).await {
+                Ok(ended) => ended,
                 Err(_) => {
-                    tracing::debug!(endpoint = name, %peer, "connection closed at its lifetime")
+                    // Past its lifetime: the request in hand is answered,
+                    // then the connection closes (at most 5 s more).
+                    tracing::debug!(endpoint = name, %peer, "closing a connection at its lifetime");
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(Duration::from_secs(5), conn)
+                        .await
+                        .unwrap_or(Ok(()))
                 }
+            };
+            if let Err(err) = ended {
+                tracing::debug!(error = %err, endpoint = name, "connection ended with an error");
             }
             drop(slot);
         });
@@ -610,7 +617,9 @@ pub async fn request_started(stream: &tokio::net::TcpStream, within: Duration) -
         // while those bytes are unread, so wait for readiness again).
         let more = tokio::time::timeout_at(deadline, async {
             loop {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // No readiness signal tells "more bytes" from "the same
+                // unread bytes": look again every 100 ms.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 match stream.peek(&mut buf).await {
                     Ok(m) if m > n || m == 0 => return,
                     Ok(_) => {}

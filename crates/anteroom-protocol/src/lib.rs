@@ -40,3 +40,9 @@ pub fn now_ms() -> u64 {
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
+
+/// Longest hold budget, and so the furthest a deadline may lie ahead: a
+/// proxy refuses a longer `--hold`, and a dispatcher sets aside an envelope
+/// whose deadline lies further ahead of its clock (such an envelope was not
+/// written by a proxy, and would hold a concurrency slot that long).
+pub const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(24 * 3600);

@@ -158,23 +158,33 @@ impl Admin {
         resp
     }
 
-    /// Why `req` is refused before anything else, if it is:
-    /// - without a token, a `Host` that is not an IP address or
+    /// Why `req` is refused before anything else, if it is. Only without a
+    /// token: with one, every request but `/healthz` needs a bearer token,
+    /// which a browser never sends on another site's behalf.
+    /// - a `Host` (HTTP/2: `:authority`) that is not an IP address or
     ///   `localhost`: a page on another site that made its name resolve to
-    ///   this address (DNS rebinding) would be served;
+    ///   this address (DNS rebinding) would be served. `/healthz` and
+    ///   `/metrics` answer any host, for orchestrators and scrapers that
+    ///   use a service name;
     /// - a `POST` a browser sent from another site (`Sec-Fetch-Site`, or an
     ///   `Origin` that is not this host) or as a form (a content type a
     ///   cross-site form can send without asking): cross-site request
     ///   forgery. curl and scripts send none of these.
     fn refuse(&self, req: &Request<Incoming>) -> Option<&'static str> {
+        if self.token.is_some() {
+            return None;
+        }
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
             .unwrap_or("");
-        if self.token.is_none() && !host.is_empty() && !local_host(host) {
-            return Some("Host not allowed: without a token the admin endpoint answers only to an IP address or localhost
-");
+        let open_path = matches!(req.uri().path(), "/healthz" | "/metrics");
+        if !open_path && !host.is_empty() && !local_host(host) {
+            return Some(
+                "Host not allowed: without a token the admin endpoint answers only to an IP address or localhost\n",
+            );
         }
         if req.method() != Method::POST {
             return None;
@@ -182,17 +192,11 @@ impl Admin {
         let headers = req.headers();
         let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
         if site.is_some_and(|s| s != "same-origin" && s != "none") {
-            return Some(
-                "cross-site request refused
-",
-            );
+            return Some("cross-site request refused\n");
         }
         let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
         if origin.is_some_and(|o| o.split_once("://").map(|(_, a)| a) != Some(host)) {
-            return Some(
-                "cross-site request refused
-",
-            );
+            return Some("cross-site request refused\n");
         }
         let content_type = headers
             .get(header::CONTENT_TYPE)
@@ -210,10 +214,7 @@ impl Admin {
                 "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain"
             )
         }) {
-            return Some(
-                "form posts refused: POST with no body, or a JSON one
-",
-            );
+            return Some("form posts refused: POST with no body, or a JSON one\n");
         }
         None
     }

@@ -76,6 +76,22 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// Checks every hold budget, the proxy's and each route's: zero is
+    /// [`ServeError::ZeroHold`] (every request would get 504 at once), over
+    /// [`anteroom_protocol::MAX_HOLD`] is [`ServeError::HoldTooLong`].
+    pub fn check_holds(&self) -> Result<(), crate::ServeError> {
+        let holds = std::iter::once(self.hold).chain(self.routes.iter().filter_map(|r| r.hold));
+        for hold in holds {
+            if hold.is_zero() {
+                return Err(crate::ServeError::ZeroHold);
+            }
+            if hold > anteroom_protocol::MAX_HOLD {
+                return Err(crate::ServeError::HoldTooLong);
+            }
+        }
+        Ok(())
+    }
+
     /// A configuration with the documented defaults: hold 30 s, body limit
     /// 8 MiB, grace 30 s, drain 2 s, Redis timeout 2 s, head and body read timeouts
     /// 30 s each, 500 headers and 64 KiB of head per request, 10,000

@@ -23,6 +23,10 @@ pub enum ServeError {
     /// would get 504 at once.
     #[error("the hold budget must be above zero")]
     ZeroHold,
+    /// A hold budget over [`anteroom_protocol::MAX_HOLD`]: dispatchers
+    /// would set aside every request as not written by a proxy.
+    #[error("the hold budget must be at most 24h (dispatchers refuse deadlines further ahead)")]
+    HoldTooLong,
     /// The admin endpoint could not reach the queue's state.
     #[error("admin endpoint cannot reach the queue")]
     Control(#[source] anteroom_control::ControlError),
@@ -67,15 +71,18 @@ pub(crate) enum ProxyError {
     Connect,
     #[error("{0} header fields, over the limit of {1}")]
     TooManyFields(usize, usize),
+    #[error("request target with a dot segment (RFC 3986 section 5.2.4)")]
+    DotSegments,
 }
 
 impl ProxyError {
     pub(crate) fn failure(&self) -> Failure {
         match self {
             ProxyError::BodyTooLarge { .. } => Failure::BodyTooLarge,
-            ProxyError::BodyRead(_) | ProxyError::BadHost(_) | ProxyError::ChunkedTwice => {
-                Failure::BadRequest
-            }
+            ProxyError::BodyRead(_)
+            | ProxyError::BadHost(_)
+            | ProxyError::ChunkedTwice
+            | ProxyError::DotSegments => Failure::BadRequest,
             ProxyError::UnsupportedCoding(_) | ProxyError::Connect => Failure::NotImplemented,
             ProxyError::TooManyFields(..) => Failure::HeaderFieldsTooLarge,
             ProxyError::BodyTimeout(_) => Failure::ClientTimeout,

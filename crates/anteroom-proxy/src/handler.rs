@@ -20,7 +20,7 @@ use crate::budget::Reservation;
 use crate::config::ProxyConfig;
 use crate::enqueue::{Enqueuer, PushError};
 use crate::error::{ProxyError, failure_response};
-use crate::linger::Answer;
+use crate::linger::{Activity, Answer};
 use crate::replies::Demux;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -68,6 +68,7 @@ pub(crate) fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
     client: SocketAddr,
+    connection: Arc<Activity>,
 ) -> tracing::instrument::Instrumented<Handling> {
     let id = uuid::Uuid::now_v7();
     let request_id = req
@@ -100,6 +101,7 @@ pub(crate) fn handle(
         request_id,
         started: Instant::now(),
         version,
+        connection,
         phase,
     }
     .instrument(span)
@@ -118,6 +120,9 @@ pub(crate) struct Handling {
     request_id: HeaderValue,
     started: Instant,
     version: http::Version,
+    /// The client connection's activity, which counts queued requests
+    /// answered and abandoned.
+    connection: Arc<Activity>,
     phase: Phase,
 }
 
@@ -207,6 +212,7 @@ impl Future for Handling {
                 },
                 Phase::Waiting(waiting, timer) => {
                     if let Poll::Ready(reply) = waiting.waiter.poll_recv(cx) {
+                        this.connection.queued_answered();
                         tracing::debug!(waited = ?Duration::from_millis(now_ms().saturating_sub(waiting.enqueued_ms)), "reply received");
                         break reply
                             .ok_or(ProxyError::ReaderGone)
@@ -257,6 +263,7 @@ impl Drop for Handling {
             ..
         } = waiting;
         tracing::debug!("client gone; its share of the budget is kept until it is answered");
+        self.connection.queued_abandoned();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let answered = std::future::poll_fn(|cx| waiter.poll_recv(cx));
@@ -351,6 +358,9 @@ fn arrive(
     if parts.method == Method::CONNECT {
         return refuse(ProxyError::Connect, body);
     }
+    if has_dot_segments(parts.uri.path()) {
+        return refuse(ProxyError::DotSegments, body);
+    }
     let limit = state.config.max_body;
     let declared = parts
         .headers
@@ -399,6 +409,24 @@ fn arrive(
             &request_id,
         ))
     }))
+}
+
+/// Whether `path` has a `.` or `..` segment, plain or percent-encoded
+/// (`%2e`), between `/` or `%2F`. Clients resolve them before sending (RFC
+/// 3986 §5.2.4) and apps read them differently (some resolve them, some
+/// serve them literally), so the path a route matched and the path the app
+/// reads could differ: such targets get 400.
+pub(crate) fn has_dot_segments(path: &str) -> bool {
+    if !path.contains('.') && !path.contains("%2") {
+        return false;
+    }
+    let lower = path
+        .to_ascii_lowercase()
+        .replace("%2e", ".")
+        .replace("%2f", "/");
+    lower
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
 }
 
 /// Whether `host` names the same host and port as `authority`, after RFC
@@ -863,6 +891,31 @@ mod tests {
             (Version::HTTP_11, &["a.example:port"][..]),
         ] {
             assert!(check(req(version, hosts)).is_err(), "{version:?} {hosts:?}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_found_however_spelled() {
+        for path in [
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "/a/.",
+            "/a/%2e%2E/b",
+            "/a%2f..%2fb",
+            "/%2e/x",
+        ] {
+            assert!(has_dot_segments(path), "{path}");
+        }
+        for path in [
+            "/a/b",
+            "/.well-known/x",
+            "/a/..b/c",
+            "/file.tar.gz",
+            "/a%2fb",
+            "/...",
+        ] {
+            assert!(!has_dot_segments(path), "{path}");
         }
     }
 

@@ -51,8 +51,10 @@ pub(crate) const LINGER_BYTES: u64 = 128 * 1024 * 1024;
 #[derive(Debug)]
 pub(crate) struct Activity {
     started: std::time::Instant,
-    /// Milliseconds after `started` when a read or write last moved bytes.
-    last_ms: AtomicU64,
+    /// Milliseconds after `started` when a request last arrived or ended:
+    /// what idleness is measured from (bytes are not: HTTP/2 PINGs keep
+    /// an idle connection's bytes moving).
+    event_ms: AtomicU64,
     /// Milliseconds after `started` when a write first found the socket
     /// full, plus one; 0 while writes go through.
     blocked_ms: AtomicU64,
@@ -63,8 +65,8 @@ pub(crate) struct Activity {
     in_flight: AtomicUsize,
     /// Answers being sent (hyper holds their body).
     sending: AtomicUsize,
-    /// Requests answered, and requests whose client gave up before their
-    /// answer (a reset stream, mostly).
+    /// Queued requests answered with their reply, and queued requests whose
+    /// client gave up before it (a reset stream, mostly).
     answered: AtomicUsize,
     abandoned: AtomicUsize,
     /// Set once the connection has sent an early answer ([`Answer::lingers`]).
@@ -77,7 +79,7 @@ impl Activity {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             started: std::time::Instant::now(),
-            last_ms: AtomicU64::new(0),
+            event_ms: AtomicU64::new(0),
             blocked_ms: AtomicU64::new(0),
             answered_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
@@ -89,8 +91,8 @@ impl Activity {
         })
     }
 
-    /// Completes when an answer has started or ended being sent since the
-    /// last call.
+    /// Completes when a request has ended, or an answer started being
+    /// sent, since the last call.
     pub(crate) async fn changed(&self) {
         self.changed.notified().await;
     }
@@ -99,14 +101,13 @@ impl Activity {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn moved(&self) {
-        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    fn event(&self) {
+        self.event_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     fn wrote(&self, polled: &Poll<io::Result<usize>>) {
         match polled {
             Poll::Ready(Ok(n)) if *n > 0 => {
-                self.moved();
                 self.blocked_ms.store(0, Ordering::Relaxed);
             }
             Poll::Pending => {
@@ -141,10 +142,22 @@ impl Activity {
         since.map(|t| std::time::Duration::from_millis(now.saturating_sub(t)))
     }
 
-    /// How long since bytes last moved either way.
-    pub(crate) fn quiet_for(&self) -> std::time::Duration {
-        let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+    /// How long since a request last arrived or ended (since the
+    /// connection opened, if none has).
+    pub(crate) fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.event_ms.load(Ordering::Relaxed));
         self.started.elapsed().saturating_sub(last)
+    }
+
+    /// Counts a queued request answered with its reply.
+    pub(crate) fn queued_answered(&self) {
+        self.answered.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counts a queued request whose client went away before its reply.
+    pub(crate) fn queued_abandoned(&self) {
+        self.abandoned.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
     }
 
     /// Requests in hand (arrived, and not yet answered to the end).
@@ -157,8 +170,10 @@ impl Activity {
         self.sending.load(Ordering::Acquire)
     }
 
-    /// Whether the client has given up on more than
-    /// [`MAX_ABANDONED`] requests, and on more than it let be answered:
+    /// Whether the client has given up on more than [`MAX_ABANDONED`]
+    /// queued requests, and on more than it let be answered (both counting
+    /// queued requests only, so requests the proxy refuses itself cannot
+    /// offset the count):
     /// opening and resetting HTTP/2 streams faster than answers come, each
     /// reset request still costing a place in the queue (the slow form of
     /// the rapid-reset attack, which hyper's own guard does not see).
@@ -170,6 +185,7 @@ impl Activity {
     /// Counts a request until the returned guard is dropped.
     pub(crate) fn request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.event();
         InFlight {
             activity: Arc::clone(self),
             sending: false,
@@ -189,10 +205,8 @@ impl Drop for InFlight {
         self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
         if self.sending {
             self.activity.sending.fetch_sub(1, Ordering::AcqRel);
-            self.activity.answered.fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.activity.abandoned.fetch_add(1, Ordering::AcqRel);
         }
+        self.activity.event();
         self.activity.answered();
     }
 }
@@ -203,8 +217,8 @@ impl Drop for InFlight {
 pub(crate) const MAX_ABANDONED: usize = 100;
 
 /// A client connection that lingers when dropped, if it must (see the
-/// module docs). Reads and writes go straight to the socket; each that
-/// moves bytes is noted in the connection's [`Activity`].
+/// module docs). Reads and writes go straight to the socket; a write that
+/// finds it full is noted in the connection's [`Activity`].
 #[derive(Debug)]
 pub(crate) struct Lingering {
     stream: Option<TcpStream>,
@@ -240,12 +254,7 @@ impl AsyncRead for Lingering {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = self.stream().poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.moved();
-        }
-        polled
+        self.stream().poll_read(cx, buf)
     }
 }
 

@@ -86,10 +86,12 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
     Some(strip_port(raw))
 }
 
-/// `path` as routes see it: percent-encoded unreserved characters decoded
-/// and hex digits upper-cased (RFC 3986 §6.2.2), `.` and `..` segments
-/// removed (§5.2.4), runs of `/` merged (as nginx's `merge_slashes`).
-/// Borrowed when there is nothing to do.
+/// `path` as routes see it, which is how apps read it: percent-encoded
+/// unreserved characters and `%2F` decoded (WSGI and Rack decode an
+/// encoded slash too), other hex digits upper-cased (RFC 3986 §6.2.2),
+/// `.` and `..` segments removed (§5.2.4; the proxy refuses targets that
+/// have them, see `handler::has_dot_segments`), runs of `/` merged (as
+/// nginx's `merge_slashes`). Borrowed when there is nothing to do.
 pub(crate) fn normalize_path(path: &str) -> Cow<'_, str> {
     if !path.contains(['%', '.']) && !path.contains("//") {
         return Cow::Borrowed(path);
@@ -102,7 +104,7 @@ pub(crate) fn normalize_path(path: &str) -> Cow<'_, str> {
         if bytes[i] == b'%' && i + 2 < bytes.len() {
             if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
                 let c = (hi * 16 + lo) as u8;
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'/') {
                     decoded.push(c);
                 } else {
                     decoded.push(b'%');
@@ -167,7 +169,9 @@ mod tests {
             ("/%61dmin/x", "/admin/x"),
             ("/%2e%2E/admin", "/admin"),
             ("/public/%2e%2e/admin", "/admin"),
-            ("/a%2fb", "/a%2Fb"),
+            ("/a%2fb", "/a/b"),
+            ("/status%2F418", "/status/418"),
+            ("/a%3fb", "/a%3Fb"),
             ("/caf\u{e9}/../x", "/x"),
             ("/x%", "/x%"),
             ("/x%4", "/x%4"),

@@ -53,14 +53,7 @@ pub async fn serve(
         }
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
-    if config.hold.is_zero()
-        || config
-            .routes
-            .iter()
-            .any(|r| r.hold.is_some_and(|h| h.is_zero()))
-    {
-        return Err(ServeError::ZeroHold);
-    }
+    config.check_holds()?;
     // Every queue name is checked before anything connects.
     let default_keys = Keys::new(&config.queue)?;
     let route_keys = config
@@ -199,7 +192,12 @@ pub async fn serve(
                 // Built here, not inside the async block, so the request is not
                 // kept in the future while it waits (see `handler::handle`).
                 let answer = match router.pick(&req) {
-                    Some(state) => Ok(handler::handle(Arc::clone(state), req, peer)),
+                    Some(state) => Ok(handler::handle(
+                        Arc::clone(state),
+                        req,
+                        peer,
+                        Arc::clone(&activity),
+                    )),
                     None => {
                         tracing::debug!(
                             host = ?req.headers().get(http::header::HOST),
@@ -241,11 +239,23 @@ pub async fn serve(
         };
         let closing = closing.clone();
         tracker.spawn(async move {
-            // hyper times nothing until it knows the protocol.
-            if !anteroom_metrics::request_started(&stream, limits.idle).await {
+            // hyper times nothing until it knows the protocol; a socket
+            // still silent when the proxy shuts down is closed at once.
+            let arrived = std::time::Instant::now();
+            let started = tokio::select! {
+                started = anteroom_metrics::request_started(&stream, limits.idle) => started,
+                () = closing.cancelled() => false,
+            };
+            if !started {
                 tracing::debug!(%peer, "nothing received within the header timeout; closing");
                 return;
             }
+            // The head gets what is left of the header timeout (at least a
+            // second), not all of it again.
+            let mut builder = builder;
+            builder
+                .http1()
+                .header_read_timeout(limits.idle.saturating_sub(arrived.elapsed()).max(Duration::from_secs(1)));
             let io = TokioIo::new(Lingering::new(stream, slot, Arc::clone(&activity)));
             let conn = builder.serve_connection(io, service);
             if let Err(err) = limits.run(conn, &activity, &closing, peer).await {
@@ -392,9 +402,10 @@ async fn heartbeat(
 /// The limits a connection's watchdog enforces (see [`Watchdog::run`]).
 #[derive(Debug, Clone, Copy)]
 struct Watchdog {
-    /// Nothing in hand and no bytes either way this long: closed
+    /// No request in hand, and none arrived or ended, this long: closed
     /// gracefully (`--header-timeout`; HTTP/2 has no idle timer of its own,
-    /// HTTP/1's header timer does the same between requests).
+    /// HTTP/1's header timer does the same between requests). PINGs and
+    /// other frames do not count.
     idle: Duration,
     /// An answer being sent and no bytes moving this long: the client is
     /// not reading (an HTTP/2 window kept at 0, a socket never read), and
@@ -420,12 +431,15 @@ impl Watchdog {
         loop {
             let wake = match activity.unread_for() {
                 Some(unread) => self.send.saturating_sub(unread),
-                None if activity.in_flight() == 0 => self.idle.saturating_sub(activity.quiet_for()),
-                // Requests waiting for their reply: the hold budget bounds
-                // them; a write or an answer wakes this loop.
+                None if activity.in_flight() == 0 => self.idle.saturating_sub(activity.idle_for()),
+                // Requests in hand: the hold budget bounds them. A blocked
+                // write does not wake this loop, so look every second.
                 None => Duration::from_secs(1),
             };
             tokio::select! {
+                // The connection first: a graceful close asked for while
+                // hyper is still reading the preface would cancel it.
+                biased;
                 result = conn.as_mut() => return result,
                 () = closing.cancelled(), if !winding_down => {
                     winding_down = true;
@@ -443,12 +457,12 @@ impl Watchdog {
                         tracing::info!(%peer, ?unread, "client not reading its answer within the send timeout; connection dropped");
                         return Ok(());
                     }
-                    let quiet = activity.quiet_for();
-                    if activity.in_flight() == 0 && quiet >= self.idle {
+                    let idle = activity.idle_for();
+                    if activity.in_flight() == 0 && idle >= self.idle {
                         if winding_down {
                             return Ok(());
                         }
-                        tracing::debug!(%peer, ?quiet, "idle connection closed");
+                        tracing::debug!(%peer, ?idle, "idle connection closed");
                         winding_down = true;
                         conn.as_mut().close_gracefully();
                     }
