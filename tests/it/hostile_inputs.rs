@@ -77,18 +77,7 @@ async fn hostile_envelopes_are_set_aside_and_nothing_stalls() {
             .unwrap();
     }
 
-    eventually("three dead letters", Duration::from_secs(20), || {
-        let (mut conn, key) = (conn.clone(), keys.dead());
-        async move {
-            redis::cmd("LLEN")
-                .arg(key)
-                .query_async::<usize>(&mut conn)
-                .await
-                .unwrap()
-                == 3
-        }
-    })
-    .await;
+    crate::support::until_llen(&conn, &keys.dead(), 3).await;
     let dead: Vec<Bytes> = redis::cmd("LRANGE")
         .arg(keys.dead())
         .arg(0)
@@ -126,18 +115,7 @@ async fn hostile_envelopes_are_set_aside_and_nothing_stalls() {
         .unwrap();
     assert_eq!(ttl, -1);
     // The invalid request's client is answered 502.
-    eventually("the 502 reply", Duration::from_secs(10), || {
-        let (mut conn, key) = (conn.clone(), keys.replies("victim-proxy"));
-        async move {
-            redis::cmd("LLEN")
-                .arg(key)
-                .query_async::<usize>(&mut conn)
-                .await
-                .unwrap()
-                == 1
-        }
-    })
-    .await;
+    crate::support::until_llen(&conn, &keys.replies("victim-proxy"), 1).await;
     let replies: Vec<Bytes> = redis::cmd("LRANGE")
         .arg(keys.replies("victim-proxy"))
         .arg(0)
@@ -531,18 +509,7 @@ async fn control_characters_never_reach_logs_or_terminals_raw() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    eventually("the envelope set aside", Duration::from_secs(20), || {
-        let (mut conn, key) = (conn.clone(), keys.dead());
-        async move {
-            redis::cmd("LLEN")
-                .arg(key)
-                .query_async::<usize>(&mut conn)
-                .await
-                .unwrap()
-                == 1
-        }
-    })
-    .await;
+    crate::support::until_llen(&conn, &keys.dead(), 1).await;
     let text = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
     assert!(text.contains("GET\\u{d}\\u{a}"), "{text}");

@@ -53,6 +53,19 @@ pub async fn llen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> us
     redis::cmd("LLEN").arg(key).query_async(conn).await.unwrap()
 }
 
+/// Waits (at most 20 s) until the list `key` holds `n` items.
+pub async fn until_llen(conn: &redis::aio::MultiplexedConnection, key: &str, n: usize) {
+    eventually(
+        &format!("{n} items in {key}"),
+        Duration::from_secs(20),
+        || {
+            let mut conn = conn.clone();
+            async move { llen(&mut conn, key).await == n }
+        },
+    )
+    .await;
+}
+
 /// Keys matching `pattern` (tests only; KEYS is fine on a private server).
 pub async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
     redis::cmd("KEYS")
