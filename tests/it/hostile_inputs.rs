@@ -423,6 +423,7 @@ async fn the_admin_endpoint_resists_browsers_and_idle_sockets() {
 
     // 64 silent sockets fill the admin endpoint; the proxy itself is not
     // affected, and they are closed after 10 s.
+    let monitor = Monitor::start(format!("{}/anything", stack.url));
     let mut silent = Vec::new();
     for _ in 0..64 {
         silent.push(tokio::net::TcpStream::connect(admin).await.unwrap());
@@ -445,6 +446,7 @@ async fn the_admin_endpoint_resists_browsers_and_idle_sockets() {
     );
     let r = web::get(&client(), &format!("{}/healthz", stack.admin)).await;
     assert_eq!(r.status, StatusCode::OK);
+    monitor.check(Duration::from_secs(2)).await;
 
     // Refused at start: an empty token; no token beyond loopback, unless
     // said so.
