@@ -876,8 +876,9 @@ async fn completer(
                     continue;
                 }
                 Err(err) if refused_for_good(&err) => {
-                    tracing::error!(error = %err, reply_to = %batch[0].reply_to.escape_debug(), "completion refused by redis; giving it up");
-                    batch.clear();
+                    for completion in batch.drain(..) {
+                        give_up(&shared, &mut conn, completion, &err).await;
+                    }
                     break;
                 }
                 Err(err) => err,
@@ -930,13 +931,36 @@ async fn complete_one_by_one(
                 }
                 let _ = completion.done.send(());
             }
-            Err(err) if refused_for_good(&err) => {
-                tracing::error!(error = %err, reply_to = %completion.reply_to.escape_debug(), "completion refused by redis; giving it up");
-            }
+            Err(err) if refused_for_good(&err) => give_up(shared, conn, completion, &err).await,
             Err(_) => retry.push(completion),
         }
     }
     retry
+}
+
+/// Gives up a completion Redis refuses for good: its reply is lost (the
+/// client gets 504 at its deadline), and the request, which ran, is taken
+/// out of the processing list on its own so no reaper runs it again.
+async fn give_up(
+    shared: &Shared,
+    conn: &mut SharedConnection,
+    completion: Completion,
+    err: &redis::RedisError,
+) {
+    tracing::error!(
+        error = %err,
+        reply_to = %anteroom_protocol::printable(&completion.reply_to),
+        "completion refused by redis; its reply is given up"
+    );
+    let removed = redis::cmd("LREM")
+        .arg(&shared.processing_key)
+        .arg(1)
+        .arg(completion.raw.as_ref())
+        .query_async::<()>(conn)
+        .await;
+    if let Err(err) = removed {
+        tracing::error!(error = %err, "the request stays in the processing list");
+    }
 }
 
 /// The MULTI that completes `batch` (see [`completer`]).

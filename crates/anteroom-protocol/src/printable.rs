@@ -4,7 +4,7 @@ use std::fmt::{self, Write};
 
 /// `text` for a log line or a terminal: control characters (C0, DEL, C1)
 /// and Unicode bidirectional formatting characters are written as
-/// `\u{..}` escapes, so text a client or a foreign envelope supplies
+/// `\u{..}` escapes, and `\` as `\\` so an escape cannot be faked, so text a client or a foreign envelope supplies
 /// cannot forge a log line (a CR LF in a method) or send escape sequences
 /// to an operator's terminal (a dispatcher label, a host name, a pause
 /// author). Width and alignment flags apply (`{:<16}`). Everything else
@@ -24,12 +24,14 @@ fn needs_escape(c: char) -> bool {
 
 impl fmt::Display for Printable<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.0.chars().any(needs_escape) {
+        if !self.0.chars().any(|c| c == '\\' || needs_escape(c)) {
             return f.pad(self.0);
         }
         let mut escaped = String::with_capacity(self.0.len() + 8);
         for c in self.0.chars() {
-            if needs_escape(c) {
+            if c == '\\' {
+                escaped.push_str("\\\\");
+            } else if needs_escape(c) {
                 let _ = write!(escaped, "\\u{{{:x}}}", u32::from(c));
             } else {
                 escaped.push(c);
@@ -56,6 +58,7 @@ mod tests {
             "a\\u{202e}b\\u{85}"
         );
         assert_eq!(printable("café").to_string(), "café");
+        assert_eq!(printable("a\\u{d}").to_string(), "a\\\\u{d}");
         assert_eq!(format!("[{:<6}]", printable("ab")), "[ab    ]");
         assert_eq!(format!("[{:<8}]", printable("a\tb")), "[a\\u{9}b ]");
     }
