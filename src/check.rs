@@ -184,7 +184,7 @@ fn proxy(
             problems.push(err.to_string());
         }
     }
-    if let Err(err) = config.check_holds() {
+    if let Err(err) = config.validate() {
         problems.push(err.to_string());
     }
     if args.max_body > args.max_waiting_bytes {

@@ -173,7 +173,8 @@ pub struct WindowArgs {
 #[derive(Debug, Args)]
 pub struct RedisArg {
     /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss://... for TLS,
-    /// or redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] for Sentinel.
+    /// redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] for Sentinel, or
+    /// redis+cluster://HOST:PORT[,HOST:PORT...] for Redis Cluster.
     #[arg(
         long = "redis",
         env = "ANTEROOM_REDIS",

@@ -170,17 +170,13 @@ impl ConfigFile {
             .enumerate()
             .map(|(i, r)| {
                 let at = |field: &str| format!("[[proxy.routes]] #{} {field}", i + 1);
-                anteroom_protocol::Keys::new(&r.queue)
-                    .map_err(|e| self.error(format!("{}: {e}", at("queue"))))?;
-                if r.path_prefix
-                    .as_deref()
-                    .is_some_and(|p| !p.starts_with('/'))
-                {
-                    return Err(self.error(format!("{}: must start with /", at("path_prefix"))));
-                }
                 let mut route = RouteConfig::new(r.queue);
                 route.host = r.host.map(|h| h.to_ascii_lowercase());
                 route.path_prefix = r.path_prefix;
+                // The library's rule, named by key.
+                route.check().map_err(|problem| {
+                    self.error(format!("[[proxy.routes]] #{} {problem}", i + 1))
+                })?;
                 route.hold = r
                     .hold
                     .map(|h| parse_duration(&h))

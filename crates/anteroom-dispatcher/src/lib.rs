@@ -7,11 +7,16 @@
 //! [`Dispatcher::serve_fn`] an async closure, and [`Upstream`] forwards to an
 //! existing HTTP server over a pooled keep-alive client.
 //!
-//! Flow: a puller takes a concurrency permit, then BLMOVEs one envelope from
-//! the queue's requests list into this dispatcher's processing list. A task
-//! decodes it, skips it if its deadline has passed, runs the handler (bounded
+//! Flow: a puller takes the free concurrency permits and moves as many
+//! envelopes from the queue's requests list into this dispatcher's
+//! processing list, in one MULTI of LMOVEs (a deep queue costs one round
+//! trip per batch); on an empty queue it blocks in BLMOVE for the next one.
+//! A task per envelope decodes it, skips it if its deadline has passed, runs the handler (bounded
 //! by the deadline; panics are caught), and in one MULTI pushes the reply to
-//! `reply_to` and removes the envelope from the processing list. A heartbeat
+//! `reply_to` and removes the envelope from the processing list (replies
+//! that finish together share one MULTI). An envelope a proxy of this queue
+//! did not write (a foreign `reply_to`, a deadline over 24 h ahead, fields
+//! that are not HTTP) is set aside in the dead-letter list. A heartbeat
 //! key with a TTL says the dispatcher is alive. Envelopes that do not decode
 //! go to the dead-letter list. Shutdown: stop pulling, let in-flight work
 //! finish within the grace period, delete the heartbeat.

@@ -76,10 +76,20 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
-    /// Checks every hold budget, the proxy's and each route's: zero is
-    /// [`ServeError::ZeroHold`] (every request would get 504 at once), over
-    /// [`anteroom_protocol::MAX_HOLD`] is [`ServeError::HoldTooLong`].
-    pub fn check_holds(&self) -> Result<(), crate::ServeError> {
+    /// Checks what [`serve`](crate::serve) would refuse, without
+    /// connecting: every hold budget, the proxy's and each route's (zero is
+    /// [`ServeError::ZeroHold`]: every request would get 504 at once; over
+    /// [`anteroom_protocol::MAX_HOLD`] is [`ServeError::HoldTooLong`]), and
+    /// each route ([`RouteConfig::check`]).
+    pub fn validate(&self) -> Result<(), crate::ServeError> {
+        for (i, route) in self.routes.iter().enumerate() {
+            route
+                .check()
+                .map_err(|problem| crate::ServeError::BadRoute {
+                    number: i + 1,
+                    problem,
+                })?;
+        }
         let holds = std::iter::once(self.hold).chain(self.routes.iter().filter_map(|r| r.hold));
         for hold in holds {
             if hold.is_zero() {
@@ -144,6 +154,21 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
+    /// What is wrong with this route, if anything: a queue name Redis keys
+    /// cannot carry, or a `path_prefix` that does not start with `/` (no
+    /// request path could match it).
+    pub fn check(&self) -> Result<(), String> {
+        anteroom_protocol::Keys::new(&self.queue).map_err(|e| format!("queue: {e}"))?;
+        if self
+            .path_prefix
+            .as_deref()
+            .is_some_and(|p| !p.starts_with('/'))
+        {
+            return Err("path_prefix: must start with /".to_owned());
+        }
+        Ok(())
+    }
+
     /// A route to `queue` matching every request; narrow it with `host`
     /// and `path_prefix`.
     pub fn new(queue: impl Into<String>) -> Self {
@@ -167,5 +192,36 @@ impl RouteConfig {
     pub fn path_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.path_prefix = Some(prefix.into());
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_embedders_bad_route_is_an_error() {
+        let mut config = ProxyConfig::new("redis://127.0.0.1:1", "web");
+        assert!(config.validate().is_ok());
+        let mut route = RouteConfig::new("api");
+        route.path_prefix = Some("api/".into());
+        config.routes.push(route);
+        let err = config.validate().unwrap_err().to_string();
+        assert_eq!(err, "route #1 path_prefix: must start with /");
+        config.routes[0].path_prefix = Some("/api/".into());
+        config.routes[0].hold = Some(Duration::from_secs(25 * 3600));
+        assert!(matches!(
+            config.validate(),
+            Err(crate::ServeError::HoldTooLong)
+        ));
+        config.routes[0].hold = None;
+        config.routes.push(RouteConfig::new("bad queue"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("route #2 queue:")
+        );
     }
 }

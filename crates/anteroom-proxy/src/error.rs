@@ -27,6 +27,14 @@ pub enum ServeError {
     /// would set aside every request as not written by a proxy.
     #[error("the hold budget must be at most 24h (dispatchers refuse deadlines further ahead)")]
     HoldTooLong,
+    /// A route that could never serve (see `RouteConfig::check`).
+    #[error("route #{number} {problem}")]
+    BadRoute {
+        /// Its place in `routes`, from 1.
+        number: usize,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The admin endpoint could not reach the queue's state.
     #[error("admin endpoint cannot reach the queue")]
     Control(#[source] anteroom_control::ControlError),

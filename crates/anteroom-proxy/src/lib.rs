@@ -8,10 +8,13 @@
 //! that arrive together go in one LPUSH (`enqueue.rs`). It then waits, at
 //! most the hold budget, for its reply.
 //!
-//! A single reply reader per proxy blocks on the reply list with BLMPOP on a
-//! dedicated connection and hands each response to the waiting request by id
-//! (the demultiplexer), so the proxy holds a constant handful of Redis
-//! connections however many requests wait. Failures become HTTP statuses in
+//! One reply reader per queue served blocks on that queue's reply list with
+//! BLMPOP on a dedicated connection and hands each response to the waiting
+//! request by id (the demultiplexer), so the proxy holds a constant handful
+//! of Redis connections however many requests wait. A watchdog per client
+//! connection closes idle and silent ones and drops those that read none
+//! of their answer (`server.rs`); connections that answered early linger
+//! (`linger.rs`). Failures become HTTP statuses in
 //! one place ([`anteroom_protocol::Failure`], through `error.rs`).
 //!
 //! Shutdown: stop accepting, let in-flight requests finish within the grace

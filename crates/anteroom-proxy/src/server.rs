@@ -53,7 +53,7 @@ pub async fn serve(
         }
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
-    config.check_holds()?;
+    config.validate()?;
     // Every queue name is checked before anything connects.
     let default_keys = Keys::new(&config.queue)?;
     let route_keys = config
