@@ -86,6 +86,30 @@ async fn poison_envelopes_go_to_the_dead_letter_list_with_the_reason() {
     proxy.stop().await;
 }
 
+/// A dispatcher `dead` that died holding `held`: registered, its
+/// processing list full, no heartbeat.
+async fn died_holding(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+    held: &[RequestEnvelope],
+) {
+    for env in held {
+        redis::cmd("LPUSH")
+            .arg(keys.processing("dead"))
+            .arg(env.encode())
+            .query_async::<()>(&mut *conn)
+            .await
+            .unwrap();
+    }
+    redis::cmd("ZADD")
+        .arg(keys.dispatchers())
+        .arg(1)
+        .arg("dead")
+        .query_async::<()>(&mut *conn)
+        .await
+        .unwrap();
+}
+
 fn envelope(id: usize, method: &str, reply_to: &str) -> RequestEnvelope {
     RequestEnvelope {
         id: format!("req-{id}"),
@@ -111,21 +135,11 @@ async fn a_reaper_writes_only_to_reply_lists_of_its_queue() {
     let redis = start_redis();
     let keys = Keys::new("rq2").unwrap();
     let mut conn = redis_conn(&redis).await;
-    for (i, method) in ["POST", "GET"].into_iter().enumerate() {
-        redis::cmd("LPUSH")
-            .arg(keys.processing("dead"))
-            .arg(envelope(i, method, "session:42").encode())
-            .query_async::<()>(&mut conn)
-            .await
-            .unwrap();
-    }
-    redis::cmd("ZADD")
-        .arg(keys.dispatchers())
-        .arg(1)
-        .arg("dead")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
+    let held = [
+        envelope(0, "POST", "session:42"),
+        envelope(1, "GET", "session:42"),
+    ];
+    died_holding(&mut conn, &keys, &held).await;
     let queue = control(&redis, "rq2").await;
     let report = queue.reap("reaper", Duration::from_secs(60)).await.unwrap();
     assert_eq!(
@@ -148,23 +162,13 @@ async fn exactly_one_reaper_wins_each_list() {
     let redis = start_redis();
     let keys = Keys::new("race").unwrap();
     let mut conn = redis_conn(&redis).await;
-    // A dispatcher that died holding requests: registered, no heartbeat.
-    for i in 0..HELD {
-        let method = if i % 2 == 0 { "GET" } else { "POST" };
-        redis::cmd("LPUSH")
-            .arg(keys.processing("dead"))
-            .arg(envelope(i, method, "anteroom:{race}:replies:p").encode())
-            .query_async::<()>(&mut conn)
-            .await
-            .unwrap();
-    }
-    redis::cmd("ZADD")
-        .arg(keys.dispatchers())
-        .arg(1)
-        .arg("dead")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
+    let held: Vec<_> = (0..HELD)
+        .map(|i| {
+            let method = if i % 2 == 0 { "GET" } else { "POST" };
+            envelope(i, method, "anteroom:{race}:replies:p")
+        })
+        .collect();
+    died_holding(&mut conn, &keys, &held).await;
     let queue = control(&redis, "race").await;
     let reapers: Vec<_> = (0..4)
         .map(|i| {
