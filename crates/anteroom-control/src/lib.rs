@@ -16,12 +16,14 @@
 //!   waits until every live dispatcher has acknowledged a pause and holds
 //!   nothing.
 
+mod complete;
 mod error;
 mod pause;
 pub mod presence;
 mod reaper;
 mod status;
 
+pub use complete::{Done, complete};
 pub use error::ControlError;
 pub use pause::{HeldPause, PauseWatch, watch_pause};
 pub use reaper::{Attempt, MAX_REPEATS, ReapReport, Requeued, dead_letter, requeue};

@@ -169,25 +169,19 @@ impl Reaping<'_> {
                 Requeued::TooManyRepeats => {}
             }
         }
-        if envelope.is_expired(now) {
+        let reply = if envelope.is_expired(now) {
             report.expired += 1;
+            None
         } else {
-            let reply = Failure::Interrupted.to_envelope(&envelope.id);
-            pipe.cmd("RPUSH")
-                .arg(&envelope.reply_to)
-                .arg(reply.encode())
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&envelope.reply_to)
-                .arg(reply_ttl.as_millis() as u64)
-                .ignore();
             report.answered += 1;
-        }
-        pipe.cmd("LREM")
-            .arg(claim_list)
-            .arg(1)
-            .arg(raw.as_ref())
-            .ignore();
+            Some(Failure::Interrupted.to_envelope(&envelope.id).encode())
+        };
+        let done = crate::Done {
+            reply_to: &envelope.reply_to,
+            reply: reply.as_deref(),
+            raw: &raw,
+        };
+        crate::complete(&mut pipe, claim_list, reply_ttl, &[done]);
         pipe.query_async::<()>(conn).await?;
         Ok(())
     }

@@ -967,25 +967,20 @@ async fn give_up(
 fn completion_pipe(shared: &Shared, batch: &[Completion]) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.atomic();
-    let ttl_ms = shared.settings.reply_ttl.as_millis() as u64;
-    let mut lists: Vec<&str> = batch.iter().map(|c| c.reply_to.as_str()).collect();
-    lists.sort_unstable();
-    lists.dedup();
-    for list in lists {
-        let push = pipe.cmd("RPUSH").arg(list);
-        for completion in batch.iter().filter(|c| c.reply_to == list) {
-            push.arg(&completion.reply);
-        }
-        push.ignore();
-        pipe.cmd("PEXPIRE").arg(list).arg(ttl_ms).ignore();
-    }
-    for completion in batch {
-        pipe.cmd("LREM")
-            .arg(&shared.processing_key)
-            .arg(1)
-            .arg(completion.raw.as_ref())
-            .ignore();
-    }
+    let done: Vec<anteroom_control::Done<'_>> = batch
+        .iter()
+        .map(|c| anteroom_control::Done {
+            reply_to: &c.reply_to,
+            reply: Some(&c.reply),
+            raw: &c.raw,
+        })
+        .collect();
+    anteroom_control::complete(
+        &mut pipe,
+        &shared.processing_key,
+        shared.settings.reply_ttl,
+        &done,
+    );
     pipe
 }
 

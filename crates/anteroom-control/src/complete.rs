@@ -1,0 +1,56 @@
+//! Completing requests: the one place replies are written to Redis.
+
+use std::time::Duration;
+
+/// A request held in a processing list, being completed.
+#[derive(Debug, Clone, Copy)]
+pub struct Done<'a> {
+    /// The reply list named by the envelope (`anteroom:{q}:replies:<id>`).
+    pub reply_to: &'a str,
+    /// The encoded reply; `None` when the client gets none (its deadline
+    /// has passed).
+    pub reply: Option<&'a [u8]>,
+    /// The envelope's bytes, as held in the processing list.
+    pub raw: &'a [u8],
+}
+
+/// Adds to `pipe` (the caller makes it a MULTI) what completes `items`
+/// held in `processing`: their replies pushed to their reply lists, in
+/// order and one RPUSH per list, each list's lifetime then set to
+/// `reply_ttl` (so the replies of a proxy that died do not stay), and each
+/// request removed from `processing` (`LREM 1`). The dispatcher's
+/// completer and the reaper both complete through this.
+pub fn complete(
+    pipe: &mut redis::Pipeline,
+    processing: &str,
+    reply_ttl: Duration,
+    items: &[Done<'_>],
+) {
+    let ttl_ms = u64::try_from(reply_ttl.as_millis()).unwrap_or(u64::MAX);
+    let mut lists: Vec<&str> = items
+        .iter()
+        .filter(|d| d.reply.is_some())
+        .map(|d| d.reply_to)
+        .collect();
+    lists.sort_unstable();
+    lists.dedup();
+    for list in lists {
+        let push = pipe.cmd("RPUSH").arg(list);
+        for reply in items
+            .iter()
+            .filter(|d| d.reply_to == list)
+            .filter_map(|d| d.reply)
+        {
+            push.arg(reply);
+        }
+        push.ignore();
+        pipe.cmd("PEXPIRE").arg(list).arg(ttl_ms).ignore();
+    }
+    for done in items {
+        pipe.cmd("LREM")
+            .arg(processing)
+            .arg(1)
+            .arg(done.raw)
+            .ignore();
+    }
+}
