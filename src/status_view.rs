@@ -108,8 +108,8 @@ pub(crate) fn render(report: &StatusReport) -> String {
 /// scripts (docs/operations.md); control characters in free text (tabs
 /// and line breaks included) are escaped as `\u{..}`.
 pub(crate) fn lines(report: &StatusReport) -> String {
-    // Tabs and line breaks escaped too, so each line stays one record.
-    let clean = |text: &str| printable(text).to_string();
+    // Free text through `printable`: tabs and line breaks are escaped too,
+    // so each line stays one record.
     let mut out = String::new();
     for q in &report.queues {
         for d in &q.dispatchers {
@@ -120,9 +120,9 @@ pub(crate) fn lines(report: &StatusReport) -> String {
                 "dispatcher\t{}\t{}\t{}\t{}\t{}\t{state}",
                 q.queue,
                 hb.id,
-                clean(&hb.host),
+                printable(&hb.host),
                 hb.pid,
-                clean(&hb.label)
+                printable(&hb.label)
             );
         }
         for p in &q.proxies {
@@ -132,7 +132,7 @@ pub(crate) fn lines(report: &StatusReport) -> String {
                 "proxy\t{}\t{}\t{}\t{}",
                 q.queue,
                 hb.id,
-                clean(&hb.host),
+                printable(&hb.host),
                 hb.pid
             );
         }

@@ -138,23 +138,15 @@ impl Admin {
             Some(refusal) => text(StatusCode::FORBIDDEN, refusal),
             None => self.answer(req).await,
         };
-        let headers = resp.headers_mut();
-        headers.insert(
-            header::X_FRAME_OPTIONS,
-            header::HeaderValue::from_static("DENY"),
-        );
-        headers.insert(
-            header::CONTENT_SECURITY_POLICY,
-            header::HeaderValue::from_static("frame-ancestors 'none'"),
-        );
-        headers.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            header::HeaderValue::from_static("nosniff"),
-        );
-        headers.insert(
-            header::REFERRER_POLICY,
-            header::HeaderValue::from_static("no-referrer"),
-        );
+        for (name, value) in [
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ] {
+            resp.headers_mut()
+                .insert(name, header::HeaderValue::from_static(value));
+        }
         resp
     }
 
@@ -332,22 +324,8 @@ impl Admin {
 /// Whether `host` (a `Host` value) is an IP address or `localhost`, with
 /// or without a port: names an attacker cannot make resolve here.
 fn local_host(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(rest) => {
-            return rest
-                .split(']')
-                .next()
-                .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
-        }
-        None => host.rsplit_once(':').map_or(host, |(name, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) {
-                name
-            } else {
-                host
-            }
-        }),
-    };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+    let name = crate::router::strip_port(host);
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// Compares without stopping at the first difference, so response time does

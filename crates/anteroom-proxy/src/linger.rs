@@ -67,8 +67,8 @@ pub(crate) struct Activity {
     sending: AtomicUsize,
     /// Queued requests answered with their reply, and queued requests whose
     /// client gave up before it (a reset stream, mostly).
-    answered: AtomicUsize,
-    abandoned: AtomicUsize,
+    queued_answered: AtomicUsize,
+    queued_abandoned: AtomicUsize,
     /// Set once the connection has sent an early answer ([`Answer::lingers`]).
     linger: AtomicBool,
     /// Woken when an answer starts or ends being sent.
@@ -84,8 +84,8 @@ impl Activity {
             answered_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             sending: AtomicUsize::new(0),
-            answered: AtomicUsize::new(0),
-            abandoned: AtomicUsize::new(0),
+            queued_answered: AtomicUsize::new(0),
+            queued_abandoned: AtomicUsize::new(0),
             linger: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
         })
@@ -120,7 +120,7 @@ impl Activity {
         }
     }
 
-    fn answered(&self) {
+    fn answer_moved(&self) {
         self.answered_ms.store(self.now_ms(), Ordering::Relaxed);
         self.changed.notify_one();
     }
@@ -151,12 +151,12 @@ impl Activity {
 
     /// Counts a queued request answered with its reply.
     pub(crate) fn queued_answered(&self) {
-        self.answered.fetch_add(1, Ordering::AcqRel);
+        self.queued_answered.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Counts a queued request whose client went away before its reply.
     pub(crate) fn queued_abandoned(&self) {
-        self.abandoned.fetch_add(1, Ordering::AcqRel);
+        self.queued_abandoned.fetch_add(1, Ordering::AcqRel);
         self.changed.notify_one();
     }
 
@@ -178,8 +178,8 @@ impl Activity {
     /// reset request still costing a place in the queue (the slow form of
     /// the rapid-reset attack, which hyper's own guard does not see).
     pub(crate) fn abandons_too_many(&self) -> bool {
-        let abandoned = self.abandoned.load(Ordering::Acquire);
-        abandoned > MAX_ABANDONED && abandoned > self.answered.load(Ordering::Acquire)
+        let abandoned = self.queued_abandoned.load(Ordering::Acquire);
+        abandoned > MAX_ABANDONED && abandoned > self.queued_answered.load(Ordering::Acquire)
     }
 
     /// Counts a request until the returned guard is dropped.
@@ -207,7 +207,7 @@ impl Drop for InFlight {
             self.activity.sending.fetch_sub(1, Ordering::AcqRel);
         }
         self.activity.event();
-        self.activity.answered();
+        self.activity.answer_moved();
     }
 }
 
@@ -409,7 +409,7 @@ impl Answer {
             request.activity.linger.store(true, Ordering::Release);
         }
         request.activity.sending.fetch_add(1, Ordering::AcqRel);
-        request.activity.answered();
+        request.activity.answer_moved();
         request.sending = true;
         self.request = Some(request);
     }

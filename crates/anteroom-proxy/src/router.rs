@@ -142,7 +142,9 @@ pub(crate) fn normalize_path(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host` (a `Host` value or an authority) without its port; an IPv6
+/// literal loses its brackets too.
+pub(crate) fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
         return rest.split(']').next().unwrap_or(rest);

@@ -232,7 +232,7 @@ pub async fn serve(
             }
         });
         let builder = builder.clone();
-        let metrics = config.metrics.clone();
+        let config = Arc::clone(&config);
         let limits = Watchdog {
             idle: config.header_read_timeout,
             send: config.send_timeout,
@@ -264,7 +264,7 @@ pub async fn serve(
                         // Answered by hyper, never seen by the handler:
                         // logged here so a 400 is never silent.
                         tracing::info!(%peer, reason, error = %err, "request refused by the HTTP parser");
-                        metrics.refused(reason);
+                        config.metrics.refused(reason);
                     }
                     None => {
                         tracing::debug!(error = %err, %peer, "connection ended with an error")
