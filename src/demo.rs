@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoArgs;
 use crate::commands::shutdown_signal;
-use crate::local_redis::LocalRedis;
+use anteroom_redis::local::LocalRedis;
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (redis_url, _private_redis) = match args.redis {

@@ -5,7 +5,7 @@
 //! [`anteroom_proxy::serve`], `dispatch` runs an [`anteroom_dispatcher::Dispatcher`]
 //! in front of an [`anteroom_dispatcher::Upstream`], and `demo` runs both
 //! with a built-in backend, starting a private `redis-server`
-//! ([`local_redis`]) when no Redis URL is given. [`listen`] makes the
+//! (`anteroom_redis::local`) when no Redis URL is given. [`listen`] makes the
 //! proxy's listening socket (socket activation or `SO_REUSEPORT`).
 
 mod check;
@@ -14,7 +14,6 @@ mod commands;
 pub mod config;
 mod demo;
 pub mod listen;
-pub mod local_redis;
 mod ops;
 mod status_view;
 

@@ -4,8 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anteroom::local_redis::free_port;
 use anteroom_protocol::Keys;
+use anteroom_testkit::free_port;
 use http::StatusCode;
 
 use crate::support::app::{Upstream, test_app};

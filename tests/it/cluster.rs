@@ -4,15 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use anteroom::local_redis::free_port;
+use anteroom_testkit::free_port;
 use http::StatusCode;
 
 use crate::support::app::Upstream;
 use crate::support::bin::BinProcess;
-use crate::support::cluster::{LocalCluster, queues_on_three_shards};
 use crate::support::load::Load;
 use crate::support::web::{self, client};
 use crate::support::{config_file, wait_for_port};
+use anteroom_testkit::cluster::{LocalCluster, queues_on_three_shards};
 
 /// A configuration file routing `/echo/<queue>/` to each queue.
 fn routes_file(url: &str, queues: &[String]) -> std::path::PathBuf {

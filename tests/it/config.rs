@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anteroom::local_redis::free_port;
+use anteroom_testkit::free_port;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 

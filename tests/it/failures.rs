@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anteroom::local_redis::free_port;
 use anteroom_dispatcher::{Body, Upstream as UpstreamService};
 use anteroom_protocol::Keys;
+use anteroom_testkit::free_port;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;

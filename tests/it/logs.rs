@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use anteroom::local_redis::{LocalRedis, free_port};
+use anteroom_testkit::{LocalRedis, free_port};
 use http::{Request, StatusCode};
 use http_body_util::Full;
 

@@ -24,7 +24,7 @@ type Seen = Arc<Mutex<Vec<String>>>;
 /// A dispatcher of `queue` that answers `<queue>:<body>` and records the
 /// paths it was given.
 fn dispatcher(
-    redis: &anteroom::local_redis::LocalRedis,
+    redis: &anteroom_testkit::LocalRedis,
     queue: &'static str,
     seen: &Seen,
 ) -> TestDispatcher {

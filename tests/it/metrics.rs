@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use anteroom::local_redis::free_port;
 use anteroom_protocol::Keys;
+use anteroom_testkit::free_port;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 

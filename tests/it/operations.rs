@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anteroom::local_redis::{LocalRedis, free_port};
 use anteroom_control::{Queue, StatusReport};
 use anteroom_dispatcher::Body;
+use anteroom_testkit::{LocalRedis, free_port};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -855,7 +855,7 @@ async fn status_counts_expired_requests_apart_and_says_what_to_do() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_redis_password_stops_every_command_at_once() {
     let redis =
-        anteroom::local_redis::LocalRedis::start_with_args(&["--requirepass", "s3cret"]).unwrap();
+        anteroom_testkit::LocalRedis::start_with_args(&["--requirepass", "s3cret"]).unwrap();
     let url = format!("redis://127.0.0.1:{}", redis.port());
     let port = free_port().unwrap();
     for cmd in [

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anteroom::local_redis::{LocalRedis, free_port};
+use anteroom_testkit::{LocalRedis, free_port};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;

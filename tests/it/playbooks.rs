@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use anteroom::local_redis::LocalRedis;
 use anteroom_control::Queue;
+use anteroom_testkit::LocalRedis;
 use axum::Router;
 use axum::routing::any;
 use http::StatusCode;
@@ -132,7 +132,7 @@ async fn rolling_deploy_under_load_fails_nothing() {
     let proxy = TestProxy::start(&redis, "roll").await;
     let queue = crate::support::control(&redis, "roll").await;
     // Both versions serve metrics on one address, as on one host.
-    let metrics = format!("127.0.0.1:{}", anteroom::local_redis::free_port().unwrap());
+    let metrics = format!("127.0.0.1:{}", anteroom_testkit::free_port().unwrap());
     let with_metrics = |mut args: Vec<String>| {
         args.extend(["--metrics".to_owned(), metrics.clone()]);
         args
@@ -308,7 +308,7 @@ async fn rolling_keeps_the_old_dispatcher_unless_the_new_one_is_ready() {
     .await;
     let dead = format!(
         "http://127.0.0.1:{}",
-        anteroom::local_redis::free_port().unwrap()
+        anteroom_testkit::free_port().unwrap()
     );
     // The same label, an upstream that is not there.
     let mut args = vec![old.pid().to_string(), "v1".into(), "--".into(), BIN.into()];

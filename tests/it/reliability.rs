@@ -222,7 +222,7 @@ async fn counting_upstream() -> (String, Arc<Mutex<HashMap<String, usize>>>) {
 }
 
 fn dispatcher_process(
-    redis: &anteroom::local_redis::LocalRedis,
+    redis: &anteroom_testkit::LocalRedis,
     queue: &str,
     upstream: &str,
 ) -> BinProcess {

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anteroom::local_redis::free_port;
 use anteroom_control::Queue;
+use anteroom_testkit::free_port;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;

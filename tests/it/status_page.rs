@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anteroom::local_redis::free_port;
+use anteroom_testkit::free_port;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
@@ -76,7 +76,7 @@ fn depth_line_extent(png_path: &Path) -> usize {
 /// A proxy process serving `queue` with an admin address; returns the
 /// process, its port and the admin address, both accepting.
 async fn proxy_with_admin(
-    redis: &anteroom::local_redis::LocalRedis,
+    redis: &anteroom_testkit::LocalRedis,
     queue: &str,
     extra: &[&str],
 ) -> (BinProcess, u16, String) {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anteroom::local_redis::free_port;
+use anteroom_testkit::free_port;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;

@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let upstream = runtime.block_on(setups::start_upstream())?;
-    let redis = anteroom::local_redis::LocalRedis::start().context("starting redis-server")?;
+    let redis = anteroom_testkit::LocalRedis::start().context("starting redis-server")?;
     if matches!(args.scenario, Scenario::Hold | Scenario::All) {
         let figures =
             runtime.block_on(hold::run(&anteroom, &redis, upstream, args.hold_requests))?;

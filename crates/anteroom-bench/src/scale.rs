@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anteroom::local_redis::LocalRedis;
+use anteroom_testkit::LocalRedis;
 use anyhow::Context;
 
 use crate::setups::InProcess;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anteroom::local_redis::{LocalRedis, free_port};
+use anteroom_testkit::{LocalRedis, free_port};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::Full;

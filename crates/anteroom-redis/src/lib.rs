@@ -20,10 +20,14 @@
 //! server against the system's roots, or those in `SSL_CERT_FILE` /
 //! `SSL_CERT_DIR`; `rediss://...#insecure` skips verification.
 //!
+//! [`local::LocalRedis`] starts a private redis-server (the demo's, and
+//! the tests' through `anteroom-testkit`).
+//!
 //! [`Backoff`] paces reconnect attempts; [`sleep_or_stop`] waits in a way a
 //! shutdown can interrupt.
 
 mod durable;
+pub mod local;
 mod shared;
 mod target;
 

@@ -4,7 +4,6 @@
 
 pub mod app;
 pub mod bin;
-pub mod cluster;
 pub mod httpbin;
 pub mod load;
 pub mod monitor;
@@ -12,81 +11,19 @@ pub mod orders;
 pub mod venv;
 pub mod web;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anteroom::local_redis::LocalRedis;
 use anteroom_dispatcher::{Body, BoxError, Dispatcher, DispatcherBuilder};
 use anteroom_proxy::ProxyConfig;
+pub use anteroom_testkit::{
+    HARNESS_CLIENT, LocalRedis, eventually, free_port, keys, llen, redis_conn, start_redis,
+    until_llen, wait_for_port,
+};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// A private redis-server for one test.
-pub fn start_redis() -> LocalRedis {
-    LocalRedis::start().expect("start redis-server (is it installed?)")
-}
-
-/// Client name of the harness's own connections, so tests can tell them
-/// apart from the connections of the components under test.
-pub const HARNESS_CLIENT: &str = "anteroom-test-harness";
-
-/// A plain connection for inspecting queue state, named [`HARNESS_CLIENT`].
-pub async fn redis_conn(redis: &LocalRedis) -> redis::aio::MultiplexedConnection {
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    redis::cmd("CLIENT")
-        .arg("SETNAME")
-        .arg(HARNESS_CLIENT)
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
-    conn
-}
-
-pub async fn llen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> usize {
-    redis::cmd("LLEN").arg(key).query_async(conn).await.unwrap()
-}
-
-/// Waits (at most 20 s) until the list `key` holds `n` items.
-pub async fn until_llen(conn: &redis::aio::MultiplexedConnection, key: &str, n: usize) {
-    eventually(
-        &format!("{n} items in {key}"),
-        Duration::from_secs(20),
-        || {
-            let mut conn = conn.clone();
-            async move { llen(&mut conn, key).await == n }
-        },
-    )
-    .await;
-}
-
-/// Keys matching `pattern` (tests only; KEYS is fine on a private server).
-pub async fn keys(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> Vec<String> {
-    redis::cmd("KEYS")
-        .arg(pattern)
-        .query_async(conn)
-        .await
-        .unwrap()
-}
-
-/// Polls `check` every 10 ms until it is true; panics after `timeout`.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 /// A proxy served in-process on a port-0 listener.
 pub struct TestProxy {
@@ -235,26 +172,12 @@ pub async fn until_held(queue: &anteroom_control::Queue, n: u64) {
     .await;
 }
 
-/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
-pub async fn wait_for_port(port: u16) {
-    eventually(
-        "the port to accept connections",
-        Duration::from_secs(20),
-        || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
-}
-
 /// Writes `text` to a fresh configuration file and returns its path.
 pub fn config_file(text: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!(
         "anteroom-config-{}-{}.toml",
         std::process::id(),
-        anteroom::local_redis::free_port().unwrap()
+        free_port().unwrap()
     ));
     std::fs::write(&path, text).unwrap();
     path

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anteroom::local_redis::{LocalRedis, free_port};
+use anteroom_testkit::{LocalRedis, free_port};
 
 use super::bin::BinProcess;
 use super::wait_for_port;

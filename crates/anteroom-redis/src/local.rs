@@ -1,5 +1,6 @@
 //! A private `redis-server` on a free loopback port, stopped when dropped.
-//! Used by `anteroom demo` and by the test suite.
+//! Used by `anteroom demo`, and by the tests and the benchmark through
+//! `anteroom-testkit`.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};

@@ -4,9 +4,11 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anteroom::local_redis::LocalRedis;
+use crate::LocalRedis;
 
+/// Six cluster nodes (three primaries, three replicas) and their directories.
 pub struct LocalCluster {
+    /// The nodes, in the order they were started.
     pub nodes: Vec<LocalRedis>,
     /// Each node's directory, removed on drop.
     files: Vec<std::path::PathBuf>,
@@ -22,6 +24,8 @@ impl Drop for LocalCluster {
 }
 
 impl LocalCluster {
+    /// Starts six nodes, creates the cluster and waits (at most 30 s) until
+    /// every node says it is ok. Panics when it cannot: this is test support.
     pub fn start() -> Self {
         let mut files = Vec::new();
         let mut used = std::collections::HashSet::new();
@@ -33,13 +37,13 @@ impl LocalCluster {
             let dir = std::env::temp_dir().join(format!(
                 "anteroom-cluster-{}-{i}-{}",
                 std::process::id(),
-                anteroom::local_redis::free_port().unwrap()
+                crate::free_port().unwrap()
             ));
             std::fs::create_dir_all(&dir).unwrap();
             let conf = dir.join("nodes.conf");
             // The bus port is chosen too: the default, port + 10000, may be
             // another node's port.
-            let bus = anteroom::local_redis::free_port().unwrap();
+            let bus = crate::free_port().unwrap();
             if !used.insert(bus) {
                 continue;
             }
