@@ -4,9 +4,9 @@ use anteroom_dispatcher::{Dispatcher, Upstream};
 use std::process::ExitCode;
 
 use anteroom_proxy::{AdminConfig, ProxyConfig, serve_admin};
+use anteroom_runtime::Components;
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, DispatchArgs, LogFormat, ProxyArgs};
 use crate::ops;
@@ -106,35 +106,35 @@ async fn proxy(
             .with_context(|| format!("cannot listen on {}", args.listen))?,
     };
     let listener = TcpListener::from_std(listener).context("cannot register the listener")?;
-    let admin_stop = CancellationToken::new();
+    // The side endpoint runs beside the proxy: if it fails, the proxy
+    // stops at once and the process exits with its error.
+    let side = Components::new();
     let mut registry = anteroom_metrics::Registry::default();
     let metrics = anteroom_metrics::ProxyMetrics::register(&mut registry);
     let registry = std::sync::Arc::new(registry);
-    let admin = match args.admin {
-        Some(addr) => {
-            // Shared like --listen, so a new proxy can start beside this one.
-            let admin_listener = crate::listen::bind_shared(addr)
-                .and_then(TcpListener::from_std)
-                .with_context(|| format!("cannot listen on {addr} for the admin endpoint"))?;
-            let mut admin_config =
-                AdminConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
-            admin_config.token = args.admin_token.clone();
-            admin_config.without_token_beyond_loopback = args.admin_without_token;
-            admin_config.check(addr)?;
-            admin_config.registry = Some(std::sync::Arc::clone(&registry));
-            admin_config.metrics = Some(metrics.clone());
-            admin_config.more_queues = config.routes.iter().map(|r| r.queue.clone()).collect();
-            let stop = admin_stop.clone();
-            Some(tokio::spawn(serve_admin(
-                admin_listener,
-                admin_config,
-                async move { stop.cancelled().await },
-            )))
-        }
-        None => None,
-    };
+    if let Some(addr) = args.admin {
+        // Shared like --listen, so a new proxy can start beside this one.
+        let admin_listener = crate::listen::bind_shared(addr)
+            .and_then(TcpListener::from_std)
+            .with_context(|| format!("cannot listen on {addr} for the admin endpoint"))?;
+        let mut admin_config =
+            AdminConfig::new(args.target.redis.url.clone(), args.target.queue.clone());
+        admin_config.token = args.admin_token.clone();
+        admin_config.without_token_beyond_loopback = args.admin_without_token;
+        admin_config.check(addr)?;
+        admin_config.registry = Some(std::sync::Arc::clone(&registry));
+        admin_config.metrics = Some(metrics.clone());
+        admin_config.more_queues = config.routes.iter().map(|r| r.queue.clone()).collect();
+        let stop = side.stopping();
+        side.spawn(
+            "admin endpoint",
+            serve_admin(admin_listener, admin_config, async move {
+                stop.cancelled().await
+            }),
+        );
+    }
     config.metrics = metrics;
-    let served = anteroom_proxy::serve(listener, config, shutdown_signal())
+    let served = anteroom_proxy::serve(listener, config, stop_signal(&side))
         .await
         .with_context(|| {
             format!(
@@ -142,11 +142,9 @@ async fn proxy(
                 crate::ops::redact(&args.target.redis.url)
             )
         });
-    admin_stop.cancel();
-    if let Some(admin) = admin {
-        admin.await?.context("admin endpoint failed")?;
-    }
-    served
+    let stopped = side.shutdown(SIDE_GRACE).await;
+    served?;
+    Ok(stopped?)
 }
 
 async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
@@ -154,30 +152,28 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let metrics = anteroom_metrics::DispatcherMetrics::register(&mut registry);
     let redis_url = args.target.redis.url.clone();
     let (dispatcher, upstream) = dispatcher_for(&args, metrics)?;
-    let metrics_stop = CancellationToken::new();
-    let metrics_endpoint = match args.metrics {
-        Some(addr) => {
-            // Shared, so a new dispatcher can start beside this one (a
-            // rolling deploy on one host).
-            let listener = crate::listen::bind_shared(addr)
-                .and_then(TcpListener::from_std)
-                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-            let stop = metrics_stop.clone();
-            Some(tokio::spawn(anteroom_metrics::serve(
-                listener,
-                std::sync::Arc::new(registry),
-                async move { stop.cancelled().await },
-            )))
-        }
-        None => None,
-    };
+    let side = Components::new();
+    if let Some(addr) = args.metrics {
+        // Shared, so a new dispatcher can start beside this one (a
+        // rolling deploy on one host).
+        let listener = crate::listen::bind_shared(addr)
+            .and_then(TcpListener::from_std)
+            .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+        let stop = side.stopping();
+        side.spawn(
+            "metrics endpoint",
+            anteroom_metrics::serve(listener, std::sync::Arc::new(registry), async move {
+                stop.cancelled().await
+            }),
+        );
+    }
     tracing::info!(
         upstream = %args.upstream,
         health_path = args.health_path.as_deref().unwrap_or("(none: a TCP connect after a failure)"),
         "forwarding to upstream"
     );
     let served = dispatcher
-        .serve(upstream, shutdown_signal())
+        .serve(upstream, stop_signal(&side))
         .await
         .with_context(|| {
             format!(
@@ -185,11 +181,25 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
                 crate::ops::redact(&redis_url)
             )
         });
-    metrics_stop.cancel();
-    if let Some(endpoint) = metrics_endpoint {
-        endpoint.await?;
+    let stopped = side.shutdown(SIDE_GRACE).await;
+    served?;
+    Ok(stopped?)
+}
+
+/// How long a side endpoint (admin, metrics) gets to drain once the proxy
+/// or dispatcher beside it has stopped.
+const SIDE_GRACE: std::time::Duration = std::time::Duration::from_secs(6);
+
+/// Completes on SIGINT or SIGTERM, or at once when a side endpoint in
+/// `side` fails (logged; [`Components::shutdown`] then returns its error).
+fn stop_signal(side: &Components) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let side = side.clone();
+    async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            failure = side.failed() => tracing::error!(%failure, "stopping"),
+        }
     }
-    served
 }
 
 /// The dispatcher and upstream `anteroom dispatch` runs, built and checked

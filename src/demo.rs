@@ -4,12 +4,12 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use anteroom_dispatcher::{Body, Dispatcher};
+use anteroom_runtime::Components;
 use anyhow::Context;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoArgs;
 use crate::commands::shutdown_signal;
@@ -31,13 +31,16 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
 
-    let stop = CancellationToken::new();
+    // The proxy and the dispatcher are two components of one process: one
+    // failing stops the other, and the demo exits with its error.
+    let parts = Components::new();
     let mut config = anteroom_proxy::ProxyConfig::new(redis_url.clone(), args.queue.clone());
     config.grace = Duration::from_secs(5);
-    let proxy_stop = stop.clone();
-    let proxy = tokio::spawn(anteroom_proxy::serve(listener, config, async move {
-        proxy_stop.cancelled().await
-    }));
+    let stop = parts.stopping();
+    parts.spawn(
+        "proxy",
+        anteroom_proxy::serve(listener, config, async move { stop.cancelled().await }),
+    );
     let dispatcher = Dispatcher::builder()
         .redis_url(redis_url.clone())
         .queue(args.queue.clone())
@@ -45,9 +48,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .grace(Duration::from_secs(5))
         .label("demo")
         .build()?;
-    let dispatcher_stop = stop.clone();
-    let dispatcher = tokio::spawn(
-        dispatcher.serve_fn(backend, async move { dispatcher_stop.cancelled().await }),
+    let stop = parts.stopping();
+    parts.spawn(
+        "dispatcher",
+        dispatcher.serve_fn(backend, async move { stop.cancelled().await }),
     );
 
     // Written at once, and a closed stdout (e.g. `| head -1`) is not an error.
@@ -68,23 +72,12 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
     }
 
-    let parts = async { tokio::try_join!(proxy, dispatcher) };
-    let mut parts = std::pin::pin!(parts);
-    let early = tokio::select! {
-        () = shutdown_signal() => None,
-        result = &mut parts => Some(result),
-    };
-    if let Some(result) = early {
-        // Either part ending on its own is a failure; report it.
-        let (proxy, dispatcher) = result?;
-        proxy?;
-        dispatcher?;
-        anyhow::bail!("demo stopped unexpectedly");
+    tokio::select! {
+        () = shutdown_signal() => {}
+        _ = parts.failed() => {}
     }
-    stop.cancel();
-    let (proxy, dispatcher) = parts.await?;
-    proxy?;
-    dispatcher?;
+    // Both drain within their 5 s grace periods.
+    parts.shutdown(Duration::from_secs(10)).await?;
     Ok(())
 }
 

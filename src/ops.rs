@@ -219,30 +219,9 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn reap(args: QueueArgs) -> anyhow::Result<ExitCode> {
-    use anteroom_control::presence::{Presence, Role};
     let queue = connect(&args).await?;
     serving(&queue, &args.redis.url).await?;
-    let mut conn = queue.connection();
-    // Claimed requests pass through a processing list of our own, covered by
-    // a heartbeat: if this process dies mid-way, they are reaped in turn.
-    let id = format!("reaper-{}", uuid::Uuid::new_v4().simple());
-    let ttl = Duration::from_secs(30);
-    let presence = Presence::new(queue.keys(), Role::Dispatcher, &id, ttl);
-    let beat = anteroom_protocol::DispatcherHeartbeat {
-        id: id.clone(),
-        host: anteroom_redis::hostname(),
-        pid: std::process::id(),
-        label: "reaper".to_owned(),
-        concurrency: 0,
-        in_flight: 0,
-        paused: false,
-        pause_id: None,
-        started_at_ms: anteroom_protocol::now_ms(),
-        unhealthy: None,
-    };
-    presence.beat(&mut conn, &beat).await?;
-    let result = queue.reap(&id, Duration::from_secs(60)).await;
-    presence.leave(&mut conn).await?;
+    let result = queue.reap_once(Duration::from_secs(60)).await;
     let report = result?;
     println!(
         "queue {:?}: {} dead dispatcher(s) reaped; {} request(s) re-queued, {} answered 502, {} past their deadline dropped, {} dead-lettered",
@@ -296,13 +275,11 @@ pub(crate) async fn window(args: WindowArgs) -> anyhow::Result<ExitCode> {
         .pause(&who("window"), Some(args.lease), true)
         .await
         .context("cannot open the window")?;
-    let stop_renewing = tokio_util::sync::CancellationToken::new();
-    let renewer = tokio::spawn(renew_lease(
-        queue.clone(),
-        held.clone(),
-        args.lease,
-        stop_renewing.clone(),
-    ));
+    let renewer = anteroom_runtime::Components::new();
+    renewer.spawn(
+        "pause lease renewer",
+        renew_lease(queue.clone(), held.clone(), args.lease, renewer.stopping()),
+    );
 
     let quiet = tokio::select! {
         q = queue.wait_quiescent(args.timeout, progress_printer(args.quiet)) => q.map_err(anyhow::Error::from),
@@ -313,8 +290,7 @@ pub(crate) async fn window(args: WindowArgs) -> anyhow::Result<ExitCode> {
         Err(err) => Err(err.context("the command was not run")),
         Ok(_) => run_command(&args.command, &mut interrupt, &mut terminate).await,
     };
-    stop_renewing.cancel();
-    let _ = renewer.await;
+    let _ = renewer.shutdown(Duration::from_secs(5)).await;
     release(&queue, &held, args.lease).await;
     eprintln!(
         "the window lasted {}",

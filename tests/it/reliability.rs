@@ -493,13 +493,13 @@ async fn a_dedupe_envelope_delivered_twice_runs_once() {
     d.stop().await;
 }
 
-/// `anteroom_control::requeue` against a real redis-server: guarded by its
+/// `anteroom_control::queue::requeue` against a real redis-server: guarded by its
 /// LREM (run again after a lost answer, it queues no second copy), releases
 /// only the claim its caller names, and counts repeats of requests that may
 /// have run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requeue_is_guarded_releases_only_its_own_claim_and_counts_repeats() {
-    use anteroom_control::{Attempt, MAX_REPEATS, Requeued, requeue};
+    use anteroom_control::queue::{Attempt, MAX_REPEATS, Requeued, requeue};
     let redis = start_redis();
     let queue = control(&redis, "rq").await;
     let mut shared = queue.connection();

@@ -71,7 +71,7 @@ fn assert_orders_exactly_once(summary: &Summary, app: &App) {
         arrived.len(),
         repeated.len()
     );
-    let limit = 1 + anteroom_control::MAX_REPEATS as usize;
+    let limit = 1 + anteroom_control::queue::MAX_REPEATS as usize;
     assert!(
         repeated.iter().all(|(_, n)| **n <= limit),
         "delivered too often: {repeated:?}"
@@ -376,7 +376,7 @@ async fn a_request_that_breaks_the_connection_every_time_gets_502_after_a_few_tr
     let took = started.elapsed();
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
     assert!(reply.text().contains("may or may not"), "{}", reply.text());
-    let tries = 1 + anteroom_control::MAX_REPEATS as usize;
+    let tries = 1 + anteroom_control::queue::MAX_REPEATS as usize;
     assert_eq!(deliveries.load(Ordering::SeqCst), tries);
     println!("a poison GET: {tries} deliveries, 502 after {took:?}");
 

@@ -1,6 +1,10 @@
-//! The state of a queue in Redis, beyond the requests themselves: whether it
+//! A queue in Redis: the wire operations that move its requests
+//! ([`queue`]), and its state beyond the requests themselves: whether it
 //! is paused, who is serving it, and whether it is quiet.
 //!
+//! - [`queue`] owns every command that moves a request (enqueue, pull,
+//!   complete, requeue, dead-letter, reap, `WAIT`) and the heartbeats
+//!   ([`queue::Presence`]); the proxy, the dispatcher and the CLI call it.
 //! - [`Queue::pause`] / [`Queue::resume`] set or clear `anteroom:{q}:paused`
 //!   and announce the change on the `anteroom:{q}:control` channel. A pause
 //!   may carry a TTL: a lease that a holder such as `anteroom window` keeps
@@ -8,25 +12,20 @@
 //! - [`watch_pause`] is the dispatcher's side: a task that follows the pause
 //!   flag through pub/sub, re-reading the key on every message and polling it
 //!   as a fallback, so a missed message cannot leave a dispatcher running.
-//! - [`presence`] keeps each proxy's and dispatcher's heartbeat and its entry
-//!   in the queue's registry (sorted sets scored by last heartbeat).
 //! - [`Queue::reap`] settles the requests of dispatchers that died holding
 //!   them: safe ones back to the front of the queue, others answered 502.
 //! - [`Queue::status`] reads everything at once; [`Queue::wait_quiescent`]
 //!   waits until every live dispatcher has acknowledged a pause and holds
 //!   nothing.
 
-mod complete;
 mod error;
 mod pause;
-pub mod presence;
-mod reaper;
+pub mod queue;
 mod status;
 
-pub use complete::{Done, complete};
 pub use error::ControlError;
 pub use pause::{HeldPause, PauseWatch, watch_pause};
-pub use reaper::{Attempt, MAX_REPEATS, ReapReport, Requeued, dead_letter, requeue};
+pub use queue::ReapReport;
 pub use status::{
     DispatcherStatus, EXPIRED_SCAN, OrphanStatus, PauseStatus, ProxyStatus, QueueStatus,
     Quiescence, StatusReport, known_queues,

@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use anteroom_protocol::{Keys, PauseRecord, now_ms};
 use anteroom_redis::{SharedConnection, Target};
+use anteroom_runtime::Components;
 use futures_util::StreamExt;
 use redis::aio::PubSub;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::{ControlError, Queue};
 
@@ -158,8 +158,8 @@ impl Queue {
 /// The pause flag as a dispatcher sees it: `Some(record)` while paused.
 pub type PauseWatch = watch::Receiver<Option<PauseRecord>>;
 
-/// Reads the pause flag now, then follows it in a background task until
-/// `stop`: every message on the control channel triggers a re-read, and the
+/// Reads the pause flag now, then follows it in a component of
+/// `components` ("pause watcher") until they stop: every message on the control channel triggers a re-read, and the
 /// key is also re-read every `poll`, so a lost message or a lapsed lease is
 /// noticed within `poll`.
 pub async fn watch_pause(
@@ -168,12 +168,13 @@ pub async fn watch_pause(
     keys: Keys,
     poll: Duration,
     connect_timeout: Duration,
-    stop: CancellationToken,
+    components: &Components,
 ) -> Result<PauseWatch, ControlError> {
     let mut reader = Reader { conn, keys };
     let initial = reader.read().await?;
     let (tx, rx) = watch::channel(initial);
-    tokio::spawn(async move {
+    let stop = components.stopping();
+    components.spawn("pause watcher", async move {
         let mut subscription: Option<PubSub> = None;
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,6 +1,7 @@
 //! Configuration and the public entry points.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anteroom_metrics::DispatcherMetrics;
@@ -9,9 +10,10 @@ use anteroom_protocol::{Keys, validate_id};
 use anteroom_redis::Target;
 use bytes::Bytes;
 use http::{Request, Response};
+use tokio::sync::watch;
 use tower::Service;
 
-use crate::error::{BoxError, DispatcherError};
+use crate::error::{BoxError, DispatcherError, Kind};
 use crate::{Body, HealthCheck, worker};
 
 /// Builds a [`Dispatcher`].
@@ -186,15 +188,15 @@ impl DispatcherBuilder {
         let client = match (self.redis, self.redis_url) {
             (Some(client), _) => client,
             (None, Some(url)) => Target::parse(&url).map_err(anteroom_redis::ConnectError::from)?,
-            (None, None) => return Err(DispatcherError::MissingRedis),
+            (None, None) => return Err(Kind::MissingRedis.into()),
         };
-        let queue = self.queue.ok_or(DispatcherError::MissingQueue)?;
+        let queue = self.queue.ok_or(Kind::MissingQueue)?;
         let keys = Keys::new(&queue)?;
         if self.settings.concurrency == 0 {
-            return Err(DispatcherError::ZeroConcurrency);
+            return Err(Kind::ZeroConcurrency.into());
         }
         if self.settings.heartbeat_ttl < Duration::from_millis(300) {
-            return Err(DispatcherError::HeartbeatTtl);
+            return Err(Kind::HeartbeatTtl.into());
         }
         let id = match &self.settings.id {
             Some(id) => {
@@ -208,6 +210,7 @@ impl DispatcherBuilder {
             keys,
             id,
             settings: self.settings,
+            ready: Arc::new(watch::Sender::new(false)),
         })
     }
 }
@@ -219,9 +222,37 @@ pub struct Dispatcher {
     pub(crate) keys: Keys,
     pub(crate) id: String,
     pub(crate) settings: Settings,
+    /// True while serving (see [`Dispatcher::ready`]).
+    pub(crate) ready: Arc<watch::Sender<bool>>,
+}
+
+/// Tells when a dispatcher is serving; from [`Dispatcher::ready`].
+#[derive(Debug, Clone)]
+pub struct Ready(watch::Receiver<bool>);
+
+impl Ready {
+    /// Waits until the dispatcher has connected to Redis, read the pause
+    /// flag and started its heartbeat and pull loop: true. False when it
+    /// stopped (or failed to start) instead. Completes at once if it is
+    /// already serving.
+    pub async fn wait(&mut self) -> bool {
+        self.0.wait_for(|ready| *ready).await.is_ok()
+    }
+
+    /// Whether it is serving now.
+    pub fn is_ready(&self) -> bool {
+        *self.0.borrow()
+    }
 }
 
 impl Dispatcher {
+    /// A signal that says when this dispatcher (or a clone of it, once
+    /// given to [`serve`](Self::serve)) is serving. Take it before calling
+    /// `serve`, which consumes the dispatcher.
+    pub fn ready(&self) -> Ready {
+        Ready(self.ready.subscribe())
+    }
+
     /// Starts building a dispatcher.
     pub fn builder() -> DispatcherBuilder {
         DispatcherBuilder {
@@ -250,7 +281,9 @@ impl Dispatcher {
     /// until the upstream is healthy again (see
     /// [`health_check`](DispatcherBuilder::health_check)).
     ///
-    /// Returns an error only when Redis cannot be reached at startup.
+    /// Returns an error when Redis cannot be reached at startup
+    /// ([`DispatcherError::is_redis`]), or when a background component
+    /// failed while serving ([`DispatcherError::is_component`]).
     pub async fn serve<S, B>(
         self,
         service: S,

@@ -5,10 +5,64 @@ use anteroom_protocol::NameError;
 /// A type-erased error from a handler or body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Why a dispatcher could not be built or could not start.
+/// Why a dispatcher could not be built, could not start, or stopped.
+///
+/// Opaque: ask it what kind it is with [`is_config`](Self::is_config),
+/// [`is_redis`](Self::is_redis) and [`is_component`](Self::is_component);
+/// its `Display` and `source()` say the rest.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum DispatcherError {
+#[error(transparent)]
+pub struct DispatcherError(#[from] Kind);
+
+impl DispatcherError {
+    /// The builder's settings cannot be used (no Redis URL or queue, a bad
+    /// queue name or id, a URL that does not parse, a zero concurrency, a
+    /// heartbeat TTL under 300 ms). Fix the configuration; retrying will
+    /// not help.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self.0,
+            Kind::MissingRedis
+                | Kind::MissingQueue
+                | Kind::ZeroConcurrency
+                | Kind::HeartbeatTtl
+                | Kind::Name(_)
+                | Kind::Redis(anteroom_redis::ConnectError::Url(_))
+        )
+    }
+
+    /// Redis could not be reached at startup, or the queue's pause flag
+    /// could not be read. Starting again later may work.
+    pub fn is_redis(&self) -> bool {
+        matches!(
+            self.0,
+            Kind::Redis(anteroom_redis::ConnectError::Connect(_)) | Kind::Control(_)
+        )
+    }
+
+    /// One of the dispatcher's background components (heartbeat,
+    /// completer, reaper, pause watcher, health check) failed while
+    /// serving, which stopped the dispatcher.
+    pub fn is_component(&self) -> bool {
+        matches!(self.0, Kind::Component(_))
+    }
+}
+
+impl From<NameError> for DispatcherError {
+    fn from(err: NameError) -> Self {
+        Self(Kind::Name(err))
+    }
+}
+
+impl From<anteroom_redis::ConnectError> for DispatcherError {
+    fn from(err: anteroom_redis::ConnectError) -> Self {
+        Self(Kind::Redis(err))
+    }
+}
+
+/// What a [`DispatcherError`] is, for this crate only.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Kind {
     /// No Redis URL or client was given to the builder.
     #[error("no redis url given")]
     MissingRedis,
@@ -24,13 +78,16 @@ pub enum DispatcherError {
     HeartbeatTtl,
     /// The queue name or dispatcher id cannot be used in Redis keys.
     #[error(transparent)]
-    Name(#[from] NameError),
+    Name(NameError),
     /// Redis cannot be reached (or its URL is invalid).
     #[error(transparent)]
-    Redis(#[from] anteroom_redis::ConnectError),
+    Redis(anteroom_redis::ConnectError),
     /// The pause flag could not be read at startup.
     #[error("cannot read the queue's pause flag")]
     Control(#[source] anteroom_control::ControlError),
+    /// A background component failed.
+    #[error(transparent)]
+    Component(anteroom_runtime::ComponentFailed),
 }
 
 /// Why the upstream client could not be built or a forwarded request failed.

@@ -28,12 +28,18 @@
 //! wait in the queue as during a pause.
 
 mod builder;
+mod complete;
 mod error;
+mod handle;
 mod health;
+mod heartbeat;
+mod pull;
 mod upstream;
 mod worker;
 
-pub use builder::{Dispatcher, DispatcherBuilder};
+pub use anteroom_metrics::DispatcherMetrics;
+pub use anteroom_redis::Target;
+pub use builder::{Dispatcher, DispatcherBuilder, Ready};
 pub use error::{BoxError, DispatcherError, FailureReason, UpstreamError};
 pub use health::HealthCheck;
 pub use upstream::{DEFAULT_MAX_HEADERS, Upstream};

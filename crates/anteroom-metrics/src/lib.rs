@@ -27,8 +27,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -491,7 +489,7 @@ pub fn response(registry: &Registry) -> Response<Full<Bytes>> {
 
 /// Serves `GET /metrics` (and `/healthz`) on `listener` until `shutdown`
 /// completes: the endpoint of `anteroom dispatch --metrics ADDR`, bounded
-/// as every side endpoint is ([`serve_side`]).
+/// as every side endpoint is (`anteroom_runtime::http::serve_side`).
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
@@ -502,136 +500,7 @@ pub async fn serve(
         let resp = route(&registry, req.method(), req.uri().path());
         async move { Ok::<_, Infallible>(resp) }
     });
-    serve_side(listener, "metrics", service, shutdown).await;
-}
-
-/// Most connections a side endpoint (metrics, admin) has open at once;
-/// more are closed as they are accepted.
-pub const SIDE_MAX_CONNECTIONS: usize = 64;
-/// Longest a side endpoint's connection may take to send a request head.
-pub const SIDE_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a side endpoint's connection lives; a scraper or the status
-/// page simply reconnects.
-pub const SIDE_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-
-/// The accept loop of a side endpoint (the dispatcher's metrics, the
-/// proxy's admin endpoint): HTTP/1.1 and h2c on `listener` until
-/// `shutdown`, each connection served by a clone of `service`. Bounded so
-/// that idle or hostile clients cannot take the process's file descriptors
-/// from its main listener: at most [`SIDE_MAX_CONNECTIONS`] at once, each
-/// closed if its head takes over [`SIDE_HEADER_TIMEOUT`] (or it sends
-/// nothing at all that long) and after [`SIDE_CONNECTION_LIFETIME`] in any
-/// case. `name` goes in log lines.
-pub async fn serve_side<S>(
-    listener: TcpListener,
-    name: &'static str,
-    service: S,
-    shutdown: impl Future<Output = ()>,
-) where
-    S: hyper::service::Service<
-            Request<hyper::body::Incoming>,
-            Response = Response<Full<Bytes>>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(SIDE_HEADER_TIMEOUT);
-    let slots = Arc::new(tokio::sync::Semaphore::new(SIDE_MAX_CONNECTIONS));
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(err) => {
-                    tracing::warn!(error = %err, endpoint = name, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!(%peer, endpoint = name, max = SIDE_MAX_CONNECTIONS, "connection limit reached; closing");
-            continue;
-        };
-        let builder = builder.clone();
-        let service = service.clone();
-        tokio::spawn(async move {
-            if !request_started(&stream, SIDE_HEADER_TIMEOUT).await {
-                tracing::debug!(endpoint = name, %peer, "nothing received in time; closing");
-                drop(slot);
-                return;
-            }
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            let ended = match tokio::time::timeout(SIDE_CONNECTION_LIFETIME, conn.as_mut()).await {
-                Ok(ended) => ended,
-                Err(_) => {
-                    // Past its lifetime: the request in hand is answered,
-                    // then the connection closes (at most 5 s more).
-                    tracing::debug!(endpoint = name, %peer, "closing a connection at its lifetime");
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(Duration::from_secs(5), conn)
-                        .await
-                        .unwrap_or(Ok(()))
-                }
-            };
-            if let Err(err) = ended {
-                tracing::debug!(error = %err, endpoint = name, "connection ended with an error");
-            }
-            drop(slot);
-        });
-    }
-}
-
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Waits, at most `within`, until `stream` has sent enough to tell which
-/// protocol it speaks: a byte that cannot begin the HTTP/2 preface, or the
-/// whole preface. False when it sends less than that in time, or closes.
-///
-/// hyper starts its header timer only once it knows a connection is
-/// HTTP/1, and has none for the preface: without this wait a socket that
-/// connects and sends nothing, or half the preface, would hold its
-/// connection slot forever. Nothing is consumed (`peek`).
-pub async fn request_started(stream: &tokio::net::TcpStream, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut buf = [0u8; 24];
-    loop {
-        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
-        let n = match peeked {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return false,
-        };
-        if !H2_PREFACE.starts_with(&buf[..n]) || n == H2_PREFACE.len() {
-            return true;
-        }
-        // A prefix of the preface: wait for more (peek returns at once
-        // while those bytes are unread, so wait for readiness again).
-        let more = tokio::time::timeout_at(deadline, async {
-            loop {
-                // No readiness signal tells "more bytes" from "the same
-                // unread bytes": look again every 100 ms.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                match stream.peek(&mut buf).await {
-                    Ok(m) if m > n || m == 0 => return,
-                    Ok(_) => {}
-                    Err(_) => return,
-                }
-            }
-        })
-        .await;
-        if more.is_err() {
-            return false;
-        }
-    }
+    anteroom_runtime::http::serve_side(listener, "metrics", service, shutdown).await;
 }
 
 fn route(registry: &Registry, method: &Method, path: &str) -> Response<Full<Bytes>> {

@@ -80,7 +80,9 @@ impl AdminConfig {
     }
 }
 
-/// Serves the admin endpoint on `listener` until `shutdown` completes.
+/// Serves the admin endpoint on `listener` until `shutdown` completes,
+/// then drains it (see `anteroom_runtime::http::serve_side`). Errors: a
+/// bad [`AdminConfig`], or the queue's Redis unreachable at start.
 pub async fn serve_admin(
     listener: TcpListener,
     config: AdminConfig,
@@ -102,8 +104,7 @@ pub async fn serve_admin(
     }
     let board = Board::new(queues);
     let stop_sampling = tokio_util::sync::CancellationToken::new();
-    let _stop_on_return = stop_sampling.clone().drop_guard();
-    tokio::spawn(Arc::clone(&board).sample(config.metrics.clone(), stop_sampling.clone()));
+    let sampling = Arc::clone(&board).sample(config.metrics.clone(), stop_sampling.clone());
     let admin = std::sync::Arc::new(Admin {
         board,
         metrics: config.metrics,
@@ -118,7 +119,12 @@ pub async fn serve_admin(
         let admin = std::sync::Arc::clone(&admin);
         async move { Ok::<_, Infallible>(admin.handle(req).await) }
     });
-    anteroom_metrics::serve_side(listener, "admin", service, shutdown).await;
+    // The status sampler runs beside the endpoint and stops with it.
+    let serving = async {
+        anteroom_runtime::http::serve_side(listener, "admin", service, shutdown).await;
+        stop_sampling.cancel();
+    };
+    tokio::join!(sampling, serving);
     Ok(())
 }
 

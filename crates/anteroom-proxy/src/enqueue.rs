@@ -1,5 +1,6 @@
 //! Group commit of enqueues: envelopes that arrive while one LPUSH is on the
-//! wire go together in the next, as one LPUSH with many values.
+//! wire go together in the next, as one LPUSH with many values
+//! (`anteroom_control::queue::enqueue`).
 //!
 //! Under load this turns one Redis command per request into one per batch;
 //! with a single request in flight it costs one extra task hop. The order of
@@ -14,7 +15,10 @@ use bytes::Bytes;
 use redis::RedisError;
 use tokio::sync::{mpsc, oneshot};
 
+use anteroom_control::queue;
 use anteroom_redis::{Durability, SharedConnection};
+use anteroom_runtime::Components;
+use tokio_util::sync::CancellationToken;
 
 /// Most envelopes in one LPUSH.
 const MAX_BATCH: usize = 256;
@@ -46,14 +50,17 @@ pub(crate) struct Enqueuer {
 }
 
 impl Enqueuer {
-    /// Starts the batcher for `requests_key` on `conn`.
+    /// Starts the batcher for `requests_key` on `conn`, as a component of
+    /// `components` ("enqueuer") that runs until they stop.
     pub(crate) fn spawn(
         conn: SharedConnection,
         requests_key: String,
         durability: Option<Arc<Durability>>,
+        components: &Components,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(conn, requests_key, durability, rx));
+        let stop = components.stopping();
+        components.spawn("enqueuer", run(conn, requests_key, durability, rx, stop));
         Self { tx }
     }
 
@@ -77,9 +84,19 @@ async fn run(
     key: String,
     durability: Option<Arc<Durability>>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
+    stop: CancellationToken,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
+    loop {
+        // Requests still arriving when the proxy stops get "the enqueuer
+        // stopped" (their `done` is dropped), never a silent wait.
+        let first = tokio::select! {
+            first = rx.recv() => match first {
+                Some(first) => first,
+                None => return,
+            },
+            () = stop.cancelled() => return,
+        };
         let mut bytes = first.payload.len();
         batch.push(first);
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
@@ -116,35 +133,11 @@ async fn push_batch(
         error,
         never_sent: true,
     })?;
-    let sent = |error| PushError {
-        error,
-        never_sent: false,
-    };
-    let mut lpush = redis::cmd("LPUSH");
-    lpush.arg(key);
-    for pending in batch {
-        lpush.arg(pending.payload.as_ref());
-    }
-    let Some(wait) = durability.and_then(Durability::wait) else {
-        return lpush.query_async::<i64>(conn).await.map(drop).map_err(sent);
-    };
-    let (_, replicas): (i64, i64) = redis::pipe()
-        .add_command(lpush)
-        .cmd("WAIT")
-        .arg(1)
-        .arg(wait.as_millis() as u64)
-        .query_async(conn)
+    let payloads: Vec<&[u8]> = batch.iter().map(|p| p.payload.as_ref()).collect();
+    queue::enqueue(conn, key, &payloads, durability)
         .await
-        .map_err(sent)?;
-    if let Some(d) = durability {
-        d.observed(replicas);
-    }
-    if replicas < 1 {
-        tracing::warn!(
-            ?wait,
-            requests = batch.len(),
-            "no replica acknowledged the requests in time; they may not survive a failover"
-        );
-    }
-    Ok(())
+        .map_err(|error| PushError {
+            error,
+            never_sent: false,
+        })
 }

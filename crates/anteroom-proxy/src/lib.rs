@@ -13,16 +13,18 @@
 //! request by id (the demultiplexer), so the proxy holds a constant handful
 //! of Redis connections however many requests wait. A watchdog per client
 //! connection closes idle and silent ones and drops those that read none
-//! of their answer (`server.rs`); connections that answered early linger
+//! of their answer (`connection.rs`); connections that answered early linger
 //! (`linger.rs`). Failures become HTTP statuses in
 //! one place ([`anteroom_protocol::Failure`], through `error.rs`).
 //!
 //! Shutdown: stop accepting, let in-flight requests finish within the grace
-//! period, then stop the reply reader and heartbeat.
+//! period, then stop the background components (reply readers, heartbeats,
+//! enqueuers: `anteroom_runtime::Components`).
 
 mod admin;
 mod budget;
 mod config;
+mod connection;
 mod enqueue;
 mod error;
 #[doc(hidden)]

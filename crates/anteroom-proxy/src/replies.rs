@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use anteroom_control::queue;
 use anteroom_protocol::ResponseEnvelope;
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -117,25 +118,17 @@ pub(crate) async fn run(
             };
         backoff.reset();
         loop {
-            let mut cmd = redis::cmd("BLMPOP");
-            cmd.arg(BLOCK.as_secs_f64())
-                .arg(1)
-                .arg(&key)
-                .arg("LEFT")
-                .arg("COUNT")
-                .arg(BATCH);
-            let pop = cmd.query_async::<Option<(String, Vec<Bytes>)>>(&mut conn);
+            let pop = queue::pop_replies(&mut conn, &key, BLOCK, BATCH);
             let result = tokio::select! {
                 r = pop => r,
                 () = stop.cancelled() => return,
             };
             match result {
-                Ok(Some((_, replies))) => {
+                Ok(replies) => {
                     for raw in replies {
                         demux.deliver(raw);
                     }
                 }
-                Ok(None) => {}
                 Err(err) => {
                     tracing::warn!(error = %err, "reply reader lost redis; reconnecting");
                     if sleep_or_stop(&stop, backoff.next_delay()).await {

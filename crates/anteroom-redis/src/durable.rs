@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use anteroom_runtime::Components;
 
 use crate::SharedConnection;
 
@@ -23,15 +23,17 @@ pub struct Durability {
 }
 
 impl Durability {
-    /// Starts following the replica count of the server `conn` talks to.
-    pub fn spawn(conn: SharedConnection, wait: Duration, stop: CancellationToken) -> Arc<Self> {
+    /// Starts following the replica count of the server `conn` talks to,
+    /// in a component of `components` ("replica count") until they stop.
+    pub fn spawn(conn: SharedConnection, wait: Duration, components: &Components) -> Arc<Self> {
         let durability = Arc::new(Self {
             wait,
             // Assume one until told otherwise, so the first writes are waited for.
             replicas: AtomicUsize::new(1),
         });
         let this = Arc::clone(&durability);
-        tokio::spawn(async move {
+        let stop = components.stopping();
+        components.spawn("replica count", async move {
             let mut conn = conn;
             let mut warned = false;
             loop {

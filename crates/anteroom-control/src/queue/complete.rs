@@ -2,6 +2,11 @@
 
 use std::time::Duration;
 
+use redis::RedisResult;
+use redis::aio::ConnectionLike;
+
+use super::millis;
+
 /// A request held in a processing list, being completed.
 #[derive(Debug, Clone, Copy)]
 pub struct Done<'a> {
@@ -26,7 +31,7 @@ pub fn complete(
     reply_ttl: Duration,
     items: &[Done<'_>],
 ) {
-    let ttl_ms = u64::try_from(reply_ttl.as_millis()).unwrap_or(u64::MAX);
+    let ttl_ms = millis(reply_ttl);
     let mut lists: Vec<&str> = items
         .iter()
         .filter(|d| d.reply.is_some())
@@ -53,4 +58,19 @@ pub fn complete(
             .arg(done.raw)
             .ignore();
     }
+}
+
+/// Completes `items` held in `processing` in one `MULTI` of its own (see
+/// [`complete`]). Errors: the `MULTI` failed; redis-rs reports a command
+/// Redis refused inside it (`WRONGTYPE`, `NOPERM`) in the error's text.
+pub async fn complete_now<C: ConnectionLike + Send>(
+    conn: &mut C,
+    processing: &str,
+    reply_ttl: Duration,
+    items: &[Done<'_>],
+) -> RedisResult<()> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    complete(&mut pipe, processing, reply_ttl, items);
+    pipe.query_async(conn).await
 }

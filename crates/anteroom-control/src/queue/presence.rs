@@ -5,6 +5,10 @@ use std::time::Duration;
 use anteroom_protocol::{Keys, QUEUES_KEY, now_ms};
 use anteroom_redis::SharedConnection;
 use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::millis;
 
 /// Which registry a component belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +72,7 @@ impl Presence {
             .arg(&self.key)
             .arg(json)
             .arg("PX")
-            .arg(self.ttl.as_millis() as u64)
+            .arg(millis(self.ttl))
             .ignore()
             .cmd("ZADD")
             .arg(&self.registry)
@@ -91,5 +95,38 @@ impl Presence {
             .ignore()
             .query_async(conn)
             .await
+    }
+}
+
+/// Keeps `presence` alive until `stop`: adds the queue to the known
+/// queues, writes `beat()` every `every` (and at once when `wake` is
+/// notified, so a change such as an acknowledged pause shows without
+/// delay), and on stop removes the heartbeat and the registry entry. The
+/// one heartbeat loop of the proxy, the dispatcher and `anteroom reap`. A
+/// failed write is logged and tried again at the next beat: the heartbeat's
+/// TTL, a multiple of `every`, absorbs a missed one.
+pub async fn keep_present<H: Serialize>(
+    presence: &Presence,
+    mut conn: SharedConnection,
+    every: Duration,
+    wake: &Notify,
+    stop: &CancellationToken,
+    mut beat: impl FnMut() -> H,
+) {
+    if let Err(err) = presence.register_queue(&mut conn).await {
+        tracing::debug!(error = %err, "cannot register the queue");
+    }
+    loop {
+        if let Err(err) = presence.beat(&mut conn, &beat()).await {
+            tracing::debug!(error = %err, id = %presence.id, "heartbeat failed");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = wake.notified() => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    if let Err(err) = presence.leave(&mut conn).await {
+        tracing::debug!(error = %err, id = %presence.id, "cannot remove the heartbeat");
     }
 }

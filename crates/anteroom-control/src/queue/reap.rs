@@ -14,10 +14,12 @@
 
 use std::time::Duration;
 
-use anteroom_protocol::{DeadLetter, Failure, Keys, RequestEnvelope, now_ms};
+use anteroom_protocol::{DispatcherHeartbeat, Failure, Keys, RequestEnvelope, now_ms};
 use anteroom_redis::SharedConnection;
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
+use super::{Attempt, Done, Presence, Requeued, Role, complete_now, dead_letter, requeue};
 use crate::{ControlError, Queue};
 
 /// Moves a dead dispatcher's processing list into the claimer's list and
@@ -101,6 +103,42 @@ impl Queue {
         }
         Ok(report)
     }
+
+    /// One reaping pass by an operator (`anteroom reap`) rather than a
+    /// dispatcher: the claimed requests pass through a processing list of
+    /// a reaper of its own, registered as a dispatcher labelled `reaper`
+    /// and kept alive for the length of the pass, so that if this process
+    /// dies mid-way they are reaped in turn. Replies get `reply_ttl`.
+    pub async fn reap_once(&self, reply_ttl: Duration) -> Result<ReapReport, ControlError> {
+        let id = format!("reaper-{}", uuid::Uuid::new_v4().simple());
+        let ttl = Duration::from_secs(30);
+        let presence = Presence::new(&self.keys, Role::Dispatcher, &id, ttl);
+        let beat = DispatcherHeartbeat {
+            id: id.clone(),
+            host: anteroom_redis::hostname(),
+            pid: std::process::id(),
+            label: "reaper".to_owned(),
+            concurrency: 0,
+            in_flight: 0,
+            paused: false,
+            pause_id: None,
+            started_at_ms: now_ms(),
+            unhealthy: None,
+        };
+        presence.beat(&mut self.conn(), &beat).await?;
+        let stop = CancellationToken::new();
+        let wake = tokio::sync::Notify::new();
+        let keep = super::keep_present(&presence, self.conn(), ttl / 3, &wake, &stop, || {
+            beat.clone()
+        });
+        let pass = async {
+            let report = self.reap(&id, reply_ttl).await;
+            stop.cancel();
+            report
+        };
+        let ((), report) = tokio::join!(keep, pass);
+        report
+    }
 }
 
 /// One dead dispatcher's list, being settled by `claimer`.
@@ -152,8 +190,6 @@ impl Reaping<'_> {
             return Ok(());
         }
         let now = now_ms();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
         if envelope.is_safe_to_repeat() && !envelope.is_expired(now) {
             let attempt = Attempt::MayHaveRun {
                 claimed_by: dead,
@@ -176,146 +212,12 @@ impl Reaping<'_> {
             report.answered += 1;
             Some(Failure::Interrupted.to_envelope(&envelope.id).encode())
         };
-        let done = crate::Done {
+        let done = Done {
             reply_to: &envelope.reply_to,
             reply: reply.as_deref(),
             raw: &raw,
         };
-        crate::complete(&mut pipe, claim_list, reply_ttl, &[done]);
-        pipe.query_async::<()>(conn).await?;
+        complete_now(conn, claim_list, reply_ttl, &[done]).await?;
         Ok(())
     }
-}
-
-/// Most times a request that may already have run is put back in the queue
-/// (so it is delivered at most `1 + MAX_REPEATS` times). Past it the client
-/// gets 502 ([`Failure::Interrupted`]): a request that kills whatever runs
-/// it must not be retried until its deadline. Requests that never started
-/// are not counted.
-pub const MAX_REPEATS: u32 = 2;
-
-/// Puts a request back at the front of its queue; see [`requeue`].
-const REQUEUE: &str = r"
-if ARGV[3] ~= '-1' then
-  local n = redis.call('INCR', KEYS[4])
-  redis.call('PEXPIRE', KEYS[4], ARGV[4])
-  if n > tonumber(ARGV[3]) then return 2 end
-end
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) == ARGV[2] then
-  redis.call('DEL', KEYS[3])
-end
-return 0";
-
-/// What [`requeue`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Requeued {
-    /// Back at the front of the queue.
-    Requeued,
-    /// Not in the list any more (an earlier attempt whose answer was lost
-    /// moved it, or a reaper took the list): nothing done.
-    NotHeld,
-    /// It may have run and was repeated [`MAX_REPEATS`] times already:
-    /// nothing done; answer it instead.
-    TooManyRepeats,
-}
-
-/// Why a request goes back to the queue.
-#[derive(Debug, Clone, Copy)]
-pub enum Attempt<'a> {
-    /// Its handler never started it (the upstream never received it): put
-    /// back whatever its method, not counted.
-    NotStarted,
-    /// It may have run (a dispatcher or an upstream died while running it);
-    /// only requests safe to repeat are put back, counted against
-    /// [`MAX_REPEATS`] for `ttl` (until its deadline). `claimed_by` is the
-    /// dispatcher whose `dedupe` claim to release, so the repeat can run.
-    MayHaveRun {
-        /// The id the claim holds when this dispatcher claimed it.
-        claimed_by: &'a str,
-        /// How long to remember the count.
-        ttl: Duration,
-    },
-}
-
-/// Puts a request back at the front of its queue, taking it out of `list`
-/// (the processing list that held it), in one Lua script: `LREM` from
-/// `list`, and only if that removed it, `RPUSH` onto the requests list (the
-/// right end is where dispatchers pull from: next in line) and, for
-/// [`Attempt::MayHaveRun`], `DEL` of the `dedupe` claim if `claimed_by`
-/// holds it. Guarded by the `LREM`, so running it again after an answer was
-/// lost cannot queue a second copy. [`Attempt::MayHaveRun`] first counts
-/// the repeat (`INCR anteroom:{q}:repeats:<id>`).
-///
-/// The one owner of a requeue: the reaper uses it for safe requests of dead
-/// dispatchers, a dispatcher for requests its upstream never received or
-/// failed on. Errors: the script failed (it may or may not have run; run it
-/// again, the guard makes that safe).
-pub async fn requeue(
-    conn: &mut SharedConnection,
-    keys: &Keys,
-    list: &str,
-    raw: &Bytes,
-    request_id: &str,
-    attempt: Attempt<'_>,
-) -> Result<Requeued, ControlError> {
-    let (owner, max, ttl_ms) = match attempt {
-        Attempt::NotStarted => ("", -1_i64, 0_u64),
-        Attempt::MayHaveRun { claimed_by, ttl } => (
-            claimed_by,
-            i64::from(MAX_REPEATS),
-            (ttl.as_millis() as u64).max(1),
-        ),
-    };
-    let code: i64 = redis::cmd("EVAL")
-        .arg(REQUEUE)
-        .arg(4)
-        .arg(list)
-        .arg(keys.requests())
-        .arg(keys.claimed(request_id))
-        .arg(keys.repeats(request_id))
-        .arg(raw.as_ref())
-        .arg(owner)
-        .arg(max)
-        .arg(ttl_ms)
-        .query_async(conn)
-        .await?;
-    Ok(match code {
-        0 => Requeued::Requeued,
-        2 => Requeued::TooManyRepeats,
-        _ => Requeued::NotHeld,
-    })
-}
-
-/// Moves `raw` from `list` to the queue's dead-letter list, with the reason,
-/// in one MULTI.
-pub async fn dead_letter(
-    conn: &mut SharedConnection,
-    keys: &Keys,
-    list: &str,
-    raw: &Bytes,
-    reason: &str,
-    by: &str,
-) -> Result<(), ControlError> {
-    let letter = DeadLetter {
-        reason: reason.to_owned(),
-        at_ms: now_ms(),
-        by: by.to_owned(),
-        original: raw.clone(),
-    };
-    redis::pipe()
-        .atomic()
-        .cmd("LPUSH")
-        .arg(keys.dead())
-        .arg(letter.encode())
-        .ignore()
-        .cmd("LREM")
-        .arg(list)
-        .arg(1)
-        .arg(raw.as_ref())
-        .ignore()
-        .query_async::<()>(conn)
-        .await?;
-    Ok(())
 }

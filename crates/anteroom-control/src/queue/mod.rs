@@ -1,0 +1,239 @@
+//! The wire operations of a queue: every Redis command that moves a request
+//! through its lists, and the heartbeats that say who holds what. The proxy,
+//! the dispatcher, the reaper and the CLI call these; none of them builds
+//! these commands itself, so a change to the wire (docs/protocol.md) is made
+//! here.
+//!
+//! | operation | commands | caller |
+//! |---|---|---|
+//! | [`enqueue`] | `LPUSH requests e1 e2 …` (+ `WAIT` when durable) | proxy |
+//! | [`pull_batch`] | `MULTI` of `LMOVE requests processing RIGHT LEFT` | dispatcher |
+//! | [`pull_blocking`] | `BLMOVE requests processing RIGHT LEFT timeout` | dispatcher |
+//! | [`pull_client_id`], [`unblock`] | `CLIENT ID`, `CLIENT UNBLOCK id TIMEOUT` | dispatcher |
+//! | [`claim`] | `SET claimed:<id> owner NX PX ttl` | dispatcher (`dedupe`) |
+//! | [`complete`] / [`complete_now`] | `MULTI`: `RPUSH reply_to …`, `PEXPIRE`, `LREM processing 1` | dispatcher, reaper |
+//! | [`remove`] | `LREM processing 1 envelope` | dispatcher |
+//! | [`requeue`] | Lua: `LREM`, `RPUSH requests`, `DEL claimed` (`INCR repeats`) | dispatcher, reaper |
+//! | [`dead_letter`] | `MULTI`: `LPUSH dead letter`, `LREM` | dispatcher, reaper |
+//! | [`Queue::reap`], [`Queue::reap_once`] | Lua: claim a dead dispatcher's list | dispatcher, `anteroom reap` |
+//! | [`pop_replies`] | `BLMPOP block 1 replies LEFT COUNT n` | proxy |
+//! | [`replicate`] | `WAIT 1 ms` | proxy (in [`enqueue`]), dispatcher |
+//! | [`Presence`] ([`keep_present`]) | `SET hb PX ttl` + `ZADD registry`; `DEL` + `ZREM` on leave | proxy, dispatcher, `anteroom reap` |
+//!
+//! Every function takes the connection to use: the component's shared,
+//! pipelined one, or (for the blocking commands) a dedicated one
+//! (`anteroom_redis::blocking_for`). Errors are redis-rs's; none of these
+//! retries by itself, since whether a retry is safe is the caller's call.
+//!
+//! [`Queue::reap`]: crate::Queue::reap
+//! [`Queue::reap_once`]: crate::Queue::reap_once
+
+mod complete;
+mod presence;
+mod reap;
+mod requeue;
+
+pub use complete::{Done, complete, complete_now};
+pub use presence::{Presence, Role, keep_present};
+pub use reap::ReapReport;
+pub use requeue::{Attempt, MAX_REPEATS, Requeued, dead_letter, requeue};
+
+use std::time::Duration;
+
+use anteroom_redis::Durability;
+use bytes::Bytes;
+use redis::RedisResult;
+use redis::aio::ConnectionLike;
+
+/// `LPUSH requests p1 p2 …`: appends `payloads` to the queue in one
+/// command, oldest first (the first payload is taken first). With a
+/// `durability` that sees a replica, `WAIT 1 <wait>` follows in the same
+/// round trip (see [`replicate`]).
+///
+/// Errors: the command failed; Redis may or may not have received it.
+pub async fn enqueue<C, P>(
+    conn: &mut C,
+    requests: &str,
+    payloads: &[P],
+    durability: Option<&Durability>,
+) -> RedisResult<()>
+where
+    C: ConnectionLike + Send,
+    P: AsRef<[u8]>,
+{
+    let mut lpush = redis::cmd("LPUSH");
+    lpush.arg(requests);
+    for payload in payloads {
+        lpush.arg(payload.as_ref());
+    }
+    let Some((durability, wait)) = durability.and_then(|d| Some((d, d.wait()?))) else {
+        return lpush.query_async::<i64>(conn).await.map(drop);
+    };
+    let (_, replicas): (i64, i64) = redis::pipe()
+        .add_command(lpush)
+        .add_command(wait_cmd(wait))
+        .query_async(conn)
+        .await?;
+    observed(durability, wait, replicas, payloads.len());
+    Ok(())
+}
+
+/// Moves up to `count` requests from `requests` into `processing`, oldest
+/// first, in one `MULTI` of `LMOVE … RIGHT LEFT`: the same atomic move
+/// `BLMOVE` makes, for many items in one round trip (a `MULTI` of plain
+/// `LMOVE`s costs Redis less than a Lua loop; docs/performance.md). Returns
+/// what was moved (empty when the queue was).
+pub async fn pull_batch<C: ConnectionLike + Send>(
+    conn: &mut C,
+    requests: &str,
+    processing: &str,
+    count: usize,
+) -> RedisResult<Vec<Bytes>> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for _ in 0..count {
+        pipe.cmd("LMOVE")
+            .arg(requests)
+            .arg(processing)
+            .arg("RIGHT")
+            .arg("LEFT");
+    }
+    let items: Vec<Option<Bytes>> = pipe.query_async(conn).await?;
+    Ok(items.into_iter().flatten().collect())
+}
+
+/// `BLMOVE requests processing RIGHT LEFT <block>`: waits up to `block`
+/// for one request and moves it. Send it on a dedicated connection whose
+/// response timeout outlasts `block` (`anteroom_redis::blocking_for`);
+/// [`unblock`] cuts it short.
+pub async fn pull_blocking<C: ConnectionLike + Send>(
+    conn: &mut C,
+    requests: &str,
+    processing: &str,
+    block: Duration,
+) -> RedisResult<Option<Bytes>> {
+    redis::cmd("BLMOVE")
+        .arg(requests)
+        .arg(processing)
+        .arg("RIGHT")
+        .arg("LEFT")
+        .arg(block.as_secs_f64())
+        .query_async(conn)
+        .await
+}
+
+/// `CLIENT ID` of the connection a pull is sent on, for [`unblock`].
+pub async fn pull_client_id<C: ConnectionLike + Send>(conn: &mut C) -> RedisResult<u64> {
+    redis::cmd("CLIENT").arg("ID").query_async(conn).await
+}
+
+/// `CLIENT UNBLOCK <client_id> TIMEOUT`: a [`pull_blocking`] blocked on
+/// that connection returns at once, as if it had timed out (nothing is
+/// moved). Sent on another connection.
+pub async fn unblock<C: ConnectionLike + Send>(conn: &mut C, client_id: u64) -> RedisResult<()> {
+    redis::cmd("CLIENT")
+        .arg("UNBLOCK")
+        .arg(client_id)
+        .arg("TIMEOUT")
+        .query_async::<i64>(conn)
+        .await
+        .map(drop)
+}
+
+/// `SET anteroom:{q}:claimed:<request_id> <owner> NX PX <ttl>`: claims a
+/// `dedupe` request before it runs. True when this call claimed it, false
+/// when an earlier delivery already did.
+pub async fn claim<C: ConnectionLike + Send>(
+    conn: &mut C,
+    claimed_key: &str,
+    owner: &str,
+    ttl: Duration,
+) -> RedisResult<bool> {
+    let set: Option<String> = redis::cmd("SET")
+        .arg(claimed_key)
+        .arg(owner)
+        .arg("NX")
+        .arg("PX")
+        .arg(millis(ttl).max(1))
+        .query_async(conn)
+        .await?;
+    Ok(set.is_some())
+}
+
+/// `LREM processing 1 <raw>`: takes one request out of a processing list
+/// without replying (expired, already claimed, or a reply Redis refused).
+pub async fn remove<C: ConnectionLike + Send>(
+    conn: &mut C,
+    processing: &str,
+    raw: &[u8],
+) -> RedisResult<()> {
+    redis::cmd("LREM")
+        .arg(processing)
+        .arg(1)
+        .arg(raw)
+        .query_async::<i64>(conn)
+        .await
+        .map(drop)
+}
+
+/// `BLMPOP <block> 1 <replies> LEFT COUNT <count>`: up to `count` replies
+/// from a proxy's reply list, oldest first, waiting up to `block` for the
+/// first. Send it on a dedicated connection (`anteroom_redis::blocking_for`).
+pub async fn pop_replies<C: ConnectionLike + Send>(
+    conn: &mut C,
+    replies: &str,
+    block: Duration,
+    count: usize,
+) -> RedisResult<Vec<Bytes>> {
+    let popped: Option<(String, Vec<Bytes>)> = redis::cmd("BLMPOP")
+        .arg(block.as_secs_f64())
+        .arg(1)
+        .arg(replies)
+        .arg("LEFT")
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await?;
+    Ok(popped.map(|(_, replies)| replies).unwrap_or_default())
+}
+
+/// `WAIT 1 <wait>` when `durability` sees a replica (otherwise nothing):
+/// lets a replica catch up with what `conn` wrote, so a failover does not
+/// lose it. A replica that did not acknowledge in time is logged and
+/// reported to `durability`. Returns how many replicas acknowledged
+/// (`None`: not waited for).
+pub async fn replicate<C: ConnectionLike + Send>(
+    conn: &mut C,
+    durability: &Durability,
+) -> RedisResult<Option<i64>> {
+    let Some(wait) = durability.wait() else {
+        return Ok(None);
+    };
+    let replicas: i64 = wait_cmd(wait).query_async(conn).await?;
+    observed(durability, wait, replicas, 1);
+    Ok(Some(replicas))
+}
+
+fn wait_cmd(wait: Duration) -> redis::Cmd {
+    let mut cmd = redis::cmd("WAIT");
+    cmd.arg(1).arg(millis(wait));
+    cmd
+}
+
+/// Tells `durability` what a `WAIT` returned, and warns when no replica
+/// acknowledged `writes` writes within `wait`.
+fn observed(durability: &Durability, wait: Duration, replicas: i64, writes: usize) {
+    durability.observed(replicas);
+    if replicas < 1 {
+        tracing::warn!(
+            ?wait,
+            writes,
+            "no replica acknowledged in time; these writes may not survive a failover"
+        );
+    }
+}
+
+/// `duration` in whole milliseconds, saturating.
+pub(crate) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

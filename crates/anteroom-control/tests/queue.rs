@@ -1,0 +1,529 @@
+//! Each wire operation of `anteroom_control::queue` against a real
+//! redis-server (started by `anteroom-testkit`, one per test).
+
+use std::time::{Duration, Instant};
+
+use anteroom_control::Queue;
+use anteroom_control::queue::{self, Attempt, Done, MAX_REPEATS, Presence, Requeued, Role};
+use anteroom_protocol::{
+    DeadLetter, DispatcherHeartbeat, HttpVersion, Keys, RequestEnvelope, ResponseEnvelope, now_ms,
+};
+use anteroom_redis::{Durability, SharedConnection};
+use anteroom_runtime::Components;
+use anteroom_testkit::{LocalRedis, llen, redis_conn, start_redis};
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+
+async fn setup(queue: &str) -> (LocalRedis, Keys, SharedConnection, MultiplexedConnection) {
+    let redis = start_redis();
+    let (_, shared) = anteroom_redis::connect(&redis.url(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    let inspect = redis_conn(&redis).await;
+    (redis, Keys::new(queue).unwrap(), shared, inspect)
+}
+
+fn envelope(id: &str, method: &str, keys: &Keys) -> RequestEnvelope {
+    RequestEnvelope {
+        id: id.into(),
+        method: method.into(),
+        uri: "/".into(),
+        version: HttpVersion::Http11,
+        headers: vec![],
+        body: Bytes::new(),
+        reply_to: keys.replies("p1"),
+        client_addr: None,
+        enqueued_at_ms: now_ms(),
+        deadline_ms: now_ms() + 60_000,
+        dedupe: false,
+    }
+}
+
+async fn list(conn: &mut MultiplexedConnection, key: &str) -> Vec<Vec<u8>> {
+    redis::cmd("LRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query_async(conn).await.unwrap()
+}
+
+#[tokio::test]
+async fn enqueue_then_pull_batch_keeps_arrival_order() {
+    let (_redis, keys, mut shared, mut inspect) = setup("q").await;
+    queue::enqueue(&mut shared, &keys.requests(), &[b"a", b"b", b"c"], None)
+        .await
+        .unwrap();
+    queue::enqueue(&mut shared, &keys.requests(), &[b"d"], None)
+        .await
+        .unwrap();
+    let processing = keys.processing("d1");
+    let first = queue::pull_batch(&mut shared, &keys.requests(), &processing, 2)
+        .await
+        .unwrap();
+    assert_eq!(first, vec![Bytes::from("a"), Bytes::from("b")]);
+    // Asking for more than there is takes what there is.
+    let rest = queue::pull_batch(&mut shared, &keys.requests(), &processing, 10)
+        .await
+        .unwrap();
+    assert_eq!(rest, vec![Bytes::from("c"), Bytes::from("d")]);
+    assert_eq!(llen(&mut inspect, &keys.requests()).await, 0);
+    // Newest taken at the head of the processing list.
+    assert_eq!(
+        list(&mut inspect, &processing).await,
+        vec![b"d".to_vec(), b"c".to_vec(), b"b".to_vec(), b"a".to_vec()]
+    );
+}
+
+#[tokio::test]
+async fn enqueue_durable_waits_for_a_replica_only_when_one_is_there() {
+    let (redis, keys, mut shared, mut inspect) = setup("q").await;
+    let components = Components::new();
+    let durability = Durability::spawn(shared.clone(), Duration::from_secs(1), &components);
+    // No replica: the first write is waited for (WAIT times out at 0), and
+    // from then on none is, so the queue never stalls.
+    queue::enqueue(&mut shared, &keys.requests(), &[b"x"], Some(&durability))
+        .await
+        .unwrap();
+    assert!(durability.wait().is_none(), "no replica acknowledged");
+    let started = Instant::now();
+    queue::enqueue(&mut shared, &keys.requests(), &[b"y"], Some(&durability))
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1), "not waited for");
+    assert_eq!(llen(&mut inspect, &keys.requests()).await, 2);
+    // With a replica connected, WAIT returns its acknowledgement.
+    let replica =
+        LocalRedis::start_with_args(&["--replicaof", "127.0.0.1", &redis.port().to_string()])
+            .unwrap();
+    anteroom_testkit::eventually("the replica to sync", Duration::from_secs(20), || {
+        let mut conn = shared.clone();
+        async move {
+            redis::cmd("INFO")
+                .arg("replication")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok_and(|info| info.contains("state=online"))
+        }
+    })
+    .await;
+    anteroom_testkit::eventually(
+        "the replica count to be read",
+        Duration::from_secs(5),
+        || {
+            let seen = durability.wait().is_some();
+            async move { seen }
+        },
+    )
+    .await;
+    let acked = queue::replicate(&mut shared, &durability).await.unwrap();
+    assert_eq!(acked, Some(1));
+    drop(replica);
+    components.shutdown(Duration::from_secs(2)).await.unwrap();
+}
+
+#[tokio::test]
+async fn pull_blocking_waits_times_out_and_is_unblocked() {
+    let (redis, keys, mut shared, _inspect) = setup("q").await;
+    let target = anteroom_redis::Target::parse(&redis.url()).unwrap();
+    let mut blocking = anteroom_redis::blocking_for(
+        &target,
+        &keys.requests(),
+        Duration::from_secs(2),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let processing = keys.processing("d1");
+    // Empty: returns nothing after the block time.
+    let started = Instant::now();
+    let none = queue::pull_blocking(
+        &mut blocking,
+        &keys.requests(),
+        &processing,
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap();
+    assert_eq!(none, None);
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    // A request pushed while it blocks is moved.
+    let pull = {
+        let mut blocking = blocking.clone();
+        let (requests, processing) = (keys.requests(), processing.clone());
+        tokio::spawn(async move {
+            queue::pull_blocking(
+                &mut blocking,
+                &requests,
+                &processing,
+                Duration::from_secs(5),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    queue::enqueue(&mut shared, &keys.requests(), &[b"r"], None)
+        .await
+        .unwrap();
+    assert_eq!(pull.await.unwrap().unwrap(), Some(Bytes::from("r")));
+    // CLIENT UNBLOCK cuts a long block short, moving nothing.
+    let id = queue::pull_client_id(&mut blocking).await.unwrap();
+    let pull = {
+        let (requests, processing) = (keys.requests(), processing.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let got = queue::pull_blocking(
+                &mut blocking,
+                &requests,
+                &processing,
+                Duration::from_secs(8),
+            )
+            .await;
+            (got, started.elapsed())
+        })
+    };
+    anteroom_testkit::eventually("the pull to block", Duration::from_secs(5), || {
+        let mut conn = shared.clone();
+        async move {
+            redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok_and(|list| list.contains("cmd=blmove"))
+        }
+    })
+    .await;
+    queue::unblock(&mut shared, id).await.unwrap();
+    let (got, waited) = pull.await.unwrap();
+    assert_eq!(got.unwrap(), None);
+    assert!(waited < Duration::from_secs(8));
+}
+
+#[tokio::test]
+async fn complete_pushes_replies_sets_their_ttl_and_removes_the_requests() {
+    let (_redis, keys, mut shared, mut inspect) = setup("q").await;
+    let processing = keys.processing("d1");
+    let a = envelope("a", "GET", &keys).encode();
+    let b = envelope("b", "GET", &keys).encode();
+    let mut other = envelope("c", "GET", &keys);
+    other.reply_to = keys.replies("p2");
+    let c = other.encode();
+    redis::cmd("RPUSH")
+        .arg(&processing)
+        .arg(&a)
+        .arg(&b)
+        .arg(&c)
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    let reply = |id: &str| {
+        ResponseEnvelope {
+            id: id.into(),
+            status: 200,
+            headers: vec![],
+            body: Bytes::from("ok"),
+        }
+        .encode()
+    };
+    let (ra, rb) = (reply("a"), reply("b"));
+    let p1 = keys.replies("p1");
+    let p2 = keys.replies("p2");
+    let done = [
+        Done {
+            reply_to: &p1,
+            reply: Some(&ra),
+            raw: &a,
+        },
+        Done {
+            reply_to: &p1,
+            reply: Some(&rb),
+            raw: &b,
+        },
+        // No reply (its deadline passed): only removed.
+        Done {
+            reply_to: &p2,
+            reply: None,
+            raw: &c,
+        },
+    ];
+    queue::complete_now(&mut shared, &processing, Duration::from_secs(60), &done)
+        .await
+        .unwrap();
+    assert_eq!(list(&mut inspect, &p1).await, vec![ra.clone(), rb.clone()]);
+    let ttl = pttl(&mut inspect, &p1).await;
+    assert!((1..=60_000).contains(&ttl), "reply list ttl {ttl}");
+    assert_eq!(llen(&mut inspect, &p2).await, 0);
+    assert_eq!(llen(&mut inspect, &processing).await, 0);
+    // The proxy's side: both replies in one pop, oldest first.
+    let popped = queue::pop_replies(&mut shared, &p1, Duration::from_millis(100), 256)
+        .await
+        .unwrap();
+    assert_eq!(popped, vec![Bytes::from(ra), Bytes::from(rb)]);
+    let empty = queue::pop_replies(&mut shared, &p1, Duration::from_millis(100), 256)
+        .await
+        .unwrap();
+    assert!(empty.is_empty());
+}
+
+#[tokio::test]
+async fn requeue_is_guarded_and_counts_repeats_of_what_may_have_run() {
+    let (_redis, keys, mut shared, mut inspect) = setup("q").await;
+    let processing = keys.processing("d1");
+    let raw = Bytes::from(envelope("r1", "GET", &keys).encode());
+    redis::cmd("RPUSH")
+        .arg(&processing)
+        .arg(raw.as_ref())
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    let requeue = |shared: &mut SharedConnection, attempt| {
+        let (keys, processing, raw) = (keys.clone(), processing.clone(), raw.clone());
+        let mut conn = shared.clone();
+        async move {
+            queue::requeue(&mut conn, &keys, &processing, &raw, "r1", attempt)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        requeue(&mut shared, Attempt::NotStarted).await,
+        Requeued::Requeued
+    );
+    assert_eq!(
+        list(&mut inspect, &keys.requests()).await,
+        vec![raw.to_vec()]
+    );
+    // Again, as after a lost answer: nothing held, no second copy.
+    assert_eq!(
+        requeue(&mut shared, Attempt::NotStarted).await,
+        Requeued::NotHeld
+    );
+    assert_eq!(llen(&mut inspect, &keys.requests()).await, 1);
+    // May have run: counted, and refused past MAX_REPEATS.
+    let may_have_run = Attempt::MayHaveRun {
+        claimed_by: "d1",
+        ttl: Duration::from_secs(60),
+    };
+    for _ in 0..MAX_REPEATS {
+        queue::pull_batch(&mut shared, &keys.requests(), &processing, 1)
+            .await
+            .unwrap();
+        assert_eq!(requeue(&mut shared, may_have_run).await, Requeued::Requeued);
+    }
+    queue::pull_batch(&mut shared, &keys.requests(), &processing, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        requeue(&mut shared, may_have_run).await,
+        Requeued::TooManyRepeats
+    );
+    assert_eq!(
+        llen(&mut inspect, &processing).await,
+        1,
+        "left for the caller to answer"
+    );
+}
+
+#[tokio::test]
+async fn dead_letter_moves_the_envelope_with_its_reason() {
+    let (_redis, keys, mut shared, mut inspect) = setup("q").await;
+    let processing = keys.processing("d1");
+    let raw = Bytes::from_static(b"not an envelope");
+    redis::cmd("RPUSH")
+        .arg(&processing)
+        .arg(raw.as_ref())
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    queue::dead_letter(
+        &mut shared,
+        &keys,
+        &processing,
+        &raw,
+        "does not decode",
+        "d1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(llen(&mut inspect, &processing).await, 0);
+    let dead = list(&mut inspect, &keys.dead()).await;
+    assert_eq!(dead.len(), 1);
+    let letter = DeadLetter::decode(Bytes::from(dead[0].clone())).unwrap();
+    assert_eq!(letter.reason, "does not decode");
+    assert_eq!(letter.by, "d1");
+    assert_eq!(letter.original, raw);
+}
+
+#[tokio::test]
+async fn claim_is_taken_once_and_remove_takes_one_copy() {
+    let (_redis, keys, mut shared, mut inspect) = setup("q").await;
+    let key = keys.claimed("r1");
+    assert!(
+        queue::claim(&mut shared, &key, "d1", Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !queue::claim(&mut shared, &key, "d2", Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    let ttl = pttl(&mut inspect, &key).await;
+    assert!((1..=5_000).contains(&ttl), "claim ttl {ttl}");
+    let processing = keys.processing("d1");
+    redis::cmd("RPUSH")
+        .arg(&processing)
+        .arg("x")
+        .arg("x")
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    queue::remove(&mut shared, &processing, b"x").await.unwrap();
+    assert_eq!(llen(&mut inspect, &processing).await, 1);
+}
+
+fn heartbeat(id: &str) -> DispatcherHeartbeat {
+    DispatcherHeartbeat {
+        id: id.into(),
+        host: "test".into(),
+        pid: 1,
+        label: String::new(),
+        concurrency: 1,
+        in_flight: 0,
+        paused: false,
+        pause_id: None,
+        started_at_ms: now_ms(),
+        unhealthy: None,
+    }
+}
+
+#[tokio::test]
+async fn keep_present_beats_on_time_and_on_wake_and_leaves_on_stop() {
+    let (_redis, keys, shared, mut inspect) = setup("q").await;
+    let presence = Presence::new(&keys, Role::Dispatcher, "d1", Duration::from_secs(30));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let wake = tokio::sync::Notify::new();
+    let beats = std::sync::atomic::AtomicUsize::new(0);
+    let keep = queue::keep_present(
+        &presence,
+        shared,
+        Duration::from_secs(60),
+        &wake,
+        &stop,
+        || {
+            beats.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            heartbeat("d1")
+        },
+    );
+    let check = async {
+        anteroom_testkit::eventually("the first beat", Duration::from_secs(5), || {
+            let mut conn = inspect.clone();
+            let key = keys.dispatcher("d1");
+            async move {
+                redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async::<bool>(&mut conn)
+                    .await
+                    .unwrap()
+            }
+        })
+        .await;
+        let ttl = pttl(&mut inspect, &keys.dispatcher("d1")).await;
+        assert!((1..=30_000).contains(&ttl), "heartbeat ttl {ttl}");
+        let score: Option<u64> = redis::cmd("ZSCORE")
+            .arg(keys.dispatchers())
+            .arg("d1")
+            .query_async(&mut inspect)
+            .await
+            .unwrap();
+        assert!(score.is_some(), "in the registry");
+        let known: bool = redis::cmd("SISMEMBER")
+            .arg(anteroom_protocol::QUEUES_KEY)
+            .arg("q")
+            .query_async(&mut inspect)
+            .await
+            .unwrap();
+        assert!(known, "the queue is registered");
+        // A wake beats at once, long before the 60 s interval.
+        wake.notify_one();
+        anteroom_testkit::eventually("a beat on wake", Duration::from_secs(5), || {
+            let n = beats.load(std::sync::atomic::Ordering::SeqCst);
+            async move { n >= 2 }
+        })
+        .await;
+        stop.cancel();
+    };
+    tokio::join!(keep, check);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(keys.dispatcher("d1"))
+        .query_async(&mut inspect)
+        .await
+        .unwrap();
+    assert!(!exists, "heartbeat removed on stop");
+    let score: Option<u64> = redis::cmd("ZSCORE")
+        .arg(keys.dispatchers())
+        .arg("d1")
+        .query_async(&mut inspect)
+        .await
+        .unwrap();
+    assert_eq!(score, None, "registry entry removed on stop");
+}
+
+#[tokio::test]
+async fn reap_once_settles_a_dead_dispatchers_list_and_leaves_no_trace() {
+    let (redis, keys, mut shared, mut inspect) = setup("q").await;
+    // A dispatcher in the registry, with no heartbeat: dead.
+    redis::cmd("ZADD")
+        .arg(keys.dispatchers())
+        .arg(now_ms())
+        .arg("dead")
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    let get = Bytes::from(envelope("g", "GET", &keys).encode());
+    let post = Bytes::from(envelope("p", "POST", &keys).encode());
+    let mut late = envelope("l", "GET", &keys);
+    late.deadline_ms = now_ms() - 1;
+    let late = Bytes::from(late.encode());
+    queue::enqueue(
+        &mut shared,
+        &keys.processing("dead"),
+        &[get.clone(), post, late, Bytes::from_static(b"garbage")],
+        None,
+    )
+    .await
+    .unwrap();
+    let control = Queue::connect(&redis.url(), "q", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let report = control.reap_once(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(report.dispatchers, 1);
+    assert_eq!(report.requeued, 1, "the GET");
+    assert_eq!(report.answered, 1, "the POST, 502");
+    assert_eq!(report.expired, 1, "the late GET");
+    assert_eq!(report.dead_lettered, 1, "the garbage");
+    assert_eq!(
+        list(&mut inspect, &keys.requests()).await,
+        vec![get.to_vec()]
+    );
+    let replies = list(&mut inspect, &keys.replies("p1")).await;
+    assert_eq!(replies.len(), 1);
+    let reply = ResponseEnvelope::decode(Bytes::from(replies[0].clone())).unwrap();
+    assert_eq!((reply.id.as_str(), reply.status), ("p", 502));
+    // The reaper's own presence and list are gone; so is the dead one's.
+    let registry: Vec<String> = redis::cmd("ZRANGE")
+        .arg(keys.dispatchers())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut inspect)
+        .await
+        .unwrap();
+    assert!(registry.is_empty(), "registry left: {registry:?}");
+    let left = anteroom_testkit::keys(&mut inspect, "anteroom:{q}:processing:*").await;
+    assert!(left.is_empty(), "processing lists left: {left:?}");
+}

@@ -1,0 +1,375 @@
+//! One request's life: decode, check, run the handler within the
+//! deadline, and hand the reply to the completer (or requeue, dead-letter
+//! or drop it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anteroom_control::queue::{self, Attempt, Requeued};
+use anteroom_protocol::{Failure, Keys, RequestEnvelope, ResponseEnvelope, now_ms};
+use anteroom_redis::Backoff;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http_body_util::{BodyExt, Full, Limited};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tower::ServiceExt;
+use tracing::Instrument;
+
+use crate::complete::Completion;
+use crate::error::{BoxError, Transport, classify, describe};
+use crate::worker::{HttpService, ResponseBody, Running, Shared};
+
+/// One request, from raw envelope to completion. Holds its permit throughout.
+pub(crate) async fn handle<S, B>(
+    shared: Arc<Shared>,
+    service: S,
+    raw: Bytes,
+    _permit: OwnedSemaphorePermit,
+) where
+    S: HttpService<B>,
+    B: ResponseBody,
+{
+    let _running = Running::start(&shared);
+    let envelope = match RequestEnvelope::decode(raw.clone()) {
+        Ok(envelope) => envelope,
+        Err(err) => {
+            set_aside(&shared, &raw, &format!("does not decode: {err}")).await;
+            return;
+        }
+    };
+    if let Err(reason) = check_envelope(&shared.keys, &envelope, now_ms()) {
+        set_aside(&shared, &raw, &reason).await;
+        return;
+    }
+    let span = tracing::info_span!(
+        "request",
+        request_id = tracing::field::Empty,
+        queue = %shared.keys.queue(),
+        method = %anteroom_protocol::printable(&envelope.method),
+    );
+    if !span.is_disabled() {
+        // Looked up only when the span is recorded: most requests of a
+        // quiet log level never need it.
+        let request_id = envelope
+            .headers
+            .iter()
+            .find(|(name, _)| name == "x-request-id")
+            .map_or(
+                std::borrow::Cow::Borrowed(envelope.id.as_str()),
+                |(_, v)| String::from_utf8_lossy(v),
+            );
+        span.record(
+            "request_id",
+            anteroom_protocol::printable(&request_id).to_string(),
+        );
+    }
+    async move {
+        let now = now_ms();
+        shared.metrics.taken(Duration::from_millis(
+            now.saturating_sub(envelope.enqueued_at_ms),
+        ));
+        if envelope.is_expired(now) {
+            shared.metrics.expired();
+            tracing::debug!(
+                late_ms = now - envelope.deadline_ms,
+                "deadline passed while queued; not executed"
+            );
+            discard(&shared, &raw).await;
+            return;
+        }
+        if !shared.gate.is_open() {
+            // Taken just as the upstream failed: it never saw this one.
+            tracing::debug!("upstream unhealthy; back to the front of the queue unsent");
+            requeue(&shared, &raw, &envelope, Attempt::NotStarted).await;
+            return;
+        }
+        if envelope.dedupe && !claim(&shared, &envelope, now).await {
+            tracing::info!("already claimed by an earlier delivery; not executed again");
+            discard(&shared, &raw).await;
+            return;
+        }
+        // The move into our processing list (and the claim) must survive
+        // a failover before the request runs, or a new primary would hand
+        // it out again.
+        shared.replicate().await;
+        let waited_ms = now.saturating_sub(envelope.enqueued_at_ms);
+        let budget = Duration::from_millis(envelope.deadline_ms - now);
+        let started = std::time::Instant::now();
+        let reply = match execute(&shared, service, &envelope, budget).await {
+            Outcome::Reply(reply) => reply,
+            Outcome::Invalid(err) => {
+                // Kept for inspection; the client still gets its answer.
+                set_aside(&shared, &raw, &format!("not a valid HTTP request: {err}")).await;
+                Failure::HandlerFailed.to_envelope(&envelope.id)
+            }
+            Outcome::Requeue(started) => {
+                let attempt = if started {
+                    Attempt::MayHaveRun {
+                        claimed_by: &shared.id,
+                        ttl: Duration::from_millis(envelope.deadline_ms.saturating_sub(now_ms())),
+                    }
+                } else {
+                    Attempt::NotStarted
+                };
+                match requeue(&shared, &raw, &envelope, attempt).await {
+                    Requeued::TooManyRepeats => {
+                        tracing::warn!(
+                            repeats = queue::MAX_REPEATS,
+                            "repeated too often after failures that may have run it: 502"
+                        );
+                        Failure::Interrupted.to_envelope(&envelope.id)
+                    }
+                    Requeued::Requeued | Requeued::NotHeld => return,
+                }
+            }
+        };
+        shared.metrics.handled(reply.status, started.elapsed());
+        tracing::debug!(status = reply.status, waited_ms, "handled");
+        let (done, completed) = oneshot::channel();
+        let completion = Completion {
+            reply_to: envelope.reply_to.clone(),
+            reply: reply.encode(),
+            raw,
+            deadline_ms: envelope.deadline_ms,
+            done,
+        };
+        if shared.completions.send(completion).await.is_err() || completed.await.is_err() {
+            tracing::error!(
+                "reply not delivered: redis unreachable until the deadline, or stopping \
+                 (the request stays in the processing list)"
+            );
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Moves `raw` from the processing list to the dead-letter list, saying
+/// why (see [`queue::dead_letter`]).
+async fn set_aside(shared: &Shared, raw: &Bytes, reason: &str) {
+    tracing::error!(queue = %shared.keys.queue(), %reason, "moving an envelope to the dead-letter list");
+    shared.metrics.dead_lettered();
+    let mut conn = shared.conn.clone();
+    if let Err(err) = queue::dead_letter(
+        &mut conn,
+        &shared.keys,
+        &shared.processing_key,
+        raw,
+        reason,
+        &shared.id,
+    )
+    .await
+    {
+        tracing::error!(error = %err, "dead-lettering failed; the envelope stays in the processing list");
+    }
+}
+
+/// Longest a deadline may lie ahead of the dispatcher's clock.
+const MAX_DEADLINE_AHEAD: Duration = anteroom_protocol::MAX_HOLD;
+
+/// Why an envelope that decodes was not written by a proxy of this queue,
+/// if it was not: its `reply_to` is not one of this queue's reply lists
+/// (the dispatcher would write to, and set a TTL on, any key it named), or
+/// its deadline lies more than [`MAX_DEADLINE_AHEAD`] ahead.
+fn check_envelope(keys: &Keys, envelope: &RequestEnvelope, now: u64) -> Result<(), String> {
+    if !keys.is_replies(&envelope.reply_to) {
+        return Err(format!(
+            "reply_to {:?} is not a reply list of queue {}",
+            envelope.reply_to.escape_debug().to_string(),
+            keys.queue()
+        ));
+    }
+    let ahead = envelope.deadline_ms.saturating_sub(now);
+    if ahead > MAX_DEADLINE_AHEAD.as_millis() as u64 {
+        return Err(format!(
+            "deadline {} ms ahead, more than {} s",
+            ahead,
+            MAX_DEADLINE_AHEAD.as_secs()
+        ));
+    }
+    Ok(())
+}
+
+/// What became of a request the handler was given.
+enum Outcome {
+    /// Answer the client with this.
+    Reply(ResponseEnvelope),
+    /// The envelope is not a valid HTTP request (never written by a
+    /// proxy): set aside, and the client answered 502.
+    Invalid(anteroom_protocol::ConvertError),
+    /// Put it back at the front of the queue: the upstream never received
+    /// it (`false`), or failed on a request that is safe to repeat after it
+    /// may have started it (`true`).
+    Requeue(bool),
+}
+
+/// Runs the handler within `budget`; every failure becomes a reply, except
+/// an upstream's transport failure (see [`classify`]), which also closes
+/// the gate.
+async fn execute<S, B>(
+    shared: &Shared,
+    service: S,
+    envelope: &RequestEnvelope,
+    budget: Duration,
+) -> Outcome
+where
+    S: HttpService<B>,
+    B: ResponseBody,
+{
+    let request = match envelope.to_http() {
+        Ok(request) => request.map(Full::new),
+        Err(err) => return Outcome::Invalid(err),
+    };
+    let limit = shared.settings.max_response_body;
+    // A panicking handler becomes a 502 (caught here rather than by running
+    // the handler in a task of its own: a spawn per request costs more).
+    let run = std::panic::AssertUnwindSafe(async move {
+        let response = service.oneshot(request).await.map_err(Into::into)?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, limit).collect().await?.to_bytes();
+        Ok::<_, BoxError>((parts, body))
+    })
+    .catch_unwind();
+    // At the deadline the handler's future is dropped, which cancels it.
+    let reply = match tokio::time::timeout(budget, run).await {
+        Ok(Ok(Ok((parts, body)))) => {
+            shared.gate.delivered();
+            ResponseEnvelope::from_http(&envelope.id, parts.status, &parts.headers, body)
+        }
+        Ok(Ok(Err(err))) => match classify(&*err) {
+            Some(Transport::NotDelivered(reason)) => {
+                shared.gate.failed(&reason);
+                tracing::debug!(
+                    %reason,
+                    "the upstream never received the request; back to the front of the queue"
+                );
+                return Outcome::Requeue(false);
+            }
+            Some(Transport::MayHaveRun(reason)) => {
+                shared.gate.failed(&reason);
+                if envelope.is_safe_to_repeat() {
+                    tracing::warn!(
+                        %reason,
+                        "upstream failed after receiving the request; safe to repeat, back to the front of the queue"
+                    );
+                    return Outcome::Requeue(true);
+                }
+                tracing::warn!(
+                    %reason,
+                    "upstream failed after receiving the request; not safe to repeat: 502"
+                );
+                Failure::Interrupted.to_envelope(&envelope.id)
+            }
+            None => {
+                tracing::warn!(error = %describe(&*err), "handler failed");
+                Failure::HandlerFailed.to_envelope(&envelope.id)
+            }
+        },
+        Ok(Err(panic)) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)");
+            tracing::error!(panic = message, "handler panicked");
+            Failure::HandlerFailed.to_envelope(&envelope.id)
+        }
+        Err(_) => {
+            tracing::warn!("handler still running at the deadline; abandoned");
+            Failure::HoldExpired.to_envelope(&envelope.id)
+        }
+    };
+    Outcome::Reply(reply)
+}
+
+/// Puts a taken request back at the front of the queue (see
+/// [`queue::requeue`]), retrying until its deadline (the script is
+/// guarded, so a retry after a lost answer is safe). Given up, the request
+/// stays in the processing list.
+async fn requeue(
+    shared: &Shared,
+    raw: &Bytes,
+    envelope: &RequestEnvelope,
+    attempt: Attempt<'_>,
+) -> Requeued {
+    let result = with_retries("requeue", envelope.deadline_ms, || {
+        let mut conn = shared.conn.clone();
+        async move {
+            queue::requeue(
+                &mut conn,
+                &shared.keys,
+                &shared.processing_key,
+                raw,
+                &envelope.id,
+                attempt,
+            )
+            .await
+        }
+    })
+    .await;
+    let requeued = result.unwrap_or(Requeued::NotHeld);
+    if requeued == Requeued::Requeued {
+        shared.metrics.requeued();
+    }
+    requeued
+}
+
+/// Claims a `dedupe` request before running it: false when another delivery
+/// of the same envelope already did. The claim lives until the deadline plus
+/// the reply TTL. A Redis error counts as claimed, so the request still runs.
+async fn claim(shared: &Shared, envelope: &RequestEnvelope, now: u64) -> bool {
+    let ttl =
+        Duration::from_millis(envelope.deadline_ms.saturating_sub(now)) + shared.settings.reply_ttl;
+    let key = shared.keys.claimed(&envelope.id);
+    match queue::claim(&mut shared.conn.clone(), &key, &shared.id, ttl).await {
+        Ok(claimed) => claimed,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot claim the request; running it");
+            true
+        }
+    }
+}
+
+/// Removes an expired request from the processing list without replying.
+async fn discard(shared: &Shared, raw: &Bytes) {
+    // Dropping an expired request is housekeeping: a minute of retries is plenty.
+    let _ = with_retries("discard", now_ms() + 60_000, || {
+        let mut conn = shared.conn.clone();
+        async move { queue::remove(&mut conn, &shared.processing_key, raw).await }
+    })
+    .await;
+}
+
+/// Runs `attempt` until it succeeds, retrying with backoff (a Redis
+/// restart takes a moment) until `until_ms` (Unix milliseconds) passes:
+/// past a request's deadline its reply is worth nothing. `None` when it
+/// gave up; whatever is left over stays in the processing list, where a
+/// reaper finds it if this dispatcher dies.
+async fn with_retries<T, E, F, Fut>(what: &str, until_ms: u64, mut attempt: F) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new();
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let err = match attempt().await {
+            Ok(value) => {
+                if tries > 1 {
+                    tracing::info!(attempt = tries, "{what} succeeded after retrying");
+                }
+                return Some(value);
+            }
+            Err(err) => err,
+        };
+        let delay = backoff.next_delay();
+        if now_ms().saturating_add(delay.as_millis() as u64) >= until_ms {
+            tracing::error!(error = %err, attempt = tries, "{what} failed; giving up at the deadline (the request stays in the processing list)");
+            return None;
+        }
+        tracing::warn!(error = %err, attempt = tries, "{what} failed; retrying");
+        tokio::time::sleep(delay).await;
+    }
+}

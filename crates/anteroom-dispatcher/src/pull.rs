@@ -1,0 +1,242 @@
+//! The pull loop: takes requests from the queue into this dispatcher's
+//! processing list as permits allow, and the nudger that cuts a blocked
+//! pull short when a pause, a stop or a failing upstream arrives.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anteroom_control::queue;
+use anteroom_redis::{Backoff, Target, sleep_or_stop};
+use redis::aio::MultiplexedConnection;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::handle;
+use crate::worker::{HttpService, ResponseBody, Shared};
+
+/// Most requests taken in one round trip.
+const MAX_BATCH: usize = 64;
+/// Fewest requests asked for in one round trip (when permits allow).
+const MIN_PULL_HINT: usize = 4;
+
+/// Cuts a blocked pull short when a pause or a stop arrives or the upstream
+/// turns unhealthy, and keeps doing so every 50 ms until the pull loop has
+/// acknowledged the pause, stopped pulling, or exited (a pull sent just
+/// after one nudge would otherwise block a whole poll interval).
+pub(crate) async fn nudge_pulls(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    done: CancellationToken,
+) {
+    let mut pause = shared.pause.clone();
+    let mut health = shared.gate.subscribe();
+    'state: loop {
+        let paused = pause.borrow_and_update().as_ref().map(|p| p.id.clone());
+        let unhealthy = health.borrow_and_update().unhealthy.is_some();
+        let stopping = stop.is_cancelled();
+        let pulling = || shared.pull_client_id.load(Ordering::Acquire) != 0;
+        let blocked = || shared.pull_outstanding.load(Ordering::Acquire);
+        while (stopping && pulling())
+            || (unhealthy && blocked())
+            || (paused.is_some() && shared.acknowledged() != paused)
+        {
+            shared.unblock_pull().await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                changed = pause.changed() => match changed {
+                    Ok(()) => continue 'state,
+                    Err(_) => return,
+                },
+                changed = health.changed() => match changed {
+                    Ok(()) => continue 'state,
+                    Err(_) => return,
+                },
+                () = stop.cancelled(), if !stopping => continue 'state,
+                () = done.cancelled() => return,
+            }
+        }
+        tokio::select! {
+            changed = pause.changed() => if changed.is_err() { return },
+            changed = health.changed() => if changed.is_err() { return },
+            () = stop.cancelled(), if !stopping => {}
+            () = done.cancelled() => return,
+        }
+    }
+}
+
+/// Takes a permit, then one request, until stopped; while the queue is
+/// paused or the upstream unhealthy, takes nothing. A pull already sent to
+/// Redis is always awaited (a pause, a stop or a failing upstream cuts it
+/// short with CLIENT UNBLOCK), so a request moved into the processing list
+/// is never abandoned.
+pub(crate) async fn pull_loop<S, B>(
+    shared: &Arc<Shared>,
+    client: &Target,
+    service: S,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) where
+    S: HttpService<B> + Clone,
+    B: ResponseBody,
+{
+    let mut blocking: Option<MultiplexedConnection> = None;
+    let mut backoff = Backoff::new();
+    let mut pull_hint = MIN_PULL_HINT;
+    let mut pause = shared.pause.clone();
+    let mut health = shared.gate.subscribe();
+    loop {
+        if stop.is_cancelled() {
+            break;
+        }
+        let paused = pause.borrow_and_update().as_ref().map(|p| p.id.clone());
+        if let Some(pause_id) = paused {
+            // Nothing is being pulled now: say so, then wait for a change.
+            tracing::info!(in_flight = shared.in_flight(), "queue paused; not pulling");
+            shared.acknowledge(Some(pause_id));
+            tokio::select! {
+                changed = pause.changed() => if changed.is_err() {
+                    tracing::error!("lost the pause watcher; stopping");
+                    break;
+                },
+                () = stop.cancelled() => break,
+            }
+            continue;
+        }
+        if shared.acknowledged().is_some() {
+            tracing::info!("queue resumed; pulling again");
+            shared.acknowledge(None);
+        }
+        if health.borrow_and_update().unhealthy.is_some() {
+            // The gate logs the change; requests wait in the queue.
+            tokio::select! {
+                changed = health.changed() => if changed.is_err() { break },
+                changed = pause.changed() => if changed.is_err() {
+                    tracing::error!("lost the pause watcher; stopping");
+                    break;
+                },
+                () = stop.cancelled() => break,
+            }
+            continue;
+        }
+        let permit = tokio::select! {
+            permit = Arc::clone(&shared.permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = stop.cancelled() => break,
+            changed = pause.changed() => {
+                if changed.is_err() {
+                    tracing::error!("lost the pause watcher; stopping");
+                    break;
+                }
+                continue;
+            }
+            changed = health.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        if blocking.is_none() {
+            match connect_pull(shared, client).await {
+                Ok(conn) => blocking = Some(conn),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot connect to redis; retrying");
+                    if sleep_or_stop(stop, backoff.next_delay()).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(conn) = blocking.as_mut() else {
+            continue;
+        };
+        // A pause, stop or failure that arrived while we waited for the permit.
+        if stop.is_cancelled() || pause.borrow().is_some() || !shared.gate.is_open() {
+            continue;
+        }
+        // A deep queue: take as many requests as there are free permits in
+        // one round trip (at most twice what the last pull found, so that a
+        // shallow queue does not cost many empty LMOVEs). An empty one: block
+        // for the next.
+        let mut permit = permit;
+        let spare = shared.permits.available_permits().min(pull_hint - 1);
+        if spare > 0 {
+            if let Ok(more) = Arc::clone(&shared.permits).try_acquire_many_owned(spare as u32) {
+                permit.merge(more);
+            }
+        }
+        let batch = queue::pull_batch(
+            conn,
+            &shared.requests_key,
+            &shared.processing_key,
+            permit.num_permits(),
+        )
+        .await;
+        if let Ok(items) = &batch {
+            pull_hint = (items.len() * 2).clamp(MIN_PULL_HINT, MAX_BATCH);
+        }
+        let pulled = match batch {
+            Ok(items) if !items.is_empty() => Ok(items),
+            Ok(_) => {
+                // Keep one permit for the blocking pull; give the rest back.
+                if let Some(one) = permit.split(1) {
+                    drop(std::mem::replace(&mut permit, one));
+                }
+                shared.pull_outstanding.store(true, Ordering::Release);
+                let pulled = queue::pull_blocking(
+                    conn,
+                    &shared.requests_key,
+                    &shared.processing_key,
+                    shared.settings.poll_interval,
+                )
+                .await
+                .map(|item| item.into_iter().collect());
+                shared.pull_outstanding.store(false, Ordering::Release);
+                pulled
+            }
+            Err(err) => Err(err),
+        };
+        match pulled {
+            Ok(items) => {
+                if !items.is_empty() {
+                    backoff.reset();
+                }
+                for raw in items {
+                    let Some(one) = permit.split(1) else { break };
+                    let task = handle::handle(Arc::clone(shared), service.clone(), raw, one);
+                    tracker.spawn(task);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "pull from redis failed; reconnecting");
+                blocking = None;
+                shared.pull_client_id.store(0, Ordering::Release);
+                if sleep_or_stop(stop, backoff.next_delay()).await {
+                    break;
+                }
+            }
+        }
+    }
+    shared.pull_client_id.store(0, Ordering::Release);
+}
+
+/// Opens the pull connection and records its client id for CLIENT UNBLOCK.
+async fn connect_pull(
+    shared: &Shared,
+    client: &Target,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let mut conn = anteroom_redis::blocking_for(
+        client,
+        &shared.requests_key,
+        shared.settings.redis_timeout,
+        shared.settings.poll_interval,
+    )
+    .await?;
+    let id = queue::pull_client_id(&mut conn).await?;
+    shared.pull_client_id.store(id, Ordering::Release);
+    Ok(conn)
+}
