@@ -15,10 +15,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// errors.
 #[derive(Debug, Parser)]
 #[command(name = "anteroom", version, about, long_about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// What to run.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 
     /// Log format on stderr. Filter with RUST_LOG (default: info).
     #[arg(
@@ -27,27 +27,27 @@ pub struct Cli {
         env = "ANTEROOM_LOG_FORMAT",
         default_value = "text"
     )]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 
     /// Configuration file (TOML): flag > environment > file > default. See
     /// docs/configuration.md.
     #[arg(long, global = true, env = "ANTEROOM_CONFIG", value_name = "FILE")]
-    pub config: Option<std::path::PathBuf>,
+    pub(crate) config: Option<std::path::PathBuf>,
 
     /// Check the configuration (flags, environment, file), print every
     /// setting with where it came from, warn about contradictions, and exit:
     /// 0 when valid, 2 otherwise. Nothing connects or starts.
     #[arg(long, global = true)]
-    pub check_config: bool,
+    pub(crate) check_config: bool,
 
     /// Every setting and its source, filled in for --check-config.
     #[arg(skip)]
-    pub settings: Vec<crate::config::Setting>,
+    pub(crate) settings: Vec<crate::config::Setting>,
 }
 
 /// Log output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// Human-readable lines.
     Text,
     /// One JSON object per line.
@@ -56,7 +56,7 @@ pub enum LogFormat {
 
 /// The commands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the front proxy: queue each HTTP request in Redis and answer with its reply.
     Proxy(ProxyArgs),
     /// Run a dispatcher that forwards queued requests to an upstream HTTP server.
@@ -81,83 +81,83 @@ pub enum Command {
 
 /// Flags of `anteroom pause`.
 #[derive(Debug, Args)]
-pub struct PauseArgs {
+pub(crate) struct PauseArgs {
     /// Where the queue lives.
     #[command(flatten)]
-    pub target: QueueArgs,
+    pub(crate) target: QueueArgs,
 
     /// Return only when every live dispatcher has stopped and holds nothing.
     #[arg(long)]
-    pub wait: bool,
+    pub(crate) wait: bool,
 
     /// With --wait: give up (exit 1, queue stays paused) after this long
     /// [default: 30s].
     #[arg(long, env = "ANTEROOM_TIMEOUT", value_parser = parse_duration)]
-    pub timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
 
     /// Let the pause lapse by itself after this long (default: until resumed).
     #[arg(long, value_parser = parse_duration)]
-    pub ttl: Option<Duration>,
+    pub(crate) ttl: Option<Duration>,
 
     /// With --wait: do not show which dispatchers are still busy (shown only
     /// on a terminal anyway).
     #[arg(long, short, requires = "wait")]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
 
     /// With --wait: pause even when no proxy or no dispatcher serves the
     /// queue (otherwise refused: most often a wrong --queue or --redis).
     #[arg(long, requires = "wait")]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 /// Flags of `anteroom status`.
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// The Redis server.
     #[command(flatten)]
-    pub redis: RedisArg,
+    pub(crate) redis: RedisArg,
 
     /// Only this queue (default: every queue a proxy or dispatcher has registered).
     #[arg(long, env = "ANTEROOM_QUEUE")]
-    pub queue: Option<String>,
+    pub(crate) queue: Option<String>,
 
     /// Print JSON (schema in docs/operations.md) instead of a table.
     #[arg(long, conflicts_with = "lines")]
-    pub json: bool,
+    pub(crate) json: bool,
 
     /// For scripts: one tab-separated line per live component,
     /// `dispatcher QUEUE ID HOST PID LABEL STATE` (STATE: pulling, paused
     /// or unhealthy) and `proxy QUEUE ID HOST PID`.
     #[arg(long)]
-    pub lines: bool,
+    pub(crate) lines: bool,
 }
 
 /// Flags of `anteroom window`.
 #[derive(Debug, Args)]
-pub struct WindowArgs {
+pub(crate) struct WindowArgs {
     /// Where the queue lives.
     #[command(flatten)]
-    pub target: QueueArgs,
+    pub(crate) target: QueueArgs,
 
     /// How long to wait for in-flight requests before giving up (the queue is
     /// resumed and COMMAND is not run).
     #[arg(long, env = "ANTEROOM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 
     /// Do not show which dispatchers are still busy while waiting (shown
     /// only on a terminal anyway).
     #[arg(long, short)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
 
     /// Open the window even when no proxy or no dispatcher serves the queue
     /// (otherwise refused: most often a wrong --queue or --redis).
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 
     /// The pause is a lease renewed while the window runs; if this process
     /// dies, the queue resumes by itself after this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub lease: Duration,
+    pub(crate) lease: Duration,
 
     /// The command to run while the queue is quiet, after `--`.
     #[arg(
@@ -166,12 +166,12 @@ pub struct WindowArgs {
         allow_hyphen_values = true,
         value_name = "COMMAND"
     )]
-    pub command: Vec<String>,
+    pub(crate) command: Vec<String>,
 }
 
 /// `--redis`, shared by every command that talks to Redis.
 #[derive(Debug, Args)]
-pub struct RedisArg {
+pub(crate) struct RedisArg {
     /// Redis URL: redis://[USER:PASSWORD@]HOST:PORT[/DB], rediss://... for TLS,
     /// redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER[/DB] for Sentinel, or
     /// redis+cluster://HOST:PORT[,HOST:PORT...] for Redis Cluster.
@@ -181,167 +181,167 @@ pub struct RedisArg {
         default_value = "redis://127.0.0.1:6379",
         hide_env_values = true
     )]
-    pub url: String,
+    pub(crate) url: String,
 }
 
 /// The Redis server and queue, shared by every command that uses a queue.
 #[derive(Debug, Args)]
-pub struct QueueArgs {
+pub(crate) struct QueueArgs {
     /// The Redis server.
     #[command(flatten)]
-    pub redis: RedisArg,
+    pub(crate) redis: RedisArg,
 
     /// Queue name (1-64 characters of A-Z a-z 0-9 . _ -).
     #[arg(long, env = "ANTEROOM_QUEUE", default_value = "default")]
-    pub queue: String,
+    pub(crate) queue: String,
 }
 
 /// Flags of `anteroom proxy`.
 #[derive(Debug, Args)]
-pub struct ProxyArgs {
+pub(crate) struct ProxyArgs {
     /// Address to accept HTTP/1.1 and h2c connections on, bound with
     /// SO_REUSEPORT so a new proxy can start on it before the old one stops.
     /// Not used when systemd passes a socket (LISTEN_FDS).
     #[arg(long, env = "ANTEROOM_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 
     /// Where the queue lives.
     #[command(flatten)]
-    pub target: QueueArgs,
+    pub(crate) target: QueueArgs,
 
     /// Hold budget: how long a request may wait for its response before the
     /// client gets 504 (e.g. 30s, 500ms, 2m).
-    #[arg(long, env = "ANTEROOM_HOLD", default_value = "30s", value_parser = parse_duration)]
-    pub hold: Duration,
+    #[arg(long, env = "ANTEROOM_HOLD", default_value = duration_text(anteroom_proxy::defaults::HOLD), value_parser = parse_duration)]
+    pub(crate) hold: Duration,
 
     /// Largest request body accepted; larger bodies get 413 (e.g. 8MiB, 512KiB).
-    #[arg(long, env = "ANTEROOM_MAX_BODY", default_value = "8MiB", value_parser = parse_size)]
-    pub max_body: usize,
+    #[arg(long, env = "ANTEROOM_MAX_BODY", default_value = size_text(anteroom_proxy::defaults::MAX_BODY), value_parser = parse_size)]
+    pub(crate) max_body: usize,
 
     /// On SIGINT or SIGTERM, how long to let waiting requests finish.
-    #[arg(long, env = "ANTEROOM_GRACE", default_value = "30s", value_parser = parse_duration)]
-    pub grace: Duration,
+    #[arg(long, env = "ANTEROOM_GRACE", default_value = duration_text(anteroom_proxy::defaults::GRACE), value_parser = parse_duration)]
+    pub(crate) grace: Duration,
 
     /// On SIGINT or SIGTERM (which stop accepting at once), how long idle
     /// keep-alive connections stay open so each client's next request is
     /// answered, with Connection: close, instead of meeting a closed socket.
-    #[arg(long, env = "ANTEROOM_DRAIN", default_value = "2s", value_parser = parse_duration)]
-    pub drain: Duration,
+    #[arg(long, env = "ANTEROOM_DRAIN", default_value = duration_text(anteroom_proxy::defaults::DRAIN), value_parser = parse_duration)]
+    pub(crate) drain: Duration,
 
     /// Most requests waiting in this proxy at once; beyond it, 503 with Retry-After.
-    #[arg(long, env = "ANTEROOM_MAX_WAITING", default_value_t = 20_000)]
-    pub max_waiting: usize,
+    #[arg(long, env = "ANTEROOM_MAX_WAITING", default_value_t = anteroom_proxy::defaults::MAX_WAITING)]
+    pub(crate) max_waiting: usize,
 
     /// Most request body bytes waiting in this proxy at once; beyond it, 503.
-    #[arg(long, env = "ANTEROOM_MAX_WAITING_BYTES", default_value = "512MiB", value_parser = parse_size)]
-    pub max_waiting_bytes: usize,
+    #[arg(long, env = "ANTEROOM_MAX_WAITING_BYTES", default_value = size_text(anteroom_proxy::defaults::MAX_WAITING_BYTES), value_parser = parse_size)]
+    pub(crate) max_waiting_bytes: usize,
 
     /// Most client connections open at once; further ones are closed at once.
-    #[arg(long, env = "ANTEROOM_MAX_CONNECTIONS", default_value_t = 10_000)]
-    pub max_connections: usize,
+    #[arg(long, env = "ANTEROOM_MAX_CONNECTIONS", default_value_t = anteroom_proxy::defaults::MAX_CONNECTIONS)]
+    pub(crate) max_connections: usize,
 
     /// Most header fields in one request; more get 431.
-    #[arg(long, env = "ANTEROOM_MAX_HEADERS", default_value_t = anteroom_proxy::DEFAULT_MAX_HEADERS)]
-    pub max_headers: usize,
+    #[arg(long, env = "ANTEROOM_MAX_HEADERS", default_value_t = anteroom_proxy::defaults::MAX_HEADERS)]
+    pub(crate) max_headers: usize,
 
     /// Most bytes in one request head (request line and headers); more get 431.
-    #[arg(long, env = "ANTEROOM_MAX_HEAD", default_value = "64KiB", value_parser = parse_size)]
-    pub max_head: usize,
+    #[arg(long, env = "ANTEROOM_MAX_HEAD", default_value = size_text(anteroom_proxy::defaults::MAX_HEAD_BYTES), value_parser = parse_size)]
+    pub(crate) max_head: usize,
 
     /// How long a client may take to send the request head; then the
     /// connection is closed (slow clients cannot hold connections open).
-    #[arg(long, env = "ANTEROOM_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub header_timeout: Duration,
+    #[arg(long, env = "ANTEROOM_HEADER_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::HEADER_READ_TIMEOUT), value_parser = parse_duration)]
+    pub(crate) header_timeout: Duration,
 
     /// How long a client may take to send the request body; then 408.
-    #[arg(long, env = "ANTEROOM_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub body_timeout: Duration,
+    #[arg(long, env = "ANTEROOM_BODY_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::BODY_READ_TIMEOUT), value_parser = parse_duration)]
+    pub(crate) body_timeout: Duration,
 
     /// How long an answer may make no progress because the client reads
     /// nothing; then its connection is dropped and its memory freed.
-    #[arg(long, env = "ANTEROOM_SEND_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    pub send_timeout: Duration,
+    #[arg(long, env = "ANTEROOM_SEND_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::SEND_TIMEOUT), value_parser = parse_duration)]
+    pub(crate) send_timeout: Duration,
 
     /// While Redis is unreachable, keep trying to enqueue for this long
     /// before answering 503 (0s: answer at once). Requests that are not safe
     /// to repeat are retried only when nothing was sent.
-    #[arg(long, env = "ANTEROOM_ENQUEUE_TIMEOUT", default_value = "0s", value_parser = parse_duration)]
-    pub enqueue_timeout: Duration,
+    #[arg(long, env = "ANTEROOM_ENQUEUE_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::ENQUEUE_TIMEOUT), value_parser = parse_duration)]
+    pub(crate) enqueue_timeout: Duration,
 
     /// After each enqueue, wait (WAIT 1) for a replica to have it, so an
     /// accepted request survives the loss of the primary.
     #[arg(long, env = "ANTEROOM_DURABLE")]
-    pub durable: bool,
+    pub(crate) durable: bool,
 
     /// With --durable: how long to wait for the replica.
-    #[arg(long, env = "ANTEROOM_DURABLE_WAIT", default_value = "250ms", value_parser = parse_duration)]
-    pub durable_wait: Duration,
+    #[arg(long, env = "ANTEROOM_DURABLE_WAIT", default_value = duration_text(anteroom_proxy::defaults::DURABLE_WAIT), value_parser = parse_duration)]
+    pub(crate) durable_wait: Duration,
 
     /// Address for the admin endpoint (GET /healthz, GET /status, GET
     /// /metrics for Prometheus, POST /pause, POST /resume); off when not given.
     #[arg(long, env = "ANTEROOM_ADMIN")]
-    pub admin: Option<SocketAddr>,
+    pub(crate) admin: Option<SocketAddr>,
 
     /// Bearer token the admin endpoint requires (all but /healthz). Better
     /// in the environment than on the command line, where ps shows it.
     #[arg(long, env = "ANTEROOM_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub(crate) admin_token: Option<String>,
 
     /// Allow --admin on an address beyond loopback without --admin-token
     /// (refused otherwise: anyone who reaches it could pause the queue).
     #[arg(long, env = "ANTEROOM_ADMIN_WITHOUT_TOKEN")]
-    pub admin_without_token: bool,
+    pub(crate) admin_without_token: bool,
 
     /// Whether requests that match no route (`[[proxy.routes]]` in the
     /// configuration file) go to --queue; false answers them 404.
     #[arg(long, env = "ANTEROOM_DEFAULT_QUEUE", default_value_t = true, action = clap::ArgAction::Set)]
-    pub default_queue: bool,
+    pub(crate) default_queue: bool,
 }
 
 /// Flags of `anteroom dispatch`.
 #[derive(Debug, Args)]
-pub struct DispatchArgs {
+pub(crate) struct DispatchArgs {
     /// Where the queue lives.
     #[command(flatten)]
-    pub target: QueueArgs,
+    pub(crate) target: QueueArgs,
 
     /// Upstream HTTP server to forward each request to: http://HOST:PORT[/PREFIX].
     #[arg(long, env = "ANTEROOM_UPSTREAM")]
-    pub upstream: String,
+    pub(crate) upstream: String,
 
     /// How many requests to run at once.
-    #[arg(long, env = "ANTEROOM_CONCURRENCY", default_value_t = 16)]
-    pub concurrency: usize,
+    #[arg(long, env = "ANTEROOM_CONCURRENCY", default_value_t = anteroom_dispatcher::defaults::CONCURRENCY)]
+    pub(crate) concurrency: usize,
 
     /// On SIGINT or SIGTERM, how long to let in-flight requests finish.
-    #[arg(long, env = "ANTEROOM_GRACE", default_value = "30s", value_parser = parse_duration)]
-    pub grace: Duration,
+    #[arg(long, env = "ANTEROOM_GRACE", default_value = duration_text(anteroom_dispatcher::defaults::GRACE), value_parser = parse_duration)]
+    pub(crate) grace: Duration,
 
     /// Version label shown in this dispatcher's heartbeat (e.g. a release or git sha).
     #[arg(long, env = "ANTEROOM_LABEL", default_value = "")]
-    pub label: String,
+    pub(crate) label: String,
 
     /// Heartbeat lifetime: a dispatcher silent this long counts as dead and
     /// the requests it held are reaped.
-    #[arg(long, env = "ANTEROOM_HEARTBEAT_TTL", default_value = "10s", value_parser = parse_duration)]
-    pub heartbeat_ttl: Duration,
+    #[arg(long, env = "ANTEROOM_HEARTBEAT_TTL", default_value = duration_text(anteroom_dispatcher::defaults::HEARTBEAT_TTL), value_parser = parse_duration)]
+    pub(crate) heartbeat_ttl: Duration,
 
     /// How often to look for dead dispatchers and reap their requests (0s: never).
-    #[arg(long, env = "ANTEROOM_REAP_EVERY", default_value = "5s", value_parser = parse_duration)]
-    pub reap_every: Duration,
+    #[arg(long, env = "ANTEROOM_REAP_EVERY", default_value = duration_text(anteroom_dispatcher::defaults::REAP_INTERVAL), value_parser = parse_duration)]
+    pub(crate) reap_every: Duration,
 
     /// Wait (WAIT 1) for a replica after taking and after completing each
     /// request, so a failover neither hands a request out twice nor loses a reply.
     #[arg(long, env = "ANTEROOM_DURABLE")]
-    pub durable: bool,
+    pub(crate) durable: bool,
 
     /// With --durable: how long to wait for the replica.
-    #[arg(long, env = "ANTEROOM_DURABLE_WAIT", default_value = "250ms", value_parser = parse_duration)]
-    pub durable_wait: Duration,
+    #[arg(long, env = "ANTEROOM_DURABLE_WAIT", default_value = duration_text(anteroom_dispatcher::defaults::DURABLE_WAIT), value_parser = parse_duration)]
+    pub(crate) durable_wait: Duration,
 
     /// Address to serve Prometheus metrics on (GET /metrics); off when not given.
     #[arg(long, env = "ANTEROOM_METRICS")]
-    pub metrics: Option<SocketAddr>,
+    pub(crate) metrics: Option<SocketAddr>,
 
     /// Health check path on the upstream (e.g. /up): take no request until
     /// GET PATH answers 2xx, and none while it fails. Without it, a failed
@@ -349,50 +349,69 @@ pub struct DispatchArgs {
     /// upstream opens again. Either way requests the upstream never
     /// received go back to the front of the queue instead of failing.
     #[arg(long, env = "ANTEROOM_HEALTH_PATH", value_name = "PATH")]
-    pub health_path: Option<String>,
+    pub(crate) health_path: Option<String>,
 
     /// How often to check the upstream: every interval for --health-path;
     /// while unhealthy, first after 50ms, doubling up to the interval.
-    #[arg(long, env = "ANTEROOM_HEALTH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    pub health_interval: Duration,
+    #[arg(long, env = "ANTEROOM_HEALTH_INTERVAL", default_value = duration_text(anteroom_dispatcher::defaults::HEALTH_INTERVAL), value_parser = parse_duration)]
+    pub(crate) health_interval: Duration,
 
     /// How long an idle keep-alive connection to the upstream is kept; keep
     /// it below the app's own keep-alive timeout (gunicorn 2s, Node 5s).
-    #[arg(long, env = "ANTEROOM_UPSTREAM_IDLE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
-    pub upstream_idle_timeout: Duration,
+    #[arg(long, env = "ANTEROOM_UPSTREAM_IDLE_TIMEOUT", default_value = duration_text(anteroom_dispatcher::defaults::UPSTREAM_IDLE_TIMEOUT), value_parser = parse_duration)]
+    pub(crate) upstream_idle_timeout: Duration,
 
     /// Most header fields in one response from the upstream; more is a 502.
-    #[arg(long, env = "ANTEROOM_UPSTREAM_MAX_HEADERS", default_value_t = anteroom_dispatcher::DEFAULT_MAX_HEADERS)]
-    pub upstream_max_headers: usize,
+    #[arg(long, env = "ANTEROOM_UPSTREAM_MAX_HEADERS", default_value_t = anteroom_dispatcher::defaults::UPSTREAM_MAX_HEADERS)]
+    pub(crate) upstream_max_headers: usize,
 
     /// How long one health check may take before it counts as failed.
-    #[arg(long, env = "ANTEROOM_HEALTH_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
-    pub health_timeout: Duration,
+    #[arg(long, env = "ANTEROOM_HEALTH_TIMEOUT", default_value = duration_text(anteroom_dispatcher::defaults::HEALTH_TIMEOUT), value_parser = parse_duration)]
+    pub(crate) health_timeout: Duration,
 }
 
 /// Flags of `anteroom demo`.
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Address the demo proxy listens on.
     #[arg(long, env = "ANTEROOM_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 
     /// Redis URL to use; when absent, a private redis-server is started from PATH.
     #[arg(long, env = "ANTEROOM_REDIS", hide_env_values = true)]
-    pub redis: Option<String>,
+    pub(crate) redis: Option<String>,
 
     /// Queue name.
     #[arg(long, env = "ANTEROOM_QUEUE", default_value = "demo")]
-    pub queue: String,
+    pub(crate) queue: String,
+}
+
+/// `duration` as a flag value (`30s`, `250ms`, `1m`): how the libraries'
+/// defaults become the flags' (one source, `anteroom_proxy::defaults` and
+/// `anteroom_dispatcher::defaults`).
+fn duration_text(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+/// `bytes` as a flag value (`8MiB`, `64KiB`, `1000`), as [`duration_text`].
+fn size_text(bytes: usize) -> String {
+    const KIB: usize = 1024;
+    const MIB: usize = 1024 * KIB;
+    match bytes {
+        0 => "0".to_owned(),
+        n if n % MIB == 0 => format!("{}MiB", n / MIB),
+        n if n % KIB == 0 => format!("{}KiB", n / KIB),
+        n => n.to_string(),
+    }
 }
 
 /// Parses a duration such as `30s`, `500ms` or `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 500ms, 2m)"))
 }
 
 /// Parses a size such as `8MiB`, `512KiB`, `1000000` (bytes).
-pub fn parse_size(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_size(s: &str) -> Result<usize, String> {
     let size: bytesize::ByteSize = s
         .trim()
         .parse()
@@ -408,6 +427,40 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// The flags' defaults are the libraries': `anteroom proxy` and
+    /// `anteroom dispatch` with no flags build what `ProxyConfig::new` and
+    /// the dispatcher's defaults say (the text round trip included).
+    #[test]
+    fn flag_defaults_are_the_libraries_defaults() {
+        let cli = Cli::try_parse_from(["anteroom", "proxy"]).unwrap();
+        let Command::Proxy(args) = cli.command else {
+            panic!("not proxy")
+        };
+        let built = crate::commands::proxy_config(&args);
+        let library = anteroom_proxy::ProxyConfig::new(&built.redis_url, &built.queue);
+        assert_eq!(format!("{built:?}"), format!("{library:?}"));
+        assert_eq!(args.durable_wait, anteroom_proxy::defaults::DURABLE_WAIT);
+
+        let cli =
+            Cli::try_parse_from(["anteroom", "dispatch", "--upstream", "http://a:1"]).unwrap();
+        let Command::Dispatch(args) = cli.command else {
+            panic!("not dispatch")
+        };
+        use anteroom_dispatcher::defaults as d;
+        assert_eq!(args.concurrency, d::CONCURRENCY);
+        assert_eq!(args.grace, d::GRACE);
+        assert_eq!(args.heartbeat_ttl, d::HEARTBEAT_TTL);
+        assert_eq!(args.reap_every, d::REAP_INTERVAL);
+        assert_eq!(args.durable_wait, d::DURABLE_WAIT);
+        assert_eq!(args.health_interval, d::HEALTH_INTERVAL);
+        assert_eq!(args.health_timeout, d::HEALTH_TIMEOUT);
+        assert_eq!(args.upstream_idle_timeout, d::UPSTREAM_IDLE_TIMEOUT);
+        assert_eq!(args.upstream_max_headers, d::UPSTREAM_MAX_HEADERS);
+        for size in [0, 1000, 64 * 1024, 8 * 1024 * 1024, 1024 * 1024 + 1] {
+            assert_eq!(parse_size(&size_text(size)).unwrap(), size);
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::ops;
 /// `inherited` is a listening socket from socket activation
 /// ([`crate::listen::take_inherited`]), which the proxy uses instead of
 /// binding `--listen`.
-pub async fn run(
+pub(crate) async fn run(
     cli: Cli,
     file: Option<crate::config::ConfigFile>,
     inherited: Option<std::net::TcpListener>,

@@ -25,21 +25,21 @@ use crate::cli::{Cli, parse_duration, parse_size};
 /// Where a problem in the configuration file is.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {problem}")]
-pub struct ConfigError {
+pub(crate) struct ConfigError {
     path: String,
     problem: String,
 }
 
 /// A loaded configuration file.
 #[derive(Debug, Clone)]
-pub struct ConfigFile {
+pub(crate) struct ConfigFile {
     path: PathBuf,
     table: toml::Table,
 }
 
 impl ConfigFile {
     /// Reads and parses `path`; a syntax error names the line.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         let fail = |problem: String| ConfigError {
             path: path.display().to_string(),
             problem,
@@ -63,7 +63,7 @@ impl ConfigFile {
 
     /// Makes the file's values the defaults of `cmd`'s flags, checking each
     /// with the flag's own parser.
-    pub fn apply(&self, mut cmd: clap::Command) -> Result<clap::Command, ConfigError> {
+    pub(crate) fn apply(&self, mut cmd: clap::Command) -> Result<clap::Command, ConfigError> {
         let commands: Vec<String> = cmd
             .get_subcommands()
             .map(|sc| sc.get_name().to_owned())
@@ -153,7 +153,7 @@ impl ConfigFile {
     }
 
     /// `[[proxy.routes]]`, checked.
-    pub fn routes(&self) -> Result<Vec<RouteConfig>, ConfigError> {
+    pub(crate) fn routes(&self) -> Result<Vec<RouteConfig>, ConfigError> {
         let Some(raw) = self
             .table
             .get("proxy")
@@ -275,14 +275,14 @@ fn config_path(args: &[OsString]) -> Option<PathBuf> {
 
 /// One setting of a command as it will run, for `--check-config`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Setting {
+pub(crate) struct Setting {
     /// The long flag, without dashes (`hold`).
-    pub name: String,
+    pub(crate) name: String,
     /// Its value as given (secrets masked); empty when not set.
-    pub value: String,
+    pub(crate) value: String,
     /// Where it came from: `flag`, `env NAME`, `file`, `default`, or
     /// `not set`.
-    pub source: String,
+    pub(crate) source: String,
 }
 
 /// Every flag of the command `matches` ran, with its effective value and
@@ -360,7 +360,7 @@ fn settings(
 
 /// Parses the command line with the configuration file, if any, in effect.
 /// Exits with clap's message and status 2 on bad flags or a bad file.
-pub fn parse() -> (Cli, Option<ConfigFile>) {
+pub(crate) fn parse() -> (Cli, Option<ConfigFile>) {
     let args: Vec<OsString> = std::env::args_os().collect();
     let file = config_path(&args)
         .map(|path| ConfigFile::load(&path).unwrap_or_else(|err| usage_error(&err.to_string())));

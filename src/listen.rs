@@ -30,7 +30,7 @@ const BACKLOG: i32 = 1024;
 ///
 /// Errors: fd 3 is not a TCP socket, or not listening (a unit with
 /// `Accept=yes` passes a connection, which cannot serve as a listener).
-pub fn take_inherited() -> io::Result<Option<std::net::TcpListener>> {
+pub(crate) fn take_inherited() -> io::Result<Option<std::net::TcpListener>> {
     if let (Ok(fds), Ok(pid)) = (std::env::var("LISTEN_FDS"), std::env::var("LISTEN_PID")) {
         if pid.trim() != std::process::id().to_string() {
             eprintln!(
@@ -62,7 +62,7 @@ pub fn take_inherited() -> io::Result<Option<std::net::TcpListener>> {
 /// already serves the address, says so on stderr: expected while a new
 /// version starts beside the old one, a mistake otherwise (two proxies of
 /// different queues would split the traffic).
-pub fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind_shared(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = || -> io::Result<Socket> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;

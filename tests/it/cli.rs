@@ -295,30 +295,3 @@ async fn the_readme_control_examples_run_as_written() {
     dispatcher.stop().await;
     proxy.stop().await;
 }
-
-/// The README documents every flag: each long flag of every command
-/// (global ones included) appears there as `--flag`.
-#[test]
-fn the_readme_names_every_flag() {
-    use clap::CommandFactory;
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let cli = anteroom::cli::Cli::command();
-    let mut missing = Vec::new();
-    let commands = std::iter::once(&cli).chain(cli.get_subcommands());
-    for command in commands {
-        for arg in command.get_arguments() {
-            let Some(long) = arg.get_long() else { continue };
-            if matches!(long, "help" | "version") {
-                continue;
-            }
-            if !readme.contains(&format!("--{long}")) {
-                missing.push(format!("{} --{long}", command.get_name()));
-            }
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "flags the README does not name: {missing:?}"
-    );
-}

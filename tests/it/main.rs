@@ -4,7 +4,6 @@
 
 mod cli;
 mod cluster;
-mod compose;
 mod config;
 mod failures;
 mod hostile;

@@ -44,19 +44,57 @@ pub(crate) struct Settings {
     pub(crate) health_check: Option<HealthCheck>,
 }
 
+/// The defaults of [`DispatcherBuilder`], [`Upstream`](crate::Upstream)
+/// and [`HealthCheck`], named once: the CLI shows and uses these.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// [`concurrency`](super::DispatcherBuilder::concurrency): 16.
+    pub const CONCURRENCY: usize = 16;
+    /// [`grace`](super::DispatcherBuilder::grace): 30 s.
+    pub const GRACE: Duration = Duration::from_secs(30);
+    /// [`poll_interval`](super::DispatcherBuilder::poll_interval): 1 s.
+    pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+    /// [`pause_poll`](super::DispatcherBuilder::pause_poll): 1 s.
+    pub const PAUSE_POLL: Duration = Duration::from_secs(1);
+    /// [`reap_interval`](super::DispatcherBuilder::reap_interval): 5 s.
+    pub const REAP_INTERVAL: Duration = Duration::from_secs(5);
+    /// [`heartbeat_ttl`](super::DispatcherBuilder::heartbeat_ttl): 10 s.
+    pub const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+    /// [`reply_ttl`](super::DispatcherBuilder::reply_ttl): 60 s.
+    pub const REPLY_TTL: Duration = Duration::from_secs(60);
+    /// [`max_response_body`](super::DispatcherBuilder::max_response_body): 64 MiB.
+    pub const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
+    /// [`redis_timeout`](super::DispatcherBuilder::redis_timeout): 2 s.
+    pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+    /// The `WAIT` timeout when [`durable`](super::DispatcherBuilder::durable)
+    /// is asked for without one: 250 ms.
+    pub const DURABLE_WAIT: Duration = Duration::from_millis(250);
+    /// [`HealthCheck::interval`](crate::HealthCheck::interval): 1 s.
+    pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+    /// [`HealthCheck::timeout`](crate::HealthCheck::timeout): 2 s.
+    pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+    /// [`Upstream::idle_timeout`](crate::Upstream::idle_timeout): 1 s, below
+    /// the keep-alive timeouts of common app servers (gunicorn 2 s, Node 5 s).
+    pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+    /// [`Upstream::max_headers`](crate::Upstream::max_headers): see
+    /// [`DEFAULT_MAX_HEADERS`](crate::DEFAULT_MAX_HEADERS).
+    pub const UPSTREAM_MAX_HEADERS: usize = crate::DEFAULT_MAX_HEADERS;
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            concurrency: 16,
-            grace: Duration::from_secs(30),
-            poll_interval: Duration::from_secs(1),
-            pause_poll: Duration::from_secs(1),
-            reap_interval: Some(Duration::from_secs(5)),
+            concurrency: defaults::CONCURRENCY,
+            grace: defaults::GRACE,
+            poll_interval: defaults::POLL_INTERVAL,
+            pause_poll: defaults::PAUSE_POLL,
+            reap_interval: Some(defaults::REAP_INTERVAL),
             durable: None,
-            heartbeat_ttl: Duration::from_secs(10),
-            reply_ttl: Duration::from_secs(60),
-            max_response_body: 64 * 1024 * 1024,
-            redis_timeout: Duration::from_secs(2),
+            heartbeat_ttl: defaults::HEARTBEAT_TTL,
+            reply_ttl: defaults::REPLY_TTL,
+            max_response_body: defaults::MAX_RESPONSE_BODY,
+            redis_timeout: defaults::REDIS_TIMEOUT,
             id: None,
             label: String::new(),
             metrics: DispatcherMetrics::default(),

@@ -94,8 +94,8 @@ impl HealthCheck {
     fn with_probe(probe: Probe) -> Self {
         Self {
             probe,
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(2),
+            interval: crate::defaults::HEALTH_INTERVAL,
+            timeout: crate::defaults::HEALTH_TIMEOUT,
         }
     }
 

@@ -39,7 +39,7 @@ mod worker;
 
 pub use anteroom_metrics::DispatcherMetrics;
 pub use anteroom_redis::Target;
-pub use builder::{Dispatcher, DispatcherBuilder, Ready};
+pub use builder::{Dispatcher, DispatcherBuilder, Ready, defaults};
 pub use error::{BoxError, DispatcherError, FailureReason, UpstreamError};
 pub use health::HealthCheck;
 pub use upstream::{DEFAULT_MAX_HEADERS, Upstream};

@@ -18,7 +18,7 @@ use crate::error::UpstreamError;
 use crate::health::HealthCheck;
 
 /// Default of [`Upstream::idle_timeout`].
-const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_IDLE_TIMEOUT: Duration = crate::defaults::UPSTREAM_IDLE_TIMEOUT;
 
 /// Default of [`Upstream::max_headers`]: well above hyper's 100, since nginx
 /// limits an upstream's response head only by its size (`proxy_buffer_size`,

@@ -4,6 +4,47 @@ use std::time::Duration;
 
 use anteroom_metrics::ProxyMetrics;
 
+/// The defaults of [`ProxyConfig`] (what [`ProxyConfig::new`] sets), named
+/// once: the CLI shows and uses these, the configuration file falls back to
+/// them.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// [`hold`](super::ProxyConfig::hold): 30 s.
+    pub const HOLD: Duration = Duration::from_secs(30);
+    /// [`max_body`](super::ProxyConfig::max_body): 8 MiB.
+    pub const MAX_BODY: usize = 8 * 1024 * 1024;
+    /// [`grace`](super::ProxyConfig::grace): 30 s.
+    pub const GRACE: Duration = Duration::from_secs(30);
+    /// [`drain`](super::ProxyConfig::drain): 2 s.
+    pub const DRAIN: Duration = Duration::from_secs(2);
+    /// [`redis_timeout`](super::ProxyConfig::redis_timeout): 2 s.
+    pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+    /// [`header_read_timeout`](super::ProxyConfig::header_read_timeout): 30 s.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// [`body_read_timeout`](super::ProxyConfig::body_read_timeout): 30 s.
+    pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    /// [`send_timeout`](super::ProxyConfig::send_timeout): 60 s, nginx's.
+    pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+    /// [`max_headers`](super::ProxyConfig::max_headers): see
+    /// [`DEFAULT_MAX_HEADERS`](super::DEFAULT_MAX_HEADERS).
+    pub const MAX_HEADERS: usize = super::DEFAULT_MAX_HEADERS;
+    /// [`max_head_bytes`](super::ProxyConfig::max_head_bytes): 64 KiB.
+    pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+    /// [`max_connections`](super::ProxyConfig::max_connections): 10,000.
+    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// [`max_waiting`](super::ProxyConfig::max_waiting): 20,000.
+    pub const MAX_WAITING: usize = 20_000;
+    /// [`max_waiting_bytes`](super::ProxyConfig::max_waiting_bytes): 512 MiB.
+    pub const MAX_WAITING_BYTES: usize = 512 * 1024 * 1024;
+    /// [`enqueue_timeout`](super::ProxyConfig::enqueue_timeout): zero
+    /// (503 at once while Redis is unreachable).
+    pub const ENQUEUE_TIMEOUT: Duration = Duration::ZERO;
+    /// The `WAIT` timeout when [`durable`](super::ProxyConfig::durable) is
+    /// asked for without one: 250 ms.
+    pub const DURABLE_WAIT: Duration = Duration::from_millis(250);
+}
+
 /// Default of [`ProxyConfig::max_headers`]: 500, well above hyper's 100.
 /// nginx has no count limit, only sizes (`large_client_header_buffers 4
 /// 8k`: 8 KiB a line, 32 KiB in all), so a browser with many cookies or a
@@ -102,30 +143,31 @@ impl ProxyConfig {
         Ok(())
     }
 
-    /// A configuration with the documented defaults: hold 30 s, body limit
-    /// 8 MiB, grace 30 s, drain 2 s, Redis timeout 2 s, head and body read timeouts
-    /// 30 s each, 500 headers and 64 KiB of head per request, 10,000
-    /// connections, at most 20,000 requests and 512 MiB of bodies waiting.
+    /// A configuration with the [`defaults`]: hold 30 s, body limit 8 MiB,
+    /// grace 30 s, drain 2 s, Redis timeout 2 s, head and body read
+    /// timeouts 30 s each, send timeout 60 s, 500 headers and 64 KiB of
+    /// head per request, 10,000 connections, at most 20,000 requests and
+    /// 512 MiB of bodies waiting.
     pub fn new(redis_url: impl Into<String>, queue: impl Into<String>) -> Self {
         Self {
             redis_url: redis_url.into(),
             queue: queue.into(),
             routes: Vec::new(),
             default_queue: true,
-            hold: Duration::from_secs(30),
-            max_body: 8 * 1024 * 1024,
-            grace: Duration::from_secs(30),
-            drain: Duration::from_secs(2),
-            redis_timeout: Duration::from_secs(2),
-            header_read_timeout: Duration::from_secs(30),
-            send_timeout: Duration::from_secs(60),
-            body_read_timeout: Duration::from_secs(30),
-            max_headers: DEFAULT_MAX_HEADERS,
-            max_head_bytes: 64 * 1024,
-            max_connections: 10_000,
-            max_waiting: 20_000,
-            max_waiting_bytes: 512 * 1024 * 1024,
-            enqueue_timeout: Duration::ZERO,
+            hold: defaults::HOLD,
+            max_body: defaults::MAX_BODY,
+            grace: defaults::GRACE,
+            drain: defaults::DRAIN,
+            redis_timeout: defaults::REDIS_TIMEOUT,
+            header_read_timeout: defaults::HEADER_READ_TIMEOUT,
+            send_timeout: defaults::SEND_TIMEOUT,
+            body_read_timeout: defaults::BODY_READ_TIMEOUT,
+            max_headers: defaults::MAX_HEADERS,
+            max_head_bytes: defaults::MAX_HEAD_BYTES,
+            max_connections: defaults::MAX_CONNECTIONS,
+            max_waiting: defaults::MAX_WAITING,
+            max_waiting_bytes: defaults::MAX_WAITING_BYTES,
+            enqueue_timeout: defaults::ENQUEUE_TIMEOUT,
             durable: None,
             proxy_id: None,
             metrics: ProxyMetrics::default(),

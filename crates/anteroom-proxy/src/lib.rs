@@ -37,6 +37,6 @@ mod server;
 mod status_page;
 
 pub use admin::{AdminConfig, serve_admin};
-pub use config::{DEFAULT_MAX_HEADERS, ProxyConfig, RouteConfig};
+pub use config::{DEFAULT_MAX_HEADERS, ProxyConfig, RouteConfig, defaults};
 pub use error::ServeError;
 pub use server::serve;

@@ -1,9 +1,10 @@
-//! docker-compose.yml cannot be run here (no Docker engine), so check that it
-//! agrees with the CLI: every command parses, and names and ports line up.
+//! The CLI against the files that describe it: the README names every flag;
+//! docker-compose.yml (which cannot be run here: no Docker engine) agrees
+//! with the CLI: every command parses, and names and ports line up.
 
 use std::collections::BTreeMap;
 
-use anteroom::cli::{Cli, Command};
+use crate::cli::{Cli, Command};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -105,4 +106,31 @@ fn dockerfile_builds_and_runs_the_binary() {
         .expect("Dockerfile");
     assert!(text.contains("cargo build --release"));
     assert!(text.contains(r#"ENTRYPOINT ["/usr/local/bin/anteroom"]"#));
+}
+
+/// The README documents every flag: each long flag of every command
+/// (global ones included) appears there as `--flag`.
+#[test]
+fn the_readme_names_every_flag() {
+    use clap::CommandFactory;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let cli = Cli::command();
+    let mut missing = Vec::new();
+    let commands = std::iter::once(&cli).chain(cli.get_subcommands());
+    for command in commands {
+        for arg in command.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            if !readme.contains(&format!("--{long}")) {
+                missing.push(format!("{} --{long}", command.get_name()));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "flags the README does not name: {missing:?}"
+    );
 }
