@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response};
 use http_body_util::Full;
 
-use crate::handler::{self, Route};
+use crate::translate::{self as handler, Route};
 
 /// What the proxy puts on the queue for this request.
 pub fn envelope_for(

@@ -22,7 +22,9 @@
 //! enqueuers: `anteroom_runtime::Components`).
 
 mod admin;
+mod arrival;
 mod budget;
+mod checks;
 mod config;
 mod connection;
 mod enqueue;
@@ -35,6 +37,7 @@ mod replies;
 mod router;
 mod server;
 mod status_page;
+mod translate;
 
 pub use admin::{AdminConfig, serve_admin};
 pub use config::{DEFAULT_MAX_HEADERS, ProxyConfig, RouteConfig, defaults};

@@ -1,0 +1,266 @@
+//! A request's arrival: the checks that refuse it, its body read within
+//! the limits, its envelope prepared and pushed (retrying within the
+//! enqueue timeout when that is safe).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anteroom_protocol::now_ms;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::budget::Reservation;
+use crate::enqueue::PushError;
+use crate::error::ProxyError;
+
+use crate::checks::{check_host, check_transfer_coding, has_dot_segments};
+use crate::handler::{BoxFuture, Refused, State, Waiting};
+use crate::translate::{Route, envelope_for};
+
+/// A request turned into what the proxy keeps of it: at once when it has
+/// no body, after reading the body otherwise.
+pub(crate) enum Arrival {
+    Ready(Result<Prepared, Refused>),
+    Reading(BoxFuture<Result<Prepared, Refused>>),
+}
+
+pub(crate) fn arrive(
+    state: &Arc<State>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    id: uuid::Uuid,
+    request_id: &HeaderValue,
+) -> Arrival {
+    let (parts, body) = req.into_parts();
+    let refuse = |error, body| refuse(error, body, parts.version, state.config.body_read_timeout);
+    // hyper enforces --max-headers on HTTP/1 heads; HTTP/2 only bounds
+    // their size.
+    if parts.headers.len() > state.config.max_headers {
+        let fields = ProxyError::TooManyFields(parts.headers.len(), state.config.max_headers);
+        return refuse(fields, body);
+    }
+    if let Err(problem) = check_host(&parts.headers, parts.version, &parts.uri) {
+        return refuse(ProxyError::BadHost(problem), body);
+    }
+    if let Err(err) = check_transfer_coding(&parts.headers) {
+        return refuse(err, body);
+    }
+    if parts.method == Method::CONNECT {
+        return refuse(ProxyError::Connect, body);
+    }
+    if has_dot_segments(parts.uri.path()) {
+        return refuse(ProxyError::DotSegments, body);
+    }
+    let limit = state.config.max_body;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return refuse(ProxyError::BodyTooLarge { limit }, body);
+    }
+    // The waiting budget is reserved on arrival, for the declared length
+    // (at most `limit`), and charged as bytes arrive when there is none
+    // (chunked): over it, 503 before the body is read, not after.
+    let reservation = match state.budget.reserve(declared.unwrap_or(0) as usize) {
+        Ok(reservation) => reservation,
+        Err((waiting, bytes)) => return refuse(ProxyError::Overloaded { waiting, bytes }, body),
+    };
+    if body.is_end_stream() {
+        // No body (most GETs): nothing to read or time.
+        return Arrival::Ready(Ok(prepare(
+            state,
+            parts,
+            Bytes::new(),
+            reservation,
+            client,
+            id,
+            request_id,
+        )));
+    }
+    let (state, request_id) = (Arc::clone(state), request_id.clone());
+    Arrival::Reading(Box::pin(async move {
+        let mut reservation = reservation;
+        let body = read_body(
+            body,
+            limit,
+            state.config.body_read_timeout,
+            &mut reservation,
+        )
+        .await?;
+        Ok(prepare(
+            &state,
+            parts,
+            body,
+            reservation,
+            client,
+            id,
+            &request_id,
+        ))
+    }))
+}
+
+/// Most body bytes read and discarded to answer a refused HTTP/1 request
+/// on a connection that then stays open (as nginx discards a body before
+/// an error page). A larger or chunked body is left unread and the
+/// connection closed after the answer, lingering (`linger.rs`).
+pub(crate) const DISCARD_MAX: u64 = 64 * 1024;
+
+/// Refuses a request with `error`. Over HTTP/1 a body of known length up
+/// to [`DISCARD_MAX`] is read and discarded first (within `timeout`, as a
+/// body is read), so a client with a small `POST` keeps its connection;
+/// otherwise the answer is early (see [`Answer::early`]).
+pub(crate) fn refuse(
+    error: ProxyError,
+    body: Incoming,
+    version: http::Version,
+    timeout: Duration,
+) -> Arrival {
+    let small = body.size_hint().upper().is_some_and(|n| n <= DISCARD_MAX);
+    if version >= http::Version::HTTP_2 || body.is_end_stream() || !small {
+        return Arrival::Ready(Err(Refused::early(error, body)));
+    }
+    Arrival::Reading(Box::pin(async move {
+        let mut body = body;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(Some(Ok(_))) => {}
+                // All read, or the connection is broken (hyper closes it).
+                Ok(None | Some(Err(_))) => return Err(Refused::from(error)),
+                Err(_) => return Err(Refused::early(error, body)),
+            }
+        }
+    }))
+}
+
+/// A request ready for the queue: its encoded envelope, and what waiting
+/// for the reply takes.
+pub(crate) struct Prepared {
+    pub(crate) payload: Bytes,
+    /// Whether pushing it twice is harmless: the envelope is `dedupe`, or
+    /// the request is safe to repeat.
+    pub(crate) may_repeat: bool,
+    pub(crate) waiting: Waiting,
+}
+
+/// Builds and encodes the envelope and registers the waiter; the request
+/// keeps `reservation` until it is answered. Synchronous: nothing here
+/// waits.
+pub(crate) fn prepare(
+    state: &State,
+    parts: http::request::Parts,
+    body: Bytes,
+    reservation: Reservation,
+    client: SocketAddr,
+    id: uuid::Uuid,
+    request_id: &HeaderValue,
+) -> Prepared {
+    let mut id_buf = uuid::Uuid::encode_buffer();
+    let id_text: &str = id.hyphenated().encode_lower(&mut id_buf);
+    let head_request = parts.method == Method::HEAD;
+    let hold = state.hold;
+    let now = now_ms();
+    let envelope = envelope_for(
+        parts,
+        body,
+        Route {
+            client,
+            id: id_text,
+            request_id,
+            reply_to: &state.reply_key,
+            now_ms: now,
+            hold,
+            dedupe: !state.config.enqueue_timeout.is_zero(),
+        },
+    );
+    Prepared {
+        payload: Bytes::from(envelope.encode()),
+        may_repeat: envelope.dedupe || envelope.is_safe_to_repeat(),
+        waiting: Waiting {
+            // Registered before enqueueing: a fast dispatcher may answer at once.
+            waiter: state.demux.register(id),
+            reservation,
+            deadline: tokio::time::Instant::now() + hold,
+            head_request,
+            enqueued_ms: now,
+        },
+    }
+}
+
+/// The body, read within `timeout` (in all) and at most `limit` bytes,
+/// each byte charged to `reservation` beyond what it already holds.
+/// Trailers are dropped: the envelope carries none. Refused with what is
+/// left of the body when the time, the limit or the budget runs out.
+pub(crate) async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    timeout: Duration,
+    reservation: &mut Reservation,
+) -> Result<Bytes, Refused> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut received = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(Refused::early(ProxyError::BodyTimeout(timeout), body)),
+            Ok(None) => break,
+            Ok(Some(Err(err))) => return Err(ProxyError::BodyRead(Box::new(err)).into()),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        received += data.len();
+        if received > limit {
+            return Err(Refused::early(ProxyError::BodyTooLarge { limit }, body));
+        }
+        if let Some(more) = received.checked_sub(reservation.bytes()).filter(|n| *n > 0) {
+            if let Err((waiting, bytes)) = reservation.grow(more) {
+                return Err(Refused::early(
+                    ProxyError::Overloaded { waiting, bytes },
+                    body,
+                ));
+            }
+        }
+        chunks.push(data);
+    }
+    Ok(match chunks.len() {
+        1 => chunks.swap_remove(0),
+        _ => Bytes::from(chunks.concat()),
+    })
+}
+
+/// Pushes the envelope through the enqueuer (one LPUSH per batch, then
+/// `WAIT` for a replica when durable). While Redis is away, retries for up
+/// to the enqueue timeout: always when no connection could be made (nothing
+/// was sent), and after an ambiguous failure (the push may have happened)
+/// only when `may_repeat`, so an unsafe request is never queued twice.
+pub(crate) async fn enqueue(
+    state: Arc<State>,
+    payload: Bytes,
+    may_repeat: bool,
+) -> Result<(), ProxyError> {
+    let give_up = tokio::time::Instant::now() + state.config.enqueue_timeout.min(state.hold);
+    let mut backoff = anteroom_redis::Backoff::new();
+    loop {
+        let PushError { error, never_sent } = match state.enqueuer.push(payload.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        let delay = backoff.next_delay();
+        // A repeated push of a `dedupe` envelope runs at most once.
+        if !(never_sent || may_repeat) || tokio::time::Instant::now() + delay >= give_up {
+            return Err(ProxyError::Enqueue(error));
+        }
+        tracing::debug!(%error, "enqueue failed; retrying");
+        // Boxed: only a retrying request pays for a timer.
+        Box::pin(tokio::time::sleep(delay)).await;
+    }
+}
