@@ -16,10 +16,11 @@ use hyper_util::server::conn::auto;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::activity::Activity;
 use crate::config::ProxyConfig;
 use crate::error::{failure_response, refused_reason};
 use crate::handler;
-use crate::linger::{Activity, Answer, Lingering};
+use crate::linger::{Answer, Lingering};
 use crate::router::Router;
 
 /// Every client connection of one proxy: how each is served, and the

@@ -15,11 +15,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use crate::activity::Activity;
 use crate::arrival::{Arrival, Prepared, arrive, enqueue};
 use crate::config::ProxyConfig;
 use crate::enqueue::Enqueuer;
 use crate::error::{ProxyError, failure_response};
-use crate::linger::{Activity, Answer};
+use crate::linger::Answer;
 use crate::replies::Demux;
 use crate::translate::{X_REQUEST_ID, build_response, usable_request_id};
 

@@ -21,6 +21,7 @@
 //! period, then stop the background components (reply readers, heartbeats,
 //! enqueuers: `anteroom_runtime::Components`).
 
+mod activity;
 mod admin;
 mod arrival;
 mod budget;
