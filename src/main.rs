@@ -19,6 +19,7 @@ mod doc_tests;
 mod listen;
 mod ops;
 mod status_view;
+mod values;
 
 use commands::run;
 

@@ -18,6 +18,7 @@
 mod convert;
 mod envelope;
 mod failure;
+mod frame;
 mod heartbeat;
 mod keys;
 mod printable;
