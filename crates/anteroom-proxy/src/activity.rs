@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 
-/// What one client connection is doing, for its watchdog (`server.rs`):
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What one client connection is doing, for its watchdog (`connection.rs`):
 /// when bytes last moved, how many requests it has in hand, how many
 /// answers are being sent, and whether it must linger when it closes.
 #[derive(Debug)]
@@ -36,6 +39,12 @@ pub(crate) struct Activity {
     linger: AtomicBool,
     /// Woken when an answer starts or ends being sent.
     changed: tokio::sync::Notify,
+    /// The proxy's connection tasks: what outlives a request or the
+    /// connection (a lingering close, a discarded body, an abandoned
+    /// request's budget) is tracked with them, so shutdown waits for it.
+    tasks: TaskTracker,
+    /// Cancelled when the proxy closes its connections.
+    closing: CancellationToken,
 }
 
 impl Activity {
@@ -44,7 +53,9 @@ impl Activity {
         self.linger.load(Ordering::Acquire)
     }
 
-    pub(crate) fn new() -> Arc<Self> {
+    /// A fresh connection's activity; its tasks join `tasks`, and
+    /// `closing` says when the proxy closes every connection.
+    pub(crate) fn new(tasks: TaskTracker, closing: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             started: std::time::Instant::now(),
             event_ms: AtomicU64::new(0),
@@ -56,7 +67,22 @@ impl Activity {
             queued_abandoned: AtomicUsize::new(0),
             linger: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
+            tasks,
+            closing,
         })
+    }
+
+    /// Runs `task` tracked with the proxy's connection tasks (when a
+    /// runtime is there: a drop at exit spawns nothing).
+    pub(crate) fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.tasks.spawn(task);
+        }
+    }
+
+    /// Cancelled when the proxy closes its connections.
+    pub(crate) fn closing(&self) -> CancellationToken {
+        self.closing.clone()
     }
 
     /// Completes when a request has ended, or an answer started being

@@ -70,7 +70,7 @@ impl Connections {
     pub(crate) fn serve(&self, accepted: Accepted) {
         let Accepted { stream, peer, slot } = accepted;
         let _ = stream.set_nodelay(true);
-        let activity = Activity::new();
+        let activity = Activity::new(self.tracker.clone(), self.closing.clone());
         let service = self.service(peer, &activity);
         let builder = self.builder.clone();
         let config = Arc::clone(&self.config);
@@ -158,6 +158,7 @@ impl Connections {
                         failure_response(Failure::NoRoute),
                         req.into_body(),
                         version,
+                        &activity,
                     ))
                 }
             };

@@ -216,6 +216,7 @@ impl Future for Handling {
             this.request_id.clone(),
             this.started,
             this.version,
+            &this.connection,
         ))
     }
 }
@@ -241,13 +242,16 @@ impl Drop for Handling {
         } = waiting;
         tracing::debug!("client gone; its share of the budget is kept until it is answered");
         self.connection.queued_abandoned();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let answered = std::future::poll_fn(|cx| waiter.poll_recv(cx));
-                let _ = tokio::time::timeout_at(deadline, answered).await;
-                drop(reservation);
-            });
-        }
+        let closing = self.connection.closing();
+        self.connection.spawn(async move {
+            let answered = std::future::poll_fn(|cx| waiter.poll_recv(cx));
+            // Once the proxy closes its connections, no budget matters.
+            tokio::select! {
+                _ = tokio::time::timeout_at(deadline, answered) => {}
+                () = closing.cancelled() => {}
+            }
+            drop(reservation);
+        });
     }
 }
 
@@ -258,6 +262,7 @@ pub(crate) fn finish(
     request_id: HeaderValue,
     started: Instant,
     version: http::Version,
+    connection: &Activity,
 ) -> Response<Answer> {
     let mut resp = match result {
         Ok(resp) => Answer::complete(resp),
@@ -288,7 +293,7 @@ pub(crate) fn finish(
             }
             let resp = failure_response(failure);
             match unread {
-                Some(body) => Answer::early(resp, body, version),
+                Some(body) => Answer::early(resp, body, version, connection),
                 None => Answer::complete(resp),
             }
         }

@@ -138,12 +138,10 @@ impl Drop for Lingering {
         if !unread {
             return;
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                linger(stream).await;
-                drop(slot);
-            });
-        }
+        self.activity.spawn(async move {
+            linger(stream).await;
+            drop(slot);
+        });
     }
 }
 
@@ -207,6 +205,7 @@ impl Answer {
         mut resp: Response<Full<Bytes>>,
         unread: Incoming,
         version: http::Version,
+        connection: &Activity,
     ) -> Response<Answer> {
         let (mut lingers, mut draining) = (false, None);
         if !unread.is_end_stream() {
@@ -217,7 +216,7 @@ impl Answer {
                 );
                 lingers = true;
             } else {
-                draining = Some(drain(unread));
+                draining = Some(drain(unread, connection));
             }
         }
         resp.map(|bytes| Answer {
@@ -239,9 +238,9 @@ impl Answer {
 
 /// Reads and discards `body` within the lingering bounds, then drops it
 /// once the returned sender has been dropped (the answer sent).
-fn drain(mut body: Incoming) -> tokio::sync::oneshot::Sender<()> {
+fn drain(mut body: Incoming, connection: &Activity) -> tokio::sync::oneshot::Sender<()> {
     let (answering, answered) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
+    connection.spawn(async move {
         let mut discarded = 0u64;
         let _ = tokio::time::timeout(LINGER_TIME, async {
             while discarded < LINGER_BYTES {
