@@ -92,15 +92,20 @@ pub(crate) enum Kind {
 
 /// Why the upstream client could not be built or a forwarded request failed.
 ///
-/// A dispatcher reads a failed request's error with
+/// Opaque: [`is_config`](Self::is_config) for a URL or health path that
+/// cannot be used; a dispatcher reads a failed request's error with
 /// [`is_not_delivered`](Self::is_not_delivered) and
 /// [`is_transport`](Self::is_transport) (also when a service wraps it, as the
 /// error or its `source()`): a request the upstream never received is put
 /// back at the front of the queue, and either kind of transport failure
 /// stops this dispatcher taking requests until the upstream is healthy again.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum UpstreamError {
+#[error(transparent)]
+pub struct UpstreamError(#[from] pub(crate) UpstreamKind);
+
+/// What an [`UpstreamError`] is, for this crate only.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamKind {
     /// The upstream URL is not an absolute `http://` URL (credentials in
     /// it shown as `***`).
     #[error("invalid upstream url {0:?}: expected http://HOST:PORT[/PREFIX]")]
@@ -124,6 +129,15 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// True when the upstream URL or the health check path cannot be used
+    /// (not an absolute `http://` URL, credentials in it, a relative path).
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self.0,
+            UpstreamKind::Url(_) | UpstreamKind::Credentials(_) | UpstreamKind::HealthPath(_)
+        )
+    }
+
     /// True when the upstream certainly never received the request:
     /// connecting failed (refused, timed out, unreachable), or the
     /// connection closed before any byte of the request was written.
@@ -150,8 +164,8 @@ impl UpstreamError {
     /// Why it failed, for people and for metrics; [`FailureReason::Other`]
     /// for what is not a transport failure.
     pub fn reason(&self) -> FailureReason {
-        match self {
-            Self::Request(err) => reason_of(err),
+        match &self.0 {
+            UpstreamKind::Request(err) => reason_of(err),
             other => FailureReason::Other(other.to_string()),
         }
     }
@@ -261,7 +275,7 @@ pub(crate) fn classify(err: &(dyn std::error::Error + 'static)) -> Option<Transp
 }
 
 fn classify_upstream(err: &UpstreamError) -> Option<Transport> {
-    let UpstreamError::Request(err) = err else {
+    let UpstreamKind::Request(err) = &err.0 else {
         return None;
     };
     if err.is_connect() {
@@ -355,7 +369,7 @@ mod tests {
         let plain: BoxError = "the handler gave up".into();
         assert_eq!(classify(&*plain), None);
         // Nor is a request that could not be built.
-        let bad = UpstreamError::Url("x".into());
+        let bad = UpstreamError::from(UpstreamKind::Url("x".into()));
         assert!(!bad.is_transport() && !bad.is_not_delivered());
         let boxed: BoxError = Box::new(bad);
         assert_eq!(classify(&*boxed), None);

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::Service;
 
 use crate::Body;
-use crate::error::UpstreamError;
+use crate::error::{UpstreamError, UpstreamKind};
 use crate::health::HealthCheck;
 
 /// Default of [`Upstream::idle_timeout`].
@@ -57,14 +57,14 @@ impl Upstream {
     /// An upstream at `url` (`http://HOST:PORT`, optionally with a path
     /// prefix that is prepended to every request path).
     pub fn new(url: &str) -> Result<Self, UpstreamError> {
-        let invalid = || UpstreamError::Url(anteroom_redis::redact_url(url));
+        let invalid = || UpstreamError::from(UpstreamKind::Url(anteroom_redis::redact_url(url)));
         let uri: Uri = url.parse().map_err(|_| invalid())?;
         if uri.scheme() != Some(&Scheme::HTTP) {
             return Err(invalid());
         }
         let authority = uri.authority().cloned().ok_or_else(invalid)?;
         if authority.as_str().contains('@') {
-            return Err(UpstreamError::Credentials(anteroom_redis::redact_url(url)));
+            return Err(UpstreamKind::Credentials(anteroom_redis::redact_url(url)).into());
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
         Ok(Self {
@@ -107,12 +107,12 @@ impl Upstream {
     /// - `None`: a TCP connection to the upstream must open; tried at start
     ///   and after a request failed, not while healthy.
     ///
-    /// Errors: [`UpstreamError::HealthPath`] when `path` is not an absolute
+    /// Errors: [`UpstreamError::is_config`] when `path` is not an absolute
     /// path (`/up`, `/healthz?full=1`).
     pub fn health_check(&self, path: Option<&str>) -> Result<HealthCheck, UpstreamError> {
         match path {
             Some(path) => {
-                let bad = || UpstreamError::HealthPath(path.to_owned());
+                let bad = || UpstreamError::from(UpstreamKind::HealthPath(path.to_owned()));
                 if !path.starts_with('/') {
                     return Err(bad());
                 }
@@ -144,7 +144,7 @@ impl Upstream {
             .authority(self.authority.clone())
             .path_and_query(path_and_query)
             .build()
-            .map_err(UpstreamError::Uri)
+            .map_err(|e| UpstreamError::from(UpstreamKind::Uri(e)))
     }
 }
 
@@ -164,7 +164,10 @@ impl Service<Request<Body>> for Upstream {
             *req.uri_mut() = target?;
             // The pool speaks HTTP/1.1 whatever version the client used.
             *req.version_mut() = Version::HTTP_11;
-            client.request(req).await.map_err(UpstreamError::Request)
+            client
+                .request(req)
+                .await
+                .map_err(|e| UpstreamKind::Request(e).into())
         })
     }
 }
@@ -191,10 +194,7 @@ mod tests {
         assert!(up.health_check(None).is_ok());
         for bad in ["up", "", "http://x/up", "/a b"] {
             assert!(
-                matches!(
-                    up.health_check(Some(bad)),
-                    Err(UpstreamError::HealthPath(_))
-                ),
+                up.health_check(Some(bad)).is_err_and(|e| e.is_config()),
                 "{bad:?} accepted"
             );
         }
