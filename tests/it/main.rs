@@ -9,6 +9,7 @@ mod failures;
 mod hostile;
 mod hostile_inputs;
 mod httpbin;
+mod lifecycle;
 mod load;
 mod logs;
 mod many;
