@@ -108,6 +108,30 @@ pub async fn accept_until(
     }
 }
 
+/// What a side endpoint serves each connection with: a hyper service
+/// answering whole responses, never failing.
+pub trait SideService:
+    hyper::service::Service<
+        Request<hyper::body::Incoming>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> SideService for S where
+    S: hyper::service::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
 /// Most connections a side endpoint (metrics, admin) has open at once;
 /// more are closed as they are accepted.
 pub const SIDE_MAX_CONNECTIONS: usize = 64;
@@ -135,14 +159,7 @@ pub async fn serve_side<S>(
     service: S,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: hyper::service::Service<
-            Request<hyper::body::Incoming>,
-            Response = Response<Full<Bytes>>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: SideService + Clone,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -183,13 +200,7 @@ async fn serve_side_connection<S>(
     closing: CancellationToken,
     name: &'static str,
 ) where
-    S: hyper::service::Service<
-            Request<hyper::body::Incoming>,
-            Response = Response<Full<Bytes>>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: SideService,
 {
     let Accepted { stream, peer, slot } = accepted;
     let started = tokio::select! {
