@@ -48,11 +48,22 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .grace(Duration::from_secs(5))
         .label("demo")
         .build()?;
+    let mut ready = dispatcher.ready();
     let stop = parts.stopping();
     parts.spawn(
         "dispatcher",
         dispatcher.serve_fn(backend, async move { stop.cancelled().await }),
     );
+    // The banner only once the dispatcher serves (Redis answered): a demo
+    // that cannot start says why instead.
+    let serving = tokio::select! {
+        serving = ready.wait() => serving,
+        _ = parts.failed() => false,
+    };
+    if !serving {
+        parts.shutdown(Duration::from_secs(10)).await?;
+        anyhow::bail!("the demo stopped before it served");
+    }
 
     // Written at once, and a closed stdout (e.g. `| head -1`) is not an error.
     let exe = std::env::current_exe()

@@ -295,3 +295,29 @@ async fn the_readme_control_examples_run_as_written() {
     dispatcher.stop().await;
     proxy.stop().await;
 }
+
+/// A component that fails stops its process at once, with its name and
+/// its error: the demo's proxy and dispatcher cannot reach Redis, and the
+/// demo exits 1 within the connect timeout instead of serving half.
+#[test]
+fn a_failed_component_stops_the_process_with_its_name() {
+    let closed = free_port().unwrap();
+    let started = std::time::Instant::now();
+    let out = command()
+        .args(["demo", "--listen", "127.0.0.1:0", "--redis"])
+        .arg(format!("redis://127.0.0.1:{closed}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("proxy failed") || err.contains("dispatcher failed"),
+        "{err}"
+    );
+    assert!(err.contains("redis"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
