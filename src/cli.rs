@@ -431,6 +431,11 @@ mod tests {
         for size in [0, 1000, 64 * 1024, 8 * 1024 * 1024, 1024 * 1024 + 1] {
             assert_eq!(parse_size(&size_text(size)).unwrap(), size);
         }
+        assert_eq!(duration_text(Duration::from_secs(60)), "60s");
+        for d in [0, 250, 1_000, 60_000, 90_500] {
+            let d = Duration::from_millis(d);
+            assert_eq!(parse_duration(&duration_text(d)).unwrap(), d);
+        }
     }
 
     #[test]

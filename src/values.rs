@@ -3,11 +3,16 @@
 
 use std::time::Duration;
 
-/// `duration` as a flag value (`30s`, `250ms`, `1m`): how the libraries'
+/// `duration` as a flag value (`30s`, `250ms`, `60s`): how the libraries'
 /// defaults become the flags' (one source, `anteroom_proxy::defaults` and
 /// `anteroom_dispatcher::defaults`).
 pub(crate) fn duration_text(duration: Duration) -> String {
-    humantime::format_duration(duration).to_string()
+    // Whole seconds as seconds (`60s`, as the docs write them, not `1m`).
+    if duration.subsec_nanos() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        humantime::format_duration(duration).to_string()
+    }
 }
 
 /// `bytes` as a flag value (`8MiB`, `64KiB`, `1000`), as [`duration_text`].

@@ -144,7 +144,7 @@ pub(crate) async fn run(
     let mut rss_peak_kib = rss_idle_kib;
     loop {
         let waiting: usize = redis::cmd("LLEN")
-            .arg(format!("anteroom:{{{QUEUE}}}:requests"))
+            .arg(anteroom_protocol::Keys::new(QUEUE)?.requests())
             .query_async(&mut conn)
             .await?;
         redis_connections_max = redis_connections_max.max(proxy_clients(&mut conn).await?);

@@ -411,7 +411,7 @@ async fn keep_present_beats_on_time_and_on_wake_and_leaves_on_stop() {
     let beats = std::sync::atomic::AtomicUsize::new(0);
     let keep = queue::keep_present(
         &presence,
-        shared,
+        shared.clone(),
         Duration::from_secs(60),
         &wake,
         &stop,
@@ -448,7 +448,7 @@ async fn keep_present_beats_on_time_and_on_wake_and_leaves_on_stop() {
             .query_async(&mut inspect)
             .await
             .unwrap();
-        assert!(known, "the queue is registered");
+        assert!(!known, "keeping a heartbeat registers no queue");
         // A wake beats at once, long before the 60 s interval.
         wake.notify_one();
         anteroom_testkit::eventually("a beat on wake", Duration::from_secs(5), || {
@@ -472,6 +472,15 @@ async fn keep_present_beats_on_time_and_on_wake_and_leaves_on_stop() {
         .await
         .unwrap();
     assert_eq!(score, None, "registry entry removed on stop");
+    // A proxy or dispatcher registers its queue itself.
+    presence.register_queue(&mut shared.clone()).await;
+    let known: bool = redis::cmd("SISMEMBER")
+        .arg(anteroom_protocol::QUEUES_KEY)
+        .arg("q")
+        .query_async(&mut inspect)
+        .await
+        .unwrap();
+    assert!(known, "the queue is registered");
 }
 
 #[tokio::test]
@@ -526,4 +535,12 @@ async fn reap_once_settles_a_dead_dispatchers_list_and_leaves_no_trace() {
     assert!(registry.is_empty(), "registry left: {registry:?}");
     let left = anteroom_testkit::keys(&mut inspect, "anteroom:{q}:processing:*").await;
     assert!(left.is_empty(), "processing lists left: {left:?}");
+    // An operator's reap names no queue as served (a typo'd --queue must
+    // not show up in `anteroom status` for good).
+    let known: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(anteroom_protocol::QUEUES_KEY)
+        .query_async(&mut inspect)
+        .await
+        .unwrap();
+    assert!(known.is_empty(), "{known:?}");
 }

@@ -1,7 +1,6 @@
 //! Configuration and the public entry points.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anteroom_metrics::DispatcherMetrics;
@@ -248,20 +247,36 @@ impl DispatcherBuilder {
             keys,
             id,
             settings: self.settings,
-            ready: Arc::new(watch::Sender::new(false)),
+            ready: watch::Sender::new(false),
         })
     }
 }
 
-/// A configured dispatcher, ready to serve a handler.
-#[derive(Debug, Clone)]
+/// A configured dispatcher, ready to serve a handler. A clone is a
+/// dispatcher of its own, with its own [`ready`](Self::ready) signal (and
+/// the same id: give each served clone its own with
+/// [`DispatcherBuilder::id`], or build each).
+#[derive(Debug)]
 pub struct Dispatcher {
     pub(crate) client: Target,
     pub(crate) keys: Keys,
     pub(crate) id: String,
     pub(crate) settings: Settings,
-    /// True while serving (see [`Dispatcher::ready`]).
-    pub(crate) ready: Arc<watch::Sender<bool>>,
+    /// True while serving (see [`Dispatcher::ready`]); dropped, which
+    /// ends every wait, when `serve` returns.
+    pub(crate) ready: watch::Sender<bool>,
+}
+
+impl Clone for Dispatcher {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            keys: self.keys.clone(),
+            id: self.id.clone(),
+            settings: self.settings.clone(),
+            ready: watch::Sender::new(false),
+        }
+    }
 }
 
 /// Tells when a dispatcher is serving; from [`Dispatcher::ready`].
@@ -270,9 +285,10 @@ pub struct Ready(watch::Receiver<bool>);
 
 impl Ready {
     /// Waits until the dispatcher has connected to Redis, read the pause
-    /// flag and started its heartbeat and pull loop: true. False when it
-    /// stopped (or failed to start) instead. Completes at once if it is
-    /// already serving.
+    /// flag and started its components and pull loop (its heartbeat's first
+    /// beat follows at once): true. False when `serve` returned (failed to
+    /// start, or stopped) instead. Completes at once if it is already
+    /// serving.
     pub async fn wait(&mut self) -> bool {
         self.0.wait_for(|ready| *ready).await.is_ok()
     }
@@ -284,9 +300,8 @@ impl Ready {
 }
 
 impl Dispatcher {
-    /// A signal that says when this dispatcher (or a clone of it, once
-    /// given to [`serve`](Self::serve)) is serving. Take it before calling
-    /// `serve`, which consumes the dispatcher.
+    /// A signal that says when this dispatcher is serving. Take it before
+    /// calling [`serve`](Self::serve), which consumes the dispatcher.
     pub fn ready(&self) -> Ready {
         Ready(self.ready.subscribe())
     }

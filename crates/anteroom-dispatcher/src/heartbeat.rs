@@ -42,6 +42,7 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         }
         std::future::pending::<()>().await;
     };
+    presence.register_queue(&mut shared.conn.clone()).await;
     let keep = keep_present(
         &presence,
         shared.conn.clone(),

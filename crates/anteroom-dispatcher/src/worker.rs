@@ -159,9 +159,9 @@ impl Shared {
 }
 
 /// Runs `dispatcher` with `service` until `shutdown` completes (or a
-/// component fails), then drains: stops pulling, lets the requests in hand
-/// finish within the grace period, and stops the components, the heartbeat
-/// last removing itself.
+/// component fails or panics), then drains: stops pulling, lets the
+/// requests in hand finish within the grace period, and stops the
+/// components, the heartbeat removing itself.
 pub(crate) async fn run<S, B>(
     dispatcher: Dispatcher,
     service: S,

@@ -209,7 +209,11 @@ impl Connections {
         tokio::select! {
             () = self.tracker.wait() => tracing::info!("all connections closed"),
             () = tokio::time::sleep_until(grace_ends) => {
-                tracing::warn!(waiting = waiting(), "grace period over; closing with requests still waiting");
+                tracing::warn!(
+                    waiting = waiting(),
+                    open = self.tracker.len(),
+                    "grace period over; closing the connections still open and the requests still waiting"
+                );
             }
         }
     }

@@ -47,8 +47,8 @@ pub enum ServeError {
         "the admin endpoint on {0} is not loopback and has no token: set --admin-token (ANTEROOM_ADMIN_TOKEN), or --admin-without-token to allow it"
     )]
     OpenAdmin(std::net::SocketAddr),
-    /// A background component (reply reader, heartbeat, enqueuer, status
-    /// sampler) failed while serving, which stopped the proxy.
+    /// A background component (reply reader, heartbeat, enqueuer, replica
+    /// counter) failed or panicked while serving, which stopped the proxy.
     #[error(transparent)]
     Component(anteroom_runtime::ComponentFailed),
 }

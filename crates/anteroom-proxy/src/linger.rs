@@ -138,8 +138,14 @@ impl Drop for Lingering {
         if !unread {
             return;
         }
+        // Ends early when the proxy closes its connections (after
+        // `--drain`): by then the answer has long been sent.
+        let closing = self.activity.closing();
         self.activity.spawn(async move {
-            linger(stream).await;
+            tokio::select! {
+                () = linger(stream) => {}
+                () = closing.cancelled() => {}
+            }
             drop(slot);
         });
     }
@@ -240,9 +246,10 @@ impl Answer {
 /// once the returned sender has been dropped (the answer sent).
 fn drain(mut body: Incoming, connection: &Activity) -> tokio::sync::oneshot::Sender<()> {
     let (answering, answered) = tokio::sync::oneshot::channel::<()>();
+    let closing = connection.closing();
     connection.spawn(async move {
         let mut discarded = 0u64;
-        let _ = tokio::time::timeout(LINGER_TIME, async {
+        let draining = tokio::time::timeout(LINGER_TIME, async {
             while discarded < LINGER_BYTES {
                 match tokio::time::timeout(LINGER_TIMEOUT, body.frame()).await {
                     Ok(Some(Ok(frame))) => {
@@ -251,11 +258,18 @@ fn drain(mut body: Incoming, connection: &Activity) -> tokio::sync::oneshot::Sen
                     _ => break,
                 }
             }
-        })
-        .await;
+        });
+        // As a lingering close, it ends when the proxy closes its connections.
+        tokio::select! {
+            _ = draining => {}
+            () = closing.cancelled() => {}
+        }
         tracing::trace!(discarded, "unread request body drained");
         // Err once the answer is dropped: sent, or its connection gone.
-        let _ = answered.await;
+        tokio::select! {
+            _ = answered => {}
+            () = closing.cancelled() => {}
+        }
         drop(body);
     });
     answering

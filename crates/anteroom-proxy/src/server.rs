@@ -252,6 +252,7 @@ fn heartbeat(
                 .max(),
             started_at_ms,
         };
+        presence.register_queue(&mut conn.clone()).await;
         // Nothing makes a proxy beat early: its heartbeat is for status.
         let never = tokio::sync::Notify::new();
         keep_present(&presence, conn, HEARTBEAT_EVERY, &never, &stop, beat).await;

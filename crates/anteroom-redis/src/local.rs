@@ -26,14 +26,22 @@ pub enum StartError {
     /// The process could not be spawned, or no free port was found.
     #[error("cannot start redis-server")]
     Spawn(#[source] std::io::Error),
-    /// The server exited, did not answer in time, or another server
-    /// answered on its port.
+    /// The server exited, or did not answer in time.
     #[error("redis-server on port {port} did not become ready: {reason}")]
     NotReady {
         /// The port it was started on.
         port: u16,
         /// What went wrong.
         reason: String,
+    },
+    /// Another redis-server answered on the port chosen (taken between the
+    /// choice and the bind), [`PORT_ATTEMPTS`] times in a row.
+    #[error("redis-server could not get a free port: {port} was taken by another (pid {pid})")]
+    PortTaken {
+        /// The last port tried.
+        port: u16,
+        /// The pid of the server that answered there.
+        pid: u32,
     },
 }
 
@@ -84,7 +92,7 @@ impl LocalRedis {
             };
             match server.wait_ready() {
                 Ok(()) => return Ok(server),
-                Err(StartError::NotReady { .. }) if attempt < PORT_ATTEMPTS => attempt += 1,
+                Err(StartError::PortTaken { .. }) if attempt < PORT_ATTEMPTS => attempt += 1,
                 Err(err) => return Err(err),
             }
         }
@@ -125,9 +133,9 @@ impl LocalRedis {
             match probe(self.port) {
                 Ok(Some(pid)) if pid == self.child.id() => return Ok(()),
                 Ok(Some(pid)) => {
-                    return Err(StartError::NotReady {
+                    return Err(StartError::PortTaken {
                         port: self.port,
-                        reason: format!("the port is taken by another redis-server (pid {pid})"),
+                        pid,
                     });
                 }
                 // A password hides the pid: it is up, and ours if it is

@@ -4,6 +4,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -66,17 +68,19 @@ impl Components {
         Self::default()
     }
 
-    /// Cancelled when the components are told to stop: by
-    /// [`shutdown`](Self::shutdown), [`stop`](Self::stop), or a failure.
-    /// Each component watches it and returns soon after.
+    /// Cancelled when the components are told to stop, by
+    /// [`shutdown`](Self::shutdown) or [`stop`](Self::stop). Each component
+    /// watches it and returns soon after.
     pub fn stopping(&self) -> CancellationToken {
         self.stop.clone()
     }
 
     /// Runs `task` as the component `name`, tracked until it returns. If it
-    /// returns an error, that error is logged and kept
-    /// ([`failed`](Self::failed)), and every other component is told to
-    /// stop.
+    /// returns an error or panics, that is logged and kept, and
+    /// [`failed`](Self::failed) completes: the owner then stops its process
+    /// in its usual order (stop taking work, finish what is in hand, then
+    /// [`shutdown`](Self::shutdown)), so the components the work in hand
+    /// still needs are stopped last, not at once.
     pub fn spawn<F>(&self, name: &'static str, task: F)
     where
         F: Future + Send + 'static,
@@ -84,7 +88,12 @@ impl Components {
     {
         let this = self.clone();
         self.tracker.spawn(async move {
-            if let Err(message) = task.await.into_result() {
+            let outcome = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+            let failure = match outcome {
+                Ok(exit) => exit.into_result().err(),
+                Err(panic) => Some(format!("panicked: {}", panic_message(&*panic))),
+            };
+            if let Some(message) = failure {
                 tracing::error!(component = name, error = %message, "component failed; stopping");
                 this.fail(ComponentFailed {
                     component: name,
@@ -101,7 +110,6 @@ impl Components {
         }
         drop(first);
         self.failed.cancel();
-        self.stop.cancel();
     }
 
     /// Completes when a component has failed, with the first failure.
@@ -151,6 +159,15 @@ impl Components {
     }
 }
 
+/// A panic's message, when it carries one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// `failed` is cancelled only after the failure is stored; should that
 /// ever not hold, report it rather than panic.
 fn unreachable_failure(what: &'static str) -> ComponentFailed {
@@ -175,9 +192,25 @@ mod tests {
         let failure = components.failed().await;
         assert_eq!(failure.component, "broken");
         assert_eq!(failure.message, "disk on fire");
+        // The owner stops the rest, in its own order.
+        assert!(!components.stopping().is_cancelled());
         let shut = components.shutdown(Duration::from_secs(5)).await;
         assert_eq!(shut.unwrap_err().component, "broken");
         assert_eq!(components.running(), 0, "the steady one stopped too");
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_a_failure() {
+        let components = Components::new();
+        components.spawn("reader", async {
+            let replies: Vec<u8> = Vec::new();
+            let first = replies.first().copied();
+            assert!(first.is_some(), "a reply");
+        });
+        let failure = components.failed().await;
+        assert_eq!(failure.component, "reader");
+        assert_eq!(failure.message, "panicked: a reply");
+        assert!(components.shutdown(Duration::from_secs(1)).await.is_err());
     }
 
     #[tokio::test]

@@ -6,9 +6,9 @@
 //!   [`Components::spawn`] (tracked by a `tokio_util` `TaskTracker`, never
 //!   detached), signalled through one `CancellationToken`
 //!   ([`Components::stopping`]), and awaited with a grace period
-//!   ([`Components::shutdown`]). A component that fails cancels the rest,
-//!   and [`Components::failed`] tells the process at once, with the
-//!   component's name and error.
+//!   ([`Components::shutdown`]). A component that fails (an error or a
+//!   panic) is reported at once by [`Components::failed`], with its name
+//!   and error; its owner then stops in its usual order and returns it.
 //! - [`http`]: the one accept loop ([`http::accept_until`]) behind the
 //!   proxy's listener and the side endpoints ([`http::serve_side`]: the
 //!   admin endpoint and the metrics endpoint), and the protocol sniff

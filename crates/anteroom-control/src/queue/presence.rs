@@ -45,13 +45,19 @@ impl Presence {
         }
     }
 
-    /// Adds the queue to the global list of known queues.
-    pub async fn register_queue(&self, conn: &mut SharedConnection) -> redis::RedisResult<()> {
-        redis::cmd("SADD")
+    /// Adds the queue to the global list of known queues (`SADD
+    /// anteroom:queues`), as a proxy or dispatcher that serves it does
+    /// before its first beat; logged, not returned, when it fails (`anteroom
+    /// status` then finds the queue at the next start).
+    pub async fn register_queue(&self, conn: &mut SharedConnection) {
+        let added = redis::cmd("SADD")
             .arg(QUEUES_KEY)
             .arg(&self.queue)
-            .query_async(conn)
-            .await
+            .query_async::<i64>(conn)
+            .await;
+        if let Err(err) = added {
+            tracing::debug!(error = %err, queue = %self.queue, "cannot register the queue");
+        }
     }
 
     /// Writes the heartbeat (with its TTL) and refreshes the registry entry.
@@ -98,8 +104,7 @@ impl Presence {
     }
 }
 
-/// Keeps `presence` alive until `stop`: adds the queue to the known
-/// queues, writes `beat()` every `every` (and at once when `wake` is
+/// Keeps `presence` alive until `stop`: writes `beat()` every `every` (and at once when `wake` is
 /// notified, so a change such as an acknowledged pause shows without
 /// delay), and on stop removes the heartbeat and the registry entry. The
 /// one heartbeat loop of the proxy, the dispatcher and `anteroom reap`. A
@@ -113,9 +118,6 @@ pub async fn keep_present<H: Serialize>(
     stop: &CancellationToken,
     mut beat: impl FnMut() -> H,
 ) {
-    if let Err(err) = presence.register_queue(&mut conn).await {
-        tracing::debug!(error = %err, "cannot register the queue");
-    }
     loop {
         if let Err(err) = presence.beat(&mut conn, &beat()).await {
             tracing::debug!(error = %err, id = %presence.id, "heartbeat failed");
