@@ -260,6 +260,12 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_BODY_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::BODY_READ_TIMEOUT), value_parser = parse_duration)]
     pub(crate) body_timeout: Duration,
 
+    /// How long a streamed response may go without a chunk from its
+    /// dispatcher; then the client's response is aborted (cut short, never
+    /// ended cleanly). The hold budget covers the time until its head.
+    #[arg(long, env = "ANTEROOM_STREAM_IDLE_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::STREAM_IDLE_TIMEOUT), value_parser = parse_duration)]
+    pub(crate) stream_idle_timeout: Duration,
+
     /// How long an answer may make no progress because the client reads
     /// nothing; then its connection is dropped and its memory freed.
     #[arg(long, env = "ANTEROOM_SEND_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::SEND_TIMEOUT), value_parser = parse_duration)]
@@ -368,6 +374,17 @@ pub(crate) struct DispatchArgs {
     #[arg(long, env = "ANTEROOM_UPSTREAM_MAX_HEADERS", default_value_t = anteroom_dispatcher::defaults::UPSTREAM_MAX_HEADERS)]
     pub(crate) upstream_max_headers: usize,
 
+    /// How long a streamed response may go without the app's body producing
+    /// a byte, or without the client reading once the window is full; then
+    /// it is aborted.
+    #[arg(long, env = "ANTEROOM_STREAM_IDLE_TIMEOUT", default_value = duration_text(anteroom_dispatcher::defaults::STREAM_IDLE_TIMEOUT), value_parser = parse_duration)]
+    pub(crate) stream_idle_timeout: Duration,
+
+    /// Most bytes of a streamed response sent and not yet handed to the
+    /// client: what one stream may hold in Redis and in the proxy.
+    #[arg(long, env = "ANTEROOM_STREAM_WINDOW", default_value = size_text(anteroom_dispatcher::defaults::STREAM_WINDOW), value_parser = parse_size)]
+    pub(crate) stream_window: usize,
+
     /// How long one health check may take before it counts as failed.
     #[arg(long, env = "ANTEROOM_HEALTH_TIMEOUT", default_value = duration_text(anteroom_dispatcher::defaults::HEALTH_TIMEOUT), value_parser = parse_duration)]
     pub(crate) health_timeout: Duration,
@@ -428,6 +445,8 @@ mod tests {
         assert_eq!(args.health_timeout, d::HEALTH_TIMEOUT);
         assert_eq!(args.upstream_idle_timeout, d::UPSTREAM_IDLE_TIMEOUT);
         assert_eq!(args.upstream_max_headers, d::UPSTREAM_MAX_HEADERS);
+        assert_eq!(args.stream_idle_timeout, d::STREAM_IDLE_TIMEOUT);
+        assert_eq!(args.stream_window, d::STREAM_WINDOW);
         for size in [0, 1000, 64 * 1024, 8 * 1024 * 1024, 1024 * 1024 + 1] {
             assert_eq!(parse_size(&size_text(size)).unwrap(), size);
         }

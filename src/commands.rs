@@ -81,6 +81,7 @@ pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.header_read_timeout = args.header_timeout;
     config.body_read_timeout = args.body_timeout;
     config.send_timeout = args.send_timeout;
+    config.stream_idle_timeout = args.stream_idle_timeout;
     config.enqueue_timeout = args.enqueue_timeout;
     config.durable = args.durable.then_some(args.durable_wait);
     config
@@ -226,6 +227,8 @@ pub(crate) fn dispatcher_for(
         .durable(args.durable.then_some(args.durable_wait))
         .metrics(metrics)
         .health_check(health_check)
+        .stream_idle_timeout(args.stream_idle_timeout)
+        .stream_window(args.stream_window)
         .build()?;
     Ok((dispatcher, upstream))
 }

@@ -27,6 +27,7 @@ fn envelope(id: &str, reply_to: &str) -> RequestEnvelope {
         enqueued_at_ms: now_ms(),
         deadline_ms: now_ms() + 20_000,
         dedupe: false,
+        stream: false,
     }
 }
 

@@ -26,5 +26,6 @@ mod routing;
 mod security;
 mod sentinel;
 mod status_page;
+mod streaming;
 mod support;
 mod upgrade;

@@ -123,6 +123,7 @@ fn envelope(id: usize, method: &str, reply_to: &str) -> RequestEnvelope {
         enqueued_at_ms: now_ms(),
         deadline_ms: now_ms() + 60_000,
         dedupe: false,
+        stream: false,
     }
 }
 

@@ -36,6 +36,7 @@ fn envelope(id: &str, method: &str, keys: &Keys) -> RequestEnvelope {
         enqueued_at_ms: now_ms(),
         deadline_ms: now_ms() + 60_000,
         dedupe: false,
+        stream: false,
     }
 }
 

@@ -41,6 +41,8 @@ pub(crate) struct Settings {
     pub(crate) label: String,
     pub(crate) metrics: DispatcherMetrics,
     pub(crate) health_check: Option<HealthCheck>,
+    pub(crate) stream_window: usize,
+    pub(crate) stream_idle_timeout: Duration,
 }
 
 /// The defaults of [`DispatcherBuilder`], [`Upstream`](crate::Upstream)
@@ -69,6 +71,10 @@ pub mod defaults {
     /// The `WAIT` timeout when [`durable`](super::DispatcherBuilder::durable)
     /// is asked for without one: 250 ms.
     pub const DURABLE_WAIT: Duration = Duration::from_millis(250);
+    /// [`stream_window`](super::DispatcherBuilder::stream_window): 1 MiB.
+    pub const STREAM_WINDOW: usize = 1024 * 1024;
+    /// [`stream_idle_timeout`](super::DispatcherBuilder::stream_idle_timeout): 60 s.
+    pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     /// [`HealthCheck::interval`](crate::HealthCheck::interval): 1 s.
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
     /// [`HealthCheck::timeout`](crate::HealthCheck::timeout): 2 s.
@@ -98,6 +104,8 @@ impl Default for Settings {
             label: String::new(),
             metrics: DispatcherMetrics::default(),
             health_check: None,
+            stream_window: defaults::STREAM_WINDOW,
+            stream_idle_timeout: defaults::STREAM_IDLE_TIMEOUT,
         }
     }
 }
@@ -217,6 +225,22 @@ impl DispatcherBuilder {
     /// A free-form version label shown in the heartbeat (e.g. a git sha).
     pub fn label(mut self, label: impl Into<String>) -> Self {
         self.settings.label = label.into();
+        self
+    }
+
+    /// Most bytes of a streamed response sent to a proxy and not yet
+    /// handed to its client (default 1 MiB): the most a stream holds in
+    /// Redis and in the proxy. At least 64 KiB.
+    pub fn stream_window(mut self, bytes: usize) -> Self {
+        self.settings.stream_window = bytes.max(64 * 1024);
+        self
+    }
+
+    /// How long a streamed response may go without the app's body
+    /// producing a byte, or without the client reading one once the window
+    /// is full, before it is aborted (default 60 s).
+    pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.stream_idle_timeout = timeout;
         self
     }
 

@@ -2,6 +2,7 @@
 //! deadline, and hand the reply to the completer (or requeue, dead-letter
 //! or drop it).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tracing::Instrument;
 
 use crate::complete::Completion;
 use crate::error::{BoxError, Transport, classify, describe};
+use crate::stream::{self, ready_now};
 use crate::worker::{HttpService, ResponseBody, Running, Shared};
 
 /// One request, from raw envelope to completion. Holds its permit throughout.
@@ -97,6 +99,14 @@ pub(crate) async fn handle<S, B>(
         let started = std::time::Instant::now();
         let reply = match execute(&shared, service, &envelope, budget).await {
             Outcome::Reply(reply) => reply,
+            Outcome::Stream(parts, body, frames) => {
+                shared
+                    .metrics
+                    .handled(parts.status.as_u16(), started.elapsed());
+                tracing::debug!(status = parts.status.as_u16(), waited_ms, "streaming");
+                stream::send(&shared, &envelope, &raw, parts, body, frames).await;
+                return;
+            }
             Outcome::Invalid(err) => {
                 // Kept for inspection; the client still gets its answer.
                 set_aside(&shared, &raw, &format!("not a valid HTTP request: {err}")).await;
@@ -190,10 +200,23 @@ fn check_envelope(keys: &Keys, envelope: &RequestEnvelope, now: u64) -> Result<(
     Ok(())
 }
 
+/// Largest response sent as one reply when the proxy reads streams and the
+/// body is all there at once; larger or slower ones stream.
+const WHOLE_REPLY: usize = 64 * 1024;
+
+/// What the handler produced: a whole body, or the start of one to stream.
+enum Produced<B> {
+    Whole(http::response::Parts, Bytes),
+    Stream(http::response::Parts, Pin<Box<B>>, Vec<Bytes>),
+}
+
 /// What became of a request the handler was given.
-enum Outcome {
+enum Outcome<B> {
     /// Answer the client with this.
     Reply(ResponseEnvelope),
+    /// Stream this body after the frames already read (the proxy reads
+    /// streams, and the body was not all there at once).
+    Stream(http::response::Parts, Pin<Box<B>>, Vec<Bytes>),
     /// The envelope is not a valid HTTP request (never written by a
     /// proxy): set aside, and the client answered 502.
     Invalid(anteroom_protocol::ConvertError),
@@ -211,7 +234,7 @@ async fn execute<S, B>(
     service: S,
     envelope: &RequestEnvelope,
     budget: Duration,
-) -> Outcome
+) -> Outcome<B>
 where
     S: HttpService<B>,
     B: ResponseBody,
@@ -221,20 +244,41 @@ where
         Err(err) => return Outcome::Invalid(err),
     };
     let limit = shared.settings.max_response_body;
+    let streams = envelope.stream;
     // A panicking handler becomes a 502 (caught here rather than by running
     // the handler in a task of its own: a spawn per request costs more).
     let run = std::panic::AssertUnwindSafe(async move {
         let response = service.oneshot(request).await.map_err(Into::into)?;
         let (parts, body) = response.into_parts();
+        let known_small = body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= WHOLE_REPLY as u64);
+        if streams && !known_small {
+            // What is there at once, if it is all and small, is one reply
+            // (today's path); anything else streams from its first byte.
+            let mut body = Box::pin(body);
+            let (frames, ended) = ready_now(&mut body, WHOLE_REPLY)?;
+            if !ended {
+                return Ok(Produced::Stream(parts, body, frames));
+            }
+            return Ok(Produced::Whole(parts, Bytes::from(frames.concat())));
+        }
         let body = Limited::new(body, limit).collect().await?.to_bytes();
-        Ok::<_, BoxError>((parts, body))
+        Ok::<_, BoxError>(Produced::Whole(parts, body))
     })
     .catch_unwind();
-    // At the deadline the handler's future is dropped, which cancels it.
+    // At the deadline the handler's future is dropped, which cancels it. A
+    // streamed response's deadline is its head: the body has the idle
+    // timeout instead.
     let reply = match tokio::time::timeout(budget, run).await {
-        Ok(Ok(Ok((parts, body)))) => {
+        Ok(Ok(Ok(Produced::Whole(parts, body)))) => {
             shared.gate.delivered();
             ResponseEnvelope::from_http(&envelope.id, parts.status, &parts.headers, body)
+        }
+        Ok(Ok(Ok(Produced::Stream(parts, body, frames)))) => {
+            shared.gate.delivered();
+            return Outcome::Stream(parts, body, frames);
         }
         Ok(Ok(Err(err))) => match classify(&*err) {
             Some(Transport::NotDelivered(reason)) => {

@@ -34,6 +34,7 @@ mod handle;
 mod health;
 mod heartbeat;
 mod pull;
+mod stream;
 mod upstream;
 mod worker;
 

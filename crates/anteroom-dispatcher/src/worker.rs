@@ -29,6 +29,11 @@ use crate::error::{BoxError, DispatcherError, Kind};
 use crate::health::{self, Gate};
 use crate::heartbeat::{heartbeat, reap};
 use crate::pull::{nudge_pulls, pull_loop};
+use crate::stream::{CreditTable, read_credits};
+
+/// How long the streams still running when the grace period ends get to
+/// send their end.
+const STREAMS_END: Duration = Duration::from_secs(2);
 
 /// How long the background components (heartbeat, completer, reaper,
 /// pause watcher) get to stop once the requests have finished.
@@ -91,6 +96,12 @@ pub(crate) struct Shared {
     pub(crate) metrics: anteroom_metrics::DispatcherQueueMetrics,
     /// Open while the upstream is healthy; the pull loop waits while closed.
     pub(crate) gate: Arc<Gate>,
+    /// Streams waiting for the proxies' credits.
+    pub(crate) credits: CreditTable,
+    /// This dispatcher's credit list (`anteroom:{q}:credits:<id>`).
+    pub(crate) credits_key: String,
+    /// Cancelled when the grace period ends: streams still running end.
+    pub(crate) streams_stop: CancellationToken,
 }
 
 /// Counts one request as running for as long as it lives.
@@ -201,6 +212,7 @@ where
     let durability = settings
         .durable
         .map(|wait| anteroom_redis::Durability::spawn(conn.clone(), wait, &components));
+    let credits_key = keys.credits(&id);
     let shared = Arc::new(Shared {
         gate: Arc::clone(&gate),
         metrics,
@@ -219,6 +231,9 @@ where
         beat_now: Notify::new(),
         running: AtomicUsize::new(0),
         durability,
+        credits: CreditTable::default(),
+        credits_key,
+        streams_stop: CancellationToken::new(),
     });
     tracing::info!(
         queue = %shared.keys.queue(),
@@ -235,6 +250,10 @@ where
         heartbeat(Arc::clone(&shared), stopping.clone()),
     );
     components.spawn("reaper", reap(Arc::clone(&shared), stopping.clone()));
+    components.spawn(
+        "credit reader",
+        read_credits(Arc::clone(&shared), client.clone(), stopping.clone()),
+    );
     components.spawn(
         "health check",
         health::run(gate, health_check, stopping.clone()),
@@ -274,10 +293,18 @@ where
     );
     tokio::select! {
         () = requests.wait() => tracing::info!("in-flight requests finished"),
-        () = tokio::time::sleep(grace) => tracing::warn!(
-            in_flight = shared.in_flight(),
-            "grace period over; stopping with requests unfinished (they stay in the processing list)"
-        ),
+        () = tokio::time::sleep(grace) => {
+            // Streams end now (event streams cleanly, so their clients
+            // reconnect to a dispatcher still running; others aborted),
+            // which takes a round trip each.
+            shared.streams_stop.cancel();
+            if tokio::time::timeout(STREAMS_END, requests.wait()).await.is_err() {
+                tracing::warn!(
+                    in_flight = shared.in_flight(),
+                    "grace period over; stopping with requests unfinished (they stay in the processing list)"
+                );
+            }
+        }
     }
     ready.send_replace(false);
     components

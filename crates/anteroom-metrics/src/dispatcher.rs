@@ -22,6 +22,7 @@ pub struct DispatcherMetrics {
     expired: Family<QueueLabel, Counter>,
     dead_lettered: Family<QueueLabel, Counter>,
     requeued: Family<QueueLabel, Counter>,
+    streams_aborted: Family<QueueLabel, Counter>,
     upstream_healthy: Family<QueueLabel, Gauge>,
     upstream_changed: Family<QueueLabel, Gauge<f64, AtomicU64>>,
     upstream_failures: Family<ReasonLabels, Counter>,
@@ -37,6 +38,7 @@ impl Default for DispatcherMetrics {
             expired: Family::default(),
             dead_lettered: Family::default(),
             requeued: Family::default(),
+            streams_aborted: Family::default(),
             upstream_healthy: Family::default(),
             upstream_changed: Family::default(),
             upstream_failures: Family::default(),
@@ -56,6 +58,7 @@ impl DispatcherMetrics {
     /// | `anteroom_dispatcher_expired_total{queue}` | counter | requests taken after their deadline, not run |
     /// | `anteroom_dispatcher_dead_lettered_total{queue}` | counter | envelopes that did not decode, set aside |
     /// | `anteroom_dispatcher_requeued_total{queue}` | counter | requests put back at the front of the queue (the upstream never got them, or failed on a request safe to repeat) |
+    /// | `anteroom_dispatcher_streams_aborted_total{queue}` | counter | streamed responses cut short (the body failed or idled out, the dispatcher stopped) |
     /// | `anteroom_dispatcher_upstream_healthy{queue}` | gauge | 1 while taking requests, 0 while held back by an unhealthy upstream |
     /// | `anteroom_dispatcher_upstream_health_changed_timestamp_seconds{queue}` | gauge | when the upstream last became healthy or unhealthy (Unix seconds) |
     /// | `anteroom_dispatcher_upstream_failures_total{queue,reason}` | counter | failed deliveries and checks: `refused`, `timeout`, `reset`, `closed`, `unreachable`, `status_NNN`, `other` |
@@ -97,6 +100,11 @@ impl DispatcherMetrics {
             metrics.requeued.clone(),
         );
         registry.register(
+            "anteroom_dispatcher_streams_aborted",
+            "Streamed responses cut short: the body failed or idled out, or the dispatcher stopped",
+            metrics.streams_aborted.clone(),
+        );
+        registry.register(
             "anteroom_dispatcher_upstream_healthy",
             "1 while the dispatcher takes requests, 0 while its upstream is unhealthy",
             metrics.upstream_healthy.clone(),
@@ -127,6 +135,7 @@ impl DispatcherMetrics {
             expired: self.expired.get_or_create(&label).clone(),
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
             requeued: self.requeued.get_or_create(&label).clone(),
+            streams_aborted: self.streams_aborted.get_or_create(&label).clone(),
             upstream_healthy: self.upstream_healthy.get_or_create(&label).clone(),
             upstream_changed: self.upstream_changed.get_or_create(&label).clone(),
             upstream_failures: self.upstream_failures.clone(),
@@ -145,6 +154,7 @@ pub struct DispatcherQueueMetrics {
     expired: Counter,
     dead_lettered: Counter,
     requeued: Counter,
+    streams_aborted: Counter,
     upstream_healthy: Gauge,
     upstream_changed: Gauge<f64, AtomicU64>,
     upstream_failures: Family<ReasonLabels, Counter>,
@@ -181,6 +191,11 @@ impl DispatcherQueueMetrics {
     /// A request was put back at the front of the queue.
     pub fn requeued(&self) {
         self.requeued.inc();
+    }
+
+    /// A streamed response was cut short.
+    pub fn stream_aborted(&self) {
+        self.streams_aborted.inc();
     }
 
     /// The upstream became healthy (`true`) or unhealthy at `at_ms` (Unix

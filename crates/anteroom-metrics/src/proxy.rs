@@ -23,6 +23,7 @@ pub struct ProxyMetrics {
     waiting: Family<QueueLabel, Gauge>,
     shed: Family<QueueLabel, Counter>,
     expired: Family<QueueLabel, Counter>,
+    streams_aborted: Family<QueueLabel, Counter>,
     refused: Family<RefusedLabels, Counter>,
 }
 
@@ -35,6 +36,7 @@ impl Default for ProxyMetrics {
             waiting: Family::default(),
             shed: Family::default(),
             expired: Family::default(),
+            streams_aborted: Family::default(),
             refused: Family::default(),
         }
     }
@@ -50,6 +52,7 @@ impl ProxyMetrics {
     /// | `anteroom_proxy_waiting_requests{queue}` | gauge | requests in this proxy waiting for a reply, or still sending their body |
     /// | `anteroom_proxy_shed_total{queue}` | counter | requests refused with 503 because the waiting limits were reached |
     /// | `anteroom_proxy_expired_total{queue}` | counter | requests answered 504 because the hold budget ran out |
+    /// | `anteroom_proxy_streams_aborted_total{queue}` | counter | streamed responses the proxy aborted (HTTP/1.1: closed short; HTTP/2: reset) because they were cut short, idled out or broke the protocol |
     /// | `anteroom_proxy_refused_total{reason}` | counter | requests the HTTP parser refused before routing (400, 414, 431), by `reason`: `target`, `target_too_long`, `head_too_large`, `header`, `framing`, `method`, `version` |
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
@@ -77,6 +80,11 @@ impl ProxyMetrics {
             "anteroom_proxy_expired",
             "Requests answered 504 because their hold budget ran out",
             metrics.expired.clone(),
+        );
+        registry.register(
+            "anteroom_proxy_streams_aborted",
+            "Streamed responses aborted: cut short by the dispatcher, idle too long, or out of order",
+            metrics.streams_aborted.clone(),
         );
         registry.register(
             "anteroom_proxy_refused",
@@ -111,6 +119,7 @@ impl ProxyMetrics {
             waiting: self.waiting.get_or_create(&label).clone(),
             shed: self.shed.get_or_create(&label).clone(),
             expired: self.expired.get_or_create(&label).clone(),
+            streams_aborted: self.streams_aborted.get_or_create(&label).clone(),
         }
     }
 }
@@ -135,6 +144,7 @@ pub struct ProxyQueueMetrics {
     waiting: Gauge,
     shed: Counter,
     expired: Counter,
+    streams_aborted: Counter,
 }
 
 impl ProxyQueueMetrics {
@@ -158,6 +168,11 @@ impl ProxyQueueMetrics {
     /// A request's hold budget ran out.
     pub fn expired(&self) {
         self.expired.inc();
+    }
+
+    /// A streamed response was aborted.
+    pub fn stream_aborted(&self) {
+        self.streams_aborted.inc();
     }
 }
 

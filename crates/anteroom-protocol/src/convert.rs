@@ -237,6 +237,7 @@ mod tests {
             enqueued_at_ms: 0,
             deadline_ms: 0,
             dedupe: false,
+            stream: false,
         };
         assert!(matches!(env.to_http(), Err(ConvertError::HeaderValue(_))));
         let mut bad_method = env.clone();

@@ -105,6 +105,10 @@ pub struct RequestEnvelope {
     /// ambiguous enqueues): a dispatcher must claim the id before running it
     /// and skip it when the claim exists (see docs/protocol.md).
     pub dedupe: bool,
+    /// The producer reads streamed replies ([`crate::Reply`]): a dispatcher
+    /// may answer with a stream head, chunks and an end instead of one
+    /// complete response. Absent (false) in envelopes of older proxies.
+    pub stream: bool,
 }
 
 /// One HTTP response on its way back to a proxy.
@@ -196,6 +200,7 @@ impl RequestEnvelope {
             enqueued_at_ms: self.enqueued_at_ms,
             deadline_ms: self.deadline_ms,
             dedupe: self.dedupe,
+            stream: self.stream,
             body_len: self.body.len() as u64,
         };
         // The keys, numbers and punctuation take about 170 bytes.
@@ -226,6 +231,7 @@ impl RequestEnvelope {
             enqueued_at_ms: meta.enqueued_at_ms,
             deadline_ms: meta.deadline_ms,
             dedupe: meta.dedupe,
+            stream: meta.stream,
         })
     }
 
@@ -296,6 +302,7 @@ mod tests {
             enqueued_at_ms: 1_700_000_000_000,
             deadline_ms: 1_700_000_030_000,
             dedupe: false,
+            stream: false,
         }
     }
 
@@ -479,8 +486,9 @@ mod tests {
             enqueued_at_ms in any::<u64>(),
             deadline_ms in any::<u64>(),
             dedupe in any::<bool>(),
+            stream in any::<bool>(),
         ) -> RequestEnvelope {
-            RequestEnvelope { id, method, uri, version, headers, body: Bytes::from(body), reply_to, client_addr, enqueued_at_ms, deadline_ms, dedupe }
+            RequestEnvelope { id, method, uri, version, headers, body: Bytes::from(body), reply_to, client_addr, enqueued_at_ms, deadline_ms, dedupe, stream }
         }
     }
 

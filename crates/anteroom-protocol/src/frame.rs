@@ -70,6 +70,8 @@ pub(crate) struct RequestMetaRef<'a> {
     pub(crate) deadline_ms: u64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) dedupe: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) stream: bool,
     pub(crate) body_len: u64,
 }
 
@@ -88,6 +90,8 @@ pub(crate) struct RequestMeta {
     pub(crate) deadline_ms: u64,
     #[serde(default)]
     pub(crate) dedupe: bool,
+    #[serde(default)]
+    pub(crate) stream: bool,
     pub(crate) body_len: u64,
 }
 
@@ -131,12 +135,8 @@ pub(crate) fn frame(kind: u8, meta: &impl Serialize, meta_hint: usize, body: &[u
     out
 }
 
-/// Splits a frame into (metadata bytes, body) after checking version and kind.
-pub(crate) fn unframe(
-    buf: &Bytes,
-    kind: u8,
-    kind_name: &'static str,
-) -> Result<(Bytes, Bytes), DecodeError> {
+/// The kind byte of a frame, after checking its length and version.
+pub(crate) fn kind_of(buf: &Bytes) -> Result<u8, DecodeError> {
     if buf.len() < PREFIX_LEN {
         return Err(DecodeError::Truncated {
             needed: PREFIX_LEN,
@@ -146,7 +146,16 @@ pub(crate) fn unframe(
     if buf[0] != VERSION {
         return Err(DecodeError::UnsupportedVersion(buf[0]));
     }
-    if buf[1] != kind {
+    Ok(buf[1])
+}
+
+/// Splits a frame into (metadata bytes, body) after checking version and kind.
+pub(crate) fn unframe(
+    buf: &Bytes,
+    kind: u8,
+    kind_name: &'static str,
+) -> Result<(Bytes, Bytes), DecodeError> {
+    if kind_of(buf)? != kind {
         return Err(DecodeError::WrongKind {
             expected: kind_name,
             found: buf[1],

@@ -83,6 +83,20 @@ impl Keys {
             .is_some_and(|id| validate_id(id).is_ok())
     }
 
+    /// `anteroom:{q}:credits:<dispatcher-id>`: credits proxies send a
+    /// dispatcher for its streamed replies (a list with a TTL).
+    pub fn credits(&self, dispatcher_id: &str) -> String {
+        format!("{}credits:{dispatcher_id}", self.prefix)
+    }
+
+    /// Whether `key` is a credit list of this queue (see [`credits`](Self::credits));
+    /// a proxy pushes credits only to such keys, whatever a stream head says.
+    pub fn is_credits(&self, key: &str) -> bool {
+        key.strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix("credits:"))
+            .is_some_and(|id| validate_id(id).is_ok())
+    }
+
     /// `anteroom:{q}:dispatcher:<id>`: a dispatcher's heartbeat (a string with a TTL).
     pub fn dispatcher(&self, dispatcher_id: &str) -> String {
         format!("{}dispatcher:{dispatcher_id}", self.prefix)

@@ -22,6 +22,7 @@ mod frame;
 mod heartbeat;
 mod keys;
 mod printable;
+mod stream;
 
 pub use convert::{ConvertError, MAX_HEADER_FIELDS, headers_from_map, strip_hop_by_hop};
 pub use envelope::{
@@ -32,6 +33,10 @@ pub use failure::Failure;
 pub use heartbeat::{DispatcherHeartbeat, PauseRecord, ProxyHeartbeat, Unhealthy};
 pub use keys::{Keys, NameError, QUEUES_KEY, validate_id};
 pub use printable::{Printable, printable};
+pub use stream::{
+    Credit, KIND_CREDIT, KIND_STREAM_CHUNK, KIND_STREAM_END, KIND_STREAM_HEAD, MAX_CHUNK, Reply,
+    StreamChunk, StreamEnd, StreamHead,
+};
 
 /// Milliseconds since the Unix epoch, the time unit of every deadline on the wire.
 pub fn now_ms() -> u64 {

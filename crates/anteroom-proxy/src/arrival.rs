@@ -178,6 +178,7 @@ pub(crate) fn prepare(
             now_ms: now,
             hold,
             dedupe: !state.config.enqueue_timeout.is_zero(),
+            stream: true,
         },
     );
     Prepared {

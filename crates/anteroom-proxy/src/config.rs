@@ -43,6 +43,8 @@ pub mod defaults {
     /// The `WAIT` timeout when [`durable`](super::ProxyConfig::durable) is
     /// asked for without one: 250 ms.
     pub const DURABLE_WAIT: Duration = Duration::from_millis(250);
+    /// [`stream_idle_timeout`](super::ProxyConfig::stream_idle_timeout): 60 s.
+    pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
 /// Default of [`ProxyConfig::max_headers`]: 500, well above hyper's 100.
@@ -108,6 +110,9 @@ pub struct ProxyConfig {
     /// `Some(t)`: after each enqueue, `WAIT 1 t` for a replica, so an
     /// accepted request survives the loss of the primary.
     pub durable: Option<Duration>,
+    /// How long a streamed response may go without a chunk before the
+    /// proxy aborts it (the hold budget covers the time until its head).
+    pub stream_idle_timeout: Duration,
     /// This proxy's id (names its reply list); a random one when `None`.
     pub proxy_id: Option<String>,
     /// Where the proxy counts requests. The default counts into series no
@@ -168,6 +173,7 @@ impl ProxyConfig {
             max_waiting: defaults::MAX_WAITING,
             max_waiting_bytes: defaults::MAX_WAITING_BYTES,
             enqueue_timeout: defaults::ENQUEUE_TIMEOUT,
+            stream_idle_timeout: defaults::STREAM_IDLE_TIMEOUT,
             durable: None,
             proxy_id: None,
             metrics: ProxyMetrics::default(),

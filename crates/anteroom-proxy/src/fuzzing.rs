@@ -33,6 +33,7 @@ pub fn envelope_for(
             now_ms: 1,
             hold: Duration::from_secs(30),
             dedupe: true,
+            stream: false,
         },
     )
 }

@@ -8,10 +8,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use anteroom_protocol::{Failure, now_ms};
-use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -21,14 +19,17 @@ use crate::config::ProxyConfig;
 use crate::enqueue::Enqueuer;
 use crate::error::{ProxyError, failure_response};
 use crate::linger::Answer;
+use crate::replies::Delivered;
 use crate::replies::Demux;
-use crate::translate::{X_REQUEST_ID, build_response, usable_request_id};
+use crate::translate::{X_REQUEST_ID, build_response, stream_response, usable_request_id};
 
 /// What the requests of one route share: its queue, budget and metrics,
 /// and the proxy-wide configuration and reply table.
 pub(crate) struct State {
     pub(crate) config: Arc<ProxyConfig>,
     pub(crate) queue: String,
+    /// The queue's key names.
+    pub(crate) keys: anteroom_protocol::Keys,
     /// This route's hold budget.
     pub(crate) hold: Duration,
     pub(crate) reply_key: String,
@@ -191,10 +192,20 @@ impl Future for Handling {
                     if let Poll::Ready(reply) = waiting.waiter.poll_recv(cx) {
                         this.connection.queued_answered();
                         tracing::debug!(waited = ?Duration::from_millis(now_ms().saturating_sub(waiting.enqueued_ms)), "reply received");
-                        break reply
-                            .ok_or(ProxyError::ReaderGone)
-                            .and_then(|reply| build_response(&reply, waiting.head_request))
-                            .map_err(Refused::from);
+                        break match reply {
+                            None => Err(ProxyError::ReaderGone.into()),
+                            Some(Delivered::Complete(reply)) => {
+                                build_response(&reply, waiting.head_request)
+                                    .map(Answer::complete)
+                                    .map_err(Refused::from)
+                            }
+                            Some(Delivered::Stream(head, frames)) => {
+                                let key = waiting.waiter.id();
+                                stream_response(&this.state, head, frames, key)
+                                    .map(Answer::streamed)
+                                    .map_err(Refused::from)
+                            }
+                        };
                     }
                     ready!(timer.as_mut().poll(cx));
                     break Err(ProxyError::HoldExpired.into());
@@ -258,14 +269,14 @@ impl Drop for Handling {
 /// The response for `result`, with the request id; logs the outcome.
 pub(crate) fn finish(
     state: &State,
-    result: Result<Response<Full<Bytes>>, Refused>,
+    result: Result<Response<Answer>, Refused>,
     request_id: HeaderValue,
     started: Instant,
     version: http::Version,
     connection: &Activity,
 ) -> Response<Answer> {
     let mut resp = match result {
-        Ok(resp) => Answer::complete(resp),
+        Ok(resp) => resp,
         Err(Refused { error: err, unread }) => {
             let failure = err.failure();
             if failure == Failure::HoldExpired {

@@ -38,6 +38,7 @@ mod replies;
 mod router;
 mod server;
 mod status_page;
+mod stream;
 mod translate;
 
 pub use admin::{AdminConfig, serve_admin};

@@ -29,6 +29,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::activity::{Activity, InFlight};
+use crate::stream::{StreamAborted, StreamBody};
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
@@ -169,6 +170,13 @@ async fn linger(mut stream: TcpStream) {
     tracing::trace!(discarded, "lingering close done");
 }
 
+/// What an answer sends: whole bytes, or a stream as it arrives.
+enum Content {
+    Whole(Full<Bytes>),
+    /// Boxed: an answer is mostly whole, and stays small.
+    Stream(Box<StreamBody>),
+}
+
 /// A response body: the answer's bytes, and the request body the proxy
 /// did not read, kept until the answer has been sent.
 ///
@@ -181,7 +189,7 @@ async fn linger(mut stream: TcpStream) {
 /// and discarded, within the lingering bounds above, and dropped only once
 /// the answer has been sent.
 pub(crate) struct Answer {
-    bytes: Full<Bytes>,
+    bytes: Content,
     /// HTTP/1: the connection closes after this answer, lingering.
     lingers: bool,
     /// The request, counted as in flight and sending until the answer has
@@ -194,9 +202,19 @@ pub(crate) struct Answer {
 
 impl Answer {
     /// `resp` as an answer to a request whose body was read, or had none.
+    /// A streamed answer (its body fed by the reply reader).
+    pub(crate) fn streamed(resp: Response<StreamBody>) -> Response<Answer> {
+        resp.map(|stream| Answer {
+            bytes: Content::Stream(Box::new(stream)),
+            lingers: false,
+            request: None,
+            _draining: None,
+        })
+    }
+
     pub(crate) fn complete(resp: Response<Full<Bytes>>) -> Response<Answer> {
         resp.map(|bytes| Answer {
-            bytes,
+            bytes: Content::Whole(bytes),
             lingers: false,
             request: None,
             _draining: None,
@@ -226,7 +244,7 @@ impl Answer {
             }
         }
         resp.map(|bytes| Answer {
-            bytes,
+            bytes: Content::Whole(bytes),
             lingers,
             request: None,
             _draining: draining,
@@ -277,20 +295,31 @@ fn drain(mut body: Incoming, connection: &Activity) -> tokio::sync::oneshot::Sen
 
 impl Body for Answer {
     type Data = Bytes;
-    type Error = std::convert::Infallible;
+    type Error = StreamAborted;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.bytes).poll_frame(cx)
+        match &mut self.bytes {
+            Content::Whole(bytes) => Pin::new(bytes)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            Content::Stream(stream) => Pin::new(stream.as_mut()).poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.bytes.is_end_stream()
+        match &self.bytes {
+            Content::Whole(bytes) => bytes.is_end_stream(),
+            Content::Stream(stream) => stream.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.bytes.size_hint()
+        match &self.bytes {
+            Content::Whole(bytes) => bytes.size_hint(),
+            Content::Stream(stream) => stream.size_hint(),
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The demultiplexer: one reader pops this proxy's reply list and wakes the
-//! request waiting for each reply's id.
+//! The demultiplexer: one reader per queue pops this proxy's reply list and
+//! hands each frame to the request waiting for its id: a whole reply, or
+//! the head of a stream and then its chunks and end (docs/protocol.md).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,50 +10,99 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anteroom_control::queue;
-use anteroom_protocol::ResponseEnvelope;
+use anteroom_protocol::{Keys, Reply, ResponseEnvelope, StreamChunk, StreamEnd, StreamHead};
 use bytes::Bytes;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use anteroom_redis::{Backoff, sleep_or_stop};
+
+use crate::stream::CreditSender;
 
 /// How long one BLMPOP blocks before the reader loops (and checks for stop).
 const BLOCK: Duration = Duration::from_secs(1);
 /// Replies taken per round trip.
 const BATCH: usize = 256;
 
+/// What a request is waiting for: its first reply frame, or (once its
+/// head came) the rest of its stream.
+#[derive(Debug)]
+enum Entry {
+    Waiting(oneshot::Sender<Delivered>),
+    Streaming(mpsc::UnboundedSender<StreamFrame>),
+}
+
 /// Keyed by the id's 128 bits rather than its text: a waiting request then
 /// costs the map no allocation of its own.
-type Waiters = HashMap<u128, oneshot::Sender<ResponseEnvelope>>;
+type Waiters = HashMap<u128, Entry>;
+
+/// A request's answer, as its waiter receives it.
+#[derive(Debug)]
+pub(crate) enum Delivered {
+    /// A whole response.
+    Complete(ResponseEnvelope),
+    /// The head of a streamed one, and where the rest of it arrives.
+    Stream(StreamHead, mpsc::UnboundedReceiver<StreamFrame>),
+}
+
+/// What a streamed response receives after its head.
+#[derive(Debug)]
+pub(crate) enum StreamFrame {
+    Chunk(StreamChunk),
+    End(StreamEnd),
+    /// Another head or a whole reply came for it: the request ran again
+    /// (its dispatcher died and a reaper settled it). The stream cannot go
+    /// on where it was.
+    Restarted,
+}
 
 /// Requests waiting for replies, by envelope id.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Demux {
     waiters: Mutex<Waiters>,
+    /// Where cancels go, for streams nobody reads any more.
+    credits: CreditSender,
 }
 
 /// A registered wait. Dropping it (the client went away, or the hold budget
-/// passed) removes the entry, so a late reply is discarded.
+/// passed) removes the entry, so a late reply is discarded; once its
+/// stream has begun, the entry is the stream's ([`StreamBody`]).
 pub(crate) struct Waiter {
     demux: Arc<Demux>,
     id: u128,
-    rx: oneshot::Receiver<ResponseEnvelope>,
+    rx: oneshot::Receiver<Delivered>,
 }
 
 impl Waiter {
     /// The reply; `None` if the reader stopped.
-    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<ResponseEnvelope>> {
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivered>> {
         Pin::new(&mut self.rx).poll(cx).map(Result::ok)
+    }
+
+    /// The id it waits on, for the stream that may follow.
+    pub(crate) fn id(&self) -> u128 {
+        self.id
     }
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        self.demux.lock().remove(&self.id);
+        let mut waiters = self.demux.lock();
+        if matches!(waiters.get(&self.id), Some(Entry::Waiting(_))) {
+            waiters.remove(&self.id);
+        }
     }
 }
 
 impl Demux {
+    /// An empty table; cancels for orphaned streams go through `credits`.
+    pub(crate) fn new(credits: CreditSender) -> Self {
+        Self {
+            waiters: Mutex::new(HashMap::new()),
+            credits,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
         self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -61,7 +111,7 @@ impl Demux {
     pub(crate) fn register(self: &Arc<Self>, id: uuid::Uuid) -> Waiter {
         let (tx, rx) = oneshot::channel();
         let id = id.as_u128();
-        self.lock().insert(id, tx);
+        self.lock().insert(id, Entry::Waiting(tx));
         Waiter {
             demux: Arc::clone(self),
             id,
@@ -69,8 +119,22 @@ impl Demux {
         }
     }
 
-    fn deliver(&self, raw: Bytes) {
-        let reply = match ResponseEnvelope::decode(raw) {
+    /// Where credits go.
+    pub(crate) fn credits(&self) -> CreditSender {
+        self.credits.clone()
+    }
+
+    /// Forgets a stream (it ended, or its client went away).
+    pub(crate) fn remove_stream(&self, id: u128) {
+        let mut waiters = self.lock();
+        if matches!(waiters.get(&id), Some(Entry::Streaming(_))) {
+            waiters.remove(&id);
+        }
+    }
+
+    /// Hands one frame of `keys`' reply list to whoever waits for it.
+    fn deliver(&self, raw: Bytes, keys: &Keys) {
+        let reply = match Reply::decode(raw) {
             Ok(reply) => reply,
             Err(err) => {
                 tracing::warn!(error = %err, "discarding a reply that does not decode");
@@ -78,17 +142,70 @@ impl Demux {
             }
         };
         // Ids this proxy gave out are UUIDs; anything else waits for nothing here.
-        let waiter = uuid::Uuid::try_parse(&reply.id)
+        let Some(id) = uuid::Uuid::try_parse(reply.id())
             .ok()
-            .and_then(|id| self.lock().remove(&id.as_u128()));
-        match waiter {
-            Some(tx) => {
+            .map(|id| id.as_u128())
+        else {
+            tracing::debug!(id = %anteroom_protocol::printable(reply.id()), "reply for an id this proxy never gave out");
+            return;
+        };
+        let mut waiters = self.lock();
+        let entry = waiters.remove(&id);
+        match (entry, reply) {
+            (Some(Entry::Waiting(tx)), Reply::Complete(reply)) => {
                 // The receiver may have just given up; then the reply is late.
-                if tx.send(reply).is_err() {
+                if tx.send(Delivered::Complete(reply)).is_err() {
                     tracing::debug!("reply arrived as its request gave up");
                 }
             }
-            None => tracing::debug!(id = %reply.id, "late reply for a request no longer waiting"),
+            (Some(Entry::Waiting(tx)), Reply::Head(head)) => {
+                let (frames, rx) = mpsc::unbounded_channel();
+                let credit_to = head.credit_to.clone();
+                if tx.send(Delivered::Stream(head, rx)).is_ok() {
+                    waiters.insert(id, Entry::Streaming(frames));
+                } else {
+                    drop(waiters);
+                    tracing::debug!("stream began as its request gave up; cancelling it");
+                    self.cancel(keys, &credit_to, id);
+                }
+            }
+            (Some(Entry::Streaming(frames)), Reply::Chunk(chunk)) => {
+                if frames.send(StreamFrame::Chunk(chunk)).is_ok() {
+                    waiters.insert(id, Entry::Streaming(frames));
+                }
+            }
+            (Some(Entry::Streaming(frames)), Reply::End(end)) => {
+                let _ = frames.send(StreamFrame::End(end));
+            }
+            (Some(Entry::Streaming(frames)), other) => {
+                let _ = frames.send(StreamFrame::Restarted);
+                drop(waiters);
+                tracing::warn!(
+                    "a streamed request answered again from the start (run again); its stream is aborted"
+                );
+                if let Reply::Head(head) = other {
+                    self.cancel(keys, &head.credit_to, id);
+                }
+            }
+            (entry, reply) => {
+                if let Some(entry) = entry {
+                    waiters.insert(id, entry);
+                }
+                drop(waiters);
+                tracing::debug!(id = %reply.id(), "late or stray reply frame discarded");
+                if let Reply::Head(head) = reply {
+                    self.cancel(keys, &head.credit_to, id);
+                }
+            }
+        }
+    }
+
+    /// Tells the dispatcher streaming to `credit_to` that nobody reads
+    /// the stream of `id` (only to a credit list of this queue).
+    fn cancel(&self, keys: &Keys, credit_to: &str, id: u128) {
+        if keys.is_credits(credit_to) {
+            let id = uuid::Uuid::from_u128(id).hyphenated().to_string();
+            self.credits.cancel(credit_to, &id, 0);
         }
     }
 }
@@ -99,6 +216,7 @@ impl Demux {
 pub(crate) async fn run(
     demux: Arc<Demux>,
     target: anteroom_redis::Target,
+    keys: Keys,
     key: String,
     connect_timeout: Duration,
     stop: CancellationToken,
@@ -126,7 +244,7 @@ pub(crate) async fn run(
             match result {
                 Ok(replies) => {
                     for raw in replies {
-                        demux.deliver(raw);
+                        demux.deliver(raw, &keys);
                     }
                 }
                 Err(err) => {

@@ -21,6 +21,7 @@ use crate::error::ServeError;
 use crate::handler::State;
 use crate::replies::{self, Demux};
 use crate::router::Router;
+use crate::stream::{CreditSender, write_credits};
 
 /// How often the proxy refreshes its heartbeat key, and the key's lifetime.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
@@ -57,7 +58,12 @@ pub async fn serve(
     let (target, conn) = anteroom_redis::connect(&config.redis_url, config.redis_timeout).await?;
     let components = Components::new();
     let config = Arc::new(config);
-    let demux = Arc::new(Demux::default());
+    let (credits, credits_rx) = CreditSender::new();
+    components.spawn(
+        "credit writer",
+        write_credits(conn.clone(), credits_rx, components.stopping()),
+    );
+    let demux = Arc::new(Demux::new(credits));
     let router = Arc::new(queues.router(&config, &proxy_id, &conn, &demux, &components));
     tracing::info!(
         listen = %listener
@@ -74,6 +80,7 @@ pub async fn serve(
         let reader = replies::run(
             Arc::clone(&demux),
             target.clone(),
+            keys.clone(),
             keys.replies(&proxy_id),
             config.redis_timeout,
             components.stopping(),
@@ -188,6 +195,7 @@ impl Queues {
             Arc::new(State {
                 config: Arc::clone(config),
                 queue: keys.queue().to_owned(),
+                keys: keys.clone(),
                 hold,
                 reply_key: keys.replies(proxy_id),
                 enqueuer,

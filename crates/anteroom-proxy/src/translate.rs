@@ -6,13 +6,17 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anteroom_protocol::{RequestEnvelope, ResponseEnvelope, strip_hop_by_hop};
+use anteroom_protocol::{RequestEnvelope, ResponseEnvelope, StreamHead, strip_hop_by_hop};
 use bytes::Bytes;
 use http::Response;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::Full;
 
 use crate::error::ProxyError;
+use crate::handler::State;
+use crate::replies::StreamFrame;
+use crate::stream::{StreamBody, StreamParts};
+use std::sync::Arc;
 
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -51,6 +55,8 @@ pub(crate) struct Route<'a> {
     pub(crate) hold: Duration,
     /// Whether enqueues may be repeated (see `RequestEnvelope::dedupe`).
     pub(crate) dedupe: bool,
+    /// Whether the reply may be streamed (see `RequestEnvelope::stream`).
+    pub(crate) stream: bool,
 }
 
 /// The envelope for a request: hop-by-hop headers removed, forwarding
@@ -94,6 +100,7 @@ pub(crate) fn envelope_for(
             .now_ms
             .saturating_add(u64::try_from(route.hold.as_millis()).unwrap_or(u64::MAX)),
         dedupe: route.dedupe,
+        stream: route.stream,
     }
 }
 
@@ -178,6 +185,48 @@ pub(crate) fn build_response(
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     Ok(Response::from_parts(parts, Full::new(body)))
+}
+
+/// The response that streams `head`'s body as its frames arrive: the
+/// head's status and headers, hop-by-hop ones removed and the app's
+/// `Content-Length` kept (hyper then ends the response short of it if the
+/// stream aborts). Errors: a head that is not a valid response, or whose
+/// `credit_to` is not a credit list of the request's queue.
+pub(crate) fn stream_response(
+    state: &State,
+    head: StreamHead,
+    frames: tokio::sync::mpsc::UnboundedReceiver<StreamFrame>,
+    key: u128,
+) -> Result<Response<StreamBody>, ProxyError> {
+    if !state.keys.is_credits(&head.credit_to) {
+        return Err(ProxyError::BadStream(format!(
+            "credit_to {:?} is not a credit list of queue {}",
+            head.credit_to.escape_debug().to_string(),
+            state.queue
+        )));
+    }
+    let parts = StreamParts {
+        demux: Arc::clone(&state.demux),
+        key,
+        credit_to: head.credit_to.clone(),
+        credits: state.demux.credits(),
+        window: head.window,
+        idle: state.config.stream_idle_timeout,
+        metrics: state.metrics.clone(),
+    };
+    let body = StreamBody::new(frames, parts);
+    let envelope = ResponseEnvelope {
+        id: head.id,
+        status: head.status,
+        headers: head.headers,
+        body: Bytes::new(),
+    };
+    let (mut parts, _) = envelope
+        .to_http()
+        .map_err(ProxyError::BadReply)?
+        .into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body))
 }
 
 #[cfg(test)]

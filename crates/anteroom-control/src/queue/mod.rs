@@ -16,7 +16,8 @@
 //! | [`requeue`] | Lua: `LREM`, `RPUSH requests`, `DEL claimed` (`INCR repeats`) | dispatcher, reaper |
 //! | [`dead_letter`] | `MULTI`: `LPUSH dead letter`, `LREM` | dispatcher, reaper |
 //! | [`Queue::reap`], [`Queue::reap_once`] | Lua: claim a dead dispatcher's list | dispatcher, `anteroom reap` |
-//! | [`pop_replies`] | `BLMPOP block 1 replies LEFT COUNT n` | proxy |
+//! | [`pop_replies`] | `BLMPOP block 1 list LEFT COUNT n` | proxy (replies), dispatcher (credits) |
+//! | [`push_reply`], [`push_replies`] | `RPUSH list frame` + `PEXPIRE` | dispatcher (stream frames), proxy (credits) |
 //! | [`replicate`] | `WAIT 1 ms` | proxy (in [`enqueue`]), dispatcher |
 //! | [`Presence`] ([`keep_present`]) | `SET hb PX ttl` + `ZADD registry`; `DEL` + `ZREM` on leave | proxy, dispatcher, `anteroom reap` |
 //!
@@ -160,6 +161,35 @@ pub async fn claim<C: ConnectionLike + Send>(
     Ok(set.is_some())
 }
 
+/// `RPUSH list frame` and `PEXPIRE list ttl` in one round trip: a frame of
+/// a streamed reply on its way to a proxy's reply list (the end goes with
+/// the request's removal, through [`complete`]), or a credit on its way to
+/// a dispatcher's credit list. The TTL keeps a list whose reader died from
+/// staying.
+pub async fn push_reply<C: ConnectionLike + Send>(
+    conn: &mut C,
+    list: &str,
+    frame: &[u8],
+    ttl: Duration,
+) -> RedisResult<()> {
+    push_replies(conn, &[(list.to_owned(), frame.to_vec())], ttl).await
+}
+
+/// [`push_reply`] for many `(list, frame)` pairs in one round trip (a
+/// pipeline, in order): credits from a proxy to its dispatchers.
+pub async fn push_replies<C: ConnectionLike + Send>(
+    conn: &mut C,
+    frames: &[(String, Vec<u8>)],
+    ttl: Duration,
+) -> RedisResult<()> {
+    let mut pipe = redis::pipe();
+    for (list, frame) in frames {
+        pipe.cmd("RPUSH").arg(list).arg(frame).ignore();
+        pipe.cmd("PEXPIRE").arg(list).arg(millis(ttl)).ignore();
+    }
+    pipe.query_async(conn).await
+}
+
 /// `LREM processing 1 <raw>`: takes one request out of a processing list
 /// without replying (expired, already claimed, or a reply Redis refused).
 pub async fn remove<C: ConnectionLike + Send>(
@@ -176,9 +206,10 @@ pub async fn remove<C: ConnectionLike + Send>(
         .map(drop)
 }
 
-/// `BLMPOP <block> 1 <replies> LEFT COUNT <count>`: up to `count` replies
-/// from a proxy's reply list, oldest first, waiting up to `block` for the
-/// first. Send it on a dedicated connection (`anteroom_redis::blocking_for`).
+/// `BLMPOP <block> 1 <replies> LEFT COUNT <count>`: up to `count` items
+/// from a list, oldest first, waiting up to `block` for the first: a
+/// proxy's reply list, or a dispatcher's credit list. Send it on a
+/// dedicated connection (`anteroom_redis::blocking_for`).
 pub async fn pop_replies<C: ConnectionLike + Send>(
     conn: &mut C,
     replies: &str,

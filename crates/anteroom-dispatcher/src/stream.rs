@@ -1,0 +1,410 @@
+//! Streamed replies (docs/protocol.md, "Streamed replies"): a response
+//! whose body is not all there at once goes to the proxy as a head, chunks
+//! as the body produces them, and an end, paced by the proxy's credits.
+//!
+//! - [`CreditTable`] and [`read_credits`]: one reader per dispatcher pops
+//!   its credit list (`anteroom:{q}:credits:<id>`, BLMPOP on a connection of
+//!   its own) and wakes the stream each credit names.
+//! - [`send`]: one stream, from head to end. It never has more than the
+//!   window sent and not yet credited, so a slow client holds the app's
+//!   body back instead of filling Redis or memory. A cancel (the client is
+//!   gone) or [`STOPPING`] ends it; an app body that fails or stays silent
+//!   past the idle timeout aborts it, and the proxy then aborts the
+//!   client's response rather than ending it cleanly.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anteroom_control::queue::{self, Done};
+use anteroom_protocol::{
+    Credit, MAX_CHUNK, RequestEnvelope, StreamChunk, StreamEnd, StreamHead, headers_from_map,
+};
+use anteroom_redis::{Backoff, Target, sleep_or_stop};
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::describe;
+use crate::worker::{ResponseBody, Shared};
+
+/// Why a stream that ends without its body's end ended, in its end frame.
+const STOPPING: &str = "dispatcher stopping";
+
+/// How long one BLMPOP on the credit list blocks before the reader loops.
+const BLOCK: Duration = Duration::from_secs(1);
+
+/// What the proxy has said of one stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CreditState {
+    /// Body bytes handed to the client so far.
+    pub(crate) consumed: u64,
+    /// The client is gone.
+    pub(crate) cancel: bool,
+}
+
+/// The streams waiting for credits, by request id.
+#[derive(Debug, Default)]
+pub(crate) struct CreditTable {
+    streams: Mutex<HashMap<String, watch::Sender<CreditState>>>,
+}
+
+/// One stream's credits; removed from the table when dropped.
+struct Credits<'a> {
+    table: &'a CreditTable,
+    id: String,
+    rx: watch::Receiver<CreditState>,
+}
+
+impl Drop for Credits<'_> {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.id);
+    }
+}
+
+impl CreditTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<CreditState>>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn register(&self, id: &str) -> Credits<'_> {
+        let (tx, rx) = watch::channel(CreditState::default());
+        self.lock().insert(id.to_owned(), tx);
+        Credits {
+            table: self,
+            id: id.to_owned(),
+            rx,
+        }
+    }
+
+    /// Hands a credit to its stream; credits for streams that ended are
+    /// dropped. Totals only grow: a late, smaller one changes nothing.
+    fn deliver(&self, credit: Credit) {
+        if let Some(tx) = self.lock().get(&credit.id) {
+            tx.send_if_modified(|state| {
+                let before = *state;
+                state.consumed = state.consumed.max(credit.consumed);
+                state.cancel |= credit.cancel;
+                *state != before
+            });
+        }
+    }
+}
+
+/// Pops this dispatcher's credit list until `stop`, reconnecting with
+/// backoff, and hands each credit to its stream.
+pub(crate) async fn read_credits(shared: Arc<Shared>, target: Target, stop: CancellationToken) {
+    let mut backoff = Backoff::new();
+    'connect: while !stop.is_cancelled() {
+        let key = &shared.credits_key;
+        let timeout = shared.settings.redis_timeout;
+        let mut conn = match anteroom_redis::blocking_for(&target, key, timeout, BLOCK).await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "credit reader cannot connect to redis; retrying");
+                if sleep_or_stop(&stop, backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        loop {
+            let popped = tokio::select! {
+                popped = queue::pop_replies(&mut conn, key, BLOCK, 256) => popped,
+                () = stop.cancelled() => return,
+            };
+            match popped {
+                Ok(credits) => {
+                    for raw in credits {
+                        match Credit::decode(raw) {
+                            Ok(credit) => shared.credits.deliver(credit),
+                            Err(err) => {
+                                tracing::warn!(error = %err, "discarding a credit that does not decode")
+                            }
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "credit reader lost redis; reconnecting");
+                    if sleep_or_stop(&stop, backoff.next_delay()).await {
+                        return;
+                    }
+                    continue 'connect;
+                }
+            }
+        }
+    }
+}
+
+/// How a stream ended.
+enum Ending {
+    /// The body ended: a clean end.
+    Done,
+    /// Cut short: the proxy aborts its client's response.
+    Aborted(String),
+    /// The client is gone: nothing more to send.
+    Cancelled,
+}
+
+/// Streams `body` (after `first`, read already) as the reply to `envelope`
+/// held as `raw` in this dispatcher's processing list: the head, the chunks
+/// as the body yields them within the window, then the end, pushed with the
+/// request's removal from the processing list in one MULTI (as a complete
+/// reply is). Never fails: what goes wrong ends the stream, aborted.
+pub(crate) async fn send<B: ResponseBody>(
+    shared: &Shared,
+    envelope: &RequestEnvelope,
+    raw: &Bytes,
+    parts: http::response::Parts,
+    body: Pin<Box<B>>,
+    first: Vec<Bytes>,
+) {
+    let credits = shared.credits.register(&envelope.id);
+    let head = StreamHead {
+        id: envelope.id.clone(),
+        status: parts.status.as_u16(),
+        headers: headers_from_map(&parts.headers),
+        credit_to: shared.credits_key.clone(),
+        window: shared.settings.stream_window as u64,
+    };
+    let sse = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut out = Outgoing {
+        shared,
+        reply_to: &envelope.reply_to,
+        id: &envelope.id,
+        seq: 0,
+        sent: 0,
+    };
+    let ending = match out.push(head.encode()).await {
+        Ok(()) => {
+            let ending = std::panic::AssertUnwindSafe(out.body(body, first, credits))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Ending::Aborted("the response body panicked".into()));
+            match ending {
+                // At the end of the grace period an event stream ends
+                // cleanly, so EventSource clients reconnect (with
+                // Last-Event-ID) to a dispatcher still running; any other
+                // body cut short must look cut short.
+                Ending::Aborted(reason) if reason == STOPPING && sse => Ending::Done,
+                ending => ending,
+            }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "cannot send the stream's head; giving it up");
+            Ending::Cancelled
+        }
+    };
+    let end = match &ending {
+        Ending::Done => Some(None),
+        Ending::Aborted(reason) => {
+            tracing::warn!(%reason, sent = out.sent, "stream aborted");
+            shared.metrics.stream_aborted();
+            Some(Some(reason.clone()))
+        }
+        Ending::Cancelled => {
+            tracing::debug!(sent = out.sent, "client gone; stream stopped");
+            None
+        }
+    };
+    let frame = end.map(|aborted| {
+        StreamEnd {
+            id: envelope.id.clone(),
+            chunks: out.seq,
+            aborted,
+        }
+        .encode()
+    });
+    let done = Done {
+        reply_to: &envelope.reply_to,
+        reply: frame.as_deref(),
+        raw,
+    };
+    let ttl = shared.settings.reply_ttl;
+    let processing = &shared.processing_key;
+    if let Err(err) = queue::complete_now(&mut shared.conn.clone(), processing, ttl, &[done]).await
+    {
+        tracing::error!(error = %err, "cannot end the stream (the request stays in the processing list)");
+    }
+}
+
+/// The frames of one stream, pushed in order.
+struct Outgoing<'a> {
+    shared: &'a Shared,
+    reply_to: &'a str,
+    id: &'a str,
+    /// The next chunk's number.
+    seq: u64,
+    /// Body bytes pushed.
+    sent: u64,
+}
+
+impl Outgoing<'_> {
+    async fn push(&self, frame: Vec<u8>) -> redis::RedisResult<()> {
+        let ttl = self.shared.settings.reply_ttl;
+        queue::push_reply(&mut self.shared.conn.clone(), self.reply_to, &frame, ttl).await
+    }
+
+    async fn chunk(&mut self, data: Bytes) -> Result<(), Ending> {
+        for piece in pieces(data) {
+            let len = piece.len() as u64;
+            let chunk = StreamChunk {
+                id: self.id.to_owned(),
+                seq: self.seq,
+                data: piece,
+            };
+            if let Err(err) = self.push(chunk.encode()).await {
+                return Err(Ending::Aborted(format!("cannot push a chunk: {err}")));
+            }
+            self.seq += 1;
+            self.sent += len;
+        }
+        Ok(())
+    }
+
+    /// Sends the body within the window until it ends, fails, idles out,
+    /// the client goes, or the dispatcher stops.
+    async fn body<B: ResponseBody>(
+        &mut self,
+        mut body: Pin<Box<B>>,
+        first: Vec<Bytes>,
+        mut credits: Credits<'_>,
+    ) -> Ending {
+        let window = self.shared.settings.stream_window as u64;
+        let idle = self.shared.settings.stream_idle_timeout;
+        let stopping = self.shared.streams_stop.clone();
+        for data in first {
+            if let Err(ending) = self.chunk(data).await {
+                return ending;
+            }
+        }
+        loop {
+            // Wait for room in the window (the client reads slowly).
+            while self.sent.saturating_sub(credits.rx.borrow().consumed) >= window {
+                if credits.rx.borrow().cancel {
+                    return Ending::Cancelled;
+                }
+                tokio::select! {
+                    changed = credits.rx.changed() => if changed.is_err() { return Ending::Cancelled },
+                    () = tokio::time::sleep(idle) => {
+                        return Ending::Aborted(format!("the client read nothing for {idle:?}"));
+                    }
+                    () = stopping.cancelled() => return Ending::Aborted(STOPPING.into()),
+                }
+            }
+            if credits.rx.borrow().cancel {
+                return Ending::Cancelled;
+            }
+            let next = tokio::select! {
+                frame = body.frame() => step(frame),
+                changed = credits.rx.changed() => {
+                    if changed.is_err() {
+                        return Ending::Cancelled;
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep(idle) => {
+                    return Ending::Aborted(format!("the body sent nothing for {idle:?}"));
+                }
+                () = stopping.cancelled() => return Ending::Aborted(STOPPING.into()),
+            };
+            let data = match next {
+                Step::End => return Ending::Done,
+                Step::Failed(reason) => return Ending::Aborted(reason),
+                Step::Skip => continue,
+                Step::Data(data) => data,
+            };
+            // Whatever else the body has ready goes in the same push.
+            let mut batch = BytesMut::from(&data[..]);
+            let mut after = None;
+            while batch.len() < MAX_CHUNK {
+                let Some(frame) = body.frame().now_or_never() else {
+                    break;
+                };
+                match step(frame) {
+                    Step::Data(data) => batch.extend_from_slice(&data),
+                    Step::Skip => {}
+                    Step::End => {
+                        after = Some(Ending::Done);
+                        break;
+                    }
+                    Step::Failed(reason) => {
+                        after = Some(Ending::Aborted(reason));
+                        break;
+                    }
+                }
+            }
+            if let Err(ending) = self.chunk(batch.freeze()).await {
+                return ending;
+            }
+            if let Some(ending) = after {
+                return ending;
+            }
+        }
+    }
+}
+
+/// One frame of a body, as the stream uses it (nothing of the body's own
+/// error type is kept: it need not be `Send`).
+enum Step {
+    Data(Bytes),
+    /// Trailers: a reply carries none.
+    Skip,
+    End,
+    Failed(String),
+}
+
+fn step<E: Into<crate::BoxError>>(frame: Option<Result<http_body::Frame<Bytes>, E>>) -> Step {
+    match frame {
+        None => Step::End,
+        Some(Err(err)) => {
+            let err: crate::BoxError = err.into();
+            Step::Failed(format!("the body failed: {}", describe(&*err)))
+        }
+        Some(Ok(frame)) => frame.into_data().map_or(Step::Skip, Step::Data),
+    }
+}
+
+/// `data` in pieces of at most [`MAX_CHUNK`] bytes (no copy).
+fn pieces(mut data: Bytes) -> impl Iterator<Item = Bytes> {
+    std::iter::from_fn(move || {
+        if data.is_empty() {
+            return None;
+        }
+        let n = data.len().min(MAX_CHUNK);
+        Some(data.split_to(n))
+    })
+}
+
+/// Reads what `body` has ready now, without waiting, up to `upto` bytes:
+/// `Ok((frames, true))` when that was the whole body. A body whose first
+/// bytes are not there yet, or that holds more, is streamed.
+pub(crate) fn ready_now<B: ResponseBody>(
+    body: &mut Pin<Box<B>>,
+    upto: usize,
+) -> Result<(Vec<Bytes>, bool), crate::BoxError> {
+    let mut frames = Vec::new();
+    let mut size = 0;
+    while size <= upto {
+        let Some(frame) = body.frame().now_or_never() else {
+            break;
+        };
+        match step(frame) {
+            Step::Data(data) => {
+                size += data.len();
+                frames.push(data);
+            }
+            Step::Skip => {}
+            Step::End => return Ok((frames, true)),
+            Step::Failed(reason) => return Err(reason.into()),
+        }
+    }
+    Ok((frames, false))
+}

@@ -1,0 +1,362 @@
+//! Streamed replies (docs/protocol.md, "Streamed replies"): a response sent
+//! as it is produced, in frames that share the request's reply list with
+//! complete replies, and the credits that pace it.
+//!
+//! A dispatcher may stream only to a proxy that said it reads streams
+//! (`RequestEnvelope::stream`). It pushes, in order, to `reply_to`:
+//! - one [`StreamHead`] (kind `'S'`): status and headers, where to send
+//!   credits, and the window;
+//! - [`StreamChunk`]s (kind `'C'`), numbered from 0, each at most
+//!   [`MAX_CHUNK`] bytes;
+//! - one [`StreamEnd`] (kind `'E'`): how many chunks were sent, and
+//!   whether the body ended or was aborted.
+//!
+//! The proxy pushes [`Credit`]s (kind `'A'`) to the head's `credit_to`
+//! list: how many body bytes it has handed to its client, or that the
+//! client is gone. A dispatcher never has more than `window` bytes sent and
+//! not yet credited. [`Reply`] decodes whatever a reply list holds.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::{DecodeError, HeaderList, ResponseEnvelope};
+use crate::frame::{HeadersRef, check_body, de_headers, frame, headers_json_len, kind_of, unframe};
+
+/// Kind byte of a stream head (`'S'`).
+pub const KIND_STREAM_HEAD: u8 = b'S';
+/// Kind byte of a stream chunk (`'C'`).
+pub const KIND_STREAM_CHUNK: u8 = b'C';
+/// Kind byte of a stream end (`'E'`).
+pub const KIND_STREAM_END: u8 = b'E';
+/// Kind byte of a credit (`'A'`).
+pub const KIND_CREDIT: u8 = b'A';
+/// Largest body a [`StreamChunk`] carries: 256 KiB.
+pub const MAX_CHUNK: usize = 256 * 1024;
+
+/// The start of a streamed response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHead {
+    /// The id of the request this answers.
+    pub id: String,
+    /// HTTP status code (100..=999).
+    pub status: u16,
+    /// Header fields in order, duplicates kept, values as raw bytes.
+    pub headers: HeaderList,
+    /// The list the proxy pushes [`Credit`]s to
+    /// (`anteroom:{q}:credits:<dispatcher>`).
+    pub credit_to: String,
+    /// Most body bytes the dispatcher sends beyond those credited.
+    pub window: u64,
+}
+
+/// A piece of a streamed body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamChunk {
+    /// The id of the request this answers.
+    pub id: String,
+    /// Its place in the stream, from 0 with no gap.
+    pub seq: u64,
+    /// The bytes, exact.
+    pub data: Bytes,
+}
+
+/// The end of a streamed response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEnd {
+    /// The id of the request this answers.
+    pub id: String,
+    /// How many chunks were sent before it.
+    pub chunks: u64,
+    /// `None`: the body ended. `Some(reason)`: it was cut short (the
+    /// upstream or the handler failed, the stream idled out); the proxy
+    /// aborts the client's response instead of ending it.
+    pub aborted: Option<String>,
+}
+
+/// A proxy's word on a stream to the dispatcher sending it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credit {
+    /// The id of the request.
+    pub id: String,
+    /// Body bytes handed to the client so far (the total, not a delta).
+    pub consumed: u64,
+    /// The client is gone (or the proxy gave up on the stream): stop.
+    pub cancel: bool,
+}
+
+/// What a reply list holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// A whole response (kind `'R'`).
+    Complete(ResponseEnvelope),
+    /// The start of a streamed one.
+    Head(StreamHead),
+    /// A piece of a streamed body.
+    Chunk(StreamChunk),
+    /// Its end.
+    End(StreamEnd),
+}
+
+impl Reply {
+    /// Decodes any reply frame by its kind byte; bodies are zero-copy
+    /// slices of `buf`.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        match kind_of(&buf)? {
+            KIND_STREAM_HEAD => StreamHead::decode(buf).map(Self::Head),
+            KIND_STREAM_CHUNK => StreamChunk::decode(buf).map(Self::Chunk),
+            KIND_STREAM_END => StreamEnd::decode(buf).map(Self::End),
+            _ => ResponseEnvelope::decode(buf).map(Self::Complete),
+        }
+    }
+
+    /// The id of the request it answers.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Complete(r) => &r.id,
+            Self::Head(h) => &h.id,
+            Self::Chunk(c) => &c.id,
+            Self::End(e) => &e.id,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct HeadMetaRef<'a> {
+    id: &'a str,
+    status: u16,
+    headers: HeadersRef<'a>,
+    credit_to: &'a str,
+    window: u64,
+}
+
+#[derive(Deserialize)]
+struct HeadMeta {
+    id: String,
+    status: u16,
+    #[serde(deserialize_with = "de_headers")]
+    headers: HeaderList,
+    credit_to: String,
+    window: u64,
+}
+
+impl StreamHead {
+    /// Encodes it into its wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = HeadMetaRef {
+            id: &self.id,
+            status: self.status,
+            headers: HeadersRef(&self.headers),
+            credit_to: &self.credit_to,
+            window: self.window,
+        };
+        let hint = 96 + self.id.len() + self.credit_to.len() + headers_json_len(&self.headers);
+        frame(KIND_STREAM_HEAD, &meta, hint, &[])
+    }
+
+    /// Decodes a stream head.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        let (meta, body) = unframe(&buf, KIND_STREAM_HEAD, "stream head")?;
+        check_body(0, &body)?;
+        let meta: HeadMeta = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
+        Ok(Self {
+            id: meta.id,
+            status: meta.status,
+            headers: meta.headers,
+            credit_to: meta.credit_to,
+            window: meta.window,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChunkMeta<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    seq: u64,
+    body_len: u64,
+}
+
+impl StreamChunk {
+    /// Encodes it into its wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = ChunkMeta {
+            id: std::borrow::Cow::Borrowed(&self.id),
+            seq: self.seq,
+            body_len: self.data.len() as u64,
+        };
+        frame(KIND_STREAM_CHUNK, &meta, 64 + self.id.len(), &self.data)
+    }
+
+    /// Decodes a stream chunk; `data` is a zero-copy slice of `buf`.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        let (meta, body) = unframe(&buf, KIND_STREAM_CHUNK, "stream chunk")?;
+        let meta: ChunkMeta<'_> = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
+        check_body(meta.body_len, &body)?;
+        Ok(Self {
+            id: meta.id.into_owned(),
+            seq: meta.seq,
+            data: body,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct EndMeta {
+    id: String,
+    chunks: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    aborted: Option<String>,
+}
+
+impl StreamEnd {
+    /// Encodes it into its wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = EndMeta {
+            id: self.id.clone(),
+            chunks: self.chunks,
+            aborted: self.aborted.clone(),
+        };
+        frame(KIND_STREAM_END, &meta, 96 + self.id.len(), &[])
+    }
+
+    /// Decodes a stream end.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        let (meta, body) = unframe(&buf, KIND_STREAM_END, "stream end")?;
+        check_body(0, &body)?;
+        let meta: EndMeta = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
+        Ok(Self {
+            id: meta.id,
+            chunks: meta.chunks,
+            aborted: meta.aborted,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CreditMeta {
+    id: String,
+    consumed: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cancel: bool,
+}
+
+impl Credit {
+    /// Encodes it into its wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = CreditMeta {
+            id: self.id.clone(),
+            consumed: self.consumed,
+            cancel: self.cancel,
+        };
+        frame(KIND_CREDIT, &meta, 64 + self.id.len(), &[])
+    }
+
+    /// Decodes a credit.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        let (meta, body) = unframe(&buf, KIND_CREDIT, "credit")?;
+        check_body(0, &body)?;
+        let meta: CreditMeta = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
+        Ok(Self {
+            id: meta.id,
+            consumed: meta.consumed,
+            cancel: meta.cancel,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_frame_round_trips_and_decodes_by_kind() {
+        let head = StreamHead {
+            id: "r1".into(),
+            status: 200,
+            headers: vec![
+                (
+                    "content-type".into(),
+                    Bytes::from_static(b"text/event-stream"),
+                ),
+                ("x-bin".into(), Bytes::from_static(b"caf\xe9")),
+            ],
+            credit_to: "anteroom:{q}:credits:d1".into(),
+            window: 1 << 20,
+        };
+        let chunk = StreamChunk {
+            id: "r1".into(),
+            seq: 7,
+            data: Bytes::from_static(b"\x00data: x\n\n\xff"),
+        };
+        let end = StreamEnd {
+            id: "r1".into(),
+            chunks: 8,
+            aborted: Some("upstream closed".into()),
+        };
+        let complete = ResponseEnvelope {
+            id: "r2".into(),
+            status: 204,
+            headers: vec![],
+            body: Bytes::new(),
+        };
+        let frames = [
+            Reply::Head(head.clone()),
+            Reply::Chunk(chunk.clone()),
+            Reply::End(end.clone()),
+            Reply::Complete(complete.clone()),
+        ];
+        let encoded = [
+            head.encode(),
+            chunk.encode(),
+            end.encode(),
+            complete.encode(),
+        ];
+        for (reply, bytes) in frames.iter().zip(encoded) {
+            assert_eq!(&Reply::decode(Bytes::from(bytes)).unwrap(), reply);
+        }
+        let credit = Credit {
+            id: "r1".into(),
+            consumed: 12_345,
+            cancel: true,
+        };
+        assert_eq!(
+            Credit::decode(Bytes::from(credit.encode())).unwrap(),
+            credit
+        );
+        let clean = StreamEnd {
+            aborted: None,
+            ..end
+        };
+        assert_eq!(
+            StreamEnd::decode(Bytes::from(clean.encode())).unwrap(),
+            clean
+        );
+    }
+
+    #[test]
+    fn malformed_frames_are_errors_not_panics() {
+        let chunk = StreamChunk {
+            id: "r1".into(),
+            seq: 0,
+            data: Bytes::from_static(b"abc"),
+        }
+        .encode();
+        for cut in 0..chunk.len() {
+            assert!(Reply::decode(Bytes::copy_from_slice(&chunk[..cut])).is_err());
+        }
+        let mut head = StreamHead {
+            id: "r".into(),
+            status: 200,
+            headers: vec![],
+            credit_to: "c".into(),
+            window: 1,
+        }
+        .encode();
+        head.push(b'x');
+        assert!(
+            Reply::decode(Bytes::from(head)).is_err(),
+            "a head with a body"
+        );
+        assert!(Credit::decode(Bytes::from(chunk)).is_err(), "wrong kind");
+    }
+}
