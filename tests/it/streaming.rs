@@ -3,6 +3,7 @@
 //! cut short is never ended cleanly.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anteroom_dispatcher::Body;
@@ -71,15 +72,21 @@ async fn app(req: Request<Body>) -> Result<Response<Events>, Infallible> {
                     }
                 }
             }
-            "/bytes" => {
+            "/bytes" | "/counted" => {
                 let mut sent = 0u64;
                 while sent < n {
                     let len = (n - sent).min(64 * 1024);
                     let chunk = pattern(sent, len as usize);
                     if tx.send(Ok(Frame::data(chunk))).await.is_err() {
+                        if path == "/counted" {
+                            LEFT_AT.store(now_ms(), Ordering::SeqCst);
+                        }
                         return;
                     }
                     sent += len;
+                    if path == "/counted" {
+                        PRODUCED.store(sent, Ordering::SeqCst);
+                    }
                 }
             }
             _ => {
@@ -97,6 +104,11 @@ async fn app(req: Request<Body>) -> Result<Response<Events>, Infallible> {
         .body(body)
         .unwrap())
 }
+
+/// Bytes `/counted` has handed to its body so far, and when it noticed
+/// its reader gone (Unix ms; 0: not yet). One test uses it.
+static PRODUCED: AtomicU64 = AtomicU64::new(0);
+static LEFT_AT: AtomicU64 = AtomicU64::new(0);
 
 /// `len` bytes of the pattern at `offset`: byte i is `(i * 31 + i / 65536) % 251`.
 fn pattern(offset: u64, len: usize) -> Bytes {
@@ -183,4 +195,287 @@ async fn a_large_body_streams_byte_exact_and_a_broken_one_is_cut_short() {
     assert!(collected.is_err(), "a broken stream ended cleanly");
     dispatcher.stop().await;
     proxy.stop().await;
+}
+
+/// [`app`] over real HTTP/1.1 on a port-0 listener, for dispatchers run as
+/// processes (`anteroom dispatch --upstream`).
+async fn serve_app() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+                    let (parts, _) = req.into_parts();
+                    app(Request::from_parts(parts, Full::new(Bytes::new())))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Resident memory of process `pid`, in bytes (`VmRSS`).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// A download far larger than the window crosses a real proxy and a real
+/// dispatcher byte-exact, each process's memory growing by at most 64 MiB.
+/// 256 MiB here; `ANTEROOM_STREAM_TEST_BYTES=1073741824 cargo test --test it
+/// streaming` runs the 1 GiB case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_crosses_real_processes_in_bounded_memory() {
+    let size: u64 = std::env::var("ANTEROOM_STREAM_TEST_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256 * 1024 * 1024);
+    let redis = start_redis();
+    let upstream = serve_app().await;
+    let (proxy, base) = crate::support::bin::start_proxy(&redis, "dl", "30s").await;
+    let dispatcher = crate::support::bin::BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "dl",
+        "--upstream",
+        &format!("http://{upstream}"),
+    ]);
+    let c = client();
+    // Warm: both processes have served one request before the baseline.
+    crate::support::eventually("the dispatcher to serve", Duration::from_secs(20), || {
+        let (c, url) = (c.clone(), format!("{base}/bytes?n=10"));
+        async move {
+            let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    let (proxy_before, dispatcher_before) = (rss(proxy.pid()), rss(dispatcher.pid()));
+    let started = Instant::now();
+    let req = Request::get(format!("{base}/bytes?n={size}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let (mut received, mut proxy_peak, mut dispatcher_peak) = (0u64, 0, 0);
+    let mut next_sample = 0u64;
+    while let Some(frame) = body.frame().await {
+        let data = frame.unwrap().into_data().unwrap();
+        assert_eq!(data, pattern(received, data.len()), "bytes at {received}");
+        received += data.len() as u64;
+        if received >= next_sample {
+            proxy_peak = proxy_peak.max(rss(proxy.pid()));
+            dispatcher_peak = dispatcher_peak.max(rss(dispatcher.pid()));
+            next_sample += 8 * 1024 * 1024;
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(received, size);
+    let grew = |peak: u64, before: u64| peak.saturating_sub(before) / (1024 * 1024);
+    let (proxy_grew, dispatcher_grew) = (
+        grew(proxy_peak, proxy_before),
+        grew(dispatcher_peak, dispatcher_before),
+    );
+    println!(
+        "{} MiB streamed through anteroom processes in {took:?} ({:.0} MB/s); RSS grew: proxy {proxy_grew} MiB, dispatcher {dispatcher_grew} MiB",
+        size / (1024 * 1024),
+        size as f64 / took.as_secs_f64() / 1e6
+    );
+    assert!(proxy_grew <= 64, "the proxy grew {proxy_grew} MiB");
+    assert!(
+        dispatcher_grew <= 64,
+        "the dispatcher grew {dispatcher_grew} MiB"
+    );
+}
+
+/// A client that reads slowly holds its own stream back (the window: the
+/// app is read at most about 1 MiB ahead of the client, and nothing piles
+/// up in Redis) while 100 other requests on the same proxy are answered at
+/// once; a client that leaves stops the app's body within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_holds_back_its_stream_only() {
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "slow").await;
+    let dispatcher = TestDispatcher::start(&redis, "slow", tower::service_fn(app));
+    let c = client();
+    let size = 64 * 1024 * 1024;
+    let req = Request::get(proxy.url(&format!("/counted?n={size}")))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let mut body = resp.into_body();
+    // Read 256 KiB, then stop reading for a while.
+    let mut received = 0;
+    while received < 256 * 1024 {
+        received += body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap()
+            .len();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut conn = crate::support::redis_conn(&redis).await;
+    let lists = crate::support::keys(&mut conn, "anteroom:{slow}:replies:*").await;
+    let mut held = 0u64;
+    for list in &lists {
+        let items: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(list)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        held += items.iter().map(|i| i.len() as u64).sum::<u64>();
+    }
+    let produced = PRODUCED.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = PRODUCED.load(Ordering::SeqCst);
+    println!(
+        "a stalled stream: client read {received} bytes, the app produced {produced} then {still}, Redis holds {held}"
+    );
+    assert!(
+        held <= 2 * 1024 * 1024,
+        "{held} bytes of a stalled stream in Redis"
+    );
+    // The app is held back: it stopped producing while its client stopped
+    // reading, far short of the body. What it ran ahead is the window plus
+    // the kernel's socket buffers on loopback (several MiB), none of it in
+    // Redis (above) or growing any process (the download test).
+    assert_eq!(
+        produced, still,
+        "the app kept producing for a client that reads nothing"
+    );
+    assert!(
+        still < size as u64 / 4,
+        "the app produced {still} of {size} bytes"
+    );
+    // Meanwhile, other requests are answered.
+    let started = Instant::now();
+    let mut others = Vec::new();
+    for _ in 0..100 {
+        let (c, url) = (c.clone(), proxy.url("/events?n=1&ms=0"));
+        others.push(tokio::spawn(async move {
+            let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+            let resp = c.request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.into_body().collect().await.unwrap();
+        }));
+    }
+    for other in others {
+        other.await.unwrap();
+    }
+    let others_took = started.elapsed();
+    assert!(others_took < Duration::from_secs(10), "{others_took:?}");
+    // The slow client leaves: the app's body is dropped within a second.
+    let left = now_ms();
+    drop(body);
+    drop(c);
+    crate::support::eventually("the app to notice", Duration::from_secs(5), || async {
+        LEFT_AT.load(Ordering::SeqCst) != 0
+    })
+    .await;
+    let noticed_after = LEFT_AT.load(Ordering::SeqCst).saturating_sub(left);
+    println!("the app stopped {noticed_after} ms after its client left");
+    assert!(noticed_after <= 1000, "{noticed_after} ms");
+    dispatcher.stop().await;
+    proxy.stop().await;
+}
+
+/// A dispatcher killed mid-stream: the client's response is cut short
+/// (never ended as if complete) within the proxy's idle timeout, and the
+/// proxy counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_killed_mid_stream_cuts_the_response_short() {
+    let redis = start_redis();
+    let upstream = serve_app().await;
+    let port = anteroom_testkit::free_port().unwrap();
+    let admin = anteroom_testkit::free_port().unwrap();
+    let _proxy = crate::support::bin::BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "kill",
+        "--stream-idle-timeout",
+        "2s",
+    ]);
+    crate::support::wait_for_port(port).await;
+    let mut dispatcher = crate::support::bin::BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "kill",
+        "--upstream",
+        &format!("http://{upstream}"),
+    ]);
+    let c = client();
+    let req = Request::get(format!("http://127.0.0.1:{port}/events?n=100&ms=100"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"id: 0"), "{first:?}");
+    dispatcher.child().kill().unwrap();
+    let killed = Instant::now();
+    let ending = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => break Err(err),
+                None => break Ok(()),
+            }
+        }
+    })
+    .await
+    .expect("the stream neither ended nor aborted");
+    assert!(
+        ending.is_err(),
+        "a killed dispatcher's stream ended cleanly"
+    );
+    println!(
+        "stream cut short {:?} after its dispatcher was killed",
+        killed.elapsed()
+    );
+    let metrics = crate::support::web::send(
+        &c,
+        Request::get(format!("http://127.0.0.1:{admin}/metrics"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .text();
+    assert!(
+        metrics.contains("anteroom_proxy_streams_aborted_total{queue=\"kill\"} 1"),
+        "{metrics}"
+    );
 }
