@@ -1,9 +1,10 @@
-//! Every decoder on arbitrary bytes: no panic, and whatever decodes
+//! Every decoder on arbitrary bytes (requests, whole replies, stream
+//! frames, credits, dead letters): no panic, and whatever decodes
 //! re-encodes to something that decodes to the same value; the dispatcher's
 //! conversion to an HTTP request never panics either.
 #![no_main]
 
-use anteroom_protocol::{DeadLetter, RequestEnvelope, ResponseEnvelope};
+use anteroom_protocol::{Credit, DeadLetter, Reply, RequestEnvelope, ResponseEnvelope};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 
@@ -21,6 +22,18 @@ fuzz_target!(|data: &[u8]| {
             .expect("re-encoded response decodes");
         assert_eq!(again, resp);
         let _ = resp.to_http();
+    }
+    if let Ok(reply) = Reply::decode(buf.clone()) {
+        let encoded = match &reply {
+            Reply::Complete(r) => r.encode(),
+            Reply::Head(h) => h.encode(),
+            Reply::Chunk(c) => c.encode(),
+            Reply::End(e) => e.encode(),
+        };
+        assert_eq!(Reply::decode(Bytes::from(encoded)).unwrap(), reply);
+    }
+    if let Ok(credit) = Credit::decode(buf.clone()) {
+        assert_eq!(Credit::decode(Bytes::from(credit.encode())).unwrap(), credit);
     }
     if let Ok(dead) = DeadLetter::decode(buf) {
         assert_eq!(

@@ -3,7 +3,7 @@
 //! header counts and sizes) on the stable toolchain, so CI covers what
 //! the fuzzer found.
 
-use anteroom_protocol::{DeadLetter, RequestEnvelope, ResponseEnvelope};
+use anteroom_protocol::{Credit, DeadLetter, Reply, RequestEnvelope, ResponseEnvelope};
 use bytes::Bytes;
 
 #[test]
@@ -11,6 +11,7 @@ fn every_seed_decodes_or_fails_without_panicking() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/envelope");
     let mut seeds = 0;
     let mut converted = 0;
+    let mut stream_frames = 0;
     for entry in std::fs::read_dir(&dir).expect("the fuzz corpus is in the repository") {
         let path = entry.unwrap().path();
         let buf = Bytes::from(std::fs::read(&path).unwrap());
@@ -25,6 +26,20 @@ fn every_seed_decodes_or_fails_without_panicking() {
             assert_eq!(again, resp, "{}", path.display());
             converted += usize::from(resp.to_http().is_ok());
         }
+        if let Ok(reply) = Reply::decode(buf.clone()) {
+            let encoded = match &reply {
+                Reply::Complete(r) => r.encode(),
+                Reply::Head(h) => h.encode(),
+                Reply::Chunk(c) => c.encode(),
+                Reply::End(e) => e.encode(),
+            };
+            assert_eq!(Reply::decode(Bytes::from(encoded)).unwrap(), reply);
+            stream_frames += usize::from(!matches!(reply, Reply::Complete(_)));
+        }
+        if let Ok(credit) = Credit::decode(buf.clone()) {
+            assert_eq!(Credit::decode(Bytes::from(credit.encode())).unwrap(), credit);
+            stream_frames += 1;
+        }
         if let Ok(dead) = DeadLetter::decode(buf) {
             assert_eq!(
                 DeadLetter::decode(Bytes::from(dead.encode())).unwrap(),
@@ -36,4 +51,6 @@ fn every_seed_decodes_or_fails_without_panicking() {
     // The plain request and response, and the 256 KiB value, convert; the
     // 40,000- and 33,000-field ones are refused.
     assert_eq!(converted, 3);
+    // A stream head, chunk and end, and a credit.
+    assert_eq!(stream_frames, 4);
 }
