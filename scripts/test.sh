@@ -7,7 +7,8 @@
 #     chromium, python3 with venv;
 #   - Python packages from tests/requirements.txt into the project's own
 #     virtual environment, .venv (never into the system Python; set
-#     ANTEROOM_TEST_VENV to keep it elsewhere).
+#     ANTEROOM_TEST_VENV to keep it elsewhere);
+#   - Node's eventsource package into tests/apps/sse (npm ci).
 # Then runs `cargo test` with any arguments given here, e.g.
 #   bash scripts/test.sh round_trip
 # A test whose prerequisite is still missing fails and names it; none is
@@ -97,6 +98,19 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "$want" > "$stamp"
 fi
 export ANTEROOM_TEST_VENV="$venv"
+
+# A real EventSource client (Node's eventsource package, pinned by
+# tests/apps/sse/package-lock.json) for the streaming tests; Node from the
+# distribution when missing.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  say "installing nodejs and npm (apt-get)"
+  [ "$updated" = true ] || as_root apt-get update -q || true
+  apt_install nodejs npm
+fi
+if [ ! -d tests/apps/sse/node_modules/eventsource ]; then
+  say "installing the EventSource client (npm ci in tests/apps/sse)"
+  npm ci --prefix tests/apps/sse --no-audit --no-fund --silent
+fi
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "test.sh: cargo is missing; install Rust (https://rustup.rs) first" >&2

@@ -45,6 +45,18 @@ mod tokio_stream_like {
 /// carrying the Unix milliseconds it was written at; `/bytes?n=N`: N bytes
 /// of a known pattern in 64 KiB writes; `/broken`: some bytes, then an error.
 async fn app(req: Request<Body>) -> Result<Response<Events>, Infallible> {
+    tagged_app(req, "inproc").await
+}
+
+/// [`app`], its events carrying `tag` (which app served them) after the
+/// time, resuming after the `Last-Event-ID` a reconnecting client sends.
+async fn tagged_app(req: Request<Body>, tag: &'static str) -> Result<Response<Events>, Infallible> {
+    let resume = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |last| last + 1);
     let query = req.uri().query().unwrap_or("").to_owned();
     let param = |name: &str| {
         query
@@ -64,9 +76,14 @@ async fn app(req: Request<Body>) -> Result<Response<Events>, Infallible> {
     tokio::spawn(async move {
         match path.as_str() {
             "/events" => {
-                for i in 0..n {
+                // Reconnect quickly after the stream ends (EventSource's retry).
+                let retry = Bytes::from_static(b"retry: 200\n\n");
+                if tx.send(Ok(Frame::data(retry))).await.is_err() {
+                    return;
+                }
+                for i in resume..n {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
-                    let event = format!("id: {i}\ndata: {}\n\n", now_ms());
+                    let event = format!("id: {i}\ndata: {} {tag}\n\n", now_ms());
                     if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
                         return;
                     }
@@ -139,12 +156,10 @@ async fn server_sent_events_arrive_as_they_are_written() {
         text.push_str(std::str::from_utf8(&data).unwrap());
         while let Some(end) = text.find("\n\n") {
             let event: String = text.drain(..end + 2).collect();
-            let written: u64 = event
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .unwrap()
-                .parse()
-                .unwrap();
+            let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let written: u64 = data.split(' ').next().unwrap().parse().unwrap();
             delays.push(arrived.saturating_sub(written));
         }
     }
@@ -200,6 +215,11 @@ async fn a_large_body_streams_byte_exact_and_a_broken_one_is_cut_short() {
 /// [`app`] over real HTTP/1.1 on a port-0 listener, for dispatchers run as
 /// processes (`anteroom dispatch --upstream`).
 async fn serve_app() -> std::net::SocketAddr {
+    serve_tagged_app("upstream").await
+}
+
+/// [`tagged_app`] with `tag` over real HTTP/1.1.
+async fn serve_tagged_app(tag: &'static str) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -208,10 +228,11 @@ async fn serve_app() -> std::net::SocketAddr {
                 continue;
             };
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
-                    let (parts, _) = req.into_parts();
-                    app(Request::from_parts(parts, Full::new(Bytes::new())))
-                });
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (parts, _) = req.into_parts();
+                        tagged_app(Request::from_parts(parts, Full::new(Bytes::new())), tag)
+                    });
                 let _ = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 )
@@ -478,4 +499,100 @@ async fn a_dispatcher_killed_mid_stream_cuts_the_response_short() {
         metrics.contains("anteroom_proxy_streams_aborted_total{queue=\"kill\"} 1"),
         "{metrics}"
     );
+}
+
+/// A deploy with a long-lived event stream, followed by a real EventSource
+/// client (Node's `eventsource`): the old dispatcher, given SIGTERM, keeps
+/// the stream for its grace period, then ends it cleanly; the client
+/// reconnects with `Last-Event-ID` and the new dispatcher (another app)
+/// carries on from the next event: no gap, no repeat, exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_hands_an_event_stream_to_the_new_dispatcher() {
+    use tokio::io::AsyncBufReadExt;
+    let redis = start_redis();
+    let (old_app, new_app) = (serve_tagged_app("old").await, serve_tagged_app("new").await);
+    let (_proxy, base) = crate::support::bin::start_proxy(&redis, "deploy", "30s").await;
+    let dispatcher = |upstream: std::net::SocketAddr| {
+        crate::support::bin::BinProcess::spawn(&[
+            "dispatch",
+            "--redis",
+            &redis.url(),
+            "--queue",
+            "deploy",
+            "--upstream",
+            &format!("http://{upstream}"),
+            "--grace",
+            "2s",
+        ])
+    };
+    let mut old = dispatcher(old_app);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/sse/client.mjs");
+    assert!(
+        std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/apps/sse/node_modules/eventsource"
+        ))
+        .exists(),
+        "the EventSource client is not installed: run `bash scripts/test.sh` (npm ci in tests/apps/sse)"
+    );
+    let mut client = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(format!("{base}/events?n=1000&ms=100"))
+        .arg("60")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let mut lines = tokio::io::BufReader::new(client.stdout.take().unwrap()).lines();
+    let mut events: Vec<(u64, String, u64)> = Vec::new();
+    let mut opens = 0;
+    let mut terminated_at = None;
+    let mut new = None;
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let words: Vec<&str> = line.split(' ').collect();
+            match words[0] {
+                "open" => opens += 1,
+                "event" => {
+                    let id: u64 = words[1].parse().unwrap();
+                    events.push((id, words[3].to_owned(), words[4].parse().unwrap()));
+                    if id == 10 {
+                        // Deploy: stop the old dispatcher, start the new one.
+                        old.terminate();
+                        terminated_at = Some(now_ms());
+                        new = Some(dispatcher(new_app));
+                    }
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the client finished within 60 s");
+    let status = client.wait().await.unwrap();
+    assert!(status.success(), "the client exited {status:?}");
+    let ids: Vec<u64> = events.iter().map(|e| e.0).collect();
+    assert_eq!(ids, (0..60).collect::<Vec<_>>(), "events lost or repeated");
+    let terminated_at = terminated_at.unwrap();
+    let old_after = events
+        .iter()
+        .filter(|e| e.1 == "old" && e.2 > terminated_at)
+        .count();
+    let switch = events
+        .iter()
+        .position(|e| e.1 == "new")
+        .expect("the new dispatcher served");
+    assert!(events[switch..].iter().all(|e| e.1 == "new"), "{events:?}");
+    println!(
+        "deploy: the old dispatcher kept the stream {old_after} more events after SIGTERM, the client reconnected ({opens} opens) and the new one went on from event {}",
+        events[switch].0
+    );
+    assert!(
+        old_after >= 10,
+        "the stream was cut at SIGTERM, not kept for the grace"
+    );
+    assert_eq!(opens, 2, "one reconnection");
+    assert!(old.wait(Duration::from_secs(10)).await.success());
+    drop(new);
 }

@@ -37,7 +37,10 @@ fn every_seed_decodes_or_fails_without_panicking() {
             stream_frames += usize::from(!matches!(reply, Reply::Complete(_)));
         }
         if let Ok(credit) = Credit::decode(buf.clone()) {
-            assert_eq!(Credit::decode(Bytes::from(credit.encode())).unwrap(), credit);
+            assert_eq!(
+                Credit::decode(Bytes::from(credit.encode())).unwrap(),
+                credit
+            );
             stream_frames += 1;
         }
         if let Ok(dead) = DeadLetter::decode(buf) {
