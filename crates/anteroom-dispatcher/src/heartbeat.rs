@@ -15,6 +15,9 @@ use crate::worker::Shared;
 /// acknowledged or lifted or the upstream's health changes; removes both
 /// on stop.
 pub(crate) async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    // Subscribed before the first beat reads the gate, so no change of
+    // health can fall between that read and the subscription.
+    let mut health = shared.gate.subscribe();
     let ttl = shared.settings.heartbeat_ttl;
     let every = (ttl / 3).max(Duration::from_millis(100));
     let presence = Presence::new(&shared.keys, Role::Dispatcher, &shared.id, ttl);
@@ -35,10 +38,10 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             unhealthy: shared.gate.subscribe().borrow().unhealthy.clone(),
         }
     };
-    let health_changes = async {
-        let mut health = shared.gate.subscribe();
+    let beat_now = &shared.beat_now;
+    let health_changes = async move {
         while health.changed().await.is_ok() {
-            shared.beat_now.notify_one();
+            beat_now.notify_one();
         }
         std::future::pending::<()>().await;
     };
