@@ -600,3 +600,32 @@ async fn a_deploy_hands_an_event_stream_to_the_new_dispatcher() {
     assert!(old.wait(Duration::from_secs(10)).await.success());
     drop(new);
 }
+
+/// A stream that keeps moving outlives the send timeout (which is for
+/// answers the client does not read, not for long ones), on both HTTP/1.1
+/// and HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moving_stream_outlives_the_send_timeout() {
+    let redis = start_redis();
+    let proxy = TestProxy::start_with(&redis, "long", |c| {
+        c.send_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let dispatcher = TestDispatcher::start(&redis, "long", tower::service_fn(app));
+    for c in [client(), crate::support::web::h2c_client()] {
+        let req = Request::get(proxy.url("/events?n=25&ms=100"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .expect("the stream ran to its end");
+        let text = String::from_utf8(body.to_bytes().to_vec()).unwrap();
+        assert!(text.contains("id: 24\n"), "{text}");
+    }
+    dispatcher.stop().await;
+    proxy.stop().await;
+}

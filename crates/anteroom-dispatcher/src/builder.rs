@@ -238,9 +238,9 @@ impl DispatcherBuilder {
 
     /// How long a streamed response may go without the app's body
     /// producing a byte, or without the client reading one once the window
-    /// is full, before it is aborted (default 60 s).
+    /// is full, before it is aborted (default 60 s; at least 1 s).
     pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.stream_idle_timeout = timeout;
+        self.settings.stream_idle_timeout = timeout.max(Duration::from_secs(1));
         self
     }
 

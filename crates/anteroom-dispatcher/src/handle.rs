@@ -389,7 +389,11 @@ async fn discard(shared: &Shared, raw: &Bytes) {
 /// past a request's deadline its reply is worth nothing. `None` when it
 /// gave up; whatever is left over stays in the processing list, where a
 /// reaper finds it if this dispatcher dies.
-async fn with_retries<T, E, F, Fut>(what: &str, until_ms: u64, mut attempt: F) -> Option<T>
+pub(crate) async fn with_retries<T, E, F, Fut>(
+    what: &str,
+    until_ms: u64,
+    mut attempt: F,
+) -> Option<T>
 where
     E: std::fmt::Display,
     F: FnMut() -> Fut,

@@ -20,6 +20,7 @@ use std::time::Duration;
 use anteroom_control::queue::{self, Done};
 use anteroom_protocol::{
     Credit, MAX_CHUNK, RequestEnvelope, StreamChunk, StreamEnd, StreamHead, headers_from_map,
+    now_ms, strip_hop_by_hop,
 };
 use anteroom_redis::{Backoff, Target, sleep_or_stop};
 use bytes::{Bytes, BytesMut};
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::describe;
+use crate::handle::with_retries;
 use crate::worker::{ResponseBody, Shared};
 
 /// Why a stream that ends without its body's end ended, in its end frame.
@@ -53,7 +55,7 @@ pub(crate) struct CreditTable {
 }
 
 /// One stream's credits; removed from the table when dropped.
-struct Credits<'a> {
+pub(crate) struct Credits<'a> {
     table: &'a CreditTable,
     id: String,
     rx: watch::Receiver<CreditState>,
@@ -159,17 +161,19 @@ pub(crate) async fn send<B: ResponseBody>(
     shared: &Shared,
     envelope: &RequestEnvelope,
     raw: &Bytes,
-    parts: http::response::Parts,
+    mut parts: http::response::Parts,
     body: Pin<Box<B>>,
     first: Vec<Bytes>,
 ) {
     let credits = shared.credits.register(&envelope.id);
+    strip_hop_by_hop(&mut parts.headers);
+    let window = shared.settings.stream_window as u64;
     let head = StreamHead {
         id: envelope.id.clone(),
         status: parts.status.as_u16(),
         headers: headers_from_map(&parts.headers),
         credit_to: shared.credits_key.clone(),
-        window: shared.settings.stream_window as u64,
+        window,
     };
     let sse = parts
         .headers
@@ -181,26 +185,32 @@ pub(crate) async fn send<B: ResponseBody>(
         id: &envelope.id,
         seq: 0,
         sent: 0,
+        window,
+        // A quarter window at most, so that waiting for room before each
+        // piece keeps what is outstanding within the window.
+        piece: (window as usize / 4).clamp(1, MAX_CHUNK),
+        credits,
     };
-    let ending = match out.push(head.encode()).await {
-        Ok(()) => {
-            let ending = std::panic::AssertUnwindSafe(out.body(body, first, credits))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| Ending::Aborted("the response body panicked".into()));
-            match ending {
-                // At the end of the grace period an event stream ends
-                // cleanly, so EventSource clients reconnect (with
-                // Last-Event-ID) to a dispatcher still running; any other
-                // body cut short must look cut short.
-                Ending::Aborted(reason) if reason == STOPPING && sse => Ending::Done,
-                ending => ending,
-            }
+    // The head within the request's deadline, retried as a complete reply
+    // would be; given up, the client gets its 504 at the deadline.
+    let head = head.encode();
+    let pushed = with_retries("stream head", envelope.deadline_ms, || out.push(&head)).await;
+    let ending = if pushed.is_some() {
+        let ending = std::panic::AssertUnwindSafe(out.body(body, first))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Ending::Aborted("the response body panicked".into()));
+        match ending {
+            // At the end of the grace period an event stream ends
+            // cleanly, so EventSource clients reconnect (with
+            // Last-Event-ID) to a dispatcher still running; any other
+            // body cut short must look cut short.
+            Ending::Aborted(reason) if reason == STOPPING && sse => Ending::Done,
+            ending => ending,
         }
-        Err(err) => {
-            tracing::error!(error = %err, "cannot send the stream's head; giving it up");
-            Ending::Cancelled
-        }
+    } else {
+        shared.metrics.stream_aborted();
+        Ending::Cancelled
     };
     let end = match &ending {
         Ending::Done => Some(None),
@@ -210,7 +220,7 @@ pub(crate) async fn send<B: ResponseBody>(
             Some(Some(reason.clone()))
         }
         Ending::Cancelled => {
-            tracing::debug!(sent = out.sent, "client gone; stream stopped");
+            tracing::debug!(sent = out.sent, "stream stopped: client gone");
             None
         }
     };
@@ -229,9 +239,18 @@ pub(crate) async fn send<B: ResponseBody>(
     };
     let ttl = shared.settings.reply_ttl;
     let processing = &shared.processing_key;
-    if let Err(err) = queue::complete_now(&mut shared.conn.clone(), processing, ttl, &[done]).await
-    {
-        tracing::error!(error = %err, "cannot end the stream (the request stays in the processing list)");
+    // The end (and the request's removal) is retried like a completion;
+    // past the idle timeout the proxy has aborted the stream anyway.
+    let idle_ms =
+        u64::try_from(shared.settings.stream_idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    let until = now_ms().saturating_add(idle_ms);
+    let ended = with_retries("stream end", until, || {
+        let mut conn = shared.conn.clone();
+        async move { queue::complete_now(&mut conn, processing, ttl, &[done]).await }
+    })
+    .await;
+    if ended.is_some() {
+        shared.replicate().await;
     }
 }
 
@@ -244,23 +263,54 @@ struct Outgoing<'a> {
     seq: u64,
     /// Body bytes pushed.
     sent: u64,
+    window: u64,
+    /// Largest chunk pushed.
+    piece: usize,
+    credits: Credits<'a>,
 }
 
 impl Outgoing<'_> {
-    async fn push(&self, frame: Vec<u8>) -> redis::RedisResult<()> {
+    async fn push(&self, frame: &[u8]) -> redis::RedisResult<()> {
         let ttl = self.shared.settings.reply_ttl;
-        queue::push_reply(&mut self.shared.conn.clone(), self.reply_to, &frame, ttl).await
+        queue::push_reply(&mut self.shared.conn.clone(), self.reply_to, frame, ttl).await
     }
 
-    async fn chunk(&mut self, data: Bytes) -> Result<(), Ending> {
-        for piece in pieces(data) {
+    /// Waits until `len` more bytes fit in the window: never more than the
+    /// window sent and not credited.
+    async fn room(&mut self, len: u64) -> Result<(), Ending> {
+        let idle = self.shared.settings.stream_idle_timeout;
+        let stopping = self.shared.streams_stop.clone();
+        loop {
+            let state = *self.credits.rx.borrow_and_update();
+            if state.cancel {
+                return Err(Ending::Cancelled);
+            }
+            if self.sent + len <= state.consumed + self.window {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = self.credits.rx.changed() => if changed.is_err() {
+                    return Err(Ending::Cancelled);
+                },
+                () = tokio::time::sleep(idle) => {
+                    return Err(Ending::Aborted(format!("the client read nothing for {idle:?}")));
+                }
+                () = stopping.cancelled() => return Err(Ending::Aborted(STOPPING.into())),
+            }
+        }
+    }
+
+    async fn chunk(&mut self, mut data: Bytes) -> Result<(), Ending> {
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(self.piece));
             let len = piece.len() as u64;
+            self.room(len).await?;
             let chunk = StreamChunk {
                 id: self.id.to_owned(),
                 seq: self.seq,
                 data: piece,
             };
-            if let Err(err) = self.push(chunk.encode()).await {
+            if let Err(err) = self.push(&chunk.encode()).await {
                 return Err(Ending::Aborted(format!("cannot push a chunk: {err}")));
             }
             self.seq += 1;
@@ -271,13 +321,7 @@ impl Outgoing<'_> {
 
     /// Sends the body within the window until it ends, fails, idles out,
     /// the client goes, or the dispatcher stops.
-    async fn body<B: ResponseBody>(
-        &mut self,
-        mut body: Pin<Box<B>>,
-        first: Vec<Bytes>,
-        mut credits: Credits<'_>,
-    ) -> Ending {
-        let window = self.shared.settings.stream_window as u64;
+    async fn body<B: ResponseBody>(&mut self, mut body: Pin<Box<B>>, first: Vec<Bytes>) -> Ending {
         let idle = self.shared.settings.stream_idle_timeout;
         let stopping = self.shared.streams_stop.clone();
         for data in first {
@@ -286,25 +330,12 @@ impl Outgoing<'_> {
             }
         }
         loop {
-            // Wait for room in the window (the client reads slowly).
-            while self.sent.saturating_sub(credits.rx.borrow().consumed) >= window {
-                if credits.rx.borrow().cancel {
-                    return Ending::Cancelled;
-                }
-                tokio::select! {
-                    changed = credits.rx.changed() => if changed.is_err() { return Ending::Cancelled },
-                    () = tokio::time::sleep(idle) => {
-                        return Ending::Aborted(format!("the client read nothing for {idle:?}"));
-                    }
-                    () = stopping.cancelled() => return Ending::Aborted(STOPPING.into()),
-                }
-            }
-            if credits.rx.borrow().cancel {
+            if self.credits.rx.borrow().cancel {
                 return Ending::Cancelled;
             }
             let next = tokio::select! {
                 frame = body.frame() => step(frame),
-                changed = credits.rx.changed() => {
+                changed = self.credits.rx.changed() => {
                     if changed.is_err() {
                         return Ending::Cancelled;
                     }
@@ -324,7 +355,7 @@ impl Outgoing<'_> {
             // Whatever else the body has ready goes in the same push.
             let mut batch = BytesMut::from(&data[..]);
             let mut after = None;
-            while batch.len() < MAX_CHUNK {
+            while batch.len() < self.piece {
                 let Some(frame) = body.frame().now_or_never() else {
                     break;
                 };
@@ -370,17 +401,6 @@ fn step<E: Into<crate::BoxError>>(frame: Option<Result<http_body::Frame<Bytes>, 
         }
         Some(Ok(frame)) => frame.into_data().map_or(Step::Skip, Step::Data),
     }
-}
-
-/// `data` in pieces of at most [`MAX_CHUNK`] bytes (no copy).
-fn pieces(mut data: Bytes) -> impl Iterator<Item = Bytes> {
-    std::iter::from_fn(move || {
-        if data.is_empty() {
-            return None;
-        }
-        let n = data.len().min(MAX_CHUNK);
-        Some(data.split_to(n))
-    })
 }
 
 /// Reads what `body` has ready now, without waiting, up to `upto` bytes:

@@ -103,6 +103,9 @@ impl Activity {
         match polled {
             Poll::Ready(Ok(n)) if *n > 0 => {
                 self.blocked_ms.store(0, Ordering::Relaxed);
+                // Bytes moved: an answer being sent (a long stream) is
+                // making progress, whatever its age.
+                self.answered_ms.store(self.now_ms(), Ordering::Relaxed);
             }
             Poll::Pending => {
                 let now = self.now_ms() + 1;

@@ -111,7 +111,8 @@ pub struct ProxyConfig {
     /// accepted request survives the loss of the primary.
     pub durable: Option<Duration>,
     /// How long a streamed response may go without a chunk before the
-    /// proxy aborts it (the hold budget covers the time until its head).
+    /// proxy aborts it (the hold budget covers the time until its head);
+    /// at least 1 s.
     pub stream_idle_timeout: Duration,
     /// This proxy's id (names its reply list); a random one when `None`.
     pub proxy_id: Option<String>,

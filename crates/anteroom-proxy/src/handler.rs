@@ -199,9 +199,9 @@ impl Future for Handling {
                                     .map(Answer::complete)
                                     .map_err(Refused::from)
                             }
-                            Some(Delivered::Stream(head, frames)) => {
+                            Some(Delivered::Stream(head, frames, buffered)) => {
                                 let key = waiting.waiter.id();
-                                stream_response(&this.state, head, frames, key)
+                                stream_response(&this.state, head, frames, buffered, key)
                                     .map(Answer::streamed)
                                     .map_err(Refused::from)
                             }

@@ -10,8 +10,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anteroom_control::queue;
-use anteroom_protocol::{Keys, Reply, ResponseEnvelope, StreamChunk, StreamEnd, StreamHead};
+use anteroom_protocol::{
+    Keys, MAX_CHUNK, Reply, ResponseEnvelope, StreamChunk, StreamEnd, StreamHead,
+};
 use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -29,8 +32,25 @@ const BATCH: usize = 256;
 #[derive(Debug)]
 enum Entry {
     Waiting(oneshot::Sender<Delivered>),
-    Streaming(mpsc::UnboundedSender<StreamFrame>),
+    Streaming(Stream),
 }
+
+/// A stream under way: where its frames go, and how much of it the proxy
+/// holds.
+#[derive(Debug)]
+struct Stream {
+    frames: mpsc::UnboundedSender<StreamFrame>,
+    /// Body bytes received and not yet handed to the client (shared with
+    /// its [`crate::stream::StreamBody`], which takes off what it hands on).
+    buffered: Arc<AtomicU64>,
+    /// Most it may hold: its window, at most [`MAX_WINDOW`], plus a chunk.
+    limit: u64,
+    credit_to: String,
+}
+
+/// Largest window the proxy honours: a dispatcher that asks for more is
+/// held to this much buffered per stream.
+pub(crate) const MAX_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// Keyed by the id's 128 bits rather than its text: a waiting request then
 /// costs the map no allocation of its own.
@@ -41,8 +61,13 @@ type Waiters = HashMap<u128, Entry>;
 pub(crate) enum Delivered {
     /// A whole response.
     Complete(ResponseEnvelope),
-    /// The head of a streamed one, and where the rest of it arrives.
-    Stream(StreamHead, mpsc::UnboundedReceiver<StreamFrame>),
+    /// The head of a streamed one, where the rest of it arrives, and the
+    /// count of its bytes buffered.
+    Stream(
+        StreamHead,
+        mpsc::UnboundedReceiver<StreamFrame>,
+        Arc<AtomicU64>,
+    ),
 }
 
 /// What a streamed response receives after its head.
@@ -54,6 +79,8 @@ pub(crate) enum StreamFrame {
     /// (its dispatcher died and a reaper settled it). The stream cannot go
     /// on where it was.
     Restarted,
+    /// The dispatcher sent more than its window ahead of the client.
+    Overrun,
 }
 
 /// Requests waiting for replies, by envelope id.
@@ -71,12 +98,19 @@ pub(crate) struct Waiter {
     demux: Arc<Demux>,
     id: u128,
     rx: oneshot::Receiver<Delivered>,
+    /// The reply was taken (a stream's head included: its body owns the
+    /// stream from then on).
+    taken: bool,
 }
 
 impl Waiter {
     /// The reply; `None` if the reader stopped.
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivered>> {
-        Pin::new(&mut self.rx).poll(cx).map(Result::ok)
+        let polled = Pin::new(&mut self.rx).poll(cx).map(Result::ok);
+        if polled.is_ready() {
+            self.taken = true;
+        }
+        polled
     }
 
     /// The id it waits on, for the stream that may follow.
@@ -88,8 +122,19 @@ impl Waiter {
 impl Drop for Waiter {
     fn drop(&mut self) {
         let mut waiters = self.demux.lock();
-        if matches!(waiters.get(&self.id), Some(Entry::Waiting(_))) {
-            waiters.remove(&self.id);
+        match waiters.get(&self.id) {
+            Some(Entry::Waiting(_)) => {
+                waiters.remove(&self.id);
+            }
+            // A head came, and nobody took it (the client went, the hold
+            // budget ran out): the stream is nobody's; stop it.
+            Some(Entry::Streaming(_)) if !self.taken => {
+                if let Some(Entry::Streaming(stream)) = waiters.remove(&self.id) {
+                    drop(waiters);
+                    self.demux.cancel_unchecked(&stream.credit_to, self.id);
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -116,6 +161,7 @@ impl Demux {
             demux: Arc::clone(self),
             id,
             rx,
+            taken: false,
         }
     }
 
@@ -161,24 +207,49 @@ impl Demux {
             (Some(Entry::Waiting(tx)), Reply::Head(head)) => {
                 let (frames, rx) = mpsc::unbounded_channel();
                 let credit_to = head.credit_to.clone();
-                if tx.send(Delivered::Stream(head, rx)).is_ok() {
-                    waiters.insert(id, Entry::Streaming(frames));
+                let buffered = Arc::new(AtomicU64::new(0));
+                let stream = Stream {
+                    frames,
+                    buffered: Arc::clone(&buffered),
+                    limit: head.window.min(MAX_WINDOW) + MAX_CHUNK as u64,
+                    credit_to: if keys.is_credits(&credit_to) {
+                        credit_to.clone()
+                    } else {
+                        String::new()
+                    },
+                };
+                if tx.send(Delivered::Stream(head, rx, buffered)).is_ok() {
+                    waiters.insert(id, Entry::Streaming(stream));
                 } else {
                     drop(waiters);
                     tracing::debug!("stream began as its request gave up; cancelling it");
                     self.cancel(keys, &credit_to, id);
                 }
             }
-            (Some(Entry::Streaming(frames)), Reply::Chunk(chunk)) => {
-                if frames.send(StreamFrame::Chunk(chunk)).is_ok() {
-                    waiters.insert(id, Entry::Streaming(frames));
+            (Some(Entry::Streaming(stream)), Reply::Chunk(chunk)) => {
+                let len = chunk.data.len() as u64;
+                let held = stream.buffered.fetch_add(len, Ordering::AcqRel) + len;
+                if held > stream.limit {
+                    let _ = stream.frames.send(StreamFrame::Overrun);
+                    drop(waiters);
+                    tracing::warn!(
+                        held,
+                        limit = stream.limit,
+                        "a dispatcher sent more than its window; stream aborted"
+                    );
+                    self.cancel_unchecked(&stream.credit_to, id);
+                } else if stream.frames.send(StreamFrame::Chunk(chunk)).is_ok() {
+                    waiters.insert(id, Entry::Streaming(stream));
+                } else {
+                    drop(waiters);
+                    self.cancel_unchecked(&stream.credit_to, id);
                 }
             }
-            (Some(Entry::Streaming(frames)), Reply::End(end)) => {
-                let _ = frames.send(StreamFrame::End(end));
+            (Some(Entry::Streaming(stream)), Reply::End(end)) => {
+                let _ = stream.frames.send(StreamFrame::End(end));
             }
-            (Some(Entry::Streaming(frames)), other) => {
-                let _ = frames.send(StreamFrame::Restarted);
+            (Some(Entry::Streaming(stream)), other) => {
+                let _ = stream.frames.send(StreamFrame::Restarted);
                 drop(waiters);
                 tracing::warn!(
                     "a streamed request answered again from the start (run again); its stream is aborted"
@@ -204,6 +275,13 @@ impl Demux {
     /// the stream of `id` (only to a credit list of this queue).
     fn cancel(&self, keys: &Keys, credit_to: &str, id: u128) {
         if keys.is_credits(credit_to) {
+            self.cancel_unchecked(credit_to, id);
+        }
+    }
+
+    /// [`cancel`](Self::cancel) to a list already checked (empty: none).
+    fn cancel_unchecked(&self, credit_to: &str, id: u128) {
+        if !credit_to.is_empty() {
             let id = uuid::Uuid::from_u128(id).hyphenated().to_string();
             self.credits.cancel(credit_to, &id, 0);
         }

@@ -13,12 +13,13 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anteroom_control::queue;
 use anteroom_protocol::Credit;
-use anteroom_redis::SharedConnection;
+use anteroom_redis::{Backoff, SharedConnection, sleep_or_stop};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
@@ -65,40 +66,90 @@ impl CreditSender {
     }
 }
 
+/// How long credits that cannot be pushed are retried before they are
+/// dropped (the streams they pace then idle out).
+const CREDIT_RETRY: Duration = Duration::from_secs(10);
+
 /// Pushes credits until `stop`: whatever arrived while the previous push
-/// was on the wire goes in the next (one pipeline). A failed push is
-/// logged and its credits dropped: the streams they pace idle out.
+/// was on the wire goes in the next, one pipeline per credit list (a list
+/// is one hash slot; Redis Cluster refuses a pipeline across slots).
+/// Credits are running totals, so one that failed is simply sent again,
+/// with backoff, for up to [`CREDIT_RETRY`]. On stop, what is queued is
+/// sent once more (the cancels of the connections just closed).
 pub(crate) async fn write_credits(
     mut conn: SharedConnection,
     mut rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     stop: CancellationToken,
 ) {
-    let mut batch = Vec::new();
+    let mut pending: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut backoff = Backoff::new();
+    let mut failing_since: Option<std::time::Instant> = None;
     loop {
-        let first = tokio::select! {
-            first = rx.recv() => match first {
-                Some(first) => first,
-                None => return,
-            },
-            () = stop.cancelled() => return,
-        };
-        batch.push(first);
-        while batch.len() < 256 {
+        if pending.is_empty() {
+            let first = tokio::select! {
+                first = rx.recv() => match first {
+                    Some(first) => first,
+                    None => return,
+                },
+                () = stop.cancelled() => {
+                    while let Ok(next) = rx.try_recv() {
+                        pending.push(next);
+                    }
+                    push_each_list(&mut conn, &mut pending).await;
+                    return;
+                }
+            };
+            pending.push(first);
+        }
+        while pending.len() < 256 {
             match rx.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => pending.push(next),
                 Err(_) => break,
             }
         }
-        if let Err(err) = queue::push_replies(&mut conn, &batch, CREDIT_TTL).await {
-            tracing::warn!(error = %err, credits = batch.len(), "cannot send credits");
+        push_each_list(&mut conn, &mut pending).await;
+        if pending.is_empty() {
+            backoff.reset();
+            failing_since = None;
+            continue;
         }
-        batch.clear();
+        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() > CREDIT_RETRY {
+            tracing::warn!(
+                credits = pending.len(),
+                "credits could not be sent for {CREDIT_RETRY:?}; dropped (their streams idle out)"
+            );
+            pending.clear();
+            failing_since = None;
+            continue;
+        }
+        if sleep_or_stop(&stop, backoff.next_delay()).await {
+            push_each_list(&mut conn, &mut pending).await;
+            return;
+        }
     }
+}
+
+/// Pushes `pending`, one pipeline per credit list, in order within each;
+/// leaves in `pending` what failed.
+async fn push_each_list(conn: &mut SharedConnection, pending: &mut Vec<(String, Vec<u8>)>) {
+    // Stable: a list's credits keep their order.
+    pending.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut failed = Vec::new();
+    for group in pending.chunk_by(|a, b| a.0 == b.0) {
+        if let Err(err) = queue::push_replies(conn, group, CREDIT_TTL).await {
+            tracing::warn!(error = %err, list = %group[0].0, "cannot send credits; retrying");
+            failed.extend_from_slice(group);
+        }
+    }
+    *pending = failed;
 }
 
 /// The body of a streamed response.
 pub(crate) struct StreamBody {
     frames: mpsc::UnboundedReceiver<StreamFrame>,
+    /// Bytes received and not yet handed on (see `replies::Stream`).
+    buffered: Arc<AtomicU64>,
     demux: Arc<Demux>,
     /// The request's id, as the demultiplexer keys it and as text.
     key: u128,
@@ -117,6 +168,7 @@ pub(crate) struct StreamBody {
 
 /// Where a [`StreamBody`] belongs and how it is paced.
 pub(crate) struct StreamParts {
+    pub(crate) buffered: Arc<AtomicU64>,
     pub(crate) demux: Arc<Demux>,
     pub(crate) key: u128,
     pub(crate) credit_to: String,
@@ -131,6 +183,7 @@ impl StreamBody {
     /// list of the request's queue.
     pub(crate) fn new(frames: mpsc::UnboundedReceiver<StreamFrame>, parts: StreamParts) -> Self {
         let StreamParts {
+            buffered,
             demux,
             key,
             credit_to,
@@ -141,6 +194,7 @@ impl StreamBody {
         } = parts;
         Self {
             frames,
+            buffered,
             demux,
             key,
             id: uuid::Uuid::from_u128(key).hyphenated().to_string(),
@@ -150,8 +204,8 @@ impl StreamBody {
             next_seq: 0,
             consumed: 0,
             credited: 0,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            idle: idle.max(Duration::from_secs(1)),
+            timer: Box::pin(tokio::time::sleep(idle.max(Duration::from_secs(1)))),
             finished: false,
             metrics,
         }
@@ -199,7 +253,9 @@ impl Body for StreamBody {
                     return self.abort(reason);
                 }
                 self.next_seq += 1;
-                self.consumed += chunk.data.len() as u64;
+                let len = chunk.data.len() as u64;
+                self.consumed += len;
+                self.buffered.fetch_sub(len, Ordering::AcqRel);
                 let deadline = tokio::time::Instant::now() + self.idle;
                 self.timer.as_mut().reset(deadline);
                 self.credit();
@@ -222,6 +278,9 @@ impl Body for StreamBody {
             }
             Poll::Ready(Some(StreamFrame::Restarted)) => {
                 self.abort("the request was answered again from the start".into())
+            }
+            Poll::Ready(Some(StreamFrame::Overrun)) => {
+                self.abort("the dispatcher sent more than its window".into())
             }
             Poll::Ready(None) => self.abort("the reply reader stopped".into()),
             Poll::Pending => match self.timer.as_mut().poll(cx) {

@@ -196,9 +196,12 @@ pub(crate) fn stream_response(
     state: &State,
     head: StreamHead,
     frames: tokio::sync::mpsc::UnboundedReceiver<StreamFrame>,
+    buffered: Arc<std::sync::atomic::AtomicU64>,
     key: u128,
 ) -> Result<Response<StreamBody>, ProxyError> {
     if !state.keys.is_credits(&head.credit_to) {
+        // Nobody to cancel: the stream's frames are dropped from now on.
+        state.demux.remove_stream(key);
         return Err(ProxyError::BadStream(format!(
             "credit_to {:?} is not a credit list of queue {}",
             head.credit_to.escape_debug().to_string(),
@@ -206,6 +209,7 @@ pub(crate) fn stream_response(
         )));
     }
     let parts = StreamParts {
+        buffered,
         demux: Arc::clone(&state.demux),
         key,
         credit_to: head.credit_to.clone(),
