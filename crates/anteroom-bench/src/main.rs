@@ -8,12 +8,15 @@
 //! and the ratio to nginx. A benchmark, not a test: nothing asserts speed.
 //!
 //! Run with: `cargo run --release -p anteroom-bench -- --duration 10s --connections 64`
+//! (`--scenario stream`: a 1 GiB download and 1,000 event streams beside
+//! nginx, `stream.rs`)
 //! (drives redis-server, nginx and wrk; installs whichever is missing from
 //! the distribution's packages unless `--install false`).
 
 mod hold;
 mod scale;
 mod setups;
+mod stream;
 mod tools;
 mod wrk;
 
@@ -46,6 +49,14 @@ struct Args {
     #[arg(long, value_enum, default_value = "all")]
     scenario: Scenario,
 
+    /// Bytes of the stream scenario's download.
+    #[arg(long, default_value_t = 1 << 30)]
+    stream_bytes: u64,
+
+    /// Concurrent event streams in the stream scenario.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+
     /// Requests to hold in the hold-capacity scenario.
     #[arg(long, default_value_t = 50_000)]
     hold_requests: usize,
@@ -65,6 +76,8 @@ enum Scenario {
     Hold,
     /// Two queues on one Redis against two queues on two Redis instances.
     Scale,
+    /// A large download and server-sent events to many clients, beside nginx.
+    Stream,
     /// Every scenario.
     All,
 }
@@ -83,6 +96,15 @@ fn main() -> anyhow::Result<()> {
         let figures =
             runtime.block_on(hold::run(&anteroom, &redis, upstream, args.hold_requests))?;
         hold::print(&figures);
+    }
+    if matches!(args.scenario, Scenario::Stream | Scenario::All) {
+        let figures = runtime.block_on(stream::run(
+            &anteroom,
+            &redis,
+            args.stream_bytes,
+            args.streams,
+        ))?;
+        stream::print(&figures);
     }
     if matches!(args.scenario, Scenario::Scale | Scenario::All) {
         let figures = scale::run(&anteroom, args.duration, args.connections)?;

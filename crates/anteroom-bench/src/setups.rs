@@ -134,11 +134,30 @@ pub(crate) struct Nginx {
 
 impl Nginx {
     pub(crate) fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(upstream, "")
+    }
+
+    /// nginx for streams: responses passed on as they arrive
+    /// (`proxy_buffering off`, as one configures it for SSE and large
+    /// downloads), read timeouts long enough for them.
+    pub(crate) fn start_streaming(upstream: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(
+            upstream,
+            "proxy_buffering off;\n      proxy_read_timeout 300s;\n      ",
+        )
+    }
+
+    /// The pid of nginx's master process (its workers are its children).
+    pub(crate) fn pid(&self) -> u32 {
+        self._proc.pid()
+    }
+
+    fn start_with(upstream: SocketAddr, location: &str) -> anyhow::Result<Self> {
         let port = free_port()?;
         let dir = std::env::temp_dir().join(format!("anteroom-bench-nginx-{port}"));
         std::fs::create_dir_all(&dir)?;
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, nginx_conf(&dir, port, upstream))?;
+        std::fs::write(&conf, nginx_conf(&dir, port, upstream, location))?;
         let proc = spawn(
             Command::new(crate::tools::find("nginx").unwrap_or_else(|| "nginx".into()))
                 .arg("-c")
@@ -166,7 +185,7 @@ impl Drop for Nginx {
     }
 }
 
-fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
+fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr, location: &str) -> String {
     let d = dir.display();
     format!(
         "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
@@ -175,7 +194,7 @@ fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
            upstream app {{ server {upstream}; keepalive 128; }}\n\
            server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://app;\n\
-               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      {location}}}\n  }}\n}}\n"
     )
 }
 
@@ -186,6 +205,18 @@ pub(crate) fn spawn_dispatcher(
     queue: &str,
     upstream: SocketAddr,
 ) -> anyhow::Result<Proc> {
+    spawn_dispatcher_with(anteroom, redis, queue, upstream, 64)
+}
+
+/// [`spawn_dispatcher`] with `concurrency` (a stream holds its slot while
+/// it lasts).
+pub(crate) fn spawn_dispatcher_with(
+    anteroom: &Path,
+    redis: &LocalRedis,
+    queue: &str,
+    upstream: SocketAddr,
+    concurrency: usize,
+) -> anyhow::Result<Proc> {
     spawn(
         Command::new(anteroom)
             .args(["dispatch", "--redis", &redis.url(), "--queue", queue])
@@ -193,7 +224,7 @@ pub(crate) fn spawn_dispatcher(
                 "--upstream",
                 &format!("http://{upstream}"),
                 "--concurrency",
-                "64",
+                &concurrency.to_string(),
             ])
             .env("RUST_LOG", "error"),
     )
@@ -245,14 +276,26 @@ impl Forwarding {
         redis: &LocalRedis,
         upstream: SocketAddr,
     ) -> anyhow::Result<Self> {
+        Self::start_with(anteroom, redis, upstream, "bench-fwd", 64)
+    }
+
+    /// Like [`start`](Self::start), on `queue`, the dispatcher with
+    /// `concurrency`.
+    pub(crate) fn start_with(
+        anteroom: &Path,
+        redis: &LocalRedis,
+        upstream: SocketAddr,
+        queue: &str,
+        concurrency: usize,
+    ) -> anyhow::Result<Self> {
         let port = free_port()?;
         let proxy = spawn(
             Command::new(anteroom)
                 .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
-                .args(["--redis", &redis.url(), "--queue", "bench-fwd"])
+                .args(["--redis", &redis.url(), "--queue", queue])
                 .env("RUST_LOG", "error"),
         )?;
-        let dispatcher = spawn_dispatcher(anteroom, redis, "bench-fwd", upstream)?;
+        let dispatcher = spawn_dispatcher_with(anteroom, redis, queue, upstream, concurrency)?;
         wait_ready(port, "/hello")?;
         Ok(Self {
             _proxy: proxy,
@@ -263,5 +306,10 @@ impl Forwarding {
 
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The proxy's and the dispatcher's pids.
+    pub(crate) fn pids(&self) -> (u32, u32) {
+        (self._proxy.pid(), self._dispatcher.pid())
     }
 }
