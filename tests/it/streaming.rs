@@ -629,3 +629,87 @@ async fn a_moving_stream_outlives_the_send_timeout() {
     dispatcher.stop().await;
     proxy.stop().await;
 }
+
+/// The Redis users docs/operations.md gives (its `ACL SETUSER` lines, as
+/// written) run a proxy, a dispatcher and `anteroom status` through whole
+/// and streamed replies with nothing refused (`ACL LOG` empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_redis_users_carry_streams() {
+    let redis = start_redis();
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let mut admin = crate::support::redis_conn(&redis).await;
+    let mut users = 0;
+    for line in docs.lines().filter(|l| l.starts_with("ACL SETUSER ")) {
+        let mut cmd = redis::cmd("ACL");
+        for word in line.split_whitespace().skip(1) {
+            cmd.arg(if word == ">PASSWORD" { ">pw" } else { word });
+        }
+        cmd.query_async::<()>(&mut admin).await.unwrap();
+        users += 1;
+    }
+    assert_eq!(users, 3, "the proxy, dispatcher and operator users");
+    let url = |user: &str| format!("redis://{user}:pw@127.0.0.1:{}", redis.port());
+    let upstream = serve_app().await;
+    let port = anteroom_testkit::free_port().unwrap();
+    let _proxy = crate::support::bin::BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--redis",
+        &url("anteroom-proxy"),
+        "--queue",
+        "web",
+    ]);
+    crate::support::wait_for_port(port).await;
+    let _dispatcher = crate::support::bin::BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &url("anteroom-dispatcher"),
+        "--queue",
+        "web",
+        "--upstream",
+        &format!("http://{upstream}"),
+    ]);
+    let c = client();
+    for (path, expect) in [
+        ("/bytes?n=6", 6),
+        ("/events?n=3&ms=10", 3),
+        ("/bytes?n=3000000", 3_000_000),
+    ] {
+        let req = Request::get(format!("http://127.0.0.1:{port}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if path.starts_with("/events") {
+            assert_eq!(
+                String::from_utf8_lossy(&body).matches("data: ").count(),
+                expect
+            );
+        } else {
+            assert_eq!(body.len(), expect, "{path}");
+        }
+    }
+    let status = crate::support::bin::command()
+        .args([
+            "status",
+            "--redis",
+            &url("anteroom-operator"),
+            "--queue",
+            "web",
+        ])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let log: Vec<redis::Value> = redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(log.is_empty(), "commands refused: {log:?}");
+}
