@@ -100,8 +100,8 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    println!("configuration is valid");
-    println!("  command   {name}");
+    outln!("configuration is valid");
+    outln!("  command   {name}");
     let width = cli.settings.iter().map(|s| s.name.len()).max().unwrap_or(0);
     for setting in &cli.settings {
         let value = if setting.value.is_empty() {
@@ -109,13 +109,14 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
         } else {
             &setting.value
         };
-        println!(
+        outln!(
             "  --{:<width$}  {value}  ({})",
-            setting.name, setting.source
+            setting.name,
+            setting.source
         );
     }
     for line in summary {
-        println!("  {line}");
+        outln!("  {line}");
     }
     ExitCode::SUCCESS
 }

@@ -9,6 +9,25 @@
 //! (`anteroom_redis::local`) when no Redis URL is given. [`listen`] makes the
 //! proxy's listening socket (socket activation or `SO_REUSEPORT`).
 
+/// `println!` for command output: a stdout closed early (`anteroom status
+/// | head -1`) ends the output quietly instead of panicking ("failed
+/// printing to stdout: Broken pipe"). Other write errors are dropped too:
+/// output is best effort, the exit status says what happened.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `print!` for command output, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod check;
 mod cli;
 mod commands;

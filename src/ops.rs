@@ -33,7 +33,7 @@ pub(crate) use anteroom_redis::redact_url as redact;
 /// (on stdout: it is part of the command's answer); returns the status.
 async fn serving(queue: &Queue, url: &str) -> anyhow::Result<QueueStatus> {
     let status = queue.status().await?;
-    println!(
+    outln!(
         "queue {:?} on {}: {} proxy(ies) and {} dispatcher(s) serve it",
         queue.name(),
         redact(url),
@@ -111,7 +111,7 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
             anteroom_protocol::printable(&record.by),
             status_view::duration_ms(left_ms)
         ),
-        Some((record, _)) => println!(
+        Some((record, _)) => outln!(
             "queue {:?} was already paused by {} {} ago; it stays paused",
             queue.name(),
             anteroom_protocol::printable(&record.by),
@@ -120,7 +120,7 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
         None => {}
     }
     queue.pause(&who("cli"), args.ttl, false).await?;
-    println!("paused queue {:?}", queue.name());
+    outln!("paused queue {:?}", queue.name());
     if args.wait {
         match queue
             .wait_quiescent(
@@ -129,7 +129,7 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
             )
             .await
         {
-            Ok(q) => println!(
+            Ok(q) => outln!(
                 "queue {:?} is quiet: {} dispatcher(s) paused, none holding requests",
                 queue.name(),
                 q.status.dispatchers.len()
@@ -157,13 +157,13 @@ pub(crate) async fn resume(args: QueueArgs) -> anyhow::Result<ExitCode> {
     if queue.resume().await? {
         let since = state.map(|(p, _)| p.since_ms).unwrap_or(0);
         let paused_for = anteroom_protocol::now_ms().saturating_sub(since);
-        println!(
+        outln!(
             "resumed queue {:?} (paused for {})",
             queue.name(),
             status_view::duration_ms(paused_for)
         );
     } else {
-        println!("queue {:?} was not paused", queue.name());
+        outln!("queue {:?} was not paused", queue.name());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -189,22 +189,22 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         report.queues.push(queue.status().await?);
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else if args.lines {
-        print!("{}", status_view::lines(&report));
+        out!("{}", status_view::lines(&report));
     } else if report.queues.is_empty() {
-        println!(
+        outln!(
             "redis {}: no queues yet: start a proxy or dispatcher, or pass --queue \
              (is --redis or ANTEROOM_REDIS the one they use?)",
             redact(&args.redis.url)
         );
     } else {
-        println!("redis {}", redact(&args.redis.url));
-        print!("{}", status_view::render(&report));
+        outln!("redis {}", redact(&args.redis.url));
+        out!("{}", status_view::render(&report));
         if let Some(name) = &args.queue {
             let known = known_queues(&mut conn).await?;
             if !known.contains(name) {
-                println!(
+                outln!(
                     "(no proxy or dispatcher has registered queue {name:?} on this redis; known queues: {})",
                     if known.is_empty() {
                         "none".to_owned()
@@ -223,7 +223,7 @@ pub(crate) async fn reap(args: QueueArgs) -> anyhow::Result<ExitCode> {
     serving(&queue, &args.redis.url).await?;
     let result = queue.reap_once(Duration::from_secs(60)).await;
     let report = result?;
-    println!(
+    outln!(
         "queue {:?}: {} dead dispatcher(s) reaped; {} request(s) re-queued, {} answered 502, {} past their deadline dropped, {} dead-lettered",
         queue.name(),
         report.dispatchers,

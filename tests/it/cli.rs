@@ -321,3 +321,22 @@ fn a_failed_component_stops_the_process_with_its_name() {
         started.elapsed()
     );
 }
+
+/// Output to a pipe its reader has closed (`anteroom status | head -1`)
+/// ends quietly: exit 0, no panic ("failed printing to stdout").
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let redis = start_redis();
+    let mut child = command()
+        .args(["status", "--redis", &redis.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before it writes: it connects to Redis first.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+}
