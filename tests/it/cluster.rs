@@ -15,7 +15,7 @@ use crate::support::{config_file, wait_for_port};
 use anteroom_testkit::cluster::{LocalCluster, queues_on_three_shards};
 
 /// A configuration file routing `/echo/<queue>/` to each queue.
-fn routes_file(url: &str, queues: &[String]) -> std::path::PathBuf {
+fn routes_file(url: &str, queues: &[String]) -> crate::support::TempFile {
     let mut text = format!(
         "redis = \"{url}\"\nqueue = \"{}\"\n[proxy]\ndefault_queue = false\n",
         queues[0]

@@ -148,7 +148,6 @@ async fn limits_and_routes_hold_on_both_protocols() {
          [[proxy.routes]]\nhost = \"admin.example\"\nqueue = \"admin\"\nhold = \"300ms\"\n",
     );
     let stack = HttpbinStack::start("limits", &["--config", config.to_str().unwrap()]).await;
-    let _ = std::fs::remove_file(&config);
     let monitor = Monitor::start(format!("{}/anything", stack.url));
 
     // 600 fields, over the default 500: 431 on both protocols.

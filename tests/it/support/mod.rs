@@ -172,13 +172,36 @@ pub async fn until_held(queue: &anteroom_control::Queue, n: u64) {
     .await;
 }
 
-/// Writes `text` to a fresh configuration file and returns its path.
-pub fn config_file(text: &str) -> std::path::PathBuf {
+/// A configuration file written for one test, removed when dropped.
+pub struct TempFile(std::path::PathBuf);
+
+impl std::ops::Deref for TempFile {
+    type Target = std::path::PathBuf;
+    fn deref(&self) -> &std::path::PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempFile {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes `text` to a fresh configuration file; removed when the returned
+/// guard is dropped.
+pub fn config_file(text: &str) -> TempFile {
     let path = std::env::temp_dir().join(format!(
         "anteroom-config-{}-{}.toml",
         std::process::id(),
         free_port().unwrap()
     ));
     std::fs::write(&path, text).unwrap();
-    path
+    TempFile(path)
 }
