@@ -7,8 +7,10 @@ use anteroom_dispatcher::{Body, Dispatcher};
 use anteroom_runtime::Components;
 use anyhow::Context;
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use http::{Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body::Frame;
+use http_body_util::{Either, Full, StreamBody};
 use tokio::net::TcpListener;
 
 use crate::cli::DemoArgs;
@@ -75,7 +77,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         queue = args.queue
     );
     let banner = format!(
-        "Anteroom demo is up: http://{addr}/\n  curl http://{addr}/hello\n  curl -d 'any bytes' http://{addr}/echo\n  curl 'http://{addr}/slow?ms=2000'\nEach request waits in Redis until the dispatcher takes it. Ctrl-C stops.\nIts queue, from another terminal:\n  {exe} status {target}\n  {exe} pause {target}\n  {exe} resume {target}\n"
+        "Anteroom demo is up: http://{addr}/\n  curl http://{addr}/hello\n  curl -d 'any bytes' http://{addr}/echo\n  curl 'http://{addr}/slow?ms=2000'\n  curl -N 'http://{addr}/events?n=5&ms=1000'\nEach request waits in Redis until the dispatcher takes it. Ctrl-C stops.\nIts queue, from another terminal:\n  {exe} status {target}\n  {exe} pause {target}\n  {exe} resume {target}\n"
     );
     {
         use std::io::Write;
@@ -92,8 +94,48 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The demo backend: `/hello`, `/echo` (returns the body) and `/slow?ms=N`.
-async fn backend(req: Request<Body>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// A demo response body: whole, or (for `/events`) streamed.
+type DemoBody =
+    Either<Full<Bytes>, StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>>;
+
+/// The demo backend: `/events?n=N&ms=M` (N server-sent events, M ms apart,
+/// streamed as written: `curl -N`), and the plain routes of [`plain`].
+async fn backend(req: Request<Body>) -> Result<Response<DemoBody>, Infallible> {
+    if req.uri().path() != "/events" {
+        let resp = plain(req).await?;
+        return Ok(resp.map(Either::Left));
+    }
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str, default: u64, max: u64| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+            .min(max)
+    };
+    let (n, ms) = (param("n", 5, 1000), param("ms", 1000, 10_000));
+    let events = futures_util::stream::unfold(0, move |i| async move {
+        if i >= n {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let event = format!(
+            "id: {i}\ndata: event {} of {n}, sent through Redis as it was written\n\n",
+            i + 1
+        );
+        Some((Ok(Frame::data(Bytes::from(event))), i + 1))
+    });
+    let body = StreamBody::new(Box::pin(events) as BoxStream<'static, _>);
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Either::Right(body))
+        .unwrap_or_else(|_| Response::new(Either::Left(Full::default()))))
+}
+
+/// `/hello`, `/echo` (returns the body) and `/slow?ms=N`.
+async fn plain(req: Request<Body>) -> Result<Response<Full<Bytes>>, Infallible> {
     let text = |status: StatusCode, body: String| {
         Response::builder()
             .status(status)
