@@ -202,6 +202,35 @@ async fn demo_serves_the_quickstart_requests() {
     assert!(r.text().contains("travelled through Redis"), "{}", r.text());
     let r = web::post(&c, &format!("http://127.0.0.1:{port}/echo"), "ping").await;
     assert_eq!(r.text(), "ping");
+    // The banner's event stream: each event arrives as it is written, the
+    // second about its interval after the first.
+    assert!(
+        banner
+            .iter()
+            .any(|l| l.contains("curl -N") && l.contains("/events"))
+    );
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/events?n=2&ms=300"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut arrivals = Vec::new();
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        if frame
+            .unwrap()
+            .into_data()
+            .is_ok_and(|d| d.starts_with(b"id: "))
+        {
+            arrivals.push(std::time::Instant::now());
+        }
+    }
+    assert_eq!(arrivals.len(), 2);
+    let apart = arrivals[1] - arrivals[0];
+    assert!(
+        apart >= Duration::from_millis(200),
+        "events arrived together ({apart:?})"
+    );
     demo.terminate();
     let status = demo.wait(READY).await;
     assert!(status.success(), "demo exited with {status}");
