@@ -15,14 +15,13 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use anteroom_control::queue::{self, Done};
 use anteroom_protocol::{
     Credit, MAX_CHUNK, RequestEnvelope, StreamChunk, StreamEnd, StreamHead, headers_from_map,
     now_ms, strip_hop_by_hop,
 };
-use anteroom_redis::{Backoff, Target, sleep_or_stop};
+use anteroom_redis::Target;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
@@ -35,9 +34,6 @@ use crate::worker::{ResponseBody, Shared};
 
 /// Why a stream that ends without its body's end ended, in its end frame.
 const STOPPING: &str = "dispatcher stopping";
-
-/// How long one BLMPOP on the credit list blocks before the reader loops.
-const BLOCK: Duration = Duration::from_secs(1);
 
 /// What the proxy has said of one stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -96,50 +92,15 @@ impl CreditTable {
     }
 }
 
-/// Pops this dispatcher's credit list until `stop`, reconnecting with
-/// backoff, and hands each credit to its stream.
+/// Pops this dispatcher's credit list until `stop` (see
+/// [`queue::follow_list`]) and hands each credit to its stream.
 pub(crate) async fn read_credits(shared: Arc<Shared>, target: Target, stop: CancellationToken) {
-    let mut backoff = Backoff::new();
-    'connect: while !stop.is_cancelled() {
-        let key = &shared.credits_key;
-        let timeout = shared.settings.redis_timeout;
-        let mut conn = match anteroom_redis::blocking_for(&target, key, timeout, BLOCK).await {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::warn!(error = %err, "credit reader cannot connect to redis; retrying");
-                if sleep_or_stop(&stop, backoff.next_delay()).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        backoff.reset();
-        loop {
-            let popped = tokio::select! {
-                popped = queue::pop_replies(&mut conn, key, BLOCK, 256) => popped,
-                () = stop.cancelled() => return,
-            };
-            match popped {
-                Ok(credits) => {
-                    for raw in credits {
-                        match Credit::decode(raw) {
-                            Ok(credit) => shared.credits.deliver(credit),
-                            Err(err) => {
-                                tracing::warn!(error = %err, "discarding a credit that does not decode")
-                            }
-                        }
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "credit reader lost redis; reconnecting");
-                    if sleep_or_stop(&stop, backoff.next_delay()).await {
-                        return;
-                    }
-                    continue 'connect;
-                }
-            }
-        }
-    }
+    let deliver = |raw| match Credit::decode(raw) {
+        Ok(credit) => shared.credits.deliver(credit),
+        Err(err) => tracing::warn!(error = %err, "discarding a credit that does not decode"),
+    };
+    let (key, timeout) = (&shared.credits_key, shared.settings.redis_timeout);
+    queue::follow_list(&target, key, timeout, &stop, "credit reader", deliver).await;
 }
 
 /// How a stream ended.

@@ -18,14 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use anteroom_redis::{Backoff, sleep_or_stop};
-
 use crate::stream::CreditSender;
-
-/// How long one BLMPOP blocks before the reader loops (and checks for stop).
-const BLOCK: Duration = Duration::from_secs(1);
-/// Replies taken per round trip.
-const BATCH: usize = 256;
 
 /// What a request is waiting for: its first reply frame, or (once its
 /// head came) the rest of its stream.
@@ -299,40 +292,14 @@ pub(crate) async fn run(
     connect_timeout: Duration,
     stop: CancellationToken,
 ) {
-    let mut backoff = Backoff::new();
-    'connect: while !stop.is_cancelled() {
-        let mut conn =
-            match anteroom_redis::blocking_for(&target, &key, connect_timeout, BLOCK).await {
-                Ok(conn) => conn,
-                Err(err) => {
-                    tracing::warn!(error = %err, "reply reader cannot connect to redis; retrying");
-                    if sleep_or_stop(&stop, backoff.next_delay()).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-        backoff.reset();
-        loop {
-            let pop = queue::pop_replies(&mut conn, &key, BLOCK, BATCH);
-            let result = tokio::select! {
-                r = pop => r,
-                () = stop.cancelled() => return,
-            };
-            match result {
-                Ok(replies) => {
-                    for raw in replies {
-                        demux.deliver(raw, &keys);
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "reply reader lost redis; reconnecting");
-                    if sleep_or_stop(&stop, backoff.next_delay()).await {
-                        return;
-                    }
-                    continue 'connect;
-                }
-            }
-        }
-    }
+    let deliver = |raw| demux.deliver(raw, &keys);
+    queue::follow_list(
+        &target,
+        &key,
+        connect_timeout,
+        &stop,
+        "reply reader",
+        deliver,
+    )
+    .await;
 }

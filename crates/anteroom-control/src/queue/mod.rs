@@ -16,7 +16,7 @@
 //! | [`requeue`] | Lua: `LREM`, `RPUSH requests`, `DEL claimed` (`INCR repeats`) | dispatcher, reaper |
 //! | [`dead_letter`] | `MULTI`: `LPUSH dead letter`, `LREM` | dispatcher, reaper |
 //! | [`Queue::reap`], [`Queue::reap_once`] | Lua: claim a dead dispatcher's list | dispatcher, `anteroom reap` |
-//! | [`pop_replies`] | `BLMPOP block 1 list LEFT COUNT n` | proxy (replies), dispatcher (credits) |
+//! | [`pop_replies`], [`follow_list`] | `BLMPOP block 1 list LEFT COUNT n` | proxy (replies), dispatcher (credits) |
 //! | [`push_reply`], [`push_replies`] | `RPUSH list frame` + `PEXPIRE` | dispatcher (stream frames), proxy (credits) |
 //! | [`replicate`] | `WAIT 1 ms` | proxy (in [`enqueue`]), dispatcher |
 //! | [`Presence`] ([`keep_present`]) | `SET hb PX ttl` + `ZADD registry`; `DEL` + `ZREM` on leave | proxy, dispatcher, `anteroom reap` |
@@ -41,10 +41,11 @@ pub use requeue::{Attempt, MAX_REPEATS, Requeued, dead_letter, requeue};
 
 use std::time::Duration;
 
-use anteroom_redis::Durability;
+use anteroom_redis::{Backoff, Durability, Target, sleep_or_stop};
 use bytes::Bytes;
 use redis::RedisResult;
 use redis::aio::ConnectionLike;
+use tokio_util::sync::CancellationToken;
 
 /// `LPUSH requests p1 p2 …`: appends `payloads` to the queue in one
 /// command, oldest first (the first payload is taken first). With a
@@ -226,6 +227,60 @@ pub async fn pop_replies<C: ConnectionLike + Send>(
         .query_async(conn)
         .await?;
     Ok(popped.map(|(_, replies)| replies).unwrap_or_default())
+}
+
+/// How long one `BLMPOP` of [`follow_list`] blocks before it loops (and
+/// looks for the stop).
+const FOLLOW_BLOCK: Duration = Duration::from_secs(1);
+/// Items [`follow_list`] takes per round trip.
+const FOLLOW_BATCH: usize = 256;
+
+/// Pops `list` until `stop`, handing each item to `deliver`, oldest first:
+/// [`pop_replies`] on a dedicated connection to `target`
+/// (`anteroom_redis::blocking_for`, connect timeout `connect_timeout`),
+/// reconnecting with backoff whenever it is lost. The one reader loop of a
+/// proxy's reply list and of a dispatcher's credit list; `what` names it in
+/// log lines.
+pub async fn follow_list(
+    target: &Target,
+    list: &str,
+    connect_timeout: Duration,
+    stop: &CancellationToken,
+    what: &str,
+    mut deliver: impl FnMut(Bytes),
+) {
+    let mut backoff = Backoff::new();
+    'connect: while !stop.is_cancelled() {
+        let blocking =
+            anteroom_redis::blocking_for(target, list, connect_timeout, FOLLOW_BLOCK).await;
+        let mut conn = match blocking {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "{what} cannot connect to redis; retrying");
+                if sleep_or_stop(stop, backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        loop {
+            let popped = tokio::select! {
+                popped = pop_replies(&mut conn, list, FOLLOW_BLOCK, FOLLOW_BATCH) => popped,
+                () = stop.cancelled() => return,
+            };
+            match popped {
+                Ok(items) => items.into_iter().for_each(&mut deliver),
+                Err(err) => {
+                    tracing::warn!(error = %err, "{what} lost redis; reconnecting");
+                    if sleep_or_stop(stop, backoff.next_delay()).await {
+                        return;
+                    }
+                    continue 'connect;
+                }
+            }
+        }
+    }
 }
 
 /// `WAIT 1 <wait>` when `durability` sees a replica (otherwise nothing):
