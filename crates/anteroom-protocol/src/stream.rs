@@ -109,6 +109,16 @@ impl Reply {
         }
     }
 
+    /// Encodes it into its wire form (the kind's own encoding).
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Complete(r) => r.encode(),
+            Self::Head(h) => h.encode(),
+            Self::Chunk(c) => c.encode(),
+            Self::End(e) => e.encode(),
+        }
+    }
+
     /// The id of the request it answers.
     pub fn id(&self) -> &str {
         match self {
