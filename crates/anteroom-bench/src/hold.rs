@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anteroom_testkit::{LocalRedis, free_port};
-use anyhow::{Context, bail};
+use anyhow::bail;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::setups::{Proc, spawn, spawn_dispatcher};
+use crate::setups::{Proc, rss_kib, spawn, spawn_dispatcher};
 
 /// Streams per h2c connection (the proxy allows 256).
 const STREAMS_PER_CONNECTION: usize = 250;
@@ -37,15 +37,6 @@ pub(crate) struct HoldFigures {
     pub(crate) rss_settled_kib: u64,
     pub(crate) drain: Duration,
     pub(crate) errors: usize,
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
 }
 
 /// Redis clients other than the bench's own (named `anteroom-bench`).

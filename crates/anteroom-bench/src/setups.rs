@@ -39,6 +39,17 @@ pub(crate) fn build_anteroom() -> anyhow::Result<PathBuf> {
 
 /// A minimal keep-alive HTTP/1.1 server answering `hello` to everything.
 pub(crate) async fn start_upstream() -> anyhow::Result<SocketAddr> {
+    start_server(|_| http::Response::new(Full::new(Bytes::from_static(b"hello\n")))).await
+}
+
+/// A keep-alive HTTP/1.1 server on a free loopback port answering each
+/// request with `respond(its target)`; runs until the benchmark exits.
+pub(crate) async fn start_server<B>(
+    respond: fn(&http::Uri) -> http::Response<B>,
+) -> anyhow::Result<SocketAddr>
+where
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -48,10 +59,9 @@ pub(crate) async fn start_upstream() -> anyhow::Result<SocketAddr> {
             };
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
-                let service = service_fn(|_req| async {
-                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                        b"hello\n",
-                    ))))
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let resp = respond(req.uri());
+                    async move { Ok::<_, Infallible>(resp) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -60,6 +70,16 @@ pub(crate) async fn start_upstream() -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// Resident memory of process `pid`, KiB (`VmRSS`).
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")
 }
 
 /// A child process killed on drop.

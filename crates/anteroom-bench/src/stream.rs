@@ -14,14 +14,15 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use anteroom_protocol::now_ms;
 
 use anteroom_testkit::LocalRedis;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 
 use crate::setups::{Forwarding, Nginx};
 
@@ -41,12 +42,6 @@ pub(crate) struct StreamFigures {
     pub(crate) errors: usize,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A channel as a body stream.
 struct Frames(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>);
 
@@ -61,25 +56,7 @@ impl futures_util::Stream for Frames {
 /// writes; `/events?n=N&ms=M`, N events M ms apart, each carrying the Unix
 /// milliseconds it was written at.
 pub(crate) async fn start_upstream() -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    Ok::<_, Infallible>(respond(req.uri()))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
+    crate::setups::start_server(respond).await
 }
 
 fn respond(uri: &http::Uri) -> http::Response<StreamBody<Frames>> {
@@ -136,14 +113,7 @@ fn respond(uri: &http::Uri) -> http::Response<StreamBody<Frames>> {
 }
 
 fn rss_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
+    crate::setups::rss_kib(pid).map_or(0, |kib| kib / 1024)
 }
 
 /// RSS of `pid` and its children (nginx's workers), MiB.
