@@ -73,10 +73,6 @@ pub(crate) enum ProxyError {
     ReaderGone,
     #[error("the reply is not a valid HTTP response")]
     BadReply(#[source] anteroom_protocol::ConvertError),
-    /// A stream head that cannot be followed (its credit list is not one
-    /// of the queue's).
-    #[error("invalid stream from the dispatcher: {0}")]
-    BadStream(String),
     #[error("{0}")]
     BadHost(&'static str),
     #[error("chunked applied more than once (RFC 9112 section 6.1)")]
@@ -105,7 +101,7 @@ impl ProxyError {
             ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
             ProxyError::HoldExpired => Failure::HoldExpired,
             ProxyError::Overloaded { .. } => Failure::Overloaded,
-            ProxyError::BadReply(_) | ProxyError::BadStream(_) => Failure::HandlerFailed,
+            ProxyError::BadReply(_) => Failure::HandlerFailed,
         }
     }
 }

@@ -28,8 +28,6 @@ use crate::translate::{X_REQUEST_ID, build_response, stream_response, usable_req
 pub(crate) struct State {
     pub(crate) config: Arc<ProxyConfig>,
     pub(crate) queue: String,
-    /// The queue's key names.
-    pub(crate) keys: anteroom_protocol::Keys,
     /// This route's hold budget.
     pub(crate) hold: Duration,
     pub(crate) reply_key: String,

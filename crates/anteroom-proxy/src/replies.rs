@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anteroom_control::queue;
 use anteroom_protocol::{
-    Keys, MAX_CHUNK, Reply, ResponseEnvelope, StreamChunk, StreamEnd, StreamHead,
+    Failure, Keys, MAX_CHUNK, Reply, ResponseEnvelope, StreamChunk, StreamEnd, StreamHead,
 };
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,7 +124,7 @@ impl Drop for Waiter {
             Some(Entry::Streaming(_)) if !self.taken => {
                 if let Some(Entry::Streaming(stream)) = waiters.remove(&self.id) {
                     drop(waiters);
-                    self.demux.cancel_unchecked(&stream.credit_to, self.id);
+                    self.demux.cancel_to(&stream.credit_to, self.id);
                 }
             }
             _ => {}
@@ -197,6 +197,18 @@ impl Demux {
                     tracing::debug!("reply arrived as its request gave up");
                 }
             }
+            (Some(Entry::Waiting(tx)), Reply::Head(head)) if !keys.is_credits(&head.credit_to) => {
+                // Credits would go to a key that is not one of this
+                // queue's: the stream is not followed, the client gets 502.
+                tracing::warn!(
+                    credit_to = %anteroom_protocol::printable(&head.credit_to),
+                    queue = %keys.queue(),
+                    "a stream head whose credit list is not one of the queue's; answered 502"
+                );
+                let _ = tx.send(Delivered::Complete(
+                    Failure::HandlerFailed.to_envelope(&head.id),
+                ));
+            }
             (Some(Entry::Waiting(tx)), Reply::Head(head)) => {
                 let (frames, rx) = mpsc::unbounded_channel();
                 let credit_to = head.credit_to.clone();
@@ -205,18 +217,14 @@ impl Demux {
                     frames,
                     buffered: Arc::clone(&buffered),
                     limit: head.window.min(MAX_WINDOW) + MAX_CHUNK as u64,
-                    credit_to: if keys.is_credits(&credit_to) {
-                        credit_to.clone()
-                    } else {
-                        String::new()
-                    },
+                    credit_to: credit_to.clone(),
                 };
                 if tx.send(Delivered::Stream(head, rx, buffered)).is_ok() {
                     waiters.insert(id, Entry::Streaming(stream));
                 } else {
                     drop(waiters);
                     tracing::debug!("stream began as its request gave up; cancelling it");
-                    self.cancel(keys, &credit_to, id);
+                    self.cancel_to(&credit_to, id);
                 }
             }
             (Some(Entry::Streaming(stream)), Reply::Chunk(chunk)) => {
@@ -230,12 +238,12 @@ impl Demux {
                         limit = stream.limit,
                         "a dispatcher sent more than its window; stream aborted"
                     );
-                    self.cancel_unchecked(&stream.credit_to, id);
+                    self.cancel_to(&stream.credit_to, id);
                 } else if stream.frames.send(StreamFrame::Chunk(chunk)).is_ok() {
                     waiters.insert(id, Entry::Streaming(stream));
                 } else {
                     drop(waiters);
-                    self.cancel_unchecked(&stream.credit_to, id);
+                    self.cancel_to(&stream.credit_to, id);
                 }
             }
             (Some(Entry::Streaming(stream)), Reply::End(end)) => {
@@ -268,16 +276,15 @@ impl Demux {
     /// the stream of `id` (only to a credit list of this queue).
     fn cancel(&self, keys: &Keys, credit_to: &str, id: u128) {
         if keys.is_credits(credit_to) {
-            self.cancel_unchecked(credit_to, id);
+            self.cancel_to(credit_to, id);
         }
     }
 
-    /// [`cancel`](Self::cancel) to a list already checked (empty: none).
-    fn cancel_unchecked(&self, credit_to: &str, id: u128) {
-        if !credit_to.is_empty() {
-            let id = uuid::Uuid::from_u128(id).hyphenated().to_string();
-            self.credits.cancel(credit_to, &id, 0);
-        }
+    /// [`cancel`](Self::cancel) to a list already checked (a stream's:
+    /// only heads with a credit list of the queue become streams).
+    fn cancel_to(&self, credit_to: &str, id: u128) {
+        let id = uuid::Uuid::from_u128(id).hyphenated().to_string();
+        self.credits.cancel(credit_to, &id, 0);
     }
 }
 

@@ -195,7 +195,6 @@ impl Queues {
             Arc::new(State {
                 config: Arc::clone(config),
                 queue: keys.queue().to_owned(),
-                keys: keys.clone(),
                 hold,
                 reply_key: keys.replies(proxy_id),
                 enqueuer,

@@ -190,8 +190,8 @@ pub(crate) fn build_response(
 /// The response that streams `head`'s body as its frames arrive: the
 /// head's status and headers, hop-by-hop ones removed and the app's
 /// `Content-Length` kept (hyper then ends the response short of it if the
-/// stream aborts). Errors: a head that is not a valid response, or whose
-/// `credit_to` is not a credit list of the request's queue.
+/// stream aborts). Errors: a head that is not a valid response. (Its
+/// `credit_to` was checked by the reply reader.)
 pub(crate) fn stream_response(
     state: &State,
     head: StreamHead,
@@ -199,15 +199,6 @@ pub(crate) fn stream_response(
     buffered: Arc<std::sync::atomic::AtomicU64>,
     key: u128,
 ) -> Result<Response<StreamBody>, ProxyError> {
-    if !state.keys.is_credits(&head.credit_to) {
-        // Nobody to cancel: the stream's frames are dropped from now on.
-        state.demux.remove_stream(key);
-        return Err(ProxyError::BadStream(format!(
-            "credit_to {:?} is not a credit list of queue {}",
-            head.credit_to.escape_debug().to_string(),
-            state.queue
-        )));
-    }
     let parts = StreamParts {
         buffered,
         demux: Arc::clone(&state.demux),
