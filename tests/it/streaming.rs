@@ -127,6 +127,13 @@ async fn tagged_app(req: Request<Body>, tag: &'static str) -> Result<Response<Ev
 static PRODUCED: AtomicU64 = AtomicU64::new(0);
 static LEFT_AT: AtomicU64 = AtomicU64::new(0);
 
+/// A `GET` of `url` with no body.
+fn get(url: impl AsRef<str>) -> Request<Full<Bytes>> {
+    Request::get(url.as_ref())
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
 /// `len` bytes of the pattern at `offset`: byte i is `(i * 31 + i / 65536) % 251`.
 fn pattern(offset: u64, len: usize) -> Bytes {
     (offset..offset + len as u64)
@@ -141,9 +148,7 @@ async fn server_sent_events_arrive_as_they_are_written() {
     let proxy = TestProxy::start(&redis, "sse").await;
     let dispatcher = TestDispatcher::start(&redis, "sse", tower::service_fn(app));
     let c = client();
-    let req = Request::get(proxy.url("/events?n=10&ms=100"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = get(proxy.url("/events?n=10&ms=100"));
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
@@ -181,9 +186,7 @@ async fn a_large_body_streams_byte_exact_and_a_broken_one_is_cut_short() {
     let c = client();
     let size: u64 = 32 * 1024 * 1024;
     let started = Instant::now();
-    let req = Request::get(proxy.url(&format!("/bytes?n={size}")))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = get(proxy.url(&format!("/bytes?n={size}")));
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
@@ -201,9 +204,7 @@ async fn a_large_body_streams_byte_exact_and_a_broken_one_is_cut_short() {
 
     // A body that fails after its first bytes: the client's response is
     // cut short (an error reading it), not ended as if complete.
-    let req = Request::get(proxy.url("/broken"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = get(proxy.url("/broken"));
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let collected = resp.into_body().collect().await;
@@ -282,16 +283,14 @@ async fn a_download_crosses_real_processes_in_bounded_memory() {
     crate::support::eventually("the dispatcher to serve", Duration::from_secs(20), || {
         let (c, url) = (c.clone(), format!("{base}/bytes?n=10"));
         async move {
-            let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+            let req = get(url);
             matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
         }
     })
     .await;
     let (proxy_before, dispatcher_before) = (rss(proxy.pid()), rss(dispatcher.pid()));
     let started = Instant::now();
-    let req = Request::get(format!("{base}/bytes?n={size}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = get(format!("{base}/bytes?n={size}"));
     let resp = c.request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
@@ -337,9 +336,7 @@ async fn a_slow_reader_holds_back_its_stream_only() {
     let dispatcher = TestDispatcher::start(&redis, "slow", tower::service_fn(app));
     let c = client();
     let size = 64 * 1024 * 1024;
-    let req = Request::get(proxy.url(&format!("/counted?n={size}")))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = get(proxy.url(&format!("/counted?n={size}")));
     let resp = c.request(req).await.unwrap();
     let mut body = resp.into_body();
     // Read 256 KiB, then stop reading for a while.
@@ -396,7 +393,7 @@ async fn a_slow_reader_holds_back_its_stream_only() {
     for _ in 0..100 {
         let (c, url) = (c.clone(), proxy.url("/events?n=1&ms=0"));
         others.push(tokio::spawn(async move {
-            let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+            let req = get(url);
             let resp = c.request(req).await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             resp.into_body().collect().await.unwrap();
@@ -455,9 +452,7 @@ async fn a_dispatcher_killed_mid_stream_cuts_the_response_short() {
         &format!("http://{upstream}"),
     ]);
     let c = client();
-    let req = Request::get(format!("http://127.0.0.1:{port}/events?n=100&ms=100"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = get(format!("http://127.0.0.1:{port}/events?n=100&ms=100"));
     let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
         .await
         .unwrap()
@@ -491,14 +486,9 @@ async fn a_dispatcher_killed_mid_stream_cuts_the_response_short() {
         "stream cut short {:?} after its dispatcher was killed",
         killed.elapsed()
     );
-    let metrics = crate::support::web::send(
-        &c,
-        Request::get(format!("http://127.0.0.1:{admin}/metrics"))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-    )
-    .await
-    .text();
+    let metrics = crate::support::web::send(&c, get(format!("http://127.0.0.1:{admin}/metrics")))
+        .await
+        .text();
     assert!(
         metrics.contains("anteroom_proxy_streams_aborted_total{queue=\"kill\"} 1"),
         "{metrics}"
@@ -613,9 +603,7 @@ async fn a_moving_stream_outlives_the_send_timeout() {
     .await;
     let dispatcher = TestDispatcher::start(&redis, "long", tower::service_fn(app));
     for c in [client(), crate::support::web::h2c_client()] {
-        let req = Request::get(proxy.url("/events?n=25&ms=100"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let req = get(proxy.url("/events?n=25&ms=100"));
         let resp = c.request(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let body = resp
@@ -677,9 +665,7 @@ async fn the_documented_redis_users_carry_streams() {
         ("/events?n=3&ms=10", 3),
         ("/bytes?n=3000000", 3_000_000),
     ] {
-        let req = Request::get(format!("http://127.0.0.1:{port}{path}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let req = get(format!("http://127.0.0.1:{port}{path}"));
         let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
             .await
             .unwrap()
