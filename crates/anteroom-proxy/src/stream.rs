@@ -192,6 +192,7 @@ impl StreamBody {
             idle,
             metrics,
         } = parts;
+        let idle = idle.max(Duration::from_secs(1));
         Self {
             frames,
             buffered,
@@ -204,8 +205,8 @@ impl StreamBody {
             next_seq: 0,
             consumed: 0,
             credited: 0,
-            idle: idle.max(Duration::from_secs(1)),
-            timer: Box::pin(tokio::time::sleep(idle.max(Duration::from_secs(1)))),
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
             finished: false,
             metrics,
         }
