@@ -188,10 +188,10 @@ fn proxy(
     if let Err(err) = config.validate() {
         problems.push(err.to_string());
     }
-    if args.max_body > args.max_waiting_bytes {
+    if args.body_buffer.min(args.max_body) > args.max_waiting_bytes {
         warnings.push(format!(
-            "--max-body ({}) is above --max-waiting-bytes ({}): bodies between the two get 503, not 413",
-            args.max_body, args.max_waiting_bytes
+            "--body-buffer ({}) is above --max-waiting-bytes ({}): bodies queued whole between the two get 503",
+            args.body_buffer, args.max_waiting_bytes
         ));
     }
     if args.enqueue_timeout > args.hold {

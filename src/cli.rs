@@ -217,9 +217,16 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_HOLD", default_value = duration_text(anteroom_proxy::defaults::HOLD), value_parser = parse_duration)]
     pub(crate) hold: Duration,
 
-    /// Largest request body accepted; larger bodies get 413 (e.g. 8MiB, 512KiB).
+    /// Largest request body accepted; larger bodies get 413 (e.g. 8MiB, 1GiB).
+    /// Memory does not grow with it: bodies over --body-buffer stream.
     #[arg(long, env = "ANTEROOM_MAX_BODY", default_value = size_text(anteroom_proxy::defaults::MAX_BODY), value_parser = parse_size)]
     pub(crate) max_body: usize,
+
+    /// Largest request body queued whole. A larger one is queued with its
+    /// first part; the rest streams to the dispatcher that takes it, and
+    /// until one does the proxy reads no more of it (TCP holds the upload).
+    #[arg(long, env = "ANTEROOM_BODY_BUFFER", default_value = size_text(anteroom_proxy::defaults::BODY_BUFFER), value_parser = parse_size)]
+    pub(crate) body_buffer: usize,
 
     /// On SIGINT or SIGTERM, how long to let waiting requests finish.
     #[arg(long, env = "ANTEROOM_GRACE", default_value = duration_text(anteroom_proxy::defaults::GRACE), value_parser = parse_duration)]
@@ -256,13 +263,16 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_HEADER_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::HEADER_READ_TIMEOUT), value_parser = parse_duration)]
     pub(crate) header_timeout: Duration,
 
-    /// How long a client may take to send the request body; then 408.
+    /// How long a client may take to send a body queued whole (up to
+    /// --body-buffer); then 408. A streamed body has --stream-idle-timeout
+    /// between its pieces instead.
     #[arg(long, env = "ANTEROOM_BODY_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::BODY_READ_TIMEOUT), value_parser = parse_duration)]
     pub(crate) body_timeout: Duration,
 
     /// How long a streamed response may go without a chunk from its
     /// dispatcher; then the client's response is aborted (cut short, never
-    /// ended cleanly). The hold budget covers the time until its head.
+    /// ended cleanly). The hold budget covers the time until its head. A
+    /// streamed request body may go as long without a piece from its client.
     #[arg(long, env = "ANTEROOM_STREAM_IDLE_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::STREAM_IDLE_TIMEOUT), value_parser = parse_duration)]
     pub(crate) stream_idle_timeout: Duration,
 

@@ -71,6 +71,7 @@ pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.default_queue = args.default_queue;
     config.hold = args.hold;
     config.max_body = args.max_body;
+    config.body_buffer = args.body_buffer;
     config.grace = args.grace;
     config.drain = args.drain;
     config.max_waiting = args.max_waiting;

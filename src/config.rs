@@ -428,7 +428,7 @@ mod tests {
         let args = proxy(parse_with(text, &["proxy", "--hold", "5s"]).unwrap());
         assert_eq!(args.hold, Duration::from_secs(5), "a flag beats the file");
         // Untouched by the file: the built-in default.
-        assert_eq!(args.max_body, 8 * 1024 * 1024);
+        assert_eq!(args.max_body, anteroom_proxy::defaults::MAX_BODY);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use http::{Request, Response, StatusCode, header};
 use http_body::Frame;
-use http_body_util::{Either, Full, StreamBody};
+use http_body_util::{Either, StreamBody};
 use tokio::net::TcpListener;
 
 use crate::cli::DemoArgs;
@@ -95,8 +95,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 /// A demo response body: whole, or (for `/events`) streamed.
-type DemoBody =
-    Either<Full<Bytes>, StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>>;
+type DemoBody = Either<Body, StreamBody<BoxStream<'static, Result<Frame<Bytes>, Infallible>>>>;
 
 /// The demo backend: `/events?n=N&ms=M` (N server-sent events, M ms apart,
 /// streamed as written: `curl -N`), and the plain routes of [`plain`].
@@ -131,16 +130,17 @@ async fn backend(req: Request<Body>) -> Result<Response<DemoBody>, Infallible> {
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Either::Right(body))
-        .unwrap_or_else(|_| Response::new(Either::Left(Full::default()))))
+        .unwrap_or_else(|_| Response::new(Either::Left(Body::default()))))
 }
 
-/// `/hello`, `/echo` (returns the body) and `/slow?ms=N`.
-async fn plain(req: Request<Body>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// `/hello`, `/echo` (returns the body, streamed as it arrives when it
+/// is large) and `/slow?ms=N`.
+async fn plain(req: Request<Body>) -> Result<Response<Body>, Infallible> {
     let text = |status: StatusCode, body: String| {
         Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(Full::new(Bytes::from(body)))
+            .body(Body::from(body))
             .unwrap_or_default()
     };
     let path = req.uri().path().to_owned();

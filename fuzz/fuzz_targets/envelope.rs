@@ -4,7 +4,7 @@
 //! conversion to an HTTP request never panics either.
 #![no_main]
 
-use anteroom_protocol::{Credit, DeadLetter, Reply, RequestEnvelope, ResponseEnvelope};
+use anteroom_protocol::{DeadLetter, Inbound, Reply, RequestEnvelope, ResponseEnvelope};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 
@@ -26,8 +26,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(reply) = Reply::decode(buf.clone()) {
         assert_eq!(Reply::decode(Bytes::from(reply.encode())).unwrap(), reply);
     }
-    if let Ok(credit) = Credit::decode(buf.clone()) {
-        assert_eq!(Credit::decode(Bytes::from(credit.encode())).unwrap(), credit);
+    if let Ok(inbound) = Inbound::decode(buf.clone()) {
+        assert_eq!(Inbound::decode(Bytes::from(inbound.encode())).unwrap(), inbound);
     }
     if let Ok(dead) = DeadLetter::decode(buf) {
         assert_eq!(

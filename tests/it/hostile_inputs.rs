@@ -28,6 +28,7 @@ fn envelope(id: &str, reply_to: &str) -> RequestEnvelope {
         deadline_ms: now_ms() + 20_000,
         dedupe: false,
         stream: false,
+        body_follows: false,
     }
 }
 

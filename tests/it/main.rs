@@ -29,3 +29,4 @@ mod status_page;
 mod streaming;
 mod support;
 mod upgrade;
+mod uploads;

@@ -124,6 +124,7 @@ fn envelope(id: usize, method: &str, reply_to: &str) -> RequestEnvelope {
         deadline_ms: now_ms() + 60_000,
         dedupe: false,
         stream: false,
+        body_follows: false,
     }
 }
 

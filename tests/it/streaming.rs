@@ -135,7 +135,7 @@ fn get(url: impl AsRef<str>) -> Request<Full<Bytes>> {
 }
 
 /// `len` bytes of the pattern at `offset`: byte i is `(i * 31 + i / 65536) % 251`.
-fn pattern(offset: u64, len: usize) -> Bytes {
+pub(crate) fn pattern(offset: u64, len: usize) -> Bytes {
     (offset..offset + len as u64)
         .map(|i| ((i * 31 + i / 65_536) % 251) as u8)
         .collect::<Vec<u8>>()
@@ -232,7 +232,7 @@ async fn serve_tagged_app(tag: &'static str) -> std::net::SocketAddr {
                 let service =
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                         let (parts, _) = req.into_parts();
-                        tagged_app(Request::from_parts(parts, Full::new(Bytes::new())), tag)
+                        tagged_app(Request::from_parts(parts, Body::default()), tag)
                     });
                 let _ = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
@@ -246,7 +246,7 @@ async fn serve_tagged_app(tag: &'static str) -> std::net::SocketAddr {
 }
 
 /// Resident memory of process `pid`, in bytes (`VmRSS`).
-fn rss(pid: u32) -> u64 {
+pub(crate) fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: u64 = status
         .lines()

@@ -37,6 +37,7 @@ fn envelope(id: &str, method: &str, keys: &Keys) -> RequestEnvelope {
         deadline_ms: now_ms() + 60_000,
         dedupe: false,
         stream: false,
+        body_follows: false,
     }
 }
 

@@ -4,18 +4,21 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anteroom_control::queue::{self, Attempt, Requeued};
-use anteroom_protocol::{Failure, Keys, RequestEnvelope, ResponseEnvelope, now_ms};
+use anteroom_protocol::{Failure, Keys, RequestEnvelope, ResponseEnvelope, Taken, now_ms};
 use anteroom_redis::Backoff;
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tower::ServiceExt;
 use tracing::Instrument;
 
+use crate::Body;
+use crate::body::{Pacing, Upload};
 use crate::complete::Completion;
 use crate::error::{BoxError, Transport, classify, describe};
 use crate::stream::{self, ready_now};
@@ -95,9 +98,25 @@ pub(crate) async fn handle<S, B>(
         // it out again.
         shared.replicate().await;
         let waited_ms = now.saturating_sub(envelope.enqueued_at_ms);
-        let budget = Duration::from_millis(envelope.deadline_ms - now);
+        let mut due = Due {
+            deadline_ms: envelope.deadline_ms,
+            last_piece: None,
+        };
+        let upload = if envelope.body_follows {
+            let Some((upload, last_piece)) = take_body(&shared, &envelope).await else {
+                // Past its deadline: the client has its 504.
+                discard(&shared, &raw).await;
+                return;
+            };
+            let idle_ms =
+                u64::try_from(shared.settings.stream_idle_timeout.as_millis()).unwrap_or(u64::MAX);
+            due.last_piece = Some((last_piece, idle_ms));
+            Some(upload)
+        } else {
+            None
+        };
         let started = std::time::Instant::now();
-        let reply = match execute(&shared, service, &envelope, budget).await {
+        let reply = match execute(&shared, service, &envelope, upload, &due).await {
             Outcome::Reply(reply) => reply,
             Outcome::Stream(parts, body, frames) => {
                 shared
@@ -111,6 +130,11 @@ pub(crate) async fn handle<S, B>(
                 // Kept for inspection; the client still gets its answer.
                 set_aside(&shared, &raw, &format!("not a valid HTTP request: {err}")).await;
                 Failure::HandlerFailed.to_envelope(&envelope.id)
+            }
+            Outcome::Requeue(_) if envelope.body_follows => {
+                // Its body has gone to this attempt: it cannot run again.
+                tracing::warn!("the upstream failed on a request whose body streamed: 502");
+                Failure::Interrupted.to_envelope(&envelope.id)
             }
             Outcome::Requeue(started) => {
                 let attempt = if started {
@@ -140,7 +164,7 @@ pub(crate) async fn handle<S, B>(
             reply_to: envelope.reply_to.clone(),
             reply: reply.encode(),
             raw,
-            deadline_ms: envelope.deadline_ms,
+            deadline_ms: due.at_ms(),
             done,
         };
         if shared.completions.send(completion).await.is_err() || completed.await.is_err() {
@@ -226,22 +250,103 @@ enum Outcome<B> {
     Requeue(bool),
 }
 
-/// Runs the handler within `budget`; every failure becomes a reply, except
-/// an upstream's transport failure (see [`classify`]), which also closes
-/// the gate.
+/// When a request's response head is due: its deadline, or, for a body
+/// that streams, one stream idle timeout after the last piece of the body
+/// reached the app, if that is later (a long upload is not cut short by
+/// the hold budget while it moves).
+struct Due {
+    deadline_ms: u64,
+    /// When the last piece reached the app (Unix ms), and the idle timeout
+    /// in ms.
+    last_piece: Option<(Arc<AtomicU64>, u64)>,
+}
+
+impl Due {
+    fn at_ms(&self) -> u64 {
+        self.last_piece
+            .as_ref()
+            .map_or(self.deadline_ms, |(last, idle_ms)| {
+                self.deadline_ms
+                    .max(last.load(Ordering::Acquire).saturating_add(*idle_ms))
+            })
+    }
+
+    /// `work`'s output, or `Err` if it is not done when due.
+    async fn within<F: std::future::Future>(&self, work: F) -> Result<F::Output, ()> {
+        let mut work = std::pin::pin!(work);
+        loop {
+            let (at, now) = (self.at_ms(), now_ms());
+            if now >= at {
+                return Err(());
+            }
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                () = tokio::time::sleep(Duration::from_millis(at - now)) => {}
+            }
+        }
+    }
+}
+
+/// Asks the proxy for the rest of the body of `envelope` (a [`Taken`] on
+/// its reply list, within its deadline) and opens the body that receives
+/// it; with it, when its last piece arrived. `None` when the frame could
+/// not be pushed by the deadline.
+async fn take_body(
+    shared: &Shared,
+    envelope: &RequestEnvelope,
+) -> Option<(Upload, Arc<AtomicU64>)> {
+    let window = shared.settings.stream_window as u64;
+    let last_piece = Arc::new(AtomicU64::new(now_ms()));
+    let length = envelope
+        .headers
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .and_then(|(_, value)| std::str::from_utf8(value).ok()?.trim().parse().ok());
+    let pacing = Pacing {
+        reply_to: envelope.reply_to.clone(),
+        credits: shared.upload_credits.clone(),
+        window,
+        idle: shared.settings.stream_idle_timeout,
+        length,
+        last_piece_ms: Arc::clone(&last_piece),
+    };
+    let upload = shared
+        .uploads
+        .open(&envelope.id, envelope.body.clone(), pacing);
+    let taken = Taken {
+        id: envelope.id.clone(),
+        send_to: shared.credits_key.clone(),
+        window,
+    }
+    .encode();
+    let ttl = shared.settings.reply_ttl;
+    with_retries("taken", envelope.deadline_ms, || {
+        let mut conn = shared.conn.clone();
+        let (reply_to, taken) = (&envelope.reply_to, &taken);
+        async move { queue::push_reply(&mut conn, reply_to, taken, ttl).await }
+    })
+    .await?;
+    Some((upload, last_piece))
+}
+
+/// Runs the handler until `due`; every failure becomes a reply, except an
+/// upstream's transport failure (see [`classify`]), which also closes the
+/// gate. The request's body is `upload` when it streams.
 async fn execute<S, B>(
     shared: &Shared,
     service: S,
     envelope: &RequestEnvelope,
-    budget: Duration,
+    upload: Option<Upload>,
+    due: &Due,
 ) -> Outcome<B>
 where
     S: HttpService<B>,
     B: ResponseBody,
 {
-    let request = match envelope.to_http() {
-        Ok(request) => request.map(Full::new),
-        Err(err) => return Outcome::Invalid(err),
+    let request = match (envelope.to_http(), upload) {
+        (Ok(request), Some(upload)) => request.map(|_| Body::streamed(upload)),
+        (Ok(request), None) => request.map(Body::from),
+        (Err(err), _) => return Outcome::Invalid(err),
     };
     let limit = shared.settings.max_response_body;
     let streams = envelope.stream;
@@ -271,7 +376,7 @@ where
     // At the deadline the handler's future is dropped, which cancels it. A
     // streamed response's deadline is its head: the body has the idle
     // timeout instead.
-    let reply = match tokio::time::timeout(budget, run).await {
+    let reply = match due.within(run).await {
         Ok(Ok(Ok(Produced::Whole(parts, body)))) => {
             shared.gate.delivered();
             ResponseEnvelope::from_http(&envelope.id, parts.status, &parts.headers, body)

@@ -27,6 +27,7 @@
 //! pulling until a [`HealthCheck`] passes (`health.rs`); meanwhile requests
 //! wait in the queue as during a pause.
 
+mod body;
 mod builder;
 mod complete;
 mod error;
@@ -40,10 +41,8 @@ mod worker;
 
 pub use anteroom_metrics::DispatcherMetrics;
 pub use anteroom_redis::Target;
+pub use body::{Body, BodyError};
 pub use builder::{Dispatcher, DispatcherBuilder, Ready, defaults};
 pub use error::{BoxError, DispatcherError, FailureReason, UpstreamError};
 pub use health::HealthCheck;
 pub use upstream::{DEFAULT_MAX_HEADERS, Upstream};
-
-/// The request body type handlers receive: the whole body, already read.
-pub type Body = http_body_util::Full<bytes::Bytes>;

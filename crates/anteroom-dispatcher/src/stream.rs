@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use anteroom_control::queue::{self, Done};
 use anteroom_protocol::{
-    Credit, MAX_CHUNK, RequestEnvelope, StreamChunk, StreamEnd, StreamHead, headers_from_map,
-    now_ms, strip_hop_by_hop,
+    Credit, Inbound, MAX_CHUNK, RequestEnvelope, StreamChunk, StreamEnd, StreamHead,
+    headers_from_map, now_ms, strip_hop_by_hop,
 };
 use anteroom_redis::Target;
 use bytes::{Bytes, BytesMut};
@@ -93,11 +93,16 @@ impl CreditTable {
 }
 
 /// Pops this dispatcher's credit list until `stop` (see
-/// [`queue::follow_list`]) and hands each credit to its stream.
+/// [`queue::follow_list`]) and hands each credit to its stream, and each
+/// piece of a streamed request body to its body.
 pub(crate) async fn read_credits(shared: Arc<Shared>, target: Target, stop: CancellationToken) {
-    let deliver = |raw| match Credit::decode(raw) {
-        Ok(credit) => shared.credits.deliver(credit),
-        Err(err) => tracing::warn!(error = %err, "discarding a credit that does not decode"),
+    let deliver = |raw| match Inbound::decode(raw) {
+        Ok(Inbound::Credit(credit)) => shared.credits.deliver(credit),
+        Ok(Inbound::Chunk(chunk)) => shared.uploads.chunk(chunk),
+        Ok(Inbound::End(end)) => shared.uploads.end(end),
+        Err(err) => {
+            tracing::warn!(error = %err, "discarding a credit-list frame that does not decode")
+        }
     };
     let (key, timeout) = (&shared.credits_key, shared.settings.redis_timeout);
     queue::follow_list(&target, key, timeout, &stop, "credit reader", deliver).await;

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 
 use crate::Body;
+use crate::body::UploadTable;
 use crate::builder::{Dispatcher, Settings};
 use crate::complete::{Completion, completer};
 use crate::error::{BoxError, DispatcherError, Kind};
@@ -102,6 +103,10 @@ pub(crate) struct Shared {
     pub(crate) credits_key: String,
     /// Cancelled when the grace period ends: streams still running end.
     pub(crate) streams_stop: CancellationToken,
+    /// Streamed request bodies being received.
+    pub(crate) uploads: Arc<UploadTable>,
+    /// Credits for streamed request bodies, on their way to reply lists.
+    pub(crate) upload_credits: queue::FrameSender,
 }
 
 /// Counts one request as running for as long as it lives.
@@ -213,6 +218,16 @@ where
         .durable
         .map(|wait| anteroom_redis::Durability::spawn(conn.clone(), wait, &components));
     let credits_key = keys.credits(&id);
+    let (upload_credits, upload_credits_rx) = queue::FrameSender::new();
+    components.spawn(
+        "upload credit writer",
+        queue::write_frames(
+            conn.clone(),
+            upload_credits_rx,
+            settings.reply_ttl,
+            components.stopping(),
+        ),
+    );
     let shared = Arc::new(Shared {
         gate: Arc::clone(&gate),
         metrics,
@@ -234,6 +249,8 @@ where
         credits: CreditTable::default(),
         credits_key,
         streams_stop: CancellationToken::new(),
+        uploads: Arc::default(),
+        upload_credits,
     });
     tracing::info!(
         queue = %shared.keys.queue(),

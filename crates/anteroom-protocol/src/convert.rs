@@ -238,6 +238,7 @@ mod tests {
             deadline_ms: 0,
             dedupe: false,
             stream: false,
+            body_follows: false,
         };
         assert!(matches!(env.to_http(), Err(ConvertError::HeaderValue(_))));
         let mut bad_method = env.clone();

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::frame::{
     HeadersRef, RequestMeta, RequestMetaRef, ResponseMeta, ResponseMetaRef, check_body, frame,
-    headers_json_len, unframe,
+    headers_json_len, kind_of, unframe,
 };
 
 /// The envelope format version this crate writes and reads.
@@ -16,6 +16,10 @@ pub const KIND_REQUEST: u8 = b'Q';
 pub const KIND_RESPONSE: u8 = b'R';
 /// Kind byte of a dead letter (`'D'`).
 pub const KIND_DEAD_LETTER: u8 = b'D';
+/// Kind byte of a request whose body follows in chunks (`'U'`): a decoder
+/// that only knows `'Q'` rejects it rather than run it with part of its
+/// body.
+pub const KIND_REQUEST_BODY_FOLLOWS: u8 = b'U';
 
 pub(crate) const PREFIX_LEN: usize = 6;
 
@@ -109,6 +113,11 @@ pub struct RequestEnvelope {
     /// may answer with a stream head, chunks and an end instead of one
     /// complete response. Absent (false) in envelopes of older proxies.
     pub stream: bool,
+    /// The body is not all here: `body` is its first part, and the rest
+    /// comes in chunks once the dispatcher asks for it ([`crate::Taken`];
+    /// docs/protocol.md, "Streamed request bodies"). Encoded as kind
+    /// [`KIND_REQUEST_BODY_FOLLOWS`].
+    pub body_follows: bool,
 }
 
 /// One HTTP response on its way back to a proxy.
@@ -211,12 +220,24 @@ impl RequestEnvelope {
             + self.reply_to.len()
             + self.client_addr.as_ref().map_or(0, String::len)
             + headers_json_len(&self.headers);
-        frame(KIND_REQUEST, &meta, hint, &self.body)
+        let kind = if self.body_follows {
+            KIND_REQUEST_BODY_FOLLOWS
+        } else {
+            KIND_REQUEST
+        };
+        frame(kind, &meta, hint, &self.body)
     }
 
-    /// Decodes a request envelope. The body is a zero-copy slice of `buf`.
+    /// Decodes a request envelope (kind `'Q'`, or `'U'` when its body
+    /// follows). The body is a zero-copy slice of `buf`.
     pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
-        let (meta, body) = unframe(&buf, KIND_REQUEST, "request")?;
+        let body_follows = kind_of(&buf)? == KIND_REQUEST_BODY_FOLLOWS;
+        let kind = if body_follows {
+            KIND_REQUEST_BODY_FOLLOWS
+        } else {
+            KIND_REQUEST
+        };
+        let (meta, body) = unframe(&buf, kind, "request")?;
         let meta: RequestMeta = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
         check_body(meta.body_len, &body)?;
         Ok(Self {
@@ -232,18 +253,22 @@ impl RequestEnvelope {
             deadline_ms: meta.deadline_ms,
             dedupe: meta.dedupe,
             stream: meta.stream,
+            body_follows,
         })
     }
 
     /// True when running the request twice does no harm: a safe method
-    /// (GET, HEAD, OPTIONS) or an `Idempotency-Key` header. The reaper
-    /// re-queues such requests; others are answered instead.
+    /// (GET, HEAD, OPTIONS) or an `Idempotency-Key` header, and a body
+    /// that is all in the envelope (one that follows in chunks has gone
+    /// once taken: it cannot be sent again). The reaper re-queues such
+    /// requests; others are answered instead.
     pub fn is_safe_to_repeat(&self) -> bool {
-        matches!(self.method.as_str(), "GET" | "HEAD" | "OPTIONS")
-            || self
-                .headers
-                .iter()
-                .any(|(name, _)| name.eq_ignore_ascii_case("idempotency-key"))
+        !self.body_follows
+            && (matches!(self.method.as_str(), "GET" | "HEAD" | "OPTIONS")
+                || self
+                    .headers
+                    .iter()
+                    .any(|(name, _)| name.eq_ignore_ascii_case("idempotency-key")))
     }
 
     /// True when the deadline has passed at `now_ms` (Unix milliseconds).
@@ -303,6 +328,7 @@ mod tests {
             deadline_ms: 1_700_000_030_000,
             dedupe: false,
             stream: false,
+            body_follows: false,
         }
     }
 
@@ -311,6 +337,29 @@ mod tests {
         let env = sample();
         let back = RequestEnvelope::decode(Bytes::from(env.encode())).unwrap();
         assert_eq!(back, env);
+    }
+
+    /// A request whose body follows has a kind of its own, so a dispatcher
+    /// that knows only `'Q'` rejects it instead of running it with part of
+    /// its body; and it is never repeated, whatever its method.
+    #[test]
+    fn a_request_whose_body_follows_is_its_own_kind_and_never_repeated() {
+        let env = RequestEnvelope {
+            method: "GET".into(),
+            body_follows: true,
+            ..sample()
+        };
+        let wire = env.encode();
+        assert_eq!(wire[1], KIND_REQUEST_BODY_FOLLOWS);
+        assert_eq!(RequestEnvelope::decode(Bytes::from(wire)).unwrap(), env);
+        assert!(!env.is_safe_to_repeat());
+        assert!(
+            RequestEnvelope {
+                body_follows: false,
+                ..env
+            }
+            .is_safe_to_repeat()
+        );
     }
 
     /// The size hint is close: one allocation, little slack. (A proxy keeps
@@ -487,8 +536,9 @@ mod tests {
             deadline_ms in any::<u64>(),
             dedupe in any::<bool>(),
             stream in any::<bool>(),
+            body_follows in any::<bool>(),
         ) -> RequestEnvelope {
-            RequestEnvelope { id, method, uri, version, headers, body: Bytes::from(body), reply_to, client_addr, enqueued_at_ms, deadline_ms, dedupe, stream }
+            RequestEnvelope { id, method, uri, version, headers, body: Bytes::from(body), reply_to, client_addr, enqueued_at_ms, deadline_ms, dedupe, stream, body_follows }
         }
     }
 

@@ -27,15 +27,15 @@ mod stream;
 pub use convert::{ConvertError, MAX_HEADER_FIELDS, headers_from_map, strip_hop_by_hop};
 pub use envelope::{
     DeadLetter, DecodeError, HeaderList, HttpVersion, KIND_DEAD_LETTER, KIND_REQUEST,
-    KIND_RESPONSE, RequestEnvelope, ResponseEnvelope, VERSION,
+    KIND_REQUEST_BODY_FOLLOWS, KIND_RESPONSE, RequestEnvelope, ResponseEnvelope, VERSION,
 };
 pub use failure::Failure;
 pub use heartbeat::{DispatcherHeartbeat, PauseRecord, ProxyHeartbeat, Unhealthy};
 pub use keys::{Keys, NameError, QUEUES_KEY, validate_id};
 pub use printable::{Printable, printable};
 pub use stream::{
-    Credit, KIND_CREDIT, KIND_STREAM_CHUNK, KIND_STREAM_END, KIND_STREAM_HEAD, MAX_CHUNK, Reply,
-    StreamChunk, StreamEnd, StreamHead,
+    Credit, Inbound, KIND_CREDIT, KIND_STREAM_CHUNK, KIND_STREAM_END, KIND_STREAM_HEAD, KIND_TAKEN,
+    MAX_CHUNK, Reply, StreamChunk, StreamEnd, StreamHead, Taken,
 };
 
 /// Milliseconds since the Unix epoch, the time unit of every deadline on the wire.

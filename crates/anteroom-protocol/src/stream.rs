@@ -15,6 +15,14 @@
 //! list: how many body bytes it has handed to its client, or that the
 //! client is gone. A dispatcher never has more than `window` bytes sent and
 //! not yet credited. [`Reply`] decodes whatever a reply list holds.
+//!
+//! A request body streams the other way (docs/protocol.md, "Streamed
+//! request bodies"): the envelope (kind `'U'`) holds its first part; the
+//! dispatcher that takes it pushes a [`Taken`] (kind `'T'`) to `reply_to`,
+//! naming its credit list and window; the proxy pushes the rest there as
+//! [`StreamChunk`]s and a [`StreamEnd`], and the dispatcher credits it with
+//! [`Credit`]s on `reply_to` as the app reads. [`Inbound`] decodes whatever
+//! a credit list holds.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -30,6 +38,8 @@ pub const KIND_STREAM_CHUNK: u8 = b'C';
 pub const KIND_STREAM_END: u8 = b'E';
 /// Kind byte of a credit (`'A'`).
 pub const KIND_CREDIT: u8 = b'A';
+/// Kind byte of a [`Taken`] (`'T'`).
+pub const KIND_TAKEN: u8 = b'T';
 /// Largest body a [`StreamChunk`] carries: 256 KiB.
 pub const MAX_CHUNK: usize = 256 * 1024;
 
@@ -73,15 +83,73 @@ pub struct StreamEnd {
     pub aborted: Option<String>,
 }
 
-/// A proxy's word on a stream to the dispatcher sending it.
+/// The receiver's word on a stream to its sender: a proxy's on a
+/// streamed response (pushed to the head's `credit_to`), or a
+/// dispatcher's on a streamed request body (pushed to `reply_to`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credit {
     /// The id of the request.
     pub id: String,
-    /// Body bytes handed to the client so far (the total, not a delta).
+    /// Body bytes handed on so far, to the client or to the app (the
+    /// total, not a delta).
     pub consumed: u64,
-    /// The client is gone (or the proxy gave up on the stream): stop.
+    /// The reader is gone (the client left, the app answered without
+    /// reading the rest, the receiver gave up on the stream): stop.
     pub cancel: bool,
+}
+
+/// A dispatcher has taken a request whose body follows (kind `'U'`) and
+/// wants the rest of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    /// The id of the request.
+    pub id: String,
+    /// The list the proxy pushes the body's chunks and end to
+    /// (`anteroom:{q}:credits:<dispatcher>`).
+    pub send_to: String,
+    /// Most body bytes the proxy sends beyond those credited.
+    pub window: u64,
+}
+
+/// What a dispatcher's credit list holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// A proxy's credit on a streamed response.
+    Credit(Credit),
+    /// A piece of a streamed request body.
+    Chunk(StreamChunk),
+    /// Its end.
+    End(StreamEnd),
+}
+
+impl Inbound {
+    /// Decodes any credit-list frame by its kind byte; bodies are
+    /// zero-copy slices of `buf`.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        match kind_of(&buf)? {
+            KIND_STREAM_CHUNK => StreamChunk::decode(buf).map(Self::Chunk),
+            KIND_STREAM_END => StreamEnd::decode(buf).map(Self::End),
+            _ => Credit::decode(buf).map(Self::Credit),
+        }
+    }
+
+    /// Encodes it into its wire form (the kind's own encoding).
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Credit(c) => c.encode(),
+            Self::Chunk(c) => c.encode(),
+            Self::End(e) => e.encode(),
+        }
+    }
+
+    /// The id of the request it belongs to.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Credit(c) => &c.id,
+            Self::Chunk(c) => &c.id,
+            Self::End(e) => &e.id,
+        }
+    }
 }
 
 /// What a reply list holds.
@@ -95,6 +163,10 @@ pub enum Reply {
     Chunk(StreamChunk),
     /// Its end.
     End(StreamEnd),
+    /// A dispatcher took a request whose body follows: send it.
+    Taken(Taken),
+    /// A dispatcher's credit on a streamed request body.
+    Credit(Credit),
 }
 
 impl Reply {
@@ -105,6 +177,8 @@ impl Reply {
             KIND_STREAM_HEAD => StreamHead::decode(buf).map(Self::Head),
             KIND_STREAM_CHUNK => StreamChunk::decode(buf).map(Self::Chunk),
             KIND_STREAM_END => StreamEnd::decode(buf).map(Self::End),
+            KIND_TAKEN => Taken::decode(buf).map(Self::Taken),
+            KIND_CREDIT => Credit::decode(buf).map(Self::Credit),
             _ => ResponseEnvelope::decode(buf).map(Self::Complete),
         }
     }
@@ -116,6 +190,8 @@ impl Reply {
             Self::Head(h) => h.encode(),
             Self::Chunk(c) => c.encode(),
             Self::End(e) => e.encode(),
+            Self::Taken(t) => t.encode(),
+            Self::Credit(c) => c.encode(),
         }
     }
 
@@ -126,6 +202,8 @@ impl Reply {
             Self::Head(h) => &h.id,
             Self::Chunk(c) => &c.id,
             Self::End(e) => &e.id,
+            Self::Taken(t) => &t.id,
+            Self::Credit(c) => &c.id,
         }
     }
 }
@@ -274,6 +352,42 @@ impl Credit {
     }
 }
 
+#[derive(Serialize, Deserialize)]
+struct TakenMeta {
+    id: String,
+    send_to: String,
+    window: u64,
+}
+
+impl Taken {
+    /// Encodes it into its wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = TakenMeta {
+            id: self.id.clone(),
+            send_to: self.send_to.clone(),
+            window: self.window,
+        };
+        frame(
+            KIND_TAKEN,
+            &meta,
+            64 + self.id.len() + self.send_to.len(),
+            &[],
+        )
+    }
+
+    /// Decodes a taken frame.
+    pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
+        let (meta, body) = unframe(&buf, KIND_TAKEN, "taken")?;
+        check_body(0, &body)?;
+        let meta: TakenMeta = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
+        Ok(Self {
+            id: meta.id,
+            send_to: meta.send_to,
+            window: meta.window,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,29 +423,48 @@ mod tests {
             headers: vec![],
             body: Bytes::new(),
         };
+        let credit = Credit {
+            id: "r1".into(),
+            consumed: 12_345,
+            cancel: true,
+        };
+        let taken = Taken {
+            id: "r3".into(),
+            send_to: "anteroom:{q}:credits:d1".into(),
+            window: 1 << 20,
+        };
         let frames = [
             Reply::Head(head.clone()),
             Reply::Chunk(chunk.clone()),
             Reply::End(end.clone()),
             Reply::Complete(complete.clone()),
+            Reply::Taken(taken.clone()),
+            Reply::Credit(credit.clone()),
         ];
         let encoded = [
             head.encode(),
             chunk.encode(),
             end.encode(),
             complete.encode(),
+            taken.encode(),
+            credit.encode(),
         ];
         for (reply, bytes) in frames.iter().zip(encoded) {
             assert_eq!(&Reply::decode(Bytes::from(bytes)).unwrap(), reply);
         }
-        let credit = Credit {
-            id: "r1".into(),
-            consumed: 12_345,
-            cancel: true,
-        };
-        assert_eq!(
-            Credit::decode(Bytes::from(credit.encode())).unwrap(),
-            credit
+        for inbound in [
+            Inbound::Credit(credit.clone()),
+            Inbound::Chunk(chunk.clone()),
+            Inbound::End(end.clone()),
+        ] {
+            assert_eq!(
+                Inbound::decode(Bytes::from(inbound.encode())).unwrap(),
+                inbound
+            );
+        }
+        assert!(
+            Inbound::decode(Bytes::from(taken.encode())).is_err(),
+            "a credit list holds no taken frames"
         );
         let clean = StreamEnd {
             aborted: None,

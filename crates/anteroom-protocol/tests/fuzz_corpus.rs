@@ -3,7 +3,7 @@
 //! header counts and sizes) on the stable toolchain, so CI covers what
 //! the fuzzer found.
 
-use anteroom_protocol::{Credit, DeadLetter, Reply, RequestEnvelope, ResponseEnvelope};
+use anteroom_protocol::{DeadLetter, Inbound, Reply, RequestEnvelope, ResponseEnvelope};
 use bytes::Bytes;
 
 #[test]
@@ -30,12 +30,12 @@ fn every_seed_decodes_or_fails_without_panicking() {
             assert_eq!(Reply::decode(Bytes::from(reply.encode())).unwrap(), reply);
             stream_frames += usize::from(!matches!(reply, Reply::Complete(_)));
         }
-        if let Ok(credit) = Credit::decode(buf.clone()) {
+        if let Ok(inbound) = Inbound::decode(buf.clone()) {
             assert_eq!(
-                Credit::decode(Bytes::from(credit.encode())).unwrap(),
-                credit
+                Inbound::decode(Bytes::from(inbound.encode())).unwrap(),
+                inbound
             );
-            stream_frames += 1;
+            stream_frames += usize::from(matches!(inbound, Inbound::Credit(_)));
         }
         if let Ok(dead) = DeadLetter::decode(buf) {
             assert_eq!(
@@ -45,9 +45,11 @@ fn every_seed_decodes_or_fails_without_panicking() {
         }
     }
     assert!(seeds >= 6, "{seeds} seeds in {}", dir.display());
-    // The plain request and response, and the 256 KiB value, convert; the
-    // 40,000- and 33,000-field ones are refused.
-    assert_eq!(converted, 3);
-    // A stream head, chunk and end, and a credit.
-    assert_eq!(stream_frames, 4);
+    // The plain request and response, the request whose body follows, and
+    // the 256 KiB value, convert; the 40,000- and 33,000-field ones are
+    // refused.
+    assert_eq!(converted, 4);
+    // A stream head, chunk, end, taken and credit as reply-list frames, and
+    // the credit again as a credit-list frame.
+    assert_eq!(stream_frames, 6);
 }

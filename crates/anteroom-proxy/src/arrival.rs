@@ -21,6 +21,7 @@ use crate::error::ProxyError;
 use crate::checks::{check_host, check_transfer_coding, has_dot_segments};
 use crate::handler::{BoxFuture, Refused, State, Waiting};
 use crate::translate::{Route, envelope_for};
+use crate::upload::Pump;
 
 /// A request turned into what the proxy keeps of it: at once when it has
 /// no body, after reading the body otherwise.
@@ -57,6 +58,7 @@ pub(crate) fn arrive(
         return refuse(ProxyError::DotSegments, body);
     }
     let limit = state.config.max_body;
+    let buffer = state.config.body_buffer.min(limit);
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -65,44 +67,42 @@ pub(crate) fn arrive(
     if declared.is_some_and(|n| n > limit as u64) {
         return refuse(ProxyError::BodyTooLarge { limit }, body);
     }
-    // The waiting budget is reserved on arrival, for the declared length
-    // (at most `limit`), and charged as bytes arrive when there is none
-    // (chunked): over it, 503 before the body is read, not after.
-    let reservation = match state.budget.reserve(declared.unwrap_or(0) as usize) {
+    // The waiting budget is reserved on arrival, for the part of the body
+    // queued (the declared length, at most `buffer`), and charged as bytes
+    // arrive when there is none (chunked): over it, 503 before the body is
+    // read, not after. What streams is bounded by the dispatcher's window
+    // instead.
+    let queued = declared.map_or(0, |n| n.min(buffer as u64));
+    let reservation = match state.budget.reserve(queued as usize) {
         Ok(reservation) => reservation,
         Err((waiting, bytes)) => return refuse(ProxyError::Overloaded { waiting, bytes }, body),
     };
-    if body.is_end_stream() {
-        // No body (most GETs): nothing to read or time.
-        return Arrival::Ready(Ok(prepare(
-            state,
-            parts,
-            Bytes::new(),
+    // No body (most GETs): nothing to read or time. A body declared too
+    // large to queue: none of it is read until a dispatcher takes the
+    // request (an `Expect: 100-continue` is answered then).
+    if body.is_end_stream() || declared.is_some_and(|n| n > buffer as u64) {
+        let part = Part {
+            body: Bytes::new(),
+            rest: (!body.is_end_stream()).then_some(body),
             reservation,
-            client,
-            id,
-            request_id,
-        )));
+        };
+        return Arrival::Ready(Ok(prepare(state, parts, part, client, id, request_id)));
     }
     let (state, request_id) = (Arc::clone(state), request_id.clone());
     Arrival::Reading(Box::pin(async move {
         let mut reservation = reservation;
-        let body = read_body(
+        let timeout = state.config.body_read_timeout;
+        let read = read_body(body, limit, buffer, timeout, &mut reservation).await?;
+        let (body, rest) = match read {
+            Read::Whole(body) => (body, None),
+            Read::Started(first, rest) => (first, Some(rest)),
+        };
+        let part = Part {
             body,
-            limit,
-            state.config.body_read_timeout,
-            &mut reservation,
-        )
-        .await?;
-        Ok(prepare(
-            &state,
-            parts,
-            body,
+            rest,
             reservation,
-            client,
-            id,
-            &request_id,
-        ))
+        };
+        Ok(prepare(&state, parts, part, client, id, &request_id))
     }))
 }
 
@@ -148,20 +148,38 @@ pub(crate) struct Prepared {
     /// the request is safe to repeat.
     pub(crate) may_repeat: bool,
     pub(crate) waiting: Waiting,
+    /// The sender of the rest of its body, when the body streams (boxed:
+    /// most requests have none).
+    pub(crate) upload: Option<Box<Pump>>,
 }
 
-/// Builds and encodes the envelope and registers the waiter; the request
-/// keeps `reservation` until it is answered. Synchronous: nothing here
-/// waits.
+/// What of a request's body goes in its envelope.
+pub(crate) struct Part {
+    /// The body, or its first part.
+    pub(crate) body: Bytes,
+    /// The rest of it, not read yet, when it streams.
+    pub(crate) rest: Option<Incoming>,
+    /// The request's share of the waiting budget.
+    pub(crate) reservation: Reservation,
+}
+
+/// Builds and encodes the envelope and registers the waiter (and the
+/// sender of a streamed body); the request keeps its reservation until it
+/// is answered. Synchronous: nothing here waits.
 pub(crate) fn prepare(
-    state: &State,
+    state: &Arc<State>,
     parts: http::request::Parts,
-    body: Bytes,
-    reservation: Reservation,
+    part: Part,
     client: SocketAddr,
     id: uuid::Uuid,
     request_id: &HeaderValue,
 ) -> Prepared {
+    let Part {
+        body,
+        rest,
+        reservation,
+    } = part;
+    let inline = body.len() as u64;
     let mut id_buf = uuid::Uuid::encode_buffer();
     let id_text: &str = id.hyphenated().encode_lower(&mut id_buf);
     let head_request = parts.method == Method::HEAD;
@@ -179,14 +197,26 @@ pub(crate) fn prepare(
             hold,
             dedupe: !state.config.enqueue_timeout.is_zero(),
             stream: true,
+            body_follows: rest.is_some(),
         },
     );
+    // Registered before enqueueing: a fast dispatcher may answer at once.
+    let waiter = state.demux.register(id);
+    let upload = rest.map(|body| {
+        Box::new(Pump {
+            state: Arc::clone(state),
+            key: waiter.id(),
+            body,
+            inline,
+            events: state.demux.register_upload(waiter.id()),
+        })
+    });
     Prepared {
         payload: Bytes::from(envelope.encode()),
         may_repeat: envelope.dedupe || envelope.is_safe_to_repeat(),
+        upload,
         waiting: Waiting {
-            // Registered before enqueueing: a fast dispatcher may answer at once.
-            waiter: state.demux.register(id),
+            waiter,
             reservation,
             deadline: tokio::time::Instant::now() + hold,
             head_request,
@@ -195,16 +225,26 @@ pub(crate) fn prepare(
     }
 }
 
+/// What [`read_body`] read.
+pub(crate) enum Read {
+    /// The whole body.
+    Whole(Bytes),
+    /// Its first part, over the buffer, and the rest, not read yet.
+    Started(Bytes, Incoming),
+}
+
 /// The body, read within `timeout` (in all) and at most `limit` bytes,
-/// each byte charged to `reservation` beyond what it already holds.
-/// Trailers are dropped: the envelope carries none. Refused with what is
-/// left of the body when the time, the limit or the budget runs out.
+/// each byte charged to `reservation` beyond what it already holds; past
+/// `buffer` bytes, what was read and the rest (it streams). Trailers are
+/// dropped: the envelope carries none. Refused with what is left of the
+/// body when the time, the limit or the budget runs out.
 pub(crate) async fn read_body(
     mut body: Incoming,
     limit: usize,
+    buffer: usize,
     timeout: Duration,
     reservation: &mut Reservation,
-) -> Result<Bytes, Refused> {
+) -> Result<Read, Refused> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut received = 0usize;
@@ -231,11 +271,18 @@ pub(crate) async fn read_body(
             }
         }
         chunks.push(data);
+        if received > buffer && !body.is_end_stream() {
+            return Ok(Read::Started(join(chunks), body));
+        }
     }
-    Ok(match chunks.len() {
+    Ok(Read::Whole(join(chunks)))
+}
+
+fn join(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
         1 => chunks.swap_remove(0),
         _ => Bytes::from(chunks.concat()),
-    })
+    }
 }
 
 /// Pushes the envelope through the enqueuer (one LPUSH per batch, then

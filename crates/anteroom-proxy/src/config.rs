@@ -12,8 +12,11 @@ pub mod defaults {
 
     /// [`hold`](super::ProxyConfig::hold): 30 s.
     pub const HOLD: Duration = Duration::from_secs(30);
-    /// [`max_body`](super::ProxyConfig::max_body): 8 MiB.
-    pub const MAX_BODY: usize = 8 * 1024 * 1024;
+    /// [`max_body`](super::ProxyConfig::max_body): 1 GiB (a body over
+    /// [`BODY_BUFFER`] streams, so memory does not grow with it).
+    pub const MAX_BODY: usize = 1024 * 1024 * 1024;
+    /// [`body_buffer`](super::ProxyConfig::body_buffer): 256 KiB.
+    pub const BODY_BUFFER: usize = 256 * 1024;
     /// [`grace`](super::ProxyConfig::grace): 30 s.
     pub const GRACE: Duration = Duration::from_secs(30);
     /// [`drain`](super::ProxyConfig::drain): 2 s.
@@ -75,6 +78,12 @@ pub struct ProxyConfig {
     pub hold: Duration,
     /// Largest request body accepted; larger ones get 413.
     pub max_body: usize,
+    /// Largest request body queued whole in its envelope. A larger one
+    /// (declared, or found larger while reading) is queued with its first
+    /// part, and the rest streams to the dispatcher that takes it, paced by
+    /// its credits; until then the proxy reads no more of it (TCP holds
+    /// it). docs/behaviour.md, "Request bodies".
+    pub body_buffer: usize,
     /// How long shutdown waits for in-flight requests.
     pub grace: Duration,
     /// After shutdown begins, how long idle keep-alive connections stay
@@ -162,6 +171,7 @@ impl ProxyConfig {
             default_queue: true,
             hold: defaults::HOLD,
             max_body: defaults::MAX_BODY,
+            body_buffer: defaults::BODY_BUFFER,
             grace: defaults::GRACE,
             drain: defaults::DRAIN,
             redis_timeout: defaults::REDIS_TIMEOUT,

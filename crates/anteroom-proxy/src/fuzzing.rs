@@ -34,6 +34,7 @@ pub fn envelope_for(
             hold: Duration::from_secs(30),
             dedupe: true,
             stream: false,
+            body_follows: false,
         },
     )
 }

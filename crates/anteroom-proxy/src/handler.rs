@@ -34,6 +34,8 @@ pub(crate) struct State {
     pub(crate) demux: Arc<Demux>,
     pub(crate) budget: Arc<crate::budget::Budget>,
     pub(crate) enqueuer: Enqueuer,
+    /// The proxy's shared connection, for the chunks of streamed bodies.
+    pub(crate) conn: anteroom_redis::SharedConnection,
     pub(crate) metrics: anteroom_metrics::ProxyQueueMetrics,
 }
 
@@ -73,7 +75,7 @@ pub(crate) fn handle(
     );
     let version = req.version();
     let phase = match arrive(&state, req, client, id, &request_id) {
-        Arrival::Ready(Ok(prepared)) => Phase::enqueueing(&state, prepared),
+        Arrival::Ready(Ok(prepared)) => Phase::enqueueing(&state, prepared, &connection),
         Arrival::Ready(Err(refused)) => Phase::Failed(Some(refused)),
         Arrival::Reading(reading) => Phase::Reading(reading),
     };
@@ -105,6 +107,7 @@ pub(crate) struct Handling {
 /// Why a request is answered by the proxy itself, and the part of its body
 /// not read when that was decided (kept until the answer is sent; see
 /// [`Answer::early`]).
+#[derive(Debug)]
 pub(crate) struct Refused {
     pub(crate) error: ProxyError,
     pub(crate) unread: Option<Incoming>,
@@ -152,12 +155,22 @@ pub(crate) struct Waiting {
 }
 
 impl Phase {
-    pub(crate) fn enqueueing(state: &Arc<State>, prepared: Prepared) -> Self {
+    /// Pushing `prepared`; the sender of its streamed body, if it has one,
+    /// starts now (on `connection`'s tasks) and waits for a dispatcher.
+    pub(crate) fn enqueueing(
+        state: &Arc<State>,
+        prepared: Prepared,
+        connection: &Activity,
+    ) -> Self {
         let Prepared {
             payload,
             may_repeat,
             waiting,
+            upload,
         } = prepared;
+        if let Some(pump) = upload {
+            connection.spawn(pump.run());
+        }
         let push = Box::pin(enqueue(Arc::clone(state), payload, may_repeat));
         Phase::Enqueueing(push, waiting)
     }
@@ -171,7 +184,9 @@ impl Future for Handling {
         let result = loop {
             match &mut this.phase {
                 Phase::Reading(reading) => match ready!(reading.as_mut().poll(cx)) {
-                    Ok(prepared) => this.phase = Phase::enqueueing(&this.state, prepared),
+                    Ok(prepared) => {
+                        this.phase = Phase::enqueueing(&this.state, prepared, &this.connection);
+                    }
                     Err(refused) => break Err(refused),
                 },
                 Phase::Enqueueing(push, _) => match ready!(push.as_mut().poll(cx)) {
@@ -197,6 +212,7 @@ impl Future for Handling {
                                     .map(Answer::complete)
                                     .map_err(Refused::from)
                             }
+                            Some(Delivered::Refused(refused)) => Err(refused),
                             Some(Delivered::Stream(head, frames, buffered)) => {
                                 let key = waiting.waiter.id();
                                 stream_response(&this.state, head, frames, buffered, key)

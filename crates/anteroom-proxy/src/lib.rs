@@ -40,6 +40,7 @@ mod server;
 mod status_page;
 mod stream;
 mod translate;
+mod upload;
 
 pub use admin::{AdminConfig, serve_admin};
 pub use config::{DEFAULT_MAX_HEADERS, ProxyConfig, RouteConfig, defaults};

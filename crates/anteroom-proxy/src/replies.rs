@@ -1,6 +1,8 @@
 //! The demultiplexer: one reader per queue pops this proxy's reply list and
 //! hands each frame to the request waiting for its id: a whole reply, or
-//! the head of a stream and then its chunks and end (docs/protocol.md).
+//! the head of a stream and then its chunks and end; and, for a request
+//! whose body streams, the dispatcher's taken frame and credits to the
+//! task sending that body (`upload.rs`) (docs/protocol.md).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,21 +13,46 @@ use std::time::Duration;
 
 use anteroom_control::queue;
 use anteroom_protocol::{
-    Failure, Keys, MAX_CHUNK, Reply, ResponseEnvelope, StreamChunk, StreamEnd, StreamHead,
+    Credit, Failure, Keys, MAX_CHUNK, Reply, ResponseEnvelope, StreamChunk, StreamEnd, StreamHead,
+    Taken,
 };
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::handler::Refused;
 use crate::stream::CreditSender;
 
 /// What a request is waiting for: its first reply frame, or (once its
-/// head came) the rest of its stream.
+/// head came) the rest of its stream; and where the dispatcher's word on
+/// its streamed body goes, if it has one. The body's sender stops when
+/// the entry goes (the request was answered, or nobody waits for it).
 #[derive(Debug)]
 enum Entry {
-    Waiting(oneshot::Sender<Delivered>),
+    Waiting(oneshot::Sender<Delivered>, Option<UploadEvents>),
     Streaming(Stream),
+}
+
+type UploadEvents = mpsc::UnboundedSender<UploadEvent>;
+
+/// What the dispatcher says of a request body it is sent.
+#[derive(Debug)]
+pub(crate) enum UploadEvent {
+    /// It took the request: send the body (checked to name a credit list
+    /// of the queue).
+    Taken(Taken),
+    /// It handed this much of the body to the app, or wants no more.
+    Credit(Credit),
+}
+
+impl Entry {
+    fn upload(&self) -> Option<&UploadEvents> {
+        match self {
+            Entry::Waiting(_, upload) => upload.as_ref(),
+            Entry::Streaming(stream) => stream.upload.as_ref(),
+        }
+    }
 }
 
 /// A stream under way: where its frames go, and how much of it the proxy
@@ -39,6 +66,8 @@ struct Stream {
     /// Most it may hold: its window, at most [`MAX_WINDOW`], plus a chunk.
     limit: u64,
     credit_to: String,
+    /// The request's streamed body, still being sent.
+    upload: Option<UploadEvents>,
 }
 
 /// Largest window the proxy honours: a dispatcher that asks for more is
@@ -61,6 +90,8 @@ pub(crate) enum Delivered {
         mpsc::UnboundedReceiver<StreamFrame>,
         Arc<AtomicU64>,
     ),
+    /// The proxy answers it itself: its streamed body broke a limit.
+    Refused(Refused),
 }
 
 /// What a streamed response receives after its head.
@@ -116,7 +147,7 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         let mut waiters = self.demux.lock();
         match waiters.get(&self.id) {
-            Some(Entry::Waiting(_)) => {
+            Some(Entry::Waiting(..)) => {
                 waiters.remove(&self.id);
             }
             // A head came, and nobody took it (the client went, the hold
@@ -149,12 +180,33 @@ impl Demux {
     pub(crate) fn register(self: &Arc<Self>, id: uuid::Uuid) -> Waiter {
         let (tx, rx) = oneshot::channel();
         let id = id.as_u128();
-        self.lock().insert(id, Entry::Waiting(tx));
+        self.lock().insert(id, Entry::Waiting(tx, None));
         Waiter {
             demux: Arc::clone(self),
             id,
             rx,
             taken: false,
+        }
+    }
+
+    /// Where the dispatcher's word on the streamed body of `id` (just
+    /// registered) will go.
+    pub(crate) fn register_upload(&self, id: u128) -> mpsc::UnboundedReceiver<UploadEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Some(Entry::Waiting(_, upload)) = self.lock().get_mut(&id) {
+            *upload = Some(tx);
+        }
+        rx
+    }
+
+    /// Answers `id` with `refused` if nothing answered it yet (its
+    /// streamed body broke a limit).
+    pub(crate) fn refuse(&self, id: u128, refused: Refused) {
+        let mut waiters = self.lock();
+        if let Some(Entry::Waiting(..)) = waiters.get(&id) {
+            if let Some(Entry::Waiting(tx, _)) = waiters.remove(&id) {
+                let _ = tx.send(Delivered::Refused(refused));
+            }
         }
     }
 
@@ -189,15 +241,20 @@ impl Demux {
             return;
         };
         let mut waiters = self.lock();
+        if let Reply::Taken(_) | Reply::Credit(_) = &reply {
+            return self.deliver_upload(waiters, id, reply, keys);
+        }
         let entry = waiters.remove(&id);
         match (entry, reply) {
-            (Some(Entry::Waiting(tx)), Reply::Complete(reply)) => {
+            (Some(Entry::Waiting(tx, _)), Reply::Complete(reply)) => {
                 // The receiver may have just given up; then the reply is late.
                 if tx.send(Delivered::Complete(reply)).is_err() {
                     tracing::debug!("reply arrived as its request gave up");
                 }
             }
-            (Some(Entry::Waiting(tx)), Reply::Head(head)) if !keys.is_credits(&head.credit_to) => {
+            (Some(Entry::Waiting(tx, _)), Reply::Head(head))
+                if !keys.is_credits(&head.credit_to) =>
+            {
                 // Credits would go to a key that is not one of this
                 // queue's: the stream is not followed, the client gets 502.
                 tracing::warn!(
@@ -209,7 +266,7 @@ impl Demux {
                     Failure::HandlerFailed.to_envelope(&head.id),
                 ));
             }
-            (Some(Entry::Waiting(tx)), Reply::Head(head)) => {
+            (Some(Entry::Waiting(tx, upload)), Reply::Head(head)) => {
                 let (frames, rx) = mpsc::unbounded_channel();
                 let credit_to = head.credit_to.clone();
                 let buffered = Arc::new(AtomicU64::new(0));
@@ -218,6 +275,7 @@ impl Demux {
                     buffered: Arc::clone(&buffered),
                     limit: head.window.min(MAX_WINDOW) + MAX_CHUNK as u64,
                     credit_to: credit_to.clone(),
+                    upload,
                 };
                 if tx.send(Delivered::Stream(head, rx, buffered)).is_ok() {
                     waiters.insert(id, Entry::Streaming(stream));
@@ -269,6 +327,42 @@ impl Demux {
                     self.cancel(keys, &head.credit_to, id);
                 }
             }
+        }
+    }
+
+    /// Hands a taken frame or a credit to the sender of the request's
+    /// body; a taken frame naming a list that is not one of the queue's
+    /// credit lists answers the request 502 instead (as a stream head's).
+    fn deliver_upload(
+        &self,
+        mut waiters: std::sync::MutexGuard<'_, Waiters>,
+        id: u128,
+        reply: Reply,
+        keys: &Keys,
+    ) {
+        let event = match reply {
+            Reply::Taken(taken) if !keys.is_credits(&taken.send_to) => {
+                tracing::warn!(
+                    send_to = %anteroom_protocol::printable(&taken.send_to),
+                    queue = %keys.queue(),
+                    "a taken frame whose list is not one of the queue's; answered 502"
+                );
+                if let Some(Entry::Waiting(tx, _)) = waiters.remove(&id) {
+                    let _ = tx.send(Delivered::Complete(
+                        Failure::HandlerFailed.to_envelope(&taken.id),
+                    ));
+                }
+                return;
+            }
+            Reply::Taken(taken) => UploadEvent::Taken(taken),
+            Reply::Credit(credit) => UploadEvent::Credit(credit),
+            _ => return,
+        };
+        match waiters.get(&id).and_then(Entry::upload) {
+            Some(upload) => {
+                let _ = upload.send(event);
+            }
+            None => tracing::debug!("taken frame or credit for no body being sent; discarded"),
         }
     }
 

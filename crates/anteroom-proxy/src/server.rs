@@ -21,7 +21,8 @@ use crate::error::ServeError;
 use crate::handler::State;
 use crate::replies::{self, Demux};
 use crate::router::Router;
-use crate::stream::{CreditSender, write_credits};
+use crate::stream::{CREDIT_TTL, CreditSender};
+use anteroom_control::queue;
 
 /// How often the proxy refreshes its heartbeat key, and the key's lifetime.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
@@ -58,12 +59,12 @@ pub async fn serve(
     let (target, conn) = anteroom_redis::connect(&config.redis_url, config.redis_timeout).await?;
     let components = Components::new();
     let config = Arc::new(config);
-    let (credits, credits_rx) = CreditSender::new();
+    let (credits, credits_rx) = queue::FrameSender::new();
     components.spawn(
         "credit writer",
-        write_credits(conn.clone(), credits_rx, components.stopping()),
+        queue::write_frames(conn.clone(), credits_rx, CREDIT_TTL, components.stopping()),
     );
-    let demux = Arc::new(Demux::new(credits));
+    let demux = Arc::new(Demux::new(CreditSender(credits)));
     let router = Arc::new(queues.router(&config, &proxy_id, &conn, &demux, &components));
     tracing::info!(
         listen = %listener
@@ -198,6 +199,7 @@ impl Queues {
                 hold,
                 reply_key: keys.replies(proxy_id),
                 enqueuer,
+                conn: conn.clone(),
                 demux: Arc::clone(demux),
                 budget: Arc::new(Budget::new(max_waiting, max_bytes, metrics.clone())),
                 metrics,

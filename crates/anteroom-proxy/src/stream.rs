@@ -19,11 +19,9 @@ use std::time::Duration;
 
 use anteroom_control::queue;
 use anteroom_protocol::Credit;
-use anteroom_redis::{Backoff, SharedConnection, sleep_or_stop};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::replies::{Demux, StreamFrame};
 
@@ -34,25 +32,16 @@ use crate::replies::{Demux, StreamFrame};
 pub(crate) struct StreamAborted(pub(crate) String);
 
 /// How long a credit list lives without a new credit.
-const CREDIT_TTL: Duration = Duration::from_secs(60);
+pub(crate) const CREDIT_TTL: Duration = Duration::from_secs(60);
 
-/// The proxy's credits on their way to dispatchers' credit lists, pushed
-/// by [`write_credits`] in batches.
+/// The proxy's credits on their way to dispatchers' credit lists (pushed
+/// by [`queue::write_frames`] with [`CREDIT_TTL`]).
 #[derive(Debug, Clone)]
-pub(crate) struct CreditSender {
-    tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
-}
+pub(crate) struct CreditSender(pub(crate) queue::FrameSender);
 
 impl CreditSender {
-    /// A sender and the receiving end for [`write_credits`].
-    pub(crate) fn new() -> (Self, mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx }, rx)
-    }
-
     fn send(&self, credit_to: &str, credit: &Credit) {
-        // Stopped: the dispatcher's idle timeout ends the stream instead.
-        let _ = self.tx.send((credit_to.to_owned(), credit.encode()));
+        self.0.send(credit_to, credit.encode());
     }
 
     /// The client of stream `id` is gone, after `consumed` bytes.
@@ -64,85 +53,6 @@ impl CreditSender {
         };
         self.send(credit_to, &credit);
     }
-}
-
-/// How long credits that cannot be pushed are retried before they are
-/// dropped (the streams they pace then idle out).
-const CREDIT_RETRY: Duration = Duration::from_secs(10);
-
-/// Pushes credits until `stop`: whatever arrived while the previous push
-/// was on the wire goes in the next, one pipeline per credit list (a list
-/// is one hash slot; Redis Cluster refuses a pipeline across slots).
-/// Credits are running totals, so one that failed is simply sent again,
-/// with backoff, for up to [`CREDIT_RETRY`]. On stop, what is queued is
-/// sent once more (the cancels of the connections just closed).
-pub(crate) async fn write_credits(
-    mut conn: SharedConnection,
-    mut rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-    stop: CancellationToken,
-) {
-    let mut pending: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut backoff = Backoff::new();
-    let mut failing_since: Option<std::time::Instant> = None;
-    loop {
-        if pending.is_empty() {
-            let first = tokio::select! {
-                first = rx.recv() => match first {
-                    Some(first) => first,
-                    None => return,
-                },
-                () = stop.cancelled() => {
-                    while let Ok(next) = rx.try_recv() {
-                        pending.push(next);
-                    }
-                    push_each_list(&mut conn, &mut pending).await;
-                    return;
-                }
-            };
-            pending.push(first);
-        }
-        while pending.len() < 256 {
-            match rx.try_recv() {
-                Ok(next) => pending.push(next),
-                Err(_) => break,
-            }
-        }
-        push_each_list(&mut conn, &mut pending).await;
-        if pending.is_empty() {
-            backoff.reset();
-            failing_since = None;
-            continue;
-        }
-        let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-        if since.elapsed() > CREDIT_RETRY {
-            tracing::warn!(
-                credits = pending.len(),
-                "credits could not be sent for {CREDIT_RETRY:?}; dropped (their streams idle out)"
-            );
-            pending.clear();
-            failing_since = None;
-            continue;
-        }
-        if sleep_or_stop(&stop, backoff.next_delay()).await {
-            push_each_list(&mut conn, &mut pending).await;
-            return;
-        }
-    }
-}
-
-/// Pushes `pending`, one pipeline per credit list, in order within each;
-/// leaves in `pending` what failed.
-async fn push_each_list(conn: &mut SharedConnection, pending: &mut Vec<(String, Vec<u8>)>) {
-    // Stable: a list's credits keep their order.
-    pending.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut failed = Vec::new();
-    for group in pending.chunk_by(|a, b| a.0 == b.0) {
-        if let Err(err) = queue::push_replies(conn, group, CREDIT_TTL).await {
-            tracing::warn!(error = %err, list = %group[0].0, "cannot send credits; retrying");
-            failed.extend_from_slice(group);
-        }
-    }
-    *pending = failed;
 }
 
 /// The body of a streamed response.

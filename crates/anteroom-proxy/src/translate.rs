@@ -57,6 +57,9 @@ pub(crate) struct Route<'a> {
     pub(crate) dedupe: bool,
     /// Whether the reply may be streamed (see `RequestEnvelope::stream`).
     pub(crate) stream: bool,
+    /// Whether `body` is only the first part (see
+    /// `RequestEnvelope::body_follows`).
+    pub(crate) body_follows: bool,
 }
 
 /// The envelope for a request: hop-by-hop headers removed, forwarding
@@ -101,6 +104,7 @@ pub(crate) fn envelope_for(
             .saturating_add(u64::try_from(route.hold.as_millis()).unwrap_or(u64::MAX)),
         dedupe: route.dedupe,
         stream: route.stream,
+        body_follows: route.body_follows,
     }
 }
 

@@ -17,7 +17,8 @@
 //! | [`dead_letter`] | `MULTI`: `LPUSH dead letter`, `LREM` | dispatcher, reaper |
 //! | [`Queue::reap`], [`Queue::reap_once`] | Lua: claim a dead dispatcher's list | dispatcher, `anteroom reap` |
 //! | [`pop_replies`], [`follow_list`] | `BLMPOP block 1 list LEFT COUNT n` | proxy (replies), dispatcher (credits) |
-//! | [`push_reply`], [`push_replies`] | `RPUSH list frame` + `PEXPIRE` | dispatcher (stream frames), proxy (credits) |
+//! | [`push_reply`], [`push_replies`] | `RPUSH list frame` + `PEXPIRE` | dispatcher (stream frames, taken), proxy (credits, request body chunks) |
+//! | [`write_frames`] | [`push_replies`] in the background, batched per list | proxy and dispatcher (credits, cancels) |
 //! | [`replicate`] | `WAIT 1 ms` | proxy (in [`enqueue`]), dispatcher |
 //! | [`Presence`] ([`keep_present`]) | `SET hb PX ttl` + `ZADD registry`; `DEL` + `ZREM` on leave | proxy, dispatcher, `anteroom reap` |
 //!
@@ -30,11 +31,13 @@
 //! [`Queue::reap_once`]: crate::Queue::reap_once
 
 mod complete;
+mod frames;
 mod presence;
 mod reap;
 mod requeue;
 
 pub use complete::{Done, complete, complete_now};
+pub use frames::{FrameReceiver, FrameSender, write_frames};
 pub use presence::{Presence, Role, keep_present};
 pub use reap::ReapReport;
 pub use requeue::{Attempt, MAX_REPEATS, Requeued, dead_letter, requeue};

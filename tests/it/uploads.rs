@@ -1,0 +1,480 @@
+//! Streamed request bodies (uploads) through the queue: a body over
+//! `--body-buffer` flows to the app as the client sends it, byte-exact and
+//! in bounded memory; while no dispatcher has taken the request the client
+//! is held by TCP; limits (`--max-body`, the idle timeout) answer the
+//! client and cut the app's copy short, never truncate it silently.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anteroom_dispatcher::Body;
+use anteroom_testkit::start_redis;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::mpsc;
+
+use crate::streaming::{pattern, rss};
+use crate::support::{TestDispatcher, TestProxy};
+
+/// A request body of `size` bytes of [`pattern`], made as it is sent: with
+/// a `Content-Length` (`declared`) or chunked. `sent` counts what the
+/// client has handed to its connection. It can stall or fail at a byte.
+struct PatternBody {
+    size: u64,
+    offset: u64,
+    declared: bool,
+    sent: Arc<AtomicU64>,
+    stall_at: Option<u64>,
+    fail_at: Option<u64>,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl PatternBody {
+    fn new(size: u64, declared: bool) -> Self {
+        Self {
+            size,
+            offset: 0,
+            declared,
+            sent: Arc::default(),
+            stall_at: None,
+            fail_at: None,
+            stalled: None,
+        }
+    }
+}
+
+impl http_body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.fail_at.is_some_and(|at| self.offset >= at) {
+            return Poll::Ready(Some(Err(std::io::Error::other("the client gave up"))));
+        }
+        if self.stall_at.is_some_and(|at| self.offset >= at) {
+            let sleep = self
+                .stalled
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_secs(3600))));
+            return sleep.as_mut().poll(cx).map(|()| None);
+        }
+        if self.offset >= self.size {
+            return Poll::Ready(None);
+        }
+        let len = (self.size - self.offset).min(64 * 1024);
+        let data = pattern(self.offset, len as usize);
+        self.offset += len;
+        self.sent.store(self.offset, Ordering::SeqCst);
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.declared {
+            SizeHint::with_exact(self.size)
+        } else {
+            SizeHint::default()
+        }
+    }
+}
+
+type UploadClient = Client<hyper_util::client::legacy::connect::HttpConnector, PatternBody>;
+
+fn upload_client(h2: bool) -> UploadClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build_http()
+}
+
+fn put(url: String, body: PatternBody) -> Request<PatternBody> {
+    Request::put(url).body(body).unwrap()
+}
+
+/// Reads `body`, checking it against [`pattern`]: `ok N` for N bytes all
+/// as expected, `wrong byte at I`, or `cut short after N: <error>`.
+async fn check<B>(body: B) -> String
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
+    let mut received = 0u64;
+    loop {
+        match body.frame().await {
+            None => return format!("ok {received}"),
+            Some(Err(err)) => return format!("cut short after {received}: {err}"),
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data != pattern(received, data.len()) {
+                    return format!("wrong byte near {received}");
+                }
+                received += data.len() as u64;
+            }
+        }
+    }
+}
+
+/// An app that checks each request body and answers what it found (and
+/// also sends it to `seen`, for the cases where the client never sees the
+/// answer).
+fn checking_app(
+    seen: mpsc::UnboundedSender<String>,
+) -> impl tower::Service<
+    Request<Body>,
+    Response = Response<Full<Bytes>>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |req: Request<Body>| {
+        let seen = seen.clone();
+        async move {
+            let verdict = check(req.into_body()).await;
+            let _ = seen.send(verdict.clone());
+            Ok(Response::new(Full::new(Bytes::from(verdict))))
+        }
+    })
+}
+
+async fn answer(resp: Response<hyper::body::Incoming>) -> (StatusCode, String) {
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// 32 MiB uploads, with a `Content-Length`, chunked, and over h2c, reach
+/// an in-process app byte-exact, as do small bodies queued whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_reach_the_app_byte_exact() {
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "up").await;
+    let (seen, _seen_rx) = mpsc::unbounded_channel();
+    let dispatcher = TestDispatcher::start(&redis, "up", checking_app(seen));
+    let size = 32 * 1024 * 1024;
+    for (h2, declared, size) in [
+        (false, true, size),
+        (false, false, size),
+        (true, true, size),
+        (true, false, size),
+        (false, true, 1000),
+        (false, false, 300 * 1024),
+    ] {
+        let c = upload_client(h2);
+        let started = Instant::now();
+        let resp = c
+            .request(put(proxy.url("/upload"), PatternBody::new(size, declared)))
+            .await
+            .unwrap();
+        let (status, text) = answer(resp).await;
+        println!(
+            "h2 {h2}, Content-Length {declared}: {size} bytes in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(status, StatusCode::OK, "{text}");
+        assert_eq!(text, format!("ok {size}"), "h2 {h2}, declared {declared}");
+    }
+    dispatcher.stop().await;
+    proxy.stop().await;
+}
+
+/// While the queue is paused the request waits with its body unread: the
+/// envelope in Redis holds none of it (it was declared larger than the
+/// buffer), the client is held by TCP far short of the body, and after
+/// resume the whole body reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_upload_waits_in_the_client() {
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "held").await;
+    let (seen, _seen_rx) = mpsc::unbounded_channel();
+    let dispatcher = TestDispatcher::start(&redis, "held", checking_app(seen));
+    let queue = crate::support::control(&redis, "held").await;
+    crate::support::eventually(
+        "the dispatcher to start",
+        Duration::from_secs(20),
+        || async { !queue.status().await.unwrap().dispatchers.is_empty() },
+    )
+    .await;
+    queue.pause("test", None, false).await.unwrap();
+    queue
+        .wait_quiescent(Duration::from_secs(5), |_| {})
+        .await
+        .unwrap();
+    let size = 256 * 1024 * 1024;
+    let body = PatternBody::new(size, true);
+    let sent = Arc::clone(&body.sent);
+    let c = upload_client(false);
+    let request = tokio::spawn(c.request(put(proxy.url("/upload"), body)));
+    let mut conn = crate::support::redis_conn(&redis).await;
+    crate::support::until_llen(&conn, "anteroom:{held}:requests", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queued: Vec<u8> = redis::cmd("LINDEX")
+        .arg("anteroom:{held}:requests")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let envelope = anteroom_protocol::RequestEnvelope::decode(Bytes::from(queued)).unwrap();
+    assert!(envelope.body_follows);
+    assert!(
+        envelope.body.is_empty(),
+        "{} bytes queued",
+        envelope.body.len()
+    );
+    let held = sent.load(Ordering::SeqCst);
+    println!("paused: the client has sent {held} of {size} bytes");
+    assert!(
+        held < size / 4,
+        "the client sent {held} bytes into a paused queue"
+    );
+    queue.resume().await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(60), request)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let (status, text) = answer(resp).await;
+    assert_eq!((status, text), (StatusCode::OK, format!("ok {size}")));
+    dispatcher.stop().await;
+    proxy.stop().await;
+}
+
+/// The limits of a streamed body: chunked past `--max-body` is answered
+/// 413 (a declared one is refused before it is queued); a client that
+/// stalls past the idle timeout is answered 408; a client that leaves
+/// mid-body. In each case the app's copy of the body is cut short with an
+/// error, never ended as if complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_that_breaks_a_limit_is_cut_short_at_the_app() {
+    let redis = start_redis();
+    let proxy = TestProxy::start_with(&redis, "limits", |c| {
+        c.max_body = 4 * 1024 * 1024;
+        c.body_buffer = 64 * 1024;
+        c.stream_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let (seen, mut seen_rx) = mpsc::unbounded_channel();
+    let dispatcher = TestDispatcher::start_built(
+        crate::support::dispatcher_builder(&redis, "limits")
+            .stream_idle_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap(),
+        checking_app(seen),
+    );
+    let c = upload_client(false);
+    let url = proxy.url("/upload");
+
+    // Declared over the limit: 413 before anything is queued.
+    let resp = c
+        .request(put(url.clone(), PatternBody::new(5 * 1024 * 1024, true)))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Chunked, over the limit once streaming.
+    let resp = c
+        .request(put(url.clone(), PatternBody::new(8 * 1024 * 1024, false)))
+        .await;
+    match resp {
+        Ok(resp) => assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE),
+        // The proxy may close before the client has finished sending.
+        Err(err) => println!("chunked over the limit: connection ended: {err}"),
+    }
+    let verdict = tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(verdict.starts_with("cut short"), "{verdict}");
+
+    // Stalls after 1 MiB: 408 after the idle timeout.
+    let mut body = PatternBody::new(3 * 1024 * 1024, true);
+    body.stall_at = Some(1024 * 1024);
+    let started = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(10), c.request(put(url.clone(), body)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    println!("stalled upload answered 408 after {:?}", started.elapsed());
+    let verdict = tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(verdict.starts_with("cut short after"), "{verdict}");
+
+    // Leaves after 1 MiB: the app's body fails within a second or two.
+    let mut body = PatternBody::new(3 * 1024 * 1024, false);
+    body.fail_at = Some(1024 * 1024);
+    let left = Instant::now();
+    let _ = c.request(put(url.clone(), body)).await;
+    let verdict = tokio::time::timeout(Duration::from_secs(5), seen_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    println!(
+        "the client left; the app knew after {:?}: {verdict}",
+        left.elapsed()
+    );
+    assert!(verdict.starts_with("cut short after"), "{verdict}");
+    dispatcher.stop().await;
+    proxy.stop().await;
+}
+
+/// An upstream over real HTTP/1.1 that checks each request body (see
+/// [`check`]) and answers what it found.
+async fn serve_checking_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let verdict = check(req.into_body()).await;
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            verdict,
+                        ))))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upload far larger than the window crosses a real proxy and a real
+/// dispatcher (in front of a real HTTP upstream) byte-exact, each process
+/// growing by at most 64 MiB. 256 MiB here;
+/// `ANTEROOM_STREAM_TEST_BYTES=1073741824 cargo test --test it uploads`
+/// runs the 1 GiB case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_crosses_real_processes_in_bounded_memory() {
+    let size: u64 = std::env::var("ANTEROOM_STREAM_TEST_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256 * 1024 * 1024);
+    let redis = start_redis();
+    let upstream = serve_checking_upstream().await;
+    let (proxy, base) = crate::support::bin::start_proxy(&redis, "ul", "30s").await;
+    let dispatcher = crate::support::bin::BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &redis.url(),
+        "--queue",
+        "ul",
+        "--upstream",
+        &format!("http://{upstream}"),
+    ]);
+    let c = upload_client(false);
+    // Warm: both processes have served one upload before the baseline.
+    crate::support::eventually("the dispatcher to serve", Duration::from_secs(20), || {
+        let (c, url) = (c.clone(), format!("{base}/warm"));
+        async move {
+            let req = put(url, PatternBody::new(1024 * 1024, true));
+            matches!(c.request(req).await, Ok(r) if r.status() == StatusCode::OK)
+        }
+    })
+    .await;
+    let (proxy_before, dispatcher_before) = (rss(proxy.pid()), rss(dispatcher.pid()));
+    let body = PatternBody::new(size, true);
+    let sent = Arc::clone(&body.sent);
+    let started = Instant::now();
+    let request = tokio::spawn(c.request(put(format!("{base}/upload"), body)));
+    let (mut proxy_peak, mut dispatcher_peak) = (0, 0);
+    while !request.is_finished() {
+        proxy_peak = proxy_peak.max(rss(proxy.pid()));
+        dispatcher_peak = dispatcher_peak.max(rss(dispatcher.pid()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = request.await.unwrap().unwrap();
+    let took = started.elapsed();
+    let (status, text) = answer(resp).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(text, format!("ok {size}"));
+    assert_eq!(sent.load(Ordering::SeqCst), size);
+    let grew = |peak: u64, before: u64| peak.saturating_sub(before) / (1024 * 1024);
+    let (proxy_grew, dispatcher_grew) = (
+        grew(proxy_peak, proxy_before),
+        grew(dispatcher_peak, dispatcher_before),
+    );
+    println!(
+        "{} MiB uploaded through anteroom processes in {took:?} ({:.0} MB/s); RSS grew: proxy {proxy_grew} MiB, dispatcher {dispatcher_grew} MiB",
+        size / (1024 * 1024),
+        size as f64 / took.as_secs_f64() / 1e6
+    );
+    assert!(proxy_grew <= 64, "the proxy grew {proxy_grew} MiB");
+    assert!(
+        dispatcher_grew <= 64,
+        "the dispatcher grew {dispatcher_grew} MiB"
+    );
+}
+
+/// A dispatcher killed mid-upload: the request cannot run again (its body
+/// has gone), so once another dispatcher's reaper finds it the client gets
+/// 502, never a repeat with part of the body, and never a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_killed_mid_upload_answers_502() {
+    let redis = start_redis();
+    let upstream = serve_checking_upstream().await;
+    let (_proxy, base) = crate::support::bin::start_proxy(&redis, "ulkill", "60s").await;
+    let dispatcher = || {
+        crate::support::bin::BinProcess::spawn(&[
+            "dispatch",
+            "--redis",
+            &redis.url(),
+            "--queue",
+            "ulkill",
+            "--upstream",
+            &format!("http://{upstream}"),
+        ])
+    };
+    let mut first = dispatcher();
+    let queue = crate::support::control(&redis, "ulkill").await;
+    crate::support::eventually(
+        "the dispatcher to start",
+        Duration::from_secs(20),
+        || async { !queue.status().await.unwrap().dispatchers.is_empty() },
+    )
+    .await;
+    let mut body = PatternBody::new(64 * 1024 * 1024, true);
+    body.stall_at = Some(8 * 1024 * 1024);
+    let sent = Arc::clone(&body.sent);
+    let c = upload_client(false);
+    let request = tokio::spawn(c.request(put(format!("{base}/upload"), body)));
+    crate::support::eventually(
+        "the upload to be under way",
+        Duration::from_secs(20),
+        || {
+            let sent = Arc::clone(&sent);
+            async move { sent.load(Ordering::SeqCst) >= 8 * 1024 * 1024 }
+        },
+    )
+    .await;
+    first.child().kill().unwrap();
+    let killed = Instant::now();
+    let _second = dispatcher();
+    let resp = tokio::time::timeout(Duration::from_secs(40), request)
+        .await
+        .expect("the client was left hanging")
+        .unwrap()
+        .unwrap();
+    println!(
+        "a killed dispatcher's upload answered {} after {:?}",
+        resp.status(),
+        killed.elapsed()
+    );
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+}
