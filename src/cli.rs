@@ -386,12 +386,14 @@ pub(crate) struct DispatchArgs {
 
     /// How long a streamed response may go without the app's body producing
     /// a byte, or without the client reading once the window is full; then
-    /// it is aborted.
+    /// it is aborted. A streamed request body that gets no piece from the
+    /// proxy this long fails at the app.
     #[arg(long, env = "ANTEROOM_STREAM_IDLE_TIMEOUT", default_value = duration_text(anteroom_dispatcher::defaults::STREAM_IDLE_TIMEOUT), value_parser = parse_duration)]
     pub(crate) stream_idle_timeout: Duration,
 
     /// Most bytes of a streamed response sent and not yet handed to the
-    /// client: what one stream may hold in Redis and in the proxy.
+    /// client, and of a streamed request body sent by the proxy and not yet
+    /// read by the app: what one stream may hold in Redis and in a process.
     #[arg(long, env = "ANTEROOM_STREAM_WINDOW", default_value = size_text(anteroom_dispatcher::defaults::STREAM_WINDOW), value_parser = parse_size)]
     pub(crate) stream_window: usize,
 

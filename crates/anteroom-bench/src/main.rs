@@ -8,7 +8,7 @@
 //! and the ratio to nginx. A benchmark, not a test: nothing asserts speed.
 //!
 //! Run with: `cargo run --release -p anteroom-bench -- --duration 10s --connections 64`
-//! (`--scenario stream`: a 1 GiB download and 1,000 event streams beside
+//! (`--scenario stream`: a 1 GiB download, a 1 GiB upload and 1,000 event streams beside
 //! nginx, `stream.rs`)
 //! (drives redis-server, nginx and wrk; installs whichever is missing from
 //! the distribution's packages unless `--install false`).

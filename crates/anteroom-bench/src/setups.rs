@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anteroom_testkit::{LocalRedis, free_port};
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
@@ -39,13 +39,13 @@ pub(crate) fn build_anteroom() -> anyhow::Result<PathBuf> {
 
 /// A minimal keep-alive HTTP/1.1 server answering `hello` to everything.
 pub(crate) async fn start_upstream() -> anyhow::Result<SocketAddr> {
-    start_server(|_| http::Response::new(Full::new(Bytes::from_static(b"hello\n")))).await
+    start_server(|_, _| http::Response::new(Full::new(Bytes::from_static(b"hello\n")))).await
 }
 
 /// A keep-alive HTTP/1.1 server on a free loopback port answering each
 /// request with `respond(its target)`; runs until the benchmark exits.
 pub(crate) async fn start_server<B>(
-    respond: fn(&http::Uri) -> http::Response<B>,
+    respond: fn(&http::Uri, u64) -> http::Response<B>,
 ) -> anyhow::Result<SocketAddr>
 where
     B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
@@ -60,8 +60,15 @@ where
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
                 let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let resp = respond(req.uri());
-                    async move { Ok::<_, Infallible>(resp) }
+                    let (parts, mut body) = req.into_parts();
+                    async move {
+                        // The request body is read (and counted) first.
+                        let mut received = 0u64;
+                        while let Some(Ok(frame)) = body.frame().await {
+                            received += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        }
+                        Ok::<_, Infallible>(respond(&parts.uri, received))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -157,13 +164,14 @@ impl Nginx {
         Self::start_with(upstream, "")
     }
 
-    /// nginx for streams: responses passed on as they arrive
-    /// (`proxy_buffering off`, as one configures it for SSE and large
-    /// downloads), read timeouts long enough for them.
+    /// nginx for streams: responses and request bodies passed on as they
+    /// arrive (`proxy_buffering off`, as one configures it for SSE and
+    /// large downloads; `proxy_request_buffering off` and no body size
+    /// limit for uploads), read timeouts long enough for them.
     pub(crate) fn start_streaming(upstream: SocketAddr) -> anyhow::Result<Self> {
         Self::start_with(
             upstream,
-            "proxy_buffering off;\n      proxy_read_timeout 300s;\n      ",
+            "proxy_buffering off;\n      proxy_request_buffering off;\n      client_max_body_size 0;\n      proxy_read_timeout 300s;\n      ",
         )
     }
 

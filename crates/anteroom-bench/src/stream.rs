@@ -1,13 +1,14 @@
-//! The `stream` scenario: a large download and server-sent events fanned
-//! out to many clients, through nginx (`proxy_buffering off`) and through
+//! The `stream` scenario: a large download, an upload of the same size,
+//! and server-sent events fanned out to many clients, through nginx
+//! (`proxy_buffering off`, `proxy_request_buffering off`) and through
 //! Anteroom (proxy + dispatcher forwarding to the same upstream), one after
 //! the other in one run.
 //!
-//! Prints, per setup: the download's throughput (MB/s) and how much each
-//! process's resident memory grew (nginx: master and workers; Anteroom:
-//! proxy and dispatcher; both: Redis is Anteroom's), and the delay of each
-//! event from being written by the upstream to reaching its client (p50,
-//! p99, max) over every event of every stream.
+//! Prints, per setup: the download's and the upload's throughput (MB/s)
+//! and how much each process's resident memory grew (nginx: master and
+//! workers; Anteroom: proxy and dispatcher; both: Redis is Anteroom's), and
+//! the delay of each event from being written by the upstream to reaching
+//! its client (p50, p99, max) over every event of every stream.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,6 +35,9 @@ pub(crate) struct StreamFigures {
     pub(crate) download_mb_s: f64,
     /// Peak RSS growth during the download, MiB, per process.
     pub(crate) rss_growth: Vec<(&'static str, u64)>,
+    pub(crate) upload_mb_s: f64,
+    /// Peak RSS growth during the upload, MiB, per process.
+    pub(crate) upload_rss_growth: Vec<(&'static str, u64)>,
     pub(crate) streams: usize,
     pub(crate) events: usize,
     pub(crate) delay_p50_ms: u64,
@@ -59,7 +63,7 @@ pub(crate) async fn start_upstream() -> anyhow::Result<SocketAddr> {
     crate::setups::start_server(respond).await
 }
 
-fn respond(uri: &http::Uri) -> http::Response<StreamBody<Frames>> {
+fn respond(uri: &http::Uri, received: u64) -> http::Response<StreamBody<Frames>> {
     let query = uri.query().unwrap_or("").to_owned();
     let param = |name: &str| {
         query
@@ -96,6 +100,11 @@ fn respond(uri: &http::Uri) -> http::Response<StreamBody<Frames>> {
                         return;
                     }
                 }
+            }
+            "/upload" => {
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from(received.to_string()))))
+                    .await;
             }
             _ => {
                 let _ = tx
@@ -145,6 +154,104 @@ type Client = hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
     Empty<Bytes>,
 >;
+
+/// A request body of `left` bytes of `x`, made as it is sent, with its
+/// length known (a `Content-Length` upload).
+struct Upload {
+    left: u64,
+    block: Bytes,
+}
+
+impl hyper::body::Body for Upload {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let len = self.left.min(self.block.len() as u64);
+        self.left -= len;
+        Poll::Ready(Some(Ok(Frame::data(self.block.slice(..len as usize)))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+type UploadClient =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Upload>;
+
+/// Peak RSS growth of `processes` (MiB each) while `work` runs, sampled
+/// every 50 ms.
+async fn watching<T>(
+    processes: &[Watched],
+    work: impl std::future::Future<Output = T>,
+) -> (T, Vec<(&'static str, u64)>) {
+    let rss = |(_, pid, tree): &Watched| {
+        if *tree {
+            rss_tree_mib(*pid)
+        } else {
+            rss_mib(*pid)
+        }
+    };
+    let before: Vec<u64> = processes.iter().map(rss).collect();
+    let mut peak = before.clone();
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let out = loop {
+        tokio::select! {
+            out = &mut work => break out,
+            _ = tick.tick() => {
+                for (i, process) in processes.iter().enumerate() {
+                    peak[i] = peak[i].max(rss(process));
+                }
+            }
+        }
+    };
+    let growth = processes
+        .iter()
+        .zip(peak.iter().zip(&before))
+        .map(|((name, _, _), (peak, before))| (*name, peak.saturating_sub(*before)))
+        .collect();
+    (out, growth)
+}
+
+/// Uploads `bytes` to `url` (`PUT`, with a `Content-Length`) and checks
+/// the upstream counted them all: MB/s, peak growth per process.
+async fn upload(
+    client: &UploadClient,
+    url: &str,
+    bytes: u64,
+    processes: &[Watched],
+) -> anyhow::Result<(f64, Vec<(&'static str, u64)>)> {
+    let body = Upload {
+        left: bytes,
+        block: Bytes::from(vec![b'x'; 64 * 1024]),
+    };
+    let request = http::Request::put(url).body(body)?;
+    let started = Instant::now();
+    let (answer, growth) = watching(processes, async {
+        let resp = client.request(request).await?;
+        let status = resp.status();
+        let text = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, text))
+    })
+    .await;
+    let (status, text) = answer?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(status == 200, "upload answered {status}");
+    anyhow::ensure!(
+        text == bytes.to_string(),
+        "the upstream received {} of {bytes} bytes",
+        String::from_utf8_lossy(&text)
+    );
+    Ok((bytes as f64 / secs / 1e6, growth))
+}
 
 /// Downloads `url` whole, sampling `processes`' RSS every 64 MiB: bytes,
 /// MB/s, peak growth per process.
@@ -252,6 +359,8 @@ pub(crate) async fn run(
     let client: Client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(streams)
         .build_http();
+    let upload_client: UploadClient =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
     let (proxy_pid, dispatcher_pid) = forwarding.pids();
     let setups: [(&'static str, String, Vec<Watched>); 2] = [
         (
@@ -277,6 +386,13 @@ pub(crate) async fn run(
             &processes,
         )
         .await?;
+        let (upload_mb_s, upload_rss_growth) = upload(
+            &upload_client,
+            &format!("{base}/upload"),
+            download_bytes,
+            &processes,
+        )
+        .await?;
         let events_url = format!("{base}/events?n=10&ms=500");
         let (mut delays, errors) = fan_out(&client, &events_url, streams).await;
         delays.sort_unstable();
@@ -285,6 +401,8 @@ pub(crate) async fn run(
             download_bytes: bytes,
             download_mb_s: mb_s,
             rss_growth,
+            upload_mb_s,
+            upload_rss_growth,
             streams,
             events: delays.len(),
             delay_p50_ms: percentile(&delays, 0.5),
@@ -334,6 +452,26 @@ pub(crate) fn print(figures: &[StreamFigures]) {
         println!(
             "  ({} streams of 10 events 500 ms apart per setup; delay: written by the upstream to read by the client)",
             f.streams
+        );
+    }
+    println!("\nUploads: the same size, PUT with a Content-Length, counted by the upstream");
+    println!(
+        "  {:<22} {:>10} {:>9}  {:<44}",
+        "setup", "upload", "MB/s", "RSS growth during the upload (MiB)"
+    );
+    for f in figures {
+        let rss = f
+            .upload_rss_growth
+            .iter()
+            .map(|(name, mib)| format!("{name} +{mib}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "  {:<22} {:>7} MiB {:>9.0}  {:<44}",
+            f.setup,
+            f.download_bytes / (1024 * 1024),
+            f.upload_mb_s,
+            rss
         );
     }
 }

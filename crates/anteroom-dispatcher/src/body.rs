@@ -134,6 +134,9 @@ struct Slot {
     buffered: Arc<AtomicU64>,
     /// Most it may hold: its window plus a chunk.
     limit: u64,
+    /// The next chunk number routed: one below it is a copy (the proxy
+    /// pushed it again after a lost answer), dropped before it is counted.
+    next_seq: u64,
 }
 
 /// The streamed request bodies being received, by request id.
@@ -157,6 +160,7 @@ impl UploadTable {
             pieces: tx,
             buffered: Arc::clone(&buffered),
             limit: pacing.window + MAX_CHUNK as u64,
+            next_seq: 0,
         };
         self.lock().insert(id.to_owned(), slot);
         let idle = pacing.idle.max(Duration::from_secs(1));
@@ -180,11 +184,19 @@ impl UploadTable {
     /// Hands a chunk to its body; chunks of bodies no longer read are
     /// dropped.
     pub(crate) fn chunk(&self, chunk: StreamChunk) {
-        let slots = self.lock();
-        let Some(slot) = slots.get(&chunk.id) else {
+        let mut slots = self.lock();
+        let Some(slot) = slots.get_mut(&chunk.id) else {
             tracing::debug!("a request body chunk for no body being read; discarded");
             return;
         };
+        if chunk.seq < slot.next_seq {
+            tracing::debug!(
+                seq = chunk.seq,
+                "a request body chunk pushed twice; the copy is dropped"
+            );
+            return;
+        }
+        slot.next_seq = chunk.seq.saturating_add(1);
         let len = chunk.data.len() as u64;
         let held = slot.buffered.fetch_add(len, Ordering::AcqRel) + len;
         let piece = if held > slot.limit {

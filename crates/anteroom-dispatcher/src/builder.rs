@@ -229,16 +229,21 @@ impl DispatcherBuilder {
     }
 
     /// Most bytes of a streamed response sent to a proxy and not yet
-    /// handed to its client (default 1 MiB): the most a stream holds in
-    /// Redis and in the proxy. At least 64 KiB.
+    /// handed to its client, and of a streamed request body a proxy sends
+    /// ahead of what the app has read (default 1 MiB): the most a stream
+    /// holds in Redis and in a process. At least 64 KiB, at most 16 MiB
+    /// ([`anteroom_protocol::MAX_WINDOW`], the most a proxy honours).
     pub fn stream_window(mut self, bytes: usize) -> Self {
-        self.settings.stream_window = bytes.max(64 * 1024);
+        let most = usize::try_from(anteroom_protocol::MAX_WINDOW).unwrap_or(usize::MAX);
+        self.settings.stream_window = bytes.clamp(64 * 1024, most);
         self
     }
 
     /// How long a streamed response may go without the app's body
     /// producing a byte, or without the client reading one once the window
-    /// is full, before it is aborted (default 60 s; at least 1 s).
+    /// is full, before it is aborted; and how long a streamed request body
+    /// may go without a piece before it fails at the app (default 60 s; at
+    /// least 1 s).
     pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
         self.settings.stream_idle_timeout = timeout.max(Duration::from_secs(1));
         self

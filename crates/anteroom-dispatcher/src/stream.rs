@@ -251,7 +251,7 @@ impl Outgoing<'_> {
             if state.cancel {
                 return Err(Ending::Cancelled);
             }
-            if self.sent + len <= state.consumed + self.window {
+            if self.sent + len <= state.consumed.min(self.sent).saturating_add(self.window) {
                 return Ok(());
             }
             tokio::select! {

@@ -35,7 +35,7 @@ pub use keys::{Keys, NameError, QUEUES_KEY, validate_id};
 pub use printable::{Printable, printable};
 pub use stream::{
     Credit, Inbound, KIND_CREDIT, KIND_STREAM_CHUNK, KIND_STREAM_END, KIND_STREAM_HEAD, KIND_TAKEN,
-    MAX_CHUNK, Reply, StreamChunk, StreamEnd, StreamHead, Taken,
+    MAX_CHUNK, MAX_WINDOW, Reply, StreamChunk, StreamEnd, StreamHead, Taken,
 };
 
 /// Milliseconds since the Unix epoch, the time unit of every deadline on the wire.

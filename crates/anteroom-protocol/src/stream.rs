@@ -42,6 +42,9 @@ pub const KIND_CREDIT: u8 = b'A';
 pub const KIND_TAKEN: u8 = b'T';
 /// Largest body a [`StreamChunk`] carries: 256 KiB.
 pub const MAX_CHUNK: usize = 256 * 1024;
+/// Largest window a receiver honours: 16 MiB. A sender that asks for more
+/// is held to this much outstanding (a dispatcher never asks for more).
+pub const MAX_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// The start of a streamed response.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use crate::error::ProxyError;
 use crate::checks::{check_host, check_transfer_coding, has_dot_segments};
 use crate::handler::{BoxFuture, Refused, State, Waiting};
 use crate::translate::{Route, envelope_for};
-use crate::upload::Pump;
+use crate::upload::{Progress, Pump};
 
 /// A request turned into what the proxy keeps of it: at once when it has
 /// no body, after reading the body otherwise.
@@ -77,17 +77,21 @@ pub(crate) fn arrive(
         Ok(reservation) => reservation,
         Err((waiting, bytes)) => return refuse(ProxyError::Overloaded { waiting, bytes }, body),
     };
-    // No body (most GETs): nothing to read or time. A body declared too
-    // large to queue: none of it is read until a dispatcher takes the
-    // request (an `Expect: 100-continue` is answered then).
-    if body.is_end_stream() || declared.is_some_and(|n| n > buffer as u64) {
+    if body.is_end_stream() {
+        // No body (most GETs): nothing to read or time.
         let part = Part {
             body: Bytes::new(),
-            rest: (!body.is_end_stream()).then_some(body),
+            rest: None,
             reservation,
+            declared,
         };
         return Arrival::Ready(Ok(prepare(state, parts, part, client, id, request_id)));
     }
+    // The body is read up to the buffer before the request is queued, even
+    // one declared larger: a client must send its first part within the
+    // body timeout before its request takes a dispatcher (one that sends
+    // only a head could otherwise hold a dispatcher's slot for the idle
+    // timeout).
     let (state, request_id) = (Arc::clone(state), request_id.clone());
     Arrival::Reading(Box::pin(async move {
         let mut reservation = reservation;
@@ -95,12 +99,24 @@ pub(crate) fn arrive(
         let read = read_body(body, limit, buffer, timeout, &mut reservation).await?;
         let (body, rest) = match read {
             Read::Whole(body) => (body, None),
-            Read::Started(first, rest) => (first, Some(rest)),
+            Read::Started(first, rest) => {
+                // While it waits, HTTP/2 flow control lets the client send
+                // a stream window more, which the proxy holds.
+                if parts.version >= http::Version::HTTP_2 {
+                    let window = crate::connection::H2_STREAM_WINDOW as usize;
+                    if let Err((waiting, bytes)) = reservation.grow(window) {
+                        let error = ProxyError::Overloaded { waiting, bytes };
+                        return Err(Refused::early(error, rest));
+                    }
+                }
+                (first, Some(rest))
+            }
         };
         let part = Part {
             body,
             rest,
             reservation,
+            declared,
         };
         Ok(prepare(&state, parts, part, client, id, &request_id))
     }))
@@ -161,6 +177,8 @@ pub(crate) struct Part {
     pub(crate) rest: Option<Incoming>,
     /// The request's share of the waiting budget.
     pub(crate) reservation: Reservation,
+    /// The body's `Content-Length`, if the client declared one.
+    pub(crate) declared: Option<u64>,
 }
 
 /// Builds and encodes the envelope and registers the waiter (and the
@@ -178,6 +196,7 @@ pub(crate) fn prepare(
         body,
         rest,
         reservation,
+        declared,
     } = part;
     let inline = body.len() as u64;
     let mut id_buf = uuid::Uuid::encode_buffer();
@@ -202,13 +221,16 @@ pub(crate) fn prepare(
     );
     // Registered before enqueueing: a fast dispatcher may answer at once.
     let waiter = state.demux.register(id);
-    let upload = rest.map(|body| {
+    let progress = rest.as_ref().map(|_| Progress::default());
+    let upload = rest.zip(progress.clone()).map(|(body, progress)| {
         Box::new(Pump {
             state: Arc::clone(state),
             key: waiter.id(),
             body,
             inline,
+            declared,
             events: state.demux.register_upload(waiter.id()),
+            progress,
         })
     });
     Prepared {
@@ -221,6 +243,7 @@ pub(crate) fn prepare(
             deadline: tokio::time::Instant::now() + hold,
             head_request,
             enqueued_ms: now,
+            progress,
         },
     }
 }

@@ -36,6 +36,15 @@ pub(crate) struct Connections {
     draining: Arc<AtomicBool>,
 }
 
+/// Most HTTP/2 streams open at once on one connection.
+const H2_MAX_STREAMS: u32 = 256;
+/// How much of a request body an HTTP/2 client may send before the proxy
+/// reads it (the RFC's default is 64 KiB, hyper's 1 MiB): enough for an
+/// upload to move at a few MB/s per 50 ms of round trip. A streamed upload
+/// waiting in the queue holds this much in the proxy, charged to the
+/// waiting budget (`arrival.rs`).
+pub(crate) const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
 impl Connections {
     /// hyper's HTTP/1.1 and h2c settings from `config`.
     pub(crate) fn new(config: Arc<ProxyConfig>, router: Arc<Router>) -> Self {
@@ -54,7 +63,13 @@ impl Connections {
             // the watchdog.
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .keep_alive_timeout(Duration::from_secs(20))
-            .max_concurrent_streams(256);
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            // A request whose body streams is not read while it waits in
+            // the queue: the connection's window covers every stream's
+            // (RFC 9113 §5.2), so one held upload never stops the bodies
+            // of the other streams on its connection.
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_STREAM_WINDOW * H2_MAX_STREAMS);
         Self {
             config,
             router,

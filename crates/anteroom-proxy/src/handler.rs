@@ -152,6 +152,9 @@ pub(crate) struct Waiting {
     pub(crate) deadline: tokio::time::Instant,
     pub(crate) head_request: bool,
     pub(crate) enqueued_ms: u64,
+    /// For a request whose body streams: when the body last moved, which
+    /// puts the answer's due time after the deadline while it moves.
+    pub(crate) progress: Option<crate::upload::Progress>,
 }
 
 impl Phase {
@@ -222,6 +225,16 @@ impl Future for Handling {
                         };
                     }
                     ready!(timer.as_mut().poll(cx));
+                    let idle = this.state.config.stream_idle_timeout;
+                    if let Some(due) = waiting
+                        .progress
+                        .as_ref()
+                        .and_then(|p| p.due_after(waiting.deadline, idle))
+                    {
+                        // A streamed body still moving: not due yet.
+                        timer.as_mut().reset(due);
+                        continue;
+                    }
                     break Err(ProxyError::HoldExpired.into());
                 }
                 Phase::Failed(refused) => {

@@ -260,29 +260,36 @@ impl Answer {
     }
 }
 
+/// Reads and discards the rest of `body`, within the lingering bounds
+/// ([`LINGER_TIME`] in all, [`LINGER_TIMEOUT`] without a byte,
+/// [`LINGER_BYTES`]), until it ends or fails.
+pub(crate) async fn discard(body: &mut Incoming) {
+    let mut discarded = 0u64;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while discarded < LINGER_BYTES {
+            match tokio::time::timeout(LINGER_TIMEOUT, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    discarded += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => break,
+            }
+        }
+    })
+    .await;
+    tracing::trace!(discarded, "unread request body discarded");
+}
+
 /// Reads and discards `body` within the lingering bounds, then drops it
 /// once the returned sender has been dropped (the answer sent).
 fn drain(mut body: Incoming, connection: &Activity) -> tokio::sync::oneshot::Sender<()> {
     let (answering, answered) = tokio::sync::oneshot::channel::<()>();
     let closing = connection.closing();
     connection.spawn(async move {
-        let mut discarded = 0u64;
-        let draining = tokio::time::timeout(LINGER_TIME, async {
-            while discarded < LINGER_BYTES {
-                match tokio::time::timeout(LINGER_TIMEOUT, body.frame()).await {
-                    Ok(Some(Ok(frame))) => {
-                        discarded += frame.data_ref().map_or(0, |d| d.len() as u64);
-                    }
-                    _ => break,
-                }
-            }
-        });
         // As a lingering close, it ends when the proxy closes its connections.
         tokio::select! {
-            _ = draining => {}
+            () = discard(&mut body) => {}
             () = closing.cancelled() => {}
         }
-        tracing::trace!(discarded, "unread request body drained");
         // Err once the answer is dropped: sent, or its connection gone.
         tokio::select! {
             _ = answered => {}

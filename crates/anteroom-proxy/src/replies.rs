@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anteroom_control::queue;
 use anteroom_protocol::{
-    Credit, Failure, Keys, MAX_CHUNK, Reply, ResponseEnvelope, StreamChunk, StreamEnd, StreamHead,
-    Taken,
+    Credit, Failure, Keys, MAX_CHUNK, MAX_WINDOW, Reply, ResponseEnvelope, StreamChunk, StreamEnd,
+    StreamHead, Taken,
 };
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,10 +69,6 @@ struct Stream {
     /// The request's streamed body, still being sent.
     upload: Option<UploadEvents>,
 }
-
-/// Largest window the proxy honours: a dispatcher that asks for more is
-/// held to this much buffered per stream.
-pub(crate) const MAX_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// Keyed by the id's 128 bits rather than its text: a waiting request then
 /// costs the map no allocation of its own.
@@ -358,12 +354,23 @@ impl Demux {
             Reply::Credit(credit) => UploadEvent::Credit(credit),
             _ => return,
         };
-        match waiters.get(&id).and_then(Entry::upload) {
-            Some(upload) => {
-                let _ = upload.send(event);
+        let Some(upload) = waiters.get(&id).and_then(Entry::upload) else {
+            drop(waiters);
+            tracing::debug!("taken frame or credit for no body being sent; discarded");
+            if let UploadEvent::Taken(taken) = event {
+                // Its request was answered or given up (the hold budget
+                // ran out): the dispatcher's app must not wait for the body
+                // until its idle timeout.
+                let end = StreamEnd {
+                    id: taken.id,
+                    chunks: 0,
+                    aborted: Some("the request was answered or given up".into()),
+                };
+                self.credits.0.send(&taken.send_to, end.encode());
             }
-            None => tracing::debug!("taken frame or credit for no body being sent; discarded"),
-        }
+            return;
+        };
+        let _ = upload.send(event);
     }
 
     /// Tells the dispatcher streaming to `credit_to` that nobody reads

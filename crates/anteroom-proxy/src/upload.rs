@@ -9,27 +9,29 @@
 //! the client. Then it reads the body and pushes it to the list the
 //! dispatcher named, in chunks, never more than the dispatcher's window
 //! beyond what it has credited: at most a window of the body is in Redis,
-//! and a piece in the proxy. The pump stops when the request's entry in
-//! the demultiplexer goes (it was answered, or nobody waits for it any
-//! more) or the dispatcher cancels; a client that stalls past the idle
-//! timeout, or sends more than `--max-body`, is answered by the proxy
-//! (408, 413) and the dispatcher's copy of the body is aborted.
+//! and a piece in the proxy. The pump stops sending when the request's
+//! entry in the demultiplexer goes (it was answered, or nobody waits for
+//! it any more) or the dispatcher cancels, and then reads and discards the
+//! rest within the lingering bounds (`linger.rs`), so the client reads its
+//! answer rather than a reset. A client that stalls past the idle timeout,
+//! or sends more than `--max-body`, is answered by the proxy (408, 413);
+//! in every case but a clean end, the dispatcher's copy is aborted.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anteroom_control::queue;
-use anteroom_protocol::{MAX_CHUNK, StreamChunk, StreamEnd};
+use anteroom_protocol::{MAX_CHUNK, MAX_WINDOW, StreamChunk, StreamEnd, now_ms};
 use anteroom_redis::Backoff;
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use crate::error::ProxyError;
 use crate::handler::{Refused, State};
-use crate::replies::{MAX_WINDOW, UploadEvent};
+use crate::replies::UploadEvent;
 use crate::stream::CREDIT_TTL;
 
 /// The part of a request body that streams, and where the dispatcher's
@@ -42,12 +44,82 @@ pub(crate) struct Pump {
     pub(crate) body: Incoming,
     /// Body bytes in the envelope already.
     pub(crate) inline: u64,
+    /// The body's `Content-Length`, if the client declared one.
+    pub(crate) declared: Option<u64>,
     pub(crate) events: mpsc::UnboundedReceiver<UploadEvent>,
+    /// When the body last moved (see [`Progress`]).
+    pub(crate) progress: Progress,
+}
+
+/// When a streamed body last moved: taken, a piece pushed, a credit
+/// received, its end (Unix ms; 0: not yet taken). The request's answer is
+/// due by the later of its deadline and one stream idle timeout after
+/// this, as the dispatcher reckons it, so a long upload that moves is not
+/// answered 504 at the hold budget.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Progress(Arc<AtomicU64>);
+
+impl Progress {
+    fn moved(&self) {
+        self.0.store(now_ms(), Ordering::Release);
+    }
+
+    /// When the answer is due, if the body's progress puts it after
+    /// `deadline`.
+    pub(crate) fn due_after(
+        &self,
+        deadline: tokio::time::Instant,
+        idle: Duration,
+    ) -> Option<tokio::time::Instant> {
+        let last = self.0.load(Ordering::Acquire);
+        if last == 0 {
+            return None;
+        }
+        let ago = Duration::from_millis(now_ms().saturating_sub(last));
+        let now = tokio::time::Instant::now();
+        let due = now + idle.saturating_sub(ago);
+        (due > deadline && due > now).then_some(due)
+    }
+}
+
+/// How long a request may wait to be gathered into one chunk with what
+/// follows it: a client that trickles bytes makes a chunk every few
+/// milliseconds at most, not one per byte.
+const GATHER: Duration = Duration::from_millis(5);
+
+/// How a gathered chunk left the body.
+enum Gathered {
+    More,
+    Ended,
+    Failed(hyper::Error),
+}
+
+/// `first` and whatever else of `body` arrives within [`GATHER`], up to
+/// `piece` bytes, and whether the body ended or failed meanwhile (hyper
+/// reports a body's error once: it must not be lost here).
+async fn gather(body: &mut Incoming, first: Bytes, piece: usize) -> (BytesMut, Gathered) {
+    let mut batch = BytesMut::from(&first[..]);
+    let until = tokio::time::Instant::now() + GATHER;
+    while batch.len() < piece {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => break,
+            Ok(None) => return (batch, Gathered::Ended),
+            Ok(Some(Err(err))) => return (batch, Gathered::Failed(err)),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    batch.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    (batch, Gathered::More)
 }
 
 /// Where a body goes and how far it got.
 struct Sending {
     state: Arc<State>,
+    declared: Option<u64>,
+    progress: Progress,
     id: String,
     send_to: String,
     window: u64,
@@ -60,15 +132,14 @@ struct Sending {
     cancelled: bool,
 }
 
-/// How the client's side of a body ended early.
+/// How sending a body ended early.
 enum Cut {
-    /// Stop sending; nothing more to say (the dispatcher cancelled, or the
-    /// request was answered).
+    /// Stop sending; nothing more to say (the dispatcher cancelled).
     Quiet,
     /// Tell the dispatcher the body was cut short, for this reason.
     Abort(String),
     /// And answer the client with this, if nothing answered it yet.
-    Refuse(String, Refused),
+    Refuse(String, ProxyError),
 }
 
 impl Pump {
@@ -80,12 +151,15 @@ impl Pump {
             key,
             body,
             inline,
+            declared,
             mut events,
+            progress,
         } = self;
         let taken = loop {
             match events.recv().await {
-                // Answered, or nobody waits for it: nothing was read.
-                None => return,
+                // Answered (504 at the hold budget), or nobody waits for
+                // it: the rest is discarded, as after any early answer.
+                None => return crate::linger::discard(&mut { body }).await,
                 Some(UploadEvent::Taken(taken)) => break taken,
                 Some(UploadEvent::Credit(credit)) if credit.cancel => return,
                 Some(UploadEvent::Credit(_)) => {}
@@ -96,27 +170,38 @@ impl Pump {
             send_to: taken.send_to,
             window: taken.window.clamp(1, MAX_WINDOW),
             state: Arc::clone(&state),
+            declared,
+            progress,
             seq: 0,
             sent: 0,
             consumed: 0,
             cancelled: false,
         };
-        let cut = match out.body(body, inline, &mut events).await {
+        out.progress.moved();
+        let mut body = body;
+        let cut = match out.body(&mut body, inline, &mut events).await {
             Ok(()) => return out.end(None).await,
             Err(cut) => cut,
         };
         match cut {
+            Cut::Refuse(reason, error) => {
+                tracing::debug!(%reason, sent = out.sent, "request body refused");
+                // The early answer reads (or lingers over) the rest.
+                state.demux.refuse(key, Refused::early(error, body));
+                out.end(Some(reason)).await;
+                return;
+            }
             Cut::Quiet => {}
             Cut::Abort(reason) => {
                 tracing::debug!(%reason, sent = out.sent, "request body cut short");
                 out.end(Some(reason)).await;
             }
-            Cut::Refuse(reason, refused) => {
-                tracing::debug!(%reason, sent = out.sent, "request body refused");
-                state.demux.refuse(key, refused);
-                out.end(Some(reason)).await;
-            }
         }
+        // The request is answered, or will be, while the client may still
+        // be sending: the rest is read and discarded (within the lingering
+        // bounds) rather than dropped, so that the client reads its answer
+        // instead of a reset (HTTP/1) or a cancelled stream (HTTP/2).
+        crate::linger::discard(&mut body).await;
     }
 }
 
@@ -130,15 +215,18 @@ impl Sending {
 
     fn apply(&mut self, event: UploadEvent) {
         if let UploadEvent::Credit(credit) = event {
-            self.consumed = self.consumed.max(credit.consumed);
+            // Never more than was sent: a credit is a dispatcher's word,
+            // read from Redis.
+            self.consumed = self.consumed.max(credit.consumed.min(self.sent));
             self.cancelled |= credit.cancel;
+            self.progress.moved();
         }
     }
 
     /// Reads the body and sends it, within the window, until it ends.
     async fn body(
         &mut self,
-        mut body: Incoming,
+        body: &mut Incoming,
         inline: u64,
         events: &mut mpsc::UnboundedReceiver<UploadEvent>,
     ) -> Result<(), Cut> {
@@ -156,13 +244,12 @@ impl Sending {
                     continue;
                 }
             };
-            let data = match frame {
+            let first = match frame {
                 Err(_) => {
                     let reason = format!("the client sent nothing for {idle:?}");
-                    let refused = Refused::early(ProxyError::BodyTimeout(idle), body);
-                    return Err(Cut::Refuse(reason, refused));
+                    return Err(Cut::Refuse(reason, ProxyError::BodyTimeout(idle)));
                 }
-                Ok(None) => return Ok(()),
+                Ok(None) => return self.check_length(inline),
                 Ok(Some(Err(err))) => {
                     return Err(Cut::Abort(format!("the client's body failed: {err}")));
                 }
@@ -172,28 +259,11 @@ impl Sending {
                     Err(_) => continue,
                 },
             };
-            // Whatever else the client has sent goes in the same chunk.
-            let mut batch = BytesMut::from(&data[..]);
-            let mut ended = false;
-            while batch.len() < piece {
-                match body.frame().now_or_never() {
-                    Some(Some(Ok(frame))) => {
-                        if let Ok(data) = frame.into_data() {
-                            batch.extend_from_slice(&data);
-                        }
-                    }
-                    Some(None) => {
-                        ended = true;
-                        break;
-                    }
-                    // An error shows again on the next read.
-                    Some(Some(Err(_))) | None => break,
-                }
-            }
+            let (batch, next) = gather(body, first, piece).await;
             if self.sent + batch.len() as u64 > limit {
                 let reason = format!("the body is over --max-body ({max_body} bytes)");
-                let refused = Refused::early(ProxyError::BodyTooLarge { limit: max_body }, body);
-                return Err(Cut::Refuse(reason, refused));
+                let error = ProxyError::BodyTooLarge { limit: max_body };
+                return Err(Cut::Refuse(reason, error));
             }
             let mut batch = batch.freeze();
             while !batch.is_empty() {
@@ -201,9 +271,26 @@ impl Sending {
                 self.room(part.len() as u64, events).await?;
                 self.push_chunk(part).await?;
             }
-            if ended {
-                return Ok(());
+            match next {
+                Gathered::More => {}
+                Gathered::Ended => return self.check_length(inline),
+                Gathered::Failed(err) => {
+                    return Err(Cut::Abort(format!("the client's body failed: {err}")));
+                }
             }
+        }
+    }
+
+    /// A body that ended: complete only if it is as long as its
+    /// `Content-Length` said (an HTTP/2 stream reset with `NO_ERROR` ends a
+    /// body early without an error).
+    fn check_length(&self, inline: u64) -> Result<(), Cut> {
+        let got = inline + self.sent;
+        match self.declared {
+            Some(declared) if declared != got => Err(Cut::Abort(format!(
+                "the body ended after {got} of the {declared} bytes declared"
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -231,7 +318,7 @@ impl Sending {
         events: &mut mpsc::UnboundedReceiver<UploadEvent>,
     ) -> Result<(), Cut> {
         let idle = self.idle();
-        while self.sent + len > self.consumed + self.window {
+        while self.sent + len > self.consumed.saturating_add(self.window) {
             match tokio::time::timeout(idle, events.recv()).await {
                 Ok(event) => self.event(event)?,
                 Err(_) => {
@@ -256,6 +343,7 @@ impl Sending {
         }
         self.seq += 1;
         self.sent += len;
+        self.progress.moved();
         Ok(())
     }
 
@@ -282,6 +370,7 @@ impl Sending {
 
     /// Pushes the end: clean, or aborted for `reason`.
     async fn end(&self, aborted: Option<String>) {
+        self.progress.moved();
         let end = StreamEnd {
             id: self.id.clone(),
             chunks: self.seq,
