@@ -620,7 +620,8 @@ async fn a_moving_stream_outlives_the_send_timeout() {
 
 /// The Redis users docs/operations.md gives (its `ACL SETUSER` lines, as
 /// written) run a proxy, a dispatcher and `anteroom status` through whole
-/// and streamed replies with nothing refused (`ACL LOG` empty).
+/// and streamed replies and a streamed request body, with nothing refused
+/// (`ACL LOG` empty).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_redis_users_carry_streams() {
     let redis = start_redis();
@@ -681,6 +682,18 @@ async fn the_documented_redis_users_carry_streams() {
             assert_eq!(body.len(), expect, "{path}");
         }
     }
+    // A body that streams (over --body-buffer): the taken frame, chunks,
+    // credits and the cancel of an app that does not read it.
+    let req = Request::put(format!("http://127.0.0.1:{port}/bytes?n=6"))
+        .body(Full::new(Bytes::from(vec![7u8; 3_000_000])))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "the upload");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 6);
     let status = crate::support::bin::command()
         .args([
             "status",
