@@ -18,10 +18,11 @@ const MIB: usize = 1 << 20;
 /// An answer given before the request is all read (413, 400, 501, 431)
 /// reaches a client that writes its whole body before reading, over
 /// HTTP/1.1 (`Connection: close`, then the rest of the body is read and
-/// discarded) and HTTP/2 (the stream ends after the answer).
+/// discarded) and HTTP/2 (the stream ends after the answer). The 413 for
+/// a chunked body comes once it streams past `--max-body`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_answers_reach_clients_still_sending() {
-    let stack = HttpbinStack::start("early", &[]).await;
+    let stack = HttpbinStack::start("early", &["--max-body", "8MiB"]).await;
     let url = format!("{}/anything", stack.url);
     let big = (16 * MIB).to_string();
     let some = (4 * MIB).to_string();
@@ -108,11 +109,21 @@ async fn early_answers_reach_clients_still_sending() {
 /// The waiting budget is taken on arrival: from `Content-Length` before
 /// the body is read, and as bytes arrive for a chunked body. Over it, 503
 /// with `Retry-After` at once, which the still-sending client reads.
+/// (Bodies queued whole count; `--body-buffer` is raised so these are.
+/// A streamed body counts only its first part: the rest waits in the
+/// client, `uploads::a_paused_upload_waits_in_the_client`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_waiting_budget_answers_503_before_the_body() {
     let stack = HttpbinStack::start(
         "shed",
-        &["--max-waiting", "2", "--max-waiting-bytes", "9MiB"],
+        &[
+            "--max-waiting",
+            "2",
+            "--max-waiting-bytes",
+            "9MiB",
+            "--body-buffer",
+            "8MiB",
+        ],
     )
     .await;
     // Ordinary traffic on another proxy of the same app is not affected.

@@ -89,7 +89,7 @@ async fn tagged_app(req: Request<Body>, tag: &'static str) -> Result<Response<Ev
                     }
                 }
             }
-            "/bytes" | "/counted" => {
+            "/bytes" | "/counted" | "/paced" => {
                 let mut sent = 0u64;
                 while sent < n {
                     let len = (n - sent).min(64 * 1024);
@@ -101,8 +101,10 @@ async fn tagged_app(req: Request<Body>, tag: &'static str) -> Result<Response<Ev
                         return;
                     }
                     sent += len;
-                    if path == "/counted" {
-                        PRODUCED.store(sent, Ordering::SeqCst);
+                    match path.as_str() {
+                        "/counted" => PRODUCED.store(sent, Ordering::SeqCst),
+                        "/paced" => PACED_PRODUCED.store(sent, Ordering::SeqCst),
+                        _ => {}
                     }
                 }
             }
@@ -126,6 +128,8 @@ async fn tagged_app(req: Request<Body>, tag: &'static str) -> Result<Response<Ev
 /// its reader gone (Unix ms; 0: not yet). One test uses it.
 static PRODUCED: AtomicU64 = AtomicU64::new(0);
 static LEFT_AT: AtomicU64 = AtomicU64::new(0);
+/// Bytes `/paced` has handed to its body so far (another test's).
+static PACED_PRODUCED: AtomicU64 = AtomicU64::new(0);
 
 /// A `GET` of `url` with no body.
 fn get(url: impl AsRef<str>) -> Request<Full<Bytes>> {
@@ -415,6 +419,92 @@ async fn a_slow_reader_holds_back_its_stream_only() {
     let noticed_after = LEFT_AT.load(Ordering::SeqCst).saturating_sub(left);
     println!("the app stopped {noticed_after} ms after its client left");
     assert!(noticed_after <= 1000, "{noticed_after} ms");
+    dispatcher.stop().await;
+    proxy.stop().await;
+}
+
+/// A client that reads its download at 1 MiB/s is served at that pace,
+/// byte-exact: the app is never more than 8 MiB ahead of it (the window,
+/// 1 MiB, plus the socket buffers: the proxy's send buffer, at most
+/// `tcp_wmem`'s 4 MiB, and the client's, kept small; without flow control
+/// it would produce the whole body at once), while 100 other requests on the same
+/// proxy are answered as usual. 16 MiB (16 s) here;
+/// `ANTEROOM_SLOW_READ_BYTES=1073741824 cargo test --test it
+/// streaming::a_client_reading` runs the 1 GiB case (about 18 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reading_1_mib_per_second_is_paced_and_others_are_not() {
+    let size: u64 = std::env::var("ANTEROOM_SLOW_READ_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 * 1024 * 1024);
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "paced").await;
+    let dispatcher = TestDispatcher::start(&redis, "paced", tower::service_fn(app));
+    let c = client();
+    // The slow client's socket takes little ahead of its reading.
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_recv_buffer_size(Some(64 * 1024));
+    let slow: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector);
+    let resp = slow
+        .request(get(proxy.url(&format!("/paced?n={size}"))))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let others = {
+        let (c, url) = (c.clone(), proxy.url("/events?n=1&ms=0"));
+        tokio::spawn(async move {
+            // Once the slow download is under way.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let started = Instant::now();
+            let mut requests = Vec::new();
+            for _ in 0..100 {
+                let (c, url) = (c.clone(), url.clone());
+                requests.push(tokio::spawn(async move {
+                    let resp = c.request(get(url)).await.unwrap();
+                    assert_eq!(resp.status(), StatusCode::OK);
+                    resp.into_body().collect().await.unwrap();
+                }));
+            }
+            for request in requests {
+                request.await.unwrap();
+            }
+            started.elapsed()
+        })
+    };
+    let started = Instant::now();
+    let (mut received, mut most_ahead) = (0u64, 0u64);
+    let mut pending = bytes::BytesMut::new();
+    while received < size {
+        // 64 KiB every 62.5 ms: 1 MiB/s.
+        while (pending.len() as u64) < (64 * 1024).min(size - received) {
+            let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            pending.extend_from_slice(&data);
+        }
+        let take = pending.len().min(64 * 1024);
+        let piece = pending.split_to(take).freeze();
+        assert_eq!(piece, pattern(received, take), "bytes at {received}");
+        received += take as u64;
+        let ahead = PACED_PRODUCED
+            .load(Ordering::SeqCst)
+            .saturating_sub(received);
+        most_ahead = most_ahead.max(ahead);
+        let due = started + Duration::from_secs_f64(received as f64 / (1024.0 * 1024.0));
+        tokio::time::sleep_until(due.into()).await;
+    }
+    assert!(body.frame().await.is_none(), "the stream ends at its size");
+    let took = started.elapsed();
+    let others_took = others.await.unwrap();
+    println!(
+        "{size} bytes read at 1 MiB/s in {took:?}; the app at most {most_ahead} bytes ahead of the client; 100 other requests answered in {others_took:?}"
+    );
+    assert!(
+        most_ahead <= 8 * 1024 * 1024,
+        "the app ran {most_ahead} bytes ahead of a client reading 1 MiB/s"
+    );
+    assert!(others_took < Duration::from_secs(10), "{others_took:?}");
     dispatcher.stop().await;
     proxy.stop().await;
 }
