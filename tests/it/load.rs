@@ -108,7 +108,7 @@ async fn stopping_every_dispatcher_suspends_traffic_without_errors() {
 }
 
 /// Redis clients connected right now, other than the test harness's own.
-async fn other_clients(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+pub(crate) async fn other_clients(conn: &mut redis::aio::MultiplexedConnection) -> usize {
     let list: String = redis::cmd("CLIENT")
         .arg("LIST")
         .query_async(conn)

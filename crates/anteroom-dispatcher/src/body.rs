@@ -314,6 +314,11 @@ impl Upload {
                         return self.cut(reason);
                     }
                     self.finished = true;
+                    if self.consumed > self.credited {
+                        // The last of it: the proxy stops waiting for room.
+                        self.credited = self.consumed;
+                        self.send_credit(false);
+                    }
                     self.pacing
                         .last_piece_ms
                         .store(anteroom_protocol::now_ms(), Ordering::Release);
@@ -339,10 +344,12 @@ impl Upload {
         hint
     }
 
-    /// Credits the proxy once a quarter window was handed on since the
-    /// last credit.
+    /// Credits the proxy once a quarter window (at most a chunk) was
+    /// handed on since the last credit: the proxy's idea of the body's
+    /// progress, and so of when the answer is due, stays within a chunk.
     fn credit(&mut self) {
-        if self.consumed - self.credited >= self.pacing.window / 4 {
+        let every = (self.pacing.window / 4).min(MAX_CHUNK as u64);
+        if self.consumed - self.credited >= every {
             self.credited = self.consumed;
             self.send_credit(false);
         }

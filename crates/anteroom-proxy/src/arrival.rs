@@ -70,8 +70,9 @@ pub(crate) fn arrive(
     // The waiting budget is reserved on arrival, for the part of the body
     // queued (the declared length, at most `buffer`), and charged as bytes
     // arrive when there is none (chunked): over it, 503 before the body is
-    // read, not after. What streams is bounded by the dispatcher's window
-    // instead.
+    // read, not after (for an HTTP/2 body that streams, the stream window
+    // it may then send is charged after its first part). What streams is
+    // bounded by the dispatcher's window instead.
     let queued = declared.map_or(0, |n| n.min(buffer as u64));
     let reservation = match state.budget.reserve(queued as usize) {
         Ok(reservation) => reservation,

@@ -196,14 +196,22 @@ impl Demux {
     }
 
     /// Answers `id` with `refused` if nothing answered it yet (its
-    /// streamed body broke a limit).
-    pub(crate) fn refuse(&self, id: u128, refused: Refused) {
+    /// streamed body broke a limit); gives it back otherwise.
+    pub(crate) fn refuse(&self, id: u128, refused: Refused) -> Option<Refused> {
         let mut waiters = self.lock();
         if let Some(Entry::Waiting(..)) = waiters.get(&id) {
             if let Some(Entry::Waiting(tx, _)) = waiters.remove(&id) {
-                let _ = tx.send(Delivered::Refused(refused));
+                // Given back when the waiter has just gone.
+                return tx
+                    .send(Delivered::Refused(refused))
+                    .err()
+                    .and_then(|d| match d {
+                        Delivered::Refused(refused) => Some(refused),
+                        _ => None,
+                    });
             }
         }
+        Some(refused)
     }
 
     /// Where credits go.

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anteroom_control::queue;
-use anteroom_protocol::{MAX_CHUNK, MAX_WINDOW, StreamChunk, StreamEnd, now_ms};
+use anteroom_protocol::{MAX_CHUNK, MAX_WINDOW, StreamChunk, StreamEnd};
 use anteroom_redis::Backoff;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -52,20 +52,36 @@ pub(crate) struct Pump {
 }
 
 /// When a streamed body last moved: taken, a piece pushed, a credit
-/// received, its end (Unix ms; 0: not yet taken). The request's answer is
-/// due by the later of its deadline and one stream idle timeout after
-/// this, as the dispatcher reckons it, so a long upload that moves is not
-/// answered 504 at the hold budget.
+/// received, its end, the dispatcher's last credit after it (milliseconds
+/// on the process's monotonic clock; 0: not yet taken). The request's
+/// answer is due by the later of its deadline and one stream idle timeout
+/// plus [`DUE_MARGIN`] after this: the dispatcher counts its own idle
+/// timeout from when the app last read, which the proxy learns a credit
+/// later, so the dispatcher's answer (its own 504 included) comes first.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Progress(Arc<AtomicU64>);
 
+/// What the proxy waits beyond the dispatcher's reckoning of when an
+/// answer is due.
+const DUE_MARGIN: Duration = Duration::from_secs(5);
+
+/// Milliseconds since the first call, on the monotonic clock (at least 1,
+/// so that 0 can mean "never").
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 impl Progress {
     fn moved(&self) {
-        self.0.store(now_ms(), Ordering::Release);
+        self.0.store(monotonic_ms(), Ordering::Release);
     }
 
     /// When the answer is due, if the body's progress puts it after
-    /// `deadline`.
+    /// `deadline` and it is not due yet.
     pub(crate) fn due_after(
         &self,
         deadline: tokio::time::Instant,
@@ -75,9 +91,9 @@ impl Progress {
         if last == 0 {
             return None;
         }
-        let ago = Duration::from_millis(now_ms().saturating_sub(last));
+        let ago = Duration::from_millis(monotonic_ms().saturating_sub(last));
         let now = tokio::time::Instant::now();
-        let due = now + idle.saturating_sub(ago);
+        let due = now + (idle + DUE_MARGIN).saturating_sub(ago);
         (due > deadline && due > now).then_some(due)
     }
 }
@@ -180,15 +196,24 @@ impl Pump {
         out.progress.moved();
         let mut body = body;
         let cut = match out.body(&mut body, inline, &mut events).await {
-            Ok(()) => return out.end(None).await,
+            Ok(()) => {
+                out.end(None).await;
+                // The answer stays due while the app reads what is left.
+                return out.credited(&mut events).await;
+            }
             Err(cut) => cut,
         };
         match cut {
             Cut::Refuse(reason, error) => {
                 tracing::debug!(%reason, sent = out.sent, "request body refused");
-                // The early answer reads (or lingers over) the rest.
-                state.demux.refuse(key, Refused::early(error, body));
+                // The early answer reads (or lingers over) the rest; if
+                // the request was answered meanwhile, the rest is
+                // discarded here.
+                let unanswered = state.demux.refuse(key, Refused::early(error, body));
                 out.end(Some(reason)).await;
+                if let Some(mut rest) = unanswered.and_then(|refused| refused.unread) {
+                    crate::linger::discard(&mut rest).await;
+                }
                 return;
             }
             Cut::Quiet => {}
@@ -236,9 +261,12 @@ impl Sending {
         // A quarter window at most, so that waiting for room before each
         // piece keeps what is outstanding within the window.
         let piece = (self.window as usize / 4).clamp(1, MAX_CHUNK);
+        // The client's idle time runs from its last piece (or from when
+        // the pump waits on it), whatever the dispatcher says meanwhile.
+        let mut client_due = tokio::time::Instant::now() + idle;
         loop {
             let frame = tokio::select! {
-                frame = tokio::time::timeout(idle, body.frame()) => frame,
+                frame = tokio::time::timeout_at(client_due, body.frame()) => frame,
                 event = events.recv() => {
                     self.event(event)?;
                     continue;
@@ -271,6 +299,8 @@ impl Sending {
                 self.room(part.len() as u64, events).await?;
                 self.push_chunk(part).await?;
             }
+            // Waiting for room was the dispatcher's time, not the client's.
+            client_due = tokio::time::Instant::now() + idle;
             match next {
                 Gathered::More => {}
                 Gathered::Ended => return self.check_length(inline),
@@ -307,6 +337,19 @@ impl Sending {
                     return Err(Cut::Quiet);
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// After a clean end: follows the dispatcher's credits until the app
+    /// has read all that was sent (each wait bounded by the idle timeout),
+    /// so the answer's due time moves with the app's reading.
+    async fn credited(&mut self, events: &mut mpsc::UnboundedReceiver<UploadEvent>) {
+        let idle = self.idle();
+        while self.consumed < self.sent && !self.cancelled {
+            match tokio::time::timeout(idle, events.recv()).await {
+                Ok(Some(event)) => self.apply(event),
+                Ok(None) | Err(_) => return,
             }
         }
     }
