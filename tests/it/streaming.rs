@@ -324,21 +324,34 @@ async fn a_download_crosses_real_processes_in_bounded_memory() {
     }
     let took = started.elapsed();
     assert_eq!(received, size);
-    let grew = |peak: u64, before: u64| peak.saturating_sub(before) / (1024 * 1024);
-    let (proxy_grew, dispatcher_grew) = (
-        grew(proxy_peak, proxy_before),
-        grew(dispatcher_peak, dispatcher_before),
-    );
-    println!(
-        "{} MiB streamed through anteroom processes in {took:?} ({:.0} MB/s); RSS grew: proxy {proxy_grew} MiB, dispatcher {dispatcher_grew} MiB",
-        size / (1024 * 1024),
-        size as f64 / took.as_secs_f64() / 1e6
-    );
-    assert!(proxy_grew <= 64, "the proxy grew {proxy_grew} MiB");
-    assert!(
-        dispatcher_grew <= 64,
-        "the dispatcher grew {dispatcher_grew} MiB"
-    );
+    let rss = Growth {
+        proxy: (proxy_before, proxy_peak),
+        dispatcher: (dispatcher_before, dispatcher_peak),
+    };
+    rss.check("downloaded", size, took);
+}
+
+/// Resident memory of a proxy and a dispatcher process before a large
+/// stream and at its peak, bytes.
+pub(crate) struct Growth {
+    pub(crate) proxy: (u64, u64),
+    pub(crate) dispatcher: (u64, u64),
+}
+
+impl Growth {
+    /// Prints the stream's throughput and each process's growth, and
+    /// checks that neither grew by more than 64 MiB.
+    pub(crate) fn check(&self, what: &str, size: u64, took: Duration) {
+        let grew = |(before, peak): (u64, u64)| peak.saturating_sub(before) / (1024 * 1024);
+        let (proxy, dispatcher) = (grew(self.proxy), grew(self.dispatcher));
+        println!(
+            "{} MiB {what} through anteroom processes in {took:?} ({:.0} MB/s); RSS grew: proxy {proxy} MiB, dispatcher {dispatcher} MiB",
+            size / (1024 * 1024),
+            size as f64 / took.as_secs_f64() / 1e6
+        );
+        assert!(proxy <= 64, "the proxy grew {proxy} MiB");
+        assert!(dispatcher <= 64, "the dispatcher grew {dispatcher} MiB");
+    }
 }
 
 /// A client that reads slowly holds its own stream back (the window: the

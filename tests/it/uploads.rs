@@ -120,6 +120,15 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
+    check_slowly(body, Duration::ZERO).await
+}
+
+/// [`check`], pausing `delay` after each piece (a slow app).
+async fn check_slowly<B>(body: B, delay: Duration) -> String
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
     let mut body = std::pin::pin!(body);
     let mut received = 0u64;
     loop {
@@ -134,6 +143,9 @@ where
                     return format!("wrong byte near {received}");
                 }
                 received += data.len() as u64;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
             }
         }
     }
@@ -434,21 +446,11 @@ async fn an_upload_crosses_real_processes_in_bounded_memory() {
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_eq!(text, format!("ok {size}"));
     assert_eq!(sent.load(Ordering::SeqCst), size);
-    let grew = |peak: u64, before: u64| peak.saturating_sub(before) / (1024 * 1024);
-    let (proxy_grew, dispatcher_grew) = (
-        grew(proxy_peak, proxy_before),
-        grew(dispatcher_peak, dispatcher_before),
-    );
-    println!(
-        "{} MiB uploaded through anteroom processes in {took:?} ({:.0} MB/s); RSS grew: proxy {proxy_grew} MiB, dispatcher {dispatcher_grew} MiB",
-        size / (1024 * 1024),
-        size as f64 / took.as_secs_f64() / 1e6
-    );
-    assert!(proxy_grew <= 64, "the proxy grew {proxy_grew} MiB");
-    assert!(
-        dispatcher_grew <= 64,
-        "the dispatcher grew {dispatcher_grew} MiB"
-    );
+    let rss = crate::streaming::Growth {
+        proxy: (proxy_before, proxy_peak),
+        dispatcher: (dispatcher_before, dispatcher_peak),
+    };
+    rss.check("uploaded", size, took);
 }
 
 /// A dispatcher killed mid-upload: the request cannot run again (its body
@@ -553,95 +555,62 @@ async fn a_body_cut_short_by_its_client_never_reaches_the_app_whole() {
     proxy.stop().await;
 }
 
-/// An upload that takes longer than the hold budget is not answered 504
-/// while it moves: the answer is due one idle timeout after the body's
-/// last progress, on the proxy and on the dispatcher.
+/// Uploads that take longer than the hold budget are not answered 504
+/// while they move: a client that sends slowly, and an app that reads
+/// slowly (each piece well within the idle timeout, the last window after
+/// the client has sent everything slower than one idle timeout). The
+/// answer is due one idle timeout after the body's last progress; the
+/// proxy follows the app's reading through the dispatcher's credits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_that_outlasts_the_hold_completes() {
+async fn uploads_that_outlast_the_hold_complete() {
     let redis = start_redis();
+    let idle = Duration::from_secs(2);
     let proxy = TestProxy::start_with(&redis, "long", |c| {
-        c.hold = Duration::from_secs(2);
-        c.stream_idle_timeout = Duration::from_secs(5);
-    })
-    .await;
-    let (seen, _seen_rx) = mpsc::unbounded_channel();
-    let dispatcher = TestDispatcher::start_built(
-        crate::support::dispatcher_builder(&redis, "long")
-            .stream_idle_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap(),
-        checking_app(seen),
-    );
-    let size = 4 * 1024 * 1024;
-    let mut body = PatternBody::new(size, true);
-    body.pace = Some(Duration::from_millis(60));
-    let started = Instant::now();
-    let resp = upload_client(false)
-        .request(put(proxy.url("/upload"), body))
-        .await
-        .unwrap();
-    let (status, text) = answer(resp).await;
-    let took = started.elapsed();
-    println!("a {size}-byte upload took {took:?} with a 2 s hold: {status} {text}");
-    assert!(
-        took > Duration::from_secs(3),
-        "the upload was not slow: {took:?}"
-    );
-    assert_eq!((status, text), (StatusCode::OK, format!("ok {size}")));
-    dispatcher.stop().await;
-    proxy.stop().await;
-}
-
-/// An app that reads an upload slowly, each piece well within the idle
-/// timeout but the whole far past the hold budget, and the last window
-/// (after the client has sent everything) slower than one idle timeout:
-/// the proxy follows the app's reading through the dispatcher's credits
-/// and waits for its answer instead of answering 504.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_app_that_reads_slowly_is_waited_for() {
-    let redis = start_redis();
-    let proxy = TestProxy::start_with(&redis, "slowapp", |c| {
         c.hold = Duration::from_secs(1);
-        c.stream_idle_timeout = Duration::from_secs(2);
+        c.stream_idle_timeout = idle;
     })
     .await;
-    let slow = tower::service_fn(|req: Request<Body>| async move {
-        let mut body = req.into_body();
-        let mut received = 0u64;
-        let verdict = loop {
-            match body.frame().await {
-                None => break format!("ok {received}"),
-                Some(Err(err)) => break format!("cut short after {received}: {err}"),
-                Some(Ok(frame)) => {
-                    received += frame.data_ref().map_or(0, |d| d.len() as u64);
-                    // About 430 KB/s.
-                    tokio::time::sleep(Duration::from_millis(600)).await;
-                }
-            }
+    let app = tower::service_fn(|req: Request<Body>| async move {
+        // The slow app reads about 430 KB/s.
+        let delay = match req.uri().path() {
+            "/slow" => Duration::from_millis(600),
+            _ => Duration::ZERO,
         };
+        let verdict = check_slowly(req.into_body(), delay).await;
         Ok::<_, std::convert::Infallible>(Response::new(Body::from(verdict)))
     });
     let dispatcher = TestDispatcher::start_built(
-        crate::support::dispatcher_builder(&redis, "slowapp")
-            .stream_idle_timeout(Duration::from_secs(2))
+        crate::support::dispatcher_builder(&redis, "long")
+            .stream_idle_timeout(idle)
             .build()
             .unwrap(),
-        slow,
+        app,
     );
     let size = 4 * 1024 * 1024;
-    let started = Instant::now();
-    let resp = upload_client(false)
-        .request(put(proxy.url("/upload"), PatternBody::new(size, true)))
-        .await
-        .unwrap();
-    let (status, text) = answer(resp).await;
-    let took = started.elapsed();
-    println!("an app reading {size} bytes slowly answered after {took:?}: {status} {text}");
-    assert!(
-        took > Duration::from_secs(5),
-        "the app was not slow: {took:?}"
-    );
-    assert_eq!((status, text), (StatusCode::OK, format!("ok {size}")));
+    let mut slow_client = PatternBody::new(size, true);
+    slow_client.pace = Some(Duration::from_millis(60));
+    for (path, body) in [
+        ("/upload", slow_client),
+        ("/slow", PatternBody::new(size, true)),
+    ] {
+        let started = Instant::now();
+        let resp = upload_client(false)
+            .request(put(proxy.url(path), body))
+            .await
+            .unwrap();
+        let (status, text) = answer(resp).await;
+        let took = started.elapsed();
+        println!("{path}: {size} bytes took {took:?} with a 1 s hold: {status} {text}");
+        assert!(
+            took > Duration::from_secs(3),
+            "{path} was not slow: {took:?}"
+        );
+        assert_eq!(
+            (status, text),
+            (StatusCode::OK, format!("ok {size}")),
+            "{path}"
+        );
+    }
     dispatcher.stop().await;
     proxy.stop().await;
 }
