@@ -77,7 +77,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         queue = args.queue
     );
     let banner = format!(
-        "Anteroom demo is up: http://{addr}/\n  curl http://{addr}/hello\n  curl -d 'any bytes' http://{addr}/echo\n  curl 'http://{addr}/slow?ms=2000'\n  curl -N 'http://{addr}/events?n=5&ms=1000'\nEach request waits in Redis until the dispatcher takes it. Ctrl-C stops.\nIts queue, from another terminal:\n  {exe} status {target}\n  {exe} pause {target}\n  {exe} resume {target}\n"
+        "Anteroom demo is up: http://{addr}/\n  curl http://{addr}/hello\n  curl -d 'any bytes' http://{addr}/echo\n  curl 'http://{addr}/slow?ms=2000'\n  curl -N 'http://{addr}/events?n=5&ms=1000'\n  head -c 100M /dev/urandom | curl -sT - http://{addr}/echo | wc -c\nEach request waits in Redis until the dispatcher takes it. Ctrl-C stops.\nIts queue, from another terminal:\n  {exe} status {target}\n  {exe} pause {target}\n  {exe} resume {target}\n"
     );
     {
         use std::io::Write;

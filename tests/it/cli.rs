@@ -202,6 +202,19 @@ async fn demo_serves_the_quickstart_requests() {
     assert!(r.text().contains("travelled through Redis"), "{}", r.text());
     let r = web::post(&c, &format!("http://127.0.0.1:{port}/echo"), "ping").await;
     assert_eq!(r.text(), "ping");
+    // The banner's upload, run as printed: 100 MB streamed through Redis
+    // to the app and back.
+    let upload = banner
+        .iter()
+        .find(|l| l.contains("curl -sT"))
+        .expect("an upload line");
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", upload.trim()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{upload}: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "104857600");
     // The banner's event stream: each event arrives as it is written, the
     // second about its interval after the first.
     assert!(
