@@ -296,9 +296,12 @@ async fn a_streamed_body_that_breaks_a_limit_is_cut_short_at_the_app() {
     })
     .await;
     let (seen, mut seen_rx) = mpsc::unbounded_channel();
+    let mut registry = anteroom_metrics::Registry::default();
+    let metrics = anteroom_dispatcher::DispatcherMetrics::register(&mut registry);
     let dispatcher = TestDispatcher::start_built(
         crate::support::dispatcher_builder(&redis, "limits")
             .stream_idle_timeout(Duration::from_secs(5))
+            .metrics(metrics)
             .build()
             .unwrap(),
         checking_app(seen),
@@ -356,6 +359,12 @@ async fn a_streamed_body_that_breaks_a_limit_is_cut_short_at_the_app() {
         left.elapsed()
     );
     assert!(verdict.starts_with("cut short after"), "{verdict}");
+    // Each of the three counted where the app read it.
+    let text = anteroom_metrics::encode(&registry);
+    assert!(
+        text.contains("anteroom_dispatcher_request_bodies_cut_total{queue=\"limits\"} 3"),
+        "{text}"
+    );
     dispatcher.stop().await;
     proxy.stop().await;
 }

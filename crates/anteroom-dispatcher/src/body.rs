@@ -232,9 +232,10 @@ pub(crate) struct Pacing {
     pub(crate) idle: Duration,
     /// The body's length, when the client declared it.
     pub(crate) length: Option<u64>,
-    /// When a piece last reached the app, Unix milliseconds (see
-    /// [`Upload::progress`]).
+    /// When a piece last reached the app, Unix milliseconds.
     pub(crate) last_piece_ms: Arc<AtomicU64>,
+    /// Where a body cut short is counted.
+    pub(crate) metrics: anteroom_metrics::DispatcherQueueMetrics,
 }
 
 /// A request body streamed from the proxy (see the module documentation).
@@ -368,6 +369,7 @@ impl Upload {
 
     fn cut(&mut self, reason: String) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         tracing::warn!(%reason, consumed = self.consumed, "request body cut short");
+        self.pacing.metrics.request_body_cut();
         self.finished = true;
         self.send_credit(true);
         self.table.lock().remove(&self.id);

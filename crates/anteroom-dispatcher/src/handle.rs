@@ -309,6 +309,7 @@ async fn take_body(
         idle: shared.settings.stream_idle_timeout,
         length,
         last_piece_ms: Arc::clone(&last_piece),
+        metrics: shared.metrics.clone(),
     };
     let upload = shared
         .uploads

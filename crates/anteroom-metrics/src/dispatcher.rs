@@ -23,6 +23,7 @@ pub struct DispatcherMetrics {
     dead_lettered: Family<QueueLabel, Counter>,
     requeued: Family<QueueLabel, Counter>,
     streams_aborted: Family<QueueLabel, Counter>,
+    request_bodies_cut: Family<QueueLabel, Counter>,
     upstream_healthy: Family<QueueLabel, Gauge>,
     upstream_changed: Family<QueueLabel, Gauge<f64, AtomicU64>>,
     upstream_failures: Family<ReasonLabels, Counter>,
@@ -39,6 +40,7 @@ impl Default for DispatcherMetrics {
             dead_lettered: Family::default(),
             requeued: Family::default(),
             streams_aborted: Family::default(),
+            request_bodies_cut: Family::default(),
             upstream_healthy: Family::default(),
             upstream_changed: Family::default(),
             upstream_failures: Family::default(),
@@ -59,6 +61,7 @@ impl DispatcherMetrics {
     /// | `anteroom_dispatcher_dead_lettered_total{queue}` | counter | envelopes that did not decode, set aside |
     /// | `anteroom_dispatcher_requeued_total{queue}` | counter | requests put back at the front of the queue (the upstream never got them, or failed on a request safe to repeat) |
     /// | `anteroom_dispatcher_streams_aborted_total{queue}` | counter | streamed responses cut short (the body failed or idled out, the dispatcher stopped) |
+    /// | `anteroom_dispatcher_request_bodies_cut_total{queue}` | counter | streamed request bodies the app read cut short (the client left, stalled or sent too much; the proxy gave up; pieces lost or out of order) |
     /// | `anteroom_dispatcher_upstream_healthy{queue}` | gauge | 1 while taking requests, 0 while held back by an unhealthy upstream |
     /// | `anteroom_dispatcher_upstream_health_changed_timestamp_seconds{queue}` | gauge | when the upstream last became healthy or unhealthy (Unix seconds) |
     /// | `anteroom_dispatcher_upstream_failures_total{queue,reason}` | counter | failed deliveries and checks: `refused`, `timeout`, `reset`, `closed`, `unreachable`, `status_NNN`, `other` |
@@ -105,6 +108,11 @@ impl DispatcherMetrics {
             metrics.streams_aborted.clone(),
         );
         registry.register(
+            "anteroom_dispatcher_request_bodies_cut",
+            "Streamed request bodies the app read cut short: the client left, stalled or sent too much, or pieces were lost",
+            metrics.request_bodies_cut.clone(),
+        );
+        registry.register(
             "anteroom_dispatcher_upstream_healthy",
             "1 while the dispatcher takes requests, 0 while its upstream is unhealthy",
             metrics.upstream_healthy.clone(),
@@ -136,6 +144,7 @@ impl DispatcherMetrics {
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
             requeued: self.requeued.get_or_create(&label).clone(),
             streams_aborted: self.streams_aborted.get_or_create(&label).clone(),
+            request_bodies_cut: self.request_bodies_cut.get_or_create(&label).clone(),
             upstream_healthy: self.upstream_healthy.get_or_create(&label).clone(),
             upstream_changed: self.upstream_changed.get_or_create(&label).clone(),
             upstream_failures: self.upstream_failures.clone(),
@@ -155,6 +164,7 @@ pub struct DispatcherQueueMetrics {
     dead_lettered: Counter,
     requeued: Counter,
     streams_aborted: Counter,
+    request_bodies_cut: Counter,
     upstream_healthy: Gauge,
     upstream_changed: Gauge<f64, AtomicU64>,
     upstream_failures: Family<ReasonLabels, Counter>,
@@ -196,6 +206,11 @@ impl DispatcherQueueMetrics {
     /// A streamed response was cut short.
     pub fn stream_aborted(&self) {
         self.streams_aborted.inc();
+    }
+
+    /// A streamed request body reached the app cut short.
+    pub fn request_body_cut(&self) {
+        self.request_bodies_cut.inc();
     }
 
     /// The upstream became healthy (`true`) or unhealthy at `at_ms` (Unix
