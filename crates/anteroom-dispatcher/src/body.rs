@@ -32,7 +32,8 @@ enum Inner {
     #[default]
     Empty,
     Whole(Bytes),
-    Streamed(Upload),
+    /// Boxed: most bodies are whole, and a body moves into the request.
+    Streamed(Box<Upload>),
 }
 
 /// A streamed request body was cut short; the reason says why.
@@ -52,7 +53,7 @@ impl Body {
     }
 
     pub(crate) fn streamed(upload: Upload) -> Self {
-        Self(Inner::Streamed(upload))
+        Self(Inner::Streamed(Box::new(upload)))
     }
 }
 
