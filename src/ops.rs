@@ -34,13 +34,18 @@ pub(crate) use anteroom_redis::redact_url as redact;
 async fn serving(queue: &Queue, url: &str) -> anyhow::Result<QueueStatus> {
     let status = queue.status().await?;
     outln!(
-        "queue {:?} on {}: {} proxy(ies) and {} dispatcher(s) serve it",
+        "queue {:?} on {}: {} and {} serve it",
         queue.name(),
         redact(url),
-        status.proxies.len(),
-        status.dispatchers.len()
+        counted(status.proxies.len(), "proxy", "proxies"),
+        counted(status.dispatchers.len(), "dispatcher", "dispatchers")
     );
     Ok(status)
+}
+
+/// `n` and the noun, singular or plural: `1 proxy`, `0 proxies`.
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// A pause that nothing would notice (no proxy queues requests there, or
@@ -93,9 +98,9 @@ pub(crate) async fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
         refuse_unserved(&queue, &status, url, args.force).await?;
     } else if status.proxies.is_empty() || status.dispatchers.is_empty() {
         eprintln!(
-            "warning: {} proxy(ies) and {} dispatcher(s) serve queue {:?} on {}: check --queue and --redis",
-            status.proxies.len(),
-            status.dispatchers.len(),
+            "warning: {} and {} serve queue {:?} on {}: check --queue and --redis",
+            counted(status.proxies.len(), "proxy", "proxies"),
+            counted(status.dispatchers.len(), "dispatcher", "dispatchers"),
             queue.name(),
             redact(url)
         );

@@ -265,7 +265,7 @@ async fn control_commands_refuse_a_queue_nobody_serves_and_name_their_target() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(
         stdout.contains(&format!(
-            "queue \"wbe\" on {}: 0 proxy(ies) and 0 dispatcher(s)",
+            "queue \"wbe\" on {}: 0 proxies and 0 dispatchers",
             redis.url()
         )),
         "{stdout}"
@@ -301,7 +301,7 @@ async fn control_commands_refuse_a_queue_nobody_serves_and_name_their_target() {
     // The served queue: each command says what it acts on.
     let out = anteroom(args(&redis, "web", &["pause"])).await;
     assert!(
-        text(&out.stdout).contains("1 proxy(ies) and 1 dispatcher(s) serve it"),
+        text(&out.stdout).contains("1 proxy and 1 dispatcher serve it"),
         "{}",
         text(&out.stdout)
     );
