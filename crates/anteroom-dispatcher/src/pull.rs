@@ -212,7 +212,7 @@ pub(crate) async fn pull_loop<S, B>(
                 }
             }
             Err(err) => {
-                tracing::warn!(error = %err, "pull from redis failed; reconnecting");
+                tracing::warn!(error = %err, redis = %client, "pull from redis failed; reconnecting");
                 blocking = None;
                 shared.pull_client_id.store(0, Ordering::Release);
                 if sleep_or_stop(stop, backoff.next_delay()).await {

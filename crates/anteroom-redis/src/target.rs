@@ -58,6 +58,28 @@ impl std::fmt::Debug for Target {
     }
 }
 
+/// Where it points, for logs: `HOST:PORT` (or the socket path) of one
+/// server, the master name of a Sentinel setup, the seed nodes of a
+/// Cluster; never credentials.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Direct(client) => write!(f, "{}", client.get_connection_info().addr()),
+            Kind::Sentinel { master, .. } => write!(f, "sentinel master {master}"),
+            Kind::Cluster { seeds, .. } => {
+                let hosts: Vec<&str> = seeds
+                    .iter()
+                    .map(|seed| {
+                        let seed = seed.strip_prefix("redis://").unwrap_or(seed);
+                        seed.rsplit_once('@').map_or(seed, |(_, host)| host)
+                    })
+                    .collect();
+                write!(f, "cluster {}", hosts.join(","))
+            }
+        }
+    }
+}
+
 impl Target {
     /// Parses a Redis URL:
     /// - `redis://[USER:PASSWORD@]HOST:PORT[/DB]`, `rediss://...` (TLS),
@@ -325,6 +347,28 @@ mod tests {
             key_slot(b"anteroom:{web}:requests"),
             key_slot(b"anteroom:{web}:replies:p1")
         );
+    }
+
+    /// What logs show of a target: where it points, never a password.
+    #[test]
+    fn targets_display_where_without_credentials() {
+        for (url, shown) in [
+            ("redis://user:secret@10.0.0.5:6380/2", "10.0.0.5:6380"),
+            ("redis://127.0.0.1:6379", "127.0.0.1:6379"),
+            ("unix:///run/redis.sock", "/run/redis.sock"),
+            (
+                "redis+sentinel://:secret@10.0.0.1:26379,10.0.0.2:26379/main",
+                "sentinel master main",
+            ),
+            (
+                "redis+cluster://:secret@10.0.0.1:7000,10.0.0.2:7001",
+                "cluster 10.0.0.1:7000,10.0.0.2:7001",
+            ),
+        ] {
+            let text = Target::parse(url).unwrap().to_string();
+            assert_eq!(text, shown, "{url}");
+            assert!(!text.contains("secret"), "{url}");
+        }
     }
 
     #[test]

@@ -275,7 +275,7 @@ pub async fn follow_list(
             match popped {
                 Ok(items) => items.into_iter().for_each(&mut deliver),
                 Err(err) => {
-                    tracing::warn!(error = %err, "{what} lost redis; reconnecting");
+                    tracing::warn!(error = %err, redis = %target, "{what} lost redis; reconnecting");
                     if sleep_or_stop(stop, backoff.next_delay()).await {
                         return;
                     }
