@@ -131,6 +131,19 @@ static LEFT_AT: AtomicU64 = AtomicU64::new(0);
 /// Bytes `/paced` has handed to its body so far (another test's).
 static PACED_PRODUCED: AtomicU64 = AtomicU64::new(0);
 
+/// A client whose sockets have a 64 KiB receive buffer: a client that
+/// reads slowly then holds back its stream without the kernel taking
+/// megabytes for it.
+fn small_buffer_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_recv_buffer_size(Some(64 * 1024));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
 /// A `GET` of `url` with no body.
 fn get(url: impl AsRef<str>) -> Request<Full<Bytes>> {
     Request::get(url.as_ref())
@@ -404,7 +417,11 @@ async fn a_slow_reader_holds_back_its_stream_only() {
     let c = client();
     let size = 64 * 1024 * 1024;
     let req = get(proxy.url(&format!("/counted?n={size}")));
-    let resp = c.request(req).await.unwrap();
+    // The stalled client's socket takes little: what the app runs ahead is
+    // then the window and the proxy's send buffer, which stop growing at
+    // once (a large receive buffer keeps autotuning on loopback for a
+    // while, so the app would seem to go on producing).
+    let resp = small_buffer_client().request(req).await.unwrap();
     let mut body = resp.into_body();
     // Read 256 KiB, then stop reading for a while.
     let mut received = 0;
@@ -506,12 +523,7 @@ async fn a_client_reading_1_mib_per_second_is_paced_and_others_are_not() {
     let dispatcher = TestDispatcher::start(&redis, "paced", tower::service_fn(app));
     let c = client();
     // The slow client's socket takes little ahead of its reading.
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_recv_buffer_size(Some(64 * 1024));
-    let slow: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(connector);
-    let resp = slow
+    let resp = small_buffer_client()
         .request(get(proxy.url(&format!("/paced?n={size}"))))
         .await
         .unwrap();
