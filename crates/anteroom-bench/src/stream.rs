@@ -253,47 +253,29 @@ async fn upload(
     Ok((bytes as f64 / secs / 1e6, growth))
 }
 
-/// Downloads `url` whole, sampling `processes`' RSS every 64 MiB: bytes,
-/// MB/s, peak growth per process.
+/// Downloads `url` whole, watching `processes`' RSS (see [`watching`]):
+/// bytes, MB/s, peak growth per process.
 async fn download(
     client: &Client,
     url: &str,
     processes: &[Watched],
 ) -> anyhow::Result<(u64, f64, Vec<(&'static str, u64)>)> {
-    let rss = |pid: u32, tree: bool| {
-        if tree {
-            rss_tree_mib(pid)
-        } else {
-            rss_mib(pid)
-        }
-    };
-    let before: Vec<u64> = processes
-        .iter()
-        .map(|(_, pid, tree)| rss(*pid, *tree))
-        .collect();
-    let mut peak = before.clone();
     let started = Instant::now();
-    let resp = client.get(url.parse()?).await?;
-    anyhow::ensure!(resp.status() == 200, "download answered {}", resp.status());
-    let mut body = resp.into_body();
-    let (mut received, mut next_sample) = (0u64, 0u64);
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            received += data.len() as u64;
-        }
-        if received >= next_sample {
-            for (i, (_, pid, tree)) in processes.iter().enumerate() {
-                peak[i] = peak[i].max(rss(*pid, *tree));
+    let (received, growth) = watching(processes, async {
+        let resp = client.get(url.parse()?).await?;
+        anyhow::ensure!(resp.status() == 200, "download answered {}", resp.status());
+        let mut body = resp.into_body();
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                received += data.len() as u64;
             }
-            next_sample += 64 * 1024 * 1024;
         }
-    }
+        anyhow::Ok(received)
+    })
+    .await;
+    let received = received?;
     let secs = started.elapsed().as_secs_f64();
-    let growth = processes
-        .iter()
-        .zip(peak.iter().zip(&before))
-        .map(|((name, _, _), (peak, before))| (*name, peak.saturating_sub(*before)))
-        .collect();
     Ok((received, received as f64 / secs / 1e6, growth))
 }
 
@@ -414,6 +396,15 @@ pub(crate) async fn run(
     Ok(figures)
 }
 
+/// `proxy +17, dispatcher +30`: each process's growth in MiB.
+fn growth_text(growth: &[(&'static str, u64)]) -> String {
+    growth
+        .iter()
+        .map(|(name, mib)| format!("{name} +{mib}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub(crate) fn print(figures: &[StreamFigures]) {
     println!("\nStreams: a large download, then server-sent events to many clients at once");
     println!(
@@ -429,12 +420,7 @@ pub(crate) fn print(figures: &[StreamFigures]) {
         "errors"
     );
     for f in figures {
-        let rss = f
-            .rss_growth
-            .iter()
-            .map(|(name, mib)| format!("{name} +{mib}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rss = growth_text(&f.rss_growth);
         println!(
             "  {:<22} {:>7} MiB {:>9.0}  {:<44} {:>8} {:>5}ms {:>5}ms {:>5}ms {:>6}",
             f.setup,
@@ -460,12 +446,7 @@ pub(crate) fn print(figures: &[StreamFigures]) {
         "setup", "upload", "MB/s", "RSS growth during the upload (MiB)"
     );
     for f in figures {
-        let rss = f
-            .upload_rss_growth
-            .iter()
-            .map(|(name, mib)| format!("{name} +{mib}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rss = growth_text(&f.upload_rss_growth);
         println!(
             "  {:<22} {:>7} MiB {:>9.0}  {:<44}",
             f.setup,
