@@ -167,13 +167,7 @@ async fn server_sent_events_arrive_as_they_are_written() {
     let redis = start_redis();
     let proxy = TestProxy::start(&redis, "sse").await;
     let dispatcher = TestDispatcher::start(&redis, "sse", tower::service_fn(app));
-    let delays = event_delays(&proxy.url("/events?n=10&ms=100")).await;
-    println!("server-sent events through anteroom: delays {delays:?} ms");
-    assert_eq!(delays.len(), 10, "every event arrived");
-    assert!(
-        delays.iter().all(|d| *d <= 50),
-        "an event waited: {delays:?}"
-    );
+    ten_events_arrive_at_once(&proxy.url("/events?n=10&ms=100"), "a tower service").await;
     dispatcher.stop().await;
 
     let axum_app = axum::Router::new().route(
@@ -193,15 +187,21 @@ async fn server_sent_events_arrive_as_they_are_written() {
         }),
     );
     let dispatcher = TestDispatcher::start(&redis, "sse", axum_app);
-    let delays = event_delays(&proxy.url("/events")).await;
-    println!("axum's Sse through anteroom: delays {delays:?} ms");
+    ten_events_arrive_at_once(&proxy.url("/events"), "axum's Sse").await;
+    dispatcher.stop().await;
+    proxy.stop().await;
+}
+
+/// Reads the ten events at `url` (served by `what`) and checks that each
+/// arrived within 50 ms of being written.
+async fn ten_events_arrive_at_once(url: &str, what: &str) {
+    let delays = event_delays(url).await;
+    println!("server-sent events from {what} through anteroom: delays {delays:?} ms");
     assert_eq!(delays.len(), 10, "every event arrived");
     assert!(
         delays.iter().all(|d| *d <= 50),
         "an event waited: {delays:?}"
     );
-    dispatcher.stop().await;
-    proxy.stop().await;
 }
 
 /// Reads the event stream at `url` to its end: for each event, how long

@@ -315,7 +315,6 @@ impl Upload {
                         );
                         return self.cut(reason);
                     }
-                    self.finished = true;
                     if self.consumed > self.credited {
                         // The last of it: the proxy stops waiting for room.
                         self.credited = self.consumed;
@@ -324,7 +323,7 @@ impl Upload {
                     self.pacing
                         .last_piece_ms
                         .store(anteroom_protocol::now_ms(), Ordering::Release);
-                    self.table.lock().remove(&self.id);
+                    self.finish(false);
                     return Poll::Ready(None);
                 }
                 Piece::Overrun => return self.cut("the proxy sent more than its window".into()),
@@ -371,10 +370,18 @@ impl Upload {
     fn cut(&mut self, reason: String) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         tracing::warn!(%reason, consumed = self.consumed, "request body cut short");
         self.pacing.metrics.request_body_cut();
-        self.finished = true;
-        self.send_credit(true);
-        self.table.lock().remove(&self.id);
+        self.finish(true);
         Poll::Ready(Some(Err(BodyError(reason))))
+    }
+
+    /// Reads no more: leaves the table (later pieces are dropped) and,
+    /// with `cancel`, tells the proxy to send nothing more.
+    fn finish(&mut self, cancel: bool) {
+        self.finished = true;
+        if cancel {
+            self.send_credit(true);
+        }
+        self.table.lock().remove(&self.id);
     }
 }
 
@@ -386,8 +393,7 @@ impl Drop for Upload {
                 consumed = self.consumed,
                 "request body not read to its end; cancelling it"
             );
-            self.send_credit(true);
-            self.table.lock().remove(&self.id);
+            self.finish(true);
         }
     }
 }
