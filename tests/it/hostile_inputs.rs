@@ -29,6 +29,7 @@ fn envelope(id: &str, reply_to: &str) -> RequestEnvelope {
         dedupe: false,
         stream: false,
         body_follows: false,
+        websocket: false,
     }
 }
 

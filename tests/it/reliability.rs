@@ -125,6 +125,7 @@ fn envelope(id: usize, method: &str, reply_to: &str) -> RequestEnvelope {
         dedupe: false,
         stream: false,
         body_follows: false,
+        websocket: false,
     }
 }
 

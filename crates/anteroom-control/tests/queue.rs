@@ -38,6 +38,7 @@ fn envelope(id: &str, method: &str, keys: &Keys) -> RequestEnvelope {
         dedupe: false,
         stream: false,
         body_follows: false,
+        websocket: false,
     }
 }
 

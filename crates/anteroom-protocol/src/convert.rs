@@ -239,6 +239,7 @@ mod tests {
             dedupe: false,
             stream: false,
             body_follows: false,
+            websocket: false,
         };
         assert!(matches!(env.to_http(), Err(ConvertError::HeaderValue(_))));
         let mut bad_method = env.clone();

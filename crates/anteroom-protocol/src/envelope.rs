@@ -20,6 +20,10 @@ pub const KIND_DEAD_LETTER: u8 = b'D';
 /// that only knows `'Q'` rejects it rather than run it with part of its
 /// body.
 pub const KIND_REQUEST_BODY_FOLLOWS: u8 = b'U';
+/// Kind byte of a WebSocket opening handshake (`'W'`): a GET that asks to
+/// upgrade to a WebSocket (RFC 6455 section 4.1), whose answer is either a
+/// whole response (refused) or a socket (docs/protocol.md, "WebSockets").
+pub const KIND_REQUEST_WEBSOCKET: u8 = b'W';
 
 pub(crate) const PREFIX_LEN: usize = 6;
 
@@ -118,6 +122,12 @@ pub struct RequestEnvelope {
     /// docs/protocol.md, "Streamed request bodies"). Encoded as kind
     /// [`KIND_REQUEST_BODY_FOLLOWS`].
     pub body_follows: bool,
+    /// The request is a WebSocket opening handshake (RFC 6455 section
+    /// 4.1): the dispatcher opens a WebSocket to its app and relays
+    /// messages ([`crate::SocketMessage`]). Encoded as kind
+    /// [`KIND_REQUEST_WEBSOCKET`], so a dispatcher that does not know it
+    /// sets it aside instead of running a plain GET.
+    pub websocket: bool,
 }
 
 /// One HTTP response on its way back to a proxy.
@@ -220,7 +230,9 @@ impl RequestEnvelope {
             + self.reply_to.len()
             + self.client_addr.as_ref().map_or(0, String::len)
             + headers_json_len(&self.headers);
-        let kind = if self.body_follows {
+        let kind = if self.websocket {
+            KIND_REQUEST_WEBSOCKET
+        } else if self.body_follows {
             KIND_REQUEST_BODY_FOLLOWS
         } else {
             KIND_REQUEST
@@ -228,14 +240,13 @@ impl RequestEnvelope {
         frame(kind, &meta, hint, &self.body)
     }
 
-    /// Decodes a request envelope (kind `'Q'`, or `'U'` when its body
-    /// follows). The body is a zero-copy slice of `buf`.
+    /// Decodes a request envelope (kind `'Q'`, `'U'` when its body
+    /// follows, `'W'` for a WebSocket handshake). The body is a zero-copy
+    /// slice of `buf`.
     pub fn decode(buf: Bytes) -> Result<Self, DecodeError> {
-        let body_follows = kind_of(&buf)? == KIND_REQUEST_BODY_FOLLOWS;
-        let kind = if body_follows {
-            KIND_REQUEST_BODY_FOLLOWS
-        } else {
-            KIND_REQUEST
+        let kind = match kind_of(&buf)? {
+            k @ (KIND_REQUEST_BODY_FOLLOWS | KIND_REQUEST_WEBSOCKET) => k,
+            _ => KIND_REQUEST,
         };
         let (meta, body) = unframe(&buf, kind, "request")?;
         let meta: RequestMeta = serde_json::from_slice(&meta).map_err(DecodeError::Meta)?;
@@ -253,17 +264,20 @@ impl RequestEnvelope {
             deadline_ms: meta.deadline_ms,
             dedupe: meta.dedupe,
             stream: meta.stream,
-            body_follows,
+            body_follows: kind == KIND_REQUEST_BODY_FOLLOWS,
+            websocket: kind == KIND_REQUEST_WEBSOCKET,
         })
     }
 
     /// True when running the request twice does no harm: a safe method
     /// (GET, HEAD, OPTIONS) or an `Idempotency-Key` header, and a body
     /// that is all in the envelope (one that follows in chunks has gone
-    /// once taken: it cannot be sent again). The reaper re-queues such
+    /// once taken: it cannot be sent again), and not a WebSocket handshake
+    /// (its socket may have carried messages). The reaper re-queues such
     /// requests; others are answered instead.
     pub fn is_safe_to_repeat(&self) -> bool {
         !self.body_follows
+            && !self.websocket
             && (matches!(self.method.as_str(), "GET" | "HEAD" | "OPTIONS")
                 || self
                     .headers
@@ -329,6 +343,7 @@ mod tests {
             dedupe: false,
             stream: false,
             body_follows: false,
+            websocket: false,
         }
     }
 
@@ -347,6 +362,7 @@ mod tests {
         let env = RequestEnvelope {
             method: "GET".into(),
             body_follows: true,
+            websocket: false,
             ..sample()
         };
         let wire = env.encode();
@@ -356,10 +372,28 @@ mod tests {
         assert!(
             RequestEnvelope {
                 body_follows: false,
+                websocket: false,
                 ..env
             }
             .is_safe_to_repeat()
         );
+    }
+
+    /// So is a WebSocket handshake: a dispatcher that does not know `'W'`
+    /// sets it aside instead of answering a plain GET; never repeated.
+    #[test]
+    fn a_websocket_handshake_is_its_own_kind_and_never_repeated() {
+        let env = RequestEnvelope {
+            method: "GET".into(),
+            websocket: true,
+            ..sample()
+        };
+        let wire = env.encode();
+        assert_eq!(wire[1], KIND_REQUEST_WEBSOCKET);
+        let decoded = RequestEnvelope::decode(Bytes::from(wire)).unwrap();
+        assert!(decoded.websocket && !decoded.body_follows);
+        assert_eq!(decoded, env);
+        assert!(!env.is_safe_to_repeat());
     }
 
     /// The size hint is close: one allocation, little slack. (A proxy keeps
@@ -536,9 +570,11 @@ mod tests {
             deadline_ms in any::<u64>(),
             dedupe in any::<bool>(),
             stream in any::<bool>(),
-            body_follows in any::<bool>(),
+            // Plain, body follows, or WebSocket: one kind byte each.
+            kind in 0u8..3,
         ) -> RequestEnvelope {
-            RequestEnvelope { id, method, uri, version, headers, body: Bytes::from(body), reply_to, client_addr, enqueued_at_ms, deadline_ms, dedupe, stream, body_follows }
+            let (body_follows, websocket) = (kind == 1, kind == 2);
+            RequestEnvelope { id, method, uri, version, headers, body: Bytes::from(body), reply_to, client_addr, enqueued_at_ms, deadline_ms, dedupe, stream, body_follows, websocket }
         }
     }
 

@@ -22,17 +22,20 @@ mod frame;
 mod heartbeat;
 mod keys;
 mod printable;
+mod socket;
 mod stream;
 
 pub use convert::{ConvertError, MAX_HEADER_FIELDS, headers_from_map, strip_hop_by_hop};
 pub use envelope::{
     DeadLetter, DecodeError, HeaderList, HttpVersion, KIND_DEAD_LETTER, KIND_REQUEST,
-    KIND_REQUEST_BODY_FOLLOWS, KIND_RESPONSE, RequestEnvelope, ResponseEnvelope, VERSION,
+    KIND_REQUEST_BODY_FOLLOWS, KIND_REQUEST_WEBSOCKET, KIND_RESPONSE, RequestEnvelope,
+    ResponseEnvelope, VERSION,
 };
 pub use failure::Failure;
 pub use heartbeat::{DispatcherHeartbeat, PauseRecord, ProxyHeartbeat, Unhealthy};
 pub use keys::{Keys, NameError, QUEUES_KEY, validate_id};
 pub use printable::{Printable, printable};
+pub use socket::{KIND_SOCKET_MESSAGE, MAX_SOCKET_MESSAGE, Opcode, SocketMessage};
 pub use stream::{
     Credit, Inbound, KIND_CREDIT, KIND_STREAM_CHUNK, KIND_STREAM_END, KIND_STREAM_HEAD, KIND_TAKEN,
     MAX_CHUNK, MAX_WINDOW, Reply, StreamChunk, StreamEnd, StreamHead, Taken,

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope::{DecodeError, HeaderList, ResponseEnvelope};
 use crate::frame::{HeadersRef, check_body, de_headers, frame, headers_json_len, kind_of, unframe};
+use crate::socket::{KIND_SOCKET_MESSAGE, SocketMessage};
 
 /// Kind byte of a stream head (`'S'`).
 pub const KIND_STREAM_HEAD: u8 = b'S';
@@ -123,6 +124,8 @@ pub enum Inbound {
     Chunk(StreamChunk),
     /// Its end.
     End(StreamEnd),
+    /// A message of a WebSocket, from the client.
+    Message(SocketMessage),
 }
 
 impl Inbound {
@@ -132,6 +135,7 @@ impl Inbound {
         match kind_of(&buf)? {
             KIND_STREAM_CHUNK => StreamChunk::decode(buf).map(Self::Chunk),
             KIND_STREAM_END => StreamEnd::decode(buf).map(Self::End),
+            KIND_SOCKET_MESSAGE => SocketMessage::decode(buf).map(Self::Message),
             _ => Credit::decode(buf).map(Self::Credit),
         }
     }
@@ -142,6 +146,7 @@ impl Inbound {
             Self::Credit(c) => c.encode(),
             Self::Chunk(c) => c.encode(),
             Self::End(e) => e.encode(),
+            Self::Message(m) => m.encode(),
         }
     }
 
@@ -151,6 +156,7 @@ impl Inbound {
             Self::Credit(c) => &c.id,
             Self::Chunk(c) => &c.id,
             Self::End(e) => &e.id,
+            Self::Message(m) => &m.id,
         }
     }
 }
@@ -168,8 +174,11 @@ pub enum Reply {
     End(StreamEnd),
     /// A dispatcher took a request whose body follows: send it.
     Taken(Taken),
-    /// A dispatcher's credit on a streamed request body.
+    /// A dispatcher's credit on a streamed request body or on a
+    /// WebSocket's messages from the client.
     Credit(Credit),
+    /// A message of a WebSocket, from the app.
+    Message(SocketMessage),
 }
 
 impl Reply {
@@ -182,6 +191,7 @@ impl Reply {
             KIND_STREAM_END => StreamEnd::decode(buf).map(Self::End),
             KIND_TAKEN => Taken::decode(buf).map(Self::Taken),
             KIND_CREDIT => Credit::decode(buf).map(Self::Credit),
+            KIND_SOCKET_MESSAGE => SocketMessage::decode(buf).map(Self::Message),
             _ => ResponseEnvelope::decode(buf).map(Self::Complete),
         }
     }
@@ -195,6 +205,7 @@ impl Reply {
             Self::End(e) => e.encode(),
             Self::Taken(t) => t.encode(),
             Self::Credit(c) => c.encode(),
+            Self::Message(m) => m.encode(),
         }
     }
 
@@ -207,6 +218,7 @@ impl Reply {
             Self::End(e) => &e.id,
             Self::Taken(t) => &t.id,
             Self::Credit(c) => &c.id,
+            Self::Message(m) => &m.id,
         }
     }
 }

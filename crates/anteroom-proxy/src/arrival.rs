@@ -218,6 +218,7 @@ pub(crate) fn prepare(
             dedupe: !state.config.enqueue_timeout.is_zero(),
             stream: true,
             body_follows: rest.is_some(),
+            websocket: false,
         },
     );
     // Registered before enqueueing: a fast dispatcher may answer at once.

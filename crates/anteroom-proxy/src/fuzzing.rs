@@ -35,6 +35,7 @@ pub fn envelope_for(
             dedupe: true,
             stream: false,
             body_follows: false,
+            websocket: false,
         },
     )
 }

@@ -105,6 +105,7 @@ pub(crate) fn envelope_for(
         dedupe: route.dedupe,
         stream: route.stream,
         body_follows: route.body_follows,
+        websocket: false,
     }
 }
 
