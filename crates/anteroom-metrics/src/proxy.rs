@@ -24,6 +24,7 @@ pub struct ProxyMetrics {
     shed: Family<QueueLabel, Counter>,
     expired: Family<QueueLabel, Counter>,
     streams_aborted: Family<QueueLabel, Counter>,
+    websockets: Family<QueueLabel, Gauge>,
     refused: Family<RefusedLabels, Counter>,
 }
 
@@ -37,6 +38,7 @@ impl Default for ProxyMetrics {
             shed: Family::default(),
             expired: Family::default(),
             streams_aborted: Family::default(),
+            websockets: Family::default(),
             refused: Family::default(),
         }
     }
@@ -53,6 +55,7 @@ impl ProxyMetrics {
     /// | `anteroom_proxy_shed_total{queue}` | counter | requests refused with 503 because the waiting limits were reached |
     /// | `anteroom_proxy_expired_total{queue}` | counter | requests answered 504 because the hold budget ran out |
     /// | `anteroom_proxy_streams_aborted_total{queue}` | counter | streamed responses the proxy aborted (HTTP/1.1: closed short; HTTP/2: reset) because they were cut short, idled out or broke the protocol |
+    /// | `anteroom_proxy_websockets_open{queue}` | gauge | WebSockets open between a client and a dispatcher |
     /// | `anteroom_proxy_refused_total{reason}` | counter | requests the HTTP parser refused before routing (400, 414, 431), by `reason`: `target`, `target_too_long`, `head_too_large`, `header`, `framing`, `method`, `version` |
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
@@ -85,6 +88,11 @@ impl ProxyMetrics {
             "anteroom_proxy_streams_aborted",
             "Streamed responses aborted: cut short by the dispatcher, idle too long, or out of order",
             metrics.streams_aborted.clone(),
+        );
+        registry.register(
+            "anteroom_proxy_websockets_open",
+            "WebSockets open between a client and a dispatcher",
+            metrics.websockets.clone(),
         );
         registry.register(
             "anteroom_proxy_refused",
@@ -120,6 +128,7 @@ impl ProxyMetrics {
             shed: self.shed.get_or_create(&label).clone(),
             expired: self.expired.get_or_create(&label).clone(),
             streams_aborted: self.streams_aborted.get_or_create(&label).clone(),
+            websockets: self.websockets.get_or_create(&label).clone(),
         }
     }
 }
@@ -145,6 +154,7 @@ pub struct ProxyQueueMetrics {
     shed: Counter,
     expired: Counter,
     streams_aborted: Counter,
+    websockets: Gauge,
 }
 
 impl ProxyQueueMetrics {
@@ -173,6 +183,16 @@ impl ProxyQueueMetrics {
     /// A streamed response was aborted.
     pub fn stream_aborted(&self) {
         self.streams_aborted.inc();
+    }
+
+    /// A WebSocket opened.
+    pub fn websocket_opened(&self) {
+        self.websockets.inc();
+    }
+
+    /// A WebSocket closed.
+    pub fn websocket_closed(&self) {
+        self.websockets.dec();
     }
 }
 

@@ -42,6 +42,20 @@ pub enum Failure {
     /// More request header fields than the proxy's `--max-headers`, over
     /// HTTP/2 (hyper answers HTTP/1 itself) (431).
     HeaderFieldsTooLarge,
+    /// An `Upgrade` to a protocol other than `websocket`, e.g. `h2c`
+    /// (RFC 9110 section 7.8): the proxy does not switch to it, and does
+    /// not pass the request on as a plain one either (501).
+    UpgradeNotSupported,
+    /// A WebSocket handshake that RFC 6455 section 4.2.1 does not allow:
+    /// not a GET, no `Connection: upgrade`, no valid `Sec-WebSocket-Key`
+    /// (400).
+    BadHandshake,
+    /// A WebSocket handshake of a version other than 13 (426, with
+    /// `Sec-WebSocket-Version: 13`, RFC 6455 section 4.4).
+    WebSocketVersion,
+    /// As many WebSockets open as the proxy's `--max-websockets` (503,
+    /// with `Retry-After`).
+    TooManyWebSockets,
 }
 
 impl Failure {
@@ -57,6 +71,10 @@ impl Failure {
             Failure::NoRoute => 404,
             Failure::NotImplemented => 501,
             Failure::HeaderFieldsTooLarge => 431,
+            Failure::UpgradeNotSupported => 501,
+            Failure::BadHandshake => 400,
+            Failure::WebSocketVersion => 426,
+            Failure::TooManyWebSockets => 503,
         }
     }
 
@@ -76,13 +94,21 @@ impl Failure {
             Failure::NoRoute => "no queue serves this host and path on this proxy\n",
             Failure::NotImplemented => "not implemented by this proxy\n",
             Failure::HeaderFieldsTooLarge => "too many request header fields\n",
+            Failure::UpgradeNotSupported => {
+                "this proxy upgrades connections only to websocket (RFC 6455); for HTTP/2 without TLS use prior knowledge (h2c), not Upgrade: h2c\n"
+            }
+            Failure::BadHandshake => {
+                "not a valid WebSocket handshake: a GET with Connection: upgrade, Upgrade: websocket and a Sec-WebSocket-Key of 16 bytes in base64 (RFC 6455 section 4.2.1)\n"
+            }
+            Failure::WebSocketVersion => "WebSocket version 13 only (RFC 6455 section 4.4)\n",
+            Failure::TooManyWebSockets => "too many WebSockets open; retry shortly\n",
         }
     }
 
     /// Seconds for a `Retry-After` header, for failures worth retrying soon.
     pub fn retry_after_secs(self) -> Option<u32> {
         match self {
-            Failure::Overloaded => Some(1),
+            Failure::Overloaded | Failure::TooManyWebSockets => Some(1),
             _ => None,
         }
     }

@@ -97,6 +97,26 @@ impl Keys {
             .is_some_and(|id| validate_id(id).is_ok())
     }
 
+    /// The heartbeat key of the dispatcher whose credit list is `key`
+    /// (`anteroom:{q}:dispatcher:<id>` for `anteroom:{q}:credits:<id>`), if
+    /// it is one of this queue's. A proxy watches it while it relays that
+    /// dispatcher's WebSockets.
+    pub fn dispatcher_of_credits(&self, key: &str) -> Option<String> {
+        self.is_credits(key)
+            .then(|| key.rsplit_once(':').map(|(_, id)| self.dispatcher(id)))
+            .flatten()
+    }
+
+    /// The heartbeat key of the proxy whose reply list is `key`
+    /// (`anteroom:{q}:proxy:<id>` for `anteroom:{q}:replies:<id>`), if it
+    /// is one of this queue's. A dispatcher watches it while it relays
+    /// that proxy's WebSockets.
+    pub fn proxy_of_replies(&self, key: &str) -> Option<String> {
+        self.is_replies(key)
+            .then(|| key.rsplit_once(':').map(|(_, id)| self.proxy(id)))
+            .flatten()
+    }
+
     /// `anteroom:{q}:dispatcher:<id>`: a dispatcher's heartbeat (a string with a TTL).
     pub fn dispatcher(&self, dispatcher_id: &str) -> String {
         format!("{}dispatcher:{dispatcher_id}", self.prefix)
@@ -166,6 +186,20 @@ mod tests {
         ] {
             assert!(!k.is_replies(key), "{key}");
         }
+    }
+
+    #[test]
+    fn a_peers_heartbeat_is_found_only_from_this_queues_lists() {
+        let k = Keys::new("billing").unwrap();
+        assert_eq!(
+            k.dispatcher_of_credits(&k.credits("d1")),
+            Some(k.dispatcher("d1"))
+        );
+        assert_eq!(k.proxy_of_replies(&k.replies("p1")), Some(k.proxy("p1")));
+        let other = Keys::new("other").unwrap();
+        assert_eq!(k.dispatcher_of_credits(&other.credits("d1")), None);
+        assert_eq!(k.proxy_of_replies(&k.credits("p1")), None);
+        assert_eq!(k.dispatcher_of_credits("anteroom:{billing}:credits:"), None);
     }
 
     #[test]

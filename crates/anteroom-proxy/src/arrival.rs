@@ -37,8 +37,9 @@ pub(crate) fn arrive(
     id: uuid::Uuid,
     request_id: &HeaderValue,
 ) -> Arrival {
-    let (parts, body) = req.into_parts();
-    let refuse = |error, body| refuse(error, body, parts.version, state.config.body_read_timeout);
+    let (mut parts, body) = req.into_parts();
+    let version = parts.version;
+    let refuse = |error, body| refuse(error, body, version, state.config.body_read_timeout);
     // hyper enforces --max-headers on HTTP/1 heads; HTTP/2 only bounds
     // their size.
     if parts.headers.len() > state.config.max_headers {
@@ -54,6 +55,14 @@ pub(crate) fn arrive(
     if parts.method == Method::CONNECT {
         return refuse(ProxyError::Connect, body);
     }
+    let socket = match crate::checks::check_upgrade(&parts.method, parts.version, &parts.headers) {
+        Ok(None) => None,
+        Ok(Some(key)) => match crate::socket::Opening::new(state, key, &mut parts) {
+            Ok(opening) => Some(Box::new(opening)),
+            Err(err) => return refuse(err, body),
+        },
+        Err(err) => return refuse(err, body),
+    };
     if has_dot_segments(parts.uri.path()) {
         return refuse(ProxyError::DotSegments, body);
     }
@@ -85,6 +94,7 @@ pub(crate) fn arrive(
             rest: None,
             reservation,
             declared,
+            socket,
         };
         return Arrival::Ready(Ok(prepare(state, parts, part, client, id, request_id)));
     }
@@ -118,6 +128,7 @@ pub(crate) fn arrive(
             rest,
             reservation,
             declared,
+            socket: None,
         };
         Ok(prepare(&state, parts, part, client, id, &request_id))
     }))
@@ -180,6 +191,9 @@ pub(crate) struct Part {
     pub(crate) reservation: Reservation,
     /// The body's `Content-Length`, if the client declared one.
     pub(crate) declared: Option<u64>,
+    /// For a WebSocket handshake (which has no body): its connection,
+    /// to be taken over when the socket opens.
+    pub(crate) socket: Option<Box<crate::socket::Opening>>,
 }
 
 /// Builds and encodes the envelope and registers the waiter (and the
@@ -198,6 +212,7 @@ pub(crate) fn prepare(
         rest,
         reservation,
         declared,
+        socket,
     } = part;
     let inline = body.len() as u64;
     let mut id_buf = uuid::Uuid::encode_buffer();
@@ -218,11 +233,14 @@ pub(crate) fn prepare(
             dedupe: !state.config.enqueue_timeout.is_zero(),
             stream: true,
             body_follows: rest.is_some(),
-            websocket: false,
+            websocket: socket.is_some(),
         },
     );
     // Registered before enqueueing: a fast dispatcher may answer at once.
-    let waiter = state.demux.register(id);
+    let waiter = match socket {
+        Some(_) => state.demux.register_handshake(id),
+        None => state.demux.register(id),
+    };
     let progress = rest.as_ref().map(|_| Progress::default());
     let upload = rest.zip(progress.clone()).map(|(body, progress)| {
         Box::new(Pump {
@@ -246,6 +264,7 @@ pub(crate) fn prepare(
             head_request,
             enqueued_ms: now,
             progress,
+            socket,
         },
     }
 }

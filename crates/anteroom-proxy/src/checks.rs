@@ -1,6 +1,7 @@
 //! Requests refused before they are queued, by the rule each breaks:
 //! `Host` (RFC 9112 §3.2, RFC 9113 §8.3.1), transfer codings (RFC 9112
-//! §6.1), dot segments in the path (RFC 3986 §5.2.4).
+//! §6.1), dot segments in the path (RFC 3986 §5.2.4), upgrades (RFC 9110
+//! §7.8, RFC 6455 §4.2.1).
 
 use http::header::{self, HeaderMap, HeaderValue};
 
@@ -123,10 +124,153 @@ pub(crate) fn check_transfer_coding(headers: &HeaderMap) -> Result<(), ProxyErro
     }
 }
 
+/// RFC 9110 §7.8 and RFC 6455 §4.2.1: what an `Upgrade` in the request
+/// asks for. `Ok(None)`: nothing (no `Upgrade`, or an HTTP/1.0 request,
+/// whose `Upgrade` a server must ignore; HTTP/2 has none). `Ok(Some(key))`:
+/// a valid WebSocket opening handshake, with its `Sec-WebSocket-Key`.
+/// Anything else is refused rather than passed on as a plain request: an
+/// upgrade to another protocol (`h2c`, `TLS/1.0`: 501), a WebSocket
+/// handshake that is not a GET, lacks `Connection: upgrade` or a key of 16
+/// bytes in base64, or carries a body (400), or names a version other than
+/// 13 (426).
+pub(crate) fn check_upgrade(
+    method: &http::Method,
+    version: http::Version,
+    headers: &HeaderMap,
+) -> Result<Option<HeaderValue>, ProxyError> {
+    use base64::Engine as _;
+    if version != http::Version::HTTP_11 || !headers.contains_key(header::UPGRADE) {
+        return Ok(None);
+    }
+    let tokens = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+    };
+    let protocols = tokens(header::UPGRADE);
+    // A protocol is `name[/version]` (RFC 9110 §7.8); WebSocket's has no
+    // version.
+    if !protocols.iter().any(|p| p == "websocket") {
+        return Err(ProxyError::UpgradeNotSupported(protocols.join(", ")));
+    }
+    if method != http::Method::GET {
+        return Err(ProxyError::BadHandshake("the method is not GET"));
+    }
+    if !tokens(header::CONNECTION).iter().any(|t| t == "upgrade") {
+        return Err(ProxyError::BadHandshake("Connection does not list upgrade"));
+    }
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        return Err(ProxyError::BadHandshake("the handshake has a body"));
+    }
+    let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    match (versions.next(), versions.next()) {
+        (Some(v), None) if v.as_bytes() == b"13" => {}
+        (None, _) => return Err(ProxyError::BadHandshake("no Sec-WebSocket-Version")),
+        (Some(v), _) => {
+            let text = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            return Err(ProxyError::WebSocketVersion(text));
+        }
+    }
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    match (keys.next(), keys.next()) {
+        (Some(key), None)
+            if base64::engine::general_purpose::STANDARD
+                .decode(key.as_bytes())
+                .is_ok_and(|k| k.len() == 16) =>
+        {
+            Ok(Some(key.clone()))
+        }
+        _ => Err(ProxyError::BadHandshake(
+            "Sec-WebSocket-Key is not one value of 16 bytes in base64",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::Request;
+
+    #[test]
+    fn upgrades_rfc_6455_and_9110_allow_and_those_they_do_not() {
+        use http::{Method, Version};
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let ws = [
+            ("upgrade", "websocket"),
+            ("connection", "keep-alive, Upgrade"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", key),
+        ];
+        let check = |method: Method, version, fields: &[(&str, &str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in fields {
+                headers.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            check_upgrade(&method, version, &headers).map_err(|e| e.failure().status())
+        };
+        let with = |name: &str, value: &str| {
+            let mut fields: Vec<(&str, &str)> =
+                ws.iter().filter(|(n, _)| *n != name).copied().collect();
+            let (name, value) = (name.to_owned(), value.to_owned());
+            move |method: Method| {
+                let mut all: Vec<(&str, &str)> = std::mem::take(&mut fields);
+                if !value.is_empty() {
+                    all.push((name.as_str(), value.as_str()));
+                }
+                check(method, Version::HTTP_11, &all)
+            }
+        };
+        assert_eq!(
+            check(Method::GET, Version::HTTP_11, &ws),
+            Ok(Some(HeaderValue::from_static(key)))
+        );
+        assert_eq!(
+            with("upgrade", "WebSocket")(Method::GET),
+            Ok(Some(HeaderValue::from_static(key)))
+        );
+        assert_eq!(
+            with("upgrade", "h2c, websocket")(Method::GET),
+            Ok(Some(HeaderValue::from_static(key)))
+        );
+        // No Upgrade, or HTTP/1.0 (whose Upgrade a server must ignore).
+        assert_eq!(check(Method::GET, Version::HTTP_11, &[]), Ok(None));
+        assert_eq!(check(Method::GET, Version::HTTP_10, &ws), Ok(None));
+        // Other protocols: 501, never a plain request.
+        assert_eq!(with("upgrade", "h2c")(Method::GET), Err(501));
+        assert_eq!(with("upgrade", "TLS/1.0")(Method::GET), Err(501));
+        assert_eq!(with("upgrade", "websocket/2")(Method::GET), Err(501));
+        // Handshakes RFC 6455 section 4.2.1 refuses.
+        assert_eq!(check(Method::POST, Version::HTTP_11, &ws), Err(400));
+        assert_eq!(with("connection", "keep-alive")(Method::GET), Err(400));
+        assert_eq!(with("sec-websocket-key", "")(Method::GET), Err(400));
+        assert_eq!(with("sec-websocket-key", "c2hvcnQ=")(Method::GET), Err(400));
+        assert_eq!(
+            with("sec-websocket-key", "not base64 at all!!!!!==")(Method::GET),
+            Err(400)
+        );
+        assert_eq!(with("sec-websocket-version", "")(Method::GET), Err(400));
+        assert_eq!(with("sec-websocket-version", "8")(Method::GET), Err(426));
+        let mut twice = ws.to_vec();
+        twice.push(("sec-websocket-key", key));
+        assert_eq!(check(Method::GET, Version::HTTP_11, &twice), Err(400));
+        let mut body = ws.to_vec();
+        body.push(("content-length", "5"));
+        assert_eq!(check(Method::GET, Version::HTTP_11, &body), Err(400));
+        let mut chunked = ws.to_vec();
+        chunked.push(("transfer-encoding", "chunked"));
+        assert_eq!(check(Method::GET, Version::HTTP_11, &chunked), Err(400));
+    }
 
     #[test]
     fn host_rules_of_rfc_9112() {

@@ -48,6 +48,14 @@ pub mod defaults {
     pub const DURABLE_WAIT: Duration = Duration::from_millis(250);
     /// [`stream_idle_timeout`](super::ProxyConfig::stream_idle_timeout): 60 s.
     pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// [`max_websockets`](super::ProxyConfig::max_websockets): 10,000.
+    pub const MAX_WEBSOCKETS: usize = 10_000;
+    /// [`websocket_max_message`](super::ProxyConfig::websocket_max_message):
+    /// 16 MiB.
+    pub const WEBSOCKET_MAX_MESSAGE: usize = anteroom_protocol::MAX_SOCKET_MESSAGE;
+    /// [`websocket_ping_interval`](super::ProxyConfig::websocket_ping_interval):
+    /// 30 s.
+    pub const WEBSOCKET_PING_INTERVAL: Duration = Duration::from_secs(30);
 }
 
 /// Default of [`ProxyConfig::max_headers`]: 500, well above hyper's 100.
@@ -123,6 +131,16 @@ pub struct ProxyConfig {
     /// proxy aborts it (the hold budget covers the time until its head);
     /// at least 1 s.
     pub stream_idle_timeout: Duration,
+    /// Most WebSockets open (or waiting for their handshake's answer) at
+    /// once; over it, a handshake is answered 503.
+    pub max_websockets: usize,
+    /// Largest WebSocket message, either way (RFC 6455 section 7.4.1:
+    /// over it the socket closes with 1009).
+    pub websocket_max_message: usize,
+    /// A client socket silent this long is sent a ping; one silent twice
+    /// as long is closed (1001). Keeps sockets open through idle timeouts
+    /// of load balancers and NAT, and finds dead clients.
+    pub websocket_ping_interval: Duration,
     /// This proxy's id (names its reply list); a random one when `None`.
     pub proxy_id: Option<String>,
     /// Where the proxy counts requests. The default counts into series no
@@ -162,7 +180,8 @@ impl ProxyConfig {
     /// grace 30 s, drain 2 s, Redis timeout 2 s, head and body read
     /// timeouts 30 s each, send timeout 60 s, 500 headers and 64 KiB of
     /// head per request, 10,000 connections, at most 20,000 requests and
-    /// 512 MiB of bodies waiting.
+    /// 512 MiB of bodies waiting, 10,000 WebSockets with messages of at
+    /// most 16 MiB, pinged after 30 s of silence.
     pub fn new(redis_url: impl Into<String>, queue: impl Into<String>) -> Self {
         Self {
             redis_url: redis_url.into(),
@@ -185,6 +204,9 @@ impl ProxyConfig {
             max_waiting_bytes: defaults::MAX_WAITING_BYTES,
             enqueue_timeout: defaults::ENQUEUE_TIMEOUT,
             stream_idle_timeout: defaults::STREAM_IDLE_TIMEOUT,
+            max_websockets: defaults::MAX_WEBSOCKETS,
+            websocket_max_message: defaults::WEBSOCKET_MAX_MESSAGE,
+            websocket_ping_interval: defaults::WEBSOCKET_PING_INTERVAL,
             durable: None,
             proxy_id: None,
             metrics: ProxyMetrics::default(),

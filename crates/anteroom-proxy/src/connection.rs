@@ -116,7 +116,7 @@ impl Connections {
                     .max(Duration::from_secs(1)),
             );
             let io = TokioIo::new(Lingering::new(stream, slot, Arc::clone(&activity)));
-            let conn = builder.serve_connection(io, service);
+            let conn = builder.serve_connection_with_upgrades(io, service);
             if let Err(err) = limits.run(conn, &activity, &closing, peer).await {
                 match refused_reason(&*err) {
                     Some(reason) => {
@@ -313,7 +313,7 @@ trait GracefulClose {
     fn close_gracefully(self: std::pin::Pin<&mut Self>);
 }
 
-impl<I, S, E, B> GracefulClose for auto::Connection<'_, I, S, E>
+impl<I, S, E, B> GracefulClose for auto::UpgradeableConnection<'_, I, S, E>
 where
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

@@ -85,6 +85,16 @@ pub(crate) enum ProxyError {
     TooManyFields(usize, usize),
     #[error("request target with a dot segment (RFC 3986 section 5.2.4)")]
     DotSegments,
+    #[error("Upgrade to {0:?}: only websocket is supported (RFC 9110 section 7.8)")]
+    UpgradeNotSupported(String),
+    #[error("invalid WebSocket handshake: {0} (RFC 6455 section 4.2.1)")]
+    BadHandshake(&'static str),
+    #[error("WebSocket version {0:?}; only 13 is supported (RFC 6455 section 4.4)")]
+    WebSocketVersion(String),
+    #[error("{0} WebSockets open, the limit")]
+    TooManyWebSockets(usize),
+    #[error("the app answered with status {0}, which is no final response (RFC 9110 section 15.2)")]
+    InterimStatus(u16),
 }
 
 impl ProxyError {
@@ -101,7 +111,11 @@ impl ProxyError {
             ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
             ProxyError::HoldExpired => Failure::HoldExpired,
             ProxyError::Overloaded { .. } => Failure::Overloaded,
-            ProxyError::BadReply(_) => Failure::HandlerFailed,
+            ProxyError::BadReply(_) | ProxyError::InterimStatus(_) => Failure::HandlerFailed,
+            ProxyError::UpgradeNotSupported(_) => Failure::UpgradeNotSupported,
+            ProxyError::BadHandshake(_) => Failure::BadHandshake,
+            ProxyError::WebSocketVersion(_) => Failure::WebSocketVersion,
+            ProxyError::TooManyWebSockets(_) => Failure::TooManyWebSockets,
         }
     }
 }
@@ -150,6 +164,13 @@ pub(crate) fn failure_response(failure: Failure) -> Response<Full<Bytes>> {
     if let Some(secs) = failure.retry_after_secs() {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    }
+    if failure == Failure::WebSocketVersion {
+        // RFC 6455 section 4.4: the versions the server understands.
+        resp.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            header::HeaderValue::from_static("13"),
+        );
     }
     resp
 }

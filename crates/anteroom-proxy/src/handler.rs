@@ -37,6 +37,9 @@ pub(crate) struct State {
     /// The proxy's shared connection, for the chunks of streamed bodies.
     pub(crate) conn: anteroom_redis::SharedConnection,
     pub(crate) metrics: anteroom_metrics::ProxyQueueMetrics,
+    /// Places for WebSockets, `--max-websockets` of them, shared by every
+    /// route.
+    pub(crate) sockets: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -155,6 +158,9 @@ pub(crate) struct Waiting {
     /// For a request whose body streams: when the body last moved, which
     /// puts the answer's due time after the deadline while it moves.
     pub(crate) progress: Option<crate::upload::Progress>,
+    /// For a WebSocket handshake: the client's connection, taken over
+    /// when the socket opens.
+    pub(crate) socket: Option<Box<crate::socket::Opening>>,
 }
 
 impl Phase {
@@ -216,6 +222,18 @@ impl Future for Handling {
                                     .map_err(Refused::from)
                             }
                             Some(Delivered::Refused(refused)) => Err(refused),
+                            Some(Delivered::Socket(head, inbox)) => match waiting.socket.take() {
+                                Some(opening) => crate::socket::accept(
+                                    &this.state,
+                                    *opening,
+                                    head,
+                                    inbox,
+                                    &this.connection,
+                                )
+                                .map(Answer::complete)
+                                .map_err(Refused::from),
+                                None => Err(ProxyError::InterimStatus(head.status).into()),
+                            },
                             Some(Delivered::Stream(head, frames, buffered)) => {
                                 let key = waiting.waiter.id();
                                 stream_response(&this.state, head, frames, buffered, key)
@@ -316,7 +334,11 @@ pub(crate) fn finish(
                 | Failure::ClientTimeout
                 | Failure::BodyTooLarge
                 | Failure::HoldExpired
-                | Failure::Overloaded => {
+                | Failure::Overloaded
+                | Failure::UpgradeNotSupported
+                | Failure::BadHandshake
+                | Failure::WebSocketVersion
+                | Failure::TooManyWebSockets => {
                     // The client's doing or the hold budget: per request,
                     // so DEBUG (the metrics count them).
                     tracing::debug!(error = %err, "request failed")

@@ -37,6 +37,7 @@ mod linger;
 mod replies;
 mod router;
 mod server;
+mod socket;
 mod status_page;
 mod stream;
 mod translate;

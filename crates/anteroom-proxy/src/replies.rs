@@ -31,6 +31,9 @@ use crate::stream::CreditSender;
 #[derive(Debug)]
 enum Entry {
     Waiting(oneshot::Sender<Delivered>, Option<UploadEvents>),
+    /// A WebSocket handshake's: a head of status 101 opens its socket
+    /// (whose frames then go to [`Demux::sockets`]).
+    Handshake(oneshot::Sender<Delivered>),
     Streaming(Stream),
 }
 
@@ -50,6 +53,7 @@ impl Entry {
     fn upload(&self) -> Option<&UploadEvents> {
         match self {
             Entry::Waiting(_, upload) => upload.as_ref(),
+            Entry::Handshake(_) => None,
             Entry::Streaming(stream) => stream.upload.as_ref(),
         }
     }
@@ -88,6 +92,9 @@ pub(crate) enum Delivered {
     ),
     /// The proxy answers it itself: its streamed body broke a limit.
     Refused(Refused),
+    /// A WebSocket handshake's answer: the socket is open at the
+    /// dispatcher (the head's status is 101), and its frames arrive here.
+    Socket(StreamHead, anteroom_socket::Inbox),
 }
 
 /// What a streamed response receives after its head.
@@ -109,6 +116,8 @@ pub(crate) struct Demux {
     waiters: Mutex<Waiters>,
     /// Where cancels go, for streams nobody reads any more.
     credits: CreditSender,
+    /// The open WebSockets, whose frames go to their relays.
+    pub(crate) sockets: Arc<anteroom_socket::Sockets>,
 }
 
 /// A registered wait. Dropping it (the client went away, or the hold budget
@@ -143,7 +152,7 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         let mut waiters = self.demux.lock();
         match waiters.get(&self.id) {
-            Some(Entry::Waiting(..)) => {
+            Some(Entry::Waiting(..) | Entry::Handshake(_)) => {
                 waiters.remove(&self.id);
             }
             // A head came, and nobody took it (the client went, the hold
@@ -165,6 +174,7 @@ impl Demux {
         Self {
             waiters: Mutex::new(HashMap::new()),
             credits,
+            sockets: Arc::default(),
         }
     }
 
@@ -177,6 +187,20 @@ impl Demux {
         let (tx, rx) = oneshot::channel();
         let id = id.as_u128();
         self.lock().insert(id, Entry::Waiting(tx, None));
+        Waiter {
+            demux: Arc::clone(self),
+            id,
+            rx,
+            taken: false,
+        }
+    }
+
+    /// Registers interest in the answer to WebSocket handshake `id`; call
+    /// before enqueueing.
+    pub(crate) fn register_handshake(self: &Arc<Self>, id: uuid::Uuid) -> Waiter {
+        let (tx, rx) = oneshot::channel();
+        let id = id.as_u128();
+        self.lock().insert(id, Entry::Handshake(tx));
         Waiter {
             demux: Arc::clone(self),
             id,
@@ -244,17 +268,118 @@ impl Demux {
             tracing::debug!(id = %anteroom_protocol::printable(reply.id()), "reply for an id this proxy never gave out");
             return;
         };
+        let reply = match self.deliver_to_socket(reply) {
+            Ok(()) => return,
+            Err(reply) => reply,
+        };
         let mut waiters = self.lock();
         if let Reply::Taken(_) | Reply::Credit(_) = &reply {
             return self.deliver_upload(waiters, id, reply, keys);
         }
-        let entry = waiters.remove(&id);
+        let entry = match waiters.remove(&id) {
+            Some(Entry::Handshake(tx)) => match reply {
+                Reply::Head(head) if head.status == 101 => {
+                    drop(waiters);
+                    return self.open_socket(tx, head, keys, id);
+                }
+                // Refused by the app: an ordinary answer.
+                reply @ (Reply::Complete(_) | Reply::Head(_)) => {
+                    let entry = Some(Entry::Waiting(tx, None));
+                    return self.deliver_entry(waiters, id, entry, reply, keys);
+                }
+                stray => {
+                    waiters.insert(id, Entry::Handshake(tx));
+                    drop(waiters);
+                    tracing::debug!(
+                        kind = kind_name(&stray),
+                        "stray frame for a handshake not answered yet; discarded"
+                    );
+                    return;
+                }
+            },
+            entry => entry,
+        };
+        self.deliver_entry(waiters, id, entry, reply, keys);
+    }
+
+    /// Routes a frame of an open WebSocket to its relay; gives back any
+    /// other. A whole reply or a head for an open socket means its
+    /// handshake ran again (its dispatcher died and a reaper settled it):
+    /// the socket cannot go on.
+    fn deliver_to_socket(&self, reply: Reply) -> Result<(), Reply> {
+        use anteroom_socket::Event;
+        if self.sockets.is_empty() {
+            return Err(reply);
+        }
+        let id = reply.id().to_owned();
+        let event = match reply {
+            Reply::Message(message) => Event::Message(message),
+            Reply::Credit(credit) => Event::Credit(credit),
+            other if self.sockets.contains(&id) => Event::PeerGone(format!(
+                "its handshake was answered again ({})",
+                kind_name(&other)
+            )),
+            other => return Err(other),
+        };
+        self.sockets
+            .deliver(&id, event)
+            .map_err(|event| match event {
+                Event::Message(message) => Reply::Message(message),
+                Event::Credit(credit) => Reply::Credit(credit),
+                Event::PeerGone(_) => unreachable!("only delivered to open sockets"),
+            })
+    }
+
+    /// A handshake answered 101: its socket opens (when the head names a
+    /// credit list of the queue; otherwise 502), and its waiter gets the
+    /// inbox.
+    fn open_socket(&self, tx: oneshot::Sender<Delivered>, head: StreamHead, keys: &Keys, id: u128) {
+        let Some(peer) = keys.dispatcher_of_credits(&head.credit_to) else {
+            tracing::warn!(
+                credit_to = %anteroom_protocol::printable(&head.credit_to),
+                queue = %keys.queue(),
+                "a socket head whose credit list is not one of the queue's; answered 502"
+            );
+            let _ = tx.send(Delivered::Complete(
+                Failure::HandlerFailed.to_envelope(&head.id),
+            ));
+            return;
+        };
+        let inbox = self.sockets.open(&head.id, peer, head.window);
+        let credit_to = head.credit_to.clone();
+        if tx.send(Delivered::Socket(head, inbox)).is_err() {
+            // The inbox went with it (its entry is removed).
+            tracing::debug!("socket opened as its handshake gave up; cancelling it");
+            self.cancel_to(&credit_to, id);
+        }
+    }
+
+    /// Hands `reply` to the entry of `id` (removed from `waiters`).
+    fn deliver_entry(
+        &self,
+        mut waiters: std::sync::MutexGuard<'_, Waiters>,
+        id: u128,
+        entry: Option<Entry>,
+        reply: Reply,
+        keys: &Keys,
+    ) {
         match (entry, reply) {
             (Some(Entry::Waiting(tx, _)), Reply::Complete(reply)) => {
                 // The receiver may have just given up; then the reply is late.
                 if tx.send(Delivered::Complete(reply)).is_err() {
                     tracing::debug!("reply arrived as its request gave up");
                 }
+            }
+            (Some(Entry::Waiting(tx, _)), Reply::Head(head)) if head.status == 101 => {
+                // 101 answers a WebSocket handshake only.
+                tracing::warn!(
+                    "a stream head of status 101 for a request that is no handshake; answered 502"
+                );
+                drop(waiters);
+                self.cancel(keys, &head.credit_to, id);
+                let _ = tx.send(Delivered::Complete(
+                    Failure::HandlerFailed.to_envelope(&head.id),
+                ));
             }
             (Some(Entry::Waiting(tx, _)), Reply::Head(head))
                 if !keys.is_credits(&head.credit_to) =>
@@ -394,6 +519,19 @@ impl Demux {
     fn cancel_to(&self, credit_to: &str, id: u128) {
         let id = uuid::Uuid::from_u128(id).hyphenated().to_string();
         self.credits.cancel(credit_to, &id, 0);
+    }
+}
+
+/// The frame kind's name, for logs.
+fn kind_name(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::Complete(_) => "a whole reply",
+        Reply::Head(_) => "a stream head",
+        Reply::Chunk(_) => "a chunk",
+        Reply::End(_) => "an end",
+        Reply::Taken(_) => "a taken frame",
+        Reply::Credit(_) => "a credit",
+        Reply::Message(_) => "a socket message",
     }
 }
 

@@ -27,6 +27,11 @@ use anteroom_control::queue;
 /// How often the proxy refreshes its heartbeat key, and the key's lifetime.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+
+/// How often the dispatchers at the other end of open WebSockets are
+/// checked for a heartbeat: a socket whose dispatcher died closes (1011)
+/// within the dispatcher's heartbeat TTL and this.
+const PEER_CHECK: Duration = Duration::from_secs(1);
 /// How long the background components (reply readers, heartbeats,
 /// enqueuers) get to stop once the connections are drained.
 const COMPONENTS_GRACE: Duration = Duration::from_secs(5);
@@ -65,6 +70,15 @@ pub async fn serve(
         queue::write_frames(conn.clone(), credits_rx, CREDIT_TTL, components.stopping()),
     );
     let demux = Arc::new(Demux::new(CreditSender(credits)));
+    components.spawn(
+        "websocket peer watch",
+        anteroom_socket::watch_peers(
+            conn.clone(),
+            Arc::clone(&demux.sockets),
+            PEER_CHECK,
+            components.stopping(),
+        ),
+    );
     let router = Arc::new(queues.router(&config, &proxy_id, &conn, &demux, &components));
     tracing::info!(
         listen = %listener
@@ -185,6 +199,8 @@ impl Queues {
         let durability = config
             .durable
             .map(|wait| anteroom_redis::Durability::spawn(conn.clone(), wait, components));
+        // One cap on WebSockets for the whole proxy, whatever their route.
+        let sockets = Arc::new(tokio::sync::Semaphore::new(config.max_websockets));
         let state_for = |keys: &Keys, hold: Duration, max_waiting: usize, max_bytes: usize| {
             let metrics = config.metrics.queue(keys.queue());
             let enqueuer = Enqueuer::spawn(
@@ -194,6 +210,7 @@ impl Queues {
                 components,
             );
             Arc::new(State {
+                sockets: Arc::clone(&sockets),
                 config: Arc::clone(config),
                 queue: keys.queue().to_owned(),
                 hold,

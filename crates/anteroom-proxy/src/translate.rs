@@ -60,6 +60,9 @@ pub(crate) struct Route<'a> {
     /// Whether `body` is only the first part (see
     /// `RequestEnvelope::body_follows`).
     pub(crate) body_follows: bool,
+    /// Whether it is a WebSocket handshake (see
+    /// `RequestEnvelope::websocket`).
+    pub(crate) websocket: bool,
 }
 
 /// The envelope for a request: hop-by-hop headers removed, forwarding
@@ -71,6 +74,19 @@ pub(crate) fn envelope_for(
 ) -> RequestEnvelope {
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    if route.websocket {
+        // The proxy ends the client's socket and the dispatcher opens its
+        // own to the app: the key, version and extensions are each
+        // socket's own (no extension is negotiated); the offered
+        // subprotocols go on.
+        for name in [
+            header::SEC_WEBSOCKET_KEY,
+            header::SEC_WEBSOCKET_VERSION,
+            header::SEC_WEBSOCKET_EXTENSIONS,
+        ] {
+            headers.remove(name);
+        }
+    }
     for name in UNTRUSTED_FORWARDING {
         headers.remove(name);
     }
@@ -105,7 +121,7 @@ pub(crate) fn envelope_for(
         dedupe: route.dedupe,
         stream: route.stream,
         body_follows: route.body_follows,
-        websocket: false,
+        websocket: route.websocket,
     }
 }
 
@@ -182,6 +198,9 @@ pub(crate) fn build_response(
     reply: &ResponseEnvelope,
     head_request: bool,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
+    if reply.status < 200 {
+        return Err(ProxyError::InterimStatus(reply.status));
+    }
     let resp = reply.to_http().map_err(ProxyError::BadReply)?;
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -214,6 +233,9 @@ pub(crate) fn stream_response(
         idle: state.config.stream_idle_timeout,
         metrics: state.metrics.clone(),
     };
+    if head.status < 200 {
+        return Err(ProxyError::InterimStatus(head.status));
+    }
     let body = StreamBody::new(frames, parts);
     let envelope = ResponseEnvelope {
         id: head.id,

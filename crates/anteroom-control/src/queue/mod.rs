@@ -38,7 +38,7 @@ mod requeue;
 
 pub use complete::{Done, complete, complete_now};
 pub use frames::{FrameReceiver, FrameSender, write_frames};
-pub use presence::{Presence, Role, keep_present};
+pub use presence::{Presence, Role, keep_present, present};
 pub use reap::ReapReport;
 pub use requeue::{Attempt, MAX_REPEATS, Requeued, dead_letter, requeue};
 

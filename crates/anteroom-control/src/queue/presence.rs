@@ -132,3 +132,20 @@ pub async fn keep_present<H: Serialize>(
         tracing::debug!(error = %err, id = %presence.id, "cannot remove the heartbeat");
     }
 }
+
+/// Which of the heartbeat keys `keys` (`anteroom:{q}:proxy:<id>` or
+/// `anteroom:{q}:dispatcher:<id>`) exist now: one `EXISTS` each (the keys
+/// may be of different queues, so of different Cluster slots), in order.
+/// A key whose TTL ran out is a component that stopped beating: it died,
+/// or lost Redis for longer than its TTL.
+pub async fn present(
+    conn: &mut SharedConnection,
+    keys: &[String],
+) -> redis::RedisResult<Vec<bool>> {
+    let mut found = Vec::with_capacity(keys.len());
+    for key in keys {
+        let exists: bool = redis::cmd("EXISTS").arg(key).query_async(conn).await?;
+        found.push(exists);
+    }
+    Ok(found)
+}

@@ -1,0 +1,652 @@
+//! WebSockets through the queue (docs/protocol.md, "WebSockets"): the one
+//! relay both ends run.
+//!
+//! The proxy terminates the client's WebSocket, the dispatcher opens one
+//! to its app, and between them each socket's messages travel as
+//! [`SocketMessage`] frames on Redis lists: the proxy pushes to the
+//! dispatcher's credit list, the dispatcher to the proxy's reply list, on
+//! the connections both already have (a socket costs no connection of its
+//! own). [`Relay::run`] is one end: it reads its local socket and pushes
+//! what it reads as frames, and hands what arrives from the other end
+//! ([`Event`]s, routed to it by the [`Sockets`] table) to its local socket.
+//!
+//! Flow control is the streamed bodies' (docs/protocol.md, "Streamed
+//! replies"): each direction numbers its frames from 0, a sender never has
+//! more than the window of message bytes pushed and not yet credited, and
+//! a receiver credits ([`Credit`]) what it handed on, every quarter window
+//! (the pieces of a message not yet whole are credited as they arrive: a
+//! message larger than the window must get through, and a receiver holds
+//! at most one message being assembled, bounded by the message limit).
+//! A socket therefore holds at most a window in Redis and in each process,
+//! and a slow reader slows its own socket only.
+//!
+//! Each end keeps its own side alive (pings are not relayed) and watches
+//! that the other end is alive through its heartbeat key
+//! ([`watch_peers`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anteroom_control::queue::{self, FrameSender};
+use anteroom_protocol::{Credit, MAX_CHUNK, MAX_WINDOW, Opcode, SocketMessage};
+use anteroom_redis::SharedConnection;
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+
+pub use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+/// Close codes this crate sends (RFC 6455 section 7.4.1).
+pub mod codes {
+    /// 1000: normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// 1001: an end goes away (a proxy stopping, a client gone).
+    pub const GOING_AWAY: u16 = 1001;
+    /// 1002: a protocol error (garbage frames).
+    pub const PROTOCOL: u16 = 1002;
+    /// 1007: a text message that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// 1009: a message over the size limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// 1011: the other end failed (its process died, or broke the
+    /// protocol).
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// 1012: service restart (a dispatcher stopping at the end of its
+    /// grace period): reconnect.
+    pub const SERVICE_RESTART: u16 = 1012;
+}
+
+/// What arrives for a socket from the other end.
+#[derive(Debug)]
+pub enum Event {
+    /// A message, or a piece of one, or its close.
+    Message(SocketMessage),
+    /// Credit for what this end pushed.
+    Credit(Credit),
+    /// The other end is gone (its heartbeat expired, it answered the
+    /// handshake again, it broke the window): close with 1011.
+    PeerGone(String),
+}
+
+/// One socket's entry: where its events go and who the other end is.
+#[derive(Debug)]
+struct Slot {
+    events: mpsc::UnboundedSender<Event>,
+    /// Message bytes received and not yet handed on.
+    held: Arc<AtomicU64>,
+    /// Most that may be held: the window plus a piece.
+    limit: u64,
+    /// The other end's heartbeat key.
+    peer: String,
+}
+
+/// The sockets of one process, by request id: [`Sockets::deliver`] routes
+/// what the list readers pop to each socket's [`Relay`].
+#[derive(Debug, Default)]
+pub struct Sockets {
+    slots: Mutex<HashMap<String, Slot>>,
+    open: AtomicU64,
+}
+
+/// The receiving end of a socket's entry in [`Sockets`]; removes the
+/// entry when dropped.
+#[derive(Debug)]
+pub struct Inbox {
+    sockets: Arc<Sockets>,
+    id: String,
+    events: mpsc::UnboundedReceiver<Event>,
+    held: Arc<AtomicU64>,
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let mut slots = self.sockets.lock();
+        if slots.remove(&self.id).is_some() {
+            self.sockets.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Sockets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers socket `id`, whose other end beats on `peer` and may have
+    /// `window` bytes outstanding (at most [`MAX_WINDOW`]). A second
+    /// registration of an id replaces the first.
+    pub fn open(self: &Arc<Self>, id: &str, peer: String, window: u64) -> Inbox {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let held = Arc::new(AtomicU64::new(0));
+        let slot = Slot {
+            events: tx,
+            held: Arc::clone(&held),
+            limit: window.min(MAX_WINDOW) + MAX_CHUNK as u64,
+            peer,
+        };
+        if self.lock().insert(id.to_owned(), slot).is_none() {
+            self.open.fetch_add(1, Ordering::Relaxed);
+        }
+        Inbox {
+            sockets: Arc::clone(self),
+            id: id.to_owned(),
+            events: rx,
+            held,
+        }
+    }
+
+    /// How many sockets are open.
+    pub fn len(&self) -> usize {
+        self.open.load(Ordering::Relaxed) as usize
+    }
+
+    /// Whether no socket is open (cheap: no lock).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `id` is an open socket.
+    pub fn contains(&self, id: &str) -> bool {
+        !self.is_empty() && self.lock().contains_key(id)
+    }
+
+    /// Hands `event` to socket `id`; gives it back when `id` is no socket
+    /// here. A message beyond the socket's window becomes
+    /// [`Event::PeerGone`]: the other end broke the protocol.
+    pub fn deliver(&self, id: &str, event: Event) -> Result<(), Event> {
+        if self.is_empty() {
+            return Err(event);
+        }
+        let slots = self.lock();
+        let Some(slot) = slots.get(id) else {
+            return Err(event);
+        };
+        let event = match event {
+            Event::Message(m) => {
+                let len = m.data.len() as u64;
+                let held = slot.held.fetch_add(len, Ordering::AcqRel) + len;
+                if held > slot.limit {
+                    Event::PeerGone(format!(
+                        "the other end sent {held} bytes beyond its credit (limit {})",
+                        slot.limit
+                    ))
+                } else {
+                    Event::Message(m)
+                }
+            }
+            other => other,
+        };
+        let _ = slot.events.send(event);
+        Ok(())
+    }
+
+    /// The heartbeat keys of the other ends of the open sockets, each once.
+    pub fn peers(&self) -> Vec<String> {
+        let mut peers: Vec<String> = self.lock().values().map(|s| s.peer.clone()).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        peers
+    }
+
+    /// Tells every socket whose other end beats on `peer` that it is gone.
+    pub fn peer_gone(&self, peer: &str) {
+        for slot in self.lock().values().filter(|s| s.peer == peer) {
+            let _ = slot
+                .events
+                .send(Event::PeerGone(format!("its heartbeat {peer} expired")));
+        }
+    }
+}
+
+/// Every `every` while `stop` is not cancelled, checks the heartbeat keys
+/// of the other ends of `sockets` ([`queue::present`]) and tells the
+/// sockets of those that expired ([`Sockets::peer_gone`]). A Redis error
+/// skips a round: an end is never declared gone for want of an answer.
+pub async fn watch_peers(
+    mut conn: SharedConnection,
+    sockets: Arc<Sockets>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    while !anteroom_redis::sleep_or_stop(&stop, every).await {
+        let peers = sockets.peers();
+        if peers.is_empty() {
+            continue;
+        }
+        match queue::present(&mut conn, &peers).await {
+            Ok(found) => {
+                for (peer, alive) in peers.iter().zip(found) {
+                    if !alive {
+                        tracing::warn!(%peer, "the other end of open WebSockets stopped beating; closing them (1011)");
+                        sockets.peer_gone(peer);
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot check the WebSockets' other ends; next round")
+            }
+        }
+    }
+}
+
+/// One end of a socket's relay.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// The handshake request's id.
+    pub id: String,
+    /// Where this end's messages and credits go: the dispatcher's credit
+    /// list (at the proxy), the proxy's reply list (at the dispatcher).
+    pub to: String,
+    /// Pushes them ([`queue::write_frames`]).
+    pub frames: FrameSender,
+    /// Most message bytes either way pushed and not yet credited.
+    pub window: u64,
+    /// Largest message the local socket may send or be sent.
+    pub max_message: usize,
+    /// Ping the local socket after this much silence, and close it after
+    /// twice as much (`None`: never).
+    pub ping_interval: Option<Duration>,
+    /// Longest a message may take to be written to the local socket (a
+    /// reader that takes longer is gone: the socket closes).
+    pub send_timeout: Duration,
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// The close this end owes the other end (already sent to the local
+    /// socket): `None` when the other end closed first or is gone. The
+    /// caller pushes it (the dispatcher together with the request's
+    /// removal from its processing list).
+    pub close: Option<SocketMessage>,
+    /// The close code the local socket was sent or sent (1005 when none).
+    pub code: u16,
+    /// Why, for the log.
+    pub reason: String,
+}
+
+/// The WebSocket settings for a relay end: `max_message` for messages and
+/// frames alike.
+pub fn config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
+
+/// How long the closing handshake may take once a close was sent.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// A message from the local socket that is still being pushed, piece by
+/// piece as the window allows.
+struct Pending {
+    opcode: Opcode,
+    data: Bytes,
+}
+
+/// Relay state: both directions' counters.
+struct State<'a> {
+    relay: &'a Relay,
+    /// Next frame number this end pushes, and bytes pushed / credited.
+    out_seq: u64,
+    pushed: u64,
+    credited: u64,
+    /// Next frame number due from the other end, bytes handed on, and the
+    /// total last credited back.
+    in_seq: u64,
+    consumed: u64,
+    credited_back: u64,
+    /// A message from the other end not yet whole.
+    partial: Option<(Opcode, BytesMut)>,
+    pending: Option<Pending>,
+}
+
+/// Why the loop stopped, and what is owed.
+enum Stop {
+    /// Close the local socket with this code and tell the other end the
+    /// same, unless it already knows.
+    Close {
+        code: u16,
+        reason: String,
+        tell_peer: bool,
+    },
+    /// The local socket closed first (its close frame is answered by the
+    /// library); tell the other end.
+    LocalClosed(Option<CloseFrame>),
+    /// The local socket is gone without a close: tell the other end 1001.
+    LocalGone(String),
+}
+
+impl Relay {
+    /// Relays between `ws` and the other end until either closes, the
+    /// other end is gone, or `stop` resolves to a close code (the proxy's
+    /// shutdown: 1001; the dispatcher's grace period over: 1012). Never
+    /// fails: every ending closes the local socket with a code and says
+    /// what the other end is owed.
+    pub async fn run<S>(
+        &self,
+        ws: WebSocketStream<S>,
+        mut inbox: Inbox,
+        stop: impl std::future::Future<Output = u16>,
+    ) -> Ended
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut sink, mut stream) = ws.split();
+        let mut state = State {
+            relay: self,
+            out_seq: 0,
+            pushed: 0,
+            credited: 0,
+            in_seq: 0,
+            consumed: 0,
+            credited_back: 0,
+            partial: None,
+            pending: None,
+        };
+        let mut stop = std::pin::pin!(stop);
+        let ping_every = self.ping_interval.unwrap_or(Duration::from_secs(86_400));
+        let ping = tokio::time::sleep(ping_every);
+        let mut ping = std::pin::pin!(ping);
+        let mut pinged = false;
+        let ended = loop {
+            state.push_pending();
+            tokio::select! {
+                biased;
+                code = &mut stop => break Stop::Close {
+                    code,
+                    reason: "the relay is stopping".into(),
+                    tell_peer: true,
+                },
+                event = inbox.events.recv() => {
+                    let Some(event) = event else {
+                        break Stop::Close { code: codes::INTERNAL_ERROR, reason: "the socket table dropped it".into(), tell_peer: false };
+                    };
+                    match state.on_event(event, &inbox.held, &mut sink).await {
+                        Ok(()) => {}
+                        Err(stop) => break stop,
+                    }
+                }
+                read = stream.next(), if state.pending.is_none() && state.room() => {
+                    ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
+                    pinged = false;
+                    match read {
+                        Some(Ok(Message::Text(text))) => state.queue(Opcode::Text, Bytes::from(text)),
+                        Some(Ok(Message::Binary(data))) => state.queue(Opcode::Binary, data),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                        Some(Ok(Message::Close(frame))) => break Stop::LocalClosed(frame),
+                        Some(Err(WsError::Capacity(err))) => break Stop::Close {
+                            code: codes::TOO_BIG,
+                            reason: err.to_string(),
+                            tell_peer: true,
+                        },
+                        Some(Err(WsError::Utf8(err))) => break Stop::Close {
+                            code: codes::INVALID_DATA,
+                            reason: format!("text that is not UTF-8: {err}"),
+                            tell_peer: true,
+                        },
+                        Some(Err(WsError::Protocol(err))) => break Stop::Close {
+                            code: codes::PROTOCOL,
+                            reason: err.to_string(),
+                            tell_peer: true,
+                        },
+                        Some(Err(err)) => break Stop::LocalGone(err.to_string()),
+                        None => break Stop::LocalGone("the connection closed".into()),
+                    }
+                }
+                () = &mut ping, if self.ping_interval.is_some() => {
+                    if pinged {
+                        break Stop::LocalGone(format!("silent for twice {ping_every:?}, ping unanswered"));
+                    }
+                    pinged = true;
+                    ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
+                    if tokio::time::timeout(self.send_timeout, sink.send(Message::Ping(Bytes::new()))).await.map_or(true, |r| r.is_err()) {
+                        break Stop::LocalGone("a ping could not be sent".into());
+                    }
+                }
+            }
+        };
+        let out = state.out_seq;
+        let close = |code: u16, reason: &str| SocketMessage {
+            id: self.id.clone(),
+            seq: out,
+            opcode: Opcode::Close,
+            fin: true,
+            code: Some(code),
+            data: Bytes::copy_from_slice(truncate(reason, 123).as_bytes()),
+        };
+        match ended {
+            Stop::Close {
+                code,
+                reason,
+                tell_peer,
+            } => {
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: Utf8Bytes::from(truncate(&reason, 123).to_owned()),
+                };
+                // Sent, then the client's answer awaited (bounded): the
+                // closing handshake of RFC 6455 section 7.1.2.
+                let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                    if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                        while let Some(Ok(_)) = stream.next().await {}
+                    }
+                })
+                .await;
+                Ended {
+                    close: tell_peer.then(|| close(code, &reason)),
+                    code,
+                    reason,
+                }
+            }
+            Stop::LocalClosed(frame) => {
+                // The library queued the answering close; flush it.
+                let _ = tokio::time::timeout(CLOSE_WAIT, sink.close()).await;
+                let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                    (u16::from(f.code), f.reason.as_str().to_owned())
+                });
+                // 1005 and 1006 must not be sent in a close frame (RFC 6455
+                // section 7.4.1): "no code" travels as no code.
+                let mut message = close(code, &reason);
+                if matches!(code, 1005 | 1006 | 1015) {
+                    message.code = None;
+                }
+                Ended {
+                    close: Some(message),
+                    code,
+                    reason: format!("closed by its side: {reason}"),
+                }
+            }
+            Stop::LocalGone(reason) => Ended {
+                close: Some(close(codes::GOING_AWAY, "the other side went away")),
+                code: 1006,
+                reason,
+            },
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary (a close
+/// reason is at most 123 bytes, RFC 6455 section 5.5).
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+impl State<'_> {
+    /// Whether this end may push more.
+    fn room(&self) -> bool {
+        self.pushed - self.credited < self.relay.window.clamp(1, MAX_WINDOW)
+    }
+
+    fn queue(&mut self, opcode: Opcode, data: Bytes) {
+        self.pending = Some(Pending { opcode, data });
+        self.push_pending();
+    }
+
+    /// Pushes pieces of the pending message while the window allows.
+    fn push_pending(&mut self) {
+        while self.room() {
+            let Some(pending) = self.pending.as_mut() else {
+                return;
+            };
+            let n = pending.data.len().min(MAX_CHUNK);
+            let piece = pending.data.split_to(n);
+            let fin = pending.data.is_empty();
+            let message = SocketMessage {
+                id: self.relay.id.clone(),
+                seq: self.out_seq,
+                opcode: pending.opcode,
+                fin,
+                code: None,
+                data: piece,
+            };
+            self.out_seq += 1;
+            self.pushed += n as u64;
+            self.relay.frames.send(&self.relay.to, message.encode());
+            if fin {
+                self.pending = None;
+            }
+        }
+    }
+
+    /// Credits the other end for `len` more bytes handed on, every quarter
+    /// window.
+    fn consumed(&mut self, len: u64, held: &AtomicU64) {
+        held.fetch_sub(len, Ordering::AcqRel);
+        self.consumed += len;
+        if self.consumed - self.credited_back >= (self.relay.window / 4).max(1) {
+            self.credited_back = self.consumed;
+            let credit = Credit {
+                id: self.relay.id.clone(),
+                consumed: self.consumed,
+                cancel: false,
+            };
+            self.relay.frames.send(&self.relay.to, credit.encode());
+        }
+    }
+
+    async fn on_event<K>(
+        &mut self,
+        event: Event,
+        held: &AtomicU64,
+        sink: &mut K,
+    ) -> Result<(), Stop>
+    where
+        K: futures_util::Sink<Message, Error = WsError> + Unpin,
+    {
+        let message = match event {
+            Event::Credit(credit) if credit.cancel => {
+                return Err(Stop::Close {
+                    code: codes::INTERNAL_ERROR,
+                    reason: "the other end cancelled the socket".into(),
+                    tell_peer: false,
+                });
+            }
+            Event::Credit(credit) => {
+                self.credited = self.credited.max(credit.consumed.min(self.pushed));
+                return Ok(());
+            }
+            Event::PeerGone(reason) => {
+                return Err(Stop::Close {
+                    code: codes::INTERNAL_ERROR,
+                    reason,
+                    tell_peer: false,
+                });
+            }
+            Event::Message(message) => message,
+        };
+        let len = message.data.len() as u64;
+        if message.seq < self.in_seq {
+            // A copy pushed again after a lost answer.
+            held.fetch_sub(len, Ordering::AcqRel);
+            return Ok(());
+        }
+        if message.seq > self.in_seq {
+            return Err(Stop::Close {
+                code: codes::INTERNAL_ERROR,
+                reason: format!(
+                    "frame {} arrived where {} was due",
+                    message.seq, self.in_seq
+                ),
+                tell_peer: true,
+            });
+        }
+        self.in_seq += 1;
+        if message.opcode == Opcode::Close {
+            held.fetch_sub(len, Ordering::AcqRel);
+            return Err(Stop::Close {
+                code: message.code.unwrap_or(codes::NORMAL),
+                reason: String::from_utf8_lossy(&message.data).into_owned(),
+                tell_peer: false,
+            });
+        }
+        let (opcode, mut buf) = match self.partial.take() {
+            Some((opcode, buf)) if opcode == message.opcode => (opcode, buf),
+            Some(_) => {
+                return Err(Stop::Close {
+                    code: codes::INTERNAL_ERROR,
+                    reason: "a message's pieces changed type".into(),
+                    tell_peer: true,
+                });
+            }
+            None => (message.opcode, BytesMut::new()),
+        };
+        if buf.len() + message.data.len() > self.relay.max_message {
+            return Err(Stop::Close {
+                code: codes::TOO_BIG,
+                reason: format!("a message over {} bytes", self.relay.max_message),
+                tell_peer: true,
+            });
+        }
+        if !message.fin {
+            buf.extend_from_slice(&message.data);
+            self.partial = Some((opcode, buf));
+            self.consumed(len, held);
+            return Ok(());
+        }
+        let data = if buf.is_empty() {
+            message.data
+        } else {
+            buf.extend_from_slice(&message.data);
+            buf.freeze()
+        };
+        let local = match opcode {
+            Opcode::Text => match Utf8Bytes::try_from(data) {
+                Ok(text) => Message::Text(text),
+                Err(_) => {
+                    return Err(Stop::Close {
+                        code: codes::INVALID_DATA,
+                        reason: "text that is not UTF-8".into(),
+                        tell_peer: true,
+                    });
+                }
+            },
+            _ => Message::Binary(data),
+        };
+        match tokio::time::timeout(self.relay.send_timeout, sink.send(local)).await {
+            Ok(Ok(())) => {
+                self.consumed(len, held);
+                Ok(())
+            }
+            Ok(Err(err)) => Err(Stop::LocalGone(err.to_string())),
+            Err(_) => Err(Stop::LocalGone(format!(
+                "a message not taken within {:?}",
+                self.relay.send_timeout
+            ))),
+        }
+    }
+}
