@@ -43,6 +43,7 @@ pub(crate) struct Settings {
     pub(crate) health_check: Option<HealthCheck>,
     pub(crate) stream_window: usize,
     pub(crate) stream_idle_timeout: Duration,
+    pub(crate) websocket_max_message: usize,
 }
 
 /// The defaults of [`DispatcherBuilder`], [`Upstream`](crate::Upstream)
@@ -75,6 +76,9 @@ pub mod defaults {
     pub const STREAM_WINDOW: usize = 1024 * 1024;
     /// [`stream_idle_timeout`](super::DispatcherBuilder::stream_idle_timeout): 60 s.
     pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// [`websocket_max_message`](super::DispatcherBuilder::websocket_max_message):
+    /// 16 MiB.
+    pub const WEBSOCKET_MAX_MESSAGE: usize = anteroom_protocol::MAX_SOCKET_MESSAGE;
     /// [`HealthCheck::interval`](crate::HealthCheck::interval): 1 s.
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
     /// [`HealthCheck::timeout`](crate::HealthCheck::timeout): 2 s.
@@ -105,6 +109,7 @@ impl Default for Settings {
             metrics: DispatcherMetrics::default(),
             health_check: None,
             stream_window: defaults::STREAM_WINDOW,
+            websocket_max_message: defaults::WEBSOCKET_MAX_MESSAGE,
             stream_idle_timeout: defaults::STREAM_IDLE_TIMEOUT,
         }
     }
@@ -246,6 +251,15 @@ impl DispatcherBuilder {
     /// least 1 s).
     pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
         self.settings.stream_idle_timeout = timeout.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Largest WebSocket message relayed either way (default 16 MiB): over
+    /// it the socket closes with 1009 (RFC 6455 section 7.4.1). The
+    /// window ([`stream_window`](Self::stream_window)) also paces sockets,
+    /// each direction.
+    pub fn websocket_max_message(mut self, bytes: usize) -> Self {
+        self.settings.websocket_max_message = bytes.max(1);
         self
     }
 

@@ -29,12 +29,12 @@ pub(crate) async fn handle<S, B>(
     shared: Arc<Shared>,
     service: S,
     raw: Bytes,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) where
     S: HttpService<B>,
     B: ResponseBody,
 {
-    let _running = Running::start(&shared);
+    let running = Running::start(&shared);
     let envelope = match RequestEnvelope::decode(raw.clone()) {
         Ok(envelope) => envelope,
         Err(err) => {
@@ -116,6 +116,29 @@ pub(crate) async fn handle<S, B>(
             None
         };
         let started = std::time::Instant::now();
+        if envelope.websocket {
+            let reply = match crate::socket::open(&shared, service, &envelope).await {
+                crate::socket::Opened::Answer(reply) => reply,
+                crate::socket::Opened::Socket(parts, ws) => {
+                    shared.metrics.handled(101, started.elapsed());
+                    tracing::debug!(waited_ms, "websocket open");
+                    // An open socket is no running request: its slot goes.
+                    let opened = move || drop((permit, running));
+                    crate::socket::relay(&shared, &envelope, &raw, parts, ws, opened).await;
+                    return;
+                }
+            };
+            return complete(
+                &shared,
+                &envelope,
+                raw,
+                reply,
+                due.at_ms(),
+                started,
+                waited_ms,
+            )
+            .await;
+        }
         let reply = match execute(&shared, service, &envelope, upload, &due).await {
             Outcome::Reply(reply) => reply,
             Outcome::Stream(parts, body, frames) => {
@@ -157,25 +180,48 @@ pub(crate) async fn handle<S, B>(
                 }
             }
         };
-        shared.metrics.handled(reply.status, started.elapsed());
-        tracing::debug!(status = reply.status, waited_ms, "handled");
-        let (done, completed) = oneshot::channel();
-        let completion = Completion {
-            reply_to: envelope.reply_to.clone(),
-            reply: reply.encode(),
+        complete(
+            &shared,
+            &envelope,
             raw,
-            deadline_ms: due.at_ms(),
-            done,
-        };
-        if shared.completions.send(completion).await.is_err() || completed.await.is_err() {
-            tracing::error!(
-                "reply not delivered: redis unreachable until the deadline, or stopping \
-                 (the request stays in the processing list)"
-            );
-        }
+            reply,
+            due.at_ms(),
+            started,
+            waited_ms,
+        )
+        .await;
     }
     .instrument(span)
     .await;
+}
+
+/// Hands `reply` to the completer (pushed, and `raw` removed from the
+/// processing list, in one `MULTI`), retried until `deadline_ms`.
+async fn complete(
+    shared: &Shared,
+    envelope: &RequestEnvelope,
+    raw: Bytes,
+    reply: ResponseEnvelope,
+    deadline_ms: u64,
+    started: std::time::Instant,
+    waited_ms: u64,
+) {
+    shared.metrics.handled(reply.status, started.elapsed());
+    tracing::debug!(status = reply.status, waited_ms, "handled");
+    let (done, completed) = oneshot::channel();
+    let completion = Completion {
+        reply_to: envelope.reply_to.clone(),
+        reply: reply.encode(),
+        raw,
+        deadline_ms,
+        done,
+    };
+    if shared.completions.send(completion).await.is_err() || completed.await.is_err() {
+        tracing::error!(
+            "reply not delivered: redis unreachable until the deadline, or stopping \
+             (the request stays in the processing list)"
+        );
+    }
 }
 
 /// Moves `raw` from the processing list to the dead-letter list, saying

@@ -22,6 +22,7 @@ use anteroom_protocol::{
     headers_from_map, now_ms, strip_hop_by_hop,
 };
 use anteroom_redis::Target;
+use anteroom_socket::Event;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
@@ -97,7 +98,22 @@ impl CreditTable {
 /// piece of a streamed request body to its body.
 pub(crate) async fn read_credits(shared: Arc<Shared>, target: Target, stop: CancellationToken) {
     let deliver = |raw| match Inbound::decode(raw) {
-        Ok(Inbound::Credit(credit)) => shared.credits.deliver(credit),
+        Ok(Inbound::Credit(credit)) => {
+            let id = credit.id.clone();
+            if let Err(Event::Credit(credit)) = shared.sockets.deliver(&id, Event::Credit(credit)) {
+                shared.credits.deliver(credit);
+            }
+        }
+        Ok(Inbound::Message(message)) => {
+            let id = message.id.clone();
+            if shared
+                .sockets
+                .deliver(&id, Event::Message(message))
+                .is_err()
+            {
+                tracing::debug!("a message for no open socket; discarded");
+            }
+        }
         Ok(Inbound::Chunk(chunk)) => shared.uploads.chunk(chunk),
         Ok(Inbound::End(end)) => shared.uploads.end(end),
         Err(err) => {

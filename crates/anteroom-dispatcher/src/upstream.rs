@@ -6,11 +6,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::Service;
 
 use crate::Body;
@@ -164,10 +164,32 @@ impl Service<Request<Body>> for Upstream {
             *req.uri_mut() = target?;
             // The pool speaks HTTP/1.1 whatever version the client used.
             *req.version_mut() = Version::HTTP_11;
-            client
+            // A request that may switch protocols (a WebSocket handshake
+            // served to this service by a hyper server with upgrades):
+            // when the upstream answers 101, both upgraded connections are
+            // joined, byte for byte, as any reverse proxy does.
+            let downstream = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+            let mut resp = client
                 .request(req)
                 .await
-                .map_err(|e| UpstreamKind::Request(e).into())
+                .map_err(|e| UpstreamError::from(UpstreamKind::Request(e)))?;
+            if let Some(downstream) =
+                downstream.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+            {
+                let upstream = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    let joined = async {
+                        let (down, up) = tokio::try_join!(downstream, upstream)?;
+                        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                        tokio::io::copy_bidirectional(&mut down, &mut up).await?;
+                        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+                    };
+                    if let Err(err) = joined.await {
+                        tracing::debug!(error = %err, "upgraded upstream connection ended");
+                    }
+                });
+            }
+            Ok(resp)
         })
     }
 }

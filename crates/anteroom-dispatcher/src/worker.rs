@@ -36,6 +36,11 @@ use crate::stream::{CreditTable, read_credits};
 /// send their end.
 const STREAMS_END: Duration = Duration::from_secs(2);
 
+/// How often the proxies at the other end of open WebSockets are checked
+/// for a heartbeat (a socket whose proxy died closes within the proxy's
+/// heartbeat TTL and this).
+const PEER_CHECK: Duration = Duration::from_secs(2);
+
 /// How long the background components (heartbeat, completer, reaper,
 /// pause watcher) get to stop once the requests have finished.
 const COMPONENTS_GRACE: Duration = Duration::from_secs(5);
@@ -105,8 +110,11 @@ pub(crate) struct Shared {
     pub(crate) streams_stop: CancellationToken,
     /// Streamed request bodies being received.
     pub(crate) uploads: Arc<UploadTable>,
-    /// Credits for streamed request bodies, on their way to reply lists.
+    /// Credits for streamed request bodies, and WebSocket messages and
+    /// credits, on their way to reply lists.
     pub(crate) upload_credits: queue::FrameSender,
+    /// The open WebSockets, whose frames the credit reader routes.
+    pub(crate) sockets: Arc<anteroom_socket::Sockets>,
 }
 
 /// Counts one request as running for as long as it lives.
@@ -251,6 +259,7 @@ where
         streams_stop: CancellationToken::new(),
         uploads: Arc::default(),
         upload_credits,
+        sockets: Arc::default(),
     });
     tracing::info!(
         queue = %shared.keys.queue(),
@@ -270,6 +279,15 @@ where
     components.spawn(
         "credit reader",
         read_credits(Arc::clone(&shared), client.clone(), stopping.clone()),
+    );
+    components.spawn(
+        "websocket peer watch",
+        anteroom_socket::watch_peers(
+            shared.conn.clone(),
+            Arc::clone(&shared.sockets),
+            PEER_CHECK,
+            stopping.clone(),
+        ),
     );
     components.spawn(
         "health check",

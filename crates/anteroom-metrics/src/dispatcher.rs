@@ -23,6 +23,7 @@ pub struct DispatcherMetrics {
     dead_lettered: Family<QueueLabel, Counter>,
     requeued: Family<QueueLabel, Counter>,
     streams_aborted: Family<QueueLabel, Counter>,
+    websockets: Family<QueueLabel, Gauge>,
     request_bodies_cut: Family<QueueLabel, Counter>,
     upstream_healthy: Family<QueueLabel, Gauge>,
     upstream_changed: Family<QueueLabel, Gauge<f64, AtomicU64>>,
@@ -40,6 +41,7 @@ impl Default for DispatcherMetrics {
             dead_lettered: Family::default(),
             requeued: Family::default(),
             streams_aborted: Family::default(),
+            websockets: Family::default(),
             request_bodies_cut: Family::default(),
             upstream_healthy: Family::default(),
             upstream_changed: Family::default(),
@@ -61,6 +63,7 @@ impl DispatcherMetrics {
     /// | `anteroom_dispatcher_dead_lettered_total{queue}` | counter | envelopes that did not decode, set aside |
     /// | `anteroom_dispatcher_requeued_total{queue}` | counter | requests put back at the front of the queue (the upstream never got them, or failed on a request safe to repeat) |
     /// | `anteroom_dispatcher_streams_aborted_total{queue}` | counter | streamed responses cut short (the body failed or idled out, the dispatcher stopped) |
+    /// | `anteroom_dispatcher_websockets_open{queue}` | gauge | WebSockets open to the app |
     /// | `anteroom_dispatcher_request_bodies_cut_total{queue}` | counter | streamed request bodies the app read cut short (the client left, stalled or sent too much; the proxy gave up; pieces lost or out of order) |
     /// | `anteroom_dispatcher_upstream_healthy{queue}` | gauge | 1 while taking requests, 0 while held back by an unhealthy upstream |
     /// | `anteroom_dispatcher_upstream_health_changed_timestamp_seconds{queue}` | gauge | when the upstream last became healthy or unhealthy (Unix seconds) |
@@ -108,6 +111,11 @@ impl DispatcherMetrics {
             metrics.streams_aborted.clone(),
         );
         registry.register(
+            "anteroom_dispatcher_websockets_open",
+            "WebSockets open to the app",
+            metrics.websockets.clone(),
+        );
+        registry.register(
             "anteroom_dispatcher_request_bodies_cut",
             "Streamed request bodies the app read cut short: the client left, stalled or sent too much, or pieces were lost",
             metrics.request_bodies_cut.clone(),
@@ -144,6 +152,7 @@ impl DispatcherMetrics {
             dead_lettered: self.dead_lettered.get_or_create(&label).clone(),
             requeued: self.requeued.get_or_create(&label).clone(),
             streams_aborted: self.streams_aborted.get_or_create(&label).clone(),
+            websockets: self.websockets.get_or_create(&label).clone(),
             request_bodies_cut: self.request_bodies_cut.get_or_create(&label).clone(),
             upstream_healthy: self.upstream_healthy.get_or_create(&label).clone(),
             upstream_changed: self.upstream_changed.get_or_create(&label).clone(),
@@ -164,6 +173,7 @@ pub struct DispatcherQueueMetrics {
     dead_lettered: Counter,
     requeued: Counter,
     streams_aborted: Counter,
+    websockets: Gauge,
     request_bodies_cut: Counter,
     upstream_healthy: Gauge,
     upstream_changed: Gauge<f64, AtomicU64>,
@@ -206,6 +216,16 @@ impl DispatcherQueueMetrics {
     /// A streamed response was cut short.
     pub fn stream_aborted(&self) {
         self.streams_aborted.inc();
+    }
+
+    /// A WebSocket opened to the app.
+    pub fn websocket_opened(&self) {
+        self.websockets.inc();
+    }
+
+    /// A WebSocket to the app closed.
+    pub fn websocket_closed(&self) {
+        self.websockets.dec();
     }
 
     /// A streamed request body reached the app cut short.
