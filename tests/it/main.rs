@@ -30,3 +30,4 @@ mod streaming;
 mod support;
 mod upgrade;
 mod uploads;
+mod websockets;
