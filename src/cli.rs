@@ -276,6 +276,22 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_STREAM_IDLE_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::STREAM_IDLE_TIMEOUT), value_parser = parse_duration)]
     pub(crate) stream_idle_timeout: Duration,
 
+    /// Most WebSockets open (or waiting for their handshake's answer) at
+    /// once; past it a handshake gets 503.
+    #[arg(long, env = "ANTEROOM_MAX_WEBSOCKETS", default_value_t = anteroom_proxy::defaults::MAX_WEBSOCKETS)]
+    pub(crate) max_websockets: usize,
+
+    /// Largest WebSocket message a client may send or be sent; a larger one
+    /// closes the socket with 1009 (RFC 6455 section 7.4.1).
+    #[arg(long, env = "ANTEROOM_WEBSOCKET_MAX_MESSAGE", default_value = size_text(anteroom_proxy::defaults::WEBSOCKET_MAX_MESSAGE), value_parser = parse_size)]
+    pub(crate) websocket_max_message: usize,
+
+    /// A client WebSocket silent this long is pinged; silent twice as long,
+    /// it is closed. Keeps sockets open through idle load balancers and
+    /// NAT, and finds dead clients.
+    #[arg(long, env = "ANTEROOM_WEBSOCKET_PING", default_value = duration_text(anteroom_proxy::defaults::WEBSOCKET_PING_INTERVAL), value_parser = parse_duration)]
+    pub(crate) websocket_ping: Duration,
+
     /// How long an answer may make no progress because the client reads
     /// nothing; then its connection is dropped and its memory freed.
     #[arg(long, env = "ANTEROOM_SEND_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::SEND_TIMEOUT), value_parser = parse_duration)]
@@ -390,6 +406,11 @@ pub(crate) struct DispatchArgs {
     /// proxy this long fails at the app.
     #[arg(long, env = "ANTEROOM_STREAM_IDLE_TIMEOUT", default_value = duration_text(anteroom_dispatcher::defaults::STREAM_IDLE_TIMEOUT), value_parser = parse_duration)]
     pub(crate) stream_idle_timeout: Duration,
+
+    /// Largest WebSocket message relayed either way; a larger one closes
+    /// the socket with 1009 (RFC 6455 section 7.4.1).
+    #[arg(long, env = "ANTEROOM_WEBSOCKET_MAX_MESSAGE", default_value = size_text(anteroom_dispatcher::defaults::WEBSOCKET_MAX_MESSAGE), value_parser = parse_size)]
+    pub(crate) websocket_max_message: usize,
 
     /// Most bytes of a streamed response sent and not yet handed to the
     /// client, and of a streamed request body sent by the proxy and not yet

@@ -83,6 +83,9 @@ pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.body_read_timeout = args.body_timeout;
     config.send_timeout = args.send_timeout;
     config.stream_idle_timeout = args.stream_idle_timeout;
+    config.max_websockets = args.max_websockets;
+    config.websocket_max_message = args.websocket_max_message;
+    config.websocket_ping_interval = args.websocket_ping;
     config.enqueue_timeout = args.enqueue_timeout;
     config.durable = args.durable.then_some(args.durable_wait);
     config
@@ -229,6 +232,7 @@ pub(crate) fn dispatcher_for(
         .metrics(metrics)
         .health_check(health_check)
         .stream_idle_timeout(args.stream_idle_timeout)
+        .websocket_max_message(args.websocket_max_message)
         .stream_window(args.stream_window)
         .build()?;
     Ok((dispatcher, upstream))

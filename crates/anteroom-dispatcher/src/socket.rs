@@ -49,7 +49,7 @@ pub(crate) enum Opened {
     /// The app opened the socket: its 101 head, and the socket.
     Socket(
         http::response::Parts,
-        WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+        Box<WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>>,
     ),
     /// The app answered otherwise (or failed): the handshake's answer.
     Answer(ResponseEnvelope),
@@ -143,7 +143,7 @@ where
     let settings = anteroom_socket::config(shared.settings.websocket_max_message);
     let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(settings))
         .await;
-    Opened::Socket(parts, ws)
+    Opened::Socket(parts, Box::new(ws))
 }
 
 /// Relays an open socket (see [`open`]) for `envelope`, held as `raw` in
@@ -155,7 +155,7 @@ pub(crate) async fn relay(
     envelope: &RequestEnvelope,
     raw: &Bytes,
     parts: http::response::Parts,
-    ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+    ws: Box<WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>>,
     opened: impl FnOnce(),
 ) {
     let Some(proxy) = shared.keys.proxy_of_replies(&envelope.reply_to) else {
@@ -204,7 +204,7 @@ pub(crate) async fn relay(
         stopping.cancelled().await;
         codes::SERVICE_RESTART
     };
-    let ended = relay.run(ws, inbox, stop).await;
+    let ended = relay.run(*ws, inbox, stop).await;
     shared.metrics.websocket_closed();
     tracing::debug!(code = ended.code, reason = %ended.reason, "websocket closed");
     let frame = ended.close.map(|close| close.encode());
