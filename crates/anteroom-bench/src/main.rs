@@ -9,7 +9,8 @@
 //!
 //! Run with: `cargo run --release -p anteroom-bench -- --duration 10s --connections 64`
 //! (`--scenario stream`: a 1 GiB download, a 1 GiB upload and 1,000 event streams beside
-//! nginx, `stream.rs`)
+//! nginx, `stream.rs`; `--scenario websocket`: echo round trips and memory per idle socket
+//! beside nginx's WebSocket proxying, `websocket.rs`)
 //! (drives redis-server, nginx and wrk; installs whichever is missing from
 //! the distribution's packages unless `--install false`).
 
@@ -18,6 +19,7 @@ mod scale;
 mod setups;
 mod stream;
 mod tools;
+mod websocket;
 mod wrk;
 
 use std::time::Duration;
@@ -57,6 +59,14 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     streams: usize,
 
+    /// Echo round trips per setup in the WebSocket scenario.
+    #[arg(long, default_value_t = 5000)]
+    websocket_echoes: usize,
+
+    /// Idle sockets held open per setup in the WebSocket scenario.
+    #[arg(long, default_value_t = 1000)]
+    websockets: usize,
+
     /// Requests to hold in the hold-capacity scenario.
     #[arg(long, default_value_t = 50_000)]
     hold_requests: usize,
@@ -78,6 +88,8 @@ enum Scenario {
     Scale,
     /// A large download and server-sent events to many clients, beside nginx.
     Stream,
+    /// WebSocket echo round trips and memory per idle socket, beside nginx.
+    Websocket,
     /// Every scenario.
     All,
 }
@@ -105,6 +117,15 @@ fn main() -> anyhow::Result<()> {
             args.streams,
         ))?;
         stream::print(&figures);
+    }
+    if matches!(args.scenario, Scenario::Websocket | Scenario::All) {
+        let figures = runtime.block_on(websocket::run(
+            &anteroom,
+            &redis,
+            args.websocket_echoes,
+            args.websockets,
+        ))?;
+        websocket::print(&figures);
     }
     if matches!(args.scenario, Scenario::Scale | Scenario::All) {
         let figures = scale::run(&anteroom, args.duration, args.connections)?;

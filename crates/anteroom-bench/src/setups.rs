@@ -159,9 +159,13 @@ pub(crate) struct Nginx {
     dir: PathBuf,
 }
 
+/// What keeps nginx's upstream connections alive: no `Connection: close`
+/// passed on.
+const KEEPALIVE: &str = "proxy_set_header Connection \"\";\n      ";
+
 impl Nginx {
     pub(crate) fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
-        Self::start_with(upstream, "")
+        Self::start_with(upstream, KEEPALIVE)
     }
 
     /// nginx for streams: responses and request bodies passed on as they
@@ -171,7 +175,19 @@ impl Nginx {
     pub(crate) fn start_streaming(upstream: SocketAddr) -> anyhow::Result<Self> {
         Self::start_with(
             upstream,
-            "proxy_buffering off;\n      proxy_request_buffering off;\n      client_max_body_size 0;\n      proxy_read_timeout 300s;\n      ",
+            &format!(
+                "{KEEPALIVE}proxy_buffering off;\n      proxy_request_buffering off;\n      client_max_body_size 0;\n      proxy_read_timeout 300s;\n      "
+            ),
+        )
+    }
+
+    /// nginx proxying WebSockets, as its documentation configures it
+    /// (`Upgrade` and `Connection: upgrade` passed on, HTTP/1.1 to the
+    /// upstream, an hour's read timeout).
+    pub(crate) fn start_websocket(upstream: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with(
+            upstream,
+            "proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection $connection_upgrade;\n      proxy_read_timeout 3600s;\n      ",
         )
     }
 
@@ -220,9 +236,10 @@ fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr, location: &str) -> St
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\
            upstream app {{ server {upstream}; keepalive 128; }}\n\
            server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://app;\n\
-               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      {location}}}\n  }}\n}}\n"
+               proxy_http_version 1.1;\n      {location}}}\n  }}\n}}\n"
     )
 }
 

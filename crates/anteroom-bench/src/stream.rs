@@ -127,6 +127,12 @@ fn rss_mib(pid: u32) -> u64 {
 
 /// RSS of `pid` and its children (nginx's workers), MiB.
 fn rss_tree_mib(pid: u32) -> u64 {
+    rss_tree_kib(pid) / 1024
+}
+
+/// RSS of `pid` and its children (nginx's workers), KiB.
+pub(crate) fn rss_tree_kib(pid: u32) -> u64 {
+    let kib = |pid| crate::setups::rss_kib(pid).unwrap_or(0);
     let children: u64 = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -141,9 +147,9 @@ fn rss_tree_mib(pid: u32) -> u64 {
                 })
                 == Some(pid)
         })
-        .map(rss_mib)
+        .map(kib)
         .sum();
-    rss_mib(pid) + children
+    kib(pid) + children
 }
 
 /// A process whose memory is watched: its name, pid, and whether its
