@@ -19,6 +19,9 @@ use crate::stream::rss_tree_kib;
 
 type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// Processes whose memory is watched: a name and a pid.
+type Watched = Vec<(&'static str, u32)>;
+
 /// One setup's figures.
 pub(crate) struct WsFigures {
     setup: &'static str,
@@ -152,7 +155,7 @@ pub(crate) async fn run(
     let forwarding = Forwarding::start_with(anteroom, redis, upstream, "bench-ws", 64)?;
     let (proxy_pid, dispatcher_pid) = forwarding.pids();
     let ws_url = |http: String| http.replacen("http://", "ws://", 1);
-    let setups: [(&'static str, String, Vec<(&'static str, u32)>); 3] = [
+    let setups: [(&'static str, String, Watched); 3] = [
         (
             "upstream (direct)",
             format!("ws://{upstream}/echo"),
