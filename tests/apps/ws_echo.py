@@ -2,7 +2,8 @@
 
 Serves on 127.0.0.1:PORT (the first argument): every text or binary
 message comes back as it came, and `/close/CODE` closes the socket with
-CODE after the first message. Prints "ready" once it listens.
+CODE after echoing the first message (so its last message and its close
+leave one right after the other). Prints "ready" once it listens.
 """
 import asyncio
 import sys
@@ -13,10 +14,10 @@ from websockets.asyncio.server import serve
 async def echo(ws):
     path = ws.request.path
     async for message in ws:
+        await ws.send(message)
         if path.startswith("/close/"):
             await ws.close(int(path.rsplit("/", 1)[1]), "asked to")
             return
-        await ws.send(message)
 
 
 async def main():

@@ -134,14 +134,20 @@ async fn messages_cross_byte_exact_to_an_app_in_another_process() {
         round_trip(&mut ws, Message::text(text.clone())).await,
         Message::text(text)
     );
-    for len in [0, 1, 300 * 1024, 1024 * 1024] {
+    // Up to three windows (1 MiB each): pieces of 256 KiB, credited as
+    // they arrive.
+    for len in [0, 1, 300 * 1024, 1024 * 1024, 3 * 1024 * 1024 + 5] {
         let data = payload(len);
         let echo = round_trip(&mut ws, Message::binary(data.clone())).await;
         assert_eq!(echo, Message::binary(data), "binary message of {len} bytes");
     }
-    // The app closes with a code of its own: the client gets it.
+    // The app sends its last message and closes with a code of its own
+    // at once: the client gets both, in order.
     let mut closing = connect(&proxy, "/close/4001").await;
-    closing.send(Message::text("bye")).await.unwrap();
+    assert_eq!(
+        round_trip(&mut closing, Message::text("bye")).await,
+        Message::text("bye")
+    );
     assert_eq!(
         close_code(&mut closing, Duration::from_secs(10)).await,
         4001
@@ -176,7 +182,8 @@ async fn an_axum_websocket_upgrade_handler_works_in_process() {
         .route("/plain", axum::routing::get(|| async { "not a socket" }));
     let dispatcher = TestDispatcher::start(&redis, "ws", app);
     let mut ws = connect(&proxy, "/echo").await;
-    let data = payload(1024 * 1024);
+    // The default limit, 16 MiB, passes both ways.
+    let data = payload(16 * 1024 * 1024);
     assert_eq!(
         round_trip(&mut ws, Message::binary(data.clone())).await,
         Message::binary(data)
@@ -194,6 +201,12 @@ async fn an_axum_websocket_upgrade_handler_works_in_process() {
         }
         other => panic!("expected the app's plain answer, got {other:?}"),
     }
+    // One byte over it: 1009.
+    let mut over = connect(&proxy, "/echo").await;
+    over.send(Message::binary(payload(16 * 1024 * 1024 + 1)))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut over, Duration::from_secs(20)).await, 1009);
     ws.close(None).await.unwrap();
     dispatcher.stop().await;
     proxy.stop().await;
@@ -443,6 +456,134 @@ async fn a_thousand_open_sockets_add_no_redis_connection() {
         task.await.unwrap();
     }
     first.close(None).await.unwrap();
+    dispatcher.stop().await;
+    proxy.stop().await;
+}
+
+/// An axum echo handler that reports, on `ended`, when its socket ends.
+fn reporting_echo(ended: tokio::sync::mpsc::UnboundedSender<()>) -> axum::Router {
+    axum::Router::new().route(
+        "/echo",
+        axum::routing::get(move |upgrade: WebSocketUpgrade| {
+            let ended = ended.clone();
+            async move {
+                upgrade.on_upgrade(move |mut socket: WebSocket| async move {
+                    while let Some(Ok(message)) = socket.recv().await {
+                        if matches!(message, AxumMessage::Text(_) | AxumMessage::Binary(_))
+                            && socket.send(message).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = ended.send(());
+                })
+            }
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_proxy_closes_with_1001_and_the_apps_socket_ends() {
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "ws").await;
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let dispatcher = TestDispatcher::start(&redis, "ws", reporting_echo(ended_tx));
+    let mut ws = connect(&proxy, "/echo").await;
+    assert_eq!(
+        round_trip(&mut ws, Message::text("one")).await,
+        Message::text("one")
+    );
+    let stopping = tokio::spawn(proxy.stop());
+    assert_eq!(close_code(&mut ws, Duration::from_secs(10)).await, 1001);
+    tokio::time::timeout(Duration::from_secs(10), ended.recv())
+        .await
+        .expect("the app's socket ends too");
+    stopping.await.unwrap();
+    dispatcher.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_proxys_sockets_end_at_the_app_and_leave_nothing_in_processing() {
+    let redis = start_redis();
+    let (mut proxy, base) = crate::support::bin::start_proxy(&redis, "ws", "10s").await;
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let dispatcher = TestDispatcher::start(&redis, "ws", reporting_echo(ended_tx));
+    let url = format!("{}/echo", base.replacen("http://", "ws://", 1));
+    let (mut ws, _) = connect_async(&url).await.unwrap();
+    assert_eq!(
+        round_trip(&mut ws, Message::text("one")).await,
+        Message::text("one")
+    );
+    let mut conn = crate::support::redis_conn(&redis).await;
+    let processing = anteroom_protocol::Keys::new("ws")
+        .unwrap()
+        .processing(&dispatcher.id);
+    assert_eq!(crate::support::llen(&mut conn, &processing).await, 1);
+    proxy.child().kill().unwrap();
+    let started = Instant::now();
+    // The proxy's heartbeat TTL (10 s) and the dispatcher's check (2 s).
+    tokio::time::timeout(Duration::from_secs(15), ended.recv())
+        .await
+        .expect("the app's socket ends within the proxy's heartbeat TTL");
+    println!(
+        "the app's socket ended {:?} after SIGKILL",
+        started.elapsed()
+    );
+    crate::support::until_llen(&conn, &processing, 0).await;
+    dispatcher.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_pinged_then_closed_and_an_idle_one_that_answers_stays() {
+    let redis = start_redis();
+    let proxy = TestProxy::start_with(&redis, "ws", |c| {
+        c.websocket_ping_interval = Duration::from_millis(500);
+    })
+    .await;
+    let app = axum::Router::new().route("/echo", axum::routing::get(axum_echo));
+    let dispatcher = TestDispatcher::start(&redis, "ws", app);
+    // A client that answers pings (the library does, while it reads).
+    let alive = connect(&proxy, "/echo").await;
+    let (mut sink, mut stream) = alive.split();
+    let reading = tokio::spawn(async move {
+        let mut pings = 0;
+        while let Some(Ok(message)) = stream.next().await {
+            match message {
+                Message::Ping(_) => pings += 1,
+                Message::Text(_) => return pings,
+                _ => {}
+            }
+        }
+        panic!("the answering client was closed");
+    });
+    // A client that never reads, so never answers.
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    silent
+        .write_all(
+            b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Silent twice the interval after its ping: its connection is gone.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "the silent client's connection was not closed"
+    );
+    assert!(
+        String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 101"),
+        "it was a socket: {rest:?}"
+    );
+    // The other one, idle as long, still works, and was pinged.
+    sink.send(Message::text("still")).await.unwrap();
+    let pings = tokio::time::timeout(Duration::from_secs(5), reading)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(pings >= 2, "pinged {pings} times in 3 s at 500 ms");
     dispatcher.stop().await;
     proxy.stop().await;
 }

@@ -119,6 +119,13 @@ pub(crate) async fn handle<S, B>(
         if envelope.websocket {
             let reply = match crate::socket::open(&shared, service, &envelope).await {
                 crate::socket::Opened::Answer(reply) => reply,
+                crate::socket::Opened::Requeue => {
+                    tracing::debug!(
+                        "the upstream never received the handshake; back to the front of the queue"
+                    );
+                    requeue(&shared, &raw, &envelope, Attempt::NotStarted).await;
+                    return;
+                }
                 crate::socket::Opened::Socket(parts, ws) => {
                     shared.metrics.handled(101, started.elapsed());
                     tracing::debug!(waited_ms, "websocket open");

@@ -44,6 +44,11 @@ use crate::worker::{HttpService, ResponseBody, Shared};
 /// each way.
 const PIPE: usize = 64 * 1024;
 
+/// The upstream never received the handshake (kept to be told apart).
+#[derive(Debug, thiserror::Error)]
+#[error("{1}")]
+struct NotDelivered(crate::error::FailureReason, String);
+
 /// How a handshake went.
 pub(crate) enum Opened {
     /// The app opened the socket: its 101 head, and the socket.
@@ -53,6 +58,9 @@ pub(crate) enum Opened {
     ),
     /// The app answered otherwise (or failed): the handshake's answer.
     Answer(ResponseEnvelope),
+    /// The upstream never received it (it is restarting, say): back to
+    /// the front of the queue, as any request (the health gate closes).
+    Requeue,
 }
 
 /// Runs handshake `envelope` against `service`: [`Opened::Socket`] when it
@@ -89,14 +97,30 @@ where
     let request = Request::from_parts(parts, Empty::<Bytes>::new());
 
     let (near, far) = tokio::io::duplex(PIPE);
-    // The service, served for this one connection.
+    // The service, served for this one connection; its error, if it
+    // fails, is kept (hyper only closes the connection) to be classified
+    // as any request's is.
     let slot = Arc::new(Mutex::new(Some(service)));
+    let failure: Arc<Mutex<Option<BoxError>>> = Arc::default();
+    let failed_with = Arc::clone(&failure);
     let serve = hyper::service::service_fn(move |req: Request<Incoming>| {
         let service = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let failed_with = Arc::clone(&failed_with);
         async move {
             let service = service.ok_or("one request per connection")?;
             let req = req.map(|_| Body::new(Bytes::new()));
-            service.oneshot(req).await.map_err(Into::<BoxError>::into)
+            let result = service.oneshot(req).await.map_err(Into::<BoxError>::into);
+            if let Err(err) = &result {
+                let reason = crate::error::describe(&**err);
+                let kept: BoxError = match crate::error::classify(&**err) {
+                    Some(crate::error::Transport::NotDelivered(why)) => {
+                        Box::new(NotDelivered(why, reason))
+                    }
+                    _ => reason.into(),
+                };
+                *failed_with.lock().unwrap_or_else(PoisonError::into_inner) = Some(kept);
+            }
+            result
         }
     });
     tokio::spawn(
@@ -112,28 +136,48 @@ where
     let left = std::time::Duration::from_millis(envelope.deadline_ms.saturating_sub(now_ms()));
     let mut response = match tokio::time::timeout(left, asked).await {
         Ok(Ok(response)) => response,
-        Ok(Err(err)) => return failed(&err),
+        Ok(Err(err)) => {
+            let kept = failure
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            return match kept.map(|kept| kept.downcast::<NotDelivered>()) {
+                Some(Ok(not_delivered)) => {
+                    shared.gate.failed(&not_delivered.0);
+                    Opened::Requeue
+                }
+                Some(Err(other)) => failed(&other),
+                None => failed(&err),
+            };
+        }
         Err(_) => return failed(&"no answer before the deadline"),
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         let (parts, body) = response.into_parts();
         let limit = shared.settings.max_response_body;
-        return match Limited::new(body, limit).collect().await {
-            Ok(body) => Opened::Answer(ResponseEnvelope::from_http(
+        let left = std::time::Duration::from_millis(envelope.deadline_ms.saturating_sub(now_ms()));
+        return match tokio::time::timeout(left, Limited::new(body, limit).collect()).await {
+            Ok(Ok(body)) => Opened::Answer(ResponseEnvelope::from_http(
                 &envelope.id,
                 parts.status,
                 &parts.headers,
                 body.to_bytes(),
             )),
-            Err(err) => failed(&err),
+            Ok(Err(err)) => failed(&err),
+            Err(_) => failed(&"the answer's body did not end before the deadline"),
         };
     }
-    let accepted = response
-        .headers()
+    // RFC 6455 section 4.2.2: the server's 101 names websocket and
+    // accepts this key.
+    let headers = response.headers();
+    let accepted = headers
         .get(header::SEC_WEBSOCKET_ACCEPT)
-        .is_some_and(|v| v.as_bytes() == derive_accept_key(key.as_bytes()).as_bytes());
+        .is_some_and(|v| v.as_bytes() == derive_accept_key(key.as_bytes()).as_bytes())
+        && headers
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     if !accepted {
-        return failed(&"a 101 without the Sec-WebSocket-Accept of its key");
+        return failed(&"a 101 without Upgrade: websocket and the Sec-WebSocket-Accept of its key");
     }
     let upgraded = match hyper::upgrade::on(&mut response).await {
         Ok(upgraded) => upgraded,
@@ -207,10 +251,11 @@ pub(crate) async fn relay(
     let ended = relay.run(*ws, inbox, stop).await;
     shared.metrics.websocket_closed();
     tracing::debug!(code = ended.code, reason = %ended.reason, "websocket closed");
-    let frame = ended.close.map(|close| close.encode());
+    // The close went after the socket's last message, on the same
+    // writer; what is left is the handshake's removal.
     let done = Done {
         reply_to: &envelope.reply_to,
-        reply: frame.as_deref(),
+        reply: None,
         raw,
     };
     let processing = &shared.processing_key;

@@ -187,7 +187,10 @@ impl Connections {
                 // Shutting down: the client's next request goes to a new
                 // connection (RFC 9112 section 9.6), not to a socket that
                 // closes under it.
-                if http1 && draining.load(Ordering::Acquire) {
+                // A 101 keeps its `Connection: upgrade` (RFC 6455 section
+                // 4.1): the socket closes on its own when the proxy stops.
+                let switching = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                if http1 && draining.load(Ordering::Acquire) && !switching {
                     response.headers_mut().insert(
                         http::header::CONNECTION,
                         http::HeaderValue::from_static("close"),

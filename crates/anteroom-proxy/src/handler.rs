@@ -222,18 +222,23 @@ impl Future for Handling {
                                     .map_err(Refused::from)
                             }
                             Some(Delivered::Refused(refused)) => Err(refused),
-                            Some(Delivered::Socket(head, inbox)) => match waiting.socket.take() {
-                                Some(opening) => crate::socket::accept(
-                                    &this.state,
-                                    *opening,
-                                    head,
-                                    inbox,
-                                    &this.connection,
-                                )
-                                .map(Answer::complete)
-                                .map_err(Refused::from),
-                                None => Err(ProxyError::InterimStatus(head.status).into()),
-                            },
+                            Some(Delivered::Socket(head, inbox)) => {
+                                let accepted = match waiting.socket.take() {
+                                    Some(opening) => crate::socket::accept(
+                                        &this.state,
+                                        *opening,
+                                        head.clone(),
+                                        inbox,
+                                        &this.connection,
+                                    ),
+                                    None => Err(ProxyError::InterimStatus(head.status)),
+                                };
+                                if accepted.is_err() {
+                                    // The dispatcher's side must not stay open.
+                                    this.state.demux.cancel_socket(&head);
+                                }
+                                accepted.map(Answer::complete).map_err(Refused::from)
+                            }
                             Some(Delivered::Stream(head, frames, buffered)) => {
                                 let key = waiting.waiter.id();
                                 stream_response(&this.state, head, frames, buffered, key)

@@ -150,6 +150,12 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
+        if let Ok(Delivered::Socket(head, inbox)) = self.rx.try_recv() {
+            // Opened as its client went (or its hold budget ran out): the
+            // dispatcher's side must not stay open.
+            drop(inbox);
+            self.demux.cancel_socket(&head);
+        }
         let mut waiters = self.demux.lock();
         match waiters.get(&self.id) {
             Some(Entry::Waiting(..) | Entry::Handshake(_)) => {
@@ -238,6 +244,12 @@ impl Demux {
         Some(refused)
     }
 
+    /// Tells the dispatcher of socket `head` (opened, never relayed) that
+    /// nobody will use it.
+    pub(crate) fn cancel_socket(&self, head: &StreamHead) {
+        self.credits.cancel(&head.credit_to, &head.id, 0);
+    }
+
     /// Where credits go.
     pub(crate) fn credits(&self) -> CreditSender {
         self.credits.clone()
@@ -268,7 +280,7 @@ impl Demux {
             tracing::debug!(id = %anteroom_protocol::printable(reply.id()), "reply for an id this proxy never gave out");
             return;
         };
-        let reply = match self.deliver_to_socket(reply) {
+        let reply = match self.deliver_to_socket(reply, keys) {
             Ok(()) => return,
             Err(reply) => reply,
         };
@@ -306,7 +318,7 @@ impl Demux {
     /// other. A whole reply or a head for an open socket means its
     /// handshake ran again (its dispatcher died and a reaper settled it):
     /// the socket cannot go on.
-    fn deliver_to_socket(&self, reply: Reply) -> Result<(), Reply> {
+    fn deliver_to_socket(&self, reply: Reply, keys: &Keys) -> Result<(), Reply> {
         use anteroom_socket::Event;
         if self.sockets.is_empty() {
             return Err(reply);
@@ -315,19 +327,33 @@ impl Demux {
         let event = match reply {
             Reply::Message(message) => Event::Message(message),
             Reply::Credit(credit) => Event::Credit(credit),
-            other if self.sockets.contains(&id) => Event::PeerGone(format!(
-                "its handshake was answered again ({})",
-                kind_name(&other)
-            )),
-            other => return Err(other),
+            other => {
+                let Some(peer) = self.sockets.peer_of(&id) else {
+                    return Err(other);
+                };
+                if let Reply::Head(head) = &other {
+                    // The same head pushed twice (a retry after a lost
+                    // answer) changes nothing.
+                    let same = head.status == 101
+                        && keys.dispatcher_of_credits(&head.credit_to).as_ref() == Some(&peer);
+                    if same {
+                        tracing::debug!("a socket's head pushed twice; the copy is dropped");
+                        return Ok(());
+                    }
+                }
+                Event::PeerGone(format!(
+                    "its handshake was answered again ({})",
+                    kind_name(&other)
+                ))
+            }
         };
-        self.sockets
-            .deliver(&id, event)
-            .map_err(|event| match event {
-                Event::Message(message) => Reply::Message(message),
-                Event::Credit(credit) => Reply::Credit(credit),
-                Event::PeerGone(_) => unreachable!("only delivered to open sockets"),
-            })
+        match self.sockets.deliver(&id, event) {
+            Ok(()) => Ok(()),
+            Err(Event::Message(message)) => Err(Reply::Message(message)),
+            Err(Event::Credit(credit)) => Err(Reply::Credit(credit)),
+            // It closed meanwhile: nothing left to tell it.
+            Err(Event::PeerGone(_)) => Ok(()),
+        }
     }
 
     /// A handshake answered 101: its socket opens (when the head names a

@@ -145,9 +145,6 @@ pub(crate) fn accept(
         let ended = relay.run(ws, inbox, stopping).await;
         metrics.websocket_closed();
         tracing::debug!(code = ended.code, reason = %ended.reason, "websocket closed");
-        if let Some(close) = ended.close {
-            relay.frames.send(&relay.to, close.encode());
-        }
     });
     Ok(Response::from_parts(parts, Full::new(Bytes::new())))
 }

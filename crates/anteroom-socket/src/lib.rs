@@ -84,6 +84,9 @@ struct Slot {
     held: Arc<AtomicU64>,
     /// Most that may be held: the window plus a piece.
     limit: u64,
+    /// The next message number due; lower ones are copies (pushed again
+    /// after a lost answer), dropped here without being counted.
+    next: u64,
     /// The other end's heartbeat key.
     peer: String,
 }
@@ -109,7 +112,12 @@ pub struct Inbox {
 impl Drop for Inbox {
     fn drop(&mut self) {
         let mut slots = self.sockets.lock();
-        if slots.remove(&self.id).is_some() {
+        // Only its own entry: a later registration of the id stays.
+        let own = slots
+            .get(&self.id)
+            .is_some_and(|slot| Arc::ptr_eq(&slot.held, &self.held));
+        if own {
+            slots.remove(&self.id);
             self.sockets.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -130,6 +138,7 @@ impl Sockets {
             events: tx,
             held: Arc::clone(&held),
             limit: window.min(MAX_WINDOW) + MAX_CHUNK as u64,
+            next: 0,
             peer,
         };
         if self.lock().insert(id.to_owned(), slot).is_none() {
@@ -158,6 +167,14 @@ impl Sockets {
         !self.is_empty() && self.lock().contains_key(id)
     }
 
+    /// The heartbeat key of the other end of socket `id`, if it is open.
+    pub fn peer_of(&self, id: &str) -> Option<String> {
+        if self.is_empty() {
+            return None;
+        }
+        self.lock().get(id).map(|slot| slot.peer.clone())
+    }
+
     /// Hands `event` to socket `id`; gives it back when `id` is no socket
     /// here. A message beyond the socket's window becomes
     /// [`Event::PeerGone`]: the other end broke the protocol.
@@ -165,12 +182,20 @@ impl Sockets {
         if self.is_empty() {
             return Err(event);
         }
-        let slots = self.lock();
-        let Some(slot) = slots.get(id) else {
+        let mut slots = self.lock();
+        let Some(slot) = slots.get_mut(id) else {
             return Err(event);
         };
         let event = match event {
+            Event::Message(m) if m.seq < slot.next => {
+                tracing::debug!(
+                    seq = m.seq,
+                    "a socket message pushed twice; the copy is dropped"
+                );
+                return Ok(());
+            }
             Event::Message(m) => {
+                slot.next = m.seq + 1;
                 let len = m.data.len() as u64;
                 let held = slot.held.fetch_add(len, Ordering::AcqRel) + len;
                 if held > slot.limit {
@@ -259,15 +284,12 @@ pub struct Relay {
     pub send_timeout: Duration,
 }
 
-/// How a relay ended.
+/// How a relay ended. The other end has been told (a close frame pushed
+/// after this end's last message) unless it closed first or cancelled.
 #[derive(Debug)]
 pub struct Ended {
-    /// The close this end owes the other end (already sent to the local
-    /// socket): `None` when the other end closed first or is gone. The
-    /// caller pushes it (the dispatcher together with the request's
-    /// removal from its processing list).
-    pub close: Option<SocketMessage>,
-    /// The close code the local socket was sent or sent (1005 when none).
+    /// The close code the local socket was sent or sent (1005 when none,
+    /// 1006 when it went without a close).
     pub code: u16,
     /// Why, for the log.
     pub reason: String,
@@ -275,10 +297,15 @@ pub struct Ended {
 
 /// The WebSocket settings for a relay end: `max_message` for messages and
 /// frames alike.
+/// The read buffer is small (4 KiB rather than the library's 128 KiB) and
+/// writes go out at once: an idle socket then costs kilobytes, not
+/// hundreds of them (docs/performance.md, WebSockets).
 pub fn config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message))
+        .max_message_size(Some(max_message.max(1)))
+        .max_frame_size(Some(max_message.max(1)))
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
 }
 
 /// How long the closing handshake may take once a close was sent.
@@ -294,6 +321,8 @@ struct Pending {
 /// Relay state: both directions' counters.
 struct State<'a> {
     relay: &'a Relay,
+    /// The relay's window, at least 1 and at most [`MAX_WINDOW`].
+    window: u64,
     /// Next frame number this end pushes, and bytes pushed / credited.
     out_seq: u64,
     pushed: u64,
@@ -310,10 +339,10 @@ struct State<'a> {
 
 /// Why the loop stopped, and what is owed.
 enum Stop {
-    /// Close the local socket with this code and tell the other end the
-    /// same, unless it already knows.
+    /// Close the local socket with `code` (`None`: a close without one),
+    /// and tell the other end the same unless it already knows.
     Close {
-        code: u16,
+        code: Option<u16>,
         reason: String,
         tell_peer: bool,
     },
@@ -324,12 +353,30 @@ enum Stop {
     LocalGone(String),
 }
 
+impl Stop {
+    fn close(code: u16, reason: impl Into<String>) -> Self {
+        Stop::Close {
+            code: Some(code),
+            reason: reason.into(),
+            tell_peer: true,
+        }
+    }
+}
+
+/// Whether `code` may be sent in a close frame (RFC 6455 section 7.4):
+/// the defined codes other than 1004 to 1006 and 1015, and the ranges
+/// for libraries and applications (3000 to 4999).
+fn sendable(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 impl Relay {
     /// Relays between `ws` and the other end until either closes, the
     /// other end is gone, or `stop` resolves to a close code (the proxy's
     /// shutdown: 1001; the dispatcher's grace period over: 1012). Never
-    /// fails: every ending closes the local socket with a code and says
-    /// what the other end is owed.
+    /// fails: every ending closes the local socket, and tells the other
+    /// end (a close frame pushed after this end's last message, before the
+    /// local closing handshake) unless it closed first or cancelled.
     pub async fn run<S>(
         &self,
         ws: WebSocketStream<S>,
@@ -342,6 +389,7 @@ impl Relay {
         let (mut sink, mut stream) = ws.split();
         let mut state = State {
             relay: self,
+            window: self.window.clamp(1, MAX_WINDOW),
             out_seq: 0,
             pushed: 0,
             credited: 0,
@@ -352,29 +400,30 @@ impl Relay {
             pending: None,
         };
         let mut stop = std::pin::pin!(stop);
-        let ping_every = self.ping_interval.unwrap_or(Duration::from_secs(86_400));
+        let ping_every = self
+            .ping_interval
+            .filter(|every| !every.is_zero())
+            .unwrap_or(Duration::from_secs(86_400));
+        let pinging = self.ping_interval.is_some_and(|every| !every.is_zero());
         let ping = tokio::time::sleep(ping_every);
         let mut ping = std::pin::pin!(ping);
         let mut pinged = false;
         let ended = loop {
             state.push_pending();
+            let reading = state.pending.is_none() && state.room();
             tokio::select! {
                 biased;
-                code = &mut stop => break Stop::Close {
-                    code,
-                    reason: "the relay is stopping".into(),
-                    tell_peer: true,
-                },
+                code = &mut stop => break Stop::close(code, "the relay is stopping"),
                 event = inbox.events.recv() => {
                     let Some(event) = event else {
-                        break Stop::Close { code: codes::INTERNAL_ERROR, reason: "the socket table dropped it".into(), tell_peer: false };
+                        break Stop::close(codes::INTERNAL_ERROR, "the socket table dropped it");
                     };
                     match state.on_event(event, &inbox.held, &mut sink).await {
                         Ok(()) => {}
                         Err(stop) => break stop,
                     }
                 }
-                read = stream.next(), if state.pending.is_none() && state.room() => {
+                read = stream.next(), if reading => {
                     ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
                     pinged = false;
                     match read {
@@ -382,45 +431,44 @@ impl Relay {
                         Some(Ok(Message::Binary(data))) => state.queue(Opcode::Binary, data),
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                         Some(Ok(Message::Close(frame))) => break Stop::LocalClosed(frame),
-                        Some(Err(WsError::Capacity(err))) => break Stop::Close {
-                            code: codes::TOO_BIG,
-                            reason: err.to_string(),
-                            tell_peer: true,
-                        },
-                        Some(Err(WsError::Utf8(err))) => break Stop::Close {
-                            code: codes::INVALID_DATA,
-                            reason: format!("text that is not UTF-8: {err}"),
-                            tell_peer: true,
-                        },
-                        Some(Err(WsError::Protocol(err))) => break Stop::Close {
-                            code: codes::PROTOCOL,
-                            reason: err.to_string(),
-                            tell_peer: true,
-                        },
+                        Some(Err(WsError::Capacity(err))) => break Stop::close(codes::TOO_BIG, err.to_string()),
+                        Some(Err(WsError::Utf8(err))) => {
+                            break Stop::close(codes::INVALID_DATA, format!("text that is not UTF-8: {err}"));
+                        }
+                        Some(Err(WsError::Protocol(err))) => break Stop::close(codes::PROTOCOL, err.to_string()),
                         Some(Err(err)) => break Stop::LocalGone(err.to_string()),
                         None => break Stop::LocalGone("the connection closed".into()),
                     }
                 }
-                () = &mut ping, if self.ping_interval.is_some() => {
+                () = &mut ping, if pinging => {
+                    ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
+                    if !reading {
+                        // Not reading is this end's doing (the other end
+                        // has not credited it): the socket's answers wait
+                        // unread, which is no silence.
+                        continue;
+                    }
                     if pinged {
                         break Stop::LocalGone(format!("silent for twice {ping_every:?}, ping unanswered"));
                     }
                     pinged = true;
-                    ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
-                    if tokio::time::timeout(self.send_timeout, sink.send(Message::Ping(Bytes::new()))).await.map_or(true, |r| r.is_err()) {
+                    let sent = tokio::time::timeout(self.send_timeout, sink.send(Message::Ping(Bytes::new()))).await;
+                    if !matches!(sent, Ok(Ok(()))) {
                         break Stop::LocalGone("a ping could not be sent".into());
                     }
                 }
             }
         };
-        let out = state.out_seq;
-        let close = |code: u16, reason: &str| SocketMessage {
-            id: self.id.clone(),
-            seq: out,
-            opcode: Opcode::Close,
-            fin: true,
-            code: Some(code),
-            data: Bytes::copy_from_slice(truncate(reason, 123).as_bytes()),
+        let tell = |code: Option<u16>, reason: &str| {
+            let close = SocketMessage {
+                id: self.id.clone(),
+                seq: state.out_seq,
+                opcode: Opcode::Close,
+                fin: true,
+                code: code.filter(|c| sendable(*c)),
+                data: Bytes::copy_from_slice(truncate(reason, 123).as_bytes()),
+            };
+            self.frames.send(&self.to, close.encode());
         };
         match ended {
             Stop::Close {
@@ -428,47 +476,52 @@ impl Relay {
                 reason,
                 tell_peer,
             } => {
-                let frame = CloseFrame {
+                if tell_peer {
+                    tell(code, &reason);
+                }
+                // A code the other end sent that may not be sent on (1005,
+                // 1006, out of range) is no code here, or 1011 when it
+                // was no defined code at all.
+                let code = code.map(|c| {
+                    if sendable(c) {
+                        c
+                    } else {
+                        codes::INTERNAL_ERROR
+                    }
+                });
+                let frame = code.map(|code| CloseFrame {
                     code: CloseCode::from(code),
                     reason: Utf8Bytes::from(truncate(&reason, 123).to_owned()),
-                };
-                // Sent, then the client's answer awaited (bounded): the
-                // closing handshake of RFC 6455 section 7.1.2.
+                });
+                // Sent, then the answer awaited (bounded): the closing
+                // handshake of RFC 6455 section 7.1.2.
                 let _ = tokio::time::timeout(CLOSE_WAIT, async {
-                    if sink.send(Message::Close(Some(frame))).await.is_ok() {
+                    if sink.send(Message::Close(frame)).await.is_ok() {
                         while let Some(Ok(_)) = stream.next().await {}
                     }
                 })
                 .await;
                 Ended {
-                    close: tell_peer.then(|| close(code, &reason)),
-                    code,
+                    code: code.unwrap_or(1005),
                     reason,
                 }
             }
             Stop::LocalClosed(frame) => {
+                let (code, reason) = frame.map_or((None, String::new()), |f| {
+                    (Some(u16::from(f.code)), f.reason.as_str().to_owned())
+                });
+                tell(code, &reason);
                 // The library queued the answering close; flush it.
                 let _ = tokio::time::timeout(CLOSE_WAIT, sink.close()).await;
-                let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                    (u16::from(f.code), f.reason.as_str().to_owned())
-                });
-                // 1005 and 1006 must not be sent in a close frame (RFC 6455
-                // section 7.4.1): "no code" travels as no code.
-                let mut message = close(code, &reason);
-                if matches!(code, 1005 | 1006 | 1015) {
-                    message.code = None;
-                }
                 Ended {
-                    close: Some(message),
-                    code,
+                    code: code.unwrap_or(1005),
                     reason: format!("closed by its side: {reason}"),
                 }
             }
-            Stop::LocalGone(reason) => Ended {
-                close: Some(close(codes::GOING_AWAY, "the other side went away")),
-                code: 1006,
-                reason,
-            },
+            Stop::LocalGone(reason) => {
+                tell(Some(codes::GOING_AWAY), "the other side went away");
+                Ended { code: 1006, reason }
+            }
         }
     }
 }
@@ -489,7 +542,7 @@ fn truncate(text: &str, max: usize) -> &str {
 impl State<'_> {
     /// Whether this end may push more.
     fn room(&self) -> bool {
-        self.pushed - self.credited < self.relay.window.clamp(1, MAX_WINDOW)
+        self.pushed - self.credited < self.window
     }
 
     fn queue(&mut self, opcode: Opcode, data: Bytes) {
@@ -528,7 +581,7 @@ impl State<'_> {
     fn consumed(&mut self, len: u64, held: &AtomicU64) {
         held.fetch_sub(len, Ordering::AcqRel);
         self.consumed += len;
-        if self.consumed - self.credited_back >= (self.relay.window / 4).max(1) {
+        if self.consumed - self.credited_back >= (self.window / 4).max(1) {
             self.credited_back = self.consumed;
             let credit = Credit {
                 id: self.relay.id.clone(),
@@ -551,7 +604,7 @@ impl State<'_> {
         let message = match event {
             Event::Credit(credit) if credit.cancel => {
                 return Err(Stop::Close {
-                    code: codes::INTERNAL_ERROR,
+                    code: Some(codes::INTERNAL_ERROR),
                     reason: "the other end cancelled the socket".into(),
                     tell_peer: false,
                 });
@@ -560,24 +613,16 @@ impl State<'_> {
                 self.credited = self.credited.max(credit.consumed.min(self.pushed));
                 return Ok(());
             }
-            Event::PeerGone(reason) => {
-                return Err(Stop::Close {
-                    code: codes::INTERNAL_ERROR,
-                    reason,
-                    tell_peer: false,
-                });
-            }
+            // Told too: it may be alive (it broke the window, or its
+            // handshake ran again); a dead one's list just expires.
+            Event::PeerGone(reason) => return Err(Stop::close(codes::INTERNAL_ERROR, reason)),
             Event::Message(message) => message,
         };
         let len = message.data.len() as u64;
-        if message.seq < self.in_seq {
-            // A copy pushed again after a lost answer.
-            held.fetch_sub(len, Ordering::AcqRel);
-            return Ok(());
-        }
-        if message.seq > self.in_seq {
+        // Copies (lower numbers) were dropped by the table.
+        if message.seq != self.in_seq {
             return Err(Stop::Close {
-                code: codes::INTERNAL_ERROR,
+                code: Some(codes::INTERNAL_ERROR),
                 reason: format!(
                     "frame {} arrived where {} was due",
                     message.seq, self.in_seq
@@ -589,7 +634,7 @@ impl State<'_> {
         if message.opcode == Opcode::Close {
             held.fetch_sub(len, Ordering::AcqRel);
             return Err(Stop::Close {
-                code: message.code.unwrap_or(codes::NORMAL),
+                code: message.code,
                 reason: String::from_utf8_lossy(&message.data).into_owned(),
                 tell_peer: false,
             });
@@ -598,7 +643,7 @@ impl State<'_> {
             Some((opcode, buf)) if opcode == message.opcode => (opcode, buf),
             Some(_) => {
                 return Err(Stop::Close {
-                    code: codes::INTERNAL_ERROR,
+                    code: Some(codes::INTERNAL_ERROR),
                     reason: "a message's pieces changed type".into(),
                     tell_peer: true,
                 });
@@ -607,7 +652,7 @@ impl State<'_> {
         };
         if buf.len() + message.data.len() > self.relay.max_message {
             return Err(Stop::Close {
-                code: codes::TOO_BIG,
+                code: Some(codes::TOO_BIG),
                 reason: format!("a message over {} bytes", self.relay.max_message),
                 tell_peer: true,
             });
@@ -629,7 +674,7 @@ impl State<'_> {
                 Ok(text) => Message::Text(text),
                 Err(_) => {
                     return Err(Stop::Close {
-                        code: codes::INVALID_DATA,
+                        code: Some(codes::INVALID_DATA),
                         reason: "text that is not UTF-8".into(),
                         tell_peer: true,
                     });
