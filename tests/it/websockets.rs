@@ -31,7 +31,10 @@ struct EchoApp {
 
 impl EchoApp {
     async fn start() -> Self {
-        let port = free_port().unwrap();
+        Self::start_on(free_port().unwrap()).await
+    }
+
+    async fn start_on(port: u16) -> Self {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/ws_echo.py");
         let mut child = tokio::process::Command::new(venv::bin("python"))
             .arg(script)
@@ -585,5 +588,40 @@ async fn a_silent_client_is_pinged_then_closed_and_an_idle_one_that_answers_stay
         .unwrap();
     assert!(pings >= 2, "pinged {pings} times in 3 s at 500 ms");
     dispatcher.stop().await;
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_made_while_the_app_restarts_waits_for_it() {
+    let redis = start_redis();
+    let app = EchoApp::start().await;
+    let port = app.port;
+    let proxy = TestProxy::start(&redis, "ws").await;
+    let _dispatcher = dispatcher(&redis, "ws", &app, &[]);
+    let mut open = connect(&proxy, "/echo").await;
+    assert_eq!(
+        round_trip(&mut open, Message::text("before")).await,
+        Message::text("before")
+    );
+    drop(app);
+    // The app's socket broke: the client's closes (going away).
+    assert_eq!(close_code(&mut open, Duration::from_secs(10)).await, 1001);
+    let url = format!("ws://{}/echo", proxy.addr);
+    let waiting = tokio::spawn(async move { connect_async(url).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the handshake did not wait for the app"
+    );
+    let _back = EchoApp::start_on(port).await;
+    let (mut ws, _) = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await
+        .expect("the handshake completes once the app is back")
+        .unwrap()
+        .expect("accepted, not refused");
+    assert_eq!(
+        round_trip(&mut ws, Message::text("after")).await,
+        Message::text("after")
+    );
     proxy.stop().await;
 }

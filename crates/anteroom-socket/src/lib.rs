@@ -37,6 +37,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -280,7 +281,9 @@ pub struct Relay {
     /// twice as much (`None`: never).
     pub ping_interval: Option<Duration>,
     /// Longest a message may take to be written to the local socket (a
-    /// reader that takes longer is gone: the socket closes).
+    /// reader that takes longer is gone: the socket closes), and longest
+    /// this end waits with its window full for the other end's credit
+    /// (then the other end is taken for gone: 1011).
     pub send_timeout: Duration,
 }
 
@@ -408,12 +411,29 @@ impl Relay {
         let ping = tokio::time::sleep(ping_every);
         let mut ping = std::pin::pin!(ping);
         let mut pinged = false;
+        // Running while the window is full: the other end must credit
+        // within the send timeout.
+        let stall = tokio::time::sleep(self.send_timeout);
+        let mut stall = std::pin::pin!(stall);
+        let mut stalled = false;
         let ended = loop {
             state.push_pending();
             let reading = state.pending.is_none() && state.room();
+            if state.room() {
+                stalled = false;
+            } else if !stalled {
+                stalled = true;
+                stall
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + self.send_timeout);
+            }
             tokio::select! {
                 biased;
                 code = &mut stop => break Stop::close(code, "the relay is stopping"),
+                () = &mut stall, if stalled => break Stop::close(
+                    codes::INTERNAL_ERROR,
+                    format!("no credit from the other end for {:?}", self.send_timeout),
+                ),
                 event = inbox.events.recv() => {
                     let Some(event) = event else {
                         break Stop::close(codes::INTERNAL_ERROR, "the socket table dropped it");
@@ -434,6 +454,11 @@ impl Relay {
                         Some(Err(WsError::Capacity(err))) => break Stop::close(codes::TOO_BIG, err.to_string()),
                         Some(Err(WsError::Utf8(err))) => {
                             break Stop::close(codes::INVALID_DATA, format!("text that is not UTF-8: {err}"));
+                        }
+                        // A connection that ended without a close is gone,
+                        // not broken by its peer's frames.
+                        Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+                            break Stop::LocalGone("the connection ended without a close".into());
                         }
                         Some(Err(WsError::Protocol(err))) => break Stop::close(codes::PROTOCOL, err.to_string()),
                         Some(Err(err)) => break Stop::LocalGone(err.to_string()),
@@ -650,7 +675,7 @@ impl State<'_> {
             }
             None => (message.opcode, BytesMut::new()),
         };
-        if buf.len() + message.data.len() > self.relay.max_message {
+        if buf.len() + message.data.len() > self.relay.max_message.max(1) {
             return Err(Stop::Close {
                 code: Some(codes::TOO_BIG),
                 reason: format!("a message over {} bytes", self.relay.max_message),
