@@ -233,7 +233,7 @@ fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr, location: &str) -> St
     let d = dir.display();
     format!(
         "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
+         worker_rlimit_nofile 20000;\nevents {{ worker_connections 16384; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
            map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\

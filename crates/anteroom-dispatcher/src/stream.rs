@@ -108,7 +108,7 @@ pub(crate) async fn read_credits(shared: Arc<Shared>, target: Target, stop: Canc
             let id = message.id.clone();
             if shared
                 .sockets
-                .deliver(&id, Event::Message(message))
+                .deliver(&id, Event::Message(Box::new(message)))
                 .is_err()
             {
                 tracing::debug!("a message for no open socket; discarded");

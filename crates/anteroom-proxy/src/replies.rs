@@ -325,7 +325,7 @@ impl Demux {
         }
         let id = reply.id().to_owned();
         let event = match reply {
-            Reply::Message(message) => Event::Message(message),
+            Reply::Message(message) => Event::Message(Box::new(message)),
             Reply::Credit(credit) => Event::Credit(credit),
             other => {
                 let Some(peer) = self.sockets.peer_of(&id) else {
@@ -349,7 +349,7 @@ impl Demux {
         };
         match self.sockets.deliver(&id, event) {
             Ok(()) => Ok(()),
-            Err(Event::Message(message)) => Err(Reply::Message(message)),
+            Err(Event::Message(message)) => Err(Reply::Message(*message)),
             Err(Event::Credit(credit)) => Err(Reply::Credit(credit)),
             // It closed meanwhile: nothing left to tell it.
             Err(Event::PeerGone(_)) => Ok(()),

@@ -68,8 +68,10 @@ pub mod codes {
 /// What arrives for a socket from the other end.
 #[derive(Debug)]
 pub enum Event {
-    /// A message, or a piece of one, or its close.
-    Message(SocketMessage),
+    /// A message, or a piece of one, or its close (boxed: a socket's
+    /// channel allocates room for 32 events at once, and most sockets
+    /// are idle).
+    Message(Box<SocketMessage>),
     /// Credit for what this end pushed.
     Credit(Credit),
     /// The other end is gone (its heartbeat expired, it answered the
@@ -307,7 +309,7 @@ pub fn config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_message.max(1)))
         .max_frame_size(Some(max_message.max(1)))
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
 }
 
@@ -641,7 +643,7 @@ impl State<'_> {
             // Told too: it may be alive (it broke the window, or its
             // handshake ran again); a dead one's list just expires.
             Event::PeerGone(reason) => return Err(Stop::close(codes::INTERNAL_ERROR, reason)),
-            Event::Message(message) => message,
+            Event::Message(message) => *message,
         };
         let len = message.data.len() as u64;
         // Copies (lower numbers) were dropped by the table.
