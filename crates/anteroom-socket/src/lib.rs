@@ -17,8 +17,10 @@
 //! (the pieces of a message not yet whole are credited as they arrive: a
 //! message larger than the window must get through, and a receiver holds
 //! at most one message being assembled, bounded by the message limit).
-//! A socket therefore holds at most a window in Redis and in each process,
-//! and a slow reader slows its own socket only.
+//! A socket therefore holds at most a window in Redis; each process holds
+//! besides at most the message it is pushing, the one it is assembling
+//! and the one it is writing (each at most the message limit). A slow
+//! reader slows its own socket only.
 //!
 //! Each end keeps its own side alive (pings are not relayed) and watches
 //! that the other end is alive through its heartbeat key
