@@ -224,6 +224,11 @@ async fn a_handshake_made_while_paused_completes_after_resume_and_open_sockets_k
     let mut open = connect(&proxy, "/echo").await;
     let queue = control(&redis, "ws").await;
     queue.pause("test", None, false).await.unwrap();
+    // Quiescent with the socket open: a window's command can run.
+    queue
+        .wait_quiescent(Duration::from_secs(5), |_| {})
+        .await
+        .expect("quiescent with a socket open");
     let url = format!("ws://{}/echo", proxy.addr);
     let waiting = tokio::spawn(async move { connect_async(url).await });
     eventually(

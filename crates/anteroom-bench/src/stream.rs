@@ -324,7 +324,7 @@ async fn fan_out(client: &Client, url: &str, streams: usize) -> (Vec<u64>, usize
     (delays, errors)
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }

@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
 use crate::setups::{Forwarding, Nginx};
-use crate::stream::rss_tree_kib;
+use crate::stream::{percentile, rss_tree_kib};
 
 type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -133,13 +133,6 @@ async fn idle_cost(
         let _ = ws.close(None).await;
     }
     (per_socket, errors)
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Runs the scenario: `round_trips` echoes on one socket and `sockets`

@@ -104,13 +104,17 @@ pub struct Quiescence {
 
 impl Quiescence {
     /// Live dispatchers that have not yet acknowledged the pause or still
-    /// hold requests.
+    /// hold requests. Open WebSockets do not count: a pause holds new
+    /// handshakes only, and their sockets may stay open for hours (their
+    /// handshakes stay in the processing list, `held`, while they do).
     pub fn busy(&self) -> Vec<&DispatcherStatus> {
         let pause_id = self.status.pause.as_ref().map(|p| &p.record.id);
         self.status
             .dispatchers
             .iter()
-            .filter(|d| d.held > 0 || d.heartbeat.pause_id.as_ref() != pause_id)
+            .filter(|d| {
+                d.held > d.heartbeat.websockets || d.heartbeat.pause_id.as_ref() != pause_id
+            })
             .collect()
     }
 }

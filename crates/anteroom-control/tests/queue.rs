@@ -398,6 +398,7 @@ fn heartbeat(id: &str) -> DispatcherHeartbeat {
         label: String::new(),
         concurrency: 1,
         in_flight: 0,
+        websockets: 0,
         paused: false,
         pause_id: None,
         started_at_ms: now_ms(),

@@ -116,8 +116,8 @@ pub(crate) async fn handle<S, B>(
             None
         };
         let started = std::time::Instant::now();
-        if envelope.websocket {
-            let reply = match crate::socket::open(&shared, service, &envelope).await {
+        let reply = if envelope.websocket {
+            match crate::socket::open(&shared, service, &envelope).await {
                 crate::socket::Opened::Answer(reply) => reply,
                 crate::socket::Opened::Requeue => {
                     tracing::debug!(
@@ -134,56 +134,49 @@ pub(crate) async fn handle<S, B>(
                     crate::socket::relay(&shared, &envelope, &raw, parts, ws, opened).await;
                     return;
                 }
-            };
-            return complete(
-                &shared,
-                &envelope,
-                raw,
-                reply,
-                due.at_ms(),
-                started,
-                waited_ms,
-            )
-            .await;
-        }
-        let reply = match execute(&shared, service, &envelope, upload, &due).await {
-            Outcome::Reply(reply) => reply,
-            Outcome::Stream(parts, body, frames) => {
-                shared
-                    .metrics
-                    .handled(parts.status.as_u16(), started.elapsed());
-                tracing::debug!(status = parts.status.as_u16(), waited_ms, "streaming");
-                stream::send(&shared, &envelope, &raw, parts, body, frames).await;
-                return;
             }
-            Outcome::Invalid(err) => {
-                // Kept for inspection; the client still gets its answer.
-                set_aside(&shared, &raw, &format!("not a valid HTTP request: {err}")).await;
-                Failure::HandlerFailed.to_envelope(&envelope.id)
-            }
-            Outcome::Requeue(_) if envelope.body_follows => {
-                // Its body has gone to this attempt: it cannot run again.
-                tracing::warn!("the upstream failed on a request whose body streamed: 502");
-                Failure::Interrupted.to_envelope(&envelope.id)
-            }
-            Outcome::Requeue(started) => {
-                let attempt = if started {
-                    Attempt::MayHaveRun {
-                        claimed_by: &shared.id,
-                        ttl: Duration::from_millis(envelope.deadline_ms.saturating_sub(now_ms())),
+        } else {
+            match execute(&shared, service, &envelope, upload, &due).await {
+                Outcome::Reply(reply) => reply,
+                Outcome::Stream(parts, body, frames) => {
+                    shared
+                        .metrics
+                        .handled(parts.status.as_u16(), started.elapsed());
+                    tracing::debug!(status = parts.status.as_u16(), waited_ms, "streaming");
+                    stream::send(&shared, &envelope, &raw, parts, body, frames).await;
+                    return;
+                }
+                Outcome::Invalid(err) => {
+                    // Kept for inspection; the client still gets its answer.
+                    set_aside(&shared, &raw, &format!("not a valid HTTP request: {err}")).await;
+                    Failure::HandlerFailed.to_envelope(&envelope.id)
+                }
+                Outcome::Requeue(_) if envelope.body_follows => {
+                    // Its body has gone to this attempt: it cannot run again.
+                    tracing::warn!("the upstream failed on a request whose body streamed: 502");
+                    Failure::Interrupted.to_envelope(&envelope.id)
+                }
+                Outcome::Requeue(started) => {
+                    let attempt = if started {
+                        Attempt::MayHaveRun {
+                            claimed_by: &shared.id,
+                            ttl: Duration::from_millis(
+                                envelope.deadline_ms.saturating_sub(now_ms()),
+                            ),
+                        }
+                    } else {
+                        Attempt::NotStarted
+                    };
+                    match requeue(&shared, &raw, &envelope, attempt).await {
+                        Requeued::TooManyRepeats => {
+                            tracing::warn!(
+                                repeats = queue::MAX_REPEATS,
+                                "repeated too often after failures that may have run it: 502"
+                            );
+                            Failure::Interrupted.to_envelope(&envelope.id)
+                        }
+                        Requeued::Requeued | Requeued::NotHeld => return,
                     }
-                } else {
-                    Attempt::NotStarted
-                };
-                match requeue(&shared, &raw, &envelope, attempt).await {
-                    Requeued::TooManyRepeats => {
-                        tracing::warn!(
-                            repeats = queue::MAX_REPEATS,
-                            "repeated too often after failures that may have run it: 502"
-                        );
-                        Failure::Interrupted.to_envelope(&envelope.id)
-                    }
-                    Requeued::Requeued | Requeued::NotHeld => return,
                 }
             }
         };

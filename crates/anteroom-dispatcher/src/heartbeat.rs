@@ -32,6 +32,7 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             label: shared.settings.label.clone(),
             concurrency: shared.settings.concurrency,
             in_flight: shared.in_flight(),
+            websockets: shared.sockets.len() as u64,
             paused: pause_id.is_some(),
             pause_id,
             started_at_ms,

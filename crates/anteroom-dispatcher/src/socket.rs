@@ -11,8 +11,8 @@
 //! concurrency slot (an open socket is not a running request: it neither
 //! holds a slot nor delays a pause), and relays messages
 //! ([`anteroom_socket::Relay`]) until either side closes. The socket's
-//! last frame, its close, is pushed with the request's removal from the
-//! processing list in one `MULTI`, as a stream's end is. When the grace
+//! last frame, its close, goes after its last message on the same writer;
+//! then the request is removed from the processing list. When the grace
 //! period of a stop ends, open sockets close with 1012 (service restart);
 //! a proxy that stops beating closes them with 1011.
 
@@ -44,10 +44,15 @@ use crate::worker::{HttpService, ResponseBody, Shared};
 /// each way.
 const PIPE: usize = 64 * 1024;
 
-/// The upstream never received the handshake (kept to be told apart).
-#[derive(Debug, thiserror::Error)]
-#[error("{1}")]
-struct NotDelivered(crate::error::FailureReason, String);
+/// How the service failed a handshake, as any request's failure is
+/// classified (hyper's server only closes the pipe, so it is kept aside).
+struct Failed {
+    /// A transport failure of the upstream, and whether it never received
+    /// the handshake.
+    transport: Option<(crate::error::FailureReason, bool)>,
+    /// The error and its causes, on one line.
+    described: String,
+}
 
 /// How a handshake went.
 pub(crate) enum Opened {
@@ -101,7 +106,7 @@ where
     // fails, is kept (hyper only closes the connection) to be classified
     // as any request's is.
     let slot = Arc::new(Mutex::new(Some(service)));
-    let failure: Arc<Mutex<Option<BoxError>>> = Arc::default();
+    let failure: Arc<Mutex<Option<Failed>>> = Arc::default();
     let failed_with = Arc::clone(&failure);
     let serve = hyper::service::service_fn(move |req: Request<Incoming>| {
         let service = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -111,14 +116,17 @@ where
             let req = req.map(|_| Body::new(Bytes::new()));
             let result = service.oneshot(req).await.map_err(Into::<BoxError>::into);
             if let Err(err) = &result {
-                let reason = crate::error::describe(&**err);
-                let kept: BoxError = match crate::error::classify(&**err) {
-                    Some(crate::error::Transport::NotDelivered(why)) => {
-                        Box::new(NotDelivered(why, reason))
-                    }
-                    _ => reason.into(),
+                use crate::error::Transport;
+                let transport = match crate::error::classify(&**err) {
+                    Some(Transport::NotDelivered(reason)) => Some((reason, true)),
+                    Some(Transport::MayHaveRun(reason)) => Some((reason, false)),
+                    None => None,
                 };
-                *failed_with.lock().unwrap_or_else(PoisonError::into_inner) = Some(kept);
+                let described = crate::error::describe(&**err);
+                *failed_with.lock().unwrap_or_else(PoisonError::into_inner) = Some(Failed {
+                    transport,
+                    described,
+                });
             }
             result
         }
@@ -141,13 +149,21 @@ where
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .take();
-            return match kept.map(|kept| kept.downcast::<NotDelivered>()) {
-                Some(Ok(not_delivered)) => {
-                    shared.gate.failed(&not_delivered.0);
-                    Opened::Requeue
-                }
-                Some(Err(other)) => failed(&other),
-                None => failed(&err),
+            let Some(Failed {
+                transport,
+                described,
+            }) = kept
+            else {
+                return failed(&err);
+            };
+            // As for any request: the gate closes on a transport failure,
+            // and one the upstream never received goes back to the queue.
+            if let Some((reason, _)) = &transport {
+                shared.gate.failed(reason);
+            }
+            return match transport {
+                Some((_, true)) => Opened::Requeue,
+                _ => failed(&described),
             };
         }
         Err(_) => return failed(&"no answer before the deadline"),
@@ -192,8 +208,9 @@ where
 
 /// Relays an open socket (see [`open`]) for `envelope`, held as `raw` in
 /// the processing list: pushes the 101 head, calls `opened` (which gives
-/// back the request's slot), relays until either side closes, and pushes
-/// the closing frame with the request's removal.
+/// back the request's slot), relays until either side closes (the relay
+/// queues the close after the last message), then removes the request
+/// from the processing list.
 pub(crate) async fn relay(
     shared: &Shared,
     envelope: &RequestEnvelope,
@@ -230,10 +247,26 @@ pub(crate) async fn relay(
     .await;
     opened();
     if pushed.is_none() {
-        // Its client has its 504; the request stays for a reaper.
+        // Its client has its 504, unless a push landed whose answer was
+        // lost: that socket closes (1011). The request stays for a
+        // reaper.
+        let close = anteroom_protocol::SocketMessage {
+            id: envelope.id.clone(),
+            seq: 0,
+            opcode: anteroom_protocol::Opcode::Close,
+            fin: true,
+            code: Some(codes::INTERNAL_ERROR),
+            data: Bytes::from_static(b"the dispatcher lost redis"),
+        };
+        shared
+            .upload_credits
+            .send(&envelope.reply_to, close.encode());
         return;
     }
     shared.metrics.websocket_opened();
+    // The heartbeat says how many sockets are open at once: a pause's
+    // quiescence does not wait for them.
+    shared.beat_now.notify_one();
     let relay = Relay {
         id: envelope.id.clone(),
         to: envelope.reply_to.clone(),
@@ -269,4 +302,5 @@ pub(crate) async fn relay(
     if ended.is_some() {
         shared.replicate().await;
     }
+    shared.beat_now.notify_one();
 }

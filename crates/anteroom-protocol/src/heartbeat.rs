@@ -23,6 +23,11 @@ pub struct DispatcherHeartbeat {
     pub concurrency: usize,
     /// Requests it is running now.
     pub in_flight: usize,
+    /// WebSockets it has open: their handshakes stay in its processing
+    /// list while they are, though they are no running requests (absent:
+    /// none, or a dispatcher from before WebSockets).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub websockets: u64,
     /// True once it has seen the queue's pause and stopped pulling.
     #[serde(default)]
     pub paused: bool,
@@ -37,6 +42,10 @@ pub struct DispatcherHeartbeat {
     /// Dispatchers without an upstream never set it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy: Option<Unhealthy>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why and since when a dispatcher takes no requests from its queue:

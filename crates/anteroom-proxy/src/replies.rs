@@ -150,6 +150,9 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
+        // Closed first, so a socket the reader opens from now on cannot
+        // be sent here (it cancels it itself); one already sent is taken.
+        self.rx.close();
         if let Ok(Delivered::Socket(head, inbox)) = self.rx.try_recv() {
             // Opened as its client went (or its hold budget ran out): the
             // dispatcher's side must not stay open.

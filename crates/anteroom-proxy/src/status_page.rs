@@ -385,6 +385,7 @@ mod tests {
             label: String::new(),
             concurrency: 16,
             in_flight: 0,
+            websockets: 0,
             paused: false,
             pause_id: None,
             started_at_ms: 0,

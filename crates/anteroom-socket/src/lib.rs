@@ -199,8 +199,13 @@ impl Sockets {
                 );
                 return Ok(());
             }
+            // A close carries no message bytes: not counted.
+            Event::Message(m) if m.opcode == Opcode::Close => {
+                slot.next = m.seq.saturating_add(1);
+                Event::Message(m)
+            }
             Event::Message(m) => {
-                slot.next = m.seq + 1;
+                slot.next = m.seq.saturating_add(1);
                 let len = m.data.len() as u64;
                 let held = slot.held.fetch_add(len, Ordering::AcqRel) + len;
                 if held > slot.limit {
@@ -304,7 +309,7 @@ pub struct Ended {
 
 /// The WebSocket settings for a relay end: `max_message` for messages and
 /// frames alike.
-/// The read buffer is small (4 KiB rather than the library's 128 KiB) and
+/// The read buffer is small (1 KiB rather than the library's 128 KiB) and
 /// writes go out at once: an idle socket then costs kilobytes, not
 /// hundreds of them (docs/performance.md, WebSockets).
 pub fn config(max_message: usize) -> WebSocketConfig {
@@ -420,13 +425,17 @@ impl Relay {
         let stall = tokio::time::sleep(self.send_timeout);
         let mut stall = std::pin::pin!(stall);
         let mut stalled = false;
+        // What was credited when the stall began: credit that comes on
+        // (used up at once by a message still being pushed) is progress.
+        let mut stall_mark = 0;
         let ended = loop {
             state.push_pending();
             let reading = state.pending.is_none() && state.room();
             if state.room() {
                 stalled = false;
-            } else if !stalled {
+            } else if !stalled || state.credited != stall_mark {
                 stalled = true;
+                stall_mark = state.credited;
                 stall
                     .as_mut()
                     .reset(tokio::time::Instant::now() + self.send_timeout);
@@ -442,9 +451,24 @@ impl Relay {
                     let Some(event) = event else {
                         break Stop::close(codes::INTERNAL_ERROR, "the socket table dropped it");
                     };
-                    match state.on_event(event, &inbox.held, &mut sink).await {
-                        Ok(()) => {}
+                    let (local, len) = match state.on_event(event, &inbox.held) {
+                        Ok(Some(whole)) => whole,
+                        Ok(None) => continue,
                         Err(stop) => break stop,
+                    };
+                    // Written within the send timeout, or until a stop.
+                    let written = tokio::select! {
+                        biased;
+                        code = &mut stop => break Stop::close(code, "the relay is stopping"),
+                        written = tokio::time::timeout(self.send_timeout, sink.send(local)) => written,
+                    };
+                    match written {
+                        Ok(Ok(())) => state.consumed(len, &inbox.held),
+                        Ok(Err(err)) => break Stop::LocalGone(err.to_string()),
+                        Err(_) => break Stop::LocalGone(format!(
+                            "a message not taken within {:?}",
+                            self.send_timeout
+                        )),
                     }
                 }
                 read = stream.next(), if reading => {
@@ -621,15 +645,9 @@ impl State<'_> {
         }
     }
 
-    async fn on_event<K>(
-        &mut self,
-        event: Event,
-        held: &AtomicU64,
-        sink: &mut K,
-    ) -> Result<(), Stop>
-    where
-        K: futures_util::Sink<Message, Error = WsError> + Unpin,
-    {
+    /// Takes in one event; a whole message comes back with its length,
+    /// for the caller to write to the local socket (and then credit).
+    fn on_event(&mut self, event: Event, held: &AtomicU64) -> Result<Option<(Message, u64)>, Stop> {
         let message = match event {
             Event::Credit(credit) if credit.cancel => {
                 return Err(Stop::Close {
@@ -640,7 +658,7 @@ impl State<'_> {
             }
             Event::Credit(credit) => {
                 self.credited = self.credited.max(credit.consumed.min(self.pushed));
-                return Ok(());
+                return Ok(None);
             }
             // Told too: it may be alive (it broke the window, or its
             // handshake ran again); a dead one's list just expires.
@@ -661,7 +679,6 @@ impl State<'_> {
         }
         self.in_seq += 1;
         if message.opcode == Opcode::Close {
-            held.fetch_sub(len, Ordering::AcqRel);
             return Err(Stop::Close {
                 code: message.code,
                 reason: String::from_utf8_lossy(&message.data).into_owned(),
@@ -690,7 +707,7 @@ impl State<'_> {
             buf.extend_from_slice(&message.data);
             self.partial = Some((opcode, buf));
             self.consumed(len, held);
-            return Ok(());
+            return Ok(None);
         }
         let data = if buf.is_empty() {
             message.data
@@ -711,16 +728,6 @@ impl State<'_> {
             },
             _ => Message::Binary(data),
         };
-        match tokio::time::timeout(self.relay.send_timeout, sink.send(local)).await {
-            Ok(Ok(())) => {
-                self.consumed(len, held);
-                Ok(())
-            }
-            Ok(Err(err)) => Err(Stop::LocalGone(err.to_string())),
-            Err(_) => Err(Stop::LocalGone(format!(
-                "a message not taken within {:?}",
-                self.relay.send_timeout
-            ))),
-        }
+        Ok(Some((local, len)))
     }
 }

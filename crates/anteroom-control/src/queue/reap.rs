@@ -120,6 +120,7 @@ impl Queue {
             label: "reaper".to_owned(),
             concurrency: 0,
             in_flight: 0,
+            websockets: 0,
             paused: false,
             pause_id: None,
             started_at_ms: now_ms(),
