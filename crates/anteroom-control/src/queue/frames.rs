@@ -1,7 +1,9 @@
-//! Small frames pushed in the background: credits and cancels, which the
-//! code that produces them cannot wait for (a response body's `poll_frame`,
-//! a `Drop`). [`FrameSender`] queues them; [`write_frames`] pushes them in
-//! batches, one pipeline per list.
+//! Frames pushed in the background: credits and cancels, which the code
+//! that produces them cannot wait for (a response body's `poll_frame`, a
+//! `Drop`), and WebSocket messages, which a relay sends in order without
+//! waiting for each (`anteroom-socket`). [`FrameSender`] queues them;
+//! [`write_frames`] pushes them in batches, in order, one pipeline per
+//! list.
 
 use std::time::{Duration, Instant};
 
@@ -45,10 +47,14 @@ const BATCH: usize = 256;
 /// Pushes what `rx` receives until `stop`: whatever arrived while the
 /// previous push was on the wire goes in the next, one pipeline per list
 /// (a list is one hash slot; Redis Cluster refuses a pipeline across
-/// slots), each list's TTL set to `ttl` (see [`push_replies`]). The frames
-/// are running totals or cancels, so one that failed is simply sent again,
-/// with backoff, for up to [`RETRY_FOR`]. On stop, what is queued is sent
-/// once more (the cancels of the connections just closed).
+/// slots), each list's TTL set to `ttl` (see [`push_replies`]). A batch
+/// that failed is sent again, with backoff, for up to [`RETRY_FOR`]:
+/// credits are running totals, and socket messages are numbered, so a
+/// copy is recognised and dropped by its receiver. Past that the frames
+/// are dropped: the streams they pace idle out, and a socket that misses
+/// a message sees the gap and closes (1011); one that misses its close
+/// closes when its own side next finds the other gone. On stop, what is
+/// queued is sent once more (the cancels of the connections just closed).
 pub async fn write_frames(
     mut conn: SharedConnection,
     mut rx: FrameReceiver,
