@@ -77,7 +77,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<()> {
         queue = args.queue
     );
     let banner = format!(
-        "Anteroom demo is up: http://{addr}/\n  curl http://{addr}/hello\n  curl -d 'any bytes' http://{addr}/echo\n  curl 'http://{addr}/slow?ms=2000'\n  curl -N 'http://{addr}/events?n=5&ms=1000'\n  head -c 100M /dev/urandom | curl -sT - http://{addr}/echo | wc -c\nEach request waits in Redis until the dispatcher takes it. Ctrl-C stops.\nIts queue, from another terminal:\n  {exe} status {target}\n  {exe} pause {target}\n  {exe} resume {target}\n"
+        "Anteroom demo is up: http://{addr}/\n  curl http://{addr}/hello\n  curl -d 'any bytes' http://{addr}/echo\n  curl 'http://{addr}/slow?ms=2000'\n  curl -N 'http://{addr}/events?n=5&ms=1000'\n  ws://{addr}/ws echoes WebSocket messages (a browser console: new WebSocket('ws://{addr}/ws'))\n  head -c 100M /dev/urandom | curl -sT - http://{addr}/echo | wc -c\nEach request waits in Redis until the dispatcher takes it. Ctrl-C stops.\nIts queue, from another terminal:\n  {exe} status {target}\n  {exe} pause {target}\n  {exe} resume {target}\n"
     );
     {
         use std::io::Write;
@@ -100,6 +100,9 @@ type DemoBody = Either<Body, StreamBody<BoxStream<'static, Result<Frame<Bytes>, 
 /// The demo backend: `/events?n=N&ms=M` (N server-sent events, M ms apart,
 /// streamed as written: `curl -N`), and the plain routes of [`plain`].
 async fn backend(req: Request<Body>) -> Result<Response<DemoBody>, Infallible> {
+    if req.uri().path() == "/ws" {
+        return Ok(websocket_echo(req).map(Either::Left));
+    }
     if req.uri().path() != "/events" {
         let resp = plain(req).await?;
         return Ok(resp.map(Either::Left));
@@ -131,6 +134,51 @@ async fn backend(req: Request<Body>) -> Result<Response<DemoBody>, Infallible> {
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Either::Right(body))
         .unwrap_or_else(|_| Response::new(Either::Left(Body::default()))))
+}
+
+/// `/ws`: a WebSocket that sends every text and binary message back (RFC
+/// 6455 handshake answered here; the dispatcher serves the backend over a
+/// connection with upgrades, so the connection is handed over as hyper
+/// hands over any upgraded connection).
+fn websocket_echo(mut req: Request<Body>) -> Response<Body> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let Some(key) = key.filter(|_| req.headers().contains_key(header::UPGRADE)) else {
+        return Response::builder()
+            .status(StatusCode::UPGRADE_REQUIRED)
+            .header(header::UPGRADE, "websocket")
+            .body(Body::from("/ws is a WebSocket: connect to ws://…/ws\n"))
+            .unwrap_or_default();
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            return;
+        };
+        let io = hyper_util::rt::TokioIo::new(upgraded);
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            io,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = ws.next().await {
+            if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "upgrade")
+        .header(
+            header::SEC_WEBSOCKET_ACCEPT,
+            derive_accept_key(key.as_bytes()),
+        )
+        .body(Body::default())
+        .unwrap_or_default()
 }
 
 /// `/hello`, `/echo` (returns the body, streamed as it arrives when it

@@ -244,6 +244,28 @@ async fn demo_serves_the_quickstart_requests() {
         apart >= Duration::from_millis(200),
         "events arrived together ({apart:?})"
     );
+    // The banner's WebSocket echoes.
+    assert!(
+        banner
+            .iter()
+            .any(|l| l.contains(&format!("ws://127.0.0.1:{port}/ws")))
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws"))
+        .await
+        .unwrap();
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        "through Redis",
+    ))
+    .await
+    .unwrap();
+    let echo = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echo.into_text().unwrap().as_str(), "through Redis");
+    ws.close(None).await.unwrap();
     demo.terminate();
     let status = demo.wait(READY).await;
     assert!(status.success(), "demo exited with {status}");
