@@ -76,6 +76,13 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
             }
             ("status", None)
         }
+        Command::Conformance(args) => {
+            if let Err(err) = anteroom_protocol::Keys::new(&args.queue) {
+                problems.push(format!("queue: {err}"));
+            }
+            summary.push(format!("checks    {}", args.command.join(" ")));
+            ("conformance", None)
+        }
         Command::Demo(args) => {
             if let Err(err) = anteroom_protocol::Keys::new(&args.queue) {
                 problems.push(format!("queue: {err}"));

@@ -80,6 +80,10 @@ pub(crate) enum Command {
     /// Try Anteroom on this machine: a proxy, a dispatcher and a demo backend,
     /// with a private redis-server when --redis is not given.
     Demo(DemoArgs),
+    /// Check that a dispatcher speaks the protocol: start COMMAND (which
+    /// serves the reference app of docs/clients.md), drive it through each
+    /// case, print one line per case; exit 1 on any failure.
+    Conformance(ConformanceArgs),
 }
 
 /// Flags of `anteroom pause`.
@@ -421,6 +425,32 @@ pub(crate) struct DispatchArgs {
     /// How long one health check may take before it counts as failed.
     #[arg(long, env = "ANTEROOM_HEALTH_TIMEOUT", default_value = duration_text(anteroom_dispatcher::defaults::HEALTH_TIMEOUT), value_parser = parse_duration)]
     pub(crate) health_timeout: Duration,
+}
+
+/// Flags of `anteroom conformance`.
+#[derive(Debug, Args)]
+pub(crate) struct ConformanceArgs {
+    /// Redis URL to use; when absent, a private redis-server is started
+    /// from PATH. COMMAND gets it as ANTEROOM_REDIS.
+    #[arg(long, hide_env_values = true)]
+    pub(crate) redis: Option<String>,
+
+    /// Queue the dispatcher serves (COMMAND gets it as ANTEROOM_QUEUE).
+    #[arg(long, default_value = "conformance")]
+    pub(crate) queue: String,
+
+    /// How long COMMAND may take to start beating.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) start_timeout: Duration,
+
+    /// The dispatcher to check, after `--`.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub(crate) command: Vec<String>,
 }
 
 /// Flags of `anteroom demo`.

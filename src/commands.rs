@@ -50,6 +50,7 @@ pub(crate) async fn run(
         Command::Reap(args) => ops::reap(args).await,
         Command::Window(args) => ops::window(args).await,
         Command::Demo(args) => done(crate::demo::run(args).await),
+        Command::Conformance(args) => crate::conformance::run(args).await,
     }
 }
 

@@ -32,6 +32,7 @@ mod check;
 mod cli;
 mod commands;
 mod config;
+mod conformance;
 mod demo;
 #[cfg(test)]
 mod doc_tests;

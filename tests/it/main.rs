@@ -5,6 +5,7 @@
 mod cli;
 mod cluster;
 mod config;
+mod conformance;
 mod failures;
 mod hostile;
 mod hostile_inputs;

@@ -1,0 +1,711 @@
+//! `anteroom conformance -- COMMAND...`: proves a dispatcher speaks the
+//! protocol (docs/protocol.md) by driving it as a producer would.
+//!
+//! The kit starts COMMAND with `ANTEROOM_REDIS`, `ANTEROOM_QUEUE`,
+//! `ANTEROOM_HEARTBEAT_TTL` (3s), `ANTEROOM_GRACE` (10s) and
+//! `ANTEROOM_CONFORMANCE_LOG` (a file) in its environment; COMMAND must
+//! serve the reference app of docs/clients.md ("The conformance kit") on
+//! that queue. The kit pushes envelopes itself, reads the replies from a
+//! reply list of its own, pauses and resumes the queue, and signals the
+//! process; it prints one line per case and `N passed, M failed`, and
+//! exits 1 on any failure.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anteroom_control::Queue;
+use anteroom_control::queue;
+use anteroom_protocol::{
+    DeadLetter, DispatcherHeartbeat, HeaderList, HttpVersion, Reply, RequestEnvelope, now_ms,
+};
+use anteroom_redis::local::LocalRedis;
+use anyhow::Context;
+use bytes::Bytes;
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::ConformanceArgs;
+
+/// The heartbeat TTL the kit asks for: a killed dispatcher is dead this
+/// soon.
+const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
+/// How long a reply may take in the cases that expect one.
+const REPLY_WAIT: Duration = Duration::from_secs(10);
+/// The proxy id of the kit's reply list.
+const KIT_ID: &str = "conformance-kit";
+
+/// What came back for one request: a whole reply or an assembled stream.
+#[derive(Debug, Default)]
+struct Answer {
+    status: u16,
+    headers: HeaderList,
+    body: Vec<u8>,
+    streamed: bool,
+    done: bool,
+    aborted: Option<String>,
+}
+
+/// The kit's reply list, read in the background.
+#[derive(Default)]
+struct Replies {
+    answers: Mutex<HashMap<String, Answer>>,
+    arrived: Notify,
+}
+
+impl Replies {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Answer>> {
+        self.answers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn deliver(&self, raw: Bytes) {
+        let Ok(reply) = Reply::decode(raw) else {
+            return;
+        };
+        let mut answers = self.lock();
+        let answer = answers.entry(reply.id().to_owned()).or_default();
+        match reply {
+            Reply::Complete(r) => {
+                answer.status = r.status;
+                answer.headers = r.headers;
+                answer.body = r.body.to_vec();
+                answer.done = true;
+            }
+            Reply::Head(h) => {
+                answer.status = h.status;
+                answer.headers = h.headers;
+                answer.streamed = true;
+            }
+            Reply::Chunk(c) => answer.body.extend_from_slice(&c.data),
+            Reply::End(e) => {
+                answer.aborted = e.aborted;
+                answer.done = true;
+            }
+            _ => {}
+        }
+        drop(answers);
+        self.arrived.notify_waiters();
+    }
+
+    /// The answer to `id`, once whole, within `wait`.
+    async fn wait(&self, id: &str, wait: Duration) -> Option<Answer> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let arrived = self.arrived.notified();
+            if self.lock().get(id).is_some_and(|a| a.done) {
+                return self.lock().remove(id);
+            }
+            if tokio::time::timeout_at(until, arrived).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Whether anything at all came for `id`.
+    fn any(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+}
+
+/// The kit's state: the queue, its reply list, the dispatcher under test.
+struct Kit {
+    queue: Queue,
+    replies: Arc<Replies>,
+    reply_to: String,
+    command: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    dir: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+/// One case's outcome: a detail when it passed, why when it failed.
+type Outcome = Result<String, String>;
+
+impl Kit {
+    fn envelope(
+        &self,
+        method: &str,
+        uri: &str,
+        headers: HeaderList,
+        body: &[u8],
+    ) -> RequestEnvelope {
+        let now = now_ms();
+        RequestEnvelope {
+            id: uuid::Uuid::new_v4().hyphenated().to_string(),
+            method: method.to_owned(),
+            uri: uri.to_owned(),
+            version: HttpVersion::Http11,
+            headers,
+            body: Bytes::copy_from_slice(body),
+            reply_to: self.reply_to.clone(),
+            client_addr: Some("127.0.0.1:1".to_owned()),
+            enqueued_at_ms: now,
+            deadline_ms: now + 30_000,
+            dedupe: false,
+            stream: false,
+            body_follows: false,
+            websocket: false,
+        }
+    }
+
+    async fn push(&self, envelope: &RequestEnvelope) -> anyhow::Result<()> {
+        self.push_raw(&envelope.encode()).await
+    }
+
+    async fn push_raw(&self, raw: &[u8]) -> anyhow::Result<()> {
+        let mut conn = self.queue.connection();
+        redis::cmd("LPUSH")
+            .arg(self.queue.keys().requests())
+            .arg(raw)
+            .query_async::<()>(&mut conn)
+            .await
+            .context("LPUSH to the requests list")
+    }
+
+    /// Sends `envelope` and waits for its whole answer.
+    async fn ask(&self, envelope: &RequestEnvelope) -> Result<Answer, String> {
+        self.push(envelope).await.map_err(|e| e.to_string())?;
+        self.replies
+            .wait(&envelope.id, REPLY_WAIT)
+            .await
+            .ok_or_else(|| {
+                format!(
+                    "no answer to {} {} within {REPLY_WAIT:?}",
+                    envelope.method, envelope.uri
+                )
+            })
+    }
+
+    /// Starts the command and waits for its heartbeat.
+    async fn start(&mut self, wait: Duration) -> Result<(), String> {
+        self.starts += 1;
+        let out = std::fs::File::create(self.dir.join(format!("dispatcher-{}.log", self.starts)))
+            .map_err(|e| e.to_string())?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        let mut command = Command::new(&self.command[0]);
+        command
+            .args(&self.command[1..])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {:?}: {e}", self.command[0]))?;
+        let pid = child.id();
+        self.child = Some(child);
+        let found = tokio::time::timeout(wait, async {
+            loop {
+                let beating = self.heartbeats().await.iter().any(|h| Some(h.pid) == pid);
+                if beating {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        found.map_err(|_| {
+            format!(
+                "no heartbeat from the command within {wait:?} (its output: {})",
+                self.dir.display()
+            )
+        })
+    }
+
+    async fn heartbeats(&self) -> Vec<DispatcherHeartbeat> {
+        self.queue
+            .status()
+            .await
+            .map(|s| s.dispatchers.into_iter().map(|d| d.heartbeat).collect())
+            .unwrap_or_default()
+    }
+
+    /// Requests held in processing lists now.
+    async fn held(&self) -> u64 {
+        self.queue
+            .status()
+            .await
+            .map(|s| {
+                s.dispatchers.iter().map(|d| d.held).sum::<u64>()
+                    + s.orphaned.iter().map(|o| o.held).sum::<u64>()
+            })
+            .unwrap_or(0)
+    }
+
+    async fn until_held(&self, n: u64, wait: Duration) -> Result<(), String> {
+        let until = tokio::time::Instant::now() + wait;
+        while self.held().await != n {
+            if tokio::time::Instant::now() >= until {
+                return Err(format!(
+                    "the dispatcher did not take {n} request(s) within {wait:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn touched(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .map(|t| t.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) -> Result<(), String> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .ok_or("the command is not running")?;
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .map_err(|e| e.to_string())?;
+        status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("kill -{signal} failed"))
+    }
+}
+
+fn header<'a>(answer: &'a Answer, name: &str) -> Vec<&'a [u8]> {
+    answer
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_ref())
+        .collect()
+}
+
+async fn binary_bodies(kit: &mut Kit) -> Outcome {
+    let body: Vec<u8> = (0..4).flat_map(|_| 0..=255u8).collect();
+    let answer = kit
+        .ask(&kit.envelope("POST", "/echo", Vec::new(), &body))
+        .await?;
+    if answer.status != 200 || answer.body != body {
+        return Err(format!(
+            "status {}, {} bytes back of {}",
+            answer.status,
+            answer.body.len(),
+            body.len()
+        ));
+    }
+    Ok(format!("{} bytes, every byte value", body.len()))
+}
+
+async fn header_values(kit: &mut Kit) -> Outcome {
+    let sent: HeaderList = vec![
+        ("x-test-repeat".into(), Bytes::from_static(b"one")),
+        ("x-test-repeat".into(), Bytes::from_static(b"two")),
+        ("x-test-latin".into(), Bytes::from_static(b"caf\xe9")),
+    ];
+    let answer = kit
+        .ask(&kit.envelope("GET", "/echo?x=1", sent, b""))
+        .await?;
+    let repeat = header(&answer, "x-test-repeat");
+    let latin = header(&answer, "x-test-latin");
+    if repeat != [&b"one"[..], b"two"] || latin != [&b"caf\xe9"[..]] {
+        return Err(format!("x-test-repeat {repeat:?}, x-test-latin {latin:?}"));
+    }
+    let method = header(&answer, "x-method");
+    let target = header(&answer, "x-target");
+    if method != [&b"GET"[..]] || target != [&b"/echo?x=1"[..]] {
+        return Err(format!("x-method {method:?}, x-target {target:?}"));
+    }
+    Ok("repeated and ISO-8859-1 values, method and target".into())
+}
+
+async fn status_passed(kit: &mut Kit) -> Outcome {
+    let answer = kit
+        .ask(&kit.envelope("GET", "/status/418", Vec::new(), b""))
+        .await?;
+    if answer.status != 418 || header(&answer, "x-status") != [&b"418"[..]] {
+        return Err(format!(
+            "status {}, x-status {:?}",
+            answer.status,
+            header(&answer, "x-status")
+        ));
+    }
+    Ok("418 and its header".into())
+}
+
+async fn concurrent(kit: &mut Kit) -> Outcome {
+    let envelopes: Vec<RequestEnvelope> = (0..20)
+        .map(|i| {
+            kit.envelope(
+                "POST",
+                "/echo",
+                Vec::new(),
+                format!("request {i}").as_bytes(),
+            )
+        })
+        .collect();
+    for envelope in &envelopes {
+        kit.push(envelope).await.map_err(|e| e.to_string())?;
+    }
+    for envelope in &envelopes {
+        let answer = kit
+            .replies
+            .wait(&envelope.id, REPLY_WAIT)
+            .await
+            .ok_or("not every request was answered")?;
+        if answer.body != envelope.body {
+            return Err(format!(
+                "{:?} got {:?}",
+                envelope.body,
+                String::from_utf8_lossy(&answer.body)
+            ));
+        }
+    }
+    Ok("20 at once, each its own answer".into())
+}
+
+async fn streamed(kit: &mut Kit) -> Outcome {
+    let mut envelope = kit.envelope("GET", "/stream?n=3&ms=100", Vec::new(), b"");
+    envelope.stream = true;
+    let answer = kit.ask(&envelope).await?;
+    let want = b"chunk 0\nchunk 1\nchunk 2\n";
+    if answer.status != 200 || answer.body != want || answer.aborted.is_some() {
+        return Err(format!(
+            "status {}, body {:?}, aborted {:?}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body),
+            answer.aborted
+        ));
+    }
+    Ok(if answer.streamed {
+        "streamed"
+    } else {
+        "whole (the dispatcher does not stream)"
+    }
+    .into())
+}
+
+async fn expired(kit: &mut Kit) -> Outcome {
+    let mut envelope = kit.envelope("GET", "/touch/expired", Vec::new(), b"");
+    envelope.enqueued_at_ms -= 60_000;
+    envelope.deadline_ms = now_ms() - 1;
+    kit.push(&envelope).await.map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if kit.touched().iter().any(|t| t == "expired") {
+        return Err("the app ran a request past its deadline".into());
+    }
+    if kit.replies.any(&envelope.id) {
+        return Err("a reply came for a request past its deadline".into());
+    }
+    let waiting = kit.queue.status().await.map(|s| s.waiting).unwrap_or(1);
+    if waiting != 0 || kit.held().await != 0 {
+        return Err("the expired request was not removed".into());
+    }
+    Ok("not run, no reply, removed".into())
+}
+
+async fn garbage(kit: &mut Kit) -> Outcome {
+    let raw = b"\x01Qnot an envelope at all";
+    kit.push_raw(raw).await.map_err(|e| e.to_string())?;
+    let dead_key = kit.queue.keys().dead();
+    for _ in 0..100 {
+        let mut conn = kit.queue.connection();
+        let dead: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(&dead_key)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(letter) = dead
+            .into_iter()
+            .filter_map(|d| DeadLetter::decode(Bytes::from(d)).ok())
+            .find(|d| d.original.as_ref() == raw)
+        {
+            if kit.held().await != 0 {
+                return Err("dead-lettered but still in the processing list".into());
+            }
+            return Ok(format!("reason: {}", letter.reason));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("not in the dead-letter list within 5 s".into())
+}
+
+async fn pause_and_resume(kit: &mut Kit) -> Outcome {
+    kit.queue
+        .pause("conformance kit", Some(Duration::from_secs(60)), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let quiet = kit
+        .queue
+        .wait_quiescent(Duration::from_secs(10), |_| {})
+        .await;
+    if let Err(err) = quiet {
+        let _ = kit.queue.resume().await;
+        return Err(format!("the pause was not acknowledged: {err}"));
+    }
+    let envelope = kit.envelope("POST", "/echo", Vec::new(), b"after the pause");
+    kit.push(&envelope).await.map_err(|e| e.to_string())?;
+    let early = kit.replies.wait(&envelope.id, Duration::from_secs(1)).await;
+    kit.queue.resume().await.map_err(|e| e.to_string())?;
+    if early.is_some() {
+        return Err("a request ran while the queue was paused".into());
+    }
+    let answer = kit
+        .replies
+        .wait(&envelope.id, REPLY_WAIT)
+        .await
+        .ok_or("no answer after resume")?;
+    if answer.body != b"after the pause" {
+        return Err("the wrong answer after resume".into());
+    }
+    Ok("acknowledged in its heartbeat, nothing taken while paused, served after resume".into())
+}
+
+async fn heartbeat_present(kit: &mut Kit) -> Outcome {
+    let beats = kit.heartbeats().await;
+    let beat = beats.first().ok_or("no heartbeat")?;
+    if beat.concurrency == 0 {
+        return Err("a heartbeat with concurrency 0".into());
+    }
+    Ok(format!(
+        "pid {}, concurrency {}",
+        beat.pid, beat.concurrency
+    ))
+}
+
+async fn graceful_stop(kit: &mut Kit) -> Outcome {
+    let envelope = kit.envelope("GET", "/touch/graceful?ms=1500", Vec::new(), b"");
+    kit.push(&envelope).await.map_err(|e| e.to_string())?;
+    kit.until_held(1, REPLY_WAIT).await?;
+    let pid = kit.child.as_ref().and_then(Child::id);
+    kit.signal("TERM")?;
+    let answer = kit
+        .replies
+        .wait(&envelope.id, REPLY_WAIT)
+        .await
+        .ok_or("the in-flight request got no answer")?;
+    if answer.status != 200 {
+        return Err(format!("the in-flight request got {}", answer.status));
+    }
+    let mut child = kit.child.take().ok_or("no process")?;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .map_err(|_| "did not exit within 15 s of SIGTERM".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("exited with {status} after SIGTERM"));
+    }
+    if kit.heartbeats().await.iter().any(|h| Some(h.pid) == pid) {
+        return Err("its heartbeat was left behind".into());
+    }
+    Ok("in-flight request answered, exit 0, heartbeat removed".into())
+}
+
+async fn killed_and_reaped(kit: &mut Kit) -> Outcome {
+    kit.start(Duration::from_secs(30)).await?;
+    let safe = kit.envelope("GET", "/touch/safe?ms=4000", Vec::new(), b"");
+    let unsafe_ = kit.envelope("POST", "/touch/unsafe?ms=4000", Vec::new(), b"");
+    kit.push(&safe).await.map_err(|e| e.to_string())?;
+    kit.push(&unsafe_).await.map_err(|e| e.to_string())?;
+    kit.until_held(2, REPLY_WAIT).await?;
+    // Both running (the app has touched both) before the kill.
+    let until = tokio::time::Instant::now() + REPLY_WAIT;
+    while !(kit.touched().contains(&"safe".to_owned())
+        && kit.touched().contains(&"unsafe".to_owned()))
+    {
+        if tokio::time::Instant::now() >= until {
+            return Err("the app did not start both requests".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kit.signal("KILL")?;
+    if let Some(mut child) = kit.child.take() {
+        let _ = child.wait().await;
+    }
+    // Dead once its heartbeat expires; then reaped.
+    tokio::time::sleep(HEARTBEAT_TTL + Duration::from_millis(500)).await;
+    let report = kit
+        .queue
+        .reap_once(Duration::from_secs(60))
+        .await
+        .map_err(|e| e.to_string())?;
+    kit.start(Duration::from_secs(30)).await?;
+    let unsafe_answer = kit
+        .replies
+        .wait(&unsafe_.id, REPLY_WAIT)
+        .await
+        .ok_or("the unsafe request got no answer")?;
+    let safe_answer = kit
+        .replies
+        .wait(&safe.id, REPLY_WAIT)
+        .await
+        .ok_or("the safe request got no answer")?;
+    if unsafe_answer.status != 502 {
+        return Err(format!(
+            "the unsafe request got {}, not 502",
+            unsafe_answer.status
+        ));
+    }
+    if safe_answer.status != 200 {
+        return Err(format!("the safe request got {}", safe_answer.status));
+    }
+    let runs = |name: &str| kit.touched().iter().filter(|t| *t == name).count();
+    if runs("safe") != 2 || runs("unsafe") != 1 {
+        return Err(format!(
+            "ran safe {} and unsafe {} times",
+            runs("safe"),
+            runs("unsafe")
+        ));
+    }
+    Ok(format!(
+        "{} re-queued and run again, {} answered 502",
+        report.requeued, report.answered
+    ))
+}
+
+/// Runs the kit; exit status 0 when every case passed.
+pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
+    let (redis_url, _private) = match &args.redis {
+        Some(url) => (url.clone(), None),
+        None => {
+            let redis = tokio::task::spawn_blocking(LocalRedis::start)
+                .await
+                .context("starting redis-server")??;
+            (redis.url(), Some(redis))
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("anteroom-conformance-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = dir.join("touched");
+    let queue = Queue::connect(&redis_url, &args.queue, Duration::from_secs(5)).await?;
+    let (target, _) = anteroom_redis::connect(&redis_url, Duration::from_secs(5)).await?;
+    let reply_to = queue.keys().replies(KIT_ID);
+    let replies = Arc::new(Replies::default());
+    let stop = CancellationToken::new();
+    let reader = {
+        let (replies, stop, reply_to) = (Arc::clone(&replies), stop.clone(), reply_to.clone());
+        tokio::spawn(async move {
+            let deliver = |raw| replies.deliver(raw);
+            queue::follow_list(
+                &target,
+                &reply_to,
+                Duration::from_secs(5),
+                &stop,
+                "conformance reader",
+                deliver,
+            )
+            .await;
+        })
+    };
+    let env = vec![
+        ("ANTEROOM_REDIS".to_owned(), redis_url.clone()),
+        ("ANTEROOM_QUEUE".to_owned(), args.queue.clone()),
+        (
+            "ANTEROOM_HEARTBEAT_TTL".to_owned(),
+            humantime::format_duration(HEARTBEAT_TTL).to_string(),
+        ),
+        ("ANTEROOM_GRACE".to_owned(), "10s".to_owned()),
+        (
+            "ANTEROOM_CONFORMANCE_LOG".to_owned(),
+            log.display().to_string(),
+        ),
+    ];
+    let mut kit = Kit {
+        queue,
+        replies,
+        reply_to,
+        command: args.command.clone(),
+        env,
+        log,
+        dir: dir.clone(),
+        child: None,
+        starts: 0,
+    };
+    println!(
+        "conformance: {} on queue {:?}",
+        args.command.join(" "),
+        args.queue
+    );
+    let (mut passed, mut failed) = (0, 0);
+    let mut report = |name: &str, outcome: Outcome| match outcome {
+        Ok(detail) => {
+            passed += 1;
+            println!("  ok    {name} ({detail})");
+        }
+        Err(why) => {
+            failed += 1;
+            println!("  FAIL  {name}: {why}");
+        }
+    };
+    match kit.start(args.start_timeout).await {
+        Err(why) => report("starts and beats", Err(why)),
+        Ok(()) => {
+            report("heartbeat present", heartbeat_present(&mut kit).await);
+            report("binary bodies byte-exact", binary_bodies(&mut kit).await);
+            report(
+                "repeated and Latin-1 header values",
+                header_values(&mut kit).await,
+            );
+            report(
+                "status and headers passed through",
+                status_passed(&mut kit).await,
+            );
+            report(
+                "concurrent requests not crossed",
+                concurrent(&mut kit).await,
+            );
+            report("streamed response", streamed(&mut kit).await);
+            report("expired deadline never run", expired(&mut kit).await);
+            report("garbage envelope dead-lettered", garbage(&mut kit).await);
+            report(
+                "pause acknowledged and resume honoured",
+                pause_and_resume(&mut kit).await,
+            );
+            report(
+                "graceful SIGTERM finishes in-flight work",
+                graceful_stop(&mut kit).await,
+            );
+            report(
+                "SIGKILL mid-request, then reaped",
+                killed_and_reaped(&mut kit).await,
+            );
+            report(
+                "clean stop removes the heartbeat",
+                clean_stop(&mut kit).await,
+            );
+        }
+    }
+    if let Some(mut child) = kit.child.take() {
+        let _ = child.kill().await;
+    }
+    stop.cancel();
+    let _ = reader.await;
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("(the command's output: {})", dir.display());
+        Ok(ExitCode::from(1))
+    }
+}
+
+async fn clean_stop(kit: &mut Kit) -> Outcome {
+    let pid = kit.child.as_ref().and_then(Child::id);
+    kit.signal("TERM")?;
+    let mut child = kit.child.take().ok_or("no process")?;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .map_err(|_| "did not exit within 15 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!("exited with {status}"));
+    }
+    if kit.heartbeats().await.iter().any(|h| Some(h.pid) == pid) {
+        return Err("its heartbeat was left behind".into());
+    }
+    Ok("exit 0, heartbeat removed".into())
+}

@@ -1,0 +1,70 @@
+//! The conformance kit (`anteroom conformance`): the Rust dispatcher, with
+//! the reference app (`examples/conformance_app.rs`), passes every case;
+//! a command that is no dispatcher fails, and the kit says so and exits 1.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anteroom_testkit::start_redis;
+
+use crate::support::bin::command;
+
+/// `target/<profile>/examples/conformance_app`, which `cargo test` builds
+/// with the tests.
+fn reference_app() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let app = profile.join("examples").join("conformance_app");
+    assert!(
+        app.exists(),
+        "{} is missing: `cargo test` builds it (or `cargo build --example conformance_app`)",
+        app.display()
+    );
+    app
+}
+
+/// Runs the kit against `dispatcher`; its exit status and output.
+async fn conformance(redis_url: &str, extra: &[&str], dispatcher: &[&str]) -> (bool, String) {
+    let mut cmd = tokio::process::Command::from(command());
+    cmd.args(["conformance", "--redis", redis_url])
+        .args(extra)
+        .arg("--")
+        .args(dispatcher);
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("the kit finishes within 3 minutes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{text}");
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_dispatcher_passes_every_case() {
+    let redis = start_redis();
+    let app = reference_app();
+    let (ok, text) = conformance(&redis.url(), &[], &[app.to_str().unwrap()]).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("12 passed, 0 failed"), "{text}");
+    for case in [
+        "binary bodies byte-exact",
+        "repeated and Latin-1 header values",
+        "expired deadline never run",
+        "garbage envelope dead-lettered",
+        "pause acknowledged and resume honoured",
+        "graceful SIGTERM finishes in-flight work",
+        "SIGKILL mid-request, then reaped",
+        "streamed response (streamed)",
+    ] {
+        assert!(text.contains(&format!("ok    {case}")), "{case}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_is_no_dispatcher_fails_the_kit() {
+    let redis = start_redis();
+    let (ok, text) = conformance(&redis.url(), &["--start-timeout", "2s"], &["sleep", "30"]).await;
+    assert!(!ok, "{text}");
+    assert!(text.contains("FAIL  starts and beats"), "{text}");
+    assert!(text.contains("0 passed, 1 failed"), "{text}");
+}
