@@ -1,0 +1,199 @@
+"""The dispatcher loop (docs/protocol.md, "What a dispatcher does"), for
+any handler ``handle(request) -> (status, [(name, bytes)], body bytes)``.
+
+One thread pulls (``BLMOVE`` into this dispatcher's processing list, at
+most as many held as there are worker threads), the workers run the
+handler, one thread beats. Pauses are seen before each pull and
+acknowledged in the heartbeat; SIGTERM or SIGINT stops pulling, lets the
+requests in hand finish within the grace period, then removes the
+heartbeat.
+"""
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import redis
+
+from . import protocol
+from .protocol import DecodeError, Keys, now_ms
+
+log = logging.getLogger("anteroom")
+
+#: How long a reply list lives without a new reply (as the Rust dispatcher).
+REPLY_TTL_MS = 60_000
+#: How long one blocked pull waits: a pause is seen at most this late.
+PULL_BLOCK_S = 0.1
+
+FAILED = (502, [("content-type", b"text/plain; charset=utf-8")],
+          b"the backend failed to handle the request\n")
+
+
+class Dispatcher:
+    """Serves ``handler`` on ``queue`` of the Redis at ``redis_url``."""
+
+    def __init__(self, handler, redis_url, queue, threads=8, heartbeat_ttl=10.0, grace=30.0,
+                 label="python"):
+        self.handler = handler
+        self.redis = redis.Redis.from_url(redis_url, health_check_interval=30)
+        self.keys = Keys(queue)
+        self.threads = max(1, threads)
+        self.heartbeat_ttl = max(0.3, heartbeat_ttl)
+        self.grace = grace
+        self.label = label
+        self.id = "py-" + uuid.uuid4().hex[:16]
+        self.processing = self.keys.processing(self.id)
+        self.stopping = threading.Event()
+        self.beat_now = threading.Event()
+        self.in_flight = 0
+        self.lock = threading.Lock()
+        self.acknowledged = None
+        self.started_at_ms = now_ms()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def run(self):
+        """Serves until SIGTERM or SIGINT (installed here, in the main thread)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+        self.redis.sadd("anteroom:queues", self.keys.queue)
+        self.beat()
+        beating = threading.Thread(target=self.heartbeat, name="anteroom-heartbeat", daemon=True)
+        beating.start()
+        log.info("dispatcher %s serving queue %s with %d threads", self.id, self.keys.queue, self.threads)
+        slots = threading.BoundedSemaphore(self.threads)
+        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="anteroom-worker")
+        try:
+            self.pull(pool, slots)
+        finally:
+            pool.shutdown(wait=False)
+            deadline = time.monotonic() + self.grace
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if self.running():
+                log.warning("grace period over with %d requests running; they stay in the processing list",
+                            self.running())
+            self.redis.pipeline(transaction=False).delete(self.keys.dispatcher(self.id)).zrem(
+                self.keys.dispatchers, self.id).execute()
+            log.info("dispatcher %s stopped", self.id)
+
+    def stop(self):
+        self.stopping.set()
+        self.beat_now.set()
+
+    def running(self):
+        with self.lock:
+            return self.in_flight
+
+    # -- pulling -----------------------------------------------------------
+
+    def paused(self):
+        record = self.redis.get(self.keys.paused)
+        if record is None:
+            return None
+        try:
+            return json.loads(record)["id"]
+        except (ValueError, KeyError, TypeError):
+            return record.decode("latin-1")  # anything else still means paused
+
+    def pull(self, pool, slots):
+        while not self.stopping.is_set():
+            try:
+                pause_id = self.paused()
+                if pause_id != self.acknowledged:
+                    # No pull is outstanding here: acknowledged at once.
+                    self.acknowledged = pause_id
+                    self.beat_now.set()
+                if pause_id is not None:
+                    self.stopping.wait(0.05)
+                    continue
+                if not slots.acquire(timeout=0.05):
+                    continue
+                raw = self.redis.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
+            except redis.RedisError as err:
+                log.warning("pulling failed: %s; retrying", err)
+                self.stopping.wait(0.5)
+                continue
+            if raw is None:
+                slots.release()
+                continue
+            with self.lock:
+                self.in_flight += 1
+            pool.submit(self.handle_and_release, raw, slots)
+
+    def handle_and_release(self, raw, slots):
+        try:
+            self.handle(raw)
+        except Exception:  # noqa: BLE001 - a worker must survive anything
+            log.exception("handling a request failed; it stays in the processing list")
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+            slots.release()
+
+    # -- one request -------------------------------------------------------
+
+    def handle(self, raw):
+        try:
+            kind, meta, body = protocol.decode(raw)
+            if kind != "Q":
+                raise DecodeError(f"kind {kind!r} is not supported by this dispatcher "
+                                  "(only 'Q': streamed request bodies and WebSockets are not)")
+            request = protocol.Request(meta, body)
+        except DecodeError as err:
+            return self.set_aside(raw, f"does not decode: {err}")
+        if not self.keys.is_replies(request.reply_to):
+            return self.set_aside(raw, f"reply_to {request.reply_to!r} is not a reply list of queue {self.keys.queue}")
+        now = now_ms()
+        if request.deadline_ms - now > protocol.MAX_HOLD_MS:
+            return self.set_aside(raw, "deadline more than 24 h ahead")
+        if now >= request.deadline_ms:
+            self.redis.lrem(self.processing, 1, raw)  # the client has its 504
+            return None
+        if request.dedupe:
+            ttl = max(1, request.deadline_ms - now + REPLY_TTL_MS)
+            if not self.redis.set(self.keys.claimed(request.id), self.id, nx=True, px=ttl):
+                self.redis.lrem(self.processing, 1, raw)  # another delivery has it
+                return None
+        try:
+            status, headers, out = self.handler(request)
+        except Exception:  # noqa: BLE001 - the app's failure is the client's 502
+            log.exception("the app failed on %s %s", request.method, request.uri)
+            status, headers, out = FAILED
+        reply = protocol.response(request.id, status, headers, out)
+        self.redis.pipeline(transaction=True).rpush(request.reply_to, reply).pexpire(
+            request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
+        return None
+
+    def set_aside(self, raw, reason):
+        log.error("moving an envelope to the dead-letter list: %s", reason)
+        letter = protocol.dead_letter(raw, reason, self.id)
+        self.redis.pipeline(transaction=True).lpush(self.keys.dead, letter).lrem(
+            self.processing, 1, raw).execute()
+
+    # -- heartbeat ---------------------------------------------------------
+
+    def beat(self):
+        pause_id = self.acknowledged
+        beat = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "label": self.label,
+                "concurrency": self.threads, "in_flight": self.running(), "paused": pause_id is not None,
+                "pause_id": pause_id, "started_at_ms": self.started_at_ms}
+        ttl_ms = int(self.heartbeat_ttl * 1000)
+        self.redis.pipeline(transaction=False).set(self.keys.dispatcher(self.id), json.dumps(beat), px=ttl_ms).zadd(
+            self.keys.dispatchers, {self.id: now_ms()}).execute()
+
+    def heartbeat(self):
+        while not self.stopping.is_set():
+            self.beat_now.wait(self.heartbeat_ttl / 3)
+            self.beat_now.clear()
+            if self.stopping.is_set():
+                return
+            try:
+                self.beat()
+            except redis.RedisError as err:
+                log.warning("heartbeat failed: %s", err)

@@ -1,0 +1,128 @@
+"""The Anteroom wire protocol, version 1 (docs/protocol.md): frames, keys.
+
+A frame is ``[version 0x01][kind][u32 BE meta_len][meta JSON][body]``.
+Header values are bytes, carried in JSON as strings of code points
+U+0000..U+00FF (ISO-8859-1), as WSGI carries them.
+"""
+import json
+import re
+import struct
+import time
+
+VERSION = 1
+#: Longest a deadline may lie ahead (24 h): further is no proxy's envelope.
+MAX_HOLD_MS = 24 * 3600 * 1000
+_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a frame of the expected kind (docs/protocol.md)."""
+
+
+def now_ms():
+    """Unix milliseconds, the unit of every deadline on the wire."""
+    return int(time.time() * 1000)
+
+
+def encode(kind, meta, body=b""):
+    """One frame of ``kind`` (a one-letter str) with ``meta`` (a dict;
+    ``body_len`` is set here) and ``body`` (bytes)."""
+    meta = dict(meta, body_len=len(body))
+    encoded = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    return bytes([VERSION, ord(kind)]) + struct.pack(">I", len(encoded)) + encoded + body
+
+
+def decode(raw):
+    """``(kind, meta, body)`` of a frame; DecodeError when it is not one."""
+    if len(raw) < 6:
+        raise DecodeError("shorter than a frame header")
+    if raw[0] != VERSION:
+        raise DecodeError(f"unsupported envelope version {raw[0]}")
+    (meta_len,) = struct.unpack(">I", raw[2:6])
+    if len(raw) < 6 + meta_len:
+        raise DecodeError(f"envelope is truncated: {6 + meta_len} bytes needed, {len(raw)} available")
+    try:
+        meta = json.loads(raw[6 : 6 + meta_len].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DecodeError(f"metadata is not JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise DecodeError("metadata is not a JSON object")
+    body = bytes(raw[6 + meta_len :])
+    if meta.get("body_len") != len(body):
+        raise DecodeError(f"body is {len(body)} bytes, body_len says {meta.get('body_len')}")
+    return chr(raw[1]), meta, body
+
+
+class Request:
+    """A request envelope (kind ``'Q'``), checked field by field."""
+
+    FIELDS = {"id": str, "method": str, "uri": str, "version": str, "reply_to": str,
+              "enqueued_at_ms": int, "deadline_ms": int}
+
+    def __init__(self, meta, body):
+        for name, kind in self.FIELDS.items():
+            if not isinstance(meta.get(name), kind):
+                raise DecodeError(f"request metadata: {name} missing or not {kind.__name__}")
+        headers = meta.get("headers")
+        if not isinstance(headers, list):
+            raise DecodeError("request metadata: headers is not a list")
+        try:
+            self.headers = [(str(n), v.encode("latin-1")) for n, v in headers]
+        except (ValueError, TypeError, UnicodeEncodeError, AttributeError):
+            raise DecodeError("request metadata: a header is not [name, ISO-8859-1 value]") from None
+        self.id = meta["id"]
+        self.method = meta["method"]
+        self.uri = meta["uri"]
+        self.version = meta["version"]
+        self.reply_to = meta["reply_to"]
+        self.client_addr = meta.get("client_addr")
+        self.enqueued_at_ms = meta["enqueued_at_ms"]
+        self.deadline_ms = meta["deadline_ms"]
+        self.dedupe = bool(meta.get("dedupe", False))
+        self.body = body
+
+    def is_safe_to_repeat(self):
+        return self.method in ("GET", "HEAD", "OPTIONS") or any(
+            n.lower() == "idempotency-key" for n, _ in self.headers)
+
+
+def response(request_id, status, headers, body):
+    """A whole response frame (``'R'``); ``headers`` are (str, bytes)."""
+    meta = {"id": request_id, "status": status,
+            "headers": [[name, value.decode("latin-1")] for name, value in headers]}
+    return encode("R", meta, body)
+
+
+def dead_letter(raw, reason, by):
+    """A dead letter (``'D'``) carrying ``raw``, byte for byte."""
+    return encode("D", {"reason": reason, "at_ms": now_ms(), "by": by}, raw)
+
+
+class Keys:
+    """The Redis key names of one queue (docs/protocol.md, "Redis keys")."""
+
+    def __init__(self, queue):
+        if not _ID.fullmatch(queue):
+            raise ValueError(f"queue name {queue!r}: 1 to 64 of A-Z a-z 0-9 . _ -")
+        self.queue = queue
+        self.prefix = f"anteroom:{{{queue}}}:"
+
+    def __getattr__(self, name):
+        if name in ("requests", "dispatchers", "paused", "dead"):
+            return self.prefix + name
+        raise AttributeError(name)
+
+    def processing(self, dispatcher_id):
+        return f"{self.prefix}processing:{dispatcher_id}"
+
+    def dispatcher(self, dispatcher_id):
+        return f"{self.prefix}dispatcher:{dispatcher_id}"
+
+    def claimed(self, request_id):
+        return f"{self.prefix}claimed:{request_id}"
+
+    def is_replies(self, key):
+        """Whether ``key`` is a reply list of this queue: a dispatcher
+        writes to no other key, whatever an envelope says."""
+        rest = key[len(self.prefix):] if key.startswith(self.prefix) else None
+        return rest is not None and rest.startswith("replies:") and bool(_ID.fullmatch(rest[8:]))
