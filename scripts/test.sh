@@ -7,7 +7,8 @@
 #     chromium, python3 with venv;
 #   - Python packages from tests/requirements.txt into the project's own
 #     virtual environment, .venv (never into the system Python; set
-#     ANTEROOM_TEST_VENV to keep it elsewhere);
+#     ANTEROOM_TEST_VENV to keep it elsewhere), and the Python client
+#     (clients/python), whose own tests then run with pytest;
 #   - Node's eventsource package into tests/apps/sse (npm ci).
 # Then runs `cargo test` with any arguments given here, e.g.
 #   bash scripts/test.sh round_trip
@@ -98,6 +99,15 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "$want" > "$stamp"
 fi
 export ANTEROOM_TEST_VENV="$venv"
+
+# The Python client (clients/python) goes into the same environment at
+# every run (it changes with the code, not with the requirements; the
+# environment's own setuptools builds it, no download), and its own tests
+# run with pytest; the integration tests then use its anteroom-wsgi.
+say "installing clients/python into $venv; its tests (pytest)"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation ./clients/python
+rm -rf clients/python/build
+"$venv/bin/python" -m pytest -q -p no:cacheprovider clients/python/tests
 
 # A real EventSource client (Node's eventsource package, pinned by
 # tests/apps/sse/package-lock.json) for the streaming tests; Node from the

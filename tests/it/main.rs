@@ -32,3 +32,4 @@ mod support;
 mod upgrade;
 mod uploads;
 mod websockets;
+mod wsgi;

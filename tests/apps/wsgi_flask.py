@@ -1,0 +1,15 @@
+"""A Flask app for anteroom-wsgi (tests/it/wsgi.rs)."""
+from flask import Flask, jsonify, request
+
+app = Flask(__name__)
+
+
+@app.get("/hello")
+def hello():
+    return f"hello from flask, {request.args.get('name', 'world')}\n"
+
+
+@app.post("/echo")
+def echo():
+    return jsonify(framework="flask", method=request.method, path=request.path,
+                   body=request.get_data(as_text=True), header=request.headers.get("X-Test"))

@@ -1,0 +1,87 @@
+//! The Python client's `anteroom-wsgi` (clients/python): real Flask and
+//! Django apps served through a real proxy, and the conformance kit passed.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anteroom_testkit::{LocalRedis, start_redis};
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+
+use crate::support::bin::{BinProcess, command};
+use crate::support::web::{client, get, send};
+use crate::support::{TestProxy, venv};
+
+/// `anteroom-wsgi APP` on `queue`, run from `dir` (where APP's module is).
+fn wsgi(redis: &LocalRedis, queue: &str, dir: &Path, app: &str) -> BinProcess {
+    let mut cmd = std::process::Command::new(venv::bin("anteroom-wsgi"));
+    cmd.args(["--threads", "4", app])
+        .current_dir(dir)
+        .env("ANTEROOM_REDIS", redis.url())
+        .env("ANTEROOM_QUEUE", queue)
+        .env("ANTEROOM_GRACE", "2s")
+        .stdout(Stdio::null());
+    BinProcess::spawn_cmd(&mut cmd)
+}
+
+fn apps_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flask_and_django_apps_are_served_through_the_proxy() {
+    let redis = start_redis();
+    let c = client();
+    for (queue, app, framework) in [
+        ("flask", "wsgi_flask:app", "flask"),
+        ("django", "wsgi_django:application", "django"),
+    ] {
+        let proxy = TestProxy::start(&redis, queue).await;
+        let _app = wsgi(&redis, queue, apps_dir(), app);
+        let hello = get(&c, &proxy.url("/hello?name=anteroom")).await;
+        assert_eq!(
+            hello.status,
+            StatusCode::OK,
+            "{framework}: {}",
+            hello.text()
+        );
+        assert_eq!(hello.text(), format!("hello from {framework}, anteroom\n"));
+        let req = Request::post(proxy.url("/echo"))
+            // One ISO-8859-1 byte, as PEP 3333 hands it to the app.
+            .header("x-test", http::HeaderValue::from_bytes(b"caf\xe9").unwrap())
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from("é and bytes")))
+            .unwrap();
+        let echo = send(&c, req).await;
+        assert_eq!(echo.status, StatusCode::OK, "{framework}: {}", echo.text());
+        let json: serde_json::Value = serde_json::from_str(&echo.text()).unwrap();
+        assert_eq!(json["framework"], framework);
+        assert_eq!(json["method"], "POST");
+        assert_eq!(json["path"], "/echo");
+        assert_eq!(json["body"], "é and bytes");
+        assert_eq!(json["header"], "caf\u{e9}");
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anteroom_wsgi_passes_the_conformance_kit() {
+    let redis = start_redis();
+    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/tests"));
+    let wsgi = venv::bin("anteroom-wsgi");
+    let mut cmd = tokio::process::Command::from(command());
+    cmd.args(["conformance", "--redis", &redis.url(), "--"])
+        .arg(&wsgi)
+        .args(["--threads", "8", "conformance_app:app"])
+        .current_dir(dir);
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("the kit finishes within 3 minutes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("12 passed, 0 failed"), "{text}");
+}
