@@ -281,7 +281,7 @@ pub(crate) struct ProxyArgs {
     pub(crate) stream_idle_timeout: Duration,
 
     /// Most WebSockets open (or waiting for their handshake's answer) at
-    /// once; past it a handshake gets 503.
+    /// once; past it a handshake gets 503 (0: every handshake gets 503).
     #[arg(long, env = "ANTEROOM_MAX_WEBSOCKETS", default_value_t = anteroom_proxy::defaults::MAX_WEBSOCKETS)]
     pub(crate) max_websockets: usize,
 
@@ -291,8 +291,8 @@ pub(crate) struct ProxyArgs {
     pub(crate) websocket_max_message: usize,
 
     /// A client WebSocket silent this long is pinged; silent twice as long,
-    /// it is closed. Keeps sockets open through idle load balancers and
-    /// NAT, and finds dead clients.
+    /// its connection is dropped. Keeps sockets open through idle load
+    /// balancers and NAT, and finds dead clients (0s: never ping).
     #[arg(long, env = "ANTEROOM_WEBSOCKET_PING", default_value = duration_text(anteroom_proxy::defaults::WEBSOCKET_PING_INTERVAL), value_parser = parse_duration)]
     pub(crate) websocket_ping: Duration,
 

@@ -148,7 +148,10 @@ fn websocket_echo(mut req: Request<Body>) -> Response<Body> {
         return Response::builder()
             .status(StatusCode::UPGRADE_REQUIRED)
             .header(header::UPGRADE, "websocket")
-            .body(Body::from("/ws is a WebSocket: connect to ws://…/ws\n"))
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Body::from(
+                "/ws is a WebSocket: connect to it with ws://, not http://\n",
+            ))
             .unwrap_or_default();
     };
     let upgrade = hyper::upgrade::on(&mut req);

@@ -70,7 +70,13 @@ pub(crate) fn render(report: &StatusReport) -> String {
                     printable(&hb.label),
                     format!("{}/{}", hb.in_flight, hb.concurrency),
                     d.held,
-                    dispatcher_state(hb, q.checked_at_ms)
+                    match hb.websockets {
+                        0 => dispatcher_state(hb, q.checked_at_ms),
+                        n => format!(
+                            "{}, {n} websocket(s) open (held, not running)",
+                            dispatcher_state(hb, q.checked_at_ms)
+                        ),
+                    }
                 );
             }
         }
@@ -167,7 +173,7 @@ fn state_word(hb: &anteroom_protocol::DispatcherHeartbeat) -> &'static str {
 pub(crate) fn busy_lines(q: &Quiescence) -> String {
     let mut out = String::new();
     for d in q.busy() {
-        let why = if d.held > 0 {
+        let why = if d.held > d.heartbeat.websockets {
             format!("{} in flight, {} held", d.heartbeat.in_flight, d.held)
         } else {
             "has not stopped pulling yet".to_owned()

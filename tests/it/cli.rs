@@ -244,6 +244,11 @@ async fn demo_serves_the_quickstart_requests() {
         apart >= Duration::from_millis(200),
         "events arrived together ({apart:?})"
     );
+    // Asked for over plain HTTP, it says what to upgrade to (RFC 9110
+    // section 15.5.22: a 426 carries Upgrade, through the proxy too).
+    let plain = web::get(&c, &format!("http://127.0.0.1:{port}/ws")).await;
+    assert_eq!(plain.status, StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(plain.headers["upgrade"], "websocket");
     // The banner's WebSocket echoes.
     assert!(
         banner

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use anteroom_control::queue::{self, Done};
 use anteroom_protocol::{
     Credit, Inbound, MAX_CHUNK, RequestEnvelope, StreamChunk, StreamEnd, StreamHead,
-    headers_from_map, now_ms, strip_hop_by_hop,
+    headers_from_map, now_ms,
 };
 use anteroom_redis::Target;
 use anteroom_socket::Event;
@@ -148,7 +148,7 @@ pub(crate) async fn send<B: ResponseBody>(
     first: Vec<Bytes>,
 ) {
     let credits = shared.credits.register(&envelope.id);
-    strip_hop_by_hop(&mut parts.headers);
+    anteroom_protocol::strip_hop_by_hop_from_response(&mut parts.headers, parts.status.as_u16());
     let window = shared.settings.stream_window as u64;
     let head = StreamHead {
         id: envelope.id.clone(),

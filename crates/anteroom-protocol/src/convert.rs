@@ -73,6 +73,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(http::header::UPGRADE);
 }
 
+/// [`strip_hop_by_hop`] for a response of `status`: a 426 (Upgrade
+/// Required) keeps its `Upgrade`, which RFC 9110 section 15.5.22 requires
+/// it to carry (it names what the client must switch to; nothing switches
+/// here).
+pub fn strip_hop_by_hop_from_response(headers: &mut HeaderMap, status: u16) {
+    let upgrade: Vec<_> = if status == 426 {
+        headers
+            .get_all(http::header::UPGRADE)
+            .iter()
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    strip_hop_by_hop(headers);
+    for value in upgrade {
+        headers.append(http::header::UPGRADE, value);
+    }
+}
+
 /// Copies a header map into an ordered list (same-name fields stay in order).
 pub fn headers_from_map(headers: &HeaderMap) -> HeaderList {
     headers
@@ -147,7 +167,7 @@ impl ResponseEnvelope {
     /// Builds an envelope from a response's parts; hop-by-hop headers are dropped.
     pub fn from_http(id: &str, status: StatusCode, headers: &HeaderMap, body: Bytes) -> Self {
         let mut headers = headers.clone();
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop_from_response(&mut headers, status.as_u16());
         Self {
             id: id.to_owned(),
             status: status.as_u16(),
@@ -170,6 +190,21 @@ impl ResponseEnvelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_426_keeps_its_upgrade_and_nothing_else_does() {
+        let mut headers = HeaderMap::new();
+        headers.insert("upgrade", "websocket".parse().unwrap());
+        headers.insert("connection", "upgrade".parse().unwrap());
+        headers.insert("x-kept", "1".parse().unwrap());
+        let mut other = headers.clone();
+        strip_hop_by_hop_from_response(&mut headers, 426);
+        assert_eq!(headers["upgrade"], "websocket");
+        assert!(headers.get("connection").is_none());
+        strip_hop_by_hop_from_response(&mut other, 200);
+        assert!(other.get("upgrade").is_none());
+        assert_eq!(other["x-kept"], "1");
+    }
 
     #[test]
     fn too_many_header_fields_are_an_error_not_a_panic() {

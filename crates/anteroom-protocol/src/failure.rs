@@ -95,7 +95,7 @@ impl Failure {
             Failure::NotImplemented => "not implemented by this proxy\n",
             Failure::HeaderFieldsTooLarge => "too many request header fields\n",
             Failure::UpgradeNotSupported => {
-                "this proxy upgrades connections only to websocket (RFC 6455); for HTTP/2 without TLS use prior knowledge (h2c), not Upgrade: h2c\n"
+                "this proxy upgrades connections only to websocket (RFC 6455); HTTP/2 without TLS works with prior knowledge (h2c), not through Upgrade\n"
             }
             Failure::BadHandshake => {
                 "not a valid WebSocket handshake: a GET with Connection: upgrade, Upgrade: websocket and a Sec-WebSocket-Key of 16 bytes in base64 (RFC 6455 section 4.2.1)\n"

@@ -25,7 +25,10 @@ mod printable;
 mod socket;
 mod stream;
 
-pub use convert::{ConvertError, MAX_HEADER_FIELDS, headers_from_map, strip_hop_by_hop};
+pub use convert::{
+    ConvertError, MAX_HEADER_FIELDS, headers_from_map, strip_hop_by_hop,
+    strip_hop_by_hop_from_response,
+};
 pub use envelope::{
     DeadLetter, DecodeError, HeaderList, HttpVersion, KIND_DEAD_LETTER, KIND_REQUEST,
     KIND_REQUEST_BODY_FOLLOWS, KIND_REQUEST_WEBSOCKET, KIND_RESPONSE, RequestEnvelope,

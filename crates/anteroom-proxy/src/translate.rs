@@ -203,7 +203,7 @@ pub(crate) fn build_response(
     }
     let resp = reply.to_http().map_err(ProxyError::BadReply)?;
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    anteroom_protocol::strip_hop_by_hop_from_response(&mut parts.headers, reply.status);
     if !head_request {
         // hyper sets Content-Length from the body; a stale value would break framing.
         parts.headers.remove(header::CONTENT_LENGTH);
@@ -247,7 +247,7 @@ pub(crate) fn stream_response(
         .to_http()
         .map_err(ProxyError::BadReply)?
         .into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    anteroom_protocol::strip_hop_by_hop_from_response(&mut parts.headers, parts.status.as_u16());
     Ok(Response::from_parts(parts, body))
 }
 

@@ -172,8 +172,13 @@ impl Drop for LocalRedis {
     }
 }
 
+/// In a process group of its own: a Ctrl-C at the terminal goes to the
+/// program that started it (which stops it last, once its own parts have
+/// stopped using it), not to it directly.
 fn spawn(binary: &PathBuf, port: u16, dir: &Path, extra: &[String]) -> Result<Child, StartError> {
+    use std::os::unix::process::CommandExt;
     Command::new(binary)
+        .process_group(0)
         .args(["--port", &port.to_string()])
         .arg("--dir")
         .arg(dir)
