@@ -1,4 +1,5 @@
-"""``anteroom-wsgi MODULE:APP``: serve a WSGI app from an Anteroom queue."""
+"""``anteroom-wsgi MODULE:APP`` and ``anteroom-asgi MODULE:APP``: serve a
+WSGI or ASGI app from an Anteroom queue."""
 import argparse
 import importlib
 import logging
@@ -6,7 +7,7 @@ import os
 import re
 import sys
 
-from . import wsgi
+from . import asgi, wsgi
 from .dispatcher import Dispatcher
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
@@ -40,7 +41,8 @@ def parser(what):
     p.add_argument("--queue", default=os.environ.get("ANTEROOM_QUEUE", "default"),
                    help="queue name (env ANTEROOM_QUEUE; default 'default')")
     p.add_argument("--threads", type=int, default=int(os.environ.get("ANTEROOM_THREADS", "8")),
-                   help="requests run at once, each in a thread (env ANTEROOM_THREADS; default 8)")
+                   help="requests run at once (WSGI: each in a thread; ASGI: on one event loop) "
+                        "(env ANTEROOM_THREADS; default 8)")
     p.add_argument("--heartbeat-ttl", type=duration, default=duration(os.environ.get("ANTEROOM_HEARTBEAT_TTL", "10s")),
                    help="heartbeat lifetime: silent this long, this dispatcher counts as dead (default 10s)")
     p.add_argument("--grace", type=duration, default=duration(os.environ.get("ANTEROOM_GRACE", "30s")),
@@ -58,3 +60,17 @@ def wsgi_main(argv=None):
                             threads=args.threads, heartbeat_ttl=args.heartbeat_ttl, grace=args.grace,
                             label="wsgi")
     dispatcher.run()
+
+
+def asgi_main(argv=None):
+    args = parser("asgi").parse_args(argv)
+    logging.basicConfig(level=os.environ.get("ANTEROOM_LOG", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bridge = asgi.Bridge(load(args.app))
+    bridge.start()
+    dispatcher = Dispatcher(bridge, args.redis, args.queue, threads=args.threads,
+                            heartbeat_ttl=args.heartbeat_ttl, grace=args.grace, label="asgi")
+    try:
+        dispatcher.run()
+    finally:
+        bridge.close()

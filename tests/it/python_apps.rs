@@ -1,5 +1,6 @@
-//! The Python client's `anteroom-wsgi` (clients/python): real Flask and
-//! Django apps served through a real proxy, and the conformance kit passed.
+//! The Python client (clients/python): real Flask and Django apps served by
+//! `anteroom-wsgi` and a real FastAPI app by `anteroom-asgi`, through a
+//! real proxy; both servers pass the conformance kit.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -14,9 +15,10 @@ use crate::support::bin::{BinProcess, command};
 use crate::support::web::{client, get, send};
 use crate::support::{TestProxy, venv};
 
-/// `anteroom-wsgi APP` on `queue`, run from `dir` (where APP's module is).
-fn wsgi(redis: &LocalRedis, queue: &str, dir: &Path, app: &str) -> BinProcess {
-    let mut cmd = std::process::Command::new(venv::bin("anteroom-wsgi"));
+/// `SERVER APP` (`anteroom-wsgi` or `anteroom-asgi`) on `queue`, run from
+/// `dir` (where APP's module is).
+fn serve(server: &str, redis: &LocalRedis, queue: &str, dir: &Path, app: &str) -> BinProcess {
+    let mut cmd = std::process::Command::new(venv::bin(server));
     cmd.args(["--threads", "4", app])
         .current_dir(dir)
         .env("ANTEROOM_REDIS", redis.url())
@@ -31,15 +33,21 @@ fn apps_dir() -> &'static Path {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flask_and_django_apps_are_served_through_the_proxy() {
+async fn flask_django_and_fastapi_apps_are_served_through_the_proxy() {
     let redis = start_redis();
     let c = client();
-    for (queue, app, framework) in [
-        ("flask", "wsgi_flask:app", "flask"),
-        ("django", "wsgi_django:application", "django"),
+    for (server, queue, app, framework) in [
+        ("anteroom-wsgi", "flask", "wsgi_flask:app", "flask"),
+        (
+            "anteroom-wsgi",
+            "django",
+            "wsgi_django:application",
+            "django",
+        ),
+        ("anteroom-asgi", "fastapi", "asgi_fastapi:app", "fastapi"),
     ] {
         let proxy = TestProxy::start(&redis, queue).await;
-        let _app = wsgi(&redis, queue, apps_dir(), app);
+        let _app = serve(server, &redis, queue, apps_dir(), app);
         let hello = get(&c, &proxy.url("/hello?name=anteroom")).await;
         assert_eq!(
             hello.status,
@@ -62,19 +70,22 @@ async fn flask_and_django_apps_are_served_through_the_proxy() {
         assert_eq!(json["path"], "/echo");
         assert_eq!(json["body"], "é and bytes");
         assert_eq!(json["header"], "caf\u{e9}");
+        if framework == "fastapi" {
+            assert_eq!(json["lifespan_started"], true, "ASGI lifespan startup ran");
+        }
         proxy.stop().await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn anteroom_wsgi_passes_the_conformance_kit() {
+/// Runs the conformance kit against `server` serving `app` (a reference
+/// app in clients/python/tests).
+async fn conformance(server: &str, app: &str) {
     let redis = start_redis();
     let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/tests"));
-    let wsgi = venv::bin("anteroom-wsgi");
     let mut cmd = tokio::process::Command::from(command());
     cmd.args(["conformance", "--redis", &redis.url(), "--"])
-        .arg(&wsgi)
-        .args(["--threads", "8", "conformance_app:app"])
+        .arg(venv::bin(server))
+        .args(["--threads", "8", app])
         .current_dir(dir);
     let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
         .await
@@ -84,4 +95,14 @@ async fn anteroom_wsgi_passes_the_conformance_kit() {
     println!("{text}");
     assert!(out.status.success(), "{text}");
     assert!(text.contains("12 passed, 0 failed"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anteroom_wsgi_passes_the_conformance_kit() {
+    conformance("anteroom-wsgi", "conformance_app:app").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anteroom_asgi_passes_the_conformance_kit() {
+    conformance("anteroom-asgi", "asgi_conformance_app:app").await;
 }
