@@ -27,3 +27,18 @@ async def echo(request: Request):
     return {"framework": "fastapi", "method": request.method, "path": request.url.path,
             "body": body.decode(), "header": request.headers.get("x-test"),
             "lifespan_started": bool(started)}
+
+
+@app.get("/stream")
+async def stream():
+    import asyncio
+
+    from fastapi.responses import StreamingResponse
+
+    async def pieces():
+        for i in range(2):
+            if i:
+                await asyncio.sleep(0.6)
+            yield f"piece {i}\n"
+
+    return StreamingResponse(pieces(), media_type="text/plain")

@@ -15,15 +15,48 @@ def test_scope_follows_the_asgi_http_spec():
     assert scope["client"] == ("192.0.2.7", 4000)
 
 
-def test_call_collects_a_response_sent_in_pieces():
+def test_a_response_in_one_message_is_whole_and_one_in_pieces_streams():
     async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            raise RuntimeError("no lifespan here")
         body = (await receive())["body"]
         await send({"type": "http.response.start", "status": 201, "headers": [(b"X-A", b"caf\xe9")]})
+        if body == b"whole":
+            await send({"type": "http.response.body", "body": b"all of it"})
+            return
         await send({"type": "http.response.body", "body": b"got ", "more_body": True})
         await send({"type": "http.response.body", "body": body})
 
-    status, headers, body = asyncio.run(asgi.call(app, request(body=b"it")))
-    assert (status, headers, body) == (201, [("x-a", b"caf\xe9")], b"got it")
+    bridge = asgi.Bridge(app)
+    bridge.start()
+    assert bridge(request(body=b"whole")) == (201, [("x-a", b"caf\xe9")], b"all of it")
+    status, headers, body = bridge(request(body=b"it"))
+    assert (status, headers) == (201, [("x-a", b"caf\xe9")])
+    assert not isinstance(body, bytes)
+    assert b"".join(body) == b"got it"
+    bridge.close()
+
+
+def test_an_app_that_fails_mid_body_breaks_the_stream():
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            raise RuntimeError("no lifespan here")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise ValueError("the app broke")
+
+    bridge = asgi.Bridge(app)
+    bridge.start()
+    _, _, body = bridge(request())
+    pieces = iter(body)
+    assert next(pieces) == b"part"
+    try:
+        next(pieces)
+    except ValueError as err:
+        assert "broke" in str(err)
+    else:
+        raise AssertionError("the stream ended cleanly")
+    bridge.close()
 
 
 def test_lifespan_runs_startup_and_shutdown_and_apps_without_it_are_served():

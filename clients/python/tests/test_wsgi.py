@@ -61,3 +61,38 @@ def test_only_this_queues_reply_lists_are_written_to():
     for key in ["anteroom:{other}:replies:p1", "anteroom:{web}:replies:", "anteroom:{web}:replies:a b",
                 "anteroom:{web}:requests", "session:1"]:
         assert not keys.is_replies(key), key
+
+
+def test_a_generator_app_streams_and_is_closed_at_the_end():
+    closed = []
+
+    def app(environ, start_response):
+        def body():
+            try:
+                start_response("200 OK", [("content-type", "text/plain")])
+                yield b"one "
+                yield b""
+                yield b"two"
+            finally:
+                closed.append(True)
+        return body()
+
+    status, headers, body = wsgi.call(app, request())
+    assert status == 200 and not isinstance(body, bytes)
+    assert b"".join(body) == b"one two"
+    body.close()
+    assert closed == [True]
+
+
+def test_frames_without_a_body_carry_no_body_len():
+    # A proxy's credit, as the Rust proxy encodes it: no body_len.
+    meta = b'{"id":"r1","consumed":5}'
+    raw = b"\x01A" + len(meta).to_bytes(4, "big") + meta
+    kind, decoded, body = protocol.decode(raw)
+    assert (kind, decoded["consumed"], body) == ("A", 5, b"")
+    try:
+        protocol.decode(raw + b"x")
+    except protocol.DecodeError:
+        pass
+    else:
+        raise AssertionError("a body no body_len accounts for decoded")

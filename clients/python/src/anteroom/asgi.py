@@ -8,7 +8,9 @@ implementation (dispatcher.py).
 """
 import asyncio
 import logging
+import queue
 import threading
+import time
 from urllib.parse import unquote
 
 log = logging.getLogger("anteroom")
@@ -39,40 +41,101 @@ def scope(request):
     }
 
 
-async def call(app, request):
-    """Runs the ASGI ``app`` on ``request``: ``(status, headers, body)``."""
-    sent_body = False
+async def _pipe_call(app, request, pipe):
+    """Runs ``app`` on ``request``, putting on ``pipe`` (a thread-safe
+    queue) ``("start", status, headers)``, then ``("more", data)`` pieces
+    and ``("end", data)``, or ``("error", exception)``."""
+    put = lambda item: asyncio.to_thread(pipe.put, item)  # noqa: E731 - waits while the reader is behind
+    state = {"started": False, "ended": False}
     done = asyncio.Event()
-    response = {"status": None, "headers": [], "chunks": []}
+    sent_body = False
 
     async def receive():
         nonlocal sent_body
         if not sent_body:
             sent_body = True
             return {"type": "http.request", "body": request.body, "more_body": False}
-        await done.wait()  # nothing more comes; the client is "gone" once answered
+        await done.wait()
         return {"type": "http.disconnect"}
 
     async def send(message):
         kind = message["type"]
-        if kind == "http.response.start":
-            response["status"] = int(message["status"])
-            response["headers"] = [(bytes(n).decode("latin-1").lower(), bytes(v))
-                                   for n, v in message.get("headers", [])]
-        elif kind == "http.response.body":
-            if response["status"] is None:
-                raise RuntimeError("http.response.body before http.response.start")
-            response["chunks"].append(bytes(message.get("body", b"")))
-            if not message.get("more_body", False):
+        if kind == "http.response.start" and not state["started"]:
+            state["started"] = True
+            headers = [(bytes(n).decode("latin-1").lower(), bytes(v)) for n, v in message.get("headers", [])]
+            await put(("start", int(message["status"]), headers))
+        elif kind == "http.response.body" and state["started"] and not state["ended"]:
+            more = bool(message.get("more_body", False))
+            if not more:
+                state["ended"] = True
+            await put(("more" if more else "end", bytes(message.get("body", b""))))
+            if not more:
+                # Only once the end is handed over: an app that listens for
+                # the disconnect (Starlette's StreamingResponse) may cancel
+                # its own sending as soon as it hears it.
                 done.set()
 
     try:
         await app(scope(request), receive, send)
+        if not state["started"]:
+            await put(("error", RuntimeError("the ASGI app returned without starting a response")))
+        elif not state["ended"]:
+            state["ended"] = True
+            await put(("end", b""))
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # noqa: BLE001 - handed to the dispatcher: 502, or an aborted stream
+        state["ended"] = True
+        await put(("error", err))
     finally:
         done.set()
-    if response["status"] is None:
-        raise RuntimeError("the ASGI app returned without starting a response")
-    return response["status"], response["headers"], b"".join(response["chunks"])
+        if not state["ended"]:
+            # Cancelled mid-response: the reader must not wait forever.
+            try:
+                pipe.put_nowait(("error", RuntimeError("the ASGI app stopped mid-response")))
+            except queue.Full:
+                pass
+
+
+async def _settle(timeout=1.0):
+    """Waits, at most ``timeout``, for the loop's other tasks to end."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+
+
+class _Stream:
+    """An ASGI response body, read as the app sends it."""
+
+    def __init__(self, pipe, first, future):
+        self.pipe, self.first, self.future, self.finished = pipe, first, future, False
+
+    def __iter__(self):
+        if self.first:
+            yield self.first
+        while True:
+            kind, value = self.pipe.get()[:2]
+            if kind == "error":
+                self.finished = True
+                raise value
+            if value:
+                yield value
+            if kind == "end":
+                self.finished = True
+                return
+
+    def close(self):
+        if self.finished:
+            return
+        # The client is gone or the stream broke: stop the app, and let a
+        # put it is blocked in go through.
+        self.future.cancel()
+        until = time.monotonic() + 1
+        while not self.future.done() and time.monotonic() < until:
+            try:
+                self.pipe.get_nowait()
+            except queue.Empty:
+                time.sleep(0.01)
 
 
 class Bridge:
@@ -92,7 +155,21 @@ class Bridge:
         asyncio.run_coroutine_threadsafe(self._startup(), self.loop).result()
 
     def __call__(self, request):
-        return asyncio.run_coroutine_threadsafe(call(self.app, request), self.loop).result()
+        """``(status, headers, body)``: body is bytes when the app sent it
+        in one message, otherwise an iterator over its messages as the app
+        sends them (16 ahead at most: a slow reader slows the app)."""
+        pipe = queue.Queue(maxsize=16)
+        future = asyncio.run_coroutine_threadsafe(_pipe_call(self.app, request, pipe), self.loop)
+        head = pipe.get()
+        if head[0] == "error":
+            raise head[1]
+        _, status, headers = head
+        first = pipe.get()
+        if first[0] == "error":
+            raise first[1]
+        if first[0] == "end":
+            return status, headers, first[1]
+        return status, headers, _Stream(pipe, first[1], future)
 
     def close(self, timeout=10):
         if self.lifespan is not None:
@@ -100,6 +177,11 @@ class Bridge:
                 asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(timeout)
             except Exception as err:  # noqa: BLE001 - stopping goes on regardless
                 log.warning("ASGI lifespan shutdown failed: %s", err)
+        # Requests still finishing (their last piece handed over) end first.
+        try:
+            asyncio.run_coroutine_threadsafe(_settle(), self.loop).result(timeout)
+        except Exception:  # noqa: BLE001 - stopping goes on regardless
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     async def _startup(self):

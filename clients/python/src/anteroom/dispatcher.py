@@ -1,5 +1,8 @@
 """The dispatcher loop (docs/protocol.md, "What a dispatcher does"), for
-any handler ``handle(request) -> (status, [(name, bytes)], body bytes)``.
+any handler ``handle(request) -> (status, [(name, bytes)], body)``, where
+body is bytes, or an iterator of bytes that is streamed to a proxy that
+reads streams ("Streamed replies": a head, chunks paced by the proxy's
+credits, an end).
 
 One thread pulls (``BLMOVE`` into this dispatcher's processing list, at
 most as many held as there are worker threads), the workers run the
@@ -29,6 +32,53 @@ log = logging.getLogger("anteroom")
 REPLY_TTL_MS = 60_000
 #: How long one blocked pull waits: a pause is seen at most this late.
 PULL_BLOCK_S = 0.1
+#: Most bytes of a streamed body sent and not yet credited (1 MiB, as the
+#: Rust dispatcher's default window).
+WINDOW = 1024 * 1024
+#: A stream whose client reads nothing with the window full, this long, is
+#: aborted (as the Rust dispatcher's --stream-idle-timeout).
+STREAM_IDLE_S = 60.0
+
+
+class Credits:
+    """What proxies have said of this dispatcher's streams, by request id:
+    bytes handed to the client so far, and whether the client is gone."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.streams = {}
+
+    def register(self, request_id):
+        with self.changed:
+            self.streams[request_id] = [0, False]
+
+    def forget(self, request_id):
+        with self.changed:
+            self.streams.pop(request_id, None)
+
+    def deliver(self, request_id, consumed, cancel):
+        with self.changed:
+            state = self.streams.get(request_id)
+            if state is not None:
+                state[0] = max(state[0], consumed)
+                state[1] = state[1] or cancel
+                self.changed.notify_all()
+
+    def room(self, request_id, sent, length, timeout):
+        """Waits until ``length`` more bytes fit in the window; False when
+        the client is gone or nothing was credited within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                consumed, cancel = self.streams.get(request_id, (0, True))
+                if cancel:
+                    return False
+                if sent + length <= min(consumed, sent) + WINDOW or sent == consumed:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
 
 FAILED = (502, [("content-type", b"text/plain; charset=utf-8")],
           b"the backend failed to handle the request\n")
@@ -54,6 +104,8 @@ class Dispatcher:
         self.lock = threading.Lock()
         self.acknowledged = None
         self.started_at_ms = now_ms()
+        self.credits_key = self.keys.credits(self.id)
+        self.credits = Credits()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -65,6 +117,7 @@ class Dispatcher:
         self.beat()
         beating = threading.Thread(target=self.heartbeat, name="anteroom-heartbeat", daemon=True)
         beating.start()
+        threading.Thread(target=self.read_credits, name="anteroom-credits", daemon=True).start()
         log.info("dispatcher %s serving queue %s with %d threads", self.id, self.keys.queue, self.threads)
         slots = threading.BoundedSemaphore(self.threads)
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="anteroom-worker")
@@ -162,13 +215,73 @@ class Dispatcher:
                 return None
         try:
             status, headers, out = self.handler(request)
+            if not isinstance(out, (bytes, bytearray)) and not request.stream:
+                out = b"".join(out)  # the producer reads whole replies only
         except Exception:  # noqa: BLE001 - the app's failure is the client's 502
             log.exception("the app failed on %s %s", request.method, request.uri)
             status, headers, out = FAILED
-        reply = protocol.response(request.id, status, headers, out)
+        if not isinstance(out, (bytes, bytearray)):
+            return self.stream(raw, request, status, headers, out)
+        reply = protocol.response(request.id, status, headers, bytes(out))
         self.redis.pipeline(transaction=True).rpush(request.reply_to, reply).pexpire(
             request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
         return None
+
+    def stream(self, raw, request, status, headers, body):
+        """Streams ``body`` (an iterator of bytes): the head now, a chunk
+        for each piece as the window allows, then the end with the
+        request's removal from the processing list in one MULTI. A client
+        that is gone (a cancel) gets nothing more; an app that fails mid-
+        body, or a client that reads nothing for STREAM_IDLE_S, gets an
+        aborted end."""
+        push = lambda frame: self.redis.pipeline(transaction=False).rpush(  # noqa: E731
+            request.reply_to, frame).pexpire(request.reply_to, REPLY_TTL_MS).execute()
+        self.credits.register(request.id)
+        seq = sent = 0
+        aborted = None
+        try:
+            push(protocol.stream_head(request.id, status, headers, self.credits_key, WINDOW))
+            try:
+                for chunk in body:
+                    for at in range(0, len(chunk), protocol.MAX_CHUNK):
+                        piece = bytes(chunk[at:at + protocol.MAX_CHUNK])
+                        if not self.credits.room(request.id, sent, len(piece), STREAM_IDLE_S):
+                            if self.credits.streams.get(request.id, (0, True))[1]:
+                                self.redis.lrem(self.processing, 1, raw)  # the client is gone
+                                return None
+                            raise TimeoutError(f"the client read nothing for {STREAM_IDLE_S:.0f}s")
+                        push(protocol.stream_chunk(request.id, seq, piece))
+                        seq, sent = seq + 1, sent + len(piece)
+            except Exception as err:  # noqa: BLE001 - the stream is cut short, never ended cleanly
+                log.warning("stream aborted: %s", err)
+                aborted = str(err) or type(err).__name__
+            end = protocol.stream_end(request.id, seq, aborted)
+            self.redis.pipeline(transaction=True).rpush(request.reply_to, end).pexpire(
+                request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
+        finally:
+            self.credits.forget(request.id)
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        return None
+
+    def read_credits(self):
+        """Pops this dispatcher's credit list (``'A'`` frames from proxies)
+        until it stops."""
+        while not self.stopping.is_set():
+            try:
+                popped = self.redis.blmpop(1, 1, self.credits_key, direction="LEFT", count=256)
+            except redis.RedisError as err:
+                log.warning("reading credits failed: %s", err)
+                self.stopping.wait(0.5)
+                continue
+            for raw in (popped[1] if popped else []):
+                try:
+                    kind, meta, _ = protocol.decode(raw)
+                    if kind == "A":
+                        self.credits.deliver(meta["id"], int(meta.get("consumed", 0)), bool(meta.get("cancel")))
+                except (DecodeError, KeyError, TypeError, ValueError):
+                    log.warning("discarding a credit-list frame that does not decode")
 
     def set_aside(self, raw, reason):
         log.error("moving an envelope to the dead-letter list: %s", reason)

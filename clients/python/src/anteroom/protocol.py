@@ -48,7 +48,8 @@ def decode(raw):
     if not isinstance(meta, dict):
         raise DecodeError("metadata is not a JSON object")
     body = bytes(raw[6 + meta_len :])
-    if meta.get("body_len") != len(body):
+    # Frames without a body (credits, heads, ends) carry no body_len.
+    if meta.get("body_len", 0) != len(body):
         raise DecodeError(f"body is {len(body)} bytes, body_len says {meta.get('body_len')}")
     return chr(raw[1]), meta, body
 
@@ -79,6 +80,8 @@ class Request:
         self.enqueued_at_ms = meta["enqueued_at_ms"]
         self.deadline_ms = meta["deadline_ms"]
         self.dedupe = bool(meta.get("dedupe", False))
+        #: The producer reads streamed replies ('S', 'C', 'E').
+        self.stream = bool(meta.get("stream", False))
         self.body = body
 
     def is_safe_to_repeat(self):
@@ -91,6 +94,32 @@ def response(request_id, status, headers, body):
     meta = {"id": request_id, "status": status,
             "headers": [[name, value.decode("latin-1")] for name, value in headers]}
     return encode("R", meta, body)
+
+
+#: Largest piece of a streamed body in one chunk frame (256 KiB).
+MAX_CHUNK = 256 * 1024
+
+
+def stream_head(request_id, status, headers, credit_to, window):
+    """The head of a streamed response (``'S'``)."""
+    meta = {"id": request_id, "status": status,
+            "headers": [[name, value.decode("latin-1")] for name, value in headers],
+            "credit_to": credit_to, "window": window}
+    return encode("S", meta)
+
+
+def stream_chunk(request_id, seq, data):
+    """One piece of a streamed body (``'C'``), numbered from 0."""
+    return encode("C", {"id": request_id, "seq": seq}, data)
+
+
+def stream_end(request_id, chunks, aborted=None):
+    """The end of a streamed body (``'E'``): how many chunks, and why it
+    was cut short, if it was."""
+    meta = {"id": request_id, "chunks": chunks}
+    if aborted is not None:
+        meta["aborted"] = aborted
+    return encode("E", meta)
 
 
 def dead_letter(raw, reason, by):
@@ -114,6 +143,9 @@ class Keys:
 
     def processing(self, dispatcher_id):
         return f"{self.prefix}processing:{dispatcher_id}"
+
+    def credits(self, dispatcher_id):
+        return f"{self.prefix}credits:{dispatcher_id}"
 
     def dispatcher(self, dispatcher_id):
         return f"{self.prefix}dispatcher:{dispatcher_id}"

@@ -50,26 +50,69 @@ def environ(request):
 
 def call(app, request):
     """Runs the WSGI ``app`` on ``request``: ``(status, headers, body)``
-    with header values as bytes."""
-    started = {}
+    with header values as bytes. The body is bytes when the app answered
+    with a list or tuple (all there at once), and otherwise an iterator
+    that runs the app's iterable as it is read (so it can be streamed), and
+    closes it at the end (PEP 3333)."""
+    started = {"written": []}
 
     def start_response(status, headers, exc_info=None):
         if exc_info and started.get("sent"):
             raise exc_info[1].with_traceback(exc_info[2])
         started["status"] = int(status.split(" ", 1)[0])
         started["headers"] = [(str(n).lower(), str(v).encode("latin-1")) for n, v in headers]
-        return started.setdefault("chunks", []).append
+        return started["written"].append
 
     result = app(environ(request), start_response)
+    if isinstance(result, (list, tuple)):
+        try:
+            chunks = started["written"] + [bytes(c) for c in result]
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        if "status" not in started:
+            raise RuntimeError("the WSGI app did not call start_response")
+        return started["status"], started["headers"], b"".join(chunks)
+    # An iterable: start_response may come with its first item (PEP 3333).
+    iterator = iter(result)
+    first = None
     try:
-        chunks = started.setdefault("chunks", [])
-        for chunk in result:
-            if chunk:
-                chunks.append(bytes(chunk))
-    finally:
+        for item in iterator:
+            if item:
+                first = bytes(item)
+                break
+            if "status" in started:
+                break
+    except BaseException:
         close = getattr(result, "close", None)
         if close is not None:
             close()
+        raise
     if "status" not in started:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
         raise RuntimeError("the WSGI app did not call start_response")
-    return started["status"], started["headers"], b"".join(started["chunks"])
+    started["sent"] = True
+    return started["status"], started["headers"], _Body(result, iterator, started["written"], first)
+
+
+class _Body:
+    """The rest of a WSGI app's iterable, read as the stream goes."""
+
+    def __init__(self, result, iterator, written, first):
+        self.result, self.iterator, self.written, self.first = result, iterator, written, first
+
+    def __iter__(self):
+        yield from self.written
+        if self.first:
+            yield self.first
+        for item in self.iterator:
+            if item:
+                yield bytes(item)
+
+    def close(self):
+        close = getattr(self.result, "close", None)
+        if close is not None:
+            close()
