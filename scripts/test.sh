@@ -9,7 +9,8 @@
 #     virtual environment, .venv (never into the system Python; set
 #     ANTEROOM_TEST_VENV to keep it elsewhere), and the Python client
 #     (clients/python), whose own tests then run with pytest;
-#   - Node's eventsource package into tests/apps/sse (npm ci).
+#   - Node's eventsource package into tests/apps/sse, and the Node client's
+#     dependencies into clients/node (npm ci), whose own tests then run.
 # Then runs `cargo test` with any arguments given here, e.g.
 #   bash scripts/test.sh round_trip
 # A test whose prerequisite is still missing fails and names it; none is
@@ -121,6 +122,15 @@ if [ ! -d tests/apps/sse/node_modules/eventsource ]; then
   say "installing the EventSource client (npm ci in tests/apps/sse)"
   npm ci --prefix tests/apps/sse --no-audit --no-fund --silent
 fi
+
+# The Node client (clients/node): its dependencies, pinned by its
+# package-lock.json, then its own tests (node --test).
+if [ ! -d clients/node/node_modules/light-my-request ] || [ clients/node/package-lock.json -nt clients/node/node_modules/.package-lock.json ]; then
+  say "installing the Node client's dependencies (npm ci in clients/node)"
+  npm ci --prefix clients/node --no-audit --no-fund --silent
+fi
+say "the Node client's tests (node --test)"
+(cd clients/node && node --test test/)
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "test.sh: cargo is missing; install Rust (https://rustup.rs) first" >&2

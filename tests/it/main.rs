@@ -15,6 +15,7 @@ mod load;
 mod logs;
 mod many;
 mod metrics;
+mod node_apps;
 mod operations;
 mod outages;
 mod pause;

@@ -1,0 +1,221 @@
+'use strict';
+// The dispatcher loop (docs/protocol.md, "What a dispatcher does") for a Node
+// request listener `(req, res)` or an Express app: each queued request is
+// injected into the app in this process (light-my-request), with no socket
+// and no HTTP hop. One loop pulls (BLMOVE on a connection of its own, at
+// most `concurrency` held), a timer beats; pauses are seen before each pull
+// and acknowledged in the heartbeat; SIGTERM or SIGINT stops pulling, lets
+// the requests in hand finish within the grace period, then removes the
+// heartbeat.
+
+const os = require('node:os');
+const crypto = require('node:crypto');
+const { createClient, RESP_TYPES } = require('redis');
+const inject = require('light-my-request');
+const protocol = require('./protocol');
+
+/** How long a reply list lives without a new reply (as the Rust dispatcher). */
+const REPLY_TTL_MS = 60_000;
+/** How long one blocked pull waits: a pause is seen at most this late. */
+const PULL_BLOCK_S = 0.1;
+const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
+  Buffer.from('the backend failed to handle the request\n')];
+
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+class Dispatcher {
+  /**
+   * @param app a `(req, res)` listener or an Express app
+   * @param options `{redis, queue, concurrency, heartbeatTtlMs, graceMs, label}`
+   */
+  constructor(app, options) {
+    this.app = app;
+    this.keys = new protocol.Keys(options.queue);
+    this.url = options.redis;
+    this.concurrency = Math.max(1, options.concurrency ?? 16);
+    this.heartbeatTtlMs = Math.max(300, options.heartbeatTtlMs ?? 10_000);
+    this.graceMs = options.graceMs ?? 30_000;
+    this.label = options.label ?? 'node';
+    this.id = `node-${crypto.randomBytes(8).toString('hex')}`;
+    this.processing = this.keys.processing(this.id);
+    this.stopping = false;
+    this.inFlight = 0;
+    this.acknowledged = null;
+    this.startedAtMs = Date.now();
+    this.freed = null;
+  }
+
+  async run() {
+    const client = createClient({ url: this.url });
+    client.on('error', (err) => console.error(`anteroom: redis: ${err.message}`));
+    await client.connect();
+    this.redis = client.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer });
+    const puller = client.duplicate();
+    puller.on('error', (err) => console.error(`anteroom: redis (pull): ${err.message}`));
+    await puller.connect();
+    this.puller = puller.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer });
+    const stop = () => { this.stopping = true; };
+    process.once('SIGTERM', stop);
+    process.once('SIGINT', stop);
+    await client.sAdd('anteroom:queues', this.keys.queue);
+    await this.beat();
+    const beating = setInterval(() => { this.beat().catch((err) => console.error(`anteroom: heartbeat: ${err.message}`)); },
+      this.heartbeatTtlMs / 3);
+    console.error(`anteroom: dispatcher ${this.id} serving queue ${this.keys.queue}, ${this.concurrency} at once`);
+    try {
+      await this.pull();
+    } finally {
+      const until = Date.now() + this.graceMs;
+      while (this.inFlight > 0 && Date.now() < until) await sleep(20);
+      if (this.inFlight > 0) {
+        console.error(`anteroom: grace period over with ${this.inFlight} requests running; they stay in the processing list`);
+      }
+      clearInterval(beating);
+      await client.multi().del(this.keys.dispatcher(this.id)).zRem(this.keys.dispatchers, this.id).exec();
+      await puller.quit();
+      await client.quit();
+      console.error(`anteroom: dispatcher ${this.id} stopped`);
+    }
+  }
+
+  async pausedId() {
+    const record = await this.redis.get(this.keys.paused);
+    if (record === null) return null;
+    try {
+      return JSON.parse(record.toString('utf8')).id ?? record.toString('latin1');
+    } catch {
+      return record.toString('latin1'); // anything else still means paused
+    }
+  }
+
+  async pull() {
+    while (!this.stopping) {
+      let raw;
+      try {
+        const pauseId = await this.pausedId();
+        if (pauseId !== this.acknowledged) {
+          this.acknowledged = pauseId; // no pull is outstanding here
+          await this.beat();
+        }
+        if (pauseId !== null) {
+          await sleep(50);
+          continue;
+        }
+        if (this.inFlight >= this.concurrency) {
+          await new Promise((resolve) => { this.freed = resolve; setTimeout(resolve, 50); });
+          continue;
+        }
+        raw = await this.puller.blMove(this.keys.requests, this.processing, 'RIGHT', 'LEFT', PULL_BLOCK_S);
+      } catch (err) {
+        console.error(`anteroom: pulling failed: ${err.message}; retrying`);
+        await sleep(500);
+        continue;
+      }
+      if (raw === null) continue;
+      this.inFlight += 1;
+      this.handle(raw)
+        .catch((err) => console.error(`anteroom: handling a request failed (it stays in the processing list): ${err.stack}`))
+        .finally(() => {
+          this.inFlight -= 1;
+          if (this.freed) this.freed();
+        });
+    }
+  }
+
+  async handle(raw) {
+    let request;
+    try {
+      const { kind, meta, body } = protocol.decode(raw);
+      if (kind !== 'Q') {
+        throw new protocol.DecodeError(`kind '${kind}' is not supported by this dispatcher `
+          + "(only 'Q': streamed request bodies and WebSockets are not)");
+      }
+      request = protocol.request(meta, body);
+    } catch (err) {
+      if (err instanceof protocol.DecodeError) return this.setAside(raw, `does not decode: ${err.message}`);
+      throw err;
+    }
+    if (!this.keys.isReplies(request.reply_to)) {
+      return this.setAside(raw, `reply_to ${JSON.stringify(request.reply_to)} is not a reply list of queue ${this.keys.queue}`);
+    }
+    const now = Date.now();
+    if (request.deadline_ms - now > protocol.MAX_HOLD_MS) return this.setAside(raw, 'deadline more than 24 h ahead');
+    if (now >= request.deadline_ms) {
+      await this.redis.lRem(this.processing, 1, raw); // the client has its 504
+      return undefined;
+    }
+    if (request.dedupe) {
+      const ttl = Math.max(1, request.deadline_ms - now + REPLY_TTL_MS);
+      const claimed = await this.redis.sendCommand(['SET', this.keys.claimed(request.id), this.id, 'NX', 'PX', String(ttl)]);
+      if (claimed === null) {
+        await this.redis.lRem(this.processing, 1, raw); // another delivery has it
+        return undefined;
+      }
+    }
+    let status;
+    let headers;
+    let out;
+    try {
+      [status, headers, out] = await this.call(request);
+    } catch (err) {
+      console.error(`anteroom: the app failed on ${request.method} ${request.uri}: ${err.stack}`);
+      [status, headers, out] = FAILED;
+    }
+    const reply = protocol.response(request.id, status, headers, out);
+    await this.redis.multi().rPush(request.reply_to, reply).pExpire(request.reply_to, REPLY_TTL_MS)
+      .lRem(this.processing, 1, raw).exec();
+    return undefined;
+  }
+
+  /** Injects `request` into the app: `[status, [[name, latin1 value]], body]`. */
+  async call(request) {
+    const headers = {};
+    for (const [name, value] of request.headers) {
+      if (name in headers) {
+        headers[name] = [].concat(headers[name], value);
+      } else {
+        headers[name] = value;
+      }
+    }
+    const [host] = (request.client_addr ?? '127.0.0.1:0').split(/:(?=\d+$)/);
+    const res = await inject(this.app, {
+      method: request.method,
+      url: request.uri,
+      headers,
+      payload: request.body,
+      remoteAddress: host.replace(/^\[|\]$/g, ''),
+    });
+    const out = [];
+    for (const [name, value] of Object.entries(res.headers)) {
+      for (const one of [].concat(value)) out.push([name.toLowerCase(), String(one)]);
+    }
+    return [res.statusCode, out, res.rawPayload];
+  }
+
+  async setAside(raw, reason) {
+    console.error(`anteroom: moving an envelope to the dead-letter list: ${reason}`);
+    const letter = protocol.deadLetter(raw, reason, this.id);
+    await this.redis.multi().lPush(this.keys.dead, letter).lRem(this.processing, 1, raw).exec();
+  }
+
+  async beat() {
+    const pauseId = this.acknowledged;
+    const beat = {
+      id: this.id,
+      host: os.hostname(),
+      pid: process.pid,
+      label: this.label,
+      concurrency: this.concurrency,
+      in_flight: this.inFlight,
+      paused: pauseId !== null,
+      pause_id: pauseId,
+      started_at_ms: this.startedAtMs,
+    };
+    await this.redis.multi()
+      .addCommand(['SET', this.keys.dispatcher(this.id), JSON.stringify(beat), 'PX', String(this.heartbeatTtlMs)])
+      .zAdd(this.keys.dispatchers, { score: Date.now(), value: this.id })
+      .exec();
+  }
+}
+
+module.exports = { Dispatcher };

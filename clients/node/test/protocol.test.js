@@ -1,0 +1,39 @@
+'use strict';
+// The protocol codec (docs/protocol.md), run with node's own test runner.
+const test = require('node:test');
+const assert = require('node:assert');
+const protocol = require('../lib/protocol');
+
+test('a request round-trips, header values as ISO-8859-1', () => {
+  const raw = protocol.encode('Q', {
+    id: 'r1', method: 'POST', uri: '/echo', version: 'HTTP/1.1',
+    headers: [['x-test', 'caf\u00e9'], ['x-test', 'two']], reply_to: 'anteroom:{q}:replies:p1',
+    enqueued_at_ms: 1, deadline_ms: 2,
+  }, Buffer.from([0, 255]));
+  const { kind, meta, body } = protocol.decode(raw);
+  const request = protocol.request(meta, body);
+  assert.strictEqual(kind, 'Q');
+  assert.deepStrictEqual(request.headers, [['x-test', 'caf\u00e9'], ['x-test', 'two']]);
+  assert.deepStrictEqual([...request.body], [0, 255]);
+});
+
+test('frames without a body need no body_len; anything else malformed is an error', () => {
+  const meta = Buffer.from('{"id":"r1","consumed":5}');
+  const head = Buffer.from([1, 'A'.charCodeAt(0), 0, 0, 0, meta.length]);
+  assert.strictEqual(protocol.decode(Buffer.concat([head, meta])).meta.consumed, 5);
+  for (const raw of [Buffer.alloc(0), Buffer.from([2, 81, 0, 0, 0, 0]), Buffer.concat([head, meta, Buffer.from('x')])]) {
+    assert.throws(() => protocol.decode(raw), protocol.DecodeError);
+  }
+  const bad = protocol.encode('Q', { id: 'r1', method: 'GET', uri: '/', version: 'HTTP/1.1', headers: [['x', '\u0100']],
+    reply_to: 'anteroom:{q}:replies:p1', enqueued_at_ms: 1, deadline_ms: 2 });
+  const { meta: m, body } = protocol.decode(bad);
+  assert.throws(() => protocol.request(m, body), protocol.DecodeError);
+});
+
+test('only this queue\'s reply lists are written to', () => {
+  const keys = new protocol.Keys('web');
+  assert.ok(keys.isReplies('anteroom:{web}:replies:p1'));
+  for (const key of ['anteroom:{other}:replies:p1', 'anteroom:{web}:replies:', 'anteroom:{web}:replies:a b', 'session:1']) {
+    assert.ok(!keys.isReplies(key), key);
+  }
+});
