@@ -286,7 +286,14 @@ async fn serve_tagged_app(tag: &'static str) -> std::net::SocketAddr {
             tokio::spawn(async move {
                 let service =
                     hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (parts, _) = req.into_parts();
+                        let (parts, unread) = req.into_parts();
+                        // What the client still sends is read and dropped,
+                        // as a server that lingers does (RFC 9112 section
+                        // 9.6): closing with it unread would reset the
+                        // connection under the response.
+                        tokio::spawn(async move {
+                            let _ = http_body_util::BodyExt::collect(unread).await;
+                        });
                         tagged_app(Request::from_parts(parts, Body::default()), tag)
                     });
                 let _ = hyper_util::server::conn::auto::Builder::new(
