@@ -2,7 +2,7 @@
 //! the reference app (`examples/conformance_app.rs`), passes every case;
 //! a command that is no dispatcher fails, and the kit says so and exits 1.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anteroom_testkit::start_redis;
@@ -23,13 +23,23 @@ fn reference_app() -> PathBuf {
     app
 }
 
-/// Runs the kit against `dispatcher`; its exit status and output.
-async fn conformance(redis_url: &str, extra: &[&str], dispatcher: &[&str]) -> (bool, String) {
+/// Runs the kit against `dispatcher` (started in `dir`, or here); its exit
+/// status and output. The one runner of the kit for every implementation's
+/// test (Rust here, Python and Node in their own files).
+pub(crate) async fn conformance(
+    redis_url: &str,
+    extra: &[&str],
+    dispatcher: &[&str],
+    dir: Option<&Path>,
+) -> (bool, String) {
     let mut cmd = tokio::process::Command::from(command());
     cmd.args(["conformance", "--redis", redis_url])
         .args(extra)
         .arg("--")
         .args(dispatcher);
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
     let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
         .await
         .expect("the kit finishes within 3 minutes")
@@ -39,11 +49,20 @@ async fn conformance(redis_url: &str, extra: &[&str], dispatcher: &[&str]) -> (b
     (out.status.success(), text)
 }
 
+/// The kit against `dispatcher` passes every case.
+pub(crate) async fn passes(dispatcher: &[&str], dir: &Path) -> String {
+    let redis = start_redis();
+    let (ok, text) = conformance(&redis.url(), &[], dispatcher, Some(dir)).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("12 passed, 0 failed"), "{text}");
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rust_dispatcher_passes_every_case() {
     let redis = start_redis();
     let app = reference_app();
-    let (ok, text) = conformance(&redis.url(), &[], &[app.to_str().unwrap()]).await;
+    let (ok, text) = conformance(&redis.url(), &[], &[app.to_str().unwrap()], None).await;
     assert!(ok, "{text}");
     assert!(text.contains("12 passed, 0 failed"), "{text}");
     for case in [
@@ -63,7 +82,13 @@ async fn the_rust_dispatcher_passes_every_case() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_that_is_no_dispatcher_fails_the_kit() {
     let redis = start_redis();
-    let (ok, text) = conformance(&redis.url(), &["--start-timeout", "2s"], &["sleep", "30"]).await;
+    let (ok, text) = conformance(
+        &redis.url(),
+        &["--start-timeout", "2s"],
+        &["sleep", "30"],
+        None,
+    )
+    .await;
     assert!(!ok, "{text}");
     assert!(text.contains("FAIL  starts and beats"), "{text}");
     assert!(text.contains("0 passed, 1 failed"), "{text}");

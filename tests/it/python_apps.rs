@@ -11,8 +11,8 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
-use crate::support::bin::{BinProcess, command};
-use crate::support::web::{client, get, send};
+use crate::support::bin::BinProcess;
+use crate::support::web::client;
 use crate::support::{TestProxy, venv};
 
 /// `SERVER APP` (`anteroom-wsgi` or `anteroom-asgi`) on `queue`, run from
@@ -48,28 +48,7 @@ async fn flask_django_and_fastapi_apps_are_served_through_the_proxy() {
     ] {
         let proxy = TestProxy::start(&redis, queue).await;
         let _app = serve(server, &redis, queue, apps_dir(), app);
-        let hello = get(&c, &proxy.url("/hello?name=anteroom")).await;
-        assert_eq!(
-            hello.status,
-            StatusCode::OK,
-            "{framework}: {}",
-            hello.text()
-        );
-        assert_eq!(hello.text(), format!("hello from {framework}, anteroom\n"));
-        let req = Request::post(proxy.url("/echo"))
-            // One ISO-8859-1 byte, as PEP 3333 hands it to the app.
-            .header("x-test", http::HeaderValue::from_bytes(b"caf\xe9").unwrap())
-            .header("content-type", "text/plain")
-            .body(Full::new(Bytes::from("é and bytes")))
-            .unwrap();
-        let echo = send(&c, req).await;
-        assert_eq!(echo.status, StatusCode::OK, "{framework}: {}", echo.text());
-        let json: serde_json::Value = serde_json::from_str(&echo.text()).unwrap();
-        assert_eq!(json["framework"], framework);
-        assert_eq!(json["method"], "POST");
-        assert_eq!(json["path"], "/echo");
-        assert_eq!(json["body"], "é and bytes");
-        assert_eq!(json["header"], "caf\u{e9}");
+        let json = crate::support::frameworks::framework_app(&c, &proxy, framework).await;
         if framework == "fastapi" {
             assert_eq!(json["lifespan_started"], true, "ASGI lifespan startup ran");
         }
@@ -103,23 +82,12 @@ async fn flask_django_and_fastapi_apps_are_served_through_the_proxy() {
 }
 
 /// Runs the conformance kit against `server` serving `app` (a reference
-/// app in clients/python/tests).
+/// app in clients/python/tests); it passes, streaming.
 async fn conformance(server: &str, app: &str) {
-    let redis = start_redis();
     let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/tests"));
-    let mut cmd = tokio::process::Command::from(command());
-    cmd.args(["conformance", "--redis", &redis.url(), "--"])
-        .arg(venv::bin(server))
-        .args(["--threads", "8", app])
-        .current_dir(dir);
-    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
-        .await
-        .expect("the kit finishes within 3 minutes")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    println!("{text}");
-    assert!(out.status.success(), "{text}");
-    assert!(text.contains("12 passed, 0 failed"), "{text}");
+    let server = venv::bin(server);
+    let command = [server.to_str().unwrap(), "--threads", "8", app];
+    let text = crate::conformance::passes(&command, dir).await;
     assert!(
         text.contains("ok    streamed response (streamed)"),
         "{text}"

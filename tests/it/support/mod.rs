@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod bin;
+pub mod frameworks;
 pub mod httpbin;
 pub mod load;
 pub mod monitor;
