@@ -256,6 +256,23 @@ impl Kit {
             .unwrap_or_default()
     }
 
+    /// After SIGTERM: the command (process `pid`) exits 0 within 15 s and
+    /// leaves no heartbeat behind.
+    async fn stopped_cleanly(&mut self, pid: Option<u32>) -> Result<(), String> {
+        let mut child = self.child.take().ok_or("no process")?;
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .map_err(|_| "did not exit within 15 s of SIGTERM".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("exited with {status} after SIGTERM"));
+        }
+        if self.heartbeats().await.iter().any(|h| Some(h.pid) == pid) {
+            return Err("its heartbeat was left behind".into());
+        }
+        Ok(())
+    }
+
     fn signal(&self, signal: &str) -> Result<(), String> {
         let pid = self
             .child
@@ -490,17 +507,7 @@ async fn graceful_stop(kit: &mut Kit) -> Outcome {
     if answer.status != 200 {
         return Err(format!("the in-flight request got {}", answer.status));
     }
-    let mut child = kit.child.take().ok_or("no process")?;
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .map_err(|_| "did not exit within 15 s of SIGTERM".to_owned())?
-        .map_err(|e| e.to_string())?;
-    if !status.success() {
-        return Err(format!("exited with {status} after SIGTERM"));
-    }
-    if kit.heartbeats().await.iter().any(|h| Some(h.pid) == pid) {
-        return Err("its heartbeat was left behind".into());
-    }
+    kit.stopped_cleanly(pid).await?;
     Ok("in-flight request answered, exit 0, heartbeat removed".into())
 }
 
@@ -696,16 +703,6 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
 async fn clean_stop(kit: &mut Kit) -> Outcome {
     let pid = kit.child.as_ref().and_then(Child::id);
     kit.signal("TERM")?;
-    let mut child = kit.child.take().ok_or("no process")?;
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .map_err(|_| "did not exit within 15 s".to_owned())?
-        .map_err(|e| e.to_string())?;
-    if !status.success() {
-        return Err(format!("exited with {status}"));
-    }
-    if kit.heartbeats().await.iter().any(|h| Some(h.pid) == pid) {
-        return Err("its heartbeat was left behind".into());
-    }
+    kit.stopped_cleanly(pid).await?;
     Ok("exit 0, heartbeat removed".into())
 }

@@ -245,28 +245,6 @@ pub(crate) async fn relay(
         async move { queue::push_reply(&mut conn, reply_to, head, ttl).await }
     })
     .await;
-    opened();
-    if pushed.is_none() {
-        // Its client has its 504, unless a push landed whose answer was
-        // lost: that socket closes (1011). The request stays for a
-        // reaper.
-        let close = anteroom_protocol::SocketMessage {
-            id: envelope.id.clone(),
-            seq: 0,
-            opcode: anteroom_protocol::Opcode::Close,
-            fin: true,
-            code: Some(codes::INTERNAL_ERROR),
-            data: Bytes::from_static(b"the dispatcher lost redis"),
-        };
-        shared
-            .upload_credits
-            .send(&envelope.reply_to, close.encode());
-        return;
-    }
-    shared.metrics.websocket_opened();
-    // The heartbeat says how many sockets are open at once: a pause's
-    // quiescence does not wait for them.
-    shared.beat_now.notify_one();
     let relay = Relay {
         id: envelope.id.clone(),
         to: envelope.reply_to.clone(),
@@ -276,6 +254,18 @@ pub(crate) async fn relay(
         ping_interval: None,
         send_timeout: shared.settings.stream_idle_timeout,
     };
+    opened();
+    if pushed.is_none() {
+        // Its client has its 504, unless a push landed whose answer was
+        // lost: that socket closes (1011). The request stays for a
+        // reaper.
+        relay.send_close(0, Some(codes::INTERNAL_ERROR), "the dispatcher lost redis");
+        return;
+    }
+    shared.metrics.websocket_opened();
+    // The heartbeat says how many sockets are open at once: a pause's
+    // quiescence does not wait for them.
+    shared.beat_now.notify_one();
     let stopping = shared.streams_stop.clone();
     let stop = async move {
         stopping.cancelled().await;

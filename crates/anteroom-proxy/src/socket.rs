@@ -156,13 +156,5 @@ fn gone(relay: &Relay, why: &str) {
         reason = why,
         "websocket client gone before its socket opened"
     );
-    let close = anteroom_protocol::SocketMessage {
-        id: relay.id.clone(),
-        seq: 0,
-        opcode: anteroom_protocol::Opcode::Close,
-        fin: true,
-        code: Some(codes::GOING_AWAY),
-        data: Bytes::from_static(b"the client went away"),
-    };
-    relay.frames.send(&relay.to, close.encode());
+    relay.send_close(0, Some(codes::GOING_AWAY), "the client went away");
 }

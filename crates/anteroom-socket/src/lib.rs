@@ -383,6 +383,23 @@ fn sendable(code: u16) -> bool {
 }
 
 impl Relay {
+    /// Pushes the close of this socket to the other end, as its frame
+    /// `seq` (the number after this end's last message; 0 for a socket
+    /// that never carried one): `code` when it may be sent (RFC 6455
+    /// section 7.4; otherwise no code), `reason` cut to 123 bytes (section
+    /// 5.5). The last frame an end sends.
+    pub fn send_close(&self, seq: u64, code: Option<u16>, reason: &str) {
+        let close = SocketMessage {
+            id: self.id.clone(),
+            seq,
+            opcode: Opcode::Close,
+            fin: true,
+            code: code.filter(|c| sendable(*c)),
+            data: Bytes::copy_from_slice(truncate(reason, 123).as_bytes()),
+        };
+        self.frames.send(&self.to, close.encode());
+    }
+
     /// Relays between `ws` and the other end until either closes, the
     /// other end is gone, or `stop` resolves to a close code (the proxy's
     /// shutdown: 1001; the dispatcher's grace period over: 1012). Never
@@ -412,11 +429,9 @@ impl Relay {
             pending: None,
         };
         let mut stop = std::pin::pin!(stop);
-        let ping_every = self
-            .ping_interval
-            .filter(|every| !every.is_zero())
-            .unwrap_or(Duration::from_secs(86_400));
-        let pinging = self.ping_interval.is_some_and(|every| !every.is_zero());
+        // Zero pings never, as `None` does (the timer then never fires).
+        let pinging = self.ping_interval.filter(|every| !every.is_zero());
+        let ping_every = pinging.unwrap_or(Duration::from_secs(86_400));
         let ping = tokio::time::sleep(ping_every);
         let mut ping = std::pin::pin!(ping);
         let mut pinged = false;
@@ -493,7 +508,7 @@ impl Relay {
                         None => break Stop::LocalGone("the connection closed".into()),
                     }
                 }
-                () = &mut ping, if pinging => {
+                () = &mut ping, if pinging.is_some() => {
                     ping.as_mut().reset(tokio::time::Instant::now() + ping_every);
                     if !reading {
                         // Not reading is this end's doing (the other end
@@ -512,17 +527,7 @@ impl Relay {
                 }
             }
         };
-        let tell = |code: Option<u16>, reason: &str| {
-            let close = SocketMessage {
-                id: self.id.clone(),
-                seq: state.out_seq,
-                opcode: Opcode::Close,
-                fin: true,
-                code: code.filter(|c| sendable(*c)),
-                data: Bytes::copy_from_slice(truncate(reason, 123).as_bytes()),
-            };
-            self.frames.send(&self.to, close.encode());
-        };
+        let tell = |code: Option<u16>, reason: &str| self.send_close(state.out_seq, code, reason);
         match ended {
             Stop::Close {
                 code,

@@ -68,9 +68,7 @@ def call(app, request):
         try:
             chunks = started["written"] + [bytes(c) for c in result]
         finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+            _close(result)
         if "status" not in started:
             raise RuntimeError("the WSGI app did not call start_response")
         return started["status"], started["headers"], b"".join(chunks)
@@ -85,14 +83,10 @@ def call(app, request):
             if "status" in started:
                 break
     except BaseException:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
+        _close(result)
         raise
     if "status" not in started:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
+        _close(result)
         raise RuntimeError("the WSGI app did not call start_response")
     started["sent"] = True
     return started["status"], started["headers"], _Body(result, iterator, started["written"], first)
@@ -113,6 +107,12 @@ class _Body:
                 yield bytes(item)
 
     def close(self):
-        close = getattr(self.result, "close", None)
-        if close is not None:
-            close()
+        _close(self.result)
+
+
+def _close(result):
+    """Calls the iterable's ``close`` if it has one (PEP 3333: always,
+    once the server is done with it)."""
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
