@@ -10,7 +10,10 @@
 #     ANTEROOM_TEST_VENV to keep it elsewhere), and the Python client
 #     (clients/python), whose own tests then run with pytest;
 #   - Node's eventsource package into tests/apps/sse, and the Node client's
-#     dependencies into clients/node (npm ci), whose own tests then run.
+#     dependencies into clients/node (npm ci), whose own tests then run;
+#   - Ruby with Rack, redis-rb, Sinatra and Rails from Debian's packages
+#     (the gem registry is not needed), for the Ruby client (clients/ruby),
+#     whose own tests then run (rake test: minitest).
 # Then runs `cargo test` with any arguments given here, e.g.
 #   bash scripts/test.sh round_trip
 # A test whose prerequisite is still missing fails and names it; none is
@@ -132,9 +135,20 @@ fi
 say "the Node client's tests (node --test)"
 (cd clients/node && node --test test/)
 
+# The Ruby client (clients/ruby): Ruby and the libraries it and its test
+# apps load, from the distribution's packages; then its own tests.
+ruby_libs='require "rack"; require "redis"; require "sinatra/base"; require "action_controller/railtie"; require "minitest"; require "rake"'
+if ! command -v ruby >/dev/null 2>&1 || ! ruby -e "$ruby_libs" >/dev/null 2>&1; then
+  say "installing ruby, rack, redis-rb, sinatra, rails (railties, actionpack), minitest, rake (apt-get)"
+  [ "$updated" = true ] || as_root apt-get update -q || true
+  apt_install ruby rake ruby-rack ruby-redis ruby-sinatra ruby-railties ruby-actionpack ruby-minitest
+fi
+say "the Ruby client's tests (rake test)"
+(cd clients/ruby && rake test)
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "test.sh: cargo is missing; install Rust (https://rustup.rs) first" >&2
   exit 1
 fi
-say "$(cargo --version); $(redis-server --version | cut -d' ' -f1-3); $("$venv/bin/python" --version)"
+say "$(cargo --version); $(redis-server --version | cut -d' ' -f1-3); $("$venv/bin/python" --version); $(ruby --version | cut -d' ' -f1-2)"
 exec cargo test "$@"

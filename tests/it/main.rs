@@ -26,6 +26,7 @@ mod reliability;
 mod restarts;
 mod round_trip;
 mod routing;
+mod ruby_apps;
 mod security;
 mod sentinel;
 mod status_page;

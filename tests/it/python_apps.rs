@@ -4,12 +4,8 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
 
 use anteroom_testkit::{LocalRedis, start_redis};
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::Full;
 
 use crate::support::bin::BinProcess;
 use crate::support::web::client;
@@ -53,29 +49,7 @@ async fn flask_django_and_fastapi_apps_are_served_through_the_proxy() {
             assert_eq!(json["lifespan_started"], true, "ASGI lifespan startup ran");
         }
         if framework != "django" {
-            // A streamed body arrives as the app writes it: the first
-            // piece well before the second, 600 ms later.
-            let req = Request::get(proxy.url("/stream"))
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            let resp = c.request(req).await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            let mut body = resp.into_body();
-            let mut arrivals = Vec::new();
-            let mut text = Vec::new();
-            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-                let frame = frame.unwrap_or_else(|e| panic!("{framework}: the stream broke: {e}"));
-                if let Ok(data) = frame.into_data() {
-                    arrivals.push(std::time::Instant::now());
-                    text.extend_from_slice(&data);
-                }
-            }
-            assert_eq!(text, b"piece 0\npiece 1\n", "{framework}");
-            let spread = *arrivals.last().unwrap() - arrivals[0];
-            assert!(
-                spread >= Duration::from_millis(400),
-                "{framework}: the pieces arrived together ({spread:?})"
-            );
+            crate::support::frameworks::streams_in_pieces(&c, &proxy, framework).await;
         }
         proxy.stop().await;
     }

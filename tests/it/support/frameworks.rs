@@ -1,6 +1,8 @@
 //! What every framework's test app (Flask, Django, FastAPI, Express) must
 //! answer through a proxy, checked the same way for each.
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
@@ -39,4 +41,31 @@ pub(crate) async fn framework_app(
     assert_eq!(json["body"], "é and bytes");
     assert_eq!(json["header"], "caf\u{e9}");
     json
+}
+
+/// `/stream` of a framework's test app through `proxy`: `piece 0\n` and,
+/// 600 ms later, `piece 1\n`, arriving as the app writes them (the first
+/// well before the second), not together at the end.
+pub(crate) async fn streams_in_pieces(c: &TestClient, proxy: &TestProxy, framework: &str) {
+    let req = Request::get(proxy.url("/stream"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{framework}");
+    let mut body = resp.into_body();
+    let mut arrivals = Vec::new();
+    let mut text = Vec::new();
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let frame = frame.unwrap_or_else(|e| panic!("{framework}: the stream broke: {e}"));
+        if let Ok(data) = frame.into_data() {
+            arrivals.push(Instant::now());
+            text.extend_from_slice(&data);
+        }
+    }
+    assert_eq!(text, b"piece 0\npiece 1\n", "{framework}");
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(
+        spread >= Duration::from_millis(400),
+        "{framework}: the pieces arrived together ({spread:?})"
+    );
 }

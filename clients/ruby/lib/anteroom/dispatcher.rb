@@ -1,0 +1,387 @@
+# frozen_string_literal: true
+
+require "json"
+require "logger"
+require "securerandom"
+require "socket"
+require "redis"
+
+require_relative "protocol"
+
+module Anteroom
+  # The dispatcher loop (docs/protocol.md, "What a dispatcher does") for
+  # any handler +call(request) -> [status, [[name, bytes]], body]+, where
+  # body is a String (answered whole), or an object with +each+ yielding
+  # Strings, streamed to a proxy that reads streams ("Streamed replies": a
+  # head, chunks paced by the proxy's credits, an end) and joined for one
+  # that does not. A body that responds to +close+ is closed once done.
+  #
+  # One thread pulls (+BLMOVE+ into this dispatcher's processing list, at
+  # most as many held as there are worker threads), +threads+ workers run
+  # the handler, one thread beats and one reads credits; each has its own
+  # Redis connection, so a blocked pull never holds up a completion. Pauses
+  # are seen before each pull and acknowledged in the heartbeat; SIGTERM or
+  # SIGINT stops pulling, lets the requests in hand finish within the grace
+  # period (seconds), then removes the heartbeat.
+  class Dispatcher
+    # How long a reply list lives without a new reply (as the Rust dispatcher), ms.
+    REPLY_TTL_MS = 60_000
+    # How long one blocked pull waits (s): a pause is seen at most this late.
+    PULL_BLOCK_S = 0.1
+    # Most bytes of a streamed body sent and not yet credited (1 MiB, the
+    # Rust dispatcher's default window).
+    WINDOW = 1024 * 1024
+    # A stream whose client reads nothing with the window full this long
+    # (s) is aborted (as the Rust dispatcher's --stream-idle-timeout).
+    STREAM_IDLE_S = 60.0
+    # The answer to a handler that raised.
+    FAILED = [502, [["content-type", "text/plain; charset=utf-8".b]],
+              "the backend failed to handle the request\n".b].freeze
+
+    attr_reader :id
+
+    # +handler+ answers requests (see the class comment); +redis_url+ and
+    # +queue+ say where from; +heartbeat_ttl+ and +grace+ are seconds.
+    def initialize(handler, redis_url:, queue:, threads: 8, heartbeat_ttl: 10.0, grace: 30.0,
+                   label: "ruby", logger: Logger.new($stderr))
+      @handler = handler
+      @redis_url = redis_url
+      @keys = Protocol::Keys.new(queue)
+      @threads = [threads.to_i, 1].max
+      @heartbeat_ttl = [heartbeat_ttl.to_f, 0.3].max
+      @grace = grace.to_f
+      @label = label
+      @log = logger
+      @id = "rb-#{SecureRandom.hex(8)}"
+      @processing = @keys.processing(@id)
+      @credits_key = @keys.credits(@id)
+      @started_at_ms = Protocol.now_ms
+      @lock = Mutex.new
+      @changed = ConditionVariable.new
+      @in_flight = 0
+      @stopping = false
+      @beat_now = false
+      @acknowledged = nil
+      @jobs = Queue.new
+      # Streams by request id: [bytes credited so far, whether the client is gone].
+      @streams = {}
+    end
+
+    # Serves until SIGTERM or SIGINT (trapped here, so call it from the
+    # main thread) or until #stop.
+    def run
+      %w[TERM INT].each { |sig| trap(sig) { Thread.new { stop } } }
+      redis = connect
+      redis.sadd?("anteroom:queues", @keys.queue)
+      beat(redis)
+      helpers = [Thread.new { heartbeat }, Thread.new { read_credits }]
+      workers = Array.new(@threads) { Thread.new { work } }
+      @log.info("dispatcher #{@id} serving queue #{@keys.queue} with #{@threads} threads")
+      pull(redis)
+      finish(redis, workers, helpers)
+    end
+
+    # Stops pulling; #run returns once the requests in hand are done or
+    # the grace period is over.
+    def stop
+      @lock.synchronize do
+        @stopping = true
+        @beat_now = true
+        @changed.broadcast
+      end
+    end
+
+    private
+
+    def connect
+      Redis.new(url: @redis_url, reconnect_attempts: 3, timeout: 5.0)
+    end
+
+    def stopping?
+      @lock.synchronize { @stopping }
+    end
+
+    def finish(redis, workers, helpers)
+      deadline = monotonic + @grace
+      @lock.synchronize do
+        @changed.wait(@lock, deadline - monotonic) while @in_flight.positive? && monotonic < deadline
+      end
+      left = @lock.synchronize { @in_flight }
+      if left.positive?
+        @log.warn("grace period over with #{left} requests running; they stay in the processing list")
+      end
+      @threads.times { @jobs << nil }
+      workers.each { |w| w.join(0.1) }
+      helpers.each { |h| h.join(1.5) }
+      redis.pipelined do |p|
+        p.del(@keys.dispatcher(@id))
+        p.zrem(@keys.dispatchers, @id)
+      end
+      @log.info("dispatcher #{@id} stopped")
+    end
+
+    def monotonic
+      Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    end
+
+    # -- pulling -------------------------------------------------------------
+
+    def paused(redis)
+      record = redis.get(@keys.paused)
+      return nil if record.nil?
+
+      begin
+        JSON.parse(record).fetch("id")
+      rescue JSON::ParserError, KeyError, TypeError, NoMethodError
+        record # anything else still means paused; its raw value is the id
+      end
+    end
+
+    def pull(redis)
+      until stopping?
+        begin
+          pause_id = paused(redis)
+          if pause_id != @acknowledged
+            # No pull is outstanding here: acknowledged at once.
+            @acknowledged = pause_id
+            wake_heartbeat
+          end
+          if pause_id || !free_slot?
+            sleep 0.05
+            next
+          end
+          raw = redis.blmove(@keys.requests, @processing, "RIGHT", "LEFT", timeout: PULL_BLOCK_S)
+        rescue Redis::BaseError => e
+          @log.warn("pulling failed: #{e.message}; retrying")
+          sleep 0.5
+          next
+        end
+        next if raw.nil?
+
+        @lock.synchronize { @in_flight += 1 }
+        @jobs << raw
+      end
+    end
+
+    def free_slot?
+      @lock.synchronize { @in_flight < @threads }
+    end
+
+    def work
+      redis = connect
+      while (raw = @jobs.pop)
+        begin
+          handle(redis, raw)
+        rescue StandardError => e
+          @log.error("handling a request failed; it stays in the processing list: #{e.class}: #{e.message}")
+        ensure
+          @lock.synchronize do
+            @in_flight -= 1
+            @changed.broadcast
+          end
+        end
+      end
+    end
+
+    # -- one request ---------------------------------------------------------
+
+    def handle(redis, raw)
+      begin
+        kind, meta, body = Protocol.decode(raw)
+        unless kind == "Q"
+          raise Protocol::DecodeError,
+                "kind #{kind.inspect} is not supported by this dispatcher " \
+                "(only 'Q': streamed request bodies and WebSockets are not)"
+        end
+        request = Protocol::Request.new(meta, body)
+      rescue Protocol::DecodeError => e
+        return set_aside(redis, raw, "does not decode: #{e.message}")
+      end
+      unless @keys.replies?(request.reply_to)
+        return set_aside(redis, raw, "reply_to #{request.reply_to.inspect} is not a reply list of queue #{@keys.queue}")
+      end
+
+      now = Protocol.now_ms
+      return set_aside(redis, raw, "deadline more than 24 h ahead") if request.deadline_ms - now > Protocol::MAX_HOLD_MS
+      return redis.lrem(@processing, 1, raw) if now >= request.deadline_ms # the client has its 504
+
+      if request.dedupe?
+        ttl = [request.deadline_ms - now + REPLY_TTL_MS, 1].max
+        return redis.lrem(@processing, 1, raw) unless redis.set(@keys.claimed(request.id), @id, nx: true, px: ttl)
+      end
+
+      status, headers, out = answer(request)
+      if out.is_a?(String)
+        complete(redis, raw, request, Protocol.response(request.id, status, headers, out))
+      else
+        stream(redis, raw, request, status, headers, out)
+      end
+    end
+
+    # The handler's answer; a body that is not a String becomes one unless
+    # the producer reads streams.
+    def answer(request)
+      status, headers, out = @handler.call(request)
+      return [status, headers, out] if out.is_a?(String) || request.stream?
+
+      whole = +"".b
+      begin
+        out.each { |piece| whole << piece.to_s.b }
+      ensure
+        out.close if out.respond_to?(:close)
+      end
+      [status, headers, whole]
+    rescue StandardError, ScriptError => e
+      @log.error("the app failed on #{request.method} #{request.uri}: #{e.class}: #{e.message}")
+      FAILED
+    end
+
+    def complete(redis, raw, request, frame)
+      redis.multi do |m|
+        m.rpush(request.reply_to, frame)
+        m.pexpire(request.reply_to, REPLY_TTL_MS)
+        m.lrem(@processing, 1, raw)
+      end
+    end
+
+    def push(redis, request, frame)
+      redis.pipelined do |p|
+        p.rpush(request.reply_to, frame)
+        p.pexpire(request.reply_to, REPLY_TTL_MS)
+      end
+    end
+
+    # Streams +body+ (each yields Strings): the head now, a chunk for each
+    # piece as the window allows, then the end with the request's removal
+    # from the processing list in one MULTI. A client that is gone (a
+    # cancel) gets nothing more; an app that fails mid-body, or a client
+    # that reads nothing for STREAM_IDLE_S, gets an aborted end.
+    def stream(redis, raw, request, status, headers, body)
+      @lock.synchronize { @streams[request.id] = [0, false] }
+      seq = 0
+      sent = 0
+      aborted = nil
+      push(redis, request, Protocol.stream_head(request.id, status, headers, @credits_key, WINDOW))
+      begin
+        body.each do |chunk|
+          chunk = chunk.to_s.b
+          (0...chunk.bytesize).step(Protocol::MAX_CHUNK) do |at|
+            piece = chunk.byteslice(at, Protocol::MAX_CHUNK)
+            case room(request.id, sent, piece.bytesize)
+            when :gone
+              redis.lrem(@processing, 1, raw) # the client is gone
+              return
+            when :idle
+              raise IOError, "the client read nothing for #{STREAM_IDLE_S.round}s"
+            end
+            push(redis, request, Protocol.stream_chunk(request.id, seq, piece))
+            seq += 1
+            sent += piece.bytesize
+          end
+        end
+      rescue StandardError => e # the stream is cut short, never ended cleanly
+        @log.warn("stream aborted: #{e.message}")
+        aborted = e.message.empty? ? e.class.name : e.message
+      end
+      complete(redis, raw, request, Protocol.stream_end(request.id, seq, aborted))
+    ensure
+      @lock.synchronize { @streams.delete(request.id) }
+      body.close if body.respond_to?(:close)
+    end
+
+    # Waits until +length+ more bytes fit in the window: :ok, :gone (the
+    # client cancelled) or :idle (nothing credited within STREAM_IDLE_S).
+    def room(request_id, sent, length)
+      deadline = monotonic + STREAM_IDLE_S
+      @lock.synchronize do
+        loop do
+          consumed, cancel = @streams.fetch(request_id, [0, true])
+          return :gone if cancel
+          return :ok if sent + length <= [consumed, sent].min + WINDOW || sent == consumed
+
+          left = deadline - monotonic
+          return :idle if left <= 0
+
+          @changed.wait(@lock, left)
+        end
+      end
+    end
+
+    # Pops this dispatcher's credit list (+'A'+ frames from proxies) until it stops.
+    def read_credits
+      redis = connect
+      until stopping?
+        begin
+          popped = redis.call("BLMPOP", 1, 1, @credits_key, "LEFT", "COUNT", 256)
+        rescue Redis::BaseError => e
+          @log.warn("reading credits failed: #{e.message}")
+          sleep 0.5
+          next
+        end
+        Array(popped && popped[1]).each { |frame| credit(frame) }
+      end
+    end
+
+    def credit(frame)
+      kind, meta, = Protocol.decode(frame)
+      return unless kind == "A"
+
+      @lock.synchronize do
+        state = @streams[meta.fetch("id")]
+        if state
+          state[0] = [state[0], Integer(meta.fetch("consumed", 0))].max
+          state[1] ||= meta["cancel"] == true
+          @changed.broadcast
+        end
+      end
+    rescue Protocol::DecodeError, KeyError, TypeError, ArgumentError
+      @log.warn("discarding a credit-list frame that does not decode")
+    end
+
+    def set_aside(redis, raw, reason)
+      @log.error("moving an envelope to the dead-letter list: #{reason}")
+      redis.multi do |m|
+        m.lpush(@keys.dead, Protocol.dead_letter(raw, reason, @id))
+        m.lrem(@processing, 1, raw)
+      end
+    end
+
+    # -- heartbeat -----------------------------------------------------------
+
+    def wake_heartbeat
+      @lock.synchronize do
+        @beat_now = true
+        @changed.broadcast
+      end
+    end
+
+    def beat(redis)
+      pause_id = @acknowledged
+      record = { id: @id, host: Socket.gethostname, pid: Process.pid, label: @label,
+                 concurrency: @threads, in_flight: @lock.synchronize { @in_flight },
+                 paused: !pause_id.nil?, pause_id: pause_id, started_at_ms: @started_at_ms }
+      redis.pipelined do |p|
+        p.set(@keys.dispatcher(@id), JSON.generate(record), px: (@heartbeat_ttl * 1000).to_i)
+        p.zadd(@keys.dispatchers, Protocol.now_ms, @id)
+      end
+    end
+
+    def heartbeat
+      redis = connect
+      loop do
+        @lock.synchronize do
+          deadline = monotonic + (@heartbeat_ttl / 3)
+          @changed.wait(@lock, deadline - monotonic) until @beat_now || monotonic >= deadline
+          @beat_now = false
+        end
+        return if stopping?
+
+        begin
+          beat(redis)
+        rescue Redis::BaseError => e
+          @log.warn("heartbeat failed: #{e.message}")
+        end
+      end
+    end
+  end
+end

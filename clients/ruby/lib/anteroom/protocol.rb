@@ -1,0 +1,181 @@
+# frozen_string_literal: true
+
+require "json"
+
+module Anteroom
+  # The Anteroom wire protocol, version 1 (docs/protocol.md): frames and
+  # Redis keys.
+  #
+  # A frame is +[version 0x01][kind][u32 BE meta_len][meta JSON][body]+.
+  # Header values are bytes, carried in JSON as strings of code points
+  # U+0000..U+00FF (ISO-8859-1). Every byte string here is binary
+  # (ASCII-8BIT).
+  module Protocol
+    VERSION = 1
+    # Longest a deadline may lie ahead (24 h): further is no proxy's envelope.
+    MAX_HOLD_MS = 24 * 3600 * 1000
+    # Largest piece of a streamed body in one chunk frame (256 KiB).
+    MAX_CHUNK = 256 * 1024
+    ID = /\A[A-Za-z0-9._-]{1,64}\z/
+
+    # Bytes that are not a frame of the expected kind.
+    class DecodeError < StandardError; end
+
+    module_function
+
+    # Unix milliseconds, the unit of every deadline on the wire.
+    def now_ms
+      Process.clock_gettime(Process::CLOCK_REALTIME, :millisecond)
+    end
+
+    # One frame of +kind+ (a one-letter String) with +meta+ (a Hash;
+    # +body_len+ is set here) and +body+ (a String of bytes).
+    def encode(kind, meta, body = "".b)
+      body = body.b
+      json = JSON.generate(meta.merge("body_len" => body.bytesize)).b
+      [VERSION, kind.ord, json.bytesize].pack("CCN") + json + body
+    end
+
+    # +[kind, meta, body]+ of the frame +raw+; DecodeError when it is not one.
+    def decode(raw)
+      raw = raw.b
+      raise DecodeError, "shorter than a frame header" if raw.bytesize < 6
+
+      version, kind, meta_len = raw.unpack("CCN")
+      raise DecodeError, "unsupported envelope version #{version}" unless version == VERSION
+      if raw.bytesize < 6 + meta_len
+        raise DecodeError, "envelope is truncated: #{6 + meta_len} bytes needed, #{raw.bytesize} available"
+      end
+
+      begin
+        meta = JSON.parse(raw.byteslice(6, meta_len).force_encoding(Encoding::UTF_8))
+      rescue JSON::ParserError, EncodingError => e
+        raise DecodeError, "metadata is not JSON: #{e.message}"
+      end
+      raise DecodeError, "metadata is not a JSON object" unless meta.is_a?(Hash)
+
+      body = raw.byteslice(6 + meta_len, raw.bytesize - 6 - meta_len)
+      # Frames without a body (credits, heads, ends) carry no body_len.
+      if meta.fetch("body_len", 0) != body.bytesize
+        raise DecodeError, "body is #{body.bytesize} bytes, body_len says #{meta["body_len"].inspect}"
+      end
+
+      [kind.chr, meta, body]
+    end
+
+    # A header value from JSON (code points U+0000..U+00FF) as bytes.
+    def latin1_bytes(text)
+      text.encode(Encoding::ISO_8859_1).b
+    end
+
+    # Bytes as the JSON string of their ISO-8859-1 code points.
+    def latin1_text(bytes)
+      bytes.to_s.b.force_encoding(Encoding::ISO_8859_1).encode(Encoding::UTF_8)
+    end
+
+    def wire_headers(headers)
+      headers.map { |name, value| [name, latin1_text(value)] }
+    end
+
+    # A whole response frame (+'R'+); +headers+ are +[name, bytes]+ pairs.
+    def response(id, status, headers, body)
+      encode("R", { "id" => id, "status" => status, "headers" => wire_headers(headers) }, body)
+    end
+
+    # The head of a streamed response (+'S'+).
+    def stream_head(id, status, headers, credit_to, window)
+      encode("S", { "id" => id, "status" => status, "headers" => wire_headers(headers),
+                    "credit_to" => credit_to, "window" => window })
+    end
+
+    # One piece of a streamed body (+'C'+), numbered from 0.
+    def stream_chunk(id, seq, data)
+      encode("C", { "id" => id, "seq" => seq }, data)
+    end
+
+    # The end of a streamed body (+'E'+): how many chunks, and why it was
+    # cut short, if it was.
+    def stream_end(id, chunks, aborted = nil)
+      meta = { "id" => id, "chunks" => chunks }
+      meta["aborted"] = aborted if aborted
+      encode("E", meta)
+    end
+
+    # A dead letter (+'D'+) carrying +raw+, byte for byte.
+    def dead_letter(raw, reason, by)
+      encode("D", { "reason" => reason, "at_ms" => now_ms, "by" => by }, raw)
+    end
+
+    # A request envelope (kind +'Q'+), checked field by field.
+    class Request
+      FIELDS = { "id" => String, "method" => String, "uri" => String, "version" => String,
+                 "reply_to" => String, "enqueued_at_ms" => Integer, "deadline_ms" => Integer }.freeze
+
+      attr_reader :id, :method, :uri, :version, :reply_to, :client_addr, :enqueued_at_ms,
+                  :deadline_ms, :headers, :body
+
+      def initialize(meta, body)
+        FIELDS.each do |name, type|
+          raise DecodeError, "request metadata: #{name} missing or not #{type}" unless meta[name].is_a?(type)
+        end
+        raise DecodeError, "request metadata: headers is not a list" unless meta["headers"].is_a?(Array)
+
+        @headers = meta["headers"].map do |pair|
+          unless pair.is_a?(Array) && pair.size == 2 && pair.all?(String)
+            raise DecodeError, "request metadata: a header is not [name, value]"
+          end
+
+          [pair[0], Protocol.latin1_bytes(pair[1])]
+        rescue EncodingError
+          raise DecodeError, "request metadata: a header value is not ISO-8859-1"
+        end
+        @id, @method, @uri, @version, @reply_to = meta.values_at("id", "method", "uri", "version", "reply_to")
+        @client_addr = meta["client_addr"].is_a?(String) ? meta["client_addr"] : nil
+        @enqueued_at_ms = meta["enqueued_at_ms"]
+        @deadline_ms = meta["deadline_ms"]
+        @dedupe = meta["dedupe"] == true
+        @stream = meta["stream"] == true
+        @body = body
+      end
+
+      # Whether the producer asked for a single delivery (claimed by id).
+      def dedupe?
+        @dedupe
+      end
+
+      # Whether the producer reads streamed replies (+'S'+, +'C'+, +'E'+).
+      def stream?
+        @stream
+      end
+    end
+
+    # The Redis key names of one queue (docs/protocol.md, "Redis keys").
+    class Keys
+      attr_reader :queue, :prefix
+
+      def initialize(queue)
+        raise ArgumentError, "queue name #{queue.inspect}: 1 to 64 of A-Z a-z 0-9 . _ -" unless ID.match?(queue)
+
+        @queue = queue
+        @prefix = "anteroom:{#{queue}}:"
+      end
+
+      def requests = "#{prefix}requests"
+      def dispatchers = "#{prefix}dispatchers"
+      def paused = "#{prefix}paused"
+      def dead = "#{prefix}dead"
+      def processing(dispatcher_id) = "#{prefix}processing:#{dispatcher_id}"
+      def credits(dispatcher_id) = "#{prefix}credits:#{dispatcher_id}"
+      def dispatcher(dispatcher_id) = "#{prefix}dispatcher:#{dispatcher_id}"
+      def claimed(request_id) = "#{prefix}claimed:#{request_id}"
+
+      # Whether +key+ is a reply list of this queue: a dispatcher writes
+      # to no other key, whatever an envelope says.
+      def replies?(key)
+        return false unless key.start_with?("#{prefix}replies:")
+
+        ID.match?(key.delete_prefix("#{prefix}replies:"))
+      end
+    end
+  end
+end

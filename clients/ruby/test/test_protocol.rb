@@ -1,0 +1,79 @@
+# frozen_string_literal: true
+
+require "minitest/autorun"
+require_relative "../lib/anteroom/protocol"
+
+# The frame codec and key names against docs/protocol.md.
+class TestProtocol < Minitest::Test
+  P = Anteroom::Protocol
+
+  def request_meta(**extra)
+    { "id" => "r1", "method" => "POST", "uri" => "/a?b=c", "version" => "HTTP/1.1",
+      "reply_to" => "anteroom:{q}:replies:p1", "enqueued_at_ms" => 1, "deadline_ms" => 2,
+      "headers" => [["x-test", "caf\u00e9"], ["x-test", "b"]] }.merge(extra)
+  end
+
+  def test_a_frame_round_trips_byte_exact
+    body = (0..255).map(&:chr).join.b
+    raw = P.encode("Q", request_meta, body)
+    assert_equal [1, "Q".ord], raw.unpack("CC")
+    kind, meta, decoded = P.decode(raw)
+    assert_equal "Q", kind
+    assert_equal 256, meta["body_len"]
+    assert_equal body, decoded
+    assert_equal Encoding::BINARY, decoded.encoding
+  end
+
+  def test_header_values_are_latin1_bytes_both_ways
+    request = P::Request.new(request_meta, "".b)
+    assert_equal [["x-test", "caf\xE9".b], ["x-test", "b".b]], request.headers
+    _, meta, = P.decode(P.response("r1", 200, request.headers, ""))
+    assert_equal [["x-test", "caf\u00e9"], ["x-test", "b"]], meta["headers"]
+  end
+
+  def test_bad_frames_are_decode_errors
+    good = P.encode("Q", request_meta, "xy")
+    ["".b, "\x01Q".b, "\x02Q\x00\x00\x00\x00".b, good[0, good.bytesize - 1],
+     "\x01Q\x00\x00\x00\x03abc".b, "\x01Q\x00\x00\x00\x02[]".b, good + "z"].each do |raw|
+      assert_raises(P::DecodeError, raw.inspect) { P.decode(raw) }
+    end
+  end
+
+  def test_requests_with_missing_or_mistyped_fields_are_refused
+    ["id", "deadline_ms", "headers"].each do |field|
+      meta = request_meta
+      meta.delete(field)
+      assert_raises(P::DecodeError, field) { P::Request.new(meta, "".b) }
+    end
+    assert_raises(P::DecodeError) { P::Request.new(request_meta("deadline_ms" => "2"), "".b) }
+    assert_raises(P::DecodeError) { P::Request.new(request_meta("headers" => [["a", "\u0100"]]), "".b) }
+    assert_raises(P::DecodeError) { P::Request.new(request_meta("headers" => [["a"]]), "".b) }
+  end
+
+  def test_frames_without_a_body_need_no_body_len
+    raw = [1, "A".ord].pack("CC") + [7].pack("N") + '{"a":1}'
+    assert_equal ["A", { "a" => 1 }, "".b], P.decode(raw)
+  end
+
+  def test_stream_frames
+    _, head, = P.decode(P.stream_head("r", 200, [["a", "b"]], "k", 10))
+    assert_equal({ "id" => "r", "status" => 200, "headers" => [["a", "b"]], "credit_to" => "k",
+                   "window" => 10, "body_len" => 0 }, head)
+    _, chunk, data = P.decode(P.stream_chunk("r", 3, "xyz"))
+    assert_equal [3, "xyz"], [chunk["seq"], data]
+    _, ending, = P.decode(P.stream_end("r", 4, "boom"))
+    assert_equal [4, "boom"], ending.values_at("chunks", "aborted")
+    refute P.decode(P.stream_end("r", 4))[1].key?("aborted")
+  end
+
+  def test_keys
+    keys = P::Keys.new("web")
+    assert_equal "anteroom:{web}:requests", keys.requests
+    assert_equal "anteroom:{web}:processing:d1", keys.processing("d1")
+    assert keys.replies?("anteroom:{web}:replies:p-1")
+    refute keys.replies?("anteroom:{other}:replies:p-1")
+    refute keys.replies?("anteroom:{web}:requests")
+    refute keys.replies?("anteroom:{web}:replies:a b")
+    assert_raises(ArgumentError) { P::Keys.new("a b") }
+  end
+end
