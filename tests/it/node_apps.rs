@@ -1,5 +1,6 @@
 //! The Node client (clients/node): a real Express app served by
-//! `anteroom-node` through a real proxy; and the conformance kit passed.
+//! `anteroom-node` through a real proxy, streams included; and the
+//! conformance kit passed, streaming.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -35,7 +36,9 @@ async fn an_express_app_is_served_through_the_proxy() {
         .env("ANTEROOM_GRACE", "2s")
         .stdout(Stdio::null());
     let _app = BinProcess::spawn_cmd(&mut cmd);
-    crate::support::frameworks::framework_app(&client(), &proxy, "express").await;
+    let c = client();
+    crate::support::frameworks::framework_app(&c, &proxy, "express").await;
+    crate::support::frameworks::streams_in_pieces(&c, &proxy, "express").await;
     proxy.stop().await;
 }
 
@@ -47,5 +50,9 @@ async fn anteroom_node_passes_the_conformance_kit() {
         "bin/anteroom-node.js",
         "examples/conformance_app.js",
     ];
-    crate::conformance::passes(&command, node_dir()).await;
+    let text = crate::conformance::passes(&command, node_dir()).await;
+    assert!(
+        text.contains("ok    streamed response (streamed)"),
+        "{text}"
+    );
 }

@@ -1,5 +1,6 @@
 'use strict';
-// An Express app for anteroom-node (tests/it/node_apps.rs): exported, not
+// An Express app for anteroom-node (tests/it/node_apps.rs; the benchmark's
+// adapters scenario also runs it under node's http server): exported, not
 // listened on; anteroom-node serves it from the queue.
 const express = require('express');
 
@@ -18,6 +19,12 @@ app.post('/echo', (req, res) => {
     body: req.body,
     header: req.get('x-test'),
   });
+});
+
+app.get('/stream', (req, res) => {
+  res.type('text/plain');
+  res.write('piece 0\n');
+  setTimeout(() => res.end('piece 1\n'), 600);
 });
 
 module.exports = app;

@@ -2,11 +2,16 @@
 // The dispatcher loop (docs/protocol.md, "What a dispatcher does") for a Node
 // request listener `(req, res)` or an Express app: each queued request is
 // injected into the app in this process (light-my-request), with no socket
-// and no HTTP hop. One loop pulls (BLMOVE on a connection of its own, at
-// most `concurrency` held), a timer beats; pauses are seen before each pull
-// and acknowledged in the heartbeat; SIGTERM or SIGINT stops pulling, lets
-// the requests in hand finish within the grace period, then removes the
-// heartbeat.
+// and no HTTP hop. One loop pulls, at most `concurrency` held: every free
+// place's worth at once (LMOVEs in one pipeline, one round trip), blocking with
+// BLMOVE on a connection of its own only when the queue is empty
+// (docs/protocol.md, step 1), one reads credits (a third connection), a timer
+// beats; pauses are seen before each pull and acknowledged in the
+// heartbeat; SIGTERM or SIGINT stops pulling, lets the requests in hand
+// finish within the grace period, then removes the heartbeat. A response
+// the app has not ended when its head is written is streamed to a proxy
+// that reads streams ("Streamed replies": a head, chunks paced by the
+// proxy's credits, an end); one already ended goes whole.
 
 const os = require('node:os');
 const crypto = require('node:crypto');
@@ -18,6 +23,10 @@ const protocol = require('./protocol');
 const REPLY_TTL_MS = 60_000;
 /** How long one blocked pull waits: a pause is seen at most this late. */
 const PULL_BLOCK_S = 0.1;
+/** Most bytes of a streamed body sent and not yet credited (1 MiB, the Rust dispatcher's default window). */
+const WINDOW = 1024 * 1024;
+/** A stream whose client reads nothing with the window full this long is aborted (ms). */
+const STREAM_IDLE_MS = 60_000;
 const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
   Buffer.from('the backend failed to handle the request\n')];
 
@@ -43,6 +52,8 @@ class Dispatcher {
     this.acknowledged = null;
     this.startedAtMs = Date.now();
     this.freed = null;
+    /** Streams by request id: `{consumed, cancel, wake}` from the proxy's credits. */
+    this.streams = new Map();
   }
 
   async run() {
@@ -54,6 +65,10 @@ class Dispatcher {
     puller.on('error', (err) => console.error(`anteroom: redis (pull): ${err.message}`));
     await puller.connect();
     this.puller = puller.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer });
+    const creditReader = client.duplicate();
+    creditReader.on('error', (err) => console.error(`anteroom: redis (credits): ${err.message}`));
+    await creditReader.connect();
+    const reading = this.readCredits(creditReader.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer }));
     const stop = () => { this.stopping = true; };
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
@@ -71,6 +86,8 @@ class Dispatcher {
         console.error(`anteroom: grace period over with ${this.inFlight} requests running; they stay in the processing list`);
       }
       clearInterval(beating);
+      await reading;
+      await creditReader.quit();
       await client.multi().del(this.keys.dispatcher(this.id)).zRem(this.keys.dispatchers, this.id).exec();
       await puller.quit();
       await client.quit();
@@ -90,7 +107,7 @@ class Dispatcher {
 
   async pull() {
     while (!this.stopping) {
-      let raw;
+      let taken;
       try {
         const pauseId = await this.pausedId();
         if (pauseId !== this.acknowledged) {
@@ -105,21 +122,36 @@ class Dispatcher {
           await new Promise((resolve) => { this.freed = resolve; setTimeout(resolve, 50); });
           continue;
         }
-        raw = await this.puller.blMove(this.keys.requests, this.processing, 'RIGHT', 'LEFT', PULL_BLOCK_S);
+        taken = await this.take(this.concurrency - this.inFlight);
       } catch (err) {
         console.error(`anteroom: pulling failed: ${err.message}; retrying`);
         await sleep(500);
         continue;
       }
-      if (raw === null) continue;
-      this.inFlight += 1;
-      this.handle(raw)
-        .catch((err) => console.error(`anteroom: handling a request failed (it stays in the processing list): ${err.stack}`))
-        .finally(() => {
-          this.inFlight -= 1;
-          if (this.freed) this.freed();
-        });
+      for (const raw of taken) {
+        this.inFlight += 1;
+        this.handle(raw)
+          .catch((err) => console.error(`anteroom: handling a request failed (it stays in the processing list): ${err.stack}`))
+          .finally(() => {
+            this.inFlight -= 1;
+            if (this.freed) this.freed();
+          });
+      }
     }
+  }
+
+  /**
+   * Moves up to `free` requests into the processing list: LMOVEs in one
+   * pipeline (each moves atomically; node-redis keeps Buffers in a pipeline's
+   * replies, not in a MULTI's), then a BLMOVE for one when that found none.
+   */
+  async take(free) {
+    const batch = this.redis.multi();
+    for (let i = 0; i < free; i += 1) batch.lMove(this.keys.requests, this.processing, 'RIGHT', 'LEFT');
+    const taken = (await batch.execAsPipeline()).filter((raw) => raw !== null);
+    if (taken.length > 0) return taken;
+    const raw = await this.puller.blMove(this.keys.requests, this.processing, 'RIGHT', 'LEFT', PULL_BLOCK_S);
+    return raw === null ? [] : [raw];
   }
 
   async handle(raw) {
@@ -157,17 +189,116 @@ class Dispatcher {
     let out;
     try {
       [status, headers, out] = await this.call(request);
+      if (!Buffer.isBuffer(out) && !request.stream) out = await collect(out.body);
     } catch (err) {
       console.error(`anteroom: the app failed on ${request.method} ${request.uri}: ${err.stack}`);
       [status, headers, out] = FAILED;
     }
-    const reply = protocol.response(request.id, status, headers, out);
-    await this.redis.multi().rPush(request.reply_to, reply).pExpire(request.reply_to, REPLY_TTL_MS)
+    if (!Buffer.isBuffer(out)) return this.stream(raw, request, status, headers, out);
+    return this.complete(raw, request, protocol.response(request.id, status, headers, out));
+  }
+
+  /** Pushes the last frame of `request` and removes it from the processing list, in one MULTI. */
+  async complete(raw, request, frame) {
+    await this.redis.multi().rPush(request.reply_to, frame).pExpire(request.reply_to, REPLY_TTL_MS)
       .lRem(this.processing, 1, raw).exec();
+  }
+
+  /**
+   * Streams `out.body` (a Readable): the head now, a chunk for each piece as
+   * the window allows, then the end with the request's removal from the
+   * processing list. A client that is gone (a cancel) gets nothing more and
+   * the app's response is destroyed; an app that fails mid-body, or a
+   * client that reads nothing for STREAM_IDLE_MS, gets an aborted end.
+   */
+  async stream(raw, request, status, headers, out) {
+    const state = { consumed: 0, cancel: false, wake: null };
+    this.streams.set(request.id, state);
+    const push = (frame) => this.redis.multi().rPush(request.reply_to, frame)
+      .pExpire(request.reply_to, REPLY_TTL_MS).exec();
+    let seq = 0;
+    let sent = 0;
+    let aborted = null;
+    try {
+      await push(protocol.streamHead(request.id, status, headers, this.keys.credits(this.id), WINDOW));
+      try {
+        for await (const chunk of out.body) {
+          for (let at = 0; at < chunk.length; at += protocol.MAX_CHUNK) {
+            const piece = chunk.subarray(at, at + protocol.MAX_CHUNK);
+            const room = await this.room(state, sent, piece.length);
+            if (room === 'gone') {
+              out.response.destroy();
+              await this.redis.lRem(this.processing, 1, raw); // the client is gone
+              return undefined;
+            }
+            if (room === 'idle') throw new Error(`the client read nothing for ${STREAM_IDLE_MS / 1000}s`);
+            await push(protocol.streamChunk(request.id, seq, piece));
+            seq += 1;
+            sent += piece.length;
+          }
+        }
+      } catch (err) { // the stream is cut short, never ended cleanly
+        console.error(`anteroom: stream aborted: ${err.message}`);
+        aborted = err.message || err.name;
+        out.response.destroy();
+      }
+      await this.complete(raw, request, protocol.streamEnd(request.id, seq, aborted));
+    } finally {
+      this.streams.delete(request.id);
+    }
     return undefined;
   }
 
-  /** Injects `request` into the app: `[status, [[name, latin1 value]], body]`. */
+  /** Waits until `length` more bytes fit in the window: 'ok', 'gone' (a cancel) or 'idle'. */
+  async room(state, sent, length) {
+    const until = Date.now() + STREAM_IDLE_MS;
+    for (;;) {
+      if (state.cancel) return 'gone';
+      if (sent + length <= Math.min(state.consumed, sent) + WINDOW || sent === state.consumed) return 'ok';
+      const left = until - Date.now();
+      if (left <= 0) return 'idle';
+      await new Promise((resolve) => {
+        const timer = setTimeout(resolve, left);
+        state.wake = () => { clearTimeout(timer); resolve(); };
+      });
+      state.wake = null;
+    }
+  }
+
+  /** Pops this dispatcher's credit list ('A' frames from proxies) until it stops. */
+  async readCredits(reader) {
+    const key = this.keys.credits(this.id);
+    while (!this.stopping || this.inFlight > 0) {
+      let popped;
+      try {
+        popped = await reader.sendCommand(['BLMPOP', '1', '1', key, 'LEFT', 'COUNT', '256']);
+      } catch (err) {
+        console.error(`anteroom: reading credits failed: ${err.message}`);
+        await sleep(500);
+        continue;
+      }
+      for (const frame of popped ? popped[1] : []) {
+        try {
+          const { kind, meta } = protocol.decode(frame);
+          const state = kind === 'A' ? this.streams.get(meta.id) : undefined;
+          if (state) {
+            state.consumed = Math.max(state.consumed, Number(meta.consumed ?? 0));
+            state.cancel = state.cancel || meta.cancel === true;
+            if (state.wake) state.wake();
+          }
+        } catch {
+          console.error('anteroom: discarding a credit-list frame that does not decode');
+        }
+      }
+    }
+  }
+
+  /**
+   * Injects `request` into the app: `[status, [[name, latin1 value]], body]`,
+   * where body is a Buffer when the app had ended its response by the time
+   * it wrote the head, and otherwise `{body: Readable, response}` (the app's
+   * response, to destroy when the client is gone).
+   */
   async call(request) {
     const headers = {};
     for (const [name, value] of request.headers) {
@@ -184,12 +315,15 @@ class Dispatcher {
       headers,
       payload: request.body,
       remoteAddress: host.replace(/^\[|\]$/g, ''),
+      payloadAsStream: true,
     });
     const out = [];
     for (const [name, value] of Object.entries(res.headers)) {
       for (const one of [].concat(value)) out.push([name.toLowerCase(), String(one)]);
     }
-    return [res.statusCode, out, res.rawPayload];
+    const response = res.raw.res;
+    const body = res.stream();
+    return [res.statusCode, out, response.writableEnded ? await collect(body) : { body, response }];
   }
 
   async setAside(raw, reason) {
@@ -216,6 +350,13 @@ class Dispatcher {
       .zAdd(this.keys.dispatchers, { score: Date.now(), value: this.id })
       .exec();
   }
+}
+
+/** The whole of a Readable, as one Buffer. */
+async function collect(readable) {
+  const chunks = [];
+  for await (const chunk of readable) chunks.push(chunk);
+  return Buffer.concat(chunks);
 }
 
 module.exports = { Dispatcher };

@@ -70,6 +70,21 @@ function response(id, status, headers, body) {
   return encode('R', { id, status, headers }, body);
 }
 
+/** The head of a streamed response ('S'): chunks follow, credited on `creditTo`. */
+function streamHead(id, status, headers, creditTo, window) {
+  return encode('S', { id, status, headers, credit_to: creditTo, window });
+}
+
+/** One piece of a streamed body ('C'), numbered from 0. */
+function streamChunk(id, seq, data) {
+  return encode('C', { id, seq }, data);
+}
+
+/** The end of a streamed body ('E'): how many chunks, and why it was cut short, if it was. */
+function streamEnd(id, chunks, aborted = null) {
+  return encode('E', aborted === null ? { id, chunks } : { id, chunks, aborted });
+}
+
 /** A dead letter ('D') carrying `raw`, byte for byte. */
 function deadLetter(raw, reason, by) {
   return encode('D', { reason, at_ms: Date.now(), by, body_len: raw.length }, raw);
@@ -91,6 +106,8 @@ class Keys {
 
   dispatcher(id) { return `${this.prefix}dispatcher:${id}`; }
 
+  credits(id) { return `${this.prefix}credits:${id}`; }
+
   claimed(id) { return `${this.prefix}claimed:${id}`; }
 
   /** Whether `key` is a reply list of this queue: nothing else is written to. */
@@ -100,4 +117,7 @@ class Keys {
   }
 }
 
-module.exports = { VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, response, deadLetter, Keys };
+module.exports = {
+  VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, response, streamHead, streamChunk, streamEnd,
+  deadLetter, Keys,
+};

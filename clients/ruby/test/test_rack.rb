@@ -98,5 +98,7 @@ class TestRack < Minitest::Test
     assert_equal ["web", 3, 2.0, "app.ru"], opts.values_at(:queue, :threads, :grace, :config)
     assert_equal "config.ru", Anteroom::CLI.options([], {})[:config]
     assert_raises(OptionParser::ParseError) { Anteroom::CLI.options(["a.ru", "b.ru"], {}) }
+    assert_equal %w[warn warn error], %w[warning WARN Error].map { |name| Anteroom::CLI.log_level(name) }
+    assert_output(nil, /not a log level/) { assert_raises(SystemExit) { Anteroom::CLI.log_level("loud") } }
   end
 end

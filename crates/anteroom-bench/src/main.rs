@@ -10,10 +10,13 @@
 //! Run with: `cargo run --release -p anteroom-bench -- --duration 10s --connections 64`
 //! (`--scenario stream`: a 1 GiB download, a 1 GiB upload and 1,000 event streams beside
 //! nginx, `stream.rs`; `--scenario websocket`: echo round trips and memory per idle socket
-//! beside nginx's WebSocket proxying, `websocket.rs`)
+//! beside nginx's WebSocket proxying, `websocket.rs`; `--scenario adapters`: the Python,
+//! Ruby and Node dispatchers beside gunicorn, uvicorn, Puma and Node's http server,
+//! `adapters.rs`)
 //! (drives redis-server, nginx and wrk; installs whichever is missing from
 //! the distribution's packages unless `--install false`).
 
+mod adapters;
 mod hold;
 mod scale;
 mod setups;
@@ -91,6 +94,9 @@ enum Scenario {
     Stream,
     /// WebSocket echo round trips and memory per idle socket, beside nginx.
     Websocket,
+    /// The Python, Ruby and Node dispatchers beside gunicorn, uvicorn, Puma
+    /// and Node's http server (needs what scripts/test.sh installs).
+    Adapters,
     /// Every scenario.
     All,
 }
@@ -127,6 +133,11 @@ fn main() -> anyhow::Result<()> {
             args.websockets,
         ))?;
         websocket::print(&figures);
+    }
+    if matches!(args.scenario, Scenario::Adapters | Scenario::All) {
+        tools::ensure_adapters(args.install)?;
+        let figures = adapters::run(&anteroom, &redis, args.duration, args.connections)?;
+        adapters::print(&figures, args.duration, args.connections);
     }
     if matches!(args.scenario, Scenario::Scale | Scenario::All) {
         let figures = scale::run(&anteroom, args.duration, args.connections)?;

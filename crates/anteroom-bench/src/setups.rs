@@ -131,7 +131,7 @@ pub(crate) fn spawn(cmd: &mut Command) -> anyhow::Result<Proc> {
 }
 
 /// Waits until `GET path` on `port` answers 200.
-fn wait_ready(port: u16, path: &str) -> anyhow::Result<()> {
+pub(crate) fn wait_ready(port: u16, path: &str) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
@@ -243,6 +243,21 @@ fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr, location: &str) -> St
     )
 }
 
+/// `anteroom proxy` for `queue`, listening on `port` of 127.0.0.1.
+pub(crate) fn spawn_proxy(
+    anteroom: &Path,
+    redis: &LocalRedis,
+    queue: &str,
+    port: u16,
+) -> anyhow::Result<Proc> {
+    spawn(
+        Command::new(anteroom)
+            .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--redis", &redis.url(), "--queue", queue])
+            .env("RUST_LOG", "error"),
+    )
+}
+
 /// `anteroom dispatch` forwarding `queue` to `upstream`, concurrency 64.
 pub(crate) fn spawn_dispatcher(
     anteroom: &Path,
@@ -334,12 +349,7 @@ impl Forwarding {
         concurrency: usize,
     ) -> anyhow::Result<Self> {
         let port = free_port()?;
-        let proxy = spawn(
-            Command::new(anteroom)
-                .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
-                .args(["--redis", &redis.url(), "--queue", queue])
-                .env("RUST_LOG", "error"),
-        )?;
+        let proxy = spawn_proxy(anteroom, redis, queue, port)?;
         let dispatcher = spawn_dispatcher_with(anteroom, redis, queue, upstream, concurrency)?;
         wait_ready(port, "/hello")?;
         Ok(Self {

@@ -25,7 +25,19 @@ pub(crate) fn find(program: &str) -> Option<PathBuf> {
 
 /// Installs whichever of redis-server, nginx and wrk is missing.
 pub(crate) fn ensure(install: bool) -> anyhow::Result<()> {
-    let missing: Vec<&str> = TOOLS
+    ensure_programs(install, &TOOLS)
+}
+
+/// Installs Puma when missing, for the adapters scenario (Ruby, Sinatra
+/// and the rest come from `scripts/test.sh`).
+pub(crate) fn ensure_adapters(install: bool) -> anyhow::Result<()> {
+    ensure_programs(install, &[("puma", "puma")])
+}
+
+/// Installs the Debian package of each (program, package) whose program is
+/// missing.
+fn ensure_programs(install: bool, tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
         .iter()
         .filter(|(program, _)| find(program).is_none())
         .map(|&(_, package)| package)
@@ -68,7 +80,7 @@ pub(crate) fn ensure(install: bool) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
-    for (program, package) in TOOLS {
+    for &(program, package) in tools {
         find(program)
             .with_context(|| format!("{program} still missing after installing {package}"))?;
     }

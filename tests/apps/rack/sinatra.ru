@@ -29,12 +29,6 @@ class SinatraApp < Sinatra::Base
       out << "piece 1\n"
     end
   end
-
-  # The benchmark's route: a small fixed answer.
-  get "/bench" do
-    content_type "text/plain"
-    "ok\n"
-  end
 end
 
 run SinatraApp

@@ -4,8 +4,10 @@ body is bytes, or an iterator of bytes that is streamed to a proxy that
 reads streams ("Streamed replies": a head, chunks paced by the proxy's
 credits, an end).
 
-One thread pulls (``BLMOVE`` into this dispatcher's processing list, at
-most as many held as there are worker threads), the workers run the
+One thread pulls into this dispatcher's processing list, at most as many
+held as there are worker threads: every free thread's worth at once (a
+``MULTI`` of ``LMOVE``\ s, one round trip), blocking with ``BLMOVE`` only
+when the queue is empty (docs/protocol.md, step 1). The workers run the
 handler, one thread beats. Pauses are seen before each pull and
 acknowledged in the heartbeat; SIGTERM or SIGINT stops pulling, lets the
 requests in hand finish within the grace period, then removes the
@@ -102,6 +104,8 @@ class Dispatcher:
         self.beat_now = threading.Event()
         self.in_flight = 0
         self.lock = threading.Lock()
+        #: Notified when a request in flight ends (``lock`` is its lock).
+        self.freed = threading.Condition(self.lock)
         self.acknowledged = None
         self.started_at_ms = now_ms()
         self.credits_key = self.keys.credits(self.id)
@@ -119,10 +123,9 @@ class Dispatcher:
         beating.start()
         threading.Thread(target=self.read_credits, name="anteroom-credits", daemon=True).start()
         log.info("dispatcher %s serving queue %s with %d threads", self.id, self.keys.queue, self.threads)
-        slots = threading.BoundedSemaphore(self.threads)
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="anteroom-worker")
         try:
-            self.pull(pool, slots)
+            self.pull(pool)
         finally:
             pool.shutdown(wait=False)
             deadline = time.monotonic() + self.grace
@@ -154,7 +157,7 @@ class Dispatcher:
         except (ValueError, KeyError, TypeError):
             return record.decode("latin-1")  # anything else still means paused
 
-    def pull(self, pool, slots):
+    def pull(self, pool):
         while not self.stopping.is_set():
             try:
                 pause_id = self.paused()
@@ -165,29 +168,48 @@ class Dispatcher:
                 if pause_id is not None:
                     self.stopping.wait(0.05)
                     continue
-                if not slots.acquire(timeout=0.05):
+                free = self.wait_free(0.05)
+                if not free:
                     continue
-                raw = self.redis.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
+                taken = self.take(free)
             except redis.RedisError as err:
                 log.warning("pulling failed: %s; retrying", err)
                 self.stopping.wait(0.5)
                 continue
-            if raw is None:
-                slots.release()
-                continue
-            with self.lock:
-                self.in_flight += 1
-            pool.submit(self.handle_and_release, raw, slots)
+            for raw in taken:
+                pool.submit(self.handle_and_release, raw)
 
-    def handle_and_release(self, raw, slots):
+    def wait_free(self, timeout):
+        """How many more requests may be held (waits up to ``timeout`` for one)."""
+        with self.freed:
+            if self.in_flight >= self.threads:
+                self.freed.wait(timeout)
+            return self.threads - self.in_flight
+
+    def take(self, free):
+        """Moves up to ``free`` requests into the processing list: one
+        ``MULTI`` of ``LMOVE``\ s, then a ``BLMOVE`` for one when that found
+        none. Each taken request counts as in flight from here."""
+        pipe = self.redis.pipeline(transaction=True)
+        for _ in range(free):
+            pipe.lmove(self.keys.requests, self.processing, "RIGHT", "LEFT")
+        taken = [raw for raw in pipe.execute() if raw is not None]
+        if not taken:
+            raw = self.redis.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
+            taken = [raw] if raw is not None else []
+        with self.lock:
+            self.in_flight += len(taken)
+        return taken
+
+    def handle_and_release(self, raw):
         try:
             self.handle(raw)
         except Exception:  # noqa: BLE001 - a worker must survive anything
             log.exception("handling a request failed; it stays in the processing list")
         finally:
-            with self.lock:
+            with self.freed:
                 self.in_flight -= 1
-            slots.release()
+                self.freed.notify()
 
     # -- one request -------------------------------------------------------
 

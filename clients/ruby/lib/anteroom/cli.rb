@@ -55,6 +55,16 @@ module Anteroom
       opts
     end
 
+    # The Logger level named +name+ (debug, info, warn or warning, error,
+    # fatal; any case, as Python's logging names them too); exits 2 otherwise.
+    def log_level(name)
+      level = name.to_s.downcase.sub(/\Awarning\z/, "warn")
+      return level if %w[debug info warn error fatal].include?(level)
+
+      warn "anteroom-rack: ANTEROOM_LOG=#{name.inspect} is not a log level (debug, info, warning, error)"
+      exit 2
+    end
+
     # The app a rackup file builds (rack 2's parse_file answers [app, options]).
     def load_app(path)
       require "rack"
@@ -72,7 +82,7 @@ module Anteroom
         exit 2
       end
       $stdout.sync = true
-      logger = Logger.new($stderr, level: ENV.fetch("ANTEROOM_LOG", "info"), progname: "anteroom")
+      logger = Logger.new($stderr, level: log_level(ENV.fetch("ANTEROOM_LOG", "info")), progname: "anteroom")
       app = load_app(opts[:config])
       Dispatcher.new(->(request) { Anteroom::Rack.call(app, request) },
                      redis_url: opts[:redis], queue: opts[:queue], threads: opts[:threads],

@@ -16,8 +16,10 @@ module Anteroom
   # head, chunks paced by the proxy's credits, an end) and joined for one
   # that does not. A body that responds to +close+ is closed once done.
   #
-  # One thread pulls (+BLMOVE+ into this dispatcher's processing list, at
-  # most as many held as there are worker threads), +threads+ workers run
+  # One thread pulls into this dispatcher's processing list, at most as
+  # many held as there are worker threads: every free thread's worth at once
+  # (a +MULTI+ of +LMOVE+s, one round trip), blocking with +BLMOVE+ only when
+  # the queue is empty (docs/protocol.md, step 1). +threads+ workers run
   # the handler, one thread beats and one reads credits; each has its own
   # Redis connection, so a blocked pull never holds up a completion. Pauses
   # are seen before each pull and acknowledged in the heartbeat; SIGTERM or
@@ -146,25 +148,40 @@ module Anteroom
             @acknowledged = pause_id
             wake_heartbeat
           end
-          if pause_id || !free_slot?
+          if pause_id
             sleep 0.05
             next
           end
-          raw = redis.blmove(@keys.requests, @processing, "RIGHT", "LEFT", timeout: PULL_BLOCK_S)
+          free = wait_free(0.05)
+          next if free.zero?
+
+          take(redis, free).each { |raw| @jobs << raw }
         rescue Redis::BaseError => e
           @log.warn("pulling failed: #{e.message}; retrying")
           sleep 0.5
-          next
         end
-        next if raw.nil?
-
-        @lock.synchronize { @in_flight += 1 }
-        @jobs << raw
       end
     end
 
-    def free_slot?
-      @lock.synchronize { @in_flight < @threads }
+    # How many more requests may be held (waits up to +timeout+ s for one).
+    def wait_free(timeout)
+      @lock.synchronize do
+        @changed.wait(@lock, timeout) if @in_flight >= @threads
+        @threads - @in_flight
+      end
+    end
+
+    # Moves up to +free+ requests into the processing list: one MULTI of
+    # LMOVEs, then a BLMOVE for one when that found none. Each taken
+    # request counts as in flight from here.
+    def take(redis, free)
+      taken = redis.multi { |m| free.times { m.lmove(@keys.requests, @processing, "RIGHT", "LEFT") } }.compact
+      if taken.empty?
+        raw = redis.blmove(@keys.requests, @processing, "RIGHT", "LEFT", timeout: PULL_BLOCK_S)
+        taken = raw ? [raw] : []
+      end
+      @lock.synchronize { @in_flight += taken.size }
+      taken
     end
 
     def work
