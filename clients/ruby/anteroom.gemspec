@@ -16,7 +16,7 @@ Gem::Specification.new do |spec|
   spec.executables = ["anteroom-rack"]
   spec.require_paths = ["lib"]
   spec.add_dependency "rack", ">= 2.2", "< 4"
-  spec.add_dependency "redis", ">= 4.6", "< 6"
+  spec.add_dependency "redis", ">= 4.8", "< 6"
   spec.add_development_dependency "minitest", "~> 5.15"
   spec.add_development_dependency "rake", ">= 13"
 end

@@ -39,6 +39,21 @@ async fn an_express_app_is_served_through_the_proxy() {
     let c = client();
     crate::support::frameworks::framework_app(&c, &proxy, "express").await;
     crate::support::frameworks::streams_in_pieces(&c, &proxy, "express").await;
+    // An error after the head (Express destroys the connection): the
+    // client's response is cut short, never ended cleanly, and the
+    // dispatcher lives on.
+    let resp = c
+        .request(
+            http::Request::get(proxy.url("/fail-after-head"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+    assert!(body.is_err(), "a failed stream must not end cleanly");
+    crate::support::frameworks::framework_app(&c, &proxy, "express").await;
     proxy.stop().await;
 }
 

@@ -27,4 +27,11 @@ app.get('/stream', (req, res) => {
   setTimeout(() => res.end('piece 1\n'), 600);
 });
 
+// An error after the head is sent: Express destroys the connection.
+app.get('/fail-after-head', (req, res, next) => {
+  res.type('text/plain');
+  res.write('half\n');
+  setTimeout(() => next(new Error('failed after the head')), 50);
+});
+
 module.exports = app;

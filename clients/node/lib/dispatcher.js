@@ -27,6 +27,8 @@ const PULL_BLOCK_S = 0.1;
 const WINDOW = 1024 * 1024;
 /** A stream whose client reads nothing with the window full this long is aborted (ms). */
 const STREAM_IDLE_MS = 60_000;
+/** How long a failed completion is retried (ms). */
+const RETRY_MS = 10_000;
 const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
   Buffer.from('the backend failed to handle the request\n')];
 
@@ -48,6 +50,8 @@ class Dispatcher {
     this.id = `node-${crypto.randomBytes(8).toString('hex')}`;
     this.processing = this.keys.processing(this.id);
     this.stopping = false;
+    /** Set once the grace period is over: credits are read until then. */
+    this.done = false;
     this.inFlight = 0;
     this.acknowledged = null;
     this.startedAtMs = Date.now();
@@ -69,6 +73,7 @@ class Dispatcher {
     creditReader.on('error', (err) => console.error(`anteroom: redis (credits): ${err.message}`));
     await creditReader.connect();
     const reading = this.readCredits(creditReader.withTypeMapping({ [RESP_TYPES.BLOB_STRING]: Buffer }));
+    await patchSocket();
     const stop = () => { this.stopping = true; };
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
@@ -82,13 +87,19 @@ class Dispatcher {
     } finally {
       const until = Date.now() + this.graceMs;
       while (this.inFlight > 0 && Date.now() < until) await sleep(20);
-      if (this.inFlight > 0) {
-        console.error(`anteroom: grace period over with ${this.inFlight} requests running; they stay in the processing list`);
-      }
+      const left = this.inFlight;
+      this.done = true;
       clearInterval(beating);
       await reading;
       await creditReader.quit();
-      await client.multi().del(this.keys.dispatcher(this.id)).zRem(this.keys.dispatchers, this.id).exec();
+      await client.del(this.keys.dispatcher(this.id));
+      // What is left in the processing list goes to the reaper, which finds
+      // it through the registry entry: it stays while the list holds anything.
+      if (await client.lLen(this.processing) === 0) {
+        await client.zRem(this.keys.dispatchers, this.id);
+      } else {
+        console.error(`anteroom: grace period over with ${left} requests running; the reaper takes them from the processing list`);
+      }
       await puller.quit();
       await client.quit();
       console.error(`anteroom: dispatcher ${this.id} stopped`);
@@ -99,10 +110,12 @@ class Dispatcher {
     const record = await this.redis.get(this.keys.paused);
     if (record === null) return null;
     try {
-      return JSON.parse(record.toString('utf8')).id ?? record.toString('latin1');
+      const { id } = JSON.parse(record.toString('utf8'));
+      if (typeof id === 'string') return id;
     } catch {
-      return record.toString('latin1'); // anything else still means paused
+      // anything else still means paused
     }
+    return record.toString('latin1'); // its raw value is the id
   }
 
   async pull() {
@@ -131,7 +144,7 @@ class Dispatcher {
       for (const raw of taken) {
         this.inFlight += 1;
         this.handle(raw)
-          .catch((err) => console.error(`anteroom: handling a request failed (it stays in the processing list): ${err.stack}`))
+          .catch((err) => console.error(`anteroom: handling a request failed (the reaper answers it once this dispatcher is gone): ${err.stack}`))
           .finally(() => {
             this.inFlight -= 1;
             if (this.freed) this.freed();
@@ -188,7 +201,16 @@ class Dispatcher {
     let headers;
     let out;
     try {
-      [status, headers, out] = await this.call(request);
+      const calling = this.call(request);
+      const answered = await Promise.race([calling, timer(request.deadline_ms - Date.now())]);
+      if (answered === undefined) {
+        calling.then(([, , late]) => { if (!Buffer.isBuffer(late)) destroyApp(late.response); }, () => {});
+        // Past the deadline with no head: the client has its 504.
+        console.error(`anteroom: ${request.method} ${request.uri} wrote no head before its deadline; dropped`);
+        await this.redis.lRem(this.processing, 1, raw);
+        return undefined;
+      }
+      [status, headers, out] = answered;
       if (!Buffer.isBuffer(out) && !request.stream) out = await collect(out.body);
     } catch (err) {
       console.error(`anteroom: the app failed on ${request.method} ${request.uri}: ${err.stack}`);
@@ -198,10 +220,31 @@ class Dispatcher {
     return this.complete(raw, request, protocol.response(request.id, status, headers, out));
   }
 
-  /** Pushes the last frame of `request` and removes it from the processing list, in one MULTI. */
+  /**
+   * Pushes the last frame of `request` and removes it from the processing
+   * list, in one MULTI (docs/protocol.md, step 5). Any other failure is
+   * retried for RETRY_MS; a reply Redis refuses for good (WRONGTYPE, NOPERM)
+   * is given up and the request removed alone.
+   */
   async complete(raw, request, frame) {
-    await this.redis.multi().rPush(request.reply_to, frame).pExpire(request.reply_to, REPLY_TTL_MS)
-      .lRem(this.processing, 1, raw).exec();
+    const giveUp = Date.now() + RETRY_MS;
+    for (;;) {
+      try {
+        await this.redis.multi().rPush(request.reply_to, frame).pExpire(request.reply_to, REPLY_TTL_MS)
+          .lRem(this.processing, 1, raw).exec();
+        return;
+      } catch (err) {
+        const text = `${err.message} ${(err.replies ?? []).map((r) => r?.message ?? '').join(' ')}`;
+        if (/WRONGTYPE|NOPERM/.test(text)) {
+          console.error(`anteroom: Redis refused the reply to ${request.id} (${text.trim()}); giving it up`);
+          await this.redis.lRem(this.processing, 1, raw);
+          return;
+        }
+        if (Date.now() >= giveUp) throw err;
+        console.error(`anteroom: completing ${request.id} failed (${err.message}); retrying`);
+        await sleep(200);
+      }
+    }
   }
 
   /**
@@ -219,6 +262,7 @@ class Dispatcher {
     let seq = 0;
     let sent = 0;
     let aborted = null;
+    let ended = false;
     try {
       await push(protocol.streamHead(request.id, status, headers, this.keys.credits(this.id), WINDOW));
       try {
@@ -227,7 +271,8 @@ class Dispatcher {
             const piece = chunk.subarray(at, at + protocol.MAX_CHUNK);
             const room = await this.room(state, sent, piece.length);
             if (room === 'gone') {
-              out.response.destroy();
+              ended = true;
+              destroyApp(out.response);
               await this.redis.lRem(this.processing, 1, raw); // the client is gone
               return undefined;
             }
@@ -240,11 +285,13 @@ class Dispatcher {
       } catch (err) { // the stream is cut short, never ended cleanly
         console.error(`anteroom: stream aborted: ${err.message}`);
         aborted = err.message || err.name;
-        out.response.destroy();
+        destroyApp(out.response);
       }
+      ended = true;
       await this.complete(raw, request, protocol.streamEnd(request.id, seq, aborted));
     } finally {
       this.streams.delete(request.id);
+      if (!ended) destroyApp(out.response); // a push failed: nobody reads the app's body
     }
     return undefined;
   }
@@ -268,7 +315,7 @@ class Dispatcher {
   /** Pops this dispatcher's credit list ('A' frames from proxies) until it stops. */
   async readCredits(reader) {
     const key = this.keys.credits(this.id);
-    while (!this.stopping || this.inFlight > 0) {
+    while (!this.done) {
       let popped;
       try {
         popped = await reader.sendCommand(['BLMPOP', '1', '1', key, 'LEFT', 'COUNT', '256']);
@@ -282,7 +329,8 @@ class Dispatcher {
           const { kind, meta } = protocol.decode(frame);
           const state = kind === 'A' ? this.streams.get(meta.id) : undefined;
           if (state) {
-            state.consumed = Math.max(state.consumed, Number(meta.consumed ?? 0));
+            const consumed = Number(meta.consumed ?? 0);
+            if (Number.isFinite(consumed)) state.consumed = Math.max(state.consumed, consumed);
             state.cancel = state.cancel || meta.cancel === true;
             if (state.wake) state.wake();
           }
@@ -322,6 +370,7 @@ class Dispatcher {
       for (const one of [].concat(value)) out.push([name.toLowerCase(), String(one)]);
     }
     const response = res.raw.res;
+    if (response.req?.socket) response.req.socket.anteroomResponse = response;
     const body = res.stream();
     return [res.statusCode, out, response.writableEnded ? await collect(body) : { body, response }];
   }
@@ -349,6 +398,47 @@ class Dispatcher {
       .addCommand(['SET', this.keys.dispatcher(this.id), JSON.stringify(beat), 'PX', String(this.heartbeatTtlMs)])
       .zAdd(this.keys.dispatchers, { score: Date.now(), value: this.id })
       .exec();
+  }
+}
+
+/** Resolves with undefined after `ms` (at once when not positive). */
+function timer(ms) {
+  return new Promise((resolve) => { setTimeout(resolve, Math.max(0, ms)).unref(); });
+}
+
+/**
+ * Ends the app's side of a response nobody reads any more: the response is
+ * destroyed and the request emits `close`, as a real server does when its
+ * client leaves (so `req.on('close', ...)` clean-ups run).
+ */
+function destroyApp(response) {
+  response.destroy();
+  const { req } = response;
+  if (req && !req.destroyed) {
+    req.destroyed = true;
+    req.emit('close');
+  }
+}
+
+/**
+ * light-my-request's request socket has no `destroy`, which Express's
+ * finalhandler calls on an error after the head was sent: without it the
+ * process would crash. Given here once, it destroys that request's response
+ * (set as `anteroomResponse` once the head is written), which aborts the
+ * stream.
+ */
+let socketPatched = false;
+async function patchSocket() {
+  if (socketPatched) return;
+  socketPatched = true;
+  let proto;
+  await inject((req, res) => { proto = Object.getPrototypeOf(req.socket); res.end(); }, { url: '/' });
+  if (typeof proto.destroy !== 'function') {
+    proto.destroy = function destroy(err) {
+      this.destroyed = true;
+      if (this.anteroomResponse) this.anteroomResponse.destroy(err ?? new Error('the app destroyed the connection'));
+      return this;
+    };
   }
 }
 

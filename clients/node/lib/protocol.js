@@ -54,6 +54,9 @@ function request(meta, body) {
     ['version', 'string'], ['reply_to', 'string'], ['enqueued_at_ms', 'number'], ['deadline_ms', 'number']]) {
     if (typeof meta[name] !== type) throw new DecodeError(`request metadata: ${name} missing or not a ${type}`);
   }
+  for (const name of ['enqueued_at_ms', 'deadline_ms']) {
+    if (!Number.isSafeInteger(meta[name])) throw new DecodeError(`request metadata: ${name} is not an integer`);
+  }
   if (!Array.isArray(meta.headers)) throw new DecodeError('request metadata: headers is not a list');
   const headers = meta.headers.map((pair) => {
     if (!Array.isArray(pair) || typeof pair[0] !== 'string' || typeof pair[1] !== 'string'

@@ -29,6 +29,11 @@ def test_environ_follows_pep_3333():
     assert env["wsgi.input"].read() == b"hi"
 
 
+def test_header_names_with_underscores_are_dropped():
+    env = wsgi.environ(request(headers=[("x_forwarded_host", b"evil"), ("x-forwarded-host", b"good")]))
+    assert env["HTTP_X_FORWARDED_HOST"] == "good"
+
+
 def test_call_collects_status_headers_and_body_and_closes():
     closed = []
 

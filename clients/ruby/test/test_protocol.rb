@@ -34,7 +34,8 @@ class TestProtocol < Minitest::Test
   def test_bad_frames_are_decode_errors
     good = P.encode("Q", request_meta, "xy")
     ["".b, "\x01Q".b, "\x02Q\x00\x00\x00\x00".b, good[0, good.bytesize - 1],
-     "\x01Q\x00\x00\x00\x03abc".b, "\x01Q\x00\x00\x00\x02[]".b, good + "z"].each do |raw|
+     "\x01Q\x00\x00\x00\x03abc".b, "\x01Q\x00\x00\x00\x02[]".b, good + "z",
+     "\x01Q\x00\x00\x00\x09{\"a\":\"\xFF\"}".b].each do |raw|
       assert_raises(P::DecodeError, raw.inspect) { P.decode(raw) }
     end
   end

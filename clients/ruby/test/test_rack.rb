@@ -89,6 +89,21 @@ class TestRack < Minitest::Test
     assert_equal [true], closed
   end
 
+  def test_a_bad_status_or_headers_close_the_body
+    [["nope", {}], [200, nil]].each do |status, headers|
+      closed = []
+      body = ["x"]
+      body.define_singleton_method(:close) { closed << true }
+      assert_raises(StandardError) { Anteroom::Rack.call(->(_env) { [status, headers, body] }, request) }
+      assert_equal [true], closed, status.inspect
+    end
+  end
+
+  def test_header_names_with_underscores_are_dropped
+    env = Anteroom::Rack.env(request(headers: [["x_forwarded_host", "evil"], ["x-forwarded-host", "good"]]))
+    assert_equal "good", env["HTTP_X_FORWARDED_HOST"]
+  end
+
   def test_durations_and_options
     assert_in_delta 0.5, Anteroom::CLI.duration("500ms")
     assert_in_delta 60.0, Anteroom::CLI.duration("1m")

@@ -6,7 +6,7 @@ credits, an end).
 
 One thread pulls into this dispatcher's processing list, at most as many
 held as there are worker threads: every free thread's worth at once (a
-``MULTI`` of ``LMOVE``\ s, one round trip), blocking with ``BLMOVE`` only
+``MULTI`` of ``LMOVE`` commands, one round trip), blocking with ``BLMOVE`` only
 when the queue is empty (docs/protocol.md, step 1). The workers run the
 handler, one thread beats. Pauses are seen before each pull and
 acknowledged in the heartbeat; SIGTERM or SIGINT stops pulling, lets the
@@ -34,6 +34,8 @@ log = logging.getLogger("anteroom")
 REPLY_TTL_MS = 60_000
 #: How long one blocked pull waits: a pause is seen at most this late.
 PULL_BLOCK_S = 0.1
+#: How long a failed completion is retried (seconds).
+RETRY_S = 10.0
 #: Most bytes of a streamed body sent and not yet credited (1 MiB, as the
 #: Rust dispatcher's default window).
 WINDOW = 1024 * 1024
@@ -101,6 +103,9 @@ class Dispatcher:
         self.id = "py-" + uuid.uuid4().hex[:16]
         self.processing = self.keys.processing(self.id)
         self.stopping = threading.Event()
+        #: Set once the grace period is over: the heartbeat and the credit
+        #: reader run until then, for the requests still in hand.
+        self.done = threading.Event()
         self.beat_now = threading.Event()
         self.in_flight = 0
         self.lock = threading.Lock()
@@ -131,11 +136,19 @@ class Dispatcher:
             deadline = time.monotonic() + self.grace
             while self.running() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if self.running():
-                log.warning("grace period over with %d requests running; they stay in the processing list",
-                            self.running())
-            self.redis.pipeline(transaction=False).delete(self.keys.dispatcher(self.id)).zrem(
-                self.keys.dispatchers, self.id).execute()
+            left = self.running()
+            self.done.set()
+            self.beat_now.set()
+            beating.join(1.5)
+            self.redis.delete(self.keys.dispatcher(self.id))
+            # What is left in the processing list goes to the reaper, which
+            # finds it through the registry entry: it stays while the list
+            # holds anything.
+            if self.redis.llen(self.processing) == 0:
+                self.redis.zrem(self.keys.dispatchers, self.id)
+            else:
+                log.warning("grace period over with %d requests running; the reaper takes them "
+                            "from the processing list", left)
             log.info("dispatcher %s stopped", self.id)
 
     def stop(self):
@@ -153,9 +166,11 @@ class Dispatcher:
         if record is None:
             return None
         try:
-            return json.loads(record)["id"]
+            pause_id = json.loads(record)["id"]
         except (ValueError, KeyError, TypeError):
-            return record.decode("latin-1")  # anything else still means paused
+            pause_id = None
+        # Anything else still means paused; its raw value is the id.
+        return pause_id if isinstance(pause_id, str) else record.decode("latin-1")
 
     def pull(self, pool):
         while not self.stopping.is_set():
@@ -188,7 +203,7 @@ class Dispatcher:
 
     def take(self, free):
         """Moves up to ``free`` requests into the processing list: one
-        ``MULTI`` of ``LMOVE``\ s, then a ``BLMOVE`` for one when that found
+        ``MULTI`` of ``LMOVE`` commands, then a ``BLMOVE`` for one when that found
         none. Each taken request counts as in flight from here."""
         pipe = self.redis.pipeline(transaction=True)
         for _ in range(free):
@@ -205,7 +220,7 @@ class Dispatcher:
         try:
             self.handle(raw)
         except Exception:  # noqa: BLE001 - a worker must survive anything
-            log.exception("handling a request failed; it stays in the processing list")
+            log.exception("handling a request failed (the reaper answers it once this dispatcher is gone)")
         finally:
             with self.freed:
                 self.in_flight -= 1
@@ -244,10 +259,31 @@ class Dispatcher:
             status, headers, out = FAILED
         if not isinstance(out, (bytes, bytearray)):
             return self.stream(raw, request, status, headers, out)
-        reply = protocol.response(request.id, status, headers, bytes(out))
-        self.redis.pipeline(transaction=True).rpush(request.reply_to, reply).pexpire(
-            request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
+        self.complete(raw, request, protocol.response(request.id, status, headers, bytes(out)))
         return None
+
+    def complete(self, raw, request, frame):
+        """Pushes the last frame of ``request`` and removes it from the
+        processing list in one MULTI (docs/protocol.md, step 5). Any other
+        failure is retried for RETRY_S; a reply Redis refuses for good
+        (WRONGTYPE, NOPERM) is given up and the request removed alone."""
+        give_up = time.monotonic() + RETRY_S
+        while True:
+            try:
+                self.redis.pipeline(transaction=True).rpush(request.reply_to, frame).pexpire(
+                    request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
+                return
+            except redis.ResponseError as err:
+                if "WRONGTYPE" not in str(err) and "NOPERM" not in str(err):
+                    raise
+                log.error("Redis refused the reply to %s (%s); giving it up", request.id, err)
+                self.redis.lrem(self.processing, 1, raw)
+                return
+            except redis.RedisError as err:
+                if time.monotonic() >= give_up:
+                    raise
+                log.warning("completing %s failed (%s); retrying", request.id, err)
+                time.sleep(0.2)
 
     def stream(self, raw, request, status, headers, body):
         """Streams ``body`` (an iterator of bytes): the head now, a chunk
@@ -277,9 +313,7 @@ class Dispatcher:
             except Exception as err:  # noqa: BLE001 - the stream is cut short, never ended cleanly
                 log.warning("stream aborted: %s", err)
                 aborted = str(err) or type(err).__name__
-            end = protocol.stream_end(request.id, seq, aborted)
-            self.redis.pipeline(transaction=True).rpush(request.reply_to, end).pexpire(
-                request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
+            self.complete(raw, request, protocol.stream_end(request.id, seq, aborted))
         finally:
             self.credits.forget(request.id)
             close = getattr(body, "close", None)
@@ -289,8 +323,8 @@ class Dispatcher:
 
     def read_credits(self):
         """Pops this dispatcher's credit list (``'A'`` frames from proxies)
-        until it stops."""
-        while not self.stopping.is_set():
+        until the grace period is over."""
+        while not self.done.is_set():
             try:
                 popped = self.redis.blmpop(1, 1, self.credits_key, direction="LEFT", count=256)
             except redis.RedisError as err:
@@ -323,12 +357,12 @@ class Dispatcher:
             self.keys.dispatchers, {self.id: now_ms()}).execute()
 
     def heartbeat(self):
-        while not self.stopping.is_set():
+        while not self.done.is_set():
             self.beat_now.wait(self.heartbeat_ttl / 3)
             self.beat_now.clear()
-            if self.stopping.is_set():
+            if self.done.is_set():
                 return
             try:
                 self.beat()
-            except redis.RedisError as err:
+            except Exception as err:  # noqa: BLE001 - a missed beat is absorbed by the TTL
                 log.warning("heartbeat failed: %s", err)

@@ -37,6 +37,11 @@ def environ(request):
     if "CONTENT_LENGTH" not in env and request.body:
         env["CONTENT_LENGTH"] = str(len(request.body))
     for name, value in request.headers:
+        if "_" in name:
+            # It would pass for the dashed name (X_Forwarded_For as
+            # X-Forwarded-For, which the proxy strips): dropped, as
+            # gunicorn and nginx do.
+            continue
         text = value.decode("latin-1")
         key = _SPECIAL.get(name) or "HTTP_" + name.upper().replace("-", "_")
         if key in env and key.startswith("HTTP_"):

@@ -36,6 +36,8 @@ module Anteroom
     # A stream whose client reads nothing with the window full this long
     # (s) is aborted (as the Rust dispatcher's --stream-idle-timeout).
     STREAM_IDLE_S = 60.0
+    # How long a failed write of a reply is retried (s).
+    RETRY_S = 10.0
     # The answer to a handler that raised.
     FAILED = [502, [["content-type", "text/plain; charset=utf-8".b]],
               "the backend failed to handle the request\n".b].freeze
@@ -62,6 +64,9 @@ module Anteroom
       @changed = ConditionVariable.new
       @in_flight = 0
       @stopping = false
+      # Set once the grace period is over: the heartbeat and the credit
+      # reader run until then, for the requests still in hand.
+      @done = false
       @beat_now = false
       @acknowledged = nil
       @jobs = Queue.new
@@ -103,21 +108,33 @@ module Anteroom
       @lock.synchronize { @stopping }
     end
 
+    def done?
+      @lock.synchronize { @done }
+    end
+
     def finish(redis, workers, helpers)
       deadline = monotonic + @grace
       @lock.synchronize do
-        @changed.wait(@lock, deadline - monotonic) while @in_flight.positive? && monotonic < deadline
+        while @in_flight.positive? && (left = deadline - monotonic).positive?
+        @changed.wait(@lock, left)
+      end
       end
       left = @lock.synchronize { @in_flight }
-      if left.positive?
-        @log.warn("grace period over with #{left} requests running; they stay in the processing list")
-      end
       @threads.times { @jobs << nil }
       workers.each { |w| w.join(0.1) }
+      @lock.synchronize do
+        @done = true
+        @changed.broadcast
+      end
       helpers.each { |h| h.join(1.5) }
-      redis.pipelined do |p|
-        p.del(@keys.dispatcher(@id))
-        p.zrem(@keys.dispatchers, @id)
+      redis.del(@keys.dispatcher(@id))
+      # What is left in the processing list goes to the reaper, which
+      # finds it through the registry entry: it stays while the list holds
+      # anything.
+      if redis.llen(@processing).zero?
+        redis.zrem(@keys.dispatchers, @id)
+      else
+        @log.warn("grace period over with #{left} requests running; the reaper takes them from the processing list")
       end
       @log.info("dispatcher #{@id} stopped")
     end
@@ -132,11 +149,13 @@ module Anteroom
       record = redis.get(@keys.paused)
       return nil if record.nil?
 
-      begin
-        JSON.parse(record).fetch("id")
-      rescue JSON::ParserError, KeyError, TypeError, NoMethodError
-        record # anything else still means paused; its raw value is the id
+      id = begin
+        JSON.parse(record.dup.force_encoding(Encoding::UTF_8))["id"]
+      rescue JSON::ParserError, EncodingError, TypeError, NoMethodError
+        nil
       end
+      # Anything else still means paused; its raw value is the id.
+      id.is_a?(String) ? id : Protocol.latin1_text(record)
     end
 
     def pull(redis)
@@ -190,7 +209,8 @@ module Anteroom
         begin
           handle(redis, raw)
         rescue StandardError => e
-          @log.error("handling a request failed; it stays in the processing list: #{e.class}: #{e.message}")
+          @log.error("handling a request failed (the reaper answers it once this dispatcher is gone): " \
+                     "#{e.class}: #{e.message}")
         ensure
           @lock.synchronize do
             @in_flight -= 1
@@ -211,7 +231,7 @@ module Anteroom
                 "(only 'Q': streamed request bodies and WebSockets are not)"
         end
         request = Protocol::Request.new(meta, body)
-      rescue Protocol::DecodeError => e
+      rescue Protocol::DecodeError, EncodingError, JSON::JSONError => e
         return set_aside(redis, raw, "does not decode: #{e.message}")
       end
       unless @keys.replies?(request.reply_to)
@@ -248,23 +268,52 @@ module Anteroom
         out.close if out.respond_to?(:close)
       end
       [status, headers, whole]
-    rescue StandardError, ScriptError => e
+    rescue Exception => e # rubocop:disable Lint/RescueException -- as Puma: the app's failure is the client's 502
+      raise if e.is_a?(SignalException) || e.is_a?(SystemExit)
+
       @log.error("the app failed on #{request.method} #{request.uri}: #{e.class}: #{e.message}")
       FAILED
     end
 
+    # Pushes the last frame of +request+ and removes it from the processing
+    # list in one MULTI (docs/protocol.md, step 5). A lost connection or any
+    # other failure is retried for RETRY_S; a reply Redis refuses for good
+    # (WRONGTYPE, NOPERM) is given up and the request removed alone.
     def complete(redis, raw, request, frame)
-      redis.multi do |m|
-        m.rpush(request.reply_to, frame)
-        m.pexpire(request.reply_to, REPLY_TTL_MS)
-        m.lrem(@processing, 1, raw)
+      retrying(request) do
+        redis.multi do |m|
+          m.rpush(request.reply_to, frame)
+          m.pexpire(request.reply_to, REPLY_TTL_MS)
+          m.lrem(@processing, 1, raw)
+        end
+      rescue Redis::CommandError => e
+        raise unless e.message.start_with?("WRONGTYPE", "NOPERM")
+
+        @log.error("Redis refused the reply to #{request.id} (#{e.message}); giving it up")
+        redis.lrem(@processing, 1, raw)
+      end
+    end
+
+    # Runs the block, again after a Redis failure, for at most RETRY_S.
+    def retrying(request)
+      give_up = monotonic + RETRY_S
+      begin
+        yield
+      rescue Redis::BaseError => e
+        raise if monotonic >= give_up
+
+        @log.warn("writing for #{request.id} failed (#{e.message}); retrying")
+        sleep 0.2
+        retry
       end
     end
 
     def push(redis, request, frame)
-      redis.pipelined do |p|
-        p.rpush(request.reply_to, frame)
-        p.pexpire(request.reply_to, REPLY_TTL_MS)
+      retrying(request) do
+        redis.pipelined do |p|
+          p.rpush(request.reply_to, frame)
+          p.pexpire(request.reply_to, REPLY_TTL_MS)
+        end
       end
     end
 
@@ -327,7 +376,7 @@ module Anteroom
     # Pops this dispatcher's credit list (+'A'+ frames from proxies) until it stops.
     def read_credits
       redis = connect
-      until stopping?
+      until done?
         begin
           popped = redis.call("BLMPOP", 1, 1, @credits_key, "LEFT", "COUNT", 256)
         rescue Redis::BaseError => e
@@ -356,6 +405,7 @@ module Anteroom
     end
 
     def set_aside(redis, raw, reason)
+      reason = reason.dup.force_encoding(Encoding::UTF_8).scrub
       @log.error("moving an envelope to the dead-letter list: #{reason}")
       redis.multi do |m|
         m.lpush(@keys.dead, Protocol.dead_letter(raw, reason, @id))
@@ -388,14 +438,16 @@ module Anteroom
       loop do
         @lock.synchronize do
           deadline = monotonic + (@heartbeat_ttl / 3)
-          @changed.wait(@lock, deadline - monotonic) until @beat_now || monotonic >= deadline
+          until @beat_now || @done || (left = deadline - monotonic) <= 0
+            @changed.wait(@lock, left)
+          end
           @beat_now = false
         end
-        return if stopping?
+        return if done?
 
         begin
           beat(redis)
-        rescue Redis::BaseError => e
+        rescue StandardError => e # a missed beat is absorbed by the TTL
           @log.warn("heartbeat failed: #{e.message}")
         end
       end

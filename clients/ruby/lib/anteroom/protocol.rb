@@ -47,10 +47,13 @@ module Anteroom
         raise DecodeError, "envelope is truncated: #{6 + meta_len} bytes needed, #{raw.bytesize} available"
       end
 
+      text = raw.byteslice(6, meta_len).force_encoding(Encoding::UTF_8)
+      raise DecodeError, "metadata is not UTF-8" unless text.valid_encoding?
+
       begin
-        meta = JSON.parse(raw.byteslice(6, meta_len).force_encoding(Encoding::UTF_8))
-      rescue JSON::ParserError, EncodingError => e
-        raise DecodeError, "metadata is not JSON: #{e.message}"
+        meta = JSON.parse(text)
+      rescue JSON::ParserError => e
+        raise DecodeError, "metadata is not JSON: #{e.message.scrub[0, 200]}"
       end
       raise DecodeError, "metadata is not a JSON object" unless meta.is_a?(Hash)
 

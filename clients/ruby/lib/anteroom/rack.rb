@@ -45,6 +45,11 @@ module Anteroom
         "anteroom.request_id" => request.id
       }
       request.headers.each do |field, value|
+        # A name with "_" would pass for the dashed one (X_Forwarded_For as
+        # X-Forwarded-For, which the proxy strips): dropped, as nginx and
+        # gunicorn do (Puma since CVE-2024-45614).
+        next if field.include?("_")
+
         key = SPECIAL[field] || "HTTP_#{field.upcase.tr("-", "_")}"
         if env.key?(key) && key.start_with?("HTTP_")
           # RFC 9110 section 5.3: repeated fields are one, comma-joined
@@ -79,6 +84,16 @@ module Anteroom
     # +each+ as the stream goes and closed at the end (the Rack spec).
     def call(app, request)
       status, headers, body = app.call(env(request))
+      answer(status, headers, body)
+    rescue Exception # rubocop:disable Lint/RescueException -- the body is closed whatever failed
+      body.close if body.respond_to?(:close)
+      raise
+    end
+
+    # The app's answer as +[status, fields, body]+ (see #call); raises,
+    # leaving the body to the caller to close, when it is not a Rack answer.
+    def answer(status, headers, body)
+      status = Integer(status)
       fields = []
       headers.each do |name, value|
         next if name.to_s.start_with?("rack.")
@@ -89,18 +104,16 @@ module Anteroom
       # Rails' bodies answer to_ary with nil when they are not Arrays.
       pieces = body.respond_to?(:to_ary) ? body.to_ary : nil
       if pieces
-        begin
-          whole = +"".b
-          pieces.each { |piece| whole << piece.to_s.b }
-        ensure
-          body.close if body.respond_to?(:close)
-        end
-        body = whole
-      elsif !body.respond_to?(:each)
+        whole = +"".b
+        pieces.each { |piece| whole << piece.to_s.b }
         body.close if body.respond_to?(:close)
+        return [status, fields, whole]
+      end
+      unless body.respond_to?(:each)
         raise TypeError, "the Rack body responds to neither each nor to_ary (streaming bodies that take a stream are not supported)"
       end
-      [Integer(status), fields, body]
+
+      [status, fields, body]
     end
   end
 end
