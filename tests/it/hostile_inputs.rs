@@ -189,7 +189,10 @@ async fn limits_and_routes_hold_on_both_protocols() {
     let answer = raw(
         "GET /headers HTTP/1.1\r\nHost: app.example\r\nConnection: host, close\r\n\
          Forwarded: for=10.0.0.1;host=evil.example\r\nX-Forwarded-Host: evil.example\r\n\
-         X-Forwarded-Port: 1\r\nX-Forwarded-Prefix: /evil\r\nX-Real-IP: 10.0.0.1\r\n\r\n"
+         X-Forwarded-Port: 1\r\nX-Forwarded-Prefix: /evil\r\nX-Real-IP: 10.0.0.1\r\n\
+         X-Forwarded-Server: evil.example\r\nX-Forwarded-Ssl: on\r\nX-Forwarded-Scheme: https\r\n\
+         Front-End-Https: on\r\nClient-IP: 10.0.0.1\r\nX-Client-IP: 10.0.0.1\r\n\
+         True-Client-IP: 10.0.0.1\r\nX-Cluster-Client-IP: 10.0.0.1\r\n\r\n"
             .into(),
     )
     .await;
@@ -201,6 +204,14 @@ async fn limits_and_routes_hold_on_both_protocols() {
         "X-Forwarded-Port",
         "X-Forwarded-Prefix",
         "X-Real-Ip",
+        "X-Forwarded-Server",
+        "X-Forwarded-Ssl",
+        "X-Forwarded-Scheme",
+        "Front-End-Https",
+        "Client-Ip",
+        "X-Client-Ip",
+        "True-Client-Ip",
+        "X-Cluster-Client-Ip",
     ] {
         assert!(
             !answer.contains(&format!("\"{spoofed}\"")),

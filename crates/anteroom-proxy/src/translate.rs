@@ -25,15 +25,28 @@ pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwa
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Forwarding headers the proxy does not set, removed from requests: a
-/// client could otherwise claim another host, port, path prefix or address
-/// to an app that trusts its proxy. (`X-Forwarded-For` is appended to and
+/// client could otherwise claim another host, port, path prefix, scheme or
+/// address to an app that trusts its proxy. Beside RFC 7239's `Forwarded`
+/// and the `X-Forwarded-*` family, the fields frameworks read for the same
+/// facts: Rack's `X-Forwarded-Ssl` and `X-Forwarded-Scheme`, Microsoft's
+/// `Front-End-Https`, and the client-address fields of Rails (`Client-IP`)
+/// and of CDNs and Node libraries (`True-Client-IP`, `X-Client-IP`,
+/// `X-Cluster-Client-IP`). (`X-Forwarded-For` is appended to and
 /// `X-Forwarded-Proto` replaced; see docs/behaviour.md.)
-pub(crate) const UNTRUSTED_FORWARDING: [&str; 5] = [
+pub(crate) const UNTRUSTED_FORWARDING: [&str; 13] = [
     "forwarded",
     "x-forwarded-host",
     "x-forwarded-port",
     "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "front-end-https",
     "x-real-ip",
+    "client-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
 ];
 
 /// Longest client-supplied `X-Request-Id` kept; longer or non-visible ones are replaced.
