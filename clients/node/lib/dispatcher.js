@@ -27,6 +27,8 @@ const PULL_BLOCK_S = 0.1;
 const WINDOW = 1024 * 1024;
 /** A stream whose client reads nothing with the window full this long is aborted (ms). */
 const STREAM_IDLE_MS = 60_000;
+/** How often the pause key is re-read while serving (ms). */
+const PAUSE_POLL_MS = 50;
 /** How long a failed completion is retried (ms). */
 const RETRY_MS = 10_000;
 const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
@@ -119,10 +121,18 @@ class Dispatcher {
   }
 
   async pull() {
+    let checked = 0;
+    let pauseId = null;
     while (!this.stopping) {
       let taken;
       try {
-        const pauseId = await this.pausedId();
+        // The pause key is re-read every PAUSE_POLL_MS, not before every
+        // pull: a pull between a pause and its acknowledgement is allowed
+        // (the pause waits for the acknowledgement).
+        if (Date.now() - checked >= PAUSE_POLL_MS) {
+          pauseId = await this.pausedId();
+          checked = Date.now();
+        }
         if (pauseId !== this.acknowledged) {
           this.acknowledged = pauseId; // no pull is outstanding here
           await this.beat();

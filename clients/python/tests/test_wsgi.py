@@ -101,3 +101,28 @@ def test_frames_without_a_body_carry_no_body_len():
         pass
     else:
         raise AssertionError("a body no body_len accounts for decoded")
+
+
+def test_an_iterable_whose_first_piece_is_its_declared_length_goes_whole():
+    closed = []
+
+    class Body:
+        def __iter__(self):
+            yield b"hello"
+            raise AssertionError("read past the declared length")
+
+        def close(self):
+            closed.append(True)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "5")])
+        return Body()
+
+    status, headers, body = wsgi.call(app, request())
+    assert (status, body, closed) == (200, b"hello", [True])
+
+    def short(environ, start_response):
+        start_response("200 OK", [("Content-Length", "10")])
+        return iter([b"hello", b"world"])
+
+    assert not isinstance(wsgi.call(short, request())[2], bytes), "more to come: streamed"

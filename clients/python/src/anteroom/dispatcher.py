@@ -24,6 +24,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import protocol
 from .protocol import DecodeError, Keys, now_ms
@@ -34,6 +36,8 @@ log = logging.getLogger("anteroom")
 REPLY_TTL_MS = 60_000
 #: How long one blocked pull waits: a pause is seen at most this late.
 PULL_BLOCK_S = 0.1
+#: How often the pause key is re-read while serving (seconds).
+PAUSE_POLL_S = 0.05
 #: How long a failed completion is retried (seconds).
 RETRY_S = 10.0
 #: Most bytes of a streamed body sent and not yet credited (1 MiB, as the
@@ -94,7 +98,8 @@ class Dispatcher:
     def __init__(self, handler, redis_url, queue, threads=8, heartbeat_ttl=10.0, grace=30.0,
                  label="python"):
         self.handler = handler
-        self.redis = redis.Redis.from_url(redis_url, health_check_interval=30)
+        self.redis_url = redis_url
+        self.local = threading.local()
         self.keys = Keys(queue)
         self.threads = max(1, threads)
         self.heartbeat_ttl = max(0.3, heartbeat_ttl)
@@ -115,6 +120,19 @@ class Dispatcher:
         self.started_at_ms = now_ms()
         self.credits_key = self.keys.credits(self.id)
         self.credits = Credits()
+
+    @property
+    def redis(self):
+        """This thread's own Redis client: one connection per thread, so no
+        pool checkout (and its readiness poll) per command, and no retries
+        by redis-py (a MULTI or a push run again after a lost reply could
+        land twice; the callers here decide what to retry)."""
+        client = getattr(self.local, "client", None)
+        if client is None:
+            client = redis.Redis.from_url(self.redis_url, single_connection_client=True,
+                                          health_check_interval=30, retry=Retry(NoBackoff(), 0))
+            self.local.client = client
+        return client
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -173,9 +191,16 @@ class Dispatcher:
         return pause_id if isinstance(pause_id, str) else record.decode("latin-1")
 
     def pull(self, pool):
+        checked = 0.0
+        pause_id = None
         while not self.stopping.is_set():
             try:
-                pause_id = self.paused()
+                # The pause key is re-read every PAUSE_POLL_S, not before
+                # every pull: a pull between a pause and its acknowledgement
+                # is allowed (the pause waits for the acknowledgement).
+                if time.monotonic() - checked >= PAUSE_POLL_S:
+                    pause_id = self.paused()
+                    checked = time.monotonic()
                 if pause_id != self.acknowledged:
                     # No pull is outstanding here: acknowledged at once.
                     self.acknowledged = pause_id

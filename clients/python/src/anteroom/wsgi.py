@@ -93,8 +93,24 @@ def call(app, request):
     if "status" not in started:
         _close(result)
         raise RuntimeError("the WSGI app did not call start_response")
+    if _complete(started, first):
+        # The first piece is the whole declared body (Flask's and Django's
+        # ordinary responses): answered whole, not streamed.
+        _close(result)
+        return started["status"], started["headers"], b"".join(started["written"] + [first or b""])
     started["sent"] = True
     return started["status"], started["headers"], _Body(result, iterator, started["written"], first)
+
+
+def _complete(started, first):
+    """Whether what the app has given so far is all of its declared
+    ``Content-Length``."""
+    length = next((v for n, v in started["headers"] if n == "content-length"), None)
+    have = sum(len(w) for w in started["written"]) + len(first or b"")
+    try:
+        return length is not None and int(length) == have
+    except ValueError:
+        return False
 
 
 class _Body:

@@ -36,6 +36,8 @@ module Anteroom
     # A stream whose client reads nothing with the window full this long
     # (s) is aborted (as the Rust dispatcher's --stream-idle-timeout).
     STREAM_IDLE_S = 60.0
+    # How often the pause key is re-read while serving (s).
+    PAUSE_POLL_S = 0.05
     # How long a failed write of a reply is retried (s).
     RETRY_S = 10.0
     # The answer to a handler that raised.
@@ -159,9 +161,17 @@ module Anteroom
     end
 
     def pull(redis)
+      checked = -PAUSE_POLL_S
+      pause_id = nil
       until stopping?
         begin
-          pause_id = paused(redis)
+          # The pause key is re-read every PAUSE_POLL_S, not before every
+          # pull: a pull between a pause and its acknowledgement is allowed
+          # (the pause waits for the acknowledgement).
+          if monotonic - checked >= PAUSE_POLL_S
+            pause_id = paused(redis)
+            checked = monotonic
+          end
           if pause_id != @acknowledged
             # No pull is outstanding here: acknowledged at once.
             @acknowledged = pause_id
