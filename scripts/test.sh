@@ -137,11 +137,11 @@ say "the Node client's tests (node --test)"
 
 # The Ruby client (clients/ruby): Ruby and the libraries it and its test
 # apps load, from the distribution's packages; then its own tests.
-ruby_libs='require "rack"; require "redis"; require "sinatra/base"; require "action_controller/railtie"; require "minitest"; require "rake"'
+ruby_libs='require "rack"; require "redis"; require "redis/connection/hiredis"; require "sinatra/base"; require "action_controller/railtie"; require "minitest"; require "rake"'
 if ! command -v ruby >/dev/null 2>&1 || ! ruby -e "$ruby_libs" >/dev/null 2>&1; then
-  say "installing ruby, rack, redis-rb, sinatra, rails (railties, actionpack), minitest, rake (apt-get)"
+  say "installing ruby, rack, redis-rb (with hiredis), sinatra, rails (railties, actionpack), minitest, rake (apt-get)"
   [ "$updated" = true ] || as_root apt-get update -q || true
-  apt_install ruby rake ruby-rack ruby-redis ruby-sinatra ruby-railties ruby-actionpack ruby-minitest
+  apt_install ruby rake ruby-rack ruby-redis ruby-hiredis ruby-sinatra ruby-railties ruby-actionpack ruby-minitest
 fi
 say "the Ruby client's tests (rake test)"
 (cd clients/ruby && rake test)

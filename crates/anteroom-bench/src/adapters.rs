@@ -1,9 +1,11 @@
 //! The dispatchers for other languages beside their ecosystems' usual
-//! servers (`--scenario adapters`): the same app, with the same number of
-//! threads, served directly by gunicorn (WSGI, gthread), uvicorn (ASGI),
-//! Puma (Rack) and Node's http server, and through `anteroom proxy` and the
-//! adapter (`anteroom-wsgi`, `anteroom-asgi`, `anteroom-rack`,
-//! `anteroom-node`). Both setups of an app are driven in alternating rounds
+//! servers (`--scenario adapters`): the same app in one process, served
+//! directly by gunicorn (WSGI, gthread), uvicorn (ASGI), Puma (Rack) and
+//! Node's http server, and through `anteroom proxy` and the adapter
+//! (`anteroom-wsgi`, `anteroom-asgi`, `anteroom-rack`, `anteroom-node`).
+//! Threaded servers get the same thread count on both sides (8); the
+//! event-loop servers, which take every connection at once, face an adapter
+//! allowed 64 requests at once. Both setups of an app are driven in alternating rounds
 //! and the medians printed, with the adapter path's share of the usual
 //! server's requests/s (the target is 0.8x).
 //!
@@ -22,8 +24,11 @@ use anyhow::{Context, bail};
 use crate::setups::{spawn, spawn_proxy, wait_ready};
 use crate::wrk;
 
-/// Threads (or concurrent requests) of every server and adapter.
+/// Threads of the threaded servers and their adapters.
 pub(crate) const THREADS: usize = 8;
+/// Requests at once of the event-loop adapters (ASGI, Node), whose usual
+/// servers take every connection at once.
+const AT_ONCE: usize = 64;
 /// Alternating rounds per setup; the medians are reported.
 const ROUNDS: usize = 3;
 
@@ -35,6 +40,8 @@ struct App {
     usual: &'static str,
     /// The adapter, e.g. "anteroom-wsgi".
     adapter: &'static str,
+    /// How many requests each side runs at once, e.g. "8 threads each".
+    places: &'static str,
     /// The usual server listening on the given port.
     direct: fn(&Paths, u16) -> Command,
     /// The adapter (ANTEROOM_REDIS and ANTEROOM_QUEUE are set on it).
@@ -99,6 +106,7 @@ fn apps() -> [App; 4] {
             name: "Flask (WSGI)",
             usual: "gunicorn gthread",
             adapter: "anteroom-wsgi",
+            places: "8 threads each",
             direct: |p, port| {
                 let mut cmd = p.python("gunicorn");
                 cmd.args(["--worker-class", "gthread", "--workers", "1"])
@@ -117,6 +125,7 @@ fn apps() -> [App; 4] {
             name: "FastAPI (ASGI)",
             usual: "uvicorn",
             adapter: "anteroom-asgi",
+            places: "1 loop; 64 at once",
             direct: |p, port| {
                 let mut cmd = p.python("uvicorn");
                 cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -126,7 +135,7 @@ fn apps() -> [App; 4] {
             },
             through: |p| {
                 let mut cmd = p.python("anteroom-asgi");
-                cmd.args(["--threads", &THREADS.to_string(), "asgi_fastapi:app"]);
+                cmd.args(["--threads", &AT_ONCE.to_string(), "asgi_fastapi:app"]);
                 cmd
             },
         },
@@ -134,6 +143,7 @@ fn apps() -> [App; 4] {
             name: "Sinatra (Rack)",
             usual: "Puma",
             adapter: "anteroom-rack",
+            places: "8 threads each",
             direct: |p, port| {
                 let mut cmd = p.ruby("puma");
                 cmd.args([
@@ -157,6 +167,7 @@ fn apps() -> [App; 4] {
             name: "Express (Node)",
             usual: "node http",
             adapter: "anteroom-node",
+            places: "1 loop; 64 at once",
             direct: |p, port| {
                 let mut cmd = p.node();
                 cmd.args([
@@ -172,7 +183,7 @@ fn apps() -> [App; 4] {
                 cmd.args([
                     "bin/anteroom-node.js",
                     "--concurrency",
-                    &THREADS.to_string(),
+                    &AT_ONCE.to_string(),
                 ])
                 .arg("examples/express_app.js");
                 cmd
@@ -193,6 +204,7 @@ pub(crate) struct Figures {
     pub(crate) name: &'static str,
     pub(crate) usual: &'static str,
     pub(crate) adapter: &'static str,
+    pub(crate) places: &'static str,
     pub(crate) direct: Setup,
     pub(crate) through: Setup,
 }
@@ -246,6 +258,7 @@ pub(crate) fn run(
             name: app.name,
             usual: app.usual,
             adapter: app.adapter,
+            places: app.places,
             direct,
             through,
         });
@@ -267,13 +280,14 @@ fn median(figures: &[wrk::Figures]) -> Setup {
 
 pub(crate) fn print(figures: &[Figures], duration: Duration, connections: usize) {
     println!(
-        "\nAdapters beside their usual servers: {THREADS} threads each, {connections} connections, \
+        "\nAdapters beside their usual servers: one process each, {connections} connections, \
          median of {ROUNDS} alternating rounds of {} per setup",
         humantime::format_duration(duration)
     );
     println!(
-        "  {:<16} {:<17} {:>11} {:>9} {:<14} {:>11} {:>9} {:>7} {:>8}",
+        "  {:<16} {:<19} {:<17} {:>11} {:>9} {:<14} {:>11} {:>9} {:>7} {:>8}",
         "app",
+        "at once",
         "usual server",
         "requests/s",
         "p50",
@@ -285,8 +299,9 @@ pub(crate) fn print(figures: &[Figures], duration: Duration, connections: usize)
     );
     for f in figures {
         println!(
-            "  {:<16} {:<17} {:>11.0} {:>7.2}ms {:<14} {:>11.0} {:>7.2}ms {:>7} {:>8.2}",
+            "  {:<16} {:<19} {:<17} {:>11.0} {:>7.2}ms {:<14} {:>11.0} {:>7.2}ms {:>7} {:>8.2}",
             f.name,
+            f.places,
             f.usual,
             f.direct.requests_per_sec,
             f.direct.p50.as_secs_f64() * 1000.0,

@@ -5,6 +5,11 @@ require "logger"
 require "securerandom"
 require "socket"
 require "redis"
+begin
+  require "redis/connection/hiredis"
+rescue LoadError
+  nil # the pure-Ruby driver
+end
 
 require_relative "protocol"
 
@@ -36,6 +41,8 @@ module Anteroom
     # A stream whose client reads nothing with the window full this long
     # (s) is aborted (as the Rust dispatcher's --stream-idle-timeout).
     STREAM_IDLE_S = 60.0
+    # redis-rb's driver: hiredis when it loaded, else the pure-Ruby one.
+    DRIVER = defined?(Redis::Connection::Hiredis) ? :hiredis : :ruby
     # How often the pause key is re-read while serving (s).
     PAUSE_POLL_S = 0.05
     # How long a failed write of a reply is retried (s).
@@ -102,8 +109,13 @@ module Anteroom
 
     private
 
+    # A connection of its own for the calling thread. redis-rb's retry of
+    # a command after a lost reply is turned off (reconnect_attempts 0): a
+    # MULTI or a push run again could land twice; the callers here decide
+    # what to retry. The C reply parser (hiredis, redis-rb's documented
+    # fast driver) is used when installed.
     def connect
-      Redis.new(url: @redis_url, reconnect_attempts: 3, timeout: 5.0)
+      Redis.new(url: @redis_url, reconnect_attempts: 0, timeout: 5.0, driver: DRIVER)
     end
 
     def stopping?
