@@ -35,6 +35,9 @@ use crate::cli::ConformanceArgs;
 const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
 /// How long a reply may take in the cases that expect one.
 const REPLY_WAIT: Duration = Duration::from_secs(10);
+/// How long the command may take to reap a dead dispatcher's list (the
+/// Rust dispatcher reaps every 5 s).
+const REAP_WAIT: Duration = Duration::from_secs(20);
 /// The proxy id of the kit's reply list.
 const KIT_ID: &str = "conformance-kit";
 
@@ -422,6 +425,75 @@ async fn expired(kit: &mut Kit) -> Outcome {
     Ok("not run, no reply, removed".into())
 }
 
+/// A dead dispatcher's processing list (registered, no heartbeat) holding
+/// a GET and a POST: the command reaps it by itself (docs/protocol.md,
+/// "What a dispatcher does", step 8), so the GET runs and is answered and
+/// the POST is answered 502 without running.
+async fn reaps_the_dead(kit: &mut Kit) -> Outcome {
+    let dead = format!("dead-{}", uuid::Uuid::new_v4().simple());
+    let safe = kit.envelope("GET", "/touch/reaped-safe", Vec::new(), b"");
+    let unsafe_ = kit.envelope("POST", "/touch/reaped-unsafe", Vec::new(), b"");
+    let keys = kit.queue.keys();
+    let mut conn = kit.queue.connection();
+    redis::pipe()
+        .cmd("LPUSH")
+        .arg(keys.processing(&dead))
+        .arg(&safe.encode()[..])
+        .arg(&unsafe_.encode()[..])
+        .ignore()
+        .cmd("ZADD")
+        .arg(keys.dispatchers())
+        .arg(now_ms())
+        .arg(&dead)
+        .ignore()
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let outcome = reaped(kit, &safe.id, &unsafe_.id).await;
+    // Whatever happened, no dead list is left for the cases after this one.
+    let _ = redis::pipe()
+        .cmd("DEL")
+        .arg(keys.processing(&dead))
+        .ignore()
+        .cmd("ZREM")
+        .arg(keys.dispatchers())
+        .arg(&dead)
+        .ignore()
+        .query_async::<()>(&mut conn)
+        .await;
+    outcome
+}
+
+/// The answers to the GET (`safe`) and POST (`unsafe_`) of
+/// [`reaps_the_dead`], and what the app ran.
+async fn reaped(kit: &Kit, safe: &str, unsafe_: &str) -> Outcome {
+    let post = kit
+        .replies
+        .wait(unsafe_, REAP_WAIT)
+        .await
+        .ok_or(format!("the POST in a dead dispatcher's list got no answer within {REAP_WAIT:?}: the command does not reap"))?;
+    let get = kit
+        .replies
+        .wait(safe, REPLY_WAIT)
+        .await
+        .ok_or("the GET in a dead dispatcher's list was not run again")?;
+    if post.status != 502 || get.status != 200 {
+        return Err(format!(
+            "the POST got {} (502 expected), the GET {} (200 expected)",
+            post.status, get.status
+        ));
+    }
+    let runs = |name: &str| kit.touched().iter().filter(|t| *t == name).count();
+    if runs("reaped-safe") != 1 || runs("reaped-unsafe") != 0 {
+        return Err(format!(
+            "ran the GET {} and the POST {} times (1 and 0 expected)",
+            runs("reaped-safe"),
+            runs("reaped-unsafe")
+        ));
+    }
+    Ok("GET run again, POST answered 502".into())
+}
+
 async fn garbage(kit: &mut Kit) -> Outcome {
     let raw = b"\x01Qnot an envelope at all";
     kit.push_raw(raw).await.map_err(|e| e.to_string())?;
@@ -667,6 +739,10 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
             report("streamed response", streamed(&mut kit).await);
             report("expired deadline never run", expired(&mut kit).await);
             report("garbage envelope dead-lettered", garbage(&mut kit).await);
+            report(
+                "reaps a dead dispatcher's requests",
+                reaps_the_dead(&mut kit).await,
+            );
             report(
                 "pause acknowledged and resume honoured",
                 pause_and_resume(&mut kit).await,

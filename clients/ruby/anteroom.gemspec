@@ -9,7 +9,7 @@ Gem::Specification.new do |spec|
   spec.description = "anteroom-rack pulls HTTP requests queued in Redis by the Anteroom proxy, runs them " \
                      "through a Rack app in this process, with no web server, and pushes the responses back."
   spec.authors = ["The Anteroom authors"]
-  spec.license = "MIT OR Apache-2.0"
+  spec.licenses = ["MIT", "Apache-2.0"]
   spec.required_ruby_version = ">= 3.1"
   spec.files = Dir["lib/**/*.rb", "exe/*", "README.md"]
   spec.bindir = "exe"

@@ -27,6 +27,8 @@ const PULL_BLOCK_S = 0.1;
 const WINDOW = 1024 * 1024;
 /** A stream whose client reads nothing with the window full this long is aborted (ms). */
 const STREAM_IDLE_MS = 60_000;
+/** How often this dispatcher reaps dead ones (ms; as the Rust dispatcher). */
+const REAP_EVERY_MS = 5_000;
 /** How often the pause key is re-read while serving (ms). */
 const PAUSE_POLL_MS = 50;
 /** How long a failed completion is retried (ms). */
@@ -83,6 +85,9 @@ class Dispatcher {
     await this.beat();
     const beating = setInterval(() => { this.beat().catch((err) => console.error(`anteroom: heartbeat: ${err.message}`)); },
       this.heartbeatTtlMs / 3);
+    const reaping = setInterval(() => {
+      if (!this.stopping) this.reap().catch((err) => console.error(`anteroom: reaping failed: ${err.message}`));
+    }, REAP_EVERY_MS);
     console.error(`anteroom: dispatcher ${this.id} serving queue ${this.keys.queue}, ${this.concurrency} at once`);
     try {
       await this.pull();
@@ -92,6 +97,7 @@ class Dispatcher {
       const left = this.inFlight;
       this.done = true;
       clearInterval(beating);
+      clearInterval(reaping);
       await reading;
       await creditReader.quit();
       await client.del(this.keys.dispatcher(this.id));
@@ -179,13 +185,12 @@ class Dispatcher {
 
   async handle(raw) {
     let request;
+    let refused;
     try {
       const { kind, meta, body } = protocol.decode(raw);
-      if (kind !== 'Q') {
-        throw new protocol.DecodeError(`kind '${kind}' is not supported by this dispatcher `
-          + "(only 'Q': streamed request bodies and WebSockets are not)");
-      }
+      if (!['Q', 'U', 'W'].includes(kind)) throw new protocol.DecodeError(`kind '${kind}' is not a request`);
       request = protocol.request(meta, body);
+      refused = protocol.REFUSED[kind];
     } catch (err) {
       if (err instanceof protocol.DecodeError) return this.setAside(raw, `does not decode: ${err.message}`);
       throw err;
@@ -198,6 +203,12 @@ class Dispatcher {
     if (now >= request.deadline_ms) {
       await this.redis.lRem(this.processing, 1, raw); // the client has its 504
       return undefined;
+    }
+    if (refused) {
+      // Known, not served: the client hears why at once, instead of waiting
+      // out its hold budget while the request lies dead.
+      console.error(`anteroom: refusing ${request.method} ${request.uri}: ${refused[2].toString().trim()}`);
+      return this.complete(raw, request, protocol.response(request.id, ...refused));
     }
     if (request.dedupe) {
       const ttl = Math.max(1, request.deadline_ms - now + REPLY_TTL_MS);
@@ -383,6 +394,68 @@ class Dispatcher {
     if (response.req?.socket) response.req.socket.anteroomResponse = response;
     const body = res.stream();
     return [res.statusCode, out, response.writableEnded ? await collect(body) : { body, response }];
+  }
+
+  /**
+   * One reaping pass (docs/protocol.md, step 8): claims the processing list
+   * of each registered dispatcher whose heartbeat is gone (the CLAIM script,
+   * so one reaper wins each list) into this one's, then settles each
+   * request. Passes do not overlap.
+   */
+  async reap() {
+    if (this.reapingNow) return;
+    this.reapingNow = true;
+    try {
+      const ids = await this.redis.zRange(this.keys.dispatchers, 0, -1);
+      for (const id of ids.map((b) => b.toString('latin1'))) {
+        if (id === this.id) continue;
+        const items = await this.redis.eval(protocol.CLAIM, {
+          keys: [this.keys.dispatcher(id), this.keys.processing(id), this.processing, this.keys.dispatchers],
+          arguments: [id],
+        });
+        if (!items || items.length === 0) continue;
+        console.error(`anteroom: reaping ${items.length} requests of dispatcher ${id}, whose heartbeat expired`);
+        for (const raw of items) await this.settle(raw);
+      }
+    } finally {
+      this.reapingNow = false;
+    }
+  }
+
+  /**
+   * A dead dispatcher's request, now in this one's processing list: set
+   * aside when no producer of this queue wrote it; dropped when past its
+   * deadline (or a WebSocket handshake, whose socket its proxy closes); put
+   * back at the end pulled next when safe to repeat; otherwise answered 502,
+   * since it may or may not have run.
+   */
+  async settle(raw) {
+    let kind;
+    let request;
+    try {
+      const decoded = protocol.decode(raw);
+      kind = decoded.kind;
+      if (!['Q', 'U', 'W'].includes(kind)) throw new protocol.DecodeError(`kind '${kind}' is not a request`);
+      request = protocol.request(decoded.meta, decoded.body);
+    } catch (err) {
+      if (err instanceof protocol.DecodeError) {
+        return this.setAside(raw, `found in a dead dispatcher's list and does not decode: ${err.message}`);
+      }
+      throw err;
+    }
+    if (!this.keys.isReplies(request.reply_to)) {
+      return this.setAside(raw, `found in a dead dispatcher's list; reply_to ${JSON.stringify(request.reply_to)} `
+        + `is not a reply list of queue ${this.keys.queue}`);
+    }
+    if (kind === 'W' || Date.now() >= request.deadline_ms) {
+      await this.redis.lRem(this.processing, 1, raw);
+    } else if (kind === 'Q' && protocol.isSafeToRepeat(request)) {
+      await this.redis.multi().rPush(this.keys.requests, raw).del(this.keys.claimed(request.id))
+        .lRem(this.processing, 1, raw).exec();
+    } else {
+      await this.complete(raw, request, protocol.response(request.id, ...protocol.INTERRUPTED));
+    }
+    return undefined;
   }
 
   async setAside(raw, reason) {

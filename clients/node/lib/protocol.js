@@ -68,6 +68,47 @@ function request(meta, body) {
   return { ...meta, headers, body, dedupe: Boolean(meta.dedupe), stream: Boolean(meta.stream) };
 }
 
+/** Whether a reaper may run `request` again: GET, HEAD or OPTIONS, or an Idempotency-Key (docs/protocol.md, step 8). */
+function isSafeToRepeat(request) {
+  return ['GET', 'HEAD', 'OPTIONS'].includes(request.method)
+    || request.headers.some(([name]) => name.toLowerCase() === 'idempotency-key');
+}
+
+/**
+ * Moves a dead dispatcher's processing list into the reaper's own and returns
+ * the moved items; nil when its heartbeat exists or another reaper claimed it
+ * first (docs/protocol.md, step 8). KEYS: the dead one's heartbeat, its
+ * processing list, the reaper's processing list, the registry; ARGV: the dead
+ * one's id. The Rust reaper's script.
+ */
+const CLAIM = `
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then return false end
+local items = {}
+while true do
+  local item = redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT')
+  if not item then break end
+  table.insert(items, item)
+end
+redis.call('ZREM', KEYS[4], ARGV[1])
+return items`;
+
+/**
+ * What this dispatcher answers to the request kinds it knows and does not
+ * serve: a request whose body follows ('U': larger than the proxy's
+ * --body-buffer) gets 413 (RFC 9110 section 15.5.14), a WebSocket handshake
+ * ('W') 501.
+ */
+const REFUSED = {
+  U: [413, [['content-type', 'text/plain; charset=utf-8']],
+    Buffer.from("this dispatcher takes request bodies up to the proxy's --body-buffer only; raise --body-buffer on the proxy\n")],
+  W: [501, [['content-type', 'text/plain; charset=utf-8']], Buffer.from('this dispatcher does not serve WebSockets\n')],
+};
+
+/** The answer to a request whose dispatcher died while it may have run. */
+const INTERRUPTED = [502, [['content-type', 'text/plain; charset=utf-8']],
+  Buffer.from('the backend stopped while handling this request; it may or may not have been carried out\n')];
+
 /** A whole response frame ('R'); header values are latin1 strings. */
 function response(id, status, headers, body) {
   return encode('R', { id, status, headers }, body);
@@ -121,6 +162,6 @@ class Keys {
 }
 
 module.exports = {
-  VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, response, streamHead, streamChunk, streamEnd,
-  deadLetter, Keys,
+  VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, isSafeToRepeat, CLAIM, INTERRUPTED, REFUSED, response,
+  streamHead, streamChunk, streamEnd, deadLetter, Keys,
 };

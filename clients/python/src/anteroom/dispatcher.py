@@ -36,6 +36,8 @@ log = logging.getLogger("anteroom")
 REPLY_TTL_MS = 60_000
 #: How long one blocked pull waits: a pause is seen at most this late.
 PULL_BLOCK_S = 0.1
+#: How often this dispatcher reaps dead ones (seconds; as the Rust dispatcher).
+REAP_EVERY_S = 5.0
 #: How often the pause key is re-read while serving (seconds).
 PAUSE_POLL_S = 0.05
 #: How long a failed completion is retried (seconds).
@@ -145,6 +147,7 @@ class Dispatcher:
         beating = threading.Thread(target=self.heartbeat, name="anteroom-heartbeat", daemon=True)
         beating.start()
         threading.Thread(target=self.read_credits, name="anteroom-credits", daemon=True).start()
+        threading.Thread(target=self.reaper, name="anteroom-reaper", daemon=True).start()
         log.info("dispatcher %s serving queue %s with %d threads", self.id, self.keys.queue, self.threads)
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="anteroom-worker")
         try:
@@ -256,9 +259,8 @@ class Dispatcher:
     def handle(self, raw):
         try:
             kind, meta, body = protocol.decode(raw)
-            if kind != "Q":
-                raise DecodeError(f"kind {kind!r} is not supported by this dispatcher "
-                                  "(only 'Q': streamed request bodies and WebSockets are not)")
+            if kind not in ("Q", "U", "W"):
+                raise DecodeError(f"kind {kind!r} is not a request")
             request = protocol.Request(meta, body)
         except DecodeError as err:
             return self.set_aside(raw, f"does not decode: {err}")
@@ -269,6 +271,12 @@ class Dispatcher:
             return self.set_aside(raw, "deadline more than 24 h ahead")
         if now >= request.deadline_ms:
             self.redis.lrem(self.processing, 1, raw)  # the client has its 504
+            return None
+        if kind in protocol.REFUSED:
+            # Known, not served: the client hears why at once, instead of
+            # waiting out its hold budget while the request lies dead.
+            log.warning("refusing %s %s: %s", request.method, request.uri, protocol.REFUSED[kind][2].strip())
+            self.complete(raw, request, protocol.response(request.id, *protocol.REFUSED[kind]))
             return None
         if request.dedupe:
             ttl = max(1, request.deadline_ms - now + REPLY_TTL_MS)
@@ -369,6 +377,58 @@ class Dispatcher:
         letter = protocol.dead_letter(raw, reason, self.id)
         self.redis.pipeline(transaction=True).lpush(self.keys.dead, letter).lrem(
             self.processing, 1, raw).execute()
+
+    # -- reaping (docs/protocol.md, step 8) -----------------------------------
+
+    def reaper(self):
+        """Reaps every REAP_EVERY_S until this dispatcher stops."""
+        while not self.stopping.wait(REAP_EVERY_S):
+            try:
+                self.reap()
+            except Exception as err:  # noqa: BLE001 - the next pass tries again
+                log.warning("reaping failed: %s", err)
+
+    def reap(self):
+        """One pass: claims the processing list of each registered
+        dispatcher whose heartbeat is gone (the CLAIM script, so one reaper
+        wins each list) into this one's, then settles each request."""
+        for dead in self.redis.zrange(self.keys.dispatchers, 0, -1):
+            dead = dead.decode("latin-1")
+            if dead == self.id:
+                continue
+            items = self.redis.eval(protocol.CLAIM, 4, self.keys.dispatcher(dead), self.keys.processing(dead),
+                                    self.processing, self.keys.dispatchers, dead)
+            if not items:
+                continue
+            log.warning("reaping %d requests of dispatcher %s, whose heartbeat expired", len(items), dead)
+            for raw in items:
+                self.settle(raw)
+
+    def settle(self, raw):
+        """A dead dispatcher's request, now in this one's processing list:
+        set aside when no producer of this queue wrote it; dropped when
+        past its deadline (or a WebSocket handshake, whose socket its proxy
+        closes); put back at the end pulled next when safe to repeat (a
+        ``'Q'`` GET, HEAD, OPTIONS or with an Idempotency-Key); otherwise
+        answered 502, since it may or may not have run."""
+        try:
+            kind, meta, body = protocol.decode(raw)
+            if kind not in ("Q", "U", "W"):
+                raise DecodeError(f"kind {kind!r} is not a request")
+            request = protocol.Request(meta, body)
+        except DecodeError as err:
+            return self.set_aside(raw, f"found in a dead dispatcher's list and does not decode: {err}")
+        if not self.keys.is_replies(request.reply_to):
+            return self.set_aside(raw, f"found in a dead dispatcher's list; reply_to {request.reply_to!r} "
+                                       f"is not a reply list of queue {self.keys.queue}")
+        if kind == "W" or now_ms() >= request.deadline_ms:
+            self.redis.lrem(self.processing, 1, raw)
+        elif kind == "Q" and request.is_safe_to_repeat():
+            self.redis.pipeline(transaction=True).rpush(self.keys.requests, raw).delete(
+                self.keys.claimed(request.id)).lrem(self.processing, 1, raw).execute()
+        else:
+            self.complete(raw, request, protocol.response(request.id, *protocol.INTERRUPTED))
+        return None
 
     # -- heartbeat ---------------------------------------------------------
 

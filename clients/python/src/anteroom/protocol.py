@@ -89,6 +89,40 @@ class Request:
             n.lower() == "idempotency-key" for n, _ in self.headers)
 
 
+#: Moves a dead dispatcher's processing list into the reaper's own and
+#: returns the moved items; nil when its heartbeat exists or another reaper
+#: claimed it first (docs/protocol.md, step 8). KEYS: the dead one's
+#: heartbeat, its processing list, the reaper's processing list, the
+#: registry; ARGV: the dead one's id. The same script as the Rust reaper's.
+CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then return false end
+local items = {}
+while true do
+  local item = redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT')
+  if not item then break end
+  table.insert(items, item)
+end
+redis.call('ZREM', KEYS[4], ARGV[1])
+return items"""
+
+#: What this dispatcher answers to the request kinds it knows and does not
+#: serve: a request whose body follows (``'U'``: larger than the proxy's
+#: --body-buffer) gets 413 (RFC 9110 section 15.5.14), a WebSocket
+#: handshake (``'W'``) 501.
+REFUSED = {
+    "U": (413, [("content-type", b"text/plain; charset=utf-8")],
+          b"this dispatcher takes request bodies up to the proxy's --body-buffer only; "
+          b"raise --body-buffer on the proxy\n"),
+    "W": (501, [("content-type", b"text/plain; charset=utf-8")],
+          b"this dispatcher does not serve WebSockets\n"),
+}
+
+#: The answer to a request whose dispatcher died while it may have run.
+INTERRUPTED = (502, [("content-type", b"text/plain; charset=utf-8")],
+               b"the backend stopped while handling this request; it may or may not have been carried out\n")
+
+
 def response(request_id, status, headers, body):
     """A whole response frame (``'R'``); ``headers`` are (str, bytes)."""
     meta = {"id": request_id, "status": status,

@@ -2,9 +2,11 @@
 
 require "logger"
 require "optparse"
+require "uri"
 
 require_relative "dispatcher"
 require_relative "rack"
+require_relative "version"
 
 module Anteroom
   # +anteroom-rack [options] [config.ru]+: serve a Rack app from an Anteroom queue.
@@ -22,13 +24,23 @@ module Anteroom
       m[1].to_f * UNITS[m[2]]
     end
 
+    # The variable +name+ of +env+ (or +default+) parsed by the block; an
+    # error naming the variable when it does not parse.
+    def from_env(env, name, default)
+      yield env.fetch(name, default)
+    rescue ArgumentError, OptionParser::ParseError => e
+      raise OptionParser::InvalidArgument, "#{name}: #{e.message}"
+    end
+
+    # The options of +argv+ over those of +env+ (a Hash of the environment);
+    # OptionParser::ParseError or ArgumentError when they are not valid.
     def options(argv, env = ENV)
       opts = {
         redis: env.fetch("ANTEROOM_REDIS", "redis://127.0.0.1:6379"),
         queue: env.fetch("ANTEROOM_QUEUE", "default"),
-        threads: Integer(env.fetch("ANTEROOM_THREADS", "8")),
-        heartbeat_ttl: duration(env.fetch("ANTEROOM_HEARTBEAT_TTL", "10s")),
-        grace: duration(env.fetch("ANTEROOM_GRACE", "30s"))
+        threads: from_env(env, "ANTEROOM_THREADS", "8") { |v| Integer(v, 10) },
+        heartbeat_ttl: from_env(env, "ANTEROOM_HEARTBEAT_TTL", "10s") { |v| duration(v) },
+        grace: from_env(env, "ANTEROOM_GRACE", "30s") { |v| duration(v) }
       }
       parser = OptionParser.new do |o|
         o.banner = "Usage: anteroom-rack [options] [config.ru]\n\n" \
@@ -39,7 +51,7 @@ module Anteroom
         o.on("--threads N", Integer, "requests run at once, each in a thread (env ANTEROOM_THREADS; default 8)") do |v|
           opts[:threads] = v
         end
-        o.on("--heartbeat-ttl D", "heartbeat lifetime: silent this long, this dispatcher counts as dead " \
+        o.on("--heartbeat-ttl D", String, "heartbeat lifetime: silent this long, this dispatcher counts as dead " \
                                   "(env ANTEROOM_HEARTBEAT_TTL; default 10s)") { |v| opts[:heartbeat_ttl] = duration(v) }
         o.on("--grace D", "on SIGTERM or SIGINT, how long requests in hand may finish " \
                           "(env ANTEROOM_GRACE; default 30s)") { |v| opts[:grace] = duration(v) }
@@ -47,10 +59,22 @@ module Anteroom
           puts "anteroom-rack #{VERSION}"
           exit
         end
+        o.on("-h", "--help", "print this help") do
+          puts o
+          exit
+        end
+        o.separator("\nEnvironment: ANTEROOM_REDIS, ANTEROOM_QUEUE, ANTEROOM_THREADS, ANTEROOM_HEARTBEAT_TTL,\n" \
+                    "ANTEROOM_GRACE, ANTEROOM_LOG (debug, info, warning, error). The app's own environment\n" \
+                    "(RACK_ENV, RAILS_ENV) is the app's: set RACK_ENV=production for production.")
       end
       rest = parser.parse(argv)
       raise OptionParser::NeedlessArgument, rest[1..].join(" ") if rest.size > 1
+      raise OptionParser::InvalidArgument, "--threads #{opts[:threads]}: at least 1" if opts[:threads] < 1
 
+      Protocol::Keys.new(opts[:queue]) # the name is checked before the app boots
+      unless %w[redis rediss unix].include?(URI.parse(opts[:redis]).scheme)
+        raise OptionParser::InvalidArgument, "--redis #{opts[:redis]}: a redis://, rediss:// or unix:// URL"
+      end
       opts[:config] = rest.first || "config.ru"
       opts
     end
@@ -61,14 +85,17 @@ module Anteroom
       level = name.to_s.downcase.sub(/\Awarning\z/, "warn")
       return level if %w[debug info warn error fatal].include?(level)
 
-      warn "anteroom-rack: ANTEROOM_LOG=#{name.inspect} is not a log level (debug, info, warning, error)"
+      warn "anteroom-rack: ANTEROOM_LOG=#{name.inspect} is not a log level (debug, info, warning, error, fatal)"
       exit 2
     end
 
     # The app a rackup file builds (rack 2's parse_file answers [app, options]).
     def load_app(path)
       require "rack"
-      raise ArgumentError, "#{path}: no such file" unless File.file?(path)
+      unless File.file?(path)
+        raise ArgumentError, "#{path}: no such rackup file (run from the app's directory, where config.ru is, " \
+                             "or name the file)"
+      end
 
       built = ::Rack::Builder.parse_file(path)
       built.is_a?(Array) ? built.first : built
@@ -77,17 +104,25 @@ module Anteroom
     def main(argv)
       opts = begin
         options(argv)
-      rescue OptionParser::ParseError, ArgumentError => e
+      rescue OptionParser::ParseError, ArgumentError, URI::Error => e
         warn "anteroom-rack: #{e.message} (see --help)"
         exit 2
       end
       $stdout.sync = true
       logger = Logger.new($stderr, level: log_level(ENV.fetch("ANTEROOM_LOG", "info")), progname: "anteroom")
-      app = load_app(opts[:config])
+      app = begin
+        load_app(opts[:config])
+      rescue ArgumentError => e
+        warn "anteroom-rack: #{e.message}"
+        exit 2
+      end
       Dispatcher.new(->(request) { Anteroom::Rack.call(app, request) },
                      redis_url: opts[:redis], queue: opts[:queue], threads: opts[:threads],
                      heartbeat_ttl: opts[:heartbeat_ttl], grace: opts[:grace], label: "rack",
                      logger: logger).run
+    rescue Redis::BaseError => e
+      warn "anteroom-rack: cannot use Redis at #{opts[:redis]}: #{e.message}"
+      exit 1
     end
   end
 end

@@ -43,6 +43,8 @@ module Anteroom
     STREAM_IDLE_S = 60.0
     # redis-rb's driver: hiredis when it loaded, else the pure-Ruby one.
     DRIVER = defined?(Redis::Connection::Hiredis) ? :hiredis : :ruby
+    # How often this dispatcher reaps dead ones (s; as the Rust dispatcher).
+    REAP_EVERY_S = 5.0
     # How often the pause key is re-read while serving (s).
     PAUSE_POLL_S = 0.05
     # How long a failed write of a reply is retried (s).
@@ -90,7 +92,7 @@ module Anteroom
       redis = connect
       redis.sadd?("anteroom:queues", @keys.queue)
       beat(redis)
-      helpers = [Thread.new { heartbeat }, Thread.new { read_credits }]
+      helpers = [Thread.new { heartbeat }, Thread.new { read_credits }, Thread.new { reaper }]
       workers = Array.new(@threads) { Thread.new { work } }
       @log.info("dispatcher #{@id} serving queue #{@keys.queue} with #{@threads} threads")
       pull(redis)
@@ -247,11 +249,7 @@ module Anteroom
     def handle(redis, raw)
       begin
         kind, meta, body = Protocol.decode(raw)
-        unless kind == "Q"
-          raise Protocol::DecodeError,
-                "kind #{kind.inspect} is not supported by this dispatcher " \
-                "(only 'Q': streamed request bodies and WebSockets are not)"
-        end
+        raise Protocol::DecodeError, "kind #{kind.inspect} is not a request" unless %w[Q U W].include?(kind)
         request = Protocol::Request.new(meta, body)
       rescue Protocol::DecodeError, EncodingError, JSON::JSONError => e
         return set_aside(redis, raw, "does not decode: #{e.message}")
@@ -263,6 +261,13 @@ module Anteroom
       now = Protocol.now_ms
       return set_aside(redis, raw, "deadline more than 24 h ahead") if request.deadline_ms - now > Protocol::MAX_HOLD_MS
       return redis.lrem(@processing, 1, raw) if now >= request.deadline_ms # the client has its 504
+
+      if (refused = Protocol::REFUSED[kind])
+        # Known, not served: the client hears why at once, instead of
+        # waiting out its hold budget while the request lies dead.
+        @log.warn("refusing #{request.method} #{request.uri}: #{refused[2].strip}")
+        return complete(redis, raw, request, Protocol.response(request.id, *refused))
+      end
 
       if request.dedupe?
         ttl = [request.deadline_ms - now + REPLY_TTL_MS, 1].max
@@ -432,6 +437,77 @@ module Anteroom
       redis.multi do |m|
         m.lpush(@keys.dead, Protocol.dead_letter(raw, reason, @id))
         m.lrem(@processing, 1, raw)
+      end
+    end
+
+    # -- reaping (docs/protocol.md, step 8) ----------------------------------
+
+    # Reaps every REAP_EVERY_S until this dispatcher stops.
+    def reaper
+      redis = connect
+      until stopping?
+        deadline = monotonic + REAP_EVERY_S
+        @lock.synchronize do
+          # @changed wakes on every completion: wait out the whole interval.
+          until @stopping || (left = deadline - monotonic) <= 0
+            @changed.wait(@lock, left)
+          end
+        end
+        next if stopping?
+
+        begin
+          reap(redis)
+        rescue StandardError => e # the next pass tries again
+          @log.warn("reaping failed: #{e.message}")
+        end
+      end
+    end
+
+    # One pass: claims the processing list of each registered dispatcher
+    # whose heartbeat is gone (the CLAIM script, so one reaper wins each
+    # list) into this one's, then settles each request.
+    def reap(redis)
+      redis.zrange(@keys.dispatchers, 0, -1).each do |dead|
+        next if dead == @id
+
+        items = redis.eval(Protocol::CLAIM, keys: [@keys.dispatcher(dead), @keys.processing(dead), @processing,
+                                                   @keys.dispatchers], argv: [dead])
+        next if items.nil? || items.empty?
+
+        @log.warn("reaping #{items.size} requests of dispatcher #{dead}, whose heartbeat expired")
+        items.each { |raw| settle(redis, raw) }
+      end
+    end
+
+    # A dead dispatcher's request, now in this one's processing list: set
+    # aside when no producer of this queue wrote it; dropped when past its
+    # deadline (or a WebSocket handshake, whose socket its proxy closes);
+    # put back at the end pulled next when safe to repeat; otherwise
+    # answered 502, since it may or may not have run.
+    def settle(redis, raw)
+      begin
+        kind, meta, body = Protocol.decode(raw)
+        raise Protocol::DecodeError, "kind #{kind.inspect} is not a request" unless %w[Q U W].include?(kind)
+
+        request = Protocol::Request.new(meta, body)
+      rescue Protocol::DecodeError, EncodingError, JSON::JSONError => e
+        return set_aside(redis, raw, "found in a dead dispatcher's list and does not decode: #{e.message}")
+      end
+      unless @keys.replies?(request.reply_to)
+        return set_aside(redis, raw, "found in a dead dispatcher's list; reply_to #{request.reply_to.inspect} " \
+                                     "is not a reply list of queue #{@keys.queue}")
+      end
+
+      if kind == "W" || Protocol.now_ms >= request.deadline_ms
+        redis.lrem(@processing, 1, raw)
+      elsif kind == "Q" && request.safe_to_repeat?
+        redis.multi do |m|
+          m.rpush(@keys.requests, raw)
+          m.del(@keys.claimed(request.id))
+          m.lrem(@processing, 1, raw)
+        end
+      else
+        complete(redis, raw, request, Protocol.response(request.id, *Protocol::INTERRUPTED))
       end
     end
 

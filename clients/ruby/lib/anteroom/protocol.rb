@@ -17,6 +17,37 @@ module Anteroom
     # Largest piece of a streamed body in one chunk frame (256 KiB).
     MAX_CHUNK = 256 * 1024
     ID = /\A[A-Za-z0-9._-]{1,64}\z/
+    # Moves a dead dispatcher's processing list into the reaper's own and
+    # returns the moved items; nil when its heartbeat exists or another
+    # reaper claimed it first (docs/protocol.md, step 8). KEYS: the dead
+    # one's heartbeat, its processing list, the reaper's processing list,
+    # the registry; ARGV: the dead one's id. The Rust reaper's script.
+    CLAIM = <<~LUA
+      if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+      if not redis.call('ZSCORE', KEYS[4], ARGV[1]) then return false end
+      local items = {}
+      while true do
+        local item = redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT')
+        if not item then break end
+        table.insert(items, item)
+      end
+      redis.call('ZREM', KEYS[4], ARGV[1])
+      return items
+    LUA
+    # What this dispatcher answers to the request kinds it knows and does
+    # not serve: a request whose body follows ('U': larger than the
+    # proxy's --body-buffer) gets 413 (RFC 9110 section 15.5.14), a
+    # WebSocket handshake ('W') 501.
+    REFUSED = {
+      "U" => [413, [["content-type", "text/plain; charset=utf-8".b]],
+              "this dispatcher takes request bodies up to the proxy's --body-buffer only; " \
+              "raise --body-buffer on the proxy\n".b].freeze,
+      "W" => [501, [["content-type", "text/plain; charset=utf-8".b]],
+              "this dispatcher does not serve WebSockets\n".b].freeze
+    }.freeze
+    # The answer to a request whose dispatcher died while it may have run.
+    INTERRUPTED = [502, [["content-type", "text/plain; charset=utf-8".b]],
+                   "the backend stopped while handling this request; it may or may not have been carried out\n".b].freeze
 
     # Bytes that are not a frame of the expected kind.
     class DecodeError < StandardError; end
@@ -149,6 +180,12 @@ module Anteroom
       # Whether the producer reads streamed replies (+'S'+, +'C'+, +'E'+).
       def stream?
         @stream
+      end
+
+      # Whether a reaper may run it again: GET, HEAD or OPTIONS, or an
+      # Idempotency-Key (docs/protocol.md, step 8).
+      def safe_to_repeat?
+        %w[GET HEAD OPTIONS].include?(@method) || @headers.any? { |name, _| name.casecmp?("idempotency-key") }
       end
     end
 
