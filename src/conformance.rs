@@ -449,7 +449,29 @@ async fn reaps_the_dead(kit: &mut Kit) -> Outcome {
         .query_async::<()>(&mut conn)
         .await
         .map_err(|e| e.to_string())?;
-    let outcome = reaped(kit, &safe.id, &unsafe_.id).await;
+    let mut outcome = reaped(kit, &safe.id, &unsafe_.id).await;
+    if outcome.is_ok() {
+        // Reaped means moved and settled: nothing left in the dead list,
+        // its registry entry gone, nothing held by the command.
+        let left: (u64, Option<f64>) = redis::pipe()
+            .cmd("LLEN")
+            .arg(keys.processing(&dead))
+            .cmd("ZSCORE")
+            .arg(keys.dispatchers())
+            .arg(&dead)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        if left != (0, None) {
+            outcome = Err(format!(
+                "answered, but the dead list still holds {} and its registry entry is {}",
+                left.0,
+                if left.1.is_some() { "still there" } else { "gone" }
+            ));
+        } else if kit.held().await != 0 {
+            outcome = Err("answered, but the reaped requests stay in the command's list".into());
+        }
+    }
     // Whatever happened, no dead list is left for the cases after this one.
     let _ = redis::pipe()
         .cmd("DEL")

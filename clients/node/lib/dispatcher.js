@@ -86,7 +86,9 @@ class Dispatcher {
     const beating = setInterval(() => { this.beat().catch((err) => console.error(`anteroom: heartbeat: ${err.message}`)); },
       this.heartbeatTtlMs / 3);
     const reaping = setInterval(() => {
-      if (!this.stopping) this.reap().catch((err) => console.error(`anteroom: reaping failed: ${err.message}`));
+      if (!this.stopping) {
+        this.reapPass = this.reap().catch((err) => console.error(`anteroom: reaping failed: ${err.message}`));
+      }
     }, REAP_EVERY_MS);
     console.error(`anteroom: dispatcher ${this.id} serving queue ${this.keys.queue}, ${this.concurrency} at once`);
     try {
@@ -98,6 +100,9 @@ class Dispatcher {
       this.done = true;
       clearInterval(beating);
       clearInterval(reaping);
+      // A reap pass under way finishes first: what it claimed is in this
+      // dispatcher's list, which must not lose its registry entry.
+      await this.reapPass;
       await reading;
       await creditReader.quit();
       await client.del(this.keys.dispatcher(this.id));
@@ -409,13 +414,14 @@ class Dispatcher {
       const ids = await this.redis.zRange(this.keys.dispatchers, 0, -1);
       for (const id of ids.map((b) => b.toString('latin1'))) {
         if (id === this.id) continue;
+        if (this.stopping) return;
         const items = await this.redis.eval(protocol.CLAIM, {
           keys: [this.keys.dispatcher(id), this.keys.processing(id), this.processing, this.keys.dispatchers],
           arguments: [id],
         });
         if (!items || items.length === 0) continue;
         console.error(`anteroom: reaping ${items.length} requests of dispatcher ${id}, whose heartbeat expired`);
-        for (const raw of items) await this.settle(raw);
+        for (const raw of items) await this.settle(raw, id);
       }
     } finally {
       this.reapingNow = false;
@@ -425,11 +431,11 @@ class Dispatcher {
   /**
    * A dead dispatcher's request, now in this one's processing list: set
    * aside when no producer of this queue wrote it; dropped when past its
-   * deadline (or a WebSocket handshake, whose socket its proxy closes); put
-   * back at the end pulled next when safe to repeat; otherwise answered 502,
-   * since it may or may not have run.
+   * deadline; put back at the end pulled next when safe to repeat, at most
+   * MAX_REPEATS times; otherwise answered 502, since it may or may not have
+   * run. `dead` is the dispatcher it was claimed from.
    */
-  async settle(raw) {
+  async settle(raw, dead) {
     let kind;
     let request;
     try {
@@ -447,14 +453,19 @@ class Dispatcher {
       return this.setAside(raw, `found in a dead dispatcher's list; reply_to ${JSON.stringify(request.reply_to)} `
         + `is not a reply list of queue ${this.keys.queue}`);
     }
-    if (kind === 'W' || Date.now() >= request.deadline_ms) {
+    const now = Date.now();
+    if (now >= request.deadline_ms) {
       await this.redis.lRem(this.processing, 1, raw);
-    } else if (kind === 'Q' && protocol.isSafeToRepeat(request)) {
-      await this.redis.multi().rPush(this.keys.requests, raw).del(this.keys.claimed(request.id))
-        .lRem(this.processing, 1, raw).exec();
-    } else {
-      await this.complete(raw, request, protocol.response(request.id, ...protocol.INTERRUPTED));
+      return undefined;
     }
+    if (kind === 'Q' && protocol.isSafeToRepeat(request)) {
+      const done = await this.redis.eval(protocol.REQUEUE, {
+        keys: [this.processing, this.keys.requests, this.keys.claimed(request.id), this.keys.repeats(request.id)],
+        arguments: [raw, dead, String(protocol.MAX_REPEATS), String(Math.max(1, request.deadline_ms - now))],
+      });
+      if (done !== 2) return undefined; // back in the queue, or no longer this reaper's
+    }
+    await this.complete(raw, request, protocol.response(request.id, ...protocol.INTERRUPTED));
     return undefined;
   }
 

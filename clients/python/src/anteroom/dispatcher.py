@@ -147,7 +147,8 @@ class Dispatcher:
         beating = threading.Thread(target=self.heartbeat, name="anteroom-heartbeat", daemon=True)
         beating.start()
         threading.Thread(target=self.read_credits, name="anteroom-credits", daemon=True).start()
-        threading.Thread(target=self.reaper, name="anteroom-reaper", daemon=True).start()
+        reaping = threading.Thread(target=self.reaper, name="anteroom-reaper", daemon=True)
+        reaping.start()
         log.info("dispatcher %s serving queue %s with %d threads", self.id, self.keys.queue, self.threads)
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="anteroom-worker")
         try:
@@ -157,6 +158,9 @@ class Dispatcher:
             deadline = time.monotonic() + self.grace
             while self.running() and time.monotonic() < deadline:
                 time.sleep(0.02)
+            # A reap pass under way finishes first: what it claimed is in this
+            # dispatcher's list, which must not lose its registry entry.
+            reaping.join(RETRY_S + 5)
             left = self.running()
             self.done.set()
             self.beat_now.set()
@@ -396,21 +400,23 @@ class Dispatcher:
             dead = dead.decode("latin-1")
             if dead == self.id:
                 continue
+            if self.stopping.is_set():
+                return
             items = self.redis.eval(protocol.CLAIM, 4, self.keys.dispatcher(dead), self.keys.processing(dead),
                                     self.processing, self.keys.dispatchers, dead)
             if not items:
                 continue
             log.warning("reaping %d requests of dispatcher %s, whose heartbeat expired", len(items), dead)
             for raw in items:
-                self.settle(raw)
+                self.settle(raw, dead)
 
-    def settle(self, raw):
+    def settle(self, raw, dead):
         """A dead dispatcher's request, now in this one's processing list:
         set aside when no producer of this queue wrote it; dropped when
-        past its deadline (or a WebSocket handshake, whose socket its proxy
-        closes); put back at the end pulled next when safe to repeat (a
-        ``'Q'`` GET, HEAD, OPTIONS or with an Idempotency-Key); otherwise
-        answered 502, since it may or may not have run."""
+        past its deadline; put back at the end pulled next when safe to
+        repeat (a ``'Q'`` GET, HEAD, OPTIONS or with an Idempotency-Key),
+        at most MAX_REPEATS times; otherwise answered 502, since it may or
+        may not have run. ``dead`` is the dispatcher it was claimed from."""
         try:
             kind, meta, body = protocol.decode(raw)
             if kind not in ("Q", "U", "W"):
@@ -421,13 +427,17 @@ class Dispatcher:
         if not self.keys.is_replies(request.reply_to):
             return self.set_aside(raw, f"found in a dead dispatcher's list; reply_to {request.reply_to!r} "
                                        f"is not a reply list of queue {self.keys.queue}")
-        if kind == "W" or now_ms() >= request.deadline_ms:
+        now = now_ms()
+        if now >= request.deadline_ms:
             self.redis.lrem(self.processing, 1, raw)
-        elif kind == "Q" and request.is_safe_to_repeat():
-            self.redis.pipeline(transaction=True).rpush(self.keys.requests, raw).delete(
-                self.keys.claimed(request.id)).lrem(self.processing, 1, raw).execute()
-        else:
-            self.complete(raw, request, protocol.response(request.id, *protocol.INTERRUPTED))
+            return None
+        if kind == "Q" and request.is_safe_to_repeat():
+            done = self.redis.eval(protocol.REQUEUE, 4, self.processing, self.keys.requests,
+                                   self.keys.claimed(request.id), self.keys.repeats(request.id), raw, dead,
+                                   protocol.MAX_REPEATS, max(1, request.deadline_ms - now))
+            if done != 2:
+                return None  # back in the queue, or no longer this reaper's
+        self.complete(raw, request, protocol.response(request.id, *protocol.INTERRUPTED))
         return None
 
     # -- heartbeat ---------------------------------------------------------

@@ -43,7 +43,7 @@ def decode(raw):
         raise DecodeError(f"envelope is truncated: {6 + meta_len} bytes needed, {len(raw)} available")
     try:
         meta = json.loads(raw[6 : 6 + meta_len].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise DecodeError(f"metadata is not JSON: {err}") from None
     if not isinstance(meta, dict):
         raise DecodeError("metadata is not a JSON object")
@@ -105,6 +105,30 @@ while true do
 end
 redis.call('ZREM', KEYS[4], ARGV[1])
 return items"""
+
+#: Puts a reaped request back at the end of the queue pulled next, only if
+#: it is still in the reaper's list, at most MAX_REPEATS times, releasing
+#: the dead dispatcher's dedupe claim: 0 done, 1 not held, 2 repeated too
+#: often (answer it 502). KEYS: the reaper's processing list, the requests
+#: list, the claim key, the repeats counter; ARGV: the raw envelope, the
+#: dead dispatcher's id, MAX_REPEATS, the counter's TTL in ms. The Rust
+#: reaper's script (crates/anteroom-control/src/queue/requeue.rs).
+REQUEUE = """
+if ARGV[3] ~= '-1' then
+  local n = redis.call('INCR', KEYS[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+  if n > tonumber(ARGV[3]) then return 2 end
+end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) == ARGV[2] then
+  redis.call('DEL', KEYS[3])
+end
+return 0"""
+#: Most times a request that may already have run is put back (the Rust
+#: dispatcher's MAX_REPEATS): one that kills what runs it is not retried
+#: until its deadline.
+MAX_REPEATS = 2
 
 #: What this dispatcher answers to the request kinds it knows and does not
 #: serve: a request whose body follows (``'U'``: larger than the proxy's
@@ -186,6 +210,9 @@ class Keys:
 
     def claimed(self, request_id):
         return f"{self.prefix}claimed:{request_id}"
+
+    def repeats(self, request_id):
+        return f"{self.prefix}repeats:{request_id}"
 
     def is_replies(self, key):
         """Whether ``key`` is a reply list of this queue: a dispatcher

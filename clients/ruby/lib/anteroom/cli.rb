@@ -73,10 +73,19 @@ module Anteroom
 
       Protocol::Keys.new(opts[:queue]) # the name is checked before the app boots
       unless %w[redis rediss unix].include?(URI.parse(opts[:redis]).scheme)
-        raise OptionParser::InvalidArgument, "--redis #{opts[:redis]}: a redis://, rediss:// or unix:// URL"
+        raise OptionParser::InvalidArgument, "--redis #{redacted(opts[:redis])}: a redis://, rediss:// or unix:// URL"
       end
       opts[:config] = rest.first || "config.ru"
       opts
+    end
+
+    # +url+ with its password hidden, for messages.
+    def redacted(url)
+      uri = URI.parse(url)
+      uri.password = "***" if uri.password
+      uri.to_s
+    rescue URI::Error
+      "(not a URL)"
     end
 
     # The Logger level named +name+ (debug, info, warn or warning, error,
@@ -104,8 +113,11 @@ module Anteroom
     def main(argv)
       opts = begin
         options(argv)
-      rescue OptionParser::ParseError, ArgumentError, URI::Error => e
+      rescue OptionParser::ParseError, ArgumentError => e
         warn "anteroom-rack: #{e.message} (see --help)"
+        exit 2
+      rescue URI::Error
+        warn "anteroom-rack: --redis: not a URL (see --help)"
         exit 2
       end
       $stdout.sync = true
@@ -121,7 +133,7 @@ module Anteroom
                      heartbeat_ttl: opts[:heartbeat_ttl], grace: opts[:grace], label: "rack",
                      logger: logger).run
     rescue Redis::BaseError => e
-      warn "anteroom-rack: cannot use Redis at #{opts[:redis]}: #{e.message}"
+      warn "anteroom-rack: cannot use Redis at #{redacted(opts[:redis])}: #{e.message}"
       exit 1
     end
   end

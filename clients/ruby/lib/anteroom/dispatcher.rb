@@ -92,11 +92,12 @@ module Anteroom
       redis = connect
       redis.sadd?("anteroom:queues", @keys.queue)
       beat(redis)
-      helpers = [Thread.new { heartbeat }, Thread.new { read_credits }, Thread.new { reaper }]
+      reaping = Thread.new { reaper }
+      helpers = [Thread.new { heartbeat }, Thread.new { read_credits }]
       workers = Array.new(@threads) { Thread.new { work } }
       @log.info("dispatcher #{@id} serving queue #{@keys.queue} with #{@threads} threads")
       pull(redis)
-      finish(redis, workers, helpers)
+      finish(redis, workers, helpers, reaping)
     end
 
     # Stops pulling; #run returns once the requests in hand are done or
@@ -128,13 +129,16 @@ module Anteroom
       @lock.synchronize { @done }
     end
 
-    def finish(redis, workers, helpers)
+    def finish(redis, workers, helpers, reaping)
       deadline = monotonic + @grace
       @lock.synchronize do
         while @in_flight.positive? && (left = deadline - monotonic).positive?
         @changed.wait(@lock, left)
       end
       end
+      # A reap pass under way finishes first: what it claimed is in this
+      # dispatcher's list, which must not lose its registry entry.
+      reaping.join(RETRY_S + 5)
       left = @lock.synchronize { @in_flight }
       @threads.times { @jobs << nil }
       workers.each { |w| w.join(0.1) }
@@ -469,22 +473,23 @@ module Anteroom
     def reap(redis)
       redis.zrange(@keys.dispatchers, 0, -1).each do |dead|
         next if dead == @id
+        return if stopping?
 
         items = redis.eval(Protocol::CLAIM, keys: [@keys.dispatcher(dead), @keys.processing(dead), @processing,
                                                    @keys.dispatchers], argv: [dead])
         next if items.nil? || items.empty?
 
         @log.warn("reaping #{items.size} requests of dispatcher #{dead}, whose heartbeat expired")
-        items.each { |raw| settle(redis, raw) }
+        items.each { |raw| settle(redis, raw, dead) }
       end
     end
 
     # A dead dispatcher's request, now in this one's processing list: set
     # aside when no producer of this queue wrote it; dropped when past its
-    # deadline (or a WebSocket handshake, whose socket its proxy closes);
-    # put back at the end pulled next when safe to repeat; otherwise
-    # answered 502, since it may or may not have run.
-    def settle(redis, raw)
+    # deadline; put back at the end pulled next when safe to repeat, at
+    # most MAX_REPEATS times; otherwise answered 502, since it may or may
+    # not have run. +dead+ is the dispatcher it was claimed from.
+    def settle(redis, raw, dead)
       begin
         kind, meta, body = Protocol.decode(raw)
         raise Protocol::DecodeError, "kind #{kind.inspect} is not a request" unless %w[Q U W].include?(kind)
@@ -498,17 +503,16 @@ module Anteroom
                                      "is not a reply list of queue #{@keys.queue}")
       end
 
-      if kind == "W" || Protocol.now_ms >= request.deadline_ms
-        redis.lrem(@processing, 1, raw)
-      elsif kind == "Q" && request.safe_to_repeat?
-        redis.multi do |m|
-          m.rpush(@keys.requests, raw)
-          m.del(@keys.claimed(request.id))
-          m.lrem(@processing, 1, raw)
-        end
-      else
-        complete(redis, raw, request, Protocol.response(request.id, *Protocol::INTERRUPTED))
+      now = Protocol.now_ms
+      return redis.lrem(@processing, 1, raw) if now >= request.deadline_ms
+
+      if kind == "Q" && request.safe_to_repeat?
+        done = redis.eval(Protocol::REQUEUE,
+                          keys: [@processing, @keys.requests, @keys.claimed(request.id), @keys.repeats(request.id)],
+                          argv: [raw, dead, Protocol::MAX_REPEATS, [request.deadline_ms - now, 1].max])
+        return unless done == 2 # back in the queue, or no longer this reaper's
       end
+      complete(redis, raw, request, Protocol.response(request.id, *Protocol::INTERRUPTED))
     end
 
     # -- heartbeat -----------------------------------------------------------

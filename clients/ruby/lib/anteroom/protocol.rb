@@ -45,6 +45,29 @@ module Anteroom
       "W" => [501, [["content-type", "text/plain; charset=utf-8".b]],
               "this dispatcher does not serve WebSockets\n".b].freeze
     }.freeze
+    # Puts a reaped request back at the end of the queue pulled next, only
+    # if it is still in the reaper's list, at most MAX_REPEATS times,
+    # releasing the dead dispatcher's dedupe claim: 0 done, 1 not held, 2
+    # repeated too often (answer it 502). KEYS: the reaper's processing
+    # list, the requests list, the claim key, the repeats counter; ARGV: the
+    # raw envelope, the dead dispatcher's id, MAX_REPEATS, the counter's TTL
+    # in ms. The Rust reaper's script (crates/anteroom-control/src/queue/requeue.rs).
+    REQUEUE = <<~LUA
+      if ARGV[3] ~= '-1' then
+        local n = redis.call('INCR', KEYS[4])
+        redis.call('PEXPIRE', KEYS[4], ARGV[4])
+        if n > tonumber(ARGV[3]) then return 2 end
+      end
+      if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
+      redis.call('RPUSH', KEYS[2], ARGV[1])
+      if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) == ARGV[2] then
+        redis.call('DEL', KEYS[3])
+      end
+      return 0
+    LUA
+    # Most times a request that may already have run is put back (the Rust
+    # dispatcher's MAX_REPEATS).
+    MAX_REPEATS = 2
     # The answer to a request whose dispatcher died while it may have run.
     INTERRUPTED = [502, [["content-type", "text/plain; charset=utf-8".b]],
                    "the backend stopped while handling this request; it may or may not have been carried out\n".b].freeze
@@ -208,6 +231,7 @@ module Anteroom
       def credits(dispatcher_id) = "#{prefix}credits:#{dispatcher_id}"
       def dispatcher(dispatcher_id) = "#{prefix}dispatcher:#{dispatcher_id}"
       def claimed(request_id) = "#{prefix}claimed:#{request_id}"
+      def repeats(request_id) = "#{prefix}repeats:#{request_id}"
 
       # Whether +key+ is a reply list of this queue: a dispatcher writes
       # to no other key, whatever an envelope says.
