@@ -466,7 +466,11 @@ async fn reaps_the_dead(kit: &mut Kit) -> Outcome {
             outcome = Err(format!(
                 "answered, but the dead list still holds {} and its registry entry is {}",
                 left.0,
-                if left.1.is_some() { "still there" } else { "gone" }
+                if left.1.is_some() {
+                    "still there"
+                } else {
+                    "gone"
+                }
             ));
         } else if kit.held().await != 0 {
             outcome = Err("answered, but the reaped requests stay in the command's list".into());

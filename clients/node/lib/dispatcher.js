@@ -62,6 +62,8 @@ class Dispatcher {
     this.freed = null;
     /** Streams by request id: `{consumed, cancel, wake}` from the proxy's credits. */
     this.streams = new Map();
+    /** Reaped requests whose settling failed: [raw, dead dispatcher] by raw bytes. */
+    this.unsettled = new Map();
   }
 
   async run() {
@@ -411,6 +413,7 @@ class Dispatcher {
     if (this.reapingNow) return;
     this.reapingNow = true;
     try {
+      for (const [raw, dead] of [...this.unsettled.values()]) await this.settleOrKeep(raw, dead);
       const ids = await this.redis.zRange(this.keys.dispatchers, 0, -1);
       for (const id of ids.map((b) => b.toString('latin1'))) {
         if (id === this.id) continue;
@@ -421,10 +424,22 @@ class Dispatcher {
         });
         if (!items || items.length === 0) continue;
         console.error(`anteroom: reaping ${items.length} requests of dispatcher ${id}, whose heartbeat expired`);
-        for (const raw of items) await this.settle(raw, id);
+        for (const raw of items) await this.settleOrKeep(raw, id);
       }
     } finally {
       this.reapingNow = false;
+    }
+  }
+
+  /** Settles `raw`; when that fails it stays in this dispatcher's list and is tried again at the next pass. */
+  async settleOrKeep(raw, dead) {
+    const key = raw.toString('latin1');
+    try {
+      await this.settle(raw, dead);
+      this.unsettled.delete(key);
+    } catch (err) {
+      console.error(`anteroom: settling a reaped request failed (${err.message}); trying again at the next pass`);
+      this.unsettled.set(key, [raw, dead]);
     }
   }
 

@@ -122,6 +122,9 @@ class Dispatcher:
         self.started_at_ms = now_ms()
         self.credits_key = self.keys.credits(self.id)
         self.credits = Credits()
+        #: Reaped requests whose settling failed, by raw bytes: the dead
+        #: dispatcher each came from (the reaper thread's alone).
+        self.unsettled = {}
 
     @property
     def redis(self):
@@ -395,7 +398,11 @@ class Dispatcher:
     def reap(self):
         """One pass: claims the processing list of each registered
         dispatcher whose heartbeat is gone (the CLAIM script, so one reaper
-        wins each list) into this one's, then settles each request."""
+        wins each list) into this one's, then settles each request. An item
+        whose settling fails stays in this one's list and is tried again at
+        the next pass, the others go on."""
+        for raw, dead in list(self.unsettled.items()):
+            self.settle_or_keep(raw, dead)
         for dead in self.redis.zrange(self.keys.dispatchers, 0, -1):
             dead = dead.decode("latin-1")
             if dead == self.id:
@@ -408,7 +415,15 @@ class Dispatcher:
                 continue
             log.warning("reaping %d requests of dispatcher %s, whose heartbeat expired", len(items), dead)
             for raw in items:
-                self.settle(raw, dead)
+                self.settle_or_keep(raw, dead)
+
+    def settle_or_keep(self, raw, dead):
+        try:
+            self.settle(raw, dead)
+            self.unsettled.pop(raw, None)
+        except Exception as err:  # noqa: BLE001 - kept for the next pass
+            log.warning("settling a reaped request failed (%s); trying again at the next pass", err)
+            self.unsettled[raw] = dead
 
     def settle(self, raw, dead):
         """A dead dispatcher's request, now in this one's processing list:

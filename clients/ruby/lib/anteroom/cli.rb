@@ -13,6 +13,9 @@ module Anteroom
   module CLI
     UNITS = { "ms" => 0.001, "s" => 1, "m" => 60, "h" => 3600, nil => 1 }.freeze
 
+    # The rackup file is not there (an app's own boot errors stay its own).
+    class NoRackup < StandardError; end
+
     module_function
 
     # +"3s"+, +"500ms"+, +"1m"+ or plain seconds, as Float seconds;
@@ -102,7 +105,7 @@ module Anteroom
     def load_app(path)
       require "rack"
       unless File.file?(path)
-        raise ArgumentError, "#{path}: no such rackup file (run from the app's directory, where config.ru is, " \
+        raise NoRackup, "#{path}: no such rackup file (run from the app's directory, where config.ru is, " \
                              "or name the file)"
       end
 
@@ -124,7 +127,7 @@ module Anteroom
       logger = Logger.new($stderr, level: log_level(ENV.fetch("ANTEROOM_LOG", "info")), progname: "anteroom")
       app = begin
         load_app(opts[:config])
-      rescue ArgumentError => e
+      rescue NoRackup => e
         warn "anteroom-rack: #{e.message}"
         exit 2
       end

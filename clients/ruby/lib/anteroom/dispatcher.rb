@@ -81,6 +81,9 @@ module Anteroom
       @beat_now = false
       @acknowledged = nil
       @jobs = Queue.new
+      # Reaped requests whose settling failed (raw => the dead dispatcher),
+      # the reaper thread's alone.
+      @unsettled = {}
       # Streams by request id: [bytes credited so far, whether the client is gone].
       @streams = {}
     end
@@ -471,6 +474,7 @@ module Anteroom
     # whose heartbeat is gone (the CLAIM script, so one reaper wins each
     # list) into this one's, then settles each request.
     def reap(redis)
+      @unsettled.to_a.each { |raw, dead| settle_or_keep(redis, raw, dead) }
       redis.zrange(@keys.dispatchers, 0, -1).each do |dead|
         next if dead == @id
         return if stopping?
@@ -480,8 +484,18 @@ module Anteroom
         next if items.nil? || items.empty?
 
         @log.warn("reaping #{items.size} requests of dispatcher #{dead}, whose heartbeat expired")
-        items.each { |raw| settle(redis, raw, dead) }
+        items.each { |raw| settle_or_keep(redis, raw, dead) }
       end
+    end
+
+    # Settles +raw+; when that fails it stays in this dispatcher's list and
+    # is tried again at the next pass, and the others go on.
+    def settle_or_keep(redis, raw, dead)
+      settle(redis, raw, dead)
+      @unsettled.delete(raw)
+    rescue StandardError => e
+      @log.warn("settling a reaped request failed (#{e.message}); trying again at the next pass")
+      @unsettled[raw] = dead
     end
 
     # A dead dispatcher's request, now in this one's processing list: set
