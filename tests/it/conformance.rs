@@ -93,3 +93,51 @@ async fn a_command_that_is_no_dispatcher_fails_the_kit() {
     assert!(text.contains("FAIL  starts and beats"), "{text}");
     assert!(text.contains("0 passed, 1 failed"), "{text}");
 }
+
+/// The reaper's Lua scripts (CLAIM, REQUEUE) that the Python, Ruby and
+/// Node clients ship are the Rust reaper's, line for line: each client
+/// must carry its own copy, and this keeps the copies from drifting.
+#[test]
+fn the_clients_carry_the_rust_reapers_scripts() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    // A script is the raw string after `const NAME: &str = r"`.
+    let script = |source: &str, name: &str| -> Vec<String> {
+        let start = source
+            .find(&format!("const {name}: &str = r\""))
+            .unwrap_or_else(|| panic!("{name} not found"));
+        let body = &source[start..];
+        let body = &body[body.find('"').unwrap() + 1..];
+        body[..body.find('"').unwrap()]
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let scripts = [
+        script(&read("crates/anteroom-control/src/queue/reap.rs"), "CLAIM"),
+        script(
+            &read("crates/anteroom-control/src/queue/requeue.rs"),
+            "REQUEUE",
+        ),
+    ];
+    for client in [
+        "clients/python/src/anteroom/protocol.py",
+        "clients/ruby/lib/anteroom/protocol.rb",
+        "clients/node/lib/protocol.js",
+    ] {
+        // The closing quote of a Python or JavaScript string may end the
+        // script's last line.
+        let lines: Vec<String> = read(client)
+            .lines()
+            .map(|l| l.trim().trim_end_matches(['"', '`', ';']).to_owned())
+            .collect();
+        for lua in &scripts {
+            let found = lines
+                .windows(lua.len())
+                .any(|window| window == lua.as_slice());
+            assert!(found, "{client} lacks the script starting {:?}", lua[0]);
+        }
+    }
+}
