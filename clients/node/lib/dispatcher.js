@@ -190,21 +190,36 @@ class Dispatcher {
     return raw === null ? [] : [raw];
   }
 
-  async handle(raw) {
+  /**
+   * `{kind, request}` of `raw` when it is a request a producer of this queue
+   * could have written (docs/protocol.md, step 2); otherwise it is set aside,
+   * the reason prefixed with `found`, and null.
+   */
+  async accepted(raw, found = '') {
+    let kind;
     let request;
-    let refused;
     try {
-      const { kind, meta, body } = protocol.decode(raw);
+      const decoded = protocol.decode(raw);
+      kind = decoded.kind;
       if (!['Q', 'U', 'W'].includes(kind)) throw new protocol.DecodeError(`kind '${kind}' is not a request`);
-      request = protocol.request(meta, body);
-      refused = protocol.REFUSED[kind];
+      request = protocol.request(decoded.meta, decoded.body);
     } catch (err) {
-      if (err instanceof protocol.DecodeError) return this.setAside(raw, `does not decode: ${err.message}`);
-      throw err;
+      if (!(err instanceof protocol.DecodeError)) throw err;
+      await this.setAside(raw, `${found}does not decode: ${err.message}`);
+      return null;
     }
     if (!this.keys.isReplies(request.reply_to)) {
-      return this.setAside(raw, `reply_to ${JSON.stringify(request.reply_to)} is not a reply list of queue ${this.keys.queue}`);
+      await this.setAside(raw, `${found}reply_to ${JSON.stringify(request.reply_to)} is not a reply list of queue ${this.keys.queue}`);
+      return null;
     }
+    return { kind, request };
+  }
+
+  async handle(raw) {
+    const accepted = await this.accepted(raw);
+    if (accepted === null) return undefined;
+    const { kind, request } = accepted;
+    const refused = protocol.REFUSED[kind];
     const now = Date.now();
     if (request.deadline_ms - now > protocol.MAX_HOLD_MS) return this.setAside(raw, 'deadline more than 24 h ahead');
     if (now >= request.deadline_ms) {
@@ -451,23 +466,9 @@ class Dispatcher {
    * run. `dead` is the dispatcher it was claimed from.
    */
   async settle(raw, dead) {
-    let kind;
-    let request;
-    try {
-      const decoded = protocol.decode(raw);
-      kind = decoded.kind;
-      if (!['Q', 'U', 'W'].includes(kind)) throw new protocol.DecodeError(`kind '${kind}' is not a request`);
-      request = protocol.request(decoded.meta, decoded.body);
-    } catch (err) {
-      if (err instanceof protocol.DecodeError) {
-        return this.setAside(raw, `found in a dead dispatcher's list and does not decode: ${err.message}`);
-      }
-      throw err;
-    }
-    if (!this.keys.isReplies(request.reply_to)) {
-      return this.setAside(raw, `found in a dead dispatcher's list; reply_to ${JSON.stringify(request.reply_to)} `
-        + `is not a reply list of queue ${this.keys.queue}`);
-    }
+    const accepted = await this.accepted(raw, "found in a dead dispatcher's list; ");
+    if (accepted === null) return undefined;
+    const { kind, request } = accepted;
     const now = Date.now();
     if (now >= request.deadline_ms) {
       await this.redis.lRem(this.processing, 1, raw);

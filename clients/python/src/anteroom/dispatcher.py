@@ -263,16 +263,28 @@ class Dispatcher:
 
     # -- one request -------------------------------------------------------
 
-    def handle(self, raw):
+    def accepted(self, raw, found=""):
+        """``(kind, request)`` of ``raw`` when it is a request a producer of
+        this queue could have written (docs/protocol.md, step 2); otherwise
+        it is set aside, the reason prefixed with ``found``, and None."""
         try:
             kind, meta, body = protocol.decode(raw)
             if kind not in ("Q", "U", "W"):
                 raise DecodeError(f"kind {kind!r} is not a request")
             request = protocol.Request(meta, body)
         except DecodeError as err:
-            return self.set_aside(raw, f"does not decode: {err}")
+            self.set_aside(raw, f"{found}does not decode: {err}")
+            return None
         if not self.keys.is_replies(request.reply_to):
-            return self.set_aside(raw, f"reply_to {request.reply_to!r} is not a reply list of queue {self.keys.queue}")
+            self.set_aside(raw, f"{found}reply_to {request.reply_to!r} is not a reply list of queue {self.keys.queue}")
+            return None
+        return kind, request
+
+    def handle(self, raw):
+        accepted = self.accepted(raw)
+        if accepted is None:
+            return None
+        kind, request = accepted
         now = now_ms()
         if request.deadline_ms - now > protocol.MAX_HOLD_MS:
             return self.set_aside(raw, "deadline more than 24 h ahead")
@@ -432,16 +444,10 @@ class Dispatcher:
         repeat (a ``'Q'`` GET, HEAD, OPTIONS or with an Idempotency-Key),
         at most MAX_REPEATS times; otherwise answered 502, since it may or
         may not have run. ``dead`` is the dispatcher it was claimed from."""
-        try:
-            kind, meta, body = protocol.decode(raw)
-            if kind not in ("Q", "U", "W"):
-                raise DecodeError(f"kind {kind!r} is not a request")
-            request = protocol.Request(meta, body)
-        except DecodeError as err:
-            return self.set_aside(raw, f"found in a dead dispatcher's list and does not decode: {err}")
-        if not self.keys.is_replies(request.reply_to):
-            return self.set_aside(raw, f"found in a dead dispatcher's list; reply_to {request.reply_to!r} "
-                                       f"is not a reply list of queue {self.keys.queue}")
+        accepted = self.accepted(raw, "found in a dead dispatcher's list; ")
+        if accepted is None:
+            return None
+        kind, request = accepted
         now = now_ms()
         if now >= request.deadline_ms:
             self.redis.lrem(self.processing, 1, raw)

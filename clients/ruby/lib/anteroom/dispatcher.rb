@@ -253,17 +253,30 @@ module Anteroom
 
     # -- one request ---------------------------------------------------------
 
-    def handle(redis, raw)
+    # +[kind, request]+ of +raw+ when it is a request a producer of this
+    # queue could have written (docs/protocol.md, step 2); otherwise it is
+    # set aside, the reason prefixed with +found+, and nil.
+    def accepted(redis, raw, found = "")
       begin
         kind, meta, body = Protocol.decode(raw)
         raise Protocol::DecodeError, "kind #{kind.inspect} is not a request" unless %w[Q U W].include?(kind)
+
         request = Protocol::Request.new(meta, body)
       rescue Protocol::DecodeError, EncodingError, JSON::JSONError => e
-        return set_aside(redis, raw, "does not decode: #{e.message}")
+        set_aside(redis, raw, "#{found}does not decode: #{e.message}")
+        return nil
       end
       unless @keys.replies?(request.reply_to)
-        return set_aside(redis, raw, "reply_to #{request.reply_to.inspect} is not a reply list of queue #{@keys.queue}")
+        set_aside(redis, raw, "#{found}reply_to #{request.reply_to.inspect} is not a reply list of queue #{@keys.queue}")
+        return nil
       end
+
+      [kind, request]
+    end
+
+    def handle(redis, raw)
+      kind, request = accepted(redis, raw)
+      return unless request
 
       now = Protocol.now_ms
       return set_aside(redis, raw, "deadline more than 24 h ahead") if request.deadline_ms - now > Protocol::MAX_HOLD_MS
@@ -504,18 +517,8 @@ module Anteroom
     # most MAX_REPEATS times; otherwise answered 502, since it may or may
     # not have run. +dead+ is the dispatcher it was claimed from.
     def settle(redis, raw, dead)
-      begin
-        kind, meta, body = Protocol.decode(raw)
-        raise Protocol::DecodeError, "kind #{kind.inspect} is not a request" unless %w[Q U W].include?(kind)
-
-        request = Protocol::Request.new(meta, body)
-      rescue Protocol::DecodeError, EncodingError, JSON::JSONError => e
-        return set_aside(redis, raw, "found in a dead dispatcher's list and does not decode: #{e.message}")
-      end
-      unless @keys.replies?(request.reply_to)
-        return set_aside(redis, raw, "found in a dead dispatcher's list; reply_to #{request.reply_to.inspect} " \
-                                     "is not a reply list of queue #{@keys.queue}")
-      end
+      kind, request = accepted(redis, raw, "found in a dead dispatcher's list; ")
+      return unless request
 
       now = Protocol.now_ms
       return redis.lrem(@processing, 1, raw) if now >= request.deadline_ms
