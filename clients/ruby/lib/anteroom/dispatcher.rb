@@ -136,8 +136,8 @@ module Anteroom
       deadline = monotonic + @grace
       @lock.synchronize do
         while @in_flight.positive? && (left = deadline - monotonic).positive?
-        @changed.wait(@lock, left)
-      end
+          @changed.wait(@lock, left)
+        end
       end
       # A reap pass under way finishes first: what it claimed is in this
       # dispatcher's list, which must not lose its registry entry.
