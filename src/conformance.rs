@@ -202,21 +202,31 @@ impl Kit {
             .map_err(|e| format!("cannot start {:?}: {e}", self.command[0]))?;
         let pid = child.id();
         self.child = Some(child);
+        let log = self.dir.join(format!("dispatcher-{}.log", self.starts));
         let found = tokio::time::timeout(wait, async {
             loop {
                 let beating = self.heartbeats().await.iter().any(|h| Some(h.pid) == pid);
                 if beating {
-                    return;
+                    return Ok(());
+                }
+                // A command that exited will not beat: say so now, not
+                // after the whole wait.
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                    return Err(format!(
+                        "the command exited ({status}) before its first heartbeat; the end of its output ({}):\n{}",
+                        log.display(),
+                        tail(&log, 10)
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
         .await;
-        found.map_err(|_| {
-            format!(
+        found.unwrap_or_else(|_| {
+            Err(format!(
                 "no heartbeat from the command within {wait:?} (its output: {})",
                 self.dir.display()
-            )
+            ))
         })
     }
 
@@ -807,4 +817,17 @@ async fn clean_stop(kit: &mut Kit) -> Outcome {
     kit.signal("TERM")?;
     kit.stopped_cleanly(pid).await?;
     Ok("exit 0, heartbeat removed".into())
+}
+
+/// The last `lines` lines of the file at `path`, indented (empty when it
+/// cannot be read).
+fn tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|line| format!("        {line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

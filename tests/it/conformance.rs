@@ -94,6 +94,36 @@ async fn a_command_that_is_no_dispatcher_fails_the_kit() {
     assert!(text.contains("0 passed, 1 failed"), "{text}");
 }
 
+/// A command that exits before its first heartbeat fails at once, with its
+/// exit status and the end of its output, not after the whole start wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_exits_fails_at_once_with_its_output() {
+    let redis = start_redis();
+    let started = std::time::Instant::now();
+    let (ok, text) = conformance(
+        &redis.url(),
+        &["--start-timeout", "60s"],
+        &[
+            "sh",
+            "-c",
+            "echo cannot load such file -- redis >&2; exit 3",
+        ],
+        None,
+    )
+    .await;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("exited (exit status: 3) before its first heartbeat"),
+        "{text}"
+    );
+    assert!(text.contains("cannot load such file -- redis"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the kit waited {:?}",
+        started.elapsed()
+    );
+}
+
 /// The reaper's Lua scripts (CLAIM, REQUEUE) that the Python, Ruby and
 /// Node clients ship are the Rust reaper's, line for line: each client
 /// must carry its own copy, and this keeps the copies from drifting.
