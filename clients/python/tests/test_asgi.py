@@ -5,6 +5,27 @@ from anteroom import asgi
 from test_wsgi import request
 
 
+def serve(app, *requests):
+    """What aio.AsyncDispatcher does with ``app``: lifespan startup, each
+    of ``requests`` on the loop (a streamed body read from a thread),
+    shutdown. The answers, each ``(status, headers, body, streamed)``."""
+
+    async def main():
+        served = asgi.App(app)
+        await served.startup()
+        answers = []
+        for each in requests:
+            status, headers, body = await served(each)
+            streamed = not isinstance(body, bytes)
+            if streamed:
+                body = await asyncio.to_thread(b"".join, body)
+            answers.append((status, headers, body, streamed))
+        await served.shutdown()
+        return answers
+
+    return asyncio.run(main())
+
+
 def test_scope_follows_the_asgi_http_spec():
     scope = asgi.scope(request(uri="/a%20b?x=1", headers=[("host", b"example.com:8080"), ("x-test", b"caf\xe9")]))
     assert scope["type"] == "http" and scope["asgi"]["version"] == "3.0"
@@ -27,14 +48,9 @@ def test_a_response_in_one_message_is_whole_and_one_in_pieces_streams():
         await send({"type": "http.response.body", "body": b"got ", "more_body": True})
         await send({"type": "http.response.body", "body": body})
 
-    bridge = asgi.Bridge(app)
-    bridge.start()
-    assert bridge(request(body=b"whole")) == (201, [("x-a", b"caf\xe9")], b"all of it")
-    status, headers, body = bridge(request(body=b"it"))
-    assert (status, headers) == (201, [("x-a", b"caf\xe9")])
-    assert not isinstance(body, bytes)
-    assert b"".join(body) == b"got it"
-    bridge.close()
+    whole, pieces = serve(app, request(body=b"whole"), request(body=b"it"))
+    assert whole == (201, [("x-a", b"caf\xe9")], b"all of it", False)
+    assert pieces == (201, [("x-a", b"caf\xe9")], b"got it", True)
 
 
 def test_an_app_that_fails_mid_body_breaks_the_stream():
@@ -45,18 +61,63 @@ def test_an_app_that_fails_mid_body_breaks_the_stream():
         await send({"type": "http.response.body", "body": b"part", "more_body": True})
         raise ValueError("the app broke")
 
-    bridge = asgi.Bridge(app)
-    bridge.start()
-    _, _, body = bridge(request())
-    pieces = iter(body)
-    assert next(pieces) == b"part"
-    try:
-        next(pieces)
-    except ValueError as err:
-        assert "broke" in str(err)
-    else:
-        raise AssertionError("the stream ended cleanly")
-    bridge.close()
+    async def main():
+        _, _, body = await asgi.App(app)(request())
+        pieces = iter(body)
+        assert await asyncio.to_thread(next, pieces) == b"part"
+        try:
+            await asyncio.to_thread(next, pieces)
+        except ValueError as err:
+            assert "broke" in str(err)
+        else:
+            raise AssertionError("the stream ended cleanly")
+
+    asyncio.run(main())
+
+
+def test_an_app_that_fails_before_its_response_raises_and_one_that_sends_nothing_too():
+    async def broken(scope, receive, send):
+        raise KeyError("broken")
+
+    async def silent(scope, receive, send):
+        return None
+
+    async def main(app):
+        try:
+            await asgi.App(app)(request())
+        except (KeyError, RuntimeError) as err:
+            return err
+        raise AssertionError("no failure")
+
+    assert isinstance(asyncio.run(main(broken)), KeyError)
+    assert "without starting a response" in str(asyncio.run(main(silent)))
+
+
+def test_a_stream_closed_early_stops_the_app():
+    stopped = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        except asyncio.CancelledError:
+            stopped.append(True)
+            raise
+
+    async def main():
+        answer = asgi.App(app)
+        _, _, body = await answer(request())
+        pieces = iter(body)
+        assert await asyncio.to_thread(next, pieces) == b"x"
+        body.close()
+        for _ in range(100):
+            if stopped:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert stopped == [True]
 
 
 def test_lifespan_runs_startup_and_shutdown_and_apps_without_it_are_served():
@@ -73,10 +134,7 @@ def test_lifespan_runs_startup_and_shutdown_and_apps_without_it_are_served():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    bridge = asgi.Bridge(app)
-    bridge.start()
-    assert bridge(request())[2] == b"ok"
-    bridge.close()
+    assert serve(app, request())[0][2] == b"ok"
     assert events == ["lifespan.startup", "lifespan.shutdown"]
 
     async def plain(scope, receive, send):
@@ -84,7 +142,4 @@ def test_lifespan_runs_startup_and_shutdown_and_apps_without_it_are_served():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"plain"})
 
-    bridge = asgi.Bridge(plain)
-    bridge.start()
-    assert bridge(request())[2] == b"plain"
-    bridge.close()
+    assert serve(plain, request())[0][2] == b"plain"

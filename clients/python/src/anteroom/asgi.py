@@ -1,21 +1,23 @@
 """ASGI (version 3.0, HTTP and lifespan): a queued request as a ``scope``
 and its messages, the app's ``send`` calls as a response.
 
-The app runs on one asyncio event loop in a thread of its own; the
-dispatcher's worker threads hand it requests and wait for the answers, so
-the pulling, pausing, deadlines and stopping are the WSGI server's, one
-implementation (dispatcher.py).
+:class:`App` runs the app on the dispatcher's own event loop
+(aio.AsyncDispatcher): no thread between a request and the app. A
+response sent in one body message is whole; one sent in pieces is read
+from a thread (the dispatcher's streaming, paced by the proxy's credits)
+through a bounded pipe, so a slow client slows the app.
 """
 import asyncio
+import collections
 import logging
-import queue
 import threading
-import time
 from urllib.parse import unquote
 
 log = logging.getLogger("anteroom")
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+#: Body messages sent by the app and not yet read by the streaming thread.
+PIPE_DEPTH = 16
 
 
 def scope(request):
@@ -41,80 +43,49 @@ def scope(request):
     }
 
 
-async def _pipe_call(app, request, pipe):
-    """Runs ``app`` on ``request``, putting on ``pipe`` (a thread-safe
-    queue) ``("start", status, headers)``, then ``("more", data)`` pieces
-    and ``("end", data)``, or ``("error", exception)``."""
-    put = lambda item: asyncio.to_thread(pipe.put, item)  # noqa: E731 - waits while the reader is behind
-    state = {"started": False, "ended": False}
-    done = asyncio.Event()
-    sent_body = False
+class _Pipe:
+    """Body messages from the loop (``put``, waits while PIPE_DEPTH are
+    unread) to a thread (``get``, blocks): ``("more", data)``,
+    ``("end", data)`` or ``("error", exception)``."""
 
-    async def receive():
-        nonlocal sent_body
-        if not sent_body:
-            sent_body = True
-            return {"type": "http.request", "body": request.body, "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
+    def __init__(self, loop):
+        self.loop = loop
+        self.items = collections.deque()
+        self.ready = threading.Condition()
+        self.room = asyncio.Event()
 
-    async def send(message):
-        kind = message["type"]
-        if kind == "http.response.start" and not state["started"]:
-            state["started"] = True
-            headers = [(bytes(n).decode("latin-1").lower(), bytes(v)) for n, v in message.get("headers", [])]
-            await put(("start", int(message["status"]), headers))
-        elif kind == "http.response.body" and state["started"] and not state["ended"]:
-            more = bool(message.get("more_body", False))
-            if not more:
-                state["ended"] = True
-            await put(("more" if more else "end", bytes(message.get("body", b""))))
-            if not more:
-                # Only once the end is handed over: an app that listens for
-                # the disconnect (Starlette's StreamingResponse) may cancel
-                # its own sending as soon as it hears it.
-                done.set()
+    async def put(self, item):
+        while len(self.items) >= PIPE_DEPTH:
+            self.room.clear()
+            await self.room.wait()
+        self.put_nowait(item)
 
-    try:
-        await app(scope(request), receive, send)
-        if not state["started"]:
-            await put(("error", RuntimeError("the ASGI app returned without starting a response")))
-        elif not state["ended"]:
-            state["ended"] = True
-            await put(("end", b""))
-    except asyncio.CancelledError:
-        raise
-    except Exception as err:  # noqa: BLE001 - handed to the dispatcher: 502, or an aborted stream
-        state["ended"] = True
-        await put(("error", err))
-    finally:
-        done.set()
-        if not state["ended"]:
-            # Cancelled mid-response: the reader must not wait forever.
-            try:
-                pipe.put_nowait(("error", RuntimeError("the ASGI app stopped mid-response")))
-            except queue.Full:
-                pass
+    def put_nowait(self, item):
+        with self.ready:
+            self.items.append(item)
+            self.ready.notify()
 
-
-async def _settle(timeout=1.0):
-    """Waits, at most ``timeout``, for the loop's other tasks to end."""
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    if tasks:
-        await asyncio.wait(tasks, timeout=timeout)
+    def get(self):
+        with self.ready:
+            while not self.items:
+                self.ready.wait()
+            item = self.items.popleft()
+        self.loop.call_soon_threadsafe(self.room.set)
+        return item
 
 
 class _Stream:
-    """An ASGI response body, read as the app sends it."""
+    """An ASGI response body in pieces, read (in a thread) as the app
+    sends it; ``close`` before its end stops the app."""
 
-    def __init__(self, pipe, first, future):
-        self.pipe, self.first, self.future, self.finished = pipe, first, future, False
+    def __init__(self, pipe, first, task):
+        self.pipe, self.first, self.task, self.finished = pipe, first, task, False
 
     def __iter__(self):
         if self.first:
             yield self.first
         while True:
-            kind, value = self.pipe.get()[:2]
+            kind, value = self.pipe.get()
             if kind == "error":
                 self.finished = True
                 raise value
@@ -125,66 +96,100 @@ class _Stream:
                 return
 
     def close(self):
-        if self.finished:
-            return
-        # The client is gone or the stream broke: stop the app, and let a
-        # put it is blocked in go through.
-        self.future.cancel()
-        until = time.monotonic() + 1
-        while not self.future.done() and time.monotonic() < until:
+        if not self.finished:
+            # The client is gone or the stream broke: stop the app (unless
+            # the loop has ended with the grace period).
             try:
-                self.pipe.get_nowait()
-            except queue.Empty:
-                time.sleep(0.01)
+                self.pipe.loop.call_soon_threadsafe(self.task.cancel)
+            except RuntimeError:
+                pass
 
 
-class Bridge:
-    """An event loop in a thread of its own running ``app``: lifespan
-    startup on :meth:`start`, shutdown on :meth:`close`, and
-    :meth:`__call__` for the dispatcher's worker threads."""
+class App:
+    """An ASGI app served by aio.AsyncDispatcher: ``await app(request)``
+    is ``(status, [(name, bytes)], body)``, body bytes when the app sent
+    it in one message, otherwise an iterator over its pieces (for a
+    thread); :meth:`startup` and :meth:`shutdown` run the lifespan
+    protocol, for apps that speak it. Raises what the app raised before
+    its response began."""
 
     def __init__(self, app):
         self.app = app
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="anteroom-asgi", daemon=True)
         self.lifespan = None
-        self.shutdown_done = None
 
-    def start(self):
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._startup(), self.loop).result()
+    async def __call__(self, request):
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        finished = asyncio.Event()
+        state = {"status": None, "headers": None, "pipe": None, "sent_body": False, "ended": False}
 
-    def __call__(self, request):
-        """``(status, headers, body)``: body is bytes when the app sent it
-        in one message, otherwise an iterator over its messages as the app
-        sends them (16 ahead at most: a slow reader slows the app)."""
-        pipe = queue.Queue(maxsize=16)
-        future = asyncio.run_coroutine_threadsafe(_pipe_call(self.app, request, pipe), self.loop)
-        head = pipe.get()
-        if head[0] == "error":
-            raise head[1]
-        _, status, headers = head
-        first = pipe.get()
-        if first[0] == "error":
-            raise first[1]
-        if first[0] == "end":
-            return status, headers, first[1]
-        return status, headers, _Stream(pipe, first[1], future)
+        async def receive():
+            if not state["sent_body"]:
+                state["sent_body"] = True
+                return {"type": "http.request", "body": request.body, "more_body": False}
+            await finished.wait()
+            return {"type": "http.disconnect"}
 
-    def close(self, timeout=10):
-        if self.lifespan is not None:
+        async def send(message):
+            kind = message["type"]
+            if kind == "http.response.start" and state["status"] is None:
+                state["headers"] = [(bytes(n).decode("latin-1").lower(), bytes(v))
+                                    for n, v in message.get("headers", [])]
+                state["status"] = int(message["status"])
+            elif kind == "http.response.body" and state["status"] is not None and not state["ended"]:
+                more = bool(message.get("more_body", False))
+                body = bytes(message.get("body", b""))
+                state["ended"] = not more
+                if state["pipe"] is not None:
+                    await state["pipe"].put(("more" if more else "end", body))
+                elif more:
+                    state["pipe"] = _Pipe(loop)
+                    answer.set_result((state["status"], state["headers"], _Stream(state["pipe"], body, task)))
+                else:
+                    answer.set_result((state["status"], state["headers"], body))
+                if not more:
+                    # Only once the end is handed over: an app that listens
+                    # for the disconnect (Starlette's StreamingResponse) may
+                    # cancel its own sending as soon as it hears it.
+                    finished.set()
+
+        async def run():
+            failure = None
             try:
-                asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(timeout)
-            except Exception as err:  # noqa: BLE001 - stopping goes on regardless
-                log.warning("ASGI lifespan shutdown failed: %s", err)
-        # Requests still finishing (their last piece handed over) end first.
-        try:
-            asyncio.run_coroutine_threadsafe(_settle(), self.loop).result(timeout)
-        except Exception:  # noqa: BLE001 - stopping goes on regardless
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
+                await self.app(scope(request), receive, send)
+                if state["status"] is None:
+                    failure = RuntimeError("the ASGI app returned without starting a response")
+                elif not state["ended"]:
+                    state["ended"] = True
+                    if state["pipe"] is not None:
+                        await state["pipe"].put(("end", b""))
+                    else:
+                        answer.set_result((state["status"], state["headers"], b""))
+            except asyncio.CancelledError:
+                failure = RuntimeError("the ASGI app was stopped mid-response")
+                raise
+            except Exception as err:  # noqa: BLE001 - the dispatcher's: 502, or an aborted stream
+                failure = err
+            finally:
+                finished.set()
+                if failure is not None and state["ended"]:
+                    log.error("the ASGI app failed after its response: %r", failure)
+                elif failure is not None:
+                    state["ended"] = True
+                    if state["pipe"] is not None:
+                        # Never waits: the reader must hear of it.
+                        state["pipe"].put_nowait(("error", failure))
+                    elif not answer.done():
+                        answer.set_exception(failure)
 
-    async def _startup(self):
+        task = loop.create_task(run())
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
+    async def startup(self):
         """Lifespan startup (ASGI lifespan spec); an app that does not
         speak lifespan (it raises, or returns) is served without it."""
         inbox = asyncio.Queue()
@@ -217,7 +222,10 @@ class Bridge:
         if await started:
             self.lifespan = (inbox, finished, task)
 
-    async def _shutdown(self):
+    async def shutdown(self):
+        """Lifespan shutdown, when startup ran it."""
+        if self.lifespan is None:
+            return
         inbox, finished, task = self.lifespan
         await inbox.put({"type": "lifespan.shutdown"})
         await finished

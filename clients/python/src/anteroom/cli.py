@@ -8,6 +8,7 @@ import re
 import sys
 
 from . import asgi, wsgi
+from .aio import AsyncDispatcher
 from .dispatcher import Dispatcher
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
@@ -67,14 +68,11 @@ def asgi_main(argv=None):
     args = parser("asgi").parse_args(argv)
     logging.basicConfig(level=os.environ.get("ANTEROOM_LOG", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    bridge = asgi.Bridge(load(args.app))
-    bridge.start()
-    dispatcher = Dispatcher(bridge, args.redis, args.queue, threads=args.threads,
-                            heartbeat_ttl=args.heartbeat_ttl, grace=args.grace, label="asgi")
-    try:
-        dispatcher.run()
-    finally:
-        bridge.close()
+    app = asgi.App(load(args.app))
+    dispatcher = AsyncDispatcher(app, args.redis, args.queue, startup=app.startup, shutdown=app.shutdown,
+                                 threads=args.threads, heartbeat_ttl=args.heartbeat_ttl, grace=args.grace,
+                                 label="asgi")
+    dispatcher.run()
     _exit()
 
 

@@ -110,6 +110,8 @@ class Dispatcher:
         self.id = "py-" + uuid.uuid4().hex[:16]
         self.processing = self.keys.processing(self.id)
         self.stopping = threading.Event()
+        #: When the stop came (monotonic seconds): the grace period runs from here.
+        self.stopped_at = None
         #: Set once the grace period is over: the heartbeat and the credit
         #: reader run until then, for the requests still in hand.
         self.done = threading.Event()
@@ -152,13 +154,11 @@ class Dispatcher:
         threading.Thread(target=self.read_credits, name="anteroom-credits", daemon=True).start()
         reaping = threading.Thread(target=self.reaper, name="anteroom-reaper", daemon=True)
         reaping.start()
-        log.info("dispatcher %s serving queue %s with %d threads", self.id, self.keys.queue, self.threads)
-        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="anteroom-worker")
+        log.info("dispatcher %s serving queue %s with %d at once", self.id, self.keys.queue, self.threads)
         try:
-            self.pull(pool)
+            self.serve()
         finally:
-            pool.shutdown(wait=False)
-            deadline = time.monotonic() + self.grace
+            deadline = (self.stopped_at or time.monotonic()) + self.grace
             while self.running() and time.monotonic() < deadline:
                 time.sleep(0.02)
             # A reap pass under way finishes first: what it claimed is in this
@@ -179,7 +179,17 @@ class Dispatcher:
                             "from the processing list", left)
             log.info("dispatcher %s stopped", self.id)
 
+    def serve(self):
+        """Pulls and runs requests until :meth:`stop`: worker threads."""
+        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="anteroom-worker")
+        try:
+            self.pull(pool)
+        finally:
+            pool.shutdown(wait=False)
+
     def stop(self):
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
         self.stopping.set()
         self.beat_now.set()
 
@@ -190,7 +200,12 @@ class Dispatcher:
     # -- pulling -----------------------------------------------------------
 
     def paused(self):
-        record = self.redis.get(self.keys.paused)
+        """The id of the pause in force (docs/protocol.md, "Pausing"), or None."""
+        return self.pause_id(self.redis.get(self.keys.paused))
+
+    @staticmethod
+    def pause_id(record):
+        """The pause id in the raw pause key ``record`` (bytes or None)."""
         if record is None:
             return None
         try:
@@ -263,45 +278,67 @@ class Dispatcher:
 
     # -- one request -------------------------------------------------------
 
-    def accepted(self, raw, found=""):
-        """``(kind, request)`` of ``raw`` when it is a request a producer of
-        this queue could have written (docs/protocol.md, step 2); otherwise
-        it is set aside, the reason prefixed with ``found``, and None."""
+    def examine(self, raw):
+        """``(kind, request, None)`` when ``raw`` is a request a producer of
+        this queue could have written (docs/protocol.md, step 2), otherwise
+        ``(None, None, reason)``. No Redis command."""
         try:
             kind, meta, body = protocol.decode(raw)
             if kind not in ("Q", "U", "W"):
                 raise DecodeError(f"kind {kind!r} is not a request")
             request = protocol.Request(meta, body)
         except DecodeError as err:
-            self.set_aside(raw, f"{found}does not decode: {err}")
-            return None
+            return None, None, f"does not decode: {err}"
         if not self.keys.is_replies(request.reply_to):
-            self.set_aside(raw, f"{found}reply_to {request.reply_to!r} is not a reply list of queue {self.keys.queue}")
+            return None, None, f"reply_to {request.reply_to!r} is not a reply list of queue {self.keys.queue}"
+        return kind, request, None
+
+    def accepted(self, raw, found=""):
+        """``(kind, request)`` of ``raw`` when :meth:`examine` accepts it;
+        otherwise it is set aside, the reason prefixed with ``found``, and
+        None."""
+        kind, request, reason = self.examine(raw)
+        if reason is not None:
+            self.set_aside(raw, found + reason)
             return None
         return kind, request
 
-    def handle(self, raw):
-        accepted = self.accepted(raw)
-        if accepted is None:
-            return None
-        kind, request = accepted
+    def triage(self, raw):
+        """What a pulled request needs before (or instead of) running
+        (docs/protocol.md, steps 2 and 3), with no Redis command:
+        ``("aside", reason, None)``, ``("expired", request, None)`` (the
+        client has its 504), ``("refuse", request, kind)`` (a kind known and
+        not served: the client hears why at once, instead of waiting out its
+        hold budget), ``("claim", request, ttl_ms)`` (a ``dedupe`` request:
+        ``SET NX`` its claim first) or ``("run", request, None)``."""
+        kind, request, reason = self.examine(raw)
+        if reason is not None:
+            return "aside", reason, None
         now = now_ms()
         if request.deadline_ms - now > protocol.MAX_HOLD_MS:
-            return self.set_aside(raw, "deadline more than 24 h ahead")
+            return "aside", "deadline more than 24 h ahead", None
         if now >= request.deadline_ms:
-            self.redis.lrem(self.processing, 1, raw)  # the client has its 504
-            return None
+            return "expired", request, None
         if kind in protocol.REFUSED:
-            # Known, not served: the client hears why at once, instead of
-            # waiting out its hold budget while the request lies dead.
             log.warning("refusing %s %s: %s", request.method, request.uri, protocol.REFUSED[kind][2].strip())
-            self.complete(raw, request, protocol.response(request.id, *protocol.REFUSED[kind]))
-            return None
+            return "refuse", request, kind
         if request.dedupe:
-            ttl = max(1, request.deadline_ms - now + REPLY_TTL_MS)
-            if not self.redis.set(self.keys.claimed(request.id), self.id, nx=True, px=ttl):
-                self.redis.lrem(self.processing, 1, raw)  # another delivery has it
-                return None
+            return "claim", request, max(1, request.deadline_ms - now + REPLY_TTL_MS)
+        return "run", request, None
+
+    def handle(self, raw):
+        verdict, request, extra = self.triage(raw)
+        if verdict == "aside":
+            return self.set_aside(raw, request)
+        if verdict == "expired":
+            self.redis.lrem(self.processing, 1, raw)
+            return None
+        if verdict == "refuse":
+            self.complete(raw, request, protocol.response(request.id, *protocol.REFUSED[extra]))
+            return None
+        if verdict == "claim" and not self.redis.set(self.keys.claimed(request.id), self.id, nx=True, px=extra):
+            self.redis.lrem(self.processing, 1, raw)  # another delivery has it
+            return None
         try:
             status, headers, out = self.handler(request)
             if not isinstance(out, (bytes, bytearray)) and not request.stream:

@@ -1,0 +1,266 @@
+"""The dispatcher loop on asyncio, for apps that run on an event loop
+(ASGI): the pulls, the requests and their completions are tasks on one
+loop in the main thread, with no thread between the app and Redis.
+
+It is :class:`~anteroom.dispatcher.Dispatcher` with its hot path moved
+onto the loop (redis-py's ``redis.asyncio``); the rest is the threaded
+dispatcher's, one implementation: the heartbeat, the credit reader and
+the reaper run in their own threads, and a streamed body is written by a
+thread of its own (``Dispatcher.stream``, paced by the proxy's credits)
+while the app keeps sending on the loop.
+
+- **Pulls**: every free place's worth in one ``MULTI`` of ``LMOVE``
+  commands, a ``BLMOVE`` only when the queue is empty (docs/protocol.md,
+  step 1); the pause key is re-read every ``PAUSE_POLL_S``.
+- **Completions**: whatever finished while the previous write was on the
+  wire goes in one ``MULTI`` (``RPUSH`` the reply, ``PEXPIRE`` its list,
+  ``LREM`` the request from the processing list, for each), as the Rust
+  dispatcher batches them (docs/protocol.md, step 5).
+"""
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import protocol
+from .dispatcher import FAILED, PAUSE_POLL_S, PULL_BLOCK_S, REPLY_TTL_MS, RETRY_S, Dispatcher
+
+log = logging.getLogger("anteroom")
+
+
+def _refused_for_good(err):
+    """Whether Redis refuses a reply for good (a reply list that is not a
+    list, or an ACL that forbids it): retrying cannot help."""
+    return isinstance(err, redis.ResponseError) and ("WRONGTYPE" in str(err) or "NOPERM" in str(err))
+
+
+class Completer:
+    """Writes completions (docs/protocol.md, step 5) in batches: one
+    ``MULTI`` holds every completion that arrived while the previous one
+    was on the wire. Owns its Redis connection."""
+
+    def __init__(self, client, processing):
+        self.client = client
+        self.processing = processing
+        self.pending = []
+        self.wake = asyncio.Event()
+        self.task = None
+
+    async def complete(self, raw, reply_to, frame):
+        """Pushes ``frame`` onto ``reply_to`` and removes ``raw`` from the
+        processing list; returns once Redis has both. Raises what the
+        threaded dispatcher's ``complete`` raises: a refusal other than
+        WRONGTYPE or NOPERM at once, any other failure after RETRY_S."""
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.run())
+        done = asyncio.get_running_loop().create_future()
+        self.pending.append((raw, reply_to, frame, done))
+        self.wake.set()
+        await done
+
+    async def run(self):
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            batch, self.pending = self.pending, []
+            try:
+                await self.write(batch)
+            except Exception as err:  # noqa: BLE001 - the writer must outlive any one batch
+                log.exception("completing %d requests failed", len(batch))
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(err)
+
+    async def write(self, batch):
+        give_up = time.monotonic() + RETRY_S
+        while True:
+            try:
+                errors = await self.transaction(batch)
+                break
+            except redis.ResponseError as err:
+                # The whole transaction was refused (EXECABORT: a command
+                # rejected when queued, e.g. by an ACL or maxmemory): each
+                # completion on its own, so one bad reply list fails alone.
+                if len(batch) > 1:
+                    for entry in batch:
+                        await self.write([entry])
+                    return
+                errors = [err]
+                break
+            except redis.RedisError as err:
+                if time.monotonic() >= give_up:
+                    errors = [err] * len(batch)
+                    break
+                log.warning("completing %d requests failed (%s); retrying", len(batch), err)
+                await asyncio.sleep(0.2)
+        for (raw, reply_to, _, done), err in zip(batch, errors):
+            if _refused_for_good(err):
+                log.error("Redis refused a reply on %s (%s); giving it up", reply_to, err)
+                try:
+                    await self.client.lrem(self.processing, 1, raw)
+                    err = None
+                except redis.RedisError as lrem_err:
+                    err = lrem_err
+            if done.done():
+                continue
+            if err is None:
+                done.set_result(None)
+            else:
+                done.set_exception(err)
+
+    async def transaction(self, batch):
+        """One ``MULTI`` for ``batch``: each completion's error, or None."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            for raw, reply_to, frame, _ in batch:
+                pipe.rpush(reply_to, frame).pexpire(reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw)
+            results = await pipe.execute(raise_on_error=False)
+        return [next((r for r in results[at:at + 3] if isinstance(r, Exception)), None)
+                for at in range(0, 3 * len(batch), 3)]
+
+
+class AsyncDispatcher(Dispatcher):
+    """Serves ``handler``, a coroutine function ``handler(request) ->
+    (status, [(name, bytes)], body)`` where body is bytes, or an iterator
+    of bytes read by a thread (it may block), streamed as the threaded
+    dispatcher streams; at most ``threads`` requests at once on the loop.
+    ``startup`` and ``shutdown`` are coroutine functions run on the loop
+    before the first pull and after the last request (ASGI lifespan)."""
+
+    def __init__(self, handler, redis_url, queue, startup=None, shutdown=None, **options):
+        super().__init__(handler, redis_url, queue, **options)
+        self.startup = startup
+        self.shutdown = shutdown
+        self.tasks = set()
+
+    def client(self):
+        """A Redis client of its own on the loop: one connection, no
+        redis-py retries (the callers decide what to retry)."""
+        return redis.asyncio.Redis.from_url(self.redis_url, single_connection_client=True,
+                                            health_check_interval=30, retry=Retry(NoBackoff(), 0))
+
+    def serve(self):
+        try:
+            asyncio.run(self.serve_async())
+        finally:
+            # The loop's signal handlers go with it; the threaded ones are
+            # back for the rest of the stop.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+
+    async def serve_async(self):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        self.freed_event = asyncio.Event()
+        self.streams = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="anteroom-stream")
+        puller, writer = self.client(), self.client()
+        self.completer = Completer(writer, self.processing)
+        try:
+            if self.startup is not None:
+                await self.startup()
+            await self.pull_async(puller)
+            # Stopping: what is in hand finishes within the grace period.
+            left = self.stopped_at + self.grace - time.monotonic()
+            if self.tasks and left > 0:
+                await asyncio.wait(set(self.tasks), timeout=left)
+            if self.shutdown is not None:
+                try:
+                    await asyncio.wait_for(self.shutdown(), max(1.0, self.stopped_at + self.grace - time.monotonic()))
+                except Exception as err:  # noqa: BLE001 - stopping goes on regardless
+                    log.warning("the app's shutdown failed: %s", err)
+        finally:
+            self.streams.shutdown(wait=False)
+            for client in (puller, writer):
+                await client.aclose()
+
+    async def pull_async(self, client):
+        checked = 0.0
+        pause_id = None
+        while not self.stopping.is_set():
+            try:
+                # As the threaded pull: the pause key every PAUSE_POLL_S.
+                if time.monotonic() - checked >= PAUSE_POLL_S:
+                    pause_id = self.pause_id(await client.get(self.keys.paused))
+                    checked = time.monotonic()
+                if pause_id != self.acknowledged:
+                    self.acknowledged = pause_id
+                    self.beat_now.set()
+                if pause_id is not None:
+                    await asyncio.sleep(0.05)
+                    continue
+                free = self.threads - self.in_flight
+                if free <= 0:
+                    self.freed_event.clear()
+                    try:
+                        await asyncio.wait_for(self.freed_event.wait(), 0.05)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                taken = await self.take_async(client, free)
+            except redis.RedisError as err:
+                log.warning("pulling failed: %s; retrying", err)
+                await asyncio.sleep(0.5)
+                continue
+            for raw in taken:
+                task = asyncio.get_running_loop().create_task(self.handle_async(raw))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def take_async(self, client, free):
+        """As ``Dispatcher.take``, on the loop."""
+        async with client.pipeline(transaction=True) as pipe:
+            for _ in range(free):
+                pipe.lmove(self.keys.requests, self.processing, "RIGHT", "LEFT")
+            taken = [raw for raw in await pipe.execute() if raw is not None]
+        if not taken:
+            raw = await client.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
+            taken = [raw] if raw is not None else []
+        with self.lock:
+            self.in_flight += len(taken)
+        return taken
+
+    async def handle_async(self, raw):
+        try:
+            await self.handle_one(raw)
+        except Exception:  # noqa: BLE001 - the loop must survive anything
+            log.exception("handling a request failed (the reaper answers it once this dispatcher is gone)")
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+            self.freed_event.set()
+
+    async def handle_one(self, raw):
+        """``Dispatcher.handle`` on the loop: the rare verdicts (set aside,
+        expired, claimed) take a Redis command of their own; a run ends in
+        the batched completion, or a stream written from a thread."""
+        loop = asyncio.get_running_loop()
+        verdict, request, extra = self.triage(raw)
+        if verdict == "aside":
+            return await loop.run_in_executor(self.streams, self.set_aside, raw, request)
+        if verdict == "expired":
+            return await self.completer.client.lrem(self.processing, 1, raw)
+        if verdict == "refuse":
+            frame = protocol.response(request.id, *protocol.REFUSED[extra])
+            return await self.completer.complete(raw, request.reply_to, frame)
+        if verdict == "claim":
+            claimed = await self.completer.client.set(self.keys.claimed(request.id), self.id, nx=True, px=extra)
+            if not claimed:
+                return await self.completer.client.lrem(self.processing, 1, raw)  # another delivery has it
+        try:
+            status, headers, out = await self.handler(request)
+            if not isinstance(out, (bytes, bytearray)) and not request.stream:
+                # The producer reads whole replies only.
+                out = await loop.run_in_executor(self.streams, b"".join, out)
+        except Exception:  # noqa: BLE001 - the app's failure is the client's 502
+            log.exception("the app failed on %s %s", request.method, request.uri)
+            status, headers, out = FAILED
+        if not isinstance(out, (bytes, bytearray)):
+            return await loop.run_in_executor(self.streams, self.stream, raw, request, status, headers, out)
+        frame = protocol.response(request.id, status, headers, bytes(out))
+        return await self.completer.complete(raw, request.reply_to, frame)
