@@ -32,8 +32,23 @@ const AT_ONCE: usize = 64;
 /// Alternating rounds per setup; the medians are reported.
 const ROUNDS: usize = 3;
 
+/// The adapters, as `--adapter` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Adapter {
+    /// anteroom-wsgi (Flask) beside gunicorn.
+    Wsgi,
+    /// anteroom-asgi (FastAPI) beside uvicorn.
+    Asgi,
+    /// anteroom-rack (Sinatra) beside Puma.
+    Rack,
+    /// anteroom-node (Express) beside Node's http server.
+    Node,
+}
+
 /// One app, served both ways.
 struct App {
+    /// Which adapter this is.
+    which: Adapter,
     /// The app and its interface, e.g. "Flask (WSGI)".
     name: &'static str,
     /// The usual server, e.g. "gunicorn gthread".
@@ -103,6 +118,7 @@ impl Paths {
 fn apps() -> [App; 4] {
     [
         App {
+            which: Adapter::Wsgi,
             name: "Flask (WSGI)",
             usual: "gunicorn gthread",
             adapter: "anteroom-wsgi",
@@ -122,6 +138,7 @@ fn apps() -> [App; 4] {
             },
         },
         App {
+            which: Adapter::Asgi,
             name: "FastAPI (ASGI)",
             usual: "uvicorn",
             adapter: "anteroom-asgi",
@@ -140,6 +157,7 @@ fn apps() -> [App; 4] {
             },
         },
         App {
+            which: Adapter::Rack,
             name: "Sinatra (Rack)",
             usual: "Puma",
             adapter: "anteroom-rack",
@@ -164,6 +182,7 @@ fn apps() -> [App; 4] {
             },
         },
         App {
+            which: Adapter::Node,
             name: "Express (Node)",
             usual: "node http",
             adapter: "anteroom-node",
@@ -209,17 +228,21 @@ pub(crate) struct Figures {
     pub(crate) through: Setup,
 }
 
-/// Runs every app both ways, `ROUNDS` alternating rounds of `duration`
-/// each, at `connections`.
+/// Runs every app of `only` (every app when empty) both ways, `ROUNDS`
+/// alternating rounds of `duration` each, at `connections`.
 pub(crate) fn run(
     anteroom: &Path,
     redis: &LocalRedis,
+    only: &[Adapter],
     duration: Duration,
     connections: usize,
 ) -> anyhow::Result<Vec<Figures>> {
     let paths = Paths::new()?;
     let mut all = Vec::new();
     for app in apps() {
+        if !only.is_empty() && !only.contains(&app.which) {
+            continue;
+        }
         let port = free_port()?;
         let _direct = spawn(&mut (app.direct)(&paths, port))
             .with_context(|| format!("starting {}", app.usual))?;

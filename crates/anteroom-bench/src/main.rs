@@ -71,6 +71,11 @@ struct Args {
     #[arg(long, default_value_t = 4000)]
     websockets: usize,
 
+    /// Which adapters the adapters scenario runs (repeat or comma-separate;
+    /// default: all four).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    adapter: Vec<adapters::Adapter>,
+
     /// Requests to hold in the hold-capacity scenario.
     #[arg(long, default_value_t = 50_000)]
     hold_requests: usize,
@@ -136,7 +141,13 @@ fn main() -> anyhow::Result<()> {
     }
     if matches!(args.scenario, Scenario::Adapters | Scenario::All) {
         tools::ensure_adapters(args.install)?;
-        let figures = adapters::run(&anteroom, &redis, args.duration, args.connections)?;
+        let figures = adapters::run(
+            &anteroom,
+            &redis,
+            &args.adapter,
+            args.duration,
+            args.connections,
+        )?;
         adapters::print(&figures, args.duration, args.connections);
     }
     if matches!(args.scenario, Scenario::Scale | Scenario::All) {
