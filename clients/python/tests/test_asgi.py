@@ -113,11 +113,12 @@ def test_a_stream_closed_early_stops_the_app():
         body.close()
         for _ in range(100):
             if stopped:
-                return
+                break
             await asyncio.sleep(0.01)
+        # Here, not after asyncio.run, which cancels whatever still runs.
+        assert stopped == [True]
 
     asyncio.run(main())
-    assert stopped == [True]
 
 
 def test_lifespan_runs_startup_and_shutdown_and_apps_without_it_are_served():
@@ -143,3 +144,27 @@ def test_lifespan_runs_startup_and_shutdown_and_apps_without_it_are_served():
         await send({"type": "http.response.body", "body": b"plain"})
 
     assert serve(plain, request())[0][2] == b"plain"
+
+
+def test_work_after_the_response_is_waited_for_by_shutdown():
+    """Starlette's background tasks run in the app's call after its
+    response: the answer comes at once, the shutdown waits for the rest."""
+    finished = []
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            raise RuntimeError("no lifespan here")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+        await asyncio.sleep(0.2)
+        finished.append(True)
+
+    async def main():
+        served = asgi.App(app)
+        await served.startup()
+        assert (await served(request()))[2] == b"done"
+        assert finished == []
+        await served.shutdown()
+        assert finished == [True]
+
+    asyncio.run(main())

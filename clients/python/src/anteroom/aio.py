@@ -144,36 +144,59 @@ class AsyncDispatcher(Dispatcher):
         return redis.asyncio.Redis.from_url(self.redis_url, single_connection_client=True,
                                             health_check_interval=30, retry=Retry(NoBackoff(), 0))
 
-    def serve(self):
-        try:
-            asyncio.run(self.serve_async())
-        finally:
-            # The loop's signal handlers go with it; the threaded ones are
-            # back for the rest of the stop.
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
+    def prepare(self):
+        """The loop, and the app's startup on it, before this dispatcher
+        registers: a dispatcher that cannot start never looks alive."""
+        self.loop = asyncio.new_event_loop()
+        if self.startup is not None:
+            self.loop.run_until_complete(self.startup())
 
-    async def serve_async(self):
-        loop = asyncio.get_running_loop()
+    def serve(self):
+        loop = self.loop
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        try:
+            loop.run_until_complete(self.serve_async())
+        finally:
+            self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, lambda *_: self.stop())
+            # Whatever still runs past the grace period (its request is the
+            # reaper's) is cancelled, and waited for a second at most: an
+            # app that ignores cancelling must not hold the stop.
+            left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=1.0))
+            loop.close()
+
+    async def serve_async(self):
         self.freed_event = asyncio.Event()
         self.streams = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="anteroom-stream")
         puller, writer = self.client(), self.client()
         self.completer = Completer(writer, self.processing)
         try:
-            if self.startup is not None:
-                await self.startup()
             await self.pull_async(puller)
-            # Stopping: what is in hand finishes within the grace period.
-            left = self.stopped_at + self.grace - time.monotonic()
-            if self.tasks and left > 0:
-                await asyncio.wait(set(self.tasks), timeout=left)
+            # Stopping: what is in hand finishes within the grace period;
+            # what does not is cancelled before the app's shutdown closes
+            # what it uses (its request stays in the processing list, for
+            # the reaper: a 502 now would turn a repeatable GET into an error).
+            deadline = self.stopped_at + self.grace
+            if self.tasks:
+                await asyncio.wait(set(self.tasks), timeout=max(0.0, deadline - time.monotonic()))
+            for task in self.tasks:
+                task.cancel()
             if self.shutdown is not None:
-                try:
-                    await asyncio.wait_for(self.shutdown(), max(1.0, self.stopped_at + self.grace - time.monotonic()))
-                except Exception as err:  # noqa: BLE001 - stopping goes on regardless
-                    log.warning("the app's shutdown failed: %s", err)
+                # The app's own work after its responses ends first (the
+                # shutdown's to wait for); at least a second for all of it.
+                shutdown = asyncio.get_running_loop().create_task(self.shutdown())
+                done, _ = await asyncio.wait({shutdown}, timeout=max(1.0, deadline - time.monotonic()))
+                if not done:
+                    log.warning("the app's shutdown did not finish in time")
+                elif shutdown.exception() is not None:
+                    log.warning("the app's shutdown failed: %s", shutdown.exception())
         finally:
             self.streams.shutdown(wait=False)
             for client in (puller, writer):
@@ -226,14 +249,20 @@ class AsyncDispatcher(Dispatcher):
         return taken
 
     async def handle_async(self, raw):
+        held = True
         try:
             await self.handle_one(raw)
+            held = False
+        except asyncio.CancelledError:
+            raise  # past the grace period: still held, the reaper's
         except Exception:  # noqa: BLE001 - the loop must survive anything
+            held = False
             log.exception("handling a request failed (the reaper answers it once this dispatcher is gone)")
         finally:
-            with self.lock:
-                self.in_flight -= 1
-            self.freed_event.set()
+            if not held:
+                with self.lock:
+                    self.in_flight -= 1
+                self.freed_event.set()
 
     async def handle_one(self, raw):
         """``Dispatcher.handle`` on the loop: the rare verdicts (set aside,

@@ -78,8 +78,9 @@ class _Stream:
     """An ASGI response body in pieces, read (in a thread) as the app
     sends it; ``close`` before its end stops the app."""
 
-    def __init__(self, pipe, first, task):
-        self.pipe, self.first, self.task, self.finished = pipe, first, task, False
+    def __init__(self, pipe, first, call):
+        #: ``call["task"]`` is the app's call.
+        self.pipe, self.first, self.call, self.finished = pipe, first, call, False
 
     def __iter__(self):
         if self.first:
@@ -100,7 +101,7 @@ class _Stream:
             # The client is gone or the stream broke: stop the app (unless
             # the loop has ended with the grace period).
             try:
-                self.pipe.loop.call_soon_threadsafe(self.task.cancel)
+                self.pipe.loop.call_soon_threadsafe(self.call["task"].cancel)
             except RuntimeError:
                 pass
 
@@ -116,12 +117,16 @@ class App:
     def __init__(self, app):
         self.app = app
         self.lifespan = None
+        #: The app's calls still running: past a response too (Starlette's
+        #: background tasks run after it), waited for by :meth:`shutdown`.
+        self.running = set()
 
     async def __call__(self, request):
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
         finished = asyncio.Event()
-        state = {"status": None, "headers": None, "pipe": None, "sent_body": False, "ended": False}
+        state = {"status": None, "headers": None, "pipe": None, "sent_body": False, "ended": False,
+                 "task": None}
 
         async def receive():
             if not state["sent_body"]:
@@ -144,7 +149,7 @@ class App:
                     await state["pipe"].put(("more" if more else "end", body))
                 elif more:
                     state["pipe"] = _Pipe(loop)
-                    answer.set_result((state["status"], state["headers"], _Stream(state["pipe"], body, task)))
+                    answer.set_result((state["status"], state["headers"], _Stream(state["pipe"], body, state)))
                 else:
                     answer.set_result((state["status"], state["headers"], body))
                 if not more:
@@ -182,7 +187,11 @@ class App:
                     elif not answer.done():
                         answer.set_exception(failure)
 
-        task = loop.create_task(run())
+        # Not referred to by name inside run(): an eager task factory runs
+        # it before create_task returns.
+        task = state["task"] = loop.create_task(run())
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
         try:
             return await answer
         except asyncio.CancelledError:
@@ -223,7 +232,10 @@ class App:
             self.lifespan = (inbox, finished, task)
 
     async def shutdown(self):
-        """Lifespan shutdown, when startup ran it."""
+        """Waits for the app's calls still running, then lifespan shutdown
+        when startup ran it."""
+        if self.running:
+            await asyncio.wait(set(self.running))
         if self.lifespan is None:
             return
         inbox, finished, task = self.lifespan

@@ -145,6 +145,7 @@ class Dispatcher:
 
     def run(self):
         """Serves until SIGTERM or SIGINT (installed here, in the main thread)."""
+        self.prepare()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
         self.redis.sadd("anteroom:queues", self.keys.queue)
@@ -178,6 +179,10 @@ class Dispatcher:
                 log.warning("grace period over with %d requests running; the reaper takes them "
                             "from the processing list", left)
             log.info("dispatcher %s stopped", self.id)
+
+    def prepare(self):
+        """Runs before this dispatcher registers or takes a signal (a
+        SIGTERM here ends the process): nothing for worker threads."""
 
     def serve(self):
         """Pulls and runs requests until :meth:`stop`: worker threads."""
