@@ -21,7 +21,7 @@ use std::time::Duration;
 use anteroom_testkit::{LocalRedis, free_port};
 use anyhow::{Context, bail};
 
-use crate::setups::{spawn, spawn_proxy, wait_ready};
+use crate::setups::{cpu_micros, spawn, spawn_proxy, wait_ready};
 use crate::wrk;
 
 /// Threads of the threaded servers and their adapters.
@@ -216,6 +216,42 @@ pub(crate) struct Setup {
     pub(crate) requests_per_sec: f64,
     pub(crate) p50: Duration,
     pub(crate) errors: u64,
+    /// CPU microseconds per request of each of its processes (with their
+    /// children), by name: the usual server; or the adapter, the proxy and
+    /// Redis.
+    pub(crate) cpu: Vec<(&'static str, f64)>,
+}
+
+/// One round of one setup: wrk's figures and the CPU microseconds per
+/// request of each watched process.
+struct Round {
+    wrk: wrk::Figures,
+    cpu: Vec<(&'static str, f64)>,
+}
+
+/// Drives `url` for `duration` at `connections`, reading the CPU time of
+/// each of `watched` (name, pid) before and after.
+fn round(
+    url: &str,
+    connections: usize,
+    duration: Duration,
+    watched: &[(&'static str, u32)],
+) -> anyhow::Result<Round> {
+    let before: Vec<u64> = watched.iter().map(|&(_, pid)| cpu_micros(pid)).collect();
+    let wrk = wrk::run(url, 2.min(connections), connections, duration)
+        .with_context(|| format!("driving {url}"))?;
+    let requests = (wrk.requests_per_sec * duration.as_secs_f64()).max(1.0);
+    let cpu = watched
+        .iter()
+        .zip(before)
+        .map(|(&(name, pid), before)| {
+            (
+                name,
+                cpu_micros(pid).saturating_sub(before) as f64 / requests,
+            )
+        })
+        .collect();
+    Ok(Round { wrk, cpu })
 }
 
 /// One app's two setups.
@@ -244,14 +280,14 @@ pub(crate) fn run(
             continue;
         }
         let port = free_port()?;
-        let _direct = spawn(&mut (app.direct)(&paths, port))
+        let direct = spawn(&mut (app.direct)(&paths, port))
             .with_context(|| format!("starting {}", app.usual))?;
         wait_ready(port, "/hello?name=bench")
             .with_context(|| format!("{} under {}", app.name, app.usual))?;
         let queue = format!("bench-{}", app.adapter);
         let proxy_port = free_port()?;
-        let _proxy = spawn_proxy(anteroom, redis, &queue, proxy_port)?;
-        let _adapter = spawn(
+        let proxy = spawn_proxy(anteroom, redis, &queue, proxy_port)?;
+        let adapter = spawn(
             (app.through)(&paths)
                 .env("ANTEROOM_REDIS", redis.url())
                 .env("ANTEROOM_QUEUE", &queue)
@@ -267,13 +303,18 @@ pub(crate) fn run(
         for url in &urls {
             wrk::warm_up(url)?;
         }
+        let watched = [
+            vec![(app.usual, direct.pid())],
+            vec![
+                (app.adapter, adapter.pid()),
+                ("proxy", proxy.pid()),
+                ("Redis", redis.pid()),
+            ],
+        ];
         let mut rounds = [Vec::new(), Vec::new()];
         for _ in 0..ROUNDS {
-            for (url, figures) in urls.iter().zip(&mut rounds) {
-                figures.push(
-                    wrk::run(url, 2.min(connections), connections, duration)
-                        .with_context(|| format!("driving {url}"))?,
-                );
+            for ((url, watched), figures) in urls.iter().zip(&watched).zip(&mut rounds) {
+                figures.push(round(url, connections, duration, watched)?);
             }
         }
         let [direct, through] = rounds.map(|figures| median(&figures));
@@ -289,15 +330,25 @@ pub(crate) fn run(
     Ok(all)
 }
 
-fn median(figures: &[wrk::Figures]) -> Setup {
+fn median(rounds: &[Round]) -> Setup {
     let mid = |mut values: Vec<f64>| {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
+    let cpu = rounds[0]
+        .cpu
+        .iter()
+        .enumerate()
+        .map(|(at, &(name, _))| (name, mid(rounds.iter().map(|r| r.cpu[at].1).collect())))
+        .collect();
     Setup {
-        requests_per_sec: mid(figures.iter().map(|f| f.requests_per_sec).collect()),
-        p50: Duration::from_secs_f64(mid(figures.iter().map(|f| f.p50.as_secs_f64()).collect())),
-        errors: figures.iter().map(|f| f.errors).sum(),
+        requests_per_sec: mid(rounds.iter().map(|r| r.wrk.requests_per_sec).collect()),
+        p50: Duration::from_secs_f64(mid(rounds
+            .iter()
+            .map(|r| r.wrk.p50.as_secs_f64())
+            .collect())),
+        errors: rounds.iter().map(|r| r.wrk.errors).sum(),
+        cpu,
     }
 }
 
@@ -333,6 +384,24 @@ pub(crate) fn print(figures: &[Figures], duration: Duration, connections: usize)
             f.through.p50.as_secs_f64() * 1000.0,
             f.direct.errors + f.through.errors,
             f.through.requests_per_sec / f.direct.requests_per_sec
+        );
+    }
+    println!(
+        "\nCPU microseconds per request, each process with its children (medians; /proc/<pid>/stat):"
+    );
+    let list = |cpu: &[(&str, f64)]| {
+        cpu.iter()
+            .map(|(name, micros)| format!("{name} {micros:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for f in figures {
+        let through: f64 = f.through.cpu.iter().map(|(_, micros)| micros).sum();
+        println!(
+            "  {:<16} usual: {:<28} adapter path: {} (together {through:.0})",
+            f.name,
+            list(&f.direct.cpu),
+            list(&f.through.cpu),
         );
     }
 }

@@ -89,6 +89,62 @@ pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold
+/// spaces), from field 3 (`state`) on (proc(5)).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The direct children of process `pid` (nginx's and gunicorn's workers).
+pub(crate) fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            stat_fields(child).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
+}
+
+/// CPU time (user and system) used so far by process `pid` and its direct
+/// children, in microseconds (`utime` and `stime` of proc(5), in clock
+/// ticks of `getconf CLK_TCK`). 0 for a process that is gone.
+pub(crate) fn cpu_micros(pid: u32) -> u64 {
+    static TICK_MICROS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let tick = *TICK_MICROS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| {
+                String::from_utf8(out.stdout)
+                    .ok()?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .filter(|&hz| hz > 0)
+            .map_or(10_000, |hz| 1_000_000 / hz)
+    });
+    let ticks = |pid: u32| {
+        stat_fields(pid).map_or(0, |f| {
+            // utime and stime are fields 14 and 15; f[0] is field 3.
+            let field = |n: usize| {
+                f.get(n - 3)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            field(14) + field(15)
+        })
+    };
+    let all: u64 = std::iter::once(pid).chain(children(pid)).map(ticks).sum();
+    all * tick
+}
+
 /// A child process killed on drop.
 pub(crate) struct Proc(Child);
 

@@ -133,23 +133,11 @@ fn rss_tree_mib(pid: u32) -> u64 {
 /// RSS of `pid` and its children (nginx's workers), KiB.
 pub(crate) fn rss_tree_kib(pid: u32) -> u64 {
     let kib = |pid| crate::setups::rss_kib(pid).unwrap_or(0);
-    let children: u64 = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|child| {
-            std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let after = stat.rsplit_once(')')?.1;
-                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
-        })
-        .map(kib)
-        .sum();
-    kib(pid) + children
+    kib(pid)
+        + crate::setups::children(pid)
+            .into_iter()
+            .map(kib)
+            .sum::<u64>()
 }
 
 /// A process whose memory is watched: its name, pid, and whether its
