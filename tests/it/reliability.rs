@@ -603,3 +603,79 @@ async fn requeue_is_guarded_releases_only_its_own_claim_and_counts_repeats() {
         "the count expires with the request: {ttl}"
     );
 }
+
+/// A dispatcher whose grace period runs out with a request still running
+/// removes its heartbeat but keeps its registry entry while its processing
+/// list holds anything, so a reaper finds what it left: the GET runs again
+/// on another dispatcher instead of waiting out its hold budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_stopped_with_a_request_running_leaves_it_to_the_reaper() {
+    let redis = start_redis();
+    let queue = "graceless";
+    let proxy = TestProxy::start(&redis, queue).await;
+    let never = tower::service_fn(|_: Request<anteroom_dispatcher::Body>| async {
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
+            b"too late",
+        ))))
+    });
+    let stuck = TestDispatcher::start_built(
+        crate::support::dispatcher_builder(&redis, queue)
+            .grace(Duration::from_millis(300))
+            .reap_interval(None)
+            .build()
+            .unwrap(),
+        never,
+    );
+    let url = proxy.url("/item");
+    let answer = tokio::spawn(async move { web::get(&client(), &url).await });
+    let control = control(&redis, queue).await;
+    crate::support::until_held(&control, 1).await;
+    let id = stuck.id.clone();
+    stuck.stop().await;
+
+    let keys = Keys::new(queue).unwrap();
+    let mut conn = redis_conn(&redis).await;
+    let beating: bool = redis::cmd("EXISTS")
+        .arg(keys.dispatcher(&id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let registered: Option<f64> = redis::cmd("ZSCORE")
+        .arg(keys.dispatchers())
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!beating, "the heartbeat outlived the stop");
+    assert!(
+        registered.is_some(),
+        "the registry entry went with a request held"
+    );
+    assert_eq!(llen(&mut conn, &keys.processing(&id)).await, 1);
+
+    // Another dispatcher reaps the list and runs the GET again.
+    let fresh = TestDispatcher::start_built(
+        crate::support::dispatcher_builder(&redis, queue)
+            .reap_interval(Some(Duration::from_millis(200)))
+            .build()
+            .unwrap(),
+        tower::service_fn(|_: Request<anteroom_dispatcher::Body>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                b"again",
+            ))))
+        }),
+    );
+    let reply = answer.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.body, Bytes::from_static(b"again"));
+    let registered: Option<f64> = redis::cmd("ZSCORE")
+        .arg(keys.dispatchers())
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(registered.is_none(), "the reaper left the dead entry");
+    fresh.stop().await;
+    proxy.stop().await;
+}

@@ -24,21 +24,39 @@ pub enum Role {
 pub struct Presence {
     key: String,
     registry: String,
+    /// A dispatcher's processing list: its registry entry stays while the
+    /// list holds anything (see [`Presence::leave`]).
+    held: Option<String>,
     queue: String,
     id: String,
     ttl: Duration,
 }
 
+/// Removes a heartbeat and, only if the processing list is empty, the
+/// registry entry: what is left in the list is found by the reaper through
+/// the entry (docs/protocol.md, step 8). KEYS: the heartbeat, the
+/// registry, the processing list; ARGV: the id. 1 when the entry went.
+const LEAVE: &str = r"
+redis.call('DEL', KEYS[1])
+if redis.call('LLEN', KEYS[3]) > 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1";
+
 impl Presence {
     /// The presence of component `id` with `role` on `keys`' queue.
     pub fn new(keys: &Keys, role: Role, id: &str, ttl: Duration) -> Self {
-        let (key, registry) = match role {
-            Role::Proxy => (keys.proxy(id), keys.proxies()),
-            Role::Dispatcher => (keys.dispatcher(id), keys.dispatchers()),
+        let (key, registry, held) = match role {
+            Role::Proxy => (keys.proxy(id), keys.proxies(), None),
+            Role::Dispatcher => (
+                keys.dispatcher(id),
+                keys.dispatchers(),
+                Some(keys.processing(id)),
+            ),
         };
         Self {
             key,
             registry,
+            held,
             queue: keys.queue().to_owned(),
             id: id.to_owned(),
             ttl,
@@ -89,8 +107,30 @@ impl Presence {
             .await
     }
 
-    /// Removes the heartbeat and the registry entry (on a clean stop).
+    /// Removes the heartbeat and the registry entry (on a clean stop). A
+    /// dispatcher whose processing list still holds requests (its grace
+    /// period ran out with requests running) keeps its registry entry, in
+    /// one Lua script: with its heartbeat gone, a reaper claims the list
+    /// (docs/protocol.md, step 8) instead of leaving it orphaned.
     pub async fn leave(&self, conn: &mut SharedConnection) -> redis::RedisResult<()> {
+        if let Some(held) = &self.held {
+            let left: i64 = redis::cmd("EVAL")
+                .arg(LEAVE)
+                .arg(3)
+                .arg(&self.key)
+                .arg(&self.registry)
+                .arg(held)
+                .arg(&self.id)
+                .query_async(conn)
+                .await?;
+            if left == 0 {
+                tracing::warn!(
+                    id = %self.id,
+                    "stopped with requests still in the processing list; the reaper takes them"
+                );
+            }
+            return Ok(());
+        }
         redis::pipe()
             .cmd("DEL")
             .arg(&self.key)
