@@ -40,6 +40,16 @@ def _refused_for_good(err):
     return isinstance(err, redis.ResponseError) and ("WRONGTYPE" in str(err) or "NOPERM" in str(err))
 
 
+async def _within(awaitable, seconds):
+    """``awaitable``'s result, or asyncio.TimeoutError after ``seconds``
+    (it is then cancelled): ``asyncio.timeout`` where there is one (Python
+    3.11: a timer, no task of its own), else ``asyncio.wait_for``."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 class Completer:
     """Writes completions (docs/protocol.md, step 5) in batches: one
     ``MULTI`` holds every completion that arrived while the previous one
@@ -282,11 +292,18 @@ class AsyncDispatcher(Dispatcher):
             if not claimed:
                 return await self.completer.client.lrem(self.processing, 1, raw)  # another delivery has it
         try:
-            status, headers, out = await self.handler(request)
+            # The app gets until the deadline for its response to begin;
+            # then it is cancelled and the request dropped, as the Rust
+            # dispatcher does: the client has its 504.
+            left = max(0.0, (request.deadline_ms - protocol.now_ms()) / 1000)
+            status, headers, out = await _within(self.handler(request), left)
             if not isinstance(out, (bytes, bytearray)) and not request.stream:
                 # The producer reads whole replies only.
                 out = await loop.run_in_executor(self.streams, b"".join, out)
-        except Exception:  # noqa: BLE001 - the app's failure is the client's 502
+        except Exception as err:  # noqa: BLE001 - the app's failure is the client's 502
+            if isinstance(err, asyncio.TimeoutError) and protocol.now_ms() >= request.deadline_ms:
+                log.warning("%s %s began no response by its deadline; dropped", request.method, request.uri)
+                return await self.completer.client.lrem(self.processing, 1, raw)
             log.exception("the app failed on %s %s", request.method, request.uri)
             status, headers, out = FAILED
         if not isinstance(out, (bytes, bytearray)):

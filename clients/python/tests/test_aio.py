@@ -1,7 +1,8 @@
-"""aio.Completer against a real Redis (a private redis-server on a free
-port, as the repository's other tests start theirs): completions that
-finish together go in one MULTI, and a reply list Redis refuses for good
-fails alone."""
+"""The asyncio dispatcher's parts against a real Redis (a private
+redis-server on a free port, as the repository's other tests start theirs):
+completions that finish together go in one MULTI, a reply list Redis
+refuses for good fails alone, and an app still without a response at its
+request's deadline is cancelled and the request dropped."""
 import asyncio
 import shutil
 import socket
@@ -11,7 +12,7 @@ import time
 import redis
 import redis.asyncio
 
-from anteroom import aio
+from anteroom import aio, asgi, protocol
 
 
 def start_redis():
@@ -61,6 +62,50 @@ def test_completions_batch_and_a_refused_reply_fails_alone():
         assert sync.get("anteroom:{q}:replies:bad") == b"not a list"
         # All three arrived before the writer ran: one MULTI for them.
         assert int(sync.info("commandstats")["cmdstat_multi"]["calls"]) == 1
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_an_app_without_a_response_at_the_deadline_is_cancelled_and_the_request_dropped():
+    process, port = start_redis()
+    try:
+        sync = redis.Redis(port=port)
+        cancelled = []
+
+        async def app(scope, receive, send):
+            if scope["type"] == "lifespan":
+                raise RuntimeError("no lifespan here")
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+        served = asgi.App(app)
+        dispatcher = aio.AsyncDispatcher(served, f"redis://127.0.0.1:{port}", "q", threads=2)
+        now = protocol.now_ms()
+        raw = protocol.encode("Q", {"id": "r1", "method": "GET", "uri": "/", "version": "HTTP/1.1",
+                                    "headers": [], "reply_to": "anteroom:{q}:replies:p1",
+                                    "enqueued_at_ms": now, "deadline_ms": now + 300})
+        sync.rpush(dispatcher.processing, raw)
+
+        async def main():
+            dispatcher.freed_event = asyncio.Event()
+            dispatcher.streams = None
+            dispatcher.completer = aio.Completer(dispatcher.client(), dispatcher.processing)
+            started = time.monotonic()
+            await dispatcher.handle_one(raw)
+            took = time.monotonic() - started
+            await asyncio.sleep(0.05)  # the app's cancellation lands
+            await dispatcher.completer.client.aclose()
+            return took
+
+        took = asyncio.run(main())
+        assert 0.2 <= took < 2.0, took
+        assert cancelled == [True]
+        assert sync.llen(dispatcher.processing) == 0
+        assert sync.exists("anteroom:{q}:replies:p1") == 0
     finally:
         process.kill()
         process.wait()
