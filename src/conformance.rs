@@ -601,6 +601,72 @@ async fn heartbeat_present(kit: &mut Kit) -> Outcome {
     ))
 }
 
+/// Redis refusing writes for a while (`maxmemory` reached with the
+/// `noeviction` policy: `OOM`) loses no reply: the dispatcher tries its
+/// completion again until the request's deadline (docs/protocol.md, step
+/// 5). Needs `CONFIG SET` and `noeviction` (the kit's own Redis has both);
+/// `maxmemory` is put back however the case ends.
+async fn refused_writes(kit: &mut Kit) -> Outcome {
+    let conn = kit.queue.connection();
+    let config = |name: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .map_err(|e| format!("CONFIG GET {name}: {e}"))?
+                .pop()
+                .ok_or_else(|| format!("CONFIG GET {name}: no value"))
+        }
+    };
+    let policy = config("maxmemory-policy").await?;
+    if policy != "noeviction" {
+        return Err(format!(
+            "needs maxmemory-policy noeviction, this Redis has {policy} (run the kit without --redis)"
+        ));
+    }
+    let limit = config("maxmemory").await?;
+    let envelope = kit.envelope("GET", "/touch/refused?ms=300", Vec::new(), b"");
+    kit.push(&envelope).await.map_err(|e| e.to_string())?;
+    kit.until_held(1, REPLY_WAIT).await?;
+    let set = |value: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory")
+                .arg(&value)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| format!("CONFIG SET maxmemory {value}: {e}"))
+        }
+    };
+    set("1".to_owned()).await?;
+    // The app answers after 0.3 s; its completion meets OOM until then.
+    let early = kit
+        .replies
+        .wait(&envelope.id, Duration::from_millis(1500))
+        .await;
+    set(limit).await?;
+    if early.is_some() {
+        return Err("answered while Redis refused every write".into());
+    }
+    let answer = kit
+        .replies
+        .wait(&envelope.id, REPLY_WAIT)
+        .await
+        .ok_or("no answer once Redis took writes again: the completion was given up")?;
+    if answer.status != 200 {
+        return Err(format!(
+            "got {} once Redis took writes again",
+            answer.status
+        ));
+    }
+    Ok("answered once Redis took writes again, after 1.5 s of OOM".into())
+}
+
 async fn graceful_stop(kit: &mut Kit) -> Outcome {
     let envelope = kit.envelope("GET", "/touch/graceful?ms=1500", Vec::new(), b"");
     kit.push(&envelope).await.map_err(|e| e.to_string())?;
@@ -773,6 +839,10 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
                 concurrent(&mut kit).await,
             );
             report("streamed response", streamed(&mut kit).await);
+            report(
+                "completion retried while Redis refuses writes",
+                refused_writes(&mut kit).await,
+            );
             report("expired deadline never run", expired(&mut kit).await);
             report("garbage envelope dead-lettered", garbage(&mut kit).await);
             report(

@@ -31,8 +31,8 @@ const STREAM_IDLE_MS = 60_000;
 const REAP_EVERY_MS = 5_000;
 /** How often the pause key is re-read while serving (ms). */
 const PAUSE_POLL_MS = 50;
-/** How long a failed completion is retried (ms). */
-const RETRY_MS = 10_000;
+/** The pause between two tries of a failed write (ms). */
+const RETRY_DELAY_MS = 200;
 const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
   Buffer.from('the backend failed to handle the request\n')];
 
@@ -265,30 +265,40 @@ class Dispatcher {
 
   /**
    * Pushes the last frame of `request` and removes it from the processing
-   * list, in one MULTI (docs/protocol.md, step 5). Any other failure is
-   * retried for RETRY_MS; a reply Redis refuses for good (WRONGTYPE, NOPERM)
-   * is given up and the request removed alone.
+   * list, in one MULTI (docs/protocol.md, step 5). A reply Redis refuses
+   * for good (WRONGTYPE, NOPERM) is given up and the request removed alone;
+   * any other failure (a lost connection, a failover, OOM, READONLY) is
+   * retried every RETRY_DELAY_MS until the request's deadline, as the Rust
+   * dispatcher does: a reply after it reaches no one.
    */
   async complete(raw, request, frame) {
-    const giveUp = Date.now() + RETRY_MS;
+    try {
+      await this.retrying(request, 'completing', () => this.redis.multi().rPush(request.reply_to, frame)
+        .pExpire(request.reply_to, REPLY_TTL_MS).lRem(this.processing, 1, raw).exec());
+    } catch (err) {
+      if (!refusedForGood(err)) throw err;
+      console.error(`anteroom: Redis refused the reply to ${request.id} (${errorText(err)}); giving it up`);
+      await this.redis.lRem(this.processing, 1, raw);
+    }
+  }
+
+  /**
+   * Runs `write` until it succeeds; after a failure, again every
+   * RETRY_DELAY_MS until `request`'s deadline. Throws a refusal for good
+   * (WRONGTYPE, NOPERM) at once, and the last failure at the deadline.
+   */
+  async retrying(request, what, write) {
     for (;;) {
       try {
-        await this.redis.multi().rPush(request.reply_to, frame).pExpire(request.reply_to, REPLY_TTL_MS)
-          .lRem(this.processing, 1, raw).exec();
-        return;
+        return await write();
       } catch (err) {
-        const text = `${err.message} ${(err.replies ?? []).map((r) => r?.message ?? '').join(' ')}`;
-        if (/WRONGTYPE|NOPERM/.test(text)) {
-          console.error(`anteroom: Redis refused the reply to ${request.id} (${text.trim()}); giving it up`);
-          await this.redis.lRem(this.processing, 1, raw);
-          return;
-        }
-        if (Date.now() >= giveUp) throw err;
-        console.error(`anteroom: completing ${request.id} failed (${err.message}); retrying`);
-        await sleep(200);
+        if (refusedForGood(err) || Date.now() + RETRY_DELAY_MS >= request.deadline_ms) throw err;
+        console.error(`anteroom: ${what} ${request.id} failed (${err.message}); retrying`);
+        await sleep(RETRY_DELAY_MS);
       }
     }
   }
+
 
   /**
    * Streams `out.body` (a Readable): the head now, a chunk for each piece as
@@ -300,8 +310,8 @@ class Dispatcher {
   async stream(raw, request, status, headers, out) {
     const state = { consumed: 0, cancel: false, wake: null };
     this.streams.set(request.id, state);
-    const push = (frame) => this.redis.multi().rPush(request.reply_to, frame)
-      .pExpire(request.reply_to, REPLY_TTL_MS).exec();
+    const push = (frame) => this.retrying(request, 'streaming', () => this.redis.multi()
+      .rPush(request.reply_to, frame).pExpire(request.reply_to, REPLY_TTL_MS).exec());
     let seq = 0;
     let sent = 0;
     let aborted = null;
@@ -509,6 +519,19 @@ class Dispatcher {
       .zAdd(this.keys.dispatchers, { score: Date.now(), value: this.id })
       .exec();
   }
+}
+
+/** An error's text with that of the replies of a MULTI it failed in. */
+function errorText(err) {
+  return `${err.message} ${(err.replies ?? []).map((r) => r?.message ?? '').join(' ')}`.trim();
+}
+
+/**
+ * Whether Redis refused a write for good: a reply list that holds something
+ * else (WRONGTYPE) or an ACL that forbids it (NOPERM); retrying cannot help.
+ */
+function refusedForGood(err) {
+  return /WRONGTYPE|NOPERM/.test(errorText(err));
 }
 
 /** Resolves with undefined after `ms` (at once when not positive). */

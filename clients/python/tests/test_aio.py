@@ -45,10 +45,11 @@ def test_completions_batch_and_a_refused_reply_fails_alone():
         async def main():
             client = redis.asyncio.Redis(port=port)
             completer = aio.Completer(client, processing)
+            deadline = protocol.now_ms() + 30_000
             done = await asyncio.gather(
-                completer.complete(b"r1", "anteroom:{q}:replies:p1", b"one"),
-                completer.complete(b"r2", "anteroom:{q}:replies:bad", b"two"),
-                completer.complete(b"r3", "anteroom:{q}:replies:p1", b"three"),
+                completer.complete(b"r1", "anteroom:{q}:replies:p1", b"one", deadline),
+                completer.complete(b"r2", "anteroom:{q}:replies:bad", b"two", deadline),
+                completer.complete(b"r3", "anteroom:{q}:replies:p1", b"three", deadline),
                 return_exceptions=True)
             await client.aclose()
             return done
@@ -106,6 +107,35 @@ def test_an_app_without_a_response_at_the_deadline_is_cancelled_and_the_request_
         assert cancelled == [True]
         assert sync.llen(dispatcher.processing) == 0
         assert sync.exists("anteroom:{q}:replies:p1") == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_completion_refused_for_lack_of_memory_is_retried_until_it_passes():
+    """OOM is not a refusal for good: the reply goes once Redis has room,
+    as the Rust dispatcher retries it (docs/protocol.md, step 5)."""
+    process, port = start_redis()
+    try:
+        sync = redis.Redis(port=port)
+        processing = "anteroom:{q}:processing:d1"
+        sync.rpush(processing, b"r1")
+        sync.config_set("maxmemory", 1)
+
+        async def main():
+            client = redis.asyncio.Redis(port=port)
+            completer = aio.Completer(client, processing)
+            writing = asyncio.ensure_future(
+                completer.complete(b"r1", "anteroom:{q}:replies:p1", b"one", protocol.now_ms() + 30_000))
+            await asyncio.sleep(0.6)
+            assert not writing.done(), "gave up, or wrote past maxmemory"
+            sync.config_set("maxmemory", 0)
+            await asyncio.wait_for(writing, 5)
+            await client.aclose()
+
+        asyncio.run(main())
+        assert sync.lrange("anteroom:{q}:replies:p1", 0, -1) == [b"one"]
+        assert sync.llen(processing) == 0
     finally:
         process.kill()
         process.wait()

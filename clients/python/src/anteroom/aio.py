@@ -29,15 +29,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import protocol
-from .dispatcher import FAILED, PAUSE_POLL_S, PULL_BLOCK_S, REPLY_TTL_MS, RETRY_S, Dispatcher
+from .dispatcher import (FAILED, PAUSE_POLL_S, PULL_BLOCK_S, REPLY_TTL_MS, RETRY_DELAY_S, Dispatcher,
+                         refused_for_good)
 
 log = logging.getLogger("anteroom")
-
-
-def _refused_for_good(err):
-    """Whether Redis refuses a reply for good (a reply list that is not a
-    list, or an ACL that forbids it): retrying cannot help."""
-    return isinstance(err, redis.ResponseError) and ("WRONGTYPE" in str(err) or "NOPERM" in str(err))
 
 
 async def _within(awaitable, seconds):
@@ -62,15 +57,16 @@ class Completer:
         self.wake = asyncio.Event()
         self.task = None
 
-    async def complete(self, raw, reply_to, frame):
+    async def complete(self, raw, reply_to, frame, deadline_ms):
         """Pushes ``frame`` onto ``reply_to`` and removes ``raw`` from the
         processing list; returns once Redis has both. Raises what the
         threaded dispatcher's ``complete`` raises: a refusal other than
-        WRONGTYPE or NOPERM at once, any other failure after RETRY_S."""
+        WRONGTYPE or NOPERM (those give the reply up) after retrying until
+        ``deadline_ms``, the request's deadline."""
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self.run())
         done = asyncio.get_running_loop().create_future()
-        self.pending.append((raw, reply_to, frame, done))
+        self.pending.append((raw, reply_to, frame, deadline_ms, done))
         self.wake.set()
         await done
 
@@ -88,29 +84,35 @@ class Completer:
                         done.set_exception(err)
 
     async def write(self, batch):
-        give_up = time.monotonic() + RETRY_S
         while True:
             try:
                 errors = await self.transaction(batch)
                 break
-            except redis.ResponseError as err:
-                # The whole transaction was refused (EXECABORT: a command
-                # rejected when queued, e.g. by an ACL or maxmemory): each
-                # completion on its own, so one bad reply list fails alone.
-                if len(batch) > 1:
-                    for entry in batch:
-                        await self.write([entry])
-                    return
-                errors = [err]
-                break
             except redis.RedisError as err:
-                if time.monotonic() >= give_up:
-                    errors = [err] * len(batch)
+                if refused_for_good(err):
+                    # Refused when queued (EXECABORT, e.g. an ACL on one
+                    # reply list): each completion on its own, so one bad
+                    # reply list fails alone.
+                    if len(batch) > 1:
+                        for entry in batch:
+                            await self.write([entry])
+                        return
+                    errors = [err]
                     break
+                # Anything else (a lost connection, OOM, READONLY) is tried
+                # again until each request's deadline, as the Rust
+                # dispatcher does.
+                late = protocol.now_ms() + RETRY_DELAY_S * 1000
+                for entry in batch:
+                    if late >= entry[3] and not entry[4].done():
+                        entry[4].set_exception(err)
+                batch = [entry for entry in batch if late < entry[3]]
+                if not batch:
+                    return
                 log.warning("completing %d requests failed (%s); retrying", len(batch), err)
-                await asyncio.sleep(0.2)
-        for (raw, reply_to, _, done), err in zip(batch, errors):
-            if _refused_for_good(err):
+                await asyncio.sleep(RETRY_DELAY_S)
+        for (raw, reply_to, _, _, done), err in zip(batch, errors):
+            if refused_for_good(err):
                 log.error("Redis refused a reply on %s (%s); giving it up", reply_to, err)
                 try:
                     await self.client.lrem(self.processing, 1, raw)
@@ -127,7 +129,7 @@ class Completer:
     async def transaction(self, batch):
         """One ``MULTI`` for ``batch``: each completion's error, or None."""
         async with self.client.pipeline(transaction=True) as pipe:
-            for raw, reply_to, frame, _ in batch:
+            for raw, reply_to, frame, _, _ in batch:
                 pipe.rpush(reply_to, frame).pexpire(reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw)
             results = await pipe.execute(raise_on_error=False)
         return [next((r for r in results[at:at + 3] if isinstance(r, Exception)), None)
@@ -286,7 +288,7 @@ class AsyncDispatcher(Dispatcher):
             return await self.completer.client.lrem(self.processing, 1, raw)
         if verdict == "refuse":
             frame = protocol.response(request.id, *protocol.REFUSED[extra])
-            return await self.completer.complete(raw, request.reply_to, frame)
+            return await self.completer.complete(raw, request.reply_to, frame, request.deadline_ms)
         if verdict == "claim":
             claimed = await self.completer.client.set(self.keys.claimed(request.id), self.id, nx=True, px=extra)
             if not claimed:
@@ -309,4 +311,4 @@ class AsyncDispatcher(Dispatcher):
         if not isinstance(out, (bytes, bytearray)):
             return await loop.run_in_executor(self.streams, self.stream, raw, request, status, headers, out)
         frame = protocol.response(request.id, status, headers, bytes(out))
-        return await self.completer.complete(raw, request.reply_to, frame)
+        return await self.completer.complete(raw, request.reply_to, frame, request.deadline_ms)

@@ -40,8 +40,12 @@ PULL_BLOCK_S = 0.1
 REAP_EVERY_S = 5.0
 #: How often the pause key is re-read while serving (seconds).
 PAUSE_POLL_S = 0.05
-#: How long a failed completion is retried (seconds).
+#: How long a failed write is retried at least (seconds): a reply is
+#: retried until its request's deadline (Dispatcher.retrying), the
+#: adapter's own writes (the registry, a reaper's pass) this long.
 RETRY_S = 10.0
+#: The pause between two tries of a failed write (seconds).
+RETRY_DELAY_S = 0.2
 #: Most bytes of a streamed body sent and not yet credited (1 MiB, as the
 #: Rust dispatcher's default window).
 WINDOW = 1024 * 1024
@@ -89,6 +93,14 @@ class Credits:
                 if left <= 0:
                     return False
                 self.changed.wait(left)
+
+def refused_for_good(err):
+    """Whether Redis refused a write for good: a reply list that holds
+    something else (WRONGTYPE) or an ACL that forbids it (NOPERM); retrying
+    cannot help. Anything else (a lost connection, OOM, READONLY during a
+    failover) may pass."""
+    return isinstance(err, redis.ResponseError) and ("WRONGTYPE" in str(err) or "NOPERM" in str(err))
+
 
 FAILED = (502, [("content-type", b"text/plain; charset=utf-8")],
           b"the backend failed to handle the request\n")
@@ -358,26 +370,38 @@ class Dispatcher:
 
     def complete(self, raw, request, frame):
         """Pushes the last frame of ``request`` and removes it from the
-        processing list in one MULTI (docs/protocol.md, step 5). Any other
-        failure is retried for RETRY_S; a reply Redis refuses for good
-        (WRONGTYPE, NOPERM) is given up and the request removed alone."""
-        give_up = time.monotonic() + RETRY_S
+        processing list in one MULTI (docs/protocol.md, step 5). A reply
+        Redis refuses for good (WRONGTYPE, NOPERM) is given up and the
+        request removed alone; any other failure is retried (see
+        :meth:`retrying`)."""
+        def write():
+            self.redis.pipeline(transaction=True).rpush(request.reply_to, frame).pexpire(
+                request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
+
+        try:
+            self.retrying(request, "completing", write)
+        except redis.RedisError as err:
+            if not refused_for_good(err):
+                raise
+            log.error("Redis refused the reply to %s (%s); giving it up", request.id, err)
+            self.redis.lrem(self.processing, 1, raw)
+
+    @staticmethod
+    def retrying(request, what, write):
+        """Runs ``write`` until it succeeds; after a failure (a lost
+        connection, a failover, ``OOM`` or ``READONLY``) again every
+        RETRY_DELAY_S until ``request``'s deadline, as the Rust dispatcher
+        does (docs/protocol.md, step 5): a reply after it reaches no one.
+        Raises a refusal for good (WRONGTYPE, NOPERM) at once, and the last
+        failure at the deadline."""
         while True:
             try:
-                self.redis.pipeline(transaction=True).rpush(request.reply_to, frame).pexpire(
-                    request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
-                return
-            except redis.ResponseError as err:
-                if "WRONGTYPE" not in str(err) and "NOPERM" not in str(err):
-                    raise
-                log.error("Redis refused the reply to %s (%s); giving it up", request.id, err)
-                self.redis.lrem(self.processing, 1, raw)
-                return
+                return write()
             except redis.RedisError as err:
-                if time.monotonic() >= give_up:
+                if refused_for_good(err) or now_ms() + RETRY_DELAY_S * 1000 >= request.deadline_ms:
                     raise
-                log.warning("completing %s failed (%s); retrying", request.id, err)
-                time.sleep(0.2)
+                log.warning("%s %s failed (%s); retrying", what, request.id, err)
+                time.sleep(RETRY_DELAY_S)
 
     def stream(self, raw, request, status, headers, body):
         """Streams ``body`` (an iterator of bytes): the head now, a chunk
@@ -386,8 +410,8 @@ class Dispatcher:
         that is gone (a cancel) gets nothing more; an app that fails mid-
         body, or a client that reads nothing for STREAM_IDLE_S, gets an
         aborted end."""
-        push = lambda frame: self.redis.pipeline(transaction=False).rpush(  # noqa: E731
-            request.reply_to, frame).pexpire(request.reply_to, REPLY_TTL_MS).execute()
+        push = lambda frame: self.retrying(request, "streaming", lambda: self.redis.pipeline(  # noqa: E731
+            transaction=False).rpush(request.reply_to, frame).pexpire(request.reply_to, REPLY_TTL_MS).execute())
         self.credits.register(request.id)
         seq = sent = 0
         aborted = None

@@ -47,8 +47,11 @@ module Anteroom
     REAP_EVERY_S = 5.0
     # How often the pause key is re-read while serving (s).
     PAUSE_POLL_S = 0.05
-    # How long a failed write of a reply is retried (s).
+    # How long the reaper waits for a pass under way when stopping (s,
+    # with 5 more): a reply is retried until its request's deadline.
     RETRY_S = 10.0
+    # The pause between two tries of a failed write (s).
+    RETRY_DELAY_S = 0.2
     # The answer to a handler that raised.
     FAILED = [502, [["content-type", "text/plain; charset=utf-8".b]],
               "the backend failed to handle the request\n".b].freeze
@@ -324,8 +327,9 @@ module Anteroom
 
     # Pushes the last frame of +request+ and removes it from the processing
     # list in one MULTI (docs/protocol.md, step 5). A lost connection or any
-    # other failure is retried for RETRY_S; a reply Redis refuses for good
-    # (WRONGTYPE, NOPERM) is given up and the request removed alone.
+    # other failure is retried until the request's deadline (#retrying); a
+    # reply Redis refuses for good (WRONGTYPE, NOPERM) is given up and the
+    # request removed alone.
     def complete(redis, raw, request, frame)
       retrying(request) do
         redis.multi do |m|
@@ -334,25 +338,32 @@ module Anteroom
           m.lrem(@processing, 1, raw)
         end
       rescue Redis::CommandError => e
-        raise unless e.message.start_with?("WRONGTYPE", "NOPERM")
+        raise unless refused_for_good?(e)
 
         @log.error("Redis refused the reply to #{request.id} (#{e.message}); giving it up")
         redis.lrem(@processing, 1, raw)
       end
     end
 
-    # Runs the block, again after a Redis failure, for at most RETRY_S.
+    # Runs the block; after a Redis failure (a lost connection, a
+    # failover, OOM, READONLY) again every RETRY_DELAY_S until +request+'s
+    # deadline, as the Rust dispatcher does (docs/protocol.md, step 5): a
+    # reply after it reaches no one. A refusal for good (WRONGTYPE, NOPERM)
+    # is raised at once, the last failure at the deadline.
     def retrying(request)
-      give_up = monotonic + RETRY_S
-      begin
-        yield
-      rescue Redis::BaseError => e
-        raise if monotonic >= give_up
+      yield
+    rescue Redis::BaseError => e
+      raise if refused_for_good?(e) || Protocol.now_ms + (RETRY_DELAY_S * 1000) >= request.deadline_ms
 
-        @log.warn("writing for #{request.id} failed (#{e.message}); retrying")
-        sleep 0.2
-        retry
-      end
+      @log.warn("writing for #{request.id} failed (#{e.message}); retrying")
+      sleep RETRY_DELAY_S
+      retry
+    end
+
+    # Whether Redis refused a write for good: a reply list that holds
+    # something else, or an ACL that forbids it; retrying cannot help.
+    def refused_for_good?(error)
+      error.is_a?(Redis::CommandError) && error.message.start_with?("WRONGTYPE", "NOPERM")
     end
 
     def push(redis, request, frame)
