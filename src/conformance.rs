@@ -605,7 +605,8 @@ async fn heartbeat_present(kit: &mut Kit) -> Outcome {
 /// `noeviction` policy: `OOM`) loses no reply: the dispatcher tries its
 /// completion again until the request's deadline (docs/protocol.md, step
 /// 5). Needs `CONFIG SET` and `noeviction` (the kit's own Redis has both);
-/// `maxmemory` is put back however the case ends.
+/// `maxmemory` is put back whatever the case found (a failure to put it
+/// back says so).
 async fn refused_writes(kit: &mut Kit) -> Outcome {
     let conn = kit.queue.connection();
     let config = |name: &'static str| {
@@ -628,7 +629,10 @@ async fn refused_writes(kit: &mut Kit) -> Outcome {
         ));
     }
     let limit = config("maxmemory").await?;
-    let envelope = kit.envelope("GET", "/touch/refused?ms=300", Vec::new(), b"");
+    // The app answers 0.7 s after the pull, well after the refusal begins
+    // (a few ms after the pull is seen), which lasts 1.5 s: shorter than
+    // the 3 s heartbeat TTL less a beat, so the dispatcher never looks dead.
+    let envelope = kit.envelope("GET", "/touch/refused?ms=700", Vec::new(), b"");
     kit.push(&envelope).await.map_err(|e| e.to_string())?;
     kit.until_held(1, REPLY_WAIT).await?;
     let set = |value: String| {
@@ -644,12 +648,13 @@ async fn refused_writes(kit: &mut Kit) -> Outcome {
         }
     };
     set("1".to_owned()).await?;
-    // The app answers after 0.3 s; its completion meets OOM until then.
     let early = kit
         .replies
         .wait(&envelope.id, Duration::from_millis(1500))
         .await;
-    set(limit).await?;
+    set(limit.clone()).await.map_err(|e| {
+        format!("{e}: this Redis still refuses writes; run CONFIG SET maxmemory {limit} on it")
+    })?;
     if early.is_some() {
         return Err("answered while Redis refused every write".into());
     }
@@ -810,7 +815,7 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
         args.command.join(" "),
         args.queue
     );
-    let (mut passed, mut failed) = (0, 0);
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let mut report = |name: &str, outcome: Outcome| match outcome {
         Ok(detail) => {
             passed += 1;
@@ -839,10 +844,18 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
                 concurrent(&mut kit).await,
             );
             report("streamed response", streamed(&mut kit).await);
-            report(
-                "completion retried while Redis refuses writes",
-                refused_writes(&mut kit).await,
-            );
+            if args.redis.is_none() || args.refuse_writes {
+                report(
+                    "completion retried while Redis refuses writes",
+                    refused_writes(&mut kit).await,
+                );
+            } else {
+                skipped += 1;
+                println!(
+                    "  skip  completion retried while Redis refuses writes: it would make the --redis \
+                     server refuse writes for 1.5 s; pass --refuse-writes for a Redis of the kit's alone"
+                );
+            }
             report("expired deadline never run", expired(&mut kit).await);
             report("garbage envelope dead-lettered", garbage(&mut kit).await);
             report(
@@ -872,7 +885,11 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
     }
     stop.cancel();
     let _ = reader.await;
-    println!("{passed} passed, {failed} failed");
+    if skipped > 0 {
+        println!("{passed} passed, {failed} failed, {skipped} skipped");
+    } else {
+        println!("{passed} passed, {failed} failed");
+    }
     if failed == 0 {
         let _ = std::fs::remove_dir_all(&dir);
         Ok(ExitCode::SUCCESS)

@@ -33,6 +33,8 @@ const REAP_EVERY_MS = 5_000;
 const PAUSE_POLL_MS = 50;
 /** The pause between two tries of a failed write (ms). */
 const RETRY_DELAY_MS = 200;
+/** How long the reaper's answers are retried at most (ms), so a stop waits for a pass that long. */
+const REAP_WRITE_MS = 10_000;
 const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
   Buffer.from('the backend failed to handle the request\n')];
 
@@ -104,7 +106,8 @@ class Dispatcher {
       clearInterval(reaping);
       // A reap pass under way finishes first: what it claimed is in this
       // dispatcher's list, which must not lose its registry entry.
-      await this.reapPass;
+      // Bounded: its writes give up after REAP_WRITE_MS each.
+      await Promise.race([this.reapPass, timer(REAP_WRITE_MS + 5_000)]);
       await reading;
       await creditReader.quit();
       await client.del(this.keys.dispatcher(this.id));
@@ -271,10 +274,10 @@ class Dispatcher {
    * retried every RETRY_DELAY_MS until the request's deadline, as the Rust
    * dispatcher does: a reply after it reaches no one.
    */
-  async complete(raw, request, frame) {
+  async complete(raw, request, frame, untilMs = request.deadline_ms) {
     try {
       await this.retrying(request, 'completing', () => this.redis.multi().rPush(request.reply_to, frame)
-        .pExpire(request.reply_to, REPLY_TTL_MS).lRem(this.processing, 1, raw).exec());
+        .pExpire(request.reply_to, REPLY_TTL_MS).lRem(this.processing, 1, raw).exec(), untilMs);
     } catch (err) {
       if (!refusedForGood(err)) throw err;
       console.error(`anteroom: Redis refused the reply to ${request.id} (${errorText(err)}); giving it up`);
@@ -284,15 +287,17 @@ class Dispatcher {
 
   /**
    * Runs `write` until it succeeds; after a failure, again every
-   * RETRY_DELAY_MS until `request`'s deadline. Throws a refusal for good
-   * (WRONGTYPE, NOPERM) at once, and the last failure at the deadline.
+   * RETRY_DELAY_MS until `untilMs`: by default `request`'s deadline (a reply
+   * after it reaches no one); a stream, which outlives its deadline, passes
+   * its own (streamUntil). Throws a refusal for good (WRONGTYPE, NOPERM) at
+   * once, and the last failure then.
    */
-  async retrying(request, what, write) {
+  async retrying(request, what, write, untilMs = request.deadline_ms) {
     for (;;) {
       try {
         return await write();
       } catch (err) {
-        if (refusedForGood(err) || Date.now() + RETRY_DELAY_MS >= request.deadline_ms) throw err;
+        if (refusedForGood(err) || Date.now() + RETRY_DELAY_MS >= untilMs) throw err;
         console.error(`anteroom: ${what} ${request.id} failed (${err.message}); retrying`);
         await sleep(RETRY_DELAY_MS);
       }
@@ -311,7 +316,7 @@ class Dispatcher {
     const state = { consumed: 0, cancel: false, wake: null };
     this.streams.set(request.id, state);
     const push = (frame) => this.retrying(request, 'streaming', () => this.redis.multi()
-      .rPush(request.reply_to, frame).pExpire(request.reply_to, REPLY_TTL_MS).exec());
+      .rPush(request.reply_to, frame).pExpire(request.reply_to, REPLY_TTL_MS).exec(), streamUntil(request));
     let seq = 0;
     let sent = 0;
     let aborted = null;
@@ -341,7 +346,7 @@ class Dispatcher {
         destroyApp(out.response);
       }
       ended = true;
-      await this.complete(raw, request, protocol.streamEnd(request.id, seq, aborted));
+      await this.complete(raw, request, protocol.streamEnd(request.id, seq, aborted), streamUntil(request));
     } finally {
       this.streams.delete(request.id);
       if (!ended) destroyApp(out.response); // a push failed: nobody reads the app's body
@@ -491,7 +496,9 @@ class Dispatcher {
       });
       if (done !== 2) return undefined; // back in the queue, or no longer this reaper's
     }
-    await this.complete(raw, request, protocol.response(request.id, ...protocol.INTERRUPTED));
+    // Bounded by REAP_WRITE_MS too: a stop waits for the reaper's pass.
+    await this.complete(raw, request, protocol.response(request.id, ...protocol.INTERRUPTED),
+      Math.min(request.deadline_ms, Date.now() + REAP_WRITE_MS));
     return undefined;
   }
 
@@ -532,6 +539,15 @@ function errorText(err) {
  */
 function refusedForGood(err) {
   return /WRONGTYPE|NOPERM/.test(errorText(err));
+}
+
+/**
+ * Until when a write of a stream is retried: a stream may run past its
+ * request's deadline, so at least STREAM_IDLE_MS from now (as the Rust
+ * dispatcher's stream writes).
+ */
+function streamUntil(request) {
+  return Math.max(request.deadline_ms, Date.now() + STREAM_IDLE_MS);
 }
 
 /** Resolves with undefined after `ms` (at once when not positive). */

@@ -40,9 +40,9 @@ PULL_BLOCK_S = 0.1
 REAP_EVERY_S = 5.0
 #: How often the pause key is re-read while serving (seconds).
 PAUSE_POLL_S = 0.05
-#: How long a failed write is retried at least (seconds): a reply is
-#: retried until its request's deadline (Dispatcher.retrying), the
-#: adapter's own writes (the registry, a reaper's pass) this long.
+#: How long the reaper's answers are retried at most (seconds), and so how
+#: long a stop waits for a reaper's pass (with 5 more); a reply is retried
+#: until its request's deadline (Dispatcher.retrying).
 RETRY_S = 10.0
 #: The pause between two tries of a failed write (seconds).
 RETRY_DELAY_S = 0.2
@@ -99,7 +99,10 @@ def refused_for_good(err):
     something else (WRONGTYPE) or an ACL that forbids it (NOPERM); retrying
     cannot help. Anything else (a lost connection, OOM, READONLY during a
     failover) may pass."""
-    return isinstance(err, redis.ResponseError) and ("WRONGTYPE" in str(err) or "NOPERM" in str(err))
+    # redis-py raises NOPERM as NoPermissionError, its code cut from the
+    # message; on EXECABORT it raises the first command's error.
+    return isinstance(err, redis.exceptions.NoPermissionError) or (
+        isinstance(err, redis.ResponseError) and ("WRONGTYPE" in str(err) or "NOPERM" in str(err)))
 
 
 FAILED = (502, [("content-type", b"text/plain; charset=utf-8")],
@@ -368,18 +371,18 @@ class Dispatcher:
         self.complete(raw, request, protocol.response(request.id, status, headers, bytes(out)))
         return None
 
-    def complete(self, raw, request, frame):
+    def complete(self, raw, request, frame, until_ms=None):
         """Pushes the last frame of ``request`` and removes it from the
         processing list in one MULTI (docs/protocol.md, step 5). A reply
         Redis refuses for good (WRONGTYPE, NOPERM) is given up and the
-        request removed alone; any other failure is retried (see
-        :meth:`retrying`)."""
+        request removed alone; any other failure is retried until
+        ``until_ms`` (default: the request's deadline; see :meth:`retrying`)."""
         def write():
             self.redis.pipeline(transaction=True).rpush(request.reply_to, frame).pexpire(
                 request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
 
         try:
-            self.retrying(request, "completing", write)
+            self.retrying(request, "completing", write, until_ms)
         except redis.RedisError as err:
             if not refused_for_good(err):
                 raise
@@ -387,18 +390,20 @@ class Dispatcher:
             self.redis.lrem(self.processing, 1, raw)
 
     @staticmethod
-    def retrying(request, what, write):
+    def retrying(request, what, write, until_ms=None):
         """Runs ``write`` until it succeeds; after a failure (a lost
         connection, a failover, ``OOM`` or ``READONLY``) again every
-        RETRY_DELAY_S until ``request``'s deadline, as the Rust dispatcher
-        does (docs/protocol.md, step 5): a reply after it reaches no one.
-        Raises a refusal for good (WRONGTYPE, NOPERM) at once, and the last
-        failure at the deadline."""
+        RETRY_DELAY_S until ``until_ms``: by default ``request``'s deadline,
+        as the Rust dispatcher does (docs/protocol.md, step 5), since a
+        reply after it reaches no one; a stream, which outlives its
+        deadline, passes its own (:meth:`stream_until`). Raises a refusal
+        for good (WRONGTYPE, NOPERM) at once, and the last failure then."""
+        until_ms = request.deadline_ms if until_ms is None else until_ms
         while True:
             try:
                 return write()
             except redis.RedisError as err:
-                if refused_for_good(err) or now_ms() + RETRY_DELAY_S * 1000 >= request.deadline_ms:
+                if refused_for_good(err) or now_ms() + RETRY_DELAY_S * 1000 >= until_ms:
                     raise
                 log.warning("%s %s failed (%s); retrying", what, request.id, err)
                 time.sleep(RETRY_DELAY_S)
@@ -411,7 +416,8 @@ class Dispatcher:
         body, or a client that reads nothing for STREAM_IDLE_S, gets an
         aborted end."""
         push = lambda frame: self.retrying(request, "streaming", lambda: self.redis.pipeline(  # noqa: E731
-            transaction=False).rpush(request.reply_to, frame).pexpire(request.reply_to, REPLY_TTL_MS).execute())
+            transaction=False).rpush(request.reply_to, frame).pexpire(request.reply_to, REPLY_TTL_MS).execute(),
+            self.stream_until(request))
         self.credits.register(request.id)
         seq = sent = 0
         aborted = None
@@ -431,13 +437,20 @@ class Dispatcher:
             except Exception as err:  # noqa: BLE001 - the stream is cut short, never ended cleanly
                 log.warning("stream aborted: %s", err)
                 aborted = str(err) or type(err).__name__
-            self.complete(raw, request, protocol.stream_end(request.id, seq, aborted))
+            self.complete(raw, request, protocol.stream_end(request.id, seq, aborted), self.stream_until(request))
         finally:
             self.credits.forget(request.id)
             close = getattr(body, "close", None)
             if close is not None:
                 close()
         return None
+
+    @staticmethod
+    def stream_until(request):
+        """Until when a write of a stream is retried: a stream may run past
+        its request's deadline, so at least STREAM_IDLE_S from now (as the
+        Rust dispatcher's stream writes)."""
+        return max(request.deadline_ms, now_ms() + int(STREAM_IDLE_S * 1000))
 
     def read_credits(self):
         """Pops this dispatcher's credit list (``'A'`` frames from proxies)
@@ -524,7 +537,9 @@ class Dispatcher:
                                    protocol.MAX_REPEATS, max(1, request.deadline_ms - now))
             if done != 2:
                 return None  # back in the queue, or no longer this reaper's
-        self.complete(raw, request, protocol.response(request.id, *protocol.INTERRUPTED))
+        # Bounded by RETRY_S too: a stop waits for the reaper's pass.
+        until_ms = min(request.deadline_ms, now_ms() + int(RETRY_S * 1000))
+        self.complete(raw, request, protocol.response(request.id, *protocol.INTERRUPTED), until_ms)
         return None
 
     # -- heartbeat ---------------------------------------------------------

@@ -327,11 +327,11 @@ module Anteroom
 
     # Pushes the last frame of +request+ and removes it from the processing
     # list in one MULTI (docs/protocol.md, step 5). A lost connection or any
-    # other failure is retried until the request's deadline (#retrying); a
-    # reply Redis refuses for good (WRONGTYPE, NOPERM) is given up and the
-    # request removed alone.
-    def complete(redis, raw, request, frame)
-      retrying(request) do
+    # other failure is retried until +until_ms+ (#retrying; by default the
+    # request's deadline); a reply Redis refuses for good (WRONGTYPE,
+    # NOPERM) is given up and the request removed alone.
+    def complete(redis, raw, request, frame, until_ms = request.deadline_ms)
+      retrying(request, until_ms) do
         redis.multi do |m|
           m.rpush(request.reply_to, frame)
           m.pexpire(request.reply_to, REPLY_TTL_MS)
@@ -346,28 +346,39 @@ module Anteroom
     end
 
     # Runs the block; after a Redis failure (a lost connection, a
-    # failover, OOM, READONLY) again every RETRY_DELAY_S until +request+'s
-    # deadline, as the Rust dispatcher does (docs/protocol.md, step 5): a
-    # reply after it reaches no one. A refusal for good (WRONGTYPE, NOPERM)
-    # is raised at once, the last failure at the deadline.
-    def retrying(request)
+    # failover, OOM, READONLY) again every RETRY_DELAY_S until +until_ms+:
+    # by default +request+'s deadline, as the Rust dispatcher does
+    # (docs/protocol.md, step 5), since a reply after it reaches no one; a
+    # stream, which outlives its deadline, passes its own (#stream_until).
+    # A refusal for good (WRONGTYPE, NOPERM) is raised at once, the last
+    # failure then.
+    def retrying(request, until_ms = request.deadline_ms)
       yield
     rescue Redis::BaseError => e
-      raise if refused_for_good?(e) || Protocol.now_ms + (RETRY_DELAY_S * 1000) >= request.deadline_ms
+      raise if refused_for_good?(e) || Protocol.now_ms + (RETRY_DELAY_S * 1000) >= until_ms
 
       @log.warn("writing for #{request.id} failed (#{e.message}); retrying")
       sleep RETRY_DELAY_S
       retry
     end
 
+    # Until when a write of a stream is retried: a stream may run past its
+    # request's deadline, so at least STREAM_IDLE_S from now (as the Rust
+    # dispatcher's stream writes).
+    def stream_until(request)
+      [request.deadline_ms, Protocol.now_ms + (STREAM_IDLE_S * 1000).to_i].max
+    end
+
     # Whether Redis refused a write for good: a reply list that holds
     # something else, or an ACL that forbids it; retrying cannot help.
+    # (An ACL refusal inside a MULTI reaches redis-rb 4.8 as EXECABORT,
+    # which is retried until the deadline.)
     def refused_for_good?(error)
       error.is_a?(Redis::CommandError) && error.message.start_with?("WRONGTYPE", "NOPERM")
     end
 
     def push(redis, request, frame)
-      retrying(request) do
+      retrying(request, stream_until(request)) do
         redis.pipelined do |p|
           p.rpush(request.reply_to, frame)
           p.pexpire(request.reply_to, REPLY_TTL_MS)
@@ -407,7 +418,7 @@ module Anteroom
         @log.warn("stream aborted: #{e.message}")
         aborted = e.message.empty? ? e.class.name : e.message
       end
-      complete(redis, raw, request, Protocol.stream_end(request.id, seq, aborted))
+      complete(redis, raw, request, Protocol.stream_end(request.id, seq, aborted), stream_until(request))
     ensure
       @lock.synchronize { @streams.delete(request.id) }
       body.close if body.respond_to?(:close)
@@ -540,7 +551,9 @@ module Anteroom
                           argv: [raw, dead, Protocol::MAX_REPEATS, [request.deadline_ms - now, 1].max])
         return unless done == 2 # back in the queue, or no longer this reaper's
       end
-      complete(redis, raw, request, Protocol.response(request.id, *Protocol::INTERRUPTED))
+      # Bounded by RETRY_S too: a stop waits for the reaper's pass.
+      until_ms = [request.deadline_ms, Protocol.now_ms + (RETRY_S * 1000).to_i].min
+      complete(redis, raw, request, Protocol.response(request.id, *Protocol::INTERRUPTED), until_ms)
     end
 
     # -- heartbeat -----------------------------------------------------------
