@@ -641,15 +641,9 @@ async fn a_dispatcher_stopped_with_a_request_running_leaves_it_to_the_reaper() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let registered: Option<f64> = redis::cmd("ZSCORE")
-        .arg(keys.dispatchers())
-        .arg(&id)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     assert!(!beating, "the heartbeat outlived the stop");
     assert!(
-        registered.is_some(),
+        registered(&mut conn, &keys, &id).await,
         "the registry entry went with a request held"
     );
     assert_eq!(llen(&mut conn, &keys.processing(&id)).await, 1);
@@ -669,13 +663,21 @@ async fn a_dispatcher_stopped_with_a_request_running_leaves_it_to_the_reaper() {
     let reply = answer.await.unwrap();
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(reply.body, Bytes::from_static(b"again"));
-    let registered: Option<f64> = redis::cmd("ZSCORE")
-        .arg(keys.dispatchers())
-        .arg(&id)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(registered.is_none(), "the reaper left the dead entry");
+    assert!(
+        !registered(&mut conn, &keys, &id).await,
+        "the reaper left the dead entry"
+    );
     fresh.stop().await;
     proxy.stop().await;
+}
+
+/// Whether dispatcher `id` is in the registry of `keys`' queue.
+async fn registered(conn: &mut redis::aio::MultiplexedConnection, keys: &Keys, id: &str) -> bool {
+    redis::cmd("ZSCORE")
+        .arg(keys.dispatchers())
+        .arg(id)
+        .query_async::<Option<f64>>(conn)
+        .await
+        .unwrap()
+        .is_some()
 }
