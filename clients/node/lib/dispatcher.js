@@ -33,6 +33,8 @@ const REAP_EVERY_MS = 5_000;
 const PAUSE_POLL_MS = 50;
 /** The pause between two tries of a failed write (ms). */
 const RETRY_DELAY_MS = 200;
+/** How long removing a request with no reply is retried (ms; the Rust dispatcher's minute). */
+const DISCARD_MS = 60_000;
 /** How long the reaper's answers are retried at most (ms), so a stop waits for a pass that long. */
 const REAP_WRITE_MS = 10_000;
 const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
@@ -225,10 +227,7 @@ class Dispatcher {
     const refused = protocol.REFUSED[kind];
     const now = Date.now();
     if (request.deadline_ms - now > protocol.MAX_HOLD_MS) return this.setAside(raw, 'deadline more than 24 h ahead');
-    if (now >= request.deadline_ms) {
-      await this.redis.lRem(this.processing, 1, raw); // the client has its 504
-      return undefined;
-    }
+    if (now >= request.deadline_ms) return this.discard(raw, request); // the client has its 504
     if (refused) {
       // Known, not served: the client hears why at once, instead of waiting
       // out its hold budget while the request lies dead.
@@ -237,11 +236,7 @@ class Dispatcher {
     }
     if (request.dedupe) {
       const ttl = Math.max(1, request.deadline_ms - now + REPLY_TTL_MS);
-      const claimed = await this.redis.sendCommand(['SET', this.keys.claimed(request.id), this.id, 'NX', 'PX', String(ttl)]);
-      if (claimed === null) {
-        await this.redis.lRem(this.processing, 1, raw); // another delivery has it
-        return undefined;
-      }
+      if (!await this.claim(request, ttl)) return this.discard(raw, request); // another delivery has it
     }
     let status;
     let headers;
@@ -253,8 +248,7 @@ class Dispatcher {
         calling.then(([, , late]) => { if (!Buffer.isBuffer(late)) destroyApp(late.response); }, () => {});
         // Past the deadline with no head: the client has its 504.
         console.error(`anteroom: ${request.method} ${request.uri} wrote no head before its deadline; dropped`);
-        await this.redis.lRem(this.processing, 1, raw);
-        return undefined;
+        return this.discard(raw, request);
       }
       [status, headers, out] = answered;
       if (!Buffer.isBuffer(out) && !request.stream) out = await collect(out.body);
@@ -282,6 +276,36 @@ class Dispatcher {
       if (!refusedForGood(err)) throw err;
       console.error(`anteroom: Redis refused the reply to ${request.id} (${errorText(err)}); giving it up`);
       await this.redis.lRem(this.processing, 1, raw);
+    }
+  }
+
+  /**
+   * Removes `raw` from the processing list with no reply (expired, another
+   * delivery's, its client gone): housekeeping, retried for DISCARD_MS as
+   * the Rust dispatcher does; what is left stays for the reaper should this
+   * dispatcher die.
+   */
+  async discard(raw, request) {
+    try {
+      await this.retrying(request, 'discarding', () => this.redis.lRem(this.processing, 1, raw), Date.now() + DISCARD_MS);
+    } catch (err) {
+      console.error(`anteroom: cannot remove ${request.id} from the processing list (${err.message})`);
+    }
+    return undefined;
+  }
+
+  /**
+   * Claims a `dedupe` request (SET NX, docs/protocol.md step 3): false when
+   * another delivery has it. A Redis error counts as claimed, so the request
+   * still runs (as the Rust dispatcher).
+   */
+  async claim(request, ttl) {
+    try {
+      const claimed = await this.redis.sendCommand(['SET', this.keys.claimed(request.id), this.id, 'NX', 'PX', String(ttl)]);
+      return claimed !== null;
+    } catch (err) {
+      console.error(`anteroom: cannot claim ${request.id} (${err.message}); running it`);
+      return true;
     }
   }
 
@@ -331,7 +355,7 @@ class Dispatcher {
             if (room === 'gone') {
               ended = true;
               destroyApp(out.response);
-              await this.redis.lRem(this.processing, 1, raw); // the client is gone
+              await this.discard(raw, request); // the client is gone
               return undefined;
             }
             if (room === 'idle') throw new Error(`the client read nothing for ${STREAM_IDLE_MS / 1000}s`);
@@ -485,10 +509,7 @@ class Dispatcher {
     if (accepted === null) return undefined;
     const { kind, request } = accepted;
     const now = Date.now();
-    if (now >= request.deadline_ms) {
-      await this.redis.lRem(this.processing, 1, raw);
-      return undefined;
-    }
+    if (now >= request.deadline_ms) return this.discard(raw, request);
     if (kind === 'Q' && protocol.isSafeToRepeat(request)) {
       const done = await this.redis.eval(protocol.REQUEUE, {
         keys: [this.processing, this.keys.requests, this.keys.claimed(request.id), this.keys.repeats(request.id)],

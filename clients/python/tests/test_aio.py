@@ -141,3 +141,35 @@ def test_a_completion_refused_for_lack_of_memory_is_retried_until_it_passes():
     finally:
         process.kill()
         process.wait()
+
+
+def test_claims_and_discards_ride_out_redis_errors_as_the_rust_dispatcher(monkeypatch):
+    """A claim that Redis cannot answer counts as claimed (the request still
+    runs); removing a request with no reply is retried for DISCARD_S, then
+    given up without an exception (the reaper finds what is left)."""
+    from anteroom import dispatcher as threaded
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(threaded, "DISCARD_S", 0.5)
+    d = threaded.Dispatcher(lambda request: None, f"redis://127.0.0.1:{port}", "q")
+    now = protocol.now_ms()
+    meta = {"id": "r1", "method": "GET", "uri": "/", "version": "HTTP/1.1", "headers": [],
+            "reply_to": "anteroom:{q}:replies:p1", "enqueued_at_ms": now, "deadline_ms": now + 30_000}
+    request = protocol.Request(dict(meta, body_len=0), b"")
+    assert d.claim(request, 1000) is True
+    started = time.monotonic()
+    assert d.discard(b"raw", request) is None
+    assert 0.3 <= time.monotonic() - started < 5
+
+    process, port = start_redis()
+    try:
+        d = threaded.Dispatcher(lambda request: None, f"redis://127.0.0.1:{port}", "q")
+        sync = redis.Redis(port=port)
+        sync.rpush(d.processing, b"raw")
+        assert d.claim(request, 1000) is True and d.claim(request, 1000) is False
+        d.discard(b"raw", request)
+        assert sync.llen(d.processing) == 0
+    finally:
+        process.kill()
+        process.wait()

@@ -46,6 +46,9 @@ PAUSE_POLL_S = 0.05
 RETRY_S = 10.0
 #: The pause between two tries of a failed write (seconds).
 RETRY_DELAY_S = 0.2
+#: How long removing a request with no reply is retried (seconds; the Rust
+#: dispatcher's minute).
+DISCARD_S = 60.0
 #: Most bytes of a streamed body sent and not yet credited (1 MiB, as the
 #: Rust dispatcher's default window).
 WINDOW = 1024 * 1024
@@ -351,14 +354,12 @@ class Dispatcher:
         if verdict == "aside":
             return self.set_aside(raw, request)
         if verdict == "expired":
-            self.redis.lrem(self.processing, 1, raw)
-            return None
+            return self.discard(raw, request)  # the client has its 504
         if verdict == "refuse":
             self.complete(raw, request, protocol.response(request.id, *protocol.REFUSED[extra]))
             return None
-        if verdict == "claim" and not self.redis.set(self.keys.claimed(request.id), self.id, nx=True, px=extra):
-            self.redis.lrem(self.processing, 1, raw)  # another delivery has it
-            return None
+        if verdict == "claim" and not self.claim(request, extra):
+            return self.discard(raw, request)  # another delivery has it
         try:
             status, headers, out = self.handler(request)
             if not isinstance(out, (bytes, bytearray)) and not request.stream:
@@ -429,7 +430,7 @@ class Dispatcher:
                         piece = bytes(chunk[at:at + protocol.MAX_CHUNK])
                         if not self.credits.room(request.id, sent, len(piece), STREAM_IDLE_S):
                             if self.credits.streams.get(request.id, (0, True))[1]:
-                                self.redis.lrem(self.processing, 1, raw)  # the client is gone
+                                self.discard(raw, request)  # the client is gone
                                 return None
                             raise TimeoutError(f"the client read nothing for {STREAM_IDLE_S:.0f}s")
                         push(protocol.stream_chunk(request.id, seq, piece))
@@ -444,6 +445,27 @@ class Dispatcher:
             if close is not None:
                 close()
         return None
+
+    def discard(self, raw, request):
+        """Removes ``raw`` from the processing list with no reply (expired,
+        another delivery's, its client gone): housekeeping, retried for
+        DISCARD_S as the Rust dispatcher does; what is left stays for the
+        reaper should this dispatcher die."""
+        try:
+            self.retrying(request, "discarding", lambda: self.redis.lrem(self.processing, 1, raw),
+                          now_ms() + int(DISCARD_S * 1000))
+        except redis.RedisError as err:
+            log.error("cannot remove %s from the processing list (%s)", request.id, err)
+
+    def claim(self, request, ttl_ms):
+        """Claims a ``dedupe`` request (``SET NX``, docs/protocol.md step 3):
+        False when another delivery has it. A Redis error counts as claimed,
+        so the request still runs (as the Rust dispatcher)."""
+        try:
+            return bool(self.redis.set(self.keys.claimed(request.id), self.id, nx=True, px=ttl_ms))
+        except redis.RedisError as err:
+            log.warning("cannot claim %s (%s); running it", request.id, err)
+            return True
 
     @staticmethod
     def stream_until(request):
@@ -529,8 +551,7 @@ class Dispatcher:
         kind, request = accepted
         now = now_ms()
         if now >= request.deadline_ms:
-            self.redis.lrem(self.processing, 1, raw)
-            return None
+            return self.discard(raw, request)
         if kind == "Q" and request.is_safe_to_repeat():
             done = self.redis.eval(protocol.REQUEUE, 4, self.processing, self.keys.requests,
                                    self.keys.claimed(request.id), self.keys.repeats(request.id), raw, dead,

@@ -52,6 +52,9 @@ module Anteroom
     RETRY_S = 10.0
     # The pause between two tries of a failed write (s).
     RETRY_DELAY_S = 0.2
+    # How long removing a request with no reply is retried (s; the Rust
+    # dispatcher's minute).
+    DISCARD_S = 60.0
     # The answer to a handler that raised.
     FAILED = [502, [["content-type", "text/plain; charset=utf-8".b]],
               "the backend failed to handle the request\n".b].freeze
@@ -283,7 +286,7 @@ module Anteroom
 
       now = Protocol.now_ms
       return set_aside(redis, raw, "deadline more than 24 h ahead") if request.deadline_ms - now > Protocol::MAX_HOLD_MS
-      return redis.lrem(@processing, 1, raw) if now >= request.deadline_ms # the client has its 504
+      return discard(redis, raw, request) if now >= request.deadline_ms # the client has its 504
 
       if (refused = Protocol::REFUSED[kind])
         # Known, not served: the client hears why at once, instead of
@@ -294,7 +297,7 @@ module Anteroom
 
       if request.dedupe?
         ttl = [request.deadline_ms - now + REPLY_TTL_MS, 1].max
-        return redis.lrem(@processing, 1, raw) unless redis.set(@keys.claimed(request.id), @id, nx: true, px: ttl)
+        return discard(redis, raw, request) unless claim(redis, request, ttl) # another delivery has it
       end
 
       status, headers, out = answer(request)
@@ -362,6 +365,26 @@ module Anteroom
       retry
     end
 
+    # Removes +raw+ from the processing list with no reply (expired,
+    # another delivery's, its client gone): housekeeping, retried for
+    # DISCARD_S as the Rust dispatcher does; what is left stays for the
+    # reaper should this dispatcher die.
+    def discard(redis, raw, request)
+      retrying(request, Protocol.now_ms + (DISCARD_S * 1000).to_i) { redis.lrem(@processing, 1, raw) }
+    rescue Redis::BaseError => e
+      @log.error("cannot remove #{request.id} from the processing list (#{e.message})")
+    end
+
+    # Claims a +dedupe+ request (SET NX, docs/protocol.md step 3): false
+    # when another delivery has it. A Redis error counts as claimed, so the
+    # request still runs (as the Rust dispatcher).
+    def claim(redis, request, ttl)
+      redis.set(@keys.claimed(request.id), @id, nx: true, px: ttl)
+    rescue Redis::BaseError => e
+      @log.warn("cannot claim #{request.id} (#{e.message}); running it")
+      true
+    end
+
     # Until when a write of a stream is retried: a stream may run past its
     # request's deadline, so at least STREAM_IDLE_S from now (as the Rust
     # dispatcher's stream writes).
@@ -404,7 +427,7 @@ module Anteroom
             piece = chunk.byteslice(at, Protocol::MAX_CHUNK)
             case room(request.id, sent, piece.bytesize)
             when :gone
-              redis.lrem(@processing, 1, raw) # the client is gone
+              discard(redis, raw, request) # the client is gone
               return
             when :idle
               raise IOError, "the client read nothing for #{STREAM_IDLE_S.round}s"
@@ -543,7 +566,7 @@ module Anteroom
       return unless request
 
       now = Protocol.now_ms
-      return redis.lrem(@processing, 1, raw) if now >= request.deadline_ms
+      return discard(redis, raw, request) if now >= request.deadline_ms
 
       if kind == "Q" && request.safe_to_repeat?
         done = redis.eval(Protocol::REQUEUE,
