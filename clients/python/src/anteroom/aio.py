@@ -29,8 +29,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import protocol
-from .dispatcher import (DISCARD_S, FAILED, PAUSE_POLL_S, PULL_BLOCK_S, REPLY_TTL_MS, RETRY_DELAY_S,
-                         Dispatcher, refused_for_good)
+from .dispatcher import (FAILED, PAUSE_POLL_S, PULL_BLOCK_S, REPLY_TTL_MS, RETRY_DELAY_S, Dispatcher,
+                         refused_for_good)
 
 log = logging.getLogger("anteroom")
 
@@ -277,20 +277,21 @@ class AsyncDispatcher(Dispatcher):
                 self.freed_event.set()
 
     async def handle_one(self, raw):
-        """``Dispatcher.handle`` on the loop: the rare verdicts (set aside,
-        expired, claimed) take a Redis command of their own; a run ends in
-        the batched completion, or a stream written from a thread."""
+        """``Dispatcher.handle`` on the loop: the rare verdicts run the
+        threaded dispatcher's own steps in a thread (``set_aside``,
+        ``discard``, ``claim``); a run ends in the batched completion, or a
+        stream written from a thread."""
         loop = asyncio.get_running_loop()
         verdict, request, extra = self.triage(raw)
         if verdict == "aside":
             return await loop.run_in_executor(self.streams, self.set_aside, raw, request)
         if verdict == "expired":
-            return await self.discard_async(raw, request)  # the client has its 504
+            return await loop.run_in_executor(self.streams, self.discard, raw, request)  # the client has its 504
         if verdict == "refuse":
             frame = protocol.response(request.id, *protocol.REFUSED[extra])
             return await self.completer.complete(raw, request.reply_to, frame, request.deadline_ms)
-        if verdict == "claim" and not await self.claim_async(request, extra):
-            return await self.discard_async(raw, request)  # another delivery has it
+        if verdict == "claim" and not await loop.run_in_executor(self.streams, self.claim, request, extra):
+            return await loop.run_in_executor(self.streams, self.discard, raw, request)  # another delivery has it
         try:
             # The app gets until the deadline for its response to begin;
             # then it is cancelled and the request dropped, as the Rust
@@ -303,33 +304,10 @@ class AsyncDispatcher(Dispatcher):
         except Exception as err:  # noqa: BLE001 - the app's failure is the client's 502
             if isinstance(err, asyncio.TimeoutError) and protocol.now_ms() >= request.deadline_ms:
                 log.warning("%s %s began no response by its deadline; dropped", request.method, request.uri)
-                return await self.discard_async(raw, request)
+                return await loop.run_in_executor(self.streams, self.discard, raw, request)
             log.exception("the app failed on %s %s", request.method, request.uri)
             status, headers, out = FAILED
         if not isinstance(out, (bytes, bytearray)):
             return await loop.run_in_executor(self.streams, self.stream, raw, request, status, headers, out)
         frame = protocol.response(request.id, status, headers, bytes(out))
         return await self.completer.complete(raw, request.reply_to, frame, request.deadline_ms)
-
-    async def discard_async(self, raw, request):
-        """``Dispatcher.discard`` on the loop: ``LREM`` with no reply,
-        retried for DISCARD_S."""
-        until = time.monotonic() + DISCARD_S
-        while True:
-            try:
-                await self.completer.client.lrem(self.processing, 1, raw)
-                return None
-            except redis.RedisError as err:
-                if time.monotonic() + RETRY_DELAY_S >= until:
-                    log.error("cannot remove %s from the processing list (%s)", request.id, err)
-                    return None
-                log.warning("discarding %s failed (%s); retrying", request.id, err)
-                await asyncio.sleep(RETRY_DELAY_S)
-
-    async def claim_async(self, request, ttl_ms):
-        """``Dispatcher.claim`` on the loop: a Redis error counts as claimed."""
-        try:
-            return bool(await self.completer.client.set(self.keys.claimed(request.id), self.id, nx=True, px=ttl_ms))
-        except redis.RedisError as err:
-            log.warning("cannot claim %s (%s); running it", request.id, err)
-            return True
