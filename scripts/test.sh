@@ -3,7 +3,7 @@
 #
 # First installs what the tests need and the machine lacks:
 #   - system packages through apt-get (sudo when not root): redis-server,
-#     openssl, curl, PostgreSQL (started, trust auth for 127.0.0.1),
+#     openssl, curl, faketime, PostgreSQL (started, trust auth for 127.0.0.1),
 #     chromium, python3 with venv;
 #   - Python packages from tests/requirements.txt into the project's own
 #     virtual environment, .venv (never into the system Python; set
@@ -41,6 +41,8 @@ packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+# libfaketime: runs proxies and dispatchers with their host clock off.
+command -v faketime >/dev/null 2>&1 || packages+=(faketime)
 browser=false
 for name in chromium chromium-browser google-chrome; do
   command -v "$name" >/dev/null 2>&1 && browser=true

@@ -451,6 +451,13 @@ pub(crate) struct ConformanceArgs {
     #[arg(long)]
     pub(crate) refuse_writes: bool,
 
+    /// libfaketime, preloaded into COMMAND for the case "deadlines by
+    /// Redis's clock, host clock off" [default: the first found of
+    /// Debian's, Ubuntu's and /usr/local's; without one the case is
+    /// skipped].
+    #[arg(long, env = "ANTEROOM_FAKETIME_LIB", value_name = "PATH")]
+    pub(crate) faketime_lib: Option<std::path::PathBuf>,
+
     /// The dispatcher to check, after `--`.
     #[arg(
         required = true,

@@ -124,6 +124,9 @@ struct Kit {
     dir: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// libfaketime and the offset the next start runs the command with
+    /// (`LD_PRELOAD`, `FAKETIME`), for the host-clock case.
+    faked: Option<(PathBuf, &'static str)>,
 }
 
 /// One case's outcome: a detail when it passed, why when it failed.
@@ -193,10 +196,22 @@ impl Kit {
         let mut command = Command::new(&self.command[0]);
         command
             .args(&self.command[1..])
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true);
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if let Some((lib, offset)) = &self.faked {
+            // In the command's own process (the `faketime` wrapper would
+            // fork, and the kit signals and finds the command by its pid).
+            let preload = match std::env::var_os("LD_PRELOAD") {
+                Some(others) if !others.is_empty() => {
+                    let mut all = lib.clone().into_os_string();
+                    all.push(":");
+                    all.push(others);
+                    all
+                }
+                _ => lib.clone().into_os_string(),
+            };
+            command.env("LD_PRELOAD", preload).env("FAKETIME", offset);
+        }
+        command.stdout(out).stderr(err).kill_on_drop(true);
         let child = command
             .spawn()
             .map_err(|e| format!("cannot start {:?}: {e}", self.command[0]))?;
@@ -752,6 +767,81 @@ async fn killed_and_reaped(kit: &mut Kit) -> Outcome {
     ))
 }
 
+/// Where libfaketime usually lies: Debian's and Ubuntu's multiarch
+/// directories, then the prefixes of a build from source.
+const FAKETIME_LIBS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/faketime/libfaketime.so.1",
+    "/usr/local/lib/faketime/libfaketime.so.1",
+];
+
+/// libfaketime: the one given, or the first of [`FAKETIME_LIBS`] present.
+fn faketime_lib(given: Option<&PathBuf>) -> Result<PathBuf, String> {
+    if let Some(path) = given {
+        return if path.is_file() {
+            Ok(path.clone())
+        } else {
+            Err(format!("--faketime-lib {}: no such file", path.display()))
+        };
+    }
+    FAKETIME_LIBS
+        .iter()
+        .map(PathBuf::from)
+        .find(|path| path.is_file())
+        .ok_or_else(|| {
+            "needs libfaketime (Debian and Ubuntu: apt-get install faketime), or its path in \
+             --faketime-lib"
+                .to_owned()
+        })
+}
+
+/// Deadlines are read by the queue's clock, Redis's (docs/protocol.md,
+/// "Time"), not the host's: restarted with its host clock 60 s ahead, then
+/// 60 s behind (libfaketime), the command still runs a request with 30 s
+/// left, and still does not run one whose deadline has passed. A
+/// dispatcher that reads its host's clock drops the first when ahead and
+/// runs the second when behind. Leaves the command running (60 s behind).
+async fn host_clock_off(kit: &mut Kit, lib: PathBuf) -> Outcome {
+    for (offset, name) in [("+60s", "ahead"), ("-60s", "behind")] {
+        let pid = kit.child.as_ref().and_then(Child::id);
+        kit.signal("TERM")?;
+        kit.stopped_cleanly(pid).await?;
+        kit.faked = Some((lib.clone(), offset));
+        let started = kit.start(Duration::from_secs(30)).await;
+        kit.faked = None;
+        started.map_err(|e| format!("with the host clock {offset}: {e}"))?;
+        let mut expired = kit.envelope(
+            "GET",
+            &format!("/touch/clock-{name}-expired"),
+            Vec::new(),
+            b"",
+        );
+        expired.deadline_ms = now_ms() - 1;
+        let fresh = kit.envelope(
+            "GET",
+            &format!("/touch/clock-{name}-fresh"),
+            Vec::new(),
+            b"",
+        );
+        kit.push(&expired).await.map_err(|e| e.to_string())?;
+        let answer = kit.ask(&fresh).await.map_err(|e| {
+            format!("host clock {name} by 60 s: a request with 30 s left was not run ({e})")
+        })?;
+        if answer.status != 200 {
+            return Err(format!("host clock {name} by 60 s: got {}", answer.status));
+        }
+        kit.until_held(0, REPLY_WAIT).await?;
+        if kit.touched().contains(&format!("clock-{name}-expired")) || kit.replies.any(&expired.id)
+        {
+            return Err(format!(
+                "host clock {name} by 60 s: a request past its deadline (by Redis's clock) was run"
+            ));
+        }
+    }
+    Ok("60 s ahead and behind: fresh run, expired not".into())
+}
+
 /// Runs the kit; exit status 0 when every case passed.
 pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
     let (redis_url, _private) = match &args.redis {
@@ -809,6 +899,7 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
         dir: dir.clone(),
         child: None,
         starts: 0,
+        faked: None,
     };
     println!(
         "conformance: {} on queue {:?}",
@@ -874,6 +965,16 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
                 "SIGKILL mid-request, then reaped",
                 killed_and_reaped(&mut kit).await,
             );
+            match faketime_lib(args.faketime_lib.as_ref()) {
+                Ok(lib) => report(
+                    "deadlines by Redis's clock, host clock off",
+                    host_clock_off(&mut kit, lib).await,
+                ),
+                Err(why) => {
+                    skipped += 1;
+                    println!("  skip  deadlines by Redis's clock, host clock off: {why}");
+                }
+            }
             report(
                 "clean stop removes the heartbeat",
                 clean_stop(&mut kit).await,

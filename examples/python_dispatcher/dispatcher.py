@@ -9,8 +9,11 @@ import json, os, signal, socket, struct, sys, time, uuid
 import redis
 
 
-def now_ms():
-    return int(time.time() * 1000)
+def now_ms(r):
+    """Unix ms by Redis's clock (TIME), which deadlines are read against, so
+    this host's own clock need not be right (docs/protocol.md, "Time")."""
+    seconds, micros = r.time()
+    return seconds * 1000 + micros // 1000
 
 
 def decode_request(raw):
@@ -46,13 +49,13 @@ def handle(r, key, processing, me, raw):
     try:
         meta, body = decode_request(raw)
     except (ValueError, KeyError, TypeError, UnicodeError) as err:  # a dead letter
-        dead = frame("D", {"reason": f"does not decode: {err}", "at_ms": now_ms(), "by": me, "body_len": len(raw)}, raw)
+        dead = frame("D", {"reason": f"does not decode: {err}", "at_ms": now_ms(r), "by": me, "body_len": len(raw)}, raw)
         r.pipeline(transaction=True).lpush(key("dead"), dead).lrem(processing, 1, raw).execute()
         return
-    if now_ms() >= meta["deadline_ms"]:  # the client already has its 504
+    if now_ms(r) >= meta["deadline_ms"]:  # the client already has its 504
         r.lrem(processing, 1, raw)
         return
-    claim_ms = max(1, meta["deadline_ms"] - now_ms() + 60_000)
+    claim_ms = max(1, meta["deadline_ms"] - now_ms(r) + 60_000)
     if meta.get("dedupe") and not r.set(key("claimed:" + meta["id"]), me, nx=True, px=claim_ms):
         r.lrem(processing, 1, raw)  # another delivery has it
         return
@@ -65,9 +68,9 @@ def handle(r, key, processing, me, raw):
 
 def main(url, queue):
     r = redis.Redis.from_url(url)
-    me, started = "py-" + uuid.uuid4().hex[:12], now_ms()
+    me, started = "py-" + uuid.uuid4().hex[:12], now_ms(r)
     key = lambda suffix: f"anteroom:{{{queue}}}:{suffix}"
-    processing, pause_id, last_beat = key("processing:" + me), None, 0
+    processing, pause_id, last_beat = key("processing:" + me), None, float("-inf")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     r.sadd("anteroom:queues", queue)
     try:
@@ -77,13 +80,13 @@ def main(url, queue):
                 paused = None if record is None else json.loads(record)["id"]
             except (ValueError, KeyError, TypeError):
                 paused = record.decode("latin-1")  # anything else still means paused
-            if paused != pause_id or now_ms() - last_beat > 3000:  # heartbeat, TTL 10 s
-                pause_id, last_beat = paused, now_ms()
+            if paused != pause_id or time.monotonic() - last_beat > 3:  # heartbeat, TTL 10 s
+                pause_id, last_beat = paused, time.monotonic()
                 beat = {"id": me, "host": socket.gethostname(), "pid": os.getpid(), "label": "python",
                         "concurrency": 1, "in_flight": 0, "paused": pause_id is not None,
                         "pause_id": pause_id, "started_at_ms": started}
                 r.pipeline(transaction=False).set(key("dispatcher:" + me), json.dumps(beat), px=10_000).zadd(
-                    key("dispatchers"), {me: now_ms()}).execute()
+                    key("dispatchers"), {me: now_ms(r)}).execute()
             raw = None if pause_id else r.lmove(key("requests"), processing, "RIGHT", "LEFT")
             if raw is None:
                 time.sleep(0.05)

@@ -3,6 +3,7 @@
 //! everything links once.
 
 mod cli;
+mod clocks;
 mod cluster;
 mod config;
 mod conformance;

@@ -19,6 +19,8 @@ const { createClient, RESP_TYPES } = require('redis');
 const inject = require('light-my-request');
 const protocol = require('./protocol');
 
+const { nowMs } = protocol;
+
 /** How long a reply list lives without a new reply (as the Rust dispatcher). */
 const REPLY_TTL_MS = 60_000;
 /** How long one blocked pull waits: a pause is seen at most this late. */
@@ -62,7 +64,7 @@ class Dispatcher {
     this.done = false;
     this.inFlight = 0;
     this.acknowledged = null;
-    this.startedAtMs = Date.now();
+    this.startedAtMs = nowMs();
     this.freed = null;
     /** Streams by request id: `{consumed, cancel, wake}` from the proxy's credits. */
     this.streams = new Map();
@@ -87,6 +89,8 @@ class Dispatcher {
     const stop = () => { this.stopping = true; };
     process.once('SIGTERM', stop);
     process.once('SIGINT', stop);
+    await protocol.CLOCK.read(client);
+    this.startedAtMs = nowMs();
     await client.sAdd('anteroom:queues', this.keys.queue);
     await this.beat();
     const beating = setInterval(() => { this.beat().catch((err) => console.error(`anteroom: heartbeat: ${err.message}`)); },
@@ -100,8 +104,8 @@ class Dispatcher {
     try {
       await this.pull();
     } finally {
-      const until = Date.now() + this.graceMs;
-      while (this.inFlight > 0 && Date.now() < until) await sleep(20);
+      const until = nowMs() + this.graceMs;
+      while (this.inFlight > 0 && nowMs() < until) await sleep(20);
       const left = this.inFlight;
       this.done = true;
       clearInterval(beating);
@@ -147,9 +151,9 @@ class Dispatcher {
         // The pause key is re-read every PAUSE_POLL_MS, not before every
         // pull: a pull between a pause and its acknowledgement is allowed
         // (the pause waits for the acknowledgement).
-        if (Date.now() - checked >= PAUSE_POLL_MS) {
+        if (nowMs() - checked >= PAUSE_POLL_MS) {
           pauseId = await this.pausedId();
-          checked = Date.now();
+          checked = nowMs();
         }
         if (pauseId !== this.acknowledged) {
           this.acknowledged = pauseId; // no pull is outstanding here
@@ -225,7 +229,7 @@ class Dispatcher {
     if (accepted === null) return undefined;
     const { kind, request } = accepted;
     const refused = protocol.REFUSED[kind];
-    const now = Date.now();
+    const now = nowMs();
     if (request.deadline_ms - now > protocol.MAX_HOLD_MS) return this.setAside(raw, 'deadline more than 24 h ahead');
     if (now >= request.deadline_ms) return this.discard(raw, request); // the client has its 504
     if (refused) {
@@ -243,7 +247,7 @@ class Dispatcher {
     let out;
     try {
       const calling = this.call(request);
-      const answered = await Promise.race([calling, timer(request.deadline_ms - Date.now())]);
+      const answered = await Promise.race([calling, timer(request.deadline_ms - nowMs())]);
       if (answered === undefined) {
         calling.then(([, , late]) => { if (!Buffer.isBuffer(late)) destroyApp(late.response); }, () => {});
         // Past the deadline with no head: the client has its 504.
@@ -287,7 +291,7 @@ class Dispatcher {
    */
   async discard(raw, request) {
     try {
-      await this.retrying(request, 'discarding', () => this.redis.lRem(this.processing, 1, raw), Date.now() + DISCARD_MS);
+      await this.retrying(request, 'discarding', () => this.redis.lRem(this.processing, 1, raw), nowMs() + DISCARD_MS);
     } catch (err) {
       console.error(`anteroom: cannot remove ${request.id} from the processing list (${err.message})`);
     }
@@ -321,7 +325,7 @@ class Dispatcher {
       try {
         return await write();
       } catch (err) {
-        if (refusedForGood(err) || Date.now() + RETRY_DELAY_MS >= untilMs) throw err;
+        if (refusedForGood(err) || nowMs() + RETRY_DELAY_MS >= untilMs) throw err;
         console.error(`anteroom: ${what} ${request.id} failed (${err.message}); retrying`);
         await sleep(RETRY_DELAY_MS);
       }
@@ -380,11 +384,11 @@ class Dispatcher {
 
   /** Waits until `length` more bytes fit in the window: 'ok', 'gone' (a cancel) or 'idle'. */
   async room(state, sent, length) {
-    const until = Date.now() + STREAM_IDLE_MS;
+    const until = nowMs() + STREAM_IDLE_MS;
     for (;;) {
       if (state.cancel) return 'gone';
       if (sent + length <= Math.min(state.consumed, sent) + WINDOW || sent === state.consumed) return 'ok';
-      const left = until - Date.now();
+      const left = until - nowMs();
       if (left <= 0) return 'idle';
       await new Promise((resolve) => {
         const timer = setTimeout(resolve, left);
@@ -508,7 +512,7 @@ class Dispatcher {
     const accepted = await this.accepted(raw, "found in a dead dispatcher's list; ");
     if (accepted === null) return undefined;
     const { kind, request } = accepted;
-    const now = Date.now();
+    const now = nowMs();
     if (now >= request.deadline_ms) return this.discard(raw, request);
     if (kind === 'Q' && protocol.isSafeToRepeat(request)) {
       const done = await this.redis.eval(protocol.REQUEUE, {
@@ -519,7 +523,7 @@ class Dispatcher {
     }
     // Bounded by REAP_WRITE_MS too: a stop waits for the reaper's pass.
     await this.complete(raw, request, protocol.response(request.id, ...protocol.INTERRUPTED),
-      Math.min(request.deadline_ms, Date.now() + REAP_WRITE_MS));
+      Math.min(request.deadline_ms, nowMs() + REAP_WRITE_MS));
     return undefined;
   }
 
@@ -542,10 +546,14 @@ class Dispatcher {
       pause_id: pauseId,
       started_at_ms: this.startedAtMs,
     };
-    await this.redis.multi()
+    const sent = performance.now();
+    // TIME first: each beat also reads the queue's clock.
+    const [time] = await this.redis.multi()
+      .addCommand(['TIME'])
       .addCommand(['SET', this.keys.dispatcher(this.id), JSON.stringify(beat), 'PX', String(this.heartbeatTtlMs)])
-      .zAdd(this.keys.dispatchers, { score: Date.now(), value: this.id })
+      .zAdd(this.keys.dispatchers, { score: nowMs(), value: this.id })
       .exec();
+    protocol.CLOCK.observe(time, sent, performance.now());
   }
 }
 
@@ -568,7 +576,7 @@ function refusedForGood(err) {
  * dispatcher's stream writes).
  */
 function streamUntil(request) {
-  return Math.max(request.deadline_ms, Date.now() + STREAM_IDLE_MS);
+  return Math.max(request.deadline_ms, nowMs() + STREAM_IDLE_MS);
 }
 
 /** Resolves with undefined after `ms` (at once when not positive). */

@@ -13,6 +13,62 @@ const ID = /^[A-Za-z0-9._-]{1,64}$/;
 
 class DecodeError extends Error {}
 
+/**
+ * The queue's clock (docs/protocol.md, "Time"): Unix time by the Redis
+ * server's clock, which every deadline is read against, so a host whose own
+ * clock is off neither drops requests as expired nor runs them after their
+ * client's 504. It is the monotonic clock (`performance.now()`) plus an
+ * offset that `observe` corrects from each `TIME` reading (on connect and
+ * with every heartbeat). The reading over the shortest round trip is kept
+ * (its error is at most half the round trip), unless it is older by more
+ * seconds than a new one's round trip is longer in milliseconds (as the Rust
+ * `anteroom_protocol::clock`). Before any reading it is the host's clock.
+ */
+class Clock {
+  constructor() {
+    /** Server ms at monotonic zero, or null before any reading. */
+    this.atZero = null;
+    this.roundTrip = null;
+    this.taken = null;
+  }
+
+  /** Unix milliseconds by the queue's clock. */
+  nowMs() {
+    if (this.atZero === null) return Date.now();
+    return Math.floor(this.atZero + performance.now());
+  }
+
+  /**
+   * Takes the `TIME` `reply` ([seconds, microseconds], strings or Buffers)
+   * to a command sent at `sent` and answered at `received` (monotonic ms).
+   */
+  observe(reply, sent, received) {
+    const seconds = Number(String(reply[0]));
+    const micros = Number(String(reply[1]));
+    if (!Number.isFinite(seconds) || !Number.isFinite(micros)) throw new TypeError(`TIME replied ${reply}`);
+    const roundTrip = received - sent;
+    if (this.roundTrip !== null && roundTrip > this.roundTrip + (received - this.taken) / 1000) return;
+    this.atZero = seconds * 1000 + micros / 1000 - (sent + roundTrip / 2);
+    this.roundTrip = roundTrip;
+    this.taken = received;
+  }
+
+  /** Reads the server's clock through node-redis `client` (`TIME`). */
+  async read(client) {
+    const sent = performance.now();
+    const reply = await client.sendCommand(['TIME']);
+    this.observe(reply, sent, performance.now());
+  }
+}
+
+/** The process's queue clock. */
+const CLOCK = new Clock();
+
+/** Unix milliseconds by the queue's clock: the unit of every deadline on the wire. */
+function nowMs() {
+  return CLOCK.nowMs();
+}
+
 /** One frame of `kind` (a one-letter string) with `meta` and `body`. */
 function encode(kind, meta, body = Buffer.alloc(0)) {
   const json = Buffer.from(JSON.stringify({ ...meta, body_len: body.length }), 'utf8');
@@ -156,7 +212,7 @@ function streamEnd(id, chunks, aborted = null) {
 
 /** A dead letter ('D') carrying `raw`, byte for byte. */
 function deadLetter(raw, reason, by) {
-  return encode('D', { reason, at_ms: Date.now(), by, body_len: raw.length }, raw);
+  return encode('D', { reason, at_ms: nowMs(), by, body_len: raw.length }, raw);
 }
 
 /** The Redis key names of one queue (docs/protocol.md, "Redis keys"). */
@@ -189,6 +245,7 @@ class Keys {
 }
 
 module.exports = {
+  Clock, CLOCK, nowMs,
   VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, isSafeToRepeat, CLAIM, REQUEUE, MAX_REPEATS, INTERRUPTED, REFUSED,
   response,
   streamHead, streamChunk, streamEnd, deadLetter, Keys,

@@ -37,3 +37,27 @@ test('only this queue\'s reply lists are written to', () => {
     assert.ok(!keys.isReplies(key), key);
   }
 });
+
+test("the queue's clock follows the server and prefers short round trips", async () => {
+  // docs/protocol.md, "Time": Redis's clock, estimated from TIME readings.
+  const clock = new protocol.Clock();
+  assert.ok(Math.abs(clock.nowMs() - Date.now()) < 1000, "before any reading it is the host's clock");
+  const reading = (ms) => [String(Math.floor(ms / 1000)), String(Math.floor((ms % 1000) * 1000))];
+
+  let sent = performance.now();
+  clock.observe(reading(Date.now() + 3_600_000), sent, sent + 2);
+  assert.ok(Math.abs(clock.nowMs() - Date.now() - 3_600_000) < 1000);
+
+  sent = performance.now();
+  clock.observe(reading(Date.now()), sent, sent + 300);
+  assert.ok(clock.nowMs() - Date.now() > 3_599_000, 'a worse reading replaced a better one');
+
+  sent = performance.now();
+  clock.observe([Buffer.from(reading(Date.now() - 30_000)[0]), Buffer.from('0')], sent, sent + 1);
+  assert.ok(Math.abs(clock.nowMs() - Date.now() + 30_000) < 1500);
+
+  const before = clock.nowMs();
+  await new Promise((resolve) => { setTimeout(resolve, 20); });
+  const advanced = clock.nowMs() - before;
+  assert.ok(advanced >= 15 && advanced < 500, `advanced ${advanced} ms`);
+});

@@ -77,4 +77,31 @@ class TestProtocol < Minitest::Test
     refute keys.replies?("anteroom:{web}:replies:a b")
     assert_raises(ArgumentError) { P::Keys.new("a b") }
   end
+
+  # The queue's clock (docs/protocol.md, "Time"): Redis's, estimated from
+  # TIME readings, preferring the reading over the shortest round trip.
+  def test_the_clock_follows_the_server_and_prefers_short_round_trips
+    clock = P::Clock.new
+    wall = -> { Process.clock_gettime(Process::CLOCK_REALTIME, :float_millisecond) }
+    mono = -> { P::Clock.monotonic_ms }
+    assert_in_delta wall.call, clock.now_ms, 1000, "before any reading it is the host's clock"
+
+    server = wall.call + 3_600_000
+    sent = mono.call
+    clock.observe([(server / 1000).to_i, ((server % 1000) * 1000).to_i], sent, sent + 2)
+    assert_in_delta 3_600_000, clock.now_ms - wall.call, 1000
+
+    sent = mono.call
+    clock.observe([(wall.call / 1000).to_i, 0], sent, sent + 300)
+    assert_operator clock.now_ms - wall.call, :>, 3_599_000, "a worse reading replaced a better one"
+
+    server = wall.call - 30_000
+    sent = mono.call
+    clock.observe([(server / 1000).to_i, ((server % 1000) * 1000).to_i], sent, sent + 1)
+    assert_in_delta(-30_000, clock.now_ms - wall.call, 1000)
+
+    before = clock.now_ms
+    sleep 0.02
+    assert_includes 15...500, clock.now_ms - before
+  end
 end

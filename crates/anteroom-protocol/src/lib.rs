@@ -11,10 +11,12 @@
 //! length-prefixed JSON metadata block and the raw body bytes. Decoding never
 //! panics; bad input gives a [`DecodeError`]. [`Failure`] is the one table that
 //! maps broker failures to HTTP statuses. `docs/protocol.md` specifies all of
-//! this for implementers in other languages.
+//! this for implementers in other languages. [`clock`] is the queue's clock
+//! (the Redis server's), which every deadline is read against.
 //!
 //! This crate has no async runtime dependency.
 
+pub mod clock;
 mod convert;
 mod envelope;
 mod failure;
@@ -25,6 +27,7 @@ mod printable;
 mod socket;
 mod stream;
 
+pub use clock::now_ms;
 pub use convert::{
     ConvertError, MAX_HEADER_FIELDS, headers_from_map, strip_hop_by_hop,
     strip_hop_by_hop_from_response,
@@ -43,15 +46,6 @@ pub use stream::{
     Credit, Inbound, KIND_CREDIT, KIND_STREAM_CHUNK, KIND_STREAM_END, KIND_STREAM_HEAD, KIND_TAKEN,
     MAX_CHUNK, MAX_WINDOW, Reply, StreamChunk, StreamEnd, StreamHead, Taken,
 };
-
-/// Milliseconds since the Unix epoch, the time unit of every deadline on the wire.
-pub fn now_ms() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// Longest hold budget, and so the furthest a deadline may lie ahead: a
 /// proxy refuses a longer `--hold`, and a dispatcher sets aside an envelope

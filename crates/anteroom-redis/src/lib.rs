@@ -73,11 +73,38 @@ pub async fn connect(
 /// connecting and each command. A `PING` checks that the server takes
 /// commands from this client: a server with `requirepass` accepts the
 /// connection of a client without a password, then answers every command
-/// `NOAUTH`, which would otherwise surface later, once per command.
+/// `NOAUTH`, which would otherwise surface later, once per command. The
+/// check is a [`read_clock`], so the queue's clock is set before the
+/// component reads or writes a deadline.
 pub async fn shared(target: &Target, timeout: Duration) -> redis::RedisResult<SharedConnection> {
     let mut conn = SharedConnection::connect(target, timeout).await?;
-    redis::cmd("PING").query_async::<()>(&mut conn).await?;
+    read_clock(&mut conn).await?;
+    let skew = anteroom_protocol::clock::skew_ms();
+    if skew.abs() >= 1_000 {
+        tracing::warn!(
+            skew_ms = skew,
+            "this host's clock differs from Redis's; deadlines follow Redis's clock"
+        );
+    }
     Ok(conn)
+}
+
+/// Reads the server's clock with `TIME` and corrects the queue's clock
+/// with it ([`anteroom_protocol::clock`]; docs/protocol.md, "Time"). Errors
+/// are Redis's (a reply that is not two integers is a type error).
+pub async fn read_clock(conn: &mut impl redis::aio::ConnectionLike) -> redis::RedisResult<()> {
+    let sent = std::time::Instant::now();
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+    observe_time(seconds, micros, sent);
+    Ok(())
+}
+
+/// Hands one `TIME` reply (`seconds`, `micros`), to a command sent at
+/// `sent` and answered now, to the queue's clock; for callers that send
+/// `TIME` in a pipeline of their own.
+pub fn observe_time(seconds: u64, micros: u64, sent: std::time::Instant) {
+    let server_us = seconds.saturating_mul(1_000_000).saturating_add(micros);
+    anteroom_protocol::clock::observe(server_us, sent, std::time::Instant::now());
 }
 
 /// Opens a connection for blocking commands that block at most `block`,

@@ -166,6 +166,8 @@ class Dispatcher:
         self.prepare()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
+        protocol.CLOCK.read(self.redis)
+        self.started_at_ms = now_ms()
         self.redis.sadd("anteroom:queues", self.keys.queue)
         self.beat()
         beating = threading.Thread(target=self.heartbeat, name="anteroom-heartbeat", daemon=True)
@@ -571,8 +573,12 @@ class Dispatcher:
                 "concurrency": self.threads, "in_flight": self.running(), "paused": pause_id is not None,
                 "pause_id": pause_id, "started_at_ms": self.started_at_ms}
         ttl_ms = int(self.heartbeat_ttl * 1000)
-        self.redis.pipeline(transaction=False).set(self.keys.dispatcher(self.id), json.dumps(beat), px=ttl_ms).zadd(
+        sent = time.monotonic()
+        # TIME first: each beat also reads the queue's clock.
+        reply = self.redis.pipeline(transaction=False).time().set(
+            self.keys.dispatcher(self.id), json.dumps(beat), px=ttl_ms).zadd(
             self.keys.dispatchers, {self.id: now_ms()}).execute()
+        protocol.CLOCK.observe(reply[0], sent, time.monotonic())
 
     def heartbeat(self):
         while not self.done.is_set():

@@ -7,6 +7,7 @@ U+0000..U+00FF (ISO-8859-1), as WSGI carries them.
 import json
 import re
 import struct
+import threading
 import time
 
 VERSION = 1
@@ -19,9 +20,61 @@ class DecodeError(ValueError):
     """Bytes that are not a frame of the expected kind (docs/protocol.md)."""
 
 
+class Clock:
+    """The queue's clock (docs/protocol.md, "Time"): Unix time by the Redis
+    server's clock, which every deadline is read against, so a host whose
+    own clock is off neither drops requests as expired nor runs them after
+    their client's 504.
+
+    It is the monotonic clock plus an offset that :meth:`observe` corrects
+    from each ``TIME`` reading (taken on connect and with every heartbeat).
+    Of the readings, the one over the shortest round trip is kept (its error
+    is at most half the round trip), unless it is older by more seconds than
+    a new one's round trip is longer in milliseconds (as the Rust
+    ``anteroom_protocol::clock``). Before any reading it is the host's
+    wall clock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        #: Server milliseconds at monotonic zero, or None before any reading.
+        self._at_zero = None
+        self._round_trip = None
+        self._taken = None
+
+    def now_ms(self):
+        """Unix milliseconds by the queue's clock."""
+        at_zero = self._at_zero
+        if at_zero is None:
+            return int(time.time() * 1000)
+        return int(at_zero + time.monotonic() * 1000)
+
+    def observe(self, reply, sent, received):
+        """Takes the ``TIME`` ``reply`` (seconds, microseconds) to a command
+        sent at ``sent`` and answered at ``received`` (monotonic seconds)."""
+        seconds, micros = int(reply[0]), int(reply[1])
+        round_trip = received - sent
+        with self._lock:
+            if self._round_trip is not None and round_trip > self._round_trip + (received - self._taken) / 1000:
+                return
+            middle = sent + round_trip / 2
+            self._at_zero = seconds * 1000 + micros / 1000 - middle * 1000
+            self._round_trip, self._taken = round_trip, received
+
+    def read(self, client):
+        """Reads the server's clock through redis-py ``client`` (``TIME``)."""
+        sent = time.monotonic()
+        reply = client.time()
+        self.observe(reply, sent, time.monotonic())
+
+
+#: The process's queue clock.
+CLOCK = Clock()
+
+
 def now_ms():
-    """Unix milliseconds, the unit of every deadline on the wire."""
-    return int(time.time() * 1000)
+    """Unix milliseconds by the queue's clock (the Redis server's, see
+    :class:`Clock`): the unit of every deadline on the wire."""
+    return CLOCK.now_ms()
 
 
 def encode(kind, meta, body=b""):

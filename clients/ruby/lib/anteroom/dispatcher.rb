@@ -99,6 +99,8 @@ module Anteroom
     def run
       %w[TERM INT].each { |sig| trap(sig) { Thread.new { stop } } }
       redis = connect
+      Protocol::CLOCK.read(redis)
+      @started_at_ms = Protocol.now_ms
       redis.sadd?("anteroom:queues", @keys.queue)
       beat(redis)
       reaping = Thread.new { reaper }
@@ -593,10 +595,14 @@ module Anteroom
       record = { id: @id, host: Socket.gethostname, pid: Process.pid, label: @label,
                  concurrency: @threads, in_flight: @lock.synchronize { @in_flight },
                  paused: !pause_id.nil?, pause_id: pause_id, started_at_ms: @started_at_ms }
-      redis.pipelined do |p|
+      sent = Protocol::Clock.monotonic_ms
+      # TIME first: each beat also reads the queue's clock.
+      reply = redis.pipelined do |p|
+        p.time
         p.set(@keys.dispatcher(@id), JSON.generate(record), px: (@heartbeat_ttl * 1000).to_i)
         p.zadd(@keys.dispatchers, Protocol.now_ms, @id)
       end
+      Protocol::CLOCK.observe(reply[0], sent, Protocol::Clock.monotonic_ms)
     end
 
     def heartbeat

@@ -77,9 +77,65 @@ module Anteroom
 
     module_function
 
-    # Unix milliseconds, the unit of every deadline on the wire.
+    # The queue's clock (docs/protocol.md, "Time"): Unix time by the Redis
+    # server's clock, which every deadline is read against, so a host whose
+    # own clock is off neither drops requests as expired nor runs them after
+    # their client's 504. It is the monotonic clock plus an offset that
+    # #observe corrects from each +TIME+ reading (on connect and with every
+    # heartbeat). The reading over the shortest round trip is kept (its
+    # error is at most half the round trip), unless it is older by more
+    # seconds than a new one's round trip is longer in milliseconds (as the
+    # Rust +anteroom_protocol::clock+). Before any reading it is the host's
+    # wall clock.
+    class Clock
+      def initialize
+        @lock = Mutex.new
+        @at_zero = nil # server ms at monotonic zero
+        @round_trip = nil
+        @taken = nil
+      end
+
+      # Unix milliseconds by the queue's clock.
+      def now_ms
+        at_zero = @at_zero
+        return Process.clock_gettime(Process::CLOCK_REALTIME, :millisecond) if at_zero.nil?
+
+        (at_zero + Process.clock_gettime(Process::CLOCK_MONOTONIC, :float_millisecond)).to_i
+      end
+
+      # Takes the +TIME+ +reply+ ([seconds, microseconds]) to a command sent
+      # at +sent+ and answered at +received+ (monotonic milliseconds).
+      def observe(reply, sent, received)
+        seconds, micros = Integer(reply[0]), Integer(reply[1])
+        round_trip = received - sent
+        @lock.synchronize do
+          return if @round_trip && round_trip > @round_trip + ((received - @taken) / 1000.0)
+
+          @at_zero = (seconds * 1000) + (micros / 1000.0) - (sent + (round_trip / 2.0))
+          @round_trip = round_trip
+          @taken = received
+        end
+      end
+
+      # Reads the server's clock through redis-rb +redis+ (+TIME+).
+      def read(redis)
+        sent = Clock.monotonic_ms
+        reply = redis.time
+        observe(reply, sent, Clock.monotonic_ms)
+      end
+
+      def self.monotonic_ms
+        Process.clock_gettime(Process::CLOCK_MONOTONIC, :float_millisecond)
+      end
+    end
+
+    # The process's queue clock.
+    CLOCK = Clock.new
+
+    # Unix milliseconds by the queue's clock (the Redis server's, see
+    # Clock): the unit of every deadline on the wire.
     def now_ms
-      Process.clock_gettime(Process::CLOCK_REALTIME, :millisecond)
+      CLOCK.now_ms
     end
 
     # One frame of +kind+ (a one-letter String) with +meta+ (a Hash;

@@ -78,7 +78,9 @@ impl Presence {
         }
     }
 
-    /// Writes the heartbeat (with its TTL) and refreshes the registry entry.
+    /// Writes the heartbeat (with its TTL) and refreshes the registry entry;
+    /// reads the server's clock on the way (`TIME`, for the queue's clock:
+    /// docs/protocol.md, "Time").
     pub async fn beat(
         &self,
         conn: &mut SharedConnection,
@@ -91,7 +93,9 @@ impl Presence {
                 e.to_string(),
             ))
         })?;
-        redis::pipe()
+        let sent = std::time::Instant::now();
+        let ((seconds, micros),): ((u64, u64),) = redis::pipe()
+            .cmd("TIME")
             .cmd("SET")
             .arg(&self.key)
             .arg(json)
@@ -104,7 +108,9 @@ impl Presence {
             .arg(&self.id)
             .ignore()
             .query_async(conn)
-            .await
+            .await?;
+        anteroom_redis::observe_time(seconds, micros, sent);
+        Ok(())
     }
 
     /// Removes the heartbeat and the registry entry (on a clean stop). A
