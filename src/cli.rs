@@ -307,6 +307,13 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_ENQUEUE_TIMEOUT", default_value = duration_text(anteroom_proxy::defaults::ENQUEUE_TIMEOUT), value_parser = parse_duration)]
     pub(crate) enqueue_timeout: Duration,
 
+    /// Percent of Redis's maxmemory at which new requests get 503 (with
+    /// Retry-After) instead of being queued, so that what is queued can
+    /// still be taken and answered: a full Redis refuses the dispatchers'
+    /// writes too. 100: only when Redis itself refuses (OOM).
+    #[arg(long, env = "ANTEROOM_REDIS_HIGH_WATERMARK", default_value_t = anteroom_proxy::defaults::REDIS_HIGH_WATERMARK, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub(crate) redis_high_watermark: u8,
+
     /// After each enqueue, wait (WAIT 1) for a replica to have it, so an
     /// accepted request survives the loss of the primary.
     #[arg(long, env = "ANTEROOM_DURABLE")]

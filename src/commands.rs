@@ -88,6 +88,7 @@ pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.websocket_max_message = args.websocket_max_message;
     config.websocket_ping_interval = args.websocket_ping;
     config.enqueue_timeout = args.enqueue_timeout;
+    config.redis_high_watermark = args.redis_high_watermark;
     config.durable = args.durable.then_some(args.durable_wait);
     config
 }

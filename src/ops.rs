@@ -4,7 +4,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anteroom_control::{ControlError, Queue, QueueStatus, Quiescence, StatusReport, known_queues};
+use anteroom_control::{
+    ControlError, MemoryStatus, Queue, QueueStatus, Quiescence, StatusReport, known_queues,
+};
 use anyhow::Context;
 
 use crate::cli::{PauseArgs, QueueArgs, StatusArgs, WindowArgs};
@@ -187,7 +189,18 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         Some(name) => vec![name],
         None => known_queues(&mut conn).await?,
     };
-    let mut report = StatusReport { queues: Vec::new() };
+    let memory = if target.is_cluster() {
+        None
+    } else {
+        anteroom_redis::memory_info(&mut conn)
+            .await
+            .ok()
+            .map(MemoryStatus::from)
+    };
+    let mut report = StatusReport {
+        queues: Vec::new(),
+        memory,
+    };
     for name in names {
         let keys = anteroom_protocol::Keys::new(&name)?;
         let queue = Queue::with_connection(keys, conn.clone());
@@ -205,6 +218,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         outln!("redis {}", redact(&args.redis.url));
+        out!("{}", status_view::memory(report.memory.as_ref()));
         out!("{}", status_view::render(&report));
         if let Some(name) = &args.queue {
             let known = known_queues(&mut conn).await?;

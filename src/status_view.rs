@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use anteroom_control::{Quiescence, StatusReport};
+use anteroom_control::{MemoryStatus, Quiescence, StatusReport};
 use anteroom_protocol::printable;
 
 /// `1234` -> `1.2s`, `75000` -> `1m15s`.
@@ -18,6 +18,54 @@ pub(crate) fn duration_ms(ms: u64) -> String {
 
 fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
+}
+
+/// `1536` -> `1.5 KiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Redis's memory, and a warning when its policy evicts keys (none when it
+/// could not be read).
+pub(crate) fn memory(memory: Option<&MemoryStatus>) -> String {
+    let Some(m) = memory else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let limit = match m.maxmemory_bytes {
+        0 => "no maxmemory".to_owned(),
+        max => format!(
+            "of maxmemory {} ({}%)",
+            bytes(max),
+            m.used_bytes.saturating_mul(100) / max
+        ),
+    };
+    let _ = writeln!(
+        out,
+        "  memory        {} used {limit}, policy {}",
+        bytes(m.used_bytes),
+        printable(&m.policy)
+    );
+    if m.evicts {
+        let _ = writeln!(
+            out,
+            "  WARNING: maxmemory-policy {} evicts keys when Redis is full: waiting requests, replies, \
+             heartbeats and claims can vanish (requests lost or run twice). Set noeviction \
+             (docs/operations.md, \"Redis settings\").",
+            printable(&m.policy)
+        );
+    }
+    out
 }
 
 /// The whole report as aligned text.

@@ -5,16 +5,12 @@
 //! other languages are checked the same way by the conformance kit.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use anteroom_testkit::free_port;
-use axum::Router;
-use axum::extract::{Path, State};
-use axum::routing::get as route_get;
 use futures_util::future::join_all;
 use http::StatusCode;
-use tokio::net::TcpListener;
 
 use crate::support::bin::{BinProcess, command};
 use crate::support::web::{client, get};
@@ -46,26 +42,6 @@ fn spawn_at(offset: Option<&str>, args: &[&str]) -> BinProcess {
     BinProcess::spawn_cmd(&mut cmd)
 }
 
-/// An upstream that records the path of every request it runs.
-async fn recording_upstream() -> (String, Arc<Mutex<Vec<String>>>) {
-    let ran = Arc::new(Mutex::new(Vec::new()));
-    let app = Router::new()
-        .route(
-            "/run/{id}",
-            route_get(
-                |State(ran): State<Arc<Mutex<Vec<String>>>>, Path(id): Path<String>| async move {
-                    ran.lock().unwrap_or_else(PoisonError::into_inner).push(id);
-                    "ran\n"
-                },
-            ),
-        )
-        .with_state(Arc::clone(&ran));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, ran)
-}
-
 /// One proxy and one dispatcher with their clocks at `proxy` and
 /// `dispatcher`: 40 requests at once all answered 200; then, with the
 /// queue paused, 5 requests answered 504 at their 2 s hold budget are not
@@ -74,7 +50,7 @@ async fn deadlines_hold(proxy_clock: Option<&str>, dispatcher_clock: Option<&str
     let label = format!("proxy {proxy_clock:?}, dispatcher {dispatcher_clock:?}");
     let redis = start_redis();
     let queue = "clocks";
-    let (upstream, ran) = recording_upstream().await;
+    let (upstream, ran) = crate::support::app::recording_upstream().await;
     let port = free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
     let url = redis.url();

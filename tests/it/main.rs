@@ -21,6 +21,7 @@ mod operations;
 mod outages;
 mod pause;
 mod playbooks;
+mod pressure;
 mod python;
 mod python_apps;
 mod reliability;

@@ -27,8 +27,8 @@ pub use error::ControlError;
 pub use pause::{HeldPause, PauseWatch, watch_pause};
 pub use queue::ReapReport;
 pub use status::{
-    DispatcherStatus, EXPIRED_SCAN, OrphanStatus, PauseStatus, ProxyStatus, QueueStatus,
-    Quiescence, StatusReport, known_queues,
+    DispatcherStatus, EXPIRED_SCAN, MemoryStatus, OrphanStatus, PauseStatus, ProxyStatus,
+    QueueStatus, Quiescence, StatusReport, known_queues,
 };
 
 use std::time::Duration;

@@ -16,6 +16,37 @@ use crate::{ControlError, Queue};
 pub struct StatusReport {
     /// One entry per queue, by name.
     pub queues: Vec<QueueStatus>,
+    /// The Redis server's memory (`INFO memory`), when it could be read
+    /// (not on Redis Cluster, whose nodes each have their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStatus>,
+}
+
+/// The Redis server's memory, and whether its policy can lose Anteroom's
+/// keys (docs/operations.md, "Redis settings").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStatus {
+    /// `used_memory`, bytes.
+    pub used_bytes: u64,
+    /// `maxmemory`, bytes; 0 for no limit.
+    pub maxmemory_bytes: u64,
+    /// `maxmemory-policy`.
+    pub policy: String,
+    /// True when Redis may evict keys (a `maxmemory` and a policy other
+    /// than `noeviction`): waiting requests, replies, heartbeats and
+    /// claims can then vanish.
+    pub evicts: bool,
+}
+
+impl From<anteroom_redis::MemoryInfo> for MemoryStatus {
+    fn from(info: anteroom_redis::MemoryInfo) -> Self {
+        Self {
+            evicts: info.evicts(),
+            used_bytes: info.used,
+            maxmemory_bytes: info.max,
+            policy: info.policy,
+        }
+    }
 }
 
 /// Everything `anteroom status` reports about one queue. Serialized as the

@@ -71,6 +71,21 @@ pub(crate) async fn completer(
                     }
                     break;
                 }
+                Err(err) if anteroom_redis::is_out_of_memory(&err) => {
+                    // Redis is over its maxmemory: each completion in a
+                    // script allowed to run then, so what is held is still
+                    // answered (and its memory freed).
+                    let before = batch.len();
+                    batch = complete_when_full(&shared, &mut conn, batch).await;
+                    if batch.len() < before {
+                        tracing::warn!(
+                            completed = before - batch.len(),
+                            "Redis is full (OOM): completed past its maxmemory"
+                        );
+                        continue;
+                    }
+                    err
+                }
                 Err(err) if batch.len() > 1 && refused_for_good(&err) => {
                     // Redis refused a command (a reply list that is not a
                     // list, say): one completion's fault must not hold the
@@ -128,6 +143,40 @@ async fn complete_one_by_one(
     for completion in batch {
         let one = std::slice::from_ref(&completion);
         match complete_batch(shared, conn, one).await {
+            Ok(()) => {
+                shared.replicate().await;
+                let _ = completion.done.send(());
+            }
+            Err(err) if refused_for_good(&err) => give_up(shared, conn, completion, &err).await,
+            Err(_) => retry.push(completion),
+        }
+    }
+    retry
+}
+
+/// Completes each of `batch` with [`queue::complete_when_full`], for a
+/// Redis over its maxmemory. Those Redis refuses for good are given up;
+/// those that fail otherwise are returned, to be retried.
+async fn complete_when_full(
+    shared: &Shared,
+    conn: &mut SharedConnection,
+    batch: Vec<Completion>,
+) -> Vec<Completion> {
+    let mut retry = Vec::new();
+    for completion in batch {
+        let done = Done {
+            reply_to: &completion.reply_to,
+            reply: Some(&completion.reply),
+            raw: &completion.raw,
+        };
+        let written = queue::complete_when_full(
+            conn,
+            &shared.processing_key,
+            shared.settings.reply_ttl,
+            &done,
+        )
+        .await;
+        match written {
             Ok(()) => {
                 shared.replicate().await;
                 let _ = completion.done.send(());

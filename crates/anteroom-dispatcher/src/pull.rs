@@ -211,6 +211,15 @@ pub(crate) async fn pull_loop<S, B>(
                     tracker.spawn(task);
                 }
             }
+            Err(err) if anteroom_redis::is_out_of_memory(&err) => {
+                // Redis is over its maxmemory, and nothing was waiting (a
+                // batch is taken past it, `queue::pull_batch`): the
+                // connection is fine.
+                tracing::debug!(error = %err, "Redis is full; pulling again shortly");
+                if sleep_or_stop(stop, backoff.next_delay()).await {
+                    break;
+                }
+            }
             Err(err) => {
                 tracing::warn!(error = %err, redis = %client, "pull from redis failed; reconnecting");
                 blocking = None;

@@ -297,6 +297,7 @@ impl Admin {
             Ok(status) => {
                 let report = StatusReport {
                     queues: vec![status],
+                    memory: None,
                 };
                 let body = serde_json::to_vec_pretty(&report).unwrap_or_default();
                 let mut resp = Response::new(Full::new(Bytes::from(body)));

@@ -83,6 +83,10 @@ pub(crate) fn arrive(
     // it may then send is charged after its first part). What streams is
     // bounded by the dispatcher's window instead.
     let queued = declared.map_or(0, |n| n.min(buffer as u64));
+    if state.memory.as_ref().is_some_and(|m| m.over()) {
+        state.metrics.shed();
+        return refuse(ProxyError::RedisFull, body);
+    }
     let reservation = match state.budget.reserve(queued as usize) {
         Ok(reservation) => reservation,
         Err((waiting, bytes)) => return refuse(ProxyError::Overloaded { waiting, bytes }, body),
@@ -347,9 +351,20 @@ pub(crate) async fn enqueue(
             Err(err) => err,
         };
         let delay = backoff.next_delay();
+        let full = anteroom_redis::is_out_of_memory(&error);
+        if full {
+            // Until the next reading of Redis's memory says otherwise.
+            if let Some(memory) = &state.memory {
+                memory.refused();
+            }
+        }
         // A repeated push of a `dedupe` envelope runs at most once.
         if !(never_sent || may_repeat) || tokio::time::Instant::now() + delay >= give_up {
-            return Err(ProxyError::Enqueue(error));
+            return Err(if full {
+                ProxyError::RedisFull
+            } else {
+                ProxyError::Enqueue(error)
+            });
         }
         tracing::debug!(%error, "enqueue failed; retrying");
         // Boxed: only a retrying request pays for a timer.

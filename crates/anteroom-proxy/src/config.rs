@@ -43,6 +43,9 @@ pub mod defaults {
     /// [`enqueue_timeout`](super::ProxyConfig::enqueue_timeout): zero
     /// (503 at once while Redis is unreachable).
     pub const ENQUEUE_TIMEOUT: Duration = Duration::ZERO;
+    /// [`redis_high_watermark`](super::ProxyConfig::redis_high_watermark):
+    /// 90 % of `maxmemory`.
+    pub const REDIS_HIGH_WATERMARK: u8 = 90;
     /// The `WAIT` timeout when [`durable`](super::ProxyConfig::durable) is
     /// asked for without one: 250 ms.
     pub const DURABLE_WAIT: Duration = Duration::from_millis(250);
@@ -127,6 +130,13 @@ pub struct ProxyConfig {
     /// `Some(t)`: after each enqueue, `WAIT 1 t` for a replica, so an
     /// accepted request survives the loss of the primary.
     pub durable: Option<Duration>,
+    /// Percentage of Redis's `maxmemory`, 1 to 100, at which the proxy
+    /// stops queueing new requests (503 with `Retry-After`) so that what
+    /// is queued can still be taken and answered (a full Redis refuses the
+    /// dispatchers' writes too); default
+    /// [`REDIS_HIGH_WATERMARK`](defaults::REDIS_HIGH_WATERMARK). Read
+    /// with `INFO memory` every 250 ms; not on Redis Cluster.
+    pub redis_high_watermark: u8,
     /// How long a streamed response may go without a chunk before the
     /// proxy aborts it (the hold budget covers the time until its head);
     /// at least 1 s.
@@ -163,6 +173,9 @@ impl ProxyConfig {
                     number: i + 1,
                     problem,
                 })?;
+        }
+        if !(1..=100).contains(&self.redis_high_watermark) {
+            return Err(crate::ServeError::BadWatermark(self.redis_high_watermark));
         }
         let holds = std::iter::once(self.hold).chain(self.routes.iter().filter_map(|r| r.hold));
         for hold in holds {
@@ -203,6 +216,7 @@ impl ProxyConfig {
             max_waiting: defaults::MAX_WAITING,
             max_waiting_bytes: defaults::MAX_WAITING_BYTES,
             enqueue_timeout: defaults::ENQUEUE_TIMEOUT,
+            redis_high_watermark: defaults::REDIS_HIGH_WATERMARK,
             stream_idle_timeout: defaults::STREAM_IDLE_TIMEOUT,
             max_websockets: defaults::MAX_WEBSOCKETS,
             websocket_max_message: defaults::WEBSOCKET_MAX_MESSAGE,

@@ -27,6 +27,9 @@ pub enum ServeError {
     /// would set aside every request as not written by a proxy.
     #[error("the hold budget must be at most 24h (dispatchers refuse deadlines further ahead)")]
     HoldTooLong,
+    /// A Redis high watermark outside 1 to 100 (percent of `maxmemory`).
+    #[error("the Redis high watermark must be 1 to 100 (percent of maxmemory), not {0}")]
+    BadWatermark(u8),
     /// A route that could never serve (see `RouteConfig::check`).
     #[error("route #{number} {problem}")]
     BadRoute {
@@ -71,6 +74,10 @@ pub(crate) enum ProxyError {
     Overloaded { waiting: usize, bytes: usize },
     #[error("the reply reader stopped")]
     ReaderGone,
+    #[error(
+        "Redis is full: at the proxy's high watermark of its maxmemory, or refusing writes (OOM)"
+    )]
+    RedisFull,
     #[error("the reply is not a valid HTTP response")]
     BadReply(#[source] anteroom_protocol::ConvertError),
     #[error("{0}")]
@@ -110,7 +117,7 @@ impl ProxyError {
             ProxyError::BodyTimeout(_) => Failure::ClientTimeout,
             ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
             ProxyError::HoldExpired => Failure::HoldExpired,
-            ProxyError::Overloaded { .. } => Failure::Overloaded,
+            ProxyError::Overloaded { .. } | ProxyError::RedisFull => Failure::Overloaded,
             ProxyError::BadReply(_) | ProxyError::InterimStatus(_) => Failure::HandlerFailed,
             ProxyError::UpgradeNotSupported(_) => Failure::UpgradeNotSupported,
             ProxyError::BadHandshake(_) => Failure::BadHandshake,

@@ -40,6 +40,8 @@ pub(crate) struct State {
     /// Places for WebSockets, `--max-websockets` of them, shared by every
     /// route.
     pub(crate) sockets: Arc<tokio::sync::Semaphore>,
+    /// Redis's memory against `--redis-high-watermark` (none on Cluster).
+    pub(crate) memory: Option<Arc<anteroom_redis::MemoryWatch>>,
 }
 
 /// Serves one request; never fails (errors become responses).

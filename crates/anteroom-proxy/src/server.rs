@@ -79,7 +79,14 @@ pub async fn serve(
             components.stopping(),
         ),
     );
-    let router = Arc::new(queues.router(&config, &proxy_id, &conn, &demux, &components));
+    let router = Arc::new(queues.router(
+        &config,
+        &proxy_id,
+        &conn,
+        target.is_cluster(),
+        &demux,
+        &components,
+    ));
     tracing::info!(
         listen = %listener
             .local_addr()
@@ -193,12 +200,22 @@ impl Queues {
         config: &Arc<ProxyConfig>,
         proxy_id: &str,
         conn: &SharedConnection,
+        cluster: bool,
         demux: &Arc<Demux>,
         components: &Components,
     ) -> Router {
         let durability = config
             .durable
             .map(|wait| anteroom_redis::Durability::spawn(conn.clone(), wait, components));
+        // Not on Cluster: each queue's node has its own memory, and `INFO`
+        // there goes to any node (a full node still answers OOM: 503).
+        let memory = (!cluster).then(|| {
+            anteroom_redis::MemoryWatch::spawn(
+                conn.clone(),
+                config.redis_high_watermark,
+                components,
+            )
+        });
         // One cap on WebSockets for the whole proxy, whatever their route.
         let sockets = Arc::new(tokio::sync::Semaphore::new(config.max_websockets));
         let state_for = |keys: &Keys, hold: Duration, max_waiting: usize, max_bytes: usize| {
@@ -210,6 +227,7 @@ impl Queues {
                 components,
             );
             Arc::new(State {
+                memory: memory.clone(),
                 sockets: Arc::clone(&sockets),
                 config: Arc::clone(config),
                 queue: keys.queue().to_owned(),

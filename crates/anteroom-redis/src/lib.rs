@@ -23,16 +23,21 @@
 //! [`local::LocalRedis`] starts a private redis-server (the demo's, and
 //! the tests' through `anteroom-testkit`).
 //!
+//! [`MemoryWatch`] follows Redis's memory, so a proxy stops queueing before
+//! Redis refuses writes.
+//!
 //! [`Backoff`] paces reconnect attempts; [`sleep_or_stop`] waits in a way a
 //! shutdown can interrupt.
 
 mod durable;
 pub mod local;
+mod memory;
 mod shared;
 mod target;
 
 pub use durable::Durability;
-pub use shared::{SharedConnection, needs_reconnect};
+pub use memory::{MemoryInfo, MemoryWatch, memory_info};
+pub use shared::{SharedConnection, is_out_of_memory, needs_reconnect};
 pub use target::{Target, TargetError, key_slot};
 
 use std::time::Duration;

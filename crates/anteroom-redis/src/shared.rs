@@ -195,6 +195,17 @@ impl Conn {
     }
 }
 
+/// Whether Redis refused a command for want of memory (`OOM`: `maxmemory`
+/// reached under the `noeviction` policy). The command did nothing, so it
+/// is safe to send again once memory frees.
+pub fn is_out_of_memory(err: &RedisError) -> bool {
+    // Inside a MULTI, redis-rs reports it in the text of the abort.
+    err.code() == Some("OOM") || {
+        let text = err.to_string();
+        text.contains("OOM") && text.contains("maxmemory")
+    }
+}
+
 /// Errors after which the connection (or the server) cannot be trusted.
 pub fn needs_reconnect(err: &RedisError) -> bool {
     err.is_io_error()

@@ -112,3 +112,34 @@ impl Drop for Upstream {
         self.handle.abort();
     }
 }
+
+/// What [`recording_upstream`] has run: the `ID` of each `/run/ID`, in
+/// order.
+pub type Ran = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// An upstream on a port-0 listener that records `ID` for every request
+/// to `/run/ID` (any method, any body) and answers `ran`; returns its URL
+/// and the record. It runs until the test's runtime ends.
+pub async fn recording_upstream() -> (String, Ran) {
+    let ran = Ran::default();
+    let app = Router::new()
+        .route(
+            "/run/{id}",
+            any(
+                |axum::extract::State(ran): axum::extract::State<Ran>,
+                 axum::extract::Path(id): axum::extract::Path<String>,
+                 _body: Bytes| async move {
+                    ran.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(id);
+                    "ran\n"
+                },
+            ),
+        )
+        .layer(DefaultBodyLimit::disable())
+        .with_state(ran.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, ran)
+}

@@ -60,6 +60,42 @@ pub fn complete(
     }
 }
 
+/// Completes one request held in `processing` while Redis is over its
+/// `maxmemory` (it refuses the `RPUSH` of [`complete`] with `OOM`): the
+/// same commands, atomic, in a script allowed to run then (`allow-oom`,
+/// Redis 7 "Script flags"). The request's removal frees at least what its
+/// reply takes unless the reply is larger than the request; a dispatcher
+/// holds at most its concurrency of them, so the overshoot is bounded.
+/// Errors as [`complete_now`] (a `WRONGTYPE` reply list is in the text).
+pub async fn complete_when_full<C: ConnectionLike + Send>(
+    conn: &mut C,
+    processing: &str,
+    reply_ttl: Duration,
+    done: &Done<'_>,
+) -> RedisResult<()> {
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(COMPLETE_WHEN_FULL)
+        .arg(2)
+        .arg(processing)
+        .arg(done.reply_to)
+        .arg(millis(reply_ttl))
+        .arg(done.raw);
+    if let Some(reply) = done.reply {
+        eval.arg(reply);
+    }
+    eval.query_async::<i64>(conn).await.map(drop)
+}
+
+/// KEYS: processing, the reply list; ARGV: the reply TTL in ms, the
+/// request's bytes, and the reply (absent: none is pushed).
+const COMPLETE_WHEN_FULL: &str = "#!lua flags=allow-oom
+if ARGV[3] then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+redis.call('LREM', KEYS[1], 1, ARGV[2])
+return 1";
+
 /// Completes `items` held in `processing` in one `MULTI` of its own (see
 /// [`complete`]). Errors: the `MULTI` failed; redis-rs reports a command
 /// Redis refused inside it (`WRONGTYPE`, `NOPERM`) in the error's text.

@@ -36,7 +36,7 @@ mod presence;
 mod reap;
 mod requeue;
 
-pub use complete::{Done, complete, complete_now};
+pub use complete::{Done, complete, complete_now, complete_when_full};
 pub use frames::{FrameReceiver, FrameSender, write_frames};
 pub use presence::{Presence, Role, keep_present, present};
 pub use reap::ReapReport;
@@ -103,9 +103,37 @@ pub async fn pull_batch<C: ConnectionLike + Send>(
             .arg("RIGHT")
             .arg("LEFT");
     }
-    let items: Vec<Option<Bytes>> = pipe.query_async(conn).await?;
-    Ok(items.into_iter().flatten().collect())
+    match pipe.query_async::<Vec<Option<Bytes>>>(conn).await {
+        Ok(items) => Ok(items.into_iter().flatten().collect()),
+        // A full Redis (`maxmemory`, `noeviction`) refuses LMOVE, which
+        // only moves bytes: the same move in a script allowed to run then.
+        Err(err) if anteroom_redis::is_out_of_memory(&err) => {
+            redis::cmd("EVAL")
+                .arg(PULL_WHEN_FULL)
+                .arg(2)
+                .arg(requests)
+                .arg(processing)
+                .arg(count)
+                .query_async(conn)
+                .await
+        }
+        Err(err) => Err(err),
+    }
 }
+
+/// [`pull_batch`] for a Redis over its `maxmemory`: moving a request
+/// from one list to another grows nothing, and without it the requests
+/// queued could never drain, nor their memory free. `allow-oom` is the
+/// script flag for this (Redis 7, "Script flags"). KEYS: requests,
+/// processing; ARGV: how many at most. Returns the moved items.
+const PULL_WHEN_FULL: &str = "#!lua flags=allow-oom
+local moved = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not item then break end
+  moved[#moved + 1] = item
+end
+return moved";
 
 /// `BLMOVE requests processing RIGHT LEFT <block>`: waits up to `block`
 /// for one request and moves it. Send it on a dedicated connection whose

@@ -80,7 +80,9 @@ impl Presence {
 
     /// Writes the heartbeat (with its TTL) and refreshes the registry entry;
     /// reads the server's clock on the way (`TIME`, for the queue's clock:
-    /// docs/protocol.md, "Time").
+    /// docs/protocol.md, "Time"). While Redis refuses writes for want of
+    /// memory (`OOM`), it only extends the heartbeat's TTL (`PEXPIRE`, which
+    /// Redis still allows).
     pub async fn beat(
         &self,
         conn: &mut SharedConnection,
@@ -94,7 +96,7 @@ impl Presence {
             ))
         })?;
         let sent = std::time::Instant::now();
-        let ((seconds, micros),): ((u64, u64),) = redis::pipe()
+        let written: redis::RedisResult<((u64, u64),)> = redis::pipe()
             .cmd("TIME")
             .cmd("SET")
             .arg(&self.key)
@@ -108,9 +110,31 @@ impl Presence {
             .arg(&self.id)
             .ignore()
             .query_async(conn)
-            .await?;
-        anteroom_redis::observe_time(seconds, micros, sent);
-        Ok(())
+            .await;
+        match written {
+            Ok(((seconds, micros),)) => {
+                anteroom_redis::observe_time(seconds, micros, sent);
+                Ok(())
+            }
+            // A full Redis (`maxmemory`, `noeviction`) refuses the SET but
+            // not PEXPIRE, which grows nothing: the heartbeat stays alive
+            // with its last contents, so a full Redis does not make every
+            // dispatcher look dead to the reapers.
+            Err(err) if anteroom_redis::is_out_of_memory(&err) => {
+                let kept: i64 = redis::cmd("PEXPIRE")
+                    .arg(&self.key)
+                    .arg(millis(self.ttl))
+                    .query_async(conn)
+                    .await?;
+                if kept == 1 {
+                    tracing::debug!(id = %self.id, "Redis is full: heartbeat kept alive with PEXPIRE");
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// Removes the heartbeat and the registry entry (on a clean stop). A
