@@ -316,3 +316,57 @@ async fn refused_at_once(c: &crate::support::web::TestClient, listen: &str, id: 
         asked.elapsed()
     );
 }
+
+/// `anteroom status` shows Redis's memory, and warns when its policy
+/// evicts keys (any policy but `noeviction`, once there is a maxmemory);
+/// `--json` carries the same.
+#[test]
+fn status_warns_when_redis_evicts_keys() {
+    let redis = anteroom_testkit::LocalRedis::start_with_args(&[
+        "--maxmemory",
+        "64mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ])
+    .unwrap();
+    let status = |args: &[&str]| {
+        let out = crate::support::bin::command()
+            .args(["status", "--redis", &redis.url(), "--queue", "web"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = status(&[]);
+    assert!(
+        text.contains("of maxmemory 64.0 MiB") && text.contains("policy allkeys-lru"),
+        "{text}"
+    );
+    assert!(
+        text.contains("WARNING: maxmemory-policy allkeys-lru evicts keys"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&status(&["--json"])).unwrap();
+    assert_eq!(json["memory"]["evicts"], true, "{json}");
+    assert_eq!(
+        json["memory"]["maxmemory_bytes"],
+        64 * 1024 * 1024,
+        "{json}"
+    );
+
+    let safe = anteroom_testkit::LocalRedis::start_with_args(&[
+        "--maxmemory",
+        "64mb",
+        "--maxmemory-policy",
+        "noeviction",
+    ])
+    .unwrap();
+    let out = crate::support::bin::command()
+        .args(["status", "--redis", &safe.url(), "--queue", "web"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("policy noeviction"), "{text}");
+    assert!(!text.contains("WARNING"), "{text}");
+}
