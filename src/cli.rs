@@ -450,9 +450,9 @@ pub(crate) struct ConformanceArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub(crate) start_timeout: Duration,
 
-    /// Let the kit make the `--redis` server refuse every write for 1.5 s
-    /// (`CONFIG SET maxmemory 1`, put back after) for the case "completion
-    /// retried while Redis refuses writes". Always so with the kit's own
+    /// Let the kit make the `--redis` server refuse every write for about 4 s
+    /// (`CONFIG SET maxmemory 1`, put back after) for the case "taken and
+    /// answered while Redis is over its maxmemory". Always so with the kit's own
     /// Redis; without this flag a `--redis` server is left alone and the
     /// case is skipped: never give it a Redis that other programs use.
     #[arg(long)]

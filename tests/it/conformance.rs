@@ -75,7 +75,7 @@ async fn the_rust_dispatcher_passes_every_case() {
     assert!(text.contains("15 passed, 0 failed"), "{text}");
     assert!(!text.contains("skipped"), "{text}");
     for case in [
-        "completion retried while Redis refuses writes",
+        "taken and answered while Redis is over its maxmemory",
         "binary bodies byte-exact",
         "repeated and Latin-1 header values",
         "expired deadline never run",
@@ -135,8 +135,9 @@ async fn a_command_that_exits_fails_at_once_with_its_output() {
     );
 }
 
-/// The reaper's Lua scripts (CLAIM, REQUEUE) that the Python, Ruby and
-/// Node clients ship are the Rust reaper's, line for line: each client
+/// The Lua scripts (the reaper's CLAIM and REQUEUE, the dispatcher's
+/// PULL_WHEN_FULL and COMPLETE_WHEN_FULL) that the Python, Ruby and
+/// Node clients ship are the Rust ones, line for line: each client
 /// must carry its own copy, and this keeps the copies from drifting.
 #[test]
 fn the_clients_carry_the_rust_reapers_scripts() {
@@ -161,6 +162,14 @@ fn the_clients_carry_the_rust_reapers_scripts() {
         script(
             &read("crates/anteroom-control/src/queue/requeue.rs"),
             "REQUEUE",
+        ),
+        script(
+            &read("crates/anteroom-control/src/queue/mod.rs"),
+            "PULL_WHEN_FULL",
+        ),
+        script(
+            &read("crates/anteroom-control/src/queue/complete.rs"),
+            "COMPLETE_WHEN_FULL",
         ),
     ];
     for client in [

@@ -193,7 +193,16 @@ class Dispatcher {
   async take(free) {
     const batch = this.redis.multi();
     for (let i = 0; i < free; i += 1) batch.lMove(this.keys.requests, this.processing, 'RIGHT', 'LEFT');
-    const taken = (await batch.execAsPipeline()).filter((raw) => raw !== null);
+    let taken;
+    try {
+      taken = (await batch.execAsPipeline()).filter((raw) => raw !== null);
+    } catch (err) {
+      if (!full(err)) throw err;
+      // Redis is over its maxmemory: the same moves in a script it runs
+      // then, so what is queued still drains.
+      taken = await this.redis.eval(protocol.PULL_WHEN_FULL,
+        { keys: [this.keys.requests, this.processing], arguments: [String(free)] });
+    }
     if (taken.length > 0) return taken;
     const raw = await this.puller.blMove(this.keys.requests, this.processing, 'RIGHT', 'LEFT', PULL_BLOCK_S);
     return raw === null ? [] : [raw];
@@ -275,7 +284,16 @@ class Dispatcher {
   async complete(raw, request, frame, untilMs = request.deadline_ms) {
     try {
       await this.retrying(request, 'completing', () => this.redis.multi().rPush(request.reply_to, frame)
-        .pExpire(request.reply_to, REPLY_TTL_MS).lRem(this.processing, 1, raw).exec(), untilMs);
+        .pExpire(request.reply_to, REPLY_TTL_MS).lRem(this.processing, 1, raw).exec()
+        .catch((err) => {
+          if (!full(err)) throw err;
+          // Redis is over its maxmemory: in a script it runs then (the
+          // request's removal frees its memory).
+          return this.redis.eval(protocol.COMPLETE_WHEN_FULL, {
+            keys: [this.processing, request.reply_to],
+            arguments: [String(REPLY_TTL_MS), raw, frame],
+          });
+        }), untilMs);
     } catch (err) {
       if (!refusedForGood(err)) throw err;
       console.error(`anteroom: Redis refused the reply to ${request.id} (${errorText(err)}); giving it up`);
@@ -547,12 +565,21 @@ class Dispatcher {
       started_at_ms: this.startedAtMs,
     };
     const sent = performance.now();
-    // TIME first: each beat also reads the queue's clock.
-    const [time] = await this.redis.multi()
-      .addCommand(['TIME'])
-      .addCommand(['SET', this.keys.dispatcher(this.id), JSON.stringify(beat), 'PX', String(this.heartbeatTtlMs)])
-      .zAdd(this.keys.dispatchers, { score: nowMs(), value: this.id })
-      .exec();
+    let time;
+    try {
+      // TIME first: each beat also reads the queue's clock.
+      [time] = await this.redis.multi()
+        .addCommand(['TIME'])
+        .addCommand(['SET', this.keys.dispatcher(this.id), JSON.stringify(beat), 'PX', String(this.heartbeatTtlMs)])
+        .zAdd(this.keys.dispatchers, { score: nowMs(), value: this.id })
+        .exec();
+    } catch (err) {
+      // Redis over its maxmemory refuses the SET, not PEXPIRE: the heartbeat
+      // lives on with its last contents, so this dispatcher does not look
+      // dead to the reapers.
+      if (full(err) && await this.redis.pExpire(this.keys.dispatcher(this.id), this.heartbeatTtlMs)) return;
+      throw err;
+    }
     protocol.CLOCK.observe(time, sent, performance.now());
   }
 }
@@ -560,6 +587,16 @@ class Dispatcher {
 /** An error's text with that of the replies of a MULTI it failed in. */
 function errorText(err) {
   return `${err.message} ${(err.replies ?? []).map((r) => r?.message ?? '').join(' ')}`.trim();
+}
+
+/**
+ * Whether Redis refused for want of memory (OOM: maxmemory reached under
+ * noeviction). A MULTI so refused fails as EXECABORT, which counts too: the
+ * allow-oom scripts tried then do the same, and fail as the MULTI would for
+ * any other cause.
+ */
+function full(err) {
+  return /maxmemory|^OOM|EXECABORT/.test(errorText(err));
 }
 
 /**

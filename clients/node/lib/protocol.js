@@ -244,8 +244,39 @@ class Keys {
   }
 }
 
+/**
+ * Takes up to ARGV[1] requests (KEYS: requests, processing) while Redis is
+ * over its maxmemory: the LMOVEs of a pull, in a script Redis runs then (the
+ * `allow-oom` flag; moving grows nothing, and without it nothing queued could
+ * drain). The Rust dispatcher's script (crates/anteroom-control/src/queue/mod.rs).
+ */
+const PULL_WHEN_FULL = `\
+#!lua flags=allow-oom
+local moved = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not item then break end
+  moved[#moved + 1] = item
+end
+return moved`;
+
+/**
+ * Completes one request while Redis is over its maxmemory: the commands of a
+ * completion in a script Redis runs then (`allow-oom`). KEYS: processing, the
+ * reply list; ARGV: the reply TTL in ms, the request's bytes, the reply. The
+ * Rust dispatcher's script (crates/anteroom-control/src/queue/complete.rs).
+ */
+const COMPLETE_WHEN_FULL = `\
+#!lua flags=allow-oom
+if ARGV[3] then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+redis.call('LREM', KEYS[1], 1, ARGV[2])
+return 1`;
+
 module.exports = {
-  Clock, CLOCK, nowMs,
+  Clock, CLOCK, nowMs, PULL_WHEN_FULL, COMPLETE_WHEN_FULL,
   VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, isSafeToRepeat, CLAIM, REQUEUE, MAX_REPEATS, INTERRUPTED, REFUSED,
   response,
   streamHead, streamChunk, streamEnd, deadLetter, Keys,

@@ -114,9 +114,11 @@ def test_an_app_without_a_response_at_the_deadline_is_cancelled_and_the_request_
         process.wait()
 
 
-def test_a_completion_refused_for_lack_of_memory_is_retried_until_it_passes():
-    """OOM is not a refusal for good: the reply goes once Redis has room,
-    as the Rust dispatcher retries it (docs/protocol.md, step 5)."""
+def test_a_completion_refused_for_lack_of_memory_is_written_past_maxmemory():
+    """A Redis over its maxmemory refuses the completion's MULTI (OOM); the
+    completion then goes in the allow-oom script, at once, as the Rust
+    dispatcher's does (docs/protocol.md, step 5), while Redis still refuses
+    ordinary writes."""
     process, port = start_redis()
     try:
         sync = redis.Redis(port=port)
@@ -127,17 +129,18 @@ def test_a_completion_refused_for_lack_of_memory_is_retried_until_it_passes():
         async def main():
             client = redis.asyncio.Redis(port=port)
             completer = aio.Completer(client, processing)
-            writing = asyncio.ensure_future(
-                completer.complete(b"r1", "anteroom:{q}:replies:p1", b"one", protocol.now_ms() + 30_000))
-            await asyncio.sleep(0.6)
-            assert not writing.done(), "gave up, or wrote past maxmemory"
-            sync.config_set("maxmemory", 0)
-            await asyncio.wait_for(writing, 5)
+            await asyncio.wait_for(
+                completer.complete(b"r1", "anteroom:{q}:replies:p1", b"one", protocol.now_ms() + 30_000), 2)
             await client.aclose()
 
         asyncio.run(main())
         assert sync.lrange("anteroom:{q}:replies:p1", 0, -1) == [b"one"]
         assert sync.llen(processing) == 0
+        try:
+            sync.set("other", "x")
+            raise AssertionError("Redis took an ordinary write past maxmemory")
+        except redis.RedisError as err:
+            assert protocol.out_of_memory(err), err
     finally:
         process.kill()
         process.wait()

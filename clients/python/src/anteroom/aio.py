@@ -89,6 +89,12 @@ class Completer:
                 errors = await self.transaction(batch)
                 break
             except redis.RedisError as err:
+                if protocol.out_of_memory(err):
+                    # Redis is over its maxmemory: each completion in a
+                    # script it runs then (the request's removal frees its
+                    # memory).
+                    errors = [await self.when_full(entry) for entry in batch]
+                    break
                 if refused_for_good(err):
                     # Refused when queued (EXECABORT, e.g. an ACL on one
                     # reply list): each completion on its own, so one bad
@@ -125,6 +131,16 @@ class Completer:
                 done.set_result(None)
             else:
                 done.set_exception(err)
+
+    async def when_full(self, entry):
+        """One completion in ``COMPLETE_WHEN_FULL``: its error, or None."""
+        raw, reply_to, frame, _, _ = entry
+        try:
+            await self.client.eval(protocol.COMPLETE_WHEN_FULL, 2, self.processing, reply_to, REPLY_TTL_MS,
+                                   raw, frame)
+            return None
+        except redis.RedisError as err:
+            return err
 
     async def transaction(self, batch):
         """One ``MULTI`` for ``batch``: each completion's error, or None."""
@@ -249,10 +265,16 @@ class AsyncDispatcher(Dispatcher):
 
     async def take_async(self, client, free):
         """As ``Dispatcher.take``, on the loop."""
-        async with client.pipeline(transaction=True) as pipe:
-            for _ in range(free):
-                pipe.lmove(self.keys.requests, self.processing, "RIGHT", "LEFT")
-            taken = [raw for raw in await pipe.execute() if raw is not None]
+        try:
+            async with client.pipeline(transaction=True) as pipe:
+                for _ in range(free):
+                    pipe.lmove(self.keys.requests, self.processing, "RIGHT", "LEFT")
+                taken = [raw for raw in await pipe.execute() if raw is not None]
+        except redis.RedisError as err:
+            if not protocol.out_of_memory(err):
+                raise
+            # Over maxmemory: the moves in a script Redis runs then.
+            taken = await client.eval(protocol.PULL_WHEN_FULL, 2, self.keys.requests, self.processing, free)
         if not taken:
             raw = await client.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
             taken = [raw] if raw is not None else []

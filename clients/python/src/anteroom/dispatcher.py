@@ -283,7 +283,14 @@ class Dispatcher:
         pipe = self.redis.pipeline(transaction=True)
         for _ in range(free):
             pipe.lmove(self.keys.requests, self.processing, "RIGHT", "LEFT")
-        taken = [raw for raw in pipe.execute() if raw is not None]
+        try:
+            taken = [raw for raw in pipe.execute() if raw is not None]
+        except redis.RedisError as err:
+            if not protocol.out_of_memory(err):
+                raise
+            # Redis is over its maxmemory: the same moves in a script it
+            # runs then, so what is queued still drains.
+            taken = self.redis.eval(protocol.PULL_WHEN_FULL, 2, self.keys.requests, self.processing, free)
         if not taken:
             raw = self.redis.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
             taken = [raw] if raw is not None else []
@@ -381,8 +388,16 @@ class Dispatcher:
         request removed alone; any other failure is retried until
         ``until_ms`` (default: the request's deadline; see :meth:`retrying`)."""
         def write():
-            self.redis.pipeline(transaction=True).rpush(request.reply_to, frame).pexpire(
-                request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
+            try:
+                self.redis.pipeline(transaction=True).rpush(request.reply_to, frame).pexpire(
+                    request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
+            except redis.RedisError as err:
+                if not protocol.out_of_memory(err):
+                    raise
+                # Redis is over its maxmemory: in a script it runs then
+                # (the request's removal frees its memory).
+                self.redis.eval(protocol.COMPLETE_WHEN_FULL, 2, self.processing, request.reply_to,
+                                REPLY_TTL_MS, raw, frame)
 
         try:
             self.retrying(request, "completing", write, until_ms)
@@ -575,9 +590,17 @@ class Dispatcher:
         ttl_ms = int(self.heartbeat_ttl * 1000)
         sent = time.monotonic()
         # TIME first: each beat also reads the queue's clock.
-        reply = self.redis.pipeline(transaction=False).time().set(
-            self.keys.dispatcher(self.id), json.dumps(beat), px=ttl_ms).zadd(
-            self.keys.dispatchers, {self.id: now_ms()}).execute()
+        try:
+            reply = self.redis.pipeline(transaction=False).time().set(
+                self.keys.dispatcher(self.id), json.dumps(beat), px=ttl_ms).zadd(
+                self.keys.dispatchers, {self.id: now_ms()}).execute()
+        except redis.RedisError as err:
+            # Redis over its maxmemory refuses the SET, not PEXPIRE: the
+            # heartbeat lives on with its last contents, so this dispatcher
+            # does not look dead to the reapers.
+            if not protocol.out_of_memory(err) or not self.redis.pexpire(self.keys.dispatcher(self.id), ttl_ms):
+                raise
+            return
         protocol.CLOCK.observe(reply[0], sent, time.monotonic())
 
     def heartbeat(self):

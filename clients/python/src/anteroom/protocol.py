@@ -178,6 +178,42 @@ if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) == ARGV[2] then
   redis.call('DEL', KEYS[3])
 end
 return 0"""
+#: Takes up to ARGV[1] requests (KEYS: requests, processing) while Redis is
+#: over its maxmemory: the LMOVEs of a pull, in a script Redis runs then
+#: (the ``allow-oom`` flag; moving grows nothing, and without it nothing
+#: queued could drain). The Rust dispatcher's script
+#: (crates/anteroom-control/src/queue/mod.rs).
+PULL_WHEN_FULL = """\
+#!lua flags=allow-oom
+local moved = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not item then break end
+  moved[#moved + 1] = item
+end
+return moved"""
+#: Completes one request while Redis is over its maxmemory: the commands
+#: of a completion in a script Redis runs then (``allow-oom``). KEYS:
+#: processing, the reply list; ARGV: the reply TTL in ms, the request's
+#: bytes, the reply. The Rust dispatcher's script
+#: (crates/anteroom-control/src/queue/complete.rs).
+COMPLETE_WHEN_FULL = """\
+#!lua flags=allow-oom
+if ARGV[3] then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+redis.call('LREM', KEYS[1], 1, ARGV[2])
+return 1"""
+
+
+def out_of_memory(err):
+    """Whether Redis refused a command for want of memory (``OOM``:
+    ``maxmemory`` reached under ``noeviction``); redis-py may cut the code
+    from the message, which always names maxmemory."""
+    return "maxmemory" in str(err)
+
+
 #: Most times a request that may already have run is put back (the Rust
 #: dispatcher's MAX_REPEATS): one that kills what runs it is not retried
 #: until its deadline.

@@ -233,7 +233,15 @@ module Anteroom
     # LMOVEs, then a BLMOVE for one when that found none. Each taken
     # request counts as in flight from here.
     def take(redis, free)
-      taken = redis.multi { |m| free.times { m.lmove(@keys.requests, @processing, "RIGHT", "LEFT") } }.compact
+      taken = begin
+        redis.multi { |m| free.times { m.lmove(@keys.requests, @processing, "RIGHT", "LEFT") } }.compact
+      rescue Redis::CommandError => e
+        raise unless full?(e)
+
+        # Redis is over its maxmemory: the same moves in a script it runs
+        # then, so what is queued still drains.
+        redis.eval(Protocol::PULL_WHEN_FULL, keys: [@keys.requests, @processing], argv: [free])
+      end
       if taken.empty?
         raw = redis.blmove(@keys.requests, @processing, "RIGHT", "LEFT", timeout: PULL_BLOCK_S)
         taken = raw ? [raw] : []
@@ -337,10 +345,19 @@ module Anteroom
     # NOPERM) is given up and the request removed alone.
     def complete(redis, raw, request, frame, until_ms = request.deadline_ms)
       retrying(request, until_ms) do
-        redis.multi do |m|
-          m.rpush(request.reply_to, frame)
-          m.pexpire(request.reply_to, REPLY_TTL_MS)
-          m.lrem(@processing, 1, raw)
+        begin
+          redis.multi do |m|
+            m.rpush(request.reply_to, frame)
+            m.pexpire(request.reply_to, REPLY_TTL_MS)
+            m.lrem(@processing, 1, raw)
+          end
+        rescue Redis::CommandError => e
+          raise unless full?(e)
+
+          # Redis is over its maxmemory: in a script it runs then (the
+          # request's removal frees its memory).
+          redis.eval(Protocol::COMPLETE_WHEN_FULL, keys: [@processing, request.reply_to],
+                                                   argv: [REPLY_TTL_MS, raw, frame])
         end
       rescue Redis::CommandError => e
         raise unless refused_for_good?(e)
@@ -398,6 +415,14 @@ module Anteroom
     # something else, or an ACL that forbids it; retrying cannot help.
     # (An ACL refusal inside a MULTI reaches redis-rb 4.8 as EXECABORT,
     # which is retried until the deadline.)
+    # Whether Redis refused for want of memory (OOM: maxmemory reached
+    # under noeviction). Inside a MULTI, redis-rb 4.8 reports it as
+    # EXECABORT without the cause, which the allow-oom scripts then retry:
+    # they do the same, and fail as the MULTI would for any other cause.
+    def full?(error)
+      error.message.start_with?("OOM", "EXECABORT") || error.message.include?("maxmemory")
+    end
+
     def refused_for_good?(error)
       error.is_a?(Redis::CommandError) && error.message.start_with?("WRONGTYPE", "NOPERM")
     end
@@ -597,12 +622,18 @@ module Anteroom
                  paused: !pause_id.nil?, pause_id: pause_id, started_at_ms: @started_at_ms }
       sent = Protocol::Clock.monotonic_ms
       # TIME first: each beat also reads the queue's clock.
+      ttl_ms = (@heartbeat_ttl * 1000).to_i
       reply = redis.pipelined do |p|
         p.time
-        p.set(@keys.dispatcher(@id), JSON.generate(record), px: (@heartbeat_ttl * 1000).to_i)
+        p.set(@keys.dispatcher(@id), JSON.generate(record), px: ttl_ms)
         p.zadd(@keys.dispatchers, Protocol.now_ms, @id)
       end
       Protocol::CLOCK.observe(reply[0], sent, Protocol::Clock.monotonic_ms)
+    rescue Redis::CommandError => e
+      # Redis over its maxmemory refuses the SET, not PEXPIRE: the heartbeat
+      # lives on with its last contents, so this dispatcher does not look
+      # dead to the reapers.
+      raise unless full?(e) && redis.pexpire(@keys.dispatcher(@id), ttl_ms)
     end
 
     def heartbeat

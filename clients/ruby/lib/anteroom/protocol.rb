@@ -65,6 +65,35 @@ module Anteroom
       end
       return 0
     LUA
+    # Takes up to ARGV[1] requests (KEYS: requests, processing) while Redis
+    # is over its maxmemory: the LMOVEs of a pull, in a script Redis runs
+    # then (the +allow-oom+ flag; moving grows nothing, and without it
+    # nothing queued could drain). The Rust dispatcher's script
+    # (crates/anteroom-control/src/queue/mod.rs).
+    PULL_WHEN_FULL = <<~LUA
+      #!lua flags=allow-oom
+      local moved = {}
+      for _ = 1, tonumber(ARGV[1]) do
+        local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+        if not item then break end
+        moved[#moved + 1] = item
+      end
+      return moved
+    LUA
+    # Completes one request while Redis is over its maxmemory: the commands
+    # of a completion in a script Redis runs then (+allow-oom+). KEYS:
+    # processing, the reply list; ARGV: the reply TTL in ms, the request's
+    # bytes, the reply. The Rust dispatcher's script
+    # (crates/anteroom-control/src/queue/complete.rs).
+    COMPLETE_WHEN_FULL = <<~LUA
+      #!lua flags=allow-oom
+      if ARGV[3] then
+        redis.call('RPUSH', KEYS[2], ARGV[3])
+        redis.call('PEXPIRE', KEYS[2], ARGV[1])
+      end
+      redis.call('LREM', KEYS[1], 1, ARGV[2])
+      return 1
+    LUA
     # Most times a request that may already have run is put back (the Rust
     # dispatcher's MAX_REPEATS).
     MAX_REPEATS = 2

@@ -88,7 +88,7 @@ pub async fn complete_when_full<C: ConnectionLike + Send>(
 
 /// KEYS: processing, the reply list; ARGV: the reply TTL in ms, the
 /// request's bytes, and the reply (absent: none is pushed).
-const COMPLETE_WHEN_FULL: &str = "#!lua flags=allow-oom
+const COMPLETE_WHEN_FULL: &str = r"#!lua flags=allow-oom
 if ARGV[3] then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[1])

@@ -126,7 +126,7 @@ pub async fn pull_batch<C: ConnectionLike + Send>(
 /// queued could never drain, nor their memory free. `allow-oom` is the
 /// script flag for this (Redis 7, "Script flags"). KEYS: requests,
 /// processing; ARGV: how many at most. Returns the moved items.
-const PULL_WHEN_FULL: &str = "#!lua flags=allow-oom
+const PULL_WHEN_FULL: &str = r"#!lua flags=allow-oom
 local moved = {}
 for _ = 1, tonumber(ARGV[1]) do
   local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
