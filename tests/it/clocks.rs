@@ -22,6 +22,8 @@ fn faketime_lib() -> PathBuf {
     [
         "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
         "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+        "/usr/local/lib/faketime/libfaketime.so.1",
     ]
     .iter()
     .map(PathBuf::from)
@@ -44,7 +46,7 @@ fn spawn_at(offset: Option<&str>, args: &[&str]) -> BinProcess {
 
 /// One proxy and one dispatcher with their clocks at `proxy` and
 /// `dispatcher`: 40 requests at once all answered 200; then, with the
-/// queue paused, 5 requests answered 504 at their 2 s hold budget are not
+/// queue paused, 5 requests answered 504 at their 4 s hold budget are not
 /// run once the queue resumes.
 async fn deadlines_hold(proxy_clock: Option<&str>, dispatcher_clock: Option<&str>) {
     let label = format!("proxy {proxy_clock:?}, dispatcher {dispatcher_clock:?}");
@@ -57,7 +59,7 @@ async fn deadlines_hold(proxy_clock: Option<&str>, dispatcher_clock: Option<&str
     let _proxy = spawn_at(
         proxy_clock,
         &[
-            "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "2s",
+            "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "4s",
         ],
     );
     let _dispatcher = spawn_at(

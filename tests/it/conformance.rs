@@ -136,7 +136,7 @@ async fn a_command_that_exits_fails_at_once_with_its_output() {
 }
 
 /// The Lua scripts (the reaper's CLAIM and REQUEUE, the dispatcher's
-/// PULL_WHEN_FULL and COMPLETE_WHEN_FULL) that the Python, Ruby and
+/// PULL_WHEN_FULL, COMPLETE_WHEN_FULL and CLAIM_WHEN_FULL) that the Python, Ruby and
 /// Node clients ship are the Rust ones, line for line: each client
 /// must carry its own copy, and this keeps the copies from drifting.
 #[test]
@@ -170,6 +170,10 @@ fn the_clients_carry_the_rust_reapers_scripts() {
         script(
             &read("crates/anteroom-control/src/queue/complete.rs"),
             "COMPLETE_WHEN_FULL",
+        ),
+        script(
+            &read("crates/anteroom-control/src/queue/mod.rs"),
+            "CLAIM_WHEN_FULL",
         ),
     ];
     for client in [

@@ -322,9 +322,18 @@ class Dispatcher {
    * still runs (as the Rust dispatcher).
    */
   async claim(request, ttl) {
+    const key = this.keys.claimed(request.id);
     try {
-      const claimed = await this.redis.sendCommand(['SET', this.keys.claimed(request.id), this.id, 'NX', 'PX', String(ttl)]);
-      return claimed !== null;
+      try {
+        const claimed = await this.redis.sendCommand(['SET', key, this.id, 'NX', 'PX', String(ttl)]);
+        return claimed !== null;
+      } catch (err) {
+        if (!full(err)) throw err;
+        // Over maxmemory, requests are still taken: claimed in a script
+        // Redis runs then, not run unclaimed.
+        const claimed = await this.redis.eval(protocol.CLAIM_WHEN_FULL, { keys: [key], arguments: [this.id, String(ttl)] });
+        return claimed === 1;
+      }
     } catch (err) {
       console.error(`anteroom: cannot claim ${request.id} (${err.message}); running it`);
       return true;

@@ -21,8 +21,10 @@ class DecodeError extends Error {}
  * offset that `observe` corrects from each `TIME` reading (on connect and
  * with every heartbeat). The reading over the shortest round trip is kept
  * (its error is at most half the round trip), unless it is older by more
- * seconds than a new one's round trip is longer in milliseconds (as the Rust
- * `anteroom_protocol::clock`). Before any reading it is the host's clock.
+ * seconds than a new one's round trip is longer in milliseconds, or a new one
+ * disagrees with it by more than both errors and that allowance (the server's
+ * clock moved), as the Rust `anteroom_protocol::clock`. Before any reading it
+ * is the host's clock.
  */
 class Clock {
   constructor() {
@@ -47,8 +49,14 @@ class Clock {
     const micros = Number(String(reply[1]));
     if (!Number.isFinite(seconds) || !Number.isFinite(micros)) throw new TypeError(`TIME replied ${reply}`);
     const roundTrip = received - sent;
-    if (this.roundTrip !== null && roundTrip > this.roundTrip + (received - this.taken) / 1000) return;
-    this.atZero = seconds * 1000 + micros / 1000 - (sent + roundTrip / 2);
+    const atZero = seconds * 1000 + micros / 1000 - (sent + roundTrip / 2);
+    if (this.roundTrip !== null) {
+      const allowance = (received - this.taken) / 1000;
+      const worse = roundTrip > this.roundTrip + allowance;
+      const errors = (roundTrip + this.roundTrip) / 2 + allowance;
+      if (worse && Math.abs(atZero - this.atZero) <= errors) return;
+    }
+    this.atZero = atZero;
     this.roundTrip = roundTrip;
     this.taken = received;
   }
@@ -275,8 +283,19 @@ end
 redis.call('LREM', KEYS[1], 1, ARGV[2])
 return 1`;
 
+/**
+ * Claims a `dedupe` request while Redis is over its maxmemory (as the
+ * requests taken then): SET NX PX in an `allow-oom` script. KEYS: the claim
+ * key; ARGV: the owner, the TTL in ms. 1 when claimed here. The Rust
+ * dispatcher's script (crates/anteroom-control/src/queue/mod.rs).
+ */
+const CLAIM_WHEN_FULL = `\
+#!lua flags=allow-oom
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0`;
+
 module.exports = {
-  Clock, CLOCK, nowMs, PULL_WHEN_FULL, COMPLETE_WHEN_FULL,
+  Clock, CLOCK, nowMs, PULL_WHEN_FULL, COMPLETE_WHEN_FULL, CLAIM_WHEN_FULL,
   VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, isSafeToRepeat, CLAIM, REQUEUE, MAX_REPEATS, INTERRUPTED, REFUSED,
   response,
   streamHead, streamChunk, streamEnd, deadLetter, Keys,

@@ -16,11 +16,17 @@ def test_follows_the_server_and_prefers_short_round_trips():
     clock.observe((int(server // 1000), int(server % 1000 * 1000)), sent, sent + 0.002)
     assert abs(clock.now_ms() - time.time() * 1000 - 3_600_000) < 1000
 
-    # A 300 ms round trip saying something else is not taken while the
-    # better reading is fresh.
+    # A 300 ms round trip that agrees within its error is not taken while
+    # the better reading is fresh...
     sent = time.monotonic()
-    clock.observe((int(wall // 1000), 0), sent, sent + 0.3)
-    assert clock.now_ms() - time.time() * 1000 > 3_599_000
+    server = time.time() * 1000 + 3_600_000 + 100
+    clock.observe((int(server // 1000), int(server % 1000 * 1000)), sent, sent + 0.3)
+    assert 3_599_500 <= clock.now_ms() - time.time() * 1000 <= 3_600_050
+    # ... one that disagrees beyond both errors is: the server's clock moved.
+    sent = time.monotonic()
+    server = time.time() * 1000
+    clock.observe((int(server // 1000), int(server % 1000 * 1000)), sent, sent + 0.3)
+    assert abs(clock.now_ms() - time.time() * 1000) < 1000
 
     # One as good is: the server is now 30 s behind.
     sent = time.monotonic()

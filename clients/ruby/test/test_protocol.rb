@@ -91,9 +91,16 @@ class TestProtocol < Minitest::Test
     clock.observe([(server / 1000).to_i, ((server % 1000) * 1000).to_i], sent, sent + 2)
     assert_in_delta 3_600_000, clock.now_ms - wall.call, 1000
 
+    # A worse reading that agrees within its error is not taken; one that
+    # disagrees beyond both errors is (the server's clock moved).
+    server = wall.call + 3_600_000 + 100
     sent = mono.call
-    clock.observe([(wall.call / 1000).to_i, 0], sent, sent + 300)
-    assert_operator clock.now_ms - wall.call, :>, 3_599_000, "a worse reading replaced a better one"
+    clock.observe([(server / 1000).to_i, ((server % 1000) * 1000).to_i], sent, sent + 300)
+    assert_in_delta 3_599_800, clock.now_ms - wall.call, 250, "a worse reading replaced a better one"
+    server = wall.call
+    sent = mono.call
+    clock.observe([(server / 1000).to_i, ((server % 1000) * 1000).to_i], sent, sent + 300)
+    assert_in_delta 0, clock.now_ms - wall.call, 1000, "a moved clock was not followed"
 
     server = wall.call - 30_000
     sent = mono.call

@@ -17,7 +17,11 @@
 //! filter: a new reading replaces the current estimate unless its round
 //! trip is longer than the current one's plus 1 ms per second since that
 //! was taken (which lets a reading over a busy connection through once the
-//! old one has aged, and bounds how far drift accumulates).
+//! old one has aged, and bounds how far drift accumulates). A reading that
+//! disagrees with the estimate by more than both errors and that drift
+//! allowance together is taken whatever its round trip: the server's clock
+//! itself moved (a failover to a server whose clock differs, a step), or
+//! this host was suspended (the monotonic clock stops meanwhile).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -40,10 +44,20 @@ fn wall_ms() -> u64 {
 /// (until the first reading, the wall clock at the origin).
 static SERVER_AT_ORIGIN_US: AtomicU64 = AtomicU64::new(0);
 
-/// The reading the estimate comes from: its round trip and when it came.
+/// The reading the estimate comes from: its round trip, when it came, and
+/// what it made of the server's time at the origin (microseconds).
 struct Best {
     round_trip: Duration,
     at: Instant,
+    at_origin_us: i128,
+}
+
+/// `t` less `origin` in microseconds, negative when `t` came first.
+fn since_origin_us(t: Instant, origin: Instant) -> i128 {
+    match t.checked_duration_since(origin) {
+        Some(after) => i128::try_from(after.as_micros()).unwrap_or(i128::MAX),
+        None => -i128::try_from(origin.duration_since(t).as_micros()).unwrap_or(i128::MAX),
+    }
 }
 
 static BEST: Mutex<Option<Best>> = Mutex::new(None);
@@ -71,20 +85,27 @@ pub fn now_ms() -> u64 {
 pub fn observe(server_us: u64, sent: Instant, received: Instant) {
     let (origin, _) = origin();
     let round_trip = received.saturating_duration_since(sent);
+    let half_us = i128::from(micros(round_trip) / 2);
+    // Signed: a reading sent before the origin was fixed is still exact.
+    let at_origin_us = i128::from(server_us) - (since_origin_us(sent, *origin) + half_us);
     let mut best = BEST.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(current) = &*best {
         let allowance =
             Duration::from_millis(received.saturating_duration_since(current.at).as_secs());
-        if round_trip > current.round_trip.saturating_add(allowance) {
+        let worse = round_trip > current.round_trip.saturating_add(allowance);
+        let errors_us =
+            half_us + i128::from(micros(current.round_trip) / 2) + i128::from(micros(allowance));
+        let disagrees = (at_origin_us - current.at_origin_us).abs() > errors_us;
+        if worse && !disagrees {
             return;
         }
     }
-    let middle = sent.saturating_duration_since(*origin) + round_trip / 2;
-    let at_origin = server_us.saturating_sub(micros(middle)).max(1);
-    SERVER_AT_ORIGIN_US.store(at_origin, Ordering::Release);
+    let stored = u64::try_from(at_origin_us.max(1)).unwrap_or(u64::MAX);
+    SERVER_AT_ORIGIN_US.store(stored, Ordering::Release);
     *best = Some(Best {
         round_trip,
         at: received,
+        at_origin_us,
     });
 }
 
@@ -122,14 +143,24 @@ mod tests {
             "an hour ahead, got {skew} ms"
         );
 
-        // A reading over a 300 ms round trip saying something else is not
-        // taken while the better one is fresh.
+        // A reading over a 300 ms round trip that agrees within its error
+        // is not taken while the better one is fresh.
         let sent = Instant::now();
-        observe(wall * 1000, sent, sent + Duration::from_millis(300));
-        assert!(
-            skew_ms() > 3_599_000,
-            "a worse reading replaced a better one"
+        observe(
+            (wall_ms() + 3_600_000 + 100) * 1000,
+            sent,
+            sent + Duration::from_millis(300),
         );
+        let skew = skew_ms();
+        assert!(
+            (3_599_500..=3_600_050).contains(&skew),
+            "a worse reading replaced a better one: {skew}"
+        );
+        // One that disagrees beyond both errors is taken: the server's
+        // clock moved (here: back to the host's).
+        let sent = Instant::now();
+        observe(wall_ms() * 1000, sent, sent + Duration::from_millis(300));
+        assert!(skew_ms().abs() < 1_000, "a moved clock was not followed");
 
         // One as good is taken: the server is now 30 s behind.
         let sent = Instant::now();

@@ -351,20 +351,18 @@ pub(crate) async fn enqueue(
             Err(err) => err,
         };
         let delay = backoff.next_delay();
-        let full = anteroom_redis::is_out_of_memory(&error);
-        if full {
-            // Until the next reading of Redis's memory says otherwise.
+        if anteroom_redis::is_out_of_memory(&error) {
+            // Redis is full: a definite answer (it refused the whole LPUSH,
+            // nothing landed), not an outage to wait out. Full until the
+            // next reading of its memory says otherwise.
             if let Some(memory) = &state.memory {
                 memory.refused();
             }
+            return Err(ProxyError::RedisFull);
         }
         // A repeated push of a `dedupe` envelope runs at most once.
         if !(never_sent || may_repeat) || tokio::time::Instant::now() + delay >= give_up {
-            return Err(if full {
-                ProxyError::RedisFull
-            } else {
-                ProxyError::Enqueue(error)
-            });
+            return Err(ProxyError::Enqueue(error));
         }
         tracing::debug!(%error, "enqueue failed; retrying");
         // Boxed: only a retrying request pays for a timer.

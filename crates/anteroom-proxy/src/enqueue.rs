@@ -29,9 +29,8 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct PushError {
     pub(crate) error: RedisError,
-    /// True when the push certainly did not happen: nothing was sent (no
-    /// connection could be made), or Redis refused it for want of memory
-    /// (`OOM`, which refuses the whole `LPUSH`). Always safe to try again.
+    /// True when nothing was sent (no connection could be made): always
+    /// safe to try again.
     pub(crate) never_sent: bool,
 }
 
@@ -138,7 +137,7 @@ async fn push_batch(
     queue::enqueue(conn, key, &payloads, durability)
         .await
         .map_err(|error| PushError {
-            never_sent: anteroom_redis::is_out_of_memory(&error),
             error,
+            never_sent: false,
         })
 }

@@ -75,12 +75,13 @@ pub async fn connect(
 }
 
 /// Opens the shared, self-healing connection to `target`; `timeout` bounds
-/// connecting and each command. A `PING` checks that the server takes
-/// commands from this client: a server with `requirepass` accepts the
-/// connection of a client without a password, then answers every command
-/// `NOAUTH`, which would otherwise surface later, once per command. The
-/// check is a [`read_clock`], so the queue's clock is set before the
-/// component reads or writes a deadline.
+/// connecting and each command. A first command checks that the server
+/// takes commands from this client: a server with `requirepass` accepts
+/// the connection of a client without a password, then answers every
+/// command `NOAUTH`, which would otherwise surface later, once per
+/// command. That command is a [`read_clock`] (`TIME`), so the queue's
+/// clock is set before the component reads or writes a deadline; an ACL
+/// user needs `+time`.
 pub async fn shared(target: &Target, timeout: Duration) -> redis::RedisResult<SharedConnection> {
     let mut conn = SharedConnection::connect(target, timeout).await?;
     read_clock(&mut conn).await?;

@@ -21,7 +21,9 @@ use crate::SharedConnection;
 /// What `INFO memory` says about the server's memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryInfo {
-    /// `used_memory`: bytes allocated by Redis.
+    /// Bytes Redis counts against `maxmemory`: `used_memory` less
+    /// `mem_not_counted_for_evict` (replica output buffers and the AOF
+    /// buffer, which Redis leaves out of its own check).
     pub used: u64,
     /// `maxmemory`: the limit in bytes; 0 for none.
     pub max: u64,
@@ -38,8 +40,12 @@ impl MemoryInfo {
                 .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
                 .map(str::trim)
         };
+        let not_counted: u64 = field("mem_not_counted_for_evict")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let used: u64 = field("used_memory")?.parse().ok()?;
         Some(Self {
-            used: field("used_memory")?.parse().ok()?,
+            used: used.saturating_sub(not_counted),
             max: field("maxmemory")?.parse().ok()?,
             policy: field("maxmemory_policy").unwrap_or("unknown").to_owned(),
         })
@@ -102,7 +108,7 @@ impl MemoryWatch {
         let stop = components.stopping();
         components.spawn("redis memory", async move {
             let mut conn = conn;
-            let mut warned = false;
+            let (mut warned, mut warned_unreadable) = (false, false);
             loop {
                 match memory_info(&mut conn).await {
                     Ok(info) => {
@@ -116,7 +122,15 @@ impl MemoryWatch {
                         this.observe(&info);
                     }
                     Err(err) => {
-                        tracing::debug!(error = %err, "cannot read Redis's memory");
+                        if warned_unreadable {
+                            tracing::debug!(error = %err, "cannot read Redis's memory");
+                        } else {
+                            tracing::warn!(
+                                error = %err,
+                                "cannot read Redis's memory (INFO memory; an ACL user needs +info|memory): no high watermark, only Redis's own OOM gets 503"
+                            );
+                            warned_unreadable = true;
+                        }
                         this.over.store(false, Ordering::Release);
                     }
                 }
@@ -167,7 +181,7 @@ impl MemoryWatch {
 mod tests {
     use super::*;
 
-    const INFO: &str = "# Memory\r\nused_memory:1048576\r\nused_memory_human:1.00M\r\nmaxmemory:2097152\r\nmaxmemory_human:2.00M\r\nmaxmemory_policy:allkeys-lru\r\n";
+    const INFO: &str = "# Memory\r\nused_memory:1049576\r\nused_memory_human:1.00M\r\nmaxmemory:2097152\r\nmaxmemory_human:2.00M\r\nmaxmemory_policy:allkeys-lru\r\nmem_not_counted_for_evict:1000\r\n";
 
     #[test]
     fn reads_info_memory() {

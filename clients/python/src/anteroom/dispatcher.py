@@ -478,8 +478,16 @@ class Dispatcher:
         """Claims a ``dedupe`` request (``SET NX``, docs/protocol.md step 3):
         False when another delivery has it. A Redis error counts as claimed,
         so the request still runs (as the Rust dispatcher)."""
+        key = self.keys.claimed(request.id)
         try:
-            return bool(self.redis.set(self.keys.claimed(request.id), self.id, nx=True, px=ttl_ms))
+            try:
+                return bool(self.redis.set(key, self.id, nx=True, px=ttl_ms))
+            except redis.RedisError as err:
+                if not protocol.out_of_memory(err):
+                    raise
+                # Over maxmemory, requests are still taken: claimed in a
+                # script Redis runs then, not run unclaimed.
+                return self.redis.eval(protocol.CLAIM_WHEN_FULL, 1, key, self.id, ttl_ms) == 1
         except redis.RedisError as err:
             log.warning("cannot claim %s (%s); running it", request.id, err)
             return True

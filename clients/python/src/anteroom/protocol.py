@@ -30,9 +30,10 @@ class Clock:
     from each ``TIME`` reading (taken on connect and with every heartbeat).
     Of the readings, the one over the shortest round trip is kept (its error
     is at most half the round trip), unless it is older by more seconds than
-    a new one's round trip is longer in milliseconds (as the Rust
-    ``anteroom_protocol::clock``). Before any reading it is the host's
-    wall clock."""
+    a new one's round trip is longer in milliseconds, or a new one disagrees
+    with it by more than both errors and that allowance (the server's clock
+    moved), as the Rust ``anteroom_protocol::clock``. Before any reading it
+    is the host's wall clock."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -53,11 +54,15 @@ class Clock:
         sent at ``sent`` and answered at ``received`` (monotonic seconds)."""
         seconds, micros = int(reply[0]), int(reply[1])
         round_trip = received - sent
+        at_zero = seconds * 1000 + micros / 1000 - (sent + round_trip / 2) * 1000
         with self._lock:
-            if self._round_trip is not None and round_trip > self._round_trip + (received - self._taken) / 1000:
-                return
-            middle = sent + round_trip / 2
-            self._at_zero = seconds * 1000 + micros / 1000 - middle * 1000
+            if self._round_trip is not None:
+                allowance = (received - self._taken) / 1000
+                worse = round_trip > self._round_trip + allowance
+                errors_ms = (round_trip + self._round_trip) / 2 * 1000 + allowance * 1000
+                if worse and abs(at_zero - self._at_zero) <= errors_ms:
+                    return
+            self._at_zero = at_zero
             self._round_trip, self._taken = round_trip, received
 
     def read(self, client):
@@ -205,6 +210,16 @@ if ARGV[3] then
 end
 redis.call('LREM', KEYS[1], 1, ARGV[2])
 return 1"""
+
+
+#: Claims a ``dedupe`` request while Redis is over its maxmemory (as the
+#: requests taken then): ``SET NX PX`` in an ``allow-oom`` script. KEYS: the
+#: claim key; ARGV: the owner, the TTL in ms. 1 when claimed here. The Rust
+#: dispatcher's script (crates/anteroom-control/src/queue/mod.rs).
+CLAIM_WHEN_FULL = """\
+#!lua flags=allow-oom
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0"""
 
 
 def out_of_memory(err):

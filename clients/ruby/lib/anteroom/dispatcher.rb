@@ -398,7 +398,16 @@ module Anteroom
     # when another delivery has it. A Redis error counts as claimed, so the
     # request still runs (as the Rust dispatcher).
     def claim(redis, request, ttl)
-      redis.set(@keys.claimed(request.id), @id, nx: true, px: ttl)
+      key = @keys.claimed(request.id)
+      begin
+        redis.set(key, @id, nx: true, px: ttl)
+      rescue Redis::CommandError => e
+        raise unless full?(e)
+
+        # Over maxmemory, requests are still taken: claimed in a script
+        # Redis runs then, not run unclaimed.
+        redis.eval(Protocol::CLAIM_WHEN_FULL, keys: [key], argv: [@id, ttl]) == 1
+      end
     rescue Redis::BaseError => e
       @log.warn("cannot claim #{request.id} (#{e.message}); running it")
       true

@@ -94,6 +94,15 @@ module Anteroom
       redis.call('LREM', KEYS[1], 1, ARGV[2])
       return 1
     LUA
+    # Claims a +dedupe+ request while Redis is over its maxmemory (as the
+    # requests taken then): SET NX PX in an +allow-oom+ script. KEYS: the
+    # claim key; ARGV: the owner, the TTL in ms. 1 when claimed here. The
+    # Rust dispatcher's script (crates/anteroom-control/src/queue/mod.rs).
+    CLAIM_WHEN_FULL = <<~LUA
+      #!lua flags=allow-oom
+      if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+      return 0
+    LUA
     # Most times a request that may already have run is put back (the Rust
     # dispatcher's MAX_REPEATS).
     MAX_REPEATS = 2
@@ -113,9 +122,10 @@ module Anteroom
     # #observe corrects from each +TIME+ reading (on connect and with every
     # heartbeat). The reading over the shortest round trip is kept (its
     # error is at most half the round trip), unless it is older by more
-    # seconds than a new one's round trip is longer in milliseconds (as the
-    # Rust +anteroom_protocol::clock+). Before any reading it is the host's
-    # wall clock.
+    # seconds than a new one's round trip is longer in milliseconds, or a
+    # new one disagrees with it by more than both errors and that allowance
+    # (the server's clock moved), as the Rust +anteroom_protocol::clock+.
+    # Before any reading it is the host's wall clock.
     class Clock
       def initialize
         @lock = Mutex.new
@@ -137,10 +147,15 @@ module Anteroom
       def observe(reply, sent, received)
         seconds, micros = Integer(reply[0]), Integer(reply[1])
         round_trip = received - sent
+        at_zero = (seconds * 1000) + (micros / 1000.0) - (sent + (round_trip / 2.0))
         @lock.synchronize do
-          return if @round_trip && round_trip > @round_trip + ((received - @taken) / 1000.0)
-
-          @at_zero = (seconds * 1000) + (micros / 1000.0) - (sent + (round_trip / 2.0))
+          if @round_trip
+            allowance = (received - @taken) / 1000.0
+            worse = round_trip > @round_trip + allowance
+            errors = ((round_trip + @round_trip) / 2.0) + allowance
+            return if worse && (at_zero - @at_zero).abs <= errors
+          end
+          @at_zero = at_zero
           @round_trip = round_trip
           @taken = received
         end

@@ -182,16 +182,41 @@ pub async fn claim<C: ConnectionLike + Send>(
     owner: &str,
     ttl: Duration,
 ) -> RedisResult<bool> {
-    let set: Option<String> = redis::cmd("SET")
+    let ttl_ms = millis(ttl).max(1);
+    let set: RedisResult<Option<String>> = redis::cmd("SET")
         .arg(claimed_key)
         .arg(owner)
         .arg("NX")
         .arg("PX")
-        .arg(millis(ttl).max(1))
+        .arg(ttl_ms)
         .query_async(conn)
-        .await?;
-    Ok(set.is_some())
+        .await;
+    match set {
+        Ok(set) => Ok(set.is_some()),
+        // Redis over its maxmemory refuses the SET, and requests are still
+        // taken past it (`pull_batch`): a claim is a few bytes per request
+        // in hand, so it goes in a script Redis runs then, rather than the
+        // request running unclaimed.
+        Err(err) if anteroom_redis::is_out_of_memory(&err) => {
+            let claimed: i64 = redis::cmd("EVAL")
+                .arg(CLAIM_WHEN_FULL)
+                .arg(1)
+                .arg(claimed_key)
+                .arg(owner)
+                .arg(ttl_ms)
+                .query_async(conn)
+                .await?;
+            Ok(claimed == 1)
+        }
+        Err(err) => Err(err),
+    }
 }
+
+/// [`claim`] for a Redis over its `maxmemory` (`allow-oom`). KEYS: the
+/// claim key; ARGV: the owner, the TTL in ms. 1 when claimed here.
+const CLAIM_WHEN_FULL: &str = r"#!lua flags=allow-oom
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0";
 
 /// `RPUSH list frame` and `PEXPIRE list ttl` in one round trip: a frame of
 /// a streamed reply on its way to a proxy's reply list (the end goes with
