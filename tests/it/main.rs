@@ -14,6 +14,7 @@ mod httpbin;
 mod lifecycle;
 mod load;
 mod logs;
+mod lost_replies;
 mod many;
 mod metrics;
 mod node_apps;

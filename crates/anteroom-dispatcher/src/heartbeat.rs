@@ -72,7 +72,11 @@ pub(crate) async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
         if sleep_or_stop(&stop, every).await {
             return;
         }
-        match queue.reap(&shared.id, shared.settings.reply_ttl).await {
+        let pass = {
+            let _settling = shared.settling.lock().await;
+            queue.reap(&shared.id, shared.settings.reply_ttl).await
+        };
+        match pass {
             Ok(report) if report.dispatchers > 0 => tracing::warn!(
                 dead_dispatchers = report.dispatchers,
                 requeued = report.requeued,
@@ -82,7 +86,15 @@ pub(crate) async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
                 "reaped"
             ),
             Ok(_) => {}
-            Err(err) => tracing::debug!(error = %err, "reaping failed; will retry"),
+            Err(err) => {
+                tracing::debug!(error = %err, "reaping failed; will retry");
+                // What it had claimed and not settled (or a claim whose
+                // reply was lost) is in this dispatcher's list, held by no
+                // task: orphans, which the pull loop settles.
+                shared
+                    .orphans_possible
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
         }
     }
 }

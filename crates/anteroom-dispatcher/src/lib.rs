@@ -35,6 +35,7 @@ mod handle;
 mod health;
 mod heartbeat;
 mod pull;
+mod reconcile;
 mod socket;
 mod stream;
 mod upstream;

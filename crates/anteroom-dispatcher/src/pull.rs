@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::handle;
+use crate::reconcile;
 use crate::worker::{HttpService, ResponseBody, Shared};
 
 /// Most requests taken in one round trip.
@@ -88,6 +89,17 @@ pub(crate) async fn pull_loop<S, B>(
     loop {
         if stop.is_cancelled() {
             break;
+        }
+        // No pull is outstanding here: what the processing list holds
+        // beyond the requests in hand is an orphan (a lost reply).
+        if shared.orphans_possible.swap(false, Ordering::AcqRel)
+            && reconcile::reconcile(shared).await.is_err()
+        {
+            shared.orphans_possible.store(true, Ordering::Release);
+            if sleep_or_stop(stop, backoff.next_delay()).await {
+                break;
+            }
+            continue;
         }
         let paused = pause.borrow_and_update().as_ref().map(|p| p.id.clone());
         if let Some(pause_id) = paused {
@@ -207,8 +219,12 @@ pub(crate) async fn pull_loop<S, B>(
                 }
                 for raw in items {
                     let Some(one) = permit.split(1) else { break };
+                    let held = shared.hold(&raw);
                     let task = handle::handle(Arc::clone(shared), service.clone(), raw, one);
-                    tracker.spawn(task);
+                    tracker.spawn(async move {
+                        task.await;
+                        drop(held);
+                    });
                 }
             }
             Err(err) if anteroom_redis::is_out_of_memory(&err) => {
@@ -222,6 +238,10 @@ pub(crate) async fn pull_loop<S, B>(
             }
             Err(err) => {
                 tracing::warn!(error = %err, redis = %client, "pull from redis failed; reconnecting");
+                // Its reply may be what was lost: Redis may have moved
+                // requests into the processing list that this process
+                // never saw. Settled once connected again.
+                shared.orphans_possible.store(true, Ordering::Release);
                 blocking = None;
                 shared.pull_client_id.store(0, Ordering::Release);
                 if sleep_or_stop(stop, backoff.next_delay()).await {

@@ -4,6 +4,7 @@
 //! request's life), `complete` (writing replies), `heartbeat` (presence and
 //! the embedded reaper), `health` (the upstream gate).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -115,6 +116,39 @@ pub(crate) struct Shared {
     pub(crate) upload_credits: queue::FrameSender,
     /// The open WebSockets, whose frames the credit reader routes.
     pub(crate) sockets: Arc<anteroom_socket::Sockets>,
+    /// The envelopes in hand (taken, their handling not over), counted by
+    /// their bytes: anything else in the processing list is an orphan
+    /// ([`crate::reconcile`]).
+    pub(crate) held: Mutex<HashMap<Bytes, usize>>,
+    /// Held by a reaping pass and by a reconciliation, so that neither
+    /// sees the other's items half-settled.
+    pub(crate) settling: tokio::sync::Mutex<()>,
+    /// Set when the processing list may hold orphans (a pull or a reaping
+    /// pass failed: its reply may be what was lost); the pull loop settles
+    /// them before its next pull ([`crate::reconcile`]).
+    pub(crate) orphans_possible: AtomicBool,
+}
+
+/// One envelope counted in [`Shared::held`] while it lives.
+pub(crate) struct Held {
+    shared: Arc<Shared>,
+    raw: Bytes,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self
+            .shared
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.raw) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.raw);
+            }
+        }
+    }
 }
 
 /// Counts one request as running for as long as it lives.
@@ -136,6 +170,20 @@ impl Drop for Running {
 }
 
 impl Shared {
+    /// Counts `raw` as in hand until the returned guard is dropped.
+    pub(crate) fn hold(self: &Arc<Self>, raw: &Bytes) -> Held {
+        *self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(raw.clone())
+            .or_default() += 1;
+        Held {
+            shared: Arc::clone(self),
+            raw: raw.clone(),
+        }
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.running.load(Ordering::Acquire)
     }
@@ -260,6 +308,9 @@ where
         uploads: Arc::default(),
         upload_credits,
         sockets: Arc::default(),
+        held: Mutex::default(),
+        settling: tokio::sync::Mutex::new(()),
+        orphans_possible: AtomicBool::new(false),
     });
     tracing::info!(
         queue = %shared.keys.queue(),

@@ -96,10 +96,50 @@ impl Queue {
                 claimer,
                 dead: id,
                 reply_ttl,
+                found: "found in a dead dispatcher's list",
             };
             for raw in items {
                 reaping.settle(&mut conn, raw, &mut report).await?;
             }
+        }
+        Ok(report)
+    }
+
+    /// Every item of `owner`'s processing list (`LRANGE 0 -1`).
+    pub async fn processing_list(&self, owner: &str) -> Result<Vec<Bytes>, ControlError> {
+        Ok(redis::cmd("LRANGE")
+            .arg(self.keys.processing(owner))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await?)
+    }
+
+    /// Settles `items`, found in `owner`'s own processing list with no task
+    /// of it holding them (a pull whose reply was lost), as a reaper
+    /// settles a dead dispatcher's: past the deadline, dropped; safe to
+    /// repeat, requeued at the front; otherwise answered 502 (whether it
+    /// ran cannot be told); not a producer's, dead-lettered. The caller
+    /// makes sure no task of `owner` is handling them.
+    pub async fn settle_orphans(
+        &self,
+        owner: &str,
+        items: Vec<Bytes>,
+        reply_ttl: Duration,
+    ) -> Result<ReapReport, ControlError> {
+        let mut conn = self.conn();
+        let claim_list = self.keys.processing(owner);
+        let reaping = Reaping {
+            keys: &self.keys,
+            claim_list: &claim_list,
+            claimer: owner,
+            dead: owner,
+            reply_ttl,
+            found: "found in the processing list with no task holding it",
+        };
+        let mut report = ReapReport::default();
+        for raw in items {
+            reaping.settle(&mut conn, raw, &mut report).await?;
         }
         Ok(report)
     }
@@ -151,6 +191,8 @@ struct Reaping<'a> {
     /// The dead dispatcher's id (its `dedupe` claims hold it).
     dead: &'a str,
     reply_ttl: Duration,
+    /// Where the items were found, for dead letters' reasons.
+    found: &'a str,
 }
 
 impl Reaping<'_> {
@@ -167,12 +209,12 @@ impl Reaping<'_> {
             claimer,
             dead,
             reply_ttl,
+            found,
         } = *self;
         let envelope = match RequestEnvelope::decode(raw.clone()) {
             Ok(envelope) => envelope,
             Err(err) => {
-                let reason =
-                    format!("found in a dead dispatcher's list and does not decode: {err}");
+                let reason = format!("{found}; does not decode: {err}");
                 dead_letter(conn, keys, claim_list, &raw, &reason, claimer).await?;
                 report.dead_lettered += 1;
                 return Ok(());
@@ -182,7 +224,7 @@ impl Reaping<'_> {
             // Not written by a proxy of this queue: no reply is pushed to
             // the key it names (see the dispatcher's own check).
             let reason = format!(
-                "found in a dead dispatcher's list; reply_to {:?} is not a reply list of queue {}",
+                "{found}; reply_to {:?} is not a reply list of queue {}",
                 envelope.reply_to.escape_debug().to_string(),
                 keys.queue()
             );

@@ -1,0 +1,106 @@
+//! A reply Redis sent and the process never received (a network failure
+//! between them): the command took effect, and the process must find out
+//! what it did (docs/protocol.md, "Lost replies"). Here: a dispatcher's
+//! pull, through a relay that loses the reply carrying the request.
+
+use std::sync::PoisonError;
+use std::time::{Duration, Instant};
+
+use anteroom_testkit::free_port;
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+
+use crate::support::app::recording_upstream;
+use crate::support::bin::BinProcess;
+use crate::support::relay::Relay;
+use crate::support::web::{client, send};
+use crate::support::{control, eventually, start_redis, wait_for_port};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_whose_reply_is_lost_strands_nothing() {
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = "lost";
+    let (upstream, ran) = recording_upstream().await;
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let url = redis.url();
+    let _proxy = BinProcess::spawn(&[
+        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "15s",
+    ]);
+    // The dispatcher reaches Redis only through the relay.
+    let through_relay = relay.url();
+    let _dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &through_relay,
+        "--queue",
+        queue,
+        "--upstream",
+        &upstream,
+    ]);
+    wait_for_port(port).await;
+    let control = control(&redis, queue).await;
+    eventually(
+        "the dispatcher's heartbeat",
+        Duration::from_secs(20),
+        || async { !control.status().await.unwrap().dispatchers.is_empty() },
+    )
+    .await;
+    let c = client();
+    let ask = |method: http::Method, id: &str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("http://{listen}/run/{id}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let c = c.clone();
+        async move {
+            let started = Instant::now();
+            let answer = send(&c, request).await;
+            (answer, started.elapsed())
+        }
+    };
+    let runs = |id: &str| {
+        ran.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|r| r.as_str() == id)
+            .count()
+    };
+
+    // A GET whose pull reply is lost: found in the processing list once
+    // the dispatcher is connected again, put back, and run, well within
+    // its 15 s hold budget (before, it waited it out for a 504).
+    relay.lose_reply_containing(b"/run/lost-get");
+    let (answer, took) = ask(http::Method::GET, "lost-get").await;
+    assert_eq!(relay.lost(), 1, "the relay lost no reply");
+    println!(
+        "GET whose pull reply was lost: {} after {took:?}",
+        answer.status
+    );
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(runs("lost-get"), 1);
+
+    // A POST: it never ran, but this dispatcher cannot tell that from a
+    // request whose handling ended leaving it in the list, so it is
+    // answered 502 ("may or may not have been carried out"), never run.
+    relay.lose_reply_containing(b"/run/lost-post");
+    let (answer, took) = ask(http::Method::POST, "lost-post").await;
+    assert_eq!(relay.lost(), 2, "the relay lost no reply");
+    println!(
+        "POST whose pull reply was lost: {} after {took:?}",
+        answer.status
+    );
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", answer.text());
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(runs("lost-post"), 0);
+
+    // And the dispatcher goes on, its list empty.
+    let (answer, _) = ask(http::Method::POST, "after").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let status = control.status().await.unwrap();
+    assert!(status.dispatchers.iter().all(|d| d.held == 0), "{status:?}");
+}
