@@ -70,6 +70,14 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
             .count()
     };
 
+    // A POST in hand meanwhile (its app answers after 1.5 s), which the
+    // settling of orphans must leave alone.
+    let running = tokio::spawn(ask(http::Method::POST, "running?ms=1500"));
+    eventually("the POST running", Duration::from_secs(10), || async {
+        runs("running") == 1
+    })
+    .await;
+
     // A GET whose pull reply is lost: found in the processing list once
     // the dispatcher is connected again, put back, and run, well within
     // its 15 s hold budget (before, it waited it out for a 504).
@@ -83,6 +91,14 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(runs("lost-get"), 1);
+
+    let (answer, _) = running.await.unwrap();
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "the POST in hand: {}",
+        answer.text()
+    );
 
     // A POST: it never ran, but this dispatcher cannot tell that from a
     // request whose handling ended leaving it in the list, so it is
@@ -98,9 +114,27 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(runs("lost-post"), 0);
 
-    // And the dispatcher goes on, its list empty.
+    // And the dispatcher goes on, its list empty; nothing ran twice, the
+    // lost POST never, also after the dispatcher's second look at its list
+    // (a pull the lost connection sent could land late).
     let (answer, _) = ask(http::Method::POST, "after").await;
     assert_eq!(answer.status, StatusCode::OK);
-    let status = control.status().await.unwrap();
-    assert!(status.dispatchers.iter().all(|d| d.held == 0), "{status:?}");
+    eventually(
+        "an empty processing list",
+        Duration::from_secs(10),
+        || async {
+            control
+                .status()
+                .await
+                .unwrap()
+                .dispatchers
+                .iter()
+                .all(|d| d.held == 0)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(runs("running"), 1);
+    assert_eq!(runs("lost-get"), 1);
+    assert_eq!(runs("lost-post"), 0);
 }

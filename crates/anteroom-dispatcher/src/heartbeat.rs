@@ -86,15 +86,7 @@ pub(crate) async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
                 "reaped"
             ),
             Ok(_) => {}
-            Err(err) => {
-                tracing::debug!(error = %err, "reaping failed; will retry");
-                // What it had claimed and not settled (or a claim whose
-                // reply was lost) is in this dispatcher's list, held by no
-                // task: orphans, which the pull loop settles.
-                shared
-                    .orphans_possible
-                    .store(true, std::sync::atomic::Ordering::Release);
-            }
+            Err(err) => tracing::debug!(error = %err, "reaping failed; will retry"),
         }
     }
 }

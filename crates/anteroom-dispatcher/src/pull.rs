@@ -20,6 +20,9 @@ use crate::worker::{HttpService, ResponseBody, Shared};
 const MAX_BATCH: usize = 64;
 /// Fewest requests asked for in one round trip (when permits allow).
 const MIN_PULL_HINT: usize = 4;
+/// How long after a failed reconciliation (crate::reconcile) the next try
+/// comes.
+const RECONCILE_RETRY: Duration = Duration::from_secs(1);
 
 /// Cuts a blocked pull short when a pause or a stop arrives or the upstream
 /// turns unhealthy, and keeps doing so every 50 ms until the pull loop has
@@ -82,6 +85,9 @@ pub(crate) async fn pull_loop<S, B>(
     B: ResponseBody,
 {
     let mut blocking: Option<MultiplexedConnection> = None;
+    // When to look for orphans again after a pull failed, and not before
+    // when to retry a reconciliation that failed.
+    let (mut recheck_at, mut reconcile_after) = (None, None);
     let mut backoff = Backoff::new();
     let mut pull_hint = MIN_PULL_HINT;
     let mut pause = shared.pause.clone();
@@ -91,15 +97,27 @@ pub(crate) async fn pull_loop<S, B>(
             break;
         }
         // No pull is outstanding here: what the processing list holds
-        // beyond the requests in hand is an orphan (a lost reply).
-        if shared.orphans_possible.swap(false, Ordering::AcqRel)
-            && reconcile::reconcile(shared).await.is_err()
-        {
+        // beyond the requests in hand is an orphan (a lost reply). A pull
+        // the failed connection had sent may still land in Redis after
+        // this (a half-open connection, a stalled server): looked at again
+        // once it surely has, or expired. A reconciliation that fails is
+        // tried again later; pulling goes on meanwhile.
+        if recheck_at.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            recheck_at = None;
             shared.orphans_possible.store(true, Ordering::Release);
-            if sleep_or_stop(stop, backoff.next_delay()).await {
-                break;
+        }
+        if reconcile_after.is_none_or(|at| tokio::time::Instant::now() >= at)
+            && shared.orphans_possible.swap(false, Ordering::AcqRel)
+        {
+            reconcile_after = None;
+            match reconcile::reconcile(shared).await {
+                Ok(()) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "settling orphans failed; trying again shortly");
+                    shared.orphans_possible.store(true, Ordering::Release);
+                    reconcile_after = Some(tokio::time::Instant::now() + RECONCILE_RETRY);
+                }
             }
-            continue;
         }
         let paused = pause.borrow_and_update().as_ref().map(|p| p.id.clone());
         if let Some(pause_id) = paused {
@@ -218,7 +236,12 @@ pub(crate) async fn pull_loop<S, B>(
                     backoff.reset();
                 }
                 for raw in items {
-                    let Some(one) = permit.split(1) else { break };
+                    let Some(one) = permit.split(1) else {
+                        // Never more items than permits; were it so, the
+                        // rest would be orphans.
+                        shared.orphans_possible.store(true, Ordering::Release);
+                        break;
+                    };
                     let held = shared.hold(&raw);
                     let task = handle::handle(Arc::clone(shared), service.clone(), raw, one);
                     tracker.spawn(async move {
@@ -242,6 +265,12 @@ pub(crate) async fn pull_loop<S, B>(
                 // requests into the processing list that this process
                 // never saw. Settled once connected again.
                 shared.orphans_possible.store(true, Ordering::Release);
+                recheck_at = Some(
+                    tokio::time::Instant::now()
+                        + shared.settings.poll_interval
+                        + shared.settings.redis_timeout
+                        + Duration::from_secs(1),
+                );
                 blocking = None;
                 shared.pull_client_id.store(0, Ordering::Release);
                 if sleep_or_stop(stop, backoff.next_delay()).await {

@@ -4,7 +4,6 @@
 //! request's life), `complete` (writing replies), `heartbeat` (presence and
 //! the embedded reaper), `health` (the upstream gate).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -116,16 +115,17 @@ pub(crate) struct Shared {
     pub(crate) upload_credits: queue::FrameSender,
     /// The open WebSockets, whose frames the credit reader routes.
     pub(crate) sockets: Arc<anteroom_socket::Sockets>,
-    /// The envelopes in hand (taken, their handling not over), counted by
-    /// their bytes: anything else in the processing list is an orphan
-    /// ([`crate::reconcile`]).
-    pub(crate) held: Mutex<HashMap<Bytes, usize>>,
+    /// The envelopes in hand (taken, their handling not over): anything
+    /// else in the processing list is an orphan ([`crate::reconcile`]). A
+    /// list of at most the concurrency, each entry sharing its buffer with
+    /// its [`Held`] guard, so adding and removing hash nothing.
+    pub(crate) held: Mutex<Vec<Bytes>>,
     /// Held by a reaping pass and by a reconciliation, so that neither
     /// sees the other's items half-settled.
     pub(crate) settling: tokio::sync::Mutex<()>,
-    /// Set when the processing list may hold orphans (a pull or a reaping
-    /// pass failed: its reply may be what was lost); the pull loop settles
-    /// them before its next pull ([`crate::reconcile`]).
+    /// Set when the processing list may hold orphans (a pull failed: its
+    /// reply may be what was lost); the pull loop settles them before its
+    /// next pull ([`crate::reconcile`]).
     pub(crate) orphans_possible: AtomicBool,
 }
 
@@ -142,11 +142,12 @@ impl Drop for Held {
             .held
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = held.get_mut(&self.raw) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.raw);
-            }
+        // This guard's own entry: the same buffer, not merely equal bytes.
+        let mine = held
+            .iter()
+            .position(|b| b.as_ptr() == self.raw.as_ptr() && b.len() == self.raw.len());
+        if let Some(at) = mine {
+            held.swap_remove(at);
         }
     }
 }
@@ -172,12 +173,10 @@ impl Drop for Running {
 impl Shared {
     /// Counts `raw` as in hand until the returned guard is dropped.
     pub(crate) fn hold(self: &Arc<Self>, raw: &Bytes) -> Held {
-        *self
-            .held
+        self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .entry(raw.clone())
-            .or_default() += 1;
+            .push(raw.clone());
         Held {
             shared: Arc::clone(self),
             raw: raw.clone(),

@@ -86,6 +86,41 @@ pub async fn complete_when_full<C: ConnectionLike + Send>(
     eval.query_async::<i64>(conn).await.map(drop)
 }
 
+/// Completes `done` only if its request is still in `processing`: removes
+/// it (`LREM 1`) and, if that removed it, pushes the reply, in one script
+/// Redis runs even past its `maxmemory` (`allow-oom`). For a request that
+/// another actor may have settled meanwhile (an orphan, found with no task
+/// holding it). Errors are Redis's.
+pub async fn complete_if_held<C: ConnectionLike + Send>(
+    conn: &mut C,
+    processing: &str,
+    reply_ttl: Duration,
+    done: &Done<'_>,
+) -> RedisResult<()> {
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(COMPLETE_IF_HELD)
+        .arg(2)
+        .arg(processing)
+        .arg(done.reply_to)
+        .arg(millis(reply_ttl))
+        .arg(done.raw);
+    if let Some(reply) = done.reply {
+        eval.arg(reply);
+    }
+    eval.query_async::<i64>(conn).await.map(drop)
+}
+
+/// KEYS: processing, the reply list; ARGV: the reply TTL in ms, the
+/// request's bytes, and the reply (absent: none is pushed). 1 when the
+/// request was there.
+const COMPLETE_IF_HELD: &str = r"#!lua flags=allow-oom
+if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
+if ARGV[3] then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+return 1";
+
 /// KEYS: processing, the reply list; ARGV: the reply TTL in ms, the
 /// request's bytes, and the reply (absent: none is pushed).
 const COMPLETE_WHEN_FULL: &str = r"#!lua flags=allow-oom

@@ -36,7 +36,7 @@ mod presence;
 mod reap;
 mod requeue;
 
-pub use complete::{Done, complete, complete_now, complete_when_full};
+pub use complete::{Done, complete, complete_if_held, complete_now, complete_when_full};
 pub use frames::{FrameReceiver, FrameSender, write_frames};
 pub use presence::{Presence, Role, keep_present, present};
 pub use reap::ReapReport;

@@ -19,7 +19,9 @@ use anteroom_redis::SharedConnection;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::{Attempt, Done, Presence, Requeued, Role, complete_now, dead_letter, requeue};
+use super::{
+    Attempt, Done, Presence, Requeued, Role, complete_if_held, complete_now, dead_letter, requeue,
+};
 use crate::{ControlError, Queue};
 
 /// Moves a dead dispatcher's processing list into the claimer's list and
@@ -97,6 +99,7 @@ impl Queue {
                 dead: id,
                 reply_ttl,
                 found: "found in a dead dispatcher's list",
+                guarded: false,
             };
             for raw in items {
                 reaping.settle(&mut conn, raw, &mut report).await?;
@@ -121,12 +124,18 @@ impl Queue {
     /// repeat, requeued at the front; otherwise answered 502 (whether it
     /// ran cannot be told); not a producer's, dead-lettered. The caller
     /// makes sure no task of `owner` is handling them.
+    ///
+    /// Each is settled on its own: what was done, and the last error (the
+    /// items it concerns stay in the list, for another call). A 502 is
+    /// pushed only if the item was still in the list (another actor may
+    /// have settled it meanwhile), and, as its removal, even past Redis's
+    /// `maxmemory`.
     pub async fn settle_orphans(
         &self,
         owner: &str,
         items: Vec<Bytes>,
         reply_ttl: Duration,
-    ) -> Result<ReapReport, ControlError> {
+    ) -> (ReapReport, Option<ControlError>) {
         let mut conn = self.conn();
         let claim_list = self.keys.processing(owner);
         let reaping = Reaping {
@@ -136,12 +145,22 @@ impl Queue {
             dead: owner,
             reply_ttl,
             found: "found in the processing list with no task holding it",
+            guarded: true,
         };
-        let mut report = ReapReport::default();
+        let (mut report, mut error) = (ReapReport::default(), None);
         for raw in items {
-            reaping.settle(&mut conn, raw, &mut report).await?;
+            if let Err(err) = reaping.settle(&mut conn, raw, &mut report).await {
+                error = Some(err);
+            }
         }
-        Ok(report)
+        (report, error)
+    }
+
+    /// Removes one copy of `raw` from `owner`'s processing list (`LREM 1`),
+    /// with no reply: a second delivery of a request in hand.
+    pub async fn remove_orphan(&self, owner: &str, raw: &[u8]) -> Result<(), ControlError> {
+        super::remove(&mut self.conn(), &self.keys.processing(owner), raw).await?;
+        Ok(())
     }
 
     /// One reaping pass by an operator (`anteroom reap`) rather than a
@@ -193,6 +212,10 @@ struct Reaping<'a> {
     reply_ttl: Duration,
     /// Where the items were found, for dead letters' reasons.
     found: &'a str,
+    /// Answer an item only if it is still in `claim_list` (orphans, which
+    /// another actor may have settled meanwhile; a reaper's claimed items
+    /// are its alone).
+    guarded: bool,
 }
 
 impl Reaping<'_> {
@@ -210,6 +233,7 @@ impl Reaping<'_> {
             dead,
             reply_ttl,
             found,
+            guarded,
         } = *self;
         let envelope = match RequestEnvelope::decode(raw.clone()) {
             Ok(envelope) => envelope,
@@ -260,7 +284,11 @@ impl Reaping<'_> {
             reply: reply.as_deref(),
             raw: &raw,
         };
-        complete_now(conn, claim_list, reply_ttl, &[done]).await?;
+        if guarded {
+            complete_if_held(conn, claim_list, reply_ttl, &done).await?;
+        } else {
+            complete_now(conn, claim_list, reply_ttl, &[done]).await?;
+        }
         Ok(())
     }
 }
