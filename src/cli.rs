@@ -68,7 +68,8 @@ pub(crate) enum Command {
     Pause(PauseArgs),
     /// Resume a paused queue: waiting requests are released oldest first.
     Resume(QueueArgs),
-    /// Show each queue's pause state, waiting requests, dispatchers and proxies.
+    /// Show each queue's pause state, waiting requests, dispatchers and proxies,
+    /// and Redis's memory (with a warning when its policy evicts keys).
     Status(StatusArgs),
     /// Settle the requests of dispatchers that died holding them: safe ones
     /// back to the front of the queue, others answered 502. Every dispatcher
@@ -450,7 +451,7 @@ pub(crate) struct ConformanceArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub(crate) start_timeout: Duration,
 
-    /// Let the kit make the `--redis` server refuse every write for about 4 s
+    /// Let the kit make the `--redis` server refuse writes that need memory (OOM) for about 4 s
     /// (`CONFIG SET maxmemory 1`, put back after) for the case "taken and
     /// answered while Redis is over its maxmemory". Always so with the kit's own
     /// Redis; without this flag a `--redis` server is left alone and the

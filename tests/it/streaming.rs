@@ -827,7 +827,7 @@ async fn the_documented_redis_users_carry_streams() {
         "web",
     ]);
     crate::support::wait_for_port(port).await;
-    let _dispatcher = crate::support::bin::BinProcess::spawn(&[
+    let mut dispatcher = crate::support::bin::BinProcess::spawn(&[
         "dispatch",
         "--redis",
         &url("anteroom-dispatcher"),
@@ -881,6 +881,9 @@ async fn the_documented_redis_users_carry_streams() {
         .output()
         .unwrap();
     assert!(status.status.success(), "{status:?}");
+    // A clean stop too (its LEAVE script), before the log is read.
+    dispatcher.terminate();
+    assert!(dispatcher.wait(Duration::from_secs(15)).await.success());
     let log: Vec<redis::Value> = redis::cmd("ACL")
         .arg("LOG")
         .query_async(&mut admin)

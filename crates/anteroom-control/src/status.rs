@@ -26,7 +26,8 @@ pub struct StatusReport {
 /// keys (docs/operations.md, "Redis settings").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryStatus {
-    /// `used_memory`, bytes.
+    /// The bytes Redis counts against its limit: `used_memory` less
+    /// `mem_not_counted_for_evict`.
     pub used_bytes: u64,
     /// `maxmemory`, bytes; 0 for no limit.
     pub maxmemory_bytes: u64,
