@@ -14,7 +14,9 @@ use http::StatusCode;
 
 use crate::support::bin::{BinProcess, command};
 use crate::support::web::{client, get};
-use crate::support::{control, eventually, start_redis, wait_for_port};
+use crate::support::{
+    control, eventually, pause_acknowledged, start_redis, until_dispatching, wait_for_port,
+};
 
 /// libfaketime as Debian and Ubuntu install it (`apt-get install
 /// faketime`; scripts/test.sh does).
@@ -76,12 +78,7 @@ async fn deadlines_hold(proxy_clock: Option<&str>, dispatcher_clock: Option<&str
     );
     wait_for_port(port).await;
     let control = control(&redis, queue).await;
-    eventually(
-        "the dispatcher's heartbeat",
-        Duration::from_secs(20),
-        || async { !control.status().await.unwrap().dispatchers.is_empty() },
-    )
-    .await;
+    until_dispatching(&control).await;
 
     let c = client();
     let answers = join_all((0..40).map(|i| {
@@ -93,21 +90,7 @@ async fn deadlines_hold(proxy_clock: Option<&str>, dispatcher_clock: Option<&str
     let failed = statuses.iter().filter(|s| **s != 200).count();
     assert_eq!(failed, 0, "{label}: {failed} of 40 failed: {statuses:?}");
 
-    control.pause("clocks test", None, false).await.unwrap();
-    eventually(
-        "the pause acknowledged",
-        Duration::from_secs(10),
-        || async {
-            control
-                .status()
-                .await
-                .unwrap()
-                .dispatchers
-                .iter()
-                .all(|d| d.heartbeat.paused)
-        },
-    )
-    .await;
+    pause_acknowledged(&control, "clocks test").await;
     let late = join_all((0..5).map(|i| {
         let (c, url) = (&c, format!("http://{listen}/run/late-{i}"));
         async move { get(c, &url).await }

@@ -15,7 +15,7 @@ use crate::support::app::recording_upstream;
 use crate::support::bin::BinProcess;
 use crate::support::relay::Relay;
 use crate::support::web::{client, send};
-use crate::support::{control, eventually, start_redis, wait_for_port};
+use crate::support::{control, eventually, start_redis, until_dispatching, wait_for_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_whose_reply_is_lost_strands_nothing() {
@@ -42,12 +42,7 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
     ]);
     wait_for_port(port).await;
     let control = control(&redis, queue).await;
-    eventually(
-        "the dispatcher's heartbeat",
-        Duration::from_secs(20),
-        || async { !control.status().await.unwrap().dispatchers.is_empty() },
-    )
-    .await;
+    until_dispatching(&control).await;
     let c = client();
     let ask = |method: http::Method, id: &str| {
         let request = Request::builder()

@@ -8,6 +8,7 @@ mod cluster;
 mod config;
 mod conformance;
 mod failures;
+mod faults;
 mod hostile;
 mod hostile_inputs;
 mod httpbin;

@@ -18,7 +18,10 @@ use crate::support::app::recording_upstream;
 use crate::support::bin::BinProcess;
 use crate::support::load::Load;
 use crate::support::web::{client, send};
-use crate::support::{control, eventually, keys, redis_conn, start_redis, wait_for_port};
+use crate::support::{
+    control, eventually, keys, pause_acknowledged, redis_conn, start_redis, until_dispatching,
+    wait_for_port,
+};
 
 /// `(used_memory, maxmemory)` of the test's Redis.
 async fn memory(conn: &mut redis::aio::MultiplexedConnection) -> (u64, u64) {
@@ -68,16 +71,11 @@ async fn a_full_redis_gets_503s_at_once_and_loses_nothing() {
     ]);
     wait_for_port(port).await;
     let control = control(&redis, queue).await;
-    eventually(
-        "the dispatcher's heartbeat",
-        Duration::from_secs(20),
-        || async { !control.status().await.unwrap().dispatchers.is_empty() },
-    )
-    .await;
+    until_dispatching(&control).await;
 
     // 1. The queue paused, so requests pile up in Redis; a limit 2 MiB
     //    above what Redis uses now; 16 clients posting 200 KiB each.
-    pause(&control).await;
+    pause_acknowledged(&control, "pressure test").await;
     let (used, _) = memory(&mut conn).await;
     let limit = used + 2 * 1024 * 1024;
     set_maxmemory(&mut conn, limit).await;
@@ -196,7 +194,7 @@ async fn a_full_redis_gets_503s_at_once_and_loses_nothing() {
         }
     })
     .await;
-    pause(&control).await;
+    pause_acknowledged(&control, "pressure test").await;
     let claims = keys(&mut conn, "anteroom:{pressure}:claimed:*").await.len();
     let held: Vec<_> = (0..4)
         .map(|i| {
@@ -293,25 +291,6 @@ async fn set_maxmemory(conn: &mut redis::aio::MultiplexedConnection, bytes: u64)
         .query_async::<()>(conn)
         .await
         .unwrap();
-}
-
-/// Pauses the queue and waits until the dispatcher says it takes nothing.
-async fn pause(control: &anteroom_control::Queue) {
-    control.pause("pressure test", None, false).await.unwrap();
-    eventually(
-        "the pause acknowledged",
-        Duration::from_secs(10),
-        || async {
-            control
-                .status()
-                .await
-                .unwrap()
-                .dispatchers
-                .iter()
-                .all(|d| d.heartbeat.paused)
-        },
-    )
-    .await;
 }
 
 /// How often each id ran.

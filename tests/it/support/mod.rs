@@ -156,6 +156,36 @@ pub async fn control(redis: &LocalRedis, queue: &str) -> anteroom_control::Queue
         .unwrap()
 }
 
+/// Waits until a live dispatcher of `queue` beats (at most 20 s).
+pub async fn until_dispatching(queue: &anteroom_control::Queue) {
+    eventually(
+        "a dispatcher's heartbeat",
+        Duration::from_secs(20),
+        || async { !queue.status().await.unwrap().dispatchers.is_empty() },
+    )
+    .await;
+}
+
+/// Pauses `queue` (as `by`) and waits until every live dispatcher says in
+/// its heartbeat that it takes nothing (at most 10 s).
+pub async fn pause_acknowledged(queue: &anteroom_control::Queue, by: &str) {
+    queue.pause(by, None, false).await.unwrap();
+    eventually(
+        "the pause acknowledged",
+        Duration::from_secs(10),
+        || async {
+            queue
+                .status()
+                .await
+                .unwrap()
+                .dispatchers
+                .iter()
+                .all(|d| d.heartbeat.paused)
+        },
+    )
+    .await;
+}
+
 /// Waits until some live dispatcher of `queue` holds exactly `n` requests.
 pub async fn until_held(queue: &anteroom_control::Queue, n: u64) {
     eventually(

@@ -73,17 +73,7 @@ pub async fn complete_when_full<C: ConnectionLike + Send>(
     reply_ttl: Duration,
     done: &Done<'_>,
 ) -> RedisResult<()> {
-    let mut eval = redis::cmd("EVAL");
-    eval.arg(COMPLETE_WHEN_FULL)
-        .arg(2)
-        .arg(processing)
-        .arg(done.reply_to)
-        .arg(millis(reply_ttl))
-        .arg(done.raw);
-    if let Some(reply) = done.reply {
-        eval.arg(reply);
-    }
-    eval.query_async::<i64>(conn).await.map(drop)
+    complete_in_script(conn, COMPLETE_WHEN_FULL, processing, reply_ttl, done).await
 }
 
 /// Completes `done` only if its request is still in `processing`: removes
@@ -97,8 +87,20 @@ pub async fn complete_if_held<C: ConnectionLike + Send>(
     reply_ttl: Duration,
     done: &Done<'_>,
 ) -> RedisResult<()> {
+    complete_in_script(conn, COMPLETE_IF_HELD, processing, reply_ttl, done).await
+}
+
+/// Runs a completion `script` (KEYS: processing, the reply list; ARGV: the
+/// reply TTL in ms, the request's bytes, the reply when there is one).
+async fn complete_in_script<C: ConnectionLike + Send>(
+    conn: &mut C,
+    script: &str,
+    processing: &str,
+    reply_ttl: Duration,
+    done: &Done<'_>,
+) -> RedisResult<()> {
     let mut eval = redis::cmd("EVAL");
-    eval.arg(COMPLETE_IF_HELD)
+    eval.arg(script)
         .arg(2)
         .arg(processing)
         .arg(done.reply_to)
