@@ -77,7 +77,9 @@ async fn touch(Path(id): Path<String>, Query(delay): Query<Delay>) -> &'static s
             .append(true)
             .open(log)
         {
-            let _ = writeln!(file, "{id}");
+            // One write: lines of requests run at once must not interleave
+            // (`writeln!` may write the id and the newline apart).
+            let _ = file.write_all(format!("{id}\n").as_bytes());
         }
     }
     tokio::time::sleep(Duration::from_millis(delay.ms.unwrap_or(0))).await;
