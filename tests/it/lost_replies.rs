@@ -15,7 +15,9 @@ use crate::support::app::recording_upstream;
 use crate::support::bin::BinProcess;
 use crate::support::relay::Relay;
 use crate::support::web::{client, send};
-use crate::support::{control, eventually, start_redis, until_dispatching, wait_for_port};
+use crate::support::{
+    control, eventually, start_redis, until_dispatching, until_held, wait_for_port,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_whose_reply_is_lost_strands_nothing() {
@@ -114,20 +116,7 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
     // (a pull the lost connection sent could land late).
     let (answer, _) = ask(http::Method::POST, "after").await;
     assert_eq!(answer.status, StatusCode::OK);
-    eventually(
-        "an empty processing list",
-        Duration::from_secs(10),
-        || async {
-            control
-                .status()
-                .await
-                .unwrap()
-                .dispatchers
-                .iter()
-                .all(|d| d.held == 0)
-        },
-    )
-    .await;
+    until_held(&control, 0).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(runs("running"), 1);
     assert_eq!(runs("lost-get"), 1);

@@ -23,14 +23,12 @@ use crate::support::{
     wait_for_port,
 };
 
-/// `(used_memory, maxmemory)` of the test's Redis.
+/// What the test's Redis counts against its limit, and the limit (the
+/// proxy's own reading, `anteroom_redis::memory_info`).
 async fn memory(conn: &mut redis::aio::MultiplexedConnection) -> (u64, u64) {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(conn)
+    let info = anteroom_redis::memory_info(conn)
         .await
-        .unwrap();
-    let info = anteroom_redis::MemoryInfo::parse(&info).expect("INFO memory");
+        .expect("INFO memory");
     (info.used, info.max)
 }
 

@@ -76,7 +76,7 @@ pub(crate) async fn completer(
                     // script allowed to run then, so what is held is still
                     // answered (and its memory freed).
                     let before = batch.len();
-                    batch = complete_when_full(&shared, &mut conn, batch).await;
+                    batch = complete_each(&shared, &mut conn, batch, true).await;
                     if batch.len() < before {
                         tracing::warn!(
                             completed = before - batch.len(),
@@ -90,7 +90,7 @@ pub(crate) async fn completer(
                     // Redis refused a command (a reply list that is not a
                     // list, say): one completion's fault must not hold the
                     // others back, so each is tried alone.
-                    batch = complete_one_by_one(&shared, &mut conn, batch).await;
+                    batch = complete_each(&shared, &mut conn, batch, false).await;
                     continue;
                 }
                 Err(err) if refused_for_good(&err) => {
@@ -131,51 +131,30 @@ fn refused_for_good(err: &redis::RedisError) -> bool {
     text.contains("WRONGTYPE") || text.contains("NOPERM")
 }
 
-/// Completes each of `batch` in a MULTI of its own. Those Redis refuses
-/// for good are given up (their requests stay in the processing list for
-/// a reaper); those that fail otherwise are returned, to be retried.
-async fn complete_one_by_one(
+/// Completes each of `batch` on its own: in a MULTI of its own, or, when
+/// Redis is over its maxmemory (`full`), with
+/// [`queue::complete_when_full`]. Those Redis refuses for good are given up
+/// (their requests stay in the processing list for a reaper); those that
+/// fail otherwise are returned, to be retried.
+async fn complete_each(
     shared: &Shared,
     conn: &mut SharedConnection,
     batch: Vec<Completion>,
+    full: bool,
 ) -> Vec<Completion> {
     let mut retry = Vec::new();
     for completion in batch {
-        let one = std::slice::from_ref(&completion);
-        match complete_batch(shared, conn, one).await {
-            Ok(()) => {
-                shared.replicate().await;
-                let _ = completion.done.send(());
-            }
-            Err(err) if refused_for_good(&err) => give_up(shared, conn, completion, &err).await,
-            Err(_) => retry.push(completion),
-        }
-    }
-    retry
-}
-
-/// Completes each of `batch` with [`queue::complete_when_full`], for a
-/// Redis over its maxmemory. Those Redis refuses for good are given up;
-/// those that fail otherwise are returned, to be retried.
-async fn complete_when_full(
-    shared: &Shared,
-    conn: &mut SharedConnection,
-    batch: Vec<Completion>,
-) -> Vec<Completion> {
-    let mut retry = Vec::new();
-    for completion in batch {
-        let done = Done {
-            reply_to: &completion.reply_to,
-            reply: Some(&completion.reply),
-            raw: &completion.raw,
+        let written = if full {
+            let done = Done {
+                reply_to: &completion.reply_to,
+                reply: Some(&completion.reply),
+                raw: &completion.raw,
+            };
+            let (processing, ttl) = (&shared.processing_key, shared.settings.reply_ttl);
+            queue::complete_when_full(conn, processing, ttl, &done).await
+        } else {
+            complete_batch(shared, conn, std::slice::from_ref(&completion)).await
         };
-        let written = queue::complete_when_full(
-            conn,
-            &shared.processing_key,
-            shared.settings.reply_ttl,
-            &done,
-        )
-        .await;
         match written {
             Ok(()) => {
                 shared.replicate().await;
