@@ -18,9 +18,9 @@ use http_body_util::Full;
 use crate::support::app::{Ran, recording_upstream};
 use crate::support::bin::BinProcess;
 use crate::support::load::{Load, Summary};
-use crate::support::relay::Relay;
 use crate::support::web::{client, send};
 use crate::support::{control, start_redis, until_dispatching, wait_for_port};
+use anteroom_testkit::relay::Relay;
 
 /// Which process reaches Redis through the relay.
 #[derive(Debug, Clone, Copy)]

@@ -1,7 +1,8 @@
 //! A reply Redis sent and the process never received (a network failure
 //! between them): the command took effect, and the process must find out
-//! what it did (docs/protocol.md, "Lost replies"). Here: a dispatcher's
-//! pull, through a relay that loses the reply carrying the request.
+//! what it did (docs/protocol.md, "Lost replies"). Here, each through a
+//! relay that loses one reply: a dispatcher's pull, a proxy's enqueue, a
+//! dispatcher's completion, a reaper's claim and a pause acknowledgement.
 
 use std::sync::PoisonError;
 use std::time::{Duration, Instant};
@@ -13,11 +14,12 @@ use http_body_util::Full;
 
 use crate::support::app::recording_upstream;
 use crate::support::bin::BinProcess;
-use crate::support::relay::Relay;
 use crate::support::web::{client, send};
 use crate::support::{
-    control, eventually, start_redis, until_dispatching, until_held, wait_for_port,
+    control, eventually, pause_acknowledged, start_redis, until_dispatching, until_held,
+    wait_for_port,
 };
+use anteroom_testkit::relay::Relay;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_whose_reply_is_lost_strands_nothing() {
@@ -121,4 +123,262 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
     assert_eq!(runs("running"), 1);
     assert_eq!(runs("lost-get"), 1);
     assert_eq!(runs("lost-post"), 0);
+}
+
+/// Runs `id` with `method` (and an `Idempotency-Key` when `key`) through
+/// the proxy at `listen`: its status.
+async fn run(listen: &str, method: http::Method, id: &str, key: bool) -> StatusCode {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("http://{listen}/run/{id}"));
+    if key {
+        request = request.header("idempotency-key", id);
+    }
+    let request = request.body(Full::new(Bytes::new())).unwrap();
+    send(&client(), request).await.status
+}
+
+fn runs_of(ran: &crate::support::app::Ran, id: &str) -> usize {
+    ran.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter(|r| r.as_str() == id)
+        .count()
+}
+
+/// A proxy's `LPUSH` whose reply is lost has queued the request: the
+/// proxy cannot tell, so it waits for the reply as for any queued request
+/// (it used to answer 503 while the request ran anyway). A safe request
+/// may also be pushed again (and run twice); an unsafe one never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_whose_reply_is_lost_is_answered_not_failed() {
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = "lost-enqueue";
+    let (upstream, ran) = recording_upstream().await;
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let (through_relay, url) = (relay.url(), redis.url());
+    // The proxy reaches Redis only through the relay.
+    let _proxy = BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &listen,
+        "--redis",
+        &through_relay,
+        "--queue",
+        queue,
+        "--hold",
+        "15s",
+    ]);
+    let _dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &url,
+        "--queue",
+        queue,
+        "--upstream",
+        &upstream,
+    ]);
+    wait_for_port(port).await;
+    until_dispatching(&control(&redis, queue).await).await;
+    assert_eq!(
+        run(&listen, http::Method::GET, "warm", false).await,
+        StatusCode::OK
+    );
+
+    for (method, id, key) in [
+        (http::Method::POST, "enqueue-post", false),
+        (http::Method::POST, "enqueue-keyed-post", true),
+        (http::Method::GET, "enqueue-get", false),
+    ] {
+        let lost = relay.lost();
+        relay.lose_reply_to(format!("/run/{id}").as_bytes());
+        let started = Instant::now();
+        let status = run(&listen, method.clone(), id, key).await;
+        let took = started.elapsed();
+        assert_eq!(relay.lost(), lost + 1, "the relay lost no reply for {id}");
+        println!("{method} {id} whose LPUSH reply was lost: {status} after {took:?}");
+        assert_eq!(status, StatusCode::OK, "{id}");
+        assert!(took < Duration::from_secs(5), "{id}: {took:?}");
+        let runs = runs_of(&ran, id);
+        if method == http::Method::GET {
+            assert!((1..=2).contains(&runs), "{id} ran {runs} times");
+        } else {
+            assert_eq!(runs, 1, "{id} ran {runs} times");
+        }
+    }
+}
+
+/// A completion whose reply is lost is sent again: the client gets its
+/// answer (the second copy of the reply is discarded), the request ran
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_whose_reply_is_lost_is_sent_again() {
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = "lost-completion";
+    let (upstream, ran) = recording_upstream().await;
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let (through_relay, url) = (relay.url(), redis.url());
+    let _proxy = BinProcess::spawn(&[
+        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "15s",
+    ]);
+    let _dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &through_relay,
+        "--queue",
+        queue,
+        "--upstream",
+        &upstream,
+    ]);
+    wait_for_port(port).await;
+    until_dispatching(&control(&redis, queue).await).await;
+    // The reply envelope carries the app's `x-ran: ID` field; the pull
+    // and the heartbeat never do.
+    relay.lose_reply_to(b"completed-post");
+    let started = Instant::now();
+    let status = run(&listen, http::Method::POST, "completed-post", false).await;
+    let took = started.elapsed();
+    assert_eq!(relay.lost(), 1, "the relay lost no reply");
+    println!("POST whose completion reply was lost: {status} after {took:?}");
+    assert_eq!(status, StatusCode::OK);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(runs_of(&ran, "completed-post"), 1);
+}
+
+/// A reaper's claim whose reply is lost has moved a dead dispatcher's
+/// requests into the claimer's own processing list, where no task of it
+/// holds them: the claimer settles them as orphans (the GET runs, the
+/// POST, which may have run on the dead dispatcher, gets 502) instead of
+/// leaving them there until their clients' 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_reply_is_lost_strands_nothing() {
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = "lost-claim";
+    let (upstream, ran) = recording_upstream().await;
+    // The first dispatcher's app takes requests and never answers.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole = format!("http://{}", black_hole.local_addr().unwrap());
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = black_hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let (through_relay, url) = (relay.url(), redis.url());
+    let _proxy = BinProcess::spawn(&[
+        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "30s",
+    ]);
+    let mut first = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &url,
+        "--queue",
+        queue,
+        "--upstream",
+        &hole,
+        "--heartbeat-ttl",
+        "3s",
+    ]);
+    wait_for_port(port).await;
+    let control = control(&redis, queue).await;
+    until_dispatching(&control).await;
+    let get = tokio::spawn({
+        let listen = listen.clone();
+        async move {
+            let started = Instant::now();
+            let status = run(&listen, http::Method::GET, "claimed-get", false).await;
+            (status, started.elapsed())
+        }
+    });
+    let post = tokio::spawn({
+        let listen = listen.clone();
+        async move { run(&listen, http::Method::POST, "claimed-post", false).await }
+    });
+    until_held(&control, 2).await;
+    first.child().kill().unwrap();
+    first.wait(Duration::from_secs(5)).await;
+    eventually(
+        "the dead dispatcher's heartbeat to expire",
+        Duration::from_secs(10),
+        || async { control.status().await.unwrap().dispatchers.is_empty() },
+    )
+    .await;
+
+    // The claimer reaches Redis through the relay, which loses the reply
+    // to its first claim (the script's text is in no other command).
+    relay.lose_reply_to(b"if redis.call('EXISTS'");
+    let _claimer = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &through_relay,
+        "--queue",
+        queue,
+        "--upstream",
+        &upstream,
+        "--reap-every",
+        "1s",
+    ]);
+    let (status, took) = get.await.unwrap();
+    assert_eq!(relay.lost(), 1, "the relay lost no reply");
+    println!("GET whose claim reply was lost: {status} after {took:?}");
+    assert_eq!(status, StatusCode::OK);
+    assert!(took < Duration::from_secs(25), "{took:?}");
+    assert_eq!(post.await.unwrap(), StatusCode::BAD_GATEWAY);
+    assert_eq!(runs_of(&ran, "claimed-get"), 1);
+    assert_eq!(runs_of(&ran, "claimed-post"), 0);
+    until_held(&control, 0).await;
+    holding.abort();
+}
+
+/// A pause acknowledgement (the heartbeat that says "paused") whose reply
+/// is lost was written all the same, and is written again with the next
+/// beat: the pause is acknowledged, and the resume honoured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_acknowledgement_whose_reply_is_lost_still_counts() {
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = "lost-ack";
+    let (upstream, ran) = recording_upstream().await;
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let (through_relay, url) = (relay.url(), redis.url());
+    let _proxy = BinProcess::spawn(&[
+        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "15s",
+    ]);
+    let _dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &through_relay,
+        "--queue",
+        queue,
+        "--upstream",
+        &upstream,
+    ]);
+    wait_for_port(port).await;
+    let control = control(&redis, queue).await;
+    until_dispatching(&control).await;
+    relay.lose_reply_to(b"\"paused\":true");
+    let started = Instant::now();
+    pause_acknowledged(&control, "lost-ack-test").await;
+    assert_eq!(relay.lost(), 1, "the relay lost no reply");
+    println!(
+        "pause acknowledged, its reply lost, after {:?}",
+        started.elapsed()
+    );
+    let waiting = tokio::spawn({
+        let listen = listen.clone();
+        async move { run(&listen, http::Method::POST, "after-pause", false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(runs_of(&ran, "after-pause"), 0, "ran while paused");
+    control.resume().await.unwrap();
+    assert_eq!(waiting.await.unwrap(), StatusCode::OK);
+    assert_eq!(runs_of(&ran, "after-pause"), 1);
 }

@@ -1,6 +1,7 @@
 //! The dispatcher's heartbeat and its embedded reaper.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anteroom_control::queue::{Presence, Role, keep_present};
@@ -86,7 +87,14 @@ pub(crate) async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
                 "reaped"
             ),
             Ok(_) => {}
-            Err(err) => tracing::debug!(error = %err, "reaping failed; will retry"),
+            Err(err) => {
+                // A claim whose reply was lost has moved a dead
+                // dispatcher's requests into this one's processing list,
+                // where no task holds them: settled as orphans (a lost
+                // reply) by the pull loop.
+                shared.orphans_possible.store(true, Ordering::Release);
+                tracing::debug!(error = %err, "reaping failed; will retry");
+            }
         }
     }
 }

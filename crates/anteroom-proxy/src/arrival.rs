@@ -338,6 +338,15 @@ fn join(mut chunks: Vec<Bytes>) -> Bytes {
 /// to the enqueue timeout: always when no connection could be made (nothing
 /// was sent), and after an ambiguous failure (the push may have happened)
 /// only when `may_repeat`, so an unsafe request is never queued twice.
+///
+/// A push that may have happened is never answered as failed: Redis may
+/// have applied it while its reply was lost (a cut connection, a command
+/// timeout during a partition whose LPUSH lands after the heal), and a
+/// dispatcher would then run a request whose client had been told it
+/// failed. Such a request waits for its reply like any queued one (`Ok`):
+/// answered if it landed, `504` at its deadline if not, and a dispatcher
+/// never starts a request past its deadline (docs/protocol.md, "Lost
+/// replies").
 pub(crate) async fn enqueue(
     state: Arc<State>,
     payload: Bytes,
@@ -345,8 +354,13 @@ pub(crate) async fn enqueue(
 ) -> Result<(), ProxyError> {
     let give_up = tokio::time::Instant::now() + state.config.enqueue_timeout.min(state.hold);
     let mut backoff = anteroom_redis::Backoff::new();
+    let mut maybe_queued = false;
     loop {
-        let PushError { error, never_sent } = match state.enqueuer.push(payload.clone()).await {
+        let PushError {
+            error,
+            never_sent,
+            stopped,
+        } = match state.enqueuer.push(payload.clone()).await {
             Ok(()) => return Ok(()),
             Err(err) => err,
         };
@@ -358,10 +372,22 @@ pub(crate) async fn enqueue(
             if let Some(memory) = &state.memory {
                 memory.refused();
             }
+            if maybe_queued {
+                // An earlier attempt may have landed.
+                return Ok(());
+            }
             return Err(ProxyError::RedisFull);
         }
+        maybe_queued |= !never_sent;
         // A repeated push of a `dedupe` envelope runs at most once.
-        if !(never_sent || may_repeat) || tokio::time::Instant::now() + delay >= give_up {
+        let give_up_now = stopped
+            || !(never_sent || may_repeat)
+            || tokio::time::Instant::now() + delay >= give_up;
+        if give_up_now && maybe_queued {
+            tracing::warn!(%error, "enqueue outcome unknown (the push may have landed); waiting for a reply until the deadline");
+            return Ok(());
+        }
+        if give_up_now {
             return Err(ProxyError::Enqueue(error));
         }
         tracing::debug!(%error, "enqueue failed; retrying");

@@ -32,6 +32,9 @@ pub(crate) struct PushError {
     /// True when nothing was sent (no connection could be made): always
     /// safe to try again.
     pub(crate) never_sent: bool,
+    /// True when the enqueuer has stopped (the proxy is stopping): trying
+    /// again cannot help, and nothing was sent.
+    pub(crate) stopped: bool,
 }
 
 struct Pending {
@@ -70,7 +73,8 @@ impl Enqueuer {
         let (done, outcome) = oneshot::channel();
         let stopped = || PushError {
             error: RedisError::from((redis::ErrorKind::Io, "the proxy's enqueuer stopped")),
-            never_sent: false,
+            never_sent: true,
+            stopped: true,
         };
         self.tx
             .send(Pending { payload, done })
@@ -115,6 +119,7 @@ async fn run(
                 Err(err) => Err(PushError {
                     error: err.error.clone(),
                     never_sent: err.never_sent,
+                    stopped: false,
                 }),
             };
             // The request may have given up meanwhile; nothing to tell it.
@@ -132,6 +137,7 @@ async fn push_batch(
     conn.ensure_connected().await.map_err(|error| PushError {
         error,
         never_sent: true,
+        stopped: false,
     })?;
     let payloads: Vec<&[u8]> = batch.iter().map(|p| p.payload.as_ref()).collect();
     queue::enqueue(conn, key, &payloads, durability)
@@ -139,5 +145,6 @@ async fn push_batch(
         .map_err(|error| PushError {
             error,
             never_sent: false,
+            stopped: false,
         })
 }

@@ -5,6 +5,8 @@
 //!   uses): one private redis-server; [`start_redis`] starts one or panics.
 //! - [`cluster::LocalCluster`]: six nodes made into a Redis Cluster.
 //! - [`sentinel::LocalSentinel`]: a primary, a replica and three sentinels.
+//! - [`relay::Relay`]: a TCP relay to Redis that injects network faults
+//!   (latency, slow segments, partitions, lost replies).
 //! - [`redis_conn`], [`llen`], [`until_llen`], [`keys`]: inspecting queue
 //!   state from a connection named [`HARNESS_CLIENT`].
 //! - [`eventually`], [`wait_for_port`]: bounded waits on a condition.
@@ -12,6 +14,7 @@
 //! Everything here panics on failure: it is for tests, never for the product.
 
 pub mod cluster;
+pub mod relay;
 pub mod sentinel;
 
 use std::future::Future;

@@ -118,9 +118,9 @@ impl Drop for Upstream {
 pub type Ran = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// An upstream on a port-0 listener that records `ID` for every request
-/// to `/run/ID` (any method, any body) and answers `ran`, after `N` ms
-/// with `?ms=N`; returns its URL and the record. It runs until the test's
-/// runtime ends.
+/// to `/run/ID` (any method, any body) and answers `ran` with an
+/// `x-ran: ID` header field, after `N` ms with `?ms=N`; returns its URL
+/// and the record. It runs until the test's runtime ends.
 pub async fn recording_upstream() -> (String, Ran) {
     let ran = Ran::default();
     let app = Router::new()
@@ -133,14 +133,14 @@ pub async fn recording_upstream() -> (String, Ran) {
                  _body: Bytes| async move {
                     ran.lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(id);
+                        .push(id.clone());
                     let ms = query
                         .as_deref()
                         .and_then(|q| q.strip_prefix("ms="))
                         .and_then(|ms| ms.parse().ok())
                         .unwrap_or(0);
                     tokio::time::sleep(Duration::from_millis(ms)).await;
-                    "ran\n"
+                    ([("x-ran", id)], "ran\n")
                 },
             ),
         )

@@ -9,7 +9,6 @@ pub mod httpbin;
 pub mod load;
 pub mod monitor;
 pub mod orders;
-pub mod relay;
 pub mod venv;
 pub mod web;
 
