@@ -551,7 +551,7 @@ async fn requeue_is_guarded_releases_only_its_own_claim_and_counts_repeats() {
         &list,
         &raw,
         "req-1",
-        Attempt::NotStarted,
+        Attempt::NotStarted { claimed_by: "d1" },
     )
     .await;
     assert_eq!(done.unwrap(), Requeued::Requeued);
@@ -562,13 +562,28 @@ async fn requeue_is_guarded_releases_only_its_own_claim_and_counts_repeats() {
         &list,
         &raw,
         "req-1",
-        Attempt::NotStarted,
+        Attempt::NotStarted { claimed_by: "d1" },
     )
     .await;
     assert_eq!(again.unwrap(), Requeued::NotHeld);
     assert_eq!(llen(&mut conn, &keys.requests()).await, 1);
     assert_eq!(llen(&mut conn, &list).await, 0);
     assert_eq!(claim(conn.clone()).await.as_deref(), Some("d2"));
+    // Never started after its dispatcher claimed it: the claim goes with
+    // it, so the next delivery runs (it used to be dropped as claimed).
+    assert_eq!(take(conn.clone(), list.clone()).await, raw.to_vec());
+    set_claim(conn.clone(), "d1").await;
+    let done = requeue(
+        &mut shared,
+        &keys,
+        &list,
+        &raw,
+        "req-1",
+        Attempt::NotStarted { claimed_by: "d1" },
+    )
+    .await;
+    assert_eq!(done.unwrap(), Requeued::Requeued);
+    assert_eq!(claim(conn.clone()).await, None);
 
     // May have run: counted; the claim released only when d1 holds it.
     let may_have_run = Attempt::MayHaveRun {

@@ -432,3 +432,59 @@ async fn an_unreachable_upstream_is_reported_once_with_its_address() {
         "repeated while nothing changed:\n{text}"
     );
 }
+
+/// A `dedupe` request (the proxy runs with `--enqueue-timeout`) taken just
+/// as the app went away: the dispatcher had claimed it, the app never
+/// received it, so it goes back to the queue with its claim released and
+/// runs once the app is back. (The claim used to stay: the next delivery
+/// found it claimed and was dropped, and the client got 504.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_request_the_app_never_received_runs_when_it_is_back() {
+    let redis = start_redis();
+    let queue = "claimed-unsent";
+    let mut app = App::new();
+    app.start(Duration::ZERO).await;
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let url = redis.url();
+    let _proxy = crate::support::bin::BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &listen,
+        "--redis",
+        &url,
+        "--queue",
+        queue,
+        "--hold",
+        "10s",
+        "--enqueue-timeout",
+        "5s",
+    ]);
+    let _dispatcher = start_dispatcher(&redis, queue, &app, &[]);
+    crate::support::wait_for_port(port).await;
+    let control = control(&redis, queue).await;
+    until_dispatcher_healthy(&control, true).await;
+    let order = |body: &'static str| {
+        let listen = listen.clone();
+        async move {
+            let request = Request::post(format!("http://{listen}/orders"))
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap();
+            send(&client(), request).await.status
+        }
+    };
+    assert_eq!(order("first").await, StatusCode::CREATED);
+    // The app goes away; the dispatcher does not know yet: it takes the
+    // next order, claims it, and finds the app's port refusing it.
+    app.kill();
+    let second = tokio::spawn(order("second"));
+    until_dispatcher_healthy(&control, false).await;
+    app.start(Duration::ZERO).await;
+    let status = second.await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "the order taken as the app went away"
+    );
+    assert_eq!(app.orders(), vec!["first", "second"]);
+}

@@ -12,7 +12,9 @@
 //! nginx, `stream.rs`; `--scenario websocket`: echo round trips and memory per idle socket
 //! beside nginx's WebSocket proxying, `websocket.rs`; `--scenario adapters`: the Python,
 //! Ruby and Node dispatchers beside gunicorn, uvicorn, Puma and Node's http server,
-//! `adapters.rs`)
+//! `adapters.rs`; `--scenario chaos --duration 10m`: a soak with two proxies, three
+//! dispatchers, Sentinel and a ledger app while processes are killed and the network fails,
+//! the books checked at the end, `chaos.rs` in the library)
 //! (drives redis-server, nginx and wrk; installs whichever is missing from
 //! the distribution's packages unless `--install false`).
 
@@ -80,6 +82,11 @@ struct Args {
     #[arg(long, default_value_t = 50_000)]
     hold_requests: usize,
 
+    /// Seed of the chaos scenario's fault order (default: from the clock;
+    /// every run prints its seed).
+    #[arg(long)]
+    seed: Option<u64>,
+
     /// Install missing redis-server, nginx and wrk with apt-get (through
     /// sudo when not root). With false, a missing program is an error.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -102,12 +109,20 @@ enum Scenario {
     /// The Python, Ruby and Node dispatchers beside gunicorn, uvicorn, Puma
     /// and Node's http server (needs what scripts/test.sh installs).
     Adapters,
-    /// Every scenario.
+    /// A soak: mixed load through two proxies and three dispatchers while
+    /// processes are killed and restarted, the Redis primary fails over
+    /// and the network fails; checks that nothing was lost or run twice
+    /// (exit status 1 if anything was). Not part of `all`.
+    Chaos,
+    /// Every scenario but the chaos soak.
     All,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.scenario == Scenario::Chaos {
+        return chaos(&args);
+    }
     tools::ensure(args.install)?;
     let anteroom = setups::build_anteroom().context("building the anteroom binary")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -190,5 +205,30 @@ fn main() -> anyhow::Result<()> {
         wrk::print_table(*connections, results);
     }
     drop((inprocess, forwarding, nginx, redis));
+    Ok(())
+}
+
+/// The chaos soak with a release build; exits 1 when a check failed.
+fn chaos(args: &Args) -> anyhow::Result<()> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
+    let config = anteroom_bench::chaos::ChaosConfig {
+        anteroom: setups::build_anteroom().context("building the anteroom binary")?,
+        duration: args.duration,
+        seed,
+        root: std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")),
+    };
+    println!(
+        "chaos soak for {} (seed {seed})",
+        humantime::format_duration(args.duration)
+    );
+    let report = anteroom_bench::chaos::run(&config)?;
+    println!("{}", report.render());
+    if !report.passed() {
+        std::process::exit(1);
+    }
     Ok(())
 }

@@ -294,7 +294,7 @@ async fn requeue_is_guarded_and_counts_repeats_of_what_may_have_run() {
         }
     };
     assert_eq!(
-        requeue(&mut shared, Attempt::NotStarted).await,
+        requeue(&mut shared, Attempt::NotStarted { claimed_by: "d1" }).await,
         Requeued::Requeued
     );
     assert_eq!(
@@ -303,7 +303,7 @@ async fn requeue_is_guarded_and_counts_repeats_of_what_may_have_run() {
     );
     // Again, as after a lost answer: nothing held, no second copy.
     assert_eq!(
-        requeue(&mut shared, Attempt::NotStarted).await,
+        requeue(&mut shared, Attempt::NotStarted { claimed_by: "d1" }).await,
         Requeued::NotHeld
     );
     assert_eq!(llen(&mut inspect, &keys.requests()).await, 1);

@@ -85,7 +85,15 @@ pub(crate) async fn handle<S, B>(
         if !shared.gate.is_open() {
             // Taken just as the upstream failed: it never saw this one.
             tracing::debug!("upstream unhealthy; back to the front of the queue unsent");
-            requeue(&shared, &raw, &envelope, Attempt::NotStarted).await;
+            requeue(
+                &shared,
+                &raw,
+                &envelope,
+                Attempt::NotStarted {
+                    claimed_by: &shared.id,
+                },
+            )
+            .await;
             return;
         }
         if envelope.dedupe && !claim(&shared, &envelope, now).await {
@@ -123,7 +131,15 @@ pub(crate) async fn handle<S, B>(
                     tracing::debug!(
                         "the upstream never received the handshake; back to the front of the queue"
                     );
-                    requeue(&shared, &raw, &envelope, Attempt::NotStarted).await;
+                    requeue(
+                        &shared,
+                        &raw,
+                        &envelope,
+                        Attempt::NotStarted {
+                            claimed_by: &shared.id,
+                        },
+                    )
+                    .await;
                     return;
                 }
                 crate::socket::Opened::Socket(parts, ws) => {
@@ -165,7 +181,9 @@ pub(crate) async fn handle<S, B>(
                             ),
                         }
                     } else {
-                        Attempt::NotStarted
+                        Attempt::NotStarted {
+                            claimed_by: &shared.id,
+                        }
                     };
                     match requeue(&shared, &raw, &envelope, attempt).await {
                         Requeued::TooManyRepeats => {

@@ -117,11 +117,10 @@ impl Drop for Upstream {
 /// order.
 pub type Ran = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
-/// An upstream on a port-0 listener that records `ID` for every request
-/// to `/run/ID` (any method, any body) and answers `ran` with an
-/// `x-ran: ID` header field, after `N` ms with `?ms=N`; returns its URL
-/// and the record. It runs until the test's runtime ends.
-pub async fn recording_upstream() -> (String, Ran) {
+/// An app that records `ID` for every request to `/run/ID` (any method, any body) and answers `ran` with an
+/// `x-ran: ID` header field, after `N` ms with `?ms=N`; returns it and
+/// the record.
+pub fn recording_router() -> (Router, Ran) {
     let ran = Ran::default();
     let app = Router::new()
         .route(
@@ -146,6 +145,13 @@ pub async fn recording_upstream() -> (String, Ran) {
         )
         .layer(DefaultBodyLimit::disable())
         .with_state(ran.clone());
+    (app, ran)
+}
+
+/// [`recording_router`] served on a port-0 listener: its URL and the
+/// record. It runs until the test's runtime ends.
+pub async fn recording_upstream() -> (String, Ran) {
+    let (app, ran) = recording_router();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -47,8 +47,14 @@ pub enum Requeued {
 #[derive(Debug, Clone, Copy)]
 pub enum Attempt<'a> {
     /// Its handler never started it (the upstream never received it): put
-    /// back whatever its method, not counted.
-    NotStarted,
+    /// back whatever its method, not counted. `claimed_by` is the
+    /// dispatcher whose `dedupe` claim to release (if it holds one), so
+    /// the next delivery can run: without that, whoever pulls it next
+    /// finds it claimed and drops it, and its client waits for a 504.
+    NotStarted {
+        /// The id the claim holds when this dispatcher claimed it.
+        claimed_by: &'a str,
+    },
     /// It may have run (a dispatcher or an upstream died while running it);
     /// only requests safe to repeat are put back, counted against
     /// [`MAX_REPEATS`] for `ttl` (until its deadline). `claimed_by` is the
@@ -64,9 +70,8 @@ pub enum Attempt<'a> {
 /// Puts a request back at the front of its queue, taking it out of `list`
 /// (the processing list that held it), in one Lua script: `LREM` from
 /// `list`, and only if that removed it, `RPUSH` onto the requests list (the
-/// right end is where dispatchers pull from: next in line) and, for
-/// [`Attempt::MayHaveRun`], `DEL` of the `dedupe` claim if `claimed_by`
-/// holds it. Guarded by the `LREM`, so running it again after an answer was
+/// right end is where dispatchers pull from: next in line) and `DEL` of the
+/// `dedupe` claim if `claimed_by` holds it. Guarded by the `LREM`, so running it again after an answer was
 /// lost cannot queue a second copy. [`Attempt::MayHaveRun`] first counts
 /// the repeat (`INCR anteroom:{q}:repeats:<id>`).
 ///
@@ -83,7 +88,7 @@ pub async fn requeue(
     attempt: Attempt<'_>,
 ) -> Result<Requeued, ControlError> {
     let (owner, max, ttl_ms) = match attempt {
-        Attempt::NotStarted => ("", -1_i64, 0_u64),
+        Attempt::NotStarted { claimed_by } => (claimed_by, -1_i64, 0_u64),
         Attempt::MayHaveRun { claimed_by, ttl } => (
             claimed_by,
             i64::from(MAX_REPEATS),
