@@ -382,3 +382,111 @@ async fn a_pause_acknowledgement_whose_reply_is_lost_still_counts() {
     assert_eq!(waiting.await.unwrap(), StatusCode::OK);
     assert_eq!(runs_of(&ran, "after-pause"), 1);
 }
+
+/// The proxy's take of its reply list whose reply is lost: Redis has
+/// moved the replies out of the list, the proxy never saw them. They are
+/// in its popped list, delivered again once it is connected again (it
+/// used to lose them: the client waited for a 504).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_pop_whose_reply_is_lost_is_delivered_again() {
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = "lost-pop";
+    let (upstream, ran) = recording_upstream().await;
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let (through_relay, url) = (relay.url(), redis.url());
+    let _proxy = BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &listen,
+        "--redis",
+        &through_relay,
+        "--queue",
+        queue,
+        "--hold",
+        "15s",
+    ]);
+    let _dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &url,
+        "--queue",
+        queue,
+        "--upstream",
+        &upstream,
+    ]);
+    wait_for_port(port).await;
+    until_dispatching(&control(&redis, queue).await).await;
+    for (method, id) in [
+        (http::Method::GET, "popped-get"),
+        (http::Method::POST, "popped-post"),
+    ] {
+        let lost = relay.lost();
+        // The app's `x-ran: ID` is in the reply envelope the pop carries,
+        // and in no other reply to the proxy.
+        relay.lose_reply_containing(id.as_bytes());
+        let started = Instant::now();
+        let status = run(&listen, method.clone(), id, false).await;
+        let took = started.elapsed();
+        assert_eq!(relay.lost(), lost + 1, "the relay lost no reply for {id}");
+        println!("{method} {id} whose reply pop was lost: {status} after {took:?}");
+        assert_eq!(status, StatusCode::OK, "{id}");
+        assert!(took < Duration::from_secs(5), "{id}: {took:?}");
+        assert_eq!(runs_of(&ran, id), 1, "{id}");
+    }
+}
+
+/// A chunk of a streamed response pushed again after its answer was lost
+/// reaches the proxy twice: the copy is dropped, and the client gets the
+/// body exactly (the stream used to be aborted: "chunk 1 where 2 was
+/// due").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_chunk_pushed_twice_is_delivered_once() {
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = "lost-chunk";
+    let app = axum::Router::new().route(
+        "/parts",
+        axum::routing::get(|| async {
+            let parts = futures_util::stream::unfold(0u8, |i| async move {
+                if i >= 3 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let part = Bytes::from(format!("<part-{i}-of-the-streamed-body>"));
+                Some((Ok::<_, std::convert::Infallible>(part), i + 1))
+            });
+            axum::body::Body::from_stream(parts)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let (through_relay, url) = (relay.url(), redis.url());
+    let _proxy = BinProcess::spawn(&[
+        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "15s",
+    ]);
+    let _dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &through_relay,
+        "--queue",
+        queue,
+        "--upstream",
+        &upstream,
+    ]);
+    wait_for_port(port).await;
+    until_dispatching(&control(&redis, queue).await).await;
+    // The push carrying the second part: its answer is lost.
+    relay.lose_reply_to(b"<part-1-of");
+    let answer = crate::support::web::get(&client(), &format!("http://{listen}/parts")).await;
+    assert_eq!(relay.lost(), 1, "the relay lost no reply");
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        answer.text(),
+        "<part-0-of-the-streamed-body><part-1-of-the-streamed-body><part-2-of-the-streamed-body>"
+    );
+}

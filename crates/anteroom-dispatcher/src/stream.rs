@@ -292,8 +292,21 @@ impl Outgoing<'_> {
                 seq: self.seq,
                 data: piece,
             };
-            if let Err(err) = self.push(&chunk.encode()).await {
-                return Err(Ending::Aborted(format!("cannot push a chunk: {err}")));
+            // Retried like the end, until the proxy would have given up
+            // on the stream: a push whose answer was lost lands twice, and
+            // the proxy drops the copy by its number.
+            let frame = chunk.encode();
+            let idle_ms = u64::try_from(self.shared.settings.stream_idle_timeout.as_millis())
+                .unwrap_or(u64::MAX);
+            let until = now_ms().saturating_add(idle_ms);
+            if with_retries("stream chunk", until, || self.push(&frame))
+                .await
+                .is_none()
+            {
+                return Err(Ending::Aborted(format!(
+                    "cannot push a chunk within {:?}",
+                    self.shared.settings.stream_idle_timeout
+                )));
             }
             self.seq += 1;
             self.sent += len;

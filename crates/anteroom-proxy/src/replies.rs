@@ -465,6 +465,15 @@ impl Demux {
             (Some(Entry::Streaming(stream)), Reply::End(end)) => {
                 let _ = stream.frames.send(StreamFrame::End(end));
             }
+            (Some(Entry::Streaming(stream)), Reply::Head(head))
+                if head.status != 101 && head.credit_to == stream.credit_to =>
+            {
+                // The same head again (pushed again after a lost answer, or
+                // delivered again after a lost pop): a copy, dropped.
+                waiters.insert(id, Entry::Streaming(stream));
+                drop(waiters);
+                tracing::debug!(id = %head.id, "a stream head delivered twice; the copy is dropped");
+            }
             (Some(Entry::Streaming(stream)), other) => {
                 let _ = stream.frames.send(StreamFrame::Restarted);
                 drop(waiters);

@@ -16,7 +16,8 @@
 //! | [`requeue`] | Lua: `LREM`, `RPUSH requests`, `DEL claimed` (`INCR repeats`) | dispatcher, reaper |
 //! | [`dead_letter`] | `MULTI`: `LPUSH dead letter`, `LREM` | dispatcher, reaper |
 //! | [`Queue::reap`], [`Queue::reap_once`] | Lua: claim a dead dispatcher's list | dispatcher, `anteroom reap` |
-//! | [`pop_replies`], [`follow_list`] | `BLMPOP block 1 list LEFT COUNT n` | proxy (replies), dispatcher (credits) |
+//! | [`pop_replies`] | `BLMPOP block 1 list LEFT COUNT n` | tests, other readers |
+//! | [`follow_list`] | Lua: `DEL popped`, `LRANGE`+`LTRIM list`, `RPUSH popped`; when empty `BLMOVE list popped LEFT RIGHT block` + `PEXPIRE popped` | proxy (replies), dispatcher (credits) |
 //! | [`push_reply`], [`push_replies`] | `RPUSH list frame` + `PEXPIRE` | dispatcher (stream frames, taken), proxy (credits, request body chunks) |
 //! | [`write_frames`] | [`push_replies`] in the background, batched per list | proxy and dispatcher (credits, cancels) |
 //! | [`replicate`] | `WAIT 1 ms` | proxy (in [`enqueue`]), dispatcher |
@@ -285,18 +286,52 @@ pub async fn pop_replies<C: ConnectionLike + Send>(
     Ok(popped.map(|(_, replies)| replies).unwrap_or_default())
 }
 
-/// How long one `BLMPOP` of [`follow_list`] blocks before it loops (and
+/// How long one `BLMOVE` of [`follow_list`] blocks before it loops (and
 /// looks for the stop).
 const FOLLOW_BLOCK: Duration = Duration::from_secs(1);
 /// Items [`follow_list`] takes per round trip.
 const FOLLOW_BATCH: usize = 256;
+/// How long a reader's popped list outlives its last take: what a reader
+/// that died (or lost Redis for longer) had taken and not acknowledged.
+const POPPED_TTL: Duration = Duration::from_secs(3600);
 
-/// Pops `list` until `stop`, handing each item to `deliver`, oldest first:
-/// [`pop_replies`] on a dedicated connection to `target`
+/// Takes up to `ARGV[1]` items from the head of `KEYS[1]` into `KEYS[2]`
+/// (the reader's popped list), after emptying `KEYS[2]` (what the previous
+/// take moved there has been delivered); returns them. `KEYS[2]` expires
+/// after `ARGV[2]` ms.
+const TAKE: &str = r"
+redis.call('DEL', KEYS[2])
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #items == 0 then return items end
+redis.call('LTRIM', KEYS[1], #items, -1)
+redis.call('RPUSH', KEYS[2], unpack(items))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return items";
+
+/// The list where [`follow_list`] keeps what it took from `list` until it
+/// has delivered it: `<list>:popped` (a name no reply or credit list can
+/// have: ids never contain `:`).
+pub fn popped_list(list: &str) -> String {
+    format!("{list}:popped")
+}
+
+/// Follows `list` until `stop`, handing each item to `deliver`, oldest
+/// first, on a dedicated connection to `target`
 /// (`anteroom_redis::blocking_for`, connect timeout `connect_timeout`),
 /// reconnecting with backoff whenever it is lost. The one reader loop of a
 /// proxy's reply list and of a dispatcher's credit list; `what` names it in
 /// log lines.
+///
+/// Nothing taken is lost with a reply the network lost (docs/protocol.md,
+/// "Lost replies"): items move into the reader's popped list
+/// ([`popped_list`]) rather than vanishing, a batch at a time (the `TAKE`
+/// script) or, when the list is empty, by a `BLMOVE` that waits for the
+/// first; each take empties the popped list first, which acknowledges the
+/// previous one. After a reconnect, whatever the popped list holds is
+/// delivered again before anything else: items the lost reply carried, or
+/// copies of items already delivered, which the receivers drop (a reply
+/// for an id no request waits for, a stream chunk or socket message whose
+/// number was seen, a credit total already counted).
 pub async fn follow_list(
     target: &Target,
     list: &str,
@@ -305,6 +340,7 @@ pub async fn follow_list(
     what: &str,
     mut deliver: impl FnMut(Bytes),
 ) {
+    let popped = popped_list(list);
     let mut backoff = Backoff::new();
     'connect: while !stop.is_cancelled() {
         let blocking =
@@ -319,14 +355,38 @@ pub async fn follow_list(
                 continue;
             }
         };
+        // What an earlier take moved and maybe never delivered.
+        let mut items: Vec<Bytes> = match redis::cmd("LRANGE")
+            .arg(&popped)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(items) => items,
+            Err(err) => {
+                tracing::warn!(error = %err, redis = %target, "{what} lost redis; reconnecting");
+                if sleep_or_stop(stop, backoff.next_delay()).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !items.is_empty() {
+            tracing::debug!(
+                items = items.len(),
+                "{what}: delivering again what the last take before a reconnect held"
+            );
+        }
         backoff.reset();
         loop {
-            let popped = tokio::select! {
-                popped = pop_replies(&mut conn, list, FOLLOW_BLOCK, FOLLOW_BATCH) => popped,
+            items.drain(..).for_each(&mut deliver);
+            let taken = tokio::select! {
+                taken = take_from(&mut conn, list, &popped) => taken,
                 () = stop.cancelled() => return,
             };
-            match popped {
-                Ok(items) => items.into_iter().for_each(&mut deliver),
+            match taken {
+                Ok(taken) => items = taken,
                 Err(err) => {
                     tracing::warn!(error = %err, redis = %target, "{what} lost redis; reconnecting");
                     if sleep_or_stop(stop, backoff.next_delay()).await {
@@ -337,6 +397,46 @@ pub async fn follow_list(
             }
         }
     }
+}
+
+/// One take of [`follow_list`]: a batch if `list` has any, else what one
+/// `BLMOVE` brings within [`FOLLOW_BLOCK`] (nothing on its timeout).
+async fn take_from<C: ConnectionLike + Send>(
+    conn: &mut C,
+    list: &str,
+    popped: &str,
+) -> RedisResult<Vec<Bytes>> {
+    // EVAL, as every script here: Redis keeps the compiled script by its
+    // digest, and the users need no SCRIPT LOAD.
+    let items: Vec<Bytes> = redis::cmd("EVAL")
+        .arg(TAKE)
+        .arg(2)
+        .arg(list)
+        .arg(popped)
+        .arg(FOLLOW_BATCH)
+        .arg(millis(POPPED_TTL))
+        .query_async(conn)
+        .await?;
+    if !items.is_empty() {
+        return Ok(items);
+    }
+    // The expiry goes in the same round trip, run as soon as the BLMOVE
+    // returns: a reader that dies before its next take leaves nothing
+    // behind for good.
+    let (first,): (Option<Bytes>,) = redis::pipe()
+        .cmd("BLMOVE")
+        .arg(list)
+        .arg(popped)
+        .arg("LEFT")
+        .arg("RIGHT")
+        .arg(FOLLOW_BLOCK.as_secs_f64())
+        .cmd("PEXPIRE")
+        .arg(popped)
+        .arg(millis(POPPED_TTL))
+        .ignore()
+        .query_async(conn)
+        .await?;
+    Ok(first.into_iter().collect())
 }
 
 /// `WAIT 1 <wait>` when `durability` sees a replica (otherwise nothing):
