@@ -176,6 +176,11 @@ fn the_clients_carry_the_rust_reapers_scripts() {
             "CLAIM_WHEN_FULL",
         ),
     ];
+    // Carried by the clients that settle orphans of a lost reply.
+    let python_only = [script(
+        &read("crates/anteroom-control/src/queue/complete.rs"),
+        "COMPLETE_IF_HELD",
+    )];
     for client in [
         "clients/python/src/anteroom/protocol.py",
         "clients/ruby/lib/anteroom/protocol.rb",
@@ -187,7 +192,12 @@ fn the_clients_carry_the_rust_reapers_scripts() {
             .lines()
             .map(|l| l.trim().trim_end_matches(['"', '`', ';']).to_owned())
             .collect();
-        for lua in &scripts {
+        let extra: &[Vec<String>] = if client.ends_with(".py") {
+            &python_only
+        } else {
+            &[]
+        };
+        for lua in scripts.iter().chain(extra) {
             let found = lines
                 .windows(lua.len())
                 .any(|window| window == lua.as_slice());

@@ -490,3 +490,66 @@ async fn a_stream_chunk_pushed_twice_is_delivered_once() {
         "<part-0-of-the-streamed-body><part-1-of-the-streamed-body><part-2-of-the-streamed-body>"
     );
 }
+
+/// The Python dispatcher (`anteroom-wsgi`) settles the orphans of a lost
+/// pull reply as the Rust one does: the GET runs, the POST gets 502 and
+/// never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_dispatcher_settles_a_lost_pull_too() {
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = "lost-py";
+    let record = std::env::temp_dir().join(format!(
+        "anteroom-record-{}-{}",
+        std::process::id(),
+        free_port().unwrap()
+    ));
+    let _ = std::fs::remove_file(&record);
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let url = redis.url();
+    let _proxy = BinProcess::spawn(&[
+        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "15s",
+    ]);
+    let mut cmd = std::process::Command::new(crate::support::venv::bin("anteroom-wsgi"));
+    cmd.args(["--threads", "4", "wsgi_record:app"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps"))
+        .env("ANTEROOM_REDIS", relay.url())
+        .env("ANTEROOM_QUEUE", queue)
+        .env("ANTEROOM_GRACE", "2s")
+        .env("RECORD_FILE", &record)
+        .stdout(std::process::Stdio::null());
+    let _dispatcher = BinProcess::spawn_cmd(&mut cmd);
+    wait_for_port(port).await;
+    until_dispatching(&control(&redis, queue).await).await;
+    let runs = |id: &str| {
+        std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == id)
+            .count()
+    };
+    for (method, id, expect, ran) in [
+        (http::Method::GET, "py-lost-get", StatusCode::OK, 1),
+        (
+            http::Method::POST,
+            "py-lost-post",
+            StatusCode::BAD_GATEWAY,
+            0,
+        ),
+    ] {
+        let lost = relay.lost();
+        relay.lose_reply_containing(format!("/run/{id}").as_bytes());
+        let started = Instant::now();
+        let status = run(&listen, method.clone(), id, false).await;
+        let took = started.elapsed();
+        assert_eq!(relay.lost(), lost + 1, "the relay lost no reply for {id}");
+        println!(
+            "{method} {id} whose pull reply the Python dispatcher lost: {status} after {took:?}"
+        );
+        assert_eq!(status, expect, "{id}");
+        assert!(took < Duration::from_secs(5), "{id}: {took:?}");
+        assert_eq!(runs(id), ran, "{id}");
+    }
+    let _ = std::fs::remove_file(&record);
+}

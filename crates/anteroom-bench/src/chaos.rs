@@ -20,8 +20,8 @@
 //! - a 10 s partition between a relayed process and Redis;
 //! - 200 ms more latency each way for 5 s;
 //! - 5 % of segments late by a retransmission timeout for 5 s;
-//! - lost replies: to proxy `b`'s next enqueue, and to `d3`'s next pull
-//!   or completion.
+//! - lost replies: to proxy `b`'s next enqueue or next reply of any kind,
+//!   and to `d3`'s next pull, completion or stream push, or any reply.
 //!
 //! At the end it checks and prints: every request answered (no transport
 //! error, no client timeout); every POST answered 2xx carried out exactly
@@ -181,7 +181,7 @@ impl Fault {
             Fault::Partition => "10 s partition from Redis",
             Fault::Latency => "200 ms latency each way, 5 s",
             Fault::Loss => "5 % of segments late (loss), 5 s",
-            Fault::LostReplies => "lost replies: an enqueue, a pull or a completion",
+            Fault::LostReplies => "lost replies (enqueue, pull, completion, any)",
         }
     }
 }
@@ -603,18 +603,34 @@ impl Rig {
                 Ok(format!("{name}: every 20th segment 200 ms late for 5 s"))
             }
             Fault::LostReplies => {
-                // The commands whose effect outlives a lost reply
-                // (docs/protocol.md, "Lost replies"): proxy b's next
-                // enqueue, and d3's next pull or completion.
-                self.proxy_relay.lose_reply_to(b"LPUSH");
-                let (marker, what) = if rng.random_bool(0.5) {
-                    (&b"LMOVE"[..], "pull")
+                // A command whose effect outlives its lost reply
+                // (docs/protocol.md, "Lost replies"), for each relayed
+                // process: proxy b's next enqueue or any next reply (a take
+                // of its reply list, a heartbeat, a clock reading); d3's
+                // next pull, completion or stream push, or any next reply.
+                let proxy = if rng.random_bool(0.5) {
+                    self.proxy_relay.lose_reply_to(b"LPUSH");
+                    "enqueue"
                 } else {
-                    (&b"RPUSH"[..], "completion")
+                    self.proxy_relay.lose_next_reply();
+                    "reply of any kind"
                 };
-                self.dispatcher_relay.lose_reply_to(marker);
+                let dispatcher = match rng.random_range(0..3) {
+                    0 => {
+                        self.dispatcher_relay.lose_reply_to(b"LMOVE");
+                        "pull"
+                    }
+                    1 => {
+                        self.dispatcher_relay.lose_reply_to(b"RPUSH");
+                        "completion or stream push"
+                    }
+                    _ => {
+                        self.dispatcher_relay.lose_next_reply();
+                        "reply of any kind"
+                    }
+                };
                 Ok(format!(
-                    "the replies to proxy b's next enqueue and d3's next {what} lost"
+                    "the replies to proxy b's next {proxy} and d3's next {dispatcher} lost"
                 ))
             }
         }

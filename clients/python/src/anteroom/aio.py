@@ -234,6 +234,10 @@ class AsyncDispatcher(Dispatcher):
         checked = 0.0
         pause_id = None
         while not self.stopping.is_set():
+            if self.orphans_due():
+                # On a thread of its own (its own connection): the loop
+                # goes on meanwhile.
+                await asyncio.to_thread(self.reconcile_or_retry)
             try:
                 # As the threaded pull: the pause key every PAUSE_POLL_S.
                 if time.monotonic() - checked >= PAUSE_POLL_S:
@@ -256,6 +260,7 @@ class AsyncDispatcher(Dispatcher):
                 taken = await self.take_async(client, free)
             except redis.RedisError as err:
                 log.warning("pulling failed: %s; retrying", err)
+                self.pull_failed()
                 await asyncio.sleep(0.5)
                 continue
             for raw in taken:
@@ -278,8 +283,7 @@ class AsyncDispatcher(Dispatcher):
         if not taken:
             raw = await client.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
             taken = [raw] if raw is not None else []
-        with self.lock:
-            self.in_flight += len(taken)
+        self.hold(taken)
         return taken
 
     async def handle_async(self, raw):
@@ -294,8 +298,7 @@ class AsyncDispatcher(Dispatcher):
             log.exception("handling a request failed (the reaper answers it once this dispatcher is gone)")
         finally:
             if not held:
-                with self.lock:
-                    self.in_flight -= 1
+                self.release(raw)
                 self.freed_event.set()
 
     async def handle_one(self, raw):

@@ -13,6 +13,7 @@ acknowledged in the heartbeat; SIGTERM or SIGINT stops pulling, lets the
 requests in hand finish within the grace period, then removes the
 heartbeat.
 """
+import collections
 import json
 import logging
 import os
@@ -46,6 +47,12 @@ PAUSE_POLL_S = 0.05
 RETRY_S = 10.0
 #: The pause between two tries of a failed write (seconds).
 RETRY_DELAY_S = 0.2
+#: After a failed pull, the processing list is looked at again once a pull
+#: the failed connection had sent would surely have landed or timed out
+#: (seconds; docs/protocol.md, "Lost replies").
+RECHECK_AFTER_S = PULL_BLOCK_S + 3.0
+#: A settling of orphans that failed is tried again after this long.
+RECONCILE_RETRY_S = 1.0
 #: How long removing a request with no reply is retried (seconds; the Rust
 #: dispatcher's minute).
 DISCARD_S = 60.0
@@ -136,6 +143,18 @@ class Dispatcher:
         self.beat_now = threading.Event()
         self.in_flight = 0
         self.lock = threading.Lock()
+        #: The raw bytes of each request in hand (a multiset, under
+        #: ``lock``): what the processing list may hold beyond these is an
+        #: orphan of a lost reply.
+        self.held = collections.Counter()
+        #: Settling orphans and reaping exclude each other: what a reaping
+        #: pass claimed into the processing list is its own.
+        self.settling = threading.Lock()
+        #: Set after a pull or a reaping pass failed: the processing list
+        #: may hold requests no task of this dispatcher has.
+        self.orphans_possible = threading.Event()
+        self.recheck_at = None
+        self.reconcile_after = 0.0
         #: Notified when a request in flight ends (``lock`` is its lock).
         self.freed = threading.Condition(self.lock)
         self.acknowledged = None
@@ -244,6 +263,8 @@ class Dispatcher:
         checked = 0.0
         pause_id = None
         while not self.stopping.is_set():
+            if self.orphans_due():
+                self.reconcile_or_retry()
             try:
                 # The pause key is re-read every PAUSE_POLL_S, not before
                 # every pull: a pull between a pause and its acknowledgement
@@ -264,6 +285,7 @@ class Dispatcher:
                 taken = self.take(free)
             except redis.RedisError as err:
                 log.warning("pulling failed: %s; retrying", err)
+                self.pull_failed()
                 self.stopping.wait(0.5)
                 continue
             for raw in taken:
@@ -294,9 +316,78 @@ class Dispatcher:
         if not taken:
             raw = self.redis.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
             taken = [raw] if raw is not None else []
+        self.hold(taken)
+        return taken
+
+    def hold(self, taken):
+        """Counts ``taken`` (raw requests just pulled) as in hand."""
         with self.lock:
             self.in_flight += len(taken)
-        return taken
+            self.held.update(taken)
+
+    def release(self, raw):
+        """``raw`` is no longer in hand (answered, or given up)."""
+        with self.freed:
+            self.in_flight -= 1
+            self.held[raw] -= 1
+            if self.held[raw] <= 0:
+                del self.held[raw]
+            self.freed.notify()
+
+    # -- orphans of lost replies (docs/protocol.md, "Lost replies") ---------
+
+    def pull_failed(self):
+        """A pull failed: its reply may have been lost after Redis moved
+        requests into the processing list. Looked at now, and again once a
+        pull the failed connection sent would have landed."""
+        self.orphans_possible.set()
+        self.recheck_at = time.monotonic() + RECHECK_AFTER_S
+
+    def orphans_due(self):
+        """Whether the processing list is to be looked at now (called by the
+        pull loop, with no pull outstanding)."""
+        now = time.monotonic()
+        if self.recheck_at is not None and now >= self.recheck_at:
+            self.recheck_at = None
+            self.orphans_possible.set()
+        return self.orphans_possible.is_set() and now >= self.reconcile_after
+
+    def reconcile_or_retry(self):
+        self.orphans_possible.clear()
+        try:
+            self.reconcile()
+        except redis.RedisError as err:
+            log.warning("settling orphans failed (%s); trying again shortly", err)
+            self.orphans_possible.set()
+            self.reconcile_after = time.monotonic() + RECONCILE_RETRY_S
+
+    def reconcile(self):
+        """Settles what the processing list holds beyond the requests in
+        hand, as the Rust dispatcher does: a copy of a request in hand (a
+        producer's repeated push) is only removed; any other item, a
+        request whose pull reply was lost (never run) or that a lost claim
+        reply moved here, is settled as a reaper settles a dead
+        dispatcher's: past its deadline dropped, safe to repeat put back,
+        otherwise answered 502 if it is still in the list."""
+        with self.settling:
+            with self.lock:
+                in_hand = collections.Counter(self.held)
+            listed = self.redis.lrange(self.processing, 0, -1)
+            copies, orphans = [], []
+            for raw in listed:
+                if in_hand[raw] > 0:
+                    in_hand[raw] -= 1
+                elif raw in in_hand:
+                    copies.append(raw)
+                elif raw not in self.unsettled:  # the reaper's, retried by it
+                    orphans.append(raw)
+            for raw in copies:
+                self.redis.lrem(self.processing, 1, raw)
+            for raw in orphans:
+                self.settle(raw, self.id, guarded=True)
+            if copies or orphans:
+                log.warning("settled %d requests in the processing list that no task held (a lost reply); "
+                            "removed %d copies of requests in hand", len(orphans), len(copies))
 
     def handle_and_release(self, raw):
         try:
@@ -304,9 +395,7 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - a worker must survive anything
             log.exception("handling a request failed (the reaper answers it once this dispatcher is gone)")
         finally:
-            with self.freed:
-                self.in_flight -= 1
-                self.freed.notify()
+            self.release(raw)
 
     # -- one request -------------------------------------------------------
 
@@ -529,8 +618,12 @@ class Dispatcher:
         """Reaps every REAP_EVERY_S until this dispatcher stops."""
         while not self.stopping.wait(REAP_EVERY_S):
             try:
-                self.reap()
+                with self.settling:
+                    self.reap()
             except Exception as err:  # noqa: BLE001 - the next pass tries again
+                # A claim whose reply was lost has moved a dead
+                # dispatcher's requests into this one's list unseen.
+                self.orphans_possible.set()
                 log.warning("reaping failed: %s", err)
 
     def reap(self):
@@ -563,14 +656,18 @@ class Dispatcher:
             log.warning("settling a reaped request failed (%s); trying again at the next pass", err)
             self.unsettled[raw] = dead
 
-    def settle(self, raw, dead):
+    def settle(self, raw, dead, guarded=False):
         """A dead dispatcher's request, now in this one's processing list:
         set aside when no producer of this queue wrote it; dropped when
         past its deadline; put back at the end pulled next when safe to
         repeat (a ``'Q'`` GET, HEAD, OPTIONS or with an Idempotency-Key),
         at most MAX_REPEATS times; otherwise answered 502, since it may or
-        may not have run. ``dead`` is the dispatcher it was claimed from."""
-        accepted = self.accepted(raw, "found in a dead dispatcher's list; ")
+        may not have run. ``dead`` is the dispatcher it was claimed from
+        (this one's own id for an orphan of a lost reply, which is
+        ``guarded``: its 502 is pushed only if it is still in the list)."""
+        found = ("found in the processing list with no task holding it; " if guarded
+                 else "found in a dead dispatcher's list; ")
+        accepted = self.accepted(raw, found)
         if accepted is None:
             return None
         kind, request = accepted
@@ -585,7 +682,13 @@ class Dispatcher:
                 return None  # back in the queue, or no longer this reaper's
         # Bounded by RETRY_S too: a stop waits for the reaper's pass.
         until_ms = min(request.deadline_ms, now_ms() + int(RETRY_S * 1000))
-        self.complete(raw, request, protocol.response(request.id, *protocol.INTERRUPTED), until_ms)
+        frame = protocol.response(request.id, *protocol.INTERRUPTED)
+        if guarded:
+            self.retrying(request, "answering an orphan", lambda: self.redis.eval(
+                protocol.COMPLETE_IF_HELD, 2, self.processing, request.reply_to, REPLY_TTL_MS, raw, frame),
+                until_ms)
+            return None
+        self.complete(raw, request, frame, until_ms)
         return None
 
     # -- heartbeat ---------------------------------------------------------
