@@ -280,13 +280,26 @@ impl ChaosReport {
                 o.took
             );
         }
-        let longest = self
-            .outcomes
-            .iter()
-            .map(|o| o.took)
-            .max()
-            .unwrap_or_default();
-        let _ = writeln!(out, "longest answer: {longest:.1?}");
+        if let Some(o) = self.outcomes.iter().max_by_key(|o| o.took) {
+            let status = match &o.status {
+                Ok(status) => status.to_string(),
+                Err(_) => "no answer".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "longest answer: {:.1?} ({} {}, {status}, answered at {:.1?})",
+                o.took,
+                o.kind.name(),
+                o.id,
+                o.at
+            );
+        }
+        let over = self.outcomes.iter().filter(|o| o.took > HOLD).count();
+        let _ = writeln!(
+            out,
+            "answers later than the hold budget ({}): {over}",
+            humantime::format_duration(HOLD)
+        );
         let posts_2xx = self
             .outcomes
             .iter()

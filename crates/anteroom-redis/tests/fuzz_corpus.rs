@@ -38,8 +38,8 @@ fn read_as_anteroom_does(value: &Value) -> usize {
 
 #[test]
 fn every_seed_parses_and_converts_without_panicking() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus/redis_replies");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/redis_replies");
     let (mut seeds, mut read) = (0, 0);
     for entry in std::fs::read_dir(&dir).expect("the fuzz corpus is in the repository") {
         let path = entry.unwrap().path();
