@@ -177,7 +177,7 @@ fn the_clients_carry_the_rust_reapers_scripts() {
         ),
     ];
     // Carried by the clients that settle orphans of a lost reply.
-    let python_only = [script(
+    let settling = [script(
         &read("crates/anteroom-control/src/queue/complete.rs"),
         "COMPLETE_IF_HELD",
     )];
@@ -192,8 +192,8 @@ fn the_clients_carry_the_rust_reapers_scripts() {
             .lines()
             .map(|l| l.trim().trim_end_matches(['"', '`', ';']).to_owned())
             .collect();
-        let extra: &[Vec<String>] = if client.ends_with(".py") {
-            &python_only
+        let extra: &[Vec<String>] = if client.ends_with(".py") || client.ends_with(".js") {
+            &settling
         } else {
             &[]
         };

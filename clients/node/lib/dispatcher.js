@@ -39,6 +39,12 @@ const RETRY_DELAY_MS = 200;
 const DISCARD_MS = 60_000;
 /** How long the reaper's answers are retried at most (ms), so a stop waits for a pass that long. */
 const REAP_WRITE_MS = 10_000;
+/** After a failed pull, the processing list is looked at again once a pull
+ * the failed connection had sent would surely have landed (docs/protocol.md,
+ * "Lost replies"). */
+const RECHECK_AFTER_MS = PULL_BLOCK_S * 1000 + 3_000;
+/** A settling of orphans that failed (or met a reaping pass) is tried again after this long. */
+const RECONCILE_RETRY_MS = 1_000;
 const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
   Buffer.from('the backend failed to handle the request\n')];
 
@@ -70,6 +76,13 @@ class Dispatcher {
     this.streams = new Map();
     /** Reaped requests whose settling failed: [raw, dead dispatcher] by raw bytes. */
     this.unsettled = new Map();
+    /** How many copies of each request (by raw bytes, latin1) are in hand: what
+     * the processing list holds beyond these is an orphan of a lost reply. */
+    this.held = new Map();
+    /** Set after a pull or a reaping pass failed. */
+    this.orphansPossible = false;
+    this.recheckAt = null;
+    this.reconcileAfter = 0;
   }
 
   async run() {
@@ -97,7 +110,12 @@ class Dispatcher {
       this.heartbeatTtlMs / 3);
     const reaping = setInterval(() => {
       if (!this.stopping) {
-        this.reapPass = this.reap().catch((err) => console.error(`anteroom: reaping failed: ${err.message}`));
+        this.reapPass = this.reap().catch((err) => {
+          // A claim whose reply was lost has moved a dead dispatcher's
+          // requests into this one's list unseen.
+          this.orphansPossible = true;
+          console.error(`anteroom: reaping failed: ${err.message}`);
+        });
       }
     }, REAP_EVERY_MS);
     console.error(`anteroom: dispatcher ${this.id} serving queue ${this.keys.queue}, ${this.concurrency} at once`);
@@ -146,6 +164,7 @@ class Dispatcher {
     let checked = 0;
     let pauseId = null;
     while (!this.stopping) {
+      if (this.orphansDue()) await this.reconcileOrRetry();
       let taken;
       try {
         // The pause key is re-read every PAUSE_POLL_MS, not before every
@@ -170,18 +189,86 @@ class Dispatcher {
         taken = await this.take(this.concurrency - this.inFlight);
       } catch (err) {
         console.error(`anteroom: pulling failed: ${err.message}; retrying`);
+        // Its reply may have been lost after Redis moved requests into the
+        // processing list: looked at now, and again once a pull the failed
+        // connection sent would have landed.
+        this.orphansPossible = true;
+        this.recheckAt = nowMs() + RECHECK_AFTER_MS;
         await sleep(500);
         continue;
       }
       for (const raw of taken) {
         this.inFlight += 1;
+        const key = raw.toString('latin1');
+        this.held.set(key, (this.held.get(key) ?? 0) + 1);
         this.handle(raw)
           .catch((err) => console.error(`anteroom: handling a request failed (the reaper answers it once this dispatcher is gone): ${err.stack}`))
           .finally(() => {
             this.inFlight -= 1;
+            const left = (this.held.get(key) ?? 1) - 1;
+            if (left > 0) this.held.set(key, left); else this.held.delete(key);
             if (this.freed) this.freed();
           });
       }
+    }
+  }
+
+  /** Whether the processing list is to be looked at now (the pull loop asks, with no pull outstanding). */
+  orphansDue() {
+    const now = nowMs();
+    if (this.recheckAt !== null && now >= this.recheckAt) {
+      this.recheckAt = null;
+      this.orphansPossible = true;
+    }
+    return this.orphansPossible && now >= this.reconcileAfter;
+  }
+
+  async reconcileOrRetry() {
+    this.orphansPossible = false;
+    try {
+      if (!await this.reconcile()) {
+        this.orphansPossible = true; // a reaping pass is under way
+        this.reconcileAfter = nowMs() + RECONCILE_RETRY_MS;
+      }
+    } catch (err) {
+      console.error(`anteroom: settling orphans failed (${err.message}); trying again shortly`);
+      this.orphansPossible = true;
+      this.reconcileAfter = nowMs() + RECONCILE_RETRY_MS;
+    }
+  }
+
+  /**
+   * Settles what the processing list holds beyond the requests in hand, as
+   * the Rust dispatcher does (docs/protocol.md, "Lost replies"): a copy of a
+   * request in hand (a producer's repeated push) is only removed; any other
+   * item, a request whose pull reply was lost (never run) or that a lost
+   * claim reply moved here, is settled as a reaper settles a dead
+   * dispatcher's, its 502 pushed only if it is still in the list. Excludes
+   * a reaping pass (false when one is under way: nothing done).
+   */
+  async reconcile() {
+    if (this.reapingNow) return false;
+    this.reapingNow = true;
+    try {
+      const inHand = new Map(this.held);
+      const listed = await this.redis.lRange(this.processing, 0, -1);
+      const copies = [];
+      const orphans = [];
+      for (const raw of listed) {
+        const key = raw.toString('latin1');
+        const n = inHand.get(key);
+        if (n > 0) inHand.set(key, n - 1);
+        else if (n === 0) copies.push(raw);
+        else if (!this.unsettled.has(key)) orphans.push(raw); // else the reaper's, retried by it
+      }
+      for (const raw of copies) await this.redis.lRem(this.processing, 1, raw);
+      for (const raw of orphans) await this.settle(raw, this.id, true);
+      if (copies.length > 0 || orphans.length > 0) {
+        console.error(`anteroom: settled ${orphans.length} requests in the processing list that no task held (a lost reply); removed ${copies.length} copies of requests in hand`);
+      }
+      return true;
+    } finally {
+      this.reapingNow = false;
     }
   }
 
@@ -535,8 +622,9 @@ class Dispatcher {
    * MAX_REPEATS times; otherwise answered 502, since it may or may not have
    * run. `dead` is the dispatcher it was claimed from.
    */
-  async settle(raw, dead) {
-    const accepted = await this.accepted(raw, "found in a dead dispatcher's list; ");
+  async settle(raw, dead, guarded = false) {
+    const found = guarded ? 'found in the processing list with no task holding it; ' : "found in a dead dispatcher's list; ";
+    const accepted = await this.accepted(raw, found);
     if (accepted === null) return undefined;
     const { kind, request } = accepted;
     const now = nowMs();
@@ -549,8 +637,18 @@ class Dispatcher {
       if (done !== 2) return undefined; // back in the queue, or no longer this reaper's
     }
     // Bounded by REAP_WRITE_MS too: a stop waits for the reaper's pass.
-    await this.complete(raw, request, protocol.response(request.id, ...protocol.INTERRUPTED),
-      Math.min(request.deadline_ms, nowMs() + REAP_WRITE_MS));
+    const until = Math.min(request.deadline_ms, nowMs() + REAP_WRITE_MS);
+    const frame = protocol.response(request.id, ...protocol.INTERRUPTED);
+    if (guarded) {
+      // An orphan: answered only if still in the list (another actor may
+      // have settled it meanwhile).
+      await this.retrying(request, 'answering an orphan', () => this.redis.eval(protocol.COMPLETE_IF_HELD, {
+        keys: [this.processing, request.reply_to],
+        arguments: [String(REPLY_TTL_MS), raw, frame],
+      }), until);
+      return undefined;
+    }
+    await this.complete(raw, request, frame, until);
     return undefined;
   }
 

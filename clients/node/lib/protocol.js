@@ -284,6 +284,23 @@ redis.call('LREM', KEYS[1], 1, ARGV[2])
 return 1`;
 
 /**
+ * Answers one request only if it is still in the processing list (an orphan
+ * a lost reply left there, which another actor may have settled meanwhile):
+ * LREM, and only if that removed it, the reply, even past Redis's maxmemory.
+ * KEYS: processing, the reply list; ARGV: the reply TTL in ms, the request's
+ * bytes, the reply. 1 when it was held. The Rust dispatcher's script
+ * (crates/anteroom-control/src/queue/complete.rs).
+ */
+const COMPLETE_IF_HELD = `\
+#!lua flags=allow-oom
+if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
+if ARGV[3] then
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+return 1`;
+
+/**
  * Claims a `dedupe` request while Redis is over its maxmemory (as the
  * requests taken then): SET NX PX in an `allow-oom` script. KEYS: the claim
  * key; ARGV: the owner, the TTL in ms. 1 when claimed here. The Rust
@@ -295,7 +312,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0`;
 
 module.exports = {
-  Clock, CLOCK, nowMs, PULL_WHEN_FULL, COMPLETE_WHEN_FULL, CLAIM_WHEN_FULL,
+  Clock, CLOCK, nowMs, PULL_WHEN_FULL, COMPLETE_WHEN_FULL, COMPLETE_IF_HELD, CLAIM_WHEN_FULL,
   VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, isSafeToRepeat, CLAIM, REQUEUE, MAX_REPEATS, INTERRUPTED, REFUSED,
   response,
   streamHead, streamChunk, streamEnd, deadLetter, Keys,
