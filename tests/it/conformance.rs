@@ -176,7 +176,7 @@ fn the_clients_carry_the_rust_reapers_scripts() {
             "CLAIM_WHEN_FULL",
         ),
     ];
-    // Carried by the clients that settle orphans of a lost reply.
+    // For settling the orphans of a lost reply.
     let settling = [script(
         &read("crates/anteroom-control/src/queue/complete.rs"),
         "COMPLETE_IF_HELD",
@@ -192,10 +192,11 @@ fn the_clients_carry_the_rust_reapers_scripts() {
             .lines()
             .map(|l| l.trim().trim_end_matches(['"', '`', ';']).to_owned())
             .collect();
-        let extra: &[Vec<String>] = if client.ends_with(".py") || client.ends_with(".js") {
-            &settling
-        } else {
+        // The Ruby dispatcher does not settle orphans yet.
+        let extra: &[Vec<String>] = if client.ends_with(".rb") {
             &[]
+        } else {
+            &settling
         };
         for lua in scripts.iter().chain(extra) {
             let found = lines
