@@ -85,13 +85,13 @@ pub(crate) async fn handle<S, B>(
         if !shared.gate.is_open() {
             // Taken just as the upstream failed: it never saw this one.
             tracing::debug!("upstream unhealthy; back to the front of the queue unsent");
+            // Not claimed yet: there is no claim of this delivery's to
+            // release (one this dispatcher holds is another copy's).
             requeue(
                 &shared,
                 &raw,
                 &envelope,
-                Attempt::NotStarted {
-                    claimed_by: &shared.id,
-                },
+                Attempt::NotStarted { claimed_by: "" },
             )
             .await;
             return;
@@ -136,7 +136,7 @@ pub(crate) async fn handle<S, B>(
                         &raw,
                         &envelope,
                         Attempt::NotStarted {
-                            claimed_by: &shared.id,
+                            claimed_by: own_claim(&shared, &envelope),
                         },
                     )
                     .await;
@@ -182,7 +182,7 @@ pub(crate) async fn handle<S, B>(
                         }
                     } else {
                         Attempt::NotStarted {
-                            claimed_by: &shared.id,
+                            claimed_by: own_claim(&shared, &envelope),
                         }
                     };
                     match requeue(&shared, &raw, &envelope, attempt).await {
@@ -211,6 +211,13 @@ pub(crate) async fn handle<S, B>(
     }
     .instrument(span)
     .await;
+}
+
+/// The dispatcher id a request's own `dedupe` claim holds, for a requeue
+/// to release: this dispatcher's when the envelope is `dedupe` (it was
+/// claimed before running), else none ("").
+fn own_claim<'a>(shared: &'a Shared, envelope: &RequestEnvelope) -> &'a str {
+    if envelope.dedupe { &shared.id } else { "" }
 }
 
 /// Hands `reply` to the completer (pushed, and `raw` removed from the

@@ -29,8 +29,9 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 pub(crate) struct PushError {
     pub(crate) error: RedisError,
-    /// True when nothing was sent (no connection could be made): always
-    /// safe to try again.
+    /// True when the push surely did not land (no connection could be
+    /// made, or the server answered it with an error): always safe to try
+    /// again, and never waited for.
     pub(crate) never_sent: bool,
     /// True when the enqueuer has stopped (the proxy is stopping): trying
     /// again cannot help, and nothing was sent.
@@ -143,8 +144,18 @@ async fn push_batch(
     queue::enqueue(conn, key, &payloads, durability)
         .await
         .map_err(|error| PushError {
+            never_sent: never_applied(&error, durability.is_some()),
             error,
-            never_sent: false,
             stopped: false,
         })
+}
+
+/// Whether a failed push surely did not land: the server answered the
+/// `LPUSH` with an error (`READONLY`, `LOADING`, `NOPERM`, `WRONGTYPE`,
+/// `MOVED`, `CLUSTERDOWN`: an `LPUSH` is applied whole or not at all), or
+/// no connection could be made. Not so when a `WAIT` followed it in the
+/// same pipeline (the error may be the `WAIT`'s, the push applied), nor
+/// after a lost reply or a timeout.
+fn never_applied(error: &RedisError, waited: bool) -> bool {
+    error.is_connection_refusal() || (error.code().is_some() && !waited)
 }

@@ -72,6 +72,9 @@ struct Stream {
     credit_to: String,
     /// The request's streamed body, still being sent.
     upload: Option<UploadEvents>,
+    /// The number after the highest chunk received: one below it is a
+    /// copy.
+    next_seq: u64,
 }
 
 /// Keyed by the id's 128 bits rather than its text: a waiting request then
@@ -434,6 +437,7 @@ impl Demux {
                     limit: head.window.min(MAX_WINDOW) + MAX_CHUNK as u64,
                     credit_to: credit_to.clone(),
                     upload,
+                    next_seq: 0,
                 };
                 if tx.send(Delivered::Stream(head, rx, buffered)).is_ok() {
                     waiters.insert(id, Entry::Streaming(stream));
@@ -443,7 +447,22 @@ impl Demux {
                     self.cancel_to(&credit_to, id);
                 }
             }
-            (Some(Entry::Streaming(stream)), Reply::Chunk(chunk)) => {
+            (Some(Entry::Streaming(mut stream)), Reply::Chunk(chunk))
+                if chunk.seq < stream.next_seq =>
+            {
+                // A copy (pushed again after a lost answer, or delivered
+                // again after a lost take): dropped before it counts
+                // against the window.
+                stream.next_seq = stream.next_seq.max(chunk.seq + 1);
+                waiters.insert(id, Entry::Streaming(stream));
+                drop(waiters);
+                tracing::debug!(
+                    seq = chunk.seq,
+                    "a stream chunk delivered twice; the copy is dropped"
+                );
+            }
+            (Some(Entry::Streaming(mut stream)), Reply::Chunk(chunk)) => {
+                stream.next_seq = chunk.seq.saturating_add(1);
                 let len = chunk.data.len() as u64;
                 let held = stream.buffered.fetch_add(len, Ordering::AcqRel) + len;
                 if held > stream.limit {
@@ -464,15 +483,6 @@ impl Demux {
             }
             (Some(Entry::Streaming(stream)), Reply::End(end)) => {
                 let _ = stream.frames.send(StreamFrame::End(end));
-            }
-            (Some(Entry::Streaming(stream)), Reply::Head(head))
-                if head.status != 101 && head.credit_to == stream.credit_to =>
-            {
-                // The same head again (pushed again after a lost answer, or
-                // delivered again after a lost pop): a copy, dropped.
-                waiters.insert(id, Entry::Streaming(stream));
-                drop(waiters);
-                tracing::debug!(id = %head.id, "a stream head delivered twice; the copy is dropped");
             }
             (Some(Entry::Streaming(stream)), other) => {
                 let _ = stream.frames.send(StreamFrame::Restarted);

@@ -158,18 +158,6 @@ impl Body for StreamBody {
             return Poll::Ready(None);
         }
         match self.frames.poll_recv(cx) {
-            Poll::Ready(Some(StreamFrame::Chunk(chunk))) if chunk.seq < self.next_seq => {
-                // A copy: pushed again after a lost answer, or delivered
-                // again after a lost pop (docs/protocol.md, "Lost replies").
-                self.buffered
-                    .fetch_sub(chunk.data.len() as u64, Ordering::AcqRel);
-                tracing::debug!(
-                    seq = chunk.seq,
-                    "a stream chunk delivered twice; the copy is dropped"
-                );
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
             Poll::Ready(Some(StreamFrame::Chunk(chunk))) => {
                 if chunk.seq != self.next_seq {
                     let reason = format!("chunk {} where {} was due", chunk.seq, self.next_seq);

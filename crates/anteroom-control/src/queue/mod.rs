@@ -292,14 +292,21 @@ const FOLLOW_BLOCK: Duration = Duration::from_secs(1);
 /// Items [`follow_list`] takes per round trip.
 const FOLLOW_BATCH: usize = 256;
 /// How long a reader's popped list outlives its last take: what a reader
-/// that died (or lost Redis for longer) had taken and not acknowledged.
-const POPPED_TTL: Duration = Duration::from_secs(3600);
+/// that died (or lost Redis for longer) had taken and not acknowledged. As
+/// long as a reply list lives after its last push (the dispatchers' default
+/// reply TTL).
+const POPPED_TTL: Duration = Duration::from_secs(60);
+/// How long a reader waits before it looks again when Redis, over its
+/// `maxmemory`, refuses the `BLMOVE` (a blocking wait it counts as a write).
+const FULL_POLL: Duration = Duration::from_millis(20);
 
 /// Takes up to `ARGV[1]` items from the head of `KEYS[1]` into `KEYS[2]`
 /// (the reader's popped list), after emptying `KEYS[2]` (what the previous
 /// take moved there has been delivered); returns them. `KEYS[2]` expires
-/// after `ARGV[2]` ms.
-const TAKE: &str = r"
+/// after `ARGV[2]` ms. It runs past Redis's `maxmemory` (`allow-oom`): what
+/// it takes is answers to requests already queued, and emptying the
+/// popped list first frees at least as much as the copies cost.
+const TAKE: &str = r"#!lua flags=allow-oom
 redis.call('DEL', KEYS[2])
 local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #items == 0 then return items end
@@ -423,7 +430,7 @@ async fn take_from<C: ConnectionLike + Send>(
     // The expiry goes in the same round trip, run as soon as the BLMOVE
     // returns: a reader that dies before its next take leaves nothing
     // behind for good.
-    let (first,): (Option<Bytes>,) = redis::pipe()
+    let waited: RedisResult<(Option<Bytes>,)> = redis::pipe()
         .cmd("BLMOVE")
         .arg(list)
         .arg(popped)
@@ -435,7 +442,17 @@ async fn take_from<C: ConnectionLike + Send>(
         .arg(millis(POPPED_TTL))
         .ignore()
         .query_async(conn)
-        .await?;
+        .await;
+    let (first,) = match waited {
+        Ok(first) => first,
+        // Over maxmemory Redis refuses BLMOVE: the reader polls with the
+        // script (which it allows) on the same connection instead.
+        Err(err) if anteroom_redis::is_out_of_memory(&err) => {
+            tokio::time::sleep(FULL_POLL).await;
+            (None,)
+        }
+        Err(err) => return Err(err),
+    };
     Ok(first.into_iter().collect())
 }
 
