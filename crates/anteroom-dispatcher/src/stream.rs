@@ -3,7 +3,7 @@
 //! as the body produces them, and an end, paced by the proxy's credits.
 //!
 //! - [`CreditTable`] and [`read_credits`]: one reader per dispatcher pops
-//!   its credit list (`anteroom:{q}:credits:<id>`, BLMPOP on a connection of
+//!   its credit list (`anteroom:{q}:credits:<id>`, `follow_list` on a connection of
 //!   its own) and wakes the stream each credit names.
 //! - [`send`]: one stream, from head to end. It never has more than the
 //!   window sent and not yet credited, so a slow client holds the app's

@@ -9,7 +9,7 @@
 //! most the hold budget, for its reply.
 //!
 //! One reply reader per queue served blocks on that queue's reply list with
-//! BLMPOP on a dedicated connection and hands each response to the waiting
+//! a take into its popped list (`anteroom_control::queue::follow_list`) on a dedicated connection and hands each response to the waiting
 //! request by id (the demultiplexer), so the proxy holds a constant handful
 //! of Redis connections however many requests wait. A watchdog per client
 //! connection closes idle and silent ones and drops those that read none

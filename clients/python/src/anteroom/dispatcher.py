@@ -353,13 +353,21 @@ class Dispatcher:
         return self.orphans_possible.is_set() and now >= self.reconcile_after
 
     def reconcile_or_retry(self):
+        """:meth:`reconcile`, unless a reaping pass is under way (the pull
+        loop does not wait for it: tried again shortly, as after a failure)."""
         self.orphans_possible.clear()
+        if not self.settling.acquire(blocking=False):
+            self.orphans_possible.set()
+            self.reconcile_after = time.monotonic() + RECONCILE_RETRY_S
+            return
         try:
             self.reconcile()
         except redis.RedisError as err:
             log.warning("settling orphans failed (%s); trying again shortly", err)
             self.orphans_possible.set()
             self.reconcile_after = time.monotonic() + RECONCILE_RETRY_S
+        finally:
+            self.settling.release()
 
     def reconcile(self):
         """Settles what the processing list holds beyond the requests in
@@ -368,26 +376,26 @@ class Dispatcher:
         request whose pull reply was lost (never run) or that a lost claim
         reply moved here, is settled as a reaper settles a dead
         dispatcher's: past its deadline dropped, safe to repeat put back,
-        otherwise answered 502 if it is still in the list."""
-        with self.settling:
-            with self.lock:
-                in_hand = collections.Counter(self.held)
-            listed = self.redis.lrange(self.processing, 0, -1)
-            copies, orphans = [], []
-            for raw in listed:
-                if in_hand[raw] > 0:
-                    in_hand[raw] -= 1
-                elif raw in in_hand:
-                    copies.append(raw)
-                elif raw not in self.unsettled:  # the reaper's, retried by it
-                    orphans.append(raw)
-            for raw in copies:
-                self.redis.lrem(self.processing, 1, raw)
-            for raw in orphans:
-                self.settle(raw, self.id, guarded=True)
-            if copies or orphans:
-                log.warning("settled %d requests in the processing list that no task held (a lost reply); "
-                            "removed %d copies of requests in hand", len(orphans), len(copies))
+        otherwise answered 502 if it is still in the list. The caller holds
+        ``settling``."""
+        with self.lock:
+            in_hand = collections.Counter(self.held)
+        listed = self.redis.lrange(self.processing, 0, -1)
+        copies, orphans = [], []
+        for raw in listed:
+            if in_hand[raw] > 0:
+                in_hand[raw] -= 1
+            elif raw in in_hand:
+                copies.append(raw)
+            elif raw not in self.unsettled:  # the reaper's, retried by it
+                orphans.append(raw)
+        for raw in copies:
+            self.redis.lrem(self.processing, 1, raw)
+        for raw in orphans:
+            self.settle(raw, self.id, guarded=True)
+        if copies or orphans:
+            log.warning("settled %d requests in the processing list that no task held (a lost reply); "
+                        "removed %d copies of requests in hand", len(orphans), len(copies))
 
     def handle_and_release(self, raw):
         try:
