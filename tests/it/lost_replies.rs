@@ -7,7 +7,7 @@
 use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
-use anteroom_testkit::free_port;
+use anteroom_testkit::{LocalRedis, free_port};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
@@ -27,26 +27,10 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
     let relay = Relay::start(redis.port()).await;
     let queue = "lost";
     let (upstream, ran) = recording_upstream().await;
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let url = redis.url();
-    let _proxy = BinProcess::spawn(&[
-        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "15s",
-    ]);
-    // The dispatcher reaches Redis only through the relay.
-    let through_relay = relay.url();
-    let _dispatcher = BinProcess::spawn(&[
-        "dispatch",
-        "--redis",
-        &through_relay,
-        "--queue",
-        queue,
-        "--upstream",
-        &upstream,
-    ]);
-    wait_for_port(port).await;
+    let (listen, _proxy, _dispatcher) =
+        proxy_and_dispatcher(&redis, &redis.url(), &relay.url(), queue, &upstream, "15s").await;
     let control = control(&redis, queue).await;
-    until_dispatching(&control).await;
+
     let c = client();
     let ask = |method: http::Method, id: &str| {
         let request = Request::builder()
@@ -125,6 +109,45 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
     assert_eq!(runs("lost-post"), 0);
 }
 
+/// A proxy reaching `redis` at `proxy_redis` (hold budget `hold`) and a
+/// dispatcher reaching it at `dispatcher_redis`, forwarding to `upstream`,
+/// both for `queue`; returned once the proxy listens and the dispatcher
+/// beats: the proxy's address and the two processes.
+async fn proxy_and_dispatcher(
+    redis: &LocalRedis,
+    proxy_redis: &str,
+    dispatcher_redis: &str,
+    queue: &str,
+    upstream: &str,
+    hold: &str,
+) -> (String, BinProcess, BinProcess) {
+    let port = free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let proxy = BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &listen,
+        "--redis",
+        proxy_redis,
+        "--queue",
+        queue,
+        "--hold",
+        hold,
+    ]);
+    let dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        dispatcher_redis,
+        "--queue",
+        queue,
+        "--upstream",
+        upstream,
+    ]);
+    wait_for_port(port).await;
+    until_dispatching(&control(redis, queue).await).await;
+    (listen, proxy, dispatcher)
+}
+
 /// Runs `id` with `method` (and an `Idempotency-Key` when `key`) through
 /// the proxy at `listen`: its status.
 async fn run(listen: &str, method: http::Method, id: &str, key: bool) -> StatusCode {
@@ -156,32 +179,9 @@ async fn an_enqueue_whose_reply_is_lost_is_answered_not_failed() {
     let relay = Relay::start(redis.port()).await;
     let queue = "lost-enqueue";
     let (upstream, ran) = recording_upstream().await;
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let (through_relay, url) = (relay.url(), redis.url());
-    // The proxy reaches Redis only through the relay.
-    let _proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &listen,
-        "--redis",
-        &through_relay,
-        "--queue",
-        queue,
-        "--hold",
-        "15s",
-    ]);
-    let _dispatcher = BinProcess::spawn(&[
-        "dispatch",
-        "--redis",
-        &url,
-        "--queue",
-        queue,
-        "--upstream",
-        &upstream,
-    ]);
-    wait_for_port(port).await;
-    until_dispatching(&control(&redis, queue).await).await;
+    let (listen, _proxy, _dispatcher) =
+        proxy_and_dispatcher(&redis, &relay.url(), &redis.url(), queue, &upstream, "15s").await;
+
     assert_eq!(
         run(&listen, http::Method::GET, "warm", false).await,
         StatusCode::OK
@@ -219,23 +219,9 @@ async fn a_completion_whose_reply_is_lost_is_sent_again() {
     let relay = Relay::start(redis.port()).await;
     let queue = "lost-completion";
     let (upstream, ran) = recording_upstream().await;
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let (through_relay, url) = (relay.url(), redis.url());
-    let _proxy = BinProcess::spawn(&[
-        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "15s",
-    ]);
-    let _dispatcher = BinProcess::spawn(&[
-        "dispatch",
-        "--redis",
-        &through_relay,
-        "--queue",
-        queue,
-        "--upstream",
-        &upstream,
-    ]);
-    wait_for_port(port).await;
-    until_dispatching(&control(&redis, queue).await).await;
+    let (listen, _proxy, _dispatcher) =
+        proxy_and_dispatcher(&redis, &redis.url(), &relay.url(), queue, &upstream, "15s").await;
+
     // The reply envelope carries the app's `x-ran: ID` field; the pull
     // and the heartbeat never do.
     relay.lose_reply_to(b"completed-post");
@@ -346,24 +332,10 @@ async fn a_pause_acknowledgement_whose_reply_is_lost_still_counts() {
     let relay = Relay::start(redis.port()).await;
     let queue = "lost-ack";
     let (upstream, ran) = recording_upstream().await;
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let (through_relay, url) = (relay.url(), redis.url());
-    let _proxy = BinProcess::spawn(&[
-        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "15s",
-    ]);
-    let _dispatcher = BinProcess::spawn(&[
-        "dispatch",
-        "--redis",
-        &through_relay,
-        "--queue",
-        queue,
-        "--upstream",
-        &upstream,
-    ]);
-    wait_for_port(port).await;
+    let (listen, _proxy, _dispatcher) =
+        proxy_and_dispatcher(&redis, &redis.url(), &relay.url(), queue, &upstream, "15s").await;
     let control = control(&redis, queue).await;
-    until_dispatching(&control).await;
+
     relay.lose_reply_to(b"\"paused\":true");
     let started = Instant::now();
     pause_acknowledged(&control, "lost-ack-test").await;
@@ -393,31 +365,9 @@ async fn a_reply_pop_whose_reply_is_lost_is_delivered_again() {
     let relay = Relay::start(redis.port()).await;
     let queue = "lost-pop";
     let (upstream, ran) = recording_upstream().await;
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let (through_relay, url) = (relay.url(), redis.url());
-    let _proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &listen,
-        "--redis",
-        &through_relay,
-        "--queue",
-        queue,
-        "--hold",
-        "15s",
-    ]);
-    let _dispatcher = BinProcess::spawn(&[
-        "dispatch",
-        "--redis",
-        &url,
-        "--queue",
-        queue,
-        "--upstream",
-        &upstream,
-    ]);
-    wait_for_port(port).await;
-    until_dispatching(&control(&redis, queue).await).await;
+    let (listen, _proxy, _dispatcher) =
+        proxy_and_dispatcher(&redis, &relay.url(), &redis.url(), queue, &upstream, "15s").await;
+
     for (method, id) in [
         (http::Method::GET, "popped-get"),
         (http::Method::POST, "popped-post"),
@@ -463,23 +413,9 @@ async fn a_stream_chunk_pushed_twice_is_delivered_once() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let (through_relay, url) = (relay.url(), redis.url());
-    let _proxy = BinProcess::spawn(&[
-        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "15s",
-    ]);
-    let _dispatcher = BinProcess::spawn(&[
-        "dispatch",
-        "--redis",
-        &through_relay,
-        "--queue",
-        queue,
-        "--upstream",
-        &upstream,
-    ]);
-    wait_for_port(port).await;
-    until_dispatching(&control(&redis, queue).await).await;
+    let (listen, _proxy, _dispatcher) =
+        proxy_and_dispatcher(&redis, &redis.url(), &relay.url(), queue, &upstream, "15s").await;
+
     // The push carrying the second part: its answer is lost.
     relay.lose_reply_to(b"<part-1-of");
     let answer = crate::support::web::get(&client(), &format!("http://{listen}/parts")).await;
