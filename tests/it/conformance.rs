@@ -192,13 +192,7 @@ fn the_clients_carry_the_rust_reapers_scripts() {
             .lines()
             .map(|l| l.trim().trim_end_matches(['"', '`', ';']).to_owned())
             .collect();
-        // The Ruby dispatcher does not settle orphans yet.
-        let extra: &[Vec<String>] = if client.ends_with(".rb") {
-            &[]
-        } else {
-            &settling
-        };
-        for lua in scripts.iter().chain(extra) {
+        for lua in scripts.iter().chain(&settling) {
             let found = lines
                 .windows(lua.len())
                 .any(|window| window == lua.as_slice());

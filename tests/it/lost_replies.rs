@@ -170,32 +170,54 @@ fn runs_of(ran: &crate::support::app::Ran, id: &str) -> usize {
 }
 
 /// A proxy's `LPUSH` whose reply is lost has queued the request: the
-/// proxy cannot tell, so it waits for the reply as for any queued request
-/// (it used to answer 503 while the request ran anyway). A safe request
-/// may also be pushed again (and run twice); an unsafe one never.
+/// proxy cannot tell. An unsafe request waits for its reply as any queued
+/// one (it used to be answered 503 while it ran anyway). With
+/// `--enqueue-timeout` (every envelope `dedupe`) the push is repeated and
+/// the request runs once; without it, a request its client may repeat (a
+/// GET, a POST with `Idempotency-Key`) may be answered 503 at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enqueue_whose_reply_is_lost_is_answered_not_failed() {
     let redis = start_redis();
     let relay = Relay::start(redis.port()).await;
     let queue = "lost-enqueue";
     let (upstream, ran) = recording_upstream().await;
-    let (listen, _proxy, _dispatcher) =
+    let (plain, _proxy, _dispatcher) =
         proxy_and_dispatcher(&redis, &relay.url(), &redis.url(), queue, &upstream, "15s").await;
+    // A second proxy, through the same relay, that repeats pushes.
+    let port = free_port().unwrap();
+    let retrying = format!("127.0.0.1:{port}");
+    let relayed = relay.url();
+    let _retrying_proxy = BinProcess::spawn(&[
+        "proxy",
+        "--listen",
+        &retrying,
+        "--redis",
+        &relayed,
+        "--queue",
+        queue,
+        "--hold",
+        "15s",
+        "--enqueue-timeout",
+        "5s",
+    ]);
+    wait_for_port(port).await;
+    for listen in [&plain, &retrying] {
+        assert_eq!(
+            run(listen, http::Method::GET, "warm", false).await,
+            StatusCode::OK
+        );
+    }
 
-    assert_eq!(
-        run(&listen, http::Method::GET, "warm", false).await,
-        StatusCode::OK
-    );
-
-    for (method, id, key) in [
-        (http::Method::POST, "enqueue-post", false),
-        (http::Method::POST, "enqueue-keyed-post", true),
-        (http::Method::GET, "enqueue-get", false),
+    for (listen, method, id, key) in [
+        (&plain, http::Method::POST, "enqueue-post", false),
+        (&retrying, http::Method::POST, "enqueue-retried-post", false),
+        (&retrying, http::Method::POST, "enqueue-keyed-post", true),
+        (&retrying, http::Method::GET, "enqueue-get", false),
     ] {
         let lost = relay.lost();
         relay.lose_reply_to(format!("/run/{id}").as_bytes());
         let started = Instant::now();
-        let status = run(&listen, method.clone(), id, key).await;
+        let status = run(listen, method.clone(), id, key).await;
         let took = started.elapsed();
         assert_eq!(relay.lost(), lost + 1, "the relay lost no reply for {id}");
         println!("{method} {id} whose LPUSH reply was lost: {status} after {took:?}");
@@ -452,6 +474,28 @@ async fn the_node_dispatcher_settles_a_lost_pull_too() {
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/record_app.js"),
         ])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/node"))
+        .env("RECORD_FILE", record);
+        cmd
+    })
+    .await;
+}
+
+/// The Ruby dispatcher (`anteroom-rack`) likewise (it also sweeps its
+/// list every 2 s: redis-rb does not always report a reply lost with its
+/// connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ruby_dispatcher_settles_a_lost_pull_too() {
+    settles_a_lost_pull("rb", |record| {
+        let mut cmd = std::process::Command::new("ruby");
+        cmd.args([
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/clients/ruby/exe/anteroom-rack"
+            ),
+            "--threads",
+            "4",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/rack/record.ru"),
+        ])
         .env("RECORD_FILE", record);
         cmd
     })

@@ -71,10 +71,10 @@ async fn replies_to_a_dead_proxy_expire_and_dispatchers_carry_on() {
     let mut conn = redis_conn(&redis).await;
     eventually("the reply to arrive", READY, || {
         let mut conn = conn.clone();
-        async move { !keys(&mut conn, "anteroom:{pc}:replies:*").await.is_empty() }
+        async move { !reply_lists(&mut conn, "pc").await.is_empty() }
     })
     .await;
-    let reply_list = keys(&mut conn, "anteroom:{pc}:replies:*").await.remove(0);
+    let reply_list = reply_lists(&mut conn, "pc").await.remove(0);
     let ttl: i64 = redis::cmd("PTTL")
         .arg(&reply_list)
         .query_async(&mut conn)
@@ -300,4 +300,19 @@ async fn a_client_that_disconnects_while_waiting_keeps_its_share_until_answered(
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
     d.stop().await;
     proxy.stop().await;
+}
+
+/// The reply lists of `queue` (`anteroom:{q}:replies:<proxy>`), without
+/// the keys each list's reader keeps beside it (`…:popped`, `…:landing`,
+/// `…:epoch`).
+pub(crate) async fn reply_lists(
+    conn: &mut redis::aio::MultiplexedConnection,
+    queue: &str,
+) -> Vec<String> {
+    let prefix = format!("anteroom:{{{queue}}}:replies:");
+    keys(conn, &format!("{prefix}*"))
+        .await
+        .into_iter()
+        .filter(|k| !k[prefix.len()..].contains(':'))
+        .collect()
 }

@@ -346,7 +346,8 @@ fn join(mut chunks: Vec<Bytes>) -> Bytes {
 /// failed. Such a request waits for its reply like any queued one (`Ok`):
 /// answered if it landed, `504` at its deadline if not, and a dispatcher
 /// never starts a request past its deadline (docs/protocol.md, "Lost
-/// replies").
+/// replies"). A push cut off by the server going away (it refuses the
+/// reconnection at once) counts as not sent (`enqueue::push_batch`).
 pub(crate) async fn enqueue(
     state: Arc<State>,
     payload: Bytes,

@@ -141,13 +141,26 @@ async fn push_batch(
         stopped: false,
     })?;
     let payloads: Vec<&[u8]> = batch.iter().map(|p| p.payload.as_ref()).collect();
-    queue::enqueue(conn, key, &payloads, durability)
-        .await
-        .map_err(|error| PushError {
-            never_sent: never_applied(&error, durability.is_some()),
-            error,
-            stopped: false,
-        })
+    let Err(error) = queue::enqueue(conn, key, &payloads, durability).await else {
+        return Ok(());
+    };
+    let mut never_sent = never_applied(&error, durability.is_some());
+    if !never_sent && error.is_io_error() && !error.is_timeout() {
+        // The connection broke under the push. If the server now refuses
+        // a new one at once, it went away (killed, restarted): what it
+        // had not answered died with it (unless it kept an AOF and comes
+        // back with the push: docs/reliability.md). If it takes the new
+        // connection, it is alive and may have applied the push.
+        never_sent = conn
+            .ensure_connected()
+            .await
+            .is_err_and(|err| err.is_connection_refusal());
+    }
+    Err(PushError {
+        never_sent,
+        error,
+        stopped: false,
+    })
 }
 
 /// Whether a failed push surely did not land: the server answered the

@@ -55,6 +55,17 @@ module Anteroom
     # How long removing a request with no reply is retried (s; the Rust
     # dispatcher's minute).
     DISCARD_S = 60.0
+    # After a failed pull, the processing list is looked at again once a
+    # pull the failed connection had sent would surely have landed
+    # (docs/protocol.md, "Lost replies").
+    RECHECK_AFTER_S = PULL_BLOCK_S + 3.0
+    # And every this long in any case: redis-rb does not always report a
+    # reply lost with its connection (seen in tests: the pull returned as
+    # if nothing had come), so the list is also swept on a timer (one
+    # LRANGE of at most --threads items).
+    SWEEP_EVERY_S = 2.0
+    # A settling of orphans that failed is tried again after this long.
+    RECONCILE_RETRY_S = 1.0
     # The answer to a handler that raised.
     FAILED = [502, [["content-type", "text/plain; charset=utf-8".b]],
               "the backend failed to handle the request\n".b].freeze
@@ -92,6 +103,18 @@ module Anteroom
       @unsettled = {}
       # Streams by request id: [bytes credited so far, whether the client is gone].
       @streams = {}
+      # How many copies of each request (by its bytes) are in hand, under
+      # @lock: what the processing list holds beyond these is an orphan of
+      # a lost reply.
+      @held = Hash.new(0)
+      # Settling orphans and reaping exclude each other: what a reaping
+      # pass claimed into the processing list is its own.
+      @settling = Mutex.new
+      # Set after a pull or a reaping pass failed (under @lock).
+      @orphans_possible = false
+      @recheck_at = nil
+      @next_sweep = 0.0
+      @reconcile_after = 0.0
     end
 
     # Serves until SIGTERM or SIGINT (trapped here, so call it from the
@@ -193,6 +216,7 @@ module Anteroom
       checked = -PAUSE_POLL_S
       pause_id = nil
       until stopping?
+        reconcile_or_retry(redis) if orphans_due?
         begin
           # The pause key is re-read every PAUSE_POLL_S, not before every
           # pull: a pull between a pause and its acknowledgement is allowed
@@ -216,9 +240,83 @@ module Anteroom
           take(redis, free).each { |raw| @jobs << raw }
         rescue Redis::BaseError => e
           @log.warn("pulling failed: #{e.message}; retrying")
+          # Its reply may have been lost after Redis moved requests into the
+          # processing list: looked at now, and again once a pull the failed
+          # connection sent would have landed.
+          @lock.synchronize do
+            @orphans_possible = true
+            @recheck_at = monotonic + RECHECK_AFTER_S
+          end
           sleep 0.5
         end
       end
+    end
+
+    # -- orphans of lost replies (docs/protocol.md, "Lost replies") ----------
+
+    # Whether the processing list is to be looked at now (the pull loop
+    # asks, with no pull outstanding): after a failure, at its recheck, and
+    # every SWEEP_EVERY_S.
+    def orphans_due?
+      now = monotonic
+      @lock.synchronize do
+        if (@recheck_at && now >= @recheck_at) || now >= @next_sweep
+          @recheck_at = nil if @recheck_at && now >= @recheck_at
+          @next_sweep = now + SWEEP_EVERY_S
+          @orphans_possible = true
+        end
+        @orphans_possible && now >= @reconcile_after
+      end
+    end
+
+    # #reconcile, unless a reaping pass is under way (the pull loop does
+    # not wait for it: tried again shortly, as after a failure).
+    def reconcile_or_retry(redis)
+      @lock.synchronize { @orphans_possible = false }
+      return retry_reconcile unless @settling.try_lock
+
+      begin
+        reconcile(redis)
+      ensure
+        @settling.unlock
+      end
+    rescue Redis::BaseError => e
+      @log.warn("settling orphans failed (#{e.message}); trying again shortly")
+      retry_reconcile
+    end
+
+    def retry_reconcile
+      @lock.synchronize do
+        @orphans_possible = true
+        @reconcile_after = monotonic + RECONCILE_RETRY_S
+      end
+    end
+
+    # Settles what the processing list holds beyond the requests in hand,
+    # as the Rust dispatcher does: a copy of a request in hand (a producer's
+    # repeated push) is only removed; any other item, a request whose pull
+    # reply was lost (never run) or that a lost claim reply moved here, is
+    # settled as a reaper settles a dead dispatcher's, its 502 pushed only
+    # if it is still in the list. The caller holds @settling.
+    def reconcile(redis)
+      in_hand = @lock.synchronize { @held.dup }
+      copies = []
+      orphans = []
+      redis.lrange(@processing, 0, -1).each do |raw|
+        if in_hand[raw].positive?
+          in_hand[raw] -= 1
+        elsif in_hand.key?(raw)
+          copies << raw
+        elsif !@unsettled.key?(raw) # else the reaper's, retried by it
+          orphans << raw
+        end
+      end
+      copies.each { |raw| redis.lrem(@processing, 1, raw) }
+      orphans.each { |raw| settle(redis, raw, @id, guarded: true) }
+      return if copies.empty? && orphans.empty?
+
+      @log.warn("settled #{orphans.size} requests in the processing list that no task held (a lost reply); " \
+                "removed #{copies.size} copies of requests in hand")
     end
 
     # How many more requests may be held (waits up to +timeout+ s for one).
@@ -246,7 +344,10 @@ module Anteroom
         raw = redis.blmove(@keys.requests, @processing, "RIGHT", "LEFT", timeout: PULL_BLOCK_S)
         taken = raw ? [raw] : []
       end
-      @lock.synchronize { @in_flight += taken.size }
+      @lock.synchronize do
+        @in_flight += taken.size
+        taken.each { |raw| @held[raw] += 1 }
+      end
       taken
     end
 
@@ -261,6 +362,7 @@ module Anteroom
         ensure
           @lock.synchronize do
             @in_flight -= 1
+            @held.delete(raw) if (@held[raw] -= 1) <= 0
             @changed.broadcast
           end
         end
@@ -557,8 +659,11 @@ module Anteroom
         next if stopping?
 
         begin
-          reap(redis)
+          @settling.synchronize { reap(redis) }
         rescue StandardError => e # the next pass tries again
+          # A claim whose reply was lost has moved a dead dispatcher's
+          # requests into this one's list unseen.
+          @lock.synchronize { @orphans_possible = true }
           @log.warn("reaping failed: #{e.message}")
         end
       end
@@ -596,9 +701,12 @@ module Anteroom
     # aside when no producer of this queue wrote it; dropped when past its
     # deadline; put back at the end pulled next when safe to repeat, at
     # most MAX_REPEATS times; otherwise answered 502, since it may or may
-    # not have run. +dead+ is the dispatcher it was claimed from.
-    def settle(redis, raw, dead)
-      kind, request = accepted(redis, raw, "found in a dead dispatcher's list; ")
+    # not have run. +dead+ is the dispatcher it was claimed from (this
+    # one's own id for an orphan of a lost reply, which is +guarded+: its
+    # 502 is pushed only if it is still in the list).
+    def settle(redis, raw, dead, guarded: false)
+      found = guarded ? "found in the processing list with no task holding it; " : "found in a dead dispatcher's list; "
+      kind, request = accepted(redis, raw, found)
       return unless request
 
       now = Protocol.now_ms
@@ -612,7 +720,15 @@ module Anteroom
       end
       # Bounded by RETRY_S too: a stop waits for the reaper's pass.
       until_ms = [request.deadline_ms, Protocol.now_ms + (RETRY_S * 1000).to_i].min
-      complete(redis, raw, request, Protocol.response(request.id, *Protocol::INTERRUPTED), until_ms)
+      frame = Protocol.response(request.id, *Protocol::INTERRUPTED)
+      if guarded
+        retrying(request, until_ms) do
+          redis.eval(Protocol::COMPLETE_IF_HELD, keys: [@processing, request.reply_to],
+                                                 argv: [REPLY_TTL_MS, raw, frame])
+        end
+        return
+      end
+      complete(redis, raw, request, frame, until_ms)
     end
 
     # -- heartbeat -----------------------------------------------------------

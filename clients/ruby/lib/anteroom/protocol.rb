@@ -94,6 +94,21 @@ module Anteroom
       redis.call('LREM', KEYS[1], 1, ARGV[2])
       return 1
     LUA
+    # Answers one request only if it is still in the processing list (an
+    # orphan a lost reply left there, which another actor may have settled
+    # meanwhile): LREM, and only if that removed it, the reply, even past
+    # Redis's maxmemory. KEYS: processing, the reply list; ARGV: the reply
+    # TTL in ms, the request's bytes, the reply. 1 when it was held. The
+    # Rust dispatcher's script (crates/anteroom-control/src/queue/complete.rs).
+    COMPLETE_IF_HELD = <<~LUA
+      #!lua flags=allow-oom
+      if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
+      if ARGV[3] then
+        redis.call('RPUSH', KEYS[2], ARGV[3])
+        redis.call('PEXPIRE', KEYS[2], ARGV[1])
+      end
+      return 1
+    LUA
     # Claims a +dedupe+ request while Redis is over its maxmemory (as the
     # requests taken then): SET NX PX in an +allow-oom+ script. KEYS: the
     # claim key; ARGV: the owner, the TTL in ms. 1 when claimed here. The

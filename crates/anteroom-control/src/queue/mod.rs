@@ -17,7 +17,7 @@
 //! | [`dead_letter`] | `MULTI`: `LPUSH dead letter`, `LREM` | dispatcher, reaper |
 //! | [`Queue::reap`], [`Queue::reap_once`] | Lua: claim a dead dispatcher's list | dispatcher, `anteroom reap` |
 //! | [`pop_replies`] | `BLMPOP block 1 list LEFT COUNT n` | tests, other readers |
-//! | [`follow_list`] | Lua: `DEL popped`, `LRANGE`+`LTRIM list`, `RPUSH popped`; when empty `BLMOVE list popped LEFT RIGHT block` + `PEXPIRE popped` | proxy (replies), dispatcher (credits) |
+//! | [`follow_list`] | `INCR epoch` per connection; Lua (fenced by the epoch): `DEL popped`, landing and `LRANGE`+`LTRIM list` into `popped`; when empty `BLMOVE list landing LEFT RIGHT block` + `PEXPIRE landing` | proxy (replies), dispatcher (credits) |
 //! | [`push_reply`], [`push_replies`] | `RPUSH list frame` + `PEXPIRE` | dispatcher (stream frames, taken), proxy (credits, request body chunks) |
 //! | [`write_frames`] | [`push_replies`] in the background, batched per list | proxy and dispatcher (credits, cancels) |
 //! | [`replicate`] | `WAIT 1 ms` | proxy (in [`enqueue`]), dispatcher |
@@ -302,24 +302,41 @@ const FULL_POLL: Duration = Duration::from_millis(20);
 
 /// Takes up to `ARGV[1]` items from the head of `KEYS[1]` into `KEYS[2]`
 /// (the reader's popped list), after emptying `KEYS[2]` (what the previous
-/// take moved there has been delivered); returns them. `KEYS[2]` expires
-/// after `ARGV[2]` ms. It runs past Redis's `maxmemory` (`allow-oom`): what
-/// it takes is answers to requests already queued, and emptying the
-/// popped list first frees at least as much as the copies cost.
+/// take moved there has been delivered), together with whatever a
+/// `BLMOVE` left in `KEYS[4]` (the landing list). Returns `{landed,
+/// taken}`, or nil without touching anything when `ARGV[3]` is not the
+/// reader's current epoch (`KEYS[3]`): a take an abandoned connection sent
+/// before a partition, landing after the heal, must not empty the popped
+/// list of the reader that took over. `KEYS[2]`, `KEYS[3]` expire after
+/// `ARGV[2]` ms. It runs past Redis's `maxmemory` (`allow-oom`): what it
+/// takes is answers to requests already queued, and emptying the popped
+/// list first frees at least as much as the copies cost.
 const TAKE: &str = r"#!lua flags=allow-oom
+if redis.call('GET', KEYS[3]) ~= ARGV[3] then return false end
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[2])
-local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-if #items == 0 then return items end
-redis.call('LTRIM', KEYS[1], #items, -1)
-redis.call('RPUSH', KEYS[2], unpack(items))
+local landed = redis.call('LRANGE', KEYS[4], 0, -1)
+local taken = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #taken > 0 then redis.call('LTRIM', KEYS[1], #taken, -1) end
+if #landed > 0 then
+  redis.call('DEL', KEYS[4])
+  redis.call('RPUSH', KEYS[2], unpack(landed))
+end
+if #taken > 0 then redis.call('RPUSH', KEYS[2], unpack(taken)) end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return items";
+return {landed, taken}";
 
-/// The list where [`follow_list`] keeps what it took from `list` until it
-/// has delivered it: `<list>:popped` (a name no reply or credit list can
-/// have: ids never contain `:`).
-pub fn popped_list(list: &str) -> String {
-    format!("{list}:popped")
+/// The keys a reader of `list` keeps beside it (names no reply or credit
+/// list can have: ids never contain `:`): `<list>:popped` (what it took
+/// and has not yet delivered), `<list>:landing` (where its blocking wait
+/// moves the first item), `<list>:epoch` (its connection's number, which
+/// fences off takes an abandoned connection sent).
+pub fn popped_list(list: &str) -> [String; 3] {
+    [
+        format!("{list}:popped"),
+        format!("{list}:landing"),
+        format!("{list}:epoch"),
+    ]
 }
 
 /// Follows `list` until `stop`, handing each item to `deliver`, oldest
@@ -332,13 +349,15 @@ pub fn popped_list(list: &str) -> String {
 /// Nothing taken is lost with a reply the network lost (docs/protocol.md,
 /// "Lost replies"): items move into the reader's popped list
 /// ([`popped_list`]) rather than vanishing, a batch at a time (the `TAKE`
-/// script) or, when the list is empty, by a `BLMOVE` that waits for the
-/// first; each take empties the popped list first, which acknowledges the
-/// previous one. After a reconnect, whatever the popped list holds is
-/// delivered again before anything else: items the lost reply carried, or
-/// copies of items already delivered, which the receivers drop (a reply
-/// for an id no request waits for, a stream chunk or socket message whose
-/// number was seen, a credit total already counted).
+/// script) or, when the list is empty, by a `BLMOVE` into the landing list
+/// that waits for the first (the next take moves it on); each take
+/// empties the popped list first, which acknowledges the previous one. On
+/// each connection the reader takes a new epoch (`INCR`), so a take an
+/// old connection sent does nothing if it lands late, then delivers again
+/// whatever the popped and landing lists hold: items a lost reply
+/// carried, or copies of items already delivered, which the receivers
+/// drop (a reply for an id no request waits for, a stream chunk or socket
+/// message whose number was seen, a credit total already counted).
 pub async fn follow_list(
     target: &Target,
     list: &str,
@@ -347,7 +366,7 @@ pub async fn follow_list(
     what: &str,
     mut deliver: impl FnMut(Bytes),
 ) {
-    let popped = popped_list(list);
+    let keys = popped_list(list);
     let mut backoff = Backoff::new();
     'connect: while !stop.is_cancelled() {
         let blocking =
@@ -362,15 +381,27 @@ pub async fn follow_list(
                 continue;
             }
         };
-        // What an earlier take moved and maybe never delivered.
-        let mut items: Vec<Bytes> = match redis::cmd("LRANGE")
-            .arg(&popped)
+        // A new epoch, then what an earlier connection took and maybe
+        // never delivered.
+        let recovered: RedisResult<(u64, Vec<Bytes>, Vec<Bytes>)> = redis::pipe()
+            .cmd("INCR")
+            .arg(&keys[2])
+            .cmd("PEXPIRE")
+            .arg(&keys[2])
+            .arg(millis(POPPED_TTL))
+            .ignore()
+            .cmd("LRANGE")
+            .arg(&keys[0])
+            .arg(0)
+            .arg(-1)
+            .cmd("LRANGE")
+            .arg(&keys[1])
             .arg(0)
             .arg(-1)
             .query_async(&mut conn)
-            .await
-        {
-            Ok(items) => items,
+            .await;
+        let (epoch, mut items, landed) = match recovered {
+            Ok(recovered) => recovered,
             Err(err) => {
                 tracing::warn!(error = %err, redis = %target, "{what} lost redis; reconnecting");
                 if sleep_or_stop(stop, backoff.next_delay()).await {
@@ -379,21 +410,29 @@ pub async fn follow_list(
                 continue;
             }
         };
+        items.extend(landed);
         if !items.is_empty() {
             tracing::debug!(
                 items = items.len(),
-                "{what}: delivering again what the last take before a reconnect held"
+                "{what}: delivering again what an earlier connection took"
             );
         }
         backoff.reset();
+        let mut waited_for: Option<Bytes> = None;
         loop {
             items.drain(..).for_each(&mut deliver);
             let taken = tokio::select! {
-                taken = take_from(&mut conn, list, &popped) => taken,
+                taken = take_from(&mut conn, list, &keys, epoch, &mut waited_for) => taken,
                 () = stop.cancelled() => return,
             };
             match taken {
-                Ok(taken) => items = taken,
+                Ok(Some(taken)) => items = taken,
+                Ok(None) => {
+                    tracing::warn!(
+                        "{what}: another connection of this reader took over; reconnecting"
+                    );
+                    continue 'connect;
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, redis = %target, "{what} lost redis; reconnecting");
                     if sleep_or_stop(stop, backoff.next_delay()).await {
@@ -406,26 +445,43 @@ pub async fn follow_list(
     }
 }
 
-/// One take of [`follow_list`]: a batch if `list` has any, else what one
-/// `BLMOVE` brings within [`FOLLOW_BLOCK`] (nothing on its timeout).
+/// One take of [`follow_list`] for connection `epoch`: a batch (with what
+/// the landing list holds, less the item `waited_for`, which the last
+/// blocking wait brought and was delivered then) if there is any, else
+/// what one `BLMOVE` brings within [`FOLLOW_BLOCK`] (nothing on its
+/// timeout), which becomes `waited_for`. `None`: fenced off (a newer epoch).
 async fn take_from<C: ConnectionLike + Send>(
     conn: &mut C,
     list: &str,
-    popped: &str,
-) -> RedisResult<Vec<Bytes>> {
+    keys: &[String; 3],
+    epoch: u64,
+    waited_for: &mut Option<Bytes>,
+) -> RedisResult<Option<Vec<Bytes>>> {
     // EVAL, as every script here: Redis keeps the compiled script by its
     // digest, and the users need no SCRIPT LOAD.
-    let items: Vec<Bytes> = redis::cmd("EVAL")
+    let took: Option<(Vec<Bytes>, Vec<Bytes>)> = redis::cmd("EVAL")
         .arg(TAKE)
-        .arg(2)
+        .arg(4)
         .arg(list)
-        .arg(popped)
+        .arg(&keys[0])
+        .arg(&keys[2])
+        .arg(&keys[1])
         .arg(FOLLOW_BATCH)
         .arg(millis(POPPED_TTL))
+        .arg(epoch)
         .query_async(conn)
         .await?;
-    if !items.is_empty() {
-        return Ok(items);
+    let Some((mut landed, taken)) = took else {
+        return Ok(None);
+    };
+    if let Some(delivered) = waited_for.take() {
+        if let Some(at) = landed.iter().position(|item| *item == delivered) {
+            landed.remove(at);
+        }
+    }
+    landed.extend(taken);
+    if !landed.is_empty() {
+        return Ok(Some(landed));
     }
     // The expiry goes in the same round trip, run as soon as the BLMOVE
     // returns: a reader that dies before its next take leaves nothing
@@ -433,12 +489,12 @@ async fn take_from<C: ConnectionLike + Send>(
     let waited: RedisResult<(Option<Bytes>,)> = redis::pipe()
         .cmd("BLMOVE")
         .arg(list)
-        .arg(popped)
+        .arg(&keys[1])
         .arg("LEFT")
         .arg("RIGHT")
         .arg(FOLLOW_BLOCK.as_secs_f64())
         .cmd("PEXPIRE")
-        .arg(popped)
+        .arg(&keys[1])
         .arg(millis(POPPED_TTL))
         .ignore()
         .query_async(conn)
@@ -453,7 +509,8 @@ async fn take_from<C: ConnectionLike + Send>(
         }
         Err(err) => return Err(err),
     };
-    Ok(first.into_iter().collect())
+    waited_for.clone_from(&first);
+    Ok(Some(first.into_iter().collect()))
 }
 
 /// `WAIT 1 <wait>` when `durability` sees a replica (otherwise nothing):
