@@ -13,11 +13,10 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 
 use crate::support::app::recording_upstream;
-use crate::support::bin::BinProcess;
+use crate::support::bin::{BinProcess, start_proxy_on};
 use crate::support::web::{client, send};
 use crate::support::{
     control, eventually, pause_acknowledged, start_redis, until_dispatching, until_held,
-    wait_for_port,
 };
 use anteroom_testkit::relay::Relay;
 
@@ -35,7 +34,7 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
     let ask = |method: http::Method, id: &str| {
         let request = Request::builder()
             .method(method)
-            .uri(format!("http://{listen}/run/{id}"))
+            .uri(format!("{listen}/run/{id}"))
             .body(Full::new(Bytes::new()))
             .unwrap();
         let c = c.clone();
@@ -112,7 +111,7 @@ async fn a_pull_whose_reply_is_lost_strands_nothing() {
 /// A proxy reaching `redis` at `proxy_redis` (hold budget `hold`) and a
 /// dispatcher reaching it at `dispatcher_redis`, forwarding to `upstream`,
 /// both for `queue`; returned once the proxy listens and the dispatcher
-/// beats: the proxy's address and the two processes.
+/// beats: the proxy's base URL and the two processes.
 async fn proxy_and_dispatcher(
     redis: &LocalRedis,
     proxy_redis: &str,
@@ -121,19 +120,7 @@ async fn proxy_and_dispatcher(
     upstream: &str,
     hold: &str,
 ) -> (String, BinProcess, BinProcess) {
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &listen,
-        "--redis",
-        proxy_redis,
-        "--queue",
-        queue,
-        "--hold",
-        hold,
-    ]);
+    let (proxy, base) = start_proxy_on(proxy_redis, queue, hold, &[]).await;
     let dispatcher = BinProcess::spawn(&[
         "dispatch",
         "--redis",
@@ -143,17 +130,16 @@ async fn proxy_and_dispatcher(
         "--upstream",
         upstream,
     ]);
-    wait_for_port(port).await;
     until_dispatching(&control(redis, queue).await).await;
-    (listen, proxy, dispatcher)
+    (base, proxy, dispatcher)
 }
 
 /// Runs `id` with `method` (and an `Idempotency-Key` when `key`) through
-/// the proxy at `listen`: its status.
-async fn run(listen: &str, method: http::Method, id: &str, key: bool) -> StatusCode {
+/// the proxy at `base` (`http://HOST:PORT`): its status.
+async fn run(base: &str, method: http::Method, id: &str, key: bool) -> StatusCode {
     let mut request = Request::builder()
         .method(method)
-        .uri(format!("http://{listen}/run/{id}"));
+        .uri(format!("{base}/run/{id}"));
     if key {
         request = request.header("idempotency-key", id);
     }
@@ -184,23 +170,9 @@ async fn an_enqueue_whose_reply_is_lost_is_answered_not_failed() {
     let (plain, _proxy, _dispatcher) =
         proxy_and_dispatcher(&redis, &relay.url(), &redis.url(), queue, &upstream, "15s").await;
     // A second proxy, through the same relay, that repeats pushes.
-    let port = free_port().unwrap();
-    let retrying = format!("127.0.0.1:{port}");
     let relayed = relay.url();
-    let _retrying_proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &retrying,
-        "--redis",
-        &relayed,
-        "--queue",
-        queue,
-        "--hold",
-        "15s",
-        "--enqueue-timeout",
-        "5s",
-    ]);
-    wait_for_port(port).await;
+    let (_retrying_proxy, retrying) =
+        start_proxy_on(&relayed, queue, "15s", &["--enqueue-timeout", "5s"]).await;
     for listen in [&plain, &retrying] {
         assert_eq!(
             run(listen, http::Method::GET, "warm", false).await,
@@ -277,12 +249,8 @@ async fn a_claim_whose_reply_is_lost_strands_nothing() {
             held.push(socket);
         }
     });
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
     let (through_relay, url) = (relay.url(), redis.url());
-    let _proxy = BinProcess::spawn(&[
-        "proxy", "--listen", &listen, "--redis", &url, "--queue", queue, "--hold", "30s",
-    ]);
+    let (_proxy, listen) = start_proxy_on(&url, queue, "30s", &[]).await;
     let mut first = BinProcess::spawn(&[
         "dispatch",
         "--redis",
@@ -294,7 +262,6 @@ async fn a_claim_whose_reply_is_lost_strands_nothing() {
         "--heartbeat-ttl",
         "3s",
     ]);
-    wait_for_port(port).await;
     let control = control(&redis, queue).await;
     until_dispatching(&control).await;
     let get = tokio::spawn({
@@ -440,7 +407,7 @@ async fn a_stream_chunk_pushed_twice_is_delivered_once() {
 
     // The push carrying the second part: its answer is lost.
     relay.lose_reply_to(b"<part-1-of");
-    let answer = crate::support::web::get(&client(), &format!("http://{listen}/parts")).await;
+    let answer = crate::support::web::get(&client(), &format!("{listen}/parts")).await;
     assert_eq!(relay.lost(), 1, "the relay lost no reply");
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(
@@ -519,19 +486,13 @@ async fn settles_a_lost_pull(
         free_port().unwrap()
     ));
     let _ = std::fs::remove_file(&record);
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let url = redis.url();
-    let _proxy = BinProcess::spawn(&[
-        "proxy", "--listen", &listen, "--redis", &url, "--queue", &queue, "--hold", "15s",
-    ]);
+    let (_proxy, listen) = start_proxy_on(&redis.url(), &queue, "15s", &[]).await;
     let mut cmd = command(&record);
     cmd.env("ANTEROOM_REDIS", relay.url())
         .env("ANTEROOM_QUEUE", &queue)
         .env("ANTEROOM_GRACE", "2s")
         .stdout(std::process::Stdio::null());
     let _dispatcher = BinProcess::spawn_cmd(&mut cmd);
-    wait_for_port(port).await;
     until_dispatching(&control(&redis, &queue).await).await;
     let runs = |id: &str| {
         std::fs::read_to_string(&record)

@@ -444,30 +444,20 @@ async fn a_claimed_request_the_app_never_received_runs_when_it_is_back() {
     let queue = "claimed-unsent";
     let mut app = App::new();
     app.start(Duration::ZERO).await;
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
-    let url = redis.url();
-    let _proxy = crate::support::bin::BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &listen,
-        "--redis",
-        &url,
-        "--queue",
+    let (_proxy, base) = crate::support::bin::start_proxy_on(
+        &redis.url(),
         queue,
-        "--hold",
         "10s",
-        "--enqueue-timeout",
-        "5s",
-    ]);
+        &["--enqueue-timeout", "5s"],
+    )
+    .await;
     let _dispatcher = start_dispatcher(&redis, queue, &app, &[]);
-    crate::support::wait_for_port(port).await;
     let control = control(&redis, queue).await;
     until_dispatcher_healthy(&control, true).await;
     let order = |body: &'static str| {
-        let listen = listen.clone();
+        let base = base.clone();
         async move {
-            let request = Request::post(format!("http://{listen}/orders"))
+            let request = Request::post(format!("{base}/orders"))
                 .body(Full::new(Bytes::from_static(body.as_bytes())))
                 .unwrap();
             send(&client(), request).await.status

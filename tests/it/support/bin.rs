@@ -86,19 +86,24 @@ impl Drop for BinProcess {
 /// `anteroom proxy` for `queue` on a free port, ready when it accepts
 /// connections; returns it and its base URL (`http://127.0.0.1:PORT`).
 pub async fn start_proxy(redis: &LocalRedis, queue: &str, hold: &str) -> (BinProcess, String) {
+    start_proxy_on(&redis.url(), queue, hold, &[]).await
+}
+
+/// [`start_proxy`] reaching Redis at `redis_url` (e.g. through a test
+/// relay), with `extra` arguments.
+pub async fn start_proxy_on(
+    redis_url: &str,
+    queue: &str,
+    hold: &str,
+    extra: &[&str],
+) -> (BinProcess, String) {
     let port = free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
-    let proxy = BinProcess::spawn(&[
-        "proxy",
-        "--listen",
-        &listen,
-        "--redis",
-        &redis.url(),
-        "--queue",
-        queue,
-        "--hold",
-        hold,
-    ]);
+    let mut args = vec![
+        "proxy", "--listen", &listen, "--redis", redis_url, "--queue", queue, "--hold", hold,
+    ];
+    args.extend_from_slice(extra);
+    let proxy = BinProcess::spawn(&args);
     super::wait_for_port(port).await;
     (proxy, format!("http://{listen}"))
 }
