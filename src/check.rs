@@ -61,6 +61,7 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
         }
         Command::Resume(args) => ("resume", Some(args)),
         Command::Reap(args) => ("reap", Some(args)),
+        Command::Maintenance(args) => ("maintenance", Some(&args.target)),
         Command::Window(args) => {
             summary.push(format!("runs      {}", args.command.join(" ")));
             ("window", Some(&args.target))
@@ -194,6 +195,11 @@ fn proxy(
     }
     if let Err(err) = config.validate() {
         problems.push(err.to_string());
+    }
+    if let Some(path) = &args.maintenance_page
+        && let Err(err) = std::fs::metadata(path)
+    {
+        problems.push(format!("--maintenance-page {}: {err}", path.display()));
     }
     if args.body_buffer.min(args.max_body) > args.max_waiting_bytes {
         warnings.push(format!(

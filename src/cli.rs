@@ -75,6 +75,10 @@ pub(crate) enum Command {
     /// back to the front of the queue, others answered 502. Every dispatcher
     /// also does this by itself every --reap-every.
     Reap(QueueArgs),
+    /// Maintenance mode: proxies answer each new request of the queue at once
+    /// with 503, Retry-After and a page (HTML or JSON), instead of holding
+    /// it; requests already queued keep waiting.
+    Maintenance(MaintenanceArgs),
     /// Pause, wait until no request is in flight, run COMMAND, then resume
     /// (also when COMMAND fails or is interrupted); exits with COMMAND's status.
     Window(WindowArgs),
@@ -116,6 +120,36 @@ pub(crate) struct PauseArgs {
     /// queue (otherwise refused: most often a wrong --queue or --redis).
     #[arg(long, requires = "wait")]
     pub(crate) force: bool,
+}
+
+/// Flags of `anteroom maintenance`.
+#[derive(Debug, Args)]
+pub(crate) struct MaintenanceArgs {
+    /// `on` or `off`.
+    #[arg(value_enum)]
+    pub(crate) state: Switch,
+
+    /// Where the queue lives.
+    #[command(flatten)]
+    pub(crate) target: QueueArgs,
+
+    /// With on: the text the page shows (default: "This service is down
+    /// for maintenance. Please try again shortly.").
+    #[arg(long)]
+    pub(crate) message: Option<String>,
+
+    /// With on: the Retry-After, in seconds, each 503 carries.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) retry_after: u32,
+}
+
+/// A mode turned on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Switch {
+    /// Turn it on.
+    On,
+    /// Turn it off.
+    Off,
 }
 
 /// Flags of `anteroom status`.
@@ -338,6 +372,12 @@ pub(crate) struct ProxyArgs {
     /// (refused otherwise: anyone who reaches it could pause the queue).
     #[arg(long, env = "ANTEROOM_ADMIN_WITHOUT_TOKEN")]
     pub(crate) admin_without_token: bool,
+
+    /// HTML page for clients that accept HTML while their queue is in
+    /// maintenance mode (`anteroom maintenance on`); others get JSON.
+    /// Default: a built-in page showing the maintenance message.
+    #[arg(long, env = "ANTEROOM_MAINTENANCE_PAGE", value_name = "FILE")]
+    pub(crate) maintenance_page: Option<std::path::PathBuf>,
 
     /// Whether requests that match no route (`[[proxy.routes]]` in the
     /// configuration file) go to --queue; false answers them 404.

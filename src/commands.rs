@@ -49,6 +49,7 @@ pub(crate) async fn run(
         Command::Status(args) => ops::status(args).await,
         Command::Reap(args) => ops::reap(args).await,
         Command::Window(args) => ops::window(args).await,
+        Command::Maintenance(args) => ops::maintenance(args).await,
         Command::Demo(args) => done(crate::demo::run(args).await),
         Command::Conformance(args) => crate::conformance::run(args).await,
     }
@@ -113,6 +114,11 @@ async fn proxy(
             .with_context(|| format!("cannot listen on {}", args.listen))?,
     };
     let listener = TcpListener::from_std(listener).context("cannot register the listener")?;
+    if let Some(path) = &args.maintenance_page {
+        let page = std::fs::read(path)
+            .with_context(|| format!("cannot read --maintenance-page {}", path.display()))?;
+        config.maintenance_page = Some(page.into());
+    }
     // The side endpoint runs beside the proxy: if it fails, the proxy
     // stops at once and the process exits with its error.
     let side = Components::new();

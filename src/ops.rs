@@ -1,4 +1,5 @@
-//! `pause`, `resume`, `status` and `window`: operating a queue.
+//! `pause`, `resume`, `maintenance`, `status` and `window`: operating a
+//! queue.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -9,7 +10,7 @@ use anteroom_control::{
 };
 use anyhow::Context;
 
-use crate::cli::{PauseArgs, QueueArgs, StatusArgs, WindowArgs};
+use crate::cli::{MaintenanceArgs, PauseArgs, QueueArgs, StatusArgs, Switch, WindowArgs};
 use crate::status_view;
 
 /// How long `pause --wait` waits by default.
@@ -171,6 +172,48 @@ pub(crate) async fn resume(args: QueueArgs) -> anyhow::Result<ExitCode> {
         );
     } else {
         outln!("queue {:?} was not paused", queue.name());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn maintenance(args: MaintenanceArgs) -> anyhow::Result<ExitCode> {
+    let queue = connect(&args.target).await?;
+    let status = serving(&queue, &args.target.redis.url).await?;
+    match args.state {
+        Switch::On => {
+            if status.proxies.is_empty() {
+                eprintln!(
+                    "warning: no proxy serves queue {:?}: check --queue and --redis",
+                    queue.name()
+                );
+            }
+            let record = anteroom_protocol::MaintenanceRecord {
+                since_ms: anteroom_protocol::now_ms(),
+                by: who("cli"),
+                message: args.message,
+                retry_after_secs: args.retry_after,
+            };
+            queue.maintenance_on(&record).await?;
+            outln!(
+                "maintenance on for queue {:?}: new requests get 503 with Retry-After {} s; \
+                 the {} waiting keep waiting",
+                queue.name(),
+                args.retry_after,
+                status.waiting
+            );
+        }
+        Switch::Off => match (queue.maintenance_off().await?, status.maintenance) {
+            (true, m) => {
+                let since = m.map_or(0, |m| m.since_ms);
+                let on_for = anteroom_protocol::now_ms().saturating_sub(since);
+                outln!(
+                    "maintenance off for queue {:?} (on for {}); requests are queued again",
+                    queue.name(),
+                    status_view::duration_ms(on_for)
+                );
+            }
+            (false, _) => outln!("queue {:?} was not in maintenance", queue.name()),
+        },
     }
     Ok(ExitCode::SUCCESS)
 }

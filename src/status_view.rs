@@ -84,6 +84,15 @@ pub(crate) fn render(report: &StatusReport) -> String {
             }
         };
         let _ = writeln!(out, "queue {}: {state}", q.queue);
+        if let Some(m) = &q.maintenance {
+            let ago = duration_ms(q.checked_at_ms.saturating_sub(m.since_ms));
+            let _ = writeln!(
+                out,
+                "  MAINTENANCE   on {ago} ago by {}: new requests get 503 (Retry-After {} s)",
+                printable(&m.by),
+                m.retry_after_secs
+            );
+        }
         let oldest = q
             .oldest_wait_ms
             .map(|ms| format!(", oldest {}", duration_ms(ms)))

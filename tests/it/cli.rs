@@ -197,6 +197,46 @@ async fn demo_serves_the_quickstart_requests() {
     assert!(out.status.success(), "{status_line}");
     assert!(text.contains("queue demo: running"), "{text}");
     let c = client();
+    // The printed pause and resume lines, as pasted: a request waits in
+    // Redis while paused (the status line shows it), and is answered on
+    // resume.
+    let run_line = |needle: &'static str| {
+        let line = banner
+            .iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("a ready-to-paste{needle}line"))
+            .clone();
+        async move {
+            let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(&words[0])
+                    .args(&words[1..])
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let paused = run_line(" pause --redis ").await;
+    assert!(paused.status.success(), "{paused:?}");
+    let waiting = {
+        let (c, url) = (c.clone(), format!("http://127.0.0.1:{port}/hello"));
+        tokio::spawn(async move { web::get(&c, &url).await })
+    };
+    crate::support::eventually("the request waiting", Duration::from_secs(10), || async {
+        let out = run_line(" status --redis ").await;
+        String::from_utf8_lossy(&out.stdout).contains("waiting       1")
+    })
+    .await;
+    assert!(!waiting.is_finished(), "answered while paused");
+    let resumed = run_line(" resume --redis ").await;
+    assert!(resumed.status.success(), "{resumed:?}");
+    let r = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("answered after resume")
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
     let r = web::get(&c, &format!("http://127.0.0.1:{port}/hello")).await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.text().contains("travelled through Redis"), "{}", r.text());

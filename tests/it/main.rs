@@ -17,6 +17,7 @@ mod lifecycle;
 mod load;
 mod logs;
 mod lost_replies;
+mod maintenance;
 mod many;
 mod metrics;
 mod node_apps;

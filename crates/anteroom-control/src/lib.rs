@@ -12,6 +12,9 @@
 //! - [`watch_pause`] is the dispatcher's side: a task that follows the pause
 //!   flag through pub/sub, re-reading the key on every message and polling it
 //!   as a fallback, so a missed message cannot leave a dispatcher running.
+//! - [`Queue::maintenance_on`] / [`Queue::maintenance_off`] set or clear
+//!   `anteroom:{q}:maintenance`; [`watch_maintenance`] is the proxy's side,
+//!   followed the way dispatchers follow the pause flag.
 //! - [`Queue::reap`] settles the requests of dispatchers that died holding
 //!   them: safe ones back to the front of the queue, others answered 502.
 //! - [`Queue::status`] reads everything at once; [`Queue::wait_quiescent`]
@@ -19,11 +22,13 @@
 //!   nothing.
 
 mod error;
+mod maintenance;
 mod pause;
 pub mod queue;
 mod status;
 
 pub use error::ControlError;
+pub use maintenance::{MaintenanceWatch, watch_maintenance};
 pub use pause::{HeldPause, PauseWatch, watch_pause};
 pub use queue::ReapReport;
 pub use status::{

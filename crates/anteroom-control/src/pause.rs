@@ -145,7 +145,7 @@ impl Queue {
         Ok(raw.map(|raw| (parse_record(&raw), u64::try_from(pttl).ok())))
     }
 
-    async fn announce(&self, what: &str) -> Result<(), ControlError> {
+    pub(crate) async fn announce(&self, what: &str) -> Result<(), ControlError> {
         redis::cmd("PUBLISH")
             .arg(self.keys.control())
             .arg(what)
@@ -159,9 +159,9 @@ impl Queue {
 pub type PauseWatch = watch::Receiver<Option<PauseRecord>>;
 
 /// Reads the pause flag now, then follows it in a component of
-/// `components` ("pause watcher") until they stop: every message on the control channel triggers a re-read, and the
-/// key is also re-read every `poll`, so a lost message or a lapsed lease is
-/// noticed within `poll`.
+/// `components` ("pause watcher") until they stop: every message on the
+/// control channel triggers a re-read, and the key is also re-read every
+/// `poll`, so a lost message or a lapsed lease is noticed within `poll`.
 pub async fn watch_pause(
     target: Target,
     conn: SharedConnection,
@@ -170,17 +170,50 @@ pub async fn watch_pause(
     connect_timeout: Duration,
     components: &Components,
 ) -> Result<PauseWatch, ControlError> {
-    let mut reader = Reader { conn, keys };
+    let flag = Flag {
+        key: keys.paused(),
+        parse: parse_record,
+        name: "pause watcher",
+    };
+    follow(target, conn, keys, flag, poll, connect_timeout, components).await
+}
+
+/// A key whose presence is a state of the queue, announced on its control
+/// channel: the pause flag, maintenance mode.
+pub(crate) struct Flag<T> {
+    pub(crate) key: String,
+    pub(crate) parse: fn(&str) -> T,
+    /// The component's name.
+    pub(crate) name: &'static str,
+}
+
+/// Reads `flag` now, then follows it in a component of `components` until
+/// they stop: every message on `keys`' control channel triggers a re-read,
+/// and the key is also re-read every `poll`, so a lost message or a lapsed
+/// lease is noticed within `poll`.
+pub(crate) async fn follow<T>(
+    target: Target,
+    conn: SharedConnection,
+    keys: Keys,
+    flag: Flag<T>,
+    poll: Duration,
+    connect_timeout: Duration,
+    components: &Components,
+) -> Result<watch::Receiver<Option<T>>, ControlError>
+where
+    T: PartialEq + Send + Sync + 'static,
+{
+    let mut reader = Reader { conn, flag };
     let initial = reader.read().await?;
     let (tx, rx) = watch::channel(initial);
     let stop = components.stopping();
-    components.spawn("pause watcher", async move {
+    components.spawn(reader.flag.name, async move {
         let mut subscription: Option<PubSub> = None;
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if subscription.is_none() {
-                subscription = subscribe(&target, &reader.keys, connect_timeout).await;
+                subscription = subscribe(&target, &keys, connect_timeout).await;
             }
             let message = async {
                 match subscription.as_mut() {
@@ -191,7 +224,7 @@ pub async fn watch_pause(
             tokio::select! {
                 got = message => {
                     if !got {
-                        tracing::debug!("pause subscription lost; polling until it is back");
+                        tracing::debug!("control subscription lost; polling until it is back");
                         subscription = None;
                     }
                 }
@@ -206,25 +239,27 @@ pub async fn watch_pause(
                         changed
                     });
                 }
-                Err(err) => tracing::debug!(error = %err, "cannot read the pause flag"),
+                Err(err) => {
+                    tracing::debug!(error = %err, key = %reader.flag.key, "cannot read the flag")
+                }
             }
         }
     });
     Ok(rx)
 }
 
-struct Reader {
+struct Reader<T> {
     conn: SharedConnection,
-    keys: Keys,
+    flag: Flag<T>,
 }
 
-impl Reader {
-    async fn read(&mut self) -> Result<Option<PauseRecord>, ControlError> {
+impl<T> Reader<T> {
+    async fn read(&mut self) -> Result<Option<T>, ControlError> {
         let raw: Option<String> = redis::cmd("GET")
-            .arg(self.keys.paused())
+            .arg(&self.flag.key)
             .query_async(&mut self.conn)
             .await?;
-        Ok(raw.map(|raw| parse_record(&raw)))
+        Ok(raw.map(|raw| (self.flag.parse)(&raw)))
     }
 }
 

@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use anteroom_protocol::{
-    DispatcherHeartbeat, PauseRecord, ProxyHeartbeat, QUEUES_KEY, RequestEnvelope, now_ms,
+    DispatcherHeartbeat, MaintenanceRecord, PauseRecord, ProxyHeartbeat, QUEUES_KEY,
+    RequestEnvelope, now_ms,
 };
 use anteroom_redis::SharedConnection;
 use bytes::Bytes;
@@ -60,6 +61,9 @@ pub struct QueueStatus {
     pub checked_at_ms: u64,
     /// The pause, when the queue is paused.
     pub pause: Option<PauseStatus>,
+    /// Maintenance mode, when it is on: proxies answer new requests 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceRecord>,
     /// Requests waiting to be taken, `expired` ones included.
     pub waiting: u64,
     /// Of those, the ones past their deadline: their clients already got
@@ -192,11 +196,13 @@ while scanned < most do
 end
 return {expired, 1}";
 
-/// The first round trip of [`Queue::status`]: pause (value, PTTL), waiting
-/// count, oldest envelope, dead letters, dispatcher and proxy registries.
+/// The first round trip of [`Queue::status`]: pause (value, PTTL),
+/// maintenance, waiting count, oldest envelope, dead letters, dispatcher
+/// and proxy registries.
 type Overview = (
     Option<String>,
     i64,
+    Option<String>,
     u64,
     Option<Bytes>,
     u64,
@@ -214,31 +220,41 @@ impl Queue {
     pub async fn status(&self) -> Result<QueueStatus, ControlError> {
         let keys = &self.keys;
         let mut conn = self.conn();
-        let (pause_raw, pttl, waiting, oldest, dead_letters, dispatcher_ids, proxy_ids): Overview =
-            redis::pipe()
-                .cmd("GET")
-                .arg(keys.paused())
-                .cmd("PTTL")
-                .arg(keys.paused())
-                .cmd("LLEN")
-                .arg(keys.requests())
-                .cmd("LINDEX")
-                .arg(keys.requests())
-                .arg(-1)
-                .cmd("LLEN")
-                .arg(keys.dead())
-                .cmd("ZRANGE")
-                .arg(keys.dispatchers())
-                .arg(0)
-                .arg(-1)
-                .arg("WITHSCORES")
-                .cmd("ZRANGE")
-                .arg(keys.proxies())
-                .arg(0)
-                .arg(-1)
-                .arg("WITHSCORES")
-                .query_async(&mut conn)
-                .await?;
+        let (
+            pause_raw,
+            pttl,
+            maintenance,
+            waiting,
+            oldest,
+            dead_letters,
+            dispatcher_ids,
+            proxy_ids,
+        ): Overview = redis::pipe()
+            .cmd("GET")
+            .arg(keys.paused())
+            .cmd("PTTL")
+            .arg(keys.paused())
+            .cmd("GET")
+            .arg(keys.maintenance())
+            .cmd("LLEN")
+            .arg(keys.requests())
+            .cmd("LINDEX")
+            .arg(keys.requests())
+            .arg(-1)
+            .cmd("LLEN")
+            .arg(keys.dead())
+            .cmd("ZRANGE")
+            .arg(keys.dispatchers())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .cmd("ZRANGE")
+            .arg(keys.proxies())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
         let now = now_ms();
 
         let mut pipe = redis::pipe();
@@ -321,6 +337,7 @@ impl Queue {
                 record: crate::pause::parse_record(&raw),
                 expires_in_ms: u64::try_from(pttl).ok(),
             }),
+            maintenance: maintenance.map(|raw| MaintenanceRecord::parse(&raw)),
             waiting,
             expired,
             expired_capped: capped == 1,

@@ -91,3 +91,40 @@ pub struct PauseRecord {
     #[serde(default)]
     pub by: String,
 }
+
+/// The value of `anteroom:{q}:maintenance` while the queue is in
+/// maintenance mode: proxies answer each new request with 503 Service
+/// Unavailable and `Retry-After` (RFC 9110 section 15.6.4, section 10.2.3)
+/// instead of queueing it; requests already queued keep waiting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceRecord {
+    /// When maintenance began, Unix milliseconds.
+    pub since_ms: u64,
+    /// Who turned it on: free text such as `cli@host`.
+    #[serde(default)]
+    pub by: String,
+    /// The text the page shows; proxies use their own when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The `Retry-After` seconds each 503 carries.
+    #[serde(default = "default_retry_after")]
+    pub retry_after_secs: u32,
+}
+
+fn default_retry_after() -> u32 {
+    30
+}
+
+impl MaintenanceRecord {
+    /// The record in `raw` (the key's value); anything in the key means
+    /// maintenance, even a value some script wrote by hand (then with the
+    /// default message and a 30 s `Retry-After`).
+    pub fn parse(raw: &str) -> Self {
+        serde_json::from_str(raw).unwrap_or_else(|_| Self {
+            since_ms: 0,
+            by: String::new(),
+            message: None,
+            retry_after_secs: default_retry_after(),
+        })
+    }
+}

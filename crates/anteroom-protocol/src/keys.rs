@@ -161,6 +161,13 @@ impl Keys {
         format!("{}paused", self.prefix)
     }
 
+    /// `anteroom:{q}:maintenance`: present while the queue is in maintenance
+    /// mode (a [`MaintenanceRecord`](crate::MaintenanceRecord)): proxies
+    /// answer new requests 503 at once instead of queueing them.
+    pub fn maintenance(&self) -> String {
+        format!("{}maintenance", self.prefix)
+    }
+
     /// `anteroom:{q}:dead`: envelopes that could not be decoded.
     pub fn dead(&self) -> String {
         format!("{}dead", self.prefix)

@@ -38,7 +38,9 @@ pub use envelope::{
     ResponseEnvelope, VERSION,
 };
 pub use failure::Failure;
-pub use heartbeat::{DispatcherHeartbeat, PauseRecord, ProxyHeartbeat, Unhealthy};
+pub use heartbeat::{
+    DispatcherHeartbeat, MaintenanceRecord, PauseRecord, ProxyHeartbeat, Unhealthy,
+};
 pub use keys::{Keys, NameError, QUEUES_KEY, validate_id};
 pub use printable::{Printable, printable};
 pub use socket::{KIND_SOCKET_MESSAGE, MAX_SOCKET_MESSAGE, Opcode, SocketMessage};

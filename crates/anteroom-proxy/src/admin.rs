@@ -1,7 +1,12 @@
 //! The admin endpoint, on an address of its own: `GET /` (the live status
 //! page, `status_page.rs`), `GET /healthz`, `GET /status`, `GET /metrics`
-//! (Prometheus), `POST /pause`, `POST /resume` (each with an optional
-//! `?queue=`), in the spirit of Intermission's enable/disable/status.
+//! (Prometheus), `POST /pause`, `POST /resume`, `POST /maintenance/on`
+//! (optional JSON body `{"message": TEXT, "retry_after": SECONDS}`),
+//! `POST /maintenance/off` (each with an optional `?queue=`), in the spirit
+//! of Intermission's enable/disable/status; and `POST /drain` / `POST
+//! /undrain`, which make this proxy's `/healthz` answer 503 / 200 so a
+//! load balancer takes the node out or back (pause and maintenance leave
+//! `/healthz` at 200).
 //! Everything but `/healthz` requires `Authorization: Bearer <token>` when a
 //! token is configured (Prometheus sends one with `authorization:` in its
 //! scrape config).
@@ -111,6 +116,7 @@ pub async fn serve_admin(
         registry: config.registry,
         token: config.token,
         host: anteroom_redis::hostname(),
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, "admin endpoint ready");
@@ -134,6 +140,9 @@ struct Admin {
     registry: Option<Arc<Registry>>,
     token: Option<String>,
     host: String,
+    /// Set by `POST /drain`: `/healthz` answers 503 so a load balancer
+    /// takes this node out; cleared by `POST /undrain`.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Admin {
@@ -222,7 +231,8 @@ impl Admin {
         let method = req.method().clone();
         let allowed = match path.as_str() {
             "/" | "/ui" | "/healthz" | "/status" | "/metrics" => Method::GET,
-            "/pause" | "/resume" => Method::POST,
+            "/pause" | "/resume" | "/maintenance/on" | "/maintenance/off" | "/drain"
+            | "/undrain" => Method::POST,
             _ => return text(StatusCode::NOT_FOUND, "not found\n"),
         };
         if method != allowed && !(allowed == Method::GET && method == Method::HEAD) {
@@ -235,6 +245,11 @@ impl Admin {
             return resp;
         }
         if path == "/healthz" {
+            // Paused or in maintenance, the proxy itself is healthy: a
+            // balancer keeps it. Drained, it asks to be taken out.
+            if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+            }
             return text(StatusCode::OK, "ok\n");
         }
         if path == "/" {
@@ -276,12 +291,36 @@ impl Admin {
                 None => text(StatusCode::NOT_FOUND, "no metrics registry configured\n"),
             };
         }
-        let action = match path.as_str() {
-            "/pause" => {
+        if path == "/drain" || path == "/undrain" {
+            let drain = path == "/drain";
+            self.draining
+                .store(drain, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(%path, "admin action: /healthz now answers {}", if drain { 503 } else { 200 });
+            return text(
+                StatusCode::OK,
+                if drain {
+                    "draining: /healthz answers 503\n"
+                } else {
+                    "/healthz answers 200 again\n"
+                },
+            );
+        }
+        let switch = match path.as_str() {
+            "/maintenance/on" => match maintenance_record(req, &self.host).await {
+                Ok(record) => Some(Some(record)),
+                Err(problem) => return text(StatusCode::BAD_REQUEST, problem),
+            },
+            "/maintenance/off" => Some(None),
+            _ => None,
+        };
+        let action = match (path.as_str(), switch) {
+            (_, Some(Some(record))) => queue.maintenance_on(&record).await,
+            (_, Some(None)) => queue.maintenance_off().await.map(|_| ()),
+            ("/pause", _) => {
                 let by = format!("admin@{}", self.host);
                 queue.pause(&by, None, false).await.map(|_| ())
             }
-            "/resume" => queue.resume().await.map(|_| ()),
+            ("/resume", _) => queue.resume().await.map(|_| ()),
             _ => Ok(()),
         };
         if let Err(err) = action {
@@ -330,6 +369,41 @@ impl Admin {
 
 /// Whether `host` (a `Host` value) is an IP address or `localhost`, with
 /// or without a port: names an attacker cannot make resolve here.
+/// The maintenance record for `POST /maintenance/on`: its optional JSON
+/// body, `{"message": TEXT, "retry_after": SECONDS}` (at most 16 KiB).
+async fn maintenance_record(
+    req: Request<Incoming>,
+    host: &str,
+) -> Result<anteroom_protocol::MaintenanceRecord, &'static str> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        message: Option<String>,
+        retry_after: Option<u32>,
+    }
+    use http_body_util::BodyExt;
+    let bytes = http_body_util::Limited::new(req.into_body(), 16 * 1024)
+        .collect()
+        .await
+        .map_err(|_| "the body must be at most 16 KiB\n")?
+        .to_bytes();
+    let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+        Body {
+            message: None,
+            retry_after: None,
+        }
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|_| "the body must be JSON: {\"message\": TEXT, \"retry_after\": SECONDS}\n")?
+    };
+    Ok(anteroom_protocol::MaintenanceRecord {
+        since_ms: anteroom_protocol::now_ms(),
+        by: format!("admin@{host}"),
+        message: body.message,
+        retry_after_secs: body.retry_after.unwrap_or(30),
+    })
+}
+
 fn local_host(host: &str) -> bool {
     let name = crate::router::strip_port(host);
     name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()

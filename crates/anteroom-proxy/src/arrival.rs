@@ -55,6 +55,15 @@ pub(crate) fn arrive(
     if parts.method == Method::CONNECT {
         return refuse(ProxyError::Connect, body);
     }
+    // Maintenance: answered at once, before the body is read or anything
+    // is queued.
+    let page = state.maintenance.borrow().as_ref().map(|record| {
+        let custom = state.config.maintenance_page.as_ref();
+        crate::maintenance::MaintenancePage::new(record, &parts.headers, custom)
+    });
+    if let Some(page) = page {
+        return refuse(ProxyError::Maintenance(Box::new(page)), body);
+    }
     let socket = match crate::checks::check_upgrade(&parts.method, parts.version, &parts.headers) {
         Ok(None) => None,
         Ok(Some(key)) => match crate::socket::Opening::new(state, key, &mut parts) {

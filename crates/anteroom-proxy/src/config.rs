@@ -153,6 +153,10 @@ pub struct ProxyConfig {
     pub websocket_ping_interval: Duration,
     /// This proxy's id (names its reply list); a random one when `None`.
     pub proxy_id: Option<String>,
+    /// The HTML page clients that accept HTML get while their queue is in
+    /// maintenance mode (others get JSON); a built-in page showing the
+    /// maintenance message when `None`.
+    pub maintenance_page: Option<bytes::Bytes>,
     /// Where the proxy counts requests. The default counts into series no
     /// registry holds; use [`ProxyMetrics::register`] to scrape them (the
     /// admin endpoint serves `/metrics` given the registry).
@@ -223,6 +227,7 @@ impl ProxyConfig {
             websocket_ping_interval: defaults::WEBSOCKET_PING_INTERVAL,
             durable: None,
             proxy_id: None,
+            maintenance_page: None,
             metrics: ProxyMetrics::default(),
         }
     }

@@ -38,8 +38,9 @@ pub enum ServeError {
         /// What is wrong with it.
         problem: String,
     },
-    /// The admin endpoint could not reach the queue's state.
-    #[error("admin endpoint cannot reach the queue")]
+    /// The admin endpoint or the proxy could not read the queue's state
+    /// (its maintenance flag) in Redis.
+    #[error("cannot read the queue's state in Redis")]
     Control(#[source] anteroom_control::ControlError),
     /// An admin token that is empty: it would silently mean no token.
     #[error("the admin token is empty (unset it to run without one)")]
@@ -102,6 +103,8 @@ pub(crate) enum ProxyError {
     TooManyWebSockets(usize),
     #[error("the app answered with status {0}, which is no final response (RFC 9110 section 15.2)")]
     InterimStatus(u16),
+    #[error("the queue is in maintenance mode")]
+    Maintenance(Box<crate::maintenance::MaintenancePage>),
 }
 
 impl ProxyError {
@@ -115,7 +118,9 @@ impl ProxyError {
             ProxyError::UnsupportedCoding(_) | ProxyError::Connect => Failure::NotImplemented,
             ProxyError::TooManyFields(..) => Failure::HeaderFieldsTooLarge,
             ProxyError::BodyTimeout(_) => Failure::ClientTimeout,
-            ProxyError::Enqueue(_) | ProxyError::ReaderGone => Failure::Unavailable,
+            ProxyError::Enqueue(_) | ProxyError::ReaderGone | ProxyError::Maintenance(_) => {
+                Failure::Unavailable
+            }
             ProxyError::HoldExpired => Failure::HoldExpired,
             ProxyError::Overloaded { .. } | ProxyError::RedisFull => Failure::Overloaded,
             ProxyError::BadReply(_) | ProxyError::InterimStatus(_) => Failure::HandlerFailed,
@@ -157,6 +162,27 @@ pub(crate) fn refused_reason(err: &(dyn std::error::Error + 'static)) -> Option<
     } else {
         "header"
     })
+}
+
+/// The response a client gets for `err`: its [`Failure`]'s, or for
+/// maintenance mode the page with the record's `Retry-After`.
+pub(crate) fn error_response(err: &ProxyError) -> Response<Full<Bytes>> {
+    let ProxyError::Maintenance(page) = err else {
+        return failure_response(err.failure());
+    };
+    let mut resp = Response::new(Full::new(page.body.clone()));
+    *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, page.content_type());
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from(page.retry_after_secs),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    resp
 }
 
 /// The response a client gets for a broker failure.

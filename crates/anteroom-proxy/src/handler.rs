@@ -17,7 +17,7 @@ use crate::activity::Activity;
 use crate::arrival::{Arrival, Prepared, arrive, enqueue};
 use crate::config::ProxyConfig;
 use crate::enqueue::Enqueuer;
-use crate::error::{ProxyError, failure_response};
+use crate::error::{ProxyError, error_response};
 use crate::linger::Answer;
 use crate::replies::Delivered;
 use crate::replies::Demux;
@@ -42,6 +42,8 @@ pub(crate) struct State {
     pub(crate) sockets: Arc<tokio::sync::Semaphore>,
     /// Redis's memory against `--redis-high-watermark` (none on Cluster).
     pub(crate) memory: Option<Arc<anteroom_redis::MemoryWatch>>,
+    /// The queue's maintenance mode: while on, new requests get 503.
+    pub(crate) maintenance: anteroom_control::MaintenanceWatch,
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -335,6 +337,10 @@ pub(crate) fn finish(
                 state.metrics.expired();
             }
             match failure {
+                // The operator's choice: expected, and counted.
+                _ if matches!(err, ProxyError::Maintenance(_)) => {
+                    tracing::debug!(error = %err, "request refused")
+                }
                 Failure::BadRequest
                 | Failure::NotImplemented
                 | Failure::HeaderFieldsTooLarge
@@ -358,7 +364,7 @@ pub(crate) fn finish(
                     )
                 }
             }
-            let resp = failure_response(failure);
+            let resp = error_response(&err);
             match unread {
                 Some(body) => Answer::early(resp, body, version, connection),
                 None => Answer::complete(resp),

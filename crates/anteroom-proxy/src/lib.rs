@@ -17,6 +17,11 @@
 //! (`linger.rs`). Failures become HTTP statuses in
 //! one place ([`anteroom_protocol::Failure`], through `error.rs`).
 //!
+//! A queue in maintenance mode (`anteroom_control::watch_maintenance`,
+//! followed per queue served) has its new requests answered 503 with
+//! `Retry-After` and a page at once (`maintenance.rs`); what it already
+//! holds keeps waiting.
+//!
 //! Shutdown: stop accepting, let in-flight requests finish within the grace
 //! period, then stop the background components (reply readers, heartbeats,
 //! enqueuers: `anteroom_runtime::Components`).
@@ -34,6 +39,7 @@ mod error;
 pub mod fuzzing;
 mod handler;
 mod linger;
+mod maintenance;
 mod replies;
 mod router;
 mod server;

@@ -32,6 +32,9 @@ const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
 /// checked for a heartbeat: a socket whose dispatcher died closes (1011)
 /// within the dispatcher's heartbeat TTL and this.
 const PEER_CHECK: Duration = Duration::from_secs(1);
+/// How often each queue's maintenance flag is re-read besides the
+/// announcements on its control channel (a missed one costs at most this).
+const MAINTENANCE_POLL: Duration = Duration::from_secs(1);
 /// How long the background components (reply readers, heartbeats,
 /// enqueuers) get to stop once the connections are drained.
 const COMPONENTS_GRACE: Duration = Duration::from_secs(5);
@@ -60,7 +63,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let proxy_id = proxy_id(&config)?;
     config.validate()?;
-    let queues = Queues::of(&config)?;
+    let mut queues = Queues::of(&config)?;
     let (target, conn) = anteroom_redis::connect(&config.redis_url, config.redis_timeout).await?;
     let components = Components::new();
     let config = Arc::new(config);
@@ -79,6 +82,19 @@ pub async fn serve(
             components.stopping(),
         ),
     );
+    for keys in &queues.served {
+        let watch = anteroom_control::watch_maintenance(
+            target.clone(),
+            conn.clone(),
+            keys.clone(),
+            MAINTENANCE_POLL,
+            config.redis_timeout,
+            &components,
+        )
+        .await
+        .map_err(ServeError::Control)?;
+        queues.maintenance.insert(keys.queue().to_owned(), watch);
+    }
     let router = Arc::new(queues.router(
         &config,
         &proxy_id,
@@ -166,6 +182,8 @@ struct Queues {
     routes: Vec<Keys>,
     /// One reply list and one heartbeat each.
     served: Vec<Keys>,
+    /// Each served queue's maintenance mode, followed once connected.
+    maintenance: std::collections::HashMap<String, anteroom_control::MaintenanceWatch>,
 }
 
 impl Queues {
@@ -190,6 +208,7 @@ impl Queues {
             default,
             routes,
             served,
+            maintenance: std::collections::HashMap::new(),
         })
     }
 
@@ -226,7 +245,13 @@ impl Queues {
                 durability.clone(),
                 components,
             );
+            let maintenance = self
+                .maintenance
+                .get(keys.queue())
+                .cloned()
+                .unwrap_or_else(|| tokio::sync::watch::channel(None).1);
             Arc::new(State {
+                maintenance,
                 memory: memory.clone(),
                 sockets: Arc::clone(&sockets),
                 config: Arc::clone(config),

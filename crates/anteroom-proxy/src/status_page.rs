@@ -155,6 +155,14 @@ fn render_queue(out: &mut String, name: &str, view: &QueueView, with_buttons: bo
         ),
     };
     let _ = write!(out, "<p class=\"state\">{state}");
+    if let Some(m) = &status.maintenance {
+        let _ = write!(
+            out,
+            " <span class=\"badge paused\">maintenance</span> by {} for {}",
+            escape(&m.by),
+            seconds(status.checked_at_ms.saturating_sub(m.since_ms))
+        );
+    }
     if with_buttons {
         let _ = write!(
             out,
@@ -401,6 +409,7 @@ mod tests {
                 queue: "web".to_owned(),
                 checked_at_ms: 10_000,
                 pause: None,
+                maintenance: None,
                 waiting: 3,
                 expired: 1,
                 expired_capped: false,
