@@ -62,6 +62,7 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
         Command::Resume(args) => ("resume", Some(args)),
         Command::Reap(args) => ("reap", Some(args)),
         Command::Maintenance(args) => ("maintenance", Some(&args.target)),
+        Command::Dead(command) => ("dead", Some(command.target())),
         Command::Window(args) => {
             summary.push(format!("runs      {}", args.command.join(" ")));
             ("window", Some(&args.target))

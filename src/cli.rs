@@ -79,6 +79,11 @@ pub(crate) enum Command {
     /// with 503, Retry-After and a page (HTML or JSON), instead of holding
     /// it; requests already queued keep waiting.
     Maintenance(MaintenanceArgs),
+    /// Dead letters: requests a dispatcher set aside without running them.
+    /// List, show, replay (back to the front of the queue with a fresh
+    /// deadline) or purge them.
+    #[command(subcommand)]
+    Dead(DeadCommand),
     /// Pause, wait until no request is in flight, run COMMAND, then resume
     /// (also when COMMAND fails or is interrupted); exits with COMMAND's status.
     Window(WindowArgs),
@@ -141,6 +146,99 @@ pub(crate) struct MaintenanceArgs {
     /// With on: the Retry-After, in seconds, each 503 carries.
     #[arg(long, default_value_t = 30)]
     pub(crate) retry_after: u32,
+}
+
+/// `anteroom dead` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum DeadCommand {
+    /// One line per letter, newest first: id, when, method and target,
+    /// whether its client still waits, and why it was set aside.
+    List(DeadListArgs),
+    /// One letter whole: reason, request line, header fields and body.
+    Show(DeadShowArgs),
+    /// Put letters' requests back at the front of the queue with a fresh
+    /// deadline. Only those whose client still waits, unless
+    /// --without-client.
+    Replay(DeadReplayArgs),
+    /// Remove letters: all, or those set aside longer ago than --older-than.
+    Purge(DeadPurgeArgs),
+}
+
+/// Flags of `anteroom dead list`.
+#[derive(Debug, Args)]
+pub(crate) struct DeadListArgs {
+    /// Where the queue lives.
+    #[command(flatten)]
+    pub(crate) target: QueueArgs,
+
+    /// Print JSON (an array of letters) instead of lines.
+    #[arg(long)]
+    pub(crate) json: bool,
+
+    /// Show at most this many, newest first.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) limit: usize,
+}
+
+/// Flags of `anteroom dead show`.
+#[derive(Debug, Args)]
+pub(crate) struct DeadShowArgs {
+    /// The letter's id, as `dead list` prints it: the request's id, or
+    /// `#N` for one that does not decode.
+    pub(crate) id: String,
+
+    /// Where the queue lives.
+    #[command(flatten)]
+    pub(crate) target: QueueArgs,
+
+    /// Print JSON (the body as text when it is UTF-8, else base64).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Flags of `anteroom dead replay`.
+#[derive(Debug, Args)]
+pub(crate) struct DeadReplayArgs {
+    /// The letter to replay (`dead list` shows ids).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub(crate) id: Option<String>,
+
+    /// Every letter that can be replayed.
+    #[arg(long)]
+    pub(crate) all: bool,
+
+    /// Where the queue lives.
+    #[command(flatten)]
+    pub(crate) target: QueueArgs,
+
+    /// The fresh deadline: this long from now.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) hold: Duration,
+
+    /// Replay also requests whose client is gone (its deadline passed or
+    /// its proxy stopped): they run, and no one gets the answer.
+    #[arg(long)]
+    pub(crate) without_client: bool,
+
+    /// Print JSON (one object per letter: id, outcome, why).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Flags of `anteroom dead purge`.
+#[derive(Debug, Args)]
+pub(crate) struct DeadPurgeArgs {
+    /// Where the queue lives.
+    #[command(flatten)]
+    pub(crate) target: QueueArgs,
+
+    /// Only letters set aside longer ago than this (default: all).
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) older_than: Option<Duration>,
+
+    /// Print JSON (`{"purged": N, "kept": M}`).
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// A mode turned on or off.

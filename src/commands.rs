@@ -50,6 +50,7 @@ pub(crate) async fn run(
         Command::Reap(args) => ops::reap(args).await,
         Command::Window(args) => ops::window(args).await,
         Command::Maintenance(args) => ops::maintenance(args).await,
+        Command::Dead(command) => crate::dead::run(command).await,
         Command::Demo(args) => done(crate::demo::run(args).await),
         Command::Conformance(args) => crate::conformance::run(args).await,
     }

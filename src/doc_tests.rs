@@ -117,7 +117,13 @@ fn the_readme_names_every_flag() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let cli = Cli::command();
     let mut missing = Vec::new();
-    let commands = std::iter::once(&cli).chain(cli.get_subcommands());
+    // Every command, nested ones (`dead list`) included.
+    let mut commands = vec![&cli];
+    let mut i = 0;
+    while i < commands.len() {
+        commands.extend(commands[i].get_subcommands());
+        i += 1;
+    }
     for command in commands {
         for arg in command.get_arguments() {
             let Some(long) = arg.get_long() else { continue };

@@ -33,6 +33,7 @@ mod cli;
 mod commands;
 mod config;
 mod conformance;
+mod dead;
 mod demo;
 #[cfg(test)]
 mod doc_tests;

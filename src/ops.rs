@@ -19,7 +19,7 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connect and command timeout for operator commands.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn connect(target: &QueueArgs) -> anyhow::Result<Queue> {
+pub(crate) async fn connect(target: &QueueArgs) -> anyhow::Result<Queue> {
     Queue::connect(&target.redis.url, &target.queue, REDIS_TIMEOUT)
         .await
         .with_context(|| {

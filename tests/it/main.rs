@@ -8,6 +8,7 @@ mod clocks;
 mod cluster;
 mod config;
 mod conformance;
+mod dead_letters;
 mod failures;
 mod faults;
 mod hostile;

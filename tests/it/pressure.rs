@@ -208,9 +208,11 @@ async fn a_full_redis_gets_503s_at_once_and_loses_nothing() {
     })
     .await;
     // Full: the limit set below what Redis uses (as when data grows past
-    // it), so Redis refuses every write that may grow memory.
+    // it), so Redis refuses every write that may grow memory. Half of it:
+    // Redis's use falls as buffers and expiring keys are freed (a limit
+    // just 256 KiB below let a later request through, once in five runs).
     let (used, _) = memory(&mut conn).await;
-    set_maxmemory(&mut conn, used - 256 * 1024).await;
+    set_maxmemory(&mut conn, used / 2).await;
     let full = Instant::now();
     let (used, max) = memory(&mut conn).await;
     assert!(used > max, "Redis is not over its limit: {used} of {max}");

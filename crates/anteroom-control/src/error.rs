@@ -37,4 +37,13 @@ pub enum ControlError {
         /// Dispatchers still busy at the end.
         busy: usize,
     },
+    /// A dead letter that holds no request a dispatcher of the queue
+    /// would run.
+    #[error("dead letter {id} cannot be replayed: {why}")]
+    NotReplayable {
+        /// The letter's id (`anteroom dead list`).
+        id: String,
+        /// Why not.
+        why: String,
+    },
 }

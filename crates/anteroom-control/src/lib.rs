@@ -15,18 +15,23 @@
 //! - [`Queue::maintenance_on`] / [`Queue::maintenance_off`] set or clear
 //!   `anteroom:{q}:maintenance`; [`watch_maintenance`] is the proxy's side,
 //!   followed the way dispatchers follow the pause flag.
+//! - [`Queue::dead_letters`], [`Queue::replay_dead`] and
+//!   [`Queue::remove_dead`] read and act on the dead-letter list
+//!   (`anteroom dead`).
 //! - [`Queue::reap`] settles the requests of dispatchers that died holding
 //!   them: safe ones back to the front of the queue, others answered 502.
 //! - [`Queue::status`] reads everything at once; [`Queue::wait_quiescent`]
 //!   waits until every live dispatcher has acknowledged a pause and holds
 //!   nothing.
 
+mod dead;
 mod error;
 mod maintenance;
 mod pause;
 pub mod queue;
 mod status;
 
+pub use dead::{Client, DEAD_READ_LIMIT, LetterView, replayable};
 pub use error::ControlError;
 pub use maintenance::{MaintenanceWatch, watch_maintenance};
 pub use pause::{HeldPause, PauseWatch, watch_pause};
