@@ -490,9 +490,18 @@ pub(crate) struct DispatchArgs {
     #[command(flatten)]
     pub(crate) target: QueueArgs,
 
-    /// Upstream HTTP server to forward each request to: http://HOST:PORT[/PREFIX].
+    /// Upstream HTTP server to forward each request to:
+    /// http://HOST:PORT[/PREFIX], https://HOST:PORT[/PREFIX] (certificate
+    /// checked against the system's CAs, or --upstream-ca), or
+    /// unix:/PATH for a server on a Unix domain socket (puma, gunicorn,
+    /// uvicorn bound to a socket).
     #[arg(long, env = "ANTEROOM_UPSTREAM")]
     pub(crate) upstream: String,
+
+    /// For an https:// upstream: verify its certificate against the CA
+    /// certificates in this PEM file instead of the system's.
+    #[arg(long, env = "ANTEROOM_UPSTREAM_CA", value_name = "FILE")]
+    pub(crate) upstream_ca: Option<std::path::PathBuf>,
 
     /// How many requests to run at once.
     #[arg(long, env = "ANTEROOM_CONCURRENCY", default_value_t = anteroom_dispatcher::defaults::CONCURRENCY)]

@@ -222,7 +222,11 @@ pub(crate) fn dispatcher_for(
     args: &DispatchArgs,
     metrics: anteroom_metrics::DispatcherMetrics,
 ) -> anyhow::Result<(Dispatcher, Upstream)> {
-    let upstream = Upstream::new(&args.upstream)?
+    let mut upstream = Upstream::new(&args.upstream)?;
+    if let Some(ca) = &args.upstream_ca {
+        upstream = upstream.ca_file(ca)?;
+    }
+    let upstream = upstream
         .idle_timeout(args.upstream_idle_timeout)
         .max_headers(args.upstream_max_headers);
     let health_check = upstream

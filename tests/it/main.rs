@@ -41,4 +41,5 @@ mod streaming;
 mod support;
 mod upgrade;
 mod uploads;
+mod upstreams;
 mod websockets;

@@ -106,9 +106,11 @@ pub struct UpstreamError(#[from] pub(crate) UpstreamKind);
 /// What an [`UpstreamError`] is, for this crate only.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamKind {
-    /// The upstream URL is not an absolute `http://` URL (credentials in
-    /// it shown as `***`).
-    #[error("invalid upstream url {0:?}: expected http://HOST:PORT[/PREFIX]")]
+    /// The upstream URL is not an absolute `http://` or `https://` URL nor
+    /// `unix:/PATH` (credentials in it shown as `***`).
+    #[error(
+        "invalid upstream url {0:?}: expected http://HOST:PORT[/PREFIX], https://HOST:PORT[/PREFIX] or unix:/PATH"
+    )]
     Url(String),
     /// The upstream URL carries credentials (`user:password@`), which the
     /// dispatcher would not send; refused rather than kept in memory and
@@ -123,18 +125,27 @@ pub(crate) enum UpstreamKind {
     /// The request target could not be joined to the upstream URL.
     #[error("cannot build the upstream uri")]
     Uri(#[source] http::Error),
+    /// The TLS settings of an `https://` upstream cannot be used (a CA
+    /// file that cannot be read or holds no certificate, no system roots),
+    /// or a CA file given for an upstream that is not `https://`.
+    #[error("upstream TLS: {0}")]
+    Tls(String),
     /// Connecting to or talking with the upstream failed.
     #[error("upstream request failed")]
     Request(#[source] hyper_util::client::legacy::Error),
 }
 
 impl UpstreamError {
-    /// True when the upstream URL or the health check path cannot be used
-    /// (not an absolute `http://` URL, credentials in it, a relative path).
+    /// True when the upstream URL, its TLS settings or the health check
+    /// path cannot be used (not an `http://`, `https://` or `unix:` URL,
+    /// credentials in it, a CA file that cannot be used, a relative path).
     pub fn is_config(&self) -> bool {
         matches!(
             self.0,
-            UpstreamKind::Url(_) | UpstreamKind::Credentials(_) | UpstreamKind::HealthPath(_)
+            UpstreamKind::Url(_)
+                | UpstreamKind::Credentials(_)
+                | UpstreamKind::HealthPath(_)
+                | UpstreamKind::Tls(_)
         )
     }
 

@@ -32,13 +32,11 @@ use anteroom_protocol::{Unhealthy, now_ms};
 use anteroom_redis::sleep_or_stop;
 use http::{Request, Uri};
 use http_body_util::Empty;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{FailureReason, reason_of};
+use crate::transport::{Pool, PoolSettings, Transport};
 
 /// How a dispatcher finds out that its upstream can take requests again
 /// (see [`DispatcherBuilder::health_check`](crate::DispatcherBuilder::health_check)).
@@ -58,10 +56,14 @@ enum Probe {
     /// `GET uri` must answer 2xx.
     Get {
         uri: Uri,
-        client: Box<Client<HttpConnector, Empty<bytes::Bytes>>>,
+        /// The URI as logs show it (`unix:/PATH/up` for a socket).
+        shown: String,
+        client: Box<Pool<Empty<bytes::Bytes>>>,
     },
     /// A TCP connection to `host:port` must open.
     Connect { host: String, port: u16 },
+    /// A connection to the Unix socket at the path must open.
+    ConnectUnix(std::path::PathBuf),
 }
 
 impl HealthCheck {
@@ -69,17 +71,41 @@ impl HealthCheck {
     /// checked every interval, also while healthy. `Host` is the URI's
     /// authority; each check opens a fresh connection.
     pub fn http(uri: Uri) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        // A fresh connection each time: a check must see a restarted
-        // server, not a pooled connection to the old one.
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build(connector);
+        let authority = uri
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+        Self::get(uri, &Transport::Tcp(authority))
+    }
+
+    /// Healthy when `GET uri` answers 2xx over `transport`, each check on
+    /// a fresh connection: a check must see a restarted server, not a
+    /// pooled connection to the old one.
+    pub(crate) fn get(uri: Uri, transport: &Transport) -> Self {
+        let settings = PoolSettings {
+            idle_timeout: Duration::from_secs(1),
+            max_idle: 0,
+            max_headers: crate::upstream::DEFAULT_MAX_HEADERS,
+        };
+        let shown = match transport {
+            Transport::Unix(path) => format!(
+                "unix:{}{}",
+                path.display(),
+                uri.path_and_query().map_or("/", |p| p.as_str())
+            ),
+            _ => uri.to_string(),
+        };
         Self::with_probe(Probe::Get {
             uri,
-            client: Box::new(client),
+            shown,
+            client: Box::new(Pool::new(transport, &settings)),
         })
+    }
+
+    /// Healthy when a connection to the Unix socket at `path` opens;
+    /// checked like [`tcp`](Self::tcp).
+    pub fn unix(path: impl Into<std::path::PathBuf>) -> Self {
+        Self::with_probe(Probe::ConnectUnix(path.into()))
     }
 
     /// Healthy when a TCP connection to `host:port` opens; checked at start
@@ -117,8 +143,9 @@ impl HealthCheck {
     /// What is checked, for log lines: the URI, or `host:port`.
     fn target(&self) -> String {
         match &self.probe {
-            Probe::Get { uri, .. } => uri.to_string(),
+            Probe::Get { shown, .. } => shown.clone(),
             Probe::Connect { host, port } => format!("{host}:{port}"),
+            Probe::ConnectUnix(path) => format!("unix:{}", path.display()),
         }
     }
 
@@ -132,7 +159,7 @@ impl HealthCheck {
     async fn check(&self) -> Result<(), FailureReason> {
         let attempt = async {
             match &self.probe {
-                Probe::Get { uri, client } => {
+                Probe::Get { uri, client, .. } => {
                     let request = Request::get(uri.clone())
                         .header(http::header::USER_AGENT, "anteroom-health-check")
                         .body(Empty::new())
@@ -150,6 +177,10 @@ impl HealthCheck {
                         .map(drop)
                         .map_err(|e| reason_of(&e))
                 }
+                Probe::ConnectUnix(path) => tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(drop)
+                    .map_err(|e| reason_of(&e)),
             }
         };
         tokio::time::timeout(self.timeout, attempt)

@@ -38,6 +38,7 @@ mod pull;
 mod reconcile;
 mod socket;
 mod stream;
+mod transport;
 mod upstream;
 mod worker;
 

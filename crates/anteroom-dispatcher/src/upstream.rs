@@ -1,21 +1,24 @@
-//! Forwarding to an existing HTTP server over a pooled keep-alive client.
+//! Forwarding to an existing HTTP server over a pooled keep-alive client
+//! (over TCP, TLS or a Unix socket: `transport.rs`).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use std::path::Path;
+
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::Service;
 
 use crate::Body;
 use crate::error::{UpstreamError, UpstreamKind};
 use crate::health::HealthCheck;
+use crate::transport::{Pool, PoolSettings, Transport, tls_config};
 
 /// Default of [`Upstream::idle_timeout`].
 const DEFAULT_IDLE_TIMEOUT: Duration = crate::defaults::UPSTREAM_IDLE_TIMEOUT;
@@ -25,19 +28,9 @@ const DEFAULT_IDLE_TIMEOUT: Duration = crate::defaults::UPSTREAM_IDLE_TIMEOUT;
 /// 4 or 8 KiB) and apps with many `Set-Cookie` or CSP fields exceed 100.
 pub const DEFAULT_MAX_HEADERS: usize = 500;
 
-/// The pooled keep-alive client: 5 s to connect, no Nagle delay, at most
-/// `max_headers` header fields in a response head.
-fn client(idle_timeout: Duration, max_headers: usize) -> Client<HttpConnector, Body> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(idle_timeout)
-        .http1_max_headers(max_headers)
-        .build(connector)
-}
-
-/// A `tower::Service` that sends each request to an upstream HTTP/1.1 server.
+/// A `tower::Service` that sends each request to an upstream HTTP/1.1
+/// server over a pooled keep-alive client: over TCP (`http://`), TLS
+/// (`https://`) or a Unix domain socket (`unix:/PATH`).
 ///
 /// The request keeps its method, path, query, headers (including `Host`)
 /// and body; only the scheme and authority change. A failure gives an
@@ -46,34 +39,60 @@ fn client(idle_timeout: Duration, max_headers: usize) -> Client<HttpConnector, B
 /// the [`health_check`](Self::health_check) passes again.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    pool: Pool<Body>,
+    transport: Transport,
     idle_timeout: Duration,
     max_headers: usize,
-    authority: Authority,
     prefix: String,
 }
 
 impl Upstream {
-    /// An upstream at `url` (`http://HOST:PORT`, optionally with a path
-    /// prefix that is prepended to every request path).
+    /// An upstream at `url`: `http://HOST[:PORT][/PREFIX]` (the prefix is
+    /// prepended to every request path), `https://HOST[:PORT][/PREFIX]`
+    /// (verified against the system's CA certificates; see
+    /// [`ca_file`](Self::ca_file)), or `unix:/PATH` for a server on a Unix
+    /// domain socket.
+    ///
+    /// Errors ([`UpstreamError::is_config`]): another form, credentials in
+    /// the URL, no usable system CA certificates for `https://`.
     pub fn new(url: &str) -> Result<Self, UpstreamError> {
-        let invalid = || UpstreamError::from(UpstreamKind::Url(anteroom_redis::redact_url(url)));
-        let uri: Uri = url.parse().map_err(|_| invalid())?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(invalid());
-        }
-        let authority = uri.authority().cloned().ok_or_else(invalid)?;
-        if authority.as_str().contains('@') {
-            return Err(UpstreamKind::Credentials(anteroom_redis::redact_url(url)).into());
-        }
-        let prefix = uri.path().trim_end_matches('/').to_owned();
-        Ok(Self {
-            client: client(DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS),
+        let (transport, prefix) = Transport::parse(url, None)?;
+        let mut upstream = Self {
+            pool: Pool::Tcp(Client::builder(TokioExecutor::new()).build_http()),
+            transport,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_headers: DEFAULT_MAX_HEADERS,
-            authority,
             prefix,
-        })
+        };
+        upstream.rebuild();
+        Ok(upstream)
+    }
+
+    /// Verifies an `https://` upstream's certificate against the CA
+    /// certificates in the PEM file at `path` instead of the system's.
+    ///
+    /// Errors ([`UpstreamError::is_config`]): the file cannot be read or
+    /// holds no certificate, or the upstream is not `https://`.
+    pub fn ca_file(mut self, path: &Path) -> Result<Self, UpstreamError> {
+        let Transport::Tls(authority, _) = &self.transport else {
+            return Err(UpstreamKind::Tls(format!(
+                "a CA file is for https:// upstreams, not {:?}",
+                self.transport
+            ))
+            .into());
+        };
+        self.transport = Transport::Tls(authority.clone(), tls_config(Some(path))?);
+        self.rebuild();
+        Ok(self)
+    }
+
+    fn rebuild(&mut self) {
+        let settings = PoolSettings {
+            idle_timeout: self.idle_timeout,
+            max_idle: usize::MAX,
+            max_headers: self.max_headers,
+        };
+        self.pool = Pool::new(&self.transport, &settings);
     }
 
     /// How long an idle keep-alive connection to the upstream is kept for
@@ -83,7 +102,7 @@ impl Upstream {
     /// have been read, so only a request safe to repeat could be retried.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
-        self.client = client(self.idle_timeout, self.max_headers);
+        self.rebuild();
         self
     }
 
@@ -92,7 +111,7 @@ impl Upstream {
     /// bounded by hyper's read buffer (about 400 KB).
     pub fn max_headers(mut self, max: usize) -> Self {
         self.max_headers = max.max(1);
-        self.client = client(self.idle_timeout, self.max_headers);
+        self.rebuild();
         self
     }
 
@@ -101,11 +120,12 @@ impl Upstream {
     /// [`DispatcherBuilder::health_check`](crate::DispatcherBuilder::health_check)):
     ///
     /// - `Some(path)`: `GET path` on the upstream server (the path as given,
-    ///   not joined to the URL's prefix) must answer 2xx. It is checked
-    ///   every interval, and the dispatcher takes no request before the
-    ///   first check passes.
-    /// - `None`: a TCP connection to the upstream must open; tried at start
-    ///   and after a request failed, not while healthy.
+    ///   not joined to the URL's prefix) must answer 2xx, over the
+    ///   upstream's own transport. It is checked every interval, and the
+    ///   dispatcher takes no request before the first check passes.
+    /// - `None`: a connection to the upstream (TCP, or its Unix socket)
+    ///   must open; tried at start and after a request failed, not while
+    ///   healthy.
     ///
     /// Errors: [`UpstreamError::is_config`] when `path` is not an absolute
     /// path (`/up`, `/healthz?full=1`).
@@ -116,35 +136,25 @@ impl Upstream {
                 if !path.starts_with('/') {
                     return Err(bad());
                 }
-                let path: PathAndQuery = path.parse().map_err(|_| bad())?;
-                let uri = Uri::builder()
-                    .scheme(Scheme::HTTP)
-                    .authority(self.authority.clone())
-                    .path_and_query(path)
-                    .build()
-                    .map_err(|_| bad())?;
-                Ok(HealthCheck::http(uri))
+                let _: PathAndQuery = path.parse().map_err(|_| bad())?;
+                let uri = self.transport.uri(path).map_err(|_| bad())?;
+                Ok(HealthCheck::get(uri, &self.transport))
             }
-            None => Ok(HealthCheck::tcp(
-                self.authority.host(),
-                self.authority.port_u16().unwrap_or(80),
-            )),
+            None => Ok(match &self.transport {
+                Transport::Unix(path) => HealthCheck::unix(path.clone()),
+                Transport::Tcp(a) => HealthCheck::tcp(a.host(), a.port_u16().unwrap_or(80)),
+                Transport::Tls(a, _) => HealthCheck::tcp(a.host(), a.port_u16().unwrap_or(443)),
+            }),
         }
     }
 
     fn target(&self, original: &Uri) -> Result<Uri, UpstreamError> {
         let path = original.path_and_query().map_or("/", PathAndQuery::as_str);
-        let path_and_query = if self.prefix.is_empty() {
-            path.to_owned()
+        if self.prefix.is_empty() {
+            self.transport.uri(path)
         } else {
-            format!("{}{}", self.prefix, path)
-        };
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| UpstreamError::from(UpstreamKind::Uri(e)))
+            self.transport.uri(&format!("{}{}", self.prefix, path))
+        }
     }
 }
 
@@ -159,7 +169,7 @@ impl Service<Request<Body>> for Upstream {
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let target = self.target(req.uri());
-        let client = self.client.clone();
+        let client = self.pool.clone();
         Box::pin(async move {
             *req.uri_mut() = target?;
             // The pool speaks HTTP/1.1 whatever version the client used.
@@ -284,7 +294,7 @@ mod tests {
 
     #[test]
     fn rejects_non_http_urls() {
-        for bad in ["https://x:1", "backend:80", "/path", "ftp://x"] {
+        for bad in ["backend:80", "/path", "ftp://x", "unix:"] {
             assert!(Upstream::new(bad).is_err(), "{bad} accepted");
         }
     }

@@ -9,6 +9,7 @@ pub mod httpbin;
 pub mod load;
 pub mod monitor;
 pub mod orders;
+pub mod tls;
 pub mod venv;
 pub mod web;
 
