@@ -197,6 +197,11 @@ fn proxy(
     if let Err(err) = config.validate() {
         problems.push(err.to_string());
     }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key)
+        && let Err(err) = anteroom_proxy::TlsCerts::load(cert, key)
+    {
+        problems.push(err.to_string());
+    }
     if let Some(path) = &args.maintenance_page
         && let Err(err) = std::fs::metadata(path)
     {

@@ -471,6 +471,27 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_ADMIN_WITHOUT_TOKEN")]
     pub(crate) admin_without_token: bool,
 
+    /// Terminate TLS: the certificate chain (PEM, the server's certificate
+    /// first). Every connection on --listen is then TLS, with ALPN h2 and
+    /// http/1.1; SIGHUP reloads the certificate and key without dropping
+    /// connections.
+    #[arg(
+        long,
+        env = "ANTEROOM_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub(crate) tls_cert: Option<std::path::PathBuf>,
+
+    /// With --tls-cert: its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        env = "ANTEROOM_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub(crate) tls_key: Option<std::path::PathBuf>,
+
     /// HTML page for clients that accept HTML while their queue is in
     /// maintenance mode (`anteroom maintenance on`); others get JSON.
     /// Default: a built-in page showing the maintenance message.

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anteroom_proxy::{AdminConfig, ProxyConfig, serve_admin};
 use anteroom_runtime::Components;
+use std::sync::Arc;
+
 use anyhow::Context;
 use tokio::net::TcpListener;
 
@@ -115,14 +117,22 @@ async fn proxy(
             .with_context(|| format!("cannot listen on {}", args.listen))?,
     };
     let listener = TcpListener::from_std(listener).context("cannot register the listener")?;
+    // The side endpoint runs beside the proxy: if it fails, the proxy
+    // stops at once and the process exits with its error.
+    let side = Components::new();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let certs = anteroom_proxy::TlsCerts::load(cert, key)?;
+        side.spawn(
+            "certificate reloader",
+            reload_on_sighup(Arc::clone(&certs), side.stopping()),
+        );
+        config.tls = Some(certs);
+    }
     if let Some(path) = &args.maintenance_page {
         let page = std::fs::read(path)
             .with_context(|| format!("cannot read --maintenance-page {}", path.display()))?;
         config.maintenance_page = Some(page.into());
     }
-    // The side endpoint runs beside the proxy: if it fails, the proxy
-    // stops at once and the process exits with its error.
-    let side = Components::new();
     let mut registry = anteroom_metrics::Registry::default();
     let metrics = anteroom_metrics::ProxyMetrics::register(&mut registry);
     let registry = std::sync::Arc::new(registry);
@@ -198,6 +208,35 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let stopped = side.shutdown(SIDE_GRACE).await;
     served?;
     Ok(stopped?)
+}
+
+/// Reads the TLS certificate and key again on each SIGHUP until `stop`:
+/// new handshakes get the new pair, open connections keep theirs; a pair
+/// that does not load is logged and the one in use stays.
+async fn reload_on_sighup(
+    certs: Arc<anteroom_proxy::TlsCerts>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; the certificate will not be reloaded");
+            return stop.cancelled().await;
+        }
+    };
+    loop {
+        tokio::select! {
+            got = hangups.recv() => if got.is_none() { return },
+            () = stop.cancelled() => return,
+        }
+        match certs.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded; new connections get it"),
+            Err(err) => {
+                tracing::error!(error = %err, "SIGHUP: TLS certificate not reloaded; keeping the one in use")
+            }
+        }
+    }
 }
 
 /// How long a side endpoint (admin, metrics) gets to drain once the proxy

@@ -39,6 +39,7 @@ mod sentinel;
 mod status_page;
 mod streaming;
 mod support;
+mod tls;
 mod upgrade;
 mod uploads;
 mod upstreams;

@@ -157,6 +157,10 @@ pub struct ProxyConfig {
     /// maintenance mode (others get JSON); a built-in page showing the
     /// maintenance message when `None`.
     pub maintenance_page: Option<bytes::Bytes>,
+    /// Terminate TLS with this certificate and key (every connection on the
+    /// listener is TLS; `X-Forwarded-Proto` says `https`); plain HTTP/1.1
+    /// and h2c when `None`.
+    pub tls: Option<std::sync::Arc<crate::TlsCerts>>,
     /// Where the proxy counts requests. The default counts into series no
     /// registry holds; use [`ProxyMetrics::register`] to scrape them (the
     /// admin endpoint serves `/metrics` given the registry).
@@ -228,6 +232,7 @@ impl ProxyConfig {
             durable: None,
             proxy_id: None,
             maintenance_page: None,
+            tls: None,
             metrics: ProxyMetrics::default(),
         }
     }

@@ -34,6 +34,8 @@ pub(crate) struct Connections {
     closing: CancellationToken,
     /// Set once the proxy stops accepting: HTTP/1 answers say `Connection: close`.
     draining: Arc<AtomicBool>,
+    /// Terminates TLS on every connection, when configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Most HTTP/2 streams open at once on one connection.
@@ -46,8 +48,13 @@ const H2_MAX_STREAMS: u32 = 256;
 pub(crate) const H2_STREAM_WINDOW: u32 = 256 * 1024;
 
 impl Connections {
-    /// hyper's HTTP/1.1 and h2c settings from `config`.
-    pub(crate) fn new(config: Arc<ProxyConfig>, router: Arc<Router>) -> Self {
+    /// hyper's HTTP/1.1 and HTTP/2 settings from `config`; TLS on every
+    /// connection with `tls`.
+    pub(crate) fn new(
+        config: Arc<ProxyConfig>,
+        router: Arc<Router>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -77,6 +84,7 @@ impl Connections {
             tracker: TaskTracker::new(),
             closing: CancellationToken::new(),
             draining: Arc::new(AtomicBool::new(false)),
+            tls,
         }
     }
 
@@ -86,7 +94,7 @@ impl Connections {
         let Accepted { stream, peer, slot } = accepted;
         let _ = stream.set_nodelay(true);
         let activity = Activity::new(self.tracker.clone(), self.closing.clone());
-        let service = self.service(peer, &activity);
+        let service = self.service(peer, &activity, self.tls.is_some());
         let builder = self.builder.clone();
         let config = Arc::clone(&self.config);
         let limits = Watchdog {
@@ -94,6 +102,7 @@ impl Connections {
             send: config.send_timeout,
         };
         let closing = self.closing.clone();
+        let tls = self.tls.clone();
         self.tracker.spawn(async move {
             // hyper times nothing until it knows the protocol; a socket
             // still silent when the proxy shuts down is closed at once.
@@ -106,18 +115,44 @@ impl Connections {
                 tracing::debug!(%peer, "nothing received within the header timeout; closing");
                 return;
             }
-            // The head gets what is left of the header timeout (at least a
-            // second), not all of it again.
-            let mut builder = builder;
-            builder.http1().header_read_timeout(
+            // The handshake and the head get what is left of the header
+            // timeout (at least a second), not all of it again.
+            let left = || {
                 limits
                     .idle
                     .saturating_sub(arrived.elapsed())
-                    .max(Duration::from_secs(1)),
-            );
-            let io = TokioIo::new(Lingering::new(stream, slot, Arc::clone(&activity)));
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            if let Err(err) = limits.run(conn, &activity, &closing, peer).await {
+                    .max(Duration::from_secs(1))
+            };
+            let mut builder = builder;
+            let io = Lingering::new(stream, slot, Arc::clone(&activity));
+            let served = match tls {
+                None => {
+                    builder.http1().header_read_timeout(left());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    limits.run(conn, &activity, &closing, peer).await
+                }
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(left(), acceptor.accept(io));
+                    let io = tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(io)) => io,
+                            Ok(Err(err)) => {
+                                tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake not done within the header timeout");
+                                return;
+                            }
+                        },
+                        () = closing.cancelled() => return,
+                    };
+                    builder.http1().header_read_timeout(left());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    limits.run(conn, &activity, &closing, peer).await
+                }
+            };
+            if let Err(err) = served {
                 match refused_reason(&*err) {
                     Some(reason) => {
                         // Answered by hyper, never seen by the handler:
@@ -139,6 +174,7 @@ impl Connections {
         &self,
         peer: SocketAddr,
         activity: &Arc<Activity>,
+        tls: bool,
     ) -> impl hyper::service::Service<
         http::Request<hyper::body::Incoming>,
         Response = http::Response<crate::linger::Answer>,
@@ -150,7 +186,10 @@ impl Connections {
         let router = Arc::clone(&self.router);
         let draining = Arc::clone(&self.draining);
         let activity = Arc::clone(activity);
-        service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            if tls {
+                req.extensions_mut().insert(crate::tls::ClientTls);
+            }
             let request = activity.request();
             let version = req.version();
             let http1 = version < http::Version::HTTP_2;

@@ -51,6 +51,9 @@ pub enum ServeError {
         "the admin endpoint on {0} is not loopback and has no token: set --admin-token (ANTEROOM_ADMIN_TOKEN), or --admin-without-token to allow it"
     )]
     OpenAdmin(std::net::SocketAddr),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::TlsError),
     /// A background component (reply reader, heartbeat, enqueuer, replica
     /// counter) failed or panicked while serving, which stopped the proxy.
     #[error(transparent)]

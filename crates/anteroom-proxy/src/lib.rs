@@ -8,6 +8,9 @@
 //! that arrive together go in one LPUSH (`enqueue.rs`). It then waits, at
 //! most the hold budget, for its reply.
 //!
+//! With [`ProxyConfig::tls`], connections are TLS (rustls, ALPN `h2` and
+//! `http/1.1`; `tls.rs`), the certificate reloadable while they stay open.
+//!
 //! One reply reader per queue served blocks on that queue's reply list with
 //! a take into its popped list (`anteroom_control::queue::follow_list`) on a dedicated connection and hands each response to the waiting
 //! request by id (the demultiplexer), so the proxy holds a constant handful
@@ -46,6 +49,7 @@ mod server;
 mod socket;
 mod status_page;
 mod stream;
+mod tls;
 mod translate;
 mod upload;
 
@@ -53,3 +57,4 @@ pub use admin::{AdminConfig, serve_admin};
 pub use config::{DEFAULT_MAX_HEADERS, ProxyConfig, RouteConfig, defaults};
 pub use error::ServeError;
 pub use server::serve;
+pub use tls::{TlsCerts, TlsError};

@@ -134,7 +134,11 @@ pub async fn serve(
         components.spawn("heartbeat", beat);
     }
 
-    let connections = Connections::new(Arc::clone(&config), Arc::clone(&router));
+    let tls = match &config.tls {
+        Some(certs) => Some(tokio_rustls::TlsAcceptor::from(certs.server_config()?)),
+        None => None,
+    };
+    let connections = Connections::new(Arc::clone(&config), Arc::clone(&router), tls);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let stop = async {
         tokio::select! {

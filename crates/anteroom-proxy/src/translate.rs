@@ -117,7 +117,14 @@ pub(crate) fn envelope_for(
             headers.insert(header::HOST, value);
         }
     }
-    prepare_forwarded_headers(&mut headers, &parts.uri, route.client, route.request_id);
+    let https = parts.extensions.get::<crate::tls::ClientTls>().is_some();
+    prepare_forwarded_headers(
+        &mut headers,
+        &parts.uri,
+        route.client,
+        route.request_id,
+        https,
+    );
     RequestEnvelope {
         id: route.id.to_owned(),
         method: parts.method.as_str().to_owned(),
@@ -171,13 +178,15 @@ pub(crate) fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Sets `X-Request-Id`, appends the client to `X-Forwarded-For`, sets
-/// `X-Forwarded-Proto` to this hop's scheme, and fills in `Host` from the
-/// authority of HTTP/2 requests.
+/// `X-Forwarded-Proto` to this hop's scheme (`https` when the proxy
+/// terminated TLS for the connection, whatever the request claims), and
+/// fills in `Host` from the authority of HTTP/2 requests.
 pub(crate) fn prepare_forwarded_headers(
     headers: &mut HeaderMap,
     uri: &http::Uri,
     client: SocketAddr,
     request_id: &HeaderValue,
+    https: bool,
 ) {
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     // Every prior line, in order (a load balancer may add its own line
@@ -196,7 +205,8 @@ pub(crate) fn prepare_forwarded_headers(
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     if !headers.contains_key(header::HOST) {
         if let Some(value) = uri
             .authority()
@@ -274,7 +284,7 @@ mod tests {
         h.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
         let uri: http::Uri = "/".parse().unwrap();
         let rid = HeaderValue::from_static("abc");
-        prepare_forwarded_headers(&mut h, &uri, "192.0.2.7:4000".parse().unwrap(), &rid);
+        prepare_forwarded_headers(&mut h, &uri, "192.0.2.7:4000".parse().unwrap(), &rid, false);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-request-id"], "abc");
@@ -291,7 +301,7 @@ mod tests {
         h.append("x-forwarded-for", " ".parse().unwrap());
         let uri: http::Uri = "/".parse().unwrap();
         let rid = HeaderValue::from_static("abc");
-        prepare_forwarded_headers(&mut h, &uri, "192.0.2.7:4000".parse().unwrap(), &rid);
+        prepare_forwarded_headers(&mut h, &uri, "192.0.2.7:4000".parse().unwrap(), &rid, false);
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(
             h["x-forwarded-for"],
@@ -319,7 +329,7 @@ mod tests {
         let mut h = HeaderMap::new();
         let uri: http::Uri = "http://example.org:8080/x".parse().unwrap();
         let rid = HeaderValue::from_static("abc");
-        prepare_forwarded_headers(&mut h, &uri, "[::1]:4000".parse().unwrap(), &rid);
+        prepare_forwarded_headers(&mut h, &uri, "[::1]:4000".parse().unwrap(), &rid, false);
         assert_eq!(h["host"], "example.org:8080");
         assert_eq!(h["x-forwarded-for"], "::1");
     }
