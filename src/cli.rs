@@ -471,6 +471,34 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "ANTEROOM_ADMIN_WITHOUT_TOKEN")]
     pub(crate) admin_without_token: bool,
 
+    /// Canary routing: send a share of the requests for --queue (those
+    /// that match no route) to this queue instead, served by dispatchers
+    /// of a new version. Routes take a `canary` table in the
+    /// configuration file.
+    #[arg(long, env = "ANTEROOM_CANARY_QUEUE")]
+    pub(crate) canary_queue: Option<String>,
+
+    /// With --canary-queue: percent of the requests drawn for the canary
+    /// (0 to 100, decimals allowed).
+    #[arg(
+        long,
+        env = "ANTEROOM_CANARY_WEIGHT",
+        default_value_t = 0.0,
+        requires = "canary_queue"
+    )]
+    pub(crate) canary_weight: f64,
+
+    /// With --canary-queue: a cookie that pins each client to its side
+    /// (`NAME=1` canary, `NAME=0` main); a client without it gets it set
+    /// to the side it drew.
+    #[arg(long, env = "ANTEROOM_CANARY_COOKIE", requires = "canary_queue")]
+    pub(crate) canary_cookie: Option<String>,
+
+    /// With --canary-queue: a request header field that picks the side
+    /// (`1` canary, `0` main), for testers and health checks.
+    #[arg(long, env = "ANTEROOM_CANARY_HEADER", requires = "canary_queue")]
+    pub(crate) canary_header: Option<String>,
+
     /// Terminate TLS: the certificate chain (PEM, the server's certificate
     /// first). Every connection on --listen is then TLS, with ALPN h2 and
     /// http/1.1; SIGHUP reloads the certificate and key without dropping

@@ -94,6 +94,12 @@ pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.enqueue_timeout = args.enqueue_timeout;
     config.redis_high_watermark = args.redis_high_watermark;
     config.durable = args.durable.then_some(args.durable_wait);
+    config.canary = args.canary_queue.as_ref().map(|queue| {
+        let mut canary = anteroom_proxy::CanaryConfig::new(queue.clone(), args.canary_weight);
+        canary.cookie = args.canary_cookie.clone();
+        canary.header = args.canary_header.clone();
+        canary
+    });
     config
 }
 

@@ -183,6 +183,18 @@ impl ConfigFile {
                     .transpose()
                     .map_err(|e| self.error(format!("{}: {e}", at("hold"))))?;
                 route.max_waiting = r.max_waiting;
+                route.canary = r.canary.map(|c| {
+                    let mut canary =
+                        anteroom_proxy::CanaryConfig::new(c.queue, c.weight.unwrap_or(0.0));
+                    canary.cookie = c.cookie;
+                    canary.header = c.header;
+                    canary
+                });
+                if let Some(canary) = &route.canary {
+                    canary.check().map_err(|problem| {
+                        self.error(format!("[[proxy.routes]] #{} {problem}", i + 1))
+                    })?;
+                }
                 route.max_waiting_bytes =
                     r.max_waiting_bytes
                         .map(|b| parse_size(&b))
@@ -204,6 +216,17 @@ struct RouteFile {
     hold: Option<String>,
     max_waiting: Option<usize>,
     max_waiting_bytes: Option<String>,
+    canary: Option<CanaryFile>,
+}
+
+/// A route's `canary` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CanaryFile {
+    queue: String,
+    weight: Option<f64>,
+    cookie: Option<String>,
+    header: Option<String>,
 }
 
 /// Runs `text` through `arg`'s own parser (a copy of the flag, alone, with

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use anteroom_control::{MemoryStatus, Quiescence, StatusReport};
+use anteroom_control::{MemoryStatus, QueueStatus, Quiescence, StatusReport};
 use anteroom_protocol::printable;
 
 /// `1234` -> `1.2s`, `75000` -> `1m15s`.
@@ -68,6 +68,50 @@ pub(crate) fn memory(memory: Option<&MemoryStatus>) -> String {
     out
 }
 
+/// One line per canary split from `q`, over every live proxy that has it:
+/// its weight, what pins a client, and the split measured so far.
+fn canary_lines(out: &mut String, q: &QueueStatus) {
+    let mut splits: Vec<anteroom_protocol::CanarySplit> = Vec::new();
+    for split in q.proxies.iter().flat_map(|p| &p.heartbeat.canaries) {
+        match splits.iter_mut().find(|s| s.queue == split.queue) {
+            Some(seen) => {
+                seen.to_canary += split.to_canary;
+                seen.to_main += split.to_main;
+            }
+            None => splits.push(split.clone()),
+        }
+    }
+    for s in splits {
+        let pins: Vec<String> = s
+            .cookie
+            .iter()
+            .map(|c| format!("cookie {}", printable(c)))
+            .chain(s.header.iter().map(|h| format!("header {}", printable(h))))
+            .collect();
+        let pins = if pins.is_empty() {
+            String::new()
+        } else {
+            format!(", pinned by {}", pins.join(" or "))
+        };
+        let total = s.to_canary + s.to_main;
+        let measured = if total == 0 {
+            "none routed yet".to_owned()
+        } else {
+            format!(
+                "{} of {total} routed there ({:.1}%)",
+                s.to_canary,
+                s.to_canary as f64 * 100.0 / total as f64
+            )
+        };
+        let _ = writeln!(
+            out,
+            "  canary        {}% to {}{pins}: {measured}",
+            f64::from(s.weight_ppm) / 10_000.0,
+            s.queue
+        );
+    }
+}
+
 /// The whole report as aligned text.
 pub(crate) fn render(report: &StatusReport) -> String {
     let mut out = String::new();
@@ -108,6 +152,7 @@ pub(crate) fn render(report: &StatusReport) -> String {
         if let Some(hold) = q.proxies.iter().filter_map(|p| p.heartbeat.hold_ms).max() {
             let _ = writeln!(out, "  hold budget   {}", duration_ms(hold));
         }
+        canary_lines(&mut out, q);
         let _ = writeln!(out, "  dead letters  {}", q.dead_letters);
         let _ = writeln!(out, "  dispatchers   {} live", q.dispatchers.len());
         if !q.dispatchers.is_empty() {

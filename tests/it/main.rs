@@ -2,6 +2,7 @@
 //! clients, and the `anteroom` binary run as a real process. One binary so
 //! everything links once.
 
+mod canary;
 mod chaos;
 mod cli;
 mod clocks;

@@ -78,6 +78,29 @@ pub struct ProxyHeartbeat {
     pub hold_ms: Option<u64>,
     /// When it started, Unix milliseconds.
     pub started_at_ms: u64,
+    /// This proxy's canary splits from this queue: a share of its requests
+    /// (or those a cookie or header picks) sent to another queue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canaries: Vec<CanarySplit>,
+}
+
+/// One canary split as a proxy reports it in its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanarySplit {
+    /// The queue the canary share goes to.
+    pub queue: String,
+    /// The share of requests drawn for it, in parts per million.
+    pub weight_ppm: u32,
+    /// The cookie that pins a client to one side, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// The header field that picks a side, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// Requests this proxy sent to the canary queue since it started.
+    pub to_canary: u64,
+    /// Requests this proxy kept on the main queue since it started.
+    pub to_main: u64,
 }
 
 /// The value of `anteroom:{q}:paused` while the queue is paused.

@@ -39,7 +39,7 @@ pub use envelope::{
 };
 pub use failure::Failure;
 pub use heartbeat::{
-    DispatcherHeartbeat, MaintenanceRecord, PauseRecord, ProxyHeartbeat, Unhealthy,
+    CanarySplit, DispatcherHeartbeat, MaintenanceRecord, PauseRecord, ProxyHeartbeat, Unhealthy,
 };
 pub use keys::{Keys, NameError, QUEUES_KEY, validate_id};
 pub use printable::{Printable, printable};

@@ -85,6 +85,8 @@ pub struct ProxyConfig {
     /// Whether requests that match no route go to `queue` (the default);
     /// false answers them 404.
     pub default_queue: bool,
+    /// A share of the default queue's requests sent to another queue.
+    pub canary: Option<CanaryConfig>,
     /// How long a request may wait for its response before it gets 504.
     pub hold: Duration,
     /// Largest request body accepted; larger ones get 413.
@@ -182,6 +184,9 @@ impl ProxyConfig {
                     problem,
                 })?;
         }
+        if let Some(canary) = &self.canary {
+            canary.check().map_err(crate::ServeError::BadCanary)?;
+        }
         if !(1..=100).contains(&self.redis_high_watermark) {
             return Err(crate::ServeError::BadWatermark(self.redis_high_watermark));
         }
@@ -209,6 +214,7 @@ impl ProxyConfig {
             queue: queue.into(),
             routes: Vec::new(),
             default_queue: true,
+            canary: None,
             hold: defaults::HOLD,
             max_body: defaults::MAX_BODY,
             body_buffer: defaults::BODY_BUFFER,
@@ -240,7 +246,7 @@ impl ProxyConfig {
 
 /// One route: requests whose host and path match go to `queue`, with the
 /// route's own hold budget and waiting caps (the proxy's when `None`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct RouteConfig {
     /// The `Host` (or HTTP/2 authority) to match, without port, compared
@@ -256,6 +262,70 @@ pub struct RouteConfig {
     pub max_waiting: Option<usize>,
     /// Most body bytes of this route waiting at once (over it: 503).
     pub max_waiting_bytes: Option<usize>,
+    /// A share of this route's requests sent to another queue.
+    pub canary: Option<CanaryConfig>,
+}
+
+/// A canary split: some of a route's requests go to `queue` instead
+/// (dispatchers of a new version serve it while the rest serve the
+/// route's queue). A request goes to the canary when its `header` says
+/// `1`, or its `cookie` says `1`; it stays when either says `0`;
+/// otherwise it is drawn at random with `weight` percent, and with a
+/// `cookie` the answer sets it (`Set-Cookie: NAME=1` or `=0`), so the
+/// client stays on its side (docs/operations.md, "Canary routing").
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CanaryConfig {
+    /// The canary's queue.
+    pub queue: String,
+    /// Percent of the requests drawn for the canary, 0 to 100.
+    pub weight: f64,
+    /// The cookie that pins a client to one side.
+    pub cookie: Option<String>,
+    /// A request header field that picks the side (`1` canary, `0` main).
+    pub header: Option<String>,
+}
+
+impl CanaryConfig {
+    /// `weight` percent of the requests to `queue`, no cookie, no header.
+    pub fn new(queue: impl Into<String>, weight: f64) -> Self {
+        Self {
+            queue: queue.into(),
+            weight,
+            cookie: None,
+            header: None,
+        }
+    }
+
+    /// What is wrong with this split, if anything: a queue name Redis keys
+    /// cannot carry, a weight outside 0 to 100, a cookie name that is no
+    /// RFC 6265 token, a header name that is no field name.
+    pub fn check(&self) -> Result<(), String> {
+        anteroom_protocol::Keys::new(&self.queue).map_err(|e| format!("canary queue: {e}"))?;
+        if !(0.0..=100.0).contains(&self.weight) {
+            return Err(format!(
+                "canary weight: {} is not 0 to 100 (percent)",
+                self.weight
+            ));
+        }
+        if let Some(cookie) = &self.cookie {
+            let token = !cookie.is_empty()
+                && cookie
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+            if !token {
+                return Err(format!(
+                    "canary cookie: {cookie:?} is no cookie name (RFC 6265 section 4.1.1)"
+                ));
+            }
+        }
+        if let Some(header) = &self.header
+            && http::HeaderName::from_bytes(header.as_bytes()).is_err()
+        {
+            return Err(format!("canary header: {header:?} is no header field name"));
+        }
+        Ok(())
+    }
 }
 
 impl RouteConfig {
@@ -271,6 +341,9 @@ impl RouteConfig {
         {
             return Err("path_prefix: must start with /".to_owned());
         }
+        if let Some(canary) = &self.canary {
+            canary.check()?;
+        }
         Ok(())
     }
 
@@ -284,6 +357,7 @@ impl RouteConfig {
             hold: None,
             max_waiting: None,
             max_waiting_bytes: None,
+            canary: None,
         }
     }
 

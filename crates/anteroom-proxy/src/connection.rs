@@ -195,13 +195,17 @@ impl Connections {
             let http1 = version < http::Version::HTTP_2;
             // Built here, not inside the async block, so the request is not
             // kept in the future while it waits (see `handler::handle`).
+            let mut set_cookie = None;
             let answer = match router.pick(&req) {
-                Some(state) => Ok(handler::handle(
-                    Arc::clone(state),
-                    req,
-                    peer,
-                    Arc::clone(&activity),
-                )),
+                Some(picked) => {
+                    set_cookie = picked.set_cookie;
+                    Ok(handler::handle(
+                        Arc::clone(picked.state),
+                        req,
+                        peer,
+                        Arc::clone(&activity),
+                    ))
+                }
                 None => {
                     tracing::debug!(
                         host = ?req.headers().get(http::header::HOST),
@@ -223,6 +227,13 @@ impl Connections {
                     Err(resp) => resp,
                 };
                 response.body_mut().sent_for(request);
+                if let Some(cookie) = set_cookie {
+                    // Beside the app's own cookies (RFC 6265 section 3:
+                    // one Set-Cookie field per cookie).
+                    response
+                        .headers_mut()
+                        .append(http::header::SET_COOKIE, cookie);
+                }
                 // Shutting down: the client's next request goes to a new
                 // connection (RFC 9112 section 9.6), not to a socket that
                 // closes under it.

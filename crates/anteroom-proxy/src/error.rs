@@ -38,6 +38,10 @@ pub enum ServeError {
         /// What is wrong with it.
         problem: String,
     },
+    /// The default queue's canary split could never serve (see
+    /// `CanaryConfig::check`).
+    #[error("the default queue's {0}")]
+    BadCanary(String),
     /// The admin endpoint or the proxy could not read the queue's state
     /// (its maintenance flag) in Redis.
     #[error("cannot read the queue's state in Redis")]

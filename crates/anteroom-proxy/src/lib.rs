@@ -33,6 +33,7 @@ mod activity;
 mod admin;
 mod arrival;
 mod budget;
+mod canary;
 mod checks;
 mod config;
 mod connection;
@@ -54,7 +55,7 @@ mod translate;
 mod upload;
 
 pub use admin::{AdminConfig, serve_admin};
-pub use config::{DEFAULT_MAX_HEADERS, ProxyConfig, RouteConfig, defaults};
+pub use config::{CanaryConfig, DEFAULT_MAX_HEADERS, ProxyConfig, RouteConfig, defaults};
 pub use error::ServeError;
 pub use server::serve;
 pub use tls::{TlsCerts, TlsError};

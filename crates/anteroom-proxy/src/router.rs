@@ -5,24 +5,39 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::Request;
+use http::header::HeaderValue;
 
+use crate::canary::Split;
 use crate::handler::State;
 
 /// One route's match and where it leads.
 struct Route {
     host: Option<String>,
     path_prefix: Option<String>,
-    target: Arc<State>,
+    target: Target,
+}
+
+/// A queue, and the share of its requests sent to a canary queue.
+pub(crate) struct Target {
+    pub(crate) state: Arc<State>,
+    pub(crate) canary: Option<Split>,
+}
+
+/// Where one request goes: its queue's state, and a cookie that pins
+/// its client to the side of a canary split it drew.
+pub(crate) struct Picked<'a> {
+    pub(crate) state: &'a Arc<State>,
+    pub(crate) set_cookie: Option<HeaderValue>,
 }
 
 /// The routes of one proxy.
 pub(crate) struct Router {
     routes: Vec<Route>,
-    default: Option<Arc<State>>,
+    default: Option<Target>,
 }
 
 impl Router {
-    pub(crate) fn new(default: Option<Arc<State>>) -> Self {
+    pub(crate) fn new(default: Option<Target>) -> Self {
         Self {
             routes: Vec::new(),
             default,
@@ -33,7 +48,7 @@ impl Router {
         &mut self,
         host: Option<String>,
         path_prefix: Option<String>,
-        target: Arc<State>,
+        target: Target,
     ) {
         self.routes.push(Route {
             host: host.map(|h| h.to_ascii_lowercase()),
@@ -42,19 +57,31 @@ impl Router {
         });
     }
 
-    /// Every queue state, routes first, each once per route.
-    pub(crate) fn states(&self) -> impl Iterator<Item = &Arc<State>> {
+    /// Every target, routes first, then the default queue's.
+    fn targets(&self) -> impl Iterator<Item = &Target> {
         self.routes
             .iter()
             .map(|r| &r.target)
             .chain(self.default.as_ref())
     }
 
+    /// Every queue state, canary queues' included, each once per route.
+    pub(crate) fn states(&self) -> impl Iterator<Item = &Arc<State>> {
+        self.targets()
+            .flat_map(|t| std::iter::once(&t.state).chain(t.canary.as_ref().map(|c| &c.target)))
+    }
+
+    /// Every canary split, with the queue it splits from.
+    pub(crate) fn splits(&self) -> impl Iterator<Item = (&str, &Split)> {
+        self.targets()
+            .filter_map(|t| Some((t.state.queue.as_str(), t.canary.as_ref()?)))
+    }
+
     /// The state serving `req`, or `None` (answer 404). Path prefixes are
     /// matched against the normalised path ([`normalize_path`]), so
     /// `/public/../admin/` is routed as `/admin/`, as the app will read
     /// it; the request goes on with its target as sent.
-    pub(crate) fn pick<B>(&self, req: &Request<B>) -> Option<&Arc<State>> {
+    pub(crate) fn pick<B>(&self, req: &Request<B>) -> Option<Picked<'_>> {
         let host = request_host(req);
         let path = normalize_path(req.uri().path());
         self.routes
@@ -71,6 +98,23 @@ impl Router {
             })
             .map(|route| &route.target)
             .or(self.default.as_ref())
+            .map(|target| match &target.canary {
+                None => Picked {
+                    state: &target.state,
+                    set_cookie: None,
+                },
+                Some(split) => {
+                    let choice = split.choose(req);
+                    Picked {
+                        state: if choice.canary {
+                            &split.target
+                        } else {
+                            &target.state
+                        },
+                        set_cookie: choice.set_cookie,
+                    }
+                }
+            })
     }
 }
 

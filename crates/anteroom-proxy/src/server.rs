@@ -14,13 +14,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::budget::Budget;
+use crate::canary::Split;
 use crate::config::ProxyConfig;
 use crate::connection::Connections;
 use crate::enqueue::Enqueuer;
 use crate::error::ServeError;
 use crate::handler::State;
 use crate::replies::{self, Demux};
-use crate::router::Router;
+use crate::router::{Router, Target};
 use crate::stream::{CREDIT_TTL, CreditSender};
 use anteroom_control::queue;
 
@@ -183,7 +184,10 @@ fn proxy_id(config: &ProxyConfig) -> Result<String, ServeError> {
 /// anything connects, and the distinct queues served.
 struct Queues {
     default: Keys,
-    routes: Vec<Keys>,
+    /// The default queue's canary queue.
+    default_canary: Option<Keys>,
+    /// Each route's queue and canary queue.
+    routes: Vec<(Keys, Option<Keys>)>,
     /// One reply list and one heartbeat each.
     served: Vec<Keys>,
     /// Each served queue's maintenance mode, followed once connected.
@@ -193,14 +197,27 @@ struct Queues {
 impl Queues {
     fn of(config: &ProxyConfig) -> Result<Self, ServeError> {
         let default = Keys::new(&config.queue)?;
+        let canary = |c: &Option<crate::config::CanaryConfig>| {
+            c.as_ref().map(|c| Keys::new(&c.queue)).transpose()
+        };
+        let default_canary = canary(&config.canary)?;
         let routes = config
             .routes
             .iter()
-            .map(|route| Keys::new(&route.queue))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|route| Ok((Keys::new(&route.queue)?, canary(&route.canary)?)))
+            .collect::<Result<Vec<_>, anteroom_protocol::NameError>>()?;
         let mut served: Vec<Keys> = Vec::new();
-        let default_served = config.default_queue.then_some(&default);
-        for keys in default_served.into_iter().chain(&routes) {
+        let default_served = config.default_queue.then_some(&default).into_iter().chain(
+            config
+                .default_queue
+                .then_some(&default_canary)
+                .into_iter()
+                .flatten(),
+        );
+        let routed = routes
+            .iter()
+            .flat_map(|(keys, canary)| std::iter::once(keys).chain(canary));
+        for keys in default_served.chain(routed) {
             if !served.iter().any(|k| k.queue() == keys.queue()) {
                 served.push(keys.clone());
             }
@@ -210,6 +227,7 @@ impl Queues {
         }
         Ok(Self {
             default,
+            default_canary,
             routes,
             served,
             maintenance: std::collections::HashMap::new(),
@@ -269,23 +287,36 @@ impl Queues {
                 metrics,
             })
         };
+        // A queue and its canary, with the same hold budget and caps.
+        let target_for = |keys: &Keys,
+                          canary: Option<(&Keys, &crate::config::CanaryConfig)>,
+                          hold: Duration,
+                          max_waiting: usize,
+                          max_bytes: usize| Target {
+            state: state_for(keys, hold, max_waiting, max_bytes),
+            canary: canary.map(|(keys, split)| {
+                Split::new(split, state_for(keys, hold, max_waiting, max_bytes))
+            }),
+        };
         let default = config.default_queue.then(|| {
-            state_for(
+            target_for(
                 &self.default,
+                self.default_canary.as_ref().zip(config.canary.as_ref()),
                 config.hold,
                 config.max_waiting,
                 config.max_waiting_bytes,
             )
         });
         let mut router = Router::new(default);
-        for (route, keys) in config.routes.iter().zip(&self.routes) {
-            let state = state_for(
+        for (route, (keys, canary)) in config.routes.iter().zip(&self.routes) {
+            let target = target_for(
                 keys,
+                canary.as_ref().zip(route.canary.as_ref()),
                 route.hold.unwrap_or(config.hold),
                 route.max_waiting.unwrap_or(config.max_waiting),
                 route.max_waiting_bytes.unwrap_or(config.max_waiting_bytes),
             );
-            router.add(route.host.clone(), route.path_prefix.clone(), state);
+            router.add(route.host.clone(), route.path_prefix.clone(), target);
         }
         router
     }
@@ -324,6 +355,11 @@ fn heartbeat(
                 .map(|s| s.hold.as_millis() as u64)
                 .max(),
             started_at_ms,
+            canaries: router
+                .splits()
+                .filter(|(from, _)| *from == queue)
+                .map(|(_, split)| split.report())
+                .collect(),
         };
         presence.register_queue(&mut conn.clone()).await;
         // Nothing makes a proxy beat early: its heartbeat is for status.
