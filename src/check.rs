@@ -197,15 +197,19 @@ fn proxy(
     if let Err(err) = config.validate() {
         problems.push(err.to_string());
     }
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key)
+    if let Err(err) = crate::commands::check_pairs(args) {
+        problems.push(err.to_string());
+    }
+    // A missing half is already said by check_pairs.
+    if let Ok(Some((cert, key))) = crate::commands::tls_files(args)
         && let Err(err) = anteroom_proxy::TlsCerts::load(cert, key)
     {
         problems.push(err.to_string());
     }
     if let Some(path) = &args.maintenance_page
-        && let Err(err) = std::fs::metadata(path)
+        && let Err(err) = crate::commands::maintenance_page(path)
     {
-        problems.push(format!("--maintenance-page {}: {err}", path.display()));
+        problems.push(crate::error_chain(&err));
     }
     if args.body_buffer.min(args.max_body) > args.max_waiting_bytes {
         warnings.push(format!(

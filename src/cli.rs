@@ -138,13 +138,14 @@ pub(crate) struct MaintenanceArgs {
     #[command(flatten)]
     pub(crate) target: QueueArgs,
 
-    /// With on: the text the page shows (default: "This service is down
-    /// for maintenance. Please try again shortly.").
-    #[arg(long)]
+    /// With on: the text the page shows, at most 4096 bytes (default: "This
+    /// service is down for maintenance. Please try again shortly.").
+    #[arg(long, value_parser = maintenance_message)]
     pub(crate) message: Option<String>,
 
-    /// With on: the Retry-After, in seconds, each 503 carries.
-    #[arg(long, default_value_t = 30)]
+    /// With on: the Retry-After, in seconds, each 503 carries (at most a
+    /// day).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=86_400))]
     pub(crate) retry_after: u32,
 }
 
@@ -239,6 +240,14 @@ pub(crate) struct DeadPurgeArgs {
     /// Print JSON (`{"purged": N, "kept": M}`).
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// A maintenance message of at most 4096 bytes.
+fn maintenance_message(text: &str) -> Result<String, String> {
+    if text.len() > 4096 {
+        return Err(format!("{} bytes; at most 4096", text.len()));
+    }
+    Ok(text.to_owned())
 }
 
 /// A mode turned on or off.
@@ -479,45 +488,30 @@ pub(crate) struct ProxyArgs {
     pub(crate) canary_queue: Option<String>,
 
     /// With --canary-queue: percent of the requests drawn for the canary
-    /// (0 to 100, decimals allowed).
-    #[arg(
-        long,
-        env = "ANTEROOM_CANARY_WEIGHT",
-        default_value_t = 0.0,
-        requires = "canary_queue"
-    )]
-    pub(crate) canary_weight: f64,
+    /// (0 to 100, decimals allowed) [default: 0].
+    #[arg(long, env = "ANTEROOM_CANARY_WEIGHT")]
+    pub(crate) canary_weight: Option<f64>,
 
     /// With --canary-queue: a cookie that pins each client to its side
     /// (`NAME=1` canary, `NAME=0` main); a client without it gets it set
     /// to the side it drew.
-    #[arg(long, env = "ANTEROOM_CANARY_COOKIE", requires = "canary_queue")]
+    #[arg(long, env = "ANTEROOM_CANARY_COOKIE")]
     pub(crate) canary_cookie: Option<String>,
 
     /// With --canary-queue: a request header field that picks the side
     /// (`1` canary, `0` main), for testers and health checks.
-    #[arg(long, env = "ANTEROOM_CANARY_HEADER", requires = "canary_queue")]
+    #[arg(long, env = "ANTEROOM_CANARY_HEADER")]
     pub(crate) canary_header: Option<String>,
 
     /// Terminate TLS: the certificate chain (PEM, the server's certificate
     /// first). Every connection on --listen is then TLS, with ALPN h2 and
     /// http/1.1; SIGHUP reloads the certificate and key without dropping
     /// connections.
-    #[arg(
-        long,
-        env = "ANTEROOM_TLS_CERT",
-        value_name = "FILE",
-        requires = "tls_key"
-    )]
+    #[arg(long, env = "ANTEROOM_TLS_CERT", value_name = "FILE")]
     pub(crate) tls_cert: Option<std::path::PathBuf>,
 
     /// With --tls-cert: its private key (PEM: PKCS#8, PKCS#1 or SEC1).
-    #[arg(
-        long,
-        env = "ANTEROOM_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
+    #[arg(long, env = "ANTEROOM_TLS_KEY", value_name = "FILE")]
     pub(crate) tls_key: Option<std::path::PathBuf>,
 
     /// HTML page for clients that accept HTML while their queue is in

@@ -30,6 +30,12 @@ pub(crate) async fn run(
         return Ok(crate::check::check(&cli, file.as_ref()));
     }
     init_tracing(cli.log_format);
+    if matches!(cli.command, Command::Proxy(_) | Command::Dispatch(_)) {
+        // SIGHUP's default action ends the process at once: `kill -HUP`
+        // meant for a proxy's certificate must not stop a dispatcher or a
+        // proxy without TLS (nor one whose reloader has not started yet).
+        keep_running_on_sighup();
+    }
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cli.command {
         Command::Proxy(args) => {
@@ -95,12 +101,66 @@ pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.redis_high_watermark = args.redis_high_watermark;
     config.durable = args.durable.then_some(args.durable_wait);
     config.canary = args.canary_queue.as_ref().map(|queue| {
-        let mut canary = anteroom_proxy::CanaryConfig::new(queue.clone(), args.canary_weight);
+        let weight = args.canary_weight.unwrap_or(0.0);
+        let mut canary = anteroom_proxy::CanaryConfig::new(queue.clone(), weight);
         canary.cookie = args.canary_cookie.clone();
         canary.header = args.canary_header.clone();
         canary
     });
     config
+}
+
+/// Most bytes of a `--maintenance-page` (kept in memory, sent whole).
+const MAX_MAINTENANCE_PAGE: u64 = 1024 * 1024;
+
+/// The `--maintenance-page` file, at most [`MAX_MAINTENANCE_PAGE`] bytes.
+pub(crate) fn maintenance_page(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let shown = path.display();
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read --maintenance-page {shown}"))?;
+    let mut page = Vec::new();
+    file.take(MAX_MAINTENANCE_PAGE + 1)
+        .read_to_end(&mut page)
+        .with_context(|| format!("cannot read --maintenance-page {shown}"))?;
+    if page.len() as u64 > MAX_MAINTENANCE_PAGE {
+        anyhow::bail!("--maintenance-page {shown} is over 1 MiB");
+    }
+    Ok(page)
+}
+
+/// Settings that need another one (checked here rather than by clap,
+/// which ignores values from the configuration file): the TLS key and
+/// certificate together, the canary's weight, cookie and header only with
+/// its queue.
+pub(crate) fn check_pairs(args: &ProxyArgs) -> anyhow::Result<()> {
+    tls_files(args)?;
+    let set = [
+        ("--canary-weight", args.canary_weight.is_some()),
+        ("--canary-cookie", args.canary_cookie.is_some()),
+        ("--canary-header", args.canary_header.is_some()),
+    ];
+    if args.canary_queue.is_none()
+        && let Some((flag, _)) = set.iter().find(|(_, set)| *set)
+    {
+        anyhow::bail!("{flag} needs --canary-queue (ANTEROOM_CANARY_QUEUE, canary_queue)");
+    }
+    Ok(())
+}
+
+/// The TLS certificate and key, both or neither (from flags, environment
+/// or file alike).
+pub(crate) fn tls_files(
+    args: &ProxyArgs,
+) -> anyhow::Result<Option<(&std::path::Path, &std::path::Path)>> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key (ANTEROOM_TLS_KEY, tls_key)"),
+        (None, Some(_)) => {
+            anyhow::bail!("--tls-key needs --tls-cert (ANTEROOM_TLS_CERT, tls_cert)")
+        }
+    }
 }
 
 async fn proxy(
@@ -126,7 +186,8 @@ async fn proxy(
     // The side endpoint runs beside the proxy: if it fails, the proxy
     // stops at once and the process exits with its error.
     let side = Components::new();
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+    check_pairs(&args)?;
+    if let Some((cert, key)) = tls_files(&args)? {
         let certs = anteroom_proxy::TlsCerts::load(cert, key)?;
         side.spawn(
             "certificate reloader",
@@ -135,9 +196,7 @@ async fn proxy(
         config.tls = Some(certs);
     }
     if let Some(path) = &args.maintenance_page {
-        let page = std::fs::read(path)
-            .with_context(|| format!("cannot read --maintenance-page {}", path.display()))?;
-        config.maintenance_page = Some(page.into());
+        config.maintenance_page = Some(maintenance_page(path)?.into());
     }
     let mut registry = anteroom_metrics::Registry::default();
     let metrics = anteroom_metrics::ProxyMetrics::register(&mut registry);
@@ -216,6 +275,23 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     Ok(stopped?)
 }
 
+/// Takes SIGHUP over from its default action (ending the process) for the
+/// process's whole life; a proxy with TLS reloads on it besides
+/// ([`reload_on_sighup`]).
+fn keep_running_on_sighup() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::debug!("SIGHUP received");
+                }
+            });
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot take over SIGHUP"),
+    }
+}
+
 /// Reads the TLS certificate and key again on each SIGHUP until `stop`:
 /// new handshakes get the new pair, open connections keep theirs; a pair
 /// that does not load is logged and the one in use stays.
@@ -267,11 +343,7 @@ pub(crate) fn dispatcher_for(
     args: &DispatchArgs,
     metrics: anteroom_metrics::DispatcherMetrics,
 ) -> anyhow::Result<(Dispatcher, Upstream)> {
-    let mut upstream = Upstream::new(&args.upstream)?;
-    if let Some(ca) = &args.upstream_ca {
-        upstream = upstream.ca_file(ca)?;
-    }
-    let upstream = upstream
+    let upstream = Upstream::with_ca_file(&args.upstream, args.upstream_ca.as_deref())?
         .idle_timeout(args.upstream_idle_timeout)
         .max_headers(args.upstream_max_headers);
     let health_check = upstream

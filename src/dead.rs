@@ -38,13 +38,21 @@ pub(crate) async fn run(command: DeadCommand) -> anyhow::Result<ExitCode> {
 
 /// The letters, and a note on stderr when the list holds more than one
 /// call reads.
-async fn letters(queue: &Queue) -> anyhow::Result<Vec<LetterView>> {
-    let (views, total) = queue.dead_letters().await?;
+/// The newest letters, newest first, or with `oldest` the oldest, oldest
+/// first; a note on stderr when the list holds more than one call reads.
+async fn letters(queue: &Queue, oldest: bool) -> anyhow::Result<Vec<LetterView>> {
+    let (views, total) = queue.dead_letters(oldest).await?;
     if (views.len() as u64) < total {
         eprintln!(
-            "note: queue {:?} has {total} dead letters; this reads the newest {}",
+            "note: queue {:?} has {total} dead letters; this reads the {} {}{}",
             queue.name(),
-            views.len()
+            if oldest { "oldest" } else { "newest" },
+            views.len(),
+            if oldest {
+                "; run it again for the rest"
+            } else {
+                ""
+            }
         );
     }
     Ok(views)
@@ -70,7 +78,7 @@ fn summary(view: &LetterView, now: u64) -> Value {
 
 async fn list(args: DeadListArgs) -> anyhow::Result<ExitCode> {
     let queue = connect(&args.target).await?;
-    let views = letters(&queue).await?;
+    let views = letters(&queue, false).await?;
     let now = now_ms();
     let shown = views.iter().take(args.limit);
     if args.json {
@@ -104,7 +112,7 @@ async fn list(args: DeadListArgs) -> anyhow::Result<ExitCode> {
             .map_or("(not a dead letter)", |l| l.reason.as_str());
         outln!(
             "{:<36}  {:>8}  {:<10}  {:<40}  {}",
-            view.id(),
+            printable(&view.id()),
             age,
             view.client(now).as_str(),
             request,
@@ -128,7 +136,7 @@ fn find<'a>(views: &'a [LetterView], id: &str, queue: &Queue) -> anyhow::Result<
 
 async fn show(args: DeadShowArgs) -> anyhow::Result<ExitCode> {
     let queue = connect(&args.target).await?;
-    let views = letters(&queue).await?;
+    let views = letters(&queue, false).await?;
     let view = find(&views, &args.id, &queue)?;
     let now = now_ms();
     let body = view
@@ -158,7 +166,7 @@ async fn show(args: DeadShowArgs) -> anyhow::Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!("id        {}", view.id());
+    outln!("id        {}", printable(&view.id()));
     if let Some(letter) = &view.letter {
         outln!(
             "set aside {} ago by {}: {}",
@@ -198,17 +206,24 @@ async fn show(args: DeadShowArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn replay(args: DeadReplayArgs) -> anyhow::Result<ExitCode> {
+    if args.hold.is_zero() || args.hold > anteroom_protocol::MAX_HOLD {
+        anyhow::bail!(
+            "--hold must be above zero and at most 24h (dispatchers set aside deadlines further ahead)"
+        );
+    }
     let queue = connect(&args.target).await?;
-    let views = letters(&queue).await?;
+    let views = letters(&queue, true).await?;
     let chosen: Vec<&LetterView> = match &args.id {
         Some(id) => vec![find(&views, id, &queue)?],
         None => views.iter().collect(),
     };
     let now = now_ms();
-    let deadline = now + u64::try_from(args.hold.as_millis()).unwrap_or(u64::MAX);
+    let deadline = now.saturating_add(u64::try_from(args.hold.as_millis()).unwrap_or(u64::MAX));
     let (mut replayed, mut skipped) = (0, 0);
     let mut results = Vec::new();
-    // Oldest first, so they run in the order they first arrived.
+    // Each goes to the taking end of the queue (RPUSH), so the newest is
+    // pushed first and the oldest, pushed last, runs first: the order
+    // they first arrived in.
     for view in chosen.into_iter().rev() {
         let client = view.client(now);
         let outcome = if let Err(err) = anteroom_control::replayable(&queue, view) {
@@ -239,11 +254,11 @@ async fn replay(args: DeadReplayArgs) -> anyhow::Result<ExitCode> {
             match &outcome {
                 Ok(_) => outln!(
                     "replayed {}: back at the front of queue {:?}, deadline in {}",
-                    view.id(),
+                    printable(&view.id()),
                     queue.name(),
                     duration_ms(deadline.saturating_sub(now))
                 ),
-                Err(why) => outln!("skipped  {}: {}", view.id(), why),
+                Err(why) => outln!("skipped  {}: {}", printable(&view.id()), why),
             }
         }
     }
@@ -267,7 +282,7 @@ async fn replay(args: DeadReplayArgs) -> anyhow::Result<ExitCode> {
 
 async fn purge(args: DeadPurgeArgs) -> anyhow::Result<ExitCode> {
     let queue = connect(&args.target).await?;
-    let views = letters(&queue).await?;
+    let views = letters(&queue, true).await?;
     let now = now_ms();
     let cutoff = args
         .older_than

@@ -163,7 +163,13 @@ canary = { queue = "api-next", weight = 100, cookie = "api_canary" }
     .await;
     assert_eq!(r.text(), "api");
 
-    // The split in `anteroom status`, once the heartbeat carries it.
+    // The split in `anteroom status`, once a heartbeat (every 2 s)
+    // carries every request routed above.
+    let expected = format!(
+        "{} of {} routed there",
+        canary + 100 + 1 + 1,
+        2000 + 200 + 1 + 1 + 20
+    );
     let mut shown = String::new();
     for _ in 0..50 {
         let out = command()
@@ -171,19 +177,17 @@ canary = { queue = "api-next", weight = 100, cookie = "api_canary" }
             .output()
             .unwrap();
         shown = String::from_utf8_lossy(&out.stdout).into_owned();
-        if shown.contains("routed there") && !shown.contains(" of 0 ") {
+        if shown.contains(&expected) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        shown.contains(
-            "canary        10% to web-canary, pinned by cookie anteroom_canary or header x-canary"
-        ),
-        "{shown}"
+        shown.contains(&format!(
+            "canary        10% to web-canary, pinned by cookie anteroom_canary or header x-canary: {expected}"
+        )),
+        "{expected:?} in {shown}"
     );
-    let expected = format!("{} of ", canary + 100 + 1 + 1);
-    assert!(shown.contains(&expected), "{expected:?} in {shown}");
 }
 
 #[test]
@@ -223,7 +227,12 @@ canary = { queue = "api-next", cookie = "bad;name" }
         .unwrap();
     assert_eq!(
         out.status.code(),
-        Some(2),
+        Some(1),
         "--canary-weight without --canary-queue: {out:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--canary-weight needs --canary-queue"),
+        "{err}"
     );
 }

@@ -190,14 +190,30 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0]["client"], "unknown");
 
-    // purge: what is younger than --older-than stays; then all goes.
+    // purge: a letter set aside two hours ago goes with --older-than 1h,
+    // the younger one stays; then all goes.
+    let old_letter = anteroom_protocol::DeadLetter {
+        reason: "set aside long ago".into(),
+        at_ms: now_ms() - 2 * 3600 * 1000,
+        by: "test".into(),
+        original: Bytes::from_static(b"old bytes"),
+    };
+    redis::cmd("RPUSH")
+        .arg(keys.dead())
+        .arg(old_letter.encode())
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
     let (status, text) = dead(&url, queue, &["purge", "--older-than", "1h", "--json"]).await;
     assert!(status.success());
     let purged: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
         (purged["purged"].as_u64(), purged["kept"].as_u64()),
-        (Some(0), Some(1))
+        (Some(1), Some(1))
     );
+    let (status, text) = dead(&url, queue, &["replay", "--all", "--hold", "25h"]).await;
+    assert!(!status.success(), "{text}");
+    assert!(text.contains("at most 24h"), "{text}");
     let (status, text) = dead(&url, queue, &["purge"]).await;
     assert!(status.success(), "{text}");
     assert!(text.contains("purged 1 "), "{text}");

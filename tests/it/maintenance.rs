@@ -38,6 +38,45 @@ async fn admin_post(c: &TestClient, url: String, body: &'static str) -> Reply {
     send(c, req).await
 }
 
+/// Ids of probes answered 503, which must never run.
+static REFUSED_PROBES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Sends GET `/run/NAME-N` (a fresh N each time) until one is answered
+/// `status` (at most 5 s); returns that answer. Probes
+/// answered 503 are recorded in [`REFUSED_PROBES`].
+async fn until_status(c: &TestClient, base: &str, status: StatusCode, name: &str) -> Reply {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let started = std::time::Instant::now();
+    loop {
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{name}-{n}");
+        let url = format!("{base}/run/{id}");
+        // A probe sent just before a paused queue's proxies switched is
+        // queued, and waits for the resume (it may then run): not an
+        // answer yet.
+        let sent = send(c, request("GET", &url, "*/*"));
+        let Ok(answer) = tokio::time::timeout(Duration::from_secs(1), sent).await else {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no {status} within 10 s"
+            );
+            continue;
+        };
+        if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+            REFUSED_PROBES.lock().unwrap().push(id);
+        }
+        if answer.status == status {
+            return answer;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no {status} within 5 s: {}",
+            answer.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 const BROWSER: &str = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,11 +151,7 @@ async fn maintenance_answers_new_requests_at_once_and_keeps_held_ones() {
     );
     // Both proxies follow the announcement.
     for b in [&base, &custom_base] {
-        eventually("maintenance in force", Duration::from_secs(3), || async {
-            let r = send(&c, request("GET", &format!("{b}/run/probe"), "*/*")).await;
-            r.status == StatusCode::SERVICE_UNAVAILABLE
-        })
-        .await;
+        until_status(&c, b, StatusCode::SERVICE_UNAVAILABLE, "probe").await;
     }
     // A browser gets the built-in page with the message, escaped; an API
     // client JSON; each at once, with Retry-After; nothing runs.
@@ -129,7 +164,11 @@ async fn maintenance_answers_new_requests_at_once_and_keeps_held_ones() {
     )
     .await;
     let custom_json = send(&c, request("GET", &format!("{custom_base}/run/a2"), "*/*")).await;
+    let head = send(&c, request("HEAD", &format!("{base}/run/head"), BROWSER)).await;
     let took = asked.elapsed();
+    assert_eq!(head.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(head.body.is_empty(), "a HEAD answered with content");
+    assert_eq!(head.headers[header::RETRY_AFTER], "45");
     assert!(
         took < Duration::from_secs(1),
         "maintenance answers took {took:?}"
@@ -137,6 +176,8 @@ async fn maintenance_answers_new_requests_at_once_and_keeps_held_ones() {
     for r in [&html, &json, &custom, &custom_json] {
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text());
         assert_eq!(r.headers[header::RETRY_AFTER], "45");
+        assert_eq!(r.headers[header::CACHE_CONTROL], "no-store");
+        assert_eq!(r.headers[header::VARY], "accept");
     }
     assert!(
         html.headers[header::CONTENT_TYPE]
@@ -202,11 +243,7 @@ async fn maintenance_answers_new_requests_at_once_and_keeps_held_ones() {
     ctl.resume().await.unwrap();
     let held = held.await.unwrap();
     assert_eq!(held.status, StatusCode::OK, "{}", held.text());
-    eventually("requests served again", Duration::from_secs(3), || async {
-        let r = send(&c, request("GET", &format!("{base}/run/after"), "*/*")).await;
-        r.status == StatusCode::OK
-    })
-    .await;
+    until_status(&c, &base, StatusCode::OK, "after").await;
 
     // The same through the admin endpoint, with a JSON body.
     let on = admin_post(

@@ -178,11 +178,38 @@ fn a_key_that_does_not_fit_is_refused_at_start() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not fit the certificate"), "{err}");
-    // --tls-cert without --tls-key is a usage error.
+    // --tls-cert without --tls-key is refused, however each is given
+    // (flag, environment, file): never plain HTTP by mistake.
     let out = command()
         .args(["proxy", "--tls-cert"])
         .arg(&a.cert)
         .output()
         .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert needs --tls-key"));
+    let file = crate::support::config_file(&format!(
+        "[proxy]\ntls_cert = {:?}\n",
+        a.cert.display().to_string()
+    ));
+    let out = command()
+        .arg("--config")
+        .arg(&*file)
+        .args(["proxy", "--check-config"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("--tls-cert needs --tls-key")
+            || String::from_utf8_lossy(&out.stderr).contains("--tls-cert needs --tls-key"),
+        "{out:?}"
+    );
+    let out = command()
+        .arg("--config")
+        .arg(&*file)
+        .args(["proxy", "--tls-key"])
+        .arg(&a.key)
+        .args(["--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }

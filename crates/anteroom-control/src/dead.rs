@@ -7,6 +7,10 @@
 //! it is no valid HTTP request): every dead letter is a request that never
 //! ran. Whether someone still waits for its answer is another matter, which
 //! [`LetterView::client`] tells.
+//!
+//! Letters are read whole (their bodies included), at most
+//! [`DEAD_READ_LIMIT`] per call, and removed one `LREM` each: an operator's
+//! tool for a list that should stay short, not a bulk pipeline.
 
 use anteroom_protocol::{DeadLetter, RequestEnvelope, now_ms};
 use bytes::Bytes;
@@ -58,7 +62,14 @@ pub enum Client {
     ProxyGone,
     /// The original does not decode as a request: no one can be told.
     Unknown,
+    /// It is no valid HTTP request: the dispatcher that set it aside
+    /// answered its client 502 already.
+    Answered,
 }
+
+/// The reason a dispatcher gives a request it set aside and answered 502
+/// (see `anteroom_dispatcher`'s handling of an invalid request).
+pub const ANSWERED_REASON: &str = "not a valid HTTP request";
 
 impl Client {
     /// The word `anteroom dead` prints and its JSON carries.
@@ -68,6 +79,7 @@ impl Client {
             Client::Expired => "expired",
             Client::ProxyGone => "proxy-gone",
             Client::Unknown => "unknown",
+            Client::Answered => "answered",
         }
     }
 }
@@ -85,8 +97,13 @@ impl LetterView {
     /// Whether anyone still waits for its answer, at `now` (Unix ms by the
     /// queue's clock).
     pub fn client(&self, now: u64) -> Client {
+        let answered = self
+            .letter
+            .as_ref()
+            .is_some_and(|l| l.reason.starts_with(ANSWERED_REASON));
         match &self.request {
             None => Client::Unknown,
+            Some(_) if answered => Client::Answered,
             Some(request) if request.deadline_ms <= now => Client::Expired,
             Some(_) if !self.proxy_alive => Client::ProxyGone,
             Some(_) => Client::Waiting,
@@ -95,22 +112,35 @@ impl LetterView {
 }
 
 impl Queue {
-    /// The queue's dead letters, newest first, at most
-    /// [`DEAD_READ_LIMIT`], and how many the list holds in all.
-    pub async fn dead_letters(&self) -> Result<(Vec<LetterView>, u64), ControlError> {
+    /// The queue's dead letters, at most [`DEAD_READ_LIMIT`]: the newest,
+    /// newest first, or with `oldest` the oldest, oldest first (what
+    /// purging and replaying work through: run again for the rest); and
+    /// how many the list holds in all. Read from the oldest end, each
+    /// letter's [`position`](LetterView::position) is exact whatever
+    /// arrives meanwhile.
+    pub async fn dead_letters(&self, oldest: bool) -> Result<(Vec<LetterView>, u64), ControlError> {
         let mut conn = self.conn();
         let dead = self.keys.dead();
         let total: u64 = redis::cmd("LLEN").arg(&dead).query_async(&mut conn).await?;
         let mut views = Vec::new();
         let mut start: isize = 0;
         while views.len() < DEAD_READ_LIMIT {
-            let page: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            // Dispatchers LPUSH: the oldest letter is at the right end.
+            let (first, last) = if oldest {
+                (-(start + PAGE), -(start + 1))
+            } else {
+                (start, start + PAGE - 1)
+            };
+            let mut page: Vec<Vec<u8>> = redis::cmd("LRANGE")
                 .arg(&dead)
-                .arg(start)
-                .arg(start + PAGE - 1)
+                .arg(first)
+                .arg(last)
                 .query_async(&mut conn)
                 .await?;
             let got = page.len();
+            if oldest {
+                page.reverse();
+            }
             for (i, raw) in page.into_iter().enumerate() {
                 let index = start as u64 + i as u64;
                 let raw = Bytes::from(raw);
@@ -120,7 +150,11 @@ impl Queue {
                     .and_then(|l| RequestEnvelope::decode(l.original.clone()).ok());
                 views.push(LetterView {
                     raw,
-                    position: total.saturating_sub(index),
+                    position: if oldest {
+                        index + 1
+                    } else {
+                        total.saturating_sub(index)
+                    },
                     letter,
                     request,
                     proxy_alive: false,

@@ -31,7 +31,7 @@ mod pause;
 pub mod queue;
 mod status;
 
-pub use dead::{Client, DEAD_READ_LIMIT, LetterView, replayable};
+pub use dead::{ANSWERED_REASON, Client, DEAD_READ_LIMIT, LetterView, replayable};
 pub use error::ControlError;
 pub use maintenance::{MaintenanceWatch, watch_maintenance};
 pub use pause::{HeldPause, PauseWatch, watch_pause};

@@ -38,11 +38,11 @@ impl Queue {
 
     /// The maintenance record, while maintenance mode is on.
     pub async fn maintenance(&self) -> Result<Option<MaintenanceRecord>, ControlError> {
-        let raw: Option<String> = redis::cmd("GET")
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
             .arg(self.keys.maintenance())
             .query_async(&mut self.conn())
             .await?;
-        Ok(raw.map(|raw| MaintenanceRecord::parse(&raw)))
+        Ok(raw.map(|raw| MaintenanceRecord::parse(&String::from_utf8_lossy(&raw))))
     }
 }
 

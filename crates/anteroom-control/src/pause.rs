@@ -255,11 +255,12 @@ struct Reader<T> {
 
 impl<T> Reader<T> {
     async fn read(&mut self) -> Result<Option<T>, ControlError> {
-        let raw: Option<String> = redis::cmd("GET")
+        // Bytes: anything in the key counts, UTF-8 or not.
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
             .arg(&self.flag.key)
             .query_async(&mut self.conn)
             .await?;
-        Ok(raw.map(|raw| (self.flag.parse)(&raw)))
+        Ok(raw.map(|raw| (self.flag.parse)(&String::from_utf8_lossy(&raw))))
     }
 }
 
@@ -272,11 +273,13 @@ async fn subscribe(target: &Target, keys: &Keys, timeout: Duration) -> Option<Pu
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(pubsub)) => Some(pubsub),
         Ok(Err(err)) => {
-            tracing::debug!(error = %err, "cannot subscribe to pause announcements");
+            tracing::debug!(error = %err, "cannot subscribe to the control channel; reading the flag every poll");
             None
         }
         Err(_) => {
-            tracing::debug!("subscribing to pause announcements timed out");
+            tracing::debug!(
+                "subscribing to the control channel timed out; reading the flag every poll"
+            );
             None
         }
     }

@@ -202,7 +202,7 @@ return {expired, 1}";
 type Overview = (
     Option<String>,
     i64,
-    Option<String>,
+    Option<Vec<u8>>,
     u64,
     Option<Bytes>,
     u64,
@@ -337,7 +337,8 @@ impl Queue {
                 record: crate::pause::parse_record(&raw),
                 expires_in_ms: u64::try_from(pttl).ok(),
             }),
-            maintenance: maintenance.map(|raw| MaintenanceRecord::parse(&raw)),
+            maintenance: maintenance
+                .map(|raw| MaintenanceRecord::parse(&String::from_utf8_lossy(&raw))),
             waiting,
             expired,
             expired_capped: capped == 1,

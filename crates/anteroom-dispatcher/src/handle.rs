@@ -164,7 +164,8 @@ pub(crate) async fn handle<S, B>(
                 }
                 Outcome::Invalid(err) => {
                     // Kept for inspection; the client still gets its answer.
-                    set_aside(&shared, &raw, &format!("not a valid HTTP request: {err}")).await;
+                    let reason = format!("{}: {err}", anteroom_control::ANSWERED_REASON);
+                    set_aside(&shared, &raw, &reason).await;
                     Failure::HandlerFailed.to_envelope(&envelope.id)
                 }
                 Outcome::Requeue(_) if envelope.body_follows => {

@@ -5,10 +5,11 @@
 //! nginx. Each is hyper-util's pooled client over its connector.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, Scheme};
 use http::{Request, Uri};
 use hyper_rustls::{ConfigBuilderExt, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -74,8 +75,8 @@ pub(crate) fn tls_config(
             .map_err(|e| bad(format!("cannot load the system's CA certificates: {e}")))?
             .with_no_client_auth(),
     };
-    // ALPN (RFC 7301: http/1.1, what the pool speaks) is set by
-    // hyper-rustls's builder.
+    // No ALPN is offered (hyper-rustls sets none for HTTP/1 only): the
+    // server then speaks HTTP/1.1, which the pool does.
     Ok(Arc::new(config))
 }
 
@@ -92,7 +93,9 @@ impl Transport {
             // `unix:/run/app.sock`, as nginx and gunicorn write it; also
             // `unix:///run/app.sock`.
             let path = path.strip_prefix("//").unwrap_or(path);
-            if path.is_empty() || path.contains('\0') {
+            // Absolute, and within `sun_path` (108 bytes with its NUL on
+            // Linux): a longer one could never connect.
+            if !path.starts_with('/') || path.len() > 107 || path.contains('\0') {
                 return Err(invalid());
             }
             return Ok((Transport::Unix(PathBuf::from(path)), String::new()));
@@ -126,11 +129,19 @@ impl Transport {
             Transport::Tcp(a) => build(Scheme::HTTP, a),
             Transport::Tls(a, _) => build(Scheme::HTTPS, a),
             Transport::Unix(path) => {
-                let checked: PathAndQuery =
-                    path_and_query.parse().map_err(|e: http::uri::InvalidUri| {
-                        UpstreamError::from(UpstreamKind::Uri(e.into()))
-                    })?;
-                Ok(hyperlocal::Uri::new(path, checked.as_str()).into())
+                // hyperlocal's form (its `Uri::new` panics on a target that
+                // does not parse): the socket's path in hex as the host,
+                // which its connector decodes.
+                let hex: String = path
+                    .as_os_str()
+                    .as_encoded_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let bad =
+                    |e: http::uri::InvalidUri| UpstreamError::from(UpstreamKind::Uri(e.into()));
+                let authority: Authority = format!("{hex}:0").parse().map_err(bad)?;
+                build(Scheme::from_str("unix").map_err(bad)?, &authority)
             }
         }
     }
@@ -231,10 +242,22 @@ mod tests {
         assert_eq!(prefix, "");
         let (t, _) = Transport::parse("unix:///tmp/a.sock", None).unwrap();
         assert!(matches!(&t, Transport::Unix(p) if p == Path::new("/tmp/a.sock")));
+        let (t, _) = Transport::parse("unix:/tmp/b.sock", None).unwrap();
+        assert!(matches!(&t, Transport::Unix(p) if p == Path::new("/tmp/b.sock")));
         let (t, prefix) = Transport::parse("http://127.0.0.1:3000/app/", None).unwrap();
         assert!(matches!(t, Transport::Tcp(_)));
         assert_eq!(prefix, "/app");
-        for bad in ["unix:", "ftp://x", "backend:80", "/path", "unix:/a\0b"] {
+        let long = format!("unix:/{}", "a".repeat(107));
+        for bad in [
+            "unix:",
+            "ftp://x",
+            "backend:80",
+            "/path",
+            "unix:/a\0b",
+            "unix:app.sock",
+            "unix://run/a.sock",
+            &long,
+        ] {
             assert!(Transport::parse(bad, None).is_err(), "{bad:?} accepted");
         }
         assert!(Transport::parse("https://u:p@x:1", None).is_err());
@@ -258,5 +281,11 @@ mod tests {
         let uri = t.uri("/orders?id=7").unwrap();
         assert_eq!(uri.scheme_str(), Some("unix"));
         assert_eq!(uri.path_and_query().unwrap().as_str(), "/orders?id=7");
+        // hyperlocal's own form, which its connector decodes.
+        let theirs: Uri = hyperlocal::Uri::new("/run/app.sock", "/orders?id=7").into();
+        assert_eq!(uri, theirs);
+        // A target too long for a URI is an error, not a panic.
+        let long = format!("/{}", "x".repeat(70_000));
+        assert!(t.uri(&long).is_err());
     }
 }

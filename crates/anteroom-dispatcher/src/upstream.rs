@@ -18,7 +18,7 @@ use tower::Service;
 use crate::Body;
 use crate::error::{UpstreamError, UpstreamKind};
 use crate::health::HealthCheck;
-use crate::transport::{Pool, PoolSettings, Transport, tls_config};
+use crate::transport::{Pool, PoolSettings, Transport};
 
 /// Default of [`Upstream::idle_timeout`].
 const DEFAULT_IDLE_TIMEOUT: Duration = crate::defaults::UPSTREAM_IDLE_TIMEOUT;
@@ -50,13 +50,31 @@ impl Upstream {
     /// An upstream at `url`: `http://HOST[:PORT][/PREFIX]` (the prefix is
     /// prepended to every request path), `https://HOST[:PORT][/PREFIX]`
     /// (verified against the system's CA certificates; see
-    /// [`ca_file`](Self::ca_file)), or `unix:/PATH` for a server on a Unix
+    /// [`with_ca_file`](Self::with_ca_file)), or `unix:/PATH` for a server on a Unix
     /// domain socket.
     ///
     /// Errors ([`UpstreamError::is_config`]): another form, credentials in
     /// the URL, no usable system CA certificates for `https://`.
     pub fn new(url: &str) -> Result<Self, UpstreamError> {
-        let (transport, prefix) = Transport::parse(url, None)?;
+        Self::with_ca_file(url, None)
+    }
+
+    /// As [`new`](Self::new), an `https://` upstream's certificate checked
+    /// against the CA certificates in the PEM file at `ca_file` instead of
+    /// the system's (which are then not loaded at all: a host without a
+    /// system store can reach a private CA's upstream).
+    ///
+    /// Errors ([`UpstreamError::is_config`]): as [`new`](Self::new), a CA
+    /// file that cannot be read or holds no certificate, or a CA file for
+    /// an upstream that is not `https://`.
+    pub fn with_ca_file(url: &str, ca_file: Option<&Path>) -> Result<Self, UpstreamError> {
+        let (transport, prefix) = Transport::parse(url, ca_file)?;
+        if ca_file.is_some() && !matches!(transport, Transport::Tls(..)) {
+            return Err(UpstreamKind::Tls(format!(
+                "a CA file is for https:// upstreams, not {transport:?}"
+            ))
+            .into());
+        }
         let mut upstream = Self {
             pool: Pool::Tcp(Client::builder(TokioExecutor::new()).build_http()),
             transport,
@@ -66,24 +84,6 @@ impl Upstream {
         };
         upstream.rebuild();
         Ok(upstream)
-    }
-
-    /// Verifies an `https://` upstream's certificate against the CA
-    /// certificates in the PEM file at `path` instead of the system's.
-    ///
-    /// Errors ([`UpstreamError::is_config`]): the file cannot be read or
-    /// holds no certificate, or the upstream is not `https://`.
-    pub fn ca_file(mut self, path: &Path) -> Result<Self, UpstreamError> {
-        let Transport::Tls(authority, _) = &self.transport else {
-            return Err(UpstreamKind::Tls(format!(
-                "a CA file is for https:// upstreams, not {:?}",
-                self.transport
-            ))
-            .into());
-        };
-        self.transport = Transport::Tls(authority.clone(), tls_config(Some(path))?);
-        self.rebuild();
-        Ok(self)
     }
 
     fn rebuild(&mut self) {
@@ -170,8 +170,16 @@ impl Service<Request<Body>> for Upstream {
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let target = self.target(req.uri());
         let client = self.pool.clone();
+        let unix = matches!(self.transport, Transport::Unix(_));
         Box::pin(async move {
             *req.uri_mut() = target?;
+            if unix && !req.headers().contains_key(http::header::HOST) {
+                // Else hyper would send the socket's encoded path.
+                req.headers_mut().insert(
+                    http::header::HOST,
+                    http::HeaderValue::from_static("localhost"),
+                );
+            }
             // The pool speaks HTTP/1.1 whatever version the client used.
             *req.version_mut() = Version::HTTP_11;
             // A request that may switch protocols (a WebSocket handshake

@@ -385,7 +385,7 @@ async fn maintenance_record(
     let bytes = http_body_util::Limited::new(req.into_body(), 16 * 1024)
         .collect()
         .await
-        .map_err(|_| "the body must be at most 16 KiB\n")?
+        .map_err(|_| "cannot read the body (at most 16 KiB)\n")?
         .to_bytes();
     let body = if bytes.iter().all(u8::is_ascii_whitespace) {
         Body {
@@ -396,6 +396,19 @@ async fn maintenance_record(
         serde_json::from_slice(&bytes)
             .map_err(|_| "the body must be JSON: {\"message\": TEXT, \"retry_after\": SECONDS}\n")?
     };
+    if body
+        .retry_after
+        .is_some_and(|s| s > crate::maintenance::MAX_RETRY_AFTER)
+    {
+        return Err("retry_after must be at most 86400 (a day)\n");
+    }
+    if body
+        .message
+        .as_ref()
+        .is_some_and(|m| m.len() > crate::maintenance::MAX_MESSAGE)
+    {
+        return Err("message must be at most 4096 bytes\n");
+    }
     Ok(anteroom_protocol::MaintenanceRecord {
         since_ms: anteroom_protocol::now_ms(),
         by: format!("admin@{host}"),

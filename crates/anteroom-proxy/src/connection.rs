@@ -212,12 +212,13 @@ impl Connections {
                         path = %anteroom_protocol::printable(req.uri().path()),
                         "no route; 404"
                     );
-                    Err(Answer::early(
-                        failure_response(Failure::NoRoute),
-                        req.into_body(),
-                        version,
-                        &activity,
-                    ))
+                    let mut resp = failure_response(Failure::NoRoute);
+                    if req.method() == http::Method::HEAD {
+                        // No content for HEAD (RFC 9110 section 9.3.2),
+                        // over HTTP/2 too.
+                        *resp.body_mut() = http_body_util::Full::default();
+                    }
+                    Err(Answer::early(resp, req.into_body(), version, &activity))
                 }
             };
             let draining = Arc::clone(&draining);

@@ -189,6 +189,9 @@ pub(crate) fn error_response(err: &ProxyError) -> Response<Full<Bytes>> {
         header::CACHE_CONTROL,
         header::HeaderValue::from_static("no-store"),
     );
+    // The page depends on Accept (RFC 9110 section 12.5.5).
+    resp.headers_mut()
+        .insert(header::VARY, header::HeaderValue::from_static("accept"));
     resp
 }
 

@@ -81,6 +81,7 @@ pub(crate) fn handle(
         path = %anteroom_protocol::printable(req.uri().path()),
     );
     let version = req.version();
+    let head = req.method() == http::Method::HEAD;
     let phase = match arrive(&state, req, client, id, &request_id) {
         Arrival::Ready(Ok(prepared)) => Phase::enqueueing(&state, prepared, &connection),
         Arrival::Ready(Err(refused)) => Phase::Failed(Some(refused)),
@@ -91,6 +92,7 @@ pub(crate) fn handle(
         request_id,
         started: Instant::now(),
         version,
+        head,
         connection,
         phase,
     }
@@ -105,6 +107,8 @@ pub(crate) struct Handling {
     request_id: HeaderValue,
     started: Instant,
     version: http::Version,
+    /// A HEAD request: the proxy's own answers go without their body.
+    head: bool,
     /// The client connection's activity, which counts queued requests
     /// answered and abandoned.
     connection: Arc<Activity>,
@@ -281,6 +285,7 @@ impl Future for Handling {
             this.request_id.clone(),
             this.started,
             this.version,
+            this.head,
             &this.connection,
         ))
     }
@@ -327,6 +332,7 @@ pub(crate) fn finish(
     request_id: HeaderValue,
     started: Instant,
     version: http::Version,
+    head: bool,
     connection: &Activity,
 ) -> Response<Answer> {
     let mut resp = match result {
@@ -364,7 +370,12 @@ pub(crate) fn finish(
                     )
                 }
             }
-            let resp = error_response(&err);
+            let mut resp = error_response(&err);
+            if head {
+                // RFC 9110 section 9.3.2: the fields of the answer a GET
+                // would get, no content (hyper strips it only on HTTP/1).
+                *resp.body_mut() = http_body_util::Full::default();
+            }
             match unread {
                 Some(body) => Answer::early(resp, body, version, connection),
                 None => Answer::complete(resp),

@@ -20,6 +20,14 @@ pub(crate) struct MaintenancePage {
     pub(crate) body: Bytes,
 }
 
+/// Longest message shown (bytes, cut at a character boundary): the record
+/// is re-read every second by every proxy.
+pub(crate) const MAX_MESSAGE: usize = 4096;
+
+/// Longest `Retry-After` sent: a day. A typo of a week would keep
+/// well-behaved clients away that long.
+pub(crate) const MAX_RETRY_AFTER: u32 = 24 * 3600;
+
 /// The message pages show when the record carries none.
 const DEFAULT_MESSAGE: &str = "This service is down for maintenance. Please try again shortly.";
 
@@ -31,7 +39,15 @@ impl MaintenancePage {
         headers: &HeaderMap,
         custom: Option<&Bytes>,
     ) -> Self {
-        let message = record.message.as_deref().unwrap_or(DEFAULT_MESSAGE);
+        let mut message = record.message.as_deref().unwrap_or(DEFAULT_MESSAGE);
+        if message.len() > MAX_MESSAGE {
+            let mut end = MAX_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message = &message[..end];
+        }
+        let retry_after_secs = record.retry_after_secs.min(MAX_RETRY_AFTER);
         let (content_type, body) = if accepts_html(headers) {
             let body = match custom {
                 Some(page) => page.clone(),
@@ -42,14 +58,14 @@ impl MaintenancePage {
             let json = serde_json::json!({
                 "error": "maintenance",
                 "message": message,
-                "retry_after": record.retry_after_secs,
+                "retry_after": retry_after_secs,
             });
             let mut body = serde_json::to_vec(&json).unwrap_or_default();
             body.push(b'\n');
             ("application/json", Bytes::from(body))
         };
         Self {
-            retry_after_secs: record.retry_after_secs,
+            retry_after_secs,
             content_type,
             body,
         }
@@ -61,26 +77,53 @@ impl MaintenancePage {
     }
 }
 
-/// Whether `Accept` (RFC 9110 section 12.5.1) takes `text/html` with a
-/// weight above zero, named or as `text/*`. `*/*` alone does not count:
-/// curl and most HTTP libraries send it, and they get JSON.
+/// Whether the client prefers HTML to JSON, by its `Accept` (RFC 9110
+/// section 12.5.1): each type gets the weight of the most specific range
+/// that matches it (`text/html` over `text/*` over `*/*`), and HTML is sent
+/// only when its weight is above zero and above JSON's. So `*/*` alone
+/// (curl, most HTTP libraries) gets JSON, and a browser's
+/// `text/html,...,*/*;q=0.8` HTML.
 fn accepts_html(headers: &HeaderMap) -> bool {
-    headers
+    let ranges: Vec<(String, f32)> = headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|range| {
+        .filter_map(|range| {
             let mut parts = range.split(';');
-            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-            let weight_zero = parts.any(|p| {
-                let p = p.trim().to_ascii_lowercase();
-                p.strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            (media == "text/html" || media == "text/*") && !weight_zero
+            let media = parts.next()?.trim().to_ascii_lowercase();
+            let mut weight = 1.0;
+            for param in parts {
+                if let Some(q) = param.trim().to_ascii_lowercase().strip_prefix("q=") {
+                    // A qvalue is 0 to 1 (RFC 9110 section 12.4.2); one
+                    // that is not counts as 0.
+                    weight = q
+                        .trim()
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|q| (0.0..=1.0).contains(q))
+                        .unwrap_or(0.0);
+                }
+            }
+            (!media.is_empty()).then_some((media, weight))
         })
+        .collect();
+    let weight_of = |kind: &str, sub: &str| {
+        let exact = format!("{kind}/{sub}");
+        let any_sub = format!("{kind}/*");
+        [exact.as_str(), any_sub.as_str(), "*/*"]
+            .iter()
+            .find_map(|wanted| {
+                ranges
+                    .iter()
+                    .filter(|(media, _)| media == wanted)
+                    .map(|(_, q)| *q)
+                    .reduce(f32::max)
+            })
+            .unwrap_or(0.0)
+    };
+    let html = weight_of("text", "html");
+    html > 0.0 && html > weight_of("application", "json")
 }
 
 fn builtin_html(message: &str) -> String {
@@ -113,7 +156,11 @@ mod tests {
         let browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
         assert!(accepts_html(&accept(browser)));
         assert!(accepts_html(&accept("TEXT/*")));
-        assert!(accepts_html(&accept("application/json, text/html;q=0.1")));
+        assert!(!accepts_html(&accept("application/json, text/html;q=0.1")));
+        assert!(accepts_html(&accept("application/json;q=0.5, text/html")));
+        assert!(!accepts_html(&accept("text/*, text/html;q=0")));
+        assert!(!accepts_html(&accept("text/html;q=NaN")));
+        assert!(!accepts_html(&accept("text/html;q=2")));
         assert!(!accepts_html(&accept("*/*")));
         assert!(!accepts_html(&accept("application/json")));
         assert!(!accepts_html(&accept("text/html;q=0")));
