@@ -41,6 +41,10 @@ packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+# MariaDB's server and client: the MySQL role-swap test starts two servers
+# of its own (never the machine's), with their own data directories.
+{ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]; } || packages+=(mariadb-server)
+command -v mariadb >/dev/null 2>&1 || packages+=(mariadb-client)
 # libfaketime: runs proxies and dispatchers with their host clock off.
 command -v faketime >/dev/null 2>&1 || packages+=(faketime)
 browser=false

@@ -541,6 +541,14 @@ pub(crate) struct DispatchArgs {
     #[arg(long, env = "ANTEROOM_UPSTREAM")]
     pub(crate) upstream: String,
 
+    /// With several --queue names (comma-separated, highest priority
+    /// first, e.g. critical,default,bulk): a weight per queue, e.g. 8,3,1.
+    /// Each queue is then guaranteed its share of --concurrency while it
+    /// has requests, so lower queues are slowed by a backlog above them
+    /// but never starved. Without it, strict priority.
+    #[arg(long, env = "ANTEROOM_QUEUE_WEIGHTS", value_name = "W,W,...")]
+    pub(crate) queue_weights: Option<String>,
+
     /// For an https:// upstream: verify its certificate against the CA
     /// certificates in this PEM file instead of the system's.
     #[arg(long, env = "ANTEROOM_UPSTREAM_CA", value_name = "FILE")]

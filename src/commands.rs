@@ -240,7 +240,7 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     let mut registry = anteroom_metrics::Registry::default();
     let metrics = anteroom_metrics::DispatcherMetrics::register(&mut registry);
     let redis_url = args.target.redis.url.clone();
-    let (dispatcher, upstream) = dispatcher_for(&args, metrics)?;
+    let (dispatchers, upstream) = dispatcher_for(&args, metrics)?;
     let side = Components::new();
     if let Some(addr) = args.metrics {
         // Shared, so a new dispatcher can start beside this one (a
@@ -261,9 +261,33 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
         health_path = args.health_path.as_deref().unwrap_or("(none: a TCP connect after a failure)"),
         "forwarding to upstream"
     );
-    let served = dispatcher
-        .serve(upstream, stop_signal(&side))
-        .await
+    // One dispatcher per queue (several: a priority group); one stopping
+    // or failing stops them all.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = stop_signal(&side);
+    let serving = dispatchers.into_iter().map(|dispatcher| {
+        let (upstream, stop) = (upstream.clone(), stop.clone());
+        async move {
+            let served = dispatcher
+                .serve(upstream, stop.clone().cancelled_owned())
+                .await;
+            stop.cancel();
+            served
+        }
+    });
+    let relay = {
+        let stop = stop.clone();
+        async move {
+            tokio::select! {
+                () = signal => stop.cancel(),
+                () = stop.cancelled() => {}
+            }
+        }
+    };
+    let (served, ()) = tokio::join!(futures_util::future::join_all(serving), relay);
+    let served = served
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()
         .with_context(|| {
             format!(
                 "dispatcher failed (redis {} from --redis or ANTEROOM_REDIS)",
@@ -339,10 +363,13 @@ fn stop_signal(side: &Components) -> impl std::future::Future<Output = ()> + Sen
 
 /// The dispatcher and upstream `anteroom dispatch` runs, built and checked
 /// without connecting (also what `--check-config` checks).
+/// The dispatchers `args` describe, one per queue of `--queue` (several,
+/// comma-separated, form a [`PriorityGroup`](anteroom_dispatcher::PriorityGroup)
+/// in that order, with `--queue-weights`), and the upstream they share.
 pub(crate) fn dispatcher_for(
     args: &DispatchArgs,
     metrics: anteroom_metrics::DispatcherMetrics,
-) -> anyhow::Result<(Dispatcher, Upstream)> {
+) -> anyhow::Result<(Vec<Dispatcher>, Upstream)> {
     let upstream = Upstream::with_ca_file(&args.upstream, args.upstream_ca.as_deref())?
         .idle_timeout(args.upstream_idle_timeout)
         .max_headers(args.upstream_max_headers);
@@ -350,22 +377,50 @@ pub(crate) fn dispatcher_for(
         .health_check(args.health_path.as_deref())?
         .interval(args.health_interval)
         .timeout(args.health_timeout);
-    let dispatcher = Dispatcher::builder()
-        .redis_url(args.target.redis.url.clone())
-        .queue(args.target.queue.clone())
-        .concurrency(args.concurrency)
-        .grace(args.grace)
-        .label(args.label.clone())
-        .heartbeat_ttl(args.heartbeat_ttl)
-        .reap_interval(Some(args.reap_every).filter(|d| !d.is_zero()))
-        .durable(args.durable.then_some(args.durable_wait))
-        .metrics(metrics)
-        .health_check(health_check)
-        .stream_idle_timeout(args.stream_idle_timeout)
-        .websocket_max_message(args.websocket_max_message)
-        .stream_window(args.stream_window)
-        .build()?;
-    Ok((dispatcher, upstream))
+    let queues: Vec<&str> = args.target.queue.split(',').map(str::trim).collect();
+    let weights = match &args.queue_weights {
+        None => vec![None; queues.len()],
+        Some(text) => {
+            let weights = text
+                .split(',')
+                .map(|w| w.trim().parse::<u32>().map(Some))
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| {
+                    format!("--queue-weights {text:?}: expected whole numbers, one per queue")
+                })?;
+            anyhow::ensure!(
+                weights.len() == queues.len(),
+                "--queue-weights gives {} weights for {} queues",
+                weights.len(),
+                queues.len()
+            );
+            weights
+        }
+    };
+    let group =
+        (queues.len() > 1).then(|| anteroom_dispatcher::PriorityGroup::new(args.concurrency));
+    let mut dispatchers = Vec::new();
+    for (queue, weight) in queues.iter().zip(weights) {
+        let mut builder = Dispatcher::builder()
+            .redis_url(args.target.redis.url.clone())
+            .queue(*queue)
+            .concurrency(args.concurrency)
+            .grace(args.grace)
+            .label(args.label.clone())
+            .heartbeat_ttl(args.heartbeat_ttl)
+            .reap_interval(Some(args.reap_every).filter(|d| !d.is_zero()))
+            .durable(args.durable.then_some(args.durable_wait))
+            .metrics(metrics.clone())
+            .health_check(health_check.clone())
+            .stream_idle_timeout(args.stream_idle_timeout)
+            .websocket_max_message(args.websocket_max_message)
+            .stream_window(args.stream_window);
+        if let Some(group) = &group {
+            builder = builder.priority(group, weight);
+        }
+        dispatchers.push(builder.build()?);
+    }
+    Ok((dispatchers, upstream))
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -28,6 +28,7 @@ mod outages;
 mod pause;
 mod playbooks;
 mod pressure;
+mod priority;
 mod python;
 mod python_apps;
 mod reliability;

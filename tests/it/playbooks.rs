@@ -551,3 +551,202 @@ async fn database_failover_window_under_load_fails_nothing() {
     let _ = std::fs::remove_file(&dsn_file);
     dbs.drop_all().await;
 }
+
+/// The MySQL role swap of the talk that started the project, for real: two
+/// MariaDB servers of the test's own, the replica following the primary by
+/// GTID; an order-taking app under `anteroom-wsgi` that writes through a
+/// floating address (a forwarder whose target is a file); steady write
+/// load through the proxy; `anteroom window` running
+/// examples/failover/mysql_role_swap.sh as written. No request fails,
+/// every acknowledged order is on the new primary exactly once, and the old
+/// primary then replicates from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_role_swap_under_write_load_fails_nothing() {
+    use crate::support::mariadb::MariaDb;
+    let (primary, replica) =
+        tokio::join!(MariaDb::start("primary", 1), MariaDb::start("replica", 2));
+    let accounts = "CREATE USER 'admin'@'%' IDENTIFIED BY 'admin-pw'; \
+         GRANT ALL PRIVILEGES ON *.* TO 'admin'@'%'; \
+         CREATE USER 'repl'@'%' IDENTIFIED BY 'repl-pw'; \
+         GRANT REPLICATION SLAVE ON *.* TO 'repl'@'%'; \
+         CREATE USER 'app'@'%' IDENTIFIED BY 'app-pw'; \
+         GRANT ALL PRIVILEGES ON shop.* TO 'app'@'%';";
+    for server in [&primary, &replica] {
+        // Each server's own accounts, kept out of the binary log.
+        server
+            .sql(&format!("SET sql_log_bin = 0; {accounts}"))
+            .await;
+    }
+    primary
+        .sql("CREATE DATABASE shop; CREATE TABLE shop.orders (id BIGINT AUTO_INCREMENT PRIMARY KEY, note VARCHAR(200) NOT NULL UNIQUE)")
+        .await;
+    replica
+        .sql(&format!(
+            "SET GLOBAL gtid_slave_pos = ''; CHANGE MASTER TO MASTER_HOST = '127.0.0.1', \
+             MASTER_PORT = {}, MASTER_USER = 'repl', MASTER_PASSWORD = 'repl-pw', \
+             MASTER_USE_GTID = slave_pos; START SLAVE; SET GLOBAL read_only = ON",
+            primary.port
+        ))
+        .await;
+    eventually("the replica to follow", READY, || async {
+        replica
+            .sql("SHOW TABLES FROM shop")
+            .await
+            .contains("orders")
+    })
+    .await;
+
+    // The floating address, on the primary.
+    let dir = std::env::temp_dir().join(format!(
+        "anteroom-vip-{}-{}",
+        std::process::id(),
+        primary.port
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let address_file = dir.join("address");
+    std::fs::write(&address_file, primary.address()).unwrap();
+    let vip_port = anteroom_testkit::free_port().unwrap();
+    let apps = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/apps");
+    let _vip = BinProcess::spawn_cmd(
+        Command::new(crate::support::venv::bin("python"))
+            .arg(apps.join("floating_address.py"))
+            .arg(vip_port.to_string())
+            .arg(&address_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    crate::support::wait_for_port(vip_port).await;
+
+    let redis = start_redis();
+    let proxy = TestProxy::start(&redis, "mysql").await;
+    let queue = crate::support::control(&redis, "mysql").await;
+    let _app = BinProcess::spawn_cmd(
+        Command::new(crate::support::venv::bin("anteroom-wsgi"))
+            .args(["--threads", "8", "mysql_orders:app"])
+            .current_dir(&apps)
+            .env("ANTEROOM_REDIS", redis.url())
+            .env("ANTEROOM_QUEUE", "mysql")
+            .env("ORDERS_DB_PORT", vip_port.to_string())
+            .env("ORDERS_DB_USER", "app")
+            .env("ORDERS_DB_PASSWORD", "app-pw")
+            .env("ORDERS_DB_NAME", "shop")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    crate::support::until_dispatching(&queue).await;
+
+    let load = Load::start(8, proxy.url("/orders"), |w, n| format!("order {w}-{n}"));
+    // Steady writes before the window (100 orders) and after it (100
+    // more, on the new primary).
+    const ORDERS: &str = "SELECT COUNT(*) FROM shop.orders";
+    eventually("100 orders on the primary", READY, || async {
+        primary.number(ORDERS).await >= 100
+    })
+    .await;
+    let window_started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking({
+        let (url, from, to) = (redis.url(), primary.address(), replica.address());
+        let address_file = address_file.clone();
+        move || {
+            Command::new(BIN)
+                .args([
+                    "window",
+                    "--redis",
+                    &url,
+                    "--queue",
+                    "mysql",
+                    "--timeout",
+                    "10s",
+                    "--",
+                ])
+                .arg(example("failover/mysql_role_swap.sh"))
+                .args([from, to])
+                .arg(address_file)
+                .env("MYSQL_USER", "admin")
+                .env("MYSQL_PWD", "admin-pw")
+                .env("REPL_USER", "repl")
+                .env("REPL_PASSWORD", "repl-pw")
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let window = window_started.elapsed();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "window failed: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("swapped:"), "{said}");
+    // Load on the new primary for a while after the window.
+    let orders_before = replica.number(ORDERS).await;
+    eventually("100 orders on the new primary", READY, || async {
+        replica.number(ORDERS).await >= orders_before + 100
+    })
+    .await;
+    let summary = load.finish().await;
+    summary.report("mysql role swap", |s| s == StatusCode::CREATED);
+    println!("the MySQL role swap window (pause, quiet, swap, resume) took {window:?}");
+    for line in said
+        .lines()
+        .filter(|l| l.contains("window") || l.contains("swapped"))
+    {
+        println!("  {line}");
+    }
+    assert_eq!(summary.failed(|s| s == StatusCode::CREATED), 0);
+    // Orders went to each server in turn: server 1, then server 2.
+    let server_of = |s: &crate::support::load::Sample| {
+        String::from_utf8_lossy(&s.body)
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let on_1 = summary
+        .samples
+        .iter()
+        .filter(|s| server_of(s) == "1")
+        .count();
+    let on_2 = summary
+        .samples
+        .iter()
+        .filter(|s| server_of(s) == "2")
+        .count();
+    println!(
+        "orders acknowledged: {} ({on_1} by the old primary, {on_2} by the new one)",
+        summary.samples.len()
+    );
+    assert!(
+        on_1 > 0 && on_2 > 0,
+        "{on_1} on the old primary, {on_2} on the new"
+    );
+    // Every acknowledged order is on the new primary exactly once (the
+    // column is UNIQUE, and the count matches).
+    let mut acknowledged: Vec<String> = summary
+        .samples
+        .iter()
+        .map(|s| String::from_utf8_lossy(&s.sent).into_owned())
+        .collect();
+    acknowledged.sort();
+    let rows = replica
+        .sql("SELECT note FROM shop.orders ORDER BY note")
+        .await;
+    let mut on_new: Vec<String> = rows.lines().map(str::to_owned).collect();
+    on_new.sort();
+    assert_eq!(
+        on_new, acknowledged,
+        "the new primary does not hold exactly the acknowledged orders"
+    );
+    // The old primary is read-only and replicates from the new one.
+    assert_eq!(primary.sql("SELECT @@read_only").await.trim(), "1");
+    eventually("the old primary to catch up", READY, || async {
+        primary.sql("SELECT COUNT(*) FROM shop.orders").await.trim()
+            == acknowledged.len().to_string()
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

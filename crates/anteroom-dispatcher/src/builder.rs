@@ -1,6 +1,7 @@
 //! Configuration and the public entry points.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anteroom_metrics::DispatcherMetrics;
@@ -13,6 +14,7 @@ use tokio::sync::watch;
 use tower::Service;
 
 use crate::error::{BoxError, DispatcherError, Kind};
+use crate::priority::PriorityGroup;
 use crate::{Body, HealthCheck, worker};
 
 /// Builds a [`Dispatcher`].
@@ -21,6 +23,8 @@ pub struct DispatcherBuilder {
     redis: Option<Target>,
     redis_url: Option<String>,
     queue: Option<String>,
+    /// The group to join at [`build`](DispatcherBuilder::build), and the weight.
+    priority: Option<(Arc<PriorityGroup>, Option<u32>)>,
     pub(crate) settings: Settings,
 }
 
@@ -43,6 +47,8 @@ pub(crate) struct Settings {
     pub(crate) health_check: Option<HealthCheck>,
     pub(crate) stream_window: usize,
     pub(crate) stream_idle_timeout: Duration,
+    /// The group this dispatcher serves in, and its rank there.
+    pub(crate) priority: Option<(Arc<PriorityGroup>, usize)>,
     pub(crate) websocket_max_message: usize,
 }
 
@@ -111,6 +117,7 @@ impl Default for Settings {
             stream_window: defaults::STREAM_WINDOW,
             websocket_max_message: defaults::WEBSOCKET_MAX_MESSAGE,
             stream_idle_timeout: defaults::STREAM_IDLE_TIMEOUT,
+            priority: None,
         }
     }
 }
@@ -263,6 +270,17 @@ impl DispatcherBuilder {
         self
     }
 
+    /// Serves the queue as the next member of `group`, below those that
+    /// joined before (see [`PriorityGroup`]): the group's permits replace
+    /// [`concurrency`](Self::concurrency), and this queue is pulled only
+    /// while no queue ranked above has a request waiting, beyond its
+    /// guaranteed share with a `weight` (its part of the group's
+    /// concurrency, `weight / sum of the members' weights`; `None`: none).
+    pub fn priority(mut self, group: &Arc<PriorityGroup>, weight: Option<u32>) -> Self {
+        self.priority = Some((Arc::clone(group), weight));
+        self
+    }
+
     /// Checks the configuration and builds the dispatcher. Does not connect.
     pub fn build(self) -> Result<Dispatcher, DispatcherError> {
         let client = match (self.redis, self.redis_url) {
@@ -278,7 +296,12 @@ impl DispatcherBuilder {
         if self.settings.heartbeat_ttl < Duration::from_millis(300) {
             return Err(Kind::HeartbeatTtl.into());
         }
-        let id = match &self.settings.id {
+        let mut settings = self.settings;
+        if let Some((group, weight)) = self.priority {
+            let rank = group.join(keys.requests(), weight);
+            settings.priority = Some((group, rank));
+        }
+        let id = match &settings.id {
             Some(id) => {
                 validate_id(id)?;
                 id.clone()
@@ -289,7 +312,7 @@ impl DispatcherBuilder {
             client,
             keys,
             id,
-            settings: self.settings,
+            settings,
             ready: watch::Sender::new(false),
         })
     }
@@ -355,6 +378,7 @@ impl Dispatcher {
             redis: None,
             redis_url: None,
             queue: None,
+            priority: None,
             settings: Settings::default(),
         }
     }

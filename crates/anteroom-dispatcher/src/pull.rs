@@ -188,12 +188,32 @@ pub(crate) async fn pull_loop<S, B>(
         if stop.is_cancelled() || pause.borrow().is_some() || !shared.gate.is_open() {
             continue;
         }
+        // Served in a priority group: the permit goes to a queue ranked
+        // above, if one has a request waiting (crate::priority).
+        let allowance = match &shared.settings.priority {
+            None => usize::MAX,
+            Some((group, rank)) => match group.allowance(*rank, shared).await {
+                Some(allowance) => allowance,
+                None => {
+                    drop(permit);
+                    tokio::select! {
+                        () = group.wait_turn() => {}
+                        () = stop.cancelled() => break,
+                    }
+                    continue;
+                }
+            },
+        };
         // A deep queue: take as many requests as there are free permits in
         // one round trip (at most twice what the last pull found, so that a
         // shallow queue does not cost many empty LMOVEs). An empty one: block
         // for the next.
         let mut permit = permit;
-        let spare = shared.permits.available_permits().min(pull_hint - 1);
+        let spare = shared
+            .permits
+            .available_permits()
+            .min(pull_hint - 1)
+            .min(allowance - 1);
         if spare > 0 {
             if let Ok(more) = Arc::clone(&shared.permits).try_acquire_many_owned(spare as u32) {
                 permit.merge(more);
@@ -217,14 +237,18 @@ pub(crate) async fn pull_loop<S, B>(
                     drop(std::mem::replace(&mut permit, one));
                 }
                 shared.pull_outstanding.store(true, Ordering::Release);
-                let pulled = queue::pull_blocking(
-                    conn,
-                    &shared.requests_key,
-                    &shared.processing_key,
-                    shared.settings.poll_interval,
-                )
-                .await
-                .map(|item| item.into_iter().collect());
+                // In a group, briefly: the permit may be wanted elsewhere.
+                let block = match &shared.settings.priority {
+                    Some(_) => shared
+                        .settings
+                        .poll_interval
+                        .min(crate::priority::GROUP_BLOCK),
+                    None => shared.settings.poll_interval,
+                };
+                let pulled =
+                    queue::pull_blocking(conn, &shared.requests_key, &shared.processing_key, block)
+                        .await
+                        .map(|item| item.into_iter().collect());
                 shared.pull_outstanding.store(false, Ordering::Release);
                 pulled
             }
@@ -244,9 +268,17 @@ pub(crate) async fn pull_loop<S, B>(
                     };
                     let held = shared.hold(&raw);
                     let task = handle::handle(Arc::clone(shared), service.clone(), raw, one);
+                    let group = shared
+                        .settings
+                        .priority
+                        .as_ref()
+                        .map(|(g, _)| Arc::clone(g));
                     tracker.spawn(async move {
                         task.await;
                         drop(held);
+                        if let Some(group) = group {
+                            group.finished();
+                        }
                     });
                 }
             }

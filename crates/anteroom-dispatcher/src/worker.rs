@@ -289,7 +289,10 @@ where
         completions,
         requests_key: keys.requests(),
         processing_key: keys.processing(&id),
-        permits: Arc::new(Semaphore::new(settings.concurrency)),
+        permits: match &settings.priority {
+            Some((group, _)) => group.permits(),
+            None => Arc::new(Semaphore::new(settings.concurrency)),
+        },
         keys,
         id,
         conn,
@@ -311,8 +314,12 @@ where
         settling: tokio::sync::Mutex::new(()),
         orphans_possible: AtomicBool::new(false),
     });
+    if let Some((group, rank)) = &shared.settings.priority {
+        group.serve(*rank, &shared);
+    }
     tracing::info!(
         queue = %shared.keys.queue(),
+        priority = shared.settings.priority.as_ref().map(|(_, rank)| rank + 1),
         dispatcher_id = %shared.id,
         concurrency = shared.settings.concurrency,
         paused = shared.pause.borrow().is_some(),

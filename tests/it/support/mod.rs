@@ -7,6 +7,7 @@ pub mod bin;
 pub mod frameworks;
 pub mod httpbin;
 pub mod load;
+pub mod mariadb;
 pub mod monitor;
 pub mod orders;
 pub mod tls;
