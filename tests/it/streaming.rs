@@ -887,6 +887,37 @@ async fn the_documented_redis_users_carry_streams() {
         .output()
         .unwrap();
     assert!(status.status.success(), "{status:?}");
+    // The operator's other commands: maintenance on (the proxy, with its
+    // own user, follows it: 503), off (served again), the dead letters.
+    let operator = |args: &[&str]| {
+        let out = crate::support::bin::command()
+            .args(args)
+            .args(["--redis", &url("anteroom-operator"), "--queue", "web"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    let answered = |expect: StatusCode| {
+        let c = c.clone();
+        async move {
+            let req = get(format!("http://127.0.0.1:{port}/bytes?n=1"));
+            tokio::time::timeout(Duration::from_secs(5), c.request(req))
+                .await
+                .is_ok_and(|r| r.is_ok_and(|r| r.status() == expect))
+        }
+    };
+    operator(&["maintenance", "on"]);
+    crate::support::eventually("maintenance followed", Duration::from_secs(5), || {
+        answered(StatusCode::SERVICE_UNAVAILABLE)
+    })
+    .await;
+    operator(&["maintenance", "off"]);
+    crate::support::eventually("served again", Duration::from_secs(5), || {
+        answered(StatusCode::OK)
+    })
+    .await;
+    operator(&["dead", "list", "--json"]);
+    operator(&["dead", "purge"]);
     // A clean stop too (its LEAVE script), before the log is read.
     dispatcher.terminate();
     assert!(dispatcher.wait(Duration::from_secs(15)).await.success());
