@@ -430,6 +430,30 @@ impl Databases {
     }
 }
 
+/// `anteroom window --queue QUEUE --timeout 10s -- examples/SCRIPT ARGS`
+/// with `env`, to completion; its output and how long it took.
+async fn run_window(
+    redis: &LocalRedis,
+    queue: &str,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Output, Duration) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["window", "--redis", &redis.url(), "--queue", queue])
+        .args(["--timeout", "10s", "--"])
+        .arg(example(script))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (out, started.elapsed())
+}
+
 /// The example binary the test runs, built by `cargo test` beside this one.
 fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -467,33 +491,15 @@ async fn database_failover_window_under_load_fails_nothing() {
 
     let load = Load::start(8, proxy.url("/orders"), |w, n| format!("order {w}-{n}"));
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let window_started = std::time::Instant::now();
-    let out = tokio::task::spawn_blocking({
-        let (url, a, b, file) = (redis.url(), dbs.dsn(0), dbs.dsn(1), dsn_file.clone());
-        move || {
-            Command::new(BIN)
-                .args([
-                    "window",
-                    "--redis",
-                    &url,
-                    "--queue",
-                    "fo",
-                    "--timeout",
-                    "10s",
-                    "--",
-                ])
-                .arg(example("failover/switch_primary.sh"))
-                .args([a, b])
-                .arg(file)
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let window = window_started.elapsed();
+    let file = dsn_file.display().to_string();
+    let (out, window) = run_window(
+        &redis,
+        "fo",
+        "failover/switch_primary.sh",
+        &[&dbs.dsn(0), &dbs.dsn(1), &file],
+        &[],
+    )
+    .await;
     assert!(
         out.status.success(),
         "window failed: {}",
@@ -643,38 +649,20 @@ async fn mysql_role_swap_under_write_load_fails_nothing() {
         primary.number(ORDERS).await >= 100
     })
     .await;
-    let window_started = std::time::Instant::now();
-    let out = tokio::task::spawn_blocking({
-        let (url, from, to) = (redis.url(), primary.address(), replica.address());
-        let address_file = address_file.clone();
-        move || {
-            Command::new(BIN)
-                .args([
-                    "window",
-                    "--redis",
-                    &url,
-                    "--queue",
-                    "mysql",
-                    "--timeout",
-                    "10s",
-                    "--",
-                ])
-                .arg(example("failover/mysql_role_swap.sh"))
-                .args([from, to])
-                .arg(address_file)
-                .env("MYSQL_USER", "admin")
-                .env("MYSQL_PWD", "admin-pw")
-                .env("REPL_USER", "repl")
-                .env("REPL_PASSWORD", "repl-pw")
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let window = window_started.elapsed();
+    let file = address_file.display().to_string();
+    let (out, window) = run_window(
+        &redis,
+        "mysql",
+        "failover/mysql_role_swap.sh",
+        &[&primary.address(), &replica.address(), &file],
+        &[
+            ("MYSQL_USER", "admin"),
+            ("MYSQL_PWD", "admin-pw"),
+            ("REPL_USER", "repl"),
+            ("REPL_PASSWORD", "repl-pw"),
+        ],
+    )
+    .await;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
