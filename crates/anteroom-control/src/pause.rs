@@ -178,6 +178,10 @@ pub async fn watch_pause(
     follow(target, conn, keys, flag, poll, connect_timeout, components).await
 }
 
+/// How long after a failed subscription to the control channel the next
+/// try comes.
+const RESUBSCRIBE: Duration = Duration::from_secs(5);
+
 /// A key whose presence is a state of the queue, announced on its control
 /// channel: the pause flag, maintenance mode.
 pub(crate) struct Flag<T> {
@@ -211,9 +215,16 @@ where
         let mut subscription: Option<PubSub> = None;
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A refused subscription (no `+subscribe`, Redis away) is tried
+        // again after a while, not on every poll: the key is read each
+        // poll meanwhile.
+        let mut subscribe_after = tokio::time::Instant::now();
         loop {
-            if subscription.is_none() {
+            if subscription.is_none() && tokio::time::Instant::now() >= subscribe_after {
                 subscription = subscribe(&target, &keys, connect_timeout).await;
+                if subscription.is_none() {
+                    subscribe_after = tokio::time::Instant::now() + RESUBSCRIBE;
+                }
             }
             let message = async {
                 match subscription.as_mut() {
