@@ -98,7 +98,9 @@ pub(crate) fn check(cli: &Cli, file: Option<&ConfigFile>) -> ExitCode {
         }
     };
     if let Some(target) = target {
-        queue_target(target, &mut problems);
+        // `dispatch` serves several queues, comma-separated (checked, with
+        // their weights, by `dispatcher_for` above).
+        queue_target(target, name == "dispatch", &mut problems);
     }
     for warning in &warnings {
         eprintln!("warning: {warning}");
@@ -157,12 +159,19 @@ fn durability(
 }
 
 /// The Redis URL and queue name every queue command uses.
-fn queue_target(target: &QueueArgs, problems: &mut Vec<String>) {
+fn queue_target(target: &QueueArgs, list: bool, problems: &mut Vec<String>) {
     if let Err(err) = anteroom_redis::Target::parse(&target.redis.url) {
         problems.push(format!("redis: {err}"));
     }
-    if let Err(err) = anteroom_protocol::Keys::new(&target.queue) {
-        problems.push(format!("queue: {err}"));
+    let queues: Vec<&str> = if list {
+        target.queue.split(',').map(str::trim).collect()
+    } else {
+        vec![target.queue.as_str()]
+    };
+    for queue in queues {
+        if let Err(err) = anteroom_protocol::Keys::new(queue) {
+            problems.push(format!("queue: {err}"));
+        }
     }
 }
 

@@ -143,9 +143,9 @@ pub(crate) struct MaintenanceArgs {
     #[arg(long, value_parser = maintenance_message)]
     pub(crate) message: Option<String>,
 
-    /// With on: the Retry-After, in seconds, each 503 carries (at most a
-    /// day).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+    /// With on: the Retry-After each 503 carries, whole seconds (`600`) or
+    /// a duration (`10m`), at most a day.
+    #[arg(long, default_value = "30", value_parser = retry_after_secs)]
     pub(crate) retry_after: u32,
 }
 
@@ -240,6 +240,19 @@ pub(crate) struct DeadPurgeArgs {
     /// Print JSON (`{"purged": N, "kept": M}`).
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// A `Retry-After`: whole seconds, or a duration rounded to seconds; at
+/// most a day.
+fn retry_after_secs(text: &str) -> Result<u32, String> {
+    let secs = match text.parse::<u64>() {
+        Ok(secs) => secs,
+        Err(_) => parse_duration(text)?.as_secs(),
+    };
+    if secs > 86_400 {
+        return Err(format!("{secs} s is over a day (86400)"));
+    }
+    Ok(secs as u32)
 }
 
 /// A maintenance message of at most 4096 bytes.
@@ -348,8 +361,9 @@ pub(crate) struct QueueArgs {
 /// Flags of `anteroom proxy`.
 #[derive(Debug, Args)]
 pub(crate) struct ProxyArgs {
-    /// Address to accept HTTP/1.1 and h2c connections on, bound with
-    /// SO_REUSEPORT so a new proxy can start on it before the old one stops.
+    /// Address to accept HTTP/1.1 and h2c connections on (HTTPS with
+    /// --tls-cert), bound with SO_REUSEPORT so a new proxy can start on it
+    /// before the old one stops.
     /// Not used when systemd passes a socket (LISTEN_FDS).
     #[arg(long, env = "ANTEROOM_LISTEN", default_value = "127.0.0.1:8080")]
     pub(crate) listen: SocketAddr,
@@ -466,7 +480,9 @@ pub(crate) struct ProxyArgs {
     pub(crate) durable_wait: Duration,
 
     /// Address for the admin endpoint (GET /healthz, GET /status, GET
-    /// /metrics for Prometheus, POST /pause, POST /resume); off when not given.
+    /// /metrics for Prometheus, POST /pause, POST /resume, POST
+    /// /maintenance/on and /maintenance/off, POST /drain and /undrain);
+    /// off when not given.
     #[arg(long, env = "ANTEROOM_ADMIN")]
     pub(crate) admin: Option<SocketAddr>,
 

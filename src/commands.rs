@@ -258,7 +258,7 @@ async fn dispatch(args: DispatchArgs) -> anyhow::Result<()> {
     }
     tracing::info!(
         upstream = %args.upstream,
-        health_path = args.health_path.as_deref().unwrap_or("(none: a TCP connect after a failure)"),
+        health_path = args.health_path.as_deref().unwrap_or("(none: a connection after a failure)"),
         "forwarding to upstream"
     );
     // One dispatcher per queue (several: a priority group); one stopping
@@ -378,6 +378,16 @@ pub(crate) fn dispatcher_for(
         .interval(args.health_interval)
         .timeout(args.health_timeout);
     let queues: Vec<&str> = args.target.queue.split(',').map(str::trim).collect();
+    for (i, queue) in queues.iter().enumerate() {
+        anyhow::ensure!(
+            !queues[..i].contains(queue),
+            "--queue names {queue:?} twice: each queue once, in priority order"
+        );
+    }
+    anyhow::ensure!(
+        args.queue_weights.is_none() || queues.len() > 1,
+        "--queue-weights is for several queues (--queue critical,default,bulk)"
+    );
     let weights = match &args.queue_weights {
         None => vec![None; queues.len()],
         Some(text) => {
@@ -390,7 +400,7 @@ pub(crate) fn dispatcher_for(
                 })?;
             anyhow::ensure!(
                 weights.len() == queues.len(),
-                "--queue-weights gives {} weights for {} queues",
+                "--queue-weights gives {} weight(s) for {} queues: one each",
                 weights.len(),
                 queues.len()
             );

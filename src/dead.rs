@@ -40,8 +40,23 @@ pub(crate) async fn run(command: DeadCommand) -> anyhow::Result<ExitCode> {
 /// call reads.
 /// The newest letters, newest first, or with `oldest` the oldest, oldest
 /// first; a note on stderr when the list holds more than one call reads.
-async fn letters(queue: &Queue, oldest: bool) -> anyhow::Result<Vec<LetterView>> {
+/// Unless `json`, first a line naming the queue and Redis, as every
+/// control command's answer starts.
+async fn letters(
+    queue: &Queue,
+    target: &QueueArgs,
+    oldest: bool,
+    json: bool,
+) -> anyhow::Result<Vec<LetterView>> {
     let (views, total) = queue.dead_letters(oldest).await?;
+    if !json {
+        outln!(
+            "queue {:?} on {}: {total} dead letter{}",
+            queue.name(),
+            crate::ops::redact(&target.redis.url),
+            if total == 1 { "" } else { "s" }
+        );
+    }
     if (views.len() as u64) < total {
         eprintln!(
             "note: queue {:?} has {total} dead letters; this reads the {} {}{}",
@@ -78,7 +93,7 @@ fn summary(view: &LetterView, now: u64) -> Value {
 
 async fn list(args: DeadListArgs) -> anyhow::Result<ExitCode> {
     let queue = connect(&args.target).await?;
-    let views = letters(&queue, false).await?;
+    let views = letters(&queue, &args.target, false, args.json).await?;
     let now = now_ms();
     let shown = views.iter().take(args.limit);
     if args.json {
@@ -87,7 +102,6 @@ async fn list(args: DeadListArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if views.is_empty() {
-        outln!("queue {:?}: no dead letters", queue.name());
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
@@ -136,7 +150,7 @@ fn find<'a>(views: &'a [LetterView], id: &str, queue: &Queue) -> anyhow::Result<
 
 async fn show(args: DeadShowArgs) -> anyhow::Result<ExitCode> {
     let queue = connect(&args.target).await?;
-    let views = letters(&queue, false).await?;
+    let views = letters(&queue, &args.target, false, args.json).await?;
     let view = find(&views, &args.id, &queue)?;
     let now = now_ms();
     let body = view
@@ -212,7 +226,7 @@ async fn replay(args: DeadReplayArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let queue = connect(&args.target).await?;
-    let views = letters(&queue, true).await?;
+    let views = letters(&queue, &args.target, true, args.json).await?;
     let chosen: Vec<&LetterView> = match &args.id {
         Some(id) => vec![find(&views, id, &queue)?],
         None => views.iter().collect(),
@@ -282,7 +296,7 @@ async fn replay(args: DeadReplayArgs) -> anyhow::Result<ExitCode> {
 
 async fn purge(args: DeadPurgeArgs) -> anyhow::Result<ExitCode> {
     let queue = connect(&args.target).await?;
-    let views = letters(&queue, true).await?;
+    let views = letters(&queue, &args.target, true, args.json).await?;
     let now = now_ms();
     let cutoff = args
         .older_than

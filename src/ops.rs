@@ -194,6 +194,21 @@ pub(crate) async fn maintenance(args: MaintenanceArgs) -> anyhow::Result<ExitCod
                 retry_after_secs: args.retry_after,
             };
             queue.maintenance_on(&record).await?;
+            let mut canaries: Vec<&str> = status
+                .proxies
+                .iter()
+                .flat_map(|p| &p.heartbeat.canaries)
+                .map(|c| c.queue.as_str())
+                .collect();
+            canaries.sort_unstable();
+            canaries.dedup();
+            for canary in canaries {
+                eprintln!(
+                    "note: proxies send part of queue {:?}'s requests to its canary {canary:?}, \
+                     which is not in maintenance: anteroom maintenance on --queue {canary}",
+                    queue.name()
+                );
+            }
             outln!(
                 "maintenance on for queue {:?}: new requests get 503 with Retry-After {} s; \
                  the {} waiting keep waiting",

@@ -112,6 +112,9 @@ pub(crate) enum UpstreamKind {
         "invalid upstream url {0:?}: expected http://HOST:PORT[/PREFIX], https://HOST:PORT[/PREFIX] or unix:/PATH"
     )]
     Url(String),
+    /// A `unix:` upstream whose path cannot be a socket's: the URL and why.
+    #[error("invalid upstream url {0:?}: {1}")]
+    UnixPath(String, &'static str),
     /// The upstream URL carries credentials (`user:password@`), which the
     /// dispatcher would not send; refused rather than kept in memory and
     /// logs. The URL is given with them shown as `***`.
@@ -143,6 +146,7 @@ impl UpstreamError {
         matches!(
             self.0,
             UpstreamKind::Url(_)
+                | UpstreamKind::UnixPath(..)
                 | UpstreamKind::Credentials(_)
                 | UpstreamKind::HealthPath(_)
                 | UpstreamKind::Tls(_)

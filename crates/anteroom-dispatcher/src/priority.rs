@@ -11,14 +11,18 @@
 //! take from them), it gives the permit back and waits, so a free permit
 //! always goes to the first non-empty queue. With weights, each queue is
 //! also guaranteed its share of the concurrency (`weight / sum of
-//! weights`, rounded up) while it has requests: a backlog of `critical`
-//! slows `bulk` down but never starves it.
+//! weights`, rounded down, at least 1; none with weight 0) while it has
+//! requests: a backlog of `critical` slows `bulk` down but never starves
+//! it.
 //!
-//! Members pull with a blocking wait of at most [`GROUP_BLOCK`], so an
-//! idle queue holds a permit no longer than that while another queue's
-//! request arrives (with one permit, the next request of a higher queue
-//! waits at most that long).
+//! A member whose queue is empty blocks on it (at most [`GROUP_BLOCK`])
+//! only when that holds no one back: it had a free permit to spare, or no
+//! other member waits for one. Otherwise it gives the permit back and
+//! looks again when a request of the group finishes (or after
+//! [`RECHECK`]). A member whose pulls fail (Redis away, refused) holds no
+//! one back either, and no permit through its backoff.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -48,6 +52,17 @@ pub struct PriorityGroup {
     serving: Mutex<Vec<(usize, Weak<Shared>)>>,
     /// Woken when a request of the group finishes.
     freed: Notify,
+    /// Members waiting for a permit now.
+    wanting: Arc<AtomicUsize>,
+}
+
+/// Counts one member waiting for a permit while it lives.
+pub(crate) struct Wanting(Arc<AtomicUsize>);
+
+impl Drop for Wanting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl PriorityGroup {
@@ -60,6 +75,7 @@ impl PriorityGroup {
             joined: Mutex::default(),
             serving: Mutex::default(),
             freed: Notify::new(),
+            wanting: Arc::default(),
         })
     }
 
@@ -69,6 +85,17 @@ impl PriorityGroup {
         let mut joined = self.joined.lock().unwrap_or_else(PoisonError::into_inner);
         joined.push((requests_key, weight));
         joined.len() - 1
+    }
+
+    /// A member starts waiting for a permit (until the guard drops).
+    pub(crate) fn want(&self) -> Wanting {
+        self.wanting.fetch_add(1, Ordering::AcqRel);
+        Wanting(Arc::clone(&self.wanting))
+    }
+
+    /// Members waiting for a permit now.
+    pub(crate) fn wanting(&self) -> usize {
+        self.wanting.load(Ordering::Acquire)
     }
 
     /// The shared permits.
@@ -90,18 +117,23 @@ impl PriorityGroup {
     }
 
     /// The requests `rank` may run at once whatever the queues above it
-    /// hold: its weighted share of the concurrency, rounded up; 0 without
-    /// weights.
+    /// hold: its weighted share of the concurrency, rounded down but at
+    /// least 1; 0 without a weight or with weight 0.
     fn guaranteed(&self, rank: usize) -> usize {
         let joined = self.joined.lock().unwrap_or_else(PoisonError::into_inner);
         let Some((_, Some(weight))) = joined.get(rank).cloned() else {
             return 0;
         };
+        if weight == 0 {
+            return 0;
+        }
         let total: u64 = joined.iter().map(|(_, w)| u64::from(w.unwrap_or(0))).sum();
         if total == 0 {
             return 0;
         }
-        (self.concurrency as u64 * u64::from(weight)).div_ceil(total) as usize
+        // Rounded down, at least one: the shares never sum past the
+        // concurrency by more than the queues with tiny weights.
+        ((self.concurrency as u64 * u64::from(weight)) / total).max(1) as usize
     }
 
     /// How many requests `shared` (at `rank`) may take now: all it has
@@ -135,7 +167,10 @@ impl PriorityGroup {
             // takes nothing: it holds no one back. One not serving yet
             // (starting) does.
             let idle = serving.iter().any(|m| {
-                m.requests_key == key && (m.pause.borrow().is_some() || !m.gate.is_open())
+                m.requests_key == key
+                    && (m.pause.borrow().is_some()
+                        || !m.gate.is_open()
+                        || m.pull_failing.load(Ordering::Acquire))
             });
             if idle {
                 continue;
@@ -145,7 +180,12 @@ impl PriorityGroup {
                 .query_async(&mut shared.conn.clone())
                 .await;
             if waiting.is_ok_and(|n| n > 0) {
-                let left = self.guaranteed(rank).saturating_sub(shared.in_flight());
+                let held = shared
+                    .held
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .len();
+                let left = self.guaranteed(rank).saturating_sub(held);
                 return (left > 0).then_some(left);
             }
         }

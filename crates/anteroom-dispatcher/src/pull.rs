@@ -149,6 +149,9 @@ pub(crate) async fn pull_loop<S, B>(
             }
             continue;
         }
+        // In a group, counted while waiting: an idle member then does not
+        // hold a shared permit in a blocking pull.
+        let wanting = shared.settings.priority.as_ref().map(|(g, _)| g.want());
         let permit = tokio::select! {
             permit = Arc::clone(&shared.permits).acquire_owned() => match permit {
                 Ok(permit) => permit,
@@ -169,11 +172,16 @@ pub(crate) async fn pull_loop<S, B>(
                 continue;
             }
         };
+        drop(wanting);
         if blocking.is_none() {
             match connect_pull(shared, client).await {
                 Ok(conn) => blocking = Some(conn),
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot connect to redis; retrying");
+                    // Not held through the wait: in a group it is another
+                    // queue's as much as this one's.
+                    drop(permit);
+                    shared.pull_failing.store(true, Ordering::Release);
                     if sleep_or_stop(stop, backoff.next_delay()).await {
                         break;
                     }
@@ -231,6 +239,19 @@ pub(crate) async fn pull_loop<S, B>(
         }
         let pulled = match batch {
             Ok(items) if !items.is_empty() => Ok(items),
+            // In a group, an empty queue blocks only when no one else may
+            // want the permit (crate::priority).
+            Ok(_) if must_not_block(shared, allowance) => {
+                drop(permit);
+                shared.pull_failing.store(false, Ordering::Release);
+                if let Some((group, _)) = &shared.settings.priority {
+                    tokio::select! {
+                        () = group.wait_turn() => {}
+                        () = stop.cancelled() => break,
+                    }
+                }
+                continue;
+            }
             Ok(_) => {
                 // Keep one permit for the blocking pull; give the rest back.
                 if let Some(one) = permit.split(1) {
@@ -256,6 +277,7 @@ pub(crate) async fn pull_loop<S, B>(
         };
         match pulled {
             Ok(items) => {
+                shared.pull_failing.store(false, Ordering::Release);
                 if !items.is_empty() {
                     backoff.reset();
                 }
@@ -283,6 +305,7 @@ pub(crate) async fn pull_loop<S, B>(
                 }
             }
             Err(err) if anteroom_redis::is_out_of_memory(&err) => {
+                drop(permit);
                 // Redis is over its maxmemory, and nothing was waiting (a
                 // batch is taken past it, `queue::pull_batch`): the
                 // connection is fine.
@@ -292,6 +315,8 @@ pub(crate) async fn pull_loop<S, B>(
                 }
             }
             Err(err) => {
+                drop(permit);
+                shared.pull_failing.store(true, Ordering::Release);
                 tracing::warn!(error = %err, redis = %client, "pull from redis failed; reconnecting");
                 // Its reply may be what was lost: Redis may have moved
                 // requests into the processing list that this process
@@ -312,6 +337,20 @@ pub(crate) async fn pull_loop<S, B>(
         }
     }
     shared.pull_client_id.store(0, Ordering::Release);
+}
+
+/// Whether a member of a priority group that found its queue empty must
+/// give its permit back rather than block on it: when its place came
+/// from its guaranteed share only (`allowance` limited), or when it took
+/// the group's last free permit and another member waits for one.
+fn must_not_block(shared: &Shared, allowance: usize) -> bool {
+    match &shared.settings.priority {
+        None => false,
+        Some((group, _)) => {
+            allowance != usize::MAX
+                || (shared.permits.available_permits() == 0 && group.wanting() > 0)
+        }
+    }
 }
 
 /// Opens the pull connection and records its client id for CLIENT UNBLOCK.

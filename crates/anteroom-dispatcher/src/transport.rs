@@ -95,8 +95,17 @@ impl Transport {
             let path = path.strip_prefix("//").unwrap_or(path);
             // Absolute, and within `sun_path` (108 bytes with its NUL on
             // Linux): a longer one could never connect.
-            if !path.starts_with('/') || path.len() > 107 || path.contains('\0') {
-                return Err(invalid());
+            let problem = if !path.starts_with('/') {
+                Some("the socket's path must be absolute: unix:/run/app.sock")
+            } else if path.len() > 107 {
+                Some("the socket's path must be under 108 bytes (the kernel's sun_path)")
+            } else if path.contains('\0') {
+                Some("the socket's path holds a NUL byte")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(UpstreamKind::UnixPath(url.to_owned(), problem).into());
             }
             return Ok((Transport::Unix(PathBuf::from(path)), String::new()));
         }

@@ -127,6 +127,9 @@ pub(crate) struct Shared {
     /// reply may be what was lost); the pull loop settles them before its
     /// next pull ([`crate::reconcile`]).
     pub(crate) orphans_possible: AtomicBool,
+    /// Set while pulls fail (connecting or pulling; cleared by one that
+    /// works): in a priority group, such a queue holds no one back.
+    pub(crate) pull_failing: AtomicBool,
 }
 
 /// One envelope counted in [`Shared::held`] while it lives.
@@ -313,6 +316,7 @@ where
         held: Mutex::default(),
         settling: tokio::sync::Mutex::new(()),
         orphans_possible: AtomicBool::new(false),
+        pull_failing: AtomicBool::new(false),
     });
     if let Some((group, rank)) = &shared.settings.priority {
         group.serve(*rank, &shared);

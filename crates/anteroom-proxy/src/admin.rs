@@ -394,7 +394,7 @@ async fn maintenance_record(
         }
     } else {
         serde_json::from_slice(&bytes)
-            .map_err(|_| "the body must be JSON: {\"message\": TEXT, \"retry_after\": SECONDS}\n")?
+            .map_err(|_| "the body must be a JSON object with at most message (text) and retry_after (seconds): {\"message\": TEXT, \"retry_after\": SECONDS}\n")?
     };
     if body
         .retry_after

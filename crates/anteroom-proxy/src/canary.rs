@@ -1,7 +1,9 @@
 //! Canary splits: which of a route's requests go to its canary queue
 //! (docs/operations.md, "Canary routing"). In order:
 //! 1. the configured header field says `1` (canary) or `0` (main);
-//! 2. the configured cookie says `1` or `0` (a client pinned to a side);
+//! 2. the configured cookie says `1` or `0` (a client pinned to a side;
+//!    `1` only while the weight is above 0, so setting it to 0 brings
+//!    every pinned client back);
 //! 3. otherwise a random draw with the split's weight, and with a cookie
 //!    configured the answer sets it (`Set-Cookie`, RFC 6265 section 4.1),
 //!    so the client's next requests stay on the side it drew.
@@ -66,9 +68,14 @@ impl Split {
             .as_ref()
             .and_then(|name| req.headers().get(name))
             .and_then(|v| said(v.as_bytes()));
+        // At weight 0 (the canary rolled back) a cookie saying `1` is
+        // not honoured: its client is drawn again, to the main queue, and
+        // re-pinned there. The header still picks the canary.
         let by_cookie = || {
             let name = self.cookie.as_deref()?;
-            cookie_value(req.headers(), name).and_then(said)
+            cookie_value(req.headers(), name)
+                .and_then(said)
+                .filter(|canary| !canary || self.weight_ppm > 0)
         };
         let choice = match by_header.or_else(by_cookie) {
             Some(canary) => Choice {

@@ -186,6 +186,12 @@ impl ProxyConfig {
         }
         if let Some(canary) = &self.canary {
             canary.check().map_err(crate::ServeError::BadCanary)?;
+            if canary.queue == self.queue {
+                return Err(crate::ServeError::BadCanary(format!(
+                    "canary queue: {:?} is the default queue itself",
+                    canary.queue
+                )));
+            }
         }
         if !(1..=100).contains(&self.redis_high_watermark) {
             return Err(crate::ServeError::BadWatermark(self.redis_high_watermark));
@@ -343,6 +349,12 @@ impl RouteConfig {
         }
         if let Some(canary) = &self.canary {
             canary.check()?;
+            if canary.queue == self.queue {
+                return Err(format!(
+                    "canary queue: {:?} is the route's own queue",
+                    canary.queue
+                ));
+            }
         }
         Ok(())
     }

@@ -228,7 +228,9 @@ impl Connections {
                     Err(resp) => resp,
                 };
                 response.body_mut().sent_for(request);
-                if let Some(cookie) = set_cookie {
+                // Not on a server error: a client is not pinned to a side
+                // that fails (it is drawn again next time).
+                if let Some(cookie) = set_cookie.filter(|_| !response.status().is_server_error()) {
                     // Beside the app's own cookies (RFC 6265 section 3:
                     // one Set-Cookie field per cookie).
                     response

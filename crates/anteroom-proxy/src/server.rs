@@ -113,6 +113,7 @@ pub async fn serve(
         default_queue = config.default_queue,
         proxy_id = %proxy_id,
         hold = ?config.hold,
+        tls = config.tls.is_some(),
         "proxy ready"
     );
     for keys in &queues.served {

@@ -91,8 +91,17 @@ impl MariaDb {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Runs `sql` as root over the server's socket; its rows, tab-separated.
+    /// Runs `sql` as root over the server's socket; its rows,
+    /// tab-separated. Panics when it fails.
     pub async fn sql(&self, sql: &str) -> String {
+        match self.try_sql(sql).await {
+            Ok(rows) => rows,
+            Err(err) => panic!("{sql}: {err}"),
+        }
+    }
+
+    /// [`sql`](Self::sql), its error returned.
+    pub async fn try_sql(&self, sql: &str) -> Result<String, String> {
         let (socket, sql) = (self.socket.clone(), sql.to_owned());
         let out = tokio::task::spawn_blocking(move || {
             Command::new("mariadb")
@@ -104,12 +113,11 @@ impl MariaDb {
         })
         .await
         .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 }
 
