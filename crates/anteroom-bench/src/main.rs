@@ -5,7 +5,9 @@
 //! (proxy + dispatcher with an in-process handler; proxy + dispatcher
 //! forwarding to the same upstream). Drives each with wrk for the same
 //! duration and connection count and prints requests/s, p50, p99, errors,
-//! and the ratio to nginx. A benchmark, not a test: nothing asserts speed.
+//! the ratio to nginx, and what one request costs each process (CPU
+//! microseconds) and Redis (commands), `cost.rs`. A benchmark, not a test:
+//! nothing asserts speed.
 //!
 //! Run with: `cargo run --release -p anteroom-bench -- --duration 10s --connections 64`
 //! (`--scenario stream`: a 1 GiB download, a 1 GiB upload and 1,000 event streams beside
@@ -19,6 +21,7 @@
 //! the distribution's packages unless `--install false`).
 
 mod adapters;
+mod cost;
 mod hold;
 mod scale;
 mod setups;
@@ -176,33 +179,75 @@ fn main() -> anyhow::Result<()> {
     let inprocess = setups::InProcess::start(&anteroom, &redis)?;
     let forwarding = setups::Forwarding::start(&anteroom, &redis, upstream)?;
 
-    let targets = [
-        ("upstream (direct)", format!("http://{upstream}/hello")),
-        ("nginx -> upstream", nginx.url("/hello")),
-        ("anteroom, in-process handler", inprocess.url("/hello")),
-        ("anteroom -> upstream", forwarding.url("/hello")),
+    // Each setup's processes, for the cost table: the upstream runs in
+    // this process (on one runtime thread; wrk is a process of its own).
+    use cost::Children::{Excluded, Included};
+    let bench = std::process::id();
+    let (proxy, dispatcher) = forwarding.pids();
+    let redis_url = redis.url();
+    let targets: [(&str, String, cost::Processes, bool); 4] = [
+        (
+            "upstream (direct)",
+            format!("http://{upstream}/hello"),
+            vec![("upstream", bench, Excluded)],
+            false,
+        ),
+        (
+            "nginx -> upstream",
+            nginx.url("/hello"),
+            vec![
+                ("nginx", nginx.pid(), Included),
+                ("upstream", bench, Excluded),
+            ],
+            false,
+        ),
+        (
+            "anteroom, in-process handler",
+            inprocess.url("/hello"),
+            vec![
+                ("anteroom", inprocess.pid(), Included),
+                ("redis", redis.pid(), Included),
+            ],
+            true,
+        ),
+        (
+            "anteroom -> upstream",
+            forwarding.url("/hello"),
+            vec![
+                ("proxy", proxy, Included),
+                ("dispatcher", dispatcher, Included),
+                ("upstream", bench, Excluded),
+                ("redis", redis.pid(), Included),
+            ],
+            true,
+        ),
     ];
-    for (_, url) in &targets {
+    for (_, url, _, _) in &targets {
         wrk::warm_up(url)?;
     }
-    let mut runs = vec![(args.connections, Vec::new())];
+    let mut runs = vec![(args.connections, Vec::new(), Vec::new())];
     if args.single {
-        runs.push((1, Vec::new()));
+        runs.push((1, Vec::new(), Vec::new()));
     }
-    for (connections, results) in &mut runs {
-        for (name, url) in &targets {
+    for (connections, results, costs) in &mut runs {
+        for (name, url, processes, uses_redis) in &targets {
             let threads = args.threads.min(*connections);
-            let figures = wrk::run(url, threads, *connections, args.duration)
-                .with_context(|| format!("driving {name}"))?;
+            let redis_url = uses_redis.then_some(redis_url.as_str());
+            let (figures, cost) = cost::measure(processes, redis_url, || {
+                wrk::run(url, threads, *connections, args.duration)
+            })
+            .with_context(|| format!("driving {name}"))?;
             results.push((*name, figures));
+            costs.push((*name, cost));
         }
     }
     println!(
         "\nAnteroom beside nginx: {} per setup, wrk, one machine, everything on loopback",
         humantime::format_duration(args.duration)
     );
-    for (connections, results) in &runs {
+    for (connections, results, costs) in &runs {
         wrk::print_table(*connections, results);
+        cost::print_table(*connections, costs);
     }
     drop((inprocess, forwarding, nginx, redis));
     Ok(())

@@ -114,6 +114,15 @@ pub(crate) fn children(pid: u32) -> Vec<u32> {
 /// children, in microseconds (`utime` and `stime` of proc(5), in clock
 /// ticks of `getconf CLK_TCK`). 0 for a process that is gone.
 pub(crate) fn cpu_micros(pid: u32) -> u64 {
+    std::iter::once(pid)
+        .chain(children(pid))
+        .map(own_cpu_micros)
+        .sum()
+}
+
+/// CPU time used so far by process `pid` alone (all its threads, none of
+/// its children), in microseconds; 0 for a process that is gone.
+pub(crate) fn own_cpu_micros(pid: u32) -> u64 {
     static TICK_MICROS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let tick = *TICK_MICROS.get_or_init(|| {
         Command::new("getconf")
@@ -130,19 +139,15 @@ pub(crate) fn cpu_micros(pid: u32) -> u64 {
             .filter(|&hz| hz > 0)
             .map_or(10_000, |hz| 1_000_000 / hz)
     });
-    let ticks = |pid: u32| {
-        stat_fields(pid).map_or(0, |f| {
-            // utime and stime are fields 14 and 15; f[0] is field 3.
-            let field = |n: usize| {
-                f.get(n - 3)
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            field(14) + field(15)
-        })
-    };
-    let all: u64 = std::iter::once(pid).chain(children(pid)).map(ticks).sum();
-    all * tick
+    stat_fields(pid).map_or(0, |f| {
+        // utime and stime are fields 14 and 15; f[0] is field 3.
+        let field = |n: usize| {
+            f.get(n - 3)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (field(14) + field(15)) * tick
+    })
 }
 
 /// A child process killed on drop.
@@ -376,6 +381,11 @@ impl InProcess {
 
     pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The process's pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self._proc.pid()
     }
 }
 

@@ -8,6 +8,8 @@ use anyhow::{Context, bail};
 /// What one wrk run measured.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Figures {
+    /// Requests completed in the run.
+    pub(crate) requests: u64,
     pub(crate) requests_per_sec: f64,
     pub(crate) p50: Duration,
     pub(crate) p99: Duration,
@@ -55,6 +57,13 @@ fn parse(text: &str) -> anyhow::Result<Figures> {
         .parse()?;
     let p50 = parse_latency(field("50%").context("no 50% latency")?)?;
     let p99 = parse_latency(field("99%").context("no 99% latency")?)?;
+    // "123456 requests in 8.00s, 15.2MB read"
+    let requests: u64 = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.split_once(" requests in ").map(|(n, _)| n.trim()))
+        .context("no request count in wrk's output")?
+        .parse()?;
     let non_2xx: u64 = field("Non-2xx or 3xx responses:").map_or(Ok(0), str::parse)?;
     let socket: u64 = field("Socket errors:").map_or(0, |s| {
         s.split(',')
@@ -62,6 +71,7 @@ fn parse(text: &str) -> anyhow::Result<Figures> {
             .sum()
     });
     Ok(Figures {
+        requests,
         requests_per_sec,
         p50,
         p99,
@@ -125,6 +135,7 @@ mod tests {
     fn reads_wrk_output() {
         let out = "Running 1s test @ http://x/\n  2 threads and 8 connections\n  Latency Distribution\n     50%  635.91us\n     75%  712.00us\n     90%    1.00ms\n     99%    2.50ms\n  1234 requests in 1.00s, 10KB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 5\nRequests/sec:   1234.56\nTransfer/sec:     10.00KB\n";
         let f = parse(out).unwrap();
+        assert_eq!(f.requests, 1234);
         assert_eq!(f.requests_per_sec, 1234.56);
         assert_eq!(f.p50, Duration::from_nanos(635_910));
         assert_eq!(f.p99, Duration::from_micros(2_500));
