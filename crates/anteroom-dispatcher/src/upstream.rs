@@ -11,8 +11,7 @@ use std::path::Path;
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tower::Service;
 
 use crate::Body;
@@ -75,24 +74,17 @@ impl Upstream {
             ))
             .into());
         }
-        let mut upstream = Self {
-            pool: Pool::Tcp(Client::builder(TokioExecutor::new()).build_http()),
+        Ok(Self {
+            pool: pool_for(&transport, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_HEADERS),
             transport,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_headers: DEFAULT_MAX_HEADERS,
             prefix,
-        };
-        upstream.rebuild();
-        Ok(upstream)
+        })
     }
 
     fn rebuild(&mut self) {
-        let settings = PoolSettings {
-            idle_timeout: self.idle_timeout,
-            max_idle: usize::MAX,
-            max_headers: self.max_headers,
-        };
-        self.pool = Pool::new(&self.transport, &settings);
+        self.pool = pool_for(&self.transport, self.idle_timeout, self.max_headers);
     }
 
     /// How long an idle keep-alive connection to the upstream is kept for
@@ -156,6 +148,17 @@ impl Upstream {
             self.transport.uri(&format!("{}{}", self.prefix, path))
         }
     }
+}
+
+/// The keep-alive pool for `transport`, keeping idle connections
+/// `idle_timeout` and taking at most `max_headers` response fields.
+fn pool_for(transport: &Transport, idle_timeout: Duration, max_headers: usize) -> Pool<Body> {
+    let settings = PoolSettings {
+        idle_timeout,
+        max_idle: usize::MAX,
+        max_headers,
+    };
+    Pool::new(transport, &settings)
 }
 
 impl Service<Request<Body>> for Upstream {
