@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anteroom_testkit::{LocalRedis, free_port};
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -35,8 +35,23 @@ pub(crate) struct HoldFigures {
     pub(crate) rss_peak_kib: u64,
     /// RSS once every request waits (after the burst of arrivals).
     pub(crate) rss_settled_kib: u64,
+    /// Redis's `used_memory` (`INFO memory`) before the first request and
+    /// once every request waits, in bytes.
+    pub(crate) redis_used_idle: u64,
+    pub(crate) redis_used_held: u64,
+    /// How long sending every request until all waited in Redis took.
+    pub(crate) fill: Duration,
     pub(crate) drain: Duration,
     pub(crate) errors: usize,
+}
+
+/// Redis's `used_memory` in bytes (`INFO memory`).
+async fn redis_used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no used_memory in INFO memory"))
 }
 
 /// Redis clients other than the bench's own (named `anteroom-bench`).
@@ -72,12 +87,22 @@ pub(crate) async fn run(
                 "--max-waiting",
                 &(total + 1000).to_string(),
             ])
-            .args(["--max-waiting-bytes", "2GiB"])
+            // Room for every request (2 GiB, or 4 KiB each beyond 500,000).
+            .args([
+                "--max-waiting-bytes",
+                &format!("{}KiB", (total as u64 * 4).max(2 << 20)),
+            ])
             .env("RUST_LOG", "error"),
     )?;
+    // Patient: with a million requests arriving, Redis and this process
+    // share two cores with the proxy.
     let mut conn = redis::Client::open(redis.url())?
-        .get_multiplexed_async_connection()
-        .await?;
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .context("connecting to redis")?;
     redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg("anteroom-bench")
@@ -97,8 +122,10 @@ pub(crate) async fn run(
     let pid = proxy.pid();
     let rss_idle_kib = rss_kib(pid)?;
     let mut redis_connections_max = proxy_clients(&mut conn).await?;
+    let redis_used_idle = redis_used_memory(&mut conn).await?;
 
     // Open the connections and send every request; none can be answered yet.
+    let sending = Instant::now();
     let done = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -130,9 +157,12 @@ pub(crate) async fn run(
             }));
         }
     }
-    // Wait until every request waits in Redis, sampling as we go.
+    // Wait until every request waits in Redis, sampling as we go (at
+    // least 5,000 a second, however slow the machine).
     let queued_by = Instant::now();
+    let fill_limit = Duration::from_secs(120).max(Duration::from_secs((total / 5000) as u64));
     let mut rss_peak_kib = rss_idle_kib;
+    let mut last_report = Instant::now();
     loop {
         let waiting: usize = redis::cmd("LLEN")
             .arg(anteroom_protocol::Keys::new(QUEUE)?.requests())
@@ -143,13 +173,19 @@ pub(crate) async fn run(
         if waiting >= total {
             break;
         }
-        if queued_by.elapsed() > Duration::from_secs(120) || done.load(Ordering::Relaxed) > 0 {
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            eprintln!("  ... {waiting} of {total} waiting in redis");
+            last_report = Instant::now();
+        }
+        if queued_by.elapsed() > fill_limit || done.load(Ordering::Relaxed) > 0 {
             bail!("only {waiting} of {total} requests got queued");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let fill = sending.elapsed();
     // Settled: sample once more while all of them wait.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let redis_used_held = redis_used_memory(&mut conn).await?;
     let rss_settled_kib = rss_kib(pid)?;
     rss_peak_kib = rss_peak_kib.max(rss_settled_kib);
     redis_connections_max = redis_connections_max.max(proxy_clients(&mut conn).await?);
@@ -157,7 +193,7 @@ pub(crate) async fn run(
     let drain_start = Instant::now();
     let _dispatcher = spawn_dispatcher(anteroom, redis, QUEUE, upstream)?;
     while done.load(Ordering::Relaxed) < total {
-        if drain_start.elapsed() > Duration::from_secs(300) {
+        if drain_start.elapsed() > fill_limit.max(Duration::from_secs(300)) {
             bail!(
                 "drain did not finish: {} of {total}",
                 done.load(Ordering::Relaxed)
@@ -176,6 +212,9 @@ pub(crate) async fn run(
         rss_idle_kib,
         rss_peak_kib,
         rss_settled_kib,
+        redis_used_idle,
+        redis_used_held,
+        fill,
         drain,
         errors: errors.load(Ordering::Relaxed),
     })
@@ -200,6 +239,17 @@ pub(crate) fn print(f: &HoldFigures) {
     println!(
         "  memory per waiting request (all queued)     {settled:.0} bytes ({} KiB RSS)",
         f.rss_settled_kib
+    );
+    println!(
+        "  redis used_memory idle / held               {} KiB / {} KiB: {:.0} bytes per held request",
+        f.redis_used_idle / 1024,
+        f.redis_used_held / 1024,
+        f.redis_used_held.saturating_sub(f.redis_used_idle) as f64 / f.held as f64
+    );
+    println!(
+        "  fill (sent until all waited in redis)      {:.2} s, {:.0} requests/s",
+        f.fill.as_secs_f64(),
+        f.held as f64 / f.fill.as_secs_f64()
     );
     println!(
         "  drain                                       {:.2} s, {:.0} requests/s",
