@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anteroom_protocol::Failure;
 use anteroom_runtime::http::{Accepted, request_started};
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -199,7 +201,7 @@ impl Connections {
             let answer = match router.pick(&req) {
                 Some(picked) => {
                     set_cookie = picked.set_cookie;
-                    Ok(handler::handle(
+                    Either::Left(handler::handle(
                         Arc::clone(picked.state),
                         req,
                         peer,
@@ -218,15 +220,19 @@ impl Connections {
                         // over HTTP/2 too.
                         *resp.body_mut() = http_body_util::Full::default();
                     }
-                    Err(Answer::early(resp, req.into_body(), version, &activity))
+                    Either::Right(std::future::ready(Answer::early(
+                        resp,
+                        req.into_body(),
+                        version,
+                        &activity,
+                    )))
                 }
             };
             let draining = Arc::clone(&draining);
-            async move {
-                let mut response = match answer {
-                    Ok(handling) => handling.await,
-                    Err(resp) => resp,
-                };
+            // A map, not an async block awaiting `answer`: the block would
+            // keep room for `answer` twice (captured, and being awaited),
+            // and every waiting request pays for its future's size.
+            answer.map(move |mut response| {
                 response.body_mut().sent_for(request);
                 // Not on a server error: a client is not pinned to a side
                 // that fails (it is drawn again next time).
@@ -250,7 +256,7 @@ impl Connections {
                     );
                 }
                 Ok::<_, Infallible>(response)
-            }
+            })
         })
     }
 
