@@ -195,8 +195,8 @@ impl Connections {
             let request = activity.request();
             let version = req.version();
             let http1 = version < http::Version::HTTP_2;
-            // Built here, not inside the async block, so the request is not
-            // kept in the future while it waits (see `handler::handle`).
+            // Built here, not in the future returned, so the request is not
+            // kept in it while it waits (see `handler::handle`).
             let mut set_cookie = None;
             let answer = match router.pick(&req) {
                 Some(picked) => {
