@@ -37,23 +37,15 @@ pub(crate) struct HoldFigures {
     pub(crate) rss_peak_kib: u64,
     /// RSS once every request waits (after the burst of arrivals).
     pub(crate) rss_settled_kib: u64,
-    /// Redis's `used_memory` (`INFO memory`) before the first request and
-    /// once every request waits, in bytes.
+    /// The bytes Redis counts against its limit
+    /// ([`anteroom_redis::MemoryInfo::used`]) before the first request and
+    /// once every request waits.
     pub(crate) redis_used_idle: u64,
     pub(crate) redis_used_held: u64,
     /// How long sending every request until all waited in Redis took.
     pub(crate) fill: Duration,
     pub(crate) drain: Duration,
     pub(crate) errors: usize,
-}
-
-/// Redis's `used_memory` in bytes (`INFO memory`).
-async fn redis_used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-    info.lines()
-        .find_map(|line| line.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no used_memory in INFO memory"))
 }
 
 /// Redis clients other than the bench's own (named `anteroom-bench`).
@@ -131,7 +123,7 @@ pub(crate) async fn run(
     let pid = proxy.pid();
     let rss_idle_kib = rss_kib(pid)?;
     let mut redis_connections_max = proxy_clients(&mut conn).await?;
-    let redis_used_idle = redis_used_memory(&mut conn).await?;
+    let redis_used_idle = anteroom_redis::memory_info(&mut conn).await?.used;
 
     // Open the connections and send every request; none can be answered yet.
     let sending = Instant::now();
@@ -192,7 +184,7 @@ pub(crate) async fn run(
     let fill = sending.elapsed();
     // Settled: sample once more while all of them wait.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let redis_used_held = redis_used_memory(&mut conn).await?;
+    let redis_used_held = anteroom_redis::memory_info(&mut conn).await?.used;
     let rss_settled_kib = rss_kib(pid)?;
     rss_peak_kib = rss_peak_kib.max(rss_settled_kib);
     redis_connections_max = redis_connections_max.max(proxy_clients(&mut conn).await?);
