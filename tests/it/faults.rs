@@ -16,10 +16,12 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 
 use crate::support::app::{Ran, recording_upstream};
-use crate::support::bin::BinProcess;
+use crate::support::bin::{BinProcess, command, start_proxy_on};
 use crate::support::load::{Load, Summary};
 use crate::support::web::{client, send};
-use crate::support::{control, start_redis, until_dispatching, wait_for_port};
+use crate::support::{
+    control, eventually, redis_conn, start_redis, until_dispatching, wait_for_port,
+};
 use anteroom_testkit::relay::Relay;
 
 /// Which process reaches Redis through the relay.
@@ -94,9 +96,11 @@ impl Setup {
     }
 
     /// Every client answered within the hold budget; no POST ran twice,
-    /// and each answered 200 ran exactly once; what `allowed` says about
-    /// other statuses. Prints the figures.
-    fn check(&self, name: &str, summary: &Summary, allowed: &[StatusCode]) {
+    /// and each answered 200 ran exactly once; no GET answered 502 (a
+    /// safe request is run again, never given up); what `allowed` says
+    /// about other statuses. Prints the figures; returns the median
+    /// latency.
+    fn check(&self, name: &str, summary: &Summary, allowed: &[StatusCode]) -> Duration {
         let mut runs: HashMap<String, usize> = HashMap::new();
         for id in self
             .ran
@@ -130,6 +134,8 @@ impl Setup {
             let status = s.status.unwrap();
             if s.method == http::Method::POST {
                 assert!(times <= 1, "{name}: POST {id} ran {times} times");
+            } else {
+                assert_ne!(status, StatusCode::BAD_GATEWAY, "{name}: GET {id} got 502");
             }
             if status == StatusCode::OK {
                 assert!(times >= 1, "{name}: {id} answered 200 but never ran");
@@ -142,6 +148,7 @@ impl Setup {
                 assert!(allowed.contains(&status), "{name}: {id} got {status}");
             }
         }
+        p50
     }
 
     /// How long until a fresh GET is answered 200, at most `limit`.
@@ -171,7 +178,12 @@ async fn slow_network(link: Link) {
     let load = setup.load("latency");
     tokio::time::sleep(Duration::from_secs(4)).await;
     let summary = load.finish().await;
-    setup.check(&format!("{link:?} link, 200 ms each way"), &summary, &[]);
+    let p50 = setup.check(&format!("{link:?} link, 200 ms each way"), &summary, &[]);
+    // Every request crosses the link at least once each way.
+    assert!(
+        p50 >= Duration::from_millis(400),
+        "{link:?} link: p50 {p50:?} with 200 ms each way: the latency was not applied"
+    );
 
     setup.relay.set_latency(Duration::ZERO);
     setup.relay.set_slow_every(20);
@@ -244,4 +256,168 @@ async fn partition(link: Link, name: &str, allowed: &[StatusCode]) {
         back < Duration::from_secs(2),
         "{name}: service back only {back:?} after the heal"
     );
+}
+
+/// A dispatcher cut off from Redis for longer than its heartbeat TTL is
+/// reaped while alive: a reaper takes its processing list and removes its
+/// registry entry. After the heal it is in the registry again before it
+/// pulls anything, so a request it then pulls and dies holding is found
+/// by a reaper and run again. (Found by the chaos soak: a dispatcher
+/// killed just after such a heal held a GET no reaper looked for, which
+/// waited out its hold budget for a 504.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_reaped_while_cut_off_registers_before_it_pulls() {
+    let queue = "reaped-alive";
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    // The cut-off dispatcher's app takes requests and never answers; the
+    // one that runs the GET again answers at once.
+    let (hanging, received) = hanging_upstream().await;
+    let (upstream, ran) = recording_upstream().await;
+    let (_proxy, base) = start_proxy_on(&redis.url(), queue, "60s", &[]).await;
+    let registry = format!("anteroom:{{{queue}}}:dispatchers");
+    let mut conn = redis_conn(&redis).await;
+    let mut cut_off = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &relay.url(),
+        "--queue",
+        queue,
+        "--upstream",
+        &hanging,
+        "--heartbeat-ttl",
+        "6s",
+        "--concurrency",
+        "1",
+    ]);
+    let control = control(&redis, queue).await;
+    until_dispatching(&control).await;
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(&registry)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let [id] = members.as_slice() else {
+        panic!("one dispatcher expected in the registry: {members:?}");
+    };
+    let heartbeat = format!("anteroom:{{{queue}}}:dispatcher:{id}");
+
+    // Cut off until its heartbeat expires; a reaping pass (by hand, so no
+    // other dispatcher takes the request below) removes its entry. Its
+    // connections are reset before the heal, so no beat it sent during
+    // the partition lands afterwards: it must write one itself.
+    relay.set_partitioned(true);
+    eventually("the heartbeat to expire", Duration::from_secs(10), || {
+        let (mut conn, heartbeat) = (conn.clone(), heartbeat.clone());
+        async move {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&heartbeat)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            !exists
+        }
+    })
+    .await;
+    let reaped = command()
+        .args(["reap", "--redis", &redis.url(), "--queue", queue])
+        .output()
+        .unwrap();
+    assert!(reaped.status.success(), "{reaped:?}");
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&registry)
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(score, None, "the reaping pass left the registry entry");
+
+    // A GET waits; the heal; the dispatcher pulls it, and its app holds
+    // it. At that moment the dispatcher must be registered and beating.
+    let waiting = tokio::spawn({
+        let uri = format!("{base}/run/held");
+        async move { send(&client(), Request::get(uri).body(Full::default()).unwrap()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.reset();
+    relay.set_partitioned(false);
+    tokio::time::timeout(Duration::from_secs(10), received)
+        .await
+        .expect("the cut-off dispatcher's app receives the GET within 10 s")
+        .unwrap();
+    let (score, exists): (Option<f64>, bool) = redis::pipe()
+        .cmd("ZSCORE")
+        .arg(&registry)
+        .arg(id)
+        .cmd("EXISTS")
+        .arg(&heartbeat)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        score.is_some() && exists,
+        "a request pulled while the dispatcher is not registered (entry {score:?}, heartbeat \
+         {exists}): no reaper would find it"
+    );
+
+    // It dies holding the GET: a reaper finds it, another dispatcher runs
+    // it, and the client gets 200.
+    let _ = cut_off.child().kill();
+    let _ = cut_off.child().wait();
+    let started = Instant::now();
+    let _rescuer = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        &redis.url(),
+        "--queue",
+        queue,
+        "--upstream",
+        &upstream,
+        "--reap-every",
+        "1s",
+    ]);
+    let answer = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the GET answered within 30 s")
+        .unwrap();
+    println!(
+        "GET held by a dispatcher reaped while cut off, then killed: {} after {:?}",
+        answer.status,
+        started.elapsed()
+    );
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        ran.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|r| r.as_str() == "held")
+            .count(),
+        1
+    );
+}
+
+/// An app that accepts connections, reads each request's head and never
+/// answers: its URL, and a receiver told when the first request arrives.
+async fn hanging_upstream() -> (String, tokio::sync::oneshot::Receiver<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tell, received) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut tell = Some(tell);
+        let mut open = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut head = [0u8; 1024];
+            // A health check connects and leaves; a request sends a head.
+            if matches!(socket.read(&mut head).await, Ok(n) if n > 0) {
+                if let Some(tell) = tell.take() {
+                    let _ = tell.send(());
+                }
+            }
+            open.push(socket);
+        }
+    });
+    (url, received)
 }

@@ -3,25 +3,32 @@
 //!
 //! Two proxies and three dispatchers, in front of a real app that keeps a
 //! ledger of every execution (`tests/apps/ledger_app.py`), on Redis under
-//! Sentinel (a primary, a replica, three sentinels). One proxy (`a`) and
-//! two dispatchers (`d1`, `d2`) find the primary through the sentinels;
-//! the other proxy (`b`) and dispatcher (`d3`) reach it through a relay
-//! each ([`anteroom_testkit::relay`]: a TCP load balancer in front of
-//! Sentinel, asking it for the primary at each connection), where the
-//! network faults are injected. Steady mixed load runs through both
-//! proxies: GETs, streamed GETs, POSTs with and without `Idempotency-Key`,
-//! and uploads. Meanwhile a scheduler (seeded, so a run can be repeated)
-//! goes through every fault in a random order, again and again:
+//! Sentinel (a primary, a replica, three sentinels). Proxy `a` and
+//! dispatchers `d1` and `d3` reach Redis through a relay
+//! ([`anteroom_testkit::relay`]: a TCP load balancer in front of
+//! Sentinel, asking it for the primary at each connection; one for the
+//! proxy, one for the two dispatchers), where the network faults are
+//! injected; proxy `b` and dispatcher `d2` find the primary through the
+//! sentinels themselves. Proxy `a` and dispatcher `d1` live through the
+//! whole run, so the faults and the memory check meet in them. Steady
+//! mixed load runs through both proxies: GETs, streamed GETs, POSTs with
+//! and without `Idempotency-Key`, and uploads larger than the proxy's
+//! `--body-buffer` (their bodies stream through Redis). Meanwhile a
+//! scheduler (seeded, so a run can be repeated) goes through every fault
+//! in a random order, again and again:
 //! - SIGKILL a dispatcher (`d2` or `d3`), started again a second later;
 //! - upgrade proxy `b` (the `examples/deploy/upgrade_proxy.sh` playbook);
 //! - restart the app (SIGTERM, as a deploy stops it, then start again);
 //! - SIGKILL the Redis primary; the sentinels promote the replica, and a
 //!   new replica is started for the next time;
-//! - a 10 s partition between a relayed process and Redis;
+//! - a 10 s partition between the relayed processes and Redis;
 //! - 200 ms more latency each way for 5 s;
 //! - 5 % of segments late by a retransmission timeout for 5 s;
-//! - lost replies: to proxy `b`'s next enqueue or next reply of any kind,
-//!   and to `d3`'s next pull, completion or stream push, or any reply.
+//! - lost replies: to proxy `a`'s next enqueue or next reply of any kind,
+//!   and to `d1`'s or `d3`'s next pull, completion or stream push, reaper
+//!   claim, or any reply;
+//! - a pause (`anteroom pause --wait`, held 1 s, then `anteroom resume`)
+//!   with the reply to the next pause acknowledgement lost.
 //!
 //! At the end it checks and prints: every request answered (no transport
 //! error, no client timeout), none with 504 (a 504 waited out the whole
@@ -30,13 +37,18 @@
 //! 2xx carried out exactly once, and no POST carried out twice; no request
 //! answered 503 ever run; no execution that started after its client's
 //! 504; safe requests (GET) never answered 5xx; every 2xx body the
-//! request's own; every kind of fault injected; the count of each status;
-//! the RSS of the long-lived processes (`a`, `d1`) after warm-up and at
-//! the end (at most 10 % growth, checked in runs of 5 minutes or more:
-//! over the test's one minute it is the allocators settling, printed). A streamed response cut short after its
-//! head (its dispatcher killed mid-stream, or a chunk lost with a killed
-//! primary) is counted apart: a reverse proxy can only cut such a
-//! response short, as nginx does when its upstream dies mid-body.
+//! request's own; every kind of fault injected, and replies lost on both
+//! relays; the count of each status; the RSS of the long-lived processes
+//! (`a`, `d1`, the three sentinels) after warm-up and at the end (at most
+//! 10 % growth, checked in runs of 5 minutes or more: over the test's one
+//! minute it is the allocators settling, printed). A streamed response
+//! cut short after its head is counted apart when a dispatcher or the
+//! Redis primary was killed while it ran (its dispatcher died mid-stream,
+//! or a chunk went with the primary), or the dispatchers were cut off
+//! from Redis longer than their heartbeat TTL (reaped as dead, their
+//! streams run again and so aborted): a reverse proxy can only cut such a
+//! response short, as nginx does when its upstream dies mid-body. One cut
+//! short with no such kill during it is a finding.
 //! `anteroom-bench --scenario chaos --duration 10m`
 //! runs it; the test `chaos::a_minute_of_chaos_loses_nothing` runs 60 s.
 
@@ -74,14 +86,17 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(45);
 const CLIENTS: usize = 8;
 /// Each client's pause between requests.
 const PACE: Duration = Duration::from_millis(10);
-/// Bytes of an upload.
-const UPLOAD: usize = 256 * 1024;
+/// Bytes of an upload: over the proxy's default `--body-buffer` (256 KiB),
+/// so the body streams to the dispatcher through Redis.
+const UPLOAD: usize = 512 * 1024;
 /// Bytes of a streamed response (the app's 8 chunks of 8 KiB).
 const STREAMED: usize = 65_536;
 /// How much later than its client's 504 an execution may start and still
 /// count as started before it: the dispatcher checked the deadline, then
 /// forwarded to the app (a loopback hop).
 const START_SLACK_MS: u64 = 250;
+/// How the faults name the relayed dispatchers.
+const DISPATCHERS_RELAYED: &str = "dispatchers d1 and d3";
 /// Most RSS growth allowed for a long-lived process, in percent.
 const RSS_GROWTH: f64 = 10.0;
 /// Runs at least this long check the RSS growth (shorter ones print it).
@@ -134,7 +149,7 @@ impl Kind {
             Kind::Stream => "streamed GET",
             Kind::Post => "POST",
             Kind::KeyedPost => "POST with Idempotency-Key",
-            Kind::Upload => "upload (POST with Idempotency-Key, 256 KiB)",
+            Kind::Upload => "upload (POST with Idempotency-Key, 512 KiB, streamed)",
         }
     }
 }
@@ -168,9 +183,10 @@ enum Fault {
     Latency,
     Loss,
     LostReplies,
+    Pause,
 }
 
-const FAULTS: [Fault; 8] = [
+const FAULTS: [Fault; 9] = [
     Fault::KillDispatcher,
     Fault::UpgradeProxy,
     Fault::RestartApp,
@@ -179,6 +195,7 @@ const FAULTS: [Fault; 8] = [
     Fault::Latency,
     Fault::Loss,
     Fault::LostReplies,
+    Fault::Pause,
 ];
 
 impl Fault {
@@ -191,7 +208,8 @@ impl Fault {
             Fault::Partition => "10 s partition from Redis",
             Fault::Latency => "200 ms latency each way, 5 s",
             Fault::Loss => "5 % of segments late (loss), 5 s",
-            Fault::LostReplies => "lost replies (enqueue, pull, completion, any)",
+            Fault::LostReplies => "lost replies (enqueue, pull, completion, claim, any)",
+            Fault::Pause => "pause 1 s, a pause acknowledgement's reply lost",
         }
     }
 }
@@ -208,6 +226,8 @@ pub struct ChaosReport {
     /// POST effects per request id.
     effects: HashMap<String, usize>,
     rss: Vec<(String, u64, u64)>,
+    /// Replies the relays lost: proxy `a`'s, and `d1`'s and `d3`'s.
+    lost: (usize, usize),
     violations: Vec<String>,
     logs: PathBuf,
 }
@@ -246,6 +266,11 @@ impl ChaosReport {
                 fault.name()
             );
         }
+        let _ = writeln!(
+            out,
+            "replies lost on the network: {} to proxy a, {} to dispatchers d1 and d3",
+            self.lost.0, self.lost.1
+        );
         let _ = writeln!(out, "requests: {}", self.outcomes.len());
         let mut kinds: Vec<(Kind, usize)> = count_by(&self.outcomes, |o| o.kind);
         kinds.sort();
@@ -264,7 +289,8 @@ impl ChaosReport {
         let cut = self.outcomes.iter().filter(|o| o.cut.is_some()).count();
         let _ = writeln!(
             out,
-            "streamed responses cut mid-body (their dispatcher killed mid-stream): {cut}"
+            "streamed responses cut mid-body (a dispatcher or the primary killed, or the \
+             dispatchers cut off, meanwhile): {cut}"
         );
         for o in self
             .outcomes
@@ -337,7 +363,8 @@ impl ChaosReport {
                 "checks: every request answered, none with 504, 95 % or more 2xx; every 2xx \
                  answer in the ledger; every 2xx POST carried out exactly once, none twice; \
                  no 503'd request run; no execution after its client's 504; no safe request \
-                 answered 5xx; every body its request's own; every fault injected; RSS within \
+                 answered 5xx; every body its request's own; every stream cut short during a \
+                 kill; every fault injected, replies lost on both relays; RSS within \
                  {RSS_GROWTH} % (runs of 5 minutes or more): all held"
             );
         } else {
@@ -396,7 +423,7 @@ impl Proc {
         let out = OpenOptions::new().create(true).append(true).open(log)?;
         let child = Command::new(program)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_filter())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -432,6 +459,13 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The `RUST_LOG` of every process the soak starts: `ANTEROOM_CHAOS_LOG`
+/// (e.g. `info,anteroom_dispatcher=debug` to follow a finding), else
+/// `warn`.
+fn log_filter() -> String {
+    std::env::var("ANTEROOM_CHAOS_LOG").unwrap_or_else(|_| "warn".to_owned())
 }
 
 /// Sends SIGNAL to `pid` with kill(1) (no `unsafe` here).
@@ -495,6 +529,8 @@ struct Rig {
     proxy_b_port: u16,
     proxy_a_port: u16,
     dispatchers: [Proc; 3],
+    /// How many times lost replies were injected so far.
+    lost_replies_injected: usize,
 }
 
 impl Rig {
@@ -518,19 +554,19 @@ impl Rig {
         let sentinel_url = sentinel.url();
         let proxy_a = Proc::spawn(
             &config.anteroom,
-            &proxy_args(&sentinel_url, proxy_a_port),
+            &proxy_args(&proxy_relay.url(), proxy_a_port),
             &logs.join("proxy-a.log"),
         )?;
         let proxy_b = Proc::spawn(
             &config.anteroom,
-            &proxy_args(&proxy_relay.url(), proxy_b_port),
+            &proxy_args(&sentinel_url, proxy_b_port),
             &logs.join("proxy-b.log"),
         )?;
         let upstream = format!("http://127.0.0.1:{app_port}");
         let dispatchers = [
             Proc::spawn(
                 &config.anteroom,
-                &dispatcher_args(&sentinel_url, &upstream, "d1"),
+                &dispatcher_args(&dispatcher_relay.url(), &upstream, "d1"),
                 &logs.join("d1.log"),
             )?,
             Proc::spawn(
@@ -563,6 +599,7 @@ impl Rig {
             proxy_b_port,
             proxy_a_port,
             dispatchers,
+            lost_replies_injected: 0,
         })
     }
 
@@ -570,8 +607,10 @@ impl Rig {
         format!("http://127.0.0.1:{}", self.app_port)
     }
 
+    /// Where dispatcher `d{index + 1}` reaches Redis: `d1` and `d3` through
+    /// the relay, `d2` through the sentinels.
     fn dispatcher_redis(&self, index: usize) -> String {
-        if index == 2 {
+        if index != 1 {
             self.dispatcher_relay.url()
         } else {
             self.sentinel.url()
@@ -629,10 +668,13 @@ impl Rig {
             }
             Fault::LostReplies => {
                 // A command whose effect outlives its lost reply
-                // (docs/protocol.md, "Lost replies"), for each relayed
-                // process: proxy b's next enqueue or any next reply (a take
-                // of its reply list, a heartbeat, a clock reading); d3's
-                // next pull, completion or stream push, or any next reply.
+                // (docs/protocol.md, "Lost replies"), for each relay:
+                // proxy a's next enqueue or any next reply (a take of its
+                // reply list, a heartbeat, a clock reading); d1's or d3's
+                // next pull, completion or stream push, reaper claim (only
+                // after a first injection: a claim waits for a dispatcher
+                // to die, so the run's only injection could miss it), or
+                // any next reply.
                 let proxy = if rng.random_bool(0.5) {
                     self.proxy_relay.lose_reply_to(b"LPUSH");
                     "enqueue"
@@ -640,7 +682,13 @@ impl Rig {
                     self.proxy_relay.lose_next_reply();
                     "reply of any kind"
                 };
-                let dispatcher = match rng.random_range(0..3) {
+                let kinds = if self.lost_replies_injected == 0 {
+                    3
+                } else {
+                    4
+                };
+                self.lost_replies_injected += 1;
+                let dispatcher = match rng.random_range(0..kinds) {
                     0 => {
                         self.dispatcher_relay.lose_reply_to(b"LMOVE");
                         "pull"
@@ -649,24 +697,105 @@ impl Rig {
                         self.dispatcher_relay.lose_reply_to(b"RPUSH");
                         "completion or stream push"
                     }
-                    _ => {
+                    2 => {
                         self.dispatcher_relay.lose_next_reply();
                         "reply of any kind"
                     }
+                    _ => {
+                        // The reaping script's first line (the claim).
+                        self.dispatcher_relay
+                            .lose_reply_to(b"if redis.call('EXISTS'");
+                        "reaper claim"
+                    }
+                };
+                let before = (self.proxy_relay.lost(), self.dispatcher_relay.lost());
+                let armed = Instant::now();
+                while armed.elapsed() < Duration::from_secs(3)
+                    && (self.proxy_relay.lost() == before.0
+                        || self.dispatcher_relay.lost() == before.1)
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let fired = |lost: usize, before: usize| {
+                    if lost > before {
+                        "lost"
+                    } else {
+                        "armed, not yet lost"
+                    }
                 };
                 Ok(format!(
-                    "the replies to proxy b's next {proxy} and d3's next {dispatcher} lost"
+                    "the reply to proxy a's next {proxy} {}, to d1's or d3's next {dispatcher} {}",
+                    fired(self.proxy_relay.lost(), before.0),
+                    fired(self.dispatcher_relay.lost(), before.1)
                 ))
             }
+            Fault::Pause => self.pause().await,
         }
     }
 
     fn relay(&self, proxy: bool) -> (&Relay, &'static str) {
         if proxy {
-            (&self.proxy_relay, "proxy b")
+            (&self.proxy_relay, "proxy a")
         } else {
-            (&self.dispatcher_relay, "dispatcher d3")
+            (&self.dispatcher_relay, DISPATCHERS_RELAYED)
         }
+    }
+
+    /// Pauses the queue as an operator does (`anteroom pause --wait`: every
+    /// live dispatcher acknowledges and finishes what it holds), with the
+    /// reply to the next acknowledgement through the dispatchers' relay
+    /// lost; holds it 1 s; resumes. A pause not acknowledged within 20 s
+    /// is an error: the soak stops.
+    async fn pause(&mut self) -> anyhow::Result<String> {
+        let started = Instant::now();
+        let before = self.dispatcher_relay.lost();
+        self.dispatcher_relay.lose_reply_to(b"\"paused\":true");
+        let redis = self.sentinel.url();
+        let anteroom = |args: &[&str]| {
+            let mut command = tokio::process::Command::new(&self.config.anteroom);
+            command
+                .args(args)
+                .args(["--redis", &redis, "--queue", QUEUE])
+                .env("RUST_LOG", log_filter())
+                .stdin(Stdio::null())
+                .kill_on_drop(true);
+            command
+        };
+        // --ttl: the queue resumes by itself should this soak stop here.
+        let paused = tokio::time::timeout(
+            Duration::from_secs(25),
+            anteroom(&[
+                "pause",
+                "--wait",
+                "--quiet",
+                "--timeout",
+                "20s",
+                "--ttl",
+                "60s",
+            ])
+            .output(),
+        )
+        .await
+        .context("anteroom pause --wait did not return within 25 s")??;
+        let acknowledged = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let resumed = anteroom(&["resume"]).output().await?;
+        if !paused.status.success() || !resumed.status.success() {
+            bail!(
+                "pause or resume failed: {}{}",
+                String::from_utf8_lossy(&paused.stderr),
+                String::from_utf8_lossy(&resumed.stderr)
+            );
+        }
+        Ok(format!(
+            "paused, acknowledged by every dispatcher after {acknowledged:.1?} (an \
+             acknowledgement's reply {}), resumed 1 s later",
+            if self.dispatcher_relay.lost() > before {
+                "lost"
+            } else {
+                "armed, not lost"
+            }
+        ))
     }
 
     /// The upgrade playbook, as an operator runs it: a new proxy `b` on
@@ -680,12 +809,12 @@ impl Rig {
             .arg(old.to_string())
             .arg("--")
             .arg(&self.config.anteroom)
-            .args(proxy_args(&self.proxy_relay.url(), self.proxy_b_port))
+            .args(proxy_args(&self.sentinel.url(), self.proxy_b_port))
             .env("ANTEROOM", &self.config.anteroom)
             .env("ANTEROOM_REDIS", self.sentinel.url())
             .env("ANTEROOM_QUEUE", QUEUE)
             .env("LOG", self.logs.join("proxy-b.log"))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_filter())
             .stdin(Stdio::null())
             .kill_on_drop(true);
         let output = tokio::time::timeout(Duration::from_secs(120), command.output())
@@ -1001,12 +1130,17 @@ async fn soak(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         })
         .collect();
 
-    let warm_up = (duration / 6).min(Duration::from_secs(10));
+    // Short runs need their time for the faults (the test's minute
+    // injects each kind about once).
+    let warm_up = (duration / 12).min(Duration::from_secs(10));
     tokio::time::sleep(warm_up).await;
-    let long_lived = [
-        ("proxy a", rig.proxy_a.pid()),
-        ("dispatcher d1", rig.dispatchers[0].pid()),
+    let mut long_lived = vec![
+        ("proxy a".to_owned(), rig.proxy_a.pid()),
+        ("dispatcher d1".to_owned(), rig.dispatchers[0].pid()),
     ];
+    for (i, pid) in rig.sentinel.sentinel_pids().into_iter().enumerate() {
+        long_lived.push((format!("sentinel {}", i + 1), pid));
+    }
     let rss_start: Vec<u64> = long_lived.iter().map(|(_, pid)| rss_kib(*pid)).collect();
 
     let mut rng = StdRng::seed_from_u64(seed);
@@ -1039,8 +1173,9 @@ async fn soak(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     }
     let mut rss = Vec::new();
     for ((name, pid), start) in long_lived.iter().zip(rss_start) {
-        rss.push(((*name).to_owned(), start, rss_kib(*pid)));
+        rss.push((name.clone(), start, rss_kib(*pid)));
     }
+    let lost = (rig.proxy_relay.lost(), rig.dispatcher_relay.lost());
     // Anything still running late would show now (an execution after its
     // client's 504 is what the books look for).
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1060,6 +1195,7 @@ async fn soak(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
         faults,
         outcomes,
         rss,
+        lost,
         logs,
         ..ChaosReport::default()
     };
@@ -1184,10 +1320,43 @@ fn check(report: &mut ChaosReport) {
             report.outcomes.len()
         ));
     }
+    // A stream cut short must have had a kill during it: its dispatcher's,
+    // the primary's (a chunk lost with it), or its dispatcher's death as
+    // the reapers see it (cut off from Redis longer than its heartbeat
+    // TTL: its requests are run again elsewhere, and a stream run again
+    // is aborted, never spliced). Anything else cutting streams is a bug
+    // a reverse proxy must not have.
+    for o in report.outcomes.iter().filter(|o| o.cut.is_some()) {
+        let began = o.at.saturating_sub(o.took + Duration::from_secs(1));
+        let killed = report.faults.iter().any(|(at, fault, what)| {
+            let kills = match fault {
+                Fault::KillDispatcher | Fault::KillRedisPrimary => true,
+                Fault::Partition => what.starts_with(DISPATCHERS_RELAYED),
+                _ => false,
+            };
+            kills && (began..=o.at).contains(at)
+        });
+        if !killed {
+            found.push(format!(
+                "{} {} cut mid-body {} with no dispatcher or primary killed while it ran: {}",
+                o.kind.name(),
+                o.id,
+                when(o),
+                o.cut.as_deref().unwrap_or_default()
+            ));
+        }
+    }
     for fault in FAULTS {
         if !report.faults.iter().any(|(_, f, _)| *f == fault) {
             found.push(format!("never injected: {}", fault.name()));
         }
+    }
+    if report.lost.0 == 0 || report.lost.1 == 0 {
+        found.push(format!(
+            "a relay lost no reply (proxy a: {}, d1 and d3: {}): the lost-reply faults never \
+             happened",
+            report.lost.0, report.lost.1
+        ));
     }
     // Over a short run the figures are the allocators settling (a
     // partition's backlog, the first failover), not a leak: checked from

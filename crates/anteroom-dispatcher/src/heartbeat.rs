@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anteroom_control::queue::{Presence, Role, keep_present};
-use anteroom_protocol::{DispatcherHeartbeat, now_ms};
+use anteroom_protocol::DispatcherHeartbeat;
 use anteroom_redis::sleep_or_stop;
 use tokio_util::sync::CancellationToken;
 
@@ -21,25 +21,8 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let mut health = shared.gate.subscribe();
     let ttl = shared.settings.heartbeat_ttl;
     let every = (ttl / 3).max(Duration::from_millis(100));
-    let presence = Presence::new(&shared.keys, Role::Dispatcher, &shared.id, ttl);
-    let started_at_ms = now_ms();
-    let host = anteroom_redis::hostname();
-    let beat = || {
-        let pause_id = shared.acknowledged();
-        DispatcherHeartbeat {
-            id: shared.id.clone(),
-            host: host.clone(),
-            pid: std::process::id(),
-            label: shared.settings.label.clone(),
-            concurrency: shared.settings.concurrency,
-            in_flight: shared.in_flight(),
-            websockets: shared.sockets.len() as u64,
-            paused: pause_id.is_some(),
-            pause_id,
-            started_at_ms,
-            unhealthy: shared.gate.subscribe().borrow().unhealthy.clone(),
-        }
-    };
+    let presence = presence(&shared);
+    let beat = || record(&shared);
     let beat_now = &shared.beat_now;
     let health_changes = async move {
         while health.changed().await.is_ok() {
@@ -60,6 +43,46 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         () = keep => {}
         () = health_changes => {}
     }
+}
+
+/// This dispatcher's place in the registry (docs/protocol.md, step 7).
+fn presence(shared: &Shared) -> Presence {
+    Presence::new(
+        &shared.keys,
+        Role::Dispatcher,
+        &shared.id,
+        shared.settings.heartbeat_ttl,
+    )
+}
+
+/// This dispatcher's heartbeat record as of now.
+fn record(shared: &Shared) -> DispatcherHeartbeat {
+    let pause_id = shared.acknowledged();
+    DispatcherHeartbeat {
+        id: shared.id.clone(),
+        host: anteroom_redis::hostname(),
+        pid: std::process::id(),
+        label: shared.settings.label.clone(),
+        concurrency: shared.settings.concurrency,
+        in_flight: shared.in_flight(),
+        websockets: shared.sockets.len() as u64,
+        paused: pause_id.is_some(),
+        pause_id,
+        started_at_ms: shared.started_at_ms,
+        unhealthy: shared.gate.subscribe().borrow().unhealthy.clone(),
+    }
+}
+
+/// Writes the heartbeat and the registry entry once, now. The pull loop
+/// calls it on each new pull connection, before its first pull: a
+/// dispatcher cut off from Redis for longer than its heartbeat TTL has
+/// been reaped (its registry entry removed), and a request it pulled
+/// after the heal would be stranded were it to die before its next beat,
+/// since no reaper looks at a list with no registry entry.
+pub(crate) async fn beat_once(shared: &Shared) -> redis::RedisResult<()> {
+    presence(shared)
+        .beat(&mut shared.conn.clone(), &record(shared))
+        .await
 }
 
 /// Every `reap_interval`, settles the requests of dispatchers that died

@@ -353,7 +353,12 @@ fn must_not_block(shared: &Shared, allowance: usize) -> bool {
     }
 }
 
-/// Opens the pull connection and records its client id for CLIENT UNBLOCK.
+/// Opens the pull connection, records its client id for CLIENT UNBLOCK,
+/// and writes this dispatcher's heartbeat and registry entry before any
+/// pull on it ([`crate::heartbeat::beat_once`]: after a partition longer
+/// than the heartbeat TTL, a reaper has removed the entry, and a request
+/// pulled before the next beat would have no reaper should this process
+/// die).
 async fn connect_pull(
     shared: &Shared,
     client: &Target,
@@ -366,6 +371,7 @@ async fn connect_pull(
     )
     .await?;
     let id = queue::pull_client_id(&mut conn).await?;
+    crate::heartbeat::beat_once(shared).await?;
     shared.pull_client_id.store(id, Ordering::Release);
     Ok(conn)
 }

@@ -130,6 +130,8 @@ pub(crate) struct Shared {
     /// Set while pulls fail (connecting or pulling; cleared by one that
     /// works): in a priority group, such a queue holds no one back.
     pub(crate) pull_failing: AtomicBool,
+    /// When this dispatcher started (Unix ms), as its heartbeat says.
+    pub(crate) started_at_ms: u64,
 }
 
 /// One envelope counted in [`Shared::held`] while it lives.
@@ -287,6 +289,7 @@ where
         ),
     );
     let shared = Arc::new(Shared {
+        started_at_ms: anteroom_protocol::now_ms(),
         gate: Arc::clone(&gate),
         metrics,
         completions,

@@ -13,7 +13,10 @@
 //!   by its delay);
 //! - a partition: nothing passes either way until healed, then what was
 //!   sent meanwhile arrives (as TCP delivers it once the network heals),
-//!   also on connections the process has given up on.
+//!   also on connections the process has given up on;
+//! - a reset: every open connection is closed at once, and what it held
+//!   back is never delivered (as a firewall or NAT that lost its state
+//!   resets the connections across it).
 //!
 //! Its target is a fixed port, or whatever a function names at each new
 //! connection ([`Relay::start_to`]), e.g. the primary a Sentinel names
@@ -58,6 +61,8 @@ pub struct Relay {
     port: u16,
     faults: Arc<Faults>,
     partition: watch::Sender<bool>,
+    /// Bumped by [`Relay::reset`]: connections opened before end.
+    resets: watch::Sender<u64>,
     accept: JoinHandle<()>,
 }
 
@@ -79,6 +84,7 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let faults = Arc::new(Faults::default());
         let (partition, partitioned) = watch::channel(false);
+        let (resets, reset) = watch::channel(0u64);
         let accept = {
             let faults = Arc::clone(&faults);
             tokio::spawn(async move {
@@ -88,7 +94,9 @@ impl Relay {
                         partitioned.clone(),
                         Arc::clone(&target),
                     );
-                    tokio::spawn(async move {
+                    let mut reset = reset.clone();
+                    reset.mark_unchanged();
+                    let connection = async move {
                         let Ok(Some(port)) = tokio::task::spawn_blocking(move || target()).await
                         else {
                             return;
@@ -105,7 +113,7 @@ impl Relay {
                             replies: false,
                             asked: Arc::clone(&asked),
                         };
-                        tokio::spawn(up.run(from_client, to_server));
+                        let _up = AbortOnDrop(tokio::spawn(up.run(from_client, to_server)));
                         let down = Pump {
                             faults,
                             partitioned,
@@ -113,6 +121,12 @@ impl Relay {
                             asked,
                         };
                         down.run(from_server, to_client).await;
+                    };
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = connection => {}
+                            _ = reset.changed() => {}
+                        }
                     });
                 }
             })
@@ -121,6 +135,7 @@ impl Relay {
             port,
             faults,
             partition,
+            resets,
             accept,
         }
     }
@@ -177,6 +192,13 @@ impl Relay {
     pub fn set_partitioned(&self, cut: bool) {
         self.partition.send_replace(cut);
     }
+
+    /// Closes every open connection at once; what they held back (during
+    /// a partition) is never delivered. New connections are relayed as
+    /// before.
+    pub fn reset(&self) {
+        self.resets.send_modify(|n| *n += 1);
+    }
 }
 
 impl Drop for Relay {
@@ -208,7 +230,7 @@ impl Pump {
             asked,
         } = self;
         let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-        let writer = tokio::spawn(async move {
+        let mut writer = AbortOnDrop(tokio::spawn(async move {
             while let Some((at, chunk)) = rx.recv().await {
                 tokio::time::sleep_until(at).await;
                 if partitioned.wait_for(|cut| !cut).await.is_err() {
@@ -218,7 +240,7 @@ impl Pump {
                     return;
                 }
             }
-        });
+        }));
         let mut buf = vec![0u8; 64 * 1024];
         let (mut count, mut last) = (0u64, Instant::now());
         loop {
@@ -230,7 +252,7 @@ impl Pump {
             if faults.lost_here(&chunk, replies, &asked) {
                 // The writer toward the process goes: it sees its
                 // connection closed.
-                writer.abort();
+                writer.0.abort();
                 return;
             }
             count += 1;
@@ -246,7 +268,17 @@ impl Pump {
             }
         }
         drop(tx);
-        let _ = writer.await;
+        let _ = (&mut writer.0).await;
+    }
+}
+
+/// A task aborted when its handle is dropped: a connection's pumps end
+/// with it (a reset drops them, and what they held goes too).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -99,6 +99,11 @@ impl LocalSentinel {
         self.sentinels.iter().map(|s| s.port).collect()
     }
 
+    /// The sentinels' process ids (they live as long as this value).
+    pub fn sentinel_pids(&self) -> Vec<u32> {
+        self.sentinels.iter().map(|s| s.child.id()).collect()
+    }
+
     /// The port of the server the first sentinel names as primary now.
     pub fn primary_port(&self) -> Option<u16> {
         primary_port_at(self.sentinels[0].port)
