@@ -7,7 +7,8 @@
 //! within 2 s. The figures are printed.
 
 use std::collections::HashMap;
-use std::sync::PoisonError;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use anteroom_testkit::free_port;
@@ -15,6 +16,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
+use crate::support::adapters::record_dispatcher;
 use crate::support::app::{Ran, recording_upstream};
 use crate::support::bin::{BinProcess, command, start_proxy_on};
 use crate::support::load::{Load, Summary};
@@ -264,33 +266,70 @@ async fn partition(link: Link, name: &str, allowed: &[StatusCode]) {
 /// pulls anything, so a request it then pulls and dies holding is found
 /// by a reaper and run again. (Found by the chaos soak: a dispatcher
 /// killed just after such a heal held a GET no reaper looked for, which
-/// waited out its hold budget for a 504.)
+/// waited out its hold budget for a 504.) The Rust dispatcher here, the
+/// Python, Node and Ruby ones below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_reaped_while_cut_off_registers_before_it_pulls() {
-    let queue = "reaped-alive";
+    registers_before_it_pulls(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_dispatcher_registers_before_it_pulls_too() {
+    registers_before_it_pulls(Some("py")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_dispatcher_registers_before_it_pulls_too() {
+    registers_before_it_pulls(Some("node")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ruby_dispatcher_registers_before_it_pulls_too() {
+    registers_before_it_pulls(Some("rb")).await;
+}
+
+/// The test above with the Rust dispatcher (`None`: its app takes requests
+/// and never answers) or the `language`'s ([`record_dispatcher`]: its app
+/// holds `/run/ID?hang=1` for 60 s) as the one cut off. The one that runs
+/// the GET again is a Rust dispatcher whose app answers at once.
+async fn registers_before_it_pulls(language: Option<&str>) {
+    let queue = format!("reaped-alive-{}", language.unwrap_or("rs"));
     let redis = start_redis();
     let relay = Relay::start(redis.port()).await;
-    // The cut-off dispatcher's app takes requests and never answers; the
-    // one that runs the GET again answers at once.
-    let (hanging, received) = hanging_upstream().await;
     let (upstream, ran) = recording_upstream().await;
-    let (_proxy, base) = start_proxy_on(&redis.url(), queue, "60s", &[]).await;
+    let (_proxy, base) = start_proxy_on(&redis.url(), &queue, "60s", &[]).await;
     let registry = format!("anteroom:{{{queue}}}:dispatchers");
     let mut conn = redis_conn(&redis).await;
-    let mut cut_off = BinProcess::spawn(&[
-        "dispatch",
-        "--redis",
-        &relay.url(),
-        "--queue",
-        queue,
-        "--upstream",
-        &hanging,
-        "--heartbeat-ttl",
-        "6s",
-        "--concurrency",
-        "1",
-    ]);
-    let control = control(&redis, queue).await;
+    let record = std::env::temp_dir().join(format!(
+        "anteroom-record-{}-{}",
+        std::process::id(),
+        free_port().unwrap()
+    ));
+    let (mut cmd, received): (_, Box<dyn Fn() -> bool + Send + Sync>) = match language {
+        None => {
+            let (hanging, received) = hanging_upstream().await;
+            let mut cmd = command();
+            cmd.args(["dispatch", "--upstream", &hanging, "--concurrency", "1"]);
+            (cmd, Box::new(move || received.load(Ordering::Acquire)))
+        }
+        Some(language) => {
+            let record = record.clone();
+            let cmd = record_dispatcher(language, &record);
+            let received = move || {
+                std::fs::read_to_string(&record)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l == "held")
+            };
+            (cmd, Box::new(received))
+        }
+    };
+    cmd.env("ANTEROOM_REDIS", relay.url())
+        .env("ANTEROOM_QUEUE", &queue)
+        .env("ANTEROOM_HEARTBEAT_TTL", "6s")
+        .stdout(std::process::Stdio::null());
+    let mut cut_off = BinProcess::spawn_cmd(&mut cmd);
+    let control = control(&redis, &queue).await;
     until_dispatching(&control).await;
     let members: Vec<String> = redis::cmd("ZRANGE")
         .arg(&registry)
@@ -309,7 +348,7 @@ async fn a_dispatcher_reaped_while_cut_off_registers_before_it_pulls() {
     // connections are reset before the heal, so no beat it sent during
     // the partition lands afterwards: it must write one itself.
     relay.set_partitioned(true);
-    eventually("the heartbeat to expire", Duration::from_secs(10), || {
+    eventually("the heartbeat to expire", Duration::from_secs(15), || {
         let (mut conn, heartbeat) = (conn.clone(), heartbeat.clone());
         async move {
             let exists: bool = redis::cmd("EXISTS")
@@ -322,7 +361,7 @@ async fn a_dispatcher_reaped_while_cut_off_registers_before_it_pulls() {
     })
     .await;
     let reaped = command()
-        .args(["reap", "--redis", &redis.url(), "--queue", queue])
+        .args(["reap", "--redis", &redis.url(), "--queue", &queue])
         .output()
         .unwrap();
     assert!(reaped.status.success(), "{reaped:?}");
@@ -337,16 +376,21 @@ async fn a_dispatcher_reaped_while_cut_off_registers_before_it_pulls() {
     // A GET waits; the heal; the dispatcher pulls it, and its app holds
     // it. At that moment the dispatcher must be registered and beating.
     let waiting = tokio::spawn({
-        let uri = format!("{base}/run/held");
+        let uri = format!("{base}/run/held?hang=1");
         async move { send(&client(), Request::get(uri).body(Full::default()).unwrap()).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.reset();
     relay.set_partitioned(false);
-    tokio::time::timeout(Duration::from_secs(10), received)
-        .await
-        .expect("the cut-off dispatcher's app receives the GET within 10 s")
-        .unwrap();
+    eventually(
+        "the app to receive the GET",
+        Duration::from_secs(15),
+        || {
+            let received = received();
+            async move { received }
+        },
+    )
+    .await;
     let (score, exists): (Option<f64>, bool) = redis::pipe()
         .cmd("ZSCORE")
         .arg(&registry)
@@ -358,8 +402,8 @@ async fn a_dispatcher_reaped_while_cut_off_registers_before_it_pulls() {
         .unwrap();
     assert!(
         score.is_some() && exists,
-        "a request pulled while the dispatcher is not registered (entry {score:?}, heartbeat \
-         {exists}): no reaper would find it"
+        "{language:?}: a request pulled while the dispatcher is not registered (entry \
+         {score:?}, heartbeat {exists}): no reaper would find it"
     );
 
     // It dies holding the GET: a reaper finds it, another dispatcher runs
@@ -372,7 +416,7 @@ async fn a_dispatcher_reaped_while_cut_off_registers_before_it_pulls() {
         "--redis",
         &redis.url(),
         "--queue",
-        queue,
+        &queue,
         "--upstream",
         &upstream,
         "--reap-every",
@@ -383,7 +427,7 @@ async fn a_dispatcher_reaped_while_cut_off_registers_before_it_pulls() {
         .expect("the GET answered within 30 s")
         .unwrap();
     println!(
-        "GET held by a dispatcher reaped while cut off, then killed: {} after {:?}",
+        "{language:?}: GET held by a dispatcher reaped while cut off, then killed: {} after {:?}",
         answer.status,
         started.elapsed()
     );
@@ -396,25 +440,24 @@ async fn a_dispatcher_reaped_while_cut_off_registers_before_it_pulls() {
             .count(),
         1
     );
+    let _ = std::fs::remove_file(&record);
 }
 
 /// An app that accepts connections, reads each request's head and never
-/// answers: its URL, and a receiver told when the first request arrives.
-async fn hanging_upstream() -> (String, tokio::sync::oneshot::Receiver<()>) {
+/// answers: its URL, and a flag set when the first request arrives.
+async fn hanging_upstream() -> (String, Arc<AtomicBool>) {
     use tokio::io::AsyncReadExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tell, received) = tokio::sync::oneshot::channel();
+    let received = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&received);
     tokio::spawn(async move {
-        let mut tell = Some(tell);
         let mut open = Vec::new();
         while let Ok((mut socket, _)) = listener.accept().await {
             let mut head = [0u8; 1024];
             // A health check connects and leaves; a request sends a head.
             if matches!(socket.read(&mut head).await, Ok(n) if n > 0) {
-                if let Some(tell) = tell.take() {
-                    let _ = tell.send(());
-                }
+                flag.store(true, Ordering::Release);
             }
             open.push(socket);
         }

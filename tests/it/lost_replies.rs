@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
+use crate::support::adapters::record_dispatcher;
 use crate::support::app::recording_upstream;
 use crate::support::bin::{BinProcess, start_proxy_on};
 use crate::support::web::{client, send};
@@ -421,30 +422,13 @@ async fn a_stream_chunk_pushed_twice_is_delivered_once() {
 /// never runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_dispatcher_settles_a_lost_pull_too() {
-    settles_a_lost_pull("py", |record| {
-        let mut cmd = std::process::Command::new(crate::support::venv::bin("anteroom-wsgi"));
-        cmd.args(["--threads", "4", "wsgi_record:app"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps"))
-            .env("RECORD_FILE", record);
-        cmd
-    })
-    .await;
+    settles_a_lost_pull("py").await;
 }
 
 /// The Node dispatcher (`anteroom-node`) likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_dispatcher_settles_a_lost_pull_too() {
-    settles_a_lost_pull("node", |record| {
-        let mut cmd = std::process::Command::new("node");
-        cmd.args([
-            "bin/anteroom-node.js",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/record_app.js"),
-        ])
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/node"))
-        .env("RECORD_FILE", record);
-        cmd
-    })
-    .await;
+    settles_a_lost_pull("node").await;
 }
 
 /// The Ruby dispatcher (`anteroom-rack`) likewise (it also sweeps its
@@ -452,31 +436,14 @@ async fn the_node_dispatcher_settles_a_lost_pull_too() {
 /// connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ruby_dispatcher_settles_a_lost_pull_too() {
-    settles_a_lost_pull("rb", |record| {
-        let mut cmd = std::process::Command::new("ruby");
-        cmd.args([
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/clients/ruby/exe/anteroom-rack"
-            ),
-            "--threads",
-            "4",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/rack/record.ru"),
-        ])
-        .env("RECORD_FILE", record);
-        cmd
-    })
-    .await;
+    settles_a_lost_pull("rb").await;
 }
 
-/// A GET and a POST whose pull replies a relay loses, with the dispatcher
-/// `command` makes (given the file its app records each run `/run/ID` in):
-/// the GET answered 200 and run once, the POST 502 and never run, each
-/// within 5 s (not 504 at the 15 s hold budget).
-async fn settles_a_lost_pull(
-    name: &str,
-    command: impl FnOnce(&std::path::Path) -> std::process::Command,
-) {
+/// A GET and a POST whose pull replies a relay loses, with the `name`d
+/// dispatcher ([`record_dispatcher`]): the GET answered 200 and run once,
+/// the POST 502 and never run, each within 5 s (not 504 at the 15 s hold
+/// budget).
+async fn settles_a_lost_pull(name: &str) {
     let redis = start_redis();
     let relay = Relay::start(redis.port()).await;
     let queue = format!("lost-{name}");
@@ -487,7 +454,7 @@ async fn settles_a_lost_pull(
     ));
     let _ = std::fs::remove_file(&record);
     let (_proxy, listen) = start_proxy_on(&redis.url(), &queue, "15s", &[]).await;
-    let mut cmd = command(&record);
+    let mut cmd = record_dispatcher(name, &record);
     cmd.env("ANTEROOM_REDIS", relay.url())
         .env("ANTEROOM_QUEUE", &queue)
         .env("ANTEROOM_GRACE", "2s")

@@ -83,6 +83,8 @@ class Dispatcher {
     this.orphansPossible = false;
     this.recheckAt = null;
     this.reconcileAfter = 0;
+    /** When the last heartbeat that Redis took was sent (performance.now() ms). */
+    this.beatSentAt = -Infinity;
   }
 
   async run() {
@@ -186,6 +188,12 @@ class Dispatcher {
           await new Promise((resolve) => { this.freed = resolve; setTimeout(resolve, 50); });
           continue;
         }
+        // Pulled only while this dispatcher's heartbeat is known to live
+        // (its last beat sent under half the TTL ago): cut off longer than
+        // the TTL, it was reaped (its registry entry removed), and a
+        // request pulled before its next beat would have no reaper should
+        // it die.
+        if (this.beatStale()) await this.beat();
         taken = await this.take(this.concurrency - this.inFlight);
       } catch (err) {
         console.error(`anteroom: pulling failed: ${err.message}; retrying`);
@@ -658,6 +666,15 @@ class Dispatcher {
     await this.redis.multi().lPush(this.keys.dead, letter).lRem(this.processing, 1, raw).exec();
   }
 
+  /**
+   * Whether the heartbeat may be near its end: the last one Redis took was
+   * sent half its TTL ago or more (it lives at least the TTL from its
+   * sending), so it is written again before the next pull.
+   */
+  beatStale() {
+    return performance.now() - this.beatSentAt >= this.heartbeatTtlMs / 2;
+  }
+
   async beat() {
     const pauseId = this.acknowledged;
     const beat = {
@@ -684,9 +701,13 @@ class Dispatcher {
       // Redis over its maxmemory refuses the SET, not PEXPIRE: the heartbeat
       // lives on with its last contents, so this dispatcher does not look
       // dead to the reapers.
-      if (full(err) && await this.redis.pExpire(this.keys.dispatcher(this.id), this.heartbeatTtlMs)) return;
+      if (full(err) && await this.redis.pExpire(this.keys.dispatcher(this.id), this.heartbeatTtlMs)) {
+        this.beatSentAt = sent;
+        return;
+      }
       throw err;
     }
+    this.beatSentAt = sent;
     protocol.CLOCK.observe(time, sent, performance.now());
   }
 }

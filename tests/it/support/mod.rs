@@ -2,6 +2,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod adapters;
 pub mod app;
 pub mod bin;
 pub mod frameworks;

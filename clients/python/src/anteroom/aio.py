@@ -257,6 +257,10 @@ class AsyncDispatcher(Dispatcher):
                     except asyncio.TimeoutError:
                         pass
                     continue
+                if self.beat_stale():
+                    # As the threaded pull: pulled only while the heartbeat
+                    # is known to live (on a thread: its own connection).
+                    await asyncio.to_thread(self.beat)
                 taken = await self.take_async(client, free)
             except redis.RedisError as err:
                 log.warning("pulling failed: %s; retrying", err)

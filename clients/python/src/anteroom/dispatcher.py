@@ -155,6 +155,8 @@ class Dispatcher:
         self.orphans_possible = threading.Event()
         self.recheck_at = None
         self.reconcile_after = 0.0
+        #: When the last heartbeat that Redis took was sent (monotonic s).
+        self.beat_sent_at = float("-inf")
         #: Notified when a request in flight ends (``lock`` is its lock).
         self.freed = threading.Condition(self.lock)
         self.acknowledged = None
@@ -282,6 +284,13 @@ class Dispatcher:
                 free = self.wait_free(0.05)
                 if not free:
                     continue
+                if self.beat_stale():
+                    # Pulled only while this dispatcher's heartbeat is known
+                    # to live (its last beat sent under half the TTL ago):
+                    # cut off longer than the TTL, it was reaped (its
+                    # registry entry removed), and a request pulled before
+                    # its next beat would have no reaper should it die.
+                    self.beat()
                 taken = self.take(free)
             except redis.RedisError as err:
                 log.warning("pulling failed: %s; retrying", err)
@@ -719,8 +728,16 @@ class Dispatcher:
             # does not look dead to the reapers.
             if not protocol.out_of_memory(err) or not self.redis.pexpire(self.keys.dispatcher(self.id), ttl_ms):
                 raise
+            self.beat_sent_at = sent
             return
+        self.beat_sent_at = sent
         protocol.CLOCK.observe(reply[0], sent, time.monotonic())
+
+    def beat_stale(self):
+        """Whether the heartbeat may be near its end: the last one Redis took
+        was sent half its TTL ago or more (it lives at least the TTL from
+        its sending), so it is written again before the next pull."""
+        return time.monotonic() - self.beat_sent_at >= self.heartbeat_ttl / 2
 
     def heartbeat(self):
         while not self.done.is_set():

@@ -113,6 +113,8 @@ module Anteroom
       # Set after a pull or a reaping pass failed (under @lock).
       @orphans_possible = false
       @recheck_at = nil
+      # When the last heartbeat Redis took was sent (monotonic ms; nil: none).
+      @beat_sent_at = nil
       @next_sweep = 0.0
       @reconcile_after = 0.0
     end
@@ -237,6 +239,13 @@ module Anteroom
           free = wait_free(0.05)
           next if free.zero?
 
+          # Pulled only while this dispatcher's heartbeat is known to live
+          # (its last beat sent under half the TTL ago): cut off longer than
+          # the TTL, it was reaped (its registry entry removed), and a
+          # request pulled before its next beat would have no reaper should
+          # it die. (redis-rb reconnects by itself, so a failed pull is not
+          # always seen.)
+          beat(redis) if beat_stale?
           take(redis, free).each { |raw| @jobs << raw }
         rescue Redis::BaseError => e
           @log.warn("pulling failed: #{e.message}; retrying")
@@ -753,12 +762,22 @@ module Anteroom
         p.set(@keys.dispatcher(@id), JSON.generate(record), px: ttl_ms)
         p.zadd(@keys.dispatchers, Protocol.now_ms, @id)
       end
+      @beat_sent_at = sent
       Protocol::CLOCK.observe(reply[0], sent, Protocol::Clock.monotonic_ms)
     rescue Redis::CommandError => e
       # Redis over its maxmemory refuses the SET, not PEXPIRE: the heartbeat
       # lives on with its last contents, so this dispatcher does not look
       # dead to the reapers.
       raise unless full?(e) && redis.pexpire(@keys.dispatcher(@id), ttl_ms)
+
+      @beat_sent_at = sent
+    end
+
+    # Whether the heartbeat may be near its end: the last one Redis took was
+    # sent half its TTL ago or more (it lives at least the TTL from its
+    # sending), so it is written again before the next pull.
+    def beat_stale?
+      @beat_sent_at.nil? || Protocol::Clock.monotonic_ms - @beat_sent_at >= @heartbeat_ttl * 500
     end
 
     def heartbeat
