@@ -14,7 +14,7 @@ use http_body_util::Full;
 
 use crate::support::adapters::record_dispatcher;
 use crate::support::app::recording_upstream;
-use crate::support::bin::{BinProcess, start_proxy_on};
+use crate::support::bin::{BinProcess, command, start_proxy_on};
 use crate::support::web::{client, send};
 use crate::support::{
     control, eventually, pause_acknowledged, start_redis, until_dispatching, until_held,
@@ -210,24 +210,98 @@ async fn an_enqueue_whose_reply_is_lost_is_answered_not_failed() {
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_whose_reply_is_lost_is_sent_again() {
+    completion_lost(None, Lost::Reply).await;
+}
+
+/// A completion whose command is lost on its way (Redis never saw it) is
+/// sent again: without the retry the client would wait out its hold
+/// budget. The Rust dispatcher here, the Python, Node and Ruby ones below,
+/// each also with the reply lost instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_whose_command_is_lost_is_sent_again() {
+    completion_lost(None, Lost::Command).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_dispatcher_sends_a_lost_completion_again() {
+    completion_lost(Some("py"), Lost::Command).await;
+    completion_lost(Some("py"), Lost::Reply).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_dispatcher_sends_a_lost_completion_again() {
+    completion_lost(Some("node"), Lost::Command).await;
+    completion_lost(Some("node"), Lost::Reply).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ruby_dispatcher_sends_a_lost_completion_again() {
+    completion_lost(Some("rb"), Lost::Command).await;
+    completion_lost(Some("rb"), Lost::Reply).await;
+}
+
+/// What of a completion the relay loses.
+#[derive(Debug, Clone, Copy)]
+enum Lost {
+    /// The reply: Redis applied it.
+    Reply,
+    /// The command: Redis never saw it.
+    Command,
+}
+
+/// A POST whose completion (`lost`) the relay between the Rust dispatcher
+/// (`None`) or the `language`'s ([`record_dispatcher`]) and Redis loses:
+/// answered 200 within 5 s, run once.
+async fn completion_lost(language: Option<&str>, lost: Lost) {
     let redis = start_redis();
     let relay = Relay::start(redis.port()).await;
-    let queue = "lost-completion";
+    let queue = format!("lost-completion-{}", language.unwrap_or("rs"));
     let (upstream, ran) = recording_upstream().await;
-    let (listen, _proxy, _dispatcher) =
-        proxy_and_dispatcher(&redis, &redis.url(), &relay.url(), queue, &upstream, "15s").await;
+    let record = std::env::temp_dir().join(format!(
+        "anteroom-record-{}-{}",
+        std::process::id(),
+        free_port().unwrap()
+    ));
+    let (_proxy, listen) = start_proxy_on(&redis.url(), &queue, "15s", &[]).await;
+    let mut cmd = match language {
+        None => {
+            let mut cmd = command();
+            cmd.args(["dispatch", "--upstream", &upstream]);
+            cmd
+        }
+        Some(language) => record_dispatcher(language, &record),
+    };
+    cmd.env("ANTEROOM_REDIS", relay.url())
+        .env("ANTEROOM_QUEUE", &queue)
+        .stdout(std::process::Stdio::null());
+    let _dispatcher = BinProcess::spawn_cmd(&mut cmd);
+    until_dispatching(&control(&redis, &queue).await).await;
 
-    // The reply envelope carries the app's `x-ran: ID` field; the pull
-    // and the heartbeat never do.
-    relay.lose_reply_to(b"completed-post");
+    // The completion carries the request's envelope (its `LREM`), so its
+    // path; the pull and the heartbeat never send it.
+    let id = "completed-post";
+    let marker = format!("/run/{id}");
+    match lost {
+        Lost::Reply => relay.lose_reply_to(marker.as_bytes()),
+        Lost::Command => relay.lose_command_containing(marker.as_bytes()),
+    }
     let started = Instant::now();
-    let status = run(&listen, http::Method::POST, "completed-post", false).await;
+    let status = run(&listen, http::Method::POST, id, false).await;
     let took = started.elapsed();
-    assert_eq!(relay.lost(), 1, "the relay lost no reply");
-    println!("POST whose completion reply was lost: {status} after {took:?}");
+    assert_eq!(relay.lost(), 1, "the relay lost nothing");
+    println!("{language:?}: POST whose completion's {lost:?} was lost: {status} after {took:?}");
     assert_eq!(status, StatusCode::OK);
     assert!(took < Duration::from_secs(5), "{took:?}");
-    assert_eq!(runs_of(&ran, "completed-post"), 1);
+    let runs = match language {
+        None => runs_of(&ran, id),
+        Some(_) => std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == id)
+            .count(),
+    };
+    assert_eq!(runs, 1);
+    let _ = std::fs::remove_file(&record);
 }
 
 /// A reaper's claim whose reply is lost has moved a dead dispatcher's
@@ -237,10 +311,40 @@ async fn a_completion_whose_reply_is_lost_is_sent_again() {
 /// leaving them there until their clients' 504.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_reply_is_lost_strands_nothing() {
+    claim_lost(None).await;
+}
+
+/// The Python dispatcher as the claimer likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_dispatcher_settles_a_lost_claim_too() {
+    claim_lost(Some("py")).await;
+}
+
+/// The Node dispatcher as the claimer likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_dispatcher_settles_a_lost_claim_too() {
+    claim_lost(Some("node")).await;
+}
+
+/// The Ruby dispatcher as the claimer likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ruby_dispatcher_settles_a_lost_claim_too() {
+    claim_lost(Some("rb")).await;
+}
+
+/// The lost claim above, with the Rust dispatcher (`None`) or the
+/// `language`'s ([`record_dispatcher`]) as the claimer.
+async fn claim_lost(language: Option<&str>) {
     let redis = start_redis();
     let relay = Relay::start(redis.port()).await;
-    let queue = "lost-claim";
+    let queue = format!("lost-claim-{}", language.unwrap_or("rs"));
+    let queue = queue.as_str();
     let (upstream, ran) = recording_upstream().await;
+    let record = std::env::temp_dir().join(format!(
+        "anteroom-record-{}-{}",
+        std::process::id(),
+        free_port().unwrap()
+    ));
     // The first dispatcher's app takes requests and never answers.
     let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hole = format!("http://{}", black_hole.local_addr().unwrap());
@@ -290,27 +394,45 @@ async fn a_claim_whose_reply_is_lost_strands_nothing() {
     // The claimer reaches Redis through the relay, which loses the reply
     // to its first claim (the script's text is in no other command).
     relay.lose_reply_to(b"if redis.call('EXISTS'");
-    let _claimer = BinProcess::spawn(&[
-        "dispatch",
-        "--redis",
-        &through_relay,
-        "--queue",
-        queue,
-        "--upstream",
-        &upstream,
-        "--reap-every",
-        "1s",
-    ]);
+    let _claimer = match language {
+        None => BinProcess::spawn(&[
+            "dispatch",
+            "--redis",
+            &through_relay,
+            "--queue",
+            queue,
+            "--upstream",
+            &upstream,
+            "--reap-every",
+            "1s",
+        ]),
+        Some(language) => {
+            let mut cmd = record_dispatcher(language, &record);
+            cmd.env("ANTEROOM_REDIS", &through_relay)
+                .env("ANTEROOM_QUEUE", queue)
+                .stdout(std::process::Stdio::null());
+            BinProcess::spawn_cmd(&mut cmd)
+        }
+    };
+    let runs = |id: &str| match language {
+        None => runs_of(&ran, id),
+        Some(_) => std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == id)
+            .count(),
+    };
     let (status, took) = get.await.unwrap();
     assert_eq!(relay.lost(), 1, "the relay lost no reply");
-    println!("GET whose claim reply was lost: {status} after {took:?}");
+    println!("{language:?}: GET whose claim reply was lost: {status} after {took:?}");
     assert_eq!(status, StatusCode::OK);
     assert!(took < Duration::from_secs(25), "{took:?}");
     assert_eq!(post.await.unwrap(), StatusCode::BAD_GATEWAY);
-    assert_eq!(runs_of(&ran, "claimed-get"), 1);
-    assert_eq!(runs_of(&ran, "claimed-post"), 0);
+    assert_eq!(runs("claimed-get"), 1);
+    assert_eq!(runs("claimed-post"), 0);
     until_held(&control, 0).await;
     holding.abort();
+    let _ = std::fs::remove_file(&record);
 }
 
 /// A pause acknowledgement (the heartbeat that says "paused") whose reply

@@ -6,6 +6,10 @@
 //!   or the next reply on any connection ([`Relay::lose_next_reply`]), is
 //!   dropped and the connection closed (Redis has applied the command; the
 //!   process never learns what it did);
+//! - it loses one command: the first chunk toward Redis that contains a
+//!   marker ([`Relay::lose_command_containing`]) is dropped and the
+//!   connection closed (Redis never sees it; the process cannot tell this
+//!   from a lost reply);
 //! - added latency, each way, on every chunk (order kept);
 //! - slow segments: every Nth chunk each way waits 200 ms more, as TCP
 //!   waits a retransmission timeout for a lost segment (a relay cannot
@@ -43,6 +47,8 @@ enum Lose {
     Containing(Vec<u8>),
     /// The first reply after a command containing these bytes.
     To(Vec<u8>),
+    /// The first command containing these bytes, never delivered.
+    Command(Vec<u8>),
     /// The next reply, on whichever connection it comes.
     Next,
 }
@@ -158,6 +164,12 @@ impl Relay {
         self.lose(Lose::To(marker.to_vec()));
     }
 
+    /// Loses the next command that contains `marker` (once): the chunk
+    /// toward Redis holding it is dropped, and its connection closed.
+    pub fn lose_command_containing(&self, marker: &[u8]) {
+        self.lose(Lose::Command(marker.to_vec()));
+    }
+
     /// Loses the next reply, whichever connection it comes on (once).
     pub fn lose_next_reply(&self) {
         self.lose(Lose::Next);
@@ -171,7 +183,7 @@ impl Relay {
             .unwrap_or_else(PoisonError::into_inner) = Some(what);
     }
 
-    /// How many replies it has lost.
+    /// How many replies (and commands) it has lost.
     pub fn lost(&self) -> usize {
         self.faults.lost.load(Ordering::Acquire)
     }
@@ -250,8 +262,9 @@ impl Pump {
             };
             let chunk = buf[..n].to_vec();
             if faults.lost_here(&chunk, replies, &asked) {
-                // The writer toward the process goes: it sees its
-                // connection closed.
+                // The writer goes (toward the process: it sees its
+                // connection closed; toward Redis: the connection closes,
+                // and with it the one back).
                 writer.0.abort();
                 return;
             }
@@ -284,15 +297,24 @@ impl<T> Drop for AbortOnDrop<T> {
 
 impl Faults {
     /// Whether `chunk`, going toward the process when `replies`, is the
-    /// reply to lose; a command going toward Redis may mark its
-    /// connection's next reply (`asked`).
+    /// reply to lose, or going toward Redis, the command to lose; a
+    /// command going toward Redis may mark its connection's next reply
+    /// (`asked`).
     fn lost_here(&self, chunk: &[u8], replies: bool, asked: &AtomicBool) -> bool {
         let contains = |m: &[u8]| chunk.windows(m.len().max(1)).any(|w| w == m);
         let mut lose = self.lose.lock().unwrap_or_else(PoisonError::into_inner);
         if !replies {
-            if matches!(&*lose, Some(Lose::To(m)) if contains(m)) {
-                *lose = None;
-                asked.store(true, Ordering::Release);
+            match &*lose {
+                Some(Lose::To(m)) if contains(m) => {
+                    *lose = None;
+                    asked.store(true, Ordering::Release);
+                }
+                Some(Lose::Command(m)) if contains(m) => {
+                    *lose = None;
+                    self.lost.fetch_add(1, Ordering::AcqRel);
+                    return true;
+                }
+                _ => {}
             }
             return false;
         }
@@ -300,7 +322,7 @@ impl Faults {
         let matched = match &*lose {
             Some(Lose::Containing(m)) => contains(m),
             Some(Lose::Next) => true,
-            Some(Lose::To(_)) | None => false,
+            Some(Lose::To(_) | Lose::Command(_)) | None => false,
         };
         if matched {
             *lose = None;
