@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
-use crate::support::adapters::record_dispatcher;
+use crate::support::adapters::{record_dispatcher, record_file, recorded};
 use crate::support::app::{Ran, recording_upstream};
 use crate::support::bin::{BinProcess, command, start_proxy_on};
 use crate::support::load::{Load, Summary};
@@ -300,11 +300,7 @@ async fn registers_before_it_pulls(language: Option<&str>) {
     let (_proxy, base) = start_proxy_on(&redis.url(), &queue, "60s", &[]).await;
     let registry = format!("anteroom:{{{queue}}}:dispatchers");
     let mut conn = redis_conn(&redis).await;
-    let record = std::env::temp_dir().join(format!(
-        "anteroom-record-{}-{}",
-        std::process::id(),
-        free_port().unwrap()
-    ));
+    let record = record_file();
     let (mut cmd, received): (_, Box<dyn Fn() -> bool + Send + Sync>) = match language {
         None => {
             let (hanging, received) = hanging_upstream().await;
@@ -315,12 +311,7 @@ async fn registers_before_it_pulls(language: Option<&str>) {
         Some(language) => {
             let record = record.clone();
             let cmd = record_dispatcher(language, &record);
-            let received = move || {
-                std::fs::read_to_string(&record)
-                    .unwrap_or_default()
-                    .lines()
-                    .any(|l| l == "held")
-            };
+            let received = move || recorded(&record, "held") > 0;
             (cmd, Box::new(received))
         }
     };

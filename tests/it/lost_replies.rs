@@ -7,14 +7,14 @@
 use std::sync::PoisonError;
 use std::time::{Duration, Instant};
 
-use anteroom_testkit::{LocalRedis, free_port};
+use anteroom_testkit::LocalRedis;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
-use crate::support::adapters::record_dispatcher;
+use crate::support::adapters::{any_dispatcher, record_dispatcher, record_file, recorded};
 use crate::support::app::recording_upstream;
-use crate::support::bin::{BinProcess, command, start_proxy_on};
+use crate::support::bin::{BinProcess, start_proxy_on};
 use crate::support::web::{client, send};
 use crate::support::{
     control, eventually, pause_acknowledged, start_redis, until_dispatching, until_held,
@@ -257,20 +257,9 @@ async fn completion_lost(language: Option<&str>, lost: Lost) {
     let relay = Relay::start(redis.port()).await;
     let queue = format!("lost-completion-{}", language.unwrap_or("rs"));
     let (upstream, ran) = recording_upstream().await;
-    let record = std::env::temp_dir().join(format!(
-        "anteroom-record-{}-{}",
-        std::process::id(),
-        free_port().unwrap()
-    ));
+    let record = record_file();
     let (_proxy, listen) = start_proxy_on(&redis.url(), &queue, "15s", &[]).await;
-    let mut cmd = match language {
-        None => {
-            let mut cmd = command();
-            cmd.args(["dispatch", "--upstream", &upstream]);
-            cmd
-        }
-        Some(language) => record_dispatcher(language, &record),
-    };
+    let mut cmd = any_dispatcher(language, &upstream, &record);
     cmd.env("ANTEROOM_REDIS", relay.url())
         .env("ANTEROOM_QUEUE", &queue)
         .stdout(std::process::Stdio::null());
@@ -294,11 +283,7 @@ async fn completion_lost(language: Option<&str>, lost: Lost) {
     assert!(took < Duration::from_secs(5), "{took:?}");
     let runs = match language {
         None => runs_of(&ran, id),
-        Some(_) => std::fs::read_to_string(&record)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| *l == id)
-            .count(),
+        Some(_) => recorded(&record, id),
     };
     assert_eq!(runs, 1);
     let _ = std::fs::remove_file(&record);
@@ -340,11 +325,7 @@ async fn claim_lost(language: Option<&str>) {
     let queue = format!("lost-claim-{}", language.unwrap_or("rs"));
     let queue = queue.as_str();
     let (upstream, ran) = recording_upstream().await;
-    let record = std::env::temp_dir().join(format!(
-        "anteroom-record-{}-{}",
-        std::process::id(),
-        free_port().unwrap()
-    ));
+    let record = record_file();
     // The first dispatcher's app takes requests and never answers.
     let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hole = format!("http://{}", black_hole.local_addr().unwrap());
@@ -416,11 +397,7 @@ async fn claim_lost(language: Option<&str>) {
     };
     let runs = |id: &str| match language {
         None => runs_of(&ran, id),
-        Some(_) => std::fs::read_to_string(&record)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| *l == id)
-            .count(),
+        Some(_) => recorded(&record, id),
     };
     let (status, took) = get.await.unwrap();
     assert_eq!(relay.lost(), 1, "the relay lost no reply");
@@ -440,20 +417,58 @@ async fn claim_lost(language: Option<&str>) {
 /// beat: the pause is acknowledged, and the resume honoured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_acknowledgement_whose_reply_is_lost_still_counts() {
+    pause_acknowledgement_lost(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_dispatcher_acknowledges_a_pause_whose_reply_is_lost() {
+    pause_acknowledgement_lost(Some("py")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_dispatcher_acknowledges_a_pause_whose_reply_is_lost() {
+    pause_acknowledgement_lost(Some("node")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ruby_dispatcher_acknowledges_a_pause_whose_reply_is_lost() {
+    pause_acknowledgement_lost(Some("rb")).await;
+}
+
+/// The lost pause acknowledgement above, with the Rust dispatcher
+/// (`None`) or the `language`'s ([`record_dispatcher`]).
+async fn pause_acknowledgement_lost(language: Option<&str>) {
     let redis = start_redis();
     let relay = Relay::start(redis.port()).await;
-    let queue = "lost-ack";
+    let queue = format!("lost-ack-{}", language.unwrap_or("rs"));
     let (upstream, ran) = recording_upstream().await;
-    let (listen, _proxy, _dispatcher) =
-        proxy_and_dispatcher(&redis, &redis.url(), &relay.url(), queue, &upstream, "15s").await;
-    let control = control(&redis, queue).await;
+    let record = record_file();
+    let (_proxy, listen) = start_proxy_on(&redis.url(), &queue, "15s", &[]).await;
+    let mut cmd = any_dispatcher(language, &upstream, &record);
+    cmd.env("ANTEROOM_REDIS", relay.url())
+        .env("ANTEROOM_QUEUE", &queue)
+        .stdout(std::process::Stdio::null());
+    let _dispatcher = BinProcess::spawn_cmd(&mut cmd);
+    let control = control(&redis, &queue).await;
+    until_dispatching(&control).await;
+    let runs = |id: &str| match language {
+        None => runs_of(&ran, id),
+        Some(_) => recorded(&record, id),
+    };
 
-    relay.lose_reply_to(b"\"paused\":true");
+    // The heartbeat's JSON, as each language writes it (Python's json
+    // puts a space after the colon).
+    let marker: &[u8] = if language == Some("py") {
+        b"\"paused\": true"
+    } else {
+        b"\"paused\":true"
+    };
+    relay.lose_reply_to(marker);
     let started = Instant::now();
     pause_acknowledged(&control, "lost-ack-test").await;
     assert_eq!(relay.lost(), 1, "the relay lost no reply");
     println!(
-        "pause acknowledged, its reply lost, after {:?}",
+        "{language:?}: pause acknowledged, its reply lost, after {:?}",
         started.elapsed()
     );
     let waiting = tokio::spawn({
@@ -461,10 +476,11 @@ async fn a_pause_acknowledgement_whose_reply_is_lost_still_counts() {
         async move { run(&listen, http::Method::POST, "after-pause", false).await }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(runs_of(&ran, "after-pause"), 0, "ran while paused");
+    assert_eq!(runs("after-pause"), 0, "ran while paused");
     control.resume().await.unwrap();
     assert_eq!(waiting.await.unwrap(), StatusCode::OK);
-    assert_eq!(runs_of(&ran, "after-pause"), 1);
+    assert_eq!(runs("after-pause"), 1);
+    let _ = std::fs::remove_file(&record);
 }
 
 /// The proxy's take of its reply list whose reply is lost: Redis has
@@ -569,11 +585,7 @@ async fn settles_a_lost_pull(name: &str) {
     let redis = start_redis();
     let relay = Relay::start(redis.port()).await;
     let queue = format!("lost-{name}");
-    let record = std::env::temp_dir().join(format!(
-        "anteroom-record-{}-{}",
-        std::process::id(),
-        free_port().unwrap()
-    ));
+    let record = record_file();
     let _ = std::fs::remove_file(&record);
     let (_proxy, listen) = start_proxy_on(&redis.url(), &queue, "15s", &[]).await;
     let mut cmd = record_dispatcher(name, &record);
@@ -583,13 +595,7 @@ async fn settles_a_lost_pull(name: &str) {
         .stdout(std::process::Stdio::null());
     let _dispatcher = BinProcess::spawn_cmd(&mut cmd);
     until_dispatching(&control(&redis, &queue).await).await;
-    let runs = |id: &str| {
-        std::fs::read_to_string(&record)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| *l == id)
-            .count()
-    };
+    let runs = |id: &str| recorded(&record, id);
     for (method, expect, ran) in [
         (http::Method::GET, StatusCode::OK, 1),
         (http::Method::POST, StatusCode::BAD_GATEWAY, 0),

@@ -43,3 +43,35 @@ pub fn record_dispatcher(language: &str, record: &Path) -> Command {
     cmd.env("RECORD_FILE", record);
     cmd
 }
+
+/// A fresh path for a record app's `RECORD_FILE` (not created).
+pub fn record_file() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "anteroom-record-{}-{}",
+        std::process::id(),
+        anteroom_testkit::free_port().unwrap()
+    ))
+}
+
+/// How many times the record at `record` says `/run/ID` ran.
+pub fn recorded(record: &Path, id: &str) -> usize {
+    std::fs::read_to_string(record)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == id)
+        .count()
+}
+
+/// The Rust dispatcher forwarding to `upstream` (`language` `None`), or
+/// [`record_dispatcher`] recording into `record`; Redis and the queue
+/// come from the caller's `ANTEROOM_REDIS` and `ANTEROOM_QUEUE`.
+pub fn any_dispatcher(language: Option<&str>, upstream: &str, record: &Path) -> Command {
+    match language {
+        None => {
+            let mut cmd = super::bin::command();
+            cmd.args(["dispatch", "--upstream", upstream]);
+            cmd
+        }
+        Some(language) => record_dispatcher(language, record),
+    }
+}
