@@ -3,11 +3,15 @@
 //! proxy and the dispatchers apply to a reply (`TIME` into the queue's
 //! clock, `INFO memory` into `MemoryInfo`, `LRANGE` of a processing list
 //! into request envelopes as a reconciliation settles them, a `BLPOP` of a
-//! reply list into a `Reply`). A server, a proxy in between or a network
-//! fault can hand over anything: no panic, ever.
+//! reply list into a `Reply`, and the list reader's replies: the `TAKE`
+//! script's `{landed, taken}` (or nil when fenced off) and the reconnect's
+//! `INCR`, `LRANGE`, `LRANGE`, each item through both lists' decoders, a
+//! proxy's reply list (`Reply`) and a dispatcher's credit list
+//! (`Inbound`)). A server, a proxy in between or a network fault can hand
+//! over anything: no panic, ever.
 #![no_main]
 
-use anteroom_protocol::{Reply, RequestEnvelope};
+use anteroom_protocol::{Inbound, Reply, RequestEnvelope};
 use anteroom_redis::MemoryInfo;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
@@ -48,5 +52,25 @@ fn read_as_anteroom_does(value: &Value) {
     }
     if let Ok(Some((_key, reply))) = <Option<(String, Vec<u8>)>>::from_redis_value_ref(value) {
         let _ = Reply::decode(Bytes::from(reply));
+    }
+    // A reader's take (anteroom_control::queue::follow_list).
+    if let Ok(Some((landed, taken))) =
+        <Option<(Vec<Bytes>, Vec<Bytes>)>>::from_redis_value_ref(value)
+    {
+        list_items(landed.into_iter().chain(taken));
+    }
+    // A reader's reconnect: a new epoch, then its popped and landing lists.
+    if let Ok((_epoch, popped, landing)) =
+        <(u64, Vec<Bytes>, Vec<Bytes>)>::from_redis_value_ref(value)
+    {
+        list_items(popped.into_iter().chain(landing));
+    }
+}
+
+/// Items of a reply list or a credit list, decoded as their readers do.
+fn list_items(items: impl Iterator<Item = Bytes>) {
+    for item in items {
+        let _ = Reply::decode(item.clone());
+        let _ = Inbound::decode(item);
     }
 }

@@ -1,10 +1,11 @@
 //! The `redis_replies` fuzz target's checks, run on its seed corpus
 //! (`fuzz/corpus/redis_replies/seed-*`) on the stable toolchain: what
 //! Anteroom reads from Redis (a `TIME` reply, `INFO memory`, an `LRANGE` of
-//! a processing list, a `BLPOP`-shaped reply) goes through redis-rs's RESP
-//! parser and each conversion without a panic.
+//! a processing list, a `BLPOP`-shaped reply, a list reader's take and its
+//! reconnect's recovery) goes through redis-rs's RESP parser and each
+//! conversion without a panic.
 
-use anteroom_protocol::{Reply, RequestEnvelope};
+use anteroom_protocol::{Inbound, Reply, RequestEnvelope};
 use anteroom_redis::MemoryInfo;
 use bytes::Bytes;
 use redis::{FromRedisValue, Value};
@@ -33,6 +34,27 @@ fn read_as_anteroom_does(value: &Value) -> usize {
     if let Ok(Some((_key, reply))) = <Option<(String, Vec<u8>)>>::from_redis_value_ref(value) {
         read += usize::from(Reply::decode(Bytes::from(reply)).is_ok());
     }
+    if let Ok(Some((landed, taken))) =
+        <Option<(Vec<Bytes>, Vec<Bytes>)>>::from_redis_value_ref(value)
+    {
+        read += list_items(landed.into_iter().chain(taken));
+    }
+    if let Ok((_epoch, popped, landing)) =
+        <(u64, Vec<Bytes>, Vec<Bytes>)>::from_redis_value_ref(value)
+    {
+        read += list_items(popped.into_iter().chain(landing));
+    }
+    read
+}
+
+/// Items of a reply list or a credit list, as their readers decode them:
+/// how many were replies.
+fn list_items(items: impl Iterator<Item = Bytes>) -> usize {
+    let mut read = 0;
+    for item in items {
+        read += usize::from(Reply::decode(item.clone()).is_ok());
+        let _ = Inbound::decode(item);
+    }
     read
 }
 
@@ -53,8 +75,8 @@ fn every_seed_parses_and_converts_without_panicking() {
             .unwrap_or_else(|err| panic!("seed {name} is not RESP: {err}"));
         read += read_as_anteroom_does(&value);
     }
-    assert!(seeds >= 5, "only {seeds} seeds in {}", dir.display());
-    // The TIME reading, INFO memory, the LRANGE's request and the BLPOP's
-    // reply each convert.
-    assert!(read >= 4, "only {read} conversions from {seeds} seeds");
+    assert!(seeds >= 8, "only {seeds} seeds in {}", dir.display());
+    // The TIME reading, INFO memory, the LRANGE's request, the BLPOP's
+    // reply, the take's and the recovery's replies each convert.
+    assert!(read >= 6, "only {read} conversions from {seeds} seeds");
 }
