@@ -616,3 +616,136 @@ async fn settles_a_lost_pull(name: &str) {
     }
     let _ = std::fs::remove_file(&record);
 }
+
+/// A `dedupe` claim (`SET NX`) whose answer is lost may have been made by
+/// this delivery, or refused because another delivery holds the claim:
+/// the dispatcher asks again with a script that knows its own claim
+/// (docs/protocol.md, step 3). Its own: run once and answered. Another
+/// delivery's: not run (a lost answer used to count as claimed, so a
+/// second delivery of a request already claimed elsewhere ran too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedupe_claim_whose_answer_is_lost_runs_once() {
+    dedupe_claim_lost(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_dispatcher_asks_a_lost_dedupe_claim_again() {
+    dedupe_claim_lost(Some("py")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_dispatcher_asks_a_lost_dedupe_claim_again() {
+    dedupe_claim_lost(Some("node")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ruby_dispatcher_asks_a_lost_dedupe_claim_again() {
+    dedupe_claim_lost(Some("rb")).await;
+}
+
+/// The lost `dedupe` claim above, with the Rust dispatcher (`None`) or
+/// the `language`'s ([`record_dispatcher`]), on envelopes pushed as a
+/// proxy pushes them.
+async fn dedupe_claim_lost(language: Option<&str>) {
+    use anteroom_protocol::{HttpVersion, Keys, RequestEnvelope, now_ms};
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = format!("lost-dedupe-{}", language.unwrap_or("rs"));
+    let (upstream, ran) = recording_upstream().await;
+    let record = record_file();
+    let mut cmd = any_dispatcher(language, &upstream, &record);
+    cmd.env("ANTEROOM_REDIS", relay.url())
+        .env("ANTEROOM_QUEUE", &queue)
+        .stdout(std::process::Stdio::null());
+    let _dispatcher = BinProcess::spawn_cmd(&mut cmd);
+    let control = control(&redis, &queue).await;
+    until_dispatching(&control).await;
+    let keys = Keys::new(&queue).unwrap();
+    let mut conn = crate::support::redis_conn(&redis).await;
+    let runs = |id: &str| match language {
+        None => runs_of(&ran, id),
+        Some(_) => recorded(&record, id),
+    };
+    for (n, (id, held_elsewhere)) in [("own-claim", false), ("claimed-elsewhere", true)]
+        .into_iter()
+        .enumerate()
+    {
+        let claim_key = keys.claimed(id);
+        if held_elsewhere {
+            redis::cmd("SET")
+                .arg(&claim_key)
+                .arg("another-dispatcher/0")
+                .arg("PX")
+                .arg(60_000)
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap();
+        }
+        let reply_to = keys.replies(&format!("p{n}"));
+        let envelope = RequestEnvelope {
+            id: id.to_owned(),
+            method: "POST".into(),
+            uri: format!("/run/{id}"),
+            version: HttpVersion::Http11,
+            headers: vec![],
+            body: Bytes::new(),
+            reply_to: reply_to.clone(),
+            client_addr: None,
+            enqueued_at_ms: now_ms(),
+            deadline_ms: now_ms() + 15_000,
+            dedupe: true,
+            stream: false,
+            body_follows: false,
+            websocket: false,
+        };
+        relay.lose_reply_to(claim_key.as_bytes());
+        redis::cmd("LPUSH")
+            .arg(keys.requests())
+            .arg(envelope.encode())
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        // Settled: taken, its claim's answer lost, gone from the
+        // processing list (answered, or dropped as another's).
+        let processing = format!("anteroom:{{{queue}}}:processing:*");
+        eventually(&format!("{id} settled"), Duration::from_secs(10), || {
+            let (mut conn, requests, processing) =
+                (conn.clone(), keys.requests(), processing.clone());
+            let lost = relay.lost();
+            async move {
+                lost == n + 1
+                    && crate::support::llen(&mut conn, &requests).await == 0
+                    && crate::support::keys(&mut conn, &processing)
+                        .await
+                        .is_empty()
+            }
+        })
+        .await;
+        if held_elsewhere {
+            // Give a wrongly run copy time to show, then look.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(
+                runs(id),
+                0,
+                "{language:?}: {id} ran though another delivery held its claim"
+            );
+            assert_eq!(
+                crate::support::llen(&mut conn, &reply_to).await,
+                0,
+                "{language:?}: {id} answered"
+            );
+        } else {
+            eventually(&format!("{id} answered"), Duration::from_secs(10), || {
+                let (mut conn, reply_to) = (conn.clone(), reply_to.clone());
+                async move { crate::support::llen(&mut conn, &reply_to).await == 1 }
+            })
+            .await;
+            assert_eq!(runs(id), 1, "{language:?}: {id}");
+        }
+        println!(
+            "{language:?}: {id}, its claim's answer lost: run {} times",
+            runs(id)
+        );
+    }
+    let _ = std::fs::remove_file(&record);
+}

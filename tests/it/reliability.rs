@@ -571,19 +571,30 @@ async fn requeue_is_guarded_releases_only_its_own_claim_and_counts_repeats() {
     assert_eq!(claim(conn.clone()).await.as_deref(), Some("d2"));
     // Never started after its dispatcher claimed it: the claim goes with
     // it, so the next delivery runs (it used to be dropped as claimed).
-    assert_eq!(take(conn.clone(), list.clone()).await, raw.to_vec());
-    set_claim(conn.clone(), "d1").await;
-    let done = requeue(
-        &mut shared,
-        &keys,
-        &list,
-        &raw,
-        "req-1",
-        Attempt::NotStarted { claimed_by: "d1" },
-    )
-    .await;
-    assert_eq!(done.unwrap(), Requeued::Requeued);
-    assert_eq!(claim(conn.clone()).await, None);
+    // A claim names the delivery, `<dispatcher id>/<n>` (older
+    // dispatchers wrote the id alone): released by that dispatcher's id,
+    // never by an id it merely starts with.
+    for (holder, released) in [("d1", true), ("d1/7", true), ("d10/1", false)] {
+        assert_eq!(take(conn.clone(), list.clone()).await, raw.to_vec());
+        set_claim(conn.clone(), holder).await;
+        let done = requeue(
+            &mut shared,
+            &keys,
+            &list,
+            &raw,
+            "req-1",
+            Attempt::NotStarted { claimed_by: "d1" },
+        )
+        .await;
+        assert_eq!(done.unwrap(), Requeued::Requeued);
+        let expected = if released { None } else { Some(holder) };
+        assert_eq!(claim(conn.clone()).await.as_deref(), expected, "{holder}");
+    }
+    redis::cmd("DEL")
+        .arg(keys.claimed("req-1"))
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
 
     // May have run: counted; the claim released only when d1 holds it.
     let may_have_run = Attempt::MayHaveRun {

@@ -83,6 +83,8 @@ class Dispatcher {
     this.orphansPossible = false;
     this.recheckAt = null;
     this.reconcileAfter = 0;
+    /** Deliveries claimed so far: the `<n>` of each claim's owner. */
+    this.deliveries = 0;
     /** When the last heartbeat that Redis took was sent (performance.now() ms). */
     this.beatSentAt = -Infinity;
   }
@@ -413,25 +415,28 @@ class Dispatcher {
 
   /**
    * Claims a `dedupe` request (SET NX, docs/protocol.md step 3): false when
-   * another delivery has it. A Redis error counts as claimed, so the request
-   * still runs (as the Rust dispatcher).
+   * another delivery has it. The claim names this delivery,
+   * `<dispatcher id>/<n>`. After a failure (its answer may be what was lost;
+   * or Redis, over its maxmemory, refused the SET) it is asked again with the
+   * CLAIM_WHEN_FULL script, which also knows this delivery's own claim, until
+   * the deadline; past it the request is not run (as the Rust dispatcher).
    */
   async claim(request, ttl) {
     const key = this.keys.claimed(request.id);
+    const owner = `${this.id}/${this.deliveries++}`;
     try {
-      try {
-        const claimed = await this.redis.sendCommand(['SET', key, this.id, 'NX', 'PX', String(ttl)]);
-        return claimed !== null;
-      } catch (err) {
-        if (!full(err)) throw err;
-        // Over maxmemory, requests are still taken: claimed in a script
-        // Redis runs then, not run unclaimed.
-        const claimed = await this.redis.eval(protocol.CLAIM_WHEN_FULL, { keys: [key], arguments: [this.id, String(ttl)] });
-        return claimed === 1;
-      }
+      const claimed = await this.redis.sendCommand(['SET', key, owner, 'NX', 'PX', String(ttl)]);
+      return claimed !== null;
     } catch (err) {
-      console.error(`anteroom: cannot claim ${request.id} (${err.message}); running it`);
-      return true;
+      if (!full(err)) console.error(`anteroom: claiming ${request.id} failed (${err.message}); asking again`);
+    }
+    try {
+      const claimed = await this.retrying(request, 'claiming',
+        () => this.redis.eval(protocol.CLAIM_WHEN_FULL, { keys: [key], arguments: [owner, String(ttl)] }));
+      return claimed === 1;
+    } catch (err) {
+      console.error(`anteroom: cannot claim ${request.id} (${err.message}) by its deadline; not running it`);
+      return false;
     }
   }
 

@@ -147,9 +147,13 @@ def test_a_completion_refused_for_lack_of_memory_is_written_past_maxmemory():
 
 
 def test_claims_and_discards_ride_out_redis_errors_as_the_rust_dispatcher(monkeypatch):
-    """A claim that Redis cannot answer counts as claimed (the request still
-    runs); removing a request with no reply is retried for DISCARD_S, then
-    given up without an exception (the reaper finds what is left)."""
+    """A claim that Redis cannot answer is asked again until the request's
+    deadline, then counts as not claimed (the request does not run: its
+    client has its 504; counting it as claimed could run a second
+    delivery); removing a request with no reply is retried for DISCARD_S,
+    then given up without an exception (the reaper finds what is left). A
+    claim names its delivery, and the script a claim is asked again with
+    knows its own."""
     from anteroom import dispatcher as threaded
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -160,7 +164,10 @@ def test_claims_and_discards_ride_out_redis_errors_as_the_rust_dispatcher(monkey
     meta = {"id": "r1", "method": "GET", "uri": "/", "version": "HTTP/1.1", "headers": [],
             "reply_to": "anteroom:{q}:replies:p1", "enqueued_at_ms": now, "deadline_ms": now + 30_000}
     request = protocol.Request(dict(meta, body_len=0), b"")
-    assert d.claim(request, 1000) is True
+    soon = protocol.Request(dict(meta, body_len=0, deadline_ms=now + 1_000), b"")
+    started = time.monotonic()
+    assert d.claim(soon, 1000) is False
+    assert 0.5 <= time.monotonic() - started < 5
     started = time.monotonic()
     assert d.discard(b"raw", request) is None
     assert 0.3 <= time.monotonic() - started < 5
@@ -171,6 +178,11 @@ def test_claims_and_discards_ride_out_redis_errors_as_the_rust_dispatcher(monkey
         sync = redis.Redis(port=port)
         sync.rpush(d.processing, b"raw")
         assert d.claim(request, 1000) is True and d.claim(request, 1000) is False
+        key = d.keys.claimed(request.id)
+        owner = sync.get(key).decode()
+        assert owner.startswith(d.id + "/")
+        assert sync.eval(protocol.CLAIM_WHEN_FULL, 1, key, owner, 1000) == 1
+        assert sync.eval(protocol.CLAIM_WHEN_FULL, 1, key, d.id + "/99", 1000) == 0
         d.discard(b"raw", request)
         assert sync.llen(d.processing) == 0
     finally:

@@ -537,17 +537,33 @@ async fn requeue(
 }
 
 /// Claims a `dedupe` request before running it: false when another delivery
-/// of the same envelope already did. The claim lives until the deadline plus
-/// the reply TTL. A Redis error counts as claimed, so the request still runs.
+/// of the same envelope already did. The claim, `<dispatcher id>/<n>` (this
+/// delivery), lives until the deadline plus the reply TTL. A claim whose
+/// answer is lost may have been made: it is asked again with
+/// [`queue::claim_again`], which knows this delivery's own claim, until
+/// the deadline (docs/protocol.md, step 3; a lost answer used to count as
+/// claimed, so a second delivery could run too). Past the deadline it is
+/// not run: its client has its 504.
 async fn claim(shared: &Shared, envelope: &RequestEnvelope, now: u64) -> bool {
     let ttl =
         Duration::from_millis(envelope.deadline_ms.saturating_sub(now)) + shared.settings.reply_ttl;
     let key = shared.keys.claimed(&envelope.id);
-    match queue::claim(&mut shared.conn.clone(), &key, &shared.id, ttl).await {
+    let owner = format!(
+        "{}/{}",
+        shared.id,
+        shared.deliveries.fetch_add(1, Ordering::Relaxed)
+    );
+    match queue::claim(&mut shared.conn.clone(), &key, &owner, ttl).await {
         Ok(claimed) => claimed,
         Err(err) => {
-            tracing::warn!(error = %err, "cannot claim the request; running it");
-            true
+            tracing::warn!(error = %err, "claiming the request failed; asking again");
+            with_retries("claim", envelope.deadline_ms, || {
+                let mut conn = shared.conn.clone();
+                let (key, owner) = (&key, &owner);
+                async move { queue::claim_again(&mut conn, key, owner, ttl).await }
+            })
+            .await
+            .unwrap_or(false)
         }
     }
 }

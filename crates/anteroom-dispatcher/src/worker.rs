@@ -132,6 +132,9 @@ pub(crate) struct Shared {
     pub(crate) pull_failing: AtomicBool,
     /// When this dispatcher started (Unix ms), as its heartbeat says.
     pub(crate) started_at_ms: u64,
+    /// Deliveries claimed so far: the `<n>` of each `dedupe` claim's
+    /// owner, `<dispatcher id>/<n>`.
+    pub(crate) deliveries: AtomicU64,
 }
 
 /// One envelope counted in [`Shared::held`] while it lives.
@@ -320,6 +323,7 @@ where
         settling: tokio::sync::Mutex::new(()),
         orphans_possible: AtomicBool::new(false),
         pull_failing: AtomicBool::new(false),
+        deliveries: AtomicU64::new(0),
     });
     if let Some((group, rank)) = &shared.settings.priority {
         group.serve(*rank, &shared);

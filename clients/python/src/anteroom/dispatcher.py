@@ -14,6 +14,7 @@ requests in hand finish within the grace period, then removes the
 heartbeat.
 """
 import collections
+import itertools
 import json
 import logging
 import os
@@ -155,6 +156,8 @@ class Dispatcher:
         self.orphans_possible = threading.Event()
         self.recheck_at = None
         self.reconcile_after = 0.0
+        #: Deliveries claimed so far: the ``<n>`` of each claim's owner.
+        self.deliveries = itertools.count()
         #: When the last heartbeat that Redis took was sent (monotonic s).
         self.beat_sent_at = float("-inf")
         #: Notified when a request in flight ends (``lock`` is its lock).
@@ -582,21 +585,25 @@ class Dispatcher:
 
     def claim(self, request, ttl_ms):
         """Claims a ``dedupe`` request (``SET NX``, docs/protocol.md step 3):
-        False when another delivery has it. A Redis error counts as claimed,
-        so the request still runs (as the Rust dispatcher)."""
+        False when another delivery has it. The claim names this delivery,
+        ``<dispatcher id>/<n>``. After a failure (its answer may be what was
+        lost; or Redis, over its maxmemory, refused the ``SET``) it is asked
+        again with the CLAIM_WHEN_FULL script, which also knows this
+        delivery's own claim, until the deadline; past it the request is not
+        run (as the Rust dispatcher)."""
         key = self.keys.claimed(request.id)
+        owner = f"{self.id}/{next(self.deliveries)}"
         try:
-            try:
-                return bool(self.redis.set(key, self.id, nx=True, px=ttl_ms))
-            except redis.RedisError as err:
-                if not protocol.out_of_memory(err):
-                    raise
-                # Over maxmemory, requests are still taken: claimed in a
-                # script Redis runs then, not run unclaimed.
-                return self.redis.eval(protocol.CLAIM_WHEN_FULL, 1, key, self.id, ttl_ms) == 1
+            return bool(self.redis.set(key, owner, nx=True, px=ttl_ms))
         except redis.RedisError as err:
-            log.warning("cannot claim %s (%s); running it", request.id, err)
-            return True
+            if not protocol.out_of_memory(err):
+                log.warning("claiming %s failed (%s); asking again", request.id, err)
+        try:
+            return self.retrying(request, "claiming", lambda: self.redis.eval(
+                protocol.CLAIM_WHEN_FULL, 1, key, owner, ttl_ms)) == 1
+        except redis.RedisError as err:
+            log.warning("cannot claim %s (%s) by its deadline; not running it", request.id, err)
+            return False
 
     @staticmethod
     def stream_until(request):

@@ -113,6 +113,8 @@ module Anteroom
       # Set after a pull or a reaping pass failed (under @lock).
       @orphans_possible = false
       @recheck_at = nil
+      # Deliveries claimed so far: the <n> of each claim's owner (under @lock).
+      @deliveries = 0
       # When the last heartbeat Redis took was sent (monotonic ms; nil: none).
       @beat_sent_at = nil
       @next_sweep = 0.0
@@ -506,22 +508,24 @@ module Anteroom
     end
 
     # Claims a +dedupe+ request (SET NX, docs/protocol.md step 3): false
-    # when another delivery has it. A Redis error counts as claimed, so the
-    # request still runs (as the Rust dispatcher).
+    # when another delivery has it. The claim names this delivery,
+    # "<dispatcher id>/<n>". After a failure (its answer may be what was
+    # lost; or Redis, over its maxmemory, refused the SET) it is asked again
+    # with the CLAIM_WHEN_FULL script, which also knows this delivery's own
+    # claim, until the deadline; past it the request is not run (as the Rust
+    # dispatcher).
     def claim(redis, request, ttl)
       key = @keys.claimed(request.id)
+      owner = "#{@id}/#{@lock.synchronize { @deliveries += 1 }}"
       begin
-        redis.set(key, @id, nx: true, px: ttl)
-      rescue Redis::CommandError => e
-        raise unless full?(e)
-
-        # Over maxmemory, requests are still taken: claimed in a script
-        # Redis runs then, not run unclaimed.
-        redis.eval(Protocol::CLAIM_WHEN_FULL, keys: [key], argv: [@id, ttl]) == 1
+        return redis.set(key, owner, nx: true, px: ttl) ? true : false
+      rescue Redis::BaseError => e
+        @log.warn("claiming #{request.id} failed (#{e.message}); asking again") unless full?(e)
       end
+      retrying(request) { redis.eval(Protocol::CLAIM_WHEN_FULL, keys: [key], argv: [owner, ttl]) } == 1
     rescue Redis::BaseError => e
-      @log.warn("cannot claim #{request.id} (#{e.message}); running it")
-      true
+      @log.warn("cannot claim #{request.id} (#{e.message}) by its deadline; not running it")
+      false
     end
 
     # Until when a write of a stream is retried: a stream may run past its

@@ -60,8 +60,11 @@ module Anteroom
       end
       if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
       redis.call('RPUSH', KEYS[2], ARGV[1])
-      if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) == ARGV[2] then
-        redis.call('DEL', KEYS[3])
+      if ARGV[2] ~= '' then
+        local holder = redis.call('GET', KEYS[3])
+        if holder == ARGV[2] or (holder and string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/') then
+          redis.call('DEL', KEYS[3])
+        end
       end
       return 0
     LUA
@@ -109,14 +112,19 @@ module Anteroom
       end
       return 1
     LUA
-    # Claims a +dedupe+ request while Redis is over its maxmemory (as the
-    # requests taken then): SET NX PX in an +allow-oom+ script. KEYS: the
-    # claim key; ARGV: the owner, the TTL in ms. 1 when claimed here. The
-    # Rust dispatcher's script (crates/anteroom-control/src/queue/mod.rs).
+    # Claims a +dedupe+ request in a script that may run any number of
+    # times: after a claim whose answer was lost, and while Redis is over
+    # its maxmemory (+allow-oom+). KEYS: the claim key; ARGV: the owner (this
+    # delivery), the TTL in ms. 1 when claimed here, now or by an earlier try
+    # (the key holds the owner). The Rust dispatcher's script
+    # (crates/anteroom-control/src/queue/mod.rs).
     CLAIM_WHEN_FULL = <<~LUA
       #!lua flags=allow-oom
-      if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-      return 0
+      local holder = redis.call('GET', KEYS[1])
+      if holder == ARGV[1] then return 1 end
+      if holder then return 0 end
+      redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+      return 1
     LUA
     # Most times a request that may already have run is put back (the Rust
     # dispatcher's MAX_REPEATS).

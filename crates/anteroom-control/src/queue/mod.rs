@@ -176,7 +176,9 @@ pub async fn unblock<C: ConnectionLike + Send>(conn: &mut C, client_id: u64) -> 
 
 /// `SET anteroom:{q}:claimed:<request_id> <owner> NX PX <ttl>`: claims a
 /// `dedupe` request before it runs. True when this call claimed it, false
-/// when an earlier delivery already did.
+/// when an earlier delivery already did. `owner` names this delivery,
+/// `<dispatcher id>/<n>` (docs/protocol.md, step 3): when the answer is
+/// lost, [`claim_again`] tells a claim this delivery made from another's.
 pub async fn claim<C: ConnectionLike + Send>(
     conn: &mut C,
     claimed_key: &str,
@@ -199,25 +201,43 @@ pub async fn claim<C: ConnectionLike + Send>(
         // in hand, so it goes in a script Redis runs then, rather than the
         // request running unclaimed.
         Err(err) if anteroom_redis::is_out_of_memory(&err) => {
-            let claimed: i64 = redis::cmd("EVAL")
-                .arg(CLAIM_WHEN_FULL)
-                .arg(1)
-                .arg(claimed_key)
-                .arg(owner)
-                .arg(ttl_ms)
-                .query_async(conn)
-                .await?;
-            Ok(claimed == 1)
+            claim_again(conn, claimed_key, owner, ttl).await
         }
         Err(err) => Err(err),
     }
 }
 
-/// [`claim`] for a Redis over its `maxmemory` (`allow-oom`). KEYS: the
-/// claim key; ARGV: the owner, the TTL in ms. 1 when claimed here.
+/// [`claim`] as a script that may run any number of times: true when the
+/// claim key is free (claimed now) or already holds `owner` (this
+/// delivery's own claim, made by an earlier try whose answer was lost);
+/// false when another delivery holds it. Runs past Redis's `maxmemory`
+/// too (`allow-oom`: a claim is a few bytes per request in hand). Safe to
+/// send again after any error.
+pub async fn claim_again<C: ConnectionLike + Send>(
+    conn: &mut C,
+    claimed_key: &str,
+    owner: &str,
+    ttl: Duration,
+) -> RedisResult<bool> {
+    let claimed: i64 = redis::cmd("EVAL")
+        .arg(CLAIM_WHEN_FULL)
+        .arg(1)
+        .arg(claimed_key)
+        .arg(owner)
+        .arg(millis(ttl).max(1))
+        .query_async(conn)
+        .await?;
+    Ok(claimed == 1)
+}
+
+/// [`claim_again`]. KEYS: the claim key; ARGV: the owner (this delivery),
+/// the TTL in ms. 1 when claimed here, now or by an earlier try.
 const CLAIM_WHEN_FULL: &str = r"#!lua flags=allow-oom
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0";
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return 1 end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1";
 
 /// `RPUSH list frame` and `PEXPIRE list ttl` in one round trip: a frame of
 /// a streamed reply on its way to a proxy's reply list (the end goes with

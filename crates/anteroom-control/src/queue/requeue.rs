@@ -25,8 +25,11 @@ if ARGV[3] ~= '-1' then
 end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
-if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) == ARGV[2] then
-  redis.call('DEL', KEYS[3])
+if ARGV[2] ~= '' then
+  local holder = redis.call('GET', KEYS[3])
+  if holder == ARGV[2] or (holder and string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/') then
+    redis.call('DEL', KEYS[3])
+  end
 end
 return 0";
 
@@ -71,7 +74,9 @@ pub enum Attempt<'a> {
 /// (the processing list that held it), in one Lua script: `LREM` from
 /// `list`, and only if that removed it, `RPUSH` onto the requests list (the
 /// right end is where dispatchers pull from: next in line) and `DEL` of the
-/// `dedupe` claim if `claimed_by` holds it. Guarded by the `LREM`, so running it again after an answer was
+/// `dedupe` claim if `claimed_by` holds it (the claim holds the delivery,
+/// `<dispatcher id>/<n>`, or, written by older dispatchers, the id
+/// alone). Guarded by the `LREM`, so running it again after an answer was
 /// lost cannot queue a second copy. [`Attempt::MayHaveRun`] first counts
 /// the repeat (`INCR anteroom:{q}:repeats:<id>`).
 ///
