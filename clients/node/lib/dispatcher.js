@@ -83,8 +83,12 @@ class Dispatcher {
     this.orphansPossible = false;
     this.recheckAt = null;
     this.reconcileAfter = 0;
-    /** Deliveries claimed so far: the `<n>` of each claim's owner. */
-    this.deliveries = 0;
+    /**
+     * The `<n>` of each claim's owner (hex), from a random start: a
+     * dispatcher restarted with a fixed id never takes an earlier run's
+     * claim for its own.
+     */
+    this.deliveries = crypto.randomInt(0, 2 ** 47);
     /** When the last heartbeat that Redis took was sent (performance.now() ms). */
     this.beatSentAt = -Infinity;
   }
@@ -423,7 +427,7 @@ class Dispatcher {
    */
   async claim(request, ttl) {
     const key = this.keys.claimed(request.id);
-    const owner = `${this.id}/${this.deliveries++}`;
+    const owner = `${this.id}/${(this.deliveries++).toString(16)}`;
     try {
       const claimed = await this.redis.sendCommand(['SET', key, owner, 'NX', 'PX', String(ttl)]);
       return claimed !== null;

@@ -107,7 +107,8 @@ const RSS_CHECKED_FROM: Duration = Duration::from_secs(300);
 pub struct ChaosConfig {
     /// The `anteroom` binary.
     pub anteroom: PathBuf,
-    /// How long the load and the faults go on.
+    /// How long the load and the faults go on (at least one whole round
+    /// of faults: a short run may go on a little longer).
     pub duration: Duration,
     /// Seed of the fault order and the gaps between faults.
     pub seed: u64,
@@ -871,30 +872,51 @@ impl Rig {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let failover = killed.elapsed();
-        let replica = tokio::task::spawn_blocking(move || {
-            LocalRedis::start_with_args(&["--replicaof", "127.0.0.1", &new.to_string()])
-        })
-        .await??;
-        let port = replica.port();
-        self.replicas.push(replica);
         // Ready for the next failover: synced, and known to the sentinels.
-        let ready = Instant::now();
-        loop {
-            let synced = tokio::task::spawn_blocking(move || {
-                anteroom_testkit::sentinel::ask(port, "INFO replication")
-                    .contains("master_link_status:up")
-                    && anteroom_testkit::sentinel::ask(ask, "SENTINEL replicas mymaster")
-                        .contains(&port.to_string())
+        // A replica not ready within 30 s is replaced once; the error then
+        // says what it and the sentinels reported.
+        let mut attempt = 0;
+        let port = loop {
+            attempt += 1;
+            let replica = tokio::task::spawn_blocking(move || {
+                LocalRedis::start_with_args(&["--replicaof", "127.0.0.1", &new.to_string()])
             })
-            .await?;
-            if synced {
-                break;
+            .await??;
+            let port = replica.port();
+            self.replicas.push(replica);
+            let ready = Instant::now();
+            let looked = loop {
+                let looked = tokio::task::spawn_blocking(move || {
+                    (
+                        anteroom_testkit::sentinel::ask(port, "INFO replication"),
+                        anteroom_testkit::sentinel::ask(ask, "SENTINEL replicas mymaster"),
+                    )
+                })
+                .await?;
+                if looked.0.contains("master_link_status:up")
+                    && looked.1.contains(&port.to_string())
+                {
+                    break None;
+                }
+                if ready.elapsed() > Duration::from_secs(30) {
+                    break Some(looked);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            match looked {
+                None => break port,
+                Some((info, known)) if attempt >= 2 => bail!(
+                    "the new replica (port {port}) not ready within 30 s, twice; it reports \
+                     {info:?}; the sentinels list as replicas of :{new}: {known:?}"
+                ),
+                Some(_) => {
+                    println!("the new replica :{port} not ready within 30 s; starting another");
+                    if let Some(mut stuck) = self.replicas.pop() {
+                        stuck.kill();
+                    }
+                }
             }
-            if ready.elapsed() > Duration::from_secs(60) {
-                bail!("the new replica (port {port}) not ready within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        };
         Ok(format!(
             "primary :{old} killed; :{new} promoted after {failover:.1?}; new replica :{port}"
         ))
@@ -1145,12 +1167,16 @@ async fn soak(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults = Vec::new();
-    'rounds: loop {
+    // The first round always runs whole, so a short run (the test's
+    // minute) injects every kind of fault even when its faults take longer
+    // than usual (a failover, a pause waiting for a killed dispatcher's
+    // heartbeat to expire): the load then goes on until the round ends.
+    'rounds: for round in 0.. {
         let mut order = FAULTS;
         order.shuffle(&mut rng);
         for fault in order {
             let gap = Duration::from_millis(rng.random_range(500..2000));
-            if started.elapsed() + gap >= duration {
+            if round > 0 && started.elapsed() + gap >= duration {
                 break 'rounds;
             }
             tokio::time::sleep(gap).await;
@@ -1161,7 +1187,7 @@ async fn soak(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
                 .with_context(|| format!("injecting '{}'", fault.name()))?;
             println!("[{:>6.1?}] {}: {what}", at, fault.name());
             faults.push((at, fault, what));
-            if started.elapsed() >= duration {
+            if round > 0 && started.elapsed() >= duration {
                 break 'rounds;
             }
         }

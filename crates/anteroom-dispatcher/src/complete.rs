@@ -126,7 +126,7 @@ pub(crate) async fn completer(
 /// failing over, `OOM`, `READONLY` during a failover) is retried until the
 /// deadline. redis-rs reports errors inside a MULTI as text, so the codes
 /// are looked for there.
-fn refused_for_good(err: &redis::RedisError) -> bool {
+pub(crate) fn refused_for_good(err: &redis::RedisError) -> bool {
     let text = err.to_string();
     text.contains("WRONGTYPE") || text.contains("NOPERM")
 }

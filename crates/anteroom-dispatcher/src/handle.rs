@@ -96,11 +96,18 @@ pub(crate) async fn handle<S, B>(
             .await;
             return;
         }
-        if envelope.dedupe && !claim(&shared, &envelope, now).await {
-            tracing::info!("already claimed by an earlier delivery; not executed again");
-            discard(&shared, &raw).await;
-            return;
-        }
+        // This delivery's claim ("" without one): a requeue releases it,
+        // and only it.
+        let owner = if envelope.dedupe {
+            let Some(owner) = claim(&shared, &envelope, now).await else {
+                tracing::info!("not claimed (another delivery has it); not executed");
+                discard(&shared, &raw).await;
+                return;
+            };
+            owner
+        } else {
+            String::new()
+        };
         // The move into our processing list (and the claim) must survive
         // a failover before the request runs, or a new primary would hand
         // it out again.
@@ -135,9 +142,7 @@ pub(crate) async fn handle<S, B>(
                         &shared,
                         &raw,
                         &envelope,
-                        Attempt::NotStarted {
-                            claimed_by: own_claim(&shared, &envelope),
-                        },
+                        Attempt::NotStarted { claimed_by: &owner },
                     )
                     .await;
                     return;
@@ -176,15 +181,13 @@ pub(crate) async fn handle<S, B>(
                 Outcome::Requeue(started) => {
                     let attempt = if started {
                         Attempt::MayHaveRun {
-                            claimed_by: &shared.id,
+                            claimed_by: &owner,
                             ttl: Duration::from_millis(
                                 envelope.deadline_ms.saturating_sub(now_ms()),
                             ),
                         }
                     } else {
-                        Attempt::NotStarted {
-                            claimed_by: own_claim(&shared, &envelope),
-                        }
+                        Attempt::NotStarted { claimed_by: &owner }
                     };
                     match requeue(&shared, &raw, &envelope, attempt).await {
                         Requeued::TooManyRepeats => {
@@ -212,13 +215,6 @@ pub(crate) async fn handle<S, B>(
     }
     .instrument(span)
     .await;
-}
-
-/// The dispatcher id a request's own `dedupe` claim holds, for a requeue
-/// to release: this dispatcher's when the envelope is `dedupe` (it was
-/// claimed before running), else none ("").
-fn own_claim<'a>(shared: &'a Shared, envelope: &RequestEnvelope) -> &'a str {
-    if envelope.dedupe { &shared.id } else { "" }
 }
 
 /// Hands `reply` to the completer (pushed, and `raw` removed from the
@@ -536,36 +532,53 @@ async fn requeue(
     requeued
 }
 
-/// Claims a `dedupe` request before running it: false when another delivery
-/// of the same envelope already did. The claim, `<dispatcher id>/<n>` (this
-/// delivery), lives until the deadline plus the reply TTL. A claim whose
-/// answer is lost may have been made: it is asked again with
-/// [`queue::claim_again`], which knows this delivery's own claim, until
-/// the deadline (docs/protocol.md, step 3; a lost answer used to count as
-/// claimed, so a second delivery could run too). Past the deadline it is
-/// not run: its client has its 504.
-async fn claim(shared: &Shared, envelope: &RequestEnvelope, now: u64) -> bool {
+/// Claims a `dedupe` request before running it: the claim's owner (this
+/// delivery, `<dispatcher id>/<n>`), or `None` when another delivery of
+/// the same envelope has it or the claim could not be made. The claim
+/// lives until the deadline plus the reply TTL. A claim whose answer is
+/// lost may have been made: it is asked again with
+/// [`queue::claim_again`], which knows this delivery's own claim, until the
+/// deadline (docs/protocol.md, step 3; a lost answer used to count as
+/// claimed, so a second delivery could run too). Past the deadline, or
+/// when Redis refuses it for good (`NOPERM`, `WRONGTYPE`), it is not run.
+async fn claim(shared: &Shared, envelope: &RequestEnvelope, now: u64) -> Option<String> {
     let ttl =
         Duration::from_millis(envelope.deadline_ms.saturating_sub(now)) + shared.settings.reply_ttl;
     let key = shared.keys.claimed(&envelope.id);
     let owner = format!(
-        "{}/{}",
+        "{}/{:x}",
         shared.id,
         shared.deliveries.fetch_add(1, Ordering::Relaxed)
     );
-    match queue::claim(&mut shared.conn.clone(), &key, &owner, ttl).await {
+    let refused = |err: &redis::RedisError| {
+        tracing::error!(error = %err, "Redis refuses the claim; not running the request");
+    };
+    let claimed = match queue::claim(&mut shared.conn.clone(), &key, &owner, ttl).await {
         Ok(claimed) => claimed,
+        Err(err) if crate::complete::refused_for_good(&err) => {
+            refused(&err);
+            false
+        }
         Err(err) => {
             tracing::warn!(error = %err, "claiming the request failed; asking again");
             with_retries("claim", envelope.deadline_ms, || {
                 let mut conn = shared.conn.clone();
                 let (key, owner) = (&key, &owner);
-                async move { queue::claim_again(&mut conn, key, owner, ttl).await }
+                async move {
+                    match queue::claim_again(&mut conn, key, owner, ttl).await {
+                        Err(err) if crate::complete::refused_for_good(&err) => {
+                            refused(&err);
+                            Ok(false)
+                        }
+                        other => other,
+                    }
+                }
             })
             .await
             .unwrap_or(false)
         }
-    }
+    };
+    claimed.then_some(owner)
 }
 
 /// Removes an expired request from the processing list without replying.

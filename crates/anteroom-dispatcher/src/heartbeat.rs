@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anteroom_control::queue::{Presence, Role, keep_present};
+use anteroom_control::queue::keep_present;
 use anteroom_protocol::DispatcherHeartbeat;
 use anteroom_redis::sleep_or_stop;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,7 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let mut health = shared.gate.subscribe();
     let ttl = shared.settings.heartbeat_ttl;
     let every = (ttl / 3).max(Duration::from_millis(100));
-    let presence = presence(&shared);
+    let presence = &shared.presence;
     let beat = || record(&shared);
     let beat_now = &shared.beat_now;
     let health_changes = async move {
@@ -32,7 +32,7 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     };
     presence.register_queue(&mut shared.conn.clone()).await;
     let keep = keep_present(
-        &presence,
+        presence,
         shared.conn.clone(),
         every,
         &shared.beat_now,
@@ -43,16 +43,6 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         () = keep => {}
         () = health_changes => {}
     }
-}
-
-/// This dispatcher's place in the registry (docs/protocol.md, step 7).
-fn presence(shared: &Shared) -> Presence {
-    Presence::new(
-        &shared.keys,
-        Role::Dispatcher,
-        &shared.id,
-        shared.settings.heartbeat_ttl,
-    )
 }
 
 /// This dispatcher's heartbeat record as of now.
@@ -73,14 +63,16 @@ fn record(shared: &Shared) -> DispatcherHeartbeat {
     }
 }
 
-/// Writes the heartbeat and the registry entry once, now. The pull loop
-/// calls it on each new pull connection, before its first pull: a
-/// dispatcher cut off from Redis for longer than its heartbeat TTL has
-/// been reaped (its registry entry removed), and a request it pulled
-/// after the heal would be stranded were it to die before its next beat,
-/// since no reaper looks at a list with no registry entry.
+/// Writes the heartbeat and the registry entry once, now: the pull loop's
+/// before a pull when the last beat Redis took was sent half the TTL ago
+/// or more. A dispatcher cut off from Redis for longer than its heartbeat
+/// TTL has been reaped while alive (its registry entry removed), and a
+/// request it pulled before its next beat would be stranded were it to
+/// die then, since no reaper looks at a list with no registry entry
+/// (docs/protocol.md, step 6).
 pub(crate) async fn beat_once(shared: &Shared) -> redis::RedisResult<()> {
-    presence(shared)
+    shared
+        .presence
         .beat(&mut shared.conn.clone(), &record(shared))
         .await
 }

@@ -196,6 +196,24 @@ pub(crate) async fn pull_loop<S, B>(
         if stop.is_cancelled() || pause.borrow().is_some() || !shared.gate.is_open() {
             continue;
         }
+        // Take only while the heartbeat is known to live (its last beat
+        // sent under half the TTL ago): cut off from Redis longer than the
+        // TTL, this dispatcher was reaped while alive (its registry entry
+        // removed), and a request pulled before its next beat would have
+        // no reaper should it die (docs/protocol.md, step 6).
+        if !shared
+            .presence
+            .written_within(shared.settings.heartbeat_ttl / 2)
+        {
+            if let Err(err) = crate::heartbeat::beat_once(shared).await {
+                tracing::warn!(error = %err, "cannot write the heartbeat before pulling; retrying");
+                drop(permit);
+                if sleep_or_stop(stop, backoff.next_delay()).await {
+                    break;
+                }
+                continue;
+            }
+        }
         // Served in a priority group: the permit goes to a queue ranked
         // above, if one has a request waiting (crate::priority).
         let allowance = match &shared.settings.priority {
@@ -353,12 +371,7 @@ fn must_not_block(shared: &Shared, allowance: usize) -> bool {
     }
 }
 
-/// Opens the pull connection, records its client id for CLIENT UNBLOCK,
-/// and writes this dispatcher's heartbeat and registry entry before any
-/// pull on it ([`crate::heartbeat::beat_once`]: after a partition longer
-/// than the heartbeat TTL, a reaper has removed the entry, and a request
-/// pulled before the next beat would have no reaper should this process
-/// die).
+/// Opens the pull connection and records its client id for CLIENT UNBLOCK.
 async fn connect_pull(
     shared: &Shared,
     client: &Target,
@@ -371,7 +384,6 @@ async fn connect_pull(
     )
     .await?;
     let id = queue::pull_client_id(&mut conn).await?;
-    crate::heartbeat::beat_once(shared).await?;
     shared.pull_client_id.store(id, Ordering::Release);
     Ok(conn)
 }

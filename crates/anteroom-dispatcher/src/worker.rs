@@ -130,10 +130,14 @@ pub(crate) struct Shared {
     /// Set while pulls fail (connecting or pulling; cleared by one that
     /// works): in a priority group, such a queue holds no one back.
     pub(crate) pull_failing: AtomicBool,
+    /// Its heartbeat and registry entry, written by the heartbeat task
+    /// and, when the last beat is old, by the pull loop before a pull.
+    pub(crate) presence: anteroom_control::queue::Presence,
     /// When this dispatcher started (Unix ms), as its heartbeat says.
     pub(crate) started_at_ms: u64,
-    /// Deliveries claimed so far: the `<n>` of each `dedupe` claim's
-    /// owner, `<dispatcher id>/<n>`.
+    /// The `<n>` of the next `dedupe` claim's owner, `<dispatcher id>/<n>`
+    /// (hex): from a random start, so a dispatcher restarted with a fixed
+    /// id never takes an earlier run's claim for its own.
     pub(crate) deliveries: AtomicU64,
 }
 
@@ -291,7 +295,14 @@ where
             components.stopping(),
         ),
     );
+    let presence = anteroom_control::queue::Presence::new(
+        &keys,
+        anteroom_control::queue::Role::Dispatcher,
+        &id,
+        settings.heartbeat_ttl,
+    );
     let shared = Arc::new(Shared {
+        presence,
         started_at_ms: anteroom_protocol::now_ms(),
         gate: Arc::clone(&gate),
         metrics,
@@ -323,7 +334,7 @@ where
         settling: tokio::sync::Mutex::new(()),
         orphans_possible: AtomicBool::new(false),
         pull_failing: AtomicBool::new(false),
-        deliveries: AtomicU64::new(0),
+        deliveries: AtomicU64::new(uuid::Uuid::new_v4().as_u64_pair().0 >> 16),
     });
     if let Some((group, rank)) = &shared.settings.priority {
         group.serve(*rank, &shared);

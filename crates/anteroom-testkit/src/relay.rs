@@ -119,7 +119,7 @@ impl Relay {
                             replies: false,
                             asked: Arc::clone(&asked),
                         };
-                        let _up = AbortOnDrop(tokio::spawn(up.run(from_client, to_server)));
+                        let mut up = AbortOnDrop(tokio::spawn(up.run(from_client, to_server)));
                         let down = Pump {
                             faults,
                             partitioned,
@@ -127,11 +127,21 @@ impl Relay {
                             asked,
                         };
                         down.run(from_server, to_client).await;
+                        // What the process still sends goes on to Redis
+                        // (after a lost reply, until it sees the close).
+                        let _ = (&mut up.0).await;
+                    };
+                    // A reset ends the connection; the relay's end does
+                    // not (its connections live on, as they always did).
+                    let reset = async move {
+                        if reset.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
                     };
                     tokio::spawn(async move {
                         tokio::select! {
                             () = connection => {}
-                            _ = reset.changed() => {}
+                            () = reset => {}
                         }
                     });
                 }

@@ -156,8 +156,10 @@ class Dispatcher:
         self.orphans_possible = threading.Event()
         self.recheck_at = None
         self.reconcile_after = 0.0
-        #: Deliveries claimed so far: the ``<n>`` of each claim's owner.
-        self.deliveries = itertools.count()
+        #: The ``<n>`` of each claim's owner (hex), from a random start: a
+        #: dispatcher restarted with a fixed id never takes an earlier run's
+        #: claim for its own.
+        self.deliveries = itertools.count(uuid.uuid4().int >> 80)
         #: When the last heartbeat that Redis took was sent (monotonic s).
         self.beat_sent_at = float("-inf")
         #: Notified when a request in flight ends (``lock`` is its lock).
@@ -592,7 +594,7 @@ class Dispatcher:
         delivery's own claim, until the deadline; past it the request is not
         run (as the Rust dispatcher)."""
         key = self.keys.claimed(request.id)
-        owner = f"{self.id}/{next(self.deliveries)}"
+        owner = f"{self.id}/{next(self.deliveries):x}"
         try:
             return bool(self.redis.set(key, owner, nx=True, px=ttl_ms))
         except redis.RedisError as err:

@@ -113,8 +113,10 @@ module Anteroom
       # Set after a pull or a reaping pass failed (under @lock).
       @orphans_possible = false
       @recheck_at = nil
-      # Deliveries claimed so far: the <n> of each claim's owner (under @lock).
-      @deliveries = 0
+      # The <n> of each claim's owner (hex, under @lock), from a random start:
+      # a dispatcher restarted with a fixed id never takes an earlier run's
+      # claim for its own.
+      @deliveries = SecureRandom.random_number(2**48)
       # When the last heartbeat Redis took was sent (monotonic ms; nil: none).
       @beat_sent_at = nil
       @next_sweep = 0.0
@@ -516,7 +518,7 @@ module Anteroom
     # dispatcher).
     def claim(redis, request, ttl)
       key = @keys.claimed(request.id)
-      owner = "#{@id}/#{@lock.synchronize { @deliveries += 1 }}"
+      owner = "#{@id}/#{@lock.synchronize { @deliveries += 1 }.to_s(16)}"
       begin
         return redis.set(key, owner, nx: true, px: ttl) ? true : false
       rescue Redis::BaseError => e

@@ -1,6 +1,7 @@
 //! Heartbeats and registries: how proxies and dispatchers say they are alive.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use anteroom_protocol::{Keys, QUEUES_KEY, now_ms};
 use anteroom_redis::SharedConnection;
@@ -30,6 +31,8 @@ pub struct Presence {
     queue: String,
     id: String,
     ttl: Duration,
+    /// When the last heartbeat Redis took was sent (shared by clones).
+    written: Arc<Mutex<Option<Instant>>>,
 }
 
 /// Removes a heartbeat and, only if the processing list is empty, the
@@ -60,7 +63,23 @@ impl Presence {
             queue: keys.queue().to_owned(),
             id: id.to_owned(),
             ttl,
+            written: Arc::default(),
         }
+    }
+
+    /// Whether a heartbeat Redis took was sent less than `age` ago. The
+    /// heartbeat lives at least its TTL from its sending, so a dispatcher
+    /// takes requests only while this holds for half the TTL, and beats
+    /// first otherwise (docs/protocol.md, step 6).
+    pub fn written_within(&self, age: Duration) -> bool {
+        self.written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|sent| sent.elapsed() < age)
+    }
+
+    fn mark_written(&self, sent: Instant) {
+        *self.written.lock().unwrap_or_else(PoisonError::into_inner) = Some(sent);
     }
 
     /// Adds the queue to the global list of known queues (`SADD
@@ -95,7 +114,7 @@ impl Presence {
                 e.to_string(),
             ))
         })?;
-        let sent = std::time::Instant::now();
+        let sent = Instant::now();
         let written: redis::RedisResult<((u64, u64),)> = redis::pipe()
             .cmd("TIME")
             .cmd("SET")
@@ -114,6 +133,7 @@ impl Presence {
         match written {
             Ok(((seconds, micros),)) => {
                 anteroom_redis::observe_time(seconds, micros, sent);
+                self.mark_written(sent);
                 Ok(())
             }
             // A full Redis (`maxmemory`, `noeviction`) refuses the SET but
@@ -128,6 +148,7 @@ impl Presence {
                     .await?;
                 if kept == 1 {
                     tracing::debug!(id = %self.id, "Redis is full: heartbeat kept alive with PEXPIRE");
+                    self.mark_written(sent);
                     Ok(())
                 } else {
                     Err(err)
