@@ -555,6 +555,50 @@ async fn a_stream_chunk_pushed_twice_is_delivered_once() {
     );
 }
 
+/// A stream head pushed again after its answer was lost reaches the proxy
+/// twice, as it does when the proxy's reader delivers again what its last
+/// take carried: the copy bears the same `run` as the stream's own head
+/// and is dropped, and the client gets the body exactly (the stream used
+/// to be aborted as "answered again from the start"; the chaos soak saw
+/// it after every partition between a proxy and Redis that overlapped a
+/// stream's start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_head_delivered_twice_is_not_a_second_run() {
+    let redis = start_redis();
+    let relay = Relay::start(redis.port()).await;
+    let queue = "lost-head";
+    let app = axum::Router::new().route(
+        "/parts",
+        axum::routing::get(|| async {
+            let parts = futures_util::stream::unfold(0u8, |i| async move {
+                if i >= 3 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let part = Bytes::from(format!("<part-{i}-of-the-streamed-body>"));
+                Some((Ok::<_, std::convert::Infallible>(part), i + 1))
+            });
+            axum::body::Body::from_stream(parts)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (listen, _proxy, _dispatcher) =
+        proxy_and_dispatcher(&redis, &redis.url(), &relay.url(), queue, &upstream, "15s").await;
+
+    // The push carrying the head (the only frame naming a credit list):
+    // its answer is lost, and the head is pushed again.
+    relay.lose_reply_to(b"credit_to");
+    let answer = crate::support::web::get(&client(), &format!("{listen}/parts")).await;
+    assert_eq!(relay.lost(), 1, "the relay lost no reply");
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        answer.text(),
+        "<part-0-of-the-streamed-body><part-1-of-the-streamed-body><part-2-of-the-streamed-body>"
+    );
+}
+
 /// The Python dispatcher (`anteroom-wsgi`) settles the orphans of a lost
 /// pull reply as the Rust one does: the GET runs, the POST gets 502 and
 /// never runs.

@@ -417,6 +417,11 @@ class Dispatcher {
     return undefined;
   }
 
+  /** A token unique to one run of one request, `<dispatcher id>/<n>`: a claim's owner, and a stream head's run. */
+  delivery() {
+    return `${this.id}/${(this.deliveries++).toString(16)}`;
+  }
+
   /**
    * Claims a `dedupe` request (SET NX, docs/protocol.md step 3): false when
    * another delivery has it. The claim names this delivery,
@@ -427,7 +432,7 @@ class Dispatcher {
    */
   async claim(request, ttl) {
     const key = this.keys.claimed(request.id);
-    const owner = `${this.id}/${(this.deliveries++).toString(16)}`;
+    const owner = this.delivery();
     try {
       const claimed = await this.redis.sendCommand(['SET', key, owner, 'NX', 'PX', String(ttl)]);
       return claimed !== null;
@@ -481,7 +486,7 @@ class Dispatcher {
     let aborted = null;
     let ended = false;
     try {
-      await push(protocol.streamHead(request.id, status, headers, this.keys.credits(this.id), WINDOW));
+      await push(protocol.streamHead(request.id, status, headers, this.keys.credits(this.id), WINDOW, this.delivery()));
       try {
         for await (const chunk of out.body) {
           for (let at = 0; at < chunk.length; at += protocol.MAX_CHUNK) {

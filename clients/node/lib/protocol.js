@@ -206,9 +206,14 @@ function response(id, status, headers, body) {
   return encode('R', { id, status, headers }, body);
 }
 
-/** The head of a streamed response ('S'): chunks follow, credited on `creditTo`. */
-function streamHead(id, status, headers, creditTo, window) {
-  return encode('S', { id, status, headers, credit_to: creditTo, window });
+/**
+ * The head of a streamed response ('S'): chunks follow, credited on
+ * `creditTo`. `run` is unique to this run of the request: a proxy drops a
+ * head with its stream's own `run` as a copy instead of aborting the stream
+ * (docs/protocol.md).
+ */
+function streamHead(id, status, headers, creditTo, window, run) {
+  return encode('S', { id, status, headers, credit_to: creditTo, window, run });
 }
 
 /** One piece of a streamed body ('C'), numbered from 0. */

@@ -57,9 +57,9 @@ class TestProtocol < Minitest::Test
   end
 
   def test_stream_frames
-    _, head, = P.decode(P.stream_head("r", 200, [["a", "b"]], "k", 10))
+    _, head, = P.decode(P.stream_head("r", 200, [["a", "b"]], "k", 10, "d/1"))
     assert_equal({ "id" => "r", "status" => 200, "headers" => [["a", "b"]], "credit_to" => "k",
-                   "window" => 10, "body_len" => 0 }, head)
+                   "window" => 10, "run" => "d/1", "body_len" => 0 }, head)
     _, chunk, data = P.decode(P.stream_chunk("r", 3, "xyz"))
     assert_equal [3, "xyz"], [chunk["seq"], data]
     _, ending, = P.decode(P.stream_end("r", 4, "boom"))

@@ -545,11 +545,7 @@ async fn claim(shared: &Shared, envelope: &RequestEnvelope, now: u64) -> Option<
     let ttl =
         Duration::from_millis(envelope.deadline_ms.saturating_sub(now)) + shared.settings.reply_ttl;
     let key = shared.keys.claimed(&envelope.id);
-    let owner = format!(
-        "{}/{:x}",
-        shared.id,
-        shared.deliveries.fetch_add(1, Ordering::Relaxed)
-    );
+    let owner = shared.delivery();
     let refused = |err: &redis::RedisError| {
         tracing::error!(error = %err, "Redis refuses the claim; not running the request");
     };

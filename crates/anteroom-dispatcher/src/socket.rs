@@ -236,6 +236,7 @@ pub(crate) async fn relay(
         headers: headers_from_map(&headers),
         credit_to: shared.credits_key.clone(),
         window,
+        run: shared.delivery(),
     }
     .encode();
     let ttl = shared.settings.reply_ttl;

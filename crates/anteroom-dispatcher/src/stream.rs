@@ -156,6 +156,7 @@ pub(crate) async fn send<B: ResponseBody>(
         headers: headers_from_map(&parts.headers),
         credit_to: shared.credits_key.clone(),
         window,
+        run: shared.delivery(),
     };
     let sse = parts
         .headers

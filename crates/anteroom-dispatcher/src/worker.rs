@@ -135,9 +135,9 @@ pub(crate) struct Shared {
     pub(crate) presence: anteroom_control::queue::Presence,
     /// When this dispatcher started (Unix ms), as its heartbeat says.
     pub(crate) started_at_ms: u64,
-    /// The `<n>` of the next `dedupe` claim's owner, `<dispatcher id>/<n>`
-    /// (hex): from a random start, so a dispatcher restarted with a fixed
-    /// id never takes an earlier run's claim for its own.
+    /// The `<n>` of the next [`Shared::delivery`] (hex): from a random
+    /// start, so a dispatcher restarted with a fixed id never takes an
+    /// earlier run's claim for its own.
     pub(crate) deliveries: AtomicU64,
 }
 
@@ -183,6 +183,17 @@ impl Drop for Running {
 }
 
 impl Shared {
+    /// A token unique to one run of one request, `<dispatcher id>/<n>`: a
+    /// `dedupe` claim's owner (docs/protocol.md, step 3) and a stream
+    /// head's `run` (a copy of the head is then told from a second run).
+    pub(crate) fn delivery(&self) -> String {
+        format!(
+            "{}/{:x}",
+            self.id,
+            self.deliveries.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
     /// Counts `raw` as in hand until the returned guard is dropped.
     pub(crate) fn hold(self: &Arc<Self>, raw: &Bytes) -> Held {
         self.held

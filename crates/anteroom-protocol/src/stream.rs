@@ -61,6 +61,13 @@ pub struct StreamHead {
     pub credit_to: String,
     /// Most body bytes the dispatcher sends beyond those credited.
     pub window: u64,
+    /// This run of the request, unique to it (Anteroom's dispatchers:
+    /// `<dispatcher id>/<n>`), or empty when the dispatcher does not say.
+    /// A proxy drops a head equal in `run` to its stream's own as a copy
+    /// (a list reader delivering again what a lost reply carried); a head
+    /// with another or no `run` is a second run of the request, and the
+    /// stream is aborted (docs/protocol.md, "Lost replies").
+    pub run: String,
 }
 
 /// A piece of a streamed body.
@@ -230,6 +237,8 @@ struct HeadMetaRef<'a> {
     headers: HeadersRef<'a>,
     credit_to: &'a str,
     window: u64,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    run: &'a str,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +249,8 @@ struct HeadMeta {
     headers: HeaderList,
     credit_to: String,
     window: u64,
+    #[serde(default)]
+    run: String,
 }
 
 impl StreamHead {
@@ -251,8 +262,13 @@ impl StreamHead {
             headers: HeadersRef(&self.headers),
             credit_to: &self.credit_to,
             window: self.window,
+            run: &self.run,
         };
-        let hint = 96 + self.id.len() + self.credit_to.len() + headers_json_len(&self.headers);
+        let hint = 96
+            + self.id.len()
+            + self.credit_to.len()
+            + self.run.len()
+            + headers_json_len(&self.headers);
         frame(KIND_STREAM_HEAD, &meta, hint, &[])
     }
 
@@ -267,6 +283,7 @@ impl StreamHead {
             headers: meta.headers,
             credit_to: meta.credit_to,
             window: meta.window,
+            run: meta.run,
         })
     }
 }
@@ -421,6 +438,7 @@ mod tests {
             ],
             credit_to: "anteroom:{q}:credits:d1".into(),
             window: 1 << 20,
+            run: "d1/2a".into(),
         };
         let chunk = StreamChunk {
             id: "r1".into(),
@@ -508,6 +526,7 @@ mod tests {
             headers: vec![],
             credit_to: "c".into(),
             window: 1,
+            run: String::new(),
         }
         .encode();
         head.push(b'x');

@@ -75,6 +75,9 @@ struct Stream {
     /// The number after the highest chunk received: one below it is a
     /// copy.
     next_seq: u64,
+    /// Its head's `run` (empty when the dispatcher gave none): a head with
+    /// the same is a copy.
+    run: String,
 }
 
 /// Keyed by the id's 128 bits rather than its text: a waiting request then
@@ -438,6 +441,7 @@ impl Demux {
                     credit_to: credit_to.clone(),
                     upload,
                     next_seq: 0,
+                    run: head.run.clone(),
                 };
                 if tx.send(Delivered::Stream(head, rx, buffered)).is_ok() {
                     waiters.insert(id, Entry::Streaming(stream));
@@ -480,6 +484,14 @@ impl Demux {
                     drop(waiters);
                     self.cancel_to(&stream.credit_to, id);
                 }
+            }
+            (Some(Entry::Streaming(stream)), Reply::Head(head))
+                if !stream.run.is_empty() && head.run == stream.run =>
+            {
+                // The head again, as a reader delivers again what its last
+                // take carried after a reconnect: not a second run.
+                waiters.insert(id, Entry::Streaming(stream));
+                tracing::debug!("a stream head delivered twice; the copy is dropped");
             }
             (Some(Entry::Streaming(stream)), Reply::End(end)) => {
                 let _ = stream.frames.send(StreamFrame::End(end));

@@ -551,7 +551,7 @@ class Dispatcher:
         seq = sent = 0
         aborted = None
         try:
-            push(protocol.stream_head(request.id, status, headers, self.credits_key, WINDOW))
+            push(protocol.stream_head(request.id, status, headers, self.credits_key, WINDOW, self.delivery()))
             try:
                 for chunk in body:
                     for at in range(0, len(chunk), protocol.MAX_CHUNK):
@@ -585,6 +585,11 @@ class Dispatcher:
         except redis.RedisError as err:
             log.error("cannot remove %s from the processing list (%s)", request.id, err)
 
+    def delivery(self):
+        """A token unique to one run of one request, ``<dispatcher id>/<n>``:
+        a claim's owner, and a stream head's ``run``."""
+        return f"{self.id}/{next(self.deliveries):x}"
+
     def claim(self, request, ttl_ms):
         """Claims a ``dedupe`` request (``SET NX``, docs/protocol.md step 3):
         False when another delivery has it. The claim names this delivery,
@@ -594,7 +599,7 @@ class Dispatcher:
         delivery's own claim, until the deadline; past it the request is not
         run (as the Rust dispatcher)."""
         key = self.keys.claimed(request.id)
-        owner = f"{self.id}/{next(self.deliveries):x}"
+        owner = self.delivery()
         try:
             return bool(self.redis.set(key, owner, nx=True, px=ttl_ms))
         except redis.RedisError as err:

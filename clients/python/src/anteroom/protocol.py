@@ -286,11 +286,13 @@ def response(request_id, status, headers, body):
 MAX_CHUNK = 256 * 1024
 
 
-def stream_head(request_id, status, headers, credit_to, window):
-    """The head of a streamed response (``'S'``)."""
+def stream_head(request_id, status, headers, credit_to, window, run):
+    """The head of a streamed response (``'S'``). ``run`` is unique to this
+    run of the request: a proxy drops a head with its stream's own ``run``
+    as a copy instead of aborting the stream (docs/protocol.md)."""
     meta = {"id": request_id, "status": status,
             "headers": [[name, value.decode("latin-1")] for name, value in headers],
-            "credit_to": credit_to, "window": window}
+            "credit_to": credit_to, "window": window, "run": run}
     return encode("S", meta)
 
 

@@ -509,6 +509,12 @@ module Anteroom
       @log.error("cannot remove #{request.id} from the processing list (#{e.message})")
     end
 
+    # A token unique to one run of one request, "<dispatcher id>/<n>": a
+    # claim's owner, and a stream head's run.
+    def delivery
+      "#{@id}/#{@lock.synchronize { @deliveries += 1 }.to_s(16)}"
+    end
+
     # Claims a +dedupe+ request (SET NX, docs/protocol.md step 3): false
     # when another delivery has it. The claim names this delivery,
     # "<dispatcher id>/<n>". After a failure (its answer may be what was
@@ -518,7 +524,7 @@ module Anteroom
     # dispatcher).
     def claim(redis, request, ttl)
       key = @keys.claimed(request.id)
-      owner = "#{@id}/#{@lock.synchronize { @deliveries += 1 }.to_s(16)}"
+      owner = delivery
       begin
         return redis.set(key, owner, nx: true, px: ttl) ? true : false
       rescue Redis::BaseError => e
@@ -572,7 +578,7 @@ module Anteroom
       seq = 0
       sent = 0
       aborted = nil
-      push(redis, request, Protocol.stream_head(request.id, status, headers, @credits_key, WINDOW))
+      push(redis, request, Protocol.stream_head(request.id, status, headers, @credits_key, WINDOW, delivery))
       begin
         body.each do |chunk|
           chunk = chunk.to_s.b

@@ -262,10 +262,12 @@ module Anteroom
       encode("R", { "id" => id, "status" => status, "headers" => wire_headers(headers) }, body)
     end
 
-    # The head of a streamed response (+'S'+).
-    def stream_head(id, status, headers, credit_to, window)
+    # The head of a streamed response (+'S'+). +run+ is unique to this run
+    # of the request: a proxy drops a head with its stream's own +run+ as a
+    # copy instead of aborting the stream (docs/protocol.md).
+    def stream_head(id, status, headers, credit_to, window, run)
       encode("S", { "id" => id, "status" => status, "headers" => wire_headers(headers),
-                    "credit_to" => credit_to, "window" => window })
+                    "credit_to" => credit_to, "window" => window, "run" => run })
     end
 
     # One piece of a streamed body (+'C'+), numbered from 0.
