@@ -21,7 +21,8 @@
 //! - restart the app (SIGTERM, as a deploy stops it, then start again);
 //! - SIGKILL the Redis primary; the sentinels promote the replica, and a
 //!   new replica is started for the next time;
-//! - a 10 s partition between the relayed processes and Redis;
+//! - a 10 s partition between one relay's processes (proxy `a`, or `d1`
+//!   and `d3`) and Redis;
 //! - 200 ms more latency each way for 5 s;
 //! - 5 % of segments late by a retransmission timeout for 5 s;
 //! - lost replies: to proxy `a`'s next enqueue or next reply of any kind,
@@ -365,7 +366,7 @@ impl ChaosReport {
                  answer in the ledger; every 2xx POST carried out exactly once, none twice; \
                  no 503'd request run; no execution after its client's 504; no safe request \
                  answered 5xx; every body its request's own; every stream cut short during a \
-                 kill; every fault injected, replies lost on both relays; RSS within \
+                 kill or a partition of the dispatchers; every fault injected, replies lost on both relays; RSS within \
                  {RSS_GROWTH} % (runs of 5 minutes or more): all held"
             );
         } else {

@@ -10,7 +10,7 @@
 //! | [`pull_batch`] | `MULTI` of `LMOVE requests processing RIGHT LEFT` | dispatcher |
 //! | [`pull_blocking`] | `BLMOVE requests processing RIGHT LEFT timeout` | dispatcher |
 //! | [`pull_client_id`], [`unblock`] | `CLIENT ID`, `CLIENT UNBLOCK id TIMEOUT` | dispatcher |
-//! | [`claim`] | `SET claimed:<id> owner NX PX ttl` | dispatcher (`dedupe`) |
+//! | [`claim`], [`claim_again`] | `SET claimed:<id> owner NX PX ttl`; Lua: `GET`, `SET … PX` unless held by another | dispatcher (`dedupe`) |
 //! | [`complete`] / [`complete_now`] | `MULTI`: `RPUSH reply_to …`, `PEXPIRE`, `LREM processing 1` | dispatcher, reaper |
 //! | [`remove`] | `LREM processing 1 envelope` | dispatcher |
 //! | [`requeue`] | Lua: `LREM`, `RPUSH requests`, `DEL claimed` (`INCR repeats`) | dispatcher, reaper |

@@ -207,7 +207,8 @@ struct Reaping<'a> {
     /// The claimer's processing list, where the claimed items are now.
     claim_list: &'a str,
     claimer: &'a str,
-    /// The dead dispatcher's id (its `dedupe` claims hold it).
+    /// The dead dispatcher's id (its `dedupe` claims hold it, or
+    /// `<id>/<n>`).
     dead: &'a str,
     reply_ttl: Duration,
     /// Where the items were found, for dead letters' reasons.

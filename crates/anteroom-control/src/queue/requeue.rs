@@ -50,20 +50,23 @@ pub enum Requeued {
 #[derive(Debug, Clone, Copy)]
 pub enum Attempt<'a> {
     /// Its handler never started it (the upstream never received it): put
-    /// back whatever its method, not counted. `claimed_by` is the
-    /// dispatcher whose `dedupe` claim to release (if it holds one), so
-    /// the next delivery can run: without that, whoever pulls it next
-    /// finds it claimed and drops it, and its client waits for a 504.
+    /// back whatever its method, not counted. `claimed_by` names the
+    /// `dedupe` claim to release (if it is held so), so the next delivery
+    /// can run: without that, whoever pulls it next finds it claimed and
+    /// drops it, and its client waits for a 504.
     NotStarted {
-        /// The id the claim holds when this dispatcher claimed it.
+        /// The claim's owner to release: this delivery's `<id>/<n>` for a
+        /// dispatcher's own requeue, the dead dispatcher's id for a reaper
+        /// (which releases `<id>` or `<id>/<n>`); "" for none.
         claimed_by: &'a str,
     },
     /// It may have run (a dispatcher or an upstream died while running it);
     /// only requests safe to repeat are put back, counted against
-    /// [`MAX_REPEATS`] for `ttl` (until its deadline). `claimed_by` is the
-    /// dispatcher whose `dedupe` claim to release, so the repeat can run.
+    /// [`MAX_REPEATS`] for `ttl` (until its deadline). `claimed_by` names
+    /// the `dedupe` claim to release, so the repeat can run.
     MayHaveRun {
-        /// The id the claim holds when this dispatcher claimed it.
+        /// The claim's owner to release, as for
+        /// [`Attempt::NotStarted`].
         claimed_by: &'a str,
         /// How long to remember the count.
         ttl: Duration,
