@@ -135,6 +135,61 @@ async fn proxy_and_dispatcher(
     (base, proxy, dispatcher)
 }
 
+/// Redis, a relay in front of it, and a dispatcher of the queue
+/// `<name>-<language>` reaching Redis through the relay: the Rust one
+/// forwarding to a recording upstream (`language` `None`, "rs" in the
+/// name), or the `language`'s with its record app ([`record_dispatcher`]).
+/// Its record file goes when it is dropped.
+struct RelayedDispatcher {
+    redis: LocalRedis,
+    relay: Relay,
+    queue: String,
+    language: Option<String>,
+    ran: crate::support::app::Ran,
+    record: std::path::PathBuf,
+    _dispatcher: BinProcess,
+}
+
+impl RelayedDispatcher {
+    /// Started and beating.
+    async fn start(name: &str, language: Option<&str>) -> Self {
+        let redis = start_redis();
+        let relay = Relay::start(redis.port()).await;
+        let queue = format!("{name}-{}", language.unwrap_or("rs"));
+        let (upstream, ran) = recording_upstream().await;
+        let record = record_file();
+        let mut cmd = any_dispatcher(language, &upstream, &record);
+        cmd.env("ANTEROOM_REDIS", relay.url())
+            .env("ANTEROOM_QUEUE", &queue)
+            .stdout(std::process::Stdio::null());
+        let dispatcher = BinProcess::spawn_cmd(&mut cmd);
+        until_dispatching(&control(&redis, &queue).await).await;
+        Self {
+            redis,
+            relay,
+            queue,
+            language: language.map(str::to_owned),
+            ran,
+            record,
+            _dispatcher: dispatcher,
+        }
+    }
+
+    /// How many times its app ran `/run/ID`.
+    fn runs(&self, id: &str) -> usize {
+        match self.language {
+            None => runs_of(&self.ran, id),
+            Some(_) => recorded(&self.record, id),
+        }
+    }
+}
+
+impl Drop for RelayedDispatcher {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.record);
+    }
+}
+
 /// Runs `id` with `method` (and an `Idempotency-Key` when `key`) through
 /// the proxy at `base` (`http://HOST:PORT`): its status.
 async fn run(base: &str, method: http::Method, id: &str, key: bool) -> StatusCode {
@@ -253,18 +308,9 @@ enum Lost {
 /// (`None`) or the `language`'s ([`record_dispatcher`]) and Redis loses:
 /// answered 200 within 5 s, run once.
 async fn completion_lost(language: Option<&str>, lost: Lost) {
-    let redis = start_redis();
-    let relay = Relay::start(redis.port()).await;
-    let queue = format!("lost-completion-{}", language.unwrap_or("rs"));
-    let (upstream, ran) = recording_upstream().await;
-    let record = record_file();
-    let (_proxy, listen) = start_proxy_on(&redis.url(), &queue, "15s", &[]).await;
-    let mut cmd = any_dispatcher(language, &upstream, &record);
-    cmd.env("ANTEROOM_REDIS", relay.url())
-        .env("ANTEROOM_QUEUE", &queue)
-        .stdout(std::process::Stdio::null());
-    let _dispatcher = BinProcess::spawn_cmd(&mut cmd);
-    until_dispatching(&control(&redis, &queue).await).await;
+    let d = RelayedDispatcher::start("lost-completion", language).await;
+    let relay = &d.relay;
+    let (_proxy, listen) = start_proxy_on(&d.redis.url(), &d.queue, "15s", &[]).await;
 
     // The completion carries the request's envelope (its `LREM`), so its
     // path; the pull and the heartbeat never send it.
@@ -286,12 +332,7 @@ async fn completion_lost(language: Option<&str>, lost: Lost) {
     println!("{language:?}: POST whose completion's {lost:?} was lost: {status} after {took:?}");
     assert_eq!(status, StatusCode::OK);
     assert!(took < Duration::from_secs(5), "{took:?}");
-    let runs = match language {
-        None => runs_of(&ran, id),
-        Some(_) => recorded(&record, id),
-    };
-    assert_eq!(runs, 1);
-    let _ = std::fs::remove_file(&record);
+    assert_eq!(d.runs(id), 1);
 }
 
 /// A reaper's claim whose reply is lost has moved a dead dispatcher's
@@ -443,23 +484,11 @@ async fn the_ruby_dispatcher_acknowledges_a_pause_whose_reply_is_lost() {
 /// The lost pause acknowledgement above, with the Rust dispatcher
 /// (`None`) or the `language`'s ([`record_dispatcher`]).
 async fn pause_acknowledgement_lost(language: Option<&str>) {
-    let redis = start_redis();
-    let relay = Relay::start(redis.port()).await;
-    let queue = format!("lost-ack-{}", language.unwrap_or("rs"));
-    let (upstream, ran) = recording_upstream().await;
-    let record = record_file();
-    let (_proxy, listen) = start_proxy_on(&redis.url(), &queue, "15s", &[]).await;
-    let mut cmd = any_dispatcher(language, &upstream, &record);
-    cmd.env("ANTEROOM_REDIS", relay.url())
-        .env("ANTEROOM_QUEUE", &queue)
-        .stdout(std::process::Stdio::null());
-    let _dispatcher = BinProcess::spawn_cmd(&mut cmd);
-    let control = control(&redis, &queue).await;
-    until_dispatching(&control).await;
-    let runs = |id: &str| match language {
-        None => runs_of(&ran, id),
-        Some(_) => recorded(&record, id),
-    };
+    let d = RelayedDispatcher::start("lost-ack", language).await;
+    let relay = &d.relay;
+    let (_proxy, listen) = start_proxy_on(&d.redis.url(), &d.queue, "15s", &[]).await;
+    let control = control(&d.redis, &d.queue).await;
+    let runs = |id: &str| d.runs(id);
 
     // The heartbeat's JSON, as each language writes it (Python's json
     // puts a space after the colon).
@@ -490,7 +519,6 @@ async fn pause_acknowledgement_lost(language: Option<&str>) {
     control.resume().await.unwrap();
     assert_eq!(waiting.await.unwrap(), StatusCode::OK);
     assert_eq!(runs("after-pause"), 1);
-    let _ = std::fs::remove_file(&record);
 }
 
 /// The proxy's take of its reply list whose reply is lost: Redis has
@@ -678,24 +706,11 @@ async fn the_ruby_dispatcher_asks_a_lost_dedupe_claim_again() {
 /// proxy pushes them.
 async fn dedupe_claim_lost(language: Option<&str>) {
     use anteroom_protocol::{HttpVersion, Keys, RequestEnvelope, now_ms};
-    let redis = start_redis();
-    let relay = Relay::start(redis.port()).await;
-    let queue = format!("lost-dedupe-{}", language.unwrap_or("rs"));
-    let (upstream, ran) = recording_upstream().await;
-    let record = record_file();
-    let mut cmd = any_dispatcher(language, &upstream, &record);
-    cmd.env("ANTEROOM_REDIS", relay.url())
-        .env("ANTEROOM_QUEUE", &queue)
-        .stdout(std::process::Stdio::null());
-    let _dispatcher = BinProcess::spawn_cmd(&mut cmd);
-    let control = control(&redis, &queue).await;
-    until_dispatching(&control).await;
-    let keys = Keys::new(&queue).unwrap();
-    let mut conn = crate::support::redis_conn(&redis).await;
-    let runs = |id: &str| match language {
-        None => runs_of(&ran, id),
-        Some(_) => recorded(&record, id),
-    };
+    let d = RelayedDispatcher::start("lost-dedupe", language).await;
+    let (relay, queue) = (&d.relay, &d.queue);
+    let keys = Keys::new(queue).unwrap();
+    let mut conn = crate::support::redis_conn(&d.redis).await;
+    let runs = |id: &str| d.runs(id);
     for (n, (id, held_elsewhere)) in [("own-claim", false), ("claimed-elsewhere", true)]
         .into_iter()
         .enumerate()
@@ -777,5 +792,4 @@ async fn dedupe_claim_lost(language: Option<&str>) {
             runs(id)
         );
     }
-    let _ = std::fs::remove_file(&record);
 }
