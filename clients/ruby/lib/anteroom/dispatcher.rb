@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require "digest"
 require "json"
 require "logger"
 require "securerandom"
@@ -23,10 +24,13 @@ module Anteroom
   #
   # One thread pulls into this dispatcher's processing list, at most as
   # many held as there are worker threads: every free thread's worth at once
-  # (a +MULTI+ of +LMOVE+s, one round trip), blocking with +BLMOVE+ only when
-  # the queue is empty (docs/protocol.md, step 1). +threads+ workers run
-  # the handler, one thread beats and one reads credits; each has its own
-  # Redis connection, so a blocked pull never holds up a completion. Pauses
+  # (+LMOVE+s in one script, one round trip), blocking with +BLMOVE+ only
+  # when the queue is empty (docs/protocol.md, step 1). +threads+ workers
+  # run the handler, and each completion takes the next request in the
+  # same round trip while the queue holds one (so a busy worker never
+  # waits for the pulling thread); one thread beats and one reads credits.
+  # Each has its own Redis connection, so a blocked pull never holds up a
+  # completion. Pauses
   # are seen before each pull and acknowledged in the heartbeat; SIGTERM or
   # SIGINT stops pulling, lets the requests in hand finish within the grace
   # period (seconds), then removes the heartbeat.
@@ -69,6 +73,10 @@ module Anteroom
     # The answer to a handler that raised.
     FAILED = [502, [["content-type", "text/plain; charset=utf-8".b]],
               "the backend failed to handle the request\n".b].freeze
+
+    # The SHA1 of each Lua script (EVALSHA's name for it).
+    SHA1 = [Protocol::PULL_WHEN_FULL, Protocol::COMPLETE_WHEN_FULL, Protocol::COMPLETE_AND_TAKE]
+           .to_h { |source| [source, Digest::SHA1.hexdigest(source).freeze] }.freeze
 
     attr_reader :id
 
@@ -113,6 +121,10 @@ module Anteroom
       # Set after a pull or a reaping pass failed (under @lock).
       @orphans_possible = false
       @recheck_at = nil
+      # Completions under way that take the next request too (under @lock),
+      # and whether a settling of orphans waits for them to land.
+      @taking = 0
+      @reconciling = false
       # The <n> of each claim's owner (hex, under @lock), from a random start:
       # a dispatcher restarted with a fixed id never takes an earlier run's
       # claim for its own.
@@ -289,13 +301,30 @@ module Anteroom
       return retry_reconcile unless @settling.try_lock
 
       begin
-        reconcile(redis)
+        reconcile(redis) if takes_landed
       ensure
+        @lock.synchronize { @reconciling = false }
         @settling.unlock
       end
     rescue Redis::BaseError => e
       @log.warn("settling orphans failed (#{e.message}); trying again shortly")
       retry_reconcile
+    end
+
+    # Stops completions from taking requests and waits (at most 1 s) for
+    # those under way to land and count what they took as held: false (the
+    # settling is tried again shortly) when they did not.
+    def takes_landed
+      deadline = monotonic + 1.0
+      @lock.synchronize do
+        @reconciling = true
+        while @taking.positive? && (left = deadline - monotonic).positive?
+          @changed.wait(@lock, left)
+        end
+        return true if @taking.zero?
+      end
+      retry_reconcile
+      false
     end
 
     def retry_reconcile
@@ -340,19 +369,12 @@ module Anteroom
       end
     end
 
-    # Moves up to +free+ requests into the processing list: one MULTI of
-    # LMOVEs, then a BLMOVE for one when that found none. Each taken
+    # Moves up to +free+ requests into the processing list: their LMOVEs in
+    # one script (PULL_WHEN_FULL, which also runs while Redis is over its
+    # maxmemory), then a BLMOVE for one when that found none. Each taken
     # request counts as in flight from here.
     def take(redis, free)
-      taken = begin
-        redis.multi { |m| free.times { m.lmove(@keys.requests, @processing, "RIGHT", "LEFT") } }.compact
-      rescue Redis::CommandError => e
-        raise unless full?(e)
-
-        # Redis is over its maxmemory: the same moves in a script it runs
-        # then, so what is queued still drains.
-        redis.eval(Protocol::PULL_WHEN_FULL, keys: [@keys.requests, @processing], argv: [free])
-      end
+      taken = script(redis, Protocol::PULL_WHEN_FULL, [@keys.requests, @processing], [free])
       if taken.empty?
         raw = redis.blmove(@keys.requests, @processing, "RIGHT", "LEFT", timeout: PULL_BLOCK_S)
         taken = raw ? [raw] : []
@@ -364,21 +386,28 @@ module Anteroom
       taken
     end
 
+    # Runs requests from @jobs, and each next one its completion took
+    # (#complete_and_take), which keeps the finished one's place.
     def work
       redis = connect
-      while (raw = @jobs.pop)
+      raw = @jobs.pop
+      while raw
+        taken = nil
         begin
-          handle(redis, raw)
+          taken = handle(redis, raw)
         rescue StandardError => e
           @log.error("handling a request failed (the reaper answers it once this dispatcher is gone): " \
                      "#{e.class}: #{e.message}")
         ensure
           @lock.synchronize do
-            @in_flight -= 1
             @held.delete(raw) if (@held[raw] -= 1) <= 0
-            @changed.broadcast
+            unless taken
+              @in_flight -= 1
+              @changed.broadcast
+            end
           end
         end
+        raw = taken || @jobs.pop
       end
     end
 
@@ -405,32 +434,44 @@ module Anteroom
       [kind, request]
     end
 
+    # Serves +raw+; the next request when its completion took one
+    # (#complete_and_take), else nil.
     def handle(redis, raw)
       kind, request = accepted(redis, raw)
-      return unless request
+      return nil unless request
 
       now = Protocol.now_ms
-      return set_aside(redis, raw, "deadline more than 24 h ahead") if request.deadline_ms - now > Protocol::MAX_HOLD_MS
-      return discard(redis, raw, request) if now >= request.deadline_ms # the client has its 504
+      if request.deadline_ms - now > Protocol::MAX_HOLD_MS
+        set_aside(redis, raw, "deadline more than 24 h ahead")
+        return nil
+      end
+      if now >= request.deadline_ms # the client has its 504
+        discard(redis, raw, request)
+        return nil
+      end
 
       if (refused = Protocol::REFUSED[kind])
         # Known, not served: the client hears why at once, instead of
         # waiting out its hold budget while the request lies dead.
         @log.warn("refusing #{request.method} #{request.uri}: #{refused[2].strip}")
-        return complete(redis, raw, request, Protocol.response(request.id, *refused))
+        complete(redis, raw, request, Protocol.response(request.id, *refused))
+        return nil
       end
 
       if request.dedupe?
         ttl = [request.deadline_ms - now + REPLY_TTL_MS, 1].max
-        return discard(redis, raw, request) unless claim(redis, request, ttl) # another delivery has it
+        unless claim(redis, request, ttl) # another delivery has it
+          discard(redis, raw, request)
+          return nil
+        end
       end
 
       status, headers, out = answer(request)
-      if out.is_a?(String)
-        complete(redis, raw, request, Protocol.response(request.id, status, headers, out))
-      else
+      unless out.is_a?(String)
         stream(redis, raw, request, status, headers, out)
+        return nil
       end
+      complete_and_take(redis, raw, request, Protocol.response(request.id, status, headers, out))
     end
 
     # The handler's answer; a body that is not a String becomes one unless
@@ -454,32 +495,53 @@ module Anteroom
     end
 
     # Pushes the last frame of +request+ and removes it from the processing
-    # list in one MULTI (docs/protocol.md, step 5). A lost connection or any
-    # other failure is retried until +until_ms+ (#retrying; by default the
-    # request's deadline); a reply Redis refuses for good (WRONGTYPE,
-    # NOPERM) is given up and the request removed alone.
+    # list in one script (docs/protocol.md, step 5; COMPLETE_WHEN_FULL,
+    # which also runs while Redis is over its maxmemory). A lost connection
+    # or any other failure is retried until +until_ms+ (#retrying; by
+    # default the request's deadline); a reply Redis refuses for good
+    # (WRONGTYPE, NOPERM) is given up and the request removed alone.
     def complete(redis, raw, request, frame, until_ms = request.deadline_ms)
       retrying(request, until_ms) do
-        begin
-          redis.multi do |m|
-            m.rpush(request.reply_to, frame)
-            m.pexpire(request.reply_to, REPLY_TTL_MS)
-            m.lrem(@processing, 1, raw)
-          end
-        rescue Redis::CommandError => e
-          raise unless full?(e)
-
-          # Redis is over its maxmemory: in a script it runs then (the
-          # request's removal frees its memory).
-          redis.eval(Protocol::COMPLETE_WHEN_FULL, keys: [@processing, request.reply_to],
-                                                   argv: [REPLY_TTL_MS, raw, frame])
-        end
+        script(redis, Protocol::COMPLETE_WHEN_FULL, [@processing, request.reply_to], [REPLY_TTL_MS, raw, frame])
       rescue Redis::CommandError => e
         raise unless refused_for_good?(e)
 
         @log.error("Redis refused the reply to #{request.id} (#{e.message}); giving it up")
         redis.lrem(@processing, 1, raw)
       end
+    end
+
+    # #complete, taking the next request in the same round trip when this
+    # dispatcher would pull now (COMPLETE_AND_TAKE: not while stopping,
+    # paused, settling orphans or with a heartbeat that may be near its
+    # end): the request taken, counted as held, or nil. After a failure the
+    # take may have landed with its reply lost: the completion is retried
+    # alone, and the processing list looked at as after a failed pull.
+    def complete_and_take(redis, raw, request, frame)
+      chain = @lock.synchronize do
+        next false if @stopping || @acknowledged || @reconciling || beat_stale?
+
+        @taking += 1
+      end
+      return complete(redis, raw, request, frame).then { nil } unless chain
+
+      taken = nil
+      begin
+        taken = script(redis, Protocol::COMPLETE_AND_TAKE,
+                       [@processing, request.reply_to, @keys.requests, @keys.paused], [REPLY_TTL_MS, raw, frame])
+      rescue Redis::BaseError => e
+        lost = !refused_for_good?(e)
+      ensure
+        @lock.synchronize do
+          @taking -= 1
+          @held[taken] += 1 if taken
+          @orphans_possible = true if lost
+          @recheck_at = monotonic + RECHECK_AFTER_S if lost
+          @changed.broadcast if @reconciling && @taking.zero?
+        end
+      end
+      complete(redis, raw, request, frame) if e
+      taken
     end
 
     # Runs the block; after a Redis failure (a lost connection, a
@@ -543,10 +605,6 @@ module Anteroom
       [request.deadline_ms, Protocol.now_ms + (STREAM_IDLE_S * 1000).to_i].max
     end
 
-    # Whether Redis refused a write for good: a reply list that holds
-    # something else, or an ACL that forbids it; retrying cannot help.
-    # (An ACL refusal inside a MULTI reaches redis-rb 4.8 as EXECABORT,
-    # which is retried until the deadline.)
     # Whether Redis refused for want of memory (OOM: maxmemory reached
     # under noeviction). Inside a MULTI, redis-rb 4.8 reports it as
     # EXECABORT without the cause, which the allow-oom scripts then retry:
@@ -555,8 +613,26 @@ module Anteroom
       error.message.start_with?("OOM", "EXECABORT") || error.message.include?("maxmemory")
     end
 
+    # Whether Redis refused a write for good: a reply list that holds
+    # something else, or an ACL that forbids it; retrying cannot help. (A
+    # command a script runs that the ACL forbids answers "ERR The user
+    # executing the script can't run this command"; an ACL refusal inside a
+    # MULTI reaches redis-rb 4.8 as EXECABORT, which is retried until the
+    # deadline.)
     def refused_for_good?(error)
-      error.is_a?(Redis::CommandError) && error.message.start_with?("WRONGTYPE", "NOPERM")
+      error.is_a?(Redis::CommandError) &&
+        (error.message.start_with?("WRONGTYPE", "NOPERM") || error.message.include?("executing the script can't run"))
+    end
+
+    # Runs the Lua +source+ (one of Protocol's scripts) by its SHA1
+    # (EVALSHA), sending it whole (EVAL, which also caches it) when Redis
+    # does not know it (NOSCRIPT: a restart, a failover, SCRIPT FLUSH).
+    def script(redis, source, keys, argv)
+      redis.evalsha(SHA1.fetch(source) { Digest::SHA1.hexdigest(source) }, keys: keys, argv: argv)
+    rescue Redis::CommandError => e
+      raise unless e.message.start_with?("NOSCRIPT")
+
+      redis.eval(source, keys: keys, argv: argv)
     end
 
     def push(redis, request, frame)
@@ -570,7 +646,7 @@ module Anteroom
 
     # Streams +body+ (each yields Strings): the head now, a chunk for each
     # piece as the window allows, then the end with the request's removal
-    # from the processing list in one MULTI. A client that is gone (a
+    # from the processing list in one script. A client that is gone (a
     # cancel) gets nothing more; an app that fails mid-body, or a client
     # that reads nothing for STREAM_IDLE_S, gets an aborted end.
     def stream(redis, raw, request, status, headers, body)

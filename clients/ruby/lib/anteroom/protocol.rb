@@ -68,10 +68,11 @@ module Anteroom
       end
       return 0
     LUA
-    # Takes up to ARGV[1] requests (KEYS: requests, processing) while Redis
-    # is over its maxmemory: the LMOVEs of a pull, in a script Redis runs
-    # then (the +allow-oom+ flag; moving grows nothing, and without it
-    # nothing queued could drain). The Rust dispatcher's script
+    # Takes up to ARGV[1] requests (KEYS: requests, processing): the LMOVEs
+    # of a pull in one script, which Redis also runs while over its
+    # maxmemory (the +allow-oom+ flag; moving grows nothing, and without it
+    # nothing queued could drain). This dispatcher pulls with it always (one
+    # command where a MULTI is two more). The Rust dispatcher's script
     # (crates/anteroom-control/src/queue/mod.rs).
     PULL_WHEN_FULL = <<~LUA
       #!lua flags=allow-oom
@@ -83,8 +84,9 @@ module Anteroom
       end
       return moved
     LUA
-    # Completes one request while Redis is over its maxmemory: the commands
-    # of a completion in a script Redis runs then (+allow-oom+). KEYS:
+    # Completes one request: the commands of a completion in one script,
+    # which Redis also runs while over its maxmemory (+allow-oom+); this
+    # dispatcher completes with it always. KEYS:
     # processing, the reply list; ARGV: the reply TTL in ms, the request's
     # bytes, the reply. The Rust dispatcher's script
     # (crates/anteroom-control/src/queue/complete.rs).
@@ -96,6 +98,23 @@ module Anteroom
       end
       redis.call('LREM', KEYS[1], 1, ARGV[2])
       return 1
+    LUA
+    # Completes one request and takes the next in the same script, one
+    # round trip where a completion and a pull take two: the commands of
+    # COMPLETE_WHEN_FULL, then, unless the queue is paused, one +LMOVE+ of
+    # a pull (step 1), whose item it returns (nil: none, or paused; the
+    # pause key is read in the script, so nothing is taken once a pause is
+    # set). +allow-oom+, as the two it joins. KEYS: processing, the reply
+    # list, the requests list, the pause key; ARGV: the reply TTL in ms, the
+    # request's bytes, the reply.
+    COMPLETE_AND_TAKE = <<~LUA
+      #!lua flags=allow-oom
+      redis.call('RPUSH', KEYS[2], ARGV[3])
+      redis.call('PEXPIRE', KEYS[2], ARGV[1])
+      redis.call('LREM', KEYS[1], 1, ARGV[2])
+      local paused = redis.call('EXISTS', KEYS[4]) == 1
+      if paused then return false end
+      return redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')
     LUA
     # Answers one request only if it is still in the processing list (an
     # orphan a lost reply left there, which another actor may have settled
