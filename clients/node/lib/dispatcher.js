@@ -48,6 +48,9 @@ const RECONCILE_RETRY_MS = 1_000;
 const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
   Buffer.from('the backend failed to handle the request\n')];
 
+/** The SHA1 of each Lua script run (EVALSHA's name for it), by its text. */
+const SHA1 = new Map();
+
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
 class Dispatcher {
@@ -81,6 +84,11 @@ class Dispatcher {
     this.held = new Map();
     /** Set after a pull or a reaping pass failed. */
     this.orphansPossible = false;
+    /** Completions under way that take the next request too, and the
+     * settling of orphans that waits for them to land (a resolver). */
+    this.taking = 0;
+    this.reconciling = false;
+    this.landed = null;
     this.recheckAt = null;
     this.reconcileAfter = 0;
     /**
@@ -213,18 +221,37 @@ class Dispatcher {
       }
       for (const raw of taken) {
         this.inFlight += 1;
-        const key = raw.toString('latin1');
-        this.held.set(key, (this.held.get(key) ?? 0) + 1);
-        this.handle(raw)
-          .catch((err) => console.error(`anteroom: handling a request failed (the reaper answers it once this dispatcher is gone): ${err.stack}`))
-          .finally(() => {
-            this.inFlight -= 1;
-            const left = (this.held.get(key) ?? 1) - 1;
-            if (left > 0) this.held.set(key, left); else this.held.delete(key);
-            if (this.freed) this.freed();
-          });
+        this.hold(raw, 1);
+        this.serve(raw);
       }
     }
+  }
+
+  /** Counts `delta` more (or fewer) copies of `raw` in hand. */
+  hold(raw, delta) {
+    const key = raw.toString('latin1');
+    const n = (this.held.get(key) ?? 0) + delta;
+    if (n > 0) this.held.set(key, n); else this.held.delete(key);
+  }
+
+  /**
+   * Handles `raw`, then each next request its completion took
+   * (completeAndTake), in the same place; frees the place when none came.
+   */
+  async serve(raw) {
+    let next = raw;
+    while (next) {
+      const current = next;
+      next = null;
+      try {
+        next = await this.handle(current);
+      } catch (err) {
+        console.error(`anteroom: handling a request failed (the reaper answers it once this dispatcher is gone): ${err.stack}`);
+      }
+      this.hold(current, -1);
+    }
+    this.inFlight -= 1;
+    if (this.freed) this.freed();
   }
 
   /** Whether the processing list is to be looked at now (the pull loop asks, with no pull outstanding). */
@@ -263,7 +290,9 @@ class Dispatcher {
   async reconcile() {
     if (this.reapingNow) return false;
     this.reapingNow = true;
+    this.reconciling = true;
     try {
+      if (!await this.takesLanded()) return false;
       const inHand = new Map(this.held);
       const listed = await this.redis.lRange(this.processing, 0, -1);
       const copies = [];
@@ -283,27 +312,32 @@ class Dispatcher {
       return true;
     } finally {
       this.reapingNow = false;
+      this.reconciling = false;
     }
   }
 
   /**
-   * Moves up to `free` requests into the processing list: LMOVEs in one
-   * pipeline (each moves atomically; node-redis keeps Buffers in a pipeline's
-   * replies, not in a MULTI's), then a BLMOVE for one when that found none.
+   * Waits (at most 1 s) for the completions under way that take a request
+   * (completeAndTake, which does not start one while `reconciling`) to land
+   * and count what they took as held: false when they did not.
+   */
+  async takesLanded() {
+    if (this.taking > 0) {
+      let timeout;
+      await new Promise((resolve) => { this.landed = resolve; timeout = setTimeout(resolve, 1_000); });
+      clearTimeout(timeout);
+      this.landed = null;
+    }
+    return this.taking === 0;
+  }
+
+  /**
+   * Moves up to `free` requests into the processing list: their LMOVEs in
+   * one script (PULL_WHEN_FULL, which also runs while Redis is over its
+   * maxmemory), then a BLMOVE for one when that found none.
    */
   async take(free) {
-    const batch = this.redis.multi();
-    for (let i = 0; i < free; i += 1) batch.lMove(this.keys.requests, this.processing, 'RIGHT', 'LEFT');
-    let taken;
-    try {
-      taken = (await batch.execAsPipeline()).filter((raw) => raw !== null);
-    } catch (err) {
-      if (!full(err)) throw err;
-      // Redis is over its maxmemory: the same moves in a script it runs
-      // then, so what is queued still drains.
-      taken = await this.redis.eval(protocol.PULL_WHEN_FULL,
-        { keys: [this.keys.requests, this.processing], arguments: [String(free)] });
-    }
+    const taken = await this.script(protocol.PULL_WHEN_FULL, [this.keys.requests, this.processing], [String(free)]);
     if (taken.length > 0) return taken;
     const raw = await this.puller.blMove(this.keys.requests, this.processing, 'RIGHT', 'LEFT', PULL_BLOCK_S);
     return raw === null ? [] : [raw];
@@ -357,7 +391,8 @@ class Dispatcher {
     let out;
     try {
       const calling = this.call(request);
-      const answered = await Promise.race([calling, timer(request.deadline_ms - nowMs())]);
+      const deadline = timer(request.deadline_ms - nowMs());
+      const answered = await Promise.race([calling, deadline]).finally(deadline.cancel);
       if (answered === undefined) {
         calling.then(([, , late]) => { if (!Buffer.isBuffer(late)) destroyApp(late.response); }, () => {});
         // Past the deadline with no head: the client has its 504.
@@ -371,12 +406,65 @@ class Dispatcher {
       [status, headers, out] = FAILED;
     }
     if (!Buffer.isBuffer(out)) return this.stream(raw, request, status, headers, out);
-    return this.complete(raw, request, protocol.response(request.id, status, headers, out));
+    return this.completeAndTake(raw, request, protocol.response(request.id, status, headers, out));
+  }
+
+  /**
+   * complete, taking the next request in the same round trip when this
+   * dispatcher would pull now (COMPLETE_AND_TAKE: not while stopping,
+   * paused, settling orphans or with a heartbeat that may be near its end):
+   * the request taken, counted as held, or null. After a failure the take
+   * may have landed with its reply lost: the completion is retried alone,
+   * and the processing list looked at as after a failed pull.
+   */
+  async completeAndTake(raw, request, frame) {
+    if (this.stopping || this.acknowledged !== null || this.reconciling || this.beatStale()) {
+      await this.complete(raw, request, frame);
+      return null;
+    }
+    this.taking += 1;
+    let taken = null;
+    let failed = null;
+    try {
+      taken = await this.script(protocol.COMPLETE_AND_TAKE,
+        [this.processing, request.reply_to, this.keys.requests, this.keys.paused], [String(REPLY_TTL_MS), raw, frame]);
+    } catch (err) {
+      failed = err;
+    }
+    this.taking -= 1;
+    if (taken) this.hold(taken, 1);
+    if (failed && !refusedForGood(failed)) {
+      this.orphansPossible = true;
+      this.recheckAt = nowMs() + RECHECK_AFTER_MS;
+    }
+    if (this.taking === 0 && this.landed) this.landed();
+    if (failed) await this.complete(raw, request, frame);
+    return taken;
+  }
+
+  /**
+   * Runs the Lua `source` (one of protocol's scripts) by its SHA1 (EVALSHA),
+   * sending it whole (EVAL, which also caches it) when Redis does not know
+   * it (NOSCRIPT: a restart, a failover, SCRIPT FLUSH).
+   */
+  async script(source, keys, args) {
+    let sha = SHA1.get(source);
+    if (sha === undefined) {
+      sha = crypto.createHash('sha1').update(source).digest('hex');
+      SHA1.set(source, sha);
+    }
+    try {
+      return await this.redis.evalSha(sha, { keys, arguments: args });
+    } catch (err) {
+      if (!/^NOSCRIPT/.test(err.message)) throw err;
+      return this.redis.eval(source, { keys, arguments: args });
+    }
   }
 
   /**
    * Pushes the last frame of `request` and removes it from the processing
-   * list, in one MULTI (docs/protocol.md, step 5). A reply Redis refuses
+   * list, in one script (docs/protocol.md, step 5; COMPLETE_WHEN_FULL, which
+   * also runs while Redis is over its maxmemory). A reply Redis refuses
    * for good (WRONGTYPE, NOPERM) is given up and the request removed alone;
    * any other failure (a lost connection, a failover, OOM, READONLY) is
    * retried every RETRY_DELAY_MS until the request's deadline, as the Rust
@@ -384,17 +472,8 @@ class Dispatcher {
    */
   async complete(raw, request, frame, untilMs = request.deadline_ms) {
     try {
-      await this.retrying(request, 'completing', () => this.redis.multi().rPush(request.reply_to, frame)
-        .pExpire(request.reply_to, REPLY_TTL_MS).lRem(this.processing, 1, raw).exec()
-        .catch((err) => {
-          if (!full(err)) throw err;
-          // Redis is over its maxmemory: in a script it runs then (the
-          // request's removal frees its memory).
-          return this.redis.eval(protocol.COMPLETE_WHEN_FULL, {
-            keys: [this.processing, request.reply_to],
-            arguments: [String(REPLY_TTL_MS), raw, frame],
-          });
-        }), untilMs);
+      await this.retrying(request, 'completing', () => this.script(protocol.COMPLETE_WHEN_FULL,
+        [this.processing, request.reply_to], [String(REPLY_TTL_MS), raw, frame]), untilMs);
     } catch (err) {
       if (!refusedForGood(err)) throw err;
       console.error(`anteroom: Redis refused the reply to ${request.id} (${errorText(err)}); giving it up`);
@@ -743,10 +822,11 @@ function full(err) {
 
 /**
  * Whether Redis refused a write for good: a reply list that holds something
- * else (WRONGTYPE) or an ACL that forbids it (NOPERM); retrying cannot help.
+ * else (WRONGTYPE) or an ACL that forbids it (NOPERM; inside a script, "The
+ * user executing the script can't run this command"); retrying cannot help.
  */
 function refusedForGood(err) {
-  return /WRONGTYPE|NOPERM/.test(errorText(err));
+  return /WRONGTYPE|NOPERM|executing the script can't run/.test(errorText(err));
 }
 
 /**
@@ -760,7 +840,10 @@ function streamUntil(request) {
 
 /** Resolves with undefined after `ms` (at once when not positive). */
 function timer(ms) {
-  return new Promise((resolve) => { setTimeout(resolve, Math.max(0, ms)).unref(); });
+  let handle;
+  const done = new Promise((resolve) => { handle = setTimeout(resolve, Math.max(0, ms)).unref(); });
+  done.cancel = () => clearTimeout(handle);
+  return done;
 }
 
 /**

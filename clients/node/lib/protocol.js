@@ -292,6 +292,25 @@ redis.call('LREM', KEYS[1], 1, ARGV[2])
 return 1`;
 
 /**
+ * Completes one request and takes the next in the same script, one round
+ * trip where a completion and a pull take two: the commands of
+ * COMPLETE_WHEN_FULL, then, unless the queue is paused, one `LMOVE` of a
+ * pull (step 1), whose item it returns (null: none, or paused; the pause key
+ * is read in the script, so nothing is taken once a pause is set).
+ * `allow-oom`, as the two it joins. KEYS: processing, the reply list, the
+ * requests list, the pause key; ARGV: the reply TTL in ms, the request's
+ * bytes, the reply. The Ruby dispatcher's script too.
+ */
+const COMPLETE_AND_TAKE = `\
+#!lua flags=allow-oom
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('LREM', KEYS[1], 1, ARGV[2])
+local paused = redis.call('EXISTS', KEYS[4]) == 1
+if paused then return false end
+return redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')`;
+
+/**
  * Answers one request only if it is still in the processing list (an orphan
  * a lost reply left there, which another actor may have settled meanwhile):
  * LREM, and only if that removed it, the reply, even past Redis's maxmemory.
@@ -325,7 +344,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1`;
 
 module.exports = {
-  Clock, CLOCK, nowMs, PULL_WHEN_FULL, COMPLETE_WHEN_FULL, COMPLETE_IF_HELD, CLAIM_WHEN_FULL,
+  Clock, CLOCK, nowMs, PULL_WHEN_FULL, COMPLETE_WHEN_FULL, COMPLETE_AND_TAKE, COMPLETE_IF_HELD, CLAIM_WHEN_FULL,
   VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, isSafeToRepeat, CLAIM, REQUEUE, MAX_REPEATS, INTERRUPTED, REFUSED,
   response,
   streamHead, streamChunk, streamEnd, deadLetter, Keys,
