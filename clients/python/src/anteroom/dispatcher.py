@@ -111,9 +111,12 @@ def refused_for_good(err):
     cannot help. Anything else (a lost connection, OOM, READONLY during a
     failover) may pass."""
     # redis-py raises NOPERM as NoPermissionError, its code cut from the
-    # message; on EXECABORT it raises the first command's error.
+    # message; on EXECABORT it raises the first command's error. A command
+    # a script runs that the ACL forbids answers "ERR The user executing the
+    # script can't run this command".
     return isinstance(err, redis.exceptions.NoPermissionError) or (
-        isinstance(err, redis.ResponseError) and ("WRONGTYPE" in str(err) or "NOPERM" in str(err)))
+        isinstance(err, redis.ResponseError) and any(
+            sign in str(err) for sign in ("WRONGTYPE", "NOPERM", "executing the script can't run")))
 
 
 FAILED = (502, [("content-type", b"text/plain; charset=utf-8")],
@@ -162,6 +165,15 @@ class Dispatcher:
         self.deliveries = itertools.count(uuid.uuid4().int >> 80)
         #: When the last heartbeat that Redis took was sent (monotonic s).
         self.beat_sent_at = float("-inf")
+        #: Completions under way that take the next request too (under
+        #: ``lock``), and whether a settling of orphans waits for them
+        #: (``landed`` is notified when the last lands).
+        self.taking = 0
+        self.reconciling = False
+        self.landed = threading.Condition(self.lock)
+        #: redis-py's runner (EVALSHA, loading it on NOSCRIPT) of each Lua
+        #: script, by its text.
+        self.scripts = {}
         #: Notified when a request in flight ends (``lock`` is its lock).
         self.freed = threading.Condition(self.lock)
         self.acknowledged = None
@@ -312,21 +324,22 @@ class Dispatcher:
                 self.freed.wait(timeout)
             return self.threads - self.in_flight
 
+    def script(self, source, keys, args):
+        """Runs the Lua ``source`` (one of :mod:`protocol`'s scripts) on this
+        thread's client with redis-py's script runner: by its SHA1
+        (``EVALSHA``), loaded first when Redis does not know it (NOSCRIPT: a
+        restart, a failover, ``SCRIPT FLUSH``)."""
+        runner = self.scripts.get(source)
+        if runner is None:
+            runner = self.scripts[source] = self.redis.register_script(source)
+        return runner(keys=keys, args=args, client=self.redis)
+
     def take(self, free):
-        """Moves up to ``free`` requests into the processing list: one
-        ``MULTI`` of ``LMOVE`` commands, then a ``BLMOVE`` for one when that found
-        none. Each taken request counts as in flight from here."""
-        pipe = self.redis.pipeline(transaction=True)
-        for _ in range(free):
-            pipe.lmove(self.keys.requests, self.processing, "RIGHT", "LEFT")
-        try:
-            taken = [raw for raw in pipe.execute() if raw is not None]
-        except redis.RedisError as err:
-            if not protocol.out_of_memory(err):
-                raise
-            # Redis is over its maxmemory: the same moves in a script it
-            # runs then, so what is queued still drains.
-            taken = self.redis.eval(protocol.PULL_WHEN_FULL, 2, self.keys.requests, self.processing, free)
+        """Moves up to ``free`` requests into the processing list: their
+        ``LMOVE`` commands in one script (``PULL_WHEN_FULL``, which also runs
+        while Redis is over its maxmemory), then a ``BLMOVE`` for one when
+        that found none. Each taken request counts as in flight from here."""
+        taken = self.script(protocol.PULL_WHEN_FULL, [self.keys.requests, self.processing], [free])
         if not taken:
             raw = self.redis.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
             taken = [raw] if raw is not None else []
@@ -343,10 +356,19 @@ class Dispatcher:
         """``raw`` is no longer in hand (answered, or given up)."""
         with self.freed:
             self.in_flight -= 1
-            self.held[raw] -= 1
-            if self.held[raw] <= 0:
-                del self.held[raw]
+            self.unhold_locked(raw)
             self.freed.notify()
+
+    def unhold(self, raw):
+        """``raw`` is no longer in hand, its place passed to the request its
+        completion took."""
+        with self.lock:
+            self.unhold_locked(raw)
+
+    def unhold_locked(self, raw):
+        self.held[raw] -= 1
+        if self.held[raw] <= 0:
+            del self.held[raw]
 
     # -- orphans of lost replies (docs/protocol.md, "Lost replies") ---------
 
@@ -393,7 +415,24 @@ class Dispatcher:
         otherwise answered 502 if it is still in the list. The caller holds
         ``settling``."""
         with self.lock:
+            # Completions stop taking requests, and those under way land and
+            # count what they took as held (at most 1 s; else tried again
+            # shortly).
+            self.reconciling = True
+            landed = self.landed.wait_for(lambda: self.taking == 0, timeout=1.0)
             in_hand = collections.Counter(self.held)
+        try:
+            if landed:
+                self.settle_orphans(in_hand)
+            else:
+                self.orphans_possible.set()
+                self.reconcile_after = time.monotonic() + RECONCILE_RETRY_S
+        finally:
+            with self.lock:
+                self.reconciling = False
+
+    def settle_orphans(self, in_hand):
+        """:meth:`reconcile`'s settling, given the requests in hand."""
         listed = self.redis.lrange(self.processing, 0, -1)
         copies, orphans = [], []
         for raw in listed:
@@ -412,12 +451,21 @@ class Dispatcher:
                         "removed %d copies of requests in hand", len(orphans), len(copies))
 
     def handle_and_release(self, raw):
-        try:
-            self.handle(raw)
-        except Exception:  # noqa: BLE001 - a worker must survive anything
-            log.exception("handling a request failed (the reaper answers it once this dispatcher is gone)")
-        finally:
-            self.release(raw)
+        """Handles ``raw``, then each next request its completion took
+        (:meth:`complete_and_take`) in the same place; frees the place when
+        none came."""
+        while raw is not None:
+            taken = None
+            try:
+                taken = self.handle(raw)
+            except Exception:  # noqa: BLE001 - a worker must survive anything
+                log.exception("handling a request failed (the reaper answers it once this dispatcher is gone)")
+            finally:
+                if taken is None:
+                    self.release(raw)
+                else:
+                    self.unhold(raw)
+            raw = taken
 
     # -- one request -------------------------------------------------------
 
@@ -470,16 +518,21 @@ class Dispatcher:
         return "run", request, None
 
     def handle(self, raw):
+        """Serves ``raw``: the next request when its completion took one
+        (:meth:`complete_and_take`), else None."""
         verdict, request, extra = self.triage(raw)
         if verdict == "aside":
-            return self.set_aside(raw, request)
+            self.set_aside(raw, request)
+            return None
         if verdict == "expired":
-            return self.discard(raw, request)  # the client has its 504
+            self.discard(raw, request)  # the client has its 504
+            return None
         if verdict == "refuse":
             self.complete(raw, request, protocol.response(request.id, *protocol.REFUSED[extra]))
             return None
         if verdict == "claim" and not self.claim(request, extra):
-            return self.discard(raw, request)  # another delivery has it
+            self.discard(raw, request)  # another delivery has it
+            return None
         try:
             status, headers, out = self.handler(request)
             if not isinstance(out, (bytes, bytearray)) and not request.stream:
@@ -488,27 +541,57 @@ class Dispatcher:
             log.exception("the app failed on %s %s", request.method, request.uri)
             status, headers, out = FAILED
         if not isinstance(out, (bytes, bytearray)):
-            return self.stream(raw, request, status, headers, out)
-        self.complete(raw, request, protocol.response(request.id, status, headers, bytes(out)))
-        return None
+            self.stream(raw, request, status, headers, out)
+            return None
+        return self.complete_and_take(raw, request, protocol.response(request.id, status, headers, bytes(out)))
+
+    def complete_and_take(self, raw, request, frame):
+        """:meth:`complete`, taking the next request in the same round trip
+        when this dispatcher would pull now (``COMPLETE_AND_TAKE``: not while
+        stopping, paused, settling orphans or with a heartbeat that may be
+        near its end): the request taken, counted as held, or None. After a
+        failure the take may have landed with its reply lost: the completion
+        is retried alone, and the processing list looked at as after a
+        failed pull."""
+        with self.lock:
+            chain = not (self.stopping.is_set() or self.acknowledged is not None or self.reconciling
+                         or self.beat_stale())
+            if chain:
+                self.taking += 1
+        if not chain:
+            self.complete(raw, request, frame)
+            return None
+        taken = failed = None
+        try:
+            taken = self.script(protocol.COMPLETE_AND_TAKE,
+                                [self.processing, request.reply_to, self.keys.requests, self.keys.paused],
+                                [REPLY_TTL_MS, raw, frame])
+        except redis.RedisError as err:
+            failed = err
+        finally:
+            with self.lock:
+                self.taking -= 1
+                if taken is not None:
+                    self.held[taken] += 1
+                if self.taking == 0:
+                    self.landed.notify_all()
+        if failed is not None:
+            if not refused_for_good(failed):
+                self.pull_failed()
+            self.complete(raw, request, frame)
+        return taken
 
     def complete(self, raw, request, frame, until_ms=None):
         """Pushes the last frame of ``request`` and removes it from the
-        processing list in one MULTI (docs/protocol.md, step 5). A reply
-        Redis refuses for good (WRONGTYPE, NOPERM) is given up and the
-        request removed alone; any other failure is retried until
-        ``until_ms`` (default: the request's deadline; see :meth:`retrying`)."""
+        processing list in one script (docs/protocol.md, step 5;
+        ``COMPLETE_WHEN_FULL``, which also runs while Redis is over its
+        maxmemory). A reply Redis refuses for good (WRONGTYPE, NOPERM) is
+        given up and the request removed alone; any other failure is
+        retried until ``until_ms`` (default: the request's deadline; see
+        :meth:`retrying`)."""
         def write():
-            try:
-                self.redis.pipeline(transaction=True).rpush(request.reply_to, frame).pexpire(
-                    request.reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw).execute()
-            except redis.RedisError as err:
-                if not protocol.out_of_memory(err):
-                    raise
-                # Redis is over its maxmemory: in a script it runs then
-                # (the request's removal frees its memory).
-                self.redis.eval(protocol.COMPLETE_WHEN_FULL, 2, self.processing, request.reply_to,
-                                REPLY_TTL_MS, raw, frame)
+            self.script(protocol.COMPLETE_WHEN_FULL, [self.processing, request.reply_to],
+                        [REPLY_TTL_MS, raw, frame])
 
         try:
             self.retrying(request, "completing", write, until_ms)

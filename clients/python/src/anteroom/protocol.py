@@ -215,6 +215,24 @@ redis.call('LREM', KEYS[1], 1, ARGV[2])
 return 1"""
 
 
+#: Completes one request and takes the next in the same script, one round
+#: trip where a completion and a pull take two: the commands of
+#: ``COMPLETE_WHEN_FULL``, then, unless the queue is paused, one ``LMOVE``
+#: of a pull (step 1), whose item it returns (None: none, or paused; the
+#: pause key is read in the script, so nothing is taken once a pause is
+#: set). ``allow-oom``, as the two it joins. KEYS: processing, the reply
+#: list, the requests list, the pause key; ARGV: the reply TTL in ms, the
+#: request's bytes, the reply. The Ruby and Node dispatchers' script too.
+COMPLETE_AND_TAKE = """\
+#!lua flags=allow-oom
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('LREM', KEYS[1], 1, ARGV[2])
+local paused = redis.call('EXISTS', KEYS[4]) == 1
+if paused then return false end
+return redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')"""
+
+
 #: Answers one request only if it is still in the processing list (an
 #: orphan a lost reply left there, which another actor may have settled
 #: meanwhile): ``LREM``, and only if that removed it, the reply, even past
