@@ -604,6 +604,81 @@ async fn pause_and_resume(kit: &mut Kit) -> Outcome {
     Ok("acknowledged in its heartbeat, nothing taken while paused, served after resume".into())
 }
 
+/// A pause that lands while requests flow (a backlog of slow GETs being
+/// taken as fast as the command completes them, which is when a dispatcher
+/// that takes the next request with a completion does so): once the
+/// acknowledgement is in, nothing more is taken or run for a second; after
+/// resume every request is answered, each run once.
+async fn pause_under_load(kit: &mut Kit) -> Outcome {
+    const BACKLOG: usize = 400;
+    let envelopes: Vec<RequestEnvelope> = (0..BACKLOG)
+        .map(|i| kit.envelope("GET", &format!("/touch/flow-{i}?ms=50"), Vec::new(), b""))
+        .collect();
+    for envelope in &envelopes {
+        kit.push(envelope).await.map_err(|e| e.to_string())?;
+    }
+    let runs = |kit: &Kit| {
+        kit.touched()
+            .iter()
+            .filter(|t| t.starts_with("flow-"))
+            .count()
+    };
+    let until = tokio::time::Instant::now() + REPLY_WAIT;
+    while runs(kit) < 8 {
+        if tokio::time::Instant::now() >= until {
+            return Err("the backlog did not start within 10 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kit.queue
+        .pause("conformance kit", Some(Duration::from_secs(60)), false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let quiet = kit
+        .queue
+        .wait_quiescent(Duration::from_secs(10), |_| {})
+        .await;
+    if let Err(err) = quiet {
+        let _ = kit.queue.resume().await;
+        return Err(format!("the pause was not acknowledged: {err}"));
+    }
+    let (ran, waiting) = (runs(kit), kit.queue.status().await.map(|s| s.waiting));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ran_later, waiting_later) = (runs(kit), kit.queue.status().await.ok().map(|s| s.waiting));
+    let held = kit.held().await;
+    kit.queue.resume().await.map_err(|e| e.to_string())?;
+    let waiting = waiting.map_err(|e| e.to_string())?;
+    if ran_later != ran || waiting_later != Some(waiting) || held != 0 {
+        return Err(format!(
+            "after the acknowledgement {} more ran, the queue went from {waiting} to {waiting_later:?} \
+             waiting, {held} held",
+            ran_later.saturating_sub(ran)
+        ));
+    }
+    if waiting == 0 {
+        return Err(format!(
+            "all {BACKLOG} were taken before the pause was acknowledged: nothing was left to hold"
+        ));
+    }
+    for envelope in &envelopes {
+        let answer = kit
+            .replies
+            .wait(&envelope.id, REPLY_WAIT)
+            .await
+            .ok_or_else(|| format!("{} was not answered after resume", envelope.uri))?;
+        if answer.status != 200 {
+            return Err(format!("{} answered {}", envelope.uri, answer.status));
+        }
+    }
+    let twice = runs(kit).saturating_sub(BACKLOG);
+    if twice != 0 {
+        return Err(format!("{twice} runs more than requests"));
+    }
+    Ok(format!(
+        "{ran} run before the acknowledgement, {waiting} held back for 1 s, all {BACKLOG} answered once after resume"
+    ))
+}
+
 async fn heartbeat_present(kit: &mut Kit) -> Outcome {
     let beats = kit.heartbeats().await;
     let beat = beats.first().ok_or("no heartbeat")?;
@@ -978,6 +1053,10 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
             report(
                 "pause acknowledged and resume honoured",
                 pause_and_resume(&mut kit).await,
+            );
+            report(
+                "nothing taken after a pause lands under load",
+                pause_under_load(&mut kit).await,
             );
             report(
                 "graceful SIGTERM finishes in-flight work",

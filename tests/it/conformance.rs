@@ -55,7 +55,7 @@ pub(crate) async fn passes(dispatcher: &[&str], dir: &Path) -> String {
     // The test's own redis-server: the kit may make it refuse writes.
     let (ok, text) = conformance(&redis.url(), &["--refuse-writes"], dispatcher, Some(dir)).await;
     assert!(ok, "{text}");
-    assert!(text.contains("15 passed, 0 failed"), "{text}");
+    assert!(text.contains("16 passed, 0 failed"), "{text}");
     assert!(!text.contains("skipped"), "{text}");
     text
 }
@@ -72,7 +72,7 @@ async fn the_rust_dispatcher_passes_every_case() {
     )
     .await;
     assert!(ok, "{text}");
-    assert!(text.contains("15 passed, 0 failed"), "{text}");
+    assert!(text.contains("16 passed, 0 failed"), "{text}");
     assert!(!text.contains("skipped"), "{text}");
     for case in [
         "taken and answered while Redis is over its maxmemory",
@@ -81,6 +81,7 @@ async fn the_rust_dispatcher_passes_every_case() {
         "expired deadline never run",
         "garbage envelope dead-lettered",
         "pause acknowledged and resume honoured",
+        "nothing taken after a pause lands under load",
         "graceful SIGTERM finishes in-flight work",
         "SIGKILL mid-request, then reaped",
         "streamed response (streamed)",
@@ -198,5 +199,40 @@ fn the_clients_carry_the_rust_reapers_scripts() {
                 .any(|window| window == lua.as_slice());
             assert!(found, "{client} lacks the script starting {:?}", lua[0]);
         }
+    }
+}
+
+/// COMPLETE_AND_TAKE (docs/protocol.md, step 5), which the Rust dispatcher
+/// does not use: the Python and Node clients carry the Ruby one's, line for
+/// line, and it reads the pause key before it takes.
+#[test]
+fn the_clients_complete_and_take_with_one_script() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let lines = |path: &str| -> Vec<String> {
+        read(path)
+            .lines()
+            .map(|l| l.trim().trim_end_matches(['"', '`', ';']).to_owned())
+            .filter(|l| !l.is_empty())
+            .collect()
+    };
+    let ruby = lines("clients/ruby/lib/anteroom/protocol.rb");
+    let start = ruby
+        .iter()
+        .position(|l| l == "COMPLETE_AND_TAKE = <<~LUA")
+        .expect("the Ruby client's COMPLETE_AND_TAKE")
+        + 1;
+    let end = start + ruby[start..].iter().position(|l| l == "LUA").unwrap();
+    let lua = &ruby[start..end];
+    assert_eq!(lua[0], "#!lua flags=allow-oom");
+    let pause = lua.iter().position(|l| l.contains("KEYS[4]")).unwrap();
+    let take = lua.iter().position(|l| l.contains("'LMOVE'")).unwrap();
+    assert!(pause < take, "{lua:?}");
+    for client in [
+        "clients/python/src/anteroom/protocol.py",
+        "clients/node/lib/protocol.js",
+    ] {
+        let found = lines(client).windows(lua.len()).any(|w| w == lua);
+        assert!(found, "{client} lacks the Ruby client's COMPLETE_AND_TAKE");
     }
 }
