@@ -606,12 +606,18 @@ async fn pause_and_resume(kit: &mut Kit) -> Outcome {
 
 /// A pause that lands while requests flow (a backlog of slow GETs being
 /// taken as fast as the command completes them, which is when a dispatcher
-/// that takes the next request with a completion does so): once the
-/// acknowledgement is in, nothing more is taken or run for a second; after
-/// resume every request is answered, each run once.
+/// that takes the next request with a completion does so): the flow stops
+/// with requests still queued, and once the acknowledgement is in (every
+/// processing list empty) nothing more is taken or run for a second; after
+/// resume every request is answered, each run once. The backlog is 40 per
+/// place the heartbeat gives (`concurrency`), from 100 to 4,000, so the
+/// pause lands with requests left whatever the command's concurrency.
 async fn pause_under_load(kit: &mut Kit) -> Outcome {
-    const BACKLOG: usize = 400;
-    let envelopes: Vec<RequestEnvelope> = (0..BACKLOG)
+    /// How many run before the pause is set.
+    const FIRST: usize = 8;
+    let places = kit.heartbeats().await.first().map_or(1, |b| b.concurrency);
+    let backlog = places.saturating_mul(40).clamp(100, 4_000);
+    let envelopes: Vec<RequestEnvelope> = (0..backlog)
         .map(|i| kit.envelope("GET", &format!("/touch/flow-{i}?ms=50"), Vec::new(), b""))
         .collect();
     for envelope in &envelopes {
@@ -624,7 +630,7 @@ async fn pause_under_load(kit: &mut Kit) -> Outcome {
             .count()
     };
     let until = tokio::time::Instant::now() + REPLY_WAIT;
-    while runs(kit) < 8 {
+    while runs(kit) < FIRST {
         if tokio::time::Instant::now() >= until {
             return Err("the backlog did not start within 10 s".into());
         }
@@ -640,7 +646,11 @@ async fn pause_under_load(kit: &mut Kit) -> Outcome {
         .await;
     if let Err(err) = quiet {
         let _ = kit.queue.resume().await;
-        return Err(format!("the pause was not acknowledged: {err}"));
+        return Err(format!(
+            "the pause was not acknowledged with every request done within 10 s \
+             ({} of {backlog} run): {err}",
+            runs(kit)
+        ));
     }
     let (ran, waiting) = (runs(kit), kit.queue.status().await.map(|s| s.waiting));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -657,7 +667,7 @@ async fn pause_under_load(kit: &mut Kit) -> Outcome {
     }
     if waiting == 0 {
         return Err(format!(
-            "all {BACKLOG} were taken before the pause was acknowledged: nothing was left to hold"
+            "all {backlog} were taken although the pause was set after {FIRST} had run: it did not stop the flow"
         ));
     }
     for envelope in &envelopes {
@@ -670,12 +680,12 @@ async fn pause_under_load(kit: &mut Kit) -> Outcome {
             return Err(format!("{} answered {}", envelope.uri, answer.status));
         }
     }
-    let twice = runs(kit).saturating_sub(BACKLOG);
+    let twice = runs(kit).saturating_sub(backlog);
     if twice != 0 {
         return Err(format!("{twice} runs more than requests"));
     }
     Ok(format!(
-        "{ran} run before the acknowledgement, {waiting} held back for 1 s, all {BACKLOG} answered once after resume"
+        "{ran} run before the acknowledgement, {waiting} held back for 1 s, all {backlog} answered once after resume"
     ))
 }
 

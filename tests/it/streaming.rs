@@ -807,19 +807,7 @@ async fn a_moving_stream_outlives_the_send_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_redis_users_carry_streams() {
     let redis = start_redis();
-    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
-        .unwrap();
-    let mut admin = crate::support::redis_conn(&redis).await;
-    let mut users = 0;
-    for line in docs.lines().filter(|l| l.starts_with("ACL SETUSER ")) {
-        let mut cmd = redis::cmd("ACL");
-        for word in line.split_whitespace().skip(1) {
-            cmd.arg(if word == ">PASSWORD" { ">pw" } else { word });
-        }
-        cmd.query_async::<()>(&mut admin).await.unwrap();
-        users += 1;
-    }
-    assert_eq!(users, 3, "the proxy, dispatcher and operator users");
+    let mut admin = documented_users(&redis).await;
     let url = |user: &str| format!("redis://{user}:pw@127.0.0.1:{}", redis.port());
     let upstream = serve_app().await;
     let port = anteroom_testkit::free_port().unwrap();
@@ -921,6 +909,93 @@ async fn the_documented_redis_users_carry_streams() {
     // A clean stop too (its LEAVE script), before the log is read.
     dispatcher.terminate();
     assert!(dispatcher.wait(Duration::from_secs(15)).await.success());
+    let log: Vec<redis::Value> = redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(log.is_empty(), "commands refused: {log:?}");
+}
+
+/// Runs the `ACL SETUSER` lines of docs/operations.md on `redis`, with the
+/// password `pw` (the proxy, dispatcher and operator users): an admin
+/// connection.
+async fn documented_users(
+    redis: &anteroom_testkit::LocalRedis,
+) -> redis::aio::MultiplexedConnection {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let mut admin = crate::support::redis_conn(redis).await;
+    let mut users = 0;
+    for line in docs.lines().filter(|l| l.starts_with("ACL SETUSER ")) {
+        let mut cmd = redis::cmd("ACL");
+        for word in line.split_whitespace().skip(1) {
+            cmd.arg(if word == ">PASSWORD" { ">pw" } else { word });
+        }
+        cmd.query_async::<()>(&mut admin).await.unwrap();
+        users += 1;
+    }
+    assert_eq!(users, 3, "the proxy, dispatcher and operator users");
+    admin
+}
+
+/// The Python (WSGI), Node and Ruby dispatchers run as the documented
+/// `anteroom-dispatcher` user (docs/operations.md says they may): each
+/// serves 20 POSTs at once (pulls, and completions that take the next
+/// request in the same script), honours a pause and stops cleanly, and
+/// `ACL LOG` stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_dispatcher_user_runs_every_adapter() {
+    use crate::support::adapters::{record_dispatcher, record_file, recorded};
+    use crate::support::bin::{BinProcess, start_proxy_on};
+
+    let redis = start_redis();
+    let mut admin = documented_users(&redis).await;
+    let url = |user: &str| format!("redis://{user}:pw@127.0.0.1:{}", redis.port());
+    let (_proxy, listen) = start_proxy_on(&url("anteroom-proxy"), "web", "15s", &[]).await;
+    let control =
+        anteroom_control::Queue::connect(&url("anteroom-operator"), "web", Duration::from_secs(2))
+            .await
+            .unwrap();
+    let c = client();
+    let post = |id: String| {
+        let c = c.clone();
+        let uri = format!("{listen}/run/{id}");
+        async move {
+            let req = Request::post(uri).body(Full::new(Bytes::new())).unwrap();
+            crate::support::web::send(&c, req).await.status
+        }
+    };
+    for language in ["py", "node", "rb"] {
+        let record = record_file();
+        let mut dispatcher = BinProcess::spawn_cmd(
+            record_dispatcher(language, &record)
+                .env("ANTEROOM_REDIS", url("anteroom-dispatcher"))
+                .env("ANTEROOM_QUEUE", "web"),
+        );
+        let ids: Vec<String> = (0..20).map(|i| format!("{language}-{i}")).collect();
+        let statuses = futures_util::future::join_all(ids.iter().cloned().map(post)).await;
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "{language}: {statuses:?}"
+        );
+        for id in &ids {
+            assert_eq!(recorded(&record, id), 1, "{id}");
+        }
+        crate::support::pause_acknowledged(&control, "the ACL test").await;
+        control.resume().await.unwrap();
+        assert_eq!(
+            post(format!("{language}-after")).await,
+            StatusCode::OK,
+            "{language}"
+        );
+        dispatcher.terminate();
+        assert!(
+            dispatcher.wait(Duration::from_secs(15)).await.success(),
+            "{language}"
+        );
+        let _ = std::fs::remove_file(&record);
+    }
     let log: Vec<redis::Value> = redis::cmd("ACL")
         .arg("LOG")
         .query_async(&mut admin)

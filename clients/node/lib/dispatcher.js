@@ -48,9 +48,6 @@ const RECONCILE_RETRY_MS = 1_000;
 const FAILED = [502, [['content-type', 'text/plain; charset=utf-8']],
   Buffer.from('the backend failed to handle the request\n')];
 
-/** The SHA1 of each Lua script run (EVALSHA's name for it), by its text. */
-const SHA1 = new Map();
-
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
 class Dispatcher {
@@ -337,7 +334,8 @@ class Dispatcher {
    * maxmemory), then a BLMOVE for one when that found none.
    */
   async take(free) {
-    const taken = await this.script(protocol.PULL_WHEN_FULL, [this.keys.requests, this.processing], [String(free)]);
+    const taken = await this.redis.eval(protocol.PULL_WHEN_FULL,
+      { keys: [this.keys.requests, this.processing], arguments: [String(free)] });
     if (taken.length > 0) return taken;
     const raw = await this.puller.blMove(this.keys.requests, this.processing, 'RIGHT', 'LEFT', PULL_BLOCK_S);
     return raw === null ? [] : [raw];
@@ -426,9 +424,12 @@ class Dispatcher {
     let taken = null;
     let failed = null;
     try {
-      taken = await this.script(protocol.COMPLETE_AND_TAKE,
-        [this.processing, request.reply_to, this.keys.requests, this.keys.paused], [String(REPLY_TTL_MS), raw, frame]);
+      taken = await this.redis.eval(protocol.COMPLETE_AND_TAKE, {
+        keys: [this.processing, request.reply_to, this.keys.requests, this.keys.paused],
+        arguments: [String(REPLY_TTL_MS), raw, frame],
+      });
     } catch (err) {
+      console.error(`anteroom: completing ${request.id} and taking the next failed (${err.message}); completing it alone`);
       failed = err;
     }
     this.taking -= 1;
@@ -443,25 +444,6 @@ class Dispatcher {
   }
 
   /**
-   * Runs the Lua `source` (one of protocol's scripts) by its SHA1 (EVALSHA),
-   * sending it whole (EVAL, which also caches it) when Redis does not know
-   * it (NOSCRIPT: a restart, a failover, SCRIPT FLUSH).
-   */
-  async script(source, keys, args) {
-    let sha = SHA1.get(source);
-    if (sha === undefined) {
-      sha = crypto.createHash('sha1').update(source).digest('hex');
-      SHA1.set(source, sha);
-    }
-    try {
-      return await this.redis.evalSha(sha, { keys, arguments: args });
-    } catch (err) {
-      if (!/^NOSCRIPT/.test(err.message)) throw err;
-      return this.redis.eval(source, { keys, arguments: args });
-    }
-  }
-
-  /**
    * Pushes the last frame of `request` and removes it from the processing
    * list, in one script (docs/protocol.md, step 5; COMPLETE_WHEN_FULL, which
    * also runs while Redis is over its maxmemory). A reply Redis refuses
@@ -472,8 +454,10 @@ class Dispatcher {
    */
   async complete(raw, request, frame, untilMs = request.deadline_ms) {
     try {
-      await this.retrying(request, 'completing', () => this.script(protocol.COMPLETE_WHEN_FULL,
-        [this.processing, request.reply_to], [String(REPLY_TTL_MS), raw, frame]), untilMs);
+      await this.retrying(request, 'completing', () => this.redis.eval(protocol.COMPLETE_WHEN_FULL, {
+        keys: [this.processing, request.reply_to],
+        arguments: [String(REPLY_TTL_MS), raw, frame],
+      }), untilMs);
     } catch (err) {
       if (!refusedForGood(err)) throw err;
       console.error(`anteroom: Redis refused the reply to ${request.id} (${errorText(err)}); giving it up`);

@@ -57,6 +57,9 @@ RECONCILE_RETRY_S = 1.0
 #: How long removing a request with no reply is retried (seconds; the Rust
 #: dispatcher's minute).
 DISCARD_S = 60.0
+#: Longest wait for a reply or a connection (s): the longest blocking
+#: command here (the credit reader's ``BLMPOP``) waits 1 s.
+SOCKET_TIMEOUT_S = 5.0
 #: Most bytes of a streamed body sent and not yet credited (1 MiB, as the
 #: Rust dispatcher's default window).
 WINDOW = 1024 * 1024
@@ -171,9 +174,6 @@ class Dispatcher:
         self.taking = 0
         self.reconciling = False
         self.landed = threading.Condition(self.lock)
-        #: redis-py's runner (EVALSHA, loading it on NOSCRIPT) of each Lua
-        #: script, by its text.
-        self.scripts = {}
         #: Notified when a request in flight ends (``lock`` is its lock).
         self.freed = threading.Condition(self.lock)
         self.acknowledged = None
@@ -189,11 +189,15 @@ class Dispatcher:
         """This thread's own Redis client: one connection per thread, so no
         pool checkout (and its readiness poll) per command, and no retries
         by redis-py (a MULTI or a push run again after a lost reply could
-        land twice; the callers here decide what to retry)."""
+        land twice; the callers here decide what to retry). A reply not
+        read within SOCKET_TIMEOUT_S (longer than any blocking command here)
+        fails the command, so a half-open connection holds up nothing for
+        long (as the Ruby dispatcher's)."""
         client = getattr(self.local, "client", None)
         if client is None:
             client = redis.Redis.from_url(self.redis_url, single_connection_client=True,
-                                          health_check_interval=30, retry=Retry(NoBackoff(), 0))
+                                          health_check_interval=30, retry=Retry(NoBackoff(), 0),
+                                          socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S)
             self.local.client = client
         return client
 
@@ -324,22 +328,12 @@ class Dispatcher:
                 self.freed.wait(timeout)
             return self.threads - self.in_flight
 
-    def script(self, source, keys, args):
-        """Runs the Lua ``source`` (one of :mod:`protocol`'s scripts) on this
-        thread's client with redis-py's script runner: by its SHA1
-        (``EVALSHA``), loaded first when Redis does not know it (NOSCRIPT: a
-        restart, a failover, ``SCRIPT FLUSH``)."""
-        runner = self.scripts.get(source)
-        if runner is None:
-            runner = self.scripts[source] = self.redis.register_script(source)
-        return runner(keys=keys, args=args, client=self.redis)
-
     def take(self, free):
         """Moves up to ``free`` requests into the processing list: their
         ``LMOVE`` commands in one script (``PULL_WHEN_FULL``, which also runs
         while Redis is over its maxmemory), then a ``BLMOVE`` for one when
         that found none. Each taken request counts as in flight from here."""
-        taken = self.script(protocol.PULL_WHEN_FULL, [self.keys.requests, self.processing], [free])
+        taken = self.redis.eval(protocol.PULL_WHEN_FULL, 2, self.keys.requests, self.processing, free)
         if not taken:
             raw = self.redis.blmove(self.keys.requests, self.processing, PULL_BLOCK_S, "RIGHT", "LEFT")
             taken = [raw] if raw is not None else []
@@ -376,16 +370,18 @@ class Dispatcher:
         """A pull failed: its reply may have been lost after Redis moved
         requests into the processing list. Looked at now, and again once a
         pull the failed connection sent would have landed."""
-        self.orphans_possible.set()
-        self.recheck_at = time.monotonic() + RECHECK_AFTER_S
+        with self.lock:  # also called from worker threads
+            self.orphans_possible.set()
+            self.recheck_at = time.monotonic() + RECHECK_AFTER_S
 
     def orphans_due(self):
         """Whether the processing list is to be looked at now (called by the
         pull loop, with no pull outstanding)."""
         now = time.monotonic()
-        if self.recheck_at is not None and now >= self.recheck_at:
-            self.recheck_at = None
-            self.orphans_possible.set()
+        with self.lock:
+            if self.recheck_at is not None and now >= self.recheck_at:
+                self.recheck_at = None
+                self.orphans_possible.set()
         return self.orphans_possible.is_set() and now >= self.reconcile_after
 
     def reconcile_or_retry(self):
@@ -563,10 +559,10 @@ class Dispatcher:
             return None
         taken = failed = None
         try:
-            taken = self.script(protocol.COMPLETE_AND_TAKE,
-                                [self.processing, request.reply_to, self.keys.requests, self.keys.paused],
-                                [REPLY_TTL_MS, raw, frame])
+            taken = self.redis.eval(protocol.COMPLETE_AND_TAKE, 4, self.processing, request.reply_to,
+                                    self.keys.requests, self.keys.paused, REPLY_TTL_MS, raw, frame)
         except redis.RedisError as err:
+            log.warning("completing %s and taking the next failed (%s); completing it alone", request.id, err)
             failed = err
         finally:
             with self.lock:
@@ -590,8 +586,8 @@ class Dispatcher:
         retried until ``until_ms`` (default: the request's deadline; see
         :meth:`retrying`)."""
         def write():
-            self.script(protocol.COMPLETE_WHEN_FULL, [self.processing, request.reply_to],
-                        [REPLY_TTL_MS, raw, frame])
+            self.redis.eval(protocol.COMPLETE_WHEN_FULL, 2, self.processing, request.reply_to,
+                            REPLY_TTL_MS, raw, frame)
 
         try:
             self.retrying(request, "completing", write, until_ms)
@@ -623,7 +619,7 @@ class Dispatcher:
     def stream(self, raw, request, status, headers, body):
         """Streams ``body`` (an iterator of bytes): the head now, a chunk
         for each piece as the window allows, then the end with the
-        request's removal from the processing list in one MULTI. A client
+        request's removal from the processing list in one script. A client
         that is gone (a cancel) gets nothing more; an app that fails mid-
         body, or a client that reads nothing for STREAM_IDLE_S, gets an
         aborted end."""

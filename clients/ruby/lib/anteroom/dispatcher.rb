@@ -1,6 +1,5 @@
 # frozen_string_literal: true
 
-require "digest"
 require "json"
 require "logger"
 require "securerandom"
@@ -73,10 +72,6 @@ module Anteroom
     # The answer to a handler that raised.
     FAILED = [502, [["content-type", "text/plain; charset=utf-8".b]],
               "the backend failed to handle the request\n".b].freeze
-
-    # The SHA1 of each Lua script (EVALSHA's name for it).
-    SHA1 = [Protocol::PULL_WHEN_FULL, Protocol::COMPLETE_WHEN_FULL, Protocol::COMPLETE_AND_TAKE]
-           .to_h { |source| [source, Digest::SHA1.hexdigest(source).freeze] }.freeze
 
     attr_reader :id
 
@@ -374,7 +369,7 @@ module Anteroom
     # maxmemory), then a BLMOVE for one when that found none. Each taken
     # request counts as in flight from here.
     def take(redis, free)
-      taken = script(redis, Protocol::PULL_WHEN_FULL, [@keys.requests, @processing], [free])
+      taken = redis.eval(Protocol::PULL_WHEN_FULL, keys: [@keys.requests, @processing], argv: [free])
       if taken.empty?
         raw = redis.blmove(@keys.requests, @processing, "RIGHT", "LEFT", timeout: PULL_BLOCK_S)
         taken = raw ? [raw] : []
@@ -502,7 +497,7 @@ module Anteroom
     # (WRONGTYPE, NOPERM) is given up and the request removed alone.
     def complete(redis, raw, request, frame, until_ms = request.deadline_ms)
       retrying(request, until_ms) do
-        script(redis, Protocol::COMPLETE_WHEN_FULL, [@processing, request.reply_to], [REPLY_TTL_MS, raw, frame])
+        redis.eval(Protocol::COMPLETE_WHEN_FULL, keys: [@processing, request.reply_to], argv: [REPLY_TTL_MS, raw, frame])
       rescue Redis::CommandError => e
         raise unless refused_for_good?(e)
 
@@ -527,9 +522,10 @@ module Anteroom
 
       taken = nil
       begin
-        taken = script(redis, Protocol::COMPLETE_AND_TAKE,
-                       [@processing, request.reply_to, @keys.requests, @keys.paused], [REPLY_TTL_MS, raw, frame])
+        keys = [@processing, request.reply_to, @keys.requests, @keys.paused]
+        taken = redis.eval(Protocol::COMPLETE_AND_TAKE, keys: keys, argv: [REPLY_TTL_MS, raw, frame])
       rescue Redis::BaseError => e
+        @log.warn("completing #{request.id} and taking the next failed (#{e.message}); completing it alone")
         lost = !refused_for_good?(e)
       ensure
         @lock.synchronize do
@@ -622,17 +618,6 @@ module Anteroom
     def refused_for_good?(error)
       error.is_a?(Redis::CommandError) &&
         (error.message.start_with?("WRONGTYPE", "NOPERM") || error.message.include?("executing the script can't run"))
-    end
-
-    # Runs the Lua +source+ (one of Protocol's scripts) by its SHA1
-    # (EVALSHA), sending it whole (EVAL, which also caches it) when Redis
-    # does not know it (NOSCRIPT: a restart, a failover, SCRIPT FLUSH).
-    def script(redis, source, keys, argv)
-      redis.evalsha(SHA1.fetch(source) { Digest::SHA1.hexdigest(source) }, keys: keys, argv: argv)
-    rescue Redis::CommandError => e
-      raise unless e.message.start_with?("NOSCRIPT")
-
-      redis.eval(source, keys: keys, argv: argv)
     end
 
     def push(redis, request, frame)
