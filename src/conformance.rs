@@ -163,6 +163,20 @@ impl Kit {
         self.push_raw(&envelope.encode()).await
     }
 
+    /// Queues `envelopes` in one `LPUSH`, the first taken first.
+    async fn push_all(&self, envelopes: &[RequestEnvelope]) -> anyhow::Result<()> {
+        let mut conn = self.queue.connection();
+        let mut lpush = redis::cmd("LPUSH");
+        lpush.arg(self.queue.keys().requests());
+        for envelope in envelopes {
+            lpush.arg(envelope.encode());
+        }
+        lpush
+            .query_async::<()>(&mut conn)
+            .await
+            .context("LPUSH to the requests list")
+    }
+
     async fn push_raw(&self, raw: &[u8]) -> anyhow::Result<()> {
         let mut conn = self.queue.connection();
         redis::cmd("LPUSH")
@@ -609,20 +623,19 @@ async fn pause_and_resume(kit: &mut Kit) -> Outcome {
 /// that takes the next request with a completion does so): the flow stops
 /// with requests still queued, and once the acknowledgement is in (every
 /// processing list empty) nothing more is taken or run for a second; after
-/// resume every request is answered, each run once. The backlog is 40 per
-/// place the heartbeat gives (`concurrency`), from 100 to 4,000, so the
-/// pause lands with requests left whatever the command's concurrency.
+/// resume every request is answered, each run once. The backlog, queued in
+/// one `LPUSH`, is 40 per place the heartbeats give (`concurrency`), from
+/// 100 to 4,000, so the pause lands with requests left whatever the
+/// command's concurrency.
 async fn pause_under_load(kit: &mut Kit) -> Outcome {
     /// How many run before the pause is set.
     const FIRST: usize = 8;
-    let places = kit.heartbeats().await.first().map_or(1, |b| b.concurrency);
+    let places: usize = kit.heartbeats().await.iter().map(|b| b.concurrency).sum();
     let backlog = places.saturating_mul(40).clamp(100, 4_000);
     let envelopes: Vec<RequestEnvelope> = (0..backlog)
         .map(|i| kit.envelope("GET", &format!("/touch/flow-{i}?ms=50"), Vec::new(), b""))
         .collect();
-    for envelope in &envelopes {
-        kit.push(envelope).await.map_err(|e| e.to_string())?;
-    }
+    kit.push_all(&envelopes).await.map_err(|e| e.to_string())?;
     let runs = |kit: &Kit| {
         kit.touched()
             .iter()

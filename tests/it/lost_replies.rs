@@ -675,6 +675,47 @@ async fn settles_a_lost_pull(name: &str) {
     let _ = std::fs::remove_file(&record);
 }
 
+/// The orphan of a lost pull settled by a dispatcher running as the
+/// documented Redis user (docs/operations.md; the proxy as its own): its
+/// `COMPLETE_IF_HELD` script declares the reply list, and Redis checks an
+/// `EVAL`'s declared keys for reading and writing. With the reply lists
+/// `%W` (the line before), Redis refused the script: the POST waited out
+/// its 15 s for a 504 and `ACL LOG` held the refusal. Now 502 within 5 s,
+/// never run, nothing refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_dispatcher_user_settles_a_lost_pull() {
+    let redis = start_redis();
+    let mut admin = crate::support::documented_users(&redis).await;
+    let relay = Relay::start(redis.port()).await;
+    let as_user =
+        |user: &str, url: String| url.replacen("redis://", &format!("redis://{user}:pw@"), 1);
+    let (upstream, ran) = recording_upstream().await;
+    let (listen, _proxy, _dispatcher) = proxy_and_dispatcher(
+        &redis,
+        &as_user("anteroom-proxy", redis.url()),
+        &as_user("anteroom-dispatcher", relay.url()),
+        "web",
+        &upstream,
+        "15s",
+    )
+    .await;
+    relay.lose_reply_containing(b"/run/acl-lost-post");
+    let started = Instant::now();
+    let status = run(&listen, http::Method::POST, "acl-lost-post", false).await;
+    let took = started.elapsed();
+    assert_eq!(relay.lost(), 1, "the relay lost no reply");
+    println!("POST whose pull reply was lost, as the documented user: {status} after {took:?}");
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(runs_of(&ran, "acl-lost-post"), 0);
+    let log: Vec<redis::Value> = redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(log.is_empty(), "commands refused: {log:?}");
+}
+
 /// A `dedupe` claim (`SET NX`) whose answer is lost may have been made by
 /// this delivery, or refused because another delivery holds the claim:
 /// the dispatcher asks again with a script that knows its own claim

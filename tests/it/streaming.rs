@@ -807,7 +807,7 @@ async fn a_moving_stream_outlives_the_send_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_redis_users_carry_streams() {
     let redis = start_redis();
-    let mut admin = documented_users(&redis).await;
+    let mut admin = crate::support::documented_users(&redis).await;
     let url = |user: &str| format!("redis://{user}:pw@127.0.0.1:{}", redis.port());
     let upstream = serve_app().await;
     let port = anteroom_testkit::free_port().unwrap();
@@ -917,28 +917,6 @@ async fn the_documented_redis_users_carry_streams() {
     assert!(log.is_empty(), "commands refused: {log:?}");
 }
 
-/// Runs the `ACL SETUSER` lines of docs/operations.md on `redis`, with the
-/// password `pw` (the proxy, dispatcher and operator users): an admin
-/// connection.
-async fn documented_users(
-    redis: &anteroom_testkit::LocalRedis,
-) -> redis::aio::MultiplexedConnection {
-    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
-        .unwrap();
-    let mut admin = crate::support::redis_conn(redis).await;
-    let mut users = 0;
-    for line in docs.lines().filter(|l| l.starts_with("ACL SETUSER ")) {
-        let mut cmd = redis::cmd("ACL");
-        for word in line.split_whitespace().skip(1) {
-            cmd.arg(if word == ">PASSWORD" { ">pw" } else { word });
-        }
-        cmd.query_async::<()>(&mut admin).await.unwrap();
-        users += 1;
-    }
-    assert_eq!(users, 3, "the proxy, dispatcher and operator users");
-    admin
-}
-
 /// The Python (WSGI), Node and Ruby dispatchers run as the documented
 /// `anteroom-dispatcher` user (docs/operations.md says they may): each
 /// serves 20 POSTs at once (pulls, and completions that take the next
@@ -950,7 +928,7 @@ async fn the_documented_dispatcher_user_runs_every_adapter() {
     use crate::support::bin::{BinProcess, start_proxy_on};
 
     let redis = start_redis();
-    let mut admin = documented_users(&redis).await;
+    let mut admin = crate::support::documented_users(&redis).await;
     let url = |user: &str| format!("redis://{user}:pw@127.0.0.1:{}", redis.port());
     let (_proxy, listen) = start_proxy_on(&url("anteroom-proxy"), "web", "15s", &[]).await;
     let control =
@@ -982,6 +960,8 @@ async fn the_documented_dispatcher_user_runs_every_adapter() {
         for id in &ids {
             assert_eq!(recorded(&record, id), 1, "{id}");
         }
+        // Listed (so the acknowledgement below is this dispatcher's).
+        crate::support::until_dispatching(&control).await;
         crate::support::pause_acknowledged(&control, "the ACL test").await;
         control.resume().await.unwrap();
         assert_eq!(

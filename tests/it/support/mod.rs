@@ -239,3 +239,25 @@ pub fn config_file(text: &str) -> TempFile {
     std::fs::write(&path, text).unwrap();
     TempFile(path)
 }
+
+/// Runs the `ACL SETUSER` lines of docs/operations.md on `redis`, with the
+/// password `pw` (the proxy, dispatcher and operator users): an admin
+/// connection.
+pub async fn documented_users(
+    redis: &anteroom_testkit::LocalRedis,
+) -> redis::aio::MultiplexedConnection {
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let mut admin = redis_conn(redis).await;
+    let mut users = 0;
+    for line in docs.lines().filter(|l| l.starts_with("ACL SETUSER ")) {
+        let mut cmd = redis::cmd("ACL");
+        for word in line.split_whitespace().skip(1) {
+            cmd.arg(if word == ">PASSWORD" { ">pw" } else { word });
+        }
+        cmd.query_async::<()>(&mut admin).await.unwrap();
+        users += 1;
+    }
+    assert_eq!(users, 3, "the proxy, dispatcher and operator users");
+    admin
+}

@@ -54,6 +54,11 @@ RETRY_DELAY_S = 0.2
 RECHECK_AFTER_S = PULL_BLOCK_S + 3.0
 #: A settling of orphans that failed is tried again after this long.
 RECONCILE_RETRY_S = 1.0
+#: And every this long in any case (one LRANGE of at most ``threads``
+#: items, as the Ruby dispatcher): a command whose reply timed out
+#: (SOCKET_TIMEOUT_S) may still land after the recheck, a completion's
+#: take among them.
+SWEEP_EVERY_S = 2.0
 #: How long removing a request with no reply is retried (seconds; the Rust
 #: dispatcher's minute).
 DISCARD_S = 60.0
@@ -162,6 +167,7 @@ class Dispatcher:
         self.orphans_possible = threading.Event()
         self.recheck_at = None
         self.reconcile_after = 0.0
+        self.next_sweep = 0.0
         #: The ``<n>`` of each claim's owner (hex), from a random start: a
         #: dispatcher restarted with a fixed id never takes an earlier run's
         #: claim for its own.
@@ -381,6 +387,9 @@ class Dispatcher:
         with self.lock:
             if self.recheck_at is not None and now >= self.recheck_at:
                 self.recheck_at = None
+                self.orphans_possible.set()
+            if now >= self.next_sweep:
+                self.next_sweep = now + SWEEP_EVERY_S
                 self.orphans_possible.set()
         return self.orphans_possible.is_set() and now >= self.reconcile_after
 
