@@ -587,7 +587,10 @@ async fn garbage(kit: &mut Kit) -> Outcome {
     Err("not in the dead-letter list within 5 s".into())
 }
 
-async fn pause_and_resume(kit: &mut Kit) -> Outcome {
+/// Pauses the queue (a 60 s lease) and waits at most 10 s for quiescence
+/// (the pause acknowledged, every processing list empty); resumes and
+/// says why when it does not come.
+async fn paused_quiet(kit: &Kit) -> Result<(), String> {
     kit.queue
         .pause("conformance kit", Some(Duration::from_secs(60)), false)
         .await
@@ -598,8 +601,15 @@ async fn pause_and_resume(kit: &mut Kit) -> Outcome {
         .await;
     if let Err(err) = quiet {
         let _ = kit.queue.resume().await;
-        return Err(format!("the pause was not acknowledged: {err}"));
+        return Err(err.to_string());
     }
+    Ok(())
+}
+
+async fn pause_and_resume(kit: &mut Kit) -> Outcome {
+    paused_quiet(kit)
+        .await
+        .map_err(|err| format!("the pause was not acknowledged: {err}"))?;
     let envelope = kit.envelope("POST", "/echo", Vec::new(), b"after the pause");
     kit.push(&envelope).await.map_err(|e| e.to_string())?;
     let early = kit.replies.wait(&envelope.id, Duration::from_secs(1)).await;
@@ -649,16 +659,7 @@ async fn pause_under_load(kit: &mut Kit) -> Outcome {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    kit.queue
-        .pause("conformance kit", Some(Duration::from_secs(60)), false)
-        .await
-        .map_err(|e| e.to_string())?;
-    let quiet = kit
-        .queue
-        .wait_quiescent(Duration::from_secs(10), |_| {})
-        .await;
-    if let Err(err) = quiet {
-        let _ = kit.queue.resume().await;
+    if let Err(err) = paused_quiet(kit).await {
         return Err(format!(
             "the pause was not acknowledged with every request done within 10 s \
              ({} of {backlog} run): {err}",

@@ -708,12 +708,7 @@ async fn the_documented_dispatcher_user_settles_a_lost_pull() {
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert_eq!(runs_of(&ran, "acl-lost-post"), 0);
-    let log: Vec<redis::Value> = redis::cmd("ACL")
-        .arg("LOG")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    assert!(log.is_empty(), "commands refused: {log:?}");
+    crate::support::assert_acl_log_empty(&mut admin).await;
 }
 
 /// A `dedupe` claim (`SET NX`) whose answer is lost may have been made by

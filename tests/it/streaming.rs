@@ -909,12 +909,7 @@ async fn the_documented_redis_users_carry_streams() {
     // A clean stop too (its LEAVE script), before the log is read.
     dispatcher.terminate();
     assert!(dispatcher.wait(Duration::from_secs(15)).await.success());
-    let log: Vec<redis::Value> = redis::cmd("ACL")
-        .arg("LOG")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    assert!(log.is_empty(), "commands refused: {log:?}");
+    crate::support::assert_acl_log_empty(&mut admin).await;
 }
 
 /// The Python (WSGI), Node and Ruby dispatchers run as the documented
@@ -976,10 +971,5 @@ async fn the_documented_dispatcher_user_runs_every_adapter() {
         );
         let _ = std::fs::remove_file(&record);
     }
-    let log: Vec<redis::Value> = redis::cmd("ACL")
-        .arg("LOG")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    assert!(log.is_empty(), "commands refused: {log:?}");
+    crate::support::assert_acl_log_empty(&mut admin).await;
 }

@@ -261,3 +261,14 @@ pub async fn documented_users(
     assert_eq!(users, 3, "the proxy, dispatcher and operator users");
     admin
 }
+
+/// Asserts that Redis refused no command for want of permission (`ACL
+/// LOG` empty), read over the admin connection `admin`.
+pub async fn assert_acl_log_empty(admin: &mut redis::aio::MultiplexedConnection) {
+    let log: Vec<redis::Value> = redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(admin)
+        .await
+        .unwrap();
+    assert!(log.is_empty(), "commands refused: {log:?}");
+}
