@@ -208,11 +208,7 @@ class Dispatcher {
         taken = await this.take(this.concurrency - this.inFlight);
       } catch (err) {
         console.error(`anteroom: pulling failed: ${err.message}; retrying`);
-        // Its reply may have been lost after Redis moved requests into the
-        // processing list: looked at now, and again once a pull the failed
-        // connection sent would have landed.
-        this.orphansPossible = true;
-        this.recheckAt = nowMs() + RECHECK_AFTER_MS;
+        this.pullFailed();
         await sleep(500);
         continue;
       }
@@ -249,6 +245,16 @@ class Dispatcher {
     }
     this.inFlight -= 1;
     if (this.freed) this.freed();
+  }
+
+  /**
+   * A pull (or a completion's take) failed: its reply may have been lost
+   * after Redis moved requests into the processing list. Looked at now, and
+   * again once a pull the failed connection sent would have landed.
+   */
+  pullFailed() {
+    this.orphansPossible = true;
+    this.recheckAt = nowMs() + RECHECK_AFTER_MS;
   }
 
   /** Whether the processing list is to be looked at now (the pull loop asks, with no pull outstanding). */
@@ -434,10 +440,7 @@ class Dispatcher {
     }
     this.taking -= 1;
     if (taken) this.hold(taken, 1);
-    if (failed && !refusedForGood(failed)) {
-      this.orphansPossible = true;
-      this.recheckAt = nowMs() + RECHECK_AFTER_MS;
-    }
+    if (failed && !refusedForGood(failed)) this.pullFailed();
     if (this.taking === 0 && this.landed) this.landed();
     if (failed) await this.complete(raw, request, frame);
     return taken;

@@ -260,19 +260,23 @@ module Anteroom
           take(redis, free).each { |raw| @jobs << raw }
         rescue Redis::BaseError => e
           @log.warn("pulling failed: #{e.message}; retrying")
-          # Its reply may have been lost after Redis moved requests into the
-          # processing list: looked at now, and again once a pull the failed
-          # connection sent would have landed.
-          @lock.synchronize do
-            @orphans_possible = true
-            @recheck_at = monotonic + RECHECK_AFTER_S
-          end
+          pull_failed
           sleep 0.5
         end
       end
     end
 
     # -- orphans of lost replies (docs/protocol.md, "Lost replies") ----------
+
+    # A pull (or a completion's take) failed: its reply may have been lost
+    # after Redis moved requests into the processing list. Looked at now,
+    # and again once a pull the failed connection sent would have landed.
+    def pull_failed
+      @lock.synchronize do
+        @orphans_possible = true
+        @recheck_at = monotonic + RECHECK_AFTER_S
+      end
+    end
 
     # Whether the processing list is to be looked at now (the pull loop
     # asks, with no pull outstanding): after a failure, at its recheck, and
@@ -531,11 +535,10 @@ module Anteroom
         @lock.synchronize do
           @taking -= 1
           @held[taken] += 1 if taken
-          @orphans_possible = true if lost
-          @recheck_at = monotonic + RECHECK_AFTER_S if lost
           @changed.broadcast if @reconciling && @taking.zero?
         end
       end
+      pull_failed if lost
       complete(redis, raw, request, frame) if e
       taken
     end
