@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::setups::{Proc, rss_kib, spawn, spawn_dispatcher};
+use crate::setups::{Proc, own_cpu_micros, rss_kib, spawn, spawn_dispatcher};
 
 /// Streams per h2c connection (the proxy allows 256).
 const STREAMS_PER_CONNECTION: usize = 250;
@@ -45,6 +45,11 @@ pub(crate) struct HoldFigures {
     /// How long sending every request until all waited in Redis took.
     pub(crate) fill: Duration,
     pub(crate) drain: Duration,
+    /// CPU microseconds per drained request, per process (user and
+    /// system, `/proc/<pid>/stat`): the proxy, the dispatcher, Redis, and
+    /// the benchmark's own process, whose one runtime thread serves the
+    /// upstream and the client streams.
+    pub(crate) drain_cpu: Vec<(&'static str, f64)>,
     pub(crate) errors: usize,
 }
 
@@ -190,7 +195,14 @@ pub(crate) async fn run(
     redis_connections_max = redis_connections_max.max(proxy_clients(&mut conn).await?);
 
     let drain_start = Instant::now();
-    let _dispatcher = spawn_dispatcher(anteroom, redis, QUEUE, upstream)?;
+    let dispatcher = spawn_dispatcher(anteroom, redis, QUEUE, upstream)?;
+    let processes = [
+        ("proxy", pid),
+        ("dispatcher", dispatcher.pid()),
+        ("redis", redis.pid()),
+        ("benchmark (client and upstream)", std::process::id()),
+    ];
+    let cpu_before = processes.map(|(_, pid)| own_cpu_micros(pid));
     while done.load(Ordering::Relaxed) < total {
         if drain_start.elapsed() > drain_limit {
             bail!(
@@ -201,6 +213,14 @@ pub(crate) async fn run(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let drain = drain_start.elapsed();
+    let drain_cpu = processes
+        .iter()
+        .zip(cpu_before)
+        .map(|(&(name, pid), before)| {
+            let used = own_cpu_micros(pid).saturating_sub(before);
+            (name, used as f64 / total as f64)
+        })
+        .collect();
     for t in tasks {
         let _ = t.await;
     }
@@ -215,6 +235,7 @@ pub(crate) async fn run(
         redis_used_held,
         fill,
         drain,
+        drain_cpu,
         errors: errors.load(Ordering::Relaxed),
     })
 }
@@ -254,6 +275,19 @@ pub(crate) fn print(f: &HoldFigures) {
         "  drain                                       {:.2} s, {:.0} requests/s",
         f.drain.as_secs_f64(),
         f.held as f64 / f.drain.as_secs_f64()
+    );
+    let cpu: Vec<String> = f
+        .drain_cpu
+        .iter()
+        .map(|(name, micros)| {
+            // The share of one core the process kept busy while draining.
+            let cores = micros * f.held as f64 / 1e6 / f.drain.as_secs_f64();
+            format!("{name} {micros:.1} ({cores:.2} cores)")
+        })
+        .collect();
+    println!(
+        "  drain CPU per request (µs)                  {}",
+        cpu.join(", ")
     );
     println!("  errors                                      {}", f.errors);
 }
