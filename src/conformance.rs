@@ -19,7 +19,8 @@ use std::time::Duration;
 use anteroom_control::Queue;
 use anteroom_control::queue;
 use anteroom_protocol::{
-    DeadLetter, DispatcherHeartbeat, HeaderList, HttpVersion, Reply, RequestEnvelope, now_ms,
+    DeadLetter, DispatcherHeartbeat, EnvelopeVersion, HeaderList, HttpVersion, Reply,
+    RequestEnvelope, now_ms,
 };
 use anteroom_redis::local::LocalRedis;
 use anyhow::Context;
@@ -377,6 +378,47 @@ async fn header_values(kit: &mut Kit) -> Outcome {
         return Err(format!("x-method {method:?}, x-target {target:?}"));
     }
     Ok("repeated and ISO-8859-1 values, method and target".into())
+}
+
+/// The same request in each envelope version (docs/protocol.md, "Request
+/// envelopes, version 2"): a dispatcher must read version 1 from proxies
+/// of earlier releases, or run with `--envelope-version 1`, as well as
+/// version 2.
+async fn both_versions(kit: &mut Kit) -> Outcome {
+    let body: Vec<u8> = (0..=255u8).rev().collect();
+    for version in [EnvelopeVersion::V1, EnvelopeVersion::V2] {
+        let sent: HeaderList = vec![("x-test-latin".into(), Bytes::from_static(b"caf\xe9"))];
+        let envelope = kit.envelope("PUT", "/echo?v", sent, &body);
+        kit.push_raw(&envelope.encode_as(version))
+            .await
+            .map_err(|e| e.to_string())?;
+        let answer = kit
+            .replies
+            .wait(&envelope.id, REPLY_WAIT)
+            .await
+            .ok_or_else(|| {
+                format!(
+                    "version {}: no answer within {REPLY_WAIT:?}",
+                    version.byte()
+                )
+            })?;
+        let latin = header(&answer, "x-test-latin");
+        let method = header(&answer, "x-method");
+        if answer.status != 200
+            || answer.body != body
+            || latin != [&b"caf\xe9"[..]]
+            || method != [&b"PUT"[..]]
+        {
+            return Err(format!(
+                "version {}: status {}, {} bytes back of {}, x-test-latin {latin:?}, x-method {method:?}",
+                version.byte(),
+                answer.status,
+                answer.body.len(),
+                body.len()
+            ));
+        }
+    }
+    Ok("version 1 (fields by name) and version 2 (an array), each echoed".into())
 }
 
 async fn status_passed(kit: &mut Kit) -> Outcome {
@@ -1046,6 +1088,10 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
             report(
                 "repeated and Latin-1 header values",
                 header_values(&mut kit).await,
+            );
+            report(
+                "both request envelope versions read",
+                both_versions(&mut kit).await,
             );
             report(
                 "status and headers passed through",

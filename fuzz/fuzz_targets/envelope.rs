@@ -4,16 +4,21 @@
 //! conversion to an HTTP request never panics either.
 #![no_main]
 
-use anteroom_protocol::{DeadLetter, Inbound, Reply, RequestEnvelope, ResponseEnvelope};
+use anteroom_protocol::{
+    DeadLetter, EnvelopeVersion, Inbound, Reply, RequestEnvelope, ResponseEnvelope,
+};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let buf = Bytes::copy_from_slice(data);
     if let Ok(req) = RequestEnvelope::decode(buf.clone()) {
-        let again =
-            RequestEnvelope::decode(Bytes::from(req.encode())).expect("re-encoded request decodes");
-        assert_eq!(again, req);
+        // Either version it came in, it re-encodes to the same request in both.
+        for version in [EnvelopeVersion::V1, EnvelopeVersion::V2] {
+            let again = RequestEnvelope::decode(Bytes::from(req.encode_as(version)))
+                .expect("re-encoded request decodes");
+            assert_eq!(again, req);
+        }
         let _ = req.to_http();
         let _ = req.is_safe_to_repeat();
     }

@@ -783,6 +783,13 @@ async fn pause_wait_shows_busy_dispatchers_on_a_terminal_only() {
 async fn status_counts_expired_requests_apart_and_says_what_to_do() {
     let redis = start_redis();
     let short = TestProxy::start_with(&redis, "exp", |c| c.hold = Duration::from_millis(300)).await;
+    // Expired requests of both envelope versions: the count reads the
+    // deadline of each (docs/protocol.md, "Request envelopes, version 2").
+    let short_v1 = TestProxy::start_with(&redis, "exp", |c| {
+        c.hold = Duration::from_millis(300);
+        c.envelope_version = anteroom_protocol::EnvelopeVersion::V1;
+    })
+    .await;
     let long = TestProxy::start_with(&redis, "exp", |c| {
         c.hold = Duration::from_secs(30);
         c.proxy_id = Some("long".into());
@@ -791,9 +798,9 @@ async fn status_counts_expired_requests_apart_and_says_what_to_do() {
     let queue = control(&redis, "exp").await;
     queue.pause("test", None, false).await.unwrap();
     let c = client();
-    for _ in 0..3 {
+    for proxy in [&short, &short_v1, &short] {
         assert_eq!(
-            web::get(&c, &short.url("/echo")).await.status,
+            web::get(&c, &proxy.url("/echo")).await.status,
             StatusCode::GATEWAY_TIMEOUT
         );
     }
@@ -846,6 +853,7 @@ async fn status_counts_expired_requests_apart_and_says_what_to_do() {
     }
     d.stop().await;
     short.stop().await;
+    short_v1.stop().await;
     long.stop().await;
 }
 

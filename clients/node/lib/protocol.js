@@ -1,10 +1,17 @@
 'use strict';
-// The Anteroom wire protocol, version 1 (docs/protocol.md): frames and keys.
-// A frame is [version 0x01][kind][u32 BE meta_len][meta JSON][body]. Header
+// The Anteroom wire protocol (docs/protocol.md): frames and keys.
+// A frame is [version 0x01][kind][u32 BE meta_len][meta JSON][body]; a
+// request ('Q', 'U', 'W') may also be version 0x02, its metadata the same
+// fields as a JSON array ("Request envelopes, version 2"). Header
 // values are bytes, carried in JSON as strings of code points U+0000..U+00FF
 // (ISO-8859-1): Buffer's 'latin1' encoding.
 
 const VERSION = 1;
+/** The version of a request whose metadata is an array. */
+const VERSION_2 = 2;
+/** A version 2 request's fields, in their order; `flags` holds `dedupe` (bit 1) and `stream` (bit 2). */
+const REQUEST_FIELDS_V2 = ['id', 'method', 'uri', 'version', 'headers', 'reply_to', 'client_addr',
+  'enqueued_at_ms', 'deadline_ms', 'flags', 'body_len'];
 /** Longest a deadline may lie ahead (24 h): further is no proxy's envelope. */
 const MAX_HOLD_MS = 24 * 3600 * 1000;
 /** Largest piece of a streamed body in one chunk frame (256 KiB). */
@@ -90,7 +97,8 @@ function encode(kind, meta, body = Buffer.alloc(0)) {
 /** `{kind, meta, body}` of a frame; throws DecodeError when it is not one. */
 function decode(raw) {
   if (raw.length < 6) throw new DecodeError('shorter than a frame header');
-  if (raw[0] !== VERSION) throw new DecodeError(`unsupported envelope version ${raw[0]}`);
+  const version2 = raw[0] === VERSION_2 && 'QUW'.includes(String.fromCharCode(raw[1]));
+  if (raw[0] !== VERSION && !version2) throw new DecodeError(`unsupported envelope version ${raw[0]}`);
   const metaLen = raw.readUInt32BE(2);
   if (raw.length < 6 + metaLen) {
     throw new DecodeError(`envelope is truncated: ${6 + metaLen} bytes needed, ${raw.length} available`);
@@ -101,6 +109,7 @@ function decode(raw) {
   } catch (err) {
     throw new DecodeError(`metadata is not JSON: ${err.message}`);
   }
+  if (version2) meta = requestFields(meta);
   if (meta === null || typeof meta !== 'object' || Array.isArray(meta)) {
     throw new DecodeError('metadata is not a JSON object');
   }
@@ -110,6 +119,27 @@ function decode(raw) {
     throw new DecodeError(`body is ${body.length} bytes, body_len says ${meta.body_len}`);
   }
   return { kind: String.fromCharCode(raw[1]), meta, body };
+}
+
+/**
+ * A version 2 request's metadata array as version 1's object: the first
+ * eleven elements by name (later ones are ignored), `flags` as `dedupe` and
+ * `stream`. Throws DecodeError when it is not such an array; request()
+ * checks each field's type.
+ */
+function requestFields(meta) {
+  if (!Array.isArray(meta) || meta.length < REQUEST_FIELDS_V2.length) {
+    throw new DecodeError('version 2 request metadata is not an array of 11 elements');
+  }
+  const fields = {};
+  REQUEST_FIELDS_V2.forEach((name, index) => { fields[name] = meta[index]; });
+  const { flags } = fields;
+  if (!Number.isSafeInteger(flags) || flags < 0) throw new DecodeError('request metadata: flags is not a non-negative integer');
+  delete fields.flags;
+  // Bits 1 and 2 only: later bits (up to 2^53) are ignored, as the protocol says.
+  fields.dedupe = flags % 2 === 1;
+  fields.stream = Math.floor(flags / 2) % 2 === 1;
+  return fields;
 }
 
 /** A request envelope's metadata, checked field by field. */
@@ -345,7 +375,7 @@ return 1`;
 
 module.exports = {
   Clock, CLOCK, nowMs, PULL_WHEN_FULL, COMPLETE_WHEN_FULL, COMPLETE_AND_TAKE, COMPLETE_IF_HELD, CLAIM_WHEN_FULL,
-  VERSION, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, isSafeToRepeat, CLAIM, REQUEUE, MAX_REPEATS, INTERRUPTED, REFUSED,
+  VERSION, VERSION_2, MAX_HOLD_MS, MAX_CHUNK, DecodeError, encode, decode, request, isSafeToRepeat, CLAIM, REQUEUE, MAX_REPEATS, INTERRUPTED, REFUSED,
   response,
   streamHead, streamChunk, streamEnd, deadLetter, Keys,
 };

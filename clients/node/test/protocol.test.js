@@ -67,3 +67,58 @@ test("the queue's clock follows the server and prefers short round trips", async
   const advanced = clock.nowMs() - before;
   assert.ok(advanced >= 15 && advanced < 500, `advanced ${advanced} ms`);
 });
+
+// The version 2 example of docs/protocol.md, byte for byte.
+const V2_META = '["01a20140-78af-77c4-9604-bc4b35fb5daf","POST","/echo","HTTP/1.1",'
+  + '[["host","localhost"],["content-length","2"]],"anteroom:{default}:replies:p1",'
+  + 'null,1700000000000,1700000030000,0,2]';
+
+function frame(version, kind, meta, body = '') {
+  const head = Buffer.from([version, kind.charCodeAt(0), 0, 0, 0, 0]);
+  head.writeUInt32BE(Buffer.byteLength(meta), 2);
+  return Buffer.concat([head, Buffer.from(meta), Buffer.from(body)]);
+}
+
+test('the documented version 2 example decodes as its version 1 twin', () => {
+  assert.strictEqual(V2_META.length, 0xb5);
+  const { kind, meta, body } = protocol.decode(frame(2, 'Q', V2_META, 'hi'));
+  const request = protocol.request(meta, body);
+  assert.strictEqual(kind, 'Q');
+  assert.deepStrictEqual([request.id, request.method, request.uri, request.version],
+    ['01a20140-78af-77c4-9604-bc4b35fb5daf', 'POST', '/echo', 'HTTP/1.1']);
+  assert.deepStrictEqual(request.headers, [['host', 'localhost'], ['content-length', '2']]);
+  assert.strictEqual(request.reply_to, 'anteroom:{default}:replies:p1');
+  assert.strictEqual(request.client_addr, null);
+  assert.deepStrictEqual([request.enqueued_at_ms, request.deadline_ms], [1700000000000, 1700000030000]);
+  assert.deepStrictEqual([request.dedupe, request.stream, request.body.toString()], [false, false, 'hi']);
+});
+
+test('version 2 ignores later elements and unknown flag bits', () => {
+  const meta = '["i","GET","/","HTTP/2",[],"r","127.0.0.1:5",1,2,7,0,"later",{"x":1}]';
+  for (const kind of ['Q', 'U', 'W']) {
+    const decoded = protocol.decode(frame(2, kind, meta));
+    const request = protocol.request(decoded.meta, decoded.body);
+    assert.deepStrictEqual([request.dedupe, request.stream, request.client_addr], [true, true, '127.0.0.1:5']);
+  }
+});
+
+test('a short or mistyped version 2 array is refused', () => {
+  for (const meta of [
+    '["i","GET","/","HTTP/1.1",[],"r",null,1,2,0]',
+    '["i","GET","/","HTTP/1.1",[],"r",null,1,2,true,0]',
+    '["i","GET","/","HTTP/1.1",[],"r",null,1,2,-1,0]',
+    '["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,3]',
+    '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r","enqueued_at_ms":1,"deadline_ms":2,"body_len":0}',
+  ]) {
+    assert.throws(() => {
+      const decoded = protocol.decode(frame(2, 'Q', meta));
+      protocol.request(decoded.meta, decoded.body);
+    }, protocol.DecodeError, meta);
+  }
+});
+
+test('only requests have a version 2', () => {
+  assert.throws(() => protocol.decode(frame(2, 'R', '{"id":"i","status":200,"headers":[],"body_len":0}')),
+    /unsupported envelope version 2/);
+  assert.throws(() => protocol.decode(frame(3, 'Q', V2_META, 'hi')), /unsupported envelope version 3/);
+});

@@ -51,6 +51,55 @@ class TestProtocol < Minitest::Test
     assert_raises(P::DecodeError) { P::Request.new(request_meta("headers" => [["a"]]), "".b) }
   end
 
+  # The version 2 example of docs/protocol.md, byte for byte.
+  V2_META = '["01a20140-78af-77c4-9604-bc4b35fb5daf","POST","/echo","HTTP/1.1",' \
+            '[["host","localhost"],["content-length","2"]],"anteroom:{default}:replies:p1",' \
+            'null,1700000000000,1700000030000,0,2]'
+
+  def frame(version, kind, meta, body = "")
+    [version, kind.ord, meta.bytesize].pack("CCN") + meta.b + body.b
+  end
+
+  def test_the_documented_version_2_example_decodes_as_its_version_1_twin
+    assert_equal 0xb5, V2_META.bytesize
+    kind, meta, body = P.decode(frame(2, "Q", V2_META, "hi"))
+    request = P::Request.new(meta, body)
+    assert_equal "Q", kind
+    assert_equal ["01a20140-78af-77c4-9604-bc4b35fb5daf", "POST", "/echo", "HTTP/1.1"],
+                 [request.id, request.method, request.uri, request.version]
+    assert_equal [["host", "localhost".b], ["content-length", "2".b]], request.headers
+    assert_equal "anteroom:{default}:replies:p1", request.reply_to
+    assert_nil request.client_addr
+    assert_equal [1_700_000_000_000, 1_700_000_030_000], [request.enqueued_at_ms, request.deadline_ms]
+    assert_equal [false, false, "hi".b], [request.dedupe?, request.stream?, request.body]
+  end
+
+  def test_version_2_ignores_later_elements_and_unknown_flag_bits
+    meta = '["i","GET","/","HTTP/2",[],"r","127.0.0.1:5",1,2,7,0,"later",{"x":1}]'
+    %w[Q U W].each do |kind|
+      request = P::Request.new(*P.decode(frame(2, kind, meta))[1..])
+      assert_equal [true, true, "127.0.0.1:5"], [request.dedupe?, request.stream?, request.client_addr]
+    end
+  end
+
+  def test_a_short_or_mistyped_version_2_array_is_refused
+    ['["i","GET","/","HTTP/1.1",[],"r",null,1,2,0]',
+     '["i","GET","/","HTTP/1.1",[],"r",null,1,2,true,0]',
+     '["i","GET","/","HTTP/1.1",[],"r",null,1,2,-1,0]',
+     '["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,3]',
+     '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",' \
+     '"enqueued_at_ms":1,"deadline_ms":2,"body_len":0}'].each do |meta|
+      assert_raises(P::DecodeError, meta) { P::Request.new(*P.decode(frame(2, "Q", meta))[1..]) }
+    end
+  end
+
+  def test_only_requests_have_a_version_2
+    error = assert_raises(P::DecodeError) { P.decode(frame(2, "R", '{"id":"i","status":200,"headers":[],"body_len":0}')) }
+    assert_match(/unsupported envelope version 2/, error.message)
+    error = assert_raises(P::DecodeError) { P.decode(frame(3, "Q", V2_META, "hi")) }
+    assert_match(/unsupported envelope version 3/, error.message)
+  end
+
   def test_frames_without_a_body_need_no_body_len
     raw = [1, "A".ord].pack("CC") + [7].pack("N") + '{"a":1}'
     assert_equal ["A", { "a" => 1 }, "".b], P.decode(raw)

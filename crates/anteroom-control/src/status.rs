@@ -171,8 +171,9 @@ pub const EXPIRED_SCAN: u64 = 10_000;
 /// Counts the expired requests at the oldest end of a requests list, in
 /// chunks of 100 from the right (where the oldest wait), reading only each
 /// envelope's metadata (`[version][kind][u32 BE meta_len][meta JSON]`,
-/// docs/protocol.md); stops at the first live or unreadable one, or after
-/// ARGV[2]. Returns `{expired, capped}`.
+/// docs/protocol.md: `deadline_ms` by name in version 1, the ninth element
+/// of version 2's array); stops at the first live or unreadable one, or
+/// after ARGV[2]. Returns `{expired, capped}`.
 const COUNT_EXPIRED: &str = r"
 local now = tonumber(ARGV[1])
 local most = tonumber(ARGV[2])
@@ -184,7 +185,9 @@ while scanned < most do
     local item = items[i]
     local ok, deadline = pcall(function()
       local len = struct.unpack('>I4', item, 3)
-      return cjson.decode(string.sub(item, 7, 6 + len))['deadline_ms']
+      local meta = cjson.decode(string.sub(item, 7, 6 + len))
+      if string.byte(item, 1) == 2 then return meta[9] end
+      return meta['deadline_ms']
     end)
     if not ok or type(deadline) ~= 'number' or deadline > now then
       return {expired, 0}

@@ -95,6 +95,115 @@ pub(crate) struct RequestMeta {
     pub(crate) body_len: u64,
 }
 
+/// Bit of a version 2 request's `flags`: [`RequestMeta::dedupe`].
+pub(crate) const FLAG_DEDUPE: u64 = 1;
+/// Bit of a version 2 request's `flags`: [`RequestMeta::stream`].
+pub(crate) const FLAG_STREAM: u64 = 2;
+
+impl RequestMetaRef<'_> {
+    /// The version 2 layout: the same fields as a JSON array, in this
+    /// order, `dedupe` and `stream` as the bits of one number
+    /// (docs/protocol.md, "Request envelopes, version 2").
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn as_array(
+        &self,
+    ) -> (
+        &str,
+        &str,
+        &str,
+        HttpVersion,
+        &HeadersRef<'_>,
+        &str,
+        Option<&str>,
+        u64,
+        u64,
+        u64,
+        u64,
+    ) {
+        let flags =
+            if self.dedupe { FLAG_DEDUPE } else { 0 } | if self.stream { FLAG_STREAM } else { 0 };
+        (
+            self.id,
+            self.method,
+            self.uri,
+            self.version,
+            &self.headers,
+            self.reply_to,
+            self.client_addr,
+            self.enqueued_at_ms,
+            self.deadline_ms,
+            flags,
+            self.body_len,
+        )
+    }
+}
+
+/// A version 2 request's metadata: [`RequestMeta`]'s fields as a JSON
+/// array. Elements after the eleventh are ignored, so a later release may
+/// append fields as version 1 may add keys; unknown `flags` bits are
+/// ignored too.
+pub(crate) struct RequestMetaArray(pub(crate) RequestMeta);
+
+impl<'de> Deserialize<'de> for RequestMetaArray {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+
+        fn next<'de, T: Deserialize<'de>, A: serde::de::SeqAccess<'de>>(
+            seq: &mut A,
+            index: usize,
+        ) -> Result<T, A::Error> {
+            seq.next_element()?
+                .ok_or_else(|| serde::de::Error::invalid_length(index, &"11 elements"))
+        }
+
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = RequestMeta;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a version 2 request metadata array")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RequestMeta, A::Error> {
+                let id = next(&mut seq, 0)?;
+                let method = next(&mut seq, 1)?;
+                let uri = next(&mut seq, 2)?;
+                let version = next(&mut seq, 3)?;
+                let headers: Vec<(String, String)> = next(&mut seq, 4)?;
+                let headers = headers
+                    .into_iter()
+                    .map(|(name, value)| Ok((name, latin1_to_bytes::<A::Error>(value)?)))
+                    .collect::<Result<_, A::Error>>()?;
+                let reply_to = next(&mut seq, 5)?;
+                let client_addr = next(&mut seq, 6)?;
+                let enqueued_at_ms = next(&mut seq, 7)?;
+                let deadline_ms = next(&mut seq, 8)?;
+                let flags: u64 = next(&mut seq, 9)?;
+                let body_len = next(&mut seq, 10)?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(RequestMeta {
+                    id,
+                    method,
+                    uri,
+                    version,
+                    headers,
+                    reply_to,
+                    client_addr,
+                    enqueued_at_ms,
+                    deadline_ms,
+                    dedupe: flags & FLAG_DEDUPE != 0,
+                    stream: flags & FLAG_STREAM != 0,
+                    body_len,
+                })
+            }
+        }
+
+        d.deserialize_seq(Fields).map(Self)
+    }
+}
+
 #[derive(Serialize)]
 pub(crate) struct ResponseMetaRef<'a> {
     pub(crate) id: &'a str,
@@ -122,8 +231,20 @@ pub(crate) fn headers_json_len(headers: &[(String, Bytes)]) -> usize {
 /// a good hint the output is allocated once, at about its final size (a
 /// proxy holding many requests keeps each encoding until it is pushed).
 pub(crate) fn frame(kind: u8, meta: &impl Serialize, meta_hint: usize, body: &[u8]) -> Vec<u8> {
+    frame_version(VERSION, kind, meta, meta_hint, body)
+}
+
+/// [`frame`] with the version byte `version` (a request envelope's
+/// layout, [`crate::EnvelopeVersion`]).
+pub(crate) fn frame_version(
+    version: u8,
+    kind: u8,
+    meta: &impl Serialize,
+    meta_hint: usize,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(PREFIX_LEN + meta_hint + body.len());
-    out.push(VERSION);
+    out.push(version);
     out.push(kind);
     out.put_u32(0);
     // Serializing these plain structs into a Vec cannot fail: every map key
@@ -135,18 +256,24 @@ pub(crate) fn frame(kind: u8, meta: &impl Serialize, meta_hint: usize, body: &[u
     out
 }
 
-/// The kind byte of a frame, after checking its length and version.
-pub(crate) fn kind_of(buf: &Bytes) -> Result<u8, DecodeError> {
+/// The version and kind bytes of a frame, after checking its length.
+pub(crate) fn prefix(buf: &Bytes) -> Result<(u8, u8), DecodeError> {
     if buf.len() < PREFIX_LEN {
         return Err(DecodeError::Truncated {
             needed: PREFIX_LEN,
             available: buf.len(),
         });
     }
-    if buf[0] != VERSION {
-        return Err(DecodeError::UnsupportedVersion(buf[0]));
+    Ok((buf[0], buf[1]))
+}
+
+/// The kind byte of a frame, after checking its length and version (1:
+/// every kind but a request's has only that one).
+pub(crate) fn kind_of(buf: &Bytes) -> Result<u8, DecodeError> {
+    match prefix(buf)? {
+        (VERSION, kind) => Ok(kind),
+        (version, _) => Err(DecodeError::UnsupportedVersion(version)),
     }
-    Ok(buf[1])
 }
 
 /// Splits a frame into (metadata bytes, body) after checking version and kind.
@@ -155,7 +282,17 @@ pub(crate) fn unframe(
     kind: u8,
     kind_name: &'static str,
 ) -> Result<(Bytes, Bytes), DecodeError> {
-    if kind_of(buf)? != kind {
+    kind_of(buf)?;
+    unframe_any_version(buf, kind, kind_name)
+}
+
+/// [`unframe`] for a frame whose version the caller has checked.
+pub(crate) fn unframe_any_version(
+    buf: &Bytes,
+    kind: u8,
+    kind_name: &'static str,
+) -> Result<(Bytes, Bytes), DecodeError> {
+    if prefix(buf)?.1 != kind {
         return Err(DecodeError::WrongKind {
             expected: kind_name,
             found: buf[1],

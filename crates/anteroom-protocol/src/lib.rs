@@ -33,9 +33,9 @@ pub use convert::{
     strip_hop_by_hop_from_response,
 };
 pub use envelope::{
-    DeadLetter, DecodeError, HeaderList, HttpVersion, KIND_DEAD_LETTER, KIND_REQUEST,
-    KIND_REQUEST_BODY_FOLLOWS, KIND_REQUEST_WEBSOCKET, KIND_RESPONSE, RequestEnvelope,
-    ResponseEnvelope, VERSION,
+    DeadLetter, DecodeError, EnvelopeVersion, HeaderList, HttpVersion, KIND_DEAD_LETTER,
+    KIND_REQUEST, KIND_REQUEST_BODY_FOLLOWS, KIND_REQUEST_WEBSOCKET, KIND_RESPONSE,
+    RequestEnvelope, ResponseEnvelope, VERSION,
 };
 pub use failure::Failure;
 pub use heartbeat::{

@@ -267,7 +267,7 @@ pub(crate) fn prepare(
         })
     });
     Prepared {
-        payload: Bytes::from(envelope.encode()),
+        payload: Bytes::from(envelope.encode_as(state.config.envelope_version)),
         may_repeat: envelope.dedupe || envelope.is_safe_to_repeat(),
         upload,
         waiting: Waiting {

@@ -155,6 +155,10 @@ pub struct ProxyConfig {
     pub websocket_ping_interval: Duration,
     /// This proxy's id (names its reply list); a random one when `None`.
     pub proxy_id: Option<String>,
+    /// The layout of the request envelopes written (docs/protocol.md):
+    /// version 2 by default; version 1 for dispatchers of releases that
+    /// read only that.
+    pub envelope_version: anteroom_protocol::EnvelopeVersion,
     /// The HTML page clients that accept HTML get while their queue is in
     /// maintenance mode (others get JSON); a built-in page showing the
     /// maintenance message when `None`.
@@ -243,6 +247,7 @@ impl ProxyConfig {
             websocket_ping_interval: defaults::WEBSOCKET_PING_INTERVAL,
             durable: None,
             proxy_id: None,
+            envelope_version: anteroom_protocol::EnvelopeVersion::default(),
             maintenance_page: None,
             tls: None,
             metrics: ProxyMetrics::default(),

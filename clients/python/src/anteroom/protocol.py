@@ -1,6 +1,8 @@
-"""The Anteroom wire protocol, version 1 (docs/protocol.md): frames, keys.
+"""The Anteroom wire protocol (docs/protocol.md): frames, keys.
 
-A frame is ``[version 0x01][kind][u32 BE meta_len][meta JSON][body]``.
+A frame is ``[version 0x01][kind][u32 BE meta_len][meta JSON][body]``; a
+request ('Q', 'U', 'W') may also be version 0x02, its metadata the same
+fields as a JSON array (docs/protocol.md, "Request envelopes, version 2").
 Header values are bytes, carried in JSON as strings of code points
 U+0000..U+00FF (ISO-8859-1), as WSGI carries them.
 """
@@ -11,6 +13,12 @@ import threading
 import time
 
 VERSION = 1
+#: The version of a request whose metadata is an array.
+VERSION_2 = 2
+#: A version 2 request's fields, in their order; ``flags`` holds
+#: ``dedupe`` (bit 1) and ``stream`` (bit 2).
+REQUEST_FIELDS_V2 = ("id", "method", "uri", "version", "headers", "reply_to", "client_addr",
+                     "enqueued_at_ms", "deadline_ms", "flags", "body_len")
 #: Longest a deadline may lie ahead (24 h): further is no proxy's envelope.
 MAX_HOLD_MS = 24 * 3600 * 1000
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -94,7 +102,8 @@ def decode(raw):
     """``(kind, meta, body)`` of a frame; DecodeError when it is not one."""
     if len(raw) < 6:
         raise DecodeError("shorter than a frame header")
-    if raw[0] != VERSION:
+    version_2 = raw[0] == VERSION_2 and raw[1] in b"QUW"
+    if raw[0] != VERSION and not version_2:
         raise DecodeError(f"unsupported envelope version {raw[0]}")
     (meta_len,) = struct.unpack(">I", raw[2:6])
     if len(raw) < 6 + meta_len:
@@ -103,13 +112,31 @@ def decode(raw):
         meta = json.loads(raw[6 : 6 + meta_len].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise DecodeError(f"metadata is not JSON: {err}") from None
-    if not isinstance(meta, dict):
+    if version_2:
+        meta = request_fields(meta)
+    elif not isinstance(meta, dict):
         raise DecodeError("metadata is not a JSON object")
     body = bytes(raw[6 + meta_len :])
     # Frames without a body (credits, heads, ends) carry no body_len.
     if meta.get("body_len", 0) != len(body):
         raise DecodeError(f"body is {len(body)} bytes, body_len says {meta.get('body_len')}")
     return chr(raw[1]), meta, body
+
+
+def request_fields(meta):
+    """A version 2 request's metadata array as version 1's object: the
+    first eleven elements by name (later ones are ignored), ``flags`` as
+    ``dedupe`` and ``stream``. DecodeError when it is not such an array;
+    :class:`Request` checks each field's type."""
+    if not isinstance(meta, list) or len(meta) < len(REQUEST_FIELDS_V2):
+        raise DecodeError("version 2 request metadata is not an array of 11 elements")
+    fields = dict(zip(REQUEST_FIELDS_V2, meta))
+    flags = fields.pop("flags")
+    if not isinstance(flags, int) or isinstance(flags, bool) or flags < 0:
+        raise DecodeError("request metadata: flags is not a non-negative integer")
+    fields["dedupe"] = bool(flags & 1)
+    fields["stream"] = bool(flags & 2)
+    return fields
 
 
 class Request:

@@ -3,15 +3,23 @@
 require "json"
 
 module Anteroom
-  # The Anteroom wire protocol, version 1 (docs/protocol.md): frames and
-  # Redis keys.
+  # The Anteroom wire protocol (docs/protocol.md): frames and Redis keys.
   #
-  # A frame is +[version 0x01][kind][u32 BE meta_len][meta JSON][body]+.
+  # A frame is +[version 0x01][kind][u32 BE meta_len][meta JSON][body]+; a
+  # request may also be version 0x02, its metadata a JSON array.
   # Header values are bytes, carried in JSON as strings of code points
   # U+0000..U+00FF (ISO-8859-1). Every byte string here is binary
   # (ASCII-8BIT).
   module Protocol
     VERSION = 1
+    # The version of a request (+'Q'+, +'U'+, +'W'+) whose metadata is the
+    # same fields as a JSON array (docs/protocol.md, "Request envelopes,
+    # version 2").
+    VERSION_2 = 2
+    # A version 2 request's fields, in their order; +flags+ holds +dedupe+
+    # (bit 1) and +stream+ (bit 2).
+    REQUEST_FIELDS_V2 = %w[id method uri version headers reply_to client_addr enqueued_at_ms
+                           deadline_ms flags body_len].freeze
     # Longest a deadline may lie ahead (24 h): further is no proxy's envelope.
     MAX_HOLD_MS = 24 * 3600 * 1000
     # Largest piece of a streamed body in one chunk frame (256 KiB).
@@ -238,7 +246,8 @@ module Anteroom
       raise DecodeError, "shorter than a frame header" if raw.bytesize < 6
 
       version, kind, meta_len = raw.unpack("CCN")
-      raise DecodeError, "unsupported envelope version #{version}" unless version == VERSION
+      version_2 = version == VERSION_2 && "QUW".include?(kind.chr)
+      raise DecodeError, "unsupported envelope version #{version}" unless version == VERSION || version_2
       if raw.bytesize < 6 + meta_len
         raise DecodeError, "envelope is truncated: #{6 + meta_len} bytes needed, #{raw.bytesize} available"
       end
@@ -251,6 +260,7 @@ module Anteroom
       rescue JSON::ParserError => e
         raise DecodeError, "metadata is not JSON: #{e.message.scrub[0, 200]}"
       end
+      meta = request_fields(meta) if version_2
       raise DecodeError, "metadata is not a JSON object" unless meta.is_a?(Hash)
 
       body = raw.byteslice(6 + meta_len, raw.bytesize - 6 - meta_len)
@@ -260,6 +270,26 @@ module Anteroom
       end
 
       [kind.chr, meta, body]
+    end
+
+    # A version 2 request's metadata array as version 1's object: the
+    # first eleven elements by name (later ones are ignored), +flags+ as
+    # +dedupe+ and +stream+. DecodeError when it is not such an array;
+    # Request checks each field's type.
+    def request_fields(meta)
+      unless meta.is_a?(Array) && meta.size >= REQUEST_FIELDS_V2.size
+        raise DecodeError, "version 2 request metadata is not an array of 11 elements"
+      end
+
+      fields = REQUEST_FIELDS_V2.zip(meta).to_h
+      flags = fields.delete("flags")
+      unless flags.is_a?(Integer) && flags >= 0
+        raise DecodeError, "request metadata: flags is not a non-negative integer"
+      end
+
+      fields["dedupe"] = flags.anybits?(1)
+      fields["stream"] = flags.anybits?(2)
+      fields
     end
 
     # A header value from JSON (code points U+0000..U+00FF) as bytes.

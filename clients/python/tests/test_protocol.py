@@ -1,0 +1,57 @@
+"""Request envelopes of both layouts (docs/protocol.md, "Request envelopes, version 2")."""
+import struct
+
+import pytest
+
+from anteroom import protocol
+
+#: The version 2 example of docs/protocol.md, byte for byte.
+V2_META = (b'["01a20140-78af-77c4-9604-bc4b35fb5daf","POST","/echo","HTTP/1.1",'
+           b'[["host","localhost"],["content-length","2"]],"anteroom:{default}:replies:p1",'
+           b'null,1700000000000,1700000030000,0,2]')
+
+
+def frame(version, kind, meta, body=b""):
+    return bytes([version, ord(kind)]) + struct.pack(">I", len(meta)) + meta + body
+
+
+def test_the_documented_version_2_example_decodes_as_its_version_1_twin():
+    assert len(V2_META) == 0xB5
+    kind, meta, body = protocol.decode(frame(2, "Q", V2_META, b"hi"))
+    request = protocol.Request(meta, body)
+    assert kind == "Q"
+    assert (request.id, request.method, request.uri, request.version) == (
+        "01a20140-78af-77c4-9604-bc4b35fb5daf", "POST", "/echo", "HTTP/1.1")
+    assert request.headers == [("host", b"localhost"), ("content-length", b"2")]
+    assert request.reply_to == "anteroom:{default}:replies:p1"
+    assert request.client_addr is None
+    assert (request.enqueued_at_ms, request.deadline_ms) == (1700000000000, 1700000030000)
+    assert (request.dedupe, request.stream, request.body) == (False, False, b"hi")
+
+
+def test_later_elements_and_unknown_flag_bits_are_ignored():
+    meta = b'["i","GET","/","HTTP/2",[],"r","127.0.0.1:5",1,2,7,0,"later",{"x":1}]'
+    for kind in "QUW":
+        _, fields, body = protocol.decode(frame(2, kind, meta))
+        request = protocol.Request(fields, body)
+        assert (request.dedupe, request.stream, request.client_addr) == (True, True, "127.0.0.1:5")
+
+
+@pytest.mark.parametrize("meta", [
+    b'["i","GET","/","HTTP/1.1",[],"r",null,1,2,0]',
+    b'["i","GET","/","HTTP/1.1",[],"r",null,1,2,true,0]',
+    b'["i","GET","/","HTTP/1.1",[],"r",null,1,2,-1,0]',
+    b'["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,3]',
+    b'{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",'
+    b'"enqueued_at_ms":1,"deadline_ms":2,"body_len":0}',
+])
+def test_a_short_or_mistyped_version_2_array_is_refused(meta):
+    with pytest.raises(protocol.DecodeError):
+        protocol.Request(*protocol.decode(frame(2, "Q", meta))[1:])
+
+
+def test_only_requests_have_a_version_2():
+    with pytest.raises(protocol.DecodeError, match="unsupported envelope version 2"):
+        protocol.decode(frame(2, "R", b'{"id":"i","status":200,"headers":[],"body_len":0}'))
+    with pytest.raises(protocol.DecodeError, match="unsupported envelope version 3"):
+        protocol.decode(frame(3, "Q", V2_META, b"hi"))
