@@ -307,7 +307,7 @@ class Dispatcher {
         else if (n === 0) copies.push(raw);
         else if (!this.unsettled.has(key)) orphans.push(raw); // else the reaper's, retried by it
       }
-      for (const raw of copies) await this.redis.lRem(this.processing, -1, raw);
+      for (const raw of copies) await this.redis.lRem(this.processing, 1, raw);
       for (const raw of orphans) await this.settle(raw, this.id, true);
       if (copies.length > 0 || orphans.length > 0) {
         console.error(`anteroom: settled ${orphans.length} requests in the processing list that no task held (a lost reply); removed ${copies.length} copies of requests in hand`);
@@ -464,7 +464,7 @@ class Dispatcher {
     } catch (err) {
       if (!refusedForGood(err)) throw err;
       console.error(`anteroom: Redis refused the reply to ${request.id} (${errorText(err)}); giving it up`);
-      await this.redis.lRem(this.processing, -1, raw);
+      await this.redis.lRem(this.processing, 1, raw);
     }
   }
 
@@ -476,7 +476,7 @@ class Dispatcher {
    */
   async discard(raw, request) {
     try {
-      await this.retrying(request, 'discarding', () => this.redis.lRem(this.processing, -1, raw), nowMs() + DISCARD_MS);
+      await this.retrying(request, 'discarding', () => this.redis.lRem(this.processing, 1, raw), nowMs() + DISCARD_MS);
     } catch (err) {
       console.error(`anteroom: cannot remove ${request.id} from the processing list (${err.message})`);
     }
@@ -743,7 +743,7 @@ class Dispatcher {
   async setAside(raw, reason) {
     console.error(`anteroom: moving an envelope to the dead-letter list: ${reason}`);
     const letter = protocol.deadLetter(raw, reason, this.id);
-    await this.redis.multi().lPush(this.keys.dead, letter).lRem(this.processing, -1, raw).exec();
+    await this.redis.multi().lPush(this.keys.dead, letter).lRem(this.processing, 1, raw).exec();
   }
 
   /**

@@ -121,7 +121,7 @@ class Completer:
             if refused_for_good(err):
                 log.error("Redis refused a reply on %s (%s); giving it up", reply_to, err)
                 try:
-                    await self.client.lrem(self.processing, -1, raw)
+                    await self.client.lrem(self.processing, 1, raw)
                     err = None
                 except redis.RedisError as lrem_err:
                     err = lrem_err
@@ -146,7 +146,7 @@ class Completer:
         """One ``MULTI`` for ``batch``: each completion's error, or None."""
         async with self.client.pipeline(transaction=True) as pipe:
             for raw, reply_to, frame, _, _ in batch:
-                pipe.rpush(reply_to, frame).pexpire(reply_to, REPLY_TTL_MS).lrem(self.processing, -1, raw)
+                pipe.rpush(reply_to, frame).pexpire(reply_to, REPLY_TTL_MS).lrem(self.processing, 1, raw)
             results = await pipe.execute(raise_on_error=False)
         return [next((r for r in results[at:at + 3] if isinstance(r, Exception)), None)
                 for at in range(0, 3 * len(batch), 3)]

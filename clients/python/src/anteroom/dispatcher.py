@@ -448,7 +448,7 @@ class Dispatcher:
             elif raw not in self.unsettled:  # the reaper's, retried by it
                 orphans.append(raw)
         for raw in copies:
-            self.redis.lrem(self.processing, -1, raw)
+            self.redis.lrem(self.processing, 1, raw)
         for raw in orphans:
             self.settle(raw, self.id, guarded=True)
         if copies or orphans:
@@ -604,7 +604,7 @@ class Dispatcher:
             if not refused_for_good(err):
                 raise
             log.error("Redis refused the reply to %s (%s); giving it up", request.id, err)
-            self.redis.lrem(self.processing, -1, raw)
+            self.redis.lrem(self.processing, 1, raw)
 
     @staticmethod
     def retrying(request, what, write, until_ms=None):
@@ -668,7 +668,7 @@ class Dispatcher:
         DISCARD_S as the Rust dispatcher does; what is left stays for the
         reaper should this dispatcher die."""
         try:
-            self.retrying(request, "discarding", lambda: self.redis.lrem(self.processing, -1, raw),
+            self.retrying(request, "discarding", lambda: self.redis.lrem(self.processing, 1, raw),
                           now_ms() + int(DISCARD_S * 1000))
         except redis.RedisError as err:
             log.error("cannot remove %s from the processing list (%s)", request.id, err)
@@ -729,7 +729,7 @@ class Dispatcher:
         log.error("moving an envelope to the dead-letter list: %s", reason)
         letter = protocol.dead_letter(raw, reason, self.id)
         self.redis.pipeline(transaction=True).lpush(self.keys.dead, letter).lrem(
-            self.processing, -1, raw).execute()
+            self.processing, 1, raw).execute()
 
     # -- reaping (docs/protocol.md, step 8) -----------------------------------
 

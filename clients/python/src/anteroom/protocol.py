@@ -204,7 +204,7 @@ if ARGV[3] ~= '-1' then
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
   if n > tonumber(ARGV[3]) then return 2 end
 end
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 1 end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 if ARGV[2] ~= '' then
   local holder = redis.call('GET', KEYS[3])
@@ -238,7 +238,7 @@ if ARGV[3] then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
-redis.call('LREM', KEYS[1], -1, ARGV[2])
+redis.call('LREM', KEYS[1], 1, ARGV[2])
 return 1"""
 
 
@@ -254,7 +254,7 @@ COMPLETE_AND_TAKE = """\
 #!lua flags=allow-oom
 redis.call('RPUSH', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
-redis.call('LREM', KEYS[1], -1, ARGV[2])
+redis.call('LREM', KEYS[1], 1, ARGV[2])
 local paused = redis.call('EXISTS', KEYS[4]) == 1
 if paused then return false end
 return redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')"""
@@ -268,7 +268,7 @@ return redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')"""
 #: dispatcher's script (crates/anteroom-control/src/queue/complete.rs).
 COMPLETE_IF_HELD = """\
 #!lua flags=allow-oom
-if redis.call('LREM', KEYS[1], -1, ARGV[2]) == 0 then return 0 end
+if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
 if ARGV[3] then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[1])

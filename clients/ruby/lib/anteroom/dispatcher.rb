@@ -352,7 +352,7 @@ module Anteroom
           orphans << raw
         end
       end
-      copies.each { |raw| redis.lrem(@processing, -1, raw) }
+      copies.each { |raw| redis.lrem(@processing, 1, raw) }
       orphans.each { |raw| settle(redis, raw, @id, guarded: true) }
       return if copies.empty? && orphans.empty?
 
@@ -506,7 +506,7 @@ module Anteroom
         raise unless refused_for_good?(e)
 
         @log.error("Redis refused the reply to #{request.id} (#{e.message}); giving it up")
-        redis.lrem(@processing, -1, raw)
+        redis.lrem(@processing, 1, raw)
       end
     end
 
@@ -565,7 +565,7 @@ module Anteroom
     # DISCARD_S as the Rust dispatcher does; what is left stays for the
     # reaper should this dispatcher die.
     def discard(redis, raw, request)
-      retrying(request, Protocol.now_ms + (DISCARD_S * 1000).to_i) { redis.lrem(@processing, -1, raw) }
+      retrying(request, Protocol.now_ms + (DISCARD_S * 1000).to_i) { redis.lrem(@processing, 1, raw) }
     rescue Redis::BaseError => e
       @log.error("cannot remove #{request.id} from the processing list (#{e.message})")
     end
@@ -724,7 +724,7 @@ module Anteroom
       @log.error("moving an envelope to the dead-letter list: #{reason}")
       redis.multi do |m|
         m.lpush(@keys.dead, Protocol.dead_letter(raw, reason, @id))
-        m.lrem(@processing, -1, raw)
+        m.lrem(@processing, 1, raw)
       end
     end
 

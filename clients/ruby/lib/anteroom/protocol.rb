@@ -66,7 +66,7 @@ module Anteroom
         redis.call('PEXPIRE', KEYS[4], ARGV[4])
         if n > tonumber(ARGV[3]) then return 2 end
       end
-      if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 1 end
+      if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
       redis.call('RPUSH', KEYS[2], ARGV[1])
       if ARGV[2] ~= '' then
         local holder = redis.call('GET', KEYS[3])
@@ -104,7 +104,7 @@ module Anteroom
         redis.call('RPUSH', KEYS[2], ARGV[3])
         redis.call('PEXPIRE', KEYS[2], ARGV[1])
       end
-      redis.call('LREM', KEYS[1], -1, ARGV[2])
+      redis.call('LREM', KEYS[1], 1, ARGV[2])
       return 1
     LUA
     # Completes one request and takes the next in the same script, one
@@ -119,7 +119,7 @@ module Anteroom
       #!lua flags=allow-oom
       redis.call('RPUSH', KEYS[2], ARGV[3])
       redis.call('PEXPIRE', KEYS[2], ARGV[1])
-      redis.call('LREM', KEYS[1], -1, ARGV[2])
+      redis.call('LREM', KEYS[1], 1, ARGV[2])
       local paused = redis.call('EXISTS', KEYS[4]) == 1
       if paused then return false end
       return redis.call('LMOVE', KEYS[3], KEYS[1], 'RIGHT', 'LEFT')
@@ -132,7 +132,7 @@ module Anteroom
     # Rust dispatcher's script (crates/anteroom-control/src/queue/complete.rs).
     COMPLETE_IF_HELD = <<~LUA
       #!lua flags=allow-oom
-      if redis.call('LREM', KEYS[1], -1, ARGV[2]) == 0 then return 0 end
+      if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
       if ARGV[3] then
         redis.call('RPUSH', KEYS[2], ARGV[3])
         redis.call('PEXPIRE', KEYS[2], ARGV[1])

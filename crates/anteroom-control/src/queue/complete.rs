@@ -23,7 +23,7 @@ pub struct Done<'a> {
 /// held in `processing`: their replies pushed to their reply lists, in
 /// order and one RPUSH per list, each list's lifetime then set to
 /// `reply_ttl` (so the replies of a proxy that died do not stay), and each
-/// request removed from `processing` (`LREM -1`). The dispatcher's
+/// request removed from `processing` (`LREM 1`). The dispatcher's
 /// completer and the reaper both complete through this.
 pub fn complete(
     pipe: &mut redis::Pipeline,
@@ -54,7 +54,7 @@ pub fn complete(
     for done in items {
         pipe.cmd("LREM")
             .arg(processing)
-            .arg(-1)
+            .arg(1)
             .arg(done.raw)
             .ignore();
     }
@@ -77,7 +77,7 @@ pub async fn complete_when_full<C: ConnectionLike + Send>(
 }
 
 /// Completes `done` only if its request is still in `processing`: removes
-/// it (`LREM -1`) and, if that removed it, pushes the reply, in one script
+/// it (`LREM 1`) and, if that removed it, pushes the reply, in one script
 /// Redis runs even past its `maxmemory` (`allow-oom`). For a request that
 /// another actor may have settled meanwhile (an orphan, found with no task
 /// holding it). Errors are Redis's.
@@ -116,7 +116,7 @@ async fn complete_in_script<C: ConnectionLike + Send>(
 /// request's bytes, and the reply (absent: none is pushed). 1 when the
 /// request was there.
 const COMPLETE_IF_HELD: &str = r"#!lua flags=allow-oom
-if redis.call('LREM', KEYS[1], -1, ARGV[2]) == 0 then return 0 end
+if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
 if ARGV[3] then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
@@ -130,7 +130,7 @@ if ARGV[3] then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
-redis.call('LREM', KEYS[1], -1, ARGV[2])
+redis.call('LREM', KEYS[1], 1, ARGV[2])
 return 1";
 
 /// Completes `items` held in `processing` in one `MULTI` of its own (see

@@ -11,8 +11,8 @@
 //! | [`pull_blocking`] | `BLMOVE requests processing RIGHT LEFT timeout` | dispatcher |
 //! | [`pull_client_id`], [`unblock`] | `CLIENT ID`, `CLIENT UNBLOCK id TIMEOUT` | dispatcher |
 //! | [`claim`], [`claim_again`] | `SET claimed:<id> owner NX PX ttl`; Lua: `GET`, `SET … PX` unless held by another | dispatcher (`dedupe`) |
-//! | [`complete`] / [`complete_now`] | `MULTI`: `RPUSH reply_to …`, `PEXPIRE`, `LREM processing -1` | dispatcher, reaper |
-//! | [`remove`] | `LREM processing -1 envelope` | dispatcher |
+//! | [`complete`] / [`complete_now`] | `MULTI`: `RPUSH reply_to …`, `PEXPIRE`, `LREM processing 1` | dispatcher, reaper |
+//! | [`remove`] | `LREM processing 1 envelope` | dispatcher |
 //! | [`requeue`] | Lua: `LREM`, `RPUSH requests`, `DEL claimed` (`INCR repeats`) | dispatcher, reaper |
 //! | [`dead_letter`] | `MULTI`: `LPUSH dead letter`, `LREM` | dispatcher, reaper |
 //! | [`Queue::reap`], [`Queue::reap_once`] | Lua: claim a dead dispatcher's list | dispatcher, `anteroom reap` |
@@ -268,7 +268,7 @@ pub async fn push_replies<C: ConnectionLike + Send>(
     pipe.query_async(conn).await
 }
 
-/// `LREM processing -1 <raw>`: takes one request out of a processing list
+/// `LREM processing 1 <raw>`: takes one request out of a processing list
 /// without replying (expired, already claimed, or a reply Redis refused).
 pub async fn remove<C: ConnectionLike + Send>(
     conn: &mut C,
@@ -277,7 +277,7 @@ pub async fn remove<C: ConnectionLike + Send>(
 ) -> RedisResult<()> {
     redis::cmd("LREM")
         .arg(processing)
-        .arg(-1)
+        .arg(1)
         .arg(raw)
         .query_async::<i64>(conn)
         .await

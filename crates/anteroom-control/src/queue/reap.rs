@@ -156,7 +156,7 @@ impl Queue {
         (report, error)
     }
 
-    /// Removes one copy of `raw` from `owner`'s processing list (`LREM -1`),
+    /// Removes one copy of `raw` from `owner`'s processing list (`LREM 1`),
     /// with no reply: a second delivery of a request in hand.
     pub async fn remove_orphan(&self, owner: &str, raw: &[u8]) -> Result<(), ControlError> {
         super::remove(&mut self.conn(), &self.keys.processing(owner), raw).await?;

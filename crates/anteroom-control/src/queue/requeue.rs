@@ -23,7 +23,7 @@ if ARGV[3] ~= '-1' then
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
   if n > tonumber(ARGV[3]) then return 2 end
 end
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 1 end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 if ARGV[2] ~= '' then
   local holder = redis.call('GET', KEYS[3])
@@ -147,7 +147,7 @@ pub async fn dead_letter(
         .ignore()
         .cmd("LREM")
         .arg(list)
-        .arg(-1)
+        .arg(1)
         .arg(raw.as_ref())
         .ignore()
         .query_async::<()>(conn)
