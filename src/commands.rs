@@ -100,10 +100,9 @@ pub(crate) fn proxy_config(args: &ProxyArgs) -> ProxyConfig {
     config.enqueue_timeout = args.enqueue_timeout;
     config.redis_high_watermark = args.redis_high_watermark;
     config.durable = args.durable.then_some(args.durable_wait);
-    config.envelope_version = match args.envelope_version {
-        1 => anteroom_protocol::EnvelopeVersion::V1,
-        _ => anteroom_protocol::EnvelopeVersion::V2,
-    };
+    // clap allows 1 and 2 only.
+    config.envelope_version =
+        anteroom_protocol::EnvelopeVersion::from_byte(args.envelope_version).unwrap_or_default();
     config.canary = args.canary_queue.as_ref().map(|queue| {
         let weight = args.canary_weight.unwrap_or(0.0);
         let mut canary = anteroom_proxy::CanaryConfig::new(queue.clone(), weight);

@@ -16,13 +16,24 @@ def now_ms(r):
     return seconds * 1000 + micros // 1000
 
 
+#: A version 2 request's fields, in order (docs/protocol.md, "Request
+#: envelopes, version 2").
+FIELDS_V2 = ("id", "method", "uri", "version", "headers", "reply_to", "client_addr",
+             "enqueued_at_ms", "deadline_ms", "flags", "body_len")
+
+
 def decode_request(raw):
-    if len(raw) < 6 or raw[0] != 1 or raw[1] != ord("Q"):
-        raise ValueError("not a version 1 request envelope")
+    if len(raw) < 6 or raw[0] not in (1, 2) or raw[1] != ord("Q"):
+        raise ValueError("not a version 1 or 2 request envelope")
     (meta_len,) = struct.unpack(">I", raw[2:6])
     if len(raw) < 6 + meta_len:
         raise ValueError("truncated")
     meta = json.loads(raw[6 : 6 + meta_len].decode("utf-8"))
+    if raw[0] == 2:  # the same fields as an array; flags: 1 dedupe, 2 stream
+        if not isinstance(meta, list) or len(meta) < len(FIELDS_V2):
+            raise ValueError("version 2 metadata is not an array of 11")
+        meta = dict(zip(FIELDS_V2, meta))
+        meta["dedupe"] = bool(meta["flags"] & 1)
     body = raw[6 + meta_len :]
     if len(body) != meta["body_len"]:
         raise ValueError("body length mismatch")

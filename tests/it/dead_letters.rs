@@ -91,9 +91,11 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
     orphan.uri = "/run/orphan".into();
     orphan.reply_to = keys.replies("gone-proxy");
     orphan.deadline_ms = envelope.deadline_ms;
+    // The orphan as a proxy run with `--envelope-version 1` writes it: a
+    // replay puts it back in that layout.
     for raw in [
         envelope.encode(),
-        orphan.encode(),
+        orphan.encode_as(anteroom_protocol::EnvelopeVersion::V1),
         b"not an envelope".to_vec(),
     ] {
         redis::cmd("LPUSH")
@@ -171,7 +173,9 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
     assert_eq!(answer.headers["x-ran"], "kept");
 
     // --all --without-client: the orphan runs too (no one reads its
-    // answer); the undecodable one stays.
+    // answer); the undecodable one stays. Queued while paused, it is seen
+    // to go back in version 1, the layout it was written in.
+    pause_acknowledged(&ctl, "replay in the letter's own version").await;
     let (status, text) = dead(
         &url,
         queue,
@@ -182,6 +186,16 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
     let report: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(report["replayed"], 1, "{report}");
     assert_eq!(report["skipped"], 1, "{report}");
+    let queued: Vec<Vec<u8>> = redis::cmd("LRANGE")
+        .arg(keys.requests())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0][0], 1, "replayed in version 1");
+    ctl.resume().await.unwrap();
     eventually("the orphan run", Duration::from_secs(10), || async {
         ran.lock().unwrap().iter().any(|r| r == "orphan")
     })

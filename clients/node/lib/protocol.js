@@ -136,6 +136,10 @@ function requestFields(meta) {
   const { flags } = fields;
   if (!Number.isSafeInteger(flags) || flags < 0) throw new DecodeError('request metadata: flags is not a non-negative integer');
   delete fields.flags;
+  if (fields.client_addr !== null && typeof fields.client_addr !== 'string') {
+    throw new DecodeError('request metadata: client_addr is neither a string nor null');
+  }
+  if (!Number.isSafeInteger(fields.body_len)) throw new DecodeError('request metadata: body_len is not an integer');
   // Bits 1 and 2 only: later bits (up to 2^53) are ignored, as the protocol says.
   fields.dedupe = flags % 2 === 1;
   fields.stream = Math.floor(flags / 2) % 2 === 1;

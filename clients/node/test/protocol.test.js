@@ -21,7 +21,7 @@ test('frames without a body need no body_len; anything else malformed is an erro
   const meta = Buffer.from('{"id":"r1","consumed":5}');
   const head = Buffer.from([1, 'A'.charCodeAt(0), 0, 0, 0, meta.length]);
   assert.strictEqual(protocol.decode(Buffer.concat([head, meta])).meta.consumed, 5);
-  for (const raw of [Buffer.alloc(0), Buffer.from([2, 81, 0, 0, 0, 0]), Buffer.concat([head, meta, Buffer.from('x')])]) {
+  for (const raw of [Buffer.alloc(0), Buffer.from([3, 81, 0, 0, 0, 0]), Buffer.concat([head, meta, Buffer.from('x')])]) {
     assert.throws(() => protocol.decode(raw), protocol.DecodeError);
   }
   const bad = protocol.encode('Q', { id: 'r1', method: 'GET', uri: '/', version: 'HTTP/1.1', headers: [['x', '\u0100']],
@@ -108,6 +108,9 @@ test('a short or mistyped version 2 array is refused', () => {
     '["i","GET","/","HTTP/1.1",[],"r",null,1,2,true,0]',
     '["i","GET","/","HTTP/1.1",[],"r",null,1,2,-1,0]',
     '["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,3]',
+    '["i","GET","/","HTTP/1.1",[],"r",5,1,2,0,0]',
+    '["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,null]',
+    '["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,false]',
     '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r","enqueued_at_ms":1,"deadline_ms":2,"body_len":0}',
   ]) {
     assert.throws(() => {

@@ -42,6 +42,9 @@ def test_later_elements_and_unknown_flag_bits_are_ignored():
     b'["i","GET","/","HTTP/1.1",[],"r",null,1,2,true,0]',
     b'["i","GET","/","HTTP/1.1",[],"r",null,1,2,-1,0]',
     b'["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,3]',
+    b'["i","GET","/","HTTP/1.1",[],"r",5,1,2,0,0]',
+    b'["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,null]',
+    b'["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,false]',
     b'{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",'
     b'"enqueued_at_ms":1,"deadline_ms":2,"body_len":0}',
 ])

@@ -51,7 +51,7 @@ def test_call_collects_status_headers_and_body_and_closes():
 
 
 def test_frames_that_are_not_requests_do_not_decode():
-    for raw in [b"", b"\x02Q\x00\x00\x00\x00", b"\x01Q\x00\x00\x00\x09{\"a\":1}", b"\x01Q\x00\x00\x00\x02[]"]:
+    for raw in [b"", b"\x03Q\x00\x00\x00\x00", b"\x01Q\x00\x00\x00\x09{\"a\":1}", b"\x01Q\x00\x00\x00\x02[]"]:
         try:
             kind, meta, body = protocol.decode(raw)
             protocol.Request(meta, body)

@@ -33,7 +33,7 @@ class TestProtocol < Minitest::Test
 
   def test_bad_frames_are_decode_errors
     good = P.encode("Q", request_meta, "xy")
-    ["".b, "\x01Q".b, "\x02Q\x00\x00\x00\x00".b, good[0, good.bytesize - 1],
+    ["".b, "\x01Q".b, "\x03Q\x00\x00\x00\x00".b, good[0, good.bytesize - 1],
      "\x01Q\x00\x00\x00\x03abc".b, "\x01Q\x00\x00\x00\x02[]".b, good + "z",
      "\x01Q\x00\x00\x00\x09{\"a\":\"\xFF\"}".b].each do |raw|
       assert_raises(P::DecodeError, raw.inspect) { P.decode(raw) }
@@ -87,6 +87,9 @@ class TestProtocol < Minitest::Test
      '["i","GET","/","HTTP/1.1",[],"r",null,1,2,true,0]',
      '["i","GET","/","HTTP/1.1",[],"r",null,1,2,-1,0]',
      '["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,3]',
+     '["i","GET","/","HTTP/1.1",[],"r",5,1,2,0,0]',
+     '["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,null]',
+     '["i","GET","/","HTTP/1.1",[],"r",null,1,2,0,false]',
      '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",' \
      '"enqueued_at_ms":1,"deadline_ms":2,"body_len":0}'].each do |meta|
       assert_raises(P::DecodeError, meta) { P::Request.new(*P.decode(frame(2, "Q", meta))[1..]) }

@@ -12,7 +12,7 @@
 //! [`DEAD_READ_LIMIT`] per call, and removed one `LREM` each: an operator's
 //! tool for a list that should stay short, not a bulk pipeline.
 
-use anteroom_protocol::{DeadLetter, RequestEnvelope, now_ms};
+use anteroom_protocol::{DeadLetter, EnvelopeVersion, RequestEnvelope, now_ms};
 use bytes::Bytes;
 
 use crate::{ControlError, Queue};
@@ -210,13 +210,21 @@ impl Queue {
     ) -> Result<bool, ControlError> {
         let mut request = replayable(self, view)?.clone();
         request.deadline_ms = deadline_ms.max(now_ms());
+        // In the layout it was written in: a letter written in version 1
+        // while dispatchers that read only that still run goes back as one.
+        let version = view
+            .letter
+            .as_ref()
+            .and_then(|letter| letter.original.first())
+            .and_then(|&byte| EnvelopeVersion::from_byte(byte))
+            .unwrap_or_default();
         let replayed: i64 = redis::cmd("EVAL")
             .arg(REPLAY)
             .arg(2)
             .arg(self.keys.dead())
             .arg(self.keys.requests())
             .arg(view.raw.as_ref())
-            .arg(request.encode())
+            .arg(request.encode_as(version))
             .query_async(&mut self.conn())
             .await?;
         Ok(replayed == 1)

@@ -134,6 +134,10 @@ def request_fields(meta):
     flags = fields.pop("flags")
     if not isinstance(flags, int) or isinstance(flags, bool) or flags < 0:
         raise DecodeError("request metadata: flags is not a non-negative integer")
+    if fields["client_addr"] is not None and not isinstance(fields["client_addr"], str):
+        raise DecodeError("request metadata: client_addr is neither a string nor null")
+    if not isinstance(fields["body_len"], int) or isinstance(fields["body_len"], bool):
+        raise DecodeError("request metadata: body_len is not an integer")
     fields["dedupe"] = bool(flags & 1)
     fields["stream"] = bool(flags & 2)
     return fields

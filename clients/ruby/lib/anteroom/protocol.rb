@@ -287,6 +287,11 @@ module Anteroom
         raise DecodeError, "request metadata: flags is not a non-negative integer"
       end
 
+      unless fields["client_addr"].nil? || fields["client_addr"].is_a?(String)
+        raise DecodeError, "request metadata: client_addr is neither a string nor null"
+      end
+      raise DecodeError, "request metadata: body_len is not an integer" unless fields["body_len"].is_a?(Integer)
+
       fields["dedupe"] = flags.anybits?(1)
       fields["stream"] = flags.anybits?(2)
       fields
