@@ -89,7 +89,13 @@ pub(crate) async fn completer(
                 Err(err) if batch.len() > 1 && refused_for_good(&err) => {
                     // Redis refused a command (a reply list that is not a
                     // list, say): one completion's fault must not hold the
-                    // others back, so each is tried alone.
+                    // others back, so each is tried alone. A WRONGTYPE
+                    // comes from EXEC running the commands, and a MULTI
+                    // has no rollback: the completions whose reply list
+                    // is a list were written, and are not written twice.
+                    if err.to_string().contains("WRONGTYPE") {
+                        batch = settle_written(&shared, &mut conn, batch).await;
+                    }
                     batch = complete_each(&shared, &mut conn, batch, false).await;
                     continue;
                 }
@@ -165,6 +171,40 @@ async fn complete_each(
         }
     }
     retry
+}
+
+/// After a batch's `EXEC` ran and one of its commands met a key of the
+/// wrong type (Redis "Transactions": errors inside `EXEC` do not stop
+/// the other commands): settles the completions whose reply list is a
+/// list holding something (their reply was pushed; pushing it again would
+/// answer twice) and returns the others. One whose list cannot be looked
+/// at is returned.
+async fn settle_written(
+    shared: &Shared,
+    conn: &mut SharedConnection,
+    batch: Vec<Completion>,
+) -> Vec<Completion> {
+    let mut rest = Vec::new();
+    let mut settled = Vec::new();
+    for completion in batch {
+        // LLEN, which the documented dispatcher ACL user may run: a
+        // WRONGTYPE error for a key that is no list, 0 for none.
+        let len: redis::RedisResult<u64> = redis::cmd("LLEN")
+            .arg(&completion.reply_to)
+            .query_async(conn)
+            .await;
+        match len {
+            Ok(len) if len > 0 => settled.push(completion),
+            _ => rest.push(completion),
+        }
+    }
+    if !settled.is_empty() {
+        shared.replicate().await;
+        for completion in settled {
+            let _ = completion.done.send(());
+        }
+    }
+    rest
 }
 
 /// Gives up a completion Redis refuses for good: its reply is lost (the
