@@ -283,11 +283,14 @@ impl RequestEnvelope {
         } else {
             KIND_REQUEST
         };
+        let byte = version.byte();
         match version {
-            EnvelopeVersion::V1 => frame_version(1, kind, &meta, hint, &self.body),
+            EnvelopeVersion::V1 => frame_version(byte, kind, &meta, hint, &self.body),
             // The field names and the booleans, about 110 bytes, are what
             // the array leaves out.
-            EnvelopeVersion::V2 => frame_version(2, kind, &meta.as_array(), hint - 100, &self.body),
+            EnvelopeVersion::V2 => {
+                frame_version(byte, kind, &meta.as_array(), hint - 100, &self.body)
+            }
         }
     }
 

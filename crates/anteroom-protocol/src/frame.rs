@@ -138,6 +138,10 @@ impl RequestMetaRef<'_> {
     }
 }
 
+/// `headers` as both versions carry them, read by [`de_headers`].
+#[derive(Deserialize)]
+struct WireHeaders(#[serde(deserialize_with = "de_headers")] HeaderList);
+
 /// A version 2 request's metadata: [`RequestMeta`]'s fields as a JSON
 /// array. Elements after the eleventh are ignored, so a later release may
 /// append fields as version 1 may add keys; unknown `flags` bits are
@@ -171,11 +175,7 @@ impl<'de> Deserialize<'de> for RequestMetaArray {
                 let method = next(&mut seq, 1)?;
                 let uri = next(&mut seq, 2)?;
                 let version = next(&mut seq, 3)?;
-                let headers: Vec<(String, String)> = next(&mut seq, 4)?;
-                let headers = headers
-                    .into_iter()
-                    .map(|(name, value)| Ok((name, latin1_to_bytes::<A::Error>(value)?)))
-                    .collect::<Result<_, A::Error>>()?;
+                let WireHeaders(headers) = next(&mut seq, 4)?;
                 let reply_to = next(&mut seq, 5)?;
                 let client_addr = next(&mut seq, 6)?;
                 let enqueued_at_ms = next(&mut seq, 7)?;
