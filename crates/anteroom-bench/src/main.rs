@@ -6,8 +6,9 @@
 //! forwarding to the same upstream). Drives each with wrk for the same
 //! duration and connection count and prints requests/s, p50, p99, errors,
 //! the ratio to nginx, and what one request costs each process (CPU
-//! microseconds) and Redis (commands), `cost.rs`. A benchmark, not a test:
-//! nothing asserts speed.
+//! microseconds) and Redis (commands), `cost.rs`, and, at one connection,
+//! the Redis round trips under a queued request's latency, `floor.rs`. A
+//! benchmark, not a test: nothing asserts speed.
 //!
 //! Run with: `cargo run --release -p anteroom-bench -- --duration 10s --connections 64`
 //! (`--scenario stream`: a 1 GiB download, a 1 GiB upload and 1,000 event streams beside
@@ -22,6 +23,7 @@
 
 mod adapters;
 mod cost;
+mod floor;
 mod hold;
 mod scale;
 mod setups;
@@ -241,6 +243,12 @@ fn main() -> anyhow::Result<()> {
             costs.push((*name, cost));
         }
     }
+    // The Redis part of the one-connection latency, timed alone.
+    let floor = args
+        .single
+        .then(|| floor::measure(&redis_url, FLOOR_ROUND_TRIPS))
+        .transpose()
+        .context("measuring the Redis floor")?;
     println!(
         "\nAnteroom beside nginx: {} per setup, wrk, one machine, everything on loopback",
         humantime::format_duration(args.duration)
@@ -249,9 +257,15 @@ fn main() -> anyhow::Result<()> {
         wrk::print_table(*connections, results);
         cost::print_table(*connections, costs);
     }
+    if let Some(floor) = &floor {
+        floor::print(floor);
+    }
     drop((inprocess, forwarding, nginx, redis));
     Ok(())
 }
+
+/// Round trips of each kind the Redis floor times (a few seconds).
+const FLOOR_ROUND_TRIPS: usize = 20_000;
 
 /// The chaos soak with a release build; exits 1 when a check failed.
 fn chaos(args: &Args) -> anyhow::Result<()> {
