@@ -153,7 +153,8 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
     )
     .await
     .unwrap();
-    assert_eq!(none, None);
+    assert_eq!(none.item, None);
+    assert_eq!(none.waiting, 0);
     assert!(started.elapsed() >= Duration::from_millis(100));
     // A request pushed while it blocks is moved.
     let pull = {
@@ -170,10 +171,22 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
         })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
-    queue::enqueue(&mut shared, &keys.requests(), &[b"r"], None)
+    queue::enqueue(&mut shared, &keys.requests(), &[b"r", b"s"], None)
         .await
         .unwrap();
-    assert_eq!(pull.await.unwrap().unwrap(), Some(Bytes::from("r")));
+    // The oldest is moved; the LLEN of the same round trip counts the other.
+    let pulled = pull.await.unwrap().unwrap();
+    assert_eq!(pulled.item, Some(Bytes::from("r")));
+    assert_eq!(pulled.waiting, 1);
+    let last = queue::pull_blocking(
+        &mut blocking,
+        &keys.requests(),
+        &processing,
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!((last.item, last.waiting), (Some(Bytes::from("s")), 0));
     // CLIENT UNBLOCK cuts a long block short, moving nothing.
     let id = queue::pull_client_id(&mut blocking).await.unwrap();
     let pull = {
@@ -203,7 +216,7 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
     .await;
     queue::unblock(&mut shared, id).await.unwrap();
     let (got, waited) = pull.await.unwrap();
-    assert_eq!(got.unwrap(), None);
+    assert_eq!(got.unwrap().item, None);
     assert!(waited < Duration::from_secs(8));
 }
 

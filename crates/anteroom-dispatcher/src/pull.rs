@@ -90,6 +90,9 @@ pub(crate) async fn pull_loop<S, B>(
     let (mut recheck_at, mut reconcile_after) = (None, None);
     let mut backoff = Backoff::new();
     let mut pull_hint = MIN_PULL_HINT;
+    // The last blocking pull saw no other request waiting: the next pull
+    // blocks at once, without a batch that would find nothing.
+    let mut queue_was_empty = false;
     let mut pause = shared.pause.clone();
     let mut health = shared.gate.subscribe();
     loop {
@@ -245,16 +248,25 @@ pub(crate) async fn pull_loop<S, B>(
                 permit.merge(more);
             }
         }
-        let batch = queue::pull_batch(
-            conn,
-            &shared.requests_key,
-            &shared.processing_key,
-            permit.num_permits(),
-        )
-        .await;
-        if let Ok(items) = &batch {
-            pull_hint = (items.len() * 2).clamp(MIN_PULL_HINT, MAX_BATCH);
-        }
+        // After a blocking pull that left the queue empty, a batch would
+        // find nothing (one request at a time: a round trip and 6 commands
+        // saved per request). Not in a priority group, where an empty batch
+        // decides whether to block at all.
+        let batch = if std::mem::take(&mut queue_was_empty) && shared.settings.priority.is_none() {
+            Ok(Vec::new())
+        } else {
+            let batch = queue::pull_batch(
+                conn,
+                &shared.requests_key,
+                &shared.processing_key,
+                permit.num_permits(),
+            )
+            .await;
+            if let Ok(items) = &batch {
+                pull_hint = (items.len() * 2).clamp(MIN_PULL_HINT, MAX_BATCH);
+            }
+            batch
+        };
         let pulled = match batch {
             Ok(items) if !items.is_empty() => Ok(items),
             // In a group, an empty queue blocks only when no one else may
@@ -287,7 +299,13 @@ pub(crate) async fn pull_loop<S, B>(
                 let pulled =
                     queue::pull_blocking(conn, &shared.requests_key, &shared.processing_key, block)
                         .await
-                        .map(|item| item.into_iter().collect());
+                        .map(|blocked| {
+                            // What waits behind it sizes the next batch.
+                            queue_was_empty = blocked.waiting == 0;
+                            let waiting = usize::try_from(blocked.waiting).unwrap_or(MAX_BATCH);
+                            pull_hint = waiting.clamp(MIN_PULL_HINT, MAX_BATCH);
+                            blocked.item.into_iter().collect()
+                        });
                 shared.pull_outstanding.store(false, Ordering::Release);
                 pulled
             }

@@ -139,21 +139,39 @@ return moved";
 /// `BLMOVE requests processing RIGHT LEFT <block>`: waits up to `block`
 /// for one request and moves it. Send it on a dedicated connection whose
 /// response timeout outlasts `block` (`anteroom_redis::blocking_for`);
-/// [`unblock`] cuts it short.
+/// [`unblock`] cuts it short. An `LLEN requests` goes in the same round
+/// trip, run as soon as the `BLMOVE` returns: how many requests wait
+/// behind the one moved (or still wait, when none was), so that the caller
+/// knows, without another round trip, whether its next pull should be a
+/// [`pull_batch`] or another blocking wait.
 pub async fn pull_blocking<C: ConnectionLike + Send>(
     conn: &mut C,
     requests: &str,
     processing: &str,
     block: Duration,
-) -> RedisResult<Option<Bytes>> {
-    redis::cmd("BLMOVE")
+) -> RedisResult<Blocked> {
+    let (item, waiting) = redis::pipe()
+        .cmd("BLMOVE")
         .arg(requests)
         .arg(processing)
         .arg("RIGHT")
         .arg("LEFT")
         .arg(block.as_secs_f64())
+        .cmd("LLEN")
+        .arg(requests)
         .query_async(conn)
-        .await
+        .await?;
+    Ok(Blocked { item, waiting })
+}
+
+/// What one [`pull_blocking`] brought.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// The request moved into the processing list; `None` when the block
+    /// elapsed (or was cut short) first.
+    pub item: Option<Bytes>,
+    /// `LLEN` of the queue right after: requests still waiting.
+    pub waiting: u64,
 }
 
 /// `CLIENT ID` of the connection a pull is sent on, for [`unblock`].
