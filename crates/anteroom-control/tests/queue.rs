@@ -154,7 +154,7 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
     .await
     .unwrap();
     assert_eq!(none.item, None);
-    assert_eq!(none.waiting, 0);
+    assert_eq!(none.waiting, Some(0));
     assert!(started.elapsed() >= Duration::from_millis(100));
     // A request pushed while it blocks is moved.
     let pull = {
@@ -177,7 +177,7 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
     // The oldest is moved; the LLEN of the same round trip counts the other.
     let pulled = pull.await.unwrap().unwrap();
     assert_eq!(pulled.item, Some(Bytes::from("r")));
-    assert_eq!(pulled.waiting, 1);
+    assert_eq!(pulled.waiting, Some(1));
     let last = queue::pull_blocking(
         &mut blocking,
         &keys.requests(),
@@ -186,7 +186,7 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
     )
     .await
     .unwrap();
-    assert_eq!((last.item, last.waiting), (Some(Bytes::from("s")), 0));
+    assert_eq!((last.item, last.waiting), (Some(Bytes::from("s")), Some(0)));
     // CLIENT UNBLOCK cuts a long block short, moving nothing.
     let id = queue::pull_client_id(&mut blocking).await.unwrap();
     let pull = {
@@ -218,6 +218,46 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
     let (got, waited) = pull.await.unwrap();
     assert_eq!(got.unwrap().item, None);
     assert!(waited < Duration::from_secs(8));
+}
+
+/// The `LLEN` beside the `BLMOVE` is a hint: when it fails (here a user
+/// without `+llen`), the request the `BLMOVE` moved is still returned, not
+/// an error that would leave it an orphan of a pull thought failed.
+#[tokio::test]
+async fn pull_blocking_returns_the_request_when_its_llen_fails() {
+    let (redis, keys, mut shared, mut inspect) = setup("q").await;
+    redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "nollen", "on", "nopass", "~*", "&*", "+@all", "-llen",
+        ])
+        .exec_async(&mut inspect)
+        .await
+        .unwrap();
+    let url = redis.url().replacen("redis://", "redis://nollen:pw@", 1);
+    let target = anteroom_redis::Target::parse(&url).unwrap();
+    let mut blocking = anteroom_redis::blocking_for(
+        &target,
+        &keys.requests(),
+        Duration::from_secs(2),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    queue::enqueue(&mut shared, &keys.requests(), &[b"r"], None)
+        .await
+        .unwrap();
+    let processing = keys.processing("d1");
+    let pulled = queue::pull_blocking(
+        &mut blocking,
+        &keys.requests(),
+        &processing,
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pulled.item, Some(Bytes::from("r")));
+    assert_eq!(pulled.waiting, None, "the LLEN was refused");
+    assert_eq!(list(&mut inspect, &processing).await, vec![b"r".to_vec()]);
 }
 
 #[tokio::test]

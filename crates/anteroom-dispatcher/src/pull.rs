@@ -99,6 +99,9 @@ pub(crate) async fn pull_loop<S, B>(
         if stop.is_cancelled() {
             break;
         }
+        // Good for the pull right after the blocking one only: any other
+        // turn of the loop (a pause, the gate, a failure) forgets it.
+        let skip_batch = std::mem::take(&mut queue_was_empty) && shared.settings.priority.is_none();
         // No pull is outstanding here: what the processing list holds
         // beyond the requests in hand is an orphan (a lost reply). A pull
         // the failed connection had sent may still land in Redis after
@@ -252,7 +255,7 @@ pub(crate) async fn pull_loop<S, B>(
         // find nothing (one request at a time: a round trip and 6 commands
         // saved per request). Not in a priority group, where an empty batch
         // decides whether to block at all.
-        let batch = if std::mem::take(&mut queue_was_empty) && shared.settings.priority.is_none() {
+        let batch = if skip_batch {
             Ok(Vec::new())
         } else {
             let batch = queue::pull_batch(
@@ -301,9 +304,14 @@ pub(crate) async fn pull_loop<S, B>(
                         .await
                         .map(|blocked| {
                             // What waits behind it sizes the next batch.
-                            queue_was_empty = blocked.waiting == 0;
-                            let waiting = usize::try_from(blocked.waiting).unwrap_or(MAX_BATCH);
-                            pull_hint = waiting.clamp(MIN_PULL_HINT, MAX_BATCH);
+                            // Only after a request came: a wait that timed
+                            // out or was cut short (a pause, a stop) says
+                            // nothing of the next turn.
+                            queue_was_empty = blocked.item.is_some() && blocked.waiting == Some(0);
+                            if let Some(waiting) = blocked.waiting {
+                                let waiting = usize::try_from(waiting).unwrap_or(MAX_BATCH);
+                                pull_hint = waiting.clamp(MIN_PULL_HINT, MAX_BATCH);
+                            }
                             blocked.item.into_iter().collect()
                         });
                 shared.pull_outstanding.store(false, Ordering::Release);
@@ -342,9 +350,13 @@ pub(crate) async fn pull_loop<S, B>(
             }
             Err(err) if anteroom_redis::is_out_of_memory(&err) => {
                 drop(permit);
-                // Redis is over its maxmemory, and nothing was waiting (a
-                // batch is taken past it, `queue::pull_batch`): the
-                // connection is fine.
+                // Redis is over its maxmemory and refused the BLMOVE: the
+                // connection is fine. A batch is taken past it
+                // (`queue::pull_batch`); when this turn skipped the batch,
+                // requests may have come since, so the batch goes at once.
+                if skip_batch {
+                    continue;
+                }
                 tracing::debug!(error = %err, "Redis is full; pulling again shortly");
                 if sleep_or_stop(stop, backoff.next_delay()).await {
                     break;

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | [`enqueue`] | `LPUSH requests e1 e2 …` (+ `WAIT` when durable) | proxy |
 //! | [`pull_batch`] | `MULTI` of `LMOVE requests processing RIGHT LEFT` | dispatcher |
-//! | [`pull_blocking`] | `BLMOVE requests processing RIGHT LEFT timeout` | dispatcher |
+//! | [`pull_blocking`] | `BLMOVE requests processing RIGHT LEFT timeout` + `LLEN requests` | dispatcher |
 //! | [`pull_client_id`], [`unblock`] | `CLIENT ID`, `CLIENT UNBLOCK id TIMEOUT` | dispatcher |
 //! | [`claim`], [`claim_again`] | `SET claimed:<id> owner NX PX ttl`; Lua: `GET`, `SET … PX` unless held by another | dispatcher (`dedupe`) |
 //! | [`complete`] / [`complete_now`] | `MULTI`: `RPUSH reply_to …`, `PEXPIRE`, `LREM processing 1` | dispatcher, reaper |
@@ -141,16 +141,25 @@ return moved";
 /// response timeout outlasts `block` (`anteroom_redis::blocking_for`);
 /// [`unblock`] cuts it short. An `LLEN requests` goes in the same round
 /// trip, run as soon as the `BLMOVE` returns: how many requests wait
-/// behind the one moved (or still wait, when none was), so that the caller
-/// knows, without another round trip, whether its next pull should be a
-/// [`pull_batch`] or another blocking wait.
+/// behind the one moved, so that the caller knows, without another round
+/// trip, whether its next pull should be a [`pull_batch`] or another
+/// blocking wait.
+///
+/// # Errors
+/// The `BLMOVE`'s error (the connection's, or the server's: `OOM` over
+/// `maxmemory`, `MOVED`). An error of the `LLEN` alone (a user without
+/// `+llen`, an `ASK` while the slot migrates) is not one: the request the
+/// `BLMOVE` moved is returned, with `waiting` unknown.
 pub async fn pull_blocking<C: ConnectionLike + Send>(
     conn: &mut C,
     requests: &str,
     processing: &str,
     block: Duration,
 ) -> RedisResult<Blocked> {
-    let (item, waiting) = redis::pipe()
+    // Each reply on its own: a failed LLEN must not hide the request the
+    // BLMOVE moved (it would become an orphan of a pull thought failed).
+    let (item, waiting): (RedisResult<Option<Bytes>>, RedisResult<u64>) = redis::pipe()
+        .ignore_errors()
         .cmd("BLMOVE")
         .arg(requests)
         .arg(processing)
@@ -161,7 +170,10 @@ pub async fn pull_blocking<C: ConnectionLike + Send>(
         .arg(requests)
         .query_async(conn)
         .await?;
-    Ok(Blocked { item, waiting })
+    Ok(Blocked {
+        item: item?,
+        waiting: waiting.ok(),
+    })
 }
 
 /// What one [`pull_blocking`] brought.
@@ -170,8 +182,9 @@ pub struct Blocked {
     /// The request moved into the processing list; `None` when the block
     /// elapsed (or was cut short) first.
     pub item: Option<Bytes>,
-    /// `LLEN` of the queue right after: requests still waiting.
-    pub waiting: u64,
+    /// `LLEN` of the queue right after: requests still waiting; `None`
+    /// when the `LLEN` failed.
+    pub waiting: Option<u64>,
 }
 
 /// `CLIENT ID` of the connection a pull is sent on, for [`unblock`].
