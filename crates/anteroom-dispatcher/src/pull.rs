@@ -237,9 +237,9 @@ pub(crate) async fn pull_loop<S, B>(
             },
         };
         // A deep queue: take as many requests as there are free permits in
-        // one round trip (at most twice what the last pull found, so that a
-        // shallow queue does not cost many empty LMOVEs). An empty one: block
-        // for the next.
+        // one round trip (at most twice what the last batch found, or what
+        // the last blocking pull's LLEN counted, so that a shallow queue does
+        // not cost many empty LMOVEs). An empty one: block for the next.
         let mut permit = permit;
         let spare = shared
             .permits
@@ -303,10 +303,10 @@ pub(crate) async fn pull_loop<S, B>(
                     queue::pull_blocking(conn, &shared.requests_key, &shared.processing_key, block)
                         .await
                         .map(|blocked| {
-                            // What waits behind it sizes the next batch.
-                            // Only after a request came: a wait that timed
-                            // out or was cut short (a pause, a stop) says
-                            // nothing of the next turn.
+                            // The batch is skipped next turn only after a
+                            // request came: a wait that timed out or was
+                            // cut short (a pause, a stop) says nothing of
+                            // it. What waits behind sizes the next batch.
                             queue_was_empty = blocked.item.is_some() && blocked.waiting == Some(0);
                             if let Some(waiting) = blocked.waiting {
                                 let waiting = usize::try_from(waiting).unwrap_or(MAX_BATCH);
