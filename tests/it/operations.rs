@@ -445,6 +445,12 @@ async fn status_reports_the_known_state() {
         test_app(),
     );
     let queue = control(&redis, "known").await;
+    // Both live before the pause: one that registers after the quiescence
+    // check could start pulling before it sees the pause.
+    eventually("both dispatchers' heartbeats", READY, || async {
+        queue.status().await.unwrap().dispatchers.len() == 2
+    })
+    .await;
     queue.pause("test", None, false).await.unwrap();
     queue.wait_quiescent(READY, |_| {}).await.unwrap();
     let c = client();
