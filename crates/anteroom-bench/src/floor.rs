@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::stream::percentile;
+
 /// The keys the floor uses on the benchmark's own Redis (deleted after).
 const REQUESTS: &str = "bench-floor:requests";
 const PROCESSING: &str = "bench-floor:processing";
@@ -62,7 +64,7 @@ pub(crate) fn measure(url: &str, round_trips: usize) -> anyhow::Result<Floor> {
     for _ in 0..round_trips {
         let at = Instant::now();
         redis::cmd("PING").exec(&mut conn)?;
-        pings.push(at.elapsed());
+        pings.push(nanos(at));
     }
 
     let mut worker_conn = connect()?;
@@ -111,7 +113,7 @@ pub(crate) fn measure(url: &str, round_trips: usize) -> anyhow::Result<Floor> {
             .arg(REPLIES)
             .arg(BLOCK_SECS)
             .query(&mut conn)?;
-        handoffs.push(at.elapsed());
+        handoffs.push(nanos(at));
         match reply {
             Some((_, got)) if got == item => Ok(()),
             Some(_) => anyhow::bail!("the floor's reply was not the item sent"),
@@ -129,16 +131,20 @@ pub(crate) fn measure(url: &str, round_trips: usize) -> anyhow::Result<Floor> {
     redis::cmd("DEL")
         .arg(&[REQUESTS, PROCESSING, REPLIES])
         .exec(&mut conn)?;
+    let p50 = |samples: &mut Vec<u64>| {
+        samples.sort_unstable();
+        Duration::from_nanos(percentile(samples, 0.5))
+    };
     Ok(Floor {
         round_trips,
-        ping_p50: median(&mut pings),
-        handoffs_p50: median(&mut handoffs),
+        ping_p50: p50(&mut pings),
+        handoffs_p50: p50(&mut handoffs),
     })
 }
 
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort_unstable();
-    samples.get(samples.len() / 2).copied().unwrap_or_default()
+/// Nanoseconds since `at`, the unit the samples are kept in.
+fn nanos(at: Instant) -> u64 {
+    u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Prints the floor beside the p50s Anteroom added at one connection.

@@ -130,24 +130,40 @@ async fn enqueue_durable_waits_for_a_replica_only_when_one_is_there() {
     components.shutdown(Duration::from_secs(2)).await.unwrap();
 }
 
-#[tokio::test]
-async fn pull_blocking_waits_times_out_and_is_unblocked() {
-    let (redis, keys, mut shared, _inspect) = setup("q").await;
-    let target = anteroom_redis::Target::parse(&redis.url()).unwrap();
-    let mut blocking = anteroom_redis::blocking_for(
+/// A dedicated connection for blocking pulls of `keys`' queue, to the
+/// Redis at `url`.
+async fn blocking_conn(url: &str, keys: &Keys) -> MultiplexedConnection {
+    let target = anteroom_redis::Target::parse(url).unwrap();
+    anteroom_redis::blocking_for(
         &target,
         &keys.requests(),
         Duration::from_secs(2),
         Duration::from_secs(10),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// One [`queue::pull_blocking`] of `keys`' queue into `processing`.
+async fn pull(
+    conn: &mut MultiplexedConnection,
+    keys: &Keys,
+    processing: &str,
+    block: Duration,
+) -> redis::RedisResult<queue::Blocked> {
+    queue::pull_blocking(conn, &keys.requests(), processing, block).await
+}
+
+#[tokio::test]
+async fn pull_blocking_waits_times_out_and_is_unblocked() {
+    let (redis, keys, mut shared, _inspect) = setup("q").await;
+    let mut blocking = blocking_conn(&redis.url(), &keys).await;
     let processing = keys.processing("d1");
     // Empty: returns nothing after the block time.
     let started = Instant::now();
-    let none = queue::pull_blocking(
+    let none = pull(
         &mut blocking,
-        &keys.requests(),
+        &keys,
         &processing,
         Duration::from_millis(100),
     )
@@ -157,17 +173,11 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
     assert_eq!(none.waiting, Some(0));
     assert!(started.elapsed() >= Duration::from_millis(100));
     // A request pushed while it blocks is moved.
-    let pull = {
+    let pulled = {
         let mut blocking = blocking.clone();
-        let (requests, processing) = (keys.requests(), processing.clone());
+        let (keys, processing) = (keys.clone(), processing.clone());
         tokio::spawn(async move {
-            queue::pull_blocking(
-                &mut blocking,
-                &requests,
-                &processing,
-                Duration::from_secs(5),
-            )
-            .await
+            pull(&mut blocking, &keys, &processing, Duration::from_secs(5)).await
         })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -175,31 +185,20 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
         .await
         .unwrap();
     // The oldest is moved; the LLEN of the same round trip counts the other.
-    let pulled = pull.await.unwrap().unwrap();
+    let pulled = pulled.await.unwrap().unwrap();
     assert_eq!(pulled.item, Some(Bytes::from("r")));
     assert_eq!(pulled.waiting, Some(1));
-    let last = queue::pull_blocking(
-        &mut blocking,
-        &keys.requests(),
-        &processing,
-        Duration::from_secs(1),
-    )
-    .await
-    .unwrap();
+    let last = pull(&mut blocking, &keys, &processing, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!((last.item, last.waiting), (Some(Bytes::from("s")), Some(0)));
     // CLIENT UNBLOCK cuts a long block short, moving nothing.
     let id = queue::pull_client_id(&mut blocking).await.unwrap();
-    let pull = {
-        let (requests, processing) = (keys.requests(), processing.clone());
+    let cut = {
+        let (keys, processing) = (keys.clone(), processing.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            let got = queue::pull_blocking(
-                &mut blocking,
-                &requests,
-                &processing,
-                Duration::from_secs(8),
-            )
-            .await;
+            let got = pull(&mut blocking, &keys, &processing, Duration::from_secs(8)).await;
             (got, started.elapsed())
         })
     };
@@ -215,7 +214,7 @@ async fn pull_blocking_waits_times_out_and_is_unblocked() {
     })
     .await;
     queue::unblock(&mut shared, id).await.unwrap();
-    let (got, waited) = pull.await.unwrap();
+    let (got, waited) = cut.await.unwrap();
     assert_eq!(got.unwrap().item, None);
     assert!(waited < Duration::from_secs(8));
 }
@@ -228,33 +227,20 @@ async fn pull_blocking_returns_the_request_when_its_llen_fails() {
     let (redis, keys, mut shared, mut inspect) = setup("q").await;
     redis::cmd("ACL")
         .arg(&[
-            "SETUSER", "nollen", "on", "nopass", "~*", "&*", "+@all", "-llen",
+            "SETUSER", "nollen", "on", ">pw", "~*", "&*", "+@all", "-llen",
         ])
         .exec_async(&mut inspect)
         .await
         .unwrap();
     let url = redis.url().replacen("redis://", "redis://nollen:pw@", 1);
-    let target = anteroom_redis::Target::parse(&url).unwrap();
-    let mut blocking = anteroom_redis::blocking_for(
-        &target,
-        &keys.requests(),
-        Duration::from_secs(2),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let mut blocking = blocking_conn(&url, &keys).await;
     queue::enqueue(&mut shared, &keys.requests(), &[b"r"], None)
         .await
         .unwrap();
     let processing = keys.processing("d1");
-    let pulled = queue::pull_blocking(
-        &mut blocking,
-        &keys.requests(),
-        &processing,
-        Duration::from_secs(1),
-    )
-    .await
-    .unwrap();
+    let pulled = pull(&mut blocking, &keys, &processing, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert_eq!(pulled.item, Some(Bytes::from("r")));
     assert_eq!(pulled.waiting, None, "the LLEN was refused");
     assert_eq!(list(&mut inspect, &processing).await, vec![b"r".to_vec()]);

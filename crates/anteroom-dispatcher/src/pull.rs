@@ -241,16 +241,6 @@ pub(crate) async fn pull_loop<S, B>(
         // the last blocking pull's LLEN counted, so that a shallow queue does
         // not cost many empty LMOVEs). An empty one: block for the next.
         let mut permit = permit;
-        let spare = shared
-            .permits
-            .available_permits()
-            .min(pull_hint - 1)
-            .min(allowance - 1);
-        if spare > 0 {
-            if let Ok(more) = Arc::clone(&shared.permits).try_acquire_many_owned(spare as u32) {
-                permit.merge(more);
-            }
-        }
         // After a blocking pull that left the queue empty, a batch would
         // find nothing (one request at a time: a round trip and 6 commands
         // saved per request). Not in a priority group, where an empty batch
@@ -258,6 +248,16 @@ pub(crate) async fn pull_loop<S, B>(
         let batch = if skip_batch {
             Ok(Vec::new())
         } else {
+            let spare = shared
+                .permits
+                .available_permits()
+                .min(pull_hint - 1)
+                .min(allowance - 1);
+            if spare > 0 {
+                if let Ok(more) = Arc::clone(&shared.permits).try_acquire_many_owned(spare as u32) {
+                    permit.merge(more);
+                }
+            }
             let batch = queue::pull_batch(
                 conn,
                 &shared.requests_key,

@@ -199,8 +199,7 @@ impl Conn {
 /// reached under the `noeviction` policy). The command did nothing, so it
 /// is safe to send again once memory frees.
 pub fn is_out_of_memory(err: &RedisError) -> bool {
-    // Inside a MULTI or a pipeline, redis-rs reports it in the text of
-    // the aborted transaction or of the pipeline's failure.
+    // Inside a MULTI, redis-rs reports it in the text of the abort.
     err.code() == Some("OOM") || {
         let text = err.to_string();
         text.contains("OOM") && text.contains("maxmemory")
