@@ -337,9 +337,14 @@ async fn completion_lost(language: Option<&str>, lost: Lost) {
 
 /// A reaper's claim whose reply is lost has moved a dead dispatcher's
 /// requests into the claimer's own processing list, where no task of it
-/// holds them: the claimer settles them as orphans (the GET runs, the
-/// POST, which may have run on the dead dispatcher, gets 502) instead of
-/// leaving them there until their clients' 504.
+/// holds them: the claimer settles them as orphans (the GET and the POST
+/// with `Idempotency-Key` run, the POST, which may have run on the dead
+/// dispatcher, gets 502) instead of leaving them there until their
+/// clients' 504. The envelopes are `dedupe` (the proxy's
+/// `--enqueue-timeout`) and the dead dispatcher had claimed each: settling
+/// an orphan releases the claim of a dispatcher whose heartbeat is gone,
+/// or the next delivery finds it taken and drops the request (the chaos
+/// soak's 504 at the hold budget, seed 1796117894).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_reply_is_lost_strands_nothing() {
     claim_lost(None).await;
@@ -382,7 +387,7 @@ async fn claim_lost(language: Option<&str>) {
         }
     });
     let (through_relay, url) = (relay.url(), redis.url());
-    let (_proxy, listen) = start_proxy_on(&url, queue, "30s", &[]).await;
+    let (_proxy, listen) = start_proxy_on(&url, queue, "30s", &["--enqueue-timeout", "5s"]).await;
     let mut first = BinProcess::spawn(&[
         "dispatch",
         "--redis",
@@ -408,7 +413,19 @@ async fn claim_lost(language: Option<&str>) {
         let listen = listen.clone();
         async move { run(&listen, http::Method::POST, "claimed-post", false).await }
     });
-    until_held(&control, 2).await;
+    let keyed = tokio::spawn({
+        let listen = listen.clone();
+        async move { run(&listen, http::Method::POST, "claimed-keyed", true).await }
+    });
+    until_held(&control, 3).await;
+    // Each claimed (so the first dispatcher may have run it) before it dies.
+    let inspect = crate::support::redis_conn(&redis).await;
+    let claims = format!("anteroom:{{{queue}}}:claimed:*");
+    eventually("the three claims", Duration::from_secs(10), || {
+        let (mut inspect, claims) = (inspect.clone(), claims.clone());
+        async move { anteroom_testkit::keys(&mut inspect, &claims).await.len() == 3 }
+    })
+    .await;
     first.child().kill().unwrap();
     first.wait(Duration::from_secs(5)).await;
     eventually(
@@ -451,8 +468,10 @@ async fn claim_lost(language: Option<&str>) {
     assert_eq!(status, StatusCode::OK);
     assert!(took < Duration::from_secs(25), "{took:?}");
     assert_eq!(post.await.unwrap(), StatusCode::BAD_GATEWAY);
+    assert_eq!(keyed.await.unwrap(), StatusCode::OK);
     assert_eq!(runs("claimed-get"), 1);
     assert_eq!(runs("claimed-post"), 0);
+    assert_eq!(runs("claimed-keyed"), 1);
     until_held(&control, 0).await;
     holding.abort();
     let _ = std::fs::remove_file(&record);

@@ -720,7 +720,8 @@ class Dispatcher {
     if (kind === 'Q' && protocol.isSafeToRepeat(request)) {
       const done = await this.redis.eval(protocol.REQUEUE, {
         keys: [this.processing, this.keys.requests, this.keys.claimed(request.id), this.keys.repeats(request.id)],
-        arguments: [raw, dead, String(protocol.MAX_REPEATS), String(Math.max(1, request.deadline_ms - now))],
+        arguments: [raw, dead, String(protocol.MAX_REPEATS), String(Math.max(1, request.deadline_ms - now)),
+          this.keys.dispatcher('')],
       });
       if (done !== 2) return undefined; // back in the queue, or no longer this reaper's
     }

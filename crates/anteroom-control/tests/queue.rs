@@ -587,3 +587,136 @@ async fn reap_once_settles_a_dead_dispatchers_list_and_leaves_no_trace() {
         .unwrap();
     assert!(known.is_empty(), "{known:?}");
 }
+
+/// A reaped request's `dedupe` claim is released when the dead dispatcher
+/// holds it, or any dispatcher without a heartbeat: an orphan of a reaper
+/// whose claim reply was lost, or a list reaped from a reaper that died
+/// mid-way, holds requests a third, dead, dispatcher claimed (the chaos
+/// soak's 504: the claim outlived its holder, and every later delivery
+/// found it taken). A live dispatcher's claim is kept, and so is every
+/// claim but the caller's own on a dispatcher's own requeue.
+#[tokio::test]
+async fn a_reaped_requests_claim_is_released_when_its_holder_is_dead() {
+    let (_redis, keys, mut shared, mut inspect) = setup("q").await;
+    let processing = keys.processing("me");
+    let raw = Bytes::from(envelope("r1", "GET", &keys).encode());
+    redis::cmd("SET")
+        .arg(keys.dispatcher("live"))
+        .arg("{}")
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(60);
+    let reaped = Attempt::Reaped { dead: "me", ttl };
+    let own = Attempt::MayHaveRun {
+        claimed_by: "me/1",
+        ttl,
+    };
+    let cases = [
+        (
+            "gone/7",
+            reaped,
+            false,
+            "a delivery of a dispatcher without heartbeat",
+        ),
+        (
+            "gone",
+            reaped,
+            false,
+            "an older claim, the id alone, without heartbeat",
+        ),
+        ("me/2", reaped, false, "the dead dispatcher's own delivery"),
+        ("live/3", reaped, true, "a live dispatcher's delivery"),
+        (
+            "gone/7",
+            own,
+            true,
+            "another's claim, on a dispatcher's own requeue",
+        ),
+        (
+            "me/1",
+            own,
+            false,
+            "this delivery's claim, on its own requeue",
+        ),
+    ];
+    for (holder, attempt, kept, case) in cases {
+        redis::cmd("DEL")
+            .arg(keys.requests())
+            .arg(keys.repeats("r1"))
+            .query_async::<()>(&mut inspect)
+            .await
+            .unwrap();
+        redis::cmd("RPUSH")
+            .arg(&processing)
+            .arg(raw.as_ref())
+            .query_async::<()>(&mut inspect)
+            .await
+            .unwrap();
+        redis::cmd("SET")
+            .arg(keys.claimed("r1"))
+            .arg(holder)
+            .query_async::<()>(&mut inspect)
+            .await
+            .unwrap();
+        let done = queue::requeue(&mut shared, &keys, &processing, &raw, "r1", attempt)
+            .await
+            .unwrap();
+        assert_eq!(done, Requeued::Requeued, "{case}");
+        let claim: Option<String> = redis::cmd("GET")
+            .arg(keys.claimed("r1"))
+            .query_async(&mut inspect)
+            .await
+            .unwrap();
+        assert_eq!(claim.is_some(), kept, "{case}: claim {claim:?}");
+    }
+}
+
+/// A reaper that died mid-way is reaped in turn: the requests it had
+/// claimed from another dead dispatcher run again (their claims, held by
+/// the first dead one, released).
+#[tokio::test]
+async fn a_dead_reapers_list_is_reaped_with_the_claims_of_the_dispatcher_it_reaped() {
+    let (redis, keys, mut shared, mut inspect) = setup("q").await;
+    redis::cmd("ZADD")
+        .arg(keys.dispatchers())
+        .arg(now_ms())
+        .arg("reaper")
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    let mut keyed = envelope("k", "POST", &keys);
+    keyed.headers = vec![("idempotency-key".into(), Bytes::from_static(b"k-1"))];
+    keyed.dedupe = true;
+    let keyed = Bytes::from(keyed.encode());
+    queue::enqueue(
+        &mut shared,
+        &keys.processing("reaper"),
+        std::slice::from_ref(&keyed),
+        None,
+    )
+    .await
+    .unwrap();
+    // Claimed by "first", whose list the dead reaper had taken.
+    redis::cmd("SET")
+        .arg(keys.claimed("k"))
+        .arg("first/a1")
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    let control = Queue::connect(&redis.url(), "q", Duration::from_secs(2))
+        .await
+        .unwrap();
+    let report = control.reap_once(Duration::from_secs(60)).await.unwrap();
+    assert_eq!((report.dispatchers, report.requeued), (1, 1));
+    assert_eq!(
+        list(&mut inspect, &keys.requests()).await,
+        vec![keyed.to_vec()]
+    );
+    let claim: Option<String> = redis::cmd("GET")
+        .arg(keys.claimed("k"))
+        .query_async(&mut inspect)
+        .await
+        .unwrap();
+    assert_eq!(claim, None, "the dead dispatcher's claim is released");
+}

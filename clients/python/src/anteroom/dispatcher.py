@@ -796,7 +796,8 @@ class Dispatcher:
         if kind == "Q" and request.is_safe_to_repeat():
             done = self.redis.eval(protocol.REQUEUE, 4, self.processing, self.keys.requests,
                                    self.keys.claimed(request.id), self.keys.repeats(request.id), raw, dead,
-                                   protocol.MAX_REPEATS, max(1, request.deadline_ms - now))
+                                   protocol.MAX_REPEATS, max(1, request.deadline_ms - now),
+                                   self.keys.dispatcher(""))
             if done != 2:
                 return None  # back in the queue, or no longer this reaper's
         # Bounded by RETRY_S too: a stop waits for the reaper's pass.

@@ -197,11 +197,14 @@ return items"""
 
 #: Puts a reaped request back at the end of the queue pulled next, only if
 #: it is still in the reaper's list, at most MAX_REPEATS times, releasing
-#: the dead dispatcher's dedupe claim: 0 done, 1 not held, 2 repeated too
-#: often (answer it 502). KEYS: the reaper's processing list, the requests
-#: list, the claim key, the repeats counter; ARGV: the raw envelope, the
-#: dead dispatcher's id, MAX_REPEATS, the counter's TTL in ms. The Rust
-#: reaper's script (crates/anteroom-control/src/queue/requeue.rs).
+#: its dedupe claim when the dead dispatcher holds it or, with ARGV[5], any
+#: dispatcher whose heartbeat is gone (an orphan may be a dead dispatcher's
+#: request, claimed by a reaper whose reply was lost): 0 done, 1 not held,
+#: 2 repeated too often (answer it 502). KEYS: the reaper's processing
+#: list, the requests list, the claim key, the repeats counter; ARGV: the
+#: raw envelope, the dead dispatcher's id, MAX_REPEATS, the counter's TTL
+#: in ms, the heartbeat keys' prefix (``anteroom:{q}:dispatcher:``). The
+#: Rust reaper's script (crates/anteroom-control/src/queue/requeue.rs).
 REQUEUE = """
 if ARGV[3] ~= '-1' then
   local n = redis.call('INCR', KEYS[4])
@@ -212,7 +215,8 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 if ARGV[2] ~= '' then
   local holder = redis.call('GET', KEYS[3])
-  if holder == ARGV[2] or (holder and string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/') then
+  if holder and (holder == ARGV[2] or string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/'
+      or (ARGV[5] ~= '' and redis.call('EXISTS', ARGV[5] .. string.match(holder, '^[^/]*')) == 0)) then
     redis.call('DEL', KEYS[3])
   end
 end

@@ -800,7 +800,8 @@ module Anteroom
       if kind == "Q" && request.safe_to_repeat?
         done = redis.eval(Protocol::REQUEUE,
                           keys: [@processing, @keys.requests, @keys.claimed(request.id), @keys.repeats(request.id)],
-                          argv: [raw, dead, Protocol::MAX_REPEATS, [request.deadline_ms - now, 1].max])
+                          argv: [raw, dead, Protocol::MAX_REPEATS, [request.deadline_ms - now, 1].max,
+                                 @keys.dispatcher("")])
         return unless done == 2 # back in the queue, or no longer this reaper's
       end
       # Bounded by RETRY_S too: a stop waits for the reaper's pass.

@@ -259,8 +259,8 @@ impl Reaping<'_> {
         }
         let now = now_ms();
         if envelope.is_safe_to_repeat() && !envelope.is_expired(now) {
-            let attempt = Attempt::MayHaveRun {
-                claimed_by: dead,
+            let attempt = Attempt::Reaped {
+                dead,
                 ttl: Duration::from_millis(envelope.deadline_ms - now),
             };
             match requeue(conn, keys, claim_list, &raw, &envelope.id, attempt).await? {

@@ -27,7 +27,8 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 if ARGV[2] ~= '' then
   local holder = redis.call('GET', KEYS[3])
-  if holder == ARGV[2] or (holder and string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/') then
+  if holder and (holder == ARGV[2] or string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/'
+      or (ARGV[5] ~= '' and redis.call('EXISTS', ARGV[5] .. string.match(holder, '^[^/]*')) == 0)) then
     redis.call('DEL', KEYS[3])
   end
 end
@@ -71,17 +72,36 @@ pub enum Attempt<'a> {
         /// How long to remember the count.
         ttl: Duration,
     },
+    /// Found in a processing list with no task holding it: a dead
+    /// dispatcher's, being reaped, or an orphan of a lost reply (which may
+    /// be a dead dispatcher's requests too, claimed by a reaper whose
+    /// reply was lost, or reaped from a reaper that died mid-way). Counted
+    /// as [`Attempt::MayHaveRun`]. Its `dedupe` claim is released when
+    /// `dead` holds it (`<id>` or `<id>/<n>`), and also when the
+    /// dispatcher holding it has no heartbeat (`anteroom:{q}:dispatcher:<id>`
+    /// gone: dead, by the rule reapers follow, docs/protocol.md step 8);
+    /// kept when a live dispatcher holds it (a copy it is running).
+    Reaped {
+        /// The dispatcher whose list it was found in (the caller's own id
+        /// for an orphan).
+        dead: &'a str,
+        /// How long to remember the count.
+        ttl: Duration,
+    },
 }
 
 /// Puts a request back at the front of its queue, taking it out of `list`
 /// (the processing list that held it), in one Lua script: `LREM` from
 /// `list`, and only if that removed it, `RPUSH` onto the requests list (the
 /// right end is where dispatchers pull from: next in line) and `DEL` of the
-/// `dedupe` claim if `claimed_by` holds it (the claim holds the delivery,
-/// `<dispatcher id>/<n>`, or, written by older dispatchers, the id
-/// alone). Guarded by the `LREM`, so running it again after an answer was
-/// lost cannot queue a second copy. [`Attempt::MayHaveRun`] first counts
-/// the repeat (`INCR anteroom:{q}:repeats:<id>`).
+/// `dedupe` claim if the attempt's owner holds it (the claim holds the
+/// delivery, `<dispatcher id>/<n>`, or, written by older dispatchers, the
+/// id alone) or, for [`Attempt::Reaped`], a dispatcher whose heartbeat key
+/// is gone (read in the script: the key shares the queue's hash tag, so
+/// its slot is the declared keys'). Guarded by the `LREM`, so running it
+/// again after an answer was lost cannot queue a second copy.
+/// [`Attempt::MayHaveRun`] and [`Attempt::Reaped`] first count the repeat
+/// (`INCR anteroom:{q}:repeats:<id>`).
 ///
 /// The one owner of a requeue: the reaper uses it for safe requests of dead
 /// dispatchers, a dispatcher for requests its upstream never received or
@@ -95,13 +115,11 @@ pub async fn requeue(
     request_id: &str,
     attempt: Attempt<'_>,
 ) -> Result<Requeued, ControlError> {
-    let (owner, max, ttl_ms) = match attempt {
-        Attempt::NotStarted { claimed_by } => (claimed_by, -1_i64, 0_u64),
-        Attempt::MayHaveRun { claimed_by, ttl } => (
-            claimed_by,
-            i64::from(MAX_REPEATS),
-            (ttl.as_millis() as u64).max(1),
-        ),
+    let counted = |ttl: Duration| (i64::from(MAX_REPEATS), (ttl.as_millis() as u64).max(1));
+    let (owner, (max, ttl_ms), heartbeats) = match attempt {
+        Attempt::NotStarted { claimed_by } => (claimed_by, (-1_i64, 0_u64), String::new()),
+        Attempt::MayHaveRun { claimed_by, ttl } => (claimed_by, counted(ttl), String::new()),
+        Attempt::Reaped { dead, ttl } => (dead, counted(ttl), keys.dispatcher("")),
     };
     let code: i64 = redis::cmd("EVAL")
         .arg(REQUEUE)
@@ -114,6 +132,7 @@ pub async fn requeue(
         .arg(owner)
         .arg(max)
         .arg(ttl_ms)
+        .arg(heartbeats)
         .query_async(conn)
         .await?;
     Ok(match code {
