@@ -84,6 +84,16 @@ async fn dead_letters_are_listed_shown_replayed_and_purged() {
     let mut envelope = RequestEnvelope::decode(Bytes::from(raw)).unwrap();
     let id = envelope.id.clone();
     envelope.deadline_ms = now_ms() + 3 * 24 * 3600 * 1000;
+    // `dedupe` (as a proxy with `--enqueue-timeout` writes it), and claimed
+    // by a delivery that is no more: the replay must release the claim, or
+    // its delivery drops the request as claimed.
+    envelope.dedupe = true;
+    redis::cmd("SET")
+        .arg(keys.claimed(&id))
+        .arg("gone/1")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
     // One whose proxy is gone (a reply list no proxy reads), and bytes
     // that are no request at all.
     let mut orphan = envelope.clone();

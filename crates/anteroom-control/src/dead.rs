@@ -25,10 +25,15 @@ const PAGE: isize = 100;
 
 /// Removes one letter and puts its request at the front of the queue, only
 /// if the letter is still there (so two operators replaying at once do not
-/// queue it twice). `KEYS`: dead, requests; `ARGV`: letter, envelope.
+/// queue it twice), and deletes the request's `dedupe` claim: a letter a
+/// dispatcher set aside after claiming it (no valid HTTP request) would
+/// otherwise be dropped by the replay's delivery as claimed, for as long as
+/// the claim lives. `KEYS`: dead, requests, the claim; `ARGV`: letter,
+/// envelope.
 const REPLAY: &str = r"
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
   redis.call('RPUSH', KEYS[2], ARGV[2])
+  redis.call('DEL', KEYS[3])
   return 1
 end
 return 0";
@@ -196,7 +201,8 @@ impl Queue {
 
     /// Puts `view`'s request back at the front of the queue with the
     /// deadline `deadline_ms` (Unix ms by the queue's clock), removing the
-    /// letter, in one script. False when the letter was no longer there
+    /// letter and releasing the request's `dedupe` claim (a replay is a
+    /// delivery the operator asks for), in one script. False when the letter was no longer there
     /// (someone replayed or removed it meanwhile): nothing queued.
     ///
     /// Errors: [`ControlError::NotReplayable`] when the letter holds no
@@ -220,9 +226,10 @@ impl Queue {
             .unwrap_or_default();
         let replayed: i64 = redis::cmd("EVAL")
             .arg(REPLAY)
-            .arg(2)
+            .arg(3)
             .arg(self.keys.dead())
             .arg(self.keys.requests())
+            .arg(self.keys.claimed(&request.id))
             .arg(view.raw.as_ref())
             .arg(request.encode_as(version))
             .query_async(&mut self.conn())

@@ -70,15 +70,15 @@ module Anteroom
         redis.call('PEXPIRE', KEYS[4], ARGV[4])
         if n > tonumber(ARGV[3]) then return 2 end
       end
-      if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
-      redis.call('RPUSH', KEYS[2], ARGV[1])
+      local release = false
       if ARGV[2] ~= '' then
         local holder = redis.call('GET', KEYS[3])
-        if holder and (holder == ARGV[2] or string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/'
-            or (ARGV[5] ~= '' and redis.call('EXISTS', ARGV[5] .. string.match(holder, '^[^/]*')) == 0)) then
-          redis.call('DEL', KEYS[3])
-        end
+        release = holder and (holder == ARGV[2] or string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/'
+            or (ARGV[5] ~= '' and redis.call('EXISTS', ARGV[5] .. string.match(holder, '^[^/]*')) == 0))
       end
+      if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
+      redis.call('RPUSH', KEYS[2], ARGV[1])
+      if release then redis.call('DEL', KEYS[3]) end
       return 0
     LUA
     # Takes up to ARGV[1] requests (KEYS: requests, processing): the LMOVEs

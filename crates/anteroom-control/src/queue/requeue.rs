@@ -23,15 +23,15 @@ if ARGV[3] ~= '-1' then
   redis.call('PEXPIRE', KEYS[4], ARGV[4])
   if n > tonumber(ARGV[3]) then return 2 end
 end
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
+local release = false
 if ARGV[2] ~= '' then
   local holder = redis.call('GET', KEYS[3])
-  if holder and (holder == ARGV[2] or string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/'
-      or (ARGV[5] ~= '' and redis.call('EXISTS', ARGV[5] .. string.match(holder, '^[^/]*')) == 0)) then
-    redis.call('DEL', KEYS[3])
-  end
+  release = holder and (holder == ARGV[2] or string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '/'
+      or (ARGV[5] ~= '' and redis.call('EXISTS', ARGV[5] .. string.match(holder, '^[^/]*')) == 0))
 end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 1 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+if release then redis.call('DEL', KEYS[3]) end
 return 0";
 
 /// What [`requeue`] did.
@@ -56,9 +56,9 @@ pub enum Attempt<'a> {
     /// can run: without that, whoever pulls it next finds it claimed and
     /// drops it, and its client waits for a 504.
     NotStarted {
-        /// The claim's owner to release: this delivery's `<id>/<n>` for a
-        /// dispatcher's own requeue, the dead dispatcher's id for a reaper
-        /// (which releases `<id>` or `<id>/<n>`); "" for none.
+        /// The claim's owner to release: this delivery's `<id>/<n>`, or a
+        /// dispatcher id (which releases `<id>` or `<id>/<n>`); "" for
+        /// none. A reaper's requeue is [`Attempt::Reaped`].
         claimed_by: &'a str,
     },
     /// It may have run (a dispatcher or an upstream died while running it);
@@ -79,8 +79,9 @@ pub enum Attempt<'a> {
     /// as [`Attempt::MayHaveRun`]. Its `dedupe` claim is released when
     /// `dead` holds it (`<id>` or `<id>/<n>`), and also when the
     /// dispatcher holding it has no heartbeat (`anteroom:{q}:dispatcher:<id>`
-    /// gone: dead, by the rule reapers follow, docs/protocol.md step 8);
-    /// kept when a live dispatcher holds it (a copy it is running).
+    /// gone: dead, stopped, or cut off from Redis longer than its TTL);
+    /// kept while the holder's heartbeat lives (it may be running a copy).
+    /// docs/protocol.md, step 8, says what that costs.
     Reaped {
         /// The dispatcher whose list it was found in (the caller's own id
         /// for an orphan).
@@ -97,8 +98,9 @@ pub enum Attempt<'a> {
 /// `dedupe` claim if the attempt's owner holds it (the claim holds the
 /// delivery, `<dispatcher id>/<n>`, or, written by older dispatchers, the
 /// id alone) or, for [`Attempt::Reaped`], a dispatcher whose heartbeat key
-/// is gone (read in the script: the key shares the queue's hash tag, so
-/// its slot is the declared keys'). Guarded by the `LREM`, so running it
+/// is gone (read in the script, before anything is written, so that a
+/// refused read leaves nothing half done; the key shares the queue's hash
+/// tag, so its slot is the declared keys'). Guarded by the `LREM`, so running it
 /// again after an answer was lost cannot queue a second copy.
 /// [`Attempt::MayHaveRun`] and [`Attempt::Reaped`] first count the repeat
 /// (`INCR anteroom:{q}:repeats:<id>`).
