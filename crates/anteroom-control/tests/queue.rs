@@ -280,17 +280,20 @@ async fn complete_pushes_replies_sets_their_ttl_and_removes_the_requests() {
             reply_to: &p1,
             reply: Some(&ra),
             raw: &a,
+            from_tail: false,
         },
         Done {
             reply_to: &p1,
             reply: Some(&rb),
             raw: &b,
+            from_tail: true,
         },
         // No reply (its deadline passed): only removed.
         Done {
             reply_to: &p2,
             reply: None,
             raw: &c,
+            from_tail: false,
         },
     ];
     queue::complete_now(&mut shared, &processing, Duration::from_secs(60), &done)
@@ -719,4 +722,46 @@ async fn a_dead_reapers_list_is_reaped_with_the_claims_of_the_dispatcher_it_reap
         .await
         .unwrap();
     assert_eq!(claim, None, "the dead dispatcher's claim is released");
+}
+
+/// A completion `from_tail` removes the copy nearest the tail (`LREM -1`),
+/// one without it the copy nearest the head (`LREM 1`).
+#[tokio::test]
+async fn complete_looks_for_the_request_from_the_end_it_is_told() {
+    let (_redis, keys, mut shared, mut inspect) = setup("q").await;
+    let processing = keys.processing("d1");
+    let (x, y) = (b"x".to_vec(), b"y".to_vec());
+    redis::cmd("RPUSH")
+        .arg(&processing)
+        .arg(&x)
+        .arg(&y)
+        .arg(&x)
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    let p1 = keys.replies("p1");
+    let done = |from_tail| Done {
+        reply_to: &p1,
+        reply: None,
+        raw: &x,
+        from_tail,
+    };
+    let ttl = Duration::from_secs(60);
+    queue::complete_now(&mut shared, &processing, ttl, &[done(true)])
+        .await
+        .unwrap();
+    assert_eq!(
+        list(&mut inspect, &processing).await,
+        vec![x.clone(), y.clone()]
+    );
+    redis::cmd("RPUSH")
+        .arg(&processing)
+        .arg(&x)
+        .query_async::<()>(&mut inspect)
+        .await
+        .unwrap();
+    queue::complete_now(&mut shared, &processing, ttl, &[done(false)])
+        .await
+        .unwrap();
+    assert_eq!(list(&mut inspect, &processing).await, vec![y, x]);
 }

@@ -155,6 +155,7 @@ async fn complete_each(
                 reply_to: &completion.reply_to,
                 reply: Some(&completion.reply),
                 raw: &completion.raw,
+                from_tail: false,
             };
             let (processing, ttl) = (&shared.processing_key, shared.settings.reply_ttl);
             queue::complete_when_full(conn, processing, ttl, &done).await
@@ -233,12 +234,15 @@ async fn complete_batch(
     conn: &mut SharedConnection,
     batch: &[Completion],
 ) -> redis::RedisResult<()> {
+    // From the tail while no WebSocket is open (see `Done::from_tail`).
+    let from_tail = shared.sockets.is_empty();
     let done: Vec<Done<'_>> = batch
         .iter()
         .map(|c| Done {
             reply_to: &c.reply_to,
             reply: Some(&c.reply),
             raw: &c.raw,
+            from_tail,
         })
         .collect();
     queue::complete_now(

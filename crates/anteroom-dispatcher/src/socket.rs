@@ -281,6 +281,7 @@ pub(crate) async fn relay(
         reply_to: &envelope.reply_to,
         reply: None,
         raw,
+        from_tail: false,
     };
     let processing = &shared.processing_key;
     let idle_ms =

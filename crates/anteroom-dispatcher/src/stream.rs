@@ -219,6 +219,7 @@ pub(crate) async fn send<B: ResponseBody>(
         reply_to: &envelope.reply_to,
         reply: frame.as_deref(),
         raw,
+        from_tail: false,
     };
     let ttl = shared.settings.reply_ttl;
     let processing = &shared.processing_key;

@@ -17,13 +17,21 @@ pub struct Done<'a> {
     pub reply: Option<&'a [u8]>,
     /// The envelope's bytes, as held in the processing list.
     pub raw: &'a [u8],
+    /// Look for it from the processing list's tail (`LREM -1`) rather than
+    /// its head (`LREM 1`). A pull pushes at the head, so the tail holds
+    /// the oldest requests, which mostly finish first: from there the
+    /// search passes the few older ones still running, not every newer
+    /// one. Only while nothing long-lived sits at the tail (an open
+    /// WebSocket's handshake stays in the list for the socket's life).
+    pub from_tail: bool,
 }
 
 /// Adds to `pipe` (the caller makes it a MULTI) what completes `items`
 /// held in `processing`: their replies pushed to their reply lists, in
 /// order and one RPUSH per list, each list's lifetime then set to
 /// `reply_ttl` (so the replies of a proxy that died do not stay), and each
-/// request removed from `processing` (`LREM 1`). The dispatcher's
+/// request removed from `processing` (`LREM 1`, or `LREM -1` when
+/// [`Done::from_tail`]). The dispatcher's
 /// completer and the reaper both complete through this.
 pub fn complete(
     pipe: &mut redis::Pipeline,
@@ -54,7 +62,7 @@ pub fn complete(
     for done in items {
         pipe.cmd("LREM")
             .arg(processing)
-            .arg(1)
+            .arg(if done.from_tail { -1 } else { 1 })
             .arg(done.raw)
             .ignore();
     }

@@ -284,6 +284,7 @@ impl Reaping<'_> {
             reply_to: &envelope.reply_to,
             reply: reply.as_deref(),
             raw: &raw,
+            from_tail: false,
         };
         if guarded {
             complete_if_held(conn, claim_list, reply_ttl, &done).await?;
