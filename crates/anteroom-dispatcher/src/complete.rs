@@ -67,6 +67,8 @@ pub(crate) async fn completer(
                     }
                     shared.replicate().await;
                     for completion in batch.drain(..) {
+                        // Out of the processing list: no longer in hand.
+                        shared.release(&completion.raw);
                         let _ = completion.done.send(());
                     }
                     break;
@@ -234,11 +236,11 @@ async fn complete_batch(
     conn: &mut SharedConnection,
     batch: &[Completion],
 ) -> redis::RedisResult<()> {
-    // From the tail while no WebSocket is open (see `Done::from_tail`).
-    let from_tail = shared.sockets.is_empty();
+    let raws: Vec<&Bytes> = batch.iter().map(|c| &c.raw).collect();
     let done: Vec<Done<'_>> = batch
         .iter()
-        .map(|c| Done {
+        .zip(shared.nearer_tail(&raws))
+        .map(|(c, from_tail)| Done {
             reply_to: &c.reply_to,
             reply: Some(&c.reply),
             raw: &c.raw,

@@ -36,7 +36,7 @@ pub(crate) async fn reconcile(shared: &Arc<Shared>) -> Result<(), ControlError> 
     // The requests in hand before the list is read: one whose handling
     // ends meanwhile is either gone from the list or still counted here.
     let mut in_hand: HashMap<Bytes, usize> = HashMap::new();
-    for raw in shared
+    for (_, raw) in shared
         .held
         .lock()
         .unwrap_or_else(PoisonError::into_inner)

@@ -117,9 +117,13 @@ pub(crate) struct Shared {
     pub(crate) sockets: Arc<anteroom_socket::Sockets>,
     /// The envelopes in hand (taken, their handling not over): anything
     /// else in the processing list is an orphan ([`crate::reconcile`]). A
-    /// list of at most the concurrency, each entry sharing its buffer with
-    /// its [`Held`] guard, so adding and removing hash nothing.
-    pub(crate) held: Mutex<Vec<Bytes>>,
+    /// list of at most the concurrency (and the open WebSockets), each
+    /// entry sharing its buffer with its [`Held`] guard, so adding and
+    /// removing hash nothing, and numbered in the order the pulls moved
+    /// them into the processing list ([`Shared::nearer_tail`]).
+    pub(crate) held: Mutex<Vec<(u64, Bytes)>>,
+    /// The number the next envelope taken gets in [`Shared::held`].
+    pub(crate) pulled: AtomicU64,
     /// Held by a reaping pass and by a reconciliation, so that neither
     /// sees the other's items half-settled.
     pub(crate) settling: tokio::sync::Mutex<()>,
@@ -149,19 +153,41 @@ pub(crate) struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let mut held = self
-            .shared
-            .held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        // This guard's own entry: the same buffer, not merely equal bytes.
-        let mine = held
-            .iter()
-            .position(|b| b.as_ptr() == self.raw.as_ptr() && b.len() == self.raw.len());
-        if let Some(at) = mine {
-            held.swap_remove(at);
-        }
+        self.shared.release(&self.raw);
     }
+}
+
+/// Whether `a` and `b` are one buffer (one envelope taken), not merely
+/// equal bytes (a producer's second copy).
+fn same_buffer(a: &Bytes, b: &Bytes) -> bool {
+    a.as_ptr() == b.as_ptr() && a.len() == b.len()
+}
+
+/// For each of `batch` (these very buffers), in order: whether fewer of
+/// the `held` envelopes were taken before it than after it, leaving out
+/// those earlier in `batch`; false for one not held.
+fn tail_is_nearer(held: &[(u64, Bytes)], batch: &[&Bytes]) -> Vec<bool> {
+    let number = |raw: &Bytes| {
+        held.iter()
+            .find(|(_, b)| same_buffer(b, raw))
+            .map(|(number, _)| *number)
+    };
+    let numbers: Vec<Option<u64>> = batch.iter().map(|raw| number(raw)).collect();
+    numbers
+        .iter()
+        .enumerate()
+        .map(|(k, mine)| {
+            let Some(mine) = *mine else { return false };
+            let gone = &numbers[..k];
+            let side = |before: bool| {
+                let on_side = |n: u64| if before { n < mine } else { n > mine };
+                let held = held.iter().filter(|(n, _)| on_side(*n)).count();
+                let removed = gone.iter().flatten().filter(|n| on_side(**n)).count();
+                held - removed
+            };
+            side(true) < side(false)
+        })
+        .collect()
 }
 
 /// Counts one request as running for as long as it lives.
@@ -194,16 +220,52 @@ impl Shared {
         )
     }
 
-    /// Counts `raw` as in hand until the returned guard is dropped.
+    /// Counts `raw` as in hand until the returned guard is dropped. Called
+    /// in the order the pull moved the envelopes into the processing list.
     pub(crate) fn hold(self: &Arc<Self>, raw: &Bytes) -> Held {
+        let number = self.pulled.fetch_add(1, Ordering::Relaxed);
         self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(raw.clone());
+            .push((number, raw.clone()));
         Held {
             shared: Arc::clone(self),
             raw: raw.clone(),
         }
+    }
+
+    /// Takes `raw` (this very buffer, not merely equal bytes) out of
+    /// [`Shared::held`], if it is there: when its [`Held`] guard goes, or
+    /// as soon as its completion has removed it from the processing list
+    /// (so that [`Shared::nearer_tail`] counts only what the list holds).
+    pub(crate) fn release(&self, raw: &Bytes) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = held.iter().position(|(_, b)| same_buffer(b, raw)) {
+            held.swap_remove(at);
+        }
+    }
+
+    /// Whether `raw` (an envelope in hand, this very buffer) is nearer the
+    /// processing list's tail than its head, counting the envelopes in
+    /// hand on each side: pulls push at the head, so those taken before it
+    /// lie toward the tail. A completion then looks for it from there
+    /// (`LREM -1`, [`queue::Done::from_tail`]). Never while a WebSocket is
+    /// open (there may be thousands in hand; the head, where new requests
+    /// are, is then the better bet without counting them), nor for an
+    /// envelope not in hand. What is in the list and not in hand (orphans,
+    /// leftovers of a removal given up) lies at the tail and is not
+    /// counted: a tail search passes it.
+    ///
+    /// For a batch of completions in one `MULTI`, in its order: each one's
+    /// count leaves out those of the batch before it (removed by then).
+    pub(crate) fn nearer_tail(&self, batch: &[&Bytes]) -> Vec<bool> {
+        if !self.sockets.is_empty() {
+            return vec![false; batch.len()];
+        }
+        tail_is_nearer(
+            &self.held.lock().unwrap_or_else(PoisonError::into_inner),
+            batch,
+        )
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -342,6 +404,7 @@ where
         upload_credits,
         sockets: Arc::default(),
         held: Mutex::default(),
+        pulled: AtomicU64::new(0),
         settling: tokio::sync::Mutex::new(()),
         orphans_possible: AtomicBool::new(false),
         pull_failing: AtomicBool::new(false),
@@ -436,4 +499,34 @@ where
         .shutdown(COMPONENTS_GRACE)
         .await
         .map_err(|e| Kind::Component(e).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::tail_is_nearer;
+
+    #[test]
+    fn the_nearer_end_is_counted_in_envelopes_taken_before_and_after() {
+        let taken: Vec<Bytes> = (0..5).map(|i| Bytes::from(vec![b'e'; i + 1])).collect();
+        // Held out of pull order (a `swap_remove` reorders), numbered by pull.
+        let held: Vec<(u64, Bytes)> = [3, 0, 4, 1, 2]
+            .into_iter()
+            .map(|i| (i as u64 + 10, taken[i].clone()))
+            .collect();
+        // 0 and 1 have fewer taken before them than after; 2 is in the
+        // middle (the head, as before); 3 and 4 are nearer the head.
+        let one = |raw: &Bytes| tail_is_nearer(&held, &[raw])[0];
+        let nearer: Vec<bool> = taken.iter().map(one).collect();
+        assert_eq!(nearer, [true, true, false, false, false]);
+        // In one batch, those before are removed by then: after 0, 1 and
+        // 3, the 2 has none older left and one newer (4).
+        let batch = [&taken[3], &taken[0], &taken[1], &taken[2]];
+        assert_eq!(tail_is_nearer(&held, &batch), [false, true, true, true]);
+        // Equal bytes in another buffer (a producer's second copy) are
+        // not the envelope in hand.
+        let copy = Bytes::from(taken[0].to_vec());
+        assert!(!one(&copy));
+    }
 }

@@ -18,11 +18,12 @@ pub struct Done<'a> {
     /// The envelope's bytes, as held in the processing list.
     pub raw: &'a [u8],
     /// Look for it from the processing list's tail (`LREM -1`) rather than
-    /// its head (`LREM 1`). A pull pushes at the head, so the tail holds
-    /// the oldest requests, which mostly finish first: from there the
-    /// search passes the few older ones still running, not every newer
-    /// one. Only while nothing long-lived sits at the tail (an open
-    /// WebSocket's handshake stays in the list for the socket's life).
+    /// its head (`LREM 1`): either removes one copy; the nearer end is
+    /// cheaper for Redis. A pull pushes at the head, so the requests taken
+    /// before this one lie toward the tail: the dispatcher sets it when
+    /// fewer of those are in hand than of the ones taken after. Used by
+    /// [`complete`] and [`complete_now`] only; the scripts
+    /// ([`complete_when_full`], [`complete_if_held`]) search from the head.
     pub from_tail: bool,
 }
 
