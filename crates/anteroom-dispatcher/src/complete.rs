@@ -67,8 +67,7 @@ pub(crate) async fn completer(
                     }
                     shared.replicate().await;
                     for completion in batch.drain(..) {
-                        // Out of the processing list: no longer in hand.
-                        shared.release(&completion.raw);
+                        shared.unlisted(&completion.raw);
                         let _ = completion.done.send(());
                     }
                     break;
@@ -167,6 +166,7 @@ async fn complete_each(
         match written {
             Ok(()) => {
                 shared.replicate().await;
+                shared.unlisted(&completion.raw);
                 let _ = completion.done.send(());
             }
             Err(err) if refused_for_good(&err) => give_up(shared, conn, completion, &err).await,
@@ -204,6 +204,7 @@ async fn settle_written(
     if !settled.is_empty() {
         shared.replicate().await;
         for completion in settled {
+            shared.unlisted(&completion.raw);
             let _ = completion.done.send(());
         }
     }

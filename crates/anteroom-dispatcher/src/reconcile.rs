@@ -36,13 +36,13 @@ pub(crate) async fn reconcile(shared: &Arc<Shared>) -> Result<(), ControlError> 
     // The requests in hand before the list is read: one whose handling
     // ends meanwhile is either gone from the list or still counted here.
     let mut in_hand: HashMap<Bytes, usize> = HashMap::new();
-    for (_, raw) in shared
+    for held in shared
         .held
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .iter()
     {
-        *in_hand.entry(raw.clone()).or_default() += 1;
+        *in_hand.entry(held.raw.clone()).or_default() += 1;
     }
     let queue = Queue::with_connection(shared.keys.clone(), shared.conn.clone());
     let listed = queue.processing_list(&shared.id).await?;

@@ -121,7 +121,7 @@ pub(crate) struct Shared {
     /// entry sharing its buffer with its [`Held`] guard, so adding and
     /// removing hash nothing, and numbered in the order the pulls moved
     /// them into the processing list ([`Shared::nearer_tail`]).
-    pub(crate) held: Mutex<Vec<(u64, Bytes)>>,
+    pub(crate) held: Mutex<Vec<InHand>>,
     /// The number the next envelope taken gets in [`Shared::held`].
     pub(crate) pulled: AtomicU64,
     /// Held by a reaping pass and by a reconciliation, so that neither
@@ -145,6 +145,18 @@ pub(crate) struct Shared {
     pub(crate) deliveries: AtomicU64,
 }
 
+/// One envelope in hand ([`Shared::held`]).
+pub(crate) struct InHand {
+    /// Its place in the order the pulls moved envelopes into the
+    /// processing list.
+    number: u64,
+    /// Its bytes: the buffer its [`Held`] guard shares.
+    pub(crate) raw: Bytes,
+    /// Still in the processing list: false once its completion removed it
+    /// (its task may run a little longer, and it stays in hand until then).
+    listed: bool,
+}
+
 /// One envelope counted in [`Shared::held`] while it lives.
 pub(crate) struct Held {
     shared: Arc<Shared>,
@@ -158,34 +170,51 @@ impl Drop for Held {
 }
 
 /// Whether `a` and `b` are one buffer (one envelope taken), not merely
-/// equal bytes (a producer's second copy).
+/// equal bytes (a producer's second copy). Sound while both live (no
+/// other allocation can have that address); every empty `Bytes` shares
+/// one, but an empty envelope never decodes and is never in hand long.
 fn same_buffer(a: &Bytes, b: &Bytes) -> bool {
-    a.as_ptr() == b.as_ptr() && a.len() == b.len()
+    buffer_of(a) == buffer_of(b)
+}
+
+/// The buffer `raw` points into, to find it among the envelopes in hand.
+fn buffer_of(raw: &Bytes) -> (usize, usize) {
+    (raw.as_ptr() as usize, raw.len())
 }
 
 /// For each of `batch` (these very buffers), in order: whether fewer of
-/// the `held` envelopes were taken before it than after it, leaving out
-/// those earlier in `batch`; false for one not held.
-fn tail_is_nearer(held: &[(u64, Bytes)], batch: &[&Bytes]) -> Vec<bool> {
-    let number = |raw: &Bytes| {
-        held.iter()
-            .find(|(_, b)| same_buffer(b, raw))
-            .map(|(number, _)| *number)
-    };
-    let numbers: Vec<Option<u64>> = batch.iter().map(|raw| number(raw)).collect();
+/// the `held` envelopes still listed were taken before it than after it,
+/// leaving out those earlier in `batch`; false for one not held. Sorts
+/// what it needs once: O((held + batch) log held + batch²).
+fn tail_is_nearer(held: &[InHand], batch: &[&Bytes]) -> Vec<bool> {
+    let mut listed: Vec<((usize, usize), u64)> = held
+        .iter()
+        .filter(|h| h.listed)
+        .map(|h| (buffer_of(&h.raw), h.number))
+        .collect();
+    listed.sort_unstable();
+    let numbers: Vec<Option<u64>> = batch
+        .iter()
+        .map(|raw| {
+            listed
+                .binary_search_by_key(&buffer_of(raw), |(buffer, _)| *buffer)
+                .ok()
+                .map(|at| listed[at].1)
+        })
+        .collect();
+    let mut order: Vec<u64> = listed.iter().map(|(_, number)| *number).collect();
+    order.sort_unstable();
     numbers
         .iter()
         .enumerate()
         .map(|(k, mine)| {
             let Some(mine) = *mine else { return false };
-            let gone = &numbers[..k];
-            let side = |before: bool| {
-                let on_side = |n: u64| if before { n < mine } else { n > mine };
-                let held = held.iter().filter(|(n, _)| on_side(*n)).count();
-                let removed = gone.iter().flatten().filter(|n| on_side(**n)).count();
-                held - removed
-            };
-            side(true) < side(false)
+            let gone = numbers[..k].iter().flatten();
+            let older = order.partition_point(|&n| n < mine);
+            let newer = order.len() - order.partition_point(|&n| n <= mine);
+            let older = older.saturating_sub(gone.clone().filter(|&&n| n < mine).count());
+            let newer = newer.saturating_sub(gone.filter(|&&n| n > mine).count());
+            older < newer
         })
         .collect()
 }
@@ -227,7 +256,11 @@ impl Shared {
         self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push((number, raw.clone()));
+            .push(InHand {
+                number,
+                raw: raw.clone(),
+                listed: true,
+            });
         Held {
             shared: Arc::clone(self),
             raw: raw.clone(),
@@ -235,13 +268,22 @@ impl Shared {
     }
 
     /// Takes `raw` (this very buffer, not merely equal bytes) out of
-    /// [`Shared::held`], if it is there: when its [`Held`] guard goes, or
-    /// as soon as its completion has removed it from the processing list
-    /// (so that [`Shared::nearer_tail`] counts only what the list holds).
-    pub(crate) fn release(&self, raw: &Bytes) {
+    /// [`Shared::held`], if it is there: its [`Held`] guard went.
+    fn release(&self, raw: &Bytes) {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(at) = held.iter().position(|(_, b)| same_buffer(b, raw)) {
+        if let Some(at) = held.iter().position(|h| same_buffer(&h.raw, raw)) {
             held.swap_remove(at);
+        }
+    }
+
+    /// Marks `raw` (this very buffer) as out of the processing list: its
+    /// completion removed it. It stays in hand (counted by a priority
+    /// group, and by a reconciliation) until its task ends;
+    /// [`Shared::nearer_tail`] counts only what the list still holds.
+    pub(crate) fn unlisted(&self, raw: &Bytes) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = held.iter_mut().find(|h| same_buffer(&h.raw, raw)) {
+            entry.listed = false;
         }
     }
 
@@ -253,8 +295,8 @@ impl Shared {
     /// open (there may be thousands in hand; the head, where new requests
     /// are, is then the better bet without counting them), nor for an
     /// envelope not in hand. What is in the list and not in hand (orphans,
-    /// leftovers of a removal given up) lies at the tail and is not
-    /// counted: a tail search passes it.
+    /// leftovers of a removal given up) is not counted: on the tail side of
+    /// everything pulled after it, a tail search may pass it.
     ///
     /// For a batch of completions in one `MULTI`, in its order: each one's
     /// count leaves out those of the batch before it (removed by then).
@@ -505,15 +547,19 @@ where
 mod tests {
     use bytes::Bytes;
 
-    use super::tail_is_nearer;
+    use super::{InHand, tail_is_nearer};
 
     #[test]
     fn the_nearer_end_is_counted_in_envelopes_taken_before_and_after() {
         let taken: Vec<Bytes> = (0..5).map(|i| Bytes::from(vec![b'e'; i + 1])).collect();
         // Held out of pull order (a `swap_remove` reorders), numbered by pull.
-        let held: Vec<(u64, Bytes)> = [3, 0, 4, 1, 2]
+        let held: Vec<InHand> = [3, 0, 4, 1, 2]
             .into_iter()
-            .map(|i| (i as u64 + 10, taken[i].clone()))
+            .map(|i| InHand {
+                number: i as u64 + 10,
+                raw: taken[i].clone(),
+                listed: true,
+            })
             .collect();
         // 0 and 1 have fewer taken before them than after; 2 is in the
         // middle (the head, as before); 3 and 4 are nearer the head.
@@ -528,5 +574,13 @@ mod tests {
         // not the envelope in hand.
         let copy = Bytes::from(taken[0].to_vec());
         assert!(!one(&copy));
+        // One completed (out of the list, still in hand) is not counted:
+        // with 0 and 1 gone, 2 has none older and two newer.
+        let mut held = held;
+        for h in &mut held {
+            h.listed = !(h.number == 10 || h.number == 11);
+        }
+        assert!(tail_is_nearer(&held, &[&taken[2]])[0]);
+        assert!(!tail_is_nearer(&held, &[&taken[0]])[0], "not listed");
     }
 }
