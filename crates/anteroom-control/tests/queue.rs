@@ -56,6 +56,31 @@ async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
     redis::cmd("PTTL").arg(key).query_async(conn).await.unwrap()
 }
 
+async fn set(conn: &mut MultiplexedConnection, key: &str, value: &str) {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async::<()>(conn)
+        .await
+        .unwrap();
+}
+
+async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET").arg(key).query_async(conn).await.unwrap()
+}
+
+/// Puts dispatcher `id` in the registry with no heartbeat: dead, for a
+/// reaper.
+async fn register_dead(conn: &mut MultiplexedConnection, keys: &Keys, id: &str) {
+    redis::cmd("ZADD")
+        .arg(keys.dispatchers())
+        .arg(now_ms())
+        .arg(id)
+        .query_async::<()>(conn)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn enqueue_then_pull_batch_keeps_arrival_order() {
     let (_redis, keys, mut shared, mut inspect) = setup("q").await;
@@ -532,14 +557,7 @@ async fn keep_present_beats_on_time_and_on_wake_and_leaves_on_stop() {
 #[tokio::test]
 async fn reap_once_settles_a_dead_dispatchers_list_and_leaves_no_trace() {
     let (redis, keys, mut shared, mut inspect) = setup("q").await;
-    // A dispatcher in the registry, with no heartbeat: dead.
-    redis::cmd("ZADD")
-        .arg(keys.dispatchers())
-        .arg(now_ms())
-        .arg("dead")
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    register_dead(&mut inspect, &keys, "dead").await;
     let get = Bytes::from(envelope("g", "GET", &keys).encode());
     let post = Bytes::from(envelope("p", "POST", &keys).encode());
     let mut late = envelope("l", "GET", &keys);
@@ -603,12 +621,7 @@ async fn a_reaped_requests_claim_is_released_when_its_holder_is_dead() {
     let (_redis, keys, mut shared, mut inspect) = setup("q").await;
     let processing = keys.processing("me");
     let raw = Bytes::from(envelope("r1", "GET", &keys).encode());
-    redis::cmd("SET")
-        .arg(keys.dispatcher("live"))
-        .arg("{}")
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    set(&mut inspect, &keys.dispatcher("live"), "{}").await;
     let ttl = Duration::from_secs(60);
     let reaped = Attempt::Reaped { dead: "me", ttl };
     let own = Attempt::MayHaveRun {
@@ -656,21 +669,12 @@ async fn a_reaped_requests_claim_is_released_when_its_holder_is_dead() {
             .query_async::<()>(&mut inspect)
             .await
             .unwrap();
-        redis::cmd("SET")
-            .arg(keys.claimed("r1"))
-            .arg(holder)
-            .query_async::<()>(&mut inspect)
-            .await
-            .unwrap();
+        set(&mut inspect, &keys.claimed("r1"), holder).await;
         let done = queue::requeue(&mut shared, &keys, &processing, &raw, "r1", attempt)
             .await
             .unwrap();
         assert_eq!(done, Requeued::Requeued, "{case}");
-        let claim: Option<String> = redis::cmd("GET")
-            .arg(keys.claimed("r1"))
-            .query_async(&mut inspect)
-            .await
-            .unwrap();
+        let claim = get(&mut inspect, &keys.claimed("r1")).await;
         assert_eq!(claim.is_some(), kept, "{case}: claim {claim:?}");
     }
 }
@@ -681,13 +685,7 @@ async fn a_reaped_requests_claim_is_released_when_its_holder_is_dead() {
 #[tokio::test]
 async fn a_dead_reapers_list_is_reaped_with_the_claims_of_the_dispatcher_it_reaped() {
     let (redis, keys, mut shared, mut inspect) = setup("q").await;
-    redis::cmd("ZADD")
-        .arg(keys.dispatchers())
-        .arg(now_ms())
-        .arg("reaper")
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    register_dead(&mut inspect, &keys, "reaper").await;
     let mut keyed = envelope("k", "POST", &keys);
     keyed.headers = vec![("idempotency-key".into(), Bytes::from_static(b"k-1"))];
     keyed.dedupe = true;
@@ -701,12 +699,7 @@ async fn a_dead_reapers_list_is_reaped_with_the_claims_of_the_dispatcher_it_reap
     .await
     .unwrap();
     // Claimed by "first", whose list the dead reaper had taken.
-    redis::cmd("SET")
-        .arg(keys.claimed("k"))
-        .arg("first/a1")
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    set(&mut inspect, &keys.claimed("k"), "first/a1").await;
     let control = Queue::connect(&redis.url(), "q", Duration::from_secs(2))
         .await
         .unwrap();
@@ -716,12 +709,11 @@ async fn a_dead_reapers_list_is_reaped_with_the_claims_of_the_dispatcher_it_reap
         list(&mut inspect, &keys.requests()).await,
         vec![keyed.to_vec()]
     );
-    let claim: Option<String> = redis::cmd("GET")
-        .arg(keys.claimed("k"))
-        .query_async(&mut inspect)
-        .await
-        .unwrap();
-    assert_eq!(claim, None, "the dead dispatcher's claim is released");
+    assert_eq!(
+        get(&mut inspect, &keys.claimed("k")).await,
+        None,
+        "the dead dispatcher's claim is released"
+    );
 }
 
 /// A completion `from_tail` removes the copy nearest the tail (`LREM -1`),

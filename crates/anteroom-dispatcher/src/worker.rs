@@ -287,10 +287,11 @@ impl Shared {
         }
     }
 
-    /// Whether `raw` (an envelope in hand, this very buffer) is nearer the
-    /// processing list's tail than its head, counting the envelopes in
-    /// hand on each side: pulls push at the head, so those taken before it
-    /// lie toward the tail. A completion then looks for it from there
+    /// For each envelope of `batch` (in hand, these very buffers), whether
+    /// it is nearer the processing list's tail than its head, counting the
+    /// envelopes in hand on each side: pulls push at the head, so those
+    /// taken before it lie toward the tail. A completion then looks for it
+    /// from there
     /// (`LREM -1`, [`queue::Done::from_tail`]). Never while a WebSocket is
     /// open (there may be thousands in hand; the head, where new requests
     /// are, is then the better bet without counting them), nor for an
@@ -298,7 +299,7 @@ impl Shared {
     /// leftovers of a removal given up) is not counted: on the tail side of
     /// everything pulled after it, a tail search may pass it.
     ///
-    /// For a batch of completions in one `MULTI`, in its order: each one's
+    /// `batch` is the completions of one `MULTI`, in its order: each one's
     /// count leaves out those of the batch before it (removed by then).
     pub(crate) fn nearer_tail(&self, batch: &[&Bytes]) -> Vec<bool> {
         if !self.sockets.is_empty() {
