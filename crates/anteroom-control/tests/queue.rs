@@ -65,6 +65,16 @@ async fn set(conn: &mut MultiplexedConnection, key: &str, value: &str) {
         .unwrap();
 }
 
+/// `RPUSH key items…`.
+async fn rpush(conn: &mut MultiplexedConnection, key: &str, items: &[&[u8]]) {
+    redis::cmd("RPUSH")
+        .arg(key)
+        .arg(items)
+        .query_async::<()>(conn)
+        .await
+        .unwrap();
+}
+
 async fn get(conn: &mut MultiplexedConnection, key: &str) -> Option<String> {
     redis::cmd("GET").arg(key).query_async(conn).await.unwrap()
 }
@@ -280,14 +290,7 @@ async fn complete_pushes_replies_sets_their_ttl_and_removes_the_requests() {
     let mut other = envelope("c", "GET", &keys);
     other.reply_to = keys.replies("p2");
     let c = other.encode();
-    redis::cmd("RPUSH")
-        .arg(&processing)
-        .arg(&a)
-        .arg(&b)
-        .arg(&c)
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    rpush(&mut inspect, &processing, &[&a, &b, &c]).await;
     let reply = |id: &str| {
         ResponseEnvelope {
             id: id.into(),
@@ -345,12 +348,7 @@ async fn requeue_is_guarded_and_counts_repeats_of_what_may_have_run() {
     let (_redis, keys, mut shared, mut inspect) = setup("q").await;
     let processing = keys.processing("d1");
     let raw = Bytes::from(envelope("r1", "GET", &keys).encode());
-    redis::cmd("RPUSH")
-        .arg(&processing)
-        .arg(raw.as_ref())
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    rpush(&mut inspect, &processing, &[raw.as_ref()]).await;
     let requeue = |shared: &mut SharedConnection, attempt| {
         let (keys, processing, raw) = (keys.clone(), processing.clone(), raw.clone());
         let mut conn = shared.clone();
@@ -404,12 +402,7 @@ async fn dead_letter_moves_the_envelope_with_its_reason() {
     let (_redis, keys, mut shared, mut inspect) = setup("q").await;
     let processing = keys.processing("d1");
     let raw = Bytes::from_static(b"not an envelope");
-    redis::cmd("RPUSH")
-        .arg(&processing)
-        .arg(raw.as_ref())
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    rpush(&mut inspect, &processing, &[raw.as_ref()]).await;
     queue::dead_letter(
         &mut shared,
         &keys,
@@ -446,13 +439,7 @@ async fn claim_is_taken_once_and_remove_takes_one_copy() {
     let ttl = pttl(&mut inspect, &key).await;
     assert!((1..=5_000).contains(&ttl), "claim ttl {ttl}");
     let processing = keys.processing("d1");
-    redis::cmd("RPUSH")
-        .arg(&processing)
-        .arg("x")
-        .arg("x")
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    rpush(&mut inspect, &processing, &[b"x", b"x"]).await;
     queue::remove(&mut shared, &processing, b"x").await.unwrap();
     assert_eq!(llen(&mut inspect, &processing).await, 1);
 }
@@ -663,12 +650,7 @@ async fn a_reaped_requests_claim_is_released_when_its_holder_is_dead() {
             .query_async::<()>(&mut inspect)
             .await
             .unwrap();
-        redis::cmd("RPUSH")
-            .arg(&processing)
-            .arg(raw.as_ref())
-            .query_async::<()>(&mut inspect)
-            .await
-            .unwrap();
+        rpush(&mut inspect, &processing, &[raw.as_ref()]).await;
         set(&mut inspect, &keys.claimed("r1"), holder).await;
         let done = queue::requeue(&mut shared, &keys, &processing, &raw, "r1", attempt)
             .await
@@ -723,14 +705,7 @@ async fn complete_looks_for_the_request_from_the_end_it_is_told() {
     let (_redis, keys, mut shared, mut inspect) = setup("q").await;
     let processing = keys.processing("d1");
     let (x, y) = (b"x".to_vec(), b"y".to_vec());
-    redis::cmd("RPUSH")
-        .arg(&processing)
-        .arg(&x)
-        .arg(&y)
-        .arg(&x)
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    rpush(&mut inspect, &processing, &[&x, &y, &x]).await;
     let p1 = keys.replies("p1");
     let done = |from_tail| Done {
         reply_to: &p1,
@@ -746,12 +721,7 @@ async fn complete_looks_for_the_request_from_the_end_it_is_told() {
         list(&mut inspect, &processing).await,
         vec![x.clone(), y.clone()]
     );
-    redis::cmd("RPUSH")
-        .arg(&processing)
-        .arg(&x)
-        .query_async::<()>(&mut inspect)
-        .await
-        .unwrap();
+    rpush(&mut inspect, &processing, &[&x]).await;
     queue::complete_now(&mut shared, &processing, ttl, &[done(false)])
         .await
         .unwrap();
