@@ -30,12 +30,19 @@ use crate::stream::CreditSender;
 /// the entry goes (the request was answered, or nobody waits for it).
 #[derive(Debug)]
 enum Entry {
-    Waiting(oneshot::Sender<Delivered>, Option<UploadEvents>),
+    Waiting(ReplySender, Option<UploadEvents>),
     /// A WebSocket handshake's: a head of status 101 opens its socket
     /// (whose frames then go to [`Demux::sockets`]).
-    Handshake(oneshot::Sender<Delivered>),
-    Streaming(Stream),
+    Handshake(ReplySender),
+    /// Boxed: a map of a million waiting requests pays for its entries'
+    /// size in each of its slots, and few of them stream.
+    Streaming(Box<Stream>),
 }
+
+/// Where a waiting request's answer goes. The answer is boxed, so the
+/// channel each waiting request holds is small (docs/performance.md,
+/// "A million held requests").
+type ReplySender = oneshot::Sender<Box<Delivered>>;
 
 type UploadEvents = mpsc::UnboundedSender<UploadEvent>;
 
@@ -132,7 +139,7 @@ pub(crate) struct Demux {
 pub(crate) struct Waiter {
     demux: Arc<Demux>,
     id: u128,
-    rx: oneshot::Receiver<Delivered>,
+    rx: oneshot::Receiver<Box<Delivered>>,
     /// The reply was taken (a stream's head included: its body owns the
     /// stream from then on).
     taken: bool,
@@ -141,7 +148,9 @@ pub(crate) struct Waiter {
 impl Waiter {
     /// The reply; `None` if the reader stopped.
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivered>> {
-        let polled = Pin::new(&mut self.rx).poll(cx).map(Result::ok);
+        let polled = Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|answer| answer.ok().map(|boxed| *boxed));
         if polled.is_ready() {
             self.taken = true;
         }
@@ -159,7 +168,7 @@ impl Drop for Waiter {
         // Closed first, so a socket the reader opens from now on cannot
         // be sent here (it cancels it itself); one already sent is taken.
         self.rx.close();
-        if let Ok(Delivered::Socket(head, inbox)) = self.rx.try_recv() {
+        if let Ok(Delivered::Socket(head, inbox)) = self.rx.try_recv().map(|boxed| *boxed) {
             // Opened as its client went (or its hold budget ran out): the
             // dispatcher's side must not stay open.
             drop(inbox);
@@ -242,9 +251,9 @@ impl Demux {
             if let Some(Entry::Waiting(tx, _)) = waiters.remove(&id) {
                 // Given back when the waiter has just gone.
                 return tx
-                    .send(Delivered::Refused(refused))
+                    .send(Box::new(Delivered::Refused(refused)))
                     .err()
-                    .and_then(|d| match d {
+                    .and_then(|d| match *d {
                         Delivered::Refused(refused) => Some(refused),
                         _ => None,
                     });
@@ -368,21 +377,21 @@ impl Demux {
     /// A handshake answered 101: its socket opens (when the head names a
     /// credit list of the queue; otherwise 502), and its waiter gets the
     /// inbox.
-    fn open_socket(&self, tx: oneshot::Sender<Delivered>, head: StreamHead, keys: &Keys, id: u128) {
+    fn open_socket(&self, tx: ReplySender, head: StreamHead, keys: &Keys, id: u128) {
         let Some(peer) = keys.dispatcher_of_credits(&head.credit_to) else {
             tracing::warn!(
                 credit_to = %anteroom_protocol::printable(&head.credit_to),
                 queue = %keys.queue(),
                 "a socket head whose credit list is not one of the queue's; answered 502"
             );
-            let _ = tx.send(Delivered::Complete(
+            let _ = tx.send(Box::new(Delivered::Complete(
                 Failure::HandlerFailed.to_envelope(&head.id),
-            ));
+            )));
             return;
         };
         let inbox = self.sockets.open(&head.id, peer, head.window);
         let credit_to = head.credit_to.clone();
-        if tx.send(Delivered::Socket(head, inbox)).is_err() {
+        if tx.send(Box::new(Delivered::Socket(head, inbox))).is_err() {
             // The inbox went with it (its entry is removed).
             tracing::debug!("socket opened as its handshake gave up; cancelling it");
             self.cancel_to(&credit_to, id);
@@ -401,7 +410,7 @@ impl Demux {
         match (entry, reply) {
             (Some(Entry::Waiting(tx, _)), Reply::Complete(reply)) => {
                 // The receiver may have just given up; then the reply is late.
-                if tx.send(Delivered::Complete(reply)).is_err() {
+                if tx.send(Box::new(Delivered::Complete(reply))).is_err() {
                     tracing::debug!("reply arrived as its request gave up");
                 }
             }
@@ -412,9 +421,9 @@ impl Demux {
                 );
                 drop(waiters);
                 self.cancel(keys, &head.credit_to, id);
-                let _ = tx.send(Delivered::Complete(
+                let _ = tx.send(Box::new(Delivered::Complete(
                     Failure::HandlerFailed.to_envelope(&head.id),
-                ));
+                )));
             }
             (Some(Entry::Waiting(tx, _)), Reply::Head(head))
                 if !keys.is_credits(&head.credit_to) =>
@@ -426,15 +435,15 @@ impl Demux {
                     queue = %keys.queue(),
                     "a stream head whose credit list is not one of the queue's; answered 502"
                 );
-                let _ = tx.send(Delivered::Complete(
+                let _ = tx.send(Box::new(Delivered::Complete(
                     Failure::HandlerFailed.to_envelope(&head.id),
-                ));
+                )));
             }
             (Some(Entry::Waiting(tx, upload)), Reply::Head(head)) => {
                 let (frames, rx) = mpsc::unbounded_channel();
                 let credit_to = head.credit_to.clone();
                 let buffered = Arc::new(AtomicU64::new(0));
-                let stream = Stream {
+                let stream = Box::new(Stream {
                     frames,
                     buffered: Arc::clone(&buffered),
                     limit: head.window.min(MAX_WINDOW) + MAX_CHUNK as u64,
@@ -442,8 +451,11 @@ impl Demux {
                     upload,
                     next_seq: 0,
                     run: head.run.clone(),
-                };
-                if tx.send(Delivered::Stream(head, rx, buffered)).is_ok() {
+                });
+                if tx
+                    .send(Box::new(Delivered::Stream(head, rx, buffered)))
+                    .is_ok()
+                {
                     waiters.insert(id, Entry::Streaming(stream));
                 } else {
                     drop(waiters);
@@ -537,9 +549,9 @@ impl Demux {
                     "a taken frame whose list is not one of the queue's; answered 502"
                 );
                 if let Some(Entry::Waiting(tx, _)) = waiters.remove(&id) {
-                    let _ = tx.send(Delivered::Complete(
+                    let _ = tx.send(Box::new(Delivered::Complete(
                         Failure::HandlerFailed.to_envelope(&taken.id),
-                    ));
+                    )));
                 }
                 return;
             }
