@@ -98,7 +98,7 @@ pub(crate) async fn run(
             ])
             // The budget counts bodies only; these GETs have none.
             .args(["--max-waiting-bytes", "2GiB"])
-            .env("RUST_LOG", "error"),
+            .env("RUST_LOG", crate::setups::anteroom_log()),
     )?;
     // Patient: with a million requests arriving, Redis and this process
     // share two cores with the proxy.

@@ -96,6 +96,14 @@ struct Args {
     /// sudo when not root). With false, a missing program is an error.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     install: bool,
+
+    /// `RUST_LOG` of the Anteroom processes the scenarios start (the chaos
+    /// soak's come from `ANTEROOM_CHAOS_LOG`). The default, `error`, logs
+    /// as little as the nginx beside them (`access_log off`); Anteroom's
+    /// own default, `info`, records a tracing span per request, which
+    /// costs CPU (docs/performance.md, "The log level").
+    #[arg(long, default_value = "error")]
+    anteroom_log: String,
 }
 
 /// The benchmark's scenarios.
@@ -129,6 +137,7 @@ fn main() -> anyhow::Result<()> {
         return chaos(&args);
     }
     tools::ensure(args.install)?;
+    setups::set_anteroom_log(&args.anteroom_log);
     let anteroom = setups::build_anteroom().context("building the anteroom binary")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -254,8 +263,9 @@ fn main() -> anyhow::Result<()> {
                 .ok()
         });
     println!(
-        "\nAnteroom beside nginx: {} per setup, wrk, one machine, everything on loopback",
-        humantime::format_duration(args.duration)
+        "\nAnteroom beside nginx: {} per setup, wrk, one machine, everything on loopback; Anteroom at RUST_LOG={}, nginx with access_log off",
+        humantime::format_duration(args.duration),
+        setups::anteroom_log()
     );
     for (connections, results, costs) in &runs {
         wrk::print_table(*connections, results);

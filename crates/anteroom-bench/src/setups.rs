@@ -14,6 +14,20 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
+/// `RUST_LOG` of the Anteroom processes started (`--anteroom-log`).
+static ANTEROOM_LOG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the `RUST_LOG` of every Anteroom process started from now on
+/// (the first call wins).
+pub(crate) fn set_anteroom_log(filter: &str) {
+    let _ = ANTEROOM_LOG.set(filter.to_owned());
+}
+
+/// The `RUST_LOG` of an Anteroom process: `--anteroom-log`, or `error`.
+pub(crate) fn anteroom_log() -> &'static str {
+    ANTEROOM_LOG.get().map_or("error", String::as_str)
+}
+
 /// Builds the release `anteroom` binary (a no-op when up to date) and returns its path.
 pub(crate) fn build_anteroom() -> anyhow::Result<PathBuf> {
     let status = Command::new(env!("CARGO"))
@@ -315,7 +329,7 @@ pub(crate) fn spawn_proxy(
         Command::new(anteroom)
             .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--redis", &redis.url(), "--queue", queue])
-            .env("RUST_LOG", "error"),
+            .env("RUST_LOG", anteroom_log()),
     )
 }
 
@@ -347,7 +361,7 @@ pub(crate) fn spawn_dispatcher_with(
                 "--concurrency",
                 &concurrency.to_string(),
             ])
-            .env("RUST_LOG", "error"),
+            .env("RUST_LOG", anteroom_log()),
     )
 }
 
@@ -373,7 +387,7 @@ impl InProcess {
             Command::new(anteroom)
                 .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
                 .args(["--redis", &redis.url(), "--queue", queue])
-                .env("RUST_LOG", "error"),
+                .env("RUST_LOG", anteroom_log()),
         )?;
         wait_ready(port, "/hello")?;
         Ok(Self { _proc: proc, port })
