@@ -2,8 +2,10 @@
 //! (`anteroom dispatch --queue critical,bulk`), with real proxies and a
 //! recording app: strictly, every waiting `critical` request runs before
 //! any `bulk` one; with `--queue-weights`, `bulk` gets its share while
-//! `critical` still has a backlog. The requests wait in Redis before the
-//! dispatcher starts, so both queues have a backlog from its first pull.
+//! `critical` still has a backlog, also while `bulk` holds open
+//! WebSockets. The requests wait in Redis before the dispatcher starts,
+//! so both queues have a backlog from its first pull (but for the
+//! WebSockets' case, whose sockets need the dispatcher first).
 
 use std::time::Duration;
 
@@ -103,4 +105,103 @@ async fn weights_keep_a_share_for_lower_queues() {
         early_critical >= 7,
         "critical got {early_critical} of the first 12: {order:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_websockets_do_not_use_up_a_lower_queues_share() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    // Weights 3,1 of 4: bulk is guaranteed one place while it has
+    // requests. Two WebSockets open on bulk gave their places back on
+    // opening, so they must not count against that one.
+    let redis = start_redis();
+    let (upstream, ran): (String, Ran) = recording_upstream().await;
+    let (_critical_proxy, critical_url) = start_proxy(&redis, "critical", "60s").await;
+    let (_bulk_proxy, bulk_url) = start_proxy(&redis, "bulk", "60s").await;
+    let critical = control(&redis, "critical").await;
+    let url = redis.url();
+    let _dispatcher = BinProcess::spawn(&[
+        "dispatch",
+        "--redis",
+        url.as_str(),
+        "--queue",
+        "critical,bulk",
+        "--upstream",
+        upstream.as_str(),
+        "--concurrency",
+        "4",
+        "--queue-weights",
+        "3,1",
+    ]);
+    let ws_url = format!("{}/ws", bulk_url.replacen("http://", "ws://", 1));
+    let mut sockets = Vec::new();
+    for i in 0..2 {
+        let (mut ws, resp) = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio_tungstenite::connect_async(&ws_url),
+        )
+        .await
+        .expect("handshake within 30 s")
+        .expect("handshake accepted");
+        assert_eq!(resp.status(), 101);
+        // An echo: the socket is open at the dispatcher.
+        ws.send(Message::text(format!("socket {i}"))).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an echo within 10 s")
+            .expect("the socket stays open")
+            .unwrap();
+        assert_eq!(echo, Message::text(format!("socket {i}")));
+        sockets.push(ws);
+    }
+    let c = client();
+    let mut answers = Vec::new();
+    for i in 0..24 {
+        let (c, url) = (c.clone(), format!("{critical_url}/run/c{i}?ms=100"));
+        answers.push(tokio::spawn(async move { web::get(&c, &url).await }));
+    }
+    // A backlog of critical (4 places, 100 ms each: it lasts about 0.6 s)
+    // before bulk's requests arrive.
+    eventually("a critical backlog", Duration::from_secs(10), || async {
+        critical.status().await.unwrap().waiting >= 12
+    })
+    .await;
+    for i in 0..4 {
+        let (c, url) = (c.clone(), format!("{bulk_url}/run/b{i}?ms=100"));
+        answers.push(tokio::spawn(async move { web::get(&c, &url).await }));
+    }
+    for answer in answers {
+        let answer = tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    let order = ran.lock().unwrap().clone();
+    println!("with two sockets open on bulk: {order:?}");
+    assert_eq!(order.len(), 28, "{order:?}");
+    // Bulk keeps its one place through critical's backlog: its four
+    // requests (100 ms each) run one after another while critical's 24
+    // take about 0.8 s on three. Not just the first, which its member,
+    // blocked on its empty queue when it arrived, takes with no check.
+    let last_critical = order.iter().rposition(|id| id.starts_with('c')).unwrap();
+    let bulk_before = order[..last_critical]
+        .iter()
+        .filter(|id| id.starts_with('b'))
+        .count();
+    assert!(
+        bulk_before >= 3,
+        "bulk starved while critical had a backlog, its open sockets counted as its share: {order:?}"
+    );
+    // The sockets still work.
+    for ws in &mut sockets {
+        ws.send(Message::text("still open")).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an echo within 10 s")
+            .expect("the socket stays open")
+            .unwrap();
+        assert_eq!(echo, Message::text("still open"));
+    }
 }

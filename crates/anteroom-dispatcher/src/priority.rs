@@ -13,7 +13,8 @@
 //! also guaranteed its share of the concurrency (`weight / sum of
 //! weights`, rounded down, at least 1; none with weight 0) while it has
 //! requests: a backlog of `critical` slows `bulk` down but never starves
-//! it.
+//! it. Its open WebSockets, which give their permits back once open, do
+//! not count against that share ([`Shared::in_use`]).
 //!
 //! A member whose queue is empty blocks on it (at most [`GROUP_BLOCK`])
 //! only when that holds no one back: it had a free permit to spare, or no
@@ -180,12 +181,9 @@ impl PriorityGroup {
                 .query_async(&mut shared.conn.clone())
                 .await;
             if waiting.is_ok_and(|n| n > 0) {
-                let held = shared
-                    .held
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .len();
-                let left = self.guaranteed(rank).saturating_sub(held);
+                // Its open WebSockets took no place: they do not use up
+                // its share.
+                let left = self.guaranteed(rank).saturating_sub(shared.in_use());
                 return (left > 0).then_some(left);
             }
         }

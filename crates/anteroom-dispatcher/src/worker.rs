@@ -249,6 +249,22 @@ impl Shared {
         )
     }
 
+    /// The requests in hand that use a place of the concurrency: all but
+    /// the open WebSockets, which give their place back once open (they
+    /// stay in hand, and in the processing list, while they last). What a
+    /// priority group counts against a queue's guaranteed share
+    /// ([`crate::priority`]).
+    pub(crate) fn in_use(&self) -> usize {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        // Saturating: a socket is counted open a moment before its
+        // handshake's place is given back, and a moment after.
+        held.saturating_sub(self.sockets.len())
+    }
+
     /// Counts `raw` as in hand until the returned guard is dropped. Called
     /// in the order the pull moved the envelopes into the processing list.
     pub(crate) fn hold(self: &Arc<Self>, raw: &Bytes) -> Held {

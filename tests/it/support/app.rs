@@ -118,11 +118,13 @@ impl Drop for Upstream {
 pub type Ran = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// An app that records `ID` for every request to `/run/ID` (any method, any body) and answers `ran` with an
-/// `x-ran: ID` header field, after `N` ms with `?ms=N`; returns it and
-/// the record.
+/// `x-ran: ID` header field, after `N` ms with `?ms=N`; and echoes each
+/// message of a WebSocket at `/ws` (not recorded). Returns it and the
+/// record.
 pub fn recording_router() -> (Router, Ran) {
     let ran = Ran::default();
     let app = Router::new()
+        .route("/ws", any(echo_socket))
         .route(
             "/run/{id}",
             any(
@@ -146,6 +148,23 @@ pub fn recording_router() -> (Router, Ran) {
         .layer(DefaultBodyLimit::disable())
         .with_state(ran.clone());
     (app, ran)
+}
+
+/// Echoes each text or binary message of the socket until it closes.
+async fn echo_socket(upgrade: axum::extract::ws::WebSocketUpgrade) -> Response {
+    use axum::extract::ws::Message;
+    upgrade.on_upgrade(|mut socket| async move {
+        while let Some(Ok(message)) = socket.recv().await {
+            let reply = match message {
+                Message::Text(_) | Message::Binary(_) => message,
+                Message::Close(_) => return,
+                _ => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// [`recording_router`] served on a port-0 listener: its URL and the
