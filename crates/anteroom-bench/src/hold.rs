@@ -243,8 +243,9 @@ pub(crate) async fn run(
 pub(crate) fn print(f: &HoldFigures) {
     let per_request = (f.rss_peak_kib.saturating_sub(f.rss_idle_kib) * 1024) as f64 / f.held as f64;
     println!(
-        "\nHold capacity: {} requests waiting in one proxy, then drained by one dispatcher",
-        f.held
+        "\nHold capacity: {} requests waiting in one proxy, then drained by one dispatcher (RUST_LOG={})",
+        f.held,
+        crate::setups::anteroom_log()
     );
     println!(
         "  redis connections of the proxy (max seen while holding)  {}",

@@ -97,11 +97,14 @@ struct Args {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     install: bool,
 
-    /// `RUST_LOG` of the Anteroom processes the scenarios start (the chaos
-    /// soak's come from `ANTEROOM_CHAOS_LOG`). The default, `error`, logs
-    /// as little as the nginx beside them (`access_log off`); Anteroom's
-    /// own default, `info`, records a tracing span per request, which
-    /// costs CPU (docs/performance.md, "The log level").
+    /// `RUST_LOG` of the Rust Anteroom processes the scenarios start (the
+    /// chaos soak's come from `ANTEROOM_CHAOS_LOG`; the adapters
+    /// scenario's Python, Ruby and Node dispatchers log at their own
+    /// level). The default, `error`, writes no line per request, like the
+    /// nginx beside them (`access_log off`); Anteroom's own default,
+    /// `info`, records a tracing span per request, which costs CPU
+    /// (docs/performance.md, "The log level"). The compare and hold
+    /// scenarios print it.
     #[arg(long, default_value = "error")]
     anteroom_log: String,
 }

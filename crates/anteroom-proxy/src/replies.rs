@@ -629,3 +629,18 @@ pub(crate) async fn run(
     )
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every slot of the reply table pays for an entry's size, a million
+    /// of them for a million waiting requests (docs/performance.md, "A
+    /// million held requests"): a stream's state stays boxed.
+    #[test]
+    fn a_reply_table_entry_stays_three_words() {
+        assert!(
+            std::mem::size_of::<super::Entry>() <= 24,
+            "{} bytes",
+            std::mem::size_of::<super::Entry>()
+        );
+    }
+}
