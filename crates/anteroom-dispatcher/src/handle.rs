@@ -150,8 +150,15 @@ pub(crate) async fn handle<S, B>(
                 crate::socket::Opened::Socket(parts, ws) => {
                     shared.metrics.handled(101, started.elapsed());
                     tracing::debug!(waited_ms, "websocket open");
-                    // An open socket is no running request: its slot goes.
-                    let opened = move || drop((permit, running));
+                    // An open socket is no running request: its slot goes,
+                    // and no longer counts against a priority group's share.
+                    let opened = {
+                        let (shared, raw) = (Arc::clone(&shared), raw.clone());
+                        move || {
+                            drop((permit, running));
+                            shared.gave_place_back(&raw);
+                        }
+                    };
                     crate::socket::relay(&shared, &envelope, &raw, parts, ws, opened).await;
                     return;
                 }

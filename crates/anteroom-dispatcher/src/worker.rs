@@ -155,6 +155,9 @@ pub(crate) struct InHand {
     /// Still in the processing list: false once its completion removed it
     /// (its task may run a little longer, and it stays in hand until then).
     listed: bool,
+    /// Its place of the concurrency given back: an open WebSocket's
+    /// ([`Shared::gave_place_back`]).
+    placeless: bool,
 }
 
 /// One envelope counted in [`Shared::held`] while it lives.
@@ -255,14 +258,27 @@ impl Shared {
     /// priority group counts against a queue's guaranteed share
     /// ([`crate::priority`]).
     pub(crate) fn in_use(&self) -> usize {
-        let held = self
-            .held
+        self.held
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .len();
-        // Saturating: a socket is counted open a moment before its
-        // handshake's place is given back, and a moment after.
-        held.saturating_sub(self.sockets.len())
+            .iter()
+            .filter(|h| !h.placeless)
+            .count()
+    }
+
+    /// Marks `raw` (this very buffer) as holding no place of the
+    /// concurrency any more: its WebSocket is open and gave its permit
+    /// back. It stays in hand (and in the processing list) until its task
+    /// ends. In a priority group, members that gave way look again.
+    pub(crate) fn gave_place_back(&self, raw: &Bytes) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = held.iter_mut().find(|h| same_buffer(&h.raw, raw)) {
+            entry.placeless = true;
+        }
+        drop(held);
+        if let Some((group, _)) = &self.settings.priority {
+            group.finished();
+        }
     }
 
     /// Counts `raw` as in hand until the returned guard is dropped. Called
@@ -276,6 +292,7 @@ impl Shared {
                 number,
                 raw: raw.clone(),
                 listed: true,
+                placeless: false,
             });
         Held {
             shared: Arc::clone(self),
@@ -576,6 +593,7 @@ mod tests {
                 number: i as u64 + 10,
                 raw: taken[i].clone(),
                 listed: true,
+                placeless: false,
             })
             .collect();
         // 0 and 1 have fewer taken before them than after; 2 is in the
