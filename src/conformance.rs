@@ -604,6 +604,86 @@ async fn reaped(kit: &Kit, safe: &str, unsafe_: &str) -> Outcome {
 async fn garbage(kit: &mut Kit) -> Outcome {
     let raw = b"\x01Qnot an envelope at all";
     kit.push_raw(raw).await.map_err(|e| e.to_string())?;
+    set_aside(kit, raw).await
+}
+
+/// Requests otherwise well formed whose `enqueued_at_ms` or `flags` is
+/// 2^53 (above the range every dispatcher reads alike, docs/protocol.md)
+/// or whose `enqueued_at_ms` is -1, in either version: each is set aside,
+/// none runs.
+async fn integers_out_of_range(kit: &mut Kit) -> Outcome {
+    let over = serde_json::Value::from(1u64 << 53);
+    let minus_one = serde_json::Value::from(-1);
+    let cases = [
+        (
+            "version 2, enqueued_at_ms 2^53",
+            EnvelopeVersion::V2,
+            "7",
+            over.clone(),
+        ),
+        (
+            "version 2, flags 2^53",
+            EnvelopeVersion::V2,
+            "9",
+            over.clone(),
+        ),
+        (
+            "version 1, enqueued_at_ms 2^53",
+            EnvelopeVersion::V1,
+            "enqueued_at_ms",
+            over,
+        ),
+        (
+            "version 1, enqueued_at_ms -1",
+            EnvelopeVersion::V1,
+            "enqueued_at_ms",
+            minus_one,
+        ),
+    ];
+    let mut reasons = Vec::new();
+    for (i, (what, version, field, value)) in cases.into_iter().enumerate() {
+        let envelope = kit.envelope("GET", &format!("/touch/out-of-range-{i}"), Vec::new(), b"");
+        let raw = with_meta_field(&envelope.encode_as(version), field, value)
+            .map_err(|e| format!("{what}: {e}"))?;
+        kit.push_raw(&raw).await.map_err(|e| e.to_string())?;
+        let reason = set_aside(kit, &raw)
+            .await
+            .map_err(|why| format!("{what}: {why}"))?;
+        if kit
+            .touched()
+            .iter()
+            .any(|t| *t == format!("out-of-range-{i}"))
+        {
+            return Err(format!("{what}: the app ran it"));
+        }
+        if kit.replies.any(&envelope.id) {
+            return Err(format!("{what}: a reply came for it"));
+        }
+        reasons.push(format!("{what}: {reason}"));
+    }
+    Ok(reasons.join("; "))
+}
+
+/// `raw`, a request envelope without a body (`[version][kind][meta_len u32
+/// BE][meta]`), with its metadata's `field` (an object's key, or an
+/// array's index) set to `value`.
+fn with_meta_field(raw: &[u8], field: &str, value: serde_json::Value) -> Result<Vec<u8>, String> {
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(raw.get(6..).unwrap_or_default()).map_err(|e| e.to_string())?;
+    let slot = meta
+        .pointer_mut(&format!("/{field}"))
+        .ok_or_else(|| format!("no metadata field {field}"))?;
+    *slot = value;
+    let meta = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
+    let mut framed = raw.get(..2).unwrap_or_default().to_vec();
+    framed.extend_from_slice(&u32::try_from(meta.len()).unwrap_or(u32::MAX).to_be_bytes());
+    framed.extend_from_slice(&meta);
+    Ok(framed)
+}
+
+/// Waits (5 s) until `raw` is in the dead-letter list and out of the
+/// processing list; the reason it was set aside.
+async fn set_aside(kit: &Kit, raw: &[u8]) -> Outcome {
     let dead_key = kit.queue.keys().dead();
     for _ in 0..100 {
         let mut conn = kit.queue.connection();
@@ -1116,6 +1196,10 @@ pub(crate) async fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
             }
             report("expired deadline never run", expired(&mut kit).await);
             report("garbage envelope dead-lettered", garbage(&mut kit).await);
+            report(
+                "integers out of range dead-lettered, not run",
+                integers_out_of_range(&mut kit).await,
+            );
             report(
                 "reaps a dead dispatcher's requests",
                 reaps_the_dead(&mut kit).await,

@@ -122,6 +122,16 @@ function decode(raw) {
 }
 
 /**
+ * Whether `value` is an integer of a request's metadata: from 0 to 2^53 - 1,
+ * the largest every JSON implementation reads exactly (RFC 7493 section
+ * 2.2, I-JSON). JSON's `1.0` is read as 1 here: JavaScript's numbers
+ * cannot tell them apart (docs/protocol.md).
+ */
+function jsonInteger(value) {
+  return Number.isSafeInteger(value) && value >= 0;
+}
+
+/**
  * A version 2 request's metadata array as version 1's object: the first
  * eleven elements by name (later ones are ignored), `flags` as `dedupe` and
  * `stream`. Throws DecodeError when it is not such an array; request()
@@ -134,12 +144,12 @@ function requestFields(meta) {
   const fields = {};
   REQUEST_FIELDS_V2.forEach((name, index) => { fields[name] = meta[index]; });
   const { flags } = fields;
-  if (!Number.isSafeInteger(flags) || flags < 0) throw new DecodeError('request metadata: flags is not a non-negative integer');
+  if (!jsonInteger(flags)) throw new DecodeError('request metadata: flags is not an integer from 0 to 2^53 - 1');
   delete fields.flags;
   if (fields.client_addr !== null && typeof fields.client_addr !== 'string') {
     throw new DecodeError('request metadata: client_addr is neither a string nor null');
   }
-  if (!Number.isSafeInteger(fields.body_len)) throw new DecodeError('request metadata: body_len is not an integer');
+  if (!jsonInteger(fields.body_len)) throw new DecodeError('request metadata: body_len is not an integer from 0 to 2^53 - 1');
   // Bits 1 and 2 only: later bits (up to 2^53) are ignored, as the protocol says.
   fields.dedupe = flags % 2 === 1;
   fields.stream = Math.floor(flags / 2) % 2 === 1;
@@ -153,7 +163,7 @@ function request(meta, body) {
     if (typeof meta[name] !== type) throw new DecodeError(`request metadata: ${name} missing or not a ${type}`);
   }
   for (const name of ['enqueued_at_ms', 'deadline_ms']) {
-    if (!Number.isSafeInteger(meta[name])) throw new DecodeError(`request metadata: ${name} is not an integer`);
+    if (!jsonInteger(meta[name])) throw new DecodeError(`request metadata: ${name} is not an integer from 0 to 2^53 - 1`);
   }
   if (!Array.isArray(meta.headers)) throw new DecodeError('request metadata: headers is not a list');
   const headers = meta.headers.map((pair) => {

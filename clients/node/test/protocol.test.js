@@ -120,6 +120,36 @@ test('a short or mistyped version 2 array is refused', () => {
   }
 });
 
+const v1Meta = (e, d, b) => `{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r","enqueued_at_ms":${e},"deadline_ms":${d},"body_len":${b}}`;
+const v2Integers = (e, d, f, b) => `["i","GET","/","HTTP/1.1",[],"r",null,${e},${d},${f},${b}]`;
+
+test('integers up to 2^53 - 1 decode in both versions', () => {
+  const max = '9007199254740991';
+  for (const [version, meta] of [[1, v1Meta(max, max, 0)], [2, v2Integers(max, max, max, 0)]]) {
+    const decoded = protocol.decode(frame(version, 'Q', meta));
+    const request = protocol.request(decoded.meta, decoded.body);
+    assert.deepStrictEqual([request.enqueued_at_ms, request.deadline_ms], [2 ** 53 - 1, 2 ** 53 - 1]);
+  }
+});
+
+// Every dispatcher reads a request's integers alike (docs/protocol.md): 0 to
+// 2^53 - 1, no booleans, no fractions (but 1.0, which JavaScript reads as 1).
+test('integers above 2^53 - 1, negative or not integers are refused', () => {
+  const bad = [];
+  for (const over of ['9007199254740992', '18446744073709551615']) {
+    bad.push([2, v2Integers(over, 2, 0, 0)], [2, v2Integers(1, over, 0, 0)], [2, v2Integers(1, 2, over, 0)],
+      [1, v1Meta(over, 2, 0)], [1, v1Meta(1, over, 0)]);
+  }
+  bad.push([1, v1Meta(-1, 2, 0)], [1, v1Meta(1, -2, 0)], [2, v2Integers(-1, 2, 0, 0)],
+    [1, v1Meta('true', 2, 0)], [2, v2Integers(1, 2, '1.5', 0)], [2, v2Integers(1, 2, 0, -1)]);
+  for (const [version, meta] of bad) {
+    assert.throws(() => {
+      const decoded = protocol.decode(frame(version, 'Q', meta));
+      protocol.request(decoded.meta, decoded.body);
+    }, protocol.DecodeError, meta);
+  }
+});
+
 test('only requests have a version 2', () => {
   assert.throws(() => protocol.decode(frame(2, 'R', '{"id":"i","status":200,"headers":[],"body_len":0}')),
     /unsupported envelope version 2/);

@@ -58,3 +58,44 @@ def test_only_requests_have_a_version_2():
         protocol.decode(frame(2, "R", b'{"id":"i","status":200,"headers":[],"body_len":0}'))
     with pytest.raises(protocol.DecodeError, match="unsupported envelope version 3"):
         protocol.decode(frame(3, "Q", V2_META, b"hi"))
+
+
+V1_META = ('{{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",'
+           '"enqueued_at_ms":{e},"deadline_ms":{d},"body_len":{b}}}')
+V2_INTEGERS = '["i","GET","/","HTTP/1.1",[],"r",null,{e},{d},{f},{b}]'
+MAX = str(2**53 - 1)
+OVER = [str(2**53), str(2**64 - 1)]
+
+
+def test_integers_up_to_2_to_the_53_minus_1_decode_in_both_versions():
+    for version, meta in ((1, V1_META.format(e=MAX, d=MAX, b=0)),
+                          (2, V2_INTEGERS.format(e=MAX, d=MAX, f=MAX, b=0))):
+        request = protocol.Request(*protocol.decode(frame(version, "Q", meta.encode()))[1:])
+        assert (request.enqueued_at_ms, request.deadline_ms) == (2**53 - 1, 2**53 - 1)
+
+
+@pytest.mark.parametrize("version,meta", [
+    *[(2, V2_INTEGERS.format(e=o, d=2, f=0, b=0)) for o in OVER],
+    *[(2, V2_INTEGERS.format(e=1, d=o, f=0, b=0)) for o in OVER],
+    *[(2, V2_INTEGERS.format(e=1, d=2, f=o, b=0)) for o in OVER],
+    *[(1, V1_META.format(e=o, d=2, b=0)) for o in OVER],
+    *[(1, V1_META.format(e=1, d=o, b=0)) for o in OVER],
+    (1, V1_META.format(e=-1, d=2, b=0)),
+    (1, V1_META.format(e=1, d=-2, b=0)),
+    (2, V2_INTEGERS.format(e=-1, d=2, f=0, b=0)),
+    (1, V1_META.format(e="true", d=2, b=0)),
+    (1, V1_META.format(e=1, d="true", b=0)),
+    (1, V1_META.format(e=1, d=2, b="true")),
+    (2, V2_INTEGERS.format(e=1, d=2, f="1.5", b=0)),
+    (2, V2_INTEGERS.format(e=1, d=2, f="1.0", b=0)),
+    (2, V2_INTEGERS.format(e=1.0, d=2, f=0, b=0)),
+    (1, V1_META.format(e=1, d=2, b="1.0")),
+    (2, V2_INTEGERS.format(e=1, d=2, f=0, b="1.0")),
+])
+def test_integers_above_2_to_the_53_minus_1_negative_or_not_integers_are_refused(version, meta):
+    """Every dispatcher reads a request's integers as JavaScript's doubles
+    can (docs/protocol.md): 0 to 2^53 - 1, no booleans, no fractions."""
+    # A body of the length a true or a 1.0 would stand for.
+    body = b"x" if meta.endswith(("true}", "1.0}", "1.0]")) else b""
+    with pytest.raises(protocol.DecodeError):
+        protocol.Request(*protocol.decode(frame(version, "Q", meta.encode(), body))[1:])

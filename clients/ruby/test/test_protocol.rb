@@ -96,6 +96,45 @@ class TestProtocol < Minitest::Test
     end
   end
 
+  V1_META = '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",' \
+            '"enqueued_at_ms":%<e>s,"deadline_ms":%<d>s,"body_len":%<b>s}'
+  V2_INTEGERS = '["i","GET","/","HTTP/1.1",[],"r",null,%<e>s,%<d>s,%<f>s,%<b>s]'
+
+  def test_integers_up_to_2_to_the_53_minus_1_decode_in_both_versions
+    max = (2**53) - 1
+    [[1, format(V1_META, e: max, d: max, b: 0)], [2, format(V2_INTEGERS, e: max, d: max, f: max, b: 0)]].each do |version, meta|
+      request = P::Request.new(*P.decode(frame(version, "Q", meta))[1..])
+      assert_equal [max, max], [request.enqueued_at_ms, request.deadline_ms]
+    end
+  end
+
+  # Every dispatcher reads a request's integers as JavaScript's doubles can
+  # (docs/protocol.md): 0 to 2^53 - 1, no booleans, no fractions.
+  def test_integers_above_2_to_the_53_minus_1_negative_or_not_integers_are_refused
+    bad = []
+    [2**53, (2**64) - 1].each do |over|
+      bad << [2, format(V2_INTEGERS, e: over, d: 2, f: 0, b: 0)]
+      bad << [2, format(V2_INTEGERS, e: 1, d: over, f: 0, b: 0)]
+      bad << [2, format(V2_INTEGERS, e: 1, d: 2, f: over, b: 0)]
+      bad << [1, format(V1_META, e: over, d: 2, b: 0)]
+      bad << [1, format(V1_META, e: 1, d: over, b: 0)]
+    end
+    bad << [1, format(V1_META, e: -1, d: 2, b: 0)]
+    bad << [1, format(V1_META, e: 1, d: -2, b: 0)]
+    bad << [2, format(V2_INTEGERS, e: -1, d: 2, f: 0, b: 0)]
+    bad << [1, format(V1_META, e: "true", d: 2, b: 0)]
+    bad << [2, format(V2_INTEGERS, e: 1, d: 2, f: "1.5", b: 0)]
+    bad << [2, format(V2_INTEGERS, e: 1, d: 2, f: "1.0", b: 0)]
+    bad << [2, format(V2_INTEGERS, e: "1.0", d: 2, f: 0, b: 0)]
+    bad.each do |version, meta|
+      assert_raises(P::DecodeError, meta) { P::Request.new(*P.decode(frame(version, "Q", meta))[1..]) }
+    end
+    # A body of the length a 1.0 would stand for.
+    [[1, format(V1_META, e: 1, d: 2, b: "1.0")], [2, format(V2_INTEGERS, e: 1, d: 2, f: 0, b: "1.0")]].each do |version, meta|
+      assert_raises(P::DecodeError, meta) { P::Request.new(*P.decode(frame(version, "Q", meta, "x"))[1..]) }
+    end
+  end
+
   def test_only_requests_have_a_version_2
     error = assert_raises(P::DecodeError) { P.decode(frame(2, "R", '{"id":"i","status":200,"headers":[],"body_len":0}')) }
     assert_match(/unsupported envelope version 2/, error.message)

@@ -495,6 +495,66 @@ mod tests {
         ));
     }
 
+    /// A request's integers are at most 2^53 - 1 in both versions
+    /// (RFC 7493 section 2.2), as a dispatcher whose JSON numbers are
+    /// doubles reads them: 2^53 - 1 decodes, 2^53 and beyond do not, in
+    /// every integer field; a fraction, a boolean or a negative number in
+    /// `flags` neither.
+    #[test]
+    fn a_requests_integers_are_at_most_2_to_the_53_minus_1() {
+        let frame_of = |version: u8, meta: &str| {
+            let mut wire = vec![version, KIND_REQUEST];
+            wire.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+            wire.extend_from_slice(meta.as_bytes());
+            Bytes::from(wire)
+        };
+        let v2 = |e: &str, d: &str, f: &str, b: &str| {
+            frame_of(
+                2,
+                &format!(r#"["i","GET","/","HTTP/1.1",[],"r",null,{e},{d},{f},{b}]"#),
+            )
+        };
+        let v1 = |e: &str, d: &str, b: &str| {
+            frame_of(
+                1,
+                &format!(
+                    r#"{{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r","enqueued_at_ms":{e},"deadline_ms":{d},"body_len":{b}}}"#
+                ),
+            )
+        };
+        let max = "9007199254740991";
+        let env = RequestEnvelope::decode(v2(max, max, max, "0")).unwrap();
+        assert_eq!(
+            (env.enqueued_at_ms, env.deadline_ms),
+            ((1 << 53) - 1, (1 << 53) - 1)
+        );
+        assert!(env.dedupe && env.stream);
+        RequestEnvelope::decode(v1(max, max, "0")).unwrap();
+        let mut bad = Vec::new();
+        for over in ["9007199254740992", "18446744073709551615"] {
+            bad.push(v2(over, "2", "0", "0"));
+            bad.push(v2("1", over, "0", "0"));
+            bad.push(v2("1", "2", over, "0"));
+            bad.push(v2("1", "2", "0", over));
+            bad.push(v1(over, "2", "0"));
+            bad.push(v1("1", over, "0"));
+            bad.push(v1("1", "2", over));
+        }
+        for flags in ["1.5", "1.0", "true", "-1", "\"1\"", "null"] {
+            bad.push(v2("1", "2", flags, "0"));
+        }
+        for wire in bad {
+            assert!(
+                matches!(
+                    RequestEnvelope::decode(wire.clone()),
+                    Err(DecodeError::Meta(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(&wire)
+            );
+        }
+    }
+
     /// Only requests have a version 2: any other kind under it is an
     /// unsupported version, not a misread.
     #[test]
@@ -781,8 +841,9 @@ mod tests {
             body in prop::collection::vec(any::<u8>(), 0..2048),
             reply_to in "\\PC{0,60}",
             client_addr in prop::option::of("\\PC{0,30}"),
-            enqueued_at_ms in any::<u64>(),
-            deadline_ms in any::<u64>(),
+            // The range a request's integers have (docs/protocol.md).
+            enqueued_at_ms in 0..=crate::frame::MAX_JSON_INTEGER,
+            deadline_ms in 0..=crate::frame::MAX_JSON_INTEGER,
             dedupe in any::<bool>(),
             stream in any::<bool>(),
             // Plain, body follows, or WebSocket: one kind byte each.

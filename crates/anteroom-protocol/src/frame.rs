@@ -86,13 +86,42 @@ pub(crate) struct RequestMeta {
     pub(crate) reply_to: String,
     #[serde(default)]
     pub(crate) client_addr: Option<String>,
+    #[serde(deserialize_with = "de_json_integer")]
     pub(crate) enqueued_at_ms: u64,
+    #[serde(deserialize_with = "de_json_integer")]
     pub(crate) deadline_ms: u64,
     #[serde(default)]
     pub(crate) dedupe: bool,
     #[serde(default)]
     pub(crate) stream: bool,
+    #[serde(deserialize_with = "de_json_integer")]
     pub(crate) body_len: u64,
+}
+
+/// The largest integer a request's metadata may carry: 2^53 − 1, the
+/// largest every JSON implementation reads exactly (RFC 7493 section 2.2,
+/// I-JSON; JavaScript's `Number.MAX_SAFE_INTEGER`), so a dispatcher in any
+/// language reads the same envelope the same way (docs/protocol.md).
+pub(crate) const MAX_JSON_INTEGER: u64 = (1 << 53) - 1;
+
+/// A non-negative integer of a request's metadata, at most
+/// [`MAX_JSON_INTEGER`].
+struct JsonInteger(u64);
+
+impl<'de> Deserialize<'de> for JsonInteger {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = u64::deserialize(d)?;
+        if value > MAX_JSON_INTEGER {
+            return Err(serde::de::Error::custom(format!(
+                "integer {value} is above 2^53 - 1"
+            )));
+        }
+        Ok(Self(value))
+    }
+}
+
+fn de_json_integer<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    JsonInteger::deserialize(d).map(|JsonInteger(value)| value)
 }
 
 /// Bit of a version 2 request's `flags`: [`RequestMeta::dedupe`].
@@ -178,10 +207,10 @@ impl<'de> Deserialize<'de> for RequestMetaArray {
                 let WireHeaders(headers) = next(&mut seq, 4)?;
                 let reply_to = next(&mut seq, 5)?;
                 let client_addr = next(&mut seq, 6)?;
-                let enqueued_at_ms = next(&mut seq, 7)?;
-                let deadline_ms = next(&mut seq, 8)?;
-                let flags: u64 = next(&mut seq, 9)?;
-                let body_len = next(&mut seq, 10)?;
+                let JsonInteger(enqueued_at_ms) = next(&mut seq, 7)?;
+                let JsonInteger(deadline_ms) = next(&mut seq, 8)?;
+                let JsonInteger(flags) = next(&mut seq, 9)?;
+                let JsonInteger(body_len) = next(&mut seq, 10)?;
                 while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
                 Ok(RequestMeta {
                     id,

@@ -21,6 +21,17 @@ REQUEST_FIELDS_V2 = ("id", "method", "uri", "version", "headers", "reply_to", "c
                      "enqueued_at_ms", "deadline_ms", "flags", "body_len")
 #: Longest a deadline may lie ahead (24 h): further is no proxy's envelope.
 MAX_HOLD_MS = 24 * 3600 * 1000
+#: The largest integer a request's metadata may carry: 2^53 - 1, the largest
+#: every JSON implementation reads exactly (RFC 7493 section 2.2, I-JSON), so
+#: every dispatcher reads an envelope the same way.
+MAX_JSON_INTEGER = 2**53 - 1
+
+
+def json_integer(value):
+    """Whether ``value`` is an integer of a request's metadata: from 0 to
+    :data:`MAX_JSON_INTEGER`, not a boolean."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and 0 <= value <= MAX_JSON_INTEGER)
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -118,7 +129,10 @@ def decode(raw):
         raise DecodeError("metadata is not a JSON object")
     body = bytes(raw[6 + meta_len :])
     # Frames without a body (credits, heads, ends) carry no body_len.
-    if meta.get("body_len", 0) != len(body):
+    body_len = meta.get("body_len", 0)
+    # An integer: JSON's true and 1.0 are no length, though Python's True
+    # and 1.0 equal 1.
+    if not isinstance(body_len, int) or isinstance(body_len, bool) or body_len != len(body):
         raise DecodeError(f"body is {len(body)} bytes, body_len says {meta.get('body_len')}")
     return chr(raw[1]), meta, body
 
@@ -132,12 +146,12 @@ def request_fields(meta):
         raise DecodeError("version 2 request metadata is not an array of 11 elements")
     fields = dict(zip(REQUEST_FIELDS_V2, meta))
     flags = fields.pop("flags")
-    if not isinstance(flags, int) or isinstance(flags, bool) or flags < 0:
-        raise DecodeError("request metadata: flags is not a non-negative integer")
+    if not json_integer(flags):
+        raise DecodeError("request metadata: flags is not an integer from 0 to 2^53 - 1")
     if fields["client_addr"] is not None and not isinstance(fields["client_addr"], str):
         raise DecodeError("request metadata: client_addr is neither a string nor null")
-    if not isinstance(fields["body_len"], int) or isinstance(fields["body_len"], bool):
-        raise DecodeError("request metadata: body_len is not an integer")
+    if not json_integer(fields["body_len"]):
+        raise DecodeError("request metadata: body_len is not an integer from 0 to 2^53 - 1")
     fields["dedupe"] = bool(flags & 1)
     fields["stream"] = bool(flags & 2)
     return fields
@@ -153,6 +167,9 @@ class Request:
         for name, kind in self.FIELDS.items():
             if not isinstance(meta.get(name), kind):
                 raise DecodeError(f"request metadata: {name} missing or not {kind.__name__}")
+        for name in ("enqueued_at_ms", "deadline_ms"):
+            if not json_integer(meta.get(name)):
+                raise DecodeError(f"request metadata: {name} is not an integer from 0 to 2^53 - 1")
         headers = meta.get("headers")
         if not isinstance(headers, list):
             raise DecodeError("request metadata: headers is not a list")

@@ -22,6 +22,10 @@ module Anteroom
                            deadline_ms flags body_len].freeze
     # Longest a deadline may lie ahead (24 h): further is no proxy's envelope.
     MAX_HOLD_MS = 24 * 3600 * 1000
+    # The largest integer a request's metadata may carry: 2^53 - 1, the
+    # largest every JSON implementation reads exactly (RFC 7493 section 2.2,
+    # I-JSON), so every dispatcher reads an envelope the same way.
+    MAX_JSON_INTEGER = (2**53) - 1
     # Largest piece of a streamed body in one chunk frame (256 KiB).
     MAX_CHUNK = 256 * 1024
     ID = /\A[A-Za-z0-9._-]{1,64}\z/
@@ -270,7 +274,9 @@ module Anteroom
 
       body = raw.byteslice(6 + meta_len, raw.bytesize - 6 - meta_len)
       # Frames without a body (credits, heads, ends) carry no body_len.
-      if meta.fetch("body_len", 0) != body.bytesize
+      # An Integer: JSON's 1.0 is no length, though Ruby's 1.0 == 1.
+      body_len = meta.fetch("body_len", 0)
+      unless body_len.is_a?(Integer) && body_len == body.bytesize
         raise DecodeError, "body is #{body.bytesize} bytes, body_len says #{meta["body_len"].inspect}"
       end
 
@@ -288,14 +294,14 @@ module Anteroom
 
       fields = REQUEST_FIELDS_V2.zip(meta).to_h
       flags = fields.delete("flags")
-      unless flags.is_a?(Integer) && flags >= 0
-        raise DecodeError, "request metadata: flags is not a non-negative integer"
-      end
+      raise DecodeError, "request metadata: flags is not an integer from 0 to 2^53 - 1" unless json_integer?(flags)
 
       unless fields["client_addr"].nil? || fields["client_addr"].is_a?(String)
         raise DecodeError, "request metadata: client_addr is neither a string nor null"
       end
-      raise DecodeError, "request metadata: body_len is not an integer" unless fields["body_len"].is_a?(Integer)
+      unless json_integer?(fields["body_len"])
+        raise DecodeError, "request metadata: body_len is not an integer from 0 to 2^53 - 1"
+      end
 
       fields["dedupe"] = flags.anybits?(1)
       fields["stream"] = flags.anybits?(2)
@@ -303,6 +309,12 @@ module Anteroom
     end
 
     # A header value from JSON (code points U+0000..U+00FF) as bytes.
+    # Whether +value+ is an integer of a request's metadata: from 0 to
+    # MAX_JSON_INTEGER (JSON's +true+ is no Integer in Ruby).
+    def json_integer?(value)
+      value.is_a?(Integer) && value >= 0 && value <= MAX_JSON_INTEGER
+    end
+
     def latin1_bytes(text)
       text.encode(Encoding::ISO_8859_1).b
     end
@@ -358,6 +370,11 @@ module Anteroom
       def initialize(meta, body)
         FIELDS.each do |name, type|
           raise DecodeError, "request metadata: #{name} missing or not #{type}" unless meta[name].is_a?(type)
+        end
+        %w[enqueued_at_ms deadline_ms].each do |name|
+          unless Protocol.json_integer?(meta[name])
+            raise DecodeError, "request metadata: #{name} is not an integer from 0 to 2^53 - 1"
+          end
         end
         raise DecodeError, "request metadata: headers is not a list" unless meta["headers"].is_a?(Array)
 
