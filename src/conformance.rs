@@ -610,7 +610,7 @@ async fn garbage(kit: &mut Kit) -> Outcome {
 /// Requests otherwise well formed whose `enqueued_at_ms` or `flags` is
 /// 2^53 (above the range every dispatcher reads alike, docs/protocol.md)
 /// or whose `enqueued_at_ms` is -1, in either version: each is set aside,
-/// none runs.
+/// none runs; one whose `enqueued_at_ms` is 2^53 - 1 runs.
 async fn integers_out_of_range(kit: &mut Kit) -> Outcome {
     let over = serde_json::Value::from(1u64 << 53);
     let minus_one = serde_json::Value::from(-1);
@@ -661,6 +661,27 @@ async fn integers_out_of_range(kit: &mut Kit) -> Outcome {
         }
         reasons.push(format!("{what}: {reason}"));
     }
+    // The largest in range is read: a dispatcher with a narrower limit
+    // fails here.
+    let envelope = kit.envelope("GET", "/touch/in-range", Vec::new(), b"");
+    let max = serde_json::Value::from((1u64 << 53) - 1);
+    let raw = with_meta_field(&envelope.encode_as(EnvelopeVersion::V2), "7", max)?;
+    kit.push_raw(&raw).await.map_err(|e| e.to_string())?;
+    match kit.replies.wait(&envelope.id, REPLY_WAIT).await {
+        Some(answer) if answer.status == 200 => {}
+        Some(answer) => {
+            return Err(format!(
+                "enqueued_at_ms 2^53 - 1: answered {}, not 200",
+                answer.status
+            ));
+        }
+        None => {
+            return Err(format!(
+                "enqueued_at_ms 2^53 - 1: no answer within {REPLY_WAIT:?}"
+            ));
+        }
+    }
+    reasons.push("enqueued_at_ms 2^53 - 1: run and answered 200".to_owned());
     Ok(reasons.join("; "))
 }
 

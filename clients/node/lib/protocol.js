@@ -114,11 +114,16 @@ function decode(raw) {
     throw new DecodeError('metadata is not a JSON object');
   }
   const body = raw.subarray(6 + metaLen);
+  const kind = String.fromCharCode(raw[1]);
+  // A request names its body's length, even when it is 0 (null is none).
+  if ('QUW'.includes(kind) && !jsonInteger(meta.body_len)) {
+    throw new DecodeError('request metadata: body_len is not an integer from 0 to 2^53 - 1');
+  }
   // Frames without a body (credits, heads, ends) carry no body_len.
   if ((meta.body_len ?? 0) !== body.length) {
     throw new DecodeError(`body is ${body.length} bytes, body_len says ${meta.body_len}`);
   }
-  return { kind: String.fromCharCode(raw[1]), meta, body };
+  return { kind, meta, body };
 }
 
 /**
@@ -173,7 +178,15 @@ function request(meta, body) {
     }
     return [pair[0], pair[1]];
   });
-  return { ...meta, headers, body, dedupe: Boolean(meta.dedupe), stream: Boolean(meta.stream) };
+  for (const name of ['dedupe', 'stream']) {
+    if (meta[name] !== undefined && typeof meta[name] !== 'boolean') {
+      throw new DecodeError(`request metadata: ${name} is not a boolean`);
+    }
+  }
+  if (meta.client_addr !== undefined && meta.client_addr !== null && typeof meta.client_addr !== 'string') {
+    throw new DecodeError('request metadata: client_addr is neither a string nor null');
+  }
+  return { ...meta, headers, body, dedupe: meta.dedupe === true, stream: meta.stream === true };
 }
 
 /** Whether a reaper may run `request` again: GET, HEAD or OPTIONS, or an Idempotency-Key (docs/protocol.md, step 8). */

@@ -150,6 +150,23 @@ test('integers above 2^53 - 1, negative or not integers are refused', () => {
   }
 });
 
+// As strictly as every dispatcher reads it: body_len named (not null), dedupe
+// and stream booleans, client_addr a string or null, an object.
+test('a version 1 request is read as strictly as every dispatcher reads it', () => {
+  const base = '"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r","enqueued_at_ms":1,"deadline_ms":2';
+  for (const meta of [`{${base}}`, `{${base},"body_len":null}`, `{${base},"dedupe":1,"body_len":0}`,
+    `{${base},"stream":"yes","body_len":0}`, `{${base},"client_addr":5,"body_len":0}`,
+    '["i","GET","/","HTTP/1.1",[],"r",null,1,2,false,false,0]']) {
+    assert.throws(() => {
+      const decoded = protocol.decode(frame(1, 'Q', meta));
+      protocol.request(decoded.meta, decoded.body);
+    }, protocol.DecodeError, meta);
+  }
+  const decoded = protocol.decode(frame(1, 'Q', `{${base},"client_addr":null,"dedupe":true,"stream":false,"body_len":0}`));
+  const request = protocol.request(decoded.meta, decoded.body);
+  assert.deepStrictEqual([request.dedupe, request.stream, request.client_addr], [true, false, null]);
+});
+
 test('only requests have a version 2', () => {
   assert.throws(() => protocol.decode(frame(2, 'R', '{"id":"i","status":200,"headers":[],"body_len":0}')),
     /unsupported envelope version 2/);

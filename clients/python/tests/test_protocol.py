@@ -99,3 +99,31 @@ def test_integers_above_2_to_the_53_minus_1_negative_or_not_integers_are_refused
     body = b"x" if meta.endswith(("true}", "1.0}", "1.0]")) else b""
     with pytest.raises(protocol.DecodeError):
         protocol.Request(*protocol.decode(frame(version, "Q", meta.encode(), body))[1:])
+
+
+@pytest.mark.parametrize("meta", [
+    # body_len missing, or null: a request names its body's length.
+    '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",'
+    '"enqueued_at_ms":1,"deadline_ms":2}',
+    '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",'
+    '"enqueued_at_ms":1,"deadline_ms":2,"body_len":null}',
+    # dedupe and stream are booleans, client_addr a string or null.
+    '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",'
+    '"enqueued_at_ms":1,"deadline_ms":2,"dedupe":1,"body_len":0}',
+    '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",'
+    '"enqueued_at_ms":1,"deadline_ms":2,"stream":"yes","body_len":0}',
+    '{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",'
+    '"client_addr":5,"enqueued_at_ms":1,"deadline_ms":2,"body_len":0}',
+    # Version 1 is an object, not an array.
+    '["i","GET","/","HTTP/1.1",[],"r",null,1,2,false,false,0]',
+])
+def test_a_version_1_request_is_read_as_strictly_as_every_dispatcher_reads_it(meta):
+    with pytest.raises(protocol.DecodeError):
+        protocol.Request(*protocol.decode(frame(1, "Q", meta.encode()))[1:])
+
+
+def test_a_version_1_request_with_booleans_and_null_client_addr_is_read():
+    meta = ('{"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",'
+            '"client_addr":null,"enqueued_at_ms":1,"deadline_ms":2,"dedupe":true,"stream":false,"body_len":0}')
+    request = protocol.Request(*protocol.decode(frame(1, "Q", meta.encode()))[1:])
+    assert (request.dedupe, request.stream, request.client_addr) == (True, False, None)

@@ -135,6 +135,22 @@ class TestProtocol < Minitest::Test
     end
   end
 
+  V1_BASE = '"id":"i","method":"GET","uri":"/","version":"HTTP/1.1","headers":[],"reply_to":"r",' \
+            '"enqueued_at_ms":1,"deadline_ms":2'
+
+  # As strictly as every dispatcher reads it: body_len named (not null),
+  # dedupe and stream booleans, client_addr a string or null, an object.
+  def test_a_version_1_request_is_read_as_strictly_as_every_dispatcher_reads_it
+    ["{#{V1_BASE}}", "{#{V1_BASE},\"body_len\":null}", "{#{V1_BASE},\"dedupe\":1,\"body_len\":0}",
+     "{#{V1_BASE},\"stream\":\"yes\",\"body_len\":0}", "{#{V1_BASE},\"client_addr\":5,\"body_len\":0}",
+     '["i","GET","/","HTTP/1.1",[],"r",null,1,2,false,false,0]'].each do |meta|
+      assert_raises(P::DecodeError, meta) { P::Request.new(*P.decode(frame(1, "Q", meta))[1..]) }
+    end
+    meta = "{#{V1_BASE},\"client_addr\":null,\"dedupe\":true,\"stream\":false,\"body_len\":0}"
+    request = P::Request.new(*P.decode(frame(1, "Q", meta))[1..])
+    assert_equal [true, false, nil], [request.dedupe?, request.stream?, request.client_addr]
+  end
+
   def test_only_requests_have_a_version_2
     error = assert_raises(P::DecodeError) { P.decode(frame(2, "R", '{"id":"i","status":200,"headers":[],"body_len":0}')) }
     assert_match(/unsupported envelope version 2/, error.message)

@@ -315,7 +315,16 @@ impl RequestEnvelope {
         };
         let (meta, body) = unframe_any_version(&buf, kind, "request")?;
         let meta: RequestMeta = match version {
-            EnvelopeVersion::V1 => serde_json::from_slice(&meta).map_err(DecodeError::Meta)?,
+            EnvelopeVersion::V1 => {
+                // An object, as every dispatcher reads it: the derived
+                // deserializer would take an array too, in field order.
+                if meta.iter().find(|b| !b" \t\r\n".contains(b)) != Some(&b'{') {
+                    return Err(DecodeError::Meta(serde::de::Error::custom(
+                        "version 1 request metadata is not a JSON object",
+                    )));
+                }
+                serde_json::from_slice(&meta).map_err(DecodeError::Meta)?
+            }
             EnvelopeVersion::V2 => {
                 serde_json::from_slice::<RequestMetaArray>(&meta)
                     .map_err(DecodeError::Meta)?
@@ -543,6 +552,12 @@ mod tests {
         for flags in ["1.5", "1.0", "true", "-1", "\"1\"", "null"] {
             bad.push(v2("1", "2", flags, "0"));
         }
+        // Version 1 is an object: not an array, though serde's derived
+        // deserializer would take one in field order.
+        bad.push(frame_of(
+            1,
+            r#"["i","GET","/","HTTP/1.1",[],"r",null,1,2,false,false,0]"#,
+        ));
         for wire in bad {
             assert!(
                 matches!(

@@ -32,6 +32,8 @@ def json_integer(value):
     :data:`MAX_JSON_INTEGER`, not a boolean."""
     return (isinstance(value, int) and not isinstance(value, bool)
             and 0 <= value <= MAX_JSON_INTEGER)
+
+
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -128,6 +130,9 @@ def decode(raw):
     elif not isinstance(meta, dict):
         raise DecodeError("metadata is not a JSON object")
     body = bytes(raw[6 + meta_len :])
+    if raw[1] in b"QUW" and "body_len" not in meta:
+        # A request names its body's length, even when it is 0.
+        raise DecodeError("request metadata: body_len missing")
     # Frames without a body (credits, heads, ends) carry no body_len.
     body_len = meta.get("body_len", 0)
     # An integer: JSON's true and 1.0 are no length, though Python's True
@@ -185,9 +190,14 @@ class Request:
         self.client_addr = meta.get("client_addr")
         self.enqueued_at_ms = meta["enqueued_at_ms"]
         self.deadline_ms = meta["deadline_ms"]
-        self.dedupe = bool(meta.get("dedupe", False))
+        for name in ("dedupe", "stream"):
+            if not isinstance(meta.get(name, False), bool):
+                raise DecodeError(f"request metadata: {name} is not a boolean")
+        if self.client_addr is not None and not isinstance(self.client_addr, str):
+            raise DecodeError("request metadata: client_addr is neither a string nor null")
+        self.dedupe = meta.get("dedupe", False)
         #: The producer reads streamed replies ('S', 'C', 'E').
-        self.stream = bool(meta.get("stream", False))
+        self.stream = meta.get("stream", False)
         self.body = body
 
     def is_safe_to_repeat(self):

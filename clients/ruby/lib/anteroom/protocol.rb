@@ -273,6 +273,9 @@ module Anteroom
       raise DecodeError, "metadata is not a JSON object" unless meta.is_a?(Hash)
 
       body = raw.byteslice(6 + meta_len, raw.bytesize - 6 - meta_len)
+      # A request names its body's length, even when it is 0.
+      raise DecodeError, "request metadata: body_len missing" if "QUW".include?(kind.chr) && !meta.key?("body_len")
+
       # Frames without a body (credits, heads, ends) carry no body_len.
       # An Integer: JSON's 1.0 is no length, though Ruby's 1.0 == 1.
       body_len = meta.fetch("body_len", 0)
@@ -308,13 +311,13 @@ module Anteroom
       fields
     end
 
-    # A header value from JSON (code points U+0000..U+00FF) as bytes.
     # Whether +value+ is an integer of a request's metadata: from 0 to
     # MAX_JSON_INTEGER (JSON's +true+ is no Integer in Ruby).
     def json_integer?(value)
       value.is_a?(Integer) && value >= 0 && value <= MAX_JSON_INTEGER
     end
 
+    # A header value from JSON (code points U+0000..U+00FF) as bytes.
     def latin1_bytes(text)
       text.encode(Encoding::ISO_8859_1).b
     end
@@ -388,7 +391,15 @@ module Anteroom
           raise DecodeError, "request metadata: a header value is not ISO-8859-1"
         end
         @id, @method, @uri, @version, @reply_to = meta.values_at("id", "method", "uri", "version", "reply_to")
-        @client_addr = meta["client_addr"].is_a?(String) ? meta["client_addr"] : nil
+        unless meta["client_addr"].nil? || meta["client_addr"].is_a?(String)
+          raise DecodeError, "request metadata: client_addr is neither a string nor null"
+        end
+        %w[dedupe stream].each do |name|
+          unless [true, false].include?(meta.fetch(name, false))
+            raise DecodeError, "request metadata: #{name} is not a boolean"
+          end
+        end
+        @client_addr = meta["client_addr"]
         @enqueued_at_ms = meta["enqueued_at_ms"]
         @deadline_ms = meta["deadline_ms"]
         @dedupe = meta["dedupe"] == true
