@@ -14,7 +14,35 @@ use http::StatusCode;
 use crate::support::app::{Ran, recording_upstream};
 use crate::support::bin::{BinProcess, start_proxy};
 use crate::support::web::{self, client};
-use crate::support::{control, eventually, start_redis};
+use crate::support::{LocalRedis, control, eventually, start_redis};
+
+/// One dispatcher process serving `critical` then `bulk` on `redis`,
+/// forwarding to `upstream`, with `extra` flags.
+fn dispatch_both(redis: &LocalRedis, upstream: &str, extra: &[&str]) -> BinProcess {
+    let url = redis.url();
+    let mut args = vec![
+        "dispatch",
+        "--redis",
+        url.as_str(),
+        "--queue",
+        "critical,bulk",
+        "--upstream",
+        upstream,
+    ];
+    args.extend_from_slice(extra);
+    BinProcess::spawn(&args)
+}
+
+/// Waits (30 s each) for every request's answer: 200.
+async fn all_ok(answers: Vec<tokio::task::JoinHandle<web::Reply>>) {
+    for answer in answers {
+        let answer = tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .expect("answered")
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+}
 
 /// Queues `bulk` then `critical` requests (each `/run/ID?ms=MS`) while
 /// no dispatcher runs, then starts one process serving both; waits for
@@ -41,25 +69,8 @@ async fn run_backlog(extra: &[&str], n_critical: usize, n_bulk: usize, ms: u64) 
         })
         .await;
     }
-    let url = redis.url();
-    let mut args = vec![
-        "dispatch",
-        "--redis",
-        url.as_str(),
-        "--queue",
-        "critical,bulk",
-        "--upstream",
-        upstream.as_str(),
-    ];
-    args.extend_from_slice(extra);
-    let _dispatcher = BinProcess::spawn(&args);
-    for answer in answers {
-        let answer = tokio::time::timeout(Duration::from_secs(30), answer)
-            .await
-            .expect("answered")
-            .unwrap();
-        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
-    }
+    let _dispatcher = dispatch_both(&redis, &upstream, extra);
+    all_ok(answers).await;
     // Each queue has its own dispatcher in the status.
     for queue in [&critical, &bulk] {
         assert_eq!(queue.status().await.unwrap().dispatchers.len(), 1);
@@ -120,20 +131,11 @@ async fn open_websockets_do_not_use_up_a_lower_queues_share() {
     let (_critical_proxy, critical_url) = start_proxy(&redis, "critical", "60s").await;
     let (_bulk_proxy, bulk_url) = start_proxy(&redis, "bulk", "60s").await;
     let critical = control(&redis, "critical").await;
-    let url = redis.url();
-    let _dispatcher = BinProcess::spawn(&[
-        "dispatch",
-        "--redis",
-        url.as_str(),
-        "--queue",
-        "critical,bulk",
-        "--upstream",
-        upstream.as_str(),
-        "--concurrency",
-        "4",
-        "--queue-weights",
-        "3,1",
-    ]);
+    let _dispatcher = dispatch_both(
+        &redis,
+        &upstream,
+        &["--concurrency", "4", "--queue-weights", "3,1"],
+    );
     let ws_url = format!("{}/ws", bulk_url.replacen("http://", "ws://", 1));
     let mut sockets = Vec::new();
     for i in 0..2 {
@@ -171,13 +173,7 @@ async fn open_websockets_do_not_use_up_a_lower_queues_share() {
         let (c, url) = (c.clone(), format!("{bulk_url}/run/b{i}?ms=100"));
         answers.push(tokio::spawn(async move { web::get(&c, &url).await }));
     }
-    for answer in answers {
-        let answer = tokio::time::timeout(Duration::from_secs(30), answer)
-            .await
-            .expect("answered")
-            .unwrap();
-        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
-    }
+    all_ok(answers).await;
     let order = ran.lock().unwrap().clone();
     println!("with two sockets open on bulk: {order:?}");
     assert_eq!(order.len(), 40, "{order:?}");

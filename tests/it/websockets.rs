@@ -160,28 +160,15 @@ async fn messages_cross_byte_exact_to_an_app_in_another_process() {
     proxy.stop().await;
 }
 
-/// The echo handler an in-process app runs, as any axum app would.
-async fn axum_echo(upgrade: WebSocketUpgrade) -> axum::response::Response {
-    upgrade.on_upgrade(|mut socket: WebSocket| async move {
-        while let Some(Ok(message)) = socket.recv().await {
-            let reply = match message {
-                AxumMessage::Text(_) | AxumMessage::Binary(_) => message,
-                AxumMessage::Close(_) => return,
-                _ => continue,
-            };
-            if socket.send(reply).await.is_err() {
-                return;
-            }
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_axum_websocket_upgrade_handler_works_in_process() {
     let redis = start_redis();
     let proxy = TestProxy::start(&redis, "ws").await;
     let app = axum::Router::new()
-        .route("/echo", axum::routing::get(axum_echo))
+        .route(
+            "/echo",
+            axum::routing::get(crate::support::app::echo_socket),
+        )
         .route("/plain", axum::routing::get(|| async { "not a socket" }));
     let dispatcher = TestDispatcher::start(&redis, "ws", app);
     let mut ws = connect(&proxy, "/echo").await;
@@ -219,7 +206,10 @@ async fn an_axum_websocket_upgrade_handler_works_in_process() {
 async fn a_handshake_made_while_paused_completes_after_resume_and_open_sockets_keep_working() {
     let redis = start_redis();
     let proxy = TestProxy::start(&redis, "ws").await;
-    let app = axum::Router::new().route("/echo", axum::routing::get(axum_echo));
+    let app = axum::Router::new().route(
+        "/echo",
+        axum::routing::get(crate::support::app::echo_socket),
+    );
     let dispatcher = TestDispatcher::start(&redis, "ws", app);
     let mut open = connect(&proxy, "/echo").await;
     let queue = control(&redis, "ws").await;
@@ -304,7 +294,10 @@ async fn a_killed_dispatchers_sockets_close_with_1011_within_its_heartbeat_ttl()
 async fn upgrades_other_than_websocket_and_bad_handshakes_are_refused_with_their_status() {
     let redis = start_redis();
     let proxy = TestProxy::start_with(&redis, "ws", |c| c.max_websockets = 1).await;
-    let app = axum::Router::new().route("/echo", axum::routing::get(axum_echo));
+    let app = axum::Router::new().route(
+        "/echo",
+        axum::routing::get(crate::support::app::echo_socket),
+    );
     let dispatcher = TestDispatcher::start(&redis, "ws", app);
     let key = "dGhlIHNhbXBsZSBub25jZQ==";
     let handshake = |method: &str, upgrade: &str, version: &str, key: &str| {
@@ -360,7 +353,10 @@ async fn upgrades_other_than_websocket_and_bad_handshakes_are_refused_with_their
 async fn garbage_frames_and_oversize_messages_close_that_socket_only() {
     let redis = start_redis();
     let proxy = TestProxy::start_with(&redis, "ws", |c| c.websocket_max_message = 64 * 1024).await;
-    let app = axum::Router::new().route("/echo", axum::routing::get(axum_echo));
+    let app = axum::Router::new().route(
+        "/echo",
+        axum::routing::get(crate::support::app::echo_socket),
+    );
     let dispatcher = TestDispatcher::start(&redis, "ws", app);
     let mut bystander = connect(&proxy, "/echo").await;
 
@@ -416,7 +412,10 @@ async fn a_thousand_open_sockets_add_no_redis_connection() {
     let mut conn = crate::support::redis_conn(&redis).await;
     let proxy = TestProxy::start(&redis, "ws").await;
     let proxy_connections = crate::load::other_clients(&mut conn).await;
-    let app = axum::Router::new().route("/echo", axum::routing::get(axum_echo));
+    let app = axum::Router::new().route(
+        "/echo",
+        axum::routing::get(crate::support::app::echo_socket),
+    );
     let dispatcher = TestDispatcher::start(&redis, "ws", app);
     // One socket open, so every connection either side makes is made.
     let mut first = connect(&proxy, "/echo").await;
@@ -548,7 +547,10 @@ async fn a_silent_client_is_pinged_then_closed_and_an_idle_one_that_answers_stay
         c.websocket_ping_interval = Duration::from_millis(500);
     })
     .await;
-    let app = axum::Router::new().route("/echo", axum::routing::get(axum_echo));
+    let app = axum::Router::new().route(
+        "/echo",
+        axum::routing::get(crate::support::app::echo_socket),
+    );
     let dispatcher = TestDispatcher::start(&redis, "ws", app);
     // A client that answers pings (the library does, while it reads).
     let alive = connect(&proxy, "/echo").await;

@@ -150,8 +150,9 @@ pub fn recording_router() -> (Router, Ran) {
     (app, ran)
 }
 
-/// Echoes each text or binary message of the socket until it closes.
-async fn echo_socket(upgrade: axum::extract::ws::WebSocketUpgrade) -> Response {
+/// Echoes each text or binary message of the socket until it closes, as
+/// any axum app's WebSocket handler would.
+pub async fn echo_socket(upgrade: axum::extract::ws::WebSocketUpgrade) -> Response {
     use axum::extract::ws::Message;
     upgrade.on_upgrade(|mut socket| async move {
         while let Some(Ok(message)) = socket.recv().await {
