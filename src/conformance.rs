@@ -190,7 +190,13 @@ impl Kit {
 
     /// Sends `envelope` and waits for its whole answer.
     async fn ask(&self, envelope: &RequestEnvelope) -> Result<Answer, String> {
-        self.push(envelope).await.map_err(|e| e.to_string())?;
+        self.ask_raw(envelope, &envelope.encode()).await
+    }
+
+    /// [`ask`](Self::ask) with the bytes pushed given: `envelope` encoded,
+    /// or altered.
+    async fn ask_raw(&self, envelope: &RequestEnvelope, raw: &[u8]) -> Result<Answer, String> {
+        self.push_raw(raw).await.map_err(|e| e.to_string())?;
         self.replies
             .wait(&envelope.id, REPLY_WAIT)
             .await
@@ -666,20 +672,15 @@ async fn integers_out_of_range(kit: &mut Kit) -> Outcome {
     let envelope = kit.envelope("GET", "/touch/in-range", Vec::new(), b"");
     let max = serde_json::Value::from((1u64 << 53) - 1);
     let raw = with_meta_field(&envelope.encode_as(EnvelopeVersion::V2), "7", max)?;
-    kit.push_raw(&raw).await.map_err(|e| e.to_string())?;
-    match kit.replies.wait(&envelope.id, REPLY_WAIT).await {
-        Some(answer) if answer.status == 200 => {}
-        Some(answer) => {
-            return Err(format!(
-                "enqueued_at_ms 2^53 - 1: answered {}, not 200",
-                answer.status
-            ));
-        }
-        None => {
-            return Err(format!(
-                "enqueued_at_ms 2^53 - 1: no answer within {REPLY_WAIT:?}"
-            ));
-        }
+    let answer = kit
+        .ask_raw(&envelope, &raw)
+        .await
+        .map_err(|why| format!("enqueued_at_ms 2^53 - 1: {why}"))?;
+    if answer.status != 200 {
+        return Err(format!(
+            "enqueued_at_ms 2^53 - 1: answered {}, not 200",
+            answer.status
+        ));
     }
     reasons.push("enqueued_at_ms 2^53 - 1: run and answered 200".to_owned());
     Ok(reasons.join("; "))

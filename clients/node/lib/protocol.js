@@ -139,8 +139,8 @@ function jsonInteger(value) {
 /**
  * A version 2 request's metadata array as version 1's object: the first
  * eleven elements by name (later ones are ignored), `flags` as `dedupe` and
- * `stream`. Throws DecodeError when it is not such an array; request()
- * checks each field's type.
+ * `stream`. Throws DecodeError when it is not such an array; decode()
+ * checks `body_len` and request() every other field.
  */
 function requestFields(meta) {
   if (!Array.isArray(meta) || meta.length < REQUEST_FIELDS_V2.length) {
@@ -151,10 +151,6 @@ function requestFields(meta) {
   const { flags } = fields;
   if (!jsonInteger(flags)) throw new DecodeError('request metadata: flags is not an integer from 0 to 2^53 - 1');
   delete fields.flags;
-  if (fields.client_addr !== null && typeof fields.client_addr !== 'string') {
-    throw new DecodeError('request metadata: client_addr is neither a string nor null');
-  }
-  if (!jsonInteger(fields.body_len)) throw new DecodeError('request metadata: body_len is not an integer from 0 to 2^53 - 1');
   // Bits 1 and 2 only: later bits (up to 2^53) are ignored, as the protocol says.
   fields.dedupe = flags % 2 === 1;
   fields.stream = Math.floor(flags / 2) % 2 === 1;
@@ -164,7 +160,7 @@ function requestFields(meta) {
 /** A request envelope's metadata, checked field by field. */
 function request(meta, body) {
   for (const [name, type] of [['id', 'string'], ['method', 'string'], ['uri', 'string'],
-    ['version', 'string'], ['reply_to', 'string'], ['enqueued_at_ms', 'number'], ['deadline_ms', 'number']]) {
+    ['version', 'string'], ['reply_to', 'string']]) {
     if (typeof meta[name] !== type) throw new DecodeError(`request metadata: ${name} missing or not a ${type}`);
   }
   for (const name of ['enqueued_at_ms', 'deadline_ms']) {

@@ -271,11 +271,7 @@ impl Shared {
     /// back. It stays in hand (and in the processing list) until its task
     /// ends. In a priority group, members that gave way look again.
     pub(crate) fn gave_place_back(&self, raw: &Bytes) {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = held.iter_mut().find(|h| same_buffer(&h.raw, raw)) {
-            entry.placeless = true;
-        }
-        drop(held);
+        self.mark(raw, |entry| entry.placeless = true);
         if let Some((group, _)) = &self.settings.priority {
             group.finished();
         }
@@ -314,9 +310,15 @@ impl Shared {
     /// group, and by a reconciliation) until its task ends;
     /// [`Shared::nearer_tail`] counts only what the list still holds.
     pub(crate) fn unlisted(&self, raw: &Bytes) {
+        self.mark(raw, |entry| entry.listed = false);
+    }
+
+    /// Applies `change` to the entry of `raw` (this very buffer) in
+    /// [`Shared::held`], if it is there.
+    fn mark(&self, raw: &Bytes, change: impl FnOnce(&mut InHand)) {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = held.iter_mut().find(|h| same_buffer(&h.raw, raw)) {
-            entry.listed = false;
+            change(entry);
         }
     }
 

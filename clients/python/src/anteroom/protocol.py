@@ -146,17 +146,14 @@ def request_fields(meta):
     """A version 2 request's metadata array as version 1's object: the
     first eleven elements by name (later ones are ignored), ``flags`` as
     ``dedupe`` and ``stream``. DecodeError when it is not such an array;
-    :class:`Request` checks each field's type."""
+    :func:`decode` checks ``body_len`` and :class:`Request` every other
+    field."""
     if not isinstance(meta, list) or len(meta) < len(REQUEST_FIELDS_V2):
         raise DecodeError("version 2 request metadata is not an array of 11 elements")
     fields = dict(zip(REQUEST_FIELDS_V2, meta))
     flags = fields.pop("flags")
     if not json_integer(flags):
         raise DecodeError("request metadata: flags is not an integer from 0 to 2^53 - 1")
-    if fields["client_addr"] is not None and not isinstance(fields["client_addr"], str):
-        raise DecodeError("request metadata: client_addr is neither a string nor null")
-    if not json_integer(fields["body_len"]):
-        raise DecodeError("request metadata: body_len is not an integer from 0 to 2^53 - 1")
     fields["dedupe"] = bool(flags & 1)
     fields["stream"] = bool(flags & 2)
     return fields
@@ -165,8 +162,7 @@ def request_fields(meta):
 class Request:
     """A request envelope (kind ``'Q'``), checked field by field."""
 
-    FIELDS = {"id": str, "method": str, "uri": str, "version": str, "reply_to": str,
-              "enqueued_at_ms": int, "deadline_ms": int}
+    FIELDS = {"id": str, "method": str, "uri": str, "version": str, "reply_to": str}
 
     def __init__(self, meta, body):
         for name, kind in self.FIELDS.items():

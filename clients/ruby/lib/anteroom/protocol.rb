@@ -289,7 +289,7 @@ module Anteroom
     # A version 2 request's metadata array as version 1's object: the
     # first eleven elements by name (later ones are ignored), +flags+ as
     # +dedupe+ and +stream+. DecodeError when it is not such an array;
-    # Request checks each field's type.
+    # decode checks +body_len+ and Request every other field.
     def request_fields(meta)
       unless meta.is_a?(Array) && meta.size >= REQUEST_FIELDS_V2.size
         raise DecodeError, "version 2 request metadata is not an array of 11 elements"
@@ -298,13 +298,6 @@ module Anteroom
       fields = REQUEST_FIELDS_V2.zip(meta).to_h
       flags = fields.delete("flags")
       raise DecodeError, "request metadata: flags is not an integer from 0 to 2^53 - 1" unless json_integer?(flags)
-
-      unless fields["client_addr"].nil? || fields["client_addr"].is_a?(String)
-        raise DecodeError, "request metadata: client_addr is neither a string nor null"
-      end
-      unless json_integer?(fields["body_len"])
-        raise DecodeError, "request metadata: body_len is not an integer from 0 to 2^53 - 1"
-      end
 
       fields["dedupe"] = flags.anybits?(1)
       fields["stream"] = flags.anybits?(2)
@@ -365,7 +358,7 @@ module Anteroom
     # A request envelope (kind +'Q'+), checked field by field.
     class Request
       FIELDS = { "id" => String, "method" => String, "uri" => String, "version" => String,
-                 "reply_to" => String, "enqueued_at_ms" => Integer, "deadline_ms" => Integer }.freeze
+                 "reply_to" => String }.freeze
 
       attr_reader :id, :method, :uri, :version, :reply_to, :client_addr, :enqueued_at_ms,
                   :deadline_ms, :headers, :body
